@@ -1,0 +1,334 @@
+//! Loading a guest: PVH ELF (our test guest, Linux vmlinux) or Linux bzImage,
+//! the memory map handed to it, the MP table, and the boot vCPU's entry state.
+
+mod linux;
+pub mod mptable;
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::{elf::Elf, elf::PvhBootCapability, KernelLoader};
+use vm_memory::GuestAddress;
+
+use crate::error::{Error, Result};
+use crate::memory::{GuestRam, MMIO_HOLE_END};
+
+pub use linux::{BOOT_GDT_START, BOOT_PML4_START};
+
+/// Where the PVH `hvm_start_info` goes.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// Where the PVH memory map goes (right after the start info).
+pub const PVH_MEMMAP_START: u64 = 0x6040;
+/// Where Linux's boot parameters (the "zero page") go.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Where the kernel command line goes.
+pub const CMDLINE_START: u64 = 0x20000;
+/// Longest command line we accept, with its terminating NUL.
+pub const CMDLINE_MAX: usize = 4096;
+/// Start of the BIOS area holding the MP table.
+pub const BIOS_AREA_START: u64 = 0xf0000;
+/// End of usable conventional memory (start of the EBDA).
+pub const EBDA_START: u64 = 0x9fc00;
+/// Where kernels are loaded.
+pub const HIMEM_START: u64 = 0x10_0000;
+
+const PVH_START_MAGIC: u32 = 0x336e_c578;
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+
+/// How the boot vCPU enters the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootEntry {
+    /// PVH: 32-bit protected mode, paging off, `rbx` = start info.
+    Pvh {
+        /// 32-bit entry point from the ELF note.
+        entry: u64,
+        /// Guest address of `hvm_start_info`.
+        start_info: u64,
+    },
+    /// Linux 64-bit boot protocol: long mode, identity paging, `rsi` = boot params.
+    Linux64 {
+        /// 64-bit entry (load address + 0x200).
+        entry: u64,
+        /// Guest address of the zero page.
+        boot_params: u64,
+    },
+}
+
+/// What to boot.
+#[derive(Clone, Debug)]
+pub struct BootSpec {
+    /// Kernel image: ELF with a PVH note, or bzImage.
+    pub kernel: PathBuf,
+    /// Optional initramfs (bzImage and PVH).
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// One entry of the guest's physical memory map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemMapEntry {
+    /// Start address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// E820 type: 1 RAM, 2 reserved.
+    pub kind: u32,
+}
+
+/// The guest memory map: RAM, minus the EBDA and BIOS area, around the MMIO hole.
+pub fn memory_map(ram: &GuestRam) -> Vec<MemMapEntry> {
+    let mut map = vec![
+        MemMapEntry {
+            addr: 0,
+            size: EBDA_START,
+            kind: E820_RAM,
+        },
+        MemMapEntry {
+            addr: BIOS_AREA_START,
+            size: HIMEM_START - BIOS_AREA_START,
+            kind: E820_RESERVED,
+        },
+    ];
+    for r in ram.ranges() {
+        let start = r.guest_addr.max(HIMEM_START);
+        let end = r.guest_addr + r.len;
+        if end > start {
+            map.push(MemMapEntry {
+                addr: start,
+                size: end - start,
+                kind: E820_RAM,
+            });
+        }
+    }
+    map
+}
+
+/// Loads the kernel (and initramfs) described by `spec` into RAM, writes the
+/// command line, memory map and MP table, and returns how vCPU 0 enters.
+pub fn load(ram: &GuestRam, spec: &BootSpec, vcpus: usize) -> Result<BootEntry> {
+    if spec.cmdline.len() + 1 > CMDLINE_MAX {
+        return Err(Error::Cmdline(format!(
+            "{} bytes is longer than the {} allowed",
+            spec.cmdline.len(),
+            CMDLINE_MAX - 1
+        )));
+    }
+    if spec.cmdline.as_bytes().contains(&0) {
+        return Err(Error::Cmdline("contains a NUL byte".into()));
+    }
+    let mut file = File::open(&spec.kernel).map_err(|source| Error::KernelRead {
+        path: spec.kernel.clone(),
+        source,
+    })?;
+    let mut magic = [0u8; 0x206];
+    let n = read_up_to(&mut file, &mut magic).map_err(|source| Error::KernelRead {
+        path: spec.kernel.clone(),
+        source,
+    })?;
+    let mut cmdline = spec.cmdline.clone().into_bytes();
+    cmdline.push(0);
+    ram.write(CMDLINE_START, &cmdline)?;
+    mptable::write(ram, vcpus)?;
+    if n >= 4 && magic[..4] == *b"\x7fELF" {
+        load_pvh(ram, spec, &mut file)
+    } else if n >= 0x206 && magic[0x202..0x206] == *b"HdrS" {
+        linux::load_bzimage(ram, spec, &mut file, cmdline.len())
+    } else {
+        Err(Error::KernelFormat {
+            path: spec.kernel.clone(),
+            reason: "neither an ELF (PVH) nor a Linux bzImage".into(),
+        })
+    }
+}
+
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+fn load_pvh(ram: &GuestRam, spec: &BootSpec, file: &mut File) -> Result<BootEntry> {
+    let bad = |reason: String| Error::KernelFormat {
+        path: spec.kernel.clone(),
+        reason,
+    };
+    let loaded = Elf::load(
+        ram.guest_memory(),
+        None,
+        file,
+        Some(GuestAddress(HIMEM_START)),
+    )
+    .map_err(|e| bad(format!("ELF load failed: {e}")))?;
+    let entry = match loaded.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(a) => a.0,
+        _ => {
+            return Err(bad(
+                "ELF has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)".into()
+            ))
+        }
+    };
+    let mut modules = Vec::new();
+    if let Some(initrd) = &spec.initramfs {
+        let (addr, size) = linux::load_initramfs(ram, initrd, loaded.kernel_end)?;
+        modules.push((addr, size));
+    }
+    write_pvh_start_info(ram, &modules)?;
+    Ok(BootEntry::Pvh {
+        entry,
+        start_info: PVH_INFO_START,
+    })
+}
+
+/// Writes `hvm_start_info` (version 1, with memory map) and the module list.
+fn write_pvh_start_info(ram: &GuestRam, modules: &[(u64, u64)]) -> Result<()> {
+    let map = memory_map(ram);
+    let mut memmap = Vec::with_capacity(map.len() * 24);
+    for e in &map {
+        memmap.extend_from_slice(&e.addr.to_le_bytes());
+        memmap.extend_from_slice(&e.size.to_le_bytes());
+        memmap.extend_from_slice(&e.kind.to_le_bytes());
+        memmap.extend_from_slice(&0u32.to_le_bytes());
+    }
+    let modlist_addr = PVH_MEMMAP_START + memmap.len() as u64;
+    let mut modlist = Vec::new();
+    for (addr, size) in modules {
+        modlist.extend_from_slice(&addr.to_le_bytes());
+        modlist.extend_from_slice(&size.to_le_bytes());
+        modlist.extend_from_slice(&0u64.to_le_bytes());
+        modlist.extend_from_slice(&0u64.to_le_bytes());
+    }
+    if modlist_addr + modlist.len() as u64 > ZERO_PAGE_START + 0x1000 {
+        return Err(Error::State(
+            "PVH boot tables do not fit below 0x8000".into(),
+        ));
+    }
+    let mut info = Vec::with_capacity(56);
+    info.extend_from_slice(&PVH_START_MAGIC.to_le_bytes());
+    info.extend_from_slice(&1u32.to_le_bytes()); // version
+    info.extend_from_slice(&0u32.to_le_bytes()); // flags
+    info.extend_from_slice(&(modules.len() as u32).to_le_bytes());
+    info.extend_from_slice(&(if modules.is_empty() { 0 } else { modlist_addr }).to_le_bytes());
+    info.extend_from_slice(&CMDLINE_START.to_le_bytes());
+    info.extend_from_slice(&0u64.to_le_bytes()); // rsdp
+    info.extend_from_slice(&PVH_MEMMAP_START.to_le_bytes());
+    info.extend_from_slice(&(map.len() as u32).to_le_bytes());
+    info.extend_from_slice(&0u32.to_le_bytes());
+    ram.write(PVH_INFO_START, &info)?;
+    ram.write(PVH_MEMMAP_START, &memmap)?;
+    ram.write(modlist_addr, &modlist)?;
+    Ok(())
+}
+
+/// Highest guest address + 1 of low RAM (below the MMIO hole).
+pub(crate) fn low_ram_end(ram: &GuestRam) -> u64 {
+    ram.ranges()
+        .iter()
+        .filter(|r| r.guest_addr < MMIO_HOLE_END)
+        .map(|r| r.guest_addr + r.len)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Path helper for error messages.
+pub(crate) fn path_string(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_map_of_big_guest() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let m = memory_map(&ram);
+        assert_eq!(
+            m[0],
+            MemMapEntry {
+                addr: 0,
+                size: EBDA_START,
+                kind: 1
+            }
+        );
+        assert_eq!(m[2].addr, HIMEM_START);
+        assert_eq!(m[2].size, (64 << 20) - HIMEM_START);
+    }
+
+    #[test]
+    fn pvh_start_info_layout() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        write_pvh_start_info(&ram, &[]).unwrap();
+        let mut b = [0u8; 56];
+        ram.read(PVH_INFO_START, &mut b).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(b[0..4].try_into().unwrap()),
+            PVH_START_MAGIC
+        );
+        assert_eq!(
+            u64::from_le_bytes(b[24..32].try_into().unwrap()),
+            CMDLINE_START
+        );
+        assert_eq!(
+            u64::from_le_bytes(b[40..48].try_into().unwrap()),
+            PVH_MEMMAP_START
+        );
+        assert_eq!(u32::from_le_bytes(b[48..52].try_into().unwrap()), 3);
+    }
+
+    #[test]
+    fn rejects_garbage_kernel() {
+        let dir = std::env::temp_dir().join(format!("vmm-boot-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("garbage");
+        std::fs::write(&k, b"this is not a kernel").unwrap();
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let spec = BootSpec {
+            kernel: k,
+            initramfs: None,
+            cmdline: String::new(),
+        };
+        let e = load(&ram, &spec, 1).unwrap_err();
+        assert!(e.to_string().contains("neither an ELF"), "{e}");
+        let spec = BootSpec {
+            kernel: dir.join("missing"),
+            initramfs: None,
+            cmdline: String::new(),
+        };
+        assert!(matches!(
+            load(&ram, &spec, 1),
+            Err(Error::KernelRead { .. })
+        ));
+        let mut elf = b"\x7fELF".to_vec();
+        elf.resize(64, 0);
+        std::fs::write(dir.join("bad.elf"), &elf).unwrap();
+        let spec = BootSpec {
+            kernel: dir.join("bad.elf"),
+            initramfs: None,
+            cmdline: String::new(),
+        };
+        assert!(matches!(
+            load(&ram, &spec, 1),
+            Err(Error::KernelFormat { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rejects_long_cmdline() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let spec = BootSpec {
+            kernel: "/nonexistent".into(),
+            initramfs: None,
+            cmdline: "x".repeat(5000),
+        };
+        assert!(matches!(load(&ram, &spec, 1), Err(Error::Cmdline(_))));
+    }
+}

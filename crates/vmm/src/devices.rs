@@ -1,0 +1,222 @@
+//! Devices emulated in user space: the 16550 serial console (vm-superio), the
+//! power-off/exit port, and the i8042 reset line.
+
+use std::fs::{File, OpenOptions};
+use std::io::LineWriter;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::error::{Error, Result};
+
+/// COM1 base port.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// COM1's IRQ line.
+pub const SERIAL_IRQ: u32 = 4;
+/// Exit port (as QEMU's isa-debug-exit at 0xf4): 0 = power off, else fatal code.
+pub const EXIT_PORT: u16 = 0xf4;
+const I8042_COMMAND: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+
+/// Interrupt line of the serial port, an eventfd bound to a KVM irqfd.
+pub struct IrqLine(pub EventFd);
+
+impl Trigger for IrqLine {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// What a port write asks of the VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoAction {
+    /// Nothing beyond the device's own effect.
+    None,
+    /// The guest powered off cleanly.
+    PowerOff,
+    /// The guest reported a fatal error with this code.
+    GuestFatal(u32),
+    /// The guest asked for a reset.
+    Reset,
+}
+
+/// Serial state as it travels in a snapshot or migration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, IER, IIR, LCR, LSR, MCR, MSR, scratch.
+    pub registers: [u8; 9],
+    /// Bytes received but not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<&SerialState> for SerialSnapshot {
+    fn from(s: &SerialState) -> Self {
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        let r = s.registers;
+        SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+/// Where the console goes: a file (appended to) or nowhere.
+fn open_console(path: Option<&Path>) -> Result<LineWriter<File>> {
+    let file = match path {
+        Some(p) => OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| Error::Device {
+                device: "serial",
+                reason: format!("cannot open console file {}: {e}", p.display()),
+            })?,
+        None => File::options()
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| Error::Device {
+                device: "serial",
+                reason: format!("/dev/null: {e}"),
+            })?,
+    };
+    Ok(LineWriter::new(file))
+}
+
+/// The port-I/O devices of one VM.
+pub struct Devices {
+    serial: Serial<IrqLine, NoEvents, LineWriter<File>>,
+    console: Option<PathBuf>,
+}
+
+impl Devices {
+    /// New devices; the serial port's output is appended to `console`.
+    pub fn new(irq: EventFd, console: Option<&Path>) -> Result<Self> {
+        Ok(Devices {
+            serial: Serial::new(IrqLine(irq), open_console(console)?),
+            console: console.map(Path::to_path_buf),
+        })
+    }
+
+    /// Devices restored from a snapshot.
+    pub fn restore(irq: EventFd, console: Option<&Path>, state: &SerialSnapshot) -> Result<Self> {
+        let serial = Serial::from_state(
+            &SerialState::from(state),
+            IrqLine(irq),
+            NoEvents,
+            open_console(console)?,
+        )
+        .map_err(|e| Error::Device {
+            device: "serial",
+            reason: format!("restoring state: {e:?}"),
+        })?;
+        Ok(Devices {
+            serial,
+            console: console.map(Path::to_path_buf),
+        })
+    }
+
+    /// The console file, if any.
+    pub fn console(&self) -> Option<&Path> {
+        self.console.as_deref()
+    }
+
+    /// The serial port's state.
+    pub fn serial_state(&self) -> SerialSnapshot {
+        SerialSnapshot::from(&self.serial.state())
+    }
+
+    /// A guest `out` to `port`.
+    pub fn io_out(&mut self, port: u16, data: &[u8]) -> IoAction {
+        match port {
+            SERIAL_PORT..=0x3ff => {
+                if let Some(&b) = data.first() {
+                    // A console that cannot be written must not stop the guest.
+                    let _ = self.serial.write((port - SERIAL_PORT) as u8, b);
+                }
+                IoAction::None
+            }
+            EXIT_PORT => {
+                let mut v = [0u8; 4];
+                let n = data.len().min(4);
+                v[..n].copy_from_slice(&data[..n]);
+                match u32::from_le_bytes(v) {
+                    0 => IoAction::PowerOff,
+                    code => IoAction::GuestFatal(code),
+                }
+            }
+            I8042_COMMAND if data.first() == Some(&I8042_RESET) => IoAction::Reset,
+            _ => IoAction::None,
+        }
+    }
+
+    /// A guest `in` from `port`.
+    pub fn io_in(&mut self, port: u16, data: &mut [u8]) {
+        match port {
+            SERIAL_PORT..=0x3ff => {
+                let v = self.serial.read((port - SERIAL_PORT) as u8);
+                data.fill(0);
+                if let Some(b) = data.first_mut() {
+                    *b = v;
+                }
+            }
+            _ => data.fill(0xff),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_port_and_serial_output() {
+        let dir = std::env::temp_dir().join(format!("vmm-dev-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("console.log");
+        let mut d = Devices::new(EventFd::new(0).unwrap(), Some(&log)).unwrap();
+        for b in b"hello\n" {
+            assert_eq!(d.io_out(SERIAL_PORT, &[*b]), IoAction::None);
+        }
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello\n");
+        assert_eq!(d.io_out(EXIT_PORT, &[0, 0, 0, 0]), IoAction::PowerOff);
+        assert_eq!(d.io_out(EXIT_PORT, &[3, 0, 0, 0]), IoAction::GuestFatal(3));
+        assert_eq!(d.io_out(0x64, &[0xfe]), IoAction::Reset);
+        let mut b = [0u8; 1];
+        d.io_in(0x3fd, &mut b);
+        assert_ne!(b[0] & 0x20, 0, "transmitter ready");
+        let st = d.serial_state();
+        let d2 = Devices::restore(EventFd::new(0).unwrap(), Some(&log), &st).unwrap();
+        assert_eq!(d2.serial_state(), st);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,340 @@
+//! Guest RAM: one memfd mapped as KVM memory slots, with the x86 memory map.
+//!
+//! RAM is a single memfd so that another process (a restored VM, a helper) can map
+//! the same pages and userfaultfd can be registered on it. Guest physical layout:
+//! `[0, min(size, 3 GiB))` and, above 3 GiB of RAM, `[4 GiB, 4 GiB + rest)`,
+//! leaving the 32-bit MMIO hole (LAPIC, IOAPIC) free.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::error::{Error, Result};
+
+/// Guest page size.
+pub const PAGE_SIZE: u64 = 4096;
+/// Start of the 32-bit MMIO hole.
+pub const MMIO_HOLE_START: u64 = 3 << 30;
+/// End of the 32-bit MMIO hole: high RAM starts here.
+pub const MMIO_HOLE_END: u64 = 4 << 30;
+/// Smallest guest we accept.
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Largest guest we accept at all (a sanity bound well above any host here).
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// One contiguous piece of guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRange {
+    /// Guest physical address of the first byte.
+    pub guest_addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Offset of the first byte in the memfd.
+    pub file_offset: u64,
+}
+
+/// The guest physical ranges of RAM for a guest of `size` bytes.
+pub fn ram_layout(size: u64) -> Vec<RamRange> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut ranges = vec![RamRange {
+        guest_addr: 0,
+        len: low,
+        file_offset: 0,
+    }];
+    if size > low {
+        ranges.push(RamRange {
+            guest_addr: MMIO_HOLE_END,
+            len: size - low,
+            file_offset: low,
+        });
+    }
+    ranges
+}
+
+/// Checks a requested memory size against our bounds and what the host has.
+pub fn check_memory_size(size: u64) -> Result<()> {
+    if size < MIN_MEMORY {
+        return Err(Error::MemorySize {
+            size,
+            reason: format!("at least {} MiB is needed", MIN_MEMORY >> 20),
+        });
+    }
+    if size % (2 << 20) != 0 {
+        return Err(Error::MemorySize {
+            size,
+            reason: "must be a multiple of 2 MiB".into(),
+        });
+    }
+    if size > MAX_MEMORY {
+        return Err(Error::MemorySize {
+            size,
+            reason: format!("more than {} GiB", MAX_MEMORY >> 30),
+        });
+    }
+    if let Some(avail) = host_available_memory() {
+        if size > avail {
+            return Err(Error::MemoryTooLarge {
+                requested_mib: size >> 20,
+                available_mib: avail >> 20,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// MemAvailable + SwapFree from /proc/meminfo, in bytes.
+fn host_available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    Some(field("MemAvailable:")? + field("SwapFree:").unwrap_or(0))
+}
+
+/// Guest RAM backed by a memfd.
+pub struct GuestRam {
+    memfd: File,
+    size: u64,
+    ranges: Vec<RamRange>,
+    mem: GuestMemoryMmap,
+}
+
+impl GuestRam {
+    /// Creates zeroed RAM of `size` bytes in a new memfd.
+    pub fn new(size: u64) -> Result<Self> {
+        check_memory_size(size)?;
+        let fd = nix::sys::memfd::memfd_create(
+            c"migd-guest-ram",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .map_err(|e| Error::GuestMemory(format!("memfd_create: {e}")))?;
+        let file = File::from(fd);
+        file.set_len(size)
+            .map_err(|e| Error::GuestMemory(format!("sizing memfd to {size} bytes: {e}")))?;
+        Self::map(file, size)
+    }
+
+    /// Maps existing RAM handed over by another process.
+    pub fn from_fd(fd: OwnedFd, size: u64) -> Result<Self> {
+        let file = File::from(fd);
+        let len = file
+            .metadata()
+            .map_err(|e| Error::GuestMemory(format!("stat of handed-over memory: {e}")))?
+            .len();
+        if len != size {
+            return Err(Error::GuestMemory(format!(
+                "handed-over memory is {len} bytes, the VM needs {size}"
+            )));
+        }
+        Self::map(file, size)
+    }
+
+    fn map(file: File, size: u64) -> Result<Self> {
+        let ranges = ram_layout(size);
+        let mut regions = Vec::with_capacity(ranges.len());
+        for r in &ranges {
+            let dup = file
+                .try_clone()
+                .map_err(|e| Error::GuestMemory(format!("dup memfd: {e}")))?;
+            regions.push((
+                GuestAddress(r.guest_addr),
+                r.len as usize,
+                Some(FileOffset::new(dup, r.file_offset)),
+            ));
+        }
+        let mem = GuestMemoryMmap::from_ranges_with_files(regions)
+            .map_err(|e| Error::GuestMemory(format!("mmap: {e}")))?;
+        Ok(GuestRam {
+            memfd: file,
+            size,
+            ranges,
+            mem,
+        })
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The RAM ranges in guest physical address order.
+    pub fn ranges(&self) -> &[RamRange] {
+        &self.ranges
+    }
+
+    /// The vm-memory view, for loaders.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The memfd that holds all of RAM (memfd offset = position in `ranges` order).
+    pub fn memfd(&self) -> &File {
+        &self.memfd
+    }
+
+    /// A new descriptor for the memfd, to hand to another process.
+    pub fn dup_memfd(&self) -> Result<OwnedFd> {
+        self.memfd
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::GuestMemory(format!("dup memfd: {e}")))
+    }
+
+    /// Host address of each range, for KVM memory slots and fast scans.
+    pub fn host_ranges(&self) -> Vec<(RamRange, *mut u8)> {
+        self.mem
+            .iter()
+            .zip(&self.ranges)
+            .map(|(region, r)| (*r, region.as_ptr()))
+            .collect()
+    }
+
+    /// Converts an offset in the memfd to a guest physical address.
+    pub fn offset_to_gpa(&self, offset: u64) -> Option<u64> {
+        self.ranges
+            .iter()
+            .find(|r| offset >= r.file_offset && offset < r.file_offset + r.len)
+            .map(|r| r.guest_addr + (offset - r.file_offset))
+    }
+
+    /// Converts a guest physical address to an offset in the memfd.
+    pub fn gpa_to_offset(&self, gpa: u64) -> Option<u64> {
+        self.ranges
+            .iter()
+            .find(|r| gpa >= r.guest_addr && gpa < r.guest_addr + r.len)
+            .map(|r| r.file_offset + (gpa - r.guest_addr))
+    }
+
+    /// Reads guest memory at a guest physical address.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| Error::GuestMemory(format!("read {} bytes at {gpa:#x}: {e}", buf.len())))
+    }
+
+    /// Writes guest memory at a guest physical address.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<()> {
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|e| Error::GuestMemory(format!("write {} bytes at {gpa:#x}: {e}", data.len())))
+    }
+
+    /// Data extents of the memfd as (offset, len), skipping holes never written.
+    ///
+    /// Uses `SEEK_DATA`/`SEEK_HOLE`, so untouched memory costs nothing to skip.
+    pub fn data_extents(&self) -> Result<Vec<(u64, u64)>> {
+        let fd = self.memfd.as_raw_fd();
+        let mut out = Vec::new();
+        let mut pos: i64 = 0;
+        let end = self.size as i64;
+        while pos < end {
+            // SAFETY: lseek on a descriptor we own; no memory is touched.
+            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            if data < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::ENXIO) {
+                    break;
+                }
+                // No SEEK_DATA support: treat everything as data.
+                return Ok(vec![(0, self.size)]);
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let hole = if hole < 0 { end } else { hole.min(end) };
+            out.push((data as u64, (hole - data) as u64));
+            pos = hole;
+        }
+        Ok(out)
+    }
+}
+
+/// Takes ownership of a raw descriptor received from another process.
+///
+/// # Safety
+/// `fd` must be an open descriptor that nothing else owns.
+pub unsafe fn owned_fd(fd: i32) -> OwnedFd {
+    // SAFETY: guaranteed by the caller.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// True when the page is all zeros. Word-wise, so it runs near memory bandwidth.
+pub fn is_zero_page(page: &[u8]) -> bool {
+    let (head, words, tail) = unsafe {
+        // SAFETY: u64 has no invalid bit patterns; alignment handled by align_to.
+        page.align_to::<u64>()
+    };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && words
+            .chunks(8)
+            .all(|c| c.iter().fold(0, |a, &w| a | w) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_small_guest_is_one_range() {
+        assert_eq!(
+            ram_layout(1 << 30),
+            vec![RamRange {
+                guest_addr: 0,
+                len: 1 << 30,
+                file_offset: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn layout_big_guest_skips_mmio_hole() {
+        let l = ram_layout(6 << 30);
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[0].len, 3 << 30);
+        assert_eq!(l[1].guest_addr, 4 << 30);
+        assert_eq!(l[1].len, 3 << 30);
+        assert_eq!(l[1].file_offset, 3 << 30);
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        assert!(matches!(
+            check_memory_size(1 << 20),
+            Err(Error::MemorySize { .. })
+        ));
+        assert!(matches!(
+            check_memory_size((64 << 20) + 4096),
+            Err(Error::MemorySize { .. })
+        ));
+        assert!(check_memory_size(MAX_MEMORY * 2).is_err());
+        assert!(matches!(
+            check_memory_size(512 << 30),
+            Err(Error::MemoryTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn ram_round_trip_and_extents() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        assert!(ram.data_extents().unwrap().is_empty());
+        ram.write(0x200000, &[1, 2, 3]).unwrap();
+        let mut b = [0u8; 3];
+        ram.read(0x200000, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3]);
+        let ext = ram.data_extents().unwrap();
+        assert_eq!(ext.len(), 1);
+        assert!(ext[0].0 <= 0x200000 && ext[0].0 + ext[0].1 > 0x200000);
+        assert_eq!(ram.gpa_to_offset(0x200000), Some(0x200000));
+    }
+
+    #[test]
+    fn zero_page_detection() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero_page(&p));
+        p[4095] = 1;
+        assert!(!is_zero_page(&p));
+    }
+}

@@ -1,0 +1,277 @@
+//! Complete VM state as versioned serde types, and capture/restore through KVM.
+//!
+//! Restore order (known to work on kvm-pvm and hardware KVM): VM first
+//! (irqchips, PIT, clock), then per vCPU: CPUID, mp_state, regs, sregs (carries
+//! the APIC base), FPU, XCRs, XSAVE, debug registers, LAPIC, MSRs, and vCPU
+//! events last.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
+    kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::cpuid;
+use crate::devices::SerialSnapshot;
+use crate::error::{kvm, Error, Result};
+
+/// Version of the serialized state; bumped on any incompatible change.
+pub const STATE_VERSION: u32 = 1;
+/// Upper bound for a decoded state blob (guards against absurd sizes).
+pub const MAX_STATE_BYTES: usize = 16 << 20;
+
+/// A plain-old-data KVM struct without serde support, carried as its bytes.
+#[derive(Clone, Copy)]
+pub struct Raw<T: Copy>(pub T);
+
+impl<T: Copy> Serialize for Raw<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        // SAFETY: T is a repr(C) KVM struct of plain integers; reading its bytes is sound.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(&self.0 as *const T as *const u8, std::mem::size_of::<T>())
+        };
+        s.serialize_bytes(bytes)
+    }
+}
+
+impl<'de, T: Copy> Deserialize<'de> for Raw<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let bytes: Vec<u8> = serde::de::Deserialize::deserialize(d)?;
+        if bytes.len() != std::mem::size_of::<T>() {
+            return Err(serde::de::Error::invalid_length(
+                bytes.len(),
+                &"the size of the KVM structure",
+            ));
+        }
+        // SAFETY: length checked; T is plain integers, any bit pattern is valid.
+        Ok(Raw(unsafe {
+            std::ptr::read_unaligned(bytes.as_ptr() as *const T)
+        }))
+    }
+}
+
+impl<T: Copy> std::fmt::Debug for Raw<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Raw<{}>", std::any::type_name::<T>())
+    }
+}
+
+/// Everything KVM holds for one vCPU.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// vCPU index (= APIC ID).
+    pub id: usize,
+    /// CPUID entries the vCPU was given.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// Run state (runnable, halted, waiting for SIPI...).
+    pub mp_state: kvm_mp_state,
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers (and the APIC base).
+    pub sregs: kvm_sregs,
+    /// Legacy FPU/SSE state.
+    pub fpu: Raw<kvm_fpu>,
+    /// Extended control registers (XCR0).
+    pub xcrs: kvm_xcrs,
+    /// XSAVE area (x87, SSE, AVX...).
+    pub xsave: kvm_xsave,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// In-kernel LAPIC registers, including its timer.
+    pub lapic: kvm_lapic_state,
+    /// Every saveable MSR, the MTRRs included.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions, interrupts, NMIs, SMM.
+    pub events: kvm_vcpu_events,
+    /// TSC frequency in kHz.
+    pub tsc_khz: u32,
+}
+
+/// The VM-wide in-kernel devices and clock.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmKernelState {
+    /// PIC master, PIC slave, IOAPIC.
+    pub irqchips: Vec<kvm_irqchip>,
+    /// i8254 PIT.
+    pub pit: kvm_pit_state2,
+    /// kvmclock.
+    pub clock: kvm_clock_data,
+}
+
+/// The complete state of a VM apart from its memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    /// [`STATE_VERSION`] at capture.
+    pub version: u32,
+    /// Guest RAM size in bytes.
+    pub memory: u64,
+    /// In-kernel VM state.
+    pub kernel: VmKernelState,
+    /// Each vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// The serial port.
+    pub serial: SerialSnapshot,
+}
+
+impl VmState {
+    /// Encodes the state (bincode, little-endian, varint).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .map_err(|e| Error::State(format!("encode: {e}")))
+    }
+
+    /// Decodes and validates a state blob; never allocates beyond [`MAX_STATE_BYTES`].
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        if bytes.len() > MAX_STATE_BYTES {
+            return Err(Error::State(format!(
+                "state blob of {} bytes exceeds the {} byte limit",
+                bytes.len(),
+                MAX_STATE_BYTES
+            )));
+        }
+        let cfg = bincode::config::standard().with_limit::<MAX_STATE_BYTES>();
+        let (state, used): (VmState, usize) = bincode::serde::decode_from_slice(bytes, cfg)
+            .map_err(|e| Error::State(format!("malformed state: {e}")))?;
+        if state.version != STATE_VERSION {
+            return Err(Error::State(format!(
+                "state format version {} is not the supported version {STATE_VERSION}",
+                state.version
+            )));
+        }
+        if used != bytes.len() {
+            return Err(Error::State(format!(
+                "{} trailing bytes after the state",
+                bytes.len() - used
+            )));
+        }
+        if state.vcpus.is_empty() || state.vcpus.len() > crate::MAX_VCPUS {
+            return Err(Error::State(format!(
+                "{} vCPUs in state",
+                state.vcpus.len()
+            )));
+        }
+        if state.irqchips_ok() {
+            Ok(state)
+        } else {
+            Err(Error::State("state lacks the PIC/IOAPIC irqchips".into()))
+        }
+    }
+
+    fn irqchips_ok(&self) -> bool {
+        self.kernel.irqchips.len() == 3
+    }
+}
+
+const IRQCHIPS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
+
+/// Captures the in-kernel VM devices and clock.
+pub fn capture_vm(vm: &VmFd) -> Result<VmKernelState> {
+    let mut irqchips = Vec::with_capacity(3);
+    for chip_id in IRQCHIPS {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip).map_err(kvm("KVM_GET_IRQCHIP"))?;
+        irqchips.push(chip);
+    }
+    Ok(VmKernelState {
+        irqchips,
+        pit: vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?,
+        clock: vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
+    })
+}
+
+/// Restores the in-kernel VM devices and clock (irqchip and PIT already created).
+pub fn restore_vm(vm: &VmFd, s: &VmKernelState) -> Result<()> {
+    for chip in &s.irqchips {
+        vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
+    }
+    vm.set_pit2(&s.pit).map_err(kvm("KVM_SET_PIT2"))?;
+    let clock = kvm_clock_data {
+        clock: s.clock.clock,
+        ..Default::default()
+    };
+    vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))
+}
+
+/// Reads the given MSRs; returns only those KVM could read.
+pub fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>> {
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut msrs =
+        Msrs::from_entries(&entries).map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
+    let n = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+    if n != indices.len() {
+        return Err(Error::State(format!(
+            "KVM read {n} of {} MSRs (stopped at {:#x})",
+            indices.len(),
+            indices.get(n).copied().unwrap_or(0)
+        )));
+    }
+    Ok(msrs.as_slice().to_vec())
+}
+
+/// Captures a vCPU's complete state. The vCPU must not be running.
+pub fn capture_vcpu(
+    id: usize,
+    vcpu: &VcpuFd,
+    cpuid: &[kvm_cpuid_entry2],
+    msr_indices: &[u32],
+) -> Result<VcpuState> {
+    Ok(VcpuState {
+        id,
+        cpuid: cpuid.to_vec(),
+        mp_state: vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
+        regs: vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?,
+        sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
+        fpu: Raw(vcpu.get_fpu().map_err(kvm("KVM_GET_FPU"))?),
+        xcrs: vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?,
+        xsave: vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?,
+        debugregs: vcpu.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
+        lapic: vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
+        msrs: read_msrs(vcpu, msr_indices)?,
+        events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
+        tsc_khz: vcpu.get_tsc_khz().unwrap_or(0),
+    })
+}
+
+/// Restores a vCPU's complete state into a freshly created vCPU.
+pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
+    vcpu.set_cpuid2(&cpuid::to_kvm(&s.cpuid)?)
+        .map_err(kvm("KVM_SET_CPUID2"))?;
+    vcpu.set_mp_state(s.mp_state)
+        .map_err(kvm("KVM_SET_MP_STATE"))?;
+    vcpu.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
+    vcpu.set_sregs(&s.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    vcpu.set_fpu(&s.fpu.0).map_err(kvm("KVM_SET_FPU"))?;
+    vcpu.set_xcrs(&s.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+    // SAFETY: a legacy 4 KiB kvm_xsave taken by KVM_GET_XSAVE on this kind of host.
+    unsafe { vcpu.set_xsave(&s.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+    vcpu.set_debug_regs(&s.debugregs)
+        .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+    vcpu.set_lapic(&s.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+    let msrs = Msrs::from_entries(&s.msrs).map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
+    let n = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+    if n != s.msrs.len() {
+        return Err(Error::State(format!(
+            "vCPU {}: KVM accepted {n} of {} MSRs (refused {:#x})",
+            s.id,
+            s.msrs.len(),
+            s.msrs.get(n).map(|m| m.index).unwrap_or(0)
+        )));
+    }
+    vcpu.set_vcpu_events(&s.events)
+        .map_err(kvm("KVM_SET_VCPU_EVENTS"))
+}

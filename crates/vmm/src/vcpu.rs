@@ -1,0 +1,280 @@
+//! vCPU threads and the run control that pauses, resumes and stops them.
+//!
+//! Each vCPU runs `KVM_RUN` in its own thread. To pause, the controller sets the
+//! wanted state and kicks every thread that has not parked yet with a signal
+//! (which makes `KVM_RUN` return `EINTR`), repeating the kick until all threads
+//! have parked: a kick that lands just before `KVM_RUN` is never lost for long.
+
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::{Devices, IoAction};
+use crate::error::{Error, Result};
+
+/// Why a VM stopped running for good.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off (exit port, value 0).
+    PowerOff,
+    /// The guest reported a fatal error code on the exit port.
+    GuestFatal(u32),
+    /// The guest asked for a reset (treated as a stop).
+    Reset,
+    /// The guest triple-faulted.
+    Shutdown,
+    /// KVM or the VMM failed.
+    Failed(String),
+    /// The VMM stopped it (destroy, handover to another process).
+    Stopped,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Stop,
+}
+
+struct RunState {
+    want: Want,
+    parked: usize,
+    threads: Vec<Option<libc::pthread_t>>,
+    exit: Option<VmExit>,
+}
+
+/// Shared between the controller and the vCPU threads.
+pub struct RunControl {
+    state: Mutex<RunState>,
+    cv: Condvar,
+}
+
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: installing a handler that does nothing; no SA_RESTART, so
+        // KVM_RUN returns EINTR when the signal arrives.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        }
+    });
+}
+
+impl RunControl {
+    /// A control for `n` vCPUs that start paused.
+    pub fn new(n: usize) -> Arc<Self> {
+        install_kick_handler();
+        Arc::new(RunControl {
+            state: Mutex::new(RunState {
+                want: Want::Pause,
+                parked: 0,
+                threads: vec![None; n],
+                exit: None,
+            }),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lets all vCPUs run.
+    pub fn resume(&self) {
+        let mut st = self.lock();
+        if st.want == Want::Pause {
+            st.want = Want::Run;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Stops all vCPUs and waits until every thread is parked; returns how long it took.
+    pub fn pause(&self) -> Duration {
+        let start = Instant::now();
+        let mut st = self.lock();
+        if st.want == Want::Run {
+            st.want = Want::Pause;
+        }
+        self.wait_parked(st);
+        start.elapsed()
+    }
+
+    fn wait_parked(&self, mut st: std::sync::MutexGuard<'_, RunState>) {
+        let mut delay = Duration::from_micros(20);
+        loop {
+            let live = st.threads.iter().flatten().count();
+            if st.parked >= live {
+                return;
+            }
+            for t in st.threads.iter().flatten() {
+                // SAFETY: the thread is alive (it removes itself under this lock before exiting).
+                unsafe { libc::pthread_kill(*t, kick_signal()) };
+            }
+            st = self
+                .cv
+                .wait_timeout(st, delay)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            delay = (delay * 2).min(Duration::from_millis(5));
+        }
+    }
+
+    /// Ends the VM with `exit` (the first reason wins) and wakes every thread.
+    pub fn stop(&self, exit: VmExit) {
+        let mut st = self.lock();
+        st.want = Want::Stop;
+        st.exit.get_or_insert(exit);
+        for t in st.threads.iter().flatten() {
+            // SAFETY: as in wait_parked.
+            unsafe { libc::pthread_kill(*t, kick_signal()) };
+        }
+        self.cv.notify_all();
+    }
+
+    /// Stops the VM and waits until every vCPU thread has left, kicking them out of KVM_RUN.
+    pub fn terminate(&self, exit: VmExit) {
+        self.stop(exit);
+        let mut st = self.lock();
+        while st.threads.iter().flatten().count() > 0 {
+            for t in st.threads.iter().flatten() {
+                // SAFETY: as in wait_parked.
+                unsafe { libc::pthread_kill(*t, kick_signal()) };
+            }
+            st = self
+                .cv
+                .wait_timeout(st, Duration::from_millis(1))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// True while the VM is wanted running.
+    pub fn is_running(&self) -> bool {
+        self.lock().want == Want::Run
+    }
+
+    /// Waits until the VM ends; returns why.
+    pub fn wait_exit(&self, timeout: Option<Duration>) -> Option<VmExit> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = self.lock();
+        loop {
+            if let Some(e) = &st.exit {
+                return Some(e.clone());
+            }
+            st = match deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    self.cv
+                        .wait_timeout(st, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+                None => self.cv.wait(st).unwrap_or_else(|p| p.into_inner()),
+            };
+        }
+    }
+
+    /// Parks the calling vCPU thread while paused; false when it must exit.
+    fn park_if_needed(&self) -> bool {
+        let mut st = self.lock();
+        if st.want == Want::Run {
+            return true;
+        }
+        st.parked += 1;
+        self.cv.notify_all();
+        while st.want == Want::Pause {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.parked -= 1;
+        st.want == Want::Run
+    }
+
+    fn register(&self, id: usize) {
+        // SAFETY: pthread_self has no preconditions.
+        self.lock().threads[id] = Some(unsafe { libc::pthread_self() });
+    }
+
+    fn unregister(&self, id: usize) {
+        let mut st = self.lock();
+        st.threads[id] = None;
+        self.cv.notify_all();
+    }
+}
+
+/// Starts the thread that runs vCPU `id`.
+pub fn spawn(
+    id: usize,
+    vcpu: Arc<Mutex<VcpuFd>>,
+    control: Arc<RunControl>,
+    devices: Arc<Mutex<Devices>>,
+) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("vcpu{id}"))
+        .spawn(move || {
+            control.register(id);
+            let span = tracing::debug_span!("vcpu", id);
+            let _g = span.enter();
+            while control.park_if_needed() {
+                let mut fd = vcpu.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(exit) = run_once(id, &mut fd, &devices) {
+                    drop(fd);
+                    tracing::info!(?exit, "vCPU ends the VM");
+                    control.stop(exit);
+                }
+            }
+            control.unregister(id);
+        })
+        .map_err(|e| Error::Vcpu {
+            id,
+            reason: format!("cannot start thread: {e}"),
+        })
+}
+
+/// One KVM_RUN and its exit handling; `Some` when the VM must stop.
+fn run_once(id: usize, fd: &mut VcpuFd, devices: &Mutex<Devices>) -> Option<VmExit> {
+    let lock = || devices.lock().unwrap_or_else(|p| p.into_inner());
+    match fd.run() {
+        Ok(VcpuExit::IoOut(port, data)) => match lock().io_out(port, data) {
+            IoAction::None => None,
+            IoAction::PowerOff => Some(VmExit::PowerOff),
+            IoAction::GuestFatal(code) => Some(VmExit::GuestFatal(code)),
+            IoAction::Reset => Some(VmExit::Reset),
+        },
+        Ok(VcpuExit::IoIn(port, data)) => {
+            lock().io_in(port, data);
+            None
+        }
+        Ok(VcpuExit::MmioRead(_, data)) => {
+            data.fill(0xff);
+            None
+        }
+        Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) => None,
+        Ok(VcpuExit::Shutdown) => Some(VmExit::Shutdown),
+        Ok(VcpuExit::SystemEvent(kind, _)) => {
+            tracing::info!(kind, "system event");
+            Some(VmExit::PowerOff)
+        }
+        Ok(other) => Some(VmExit::Failed(format!(
+            "vCPU {id}: unexpected exit {other:?}"
+        ))),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            fd.set_kvm_immediate_exit(0);
+            None
+        }
+        Err(e) => Some(VmExit::Failed(format!("vCPU {id}: KVM_RUN: {e}"))),
+    }
+}

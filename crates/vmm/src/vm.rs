@@ -1,0 +1,433 @@
+//! One VM: KVM VM fd, guest RAM, vCPU threads, devices; boot, pause, resume,
+//! capture and restore.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootEntry, BootSpec};
+use crate::cpuid;
+use crate::devices::{Devices, SERIAL_IRQ};
+use crate::error::{kvm, Error, Result};
+use crate::memory::GuestRam;
+use crate::state::{self, VmState, STATE_VERSION};
+use crate::vcpu::{self, RunControl, VmExit};
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: usize = 8;
+const TSS_ADDRESS: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// MTRR MSRs, which KVM's saveable list omits: default type, variable and fixed ranges.
+const MTRR_MSRS: &[u32] = &[
+    0x2ff, 0x200, 0x201, 0x202, 0x203, 0x204, 0x205, 0x206, 0x207, 0x208, 0x209, 0x20a, 0x20b,
+    0x20c, 0x20d, 0x20e, 0x20f, 0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d,
+    0x26e, 0x26f,
+];
+
+/// What a VM is made of.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Number of vCPUs.
+    pub vcpus: usize,
+    /// File the serial console is appended to.
+    pub console: Option<PathBuf>,
+}
+
+/// A KVM virtual machine owned by this process.
+pub struct Vm {
+    config: VmConfig,
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    ram: Arc<GuestRam>,
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    cpuids: Vec<Vec<kvm_cpuid_entry2>>,
+    msr_indices: Vec<u32>,
+    devices: Arc<Mutex<Devices>>,
+    control: Arc<RunControl>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn check_vcpus(n: usize) -> Result<()> {
+    if n == 0 || n > MAX_VCPUS {
+        return Err(Error::VcpuCount(n));
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Creates a VM and loads the guest; vCPUs exist but are paused.
+    pub fn boot(config: VmConfig, spec: &BootSpec) -> Result<Self> {
+        check_vcpus(config.vcpus)?;
+        let ram = GuestRam::new(config.memory)?;
+        let entry = boot::load(&ram, spec, config.vcpus)?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(crate::error::io("eventfd"))?;
+        let devices = Devices::new(
+            irq.try_clone().map_err(crate::error::io("eventfd"))?,
+            config.console.as_deref(),
+        )?;
+        let mut vm = Self::create(config, ram, devices, &irq)?;
+        let base = cpuid::supported(&vm.kvm)?;
+        for id in 0..vm.config.vcpus {
+            let fd = vm
+                .vm_fd
+                .create_vcpu(id as u64)
+                .map_err(kvm("KVM_CREATE_VCPU"))?;
+            let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
+            let entries = cpuid::for_vcpu(&base, id, vm.config.vcpus, tsc_khz);
+            fd.set_cpuid2(&cpuid::to_kvm(&entries)?)
+                .map_err(kvm("KVM_SET_CPUID2"))?;
+            init_fpu_and_lint(&fd)?;
+            if id == 0 {
+                set_entry_registers(&fd, entry)?;
+            }
+            vm.vcpus.push(Arc::new(Mutex::new(fd)));
+            vm.cpuids.push(entries);
+        }
+        vm.msr_indices = vm.probe_msrs()?;
+        vm.spawn_threads()?;
+        Ok(vm)
+    }
+
+    /// Recreates a VM from captured state over `ram` (which already holds the
+    /// guest's memory); vCPUs are paused until [`Vm::resume`].
+    pub fn restore(state: &VmState, ram: GuestRam, console: Option<&Path>) -> Result<Self> {
+        if state.version != STATE_VERSION {
+            return Err(Error::State(format!(
+                "state version {} is not {STATE_VERSION}",
+                state.version
+            )));
+        }
+        check_vcpus(state.vcpus.len())?;
+        if ram.size() != state.memory {
+            return Err(Error::State(format!(
+                "state is for {} bytes of RAM, got {}",
+                state.memory,
+                ram.size()
+            )));
+        }
+        let config = VmConfig {
+            memory: state.memory,
+            vcpus: state.vcpus.len(),
+            console: console.map(Path::to_path_buf),
+        };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(crate::error::io("eventfd"))?;
+        let devices = Devices::restore(
+            irq.try_clone().map_err(crate::error::io("eventfd"))?,
+            console,
+            &state.serial,
+        )?;
+        let mut vm = Self::create(config, ram, devices, &irq)?;
+        state::restore_vm(&vm.vm_fd, &state.kernel)?;
+        for s in &state.vcpus {
+            let fd = vm
+                .vm_fd
+                .create_vcpu(s.id as u64)
+                .map_err(kvm("KVM_CREATE_VCPU"))?;
+            if s.tsc_khz != 0 {
+                // Unsupported (as on kvm-pvm) is fine: the guest keeps the host's rate.
+                let _ = fd.set_tsc_khz(s.tsc_khz);
+            }
+            state::restore_vcpu(&fd, s)?;
+            vm.vcpus.push(Arc::new(Mutex::new(fd)));
+            vm.cpuids.push(s.cpuid.clone());
+        }
+        vm.msr_indices = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
+        vm.spawn_threads()?;
+        Ok(vm)
+    }
+
+    /// The VM fd, irqchip, PIT, memory slots and serial interrupt; no vCPUs yet.
+    fn create(config: VmConfig, ram: GuestRam, devices: Devices, irq: &EventFd) -> Result<Self> {
+        let kvm_fd = Kvm::new().map_err(Error::KvmUnavailable)?;
+        let vm_fd = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+        vm_fd
+            .set_tss_address(TSS_ADDRESS)
+            .map_err(kvm("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .set_identity_map_address(IDENTITY_MAP_ADDRESS)
+            .map_err(kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm_fd.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(kvm("KVM_CREATE_PIT2"))?;
+        for (slot, (range, host)) in ram.host_ranges().into_iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: range.guest_addr,
+                memory_size: range.len,
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the mapping lives as long as `ram`, which the Vm owns and
+            // drops only after the VM fd.
+            unsafe { vm_fd.set_user_memory_region(region) }
+                .map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        vm_fd
+            .register_irqfd(irq, SERIAL_IRQ)
+            .map_err(kvm("KVM_IRQFD"))?;
+        let n = config.vcpus;
+        Ok(Vm {
+            config,
+            kvm: kvm_fd,
+            vm_fd: Arc::new(vm_fd),
+            ram: Arc::new(ram),
+            vcpus: Vec::with_capacity(n),
+            cpuids: Vec::with_capacity(n),
+            msr_indices: Vec::new(),
+            devices: Arc::new(Mutex::new(devices)),
+            control: RunControl::new(n),
+            threads: Vec::new(),
+        })
+    }
+
+    /// The MSRs to carry: KVM's saveable list plus the MTRRs, keeping only those
+    /// this host's KVM can actually read.
+    fn probe_msrs(&self) -> Result<Vec<u32>> {
+        let list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
+        let mut candidates: Vec<u32> = list.as_slice().to_vec();
+        for m in MTRR_MSRS {
+            if !candidates.contains(m) {
+                candidates.push(*m);
+            }
+        }
+        let vcpu = self.vcpus[0].lock().unwrap_or_else(|p| p.into_inner());
+        Ok(candidates
+            .into_iter()
+            .filter(|&m| state::read_msrs(&vcpu, &[m]).is_ok())
+            .collect())
+    }
+
+    fn spawn_threads(&mut self) -> Result<()> {
+        for (id, fd) in self.vcpus.iter().enumerate() {
+            self.threads.push(vcpu::spawn(
+                id,
+                fd.clone(),
+                self.control.clone(),
+                self.devices.clone(),
+            )?);
+        }
+        // Threads start parked; wait until all of them are.
+        self.control.pause();
+        Ok(())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// The KVM VM fd (dirty log, memory slots).
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm_fd
+    }
+
+    /// The MSRs carried in captured state.
+    pub fn msr_indices(&self) -> &[u32] {
+        &self.msr_indices
+    }
+
+    /// Runs (or resumes) all vCPUs.
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    /// Pauses all vCPUs; returns how long it took until every vCPU had stopped.
+    pub fn pause(&self) -> Duration {
+        self.control.pause()
+    }
+
+    /// True while the vCPUs are wanted running.
+    pub fn is_running(&self) -> bool {
+        self.control.is_running()
+    }
+
+    /// Waits for the VM to end (power-off, fatal error, stop), up to `timeout`.
+    pub fn wait_exit(&self, timeout: Option<Duration>) -> Option<VmExit> {
+        self.control.wait_exit(timeout)
+    }
+
+    /// Captures the complete state. Pauses the VM first if it is running (and
+    /// leaves it paused).
+    pub fn capture(&self) -> Result<VmState> {
+        self.pause();
+        let kernel = state::capture_vm(&self.vm_fd)?;
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for (id, fd) in self.vcpus.iter().enumerate() {
+            let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
+            vcpus.push(state::capture_vcpu(
+                id,
+                &fd,
+                &self.cpuids[id],
+                &self.msr_indices,
+            )?);
+        }
+        let serial = self
+            .devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .serial_state();
+        Ok(VmState {
+            version: STATE_VERSION,
+            memory: self.ram.size(),
+            kernel,
+            vcpus,
+            serial,
+        })
+    }
+
+    /// A handle to wait for the VM's end or stop it from another thread.
+    pub fn exit_watch(&self) -> Arc<RunControl> {
+        self.control.clone()
+    }
+
+    /// Runs a closure on one vCPU's fd while the VM is paused (tests, debugging).
+    pub fn with_vcpu<T>(&self, id: usize, f: impl FnOnce(&VcpuFd) -> T) -> Result<T> {
+        self.pause();
+        let fd = self.vcpus.get(id).ok_or(Error::Vcpu {
+            id,
+            reason: "no such vCPU".into(),
+        })?;
+        let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(f(&fd))
+    }
+
+    /// Stops the VM for good and joins its vCPU threads.
+    pub fn shutdown(&mut self, exit: VmExit) {
+        self.control.terminate(exit);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown(VmExit::Stopped);
+    }
+}
+
+/// x87 control word and MXCSR at their reset values; LAPIC LINT0 = ExtINT,
+/// LINT1 = NMI (what firmware sets up for the legacy PIC).
+fn init_fpu_and_lint(fd: &VcpuFd) -> Result<()> {
+    let fpu = kvm_bindings::kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    fd.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))?;
+    let mut lapic = fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+    let set = |regs: &mut [libc::c_char; 1024], off: usize, mode: u32| {
+        let mut b = [0u8; 4];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = regs[off + i] as u8;
+        }
+        let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+        for (i, x) in v.to_le_bytes().iter().enumerate() {
+            regs[off + i] = *x as libc::c_char;
+        }
+    };
+    set(&mut lapic.regs, 0x350, 0x7); // LVT LINT0: ExtINT
+    set(&mut lapic.regs, 0x360, 0x4); // LVT LINT1: NMI
+    fd.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))
+}
+
+fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Puts vCPU 0 at the guest's entry point in the mode its boot protocol wants.
+fn set_entry_registers(fd: &VcpuFd, entry: BootEntry) -> Result<()> {
+    let mut sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    let mut regs = kvm_regs {
+        rflags: 0x2,
+        ..Default::default()
+    };
+    match entry {
+        BootEntry::Pvh { entry, start_info } => {
+            let code = segment(0x10, 0xb, false);
+            let data = segment(0x18, 0x3, false);
+            sregs.cs = code;
+            sregs.ds = data;
+            sregs.es = data;
+            sregs.fs = data;
+            sregs.gs = data;
+            sregs.ss = data;
+            sregs.tr = kvm_segment {
+                limit: 0x67,
+                type_: 0xb,
+                present: 1,
+                ..Default::default()
+            };
+            sregs.cr0 = 0x11; // PE | ET
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+            regs.rip = entry;
+            regs.rbx = start_info;
+            regs.rsp = boot::PVH_INFO_START;
+        }
+        BootEntry::Linux64 { entry, boot_params } => {
+            let code = segment(0x10, 0xb, true);
+            let data = segment(0x18, 0x3, false);
+            sregs.gdt.base = boot::BOOT_GDT_START;
+            sregs.gdt.limit = 31;
+            sregs.cs = code;
+            sregs.ds = data;
+            sregs.es = data;
+            sregs.fs = data;
+            sregs.gs = data;
+            sregs.ss = data;
+            sregs.tr = kvm_segment {
+                limit: 0x67,
+                type_: 0xb,
+                present: 1,
+                ..Default::default()
+            };
+            sregs.cr3 = boot::BOOT_PML4_START;
+            sregs.cr4 = 0x20; // PAE
+            sregs.cr0 = 0x8000_0011; // PG | ET | PE
+            sregs.efer = 0x500; // LME | LMA
+            regs.rip = entry;
+            regs.rsi = boot_params;
+            regs.rsp = 0x8ff0;
+        }
+    }
+    fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
+}

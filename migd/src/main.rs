@@ -1,0 +1,42 @@
+//! `migd`: the per-host migration daemon and its one-VM command.
+
+mod handover;
+mod run;
+mod size;
+
+use clap::{Parser, Subcommand};
+
+/// migd: runs KVM virtual machines and moves them live between hosts.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one VM in the foreground until it powers off or gets SIGTERM.
+    Run(run::RunArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(args) => match run::run(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("migd run: error: {e:#}");
+                1
+            }
+        },
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,448 @@
+//! `migd run`: one VM in the foreground of this process.
+
+use std::io::BufReader;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Sender};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{SigSet, Signal};
+use serde_json::json;
+use vmm::{BootSpec, GuestRam, Vm, VmConfig, VmExit, VmState};
+
+use crate::handover::{self, HandoverHeader};
+use crate::size::parse_size;
+
+/// Arguments of `migd run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Kernel: an ELF with a PVH note (e.g. the test guest) or a Linux bzImage.
+    #[arg(long, required_unless_present_any = ["restore", "takeover"])]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs to load with the kernel.
+    #[arg(long, alias = "initrd")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Guest RAM, e.g. 512M, 1G, 4G (a bare number is MiB).
+    #[arg(long, value_parser = parse_size, default_value = "512M")]
+    pub memory: u64,
+    /// Number of vCPUs (1-8).
+    #[arg(long, default_value_t = 1)]
+    pub cpus: usize,
+    /// File the serial console is appended to (follow it with `tail -f`).
+    #[arg(long)]
+    pub serial: Option<PathBuf>,
+    /// On SIGUSR1, write a snapshot to FILE and keep running; on SIGUSR2, write it and stop.
+    #[arg(long, value_name = "FILE")]
+    pub snapshot_on_signal: Option<PathBuf>,
+    /// Start from a snapshot file instead of booting a kernel.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "takeover"])]
+    pub restore: Option<PathBuf>,
+    /// Serve a control socket (JSON lines: status, pause, resume, snapshot, handover, stop).
+    #[arg(long, value_name = "SOCKET")]
+    pub control: Option<PathBuf>,
+    /// Take over the VM of another `migd run` through its control socket (memory shared, not copied).
+    #[arg(long, value_name = "SOCKET", conflicts_with = "kernel")]
+    pub takeover: Option<PathBuf>,
+    /// Name of the VM (for logs and status).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Leave the VM paused after start or restore.
+    #[arg(long)]
+    pub paused: bool,
+}
+
+enum Event {
+    Signal(Signal),
+    Exit(VmExit),
+    Control(UnixStream, serde_json::Value),
+}
+
+/// Exit code when the guest reported a fatal error.
+pub const EXIT_GUEST_FATAL: i32 = 3;
+
+/// Runs the VM until it ends; returns the process exit code.
+pub fn run(args: RunArgs) -> Result<i32> {
+    let started = Instant::now();
+    // Signals go to one thread; vCPU threads inherit the mask (their kick signal is not in it).
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        set.add(s);
+    }
+    set.thread_block().context("blocking signals")?;
+
+    let (vm, mut takeover) = if let Some(path) = &args.restore {
+        let (state, ram, stats) =
+            vmm::snapshot::read(path).with_context(|| format!("restoring {}", path.display()))?;
+        let vm = Vm::restore(&state, ram, args.serial.as_deref())?;
+        tracing::info!(
+            snapshot = %path.display(),
+            pages = stats.data_pages,
+            bytes = stats.file_bytes,
+            ms = stats.elapsed.as_secs_f64() * 1e3,
+            "restored from snapshot"
+        );
+        (vm, None)
+    } else if let Some(sock) = &args.takeover {
+        let (vm, link) = take_over(sock, args.serial.as_deref())?;
+        (vm, Some(link))
+    } else {
+        let kernel = args.kernel.clone().context("--kernel is required")?;
+        let spec = BootSpec {
+            kernel,
+            initramfs: args.initramfs.clone(),
+            cmdline: args.cmdline.clone(),
+        };
+        let config = VmConfig {
+            memory: args.memory,
+            vcpus: args.cpus,
+            console: args.serial.clone(),
+        };
+        (Vm::boot(config, &spec)?, None)
+    };
+    let span = tracing::info_span!("vm", name = args.name.as_deref().unwrap_or("-"));
+    let _g = span.enter();
+
+    let (tx, rx) = channel::<Event>();
+    let listener = match &args.control {
+        Some(p) => Some(bind_control(p)?),
+        None => None,
+    };
+    if !args.paused {
+        vm.resume();
+    }
+    if let Some(link) = takeover.take() {
+        finish_takeover(link, &vm)?;
+    }
+    tracing::info!(
+        memory_mib = vm.config().memory >> 20,
+        vcpus = vm.config().vcpus,
+        setup_ms = started.elapsed().as_secs_f64() * 1e3,
+        pid = std::process::id(),
+        "VM running"
+    );
+
+    spawn_signal_thread(set, tx.clone())?;
+    if let Some(l) = listener {
+        spawn_control_thread(l, tx.clone())?;
+    }
+    {
+        let tx = tx.clone();
+        let control = vm_exit_waiter(&vm);
+        std::thread::spawn(move || {
+            if let Some(exit) = control() {
+                let _ = tx.send(Event::Exit(exit));
+            }
+        });
+    }
+
+    let mut vm = vm;
+    let code = loop {
+        let Ok(ev) = rx.recv() else { break 1 };
+        match ev {
+            Event::Exit(exit) => break exit_code(&exit),
+            Event::Signal(Signal::SIGUSR1) | Event::Signal(Signal::SIGUSR2) => {
+                let stop = matches!(ev, Event::Signal(Signal::SIGUSR2));
+                match &args.snapshot_on_signal {
+                    Some(path) => match snapshot(&vm, path) {
+                        Ok(_) if stop => break 0,
+                        Ok(_) => vm.resume(),
+                        Err(e) => {
+                            tracing::error!("snapshot failed: {e:#}");
+                            vm.resume();
+                        }
+                    },
+                    None => tracing::warn!("snapshot signal ignored: no --snapshot-on-signal"),
+                }
+            }
+            Event::Signal(s) => {
+                tracing::info!(signal = %s, "stopping VM");
+                break 0;
+            }
+            Event::Control(stream, req) => {
+                if let Some(code) = handle_control(&vm, stream, req) {
+                    break code;
+                }
+            }
+        }
+    };
+    vm.shutdown(VmExit::Stopped);
+    if let Some(p) = &args.control {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(code)
+}
+
+fn vm_exit_waiter(vm: &Vm) -> impl FnOnce() -> Option<VmExit> + Send + 'static {
+    let control = vm.exit_watch();
+    move || control.wait_exit(None)
+}
+
+fn exit_code(exit: &VmExit) -> i32 {
+    match exit {
+        VmExit::PowerOff | VmExit::Stopped | VmExit::Reset => {
+            tracing::info!(?exit, "guest stopped");
+            0
+        }
+        VmExit::GuestFatal(code) => {
+            tracing::error!(code, "guest reported a fatal error");
+            EXIT_GUEST_FATAL
+        }
+        VmExit::Shutdown => {
+            tracing::error!("guest triple-faulted");
+            EXIT_GUEST_FATAL
+        }
+        VmExit::Failed(why) => {
+            tracing::error!("VM failed: {why}");
+            1
+        }
+    }
+}
+
+fn snapshot(vm: &Vm, path: &Path) -> Result<vmm::snapshot::SnapshotStats> {
+    let pause = vm.pause();
+    let state = vm.capture()?;
+    let stats = vmm::snapshot::write(path, &state, vm.ram())?;
+    tracing::info!(
+        path = %path.display(),
+        pages = stats.data_pages,
+        bytes = stats.file_bytes,
+        pause_us = pause.as_micros() as u64,
+        ms = stats.elapsed.as_secs_f64() * 1e3,
+        "snapshot written"
+    );
+    Ok(stats)
+}
+
+fn bind_control(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!(
+                "control socket {} is in use by another process",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+fn spawn_signal_thread(set: SigSet, tx: Sender<Event>) -> Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            match set.wait() {
+                Ok(s) => {
+                    if tx.send(Event::Signal(s)).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        })?;
+    Ok(())
+}
+
+fn spawn_control_thread(listener: UnixListener, tx: Sender<Event>) -> Result<()> {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let tx = tx.clone();
+                std::thread::spawn(move || serve_client(stream, tx));
+            }
+        })?;
+    Ok(())
+}
+
+/// Reads requests from one client and forwards each to the main loop.
+fn serve_client(stream: UnixStream, tx: Sender<Event>) {
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    loop {
+        let req = match handover::read_line(&mut reader) {
+            Ok(v) => v,
+            Err(e) => {
+                if !e.to_string().contains("connection closed") {
+                    let mut s = match stream.try_clone() {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    };
+                    let _ = handover::send_line(
+                        &mut s,
+                        &json!({"ok": false, "error": format!("{e:#}")}),
+                    );
+                }
+                return;
+            }
+        };
+        let Ok(s) = stream.try_clone() else { return };
+        let is_handover = req.get("cmd").and_then(|c| c.as_str()) == Some("handover");
+        if tx.send(Event::Control(s, req)).is_err() || is_handover {
+            return;
+        }
+    }
+}
+
+/// Handles one control request; `Some(code)` ends the process.
+fn handle_control(vm: &Vm, mut stream: UnixStream, req: serde_json::Value) -> Option<i32> {
+    let cmd = req.get("cmd").and_then(|c| c.as_str()).unwrap_or("");
+    let reply = match cmd {
+        "status" => Ok(json!({
+            "ok": true,
+            "state": if vm.is_running() { "running" } else { "paused" },
+            "memory": vm.config().memory,
+            "vcpus": vm.config().vcpus,
+            "pid": std::process::id(),
+        })),
+        "pause" => Ok(json!({"ok": true, "pause_us": vm.pause().as_micros() as u64})),
+        "resume" => {
+            vm.resume();
+            Ok(json!({"ok": true}))
+        }
+        "snapshot" => match req.get("path").and_then(|p| p.as_str()) {
+            None => Err("snapshot needs a \"path\"".to_string()),
+            Some(p) => {
+                let was_running = vm.is_running();
+                let r = snapshot(vm, Path::new(p));
+                let stop = req.get("stop").and_then(|s| s.as_bool()).unwrap_or(false);
+                match r {
+                    Ok(s) => {
+                        if stop {
+                            let _ = handover::send_line(
+                                &mut stream,
+                                &json!({"ok": true, "pages": s.data_pages, "bytes": s.file_bytes}),
+                            );
+                            return Some(0);
+                        }
+                        if was_running {
+                            vm.resume();
+                        }
+                        Ok(
+                            json!({"ok": true, "pages": s.data_pages, "bytes": s.file_bytes, "ms": s.elapsed.as_secs_f64() * 1e3}),
+                        )
+                    }
+                    Err(e) => {
+                        if was_running {
+                            vm.resume();
+                        }
+                        Err(format!("{e:#}"))
+                    }
+                }
+            }
+        },
+        "stop" => {
+            let _ = handover::send_line(&mut stream, &json!({"ok": true}));
+            return Some(0);
+        }
+        "handover" => {
+            return match give_away(vm, stream) {
+                Ok(()) => {
+                    tracing::info!("VM handed over to another process");
+                    Some(0)
+                }
+                Err(e) => {
+                    tracing::error!("handover failed, VM resumed here: {e:#}");
+                    vm.resume();
+                    None
+                }
+            };
+        }
+        other => Err(format!("unknown command '{other}'")),
+    };
+    let line = match reply {
+        Ok(v) => v,
+        Err(e) => json!({"ok": false, "error": e}),
+    };
+    let _ = handover::send_line(&mut stream, &line);
+    None
+}
+
+/// Old side of a handover: everything up to `commit`. Err = the VM is still ours.
+fn give_away(vm: &Vm, mut stream: UnixStream) -> Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    vm.pause();
+    let paused_at_ns = handover::monotonic_ns();
+    let state = vm.capture()?.encode()?;
+    let memfd = vm.ram().dup_memfd()?;
+    let header = HandoverHeader {
+        ok: true,
+        state_len: state.len(),
+        memory: vm.config().memory,
+        paused_at_ns,
+        name: None,
+    };
+    handover::send_vm(&mut stream, &header, memfd.as_raw_fd(), &state)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    handover::expect_cmd(&mut reader, "restored")?;
+    // Commit point: from here on the VM belongs to the new process.
+    vm.exit_watch().stop(VmExit::Stopped);
+    handover::send_line(&mut stream, &json!({"cmd": "commit"}))?;
+    match handover::expect_cmd(&mut reader, "running") {
+        Ok(v) => tracing::info!(
+            downtime_us = v.get("downtime_us").and_then(|d| d.as_u64()),
+            "new process runs the VM"
+        ),
+        Err(e) => tracing::warn!("no confirmation from the new process after commit: {e:#}"),
+    }
+    Ok(())
+}
+
+struct TakeoverLink {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+    paused_at_ns: u64,
+}
+
+/// New side of a handover: receive and rebuild the VM (paused), then wait for commit.
+fn take_over(sock: &Path, console: Option<&Path>) -> Result<(Vm, TakeoverLink)> {
+    let mut stream =
+        UnixStream::connect(sock).with_context(|| format!("connecting to {}", sock.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    handover::send_line(&mut stream, &json!({"cmd": "handover"}))?;
+    let (header, fd, blob) = handover::recv_vm(&mut stream)?;
+    let state = VmState::decode(&blob)?;
+    let ram = GuestRam::from_fd(fd, header.memory)?;
+    let vm = Vm::restore(&state, ram, console)?;
+    handover::send_line(&mut stream, &json!({"cmd": "restored"}))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    handover::expect_cmd(&mut reader, "commit").context("old process did not commit")?;
+    Ok((
+        vm,
+        TakeoverLink {
+            stream,
+            reader,
+            paused_at_ns: header.paused_at_ns,
+        },
+    ))
+}
+
+fn finish_takeover(mut link: TakeoverLink, _vm: &Vm) -> Result<()> {
+    let downtime_us = handover::monotonic_ns().saturating_sub(link.paused_at_ns) / 1000;
+    tracing::info!(downtime_us, "took over the VM");
+    println!(
+        "{}",
+        json!({"event": "takeover", "downtime_us": downtime_us})
+    );
+    handover::send_line(
+        &mut link.stream,
+        &json!({"cmd": "running", "downtime_us": downtime_us}),
+    )?;
+    drop(link.reader);
+    Ok(())
+}
