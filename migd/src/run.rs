@@ -1,14 +1,17 @@
 //! `migd run`: one VM in the foreground of this process.
 
 use std::io::BufReader;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use migration::precopy::{self, Job, Outcome};
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::json;
 use vmm::{BootSpec, GuestRam, Vm, VmConfig, VmExit, VmState};
@@ -20,7 +23,7 @@ use crate::size::parse_size;
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// Kernel: an ELF with a PVH note (e.g. the test guest) or a Linux bzImage.
-    #[arg(long, required_unless_present_any = ["restore", "takeover"])]
+    #[arg(long, required_unless_present_any = ["restore", "takeover", "incoming_fd", "incoming"])]
     pub kernel: Option<PathBuf>,
     /// Initramfs to load with the kernel.
     #[arg(long, alias = "initrd")]
@@ -52,6 +55,15 @@ pub struct RunArgs {
     /// Name of the VM (for logs and status).
     #[arg(long)]
     pub name: Option<String>,
+    /// Receive the VM from a migration source over this inherited, already
+    /// handshaken TCP socket (used by the daemon; needs --memory).
+    #[arg(long, value_name = "FD", conflicts_with_all = ["kernel", "restore", "takeover"])]
+    pub incoming_fd: Option<i32>,
+    /// Wait for one incoming migration on ADDR:PORT (like QEMU's -incoming tcp:),
+    /// do the handshake here, and run the VM that arrives (needs --memory and --cpus
+    /// matching the source).
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["kernel", "restore", "takeover", "incoming_fd"])]
+    pub incoming: Option<String>,
     /// Leave the VM paused after start or restore.
     #[arg(long)]
     pub paused: bool,
@@ -61,6 +73,16 @@ enum Event {
     Signal(Signal),
     Exit(VmExit),
     Control(UnixStream, serde_json::Value),
+    Migrated(Outcome),
+    Linger,
+}
+
+/// What the main loop knows about a migration of this VM.
+#[derive(Default)]
+struct Migrations {
+    job: Option<Arc<Job>>,
+    running: bool,
+    migrated: bool,
 }
 
 /// Exit code when the guest reported a fatal error.
@@ -82,7 +104,31 @@ pub fn run(args: RunArgs) -> Result<i32> {
     }
     set.thread_block().context("blocking signals")?;
 
-    let (vm, mut takeover) = if let Some(path) = &args.restore {
+    let (tx, rx) = channel::<Event>();
+    let arriving = Arc::new(AtomicBool::new(
+        args.incoming_fd.is_some() || args.incoming.is_some(),
+    ));
+    if let Some(p) = &args.control {
+        spawn_control_thread(bind_control(p)?, tx.clone(), arriving.clone())?;
+    }
+    let incoming = match (&args.incoming, args.incoming_fd) {
+        (Some(addr), _) => Some(accept_incoming(addr, &args)?),
+        // SAFETY: the daemon passed this descriptor to us for exactly this use.
+        (None, Some(fd)) => Some(unsafe { std::net::TcpStream::from_raw_fd(fd) }),
+        (None, None) => None,
+    };
+    let (vm, mut takeover) = if let Some(stream) = incoming {
+        let (vm, stats) = migration::incoming::receive(stream, args.memory, args.serial.as_deref())
+            .context("incoming migration")?;
+        arriving.store(false, Ordering::SeqCst);
+        tracing::info!(
+            pages = stats.pages,
+            rounds = stats.rounds,
+            resume_us = stats.resume_us,
+            "VM arrived and runs here"
+        );
+        (vm, None)
+    } else if let Some(path) = &args.restore {
         let (state, ram, stats) =
             vmm::snapshot::read(path).with_context(|| format!("restoring {}", path.display()))?;
         let vm = Vm::restore(&state, ram, args.serial.as_deref())?;
@@ -114,12 +160,12 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let span = tracing::info_span!("vm", name = args.name.as_deref().unwrap_or("-"));
     let _g = span.enter();
 
-    let (tx, rx) = channel::<Event>();
-    let listener = match &args.control {
-        Some(p) => Some(bind_control(p)?),
-        None => None,
-    };
-    if !args.paused {
+    let vm = Arc::new(vm);
+    if !args.paused
+        && !arriving.load(Ordering::SeqCst)
+        && args.incoming.is_none()
+        && args.incoming_fd.is_none()
+    {
         vm.resume();
     }
     if let Some(link) = takeover.take() {
@@ -134,9 +180,6 @@ pub fn run(args: RunArgs) -> Result<i32> {
     );
 
     spawn_signal_thread(set, tx.clone())?;
-    if let Some(l) = listener {
-        spawn_control_thread(l, tx.clone())?;
-    }
     {
         let tx = tx.clone();
         let control = vm_exit_waiter(&vm);
@@ -147,11 +190,26 @@ pub fn run(args: RunArgs) -> Result<i32> {
         });
     }
 
-    let mut vm = vm;
+    let mut mig = Migrations::default();
     let code = loop {
         let Ok(ev) = rx.recv() else { break 1 };
         match ev {
+            Event::Exit(_) if mig.migrated => {}
             Event::Exit(exit) => break exit_code(&exit),
+            Event::Migrated(outcome) => {
+                mig.running = false;
+                if outcome == Outcome::Completed {
+                    // The destination runs the VM: ours must never run again.
+                    vm.shutdown(VmExit::Stopped);
+                    mig.migrated = true;
+                    let tx = tx.clone();
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_secs(60));
+                        let _ = tx.send(Event::Linger);
+                    });
+                }
+            }
+            Event::Linger => break 0,
             Event::Signal(Signal::SIGUSR1) | Event::Signal(Signal::SIGUSR2) => {
                 let stop = matches!(ev, Event::Signal(Signal::SIGUSR2));
                 match &args.snapshot_on_signal {
@@ -171,7 +229,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
                 break 0;
             }
             Event::Control(stream, req) => {
-                if let Some(code) = handle_control(&vm, stream, req) {
+                if let Some(code) =
+                    handle_control(&vm, &mut mig, &tx, stream, req, args.name.as_deref())
+                {
                     break code;
                 }
             }
@@ -182,6 +242,35 @@ pub fn run(args: RunArgs) -> Result<i32> {
         let _ = std::fs::remove_file(p);
     }
     Ok(code)
+}
+
+/// Listens on `addr` for one migration and does the destination's handshake.
+fn accept_incoming(addr: &str, args: &RunArgs) -> Result<std::net::TcpStream> {
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+    tracing::info!(addr, "waiting for an incoming migration");
+    let (mut stream, peer) = listener.accept().context("accepting the migration")?;
+    let hello = migration::handshake::receive_hello(&mut stream)?;
+    let refusal = if hello.memory != args.memory {
+        Some(format!(
+            "destination was started for {} bytes of RAM, the VM has {}",
+            args.memory, hello.memory
+        ))
+    } else if hello.vcpus as usize != args.cpus {
+        Some(format!(
+            "destination was started for {} vCPUs, the VM has {}",
+            args.cpus, hello.vcpus
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
+        migration::handshake::refuse(&mut stream, &reason)?;
+        bail!("refused migration from {peer}: {reason}");
+    }
+    migration::handshake::accept(&mut stream, &hello)?;
+    tracing::info!(%peer, name = %hello.name, "migration accepted");
+    Ok(stream)
 }
 
 fn vm_exit_waiter(vm: &Vm) -> impl FnOnce() -> Option<VmExit> + Send + 'static {
@@ -256,20 +345,25 @@ fn spawn_signal_thread(set: SigSet, tx: Sender<Event>) -> Result<()> {
     Ok(())
 }
 
-fn spawn_control_thread(listener: UnixListener, tx: Sender<Event>) -> Result<()> {
+fn spawn_control_thread(
+    listener: UnixListener,
+    tx: Sender<Event>,
+    arriving: Arc<AtomicBool>,
+) -> Result<()> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
                 let tx = tx.clone();
-                std::thread::spawn(move || serve_client(stream, tx));
+                let arriving = arriving.clone();
+                std::thread::spawn(move || serve_client(stream, tx, arriving));
             }
         })?;
     Ok(())
 }
 
 /// Reads requests from one client and forwards each to the main loop.
-fn serve_client(stream: UnixStream, tx: Sender<Event>) {
+fn serve_client(stream: UnixStream, tx: Sender<Event>, arriving: Arc<AtomicBool>) {
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
@@ -291,7 +385,18 @@ fn serve_client(stream: UnixStream, tx: Sender<Event>) {
                 return;
             }
         };
-        let Ok(s) = stream.try_clone() else { return };
+        let Ok(mut s) = stream.try_clone() else {
+            return;
+        };
+        if arriving.load(Ordering::SeqCst) {
+            let reply = if req.get("cmd").and_then(|c| c.as_str()) == Some("status") {
+                json!({"ok": true, "state": "incoming"})
+            } else {
+                json!({"ok": false, "error": "the VM is still arriving"})
+            };
+            let _ = handover::send_line(&mut s, &reply);
+            continue;
+        }
         let is_handover = req.get("cmd").and_then(|c| c.as_str()) == Some("handover");
         if tx.send(Event::Control(s, req)).is_err() || is_handover {
             return;
@@ -299,13 +404,100 @@ fn serve_client(stream: UnixStream, tx: Sender<Event>) {
     }
 }
 
+/// Starts a migration of this VM in a background thread.
+fn start_migration(
+    vm: &Arc<Vm>,
+    mig: &mut Migrations,
+    tx: &Sender<Event>,
+    req: &serde_json::Value,
+    name: Option<&str>,
+) -> Result<(), String> {
+    if mig.running || mig.migrated {
+        return Err("a migration of this VM is already running or done".into());
+    }
+    let to = req
+        .get("to")
+        .and_then(|t| t.as_str())
+        .ok_or("migrate needs \"to\": \"HOST:PORT\"")?;
+    let mode = req
+        .get("mode")
+        .and_then(|m| m.as_str())
+        .unwrap_or("precopy");
+    if mode != "precopy" {
+        return Err(format!(
+            "migration mode '{mode}' is not available in this build (precopy is)"
+        ));
+    }
+    let vm_name = req
+        .get("name")
+        .and_then(|n| n.as_str())
+        .or(name)
+        .ok_or("migrate needs the VM's \"name\"")?;
+    let id = req.get("job").and_then(|j| j.as_str()).unwrap_or("1");
+    let mut params = precopy::Params::new(id, vm_name, to);
+    if let Some(ms) = req.get("max_downtime_ms").and_then(|v| v.as_u64()) {
+        params.max_downtime = Duration::from_millis(ms);
+    }
+    params.max_bandwidth = req
+        .get("max_bandwidth")
+        .and_then(|v| v.as_u64())
+        .filter(|b| *b > 0);
+    let job = Arc::new(Job::default());
+    mig.job = Some(job.clone());
+    mig.running = true;
+    let vm = vm.clone();
+    let tx = tx.clone();
+    std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || {
+            let span = tracing::info_span!("migration", id = %params.id, to = %params.to);
+            let _g = span.enter();
+            let outcome = precopy::migrate(&vm, &params, &job);
+            tracing::info!(?outcome, "migration ended");
+            let _ = tx.send(Event::Migrated(outcome));
+        })
+        .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+    Ok(())
+}
+
 /// Handles one control request; `Some(code)` ends the process.
-fn handle_control(vm: &Vm, mut stream: UnixStream, req: serde_json::Value) -> Option<i32> {
+fn handle_control(
+    vm: &Arc<Vm>,
+    mig: &mut Migrations,
+    tx: &Sender<Event>,
+    mut stream: UnixStream,
+    req: serde_json::Value,
+    name: Option<&str>,
+) -> Option<i32> {
     let cmd = req.get("cmd").and_then(|c| c.as_str()).unwrap_or("");
+    if mig.migrated && !matches!(cmd, "status" | "migration" | "stop") {
+        let _ = handover::send_line(
+            &mut stream,
+            &json!({"ok": false, "error": "this VM has migrated away; only status, migration and stop remain"}),
+        );
+        return None;
+    }
     let reply = match cmd {
+        "migrate" => start_migration(vm, mig, tx, &req, name).map(|_| json!({"ok": true})),
+        "migration" => Ok(match &mig.job {
+            Some(job) => {
+                let mut v = serde_json::to_value(job.snapshot()).unwrap_or_default();
+                v["ok"] = json!(true);
+                v
+            }
+            None => json!({"ok": true, "status": "none"}),
+        }),
+        "cancel" => match &mig.job {
+            Some(job) if mig.running => {
+                job.cancel.store(true, Ordering::SeqCst);
+                Ok(json!({"ok": true}))
+            }
+            _ => Err("no migration is running".to_string()),
+        },
         "status" => Ok(json!({
             "ok": true,
-            "state": if vm.is_running() { "running" } else { "paused" },
+            "state": if mig.migrated { "migrated" } else if vm.is_running() { "running" } else { "paused" },
+            "migrating": mig.running,
             "memory": vm.config().memory,
             "vcpus": vm.config().vcpus,
             "pid": std::process::id(),
@@ -350,6 +542,7 @@ fn handle_control(vm: &Vm, mut stream: UnixStream, req: serde_json::Value) -> Op
             let _ = handover::send_line(&mut stream, &json!({"ok": true}));
             return Some(0);
         }
+        "handover" if mig.running => Err("a migration is running".to_string()),
         "handover" => {
             return match give_away(vm, stream) {
                 Ok(()) => {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region,
-    KVM_PIT_SPEAKER_DUMMY,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -55,7 +55,7 @@ pub struct Vm {
     msr_indices: Vec<u32>,
     devices: Arc<Mutex<Devices>>,
     control: Arc<RunControl>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 fn check_vcpus(n: usize) -> Result<()> {
@@ -191,7 +191,7 @@ impl Vm {
             msr_indices: Vec::new(),
             devices: Arc::new(Mutex::new(devices)),
             control: RunControl::new(n),
-            threads: Vec::new(),
+            threads: Mutex::new(Vec::new()),
         })
     }
 
@@ -216,8 +216,9 @@ impl Vm {
     }
 
     fn spawn_threads(&mut self) -> Result<()> {
+        let threads = self.threads.get_mut().unwrap_or_else(|p| p.into_inner());
         for (id, fd) in self.vcpus.iter().enumerate() {
-            self.threads.push(vcpu::spawn(
+            threads.push(vcpu::spawn(
                 id,
                 fd.clone(),
                 self.control.clone(),
@@ -244,9 +245,65 @@ impl Vm {
         &self.vm_fd
     }
 
+    /// The CPUID entries vCPU `id` was given (empty if no such vCPU).
+    pub fn cpuid(&self, id: usize) -> Vec<kvm_cpuid_entry2> {
+        self.cpuids.get(id).cloned().unwrap_or_default()
+    }
+
     /// The MSRs carried in captured state.
     pub fn msr_indices(&self) -> &[u32] {
         &self.msr_indices
+    }
+
+    /// Turns KVM dirty-page logging on or off for all of RAM.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<()> {
+        for (slot, (range, host)) in self.ram.host_ranges().into_iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                guest_phys_addr: range.guest_addr,
+                memory_size: range.len,
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the same mapping as registered at creation, only the flags change.
+            unsafe { self.vm_fd.set_user_memory_region(region) }
+                .map_err(kvm("KVM_SET_USER_MEMORY_REGION (dirty log)"))?;
+        }
+        Ok(())
+    }
+
+    /// Fetches and clears the dirty bitmap of every RAM range: one bit per page,
+    /// indexed by memfd page number (`file_offset / 4096`).
+    pub fn take_dirty_bitmap(&self) -> Result<Vec<u64>> {
+        let pages = (self.ram.size() / crate::memory::PAGE_SIZE) as usize;
+        let mut out = vec![0u64; pages.div_ceil(64)];
+        for (slot, r) in self.ram.ranges().iter().enumerate() {
+            let bits = self
+                .vm_fd
+                .get_dirty_log(slot as u32, r.len as usize)
+                .map_err(kvm("KVM_GET_DIRTY_LOG"))?;
+            let first = (r.file_offset / crate::memory::PAGE_SIZE) as usize;
+            if first % 64 == 0 {
+                for (i, w) in bits.iter().enumerate() {
+                    if let Some(o) = out.get_mut(first / 64 + i) {
+                        *o |= *w;
+                    }
+                }
+            } else {
+                for (i, w) in bits.iter().enumerate() {
+                    let mut w = *w;
+                    while w != 0 {
+                        let b = w.trailing_zeros() as usize;
+                        w &= w - 1;
+                        let pfn = first + i * 64 + b;
+                        if let Some(o) = out.get_mut(pfn / 64) {
+                            *o |= 1 << (pfn % 64);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Runs (or resumes) all vCPUs.
@@ -315,9 +372,15 @@ impl Vm {
     }
 
     /// Stops the VM for good and joins its vCPU threads.
-    pub fn shutdown(&mut self, exit: VmExit) {
+    pub fn shutdown(&self, exit: VmExit) {
         self.control.terminate(exit);
-        for t in self.threads.drain(..) {
+        let threads: Vec<_> = self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for t in threads {
             let _ = t.join();
         }
     }

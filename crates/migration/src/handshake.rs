@@ -1,0 +1,190 @@
+//! The opening exchange: the source says Hello (version, capabilities, VM
+//! configuration); the destination answers Accept or Refuse with a reason
+//! before any memory moves.
+
+use std::io::{Read, Write};
+
+use wire::{Message, VmDescriptor, MAGIC, PROTOCOL_VERSION};
+
+use crate::{Error, Result};
+
+/// Capabilities this build supports.
+pub const CAPABILITIES: &[&str] = &["zero-ranges", "precopy"];
+
+/// A Hello as the destination sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// VM name.
+    pub name: String,
+    /// Guest RAM bytes.
+    pub memory: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Migration mode.
+    pub mode: String,
+    /// Source capabilities.
+    pub capabilities: Vec<String>,
+    /// The whole descriptor.
+    pub vm: VmDescriptor,
+}
+
+/// Destination: reads and validates the Hello (magic and version).
+pub fn receive_hello(stream: &mut impl Read) -> Result<Hello> {
+    match wire::expect_control(stream, "Hello")? {
+        Message::Hello {
+            magic,
+            version,
+            capabilities,
+            mode,
+            vm,
+        } => {
+            if magic != MAGIC {
+                return Err(Error::Protocol(
+                    "not a migd migration stream (bad magic)".into(),
+                ));
+            }
+            if version != PROTOCOL_VERSION {
+                return Err(Error::Protocol(format!(
+                    "protocol version {version} is not supported (this host speaks {PROTOCOL_VERSION})"
+                )));
+            }
+            Ok(Hello {
+                name: vm.name.clone(),
+                memory: vm.memory,
+                vcpus: vm.vcpus,
+                mode,
+                capabilities,
+                vm,
+            })
+        }
+        other => Err(Error::Protocol(format!(
+            "expected Hello, got {}",
+            other.name()
+        ))),
+    }
+}
+
+/// Destination: accepts.
+pub fn accept(stream: &mut impl Write, hello: &Hello) -> Result<()> {
+    let shared = hello
+        .capabilities
+        .iter()
+        .filter(|c| CAPABILITIES.contains(&c.as_str()))
+        .cloned()
+        .collect();
+    wire::write_control(
+        stream,
+        &Message::Accept {
+            version: PROTOCOL_VERSION,
+            capabilities: shared,
+        },
+    )?;
+    Ok(())
+}
+
+/// Destination: refuses with a reason.
+pub fn refuse(stream: &mut impl Write, reason: &str) -> Result<()> {
+    wire::write_control(
+        stream,
+        &Message::Refuse {
+            reason: reason.to_string(),
+        },
+    )?;
+    Ok(())
+}
+
+/// Source: sends Hello and waits for the answer; returns the shared capabilities.
+pub fn hello<S: Read + Write>(stream: &mut S, mode: &str, vm: VmDescriptor) -> Result<Vec<String>> {
+    wire::write_control(
+        stream,
+        &Message::Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            capabilities: CAPABILITIES.iter().map(|s| s.to_string()).collect(),
+            mode: mode.to_string(),
+            vm,
+        },
+    )?;
+    match wire::expect_control(stream, "Accept or Refuse")? {
+        Message::Accept {
+            version,
+            capabilities,
+        } => {
+            if version != PROTOCOL_VERSION {
+                return Err(Error::Protocol(format!(
+                    "destination speaks protocol version {version}, this host {PROTOCOL_VERSION}"
+                )));
+            }
+            Ok(capabilities)
+        }
+        Message::Refuse { reason } => Err(Error::Refused(reason)),
+        other => Err(Error::Protocol(format!(
+            "expected Accept or Refuse, got {}",
+            other.name()
+        ))),
+    }
+}
+
+/// The descriptor of a VM: name, size, vCPUs and the CPU features it was given.
+pub fn describe(
+    name: &str,
+    state_cpuid: &[kvm_bindings::kvm_cpuid_entry2],
+    memory: u64,
+    vcpus: usize,
+) -> VmDescriptor {
+    let leaf = |f: u32, i: u32| state_cpuid.iter().find(|e| e.function == f && e.index == i);
+    let vendor = leaf(0, 0)
+        .map(|e| {
+            let mut b = Vec::with_capacity(12);
+            for r in [e.ebx, e.edx, e.ecx] {
+                b.extend_from_slice(&r.to_le_bytes());
+            }
+            String::from_utf8_lossy(&b).into_owned()
+        })
+        .unwrap_or_default();
+    let mut features = Vec::new();
+    if let Some(e) = leaf(1, 0) {
+        features.extend([e.ecx, e.edx]);
+    }
+    if let Some(e) = leaf(7, 0) {
+        features.extend([e.ebx, e.ecx, e.edx]);
+    }
+    VmDescriptor {
+        name: name.to_string(),
+        memory,
+        vcpus: vcpus as u32,
+        cpu_vendor: vendor,
+        cpu_features: features,
+    }
+}
+
+/// Destination check: can this host's CPU run a guest that was given `vm`'s features?
+/// Returns the reason if not.
+pub fn cpu_incompatibility(
+    vm: &VmDescriptor,
+    host_cpuid: &[kvm_bindings::kvm_cpuid_entry2],
+) -> Option<String> {
+    let host = describe("", host_cpuid, 0, 0);
+    if !vm.cpu_vendor.is_empty() && vm.cpu_vendor != host.cpu_vendor {
+        return Some(format!(
+            "CPU vendor {} differs from this host's {}",
+            vm.cpu_vendor, host.cpu_vendor
+        ));
+    }
+    // Leaf 1 ECX bit 31 (hypervisor) and the APIC-ID/OSXSAVE-style dynamic bits are not capabilities.
+    let dynamic = [(0usize, (1u32 << 31) | (1 << 27)), (1, 1 << 9)];
+    for (i, (&want, &have)) in vm.cpu_features.iter().zip(&host.cpu_features).enumerate() {
+        let mask = dynamic
+            .iter()
+            .find(|(j, _)| *j == i)
+            .map(|(_, m)| *m)
+            .unwrap_or(0);
+        let missing = want & !have & !mask;
+        if missing != 0 {
+            return Some(format!(
+                "this host's CPU lacks features the guest uses (word {i}, bits {missing:#x})"
+            ));
+        }
+    }
+    None
+}

@@ -1,0 +1,55 @@
+//! migd's migration engines.
+//!
+//! - [`handshake`]: the opening exchange (Hello, Accept/Refuse), used by the
+//!   source VM process and the destination daemon.
+//! - [`precopy`]: the source side of a pre-copy migration: dirty-log rounds,
+//!   stop condition, stop-and-copy, commit.
+//! - [`incoming`]: the destination side: pages into a fresh memfd, state,
+//!   restore, resume, confirm.
+//! - [`stats`]: statistics named after QEMU's `query-migrate` where they overlap.
+
+pub mod handshake;
+pub mod incoming;
+pub mod memview;
+pub mod precopy;
+pub mod stats;
+
+/// Errors of a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The protocol stream failed or carried something invalid.
+    #[error("protocol: {0}")]
+    Wire(#[from] wire::WireError),
+    /// The peer refused the migration.
+    #[error("destination refused: {0}")]
+    Refused(String),
+    /// The peer cancelled.
+    #[error("peer cancelled: {0}")]
+    PeerCancelled(String),
+    /// The operator cancelled.
+    #[error("cancelled by the operator")]
+    Cancelled,
+    /// The VM library failed.
+    #[error("VM: {0}")]
+    Vm(#[from] vmm::Error),
+    /// Connecting or socket setup failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// Result with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}

@@ -1,0 +1,441 @@
+//! Source side of a live migration: pre-copy rounds over TCP, then
+//! stop-and-copy and a two-phase switch-over that never lets both hosts run the VM.
+//!
+//! Round 0 sends every non-zero page (holes in the memfd are skipped unread;
+//! zero pages are never sent: the destination's fresh memfd is zero). Round k
+//! sends what the KVM dirty log says changed during round k-1, and pages that
+//! became zero travel as ranges. Rounds end when the predicted downtime
+//! (remaining dirty bytes / measured bandwidth) fits `max_downtime`, or at the
+//! round limit, the byte budget, or when the dirty set stops shrinking.
+
+use std::io::Write;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use vmm::memory::{is_zero_page, PAGE_SIZE};
+use vmm::Vm;
+use wire::{Message, MAX_BATCH_PAGES};
+
+use crate::memview::MemView;
+use crate::stats::{MigrationStats, RoundStats};
+use crate::{handshake, io_err, Error, Result};
+
+/// What the operator asked for.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Job id.
+    pub id: String,
+    /// VM name on the destination.
+    pub name: String,
+    /// Destination HOST:PORT.
+    pub to: String,
+    /// Largest acceptable pause.
+    pub max_downtime: Duration,
+    /// Bandwidth cap in bytes/s.
+    pub max_bandwidth: Option<u64>,
+    /// Most pre-copy rounds before stop-and-copy.
+    pub max_rounds: u32,
+    /// Stop pre-copy once this many bytes have been sent (multiple of RAM size).
+    pub byte_budget_factor: f64,
+}
+
+impl Params {
+    /// Defaults as QEMU's: 300 ms downtime, no cap.
+    pub fn new(id: &str, name: &str, to: &str) -> Self {
+        Params {
+            id: id.into(),
+            name: name.into(),
+            to: to.into(),
+            max_downtime: Duration::from_millis(300),
+            max_bandwidth: None,
+            max_rounds: 30,
+            byte_budget_factor: 4.0,
+        }
+    }
+}
+
+/// How a migration ended, from the source's point of view.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The destination runs the VM; the source copy must be destroyed.
+    Completed,
+    /// The source VM runs on (it was resumed if it had been paused).
+    Failed(String),
+    /// Cancelled; the source VM runs on.
+    Cancelled,
+    /// The commit was sent but not confirmed: the source VM is kept paused and must
+    /// not be resumed unless the operator knows the destination does not run it.
+    Unconfirmed(String),
+}
+
+/// Shared live view of a migration, for status queries and cancel.
+#[derive(Default)]
+pub struct Job {
+    /// Statistics, updated as the migration goes.
+    pub stats: Mutex<MigrationStats>,
+    /// Set to cancel.
+    pub cancel: AtomicBool,
+}
+
+impl Job {
+    fn update(&self, f: impl FnOnce(&mut MigrationStats)) {
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+    }
+
+    /// A copy of the current statistics.
+    pub fn snapshot(&self) -> MigrationStats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn check_cancel(&self) -> Result<()> {
+        if self.cancel.load(Ordering::Relaxed) {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Sends pages and tracks bytes, the cap and the resent counter.
+struct Sender<'a> {
+    stream: TcpStream,
+    mem: &'a MemView,
+    job: &'a Job,
+    cap: Option<u64>,
+    started: Instant,
+    bytes: u64,
+    sent_before: Vec<u64>,
+    offsets: Vec<u64>,
+    zero_ranges: Vec<(u64, u64)>,
+}
+
+impl<'a> Sender<'a> {
+    fn write_control(&mut self, m: &Message) -> Result<()> {
+        let f = wire::encode_control(m)?;
+        self.stream
+            .write_all(&f)
+            .map_err(io_err("sending to destination"))?;
+        self.bytes += f.len() as u64;
+        Ok(())
+    }
+
+    /// Queues page `pfn`: data if non-zero, a zero range otherwise (when `zeros` is set).
+    fn queue(&mut self, pfn: u64, zeros: bool) -> Result<()> {
+        let off = pfn * PAGE_SIZE;
+        let page = self
+            .mem
+            .page(off)
+            .ok_or_else(|| Error::Protocol(format!("page {pfn} outside RAM")))?;
+        if is_zero_page(page) {
+            self.job.update(|s| s.pages.zero += 1);
+            if zeros {
+                match self.zero_ranges.last_mut() {
+                    Some((o, n)) if *o + *n * PAGE_SIZE == off => *n += 1,
+                    _ => self.zero_ranges.push((off, 1)),
+                }
+            }
+            return Ok(());
+        }
+        self.offsets.push(off);
+        if self.offsets.len() == MAX_BATCH_PAGES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if !self.zero_ranges.is_empty() {
+            let ranges = std::mem::take(&mut self.zero_ranges);
+            self.write_control(&Message::Zero { ranges })?;
+        }
+        if self.offsets.is_empty() {
+            return Ok(());
+        }
+        let offsets = std::mem::take(&mut self.offsets);
+        let pages: Vec<&[u8]> = offsets.iter().filter_map(|&o| self.mem.page(o)).collect();
+        wire::write_pages(&mut self.stream, &offsets, &pages)?;
+        let n = offsets.len() as u64;
+        self.bytes += 9 + n * (8 + PAGE_SIZE);
+        let mut resent = 0;
+        for &o in &offsets {
+            let pfn = (o / PAGE_SIZE) as usize;
+            let (w, b) = (pfn / 64, pfn % 64);
+            if self.sent_before[w] & (1 << b) != 0 {
+                resent += 1;
+            }
+            self.sent_before[w] |= 1 << b;
+        }
+        let bytes = self.bytes;
+        self.job.update(|s| {
+            s.pages.sent += n;
+            s.pages.resent += resent;
+            s.bytes = bytes;
+        });
+        if let Some(cap) = self.cap {
+            let due = Duration::from_secs_f64(self.bytes as f64 / cap as f64);
+            let el = self.started.elapsed();
+            if due > el {
+                std::thread::sleep(due - el);
+            }
+        }
+        self.job.check_cancel()
+    }
+}
+
+fn popcount(bits: &[u64]) -> u64 {
+    bits.iter().map(|w| w.count_ones() as u64).sum()
+}
+
+fn for_each_set(bits: &[u64], mut f: impl FnMut(u64) -> Result<()>) -> Result<()> {
+    for (i, &w) in bits.iter().enumerate() {
+        let mut w = w;
+        while w != 0 {
+            let b = w.trailing_zeros() as u64;
+            w &= w - 1;
+            f(i as u64 * 64 + b)?;
+        }
+    }
+    Ok(())
+}
+
+/// Migrates `vm` live to `params.to`. The VM keeps running during the rounds;
+/// on any outcome but `Completed` and `Unconfirmed` it is running when this returns.
+pub fn migrate(vm: &Vm, params: &Params, job: &Job) -> Outcome {
+    let start = Instant::now();
+    job.update(|s| {
+        s.id = params.id.clone();
+        s.vm = params.name.clone();
+        s.mode = "precopy".into();
+        s.status = "setup".into();
+    });
+    let mut paused_at: Option<Instant> = None;
+    let result = run(vm, params, job, start, &mut paused_at);
+    let _ = vm.set_dirty_logging(false);
+    let outcome = match result {
+        Ok(o) => o,
+        Err(Error::Cancelled) => Outcome::Cancelled,
+        Err(e) => Outcome::Failed(e.to_string()),
+    };
+    if matches!(outcome, Outcome::Failed(_) | Outcome::Cancelled) && paused_at.is_some() {
+        vm.resume();
+        tracing::warn!("migration did not complete: source VM resumed");
+    }
+    let total = start.elapsed().as_secs_f64() * 1e3;
+    job.update(|s| {
+        s.total_ms = total;
+        let (status, err) = match &outcome {
+            Outcome::Completed => ("completed", None),
+            Outcome::Failed(e) => ("failed", Some(e.clone())),
+            Outcome::Cancelled => ("cancelled", Some("cancelled by the operator".to_string())),
+            Outcome::Unconfirmed(e) => ("failed", Some(e.clone())),
+        };
+        s.status = status.into();
+        s.outcome = status.into();
+        s.error = err;
+        if s.total_ms > 0.0 {
+            s.bandwidth_mbps = s.bytes as f64 * 8.0 / (s.total_ms / 1e3) / 1e6;
+        }
+    });
+    outcome
+}
+
+fn connect(to: &str) -> Result<TcpStream> {
+    let addrs: Vec<_> = to
+        .to_socket_addrs()
+        .map_err(io_err(format!("resolving {to}")))?
+        .collect();
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(Error::Io {
+        context: format!("connecting to {to}"),
+        source: last.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()),
+    })
+}
+
+fn run(
+    vm: &Vm,
+    params: &Params,
+    job: &Job,
+    start: Instant,
+    paused_at: &mut Option<Instant>,
+) -> Result<Outcome> {
+    let mut stream = connect(&params.to)?;
+    stream.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(io_err("socket timeout"))?;
+    let cpuid = vm.cpuid(0);
+    let desc = handshake::describe(&params.name, &cpuid, vm.config().memory, vm.config().vcpus);
+    handshake::hello(&mut stream, "precopy", desc)?;
+    job.update(|s| {
+        s.setup_ms = start.elapsed().as_secs_f64() * 1e3;
+        s.status = "active".into();
+    });
+    job.check_cancel()?;
+
+    let ram = vm.ram().clone();
+    let mem = MemView::new(&ram);
+    let pages = mem.pages();
+    let words = pages.div_ceil(64) as usize;
+    vm.set_dirty_logging(true)?;
+    vm.take_dirty_bitmap()?; // start clean: everything from now on is logged
+
+    // Round 0: every page that holds data.
+    let mut todo = vec![0u64; words];
+    for (off, len) in ram.data_extents()? {
+        let first = off / PAGE_SIZE;
+        let last = (off + len).div_ceil(PAGE_SIZE).min(pages);
+        for pfn in first..last {
+            todo[(pfn / 64) as usize] |= 1 << (pfn % 64);
+        }
+    }
+    let mut tx = Sender {
+        stream: stream.try_clone().map_err(io_err("socket"))?,
+        mem: &mem,
+        job,
+        cap: params.max_bandwidth,
+        started: Instant::now(),
+        bytes: 0,
+        sent_before: vec![0u64; words],
+        offsets: Vec::with_capacity(MAX_BATCH_PAGES),
+        zero_ranges: Vec::new(),
+    };
+    let budget = (vm.config().memory as f64 * params.byte_budget_factor) as u64;
+    let mut round: u32 = 0;
+    let mut bandwidth: f64 = 0.0; // bytes/s, measured
+    let mut history: Vec<u64> = Vec::new();
+    let stop_reason;
+    loop {
+        let t0 = Instant::now();
+        let b0 = tx.bytes;
+        let s0 = job.snapshot().pages.sent;
+        for_each_set(&todo, |pfn| tx.queue(pfn, round > 0))?;
+        tx.flush()?;
+        tx.write_control(&Message::RoundEnd { round })?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let round_bytes = tx.bytes - b0;
+        if ms > 0.0 && round_bytes > 64 * PAGE_SIZE {
+            let bw = round_bytes as f64 / (ms / 1e3);
+            bandwidth = if bandwidth == 0.0 {
+                bw
+            } else {
+                0.5 * bandwidth + 0.5 * bw
+            };
+        }
+        todo = vm.take_dirty_bitmap()?;
+        let dirty = popcount(&todo);
+        let dirty_bytes = dirty * PAGE_SIZE;
+        let dirty_rate = if ms > 0.0 {
+            dirty_bytes as f64 / (ms / 1e3)
+        } else {
+            0.0
+        };
+        let expected_ms = if bandwidth > 0.0 {
+            dirty_bytes as f64 / bandwidth * 1e3
+        } else {
+            0.0
+        };
+        let sent_pages = job.snapshot().pages.sent - s0;
+        job.update(|s| {
+            s.rounds.push(RoundStats {
+                pages: sent_pages,
+                bytes: round_bytes,
+                ms,
+                dirty_rate,
+            });
+            s.round = round + 1;
+            s.remaining_bytes = dirty_bytes;
+            s.dirty_rate = dirty_rate;
+            s.expected_downtime_ms = expected_ms;
+        });
+        tracing::debug!(
+            round,
+            sent_pages,
+            round_bytes,
+            ms,
+            dirty,
+            expected_ms,
+            "pre-copy round"
+        );
+        history.push(dirty);
+        round += 1;
+        if expected_ms <= params.max_downtime.as_secs_f64() * 1e3 {
+            stop_reason = "expected downtime within max-downtime";
+            break;
+        }
+        if round >= params.max_rounds {
+            stop_reason = "round limit";
+            break;
+        }
+        if tx.bytes >= budget {
+            stop_reason = "byte budget";
+            break;
+        }
+        if history.len() >= 6 {
+            let n = history.len();
+            if history[n - 1] >= history[n - 4] && history[n - 2] >= history[n - 5] {
+                stop_reason = "dirty set not shrinking";
+                break;
+            }
+        }
+        job.check_cancel()?;
+    }
+    job.update(|s| s.stop_reason = stop_reason.into());
+
+    // Stop-and-copy.
+    vm.pause();
+    let pause_start = Instant::now();
+    *paused_at = Some(pause_start);
+    let last = vm.take_dirty_bitmap()?;
+    for (t, l) in todo.iter_mut().zip(&last) {
+        *t |= *l;
+    }
+    tx.cap = None; // the final copy is never throttled
+    for_each_set(&todo, |pfn| tx.queue(pfn, true))?;
+    tx.flush()?;
+    let state = vm.capture()?;
+    let blob = state.encode()?;
+    tx.write_control(&Message::State { blob })?;
+    let mut rx = stream;
+    match wire::expect_control(&mut rx, "Ready")? {
+        Message::Ready => {}
+        Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
+        other => {
+            return Err(Error::Protocol(format!(
+                "expected Ready, got {}",
+                other.name()
+            )))
+        }
+    }
+    job.check_cancel()?;
+    // Commit point: from here on the source never resumes on its own.
+    tx.write_control(&Message::Go)?;
+    let confirm = wire::expect_control(&mut rx, "Confirm");
+    let downtime = pause_start.elapsed().as_secs_f64() * 1e3;
+    job.update(|s| {
+        s.downtime_ms = downtime;
+        s.remaining_bytes = 0;
+        s.bytes = tx.bytes;
+    });
+    match confirm {
+        Ok(Message::Confirm { resume_us }) => {
+            tracing::info!(downtime_ms = downtime, resume_us, rounds = round, "migration completed");
+            Ok(Outcome::Completed)
+        }
+        Ok(other) => Ok(Outcome::Unconfirmed(format!(
+            "destination answered {} instead of Confirm after the commit; source VM kept paused",
+            other.name()
+        ))),
+        Err(e) => Ok(Outcome::Unconfirmed(format!(
+            "no confirmation after the commit ({e}); source VM kept paused: check the destination before resuming it"
+        ))),
+    }
+}

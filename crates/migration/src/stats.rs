@@ -1,0 +1,68 @@
+//! Migration statistics (field names follow QEMU's `query-migrate` where they overlap).
+
+use serde::{Deserialize, Serialize};
+
+/// One pre-copy round.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RoundStats {
+    /// Pages sent as data in the round.
+    pub pages: u64,
+    /// Bytes put on the wire in the round.
+    pub bytes: u64,
+    /// Duration, ms.
+    pub ms: f64,
+    /// Pages dirtied during the round, per second, in bytes/s.
+    pub dirty_rate: f64,
+}
+
+/// Page counters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PageStats {
+    /// Pages sent as data.
+    pub sent: u64,
+    /// Pages found zero (sent as ranges or skipped).
+    pub zero: u64,
+    /// Pages sent more than once.
+    pub resent: u64,
+}
+
+/// Statistics of one migration, updated live.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MigrationStats {
+    /// Job id.
+    pub id: String,
+    /// VM name.
+    pub vm: String,
+    /// precopy, postcopy, hybrid.
+    pub mode: String,
+    /// setup, active, completed, failed, cancelled.
+    pub status: String,
+    /// completed, failed, cancelled (empty while running).
+    pub outcome: String,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// Start to end, ms.
+    pub total_ms: f64,
+    /// Connect + handshake, ms.
+    pub setup_ms: f64,
+    /// Source pause to destination confirmation, ms.
+    pub downtime_ms: f64,
+    /// Bytes put on the wire.
+    pub bytes: u64,
+    /// Page counters.
+    pub pages: PageStats,
+    /// Per-round figures.
+    pub rounds: Vec<RoundStats>,
+    /// Average throughput of the transfer, Mbit/s.
+    pub bandwidth_mbps: f64,
+    /// Current round.
+    pub round: u32,
+    /// Dirty bytes still to send (live).
+    pub remaining_bytes: u64,
+    /// Latest dirty rate, bytes/s.
+    pub dirty_rate: f64,
+    /// Predicted downtime at the switch-over, ms.
+    pub expected_downtime_ms: f64,
+    /// Why the pre-copy rounds ended.
+    pub stop_reason: String,
+}

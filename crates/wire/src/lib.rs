@@ -1,0 +1,464 @@
+//! The migd migration protocol.
+//!
+//! A migration stream is a sequence of frames. Every frame is
+//! `u32 length | u8 kind | body`, little-endian, where `length` counts the kind
+//! byte and the body and never exceeds [`MAX_FRAME`]. Two kinds exist:
+//!
+//! - [`KIND_CONTROL`]: the body is one [`Message`] in bincode (standard config).
+//! - [`KIND_PAGES`]: `u32 n | n × u64 memfd offset | n × 4096 bytes`, with
+//!   `1 <= n <= MAX_BATCH_PAGES`; the body length must match `n` exactly.
+//!
+//! The decoder never panics, checks every length before allocating, and rejects
+//! unknown kinds, trailing bytes and messages of another protocol version.
+//! Policy (what to send when) lives in the `migration` crate, not here.
+
+use std::io::{IoSlice, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version spoken by this build.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// First bytes of a Hello, to reject foreign peers quickly.
+pub const MAGIC: [u8; 8] = *b"MIGD-MIG";
+/// Page size carried in page batches.
+pub const PAGE_SIZE: usize = 4096;
+/// Most pages in one batch (1 MiB of data).
+pub const MAX_BATCH_PAGES: usize = 256;
+/// Largest frame accepted (room for a VM state blob).
+pub const MAX_FRAME: usize = 32 << 20;
+/// Frame kind: a control message.
+pub const KIND_CONTROL: u8 = 1;
+/// Frame kind: a batch of pages.
+pub const KIND_PAGES: u8 = 2;
+
+/// Protocol errors.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The peer closed the stream or it failed.
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
+    /// A frame length outside the allowed bounds.
+    #[error("frame of {0} bytes is outside 1..={MAX_FRAME}")]
+    FrameSize(usize),
+    /// An unknown frame kind.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// A page batch whose count and length disagree.
+    #[error("page batch: {0}")]
+    BadBatch(String),
+    /// A control message that does not decode.
+    #[error("malformed control message: {0}")]
+    Malformed(String),
+    /// A frame of a kind the receiver did not expect here.
+    #[error("unexpected {got} (expected {expected})")]
+    Unexpected {
+        /// What arrived.
+        got: String,
+        /// What the protocol state wanted.
+        expected: &'static str,
+    },
+}
+
+/// Result with [`WireError`].
+pub type Result<T> = std::result::Result<T, WireError>;
+
+/// The VM as the source describes it, checked by the destination before any memory moves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDescriptor {
+    /// VM name (unique on the destination).
+    pub name: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// CPU vendor string (CPUID leaf 0).
+    pub cpu_vendor: String,
+    /// CPUID feature words the guest was given (leaf 1 ECX/EDX, leaf 7 EBX/ECX/EDX).
+    pub cpu_features: Vec<u32>,
+}
+
+/// Control messages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Source → destination: who we are and what we bring.
+    Hello {
+        /// [`MAGIC`].
+        magic: [u8; 8],
+        /// [`PROTOCOL_VERSION`] of the sender.
+        version: u32,
+        /// Optional features the sender can use.
+        capabilities: Vec<String>,
+        /// Migration mode: precopy, postcopy, hybrid.
+        mode: String,
+        /// The VM.
+        vm: VmDescriptor,
+    },
+    /// Destination → source: go ahead, with the capabilities both sides share.
+    Accept {
+        /// Destination's protocol version.
+        version: u32,
+        /// Capabilities both sides support.
+        capabilities: Vec<String>,
+    },
+    /// Destination → source: no, and why.
+    Refuse {
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// Source → destination: these ranges are zero now (memfd offset, pages).
+    Zero {
+        /// (offset, page count) pairs.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Source → destination: end of a pre-copy round.
+    RoundEnd {
+        /// Round number.
+        round: u32,
+    },
+    /// Source → destination: the VM is paused; its complete state.
+    State {
+        /// Encoded `vmm::VmState`.
+        blob: Vec<u8>,
+    },
+    /// Destination → source: state loaded, VM ready to run, not yet running.
+    Ready,
+    /// Source → destination: commit; the source will never resume its copy.
+    Go,
+    /// Destination → source: the VM runs here.
+    Confirm {
+        /// Destination time from Go to running, µs.
+        resume_us: u64,
+    },
+    /// Either way: the migration is abandoned, with the reason.
+    Cancel {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Message {
+    /// A short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Accept { .. } => "Accept",
+            Message::Refuse { .. } => "Refuse",
+            Message::Zero { .. } => "Zero",
+            Message::RoundEnd { .. } => "RoundEnd",
+            Message::State { .. } => "State",
+            Message::Ready => "Ready",
+            Message::Go => "Go",
+            Message::Confirm { .. } => "Confirm",
+            Message::Cancel { .. } => "Cancel",
+        }
+    }
+}
+
+/// A decoded frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A control message.
+    Control(Message),
+    /// Pages: memfd offsets and their data (`offsets.len() * PAGE_SIZE` bytes).
+    Pages {
+        /// memfd offset of each page.
+        offsets: Vec<u64>,
+        /// Page contents, in order.
+        data: Vec<u8>,
+    },
+}
+
+fn config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_FRAME>,
+> {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+/// Encodes a control message as a complete frame.
+pub fn encode_control(msg: &Message) -> Result<Vec<u8>> {
+    let body = bincode::serde::encode_to_vec(msg, config())
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    if body.len() + 1 > MAX_FRAME {
+        return Err(WireError::FrameSize(body.len() + 1));
+    }
+    let mut f = Vec::with_capacity(5 + body.len());
+    f.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
+    f.push(KIND_CONTROL);
+    f.extend_from_slice(&body);
+    Ok(f)
+}
+
+/// Writes a control message.
+pub fn write_control(w: &mut impl Write, msg: &Message) -> Result<()> {
+    w.write_all(&encode_control(msg)?)?;
+    Ok(())
+}
+
+/// The header and offset table of a page batch of `n` pages.
+pub fn page_batch_header(offsets: &[u64]) -> Result<Vec<u8>> {
+    let n = offsets.len();
+    if n == 0 || n > MAX_BATCH_PAGES {
+        return Err(WireError::BadBatch(format!(
+            "{n} pages (1..={MAX_BATCH_PAGES})"
+        )));
+    }
+    let len = 1 + 4 + n * 8 + n * PAGE_SIZE;
+    let mut h = Vec::with_capacity(9 + n * 8);
+    h.extend_from_slice(&(len as u32).to_le_bytes());
+    h.push(KIND_PAGES);
+    h.extend_from_slice(&(n as u32).to_le_bytes());
+    for o in offsets {
+        h.extend_from_slice(&o.to_le_bytes());
+    }
+    Ok(h)
+}
+
+/// Writes a page batch with vectored writes: header, then each page slice.
+pub fn write_pages(w: &mut impl Write, offsets: &[u64], pages: &[&[u8]]) -> Result<()> {
+    if pages.len() != offsets.len() || pages.iter().any(|p| p.len() != PAGE_SIZE) {
+        return Err(WireError::BadBatch("pages and offsets disagree".into()));
+    }
+    let header = page_batch_header(offsets)?;
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(pages.len() + 1);
+    slices.push(IoSlice::new(&header));
+    slices.extend(pages.iter().map(|p| IoSlice::new(p)));
+    write_all_vectored(w, &mut slices)?;
+    Ok(())
+}
+
+fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The start of a frame: its kind and body length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// [`KIND_CONTROL`] or [`KIND_PAGES`].
+    pub kind: u8,
+    /// Bytes after the kind byte.
+    pub body_len: usize,
+}
+
+/// Reads and checks a frame header.
+pub fn read_header(r: &mut impl Read) -> Result<FrameHeader> {
+    let mut h = [0u8; 5];
+    r.read_exact(&mut h)?;
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(WireError::FrameSize(len));
+    }
+    let kind = h[4];
+    if kind != KIND_CONTROL && kind != KIND_PAGES {
+        return Err(WireError::UnknownKind(kind));
+    }
+    Ok(FrameHeader {
+        kind,
+        body_len: len - 1,
+    })
+}
+
+/// Decodes a control message body.
+pub fn decode_control(body: &[u8]) -> Result<Message> {
+    let (msg, used): (Message, usize) = bincode::serde::decode_from_slice(body, config())
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(WireError::Malformed(format!(
+            "{} trailing bytes",
+            body.len() - used
+        )));
+    }
+    Ok(msg)
+}
+
+/// Reads a control body of `len` bytes.
+pub fn read_control_body(r: &mut impl Read, len: usize) -> Result<Message> {
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    decode_control(&body)
+}
+
+/// Reads the page count and offsets of a page batch whose body is `len` bytes;
+/// the caller then reads `offsets.len()` pages of data.
+pub fn read_batch_offsets(r: &mut impl Read, len: usize) -> Result<Vec<u64>> {
+    let mut nb = [0u8; 4];
+    r.read_exact(&mut nb)?;
+    let n = u32::from_le_bytes(nb) as usize;
+    if n == 0 || n > MAX_BATCH_PAGES {
+        return Err(WireError::BadBatch(format!(
+            "{n} pages (1..={MAX_BATCH_PAGES})"
+        )));
+    }
+    if len != 4 + n * (8 + PAGE_SIZE) {
+        return Err(WireError::BadBatch(format!(
+            "{n} pages need {} bytes, frame has {len}",
+            4 + n * (8 + PAGE_SIZE)
+        )));
+    }
+    let mut raw = vec![0u8; n * 8];
+    r.read_exact(&mut raw)?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect())
+}
+
+/// Reads one whole frame (pages into a new buffer). Convenient, not the hot path.
+pub fn read_frame(r: &mut impl Read) -> Result<Frame> {
+    let h = read_header(r)?;
+    match h.kind {
+        KIND_CONTROL => Ok(Frame::Control(read_control_body(r, h.body_len)?)),
+        _ => {
+            let offsets = read_batch_offsets(r, h.body_len)?;
+            let mut data = vec![0u8; offsets.len() * PAGE_SIZE];
+            r.read_exact(&mut data)?;
+            Ok(Frame::Pages { offsets, data })
+        }
+    }
+}
+
+/// Decodes exactly one frame from a byte slice (fuzzing, tests).
+pub fn decode_frame(bytes: &[u8]) -> Result<Frame> {
+    let mut cur = bytes;
+    let f = read_frame(&mut cur)?;
+    if !cur.is_empty() {
+        return Err(WireError::Malformed(format!(
+            "{} bytes after the frame",
+            cur.len()
+        )));
+    }
+    Ok(f)
+}
+
+/// Reads the next control message, failing on a page batch.
+pub fn expect_control(r: &mut impl Read, expected: &'static str) -> Result<Message> {
+    match read_frame(r)? {
+        Frame::Control(m) => Ok(m),
+        Frame::Pages { .. } => Err(WireError::Unexpected {
+            got: "page batch".into(),
+            expected,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Message {
+        Message::Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            capabilities: vec!["zero-ranges".into()],
+            mode: "precopy".into(),
+            vm: VmDescriptor {
+                name: "web1".into(),
+                memory: 1 << 30,
+                vcpus: 2,
+                cpu_vendor: "GenuineIntel".into(),
+                cpu_features: vec![1, 2, 3],
+            },
+        }
+    }
+
+    #[test]
+    fn control_round_trip() {
+        for m in [
+            hello(),
+            Message::Refuse {
+                reason: "no".into(),
+            },
+            Message::Zero {
+                ranges: vec![(4096, 3)],
+            },
+            Message::State {
+                blob: vec![1; 1000],
+            },
+            Message::Go,
+            Message::Confirm { resume_us: 5 },
+        ] {
+            let f = encode_control(&m).unwrap();
+            assert_eq!(decode_frame(&f).unwrap(), Frame::Control(m));
+        }
+    }
+
+    #[test]
+    fn pages_round_trip() {
+        let p1 = vec![1u8; PAGE_SIZE];
+        let p2 = vec![2u8; PAGE_SIZE];
+        let mut out = Vec::new();
+        write_pages(&mut out, &[0, 8192], &[&p1, &p2]).unwrap();
+        match decode_frame(&out).unwrap() {
+            Frame::Pages { offsets, data } => {
+                assert_eq!(offsets, vec![0, 8192]);
+                assert_eq!(&data[..PAGE_SIZE], &p1[..]);
+                assert_eq!(&data[PAGE_SIZE..], &p2[..]);
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_frames_are_errors_not_panics() {
+        assert!(matches!(decode_frame(&[]), Err(WireError::Io(_))));
+        assert!(matches!(
+            decode_frame(&[0, 0, 0, 0, 1]),
+            Err(WireError::FrameSize(0))
+        ));
+        assert!(matches!(
+            decode_frame(&[0xff, 0xff, 0xff, 0x7f, 1]),
+            Err(WireError::FrameSize(_))
+        ));
+        assert!(matches!(
+            decode_frame(&[1, 0, 0, 0, 9]),
+            Err(WireError::UnknownKind(9))
+        ));
+        // Page batch claiming 1000 pages.
+        let mut b = vec![0u8; 0];
+        b.extend_from_slice(&9u32.to_le_bytes());
+        b.push(KIND_PAGES);
+        b.extend_from_slice(&1000u32.to_le_bytes());
+        b.extend_from_slice(&[0; 4]);
+        assert!(matches!(decode_frame(&b), Err(WireError::BadBatch(_))));
+        // A batch whose length disagrees with its count.
+        let mut b = page_batch_header(&[0]).unwrap();
+        b[0] = b[0].wrapping_sub(1);
+        assert!(matches!(decode_frame(&b), Err(WireError::BadBatch(_))));
+        // Truncated control message.
+        let f = encode_control(&hello()).unwrap();
+        assert!(decode_frame(&f[..f.len() - 3]).is_err());
+        // Garbage control body.
+        let mut g = vec![0u8; 0];
+        g.extend_from_slice(&5u32.to_le_bytes());
+        g.push(KIND_CONTROL);
+        g.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(decode_frame(&g), Err(WireError::Malformed(_))));
+        // A string length claiming gigabytes must not allocate them.
+        let mut s = vec![0u8; 0];
+        let body = [0u8, 0xfc, 0xff, 0xff, 0xff, 0x7f];
+        s.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
+        s.push(KIND_CONTROL);
+        s.extend_from_slice(&body);
+        assert!(decode_frame(&s).is_err());
+    }
+
+    #[test]
+    fn every_prefix_of_a_valid_stream_fails_cleanly() {
+        let mut stream = encode_control(&hello()).unwrap();
+        write_pages(&mut stream, &[4096], &[&[7u8; PAGE_SIZE]]).unwrap();
+        for cut in 0..stream.len() {
+            let mut cur = &stream[..cut];
+            let _ = read_frame(&mut cur).and_then(|_| read_frame(&mut cur));
+        }
+    }
+}

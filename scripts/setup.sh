@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what migd needs on a fresh Debian host, idempotently:
+#   - libclang-dev (bindgen, for the userfaultfd crate), iproute2 (network namespaces in tests)
+#   - checks the Rust toolchain and /dev/kvm
+# Usage: scripts/setup.sh [--quiet]
+set -euo pipefail
+quiet=${1:-}
+say() { [ "$quiet" = "--quiet" ] || echo "setup: $*"; }
+
+need=()
+for pkg in libclang-dev iproute2; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing packages ${need[*]}; run as root or install them" >&2
+    exit 1
+  fi
+  say "installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { echo "setup: cargo not found: install a Rust toolchain (rustup)" >&2; exit 1; }
+if [ ! -c /dev/kvm ]; then
+  say "warning: /dev/kvm is missing: VMs cannot run on this host"
+elif [ ! -w /dev/kvm ]; then
+  say "warning: /dev/kvm is not writable by $(id -un)"
+fi
+say "ok"

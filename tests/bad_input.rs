@@ -1,0 +1,113 @@
+//! Bad input to `migd run`: each case gets a one-line error naming the cause,
+//! a non-zero exit, no panic and no files left behind.
+
+mod common;
+
+use common::*;
+
+fn refused(args: &[&str], needle: &str) {
+    let (code, stderr) = migd_output(args);
+    assert_ne!(code, 0, "{args:?} was accepted");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+    let error_lines: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(
+        error_lines.len(),
+        1,
+        "{args:?}: expected one error line:\n{stderr}"
+    );
+    assert!(
+        error_lines[0].contains(needle),
+        "{args:?}: error '{}' does not name '{needle}'",
+        error_lines[0]
+    );
+}
+
+#[test]
+fn bad_kernels_memory_and_vcpus_are_refused() {
+    let dir = scratch("badinput");
+    let garbage = dir.join("garbage.bin");
+    std::fs::write(&garbage, vec![0x5a; 8192]).unwrap();
+    let g = garbage.to_str().unwrap();
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.resize(200, 0);
+    let bad_elf = dir.join("bad.elf");
+    std::fs::write(&bad_elf, &elf).unwrap();
+    let missing = dir.join("missing");
+    let m = missing.to_str().unwrap();
+    refused(&["run", "--kernel", m], "cannot read kernel");
+    refused(&["run", "--kernel", g], "neither an ELF");
+    refused(
+        &["run", "--kernel", bad_elf.to_str().unwrap()],
+        "not bootable",
+    );
+    refused(&["run", "--kernel", g, "--cpus", "0"], "vCPU count 0");
+    refused(&["run", "--kernel", g, "--cpus", "9"], "vCPU count 9");
+    refused(
+        &["run", "--kernel", g, "--memory", "512G"],
+        "exceeds what this host can give",
+    );
+    refused(&["run", "--kernel", g, "--memory", "1M"], "at least 16 MiB");
+    refused(&["run", "--kernel", g, "--memory", "lots"], "not a size");
+    let (code, stderr) = migd_output(&["run"]);
+    assert_eq!(code, 2, "clap usage error");
+    assert!(stderr.contains("--kernel"), "{stderr}");
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        2,
+        "nothing written"
+    );
+}
+
+#[test]
+fn bad_snapshots_are_refused() {
+    if !kvm_or_skip("bad_snapshots_are_refused") {
+        return;
+    }
+    let dir = scratch("badsnap");
+    let snap = dir.join("good.snap");
+    // A real snapshot to damage: boot the guest briefly and save it.
+    let console = Console(dir.join("c.console"));
+    let elf = guest_elf();
+    let mut vm = VmProcess::start(
+        &dir,
+        "a",
+        &console,
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--cmdline",
+            "workload=idle",
+            "--memory",
+            "64M",
+            "--snapshot-on-signal",
+            snap.to_str().unwrap(),
+        ],
+    );
+    console.wait_for("WORKLOAD READY", std::time::Duration::from_secs(60));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vm.child.id() as i32),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    assert_eq!(vm.wait(std::time::Duration::from_secs(60)), 0);
+    let good = std::fs::read(&snap).unwrap();
+    let case = |name: &str, bytes: &[u8], needle: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        refused(&["run", "--restore", p.to_str().unwrap()], needle);
+    };
+    case("truncated.snap", &good[..good.len() / 2], "truncated");
+    case("header-only.snap", &good[..64], "truncated");
+    let mut corrupt = good.clone();
+    let n = corrupt.len();
+    corrupt[n - 100] ^= 0xff;
+    case("corrupt.snap", &corrupt, "checksum mismatch");
+    case("foreign.snap", &vec![0x42; 4096], "not a migd snapshot");
+    let mut v9 = good.clone();
+    v9[8] = 9;
+    case("v9.snap", &v9, "format version 9 is not supported");
+    refused(
+        &["run", "--restore", dir.join("none.snap").to_str().unwrap()],
+        "cannot open",
+    );
+}

@@ -1,0 +1,280 @@
+//! Shared helpers for the end-to-end tests: the test guest, /dev/kvm checks,
+//! `migd run` processes, their consoles and control sockets.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The test guest ELF, built once per test binary if needed.
+pub fn guest_elf() -> PathBuf {
+    static ELF: OnceLock<PathBuf> = OnceLock::new();
+    ELF.get_or_init(|| {
+        if let Ok(p) = std::env::var("MIGD_TESTGUEST") {
+            return PathBuf::from(p);
+        }
+        let out = repo().join("target/guest");
+        let st = Command::new("bash")
+            .arg(repo().join("scripts/build-guest.sh"))
+            .arg(&out)
+            .status()
+            .expect("running scripts/build-guest.sh");
+        assert!(st.success(), "building the test guest failed");
+        out.join("testguest.elf")
+    })
+    .clone()
+}
+
+/// True when /dev/kvm is usable. Without it tests skip, except under CI=true.
+pub fn kvm_or_skip(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{test}: /dev/kvm is not usable, and CI=true requires it");
+        }
+        eprintln!("SKIP {test}: /dev/kvm is not usable on this host");
+    }
+    ok
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("migd-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The guest's serial console file.
+#[derive(Clone)]
+pub struct Console(pub PathBuf);
+
+impl Console {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.0).unwrap_or_default()
+    }
+
+    /// Waits until a line containing `needle` appears; returns that line.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.text().lines().find(|l| l.contains(needle)) {
+                return l.to_string();
+            }
+            if Instant::now() > end {
+                panic!(
+                    "no '{needle}' on the console within {timeout:?}; console:\n{}",
+                    self.text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The counter of the last heartbeat, if any.
+    pub fn last_heartbeat(&self) -> Option<u64> {
+        self.text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("HEARTBEAT n="))
+            .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+            .last()
+    }
+
+    /// Waits until `more` heartbeats beyond `after` have been printed.
+    pub fn wait_heartbeats(&self, after: u64, more: u64, timeout: Duration) -> u64 {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(n) = self.last_heartbeat() {
+                if n >= after + more {
+                    return n;
+                }
+            }
+            if Instant::now() > end {
+                panic!(
+                    "heartbeats stalled (wanted {} after {after}); console:\n{}",
+                    more,
+                    self.text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Panics if the guest reported lost or corrupted state.
+    pub fn assert_clean(&self) {
+        let t = self.text();
+        let bad: Vec<&str> = t
+            .lines()
+            .filter(|l| l.contains("CORRUPT") || l.contains("GUEST FATAL"))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "guest reported problems: {bad:#?}\nconsole:\n{t}"
+        );
+    }
+
+    /// The `CLOCK STEP ms=` values reported so far.
+    pub fn clock_steps(&self) -> Vec<u64> {
+        self.text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("CLOCK STEP ms="))
+            .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
+    /// The WORKSET line: (base, bytes, cpus).
+    pub fn workset(&self) -> (u64, u64, u64) {
+        let l = self.wait_for("WORKSET ", Duration::from_secs(30));
+        let field = |k: &str| -> u64 {
+            let v = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_else(|| panic!("no {k} in '{l}'"));
+            match v.strip_prefix("0x") {
+                Some(h) => u64::from_str_radix(h, 16).unwrap(),
+                None => v.parse().unwrap(),
+            }
+        };
+        (field("base="), field("bytes="), field("cpus="))
+    }
+}
+
+/// The migd binary under test.
+pub fn migd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_migd"))
+}
+
+/// A `migd run` child process.
+pub struct VmProcess {
+    pub child: Child,
+    pub console: Console,
+    pub control: PathBuf,
+}
+
+impl VmProcess {
+    /// Starts `migd run` with the given extra arguments, a console and a control socket.
+    pub fn start(dir: &Path, tag: &str, console: &Console, extra: &[&str]) -> VmProcess {
+        let control = dir.join(format!("{tag}.sock"));
+        let child = Command::new(migd_bin())
+            .arg("run")
+            .args(extra)
+            .arg("--serial")
+            .arg(&console.0)
+            .arg("--control")
+            .arg(&control)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join(format!("{tag}.log"))).unwrap(),
+            ))
+            .spawn()
+            .expect("starting migd run");
+        let end = Instant::now() + Duration::from_secs(30);
+        while !control.exists() {
+            if Instant::now() > end {
+                panic!("control socket {} never appeared", control.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        VmProcess {
+            child,
+            console: console.clone(),
+            control,
+        }
+    }
+
+    /// Boots the test guest.
+    pub fn boot(dir: &Path, tag: &str, cmdline: &str, memory: &str, cpus: usize) -> VmProcess {
+        let console = Console(dir.join(format!("{tag}.console")));
+        let elf = guest_elf();
+        let cpus = cpus.to_string();
+        VmProcess::start(
+            dir,
+            tag,
+            &console,
+            &[
+                "--kernel",
+                elf.to_str().unwrap(),
+                "--cmdline",
+                cmdline,
+                "--memory",
+                memory,
+                "--cpus",
+                &cpus,
+            ],
+        )
+    }
+
+    /// Sends one control request and returns the reply.
+    pub fn request(&self, req: serde_json::Value) -> serde_json::Value {
+        control(&self.control, req)
+    }
+
+    /// Waits for the process to exit (with a timeout); returns its exit code.
+    pub fn wait(&mut self, timeout: Duration) -> i32 {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                panic!("migd run did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(mut self) -> i32 {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        self.wait(Duration::from_secs(20))
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One JSON request on a control socket.
+pub fn control(sock: &Path, req: serde_json::Value) -> serde_json::Value {
+    let mut s =
+        UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut line = serde_json::to_vec(&req).unwrap();
+    line.push(b'\n');
+    s.write_all(&line).unwrap();
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad reply '{reply}': {e}"))
+}
+
+/// Runs `migd` to completion with arguments; returns (exit code, stderr).
+pub fn migd_output(args: &[&str]) -> (i32, String) {
+    let out = Command::new(migd_bin())
+        .args(args)
+        .output()
+        .expect("running migd");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

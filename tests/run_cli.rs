@@ -1,0 +1,166 @@
+//! End-to-end tests of `migd run` with the test guest under /dev/kvm: boot,
+//! heartbeats, pause/resume, handover of a running VM to a new process, and
+//! snapshot files. Every test ends by checking the guest's own verdict.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const READY: Duration = Duration::from_secs(60);
+
+#[test]
+fn boots_with_one_and_two_vcpus_and_heartbeats() {
+    if !kvm_or_skip("boots_with_one_and_two_vcpus_and_heartbeats") {
+        return;
+    }
+    let dir = scratch("boot");
+    for cpus in [1, 2] {
+        let vm = VmProcess::boot(
+            &dir,
+            &format!("vm{cpus}"),
+            "workload=dirty:16:8",
+            "128M",
+            cpus,
+        );
+        vm.console.wait_for("WORKLOAD READY", READY);
+        let (_, bytes, guest_cpus) = vm.console.workset();
+        assert_eq!(guest_cpus, cpus as u64, "guest brought up every vCPU");
+        assert_eq!(bytes, 16 << 20);
+        vm.console.wait_heartbeats(0, 3, Duration::from_secs(20));
+        let status = vm.request(json!({"cmd": "status"}));
+        assert_eq!(status["state"], "running");
+        assert_eq!(status["vcpus"], cpus);
+        let console = vm.console.clone();
+        assert_eq!(vm.terminate(), 0, "SIGTERM is a clean stop");
+        console.assert_clean();
+    }
+}
+
+#[test]
+fn pause_and_resume_keep_the_guest_intact() {
+    if !kvm_or_skip("pause_and_resume_keep_the_guest_intact") {
+        return;
+    }
+    let dir = scratch("pause");
+    let vm = VmProcess::boot(&dir, "vm", "workload=dirty:16:16", "128M", 2);
+    vm.console.wait_for("WORKLOAD READY", READY);
+    let n = vm.console.wait_heartbeats(0, 2, Duration::from_secs(20));
+    let r = vm.request(json!({"cmd": "pause"}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        r["pause_us"].as_u64().unwrap() < 1_000_000,
+        "pause took {r}"
+    );
+    let paused_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let frozen = vm.console.last_heartbeat();
+    assert_eq!(vm.request(json!({"cmd": "status"}))["state"], "paused");
+    vm.request(json!({"cmd": "resume"}));
+    let pause_ms = paused_at.elapsed().as_millis() as u64;
+    assert!(
+        frozen.unwrap_or(0) <= n + 1,
+        "heartbeats went on while paused"
+    );
+    vm.console
+        .wait_heartbeats(frozen.unwrap_or(n), 3, Duration::from_secs(20));
+    let steps = vm.console.clock_steps();
+    assert!(
+        !steps.is_empty(),
+        "the guest saw no clock step across a {pause_ms} ms pause"
+    );
+    for s in &steps {
+        assert!(
+            *s <= pause_ms + 300,
+            "clock stepped {s} ms for a {pause_ms} ms pause"
+        );
+    }
+    vm.console.assert_clean();
+    let console = vm.console.clone();
+    assert_eq!(vm.terminate(), 0);
+    console.assert_clean();
+}
+
+#[test]
+fn handover_to_a_new_process_keeps_the_guest_running() {
+    if !kvm_or_skip("handover_to_a_new_process_keeps_the_guest_running") {
+        return;
+    }
+    let dir = scratch("handover");
+    let mut old = VmProcess::boot(&dir, "old", "workload=dirty:32:64", "256M", 2);
+    old.console.wait_for("WORKLOAD READY", READY);
+    let n = old.console.wait_heartbeats(0, 2, Duration::from_secs(20));
+    let sock = old.control.to_str().unwrap().to_string();
+    let new = VmProcess::start(&dir, "new", &old.console, &["--takeover", &sock]);
+    assert_eq!(
+        old.wait(Duration::from_secs(30)),
+        0,
+        "old process hands over and exits"
+    );
+    let status = new.request(json!({"cmd": "status"}));
+    assert_eq!(status["state"], "running", "{status}");
+    assert_eq!(status["vcpus"], 2);
+    new.console.wait_heartbeats(n, 4, Duration::from_secs(30));
+    new.console.assert_clean();
+    let console = new.console.clone();
+    assert_eq!(new.terminate(), 0);
+    console.assert_clean();
+}
+
+#[test]
+fn snapshot_file_round_trip() {
+    if !kvm_or_skip("snapshot_file_round_trip") {
+        return;
+    }
+    let dir = scratch("snapfile");
+    let snap = dir.join("vm.snap");
+    let console = Console(dir.join("vm.console"));
+    let elf = guest_elf();
+    let mut a = VmProcess::start(
+        &dir,
+        "a",
+        &console,
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--cmdline",
+            "workload=dirty:16:16",
+            "--memory",
+            "256M",
+            "--cpus",
+            "2",
+            "--snapshot-on-signal",
+            snap.to_str().unwrap(),
+        ],
+    );
+    console.wait_for("WORKLOAD READY", READY);
+    let n = console.wait_heartbeats(0, 2, Duration::from_secs(20));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.child.id() as i32),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    assert_eq!(a.wait(Duration::from_secs(60)), 0);
+    let size = std::fs::metadata(&snap).expect("snapshot written").len();
+    assert!(
+        size < 64 << 20,
+        "snapshot of a 256 MiB guest using ~17 MiB is {size} bytes"
+    );
+    assert!(
+        size > 16 << 20,
+        "snapshot lacks the 16 MiB working set ({size} bytes)"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    let b = VmProcess::start(&dir, "b", &console, &["--restore", snap.to_str().unwrap()]);
+    console.wait_heartbeats(n, 3, Duration::from_secs(30));
+    console.assert_clean();
+    assert_eq!(b.terminate(), 0);
+    console.assert_clean();
+}
