@@ -438,6 +438,7 @@ fn start_migration(
     if let Some(ms) = req.get("max_downtime_ms").and_then(|v| v.as_u64()) {
         params.max_downtime = Duration::from_millis(ms);
     }
+    params.verify = req.get("verify").and_then(|v| v.as_bool()).unwrap_or(false);
     params.max_bandwidth = req
         .get("max_bandwidth")
         .and_then(|v| v.as_u64())

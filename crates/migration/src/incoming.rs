@@ -24,6 +24,8 @@ pub struct IncomingStats {
     pub rounds: u32,
     /// Go → vCPUs running, µs.
     pub resume_us: u64,
+    /// Verify mode: the memory digest matched.
+    pub verified: bool,
 }
 
 /// Receives a VM of `memory` bytes over `stream` (after the handshake) and runs it.
@@ -37,6 +39,7 @@ pub fn receive(
     let ram = GuestRam::new(memory)?;
     let mem = MemView::new(&ram);
     let mut stats = IncomingStats::default();
+    let mut expected_digest = None;
     let state = loop {
         let h = wire::read_header(&mut r)?;
         if h.kind != KIND_CONTROL {
@@ -66,6 +69,7 @@ pub fn receive(
             }
             Message::RoundEnd { round } => stats.rounds = round + 1,
             Message::State { blob } => break VmState::decode(&blob)?,
+            Message::Digest { crc32 } => expected_digest = Some(crc32),
             Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
             other => {
                 return Err(Error::Protocol(format!(
@@ -75,8 +79,24 @@ pub fn receive(
             }
         }
     };
-    drop(mem);
     let vm = Vm::restore(&state, ram, console)?;
+    if let Some(crc32) = expected_digest {
+        let ours = mem.digest();
+        if ours != crc32 {
+            let reason =
+                format!("memory digest mismatch: source {crc32:#010x}, destination {ours:#010x}");
+            let _ = wire::write_control(
+                &mut out,
+                &Message::Cancel {
+                    reason: reason.clone(),
+                },
+            );
+            return Err(Error::Protocol(reason));
+        }
+        stats.verified = true;
+        tracing::info!(crc32, "memory digest matches the source");
+    }
+    drop(mem);
     wire::write_control(&mut out, &Message::Ready)?;
     match wire::expect_control(&mut r, "Go")? {
         Message::Go => {}

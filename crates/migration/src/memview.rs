@@ -52,6 +52,18 @@ impl MemView {
             .map(|a| unsafe { std::slice::from_raw_parts(a as *const u8, PAGE_SIZE as usize) })
     }
 
+    /// CRC32 of all of guest memory in memfd offset order (verify mode).
+    pub fn digest(&self) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        let mut ranges = self.ranges.clone();
+        ranges.sort_by_key(|r| r.0);
+        for (_, len, addr) in ranges {
+            // SAFETY: a live mapping of `len` bytes.
+            h.update(unsafe { std::slice::from_raw_parts(addr as *const u8, len as usize) });
+        }
+        h.finalize()
+    }
+
     /// The page at memfd `offset`, writable (destination side, before the VM runs).
     #[allow(clippy::mut_from_ref)]
     pub fn page_mut(&self, offset: u64) -> Option<&mut [u8]> {

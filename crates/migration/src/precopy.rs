@@ -39,6 +39,8 @@ pub struct Params {
     pub max_rounds: u32,
     /// Stop pre-copy once this many bytes have been sent (multiple of RAM size).
     pub byte_budget_factor: f64,
+    /// Compare memory digests of source (at pause) and destination (before resume).
+    pub verify: bool,
 }
 
 impl Params {
@@ -52,6 +54,7 @@ impl Params {
             max_bandwidth: None,
             max_rounds: 30,
             byte_budget_factor: 4.0,
+            verify: false,
         }
     }
 }
@@ -401,12 +404,21 @@ fn run(
     tx.cap = None; // the final copy is never throttled
     for_each_set(&todo, |pfn| tx.queue(pfn, true))?;
     tx.flush()?;
+    if params.verify {
+        let crc32 = mem.digest();
+        job.update(|s| s.verified = Some(false));
+        tx.write_control(&Message::Digest { crc32 })?;
+    }
     let state = vm.capture()?;
     let blob = state.encode()?;
     tx.write_control(&Message::State { blob })?;
     let mut rx = stream;
     match wire::expect_control(&mut rx, "Ready")? {
-        Message::Ready => {}
+        Message::Ready => {
+            if params.verify {
+                job.update(|s| s.verified = Some(true));
+            }
+        }
         Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
         other => {
             return Err(Error::Protocol(format!(

@@ -65,4 +65,6 @@ pub struct MigrationStats {
     pub expected_downtime_ms: f64,
     /// Why the pre-copy rounds ended.
     pub stop_reason: String,
+    /// Verify mode: whether the destination's memory digest matched the source's.
+    pub verified: Option<bool>,
 }

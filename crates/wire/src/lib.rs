@@ -120,6 +120,11 @@ pub enum Message {
         /// Encoded `vmm::VmState`.
         blob: Vec<u8>,
     },
+    /// Source → destination (verify mode): digest of all guest memory at the pause.
+    Digest {
+        /// CRC32 of the memfd contents, in offset order.
+        crc32: u32,
+    },
     /// Destination → source: state loaded, VM ready to run, not yet running.
     Ready,
     /// Source → destination: commit; the source will never resume its copy.
@@ -146,6 +151,7 @@ impl Message {
             Message::Zero { .. } => "Zero",
             Message::RoundEnd { .. } => "RoundEnd",
             Message::State { .. } => "State",
+            Message::Digest { .. } => "Digest",
             Message::Ready => "Ready",
             Message::Go => "Go",
             Message::Confirm { .. } => "Confirm",

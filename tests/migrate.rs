@@ -1,0 +1,202 @@
+//! Live pre-copy migration between two `migd run` processes over loopback TCP,
+//! with the test guest checking itself throughout; the same VM goes back and
+//! forth, with memory digests compared at every switch-over.
+
+mod common;
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Heartbeat counters in console order.
+fn heartbeats(c: &Console) -> Vec<u64> {
+    c.text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("HEARTBEAT n="))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+fn wait_migration(vm: &VmProcess) -> serde_json::Value {
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = vm.request(json!({"cmd": "migration"}));
+        let st = r["status"].as_str().unwrap_or("").to_string();
+        if matches!(st.as_str(), "completed" | "failed" | "cancelled") {
+            return r;
+        }
+        assert!(Instant::now() < end, "migration did not finish: {r}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn incoming(
+    dir: &std::path::Path,
+    tag: &str,
+    console: &Console,
+    port: u16,
+    mem: &str,
+    cpus: usize,
+) -> VmProcess {
+    let addr = format!("127.0.0.1:{port}");
+    let cpus = cpus.to_string();
+    VmProcess::start(
+        dir,
+        tag,
+        console,
+        &["--incoming", &addr, "--memory", mem, "--cpus", &cpus],
+    )
+}
+
+fn back_and_forth(cpus: usize, hops: usize) {
+    let dir = scratch(&format!("migrate{cpus}"));
+    let mut src = VmProcess::boot(&dir, "hop0", "workload=dirty:32:64", "256M", cpus);
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    console.wait_heartbeats(0, 2, Duration::from_secs(30));
+    for hop in 1..=hops {
+        let port = free_port();
+        let dst = incoming(&dir, &format!("hop{hop}"), &console, port, "256M", cpus);
+        assert_eq!(dst.request(json!({"cmd": "status"}))["state"], "incoming");
+        let before = console.last_heartbeat().unwrap_or(0);
+        let r = src.request(json!({
+            "cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1",
+            "verify": true, "job": format!("hop{hop}")
+        }));
+        assert_eq!(r["ok"], true, "{r}");
+        let stats = wait_migration(&src);
+        assert_eq!(stats["status"], "completed", "hop {hop}: {stats}");
+        assert_eq!(stats["verified"], true, "memory digests compared: {stats}");
+        assert!(
+            stats["pages"]["sent"].as_u64().unwrap() >= (32 << 20) / 4096,
+            "{stats}"
+        );
+        assert!(!stats["rounds"].as_array().unwrap().is_empty());
+        assert!(stats["downtime_ms"].as_f64().unwrap() > 0.0);
+        assert_eq!(src.request(json!({"cmd": "status"}))["state"], "migrated");
+        assert_eq!(dst.request(json!({"cmd": "status"}))["state"], "running");
+        src.request(json!({"cmd": "stop"}));
+        assert_eq!(src.wait(Duration::from_secs(20)), 0);
+        console.wait_heartbeats(before, 3, Duration::from_secs(30));
+        console.assert_clean();
+        src = dst;
+    }
+    let hb = heartbeats(&console);
+    assert!(
+        hb.windows(2).all(|w| w[1] > w[0]),
+        "heartbeat counter went back: {hb:?}"
+    );
+    assert_eq!(src.terminate(), 0);
+    console.assert_clean();
+}
+
+#[test]
+fn precopy_one_vcpu_back_and_forth() {
+    if !kvm_or_skip("precopy_one_vcpu_back_and_forth") {
+        return;
+    }
+    back_and_forth(1, 2);
+}
+
+#[test]
+fn precopy_two_vcpus_back_and_forth() {
+    if !kvm_or_skip("precopy_two_vcpus_back_and_forth") {
+        return;
+    }
+    back_and_forth(2, 3);
+}
+
+#[test]
+fn refused_and_unreachable_destinations_leave_the_source_running() {
+    if !kvm_or_skip("refused_and_unreachable_destinations_leave_the_source_running") {
+        return;
+    }
+    let dir = scratch("migrate-refused");
+    let src = VmProcess::boot(&dir, "src", "workload=dirty:8:8", "128M", 1);
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    // Nobody listens.
+    let port = free_port();
+    src.request(json!({"cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1"}));
+    let stats = wait_migration(&src);
+    assert_eq!(stats["status"], "failed");
+    assert!(
+        stats["error"].as_str().unwrap().contains("connecting"),
+        "{stats}"
+    );
+    // A destination sized for another VM refuses before any memory moves.
+    let dst_console = Console(dir.join("dst.console"));
+    let mut dst = incoming(&dir, "dst", &dst_console, port, "256M", 1);
+    src.request(json!({"cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1"}));
+    let stats = wait_migration(&src);
+    assert_eq!(stats["status"], "failed");
+    assert!(
+        stats["error"].as_str().unwrap().contains("refused"),
+        "{stats}"
+    );
+    assert_eq!(stats["bytes"], 0, "no memory moved: {stats}");
+    assert_ne!(
+        dst.wait(Duration::from_secs(20)),
+        0,
+        "refusing destination exits non-zero"
+    );
+    // The source runs on, intact.
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
+    let n = console.last_heartbeat().unwrap_or(0);
+    console.wait_heartbeats(n, 2, Duration::from_secs(20));
+    console.assert_clean();
+}
+
+#[test]
+fn cancel_and_killed_destination_leave_the_source_running() {
+    if !kvm_or_skip("cancel_and_killed_destination_leave_the_source_running") {
+        return;
+    }
+    let dir = scratch("migrate-cancel");
+    let src = VmProcess::boot(&dir, "src", "workload=dirty:64:32", "256M", 2);
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    for (i, how) in ["cancel", "kill"].iter().enumerate() {
+        let port = free_port();
+        let dst_console = Console(dir.join(format!("dst{i}.console")));
+        let mut dst = incoming(&dir, &format!("dst{i}"), &dst_console, port, "256M", 2);
+        // 8 MiB/s: the 64 MiB working set takes seconds, so the fault lands mid-transfer.
+        src.request(json!({
+            "cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1",
+            "max_bandwidth": 8 << 20
+        }));
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(src.request(json!({"cmd": "migration"}))["status"], "active");
+        if *how == "cancel" {
+            assert_eq!(src.request(json!({"cmd": "cancel"}))["ok"], true);
+        } else {
+            let _ = dst.child.kill();
+        }
+        let stats = wait_migration(&src);
+        let want = if *how == "cancel" {
+            "cancelled"
+        } else {
+            "failed"
+        };
+        assert_eq!(stats["status"], want, "{how}: {stats}");
+        assert_ne!(
+            dst.wait(Duration::from_secs(20)),
+            0,
+            "{how}: destination gives up"
+        );
+        assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
+        let n = console.last_heartbeat().unwrap_or(0);
+        console.wait_heartbeats(n, 2, Duration::from_secs(20));
+        console.assert_clean();
+    }
+}
