@@ -1,17 +1,21 @@
 //! `migd`: the per-host migration daemon and its one-VM command.
 
+mod daemon;
 mod handover;
 mod run;
-mod size;
+use migd::size;
 
 use clap::{Parser, Subcommand};
 
 /// migd: runs KVM virtual machines and moves them live between hosts.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    /// With no subcommand, migd runs as the per-host daemon.
+    #[command(flatten)]
+    daemon: daemon::DaemonArgs,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -30,7 +34,14 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Run(args) => match run::run(args) {
+        None => match daemon::main(cli.daemon) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("migd: error: {e:#}");
+                1
+            }
+        },
+        Some(Command::Run(args)) => match run::run(args) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("migd run: error: {e:#}");

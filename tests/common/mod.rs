@@ -62,9 +62,11 @@ pub fn scratch(name: &str) -> PathBuf {
 pub struct Console(pub PathBuf);
 
 impl Console {
-    /// Everything written so far.
+    /// Every complete line written so far.
     pub fn text(&self) -> String {
-        std::fs::read_to_string(&self.0).unwrap_or_default()
+        let mut t = std::fs::read_to_string(&self.0).unwrap_or_default();
+        t.truncate(t.rfind('\n').map_or(0, |i| i + 1));
+        t
     }
 
     /// Waits until a line containing `needle` appears; returns that line.
@@ -88,9 +90,9 @@ impl Console {
     pub fn last_heartbeat(&self) -> Option<u64> {
         self.text()
             .lines()
+            .rev()
             .filter_map(|l| l.strip_prefix("HEARTBEAT n="))
-            .filter_map(|r| r.split_whitespace().next()?.parse().ok())
-            .last()
+            .find_map(|r| r.split_whitespace().next()?.parse().ok())
     }
 
     /// Waits until `more` heartbeats beyond `after` have been printed.

@@ -36,7 +36,7 @@ impl MemView {
     }
 
     fn addr(&self, offset: u64) -> Option<usize> {
-        if offset % PAGE_SIZE != 0 || offset >= self.size {
+        if !offset.is_multiple_of(PAGE_SIZE) || offset >= self.size {
             return None;
         }
         self.ranges

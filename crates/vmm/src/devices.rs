@@ -2,7 +2,7 @@
 //! power-off/exit port, and the i8042 reset line.
 
 use std::fs::{File, OpenOptions};
-use std::io::LineWriter;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -90,8 +90,34 @@ impl From<&SerialSnapshot> for SerialState {
     }
 }
 
+/// Console output that reaches the file a whole line per write(2), so a reader
+/// following the file never sees half a line (std's LineWriter may split one).
+pub struct ConsoleWriter {
+    file: File,
+    line: Vec<u8>,
+}
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        if buf.contains(&b'\n') || self.line.len() >= 4096 {
+            self.flush()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.line.is_empty() {
+            let r = self.file.write_all(&self.line);
+            self.line.clear();
+            r?;
+        }
+        Ok(())
+    }
+}
+
 /// Where the console goes: a file (appended to) or nowhere.
-fn open_console(path: Option<&Path>) -> Result<LineWriter<File>> {
+fn open_console(path: Option<&Path>) -> Result<ConsoleWriter> {
     let file = match path {
         Some(p) => OpenOptions::new()
             .create(true)
@@ -109,12 +135,15 @@ fn open_console(path: Option<&Path>) -> Result<LineWriter<File>> {
                 reason: format!("/dev/null: {e}"),
             })?,
     };
-    Ok(LineWriter::new(file))
+    Ok(ConsoleWriter {
+        file,
+        line: Vec::with_capacity(256),
+    })
 }
 
 /// The port-I/O devices of one VM.
 pub struct Devices {
-    serial: Serial<IrqLine, NoEvents, LineWriter<File>>,
+    serial: Serial<IrqLine, NoEvents, ConsoleWriter>,
     console: Option<PathBuf>,
 }
 

@@ -60,7 +60,7 @@ pub fn check_memory_size(size: u64) -> Result<()> {
             reason: format!("at least {} MiB is needed", MIN_MEMORY >> 20),
         });
     }
-    if size % (2 << 20) != 0 {
+    if !size.is_multiple_of(2 << 20) {
         return Err(Error::MemorySize {
             size,
             reason: "must be a multiple of 2 MiB".into(),

@@ -363,7 +363,7 @@ pub fn read(path: &Path) -> Result<(VmState, GuestRam, SnapshotStats)> {
             .and_then(|b| off.checked_add(b))
             .filter(|&e| e <= h.memory);
         match end {
-            Some(end) if off % PAGE_SIZE == 0 && off >= next_free && n > 0 => {
+            Some(end) if off.is_multiple_of(PAGE_SIZE) && off >= next_free && n > 0 => {
                 next_free = end;
                 total += n;
                 runs.push((off, n));

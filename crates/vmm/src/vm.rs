@@ -283,7 +283,7 @@ impl Vm {
                 .get_dirty_log(slot as u32, r.len as usize)
                 .map_err(kvm("KVM_GET_DIRTY_LOG"))?;
             let first = (r.file_offset / crate::memory::PAGE_SIZE) as usize;
-            if first % 64 == 0 {
+            if first.is_multiple_of(64) {
                 for (i, w) in bits.iter().enumerate() {
                     if let Some(o) = out.get_mut(first / 64 + i) {
                         *o |= *w;

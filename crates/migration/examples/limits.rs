@@ -1,0 +1,91 @@
+//! Measures this machine's physical limits, for the benchmark tables:
+//! memcpy bandwidth, loopback TCP throughput, and our zero-page scan speed.
+//! Prints one JSON object. Run: `cargo run --release -p migration --example limits`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Instant;
+
+const SIZE: usize = 1 << 30;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+fn memcpy_gbps() -> f64 {
+    let src = vec![1u8; SIZE];
+    let mut dst = vec![0u8; SIZE];
+    dst.copy_from_slice(&src); // fault everything in first
+    median(
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                dst.copy_from_slice(&src);
+                std::hint::black_box(&dst);
+                SIZE as f64 / t.elapsed().as_secs_f64() / 1e9
+            })
+            .collect(),
+    )
+}
+
+fn zero_scan_gbps() -> f64 {
+    let mut buf = vec![0u8; SIZE];
+    for p in buf.chunks_mut(4096) {
+        p[0] = 0; // touch: real pages, not the shared zero page
+    }
+    median(
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                let zeros = buf
+                    .chunks(4096)
+                    .filter(|p| vmm::memory::is_zero_page(p))
+                    .count();
+                assert_eq!(zeros, SIZE / 4096);
+                SIZE as f64 / t.elapsed().as_secs_f64() / 1e9
+            })
+            .collect(),
+    )
+}
+
+fn loopback_gbit() -> std::io::Result<f64> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let total: usize = 4 << 30;
+    let rx = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        let mut buf = vec![0u8; 4 << 20];
+        let mut got = 0;
+        while got < total {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        Ok(())
+    });
+    let mut s = TcpStream::connect(addr)?;
+    let buf = vec![7u8; 4 << 20];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        s.write_all(&buf)?;
+        sent += buf.len();
+    }
+    drop(s);
+    rx.join()
+        .map_err(|_| std::io::Error::other("receiver panicked"))??;
+    Ok(total as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9)
+}
+
+fn main() {
+    let tcp = median((0..3).map(|_| loopback_gbit().unwrap_or(0.0)).collect());
+    println!(
+        "{{\"memcpy_gbytes_per_s\": {:.2}, \"zero_scan_gbytes_per_s\": {:.2}, \"loopback_tcp_gbit_per_s\": {:.2}}}",
+        memcpy_gbps(),
+        zero_scan_gbps(),
+        tcp
+    );
+}

@@ -1,0 +1,123 @@
+//! `migctl`: the command-line client of the migd daemon.
+
+#[path = "migctl/commands.rs"]
+mod commands;
+#[path = "migctl/format.rs"]
+mod format;
+#[path = "migctl/migrate.rs"]
+mod migrate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// migctl: manage VMs and live migrations through the local migd daemon.
+#[derive(Parser, Debug)]
+#[command(version)]
+pub struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, value_name = "PATH", default_value = migd::client::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create and start a VM.
+    Create {
+        /// Name of the VM: 1 to 64 of A-Z a-z 0-9 _ . -
+        name: String,
+        /// Kernel: a PVH ELF or a Linux bzImage.
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Initial ramdisk.
+        #[arg(long, alias = "initramfs")]
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Guest RAM, e.g. 512M, 1G (a bare number is MiB).
+        #[arg(long, value_parser = migd::size::parse_size)]
+        memory: u64,
+        /// vCPUs (1-8).
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Print the new VM as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List VMs.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM.
+    Info {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a VM's serial console.
+    Console {
+        name: String,
+        /// Keep printing what the guest writes (Ctrl-C to stop).
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Pause a VM's vCPUs.
+    Pause { name: String },
+    /// Resume a paused VM.
+    Resume { name: String },
+    /// Stop a VM and delete its state directory.
+    Destroy { name: String },
+    /// Migrate a VM live to another host's migd.
+    Migrate {
+        /// The VM to move.
+        name: String,
+        /// Destination migd, HOST:PORT (its --listen address).
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// Migration mode.
+        #[arg(long, value_parser = ["precopy", "postcopy", "hybrid"], default_value = "precopy")]
+        mode: String,
+        /// Longest acceptable pause of the guest, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 300)]
+        max_downtime: u64,
+        /// Bandwidth cap in bytes per second, e.g. 128M (a bare number is MiB/s).
+        #[arg(long, value_name = "RATE", value_parser = migd::size::parse_size)]
+        max_bandwidth: Option<u64>,
+        /// Print the job id and return at once.
+        #[arg(long)]
+        detach: bool,
+        /// Print the final statistics (or, with --detach, the job) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List migration jobs.
+    Jobs {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one migration job.
+    Job {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a running migration job.
+    Cancel { id: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match commands::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("migctl: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

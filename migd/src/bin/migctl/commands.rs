@@ -1,0 +1,185 @@
+//! One function per migctl command: build the request, call the daemon, print.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use migd::client::Client;
+use serde_json::{json, Value};
+
+use crate::format;
+use crate::{Cli, Cmd};
+
+/// Replies to quick commands come within this; `create` waits for the VM to start.
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let connect = || Client::connect(&cli.socket, TIMEOUT).map_err(anyhow::Error::from);
+    match cli.command {
+        Cmd::Create {
+            name,
+            kernel,
+            initrd,
+            cmdline,
+            memory,
+            vcpus,
+            json,
+        } => {
+            let kernel = absolute(&kernel)?;
+            let initrd = initrd.as_deref().map(absolute).transpose()?;
+            let r = connect()?.call(&json!({
+                "cmd": "create", "name": name, "kernel": kernel, "initramfs": initrd,
+                "cmdline": cmdline, "memory": memory, "vcpus": vcpus,
+            }))?;
+            if json {
+                print_json(&r["vm"]);
+            } else {
+                println!("VM {name} created (pid {})", format::opt(&r["vm"]["pid"]));
+            }
+        }
+        Cmd::List { json } => {
+            let r = connect()?.call(&json!({"cmd": "list"}))?;
+            if json {
+                print_json(&r["vms"]);
+            } else {
+                print!(
+                    "{}",
+                    format::vm_table(r["vms"].as_array().map(Vec::as_slice).unwrap_or(&[]))
+                );
+            }
+        }
+        Cmd::Info { name, json } => {
+            let r = connect()?.call(&json!({"cmd": "info", "name": name}))?;
+            if json {
+                print_json(&r["vm"]);
+            } else {
+                print!("{}", format::vm_info(&r["vm"]));
+            }
+        }
+        Cmd::Console { name, follow } => {
+            if follow {
+                let r =
+                    connect()?.call(&json!({"cmd": "console", "name": name, "follow": true}))?;
+                let path = r["path"].as_str().context("daemon gave no console path")?;
+                follow_file(path)?;
+            } else {
+                let r = connect()?.call(&json!({"cmd": "console", "name": name}))?;
+                let mut out = std::io::stdout().lock();
+                out.write_all(r["text"].as_str().unwrap_or("").as_bytes())?;
+                out.flush()?;
+            }
+        }
+        Cmd::Pause { name } => {
+            let r = connect()?.call(&json!({"cmd": "pause", "name": name}))?;
+            match r["pause_us"].as_u64() {
+                Some(us) => println!("VM {name} paused ({us} µs)"),
+                None => println!("VM {name} paused"),
+            }
+        }
+        Cmd::Resume { name } => {
+            connect()?.call(&json!({"cmd": "resume", "name": name}))?;
+            println!("VM {name} resumed");
+        }
+        Cmd::Destroy { name } => {
+            connect()?.call(&json!({"cmd": "destroy", "name": name}))?;
+            println!("VM {name} destroyed");
+        }
+        Cmd::Migrate {
+            name,
+            to,
+            mode,
+            max_downtime,
+            max_bandwidth,
+            detach,
+            json,
+        } => {
+            let mut c = connect()?;
+            let memory = c.call(&json!({"cmd": "info", "name": name}))?["vm"]["memory"]
+                .as_u64()
+                .unwrap_or(0);
+            let r = c.call(&json!({
+                "cmd": "migrate", "name": name, "to": to, "mode": mode,
+                "max_downtime_ms": max_downtime, "max_bandwidth": max_bandwidth, "detach": true,
+            }))?;
+            let id = r["job"]
+                .as_str()
+                .context("daemon gave no job id")?
+                .to_string();
+            if detach {
+                if json {
+                    print_json(&json!({"job": id}));
+                } else {
+                    println!("{id}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            return crate::migrate::wait(&cli.socket, &id, memory, json);
+        }
+        Cmd::Jobs { json } => {
+            let r = connect()?.call(&json!({"cmd": "jobs"}))?;
+            if json {
+                print_json(&r["jobs"]);
+            } else {
+                print!(
+                    "{}",
+                    format::job_table(r["jobs"].as_array().map(Vec::as_slice).unwrap_or(&[]))
+                );
+            }
+        }
+        Cmd::Job { id, json } => {
+            let r = connect()?.call(&json!({"cmd": "job", "id": id}))?;
+            if json {
+                print_json(&r["job"]);
+            } else {
+                print!("{}", format::job_info(&r["job"]));
+            }
+        }
+        Cmd::Cancel { id } => {
+            connect()?.call(&json!({"cmd": "cancel", "id": id}))?;
+            println!("cancelling {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon resolves paths in its own working directory: send absolute ones.
+fn absolute(p: &std::path::Path) -> Result<std::path::PathBuf> {
+    std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
+}
+
+pub fn print_json(v: &Value) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(_) => println!("{v}"),
+    }
+}
+
+/// Prints a file and then what is appended to it, like `tail -f`, until interrupted.
+fn follow_file(path: &str) -> Result<()> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {path}"))?;
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pos = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n > 0 {
+            pos += n as u64;
+            out.write_all(&buf[..n])?;
+            out.flush()?;
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        match std::fs::metadata(path) {
+            // The VM was destroyed.
+            Err(_) => return Ok(()),
+            // Truncated or replaced: start over.
+            Ok(m) if m.len() < pos => {
+                f = std::fs::File::open(path)?;
+                f.seek(SeekFrom::Start(0))?;
+                pos = 0;
+            }
+            Ok(_) => {}
+        }
+    }
+}

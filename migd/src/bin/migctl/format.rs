@@ -1,0 +1,259 @@
+//! Human output: tables in the style of `virsh list`, key/value blocks, statistics.
+
+use std::fmt::Write;
+
+use serde_json::Value;
+
+/// A JSON value as a table cell: strings bare, null as `-`.
+pub fn opt(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Bytes with a binary unit: `128 MiB`, `1.5 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 || v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn bytes_of(v: &Value) -> String {
+    v.as_u64().map(bytes).unwrap_or_else(|| "-".into())
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn time(v: &Value) -> String {
+    let Some(secs) = v.as_u64() else {
+        return "-".into();
+    };
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Left-aligned columns separated by three spaces, a dashed rule under the header.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = String>| -> String {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.zip(&widths).enumerate() {
+            if i + 1 == widths.len() {
+                let _ = write!(s, " {c}");
+            } else {
+                let _ = write!(s, " {c:<w$}  ");
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(&mut header.iter().map(|h| h.to_string()));
+    let total: usize = widths.iter().sum::<usize>() + 3 * widths.len();
+    out.push_str(&"-".repeat(total));
+    out.push('\n');
+    for r in rows {
+        out.push_str(&line(&mut r.iter().cloned()));
+    }
+    out
+}
+
+/// `migctl list`.
+pub fn vm_table(vms: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            vec![
+                opt(&v["pid"]),
+                opt(&v["name"]),
+                opt(&v["state"]),
+                bytes_of(&v["memory"]),
+                opt(&v["vcpus"]),
+            ]
+        })
+        .collect();
+    table(&["Id", "Name", "State", "Memory", "vCPUs"], &rows)
+}
+
+fn kv(out: &mut String, key: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(out, "{:<16}{value}", format!("{key}:"));
+}
+
+/// `migctl info`.
+pub fn vm_info(v: &Value) -> String {
+    let mut s = String::new();
+    kv(&mut s, "Name", opt(&v["name"]));
+    kv(&mut s, "State", opt(&v["state"]));
+    kv(&mut s, "Pid", opt(&v["pid"]));
+    kv(&mut s, "Memory", bytes_of(&v["memory"]));
+    kv(&mut s, "vCPUs", opt(&v["vcpus"]));
+    kv(&mut s, "Kernel", opt(&v["kernel"]));
+    kv(&mut s, "Initramfs", opt(&v["initramfs"]));
+    kv(&mut s, "Cmdline", opt(&v["cmdline"]));
+    kv(&mut s, "Created", time(&v["created"]));
+    kv(&mut s, "Origin", opt(&v["origin"]));
+    if !v["source"].is_null() {
+        kv(&mut s, "Source", opt(&v["source"]));
+    }
+    kv(&mut s, "Console", opt(&v["console"]));
+    kv(&mut s, "Migration job", opt(&v["job"]));
+    s
+}
+
+/// `migctl jobs`.
+pub fn job_table(jobs: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                opt(&j["id"]),
+                opt(&j["vm"]),
+                opt(&j["to"]),
+                opt(&j["mode"]),
+                opt(&j["status"]),
+                time(&j["started"]),
+            ]
+        })
+        .collect();
+    table(&["Id", "VM", "To", "Mode", "Status", "Started"], &rows)
+}
+
+/// `migctl job`.
+pub fn job_info(j: &Value) -> String {
+    let mut s = String::new();
+    kv(&mut s, "Job", opt(&j["id"]));
+    kv(&mut s, "VM", opt(&j["vm"]));
+    kv(&mut s, "To", opt(&j["to"]));
+    kv(&mut s, "Mode", opt(&j["mode"]));
+    kv(&mut s, "Status", opt(&j["status"]));
+    kv(&mut s, "Started", time(&j["started"]));
+    kv(&mut s, "Ended", time(&j["ended"]));
+    if !j["error"].is_null() {
+        kv(&mut s, "Error", opt(&j["error"]));
+    }
+    s.push_str(&stats(&j["stats"]));
+    s
+}
+
+fn ms(v: &Value) -> String {
+    v.as_f64()
+        .map(|x| format!("{x:.1} ms"))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Bytes per second with a binary unit.
+pub fn rate(bytes_per_s: f64) -> String {
+    format!("{}/s", bytes(bytes_per_s.max(0.0) as u64))
+}
+
+/// The statistics object of a migration, as a block of lines.
+pub fn stats(st: &Value) -> String {
+    let mut s = String::new();
+    if !st.is_object() {
+        return s;
+    }
+    kv(&mut s, "Total time", ms(&st["total_ms"]));
+    kv(&mut s, "Setup time", ms(&st["setup_ms"]));
+    kv(&mut s, "Downtime", ms(&st["downtime_ms"]));
+    kv(&mut s, "Transferred", bytes_of(&st["bytes"]));
+    let p = &st["pages"];
+    kv(
+        &mut s,
+        "Pages",
+        format!(
+            "{} sent, {} zero, {} resent",
+            opt(&p["sent"]),
+            opt(&p["zero"]),
+            opt(&p["resent"])
+        ),
+    );
+    if let Some(b) = st["bandwidth_mbps"].as_f64() {
+        kv(&mut s, "Bandwidth", format!("{b:.1} Mbit/s"));
+    }
+    if let Some(r) = st["stop_reason"].as_str().filter(|r| !r.is_empty()) {
+        kv(&mut s, "Stop reason", r);
+    }
+    if let Some(rounds) = st["rounds"].as_array().filter(|r| !r.is_empty()) {
+        kv(&mut s, "Rounds", rounds.len());
+        let rows: Vec<Vec<String>> = rounds
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                vec![
+                    i.to_string(),
+                    opt(&r["pages"]),
+                    bytes_of(&r["bytes"]),
+                    ms(&r["ms"]),
+                    r["dirty_rate"]
+                        .as_f64()
+                        .map(rate)
+                        .unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        for l in table(&["Round", "Pages", "Bytes", "Time", "Dirty rate"], &rows).lines() {
+            let _ = writeln!(s, "  {l}");
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn units_and_dates() {
+        assert_eq!(bytes(128 << 20), "128 MiB");
+        assert_eq!(bytes(3 << 29), "1.5 GiB");
+        assert_eq!(bytes(12), "12 B");
+        assert_eq!(time(&json!(0)), "1970-01-01 00:00:00 UTC");
+        assert_eq!(time(&json!(1_700_000_000u64)), "2023-11-14 22:13:20 UTC");
+        assert_eq!(time(&Value::Null), "-");
+    }
+
+    #[test]
+    fn list_table() {
+        let t = vm_table(&[
+            json!({"pid": 42, "name": "web1", "state": "running", "memory": 134217728u64, "vcpus": 1}),
+        ]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with(" Id"), "{t}");
+        assert!(lines[0].contains("vCPUs"));
+        assert!(
+            lines[2].contains("web1") && lines[2].contains("128 MiB"),
+            "{t}"
+        );
+    }
+}

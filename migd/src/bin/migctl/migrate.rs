@@ -1,0 +1,126 @@
+//! `migctl migrate` without `--detach`: a progress bar while the job runs, then the
+//! final statistics; exit 0 only on `completed`.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use migd::client::Client;
+use serde_json::{json, Value};
+
+use crate::commands::print_json;
+use crate::format;
+
+const POLL: Duration = Duration::from_millis(250);
+
+/// Polls `job` until the job ends, drawing progress on stderr when it is a terminal.
+/// `memory` (the VM's RAM) sizes the bar until the first round has measured the rest.
+pub fn wait(socket: &Path, id: &str, memory: u64, as_json: bool) -> Result<ExitCode> {
+    let mut client = Client::connect(socket, Duration::from_secs(30))?;
+    let bar = ProgressBar::with_draw_target(Some(memory.max(1)), ProgressDrawTarget::hidden());
+    if std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::stderr());
+    }
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{bar:30}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut rate = Rate::default();
+    let job = loop {
+        let r = client.call(&json!({"cmd": "job", "id": id}))?;
+        let job = r["job"].clone();
+        let status = job["status"].as_str().unwrap_or("");
+        if matches!(status, "completed" | "failed" | "cancelled") {
+            break job;
+        }
+        update(&bar, &job, memory, &mut rate);
+        std::thread::sleep(POLL);
+    };
+    bar.finish_and_clear();
+    let status = job["status"].as_str().unwrap_or("failed");
+    if as_json {
+        print_json(&job["stats"]);
+    } else {
+        println!(
+            "Migration {} of {} to {}: {status}",
+            format::opt(&job["id"]),
+            format::opt(&job["vm"]),
+            format::opt(&job["to"])
+        );
+        print!("{}", format::stats(&job["stats"]));
+    }
+    if status == "completed" {
+        return Ok(ExitCode::SUCCESS);
+    }
+    match job["error"].as_str().or(job["stats"]["error"].as_str()) {
+        Some(e) => bail!("migration {id} {status}: {e}"),
+        None => bail!("migration {id} {status}"),
+    }
+}
+
+/// Transfer rate measured here from successive `bytes` samples (bytes/s, smoothed).
+#[derive(Default)]
+struct Rate {
+    last: Option<(Instant, u64)>,
+    bytes_per_s: f64,
+}
+
+impl Rate {
+    fn sample(&mut self, bytes: u64) -> f64 {
+        let now = Instant::now();
+        if let Some((t, b)) = self.last {
+            let dt = now.duration_since(t).as_secs_f64();
+            if dt >= 0.2 && bytes >= b {
+                let r = (bytes - b) as f64 / dt;
+                self.bytes_per_s = if self.bytes_per_s == 0.0 {
+                    r
+                } else {
+                    0.7 * self.bytes_per_s + 0.3 * r
+                };
+                self.last = Some((now, bytes));
+            }
+        } else {
+            self.last = Some((now, bytes));
+        }
+        self.bytes_per_s
+    }
+}
+
+/// Round, transferred/remaining, dirty rate, bandwidth, ETA.
+fn update(bar: &ProgressBar, job: &Value, memory: u64, rate: &mut Rate) {
+    let st = &job["stats"];
+    let sent = st["bytes"].as_u64().unwrap_or(0);
+    let remaining = st["remaining_bytes"].as_u64().unwrap_or(0);
+    let measured = rate.sample(sent);
+    let reported = st["bandwidth_mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0;
+    let bandwidth = if reported > 0.0 { reported } else { measured };
+    // Before the first dirty-log pass the remaining work is unknown: guess the whole RAM.
+    let left = if remaining > 0 {
+        remaining
+    } else {
+        memory.saturating_sub(sent)
+    };
+    bar.update(|s| {
+        s.set_len((sent + left).max(1));
+        s.set_pos(sent);
+    });
+    let eta = if bandwidth > 0.0 && left > 0 {
+        format!("{:.1}s", left as f64 / bandwidth)
+    } else {
+        "-".into()
+    };
+    bar.set_message(format!(
+        "{} round {} | sent {} | left {} | dirty {} | {:.0} Mbit/s | ETA {eta}",
+        job["status"].as_str().unwrap_or("-"),
+        format::opt(&st["round"]),
+        format::bytes(sent),
+        format::bytes(left),
+        format::rate(st["dirty_rate"].as_f64().unwrap_or(0.0)),
+        bandwidth * 8.0 / 1e6,
+    ));
+}

@@ -1,0 +1,539 @@
+//! The control socket: JSON lines, one reply per request, never a crash on bad input.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::Instrument;
+
+use migd::client::MAX_REQUEST_BYTES;
+
+use super::jobs::{self, MigrateRequest};
+use super::state::{self, st, Origin, VmEntry, VmRecord};
+use super::vmproc::{self, vm_call, vm_request};
+use super::Daemon;
+
+/// Commands of the API, in the order `unknown command` lists them.
+const COMMANDS: [&str; 12] = [
+    "create", "list", "info", "pause", "resume", "destroy", "console", "migrate", "jobs", "job",
+    "cancel", "ping",
+];
+
+/// How long `create` waits for the new VM process's control socket.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default and largest amount of console text `console` returns.
+const CONSOLE_DEFAULT: u64 = 1 << 20;
+const CONSOLE_MAX: u64 = 16 << 20;
+
+#[derive(Deserialize, Debug)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+enum Request {
+    Create(CreateRequest),
+    List,
+    Info {
+        name: String,
+    },
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    Destroy {
+        name: String,
+    },
+    Console {
+        name: String,
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        max_bytes: Option<u64>,
+    },
+    Migrate(MigrateRequest),
+    Jobs,
+    Job {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
+    Ping,
+}
+
+#[derive(Deserialize, Debug)]
+struct CreateRequest {
+    name: String,
+    kernel: PathBuf,
+    #[serde(default)]
+    initramfs: Option<PathBuf>,
+    #[serde(default)]
+    cmdline: String,
+    /// Bytes, or a size string such as "128M".
+    #[serde(deserialize_with = "size")]
+    memory: u64,
+    vcpus: u32,
+}
+
+fn size<'de, D: Deserializer<'de>>(de: D) -> Result<u64, D::Error> {
+    match Value::deserialize(de)? {
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| serde::de::Error::custom("memory must be a positive number of bytes")),
+        Value::String(s) => migd::size::parse_size(&s).map_err(serde::de::Error::custom),
+        other => Err(serde::de::Error::custom(format!(
+            "memory must be bytes or a size like \"1G\", got {other}"
+        ))),
+    }
+}
+
+/// Accepts clients until the daemon exits.
+pub async fn serve(d: Arc<Daemon>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let d = d.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = client(d, stream).await {
+                        tracing::debug!("control client: {e:#}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("accepting on the control socket: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn client(d: Arc<Daemon>, stream: UnixStream) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    // The socket is 0600, but check the peer too: root or the daemon's own user only.
+    let uid = read.as_ref().peer_cred()?.uid();
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if uid != 0 && uid != me {
+        let reply = json!({"ok": false, "error": format!("permission denied for uid {uid}")});
+        write.write_all(format!("{reply}\n").as_bytes()).await?;
+        return Ok(());
+    }
+    let mut reader = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_REQUEST_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_REQUEST_BYTES {
+            let reply = json!({"ok": false, "error": format!("request line longer than {MAX_REQUEST_BYTES} bytes")});
+            write.write_all(format!("{reply}\n").as_bytes()).await?;
+            return Ok(());
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let reply = handle(&d, &line).await;
+        write.write_all(format!("{reply}\n").as_bytes()).await?;
+    }
+}
+
+/// One request line → one reply object.
+async fn handle(d: &Arc<Daemon>, line: &[u8]) -> Value {
+    let req = match parse(line) {
+        Ok(r) => r,
+        Err(e) => return json!({"ok": false, "error": e}),
+    };
+    tracing::debug!(?req, "request");
+    match dispatch(d, req).await {
+        Ok(v) => v,
+        Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+    }
+}
+
+fn parse(line: &[u8]) -> Result<Request, String> {
+    let v: Value =
+        serde_json::from_slice(line).map_err(|e| format!("bad request: not JSON ({e})"))?;
+    let Some(obj) = v.as_object() else {
+        return Err("bad request: expected a JSON object with a \"cmd\"".into());
+    };
+    let cmd = match obj.get("cmd") {
+        Some(Value::String(c)) => c.clone(),
+        Some(_) => return Err("bad request: \"cmd\" must be a string".into()),
+        None => return Err("bad request: missing \"cmd\"".into()),
+    };
+    if !COMMANDS.contains(&cmd.as_str()) {
+        return Err(format!(
+            "unknown command '{}' (known: {})",
+            cmd.escape_debug(),
+            COMMANDS.join(", ")
+        ));
+    }
+    serde_json::from_value(v).map_err(|e| format!("bad '{cmd}' request: {e}"))
+}
+
+async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
+    match req {
+        Request::Ping => Ok(json!({"ok": true, "pid": std::process::id()})),
+        Request::Create(c) => {
+            let span = tracing::info_span!("vm", name = %c.name);
+            create(d, c).instrument(span).await
+        }
+        Request::List => {
+            let names: Vec<String> = d.reg().vms.keys().cloned().collect();
+            for n in &names {
+                state::refresh(d, n).await;
+            }
+            let reg = d.reg();
+            let vms: Vec<Value> = reg
+                .vms
+                .iter()
+                .map(|(n, v)| v.to_json(&d.vm_dir(n)))
+                .collect();
+            Ok(json!({"ok": true, "vms": vms}))
+        }
+        Request::Info { name } => {
+            state::refresh(d, &name).await;
+            let vm = entry(d, &name)?;
+            Ok(json!({"ok": true, "vm": vm.to_json(&d.vm_dir(&name))}))
+        }
+        Request::Pause { name } => pause_resume(d, &name, "pause").await,
+        Request::Resume { name } => pause_resume(d, &name, "resume").await,
+        Request::Destroy { name } => {
+            let span = tracing::info_span!("vm", name = %name);
+            destroy(d, &name).instrument(span).await
+        }
+        Request::Console {
+            name,
+            follow,
+            max_bytes,
+        } => {
+            entry(d, &name)?;
+            let path = state::console_path(&d.vm_dir(&name));
+            if follow {
+                return Ok(json!({"ok": true, "name": name, "path": path}));
+            }
+            let max = max_bytes.unwrap_or(CONSOLE_DEFAULT).min(CONSOLE_MAX);
+            let (text, truncated) = tail(&path, max)?;
+            Ok(
+                json!({"ok": true, "name": name, "path": path, "text": text, "truncated": truncated}),
+            )
+        }
+        Request::Migrate(m) => {
+            let span = tracing::info_span!("vm", name = %m.name);
+            jobs::start(d, m).instrument(span).await
+        }
+        Request::Jobs => {
+            let reg = d.reg();
+            let mut list: Vec<&jobs::Job> = reg.jobs.values().collect();
+            list.sort_by_key(|j| (j.started, j.id.len(), j.id.clone()));
+            Ok(json!({"ok": true, "jobs": list}))
+        }
+        Request::Job { id } => match d.reg().jobs.get(&id) {
+            Some(j) => Ok(json!({"ok": true, "job": j})),
+            None => bail!("no job '{id}'"),
+        },
+        Request::Cancel { id } => jobs::cancel(d, &id).await,
+    }
+}
+
+fn entry(d: &Daemon, name: &str) -> Result<VmEntry> {
+    match d.reg().vms.get(name) {
+        Some(v) => Ok(v.clone()),
+        None => bail!("no VM named '{}'", name.escape_debug()),
+    }
+}
+
+/// The last `max` bytes of a file, as text.
+fn tail(path: &Path, max: u64) -> Result<(String, bool)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), false)),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(max);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.take(max).read_to_end(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf).into_owned(), start > 0))
+}
+
+async fn pause_resume(d: &Daemon, name: &str, cmd: &str) -> Result<Value> {
+    let vm = entry(d, name)?;
+    if vm.pid.is_none() || ![st::RUNNING, st::PAUSED].contains(&vm.state.as_str()) {
+        bail!(
+            "VM '{name}' is {}; only a running or paused VM can {cmd}",
+            vm.state
+        );
+    }
+    let sock = state::control_path(&d.vm_dir(name));
+    let r = vm_call(&sock, &json!({"cmd": cmd}), Duration::from_secs(10)).await?;
+    let new = if cmd == "pause" {
+        st::PAUSED
+    } else {
+        st::RUNNING
+    };
+    if let Some(v) = d.reg().vms.get_mut(name) {
+        if v.state == st::RUNNING || v.state == st::PAUSED {
+            v.state = new.into();
+        }
+    }
+    tracing::info!(vm = name, "{cmd}d");
+    let mut reply = json!({"ok": true, "name": name, "state": new});
+    if let Some(us) = r.get("pause_us") {
+        reply["pause_us"] = us.clone();
+    }
+    Ok(reply)
+}
+
+async fn create(d: &Arc<Daemon>, c: CreateRequest) -> Result<Value> {
+    state::check_name(&c.name).map_err(anyhow::Error::msg)?;
+    if !(1..=8).contains(&c.vcpus) {
+        bail!("vcpus must be 1 to 8, got {}", c.vcpus);
+    }
+    if c.memory < 1 << 20 || !c.memory.is_multiple_of(4096) || c.memory > 1 << 40 {
+        bail!(
+            "memory must be a multiple of 4 KiB between 1 MiB and 1 TiB, got {} bytes",
+            c.memory
+        );
+    }
+    let kernel = existing_file(&c.kernel, "kernel")?;
+    let initramfs = match &c.initramfs {
+        Some(p) => Some(existing_file(p, "initramfs")?),
+        None => None,
+    };
+    let dir = d.vm_dir(&c.name);
+    let control = state::control_path(&dir);
+    if control.as_os_str().len() > 100 {
+        bail!(
+            "state dir path too long: {} exceeds the unix socket path limit",
+            control.display()
+        );
+    }
+    let record = VmRecord {
+        name: c.name.clone(),
+        kernel: Some(kernel),
+        initramfs,
+        cmdline: c.cmdline,
+        memory: c.memory,
+        vcpus: c.vcpus,
+        created: state::now(),
+        origin: Origin::Created,
+        source: None,
+    };
+    {
+        let mut reg = d.reg();
+        if reg.vms.contains_key(&c.name) {
+            bail!("a VM named '{}' already exists", c.name);
+        }
+        if dir.exists() {
+            bail!(
+                "{} exists but is no VM of this daemon; remove it first",
+                dir.display()
+            );
+        }
+        reg.vms.insert(
+            c.name.clone(),
+            VmEntry {
+                record: record.clone(),
+                state: st::CREATING.into(),
+                pid: None,
+                job: None,
+            },
+        );
+    }
+    match spawn_vm(d, &record, &dir).await {
+        Ok((child, state, pid)) => {
+            let vm = {
+                let mut reg = d.reg();
+                let vm = reg
+                    .vms
+                    .get_mut(&c.name)
+                    .context("VM vanished while created")?;
+                vm.state = state;
+                vm.pid = Some(pid);
+                vm.clone()
+            };
+            state::watch_child(d.clone(), c.name.clone(), child);
+            tracing::info!(pid, "VM created");
+            Ok(json!({"ok": true, "vm": vm.to_json(&dir)}))
+        }
+        Err(e) => {
+            // The directory goes, so keep the VM process's last words in our log.
+            if let Ok((log, _)) = tail(&state::log_path(&dir), 4096) {
+                tracing::warn!(vm_log = %log.trim_end(), "create failed: {e:#}");
+            } else {
+                tracing::warn!("create failed: {e:#}");
+            }
+            d.reg().vms.remove(&c.name);
+            let _ = state::remove_dir(&dir);
+            Err(e)
+        }
+    }
+}
+
+fn existing_file(p: &Path, what: &str) -> Result<PathBuf> {
+    let abs = std::fs::canonicalize(p)
+        .map_err(|e| anyhow::anyhow!("{what} {} does not exist ({e})", p.display()))?;
+    if !abs.is_file() {
+        bail!("{what} {} is not a file", p.display());
+    }
+    Ok(abs)
+}
+
+/// Memory as `migd run --memory` reads it (a bare number there means MiB).
+pub fn memory_arg(bytes: u64) -> String {
+    format!("{}K", bytes.div_ceil(1024))
+}
+
+/// Creates the VM directory and process; waits until its control socket answers.
+async fn spawn_vm(
+    d: &Daemon,
+    r: &VmRecord,
+    dir: &Path,
+) -> Result<(tokio::process::Child, String, u32)> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    state::write_json_atomic(&state::record_path(dir), r)?;
+    let control = state::control_path(dir);
+    let mut args = vec![
+        "--name".to_string(),
+        r.name.clone(),
+        "--kernel".into(),
+        path_arg(r.kernel.as_deref())?,
+        "--cmdline".into(),
+        r.cmdline.clone(),
+        "--memory".into(),
+        memory_arg(r.memory),
+        "--cpus".into(),
+        r.vcpus.to_string(),
+        "--serial".into(),
+        path_arg(Some(&state::console_path(dir)))?,
+        "--control".into(),
+        path_arg(Some(&control))?,
+    ];
+    if let Some(i) = &r.initramfs {
+        args.push("--initramfs".into());
+        args.push(path_arg(Some(i))?);
+    }
+    let log = state::log_path(dir);
+    let mut child = vmproc::spawn(&d.exe, &args, &log, None)?;
+    let pid = child.id().context("VM process has no pid")?;
+    let end = Instant::now() + CREATE_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let why = vmproc::last_error_line(&log).unwrap_or_else(|| "no message".into());
+            bail!("VM process exited ({status}): {why}");
+        }
+        if control.exists() {
+            if let Ok(s) =
+                vm_request(&control, &json!({"cmd": "status"}), Duration::from_secs(2)).await
+            {
+                if s["ok"] == true {
+                    let state = s["state"].as_str().unwrap_or(st::RUNNING).to_string();
+                    return Ok((child, state, pid));
+                }
+            }
+        }
+        if Instant::now() > end {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            bail!(
+                "VM process did not answer on {} within {CREATE_TIMEOUT:?}; see {}",
+                control.display(),
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn path_arg(p: Option<&Path>) -> Result<String> {
+    let p = p.context("missing path")?;
+    p.to_str()
+        .map(str::to_string)
+        .with_context(|| format!("path {} is not UTF-8", p.display()))
+}
+
+async fn destroy(d: &Daemon, name: &str) -> Result<Value> {
+    let pid = {
+        let mut reg = d.reg();
+        let Some(vm) = reg.vms.get_mut(name) else {
+            bail!("no VM named '{}'", name.escape_debug());
+        };
+        if let Some(j) = &vm.job {
+            bail!("VM '{name}' is being migrated (job {j}); cancel the job first");
+        }
+        if vm.state == st::CREATING || vm.state == st::DESTROYING {
+            bail!("VM '{name}' is {}; try again", vm.state);
+        }
+        vm.state = st::DESTROYING.into();
+        vm.pid
+    };
+    let dir = d.vm_dir(name);
+    if let Some(pid) = pid {
+        vmproc::stop(&state::control_path(&dir), pid).await;
+        if vmproc::alive(pid) {
+            if let Some(v) = d.reg().vms.get_mut(name) {
+                v.state = st::RUNNING.into();
+            }
+            bail!("VM process {pid} of '{name}' does not stop");
+        }
+    }
+    let removed = state::remove_dir(&dir);
+    d.reg().vms.remove(name);
+    removed?;
+    tracing::info!("VM destroyed");
+    Ok(json!({"ok": true, "name": name}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_name_the_problem() {
+        let e = parse(b"{not json").unwrap_err();
+        assert!(e.contains("not JSON"), "{e}");
+        let e = parse(b"[1]").unwrap_err();
+        assert!(e.contains("JSON object"), "{e}");
+        let e = parse(b"{\"name\":\"a\"}").unwrap_err();
+        assert!(e.contains("missing \"cmd\""), "{e}");
+        let e = parse(b"{\"cmd\":\"fly\"}").unwrap_err();
+        assert!(e.starts_with("unknown command 'fly'"), "{e}");
+        let e = parse(b"{\"cmd\":\"info\"}").unwrap_err();
+        assert!(e.contains("missing field `name`"), "{e}");
+        let e = parse(
+            b"{\"cmd\":\"create\",\"name\":\"a\",\"kernel\":\"k\",\"memory\":\"lots\",\"vcpus\":1}",
+        )
+        .unwrap_err();
+        assert!(e.contains("not a size"), "{e}");
+        assert!(parse(b"{\"cmd\":\"list\"}").is_ok());
+        assert!(matches!(
+            parse(b"{\"cmd\":\"create\",\"name\":\"a\",\"kernel\":\"k\",\"memory\":\"128M\",\"vcpus\":1}"),
+            Ok(Request::Create(CreateRequest { memory: 134217728, .. }))
+        ));
+    }
+
+    #[test]
+    fn memory_argument_is_not_read_as_mib() {
+        assert_eq!(memory_arg(128 << 20), "131072K");
+        assert_eq!(
+            migd::size::parse_size(&memory_arg(128 << 20)),
+            Ok(128 << 20)
+        );
+    }
+}

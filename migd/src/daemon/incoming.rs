@@ -1,0 +1,205 @@
+//! Incoming migrations: a TCP listener; per connection the destination half of the
+//! handshake, then a VM process that receives the VM over the inherited socket.
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use super::api::memory_arg;
+use super::state::{self, st, Origin, VmEntry, VmRecord};
+use super::vmproc;
+use super::Daemon;
+
+/// How long a peer may take to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Binds the listener and serves it in the background.
+pub async fn start(d: Arc<Daemon>) -> Result<()> {
+    let l = TcpListener::bind(&d.cfg.listen)
+        .await
+        .with_context(|| format!("binding the migration listener {}", d.cfg.listen))?;
+    tracing::info!(addr = %l.local_addr()?, "listening for incoming migrations");
+    tokio::spawn(async move {
+        loop {
+            match l.accept().await {
+                Ok((s, peer)) => {
+                    let d = d.clone();
+                    let span = tracing::info_span!("incoming", %peer);
+                    tokio::spawn(
+                        async move {
+                            if let Err(e) = connection(d, s, peer).await {
+                                tracing::warn!("incoming migration not started: {e:#}");
+                            }
+                        }
+                        .instrument(span),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!("accepting a migration connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) -> Result<()> {
+    let stream = s.into_std()?;
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
+    let d2 = d.clone();
+    let (stream, record) = tokio::task::spawn_blocking(move || handshake(&d2, stream, peer))
+        .await
+        .context("handshake task")??;
+    let name = record.name.clone();
+    let dir = d.vm_dir(&name);
+    let args = vec![
+        "--incoming-fd".to_string(),
+        "3".into(),
+        "--name".into(),
+        name.clone(),
+        "--memory".into(),
+        memory_arg(record.memory),
+        "--cpus".into(),
+        record.vcpus.to_string(),
+        "--serial".into(),
+        state::console_path(&dir).to_string_lossy().into_owned(),
+        "--control".into(),
+        state::control_path(&dir).to_string_lossy().into_owned(),
+    ];
+    // The child gets the socket as fd 3; our copy closes when `stream` drops.
+    match vmproc::spawn(
+        &d.exe,
+        &args,
+        &state::log_path(&dir),
+        Some(stream.as_raw_fd()),
+    ) {
+        Ok(child) => {
+            let pid = child.id();
+            if let Some(vm) = d.reg().vms.get_mut(&name) {
+                vm.pid = pid;
+            }
+            tracing::info!(vm = %name, ?pid, "receiving VM");
+            state::watch_child(d.clone(), name, child);
+            Ok(())
+        }
+        Err(e) => {
+            d.reg().vms.remove(&name);
+            let _ = state::remove_dir(&dir);
+            Err(e)
+        }
+    }
+}
+
+/// Checks a Hello against this host; on success the name is reserved and the directory made.
+fn admit(
+    d: &Daemon,
+    name: &str,
+    memory: u64,
+    vcpus: u32,
+    peer: SocketAddr,
+) -> Result<VmRecord, String> {
+    state::check_name(name)?;
+    if !(1..=8).contains(&vcpus) {
+        return Err(format!("{vcpus} vCPUs: this host runs VMs of 1 to 8 vCPUs"));
+    }
+    if memory == 0 || !memory.is_multiple_of(4096) {
+        return Err(format!(
+            "memory of {memory} bytes is not a whole number of pages"
+        ));
+    }
+    let available = mem_available().unwrap_or(0);
+    if memory > available {
+        return Err(format!(
+            "not enough memory: the VM has {} MiB, this host has {} MiB available",
+            memory >> 20,
+            available >> 20
+        ));
+    }
+    let dir = d.vm_dir(name);
+    let record = VmRecord {
+        name: name.to_string(),
+        kernel: None,
+        initramfs: None,
+        cmdline: String::new(),
+        memory,
+        vcpus,
+        created: state::now(),
+        origin: Origin::Incoming,
+        source: Some(peer.to_string()),
+    };
+    let mut reg = d.reg();
+    if reg.vms.contains_key(name) || dir.exists() {
+        return Err(format!("a VM named '{name}' already exists on this host"));
+    }
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    reg.vms.insert(
+        name.to_string(),
+        VmEntry {
+            record: record.clone(),
+            state: st::INCOMING.into(),
+            pid: None,
+            job: None,
+        },
+    );
+    Ok(record)
+}
+
+/// The destination half of the handshake, with the checks of this host.
+///
+/// Integration point with `crates/migration`: `receive_hello`, then `accept` or `refuse`.
+fn handshake(d: &Daemon, mut stream: TcpStream, peer: SocketAddr) -> Result<(TcpStream, VmRecord)> {
+    use migration::handshake;
+    let hello = handshake::receive_hello(&mut stream).context("reading the Hello")?;
+    tracing::info!(vm = %hello.name, memory = hello.memory, vcpus = hello.vcpus, mode = %hello.mode, "migration offered");
+    let record = match admit(d, &hello.name, hello.memory, hello.vcpus, peer) {
+        Ok(r) => r,
+        Err(reason) => {
+            tracing::warn!(vm = %hello.name, "refusing: {reason}");
+            let _ = handshake::refuse(&mut stream, &reason);
+            anyhow::bail!("refused {}: {reason}", hello.name);
+        }
+    };
+    let accepted = handshake::accept(&mut stream, &hello)
+        .context("sending Accept")
+        .and_then(|()| {
+            // The child reads with its own timeouts; it inherits this blocking socket as is.
+            stream
+                .set_read_timeout(None)
+                .context("clearing the read timeout")
+        });
+    if let Err(e) = accepted {
+        d.reg().vms.remove(&hello.name);
+        let _ = state::remove_dir(&d.vm_dir(&hello.name));
+        return Err(e);
+    }
+    Ok((stream, record))
+}
+
+/// MemAvailable of /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn meminfo_is_readable() {
+        assert!(super::mem_available().is_some_and(|m| m > 0));
+    }
+}

@@ -1,0 +1,463 @@
+//! Migration jobs: one per outgoing migration, tracked by polling the VM process's
+//! `migration` command, kept in memory and in `<state>/jobs/ID.json`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tracing::Instrument;
+
+use super::state::{self, st, write_json_atomic};
+use super::vmproc::{self, vm_call, vm_request};
+use super::Daemon;
+
+/// Migration modes the VM process knows.
+pub const MODES: [&str; 3] = ["precopy", "postcopy", "hybrid"];
+/// Default `max_downtime_ms` (as QEMU's).
+pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
+
+const POLL: Duration = Duration::from_millis(200);
+
+/// One migration job.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Job {
+    pub id: String,
+    pub vm: String,
+    pub to: String,
+    pub mode: String,
+    pub max_downtime_ms: u64,
+    pub max_bandwidth: Option<u64>,
+    /// setup, active, completed, failed or cancelled.
+    pub status: String,
+    /// Unix seconds.
+    pub started: u64,
+    pub ended: Option<u64>,
+    pub error: Option<String>,
+    /// The statistics object of the VM process's `migration` reply.
+    pub stats: Value,
+}
+
+impl Job {
+    pub fn is_final(&self) -> bool {
+        is_final(&self.status)
+    }
+}
+
+fn is_final(status: &str) -> bool {
+    matches!(status, "completed" | "failed" | "cancelled")
+}
+
+/// What `migrate` asks for.
+#[derive(Deserialize, Debug)]
+pub struct MigrateRequest {
+    pub name: String,
+    pub to: String,
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    #[serde(default = "default_downtime")]
+    pub max_downtime_ms: u64,
+    #[serde(default)]
+    pub max_bandwidth: Option<u64>,
+    #[serde(default)]
+    pub detach: bool,
+}
+
+fn default_mode() -> String {
+    "precopy".into()
+}
+fn default_downtime() -> u64 {
+    DEFAULT_MAX_DOWNTIME_MS
+}
+
+/// Checks `HOST:PORT`.
+fn check_target(to: &str) -> Result<()> {
+    let ok = match to.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && port.parse::<u16>().is_ok_and(|p| p != 0)
+                && !host.contains(char::is_whitespace)
+        }
+        None => false,
+    };
+    if !ok {
+        bail!("'to' must be HOST:PORT, got '{}'", to.escape_debug());
+    }
+    Ok(())
+}
+
+fn persist(d: &Daemon, job: &Job) {
+    let path = d.jobs_dir().join(format!("{}.json", job.id));
+    if let Err(e) = write_json_atomic(&path, job) {
+        tracing::warn!("{e:#}");
+    }
+}
+
+/// Loads the jobs of earlier runs from `<state>/jobs`.
+pub fn load(d: &Daemon) {
+    let Ok(entries) = std::fs::read_dir(d.jobs_dir()) else {
+        return;
+    };
+    let mut reg = d.reg();
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().and_then(|x| x.to_str()) != Some("json") {
+            continue;
+        }
+        match std::fs::read(&p).map(|b| serde_json::from_slice::<Job>(&b)) {
+            Ok(Ok(job)) => {
+                if let Some(n) = job
+                    .id
+                    .strip_prefix("job")
+                    .and_then(|n| n.parse::<u64>().ok())
+                {
+                    reg.next_job = reg.next_job.max(n);
+                }
+                reg.jobs.insert(job.id.clone(), job);
+            }
+            _ => tracing::warn!(path = %p.display(), "ignoring an unreadable job file"),
+        }
+    }
+}
+
+/// After re-attaching: jobs left unfinished by an earlier daemon whose VM no longer
+/// reports them are marked failed.
+pub fn finish_orphans(d: &Daemon) {
+    let orphans: Vec<Job> = {
+        let mut reg = d.reg();
+        let tracked: Vec<String> = reg.vms.values().filter_map(|v| v.job.clone()).collect();
+        reg.jobs
+            .values_mut()
+            .filter(|j| !j.is_final() && !tracked.contains(&j.id))
+            .map(|j| {
+                j.status = "failed".into();
+                j.ended = Some(state::now());
+                j.error = Some(
+                    "migd restarted and the VM process no longer reports this migration".into(),
+                );
+                j.stats["outcome"] = json!("failed");
+                j.clone()
+            })
+            .collect()
+    };
+    for j in orphans {
+        persist(d, &j);
+    }
+}
+
+/// Starts a migration job; with `detach: false` the reply waits for its end.
+pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
+    state::check_name(&req.name).map_err(anyhow::Error::msg)?;
+    check_target(&req.to)?;
+    if !MODES.contains(&req.mode.as_str()) {
+        bail!(
+            "unknown mode '{}': use precopy, postcopy or hybrid",
+            req.mode.escape_debug()
+        );
+    }
+    if !d.cfg.insecure {
+        bail!("migrations are disabled: the stream would be plaintext; start migd with --insecure");
+    }
+    let job = {
+        let mut reg = d.reg();
+        let reg = &mut *reg;
+        let Some(vm) = reg.vms.get_mut(&req.name) else {
+            bail!("no VM named '{}'", req.name);
+        };
+        if let Some(j) = &vm.job {
+            bail!("VM '{}' is already being migrated (job {j})", req.name);
+        }
+        if vm.state != st::RUNNING && vm.state != st::PAUSED || vm.pid.is_none() {
+            bail!(
+                "VM '{}' is {}; only a running or paused VM can be migrated",
+                req.name,
+                vm.state
+            );
+        }
+        reg.next_job += 1;
+        let id = format!("job{}", reg.next_job);
+        vm.job = Some(id.clone());
+        let job = Job {
+            id: id.clone(),
+            vm: req.name.clone(),
+            to: req.to.clone(),
+            mode: req.mode.clone(),
+            max_downtime_ms: req.max_downtime_ms,
+            max_bandwidth: req.max_bandwidth,
+            status: "setup".into(),
+            started: state::now(),
+            ended: None,
+            error: None,
+            stats: json!({"id": id, "vm": req.name, "mode": req.mode, "outcome": null, "error": null}),
+        };
+        reg.jobs.insert(id, job.clone());
+        job
+    };
+    let sock = state::control_path(&d.vm_dir(&job.vm));
+    let sent = vm_call(
+        &sock,
+        &json!({
+            "cmd": "migrate",
+            "to": job.to,
+            "mode": job.mode,
+            "max_downtime_ms": job.max_downtime_ms,
+            "max_bandwidth": job.max_bandwidth,
+            "job": job.id,
+        }),
+        Duration::from_secs(10),
+    )
+    .await;
+    if let Err(e) = sent {
+        let mut reg = d.reg();
+        reg.jobs.remove(&job.id);
+        if let Some(vm) = reg.vms.get_mut(&job.vm) {
+            vm.job = None;
+        }
+        bail!("VM '{}' refused the migration: {e:#}", job.vm);
+    }
+    persist(d, &job);
+    tracing::info!(job = %job.id, vm = %job.vm, to = %job.to, mode = %job.mode, "migration started");
+    spawn_tracker(d.clone(), job.id.clone(), job.vm.clone());
+    if req.detach {
+        return Ok(json!({"ok": true, "job": job.id}));
+    }
+    loop {
+        tokio::time::sleep(POLL).await;
+        let done = d.reg().jobs.get(&job.id).filter(|j| j.is_final()).cloned();
+        if let Some(j) = done {
+            return Ok(
+                json!({"ok": true, "job": j.id, "status": j.status, "error": j.error, "stats": j.stats}),
+            );
+        }
+    }
+}
+
+fn spawn_tracker(d: Arc<Daemon>, id: String, vm: String) {
+    let span = tracing::info_span!("job", id = %id, vm = %vm);
+    tokio::spawn(track(d, id, vm).instrument(span));
+}
+
+/// Polls the VM process until the migration ends, then finishes the job.
+async fn track(d: Arc<Daemon>, id: String, vm: String) {
+    let sock = state::control_path(&d.vm_dir(&vm));
+    let (mut failures, mut nones) = (0u32, 0u32);
+    let (status, error) = loop {
+        tokio::time::sleep(POLL).await;
+        let pid = d.reg().vms.get(&vm).and_then(|v| v.pid);
+        let Some(pid) = pid.filter(|p| vmproc::alive(*p)) else {
+            break (
+                "failed".to_string(),
+                Some("the VM process exited during the migration".to_string()),
+            );
+        };
+        match vm_request(&sock, &json!({"cmd": "migration"}), Duration::from_secs(5)).await {
+            Ok(r) if r["ok"] == true => {
+                failures = 0;
+                let mut status = r["status"].as_str().unwrap_or("none").to_string();
+                if r["id"].as_str().is_some_and(|other| other != id) {
+                    // Still the report of an earlier migration of this VM.
+                    status = "none".into();
+                }
+                if status == "none" {
+                    nones += 1;
+                    if nones > 50 {
+                        break (
+                            "failed".into(),
+                            Some("the VM process reports no migration".into()),
+                        );
+                    }
+                    continue;
+                }
+                let stats = stats_of(&r);
+                let error = stats["error"].as_str().map(str::to_string);
+                if let Some(j) = d.reg().jobs.get_mut(&id) {
+                    j.stats = stats;
+                    // The final status is set by `finish`, after the clean-up.
+                    if !is_final(&status) {
+                        j.status = status.clone();
+                    }
+                }
+                if is_final(&status) {
+                    break (status, error);
+                }
+            }
+            other => {
+                failures += 1;
+                if failures > 25 {
+                    let why = match other {
+                        Ok(r) => r["error"].as_str().unwrap_or("error reply").to_string(),
+                        Err(e) => format!("{e:#}"),
+                    };
+                    tracing::warn!(pid, "VM process stopped answering: {why}");
+                    break (
+                        "failed".into(),
+                        Some(format!("the VM process stopped answering: {why}")),
+                    );
+                }
+            }
+        }
+    };
+    finish(&d, &id, &vm, status, error).await;
+}
+
+/// The statistics in a `migration` reply: its `stats` object, or the reply itself.
+fn stats_of(r: &Value) -> Value {
+    if let Some(s) = r.get("stats").filter(|s| s.is_object()) {
+        return s.clone();
+    }
+    let mut s = r.clone();
+    if let Some(o) = s.as_object_mut() {
+        o.remove("ok");
+    }
+    s
+}
+
+/// Ends a job. After `completed` the source VM process is stopped and the VM forgotten
+/// here first, so that whoever sees the job completed also sees the VM gone.
+async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<String>) {
+    let (pid, to) = {
+        let mut reg = d.reg();
+        let to = reg.jobs.get(id).map(|j| j.to.clone()).unwrap_or_default();
+        let pid = match reg.vms.get_mut(vm) {
+            Some(v) => {
+                v.job = None;
+                if status == "completed" {
+                    v.state = st::MIGRATED.into();
+                }
+                v.pid
+            }
+            None => None,
+        };
+        (pid, to)
+    };
+    if status == "completed" {
+        let dir = d.vm_dir(vm);
+        if let Some(pid) = pid {
+            vmproc::stop(&state::control_path(&dir), pid).await;
+        }
+        if let Err(e) = state::remove_dir(&dir) {
+            tracing::warn!("{e:#}");
+        }
+        d.reg().vms.remove(vm);
+        tracing::info!("VM now lives on {to}; removed here");
+    }
+    let job = {
+        let mut reg = d.reg();
+        let Some(j) = reg.jobs.get_mut(id) else {
+            return;
+        };
+        j.status = status.clone();
+        j.ended = Some(state::now());
+        if j.error.is_none() {
+            j.error = error.clone();
+        }
+        if let Some(o) = j.stats.as_object_mut() {
+            o.insert("outcome".into(), json!(status));
+            o.insert("status".into(), json!(status));
+            if o.get("error").is_none_or(Value::is_null) {
+                o.insert("error".into(), json!(error));
+            }
+        }
+        j.clone()
+    };
+    persist(d, &job);
+    match &job.error {
+        Some(e) => tracing::warn!(status = %job.status, "migration ended: {e}"),
+        None => tracing::info!(status = %job.status, "migration ended"),
+    }
+}
+
+/// At start, for an adopted VM: picks up a migration that is still going (or one that
+/// completed while no daemon was watching).
+pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
+    let sock = state::control_path(&d.vm_dir(vm));
+    let Ok(r) = vm_request(&sock, &json!({"cmd": "migration"}), Duration::from_secs(2)).await
+    else {
+        return;
+    };
+    let status = r["status"].as_str().unwrap_or("none").to_string();
+    if r["ok"] != true || status == "none" {
+        return;
+    }
+    let vm_state = d.reg().vms.get(vm).map(|v| v.state.clone());
+    if is_final(&status) && !(status == "completed" && vm_state.as_deref() == Some(st::MIGRATED)) {
+        return;
+    }
+    let stats = stats_of(&r);
+    let id = {
+        let mut reg = d.reg();
+        let id = match stats["id"].as_str() {
+            Some(id) => id.to_string(),
+            None => {
+                reg.next_job += 1;
+                format!("job{}", reg.next_job)
+            }
+        };
+        let job = reg.jobs.entry(id.clone()).or_insert_with(|| Job {
+            id: id.clone(),
+            vm: vm.to_string(),
+            to: stats["to"].as_str().unwrap_or("?").to_string(),
+            mode: stats["mode"].as_str().unwrap_or("?").to_string(),
+            max_downtime_ms: DEFAULT_MAX_DOWNTIME_MS,
+            max_bandwidth: None,
+            status: status.clone(),
+            started: state::now(),
+            ended: None,
+            error: None,
+            stats: stats.clone(),
+        });
+        job.status = status.clone();
+        job.ended = None;
+        job.stats = stats;
+        if let Some(v) = reg.vms.get_mut(vm) {
+            v.job = Some(id.clone());
+        }
+        id
+    };
+    tracing::info!(job = %id, status = %status, "re-attached to a migration in progress");
+    spawn_tracker(d.clone(), id, vm.to_string());
+}
+
+/// Asks the VM process of an unfinished job to cancel it.
+pub async fn cancel(d: &Daemon, id: &str) -> Result<Value> {
+    let vm = {
+        let reg = d.reg();
+        let Some(j) = reg.jobs.get(id) else {
+            bail!("no job '{id}'")
+        };
+        if j.is_final() {
+            bail!("job {id} already ended ({})", j.status);
+        }
+        j.vm.clone()
+    };
+    let sock = state::control_path(&d.vm_dir(&vm));
+    vm_call(&sock, &json!({"cmd": "cancel"}), Duration::from_secs(10)).await?;
+    Ok(json!({"ok": true, "job": id}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        for ok in ["10.0.0.2:7070", "host.example:1", "[::1]:7070"] {
+            assert!(check_target(ok).is_ok(), "{ok}");
+        }
+        for bad in ["10.0.0.2", ":7070", "h:0", "h:99999", "h: 1", "a b:1"] {
+            assert!(check_target(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn stats_flattened_or_nested() {
+        let r = json!({"ok": true, "status": "active", "id": "job1", "bytes": 5});
+        assert_eq!(
+            stats_of(&r),
+            json!({"status": "active", "id": "job1", "bytes": 5})
+        );
+        let r = json!({"ok": true, "status": "active", "stats": {"bytes": 7}});
+        assert_eq!(stats_of(&r), json!({"bytes": 7}));
+    }
+}

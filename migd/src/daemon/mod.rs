@@ -1,0 +1,206 @@
+//! The per-host daemon: a JSON-lines API on a root-only unix socket, one process per
+//! VM (spawned detached, so VMs outlive the daemon), re-attachment on restart,
+//! migration jobs, and the TCP listener for incoming migrations.
+
+mod api;
+mod config;
+mod incoming;
+mod jobs;
+mod state;
+mod vmproc;
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::{bail, Context, Result};
+use tokio::net::UnixListener;
+
+pub use config::Config;
+use jobs::Job;
+use state::VmEntry;
+
+/// Flags of the daemon (`migd` with no subcommand); each is also a config-file key.
+#[derive(clap::Args, Debug, Default)]
+pub struct DaemonArgs {
+    /// TOML config file; every key has a flag of the same name, and flags win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address of the TCP listener for incoming migrations [default: 0.0.0.0:7070].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<String>,
+    /// Control socket for migctl [default: /run/migd/migd.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// State directory: VM records, consoles, logs, jobs [default: /var/lib/migd].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Allow plaintext, unauthenticated migration streams (needed until TLS exists).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// VMs and jobs known to this daemon.
+#[derive(Default)]
+pub struct Registry {
+    pub vms: BTreeMap<String, VmEntry>,
+    pub jobs: BTreeMap<String, Job>,
+    pub next_job: u64,
+}
+
+/// Shared state of the running daemon.
+pub struct Daemon {
+    pub cfg: Config,
+    /// This binary, resolved at start (an upgrade may replace the file later).
+    pub exe: PathBuf,
+    reg: Mutex<Registry>,
+}
+
+impl Daemon {
+    /// Locks the registry (never held across an await).
+    pub fn reg(&self) -> MutexGuard<'_, Registry> {
+        self.reg.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.cfg.state_dir.join("vms")
+    }
+
+    pub fn jobs_dir(&self) -> PathBuf {
+        self.cfg.state_dir.join("jobs")
+    }
+
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.vms_dir().join(name)
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; returns the exit code.
+pub fn main(args: DaemonArgs) -> Result<i32> {
+    let cfg = Config::load(&args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let code = rt.block_on(serve(cfg));
+    // Do not wait for a handshake still blocked on a slow peer.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
+}
+
+async fn serve(cfg: Config) -> Result<i32> {
+    let exe = std::env::current_exe().context("finding the migd binary")?;
+    for d in [
+        &cfg.state_dir,
+        &cfg.state_dir.join("vms"),
+        &cfg.state_dir.join("jobs"),
+    ] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(d)
+            .with_context(|| format!("creating {}", d.display()))?;
+    }
+    let _lock = lock_state_dir(&cfg.state_dir)?;
+    let listener = bind_control(&cfg.socket)?;
+    let daemon = Arc::new(Daemon {
+        cfg,
+        exe,
+        reg: Mutex::new(Registry::default()),
+    });
+    jobs::load(&daemon);
+    state::adopt_all(&daemon).await;
+    jobs::finish_orphans(&daemon);
+    if daemon.cfg.insecure {
+        incoming::start(daemon.clone()).await?;
+    } else {
+        tracing::warn!(
+            "incoming and outgoing migrations are disabled: streams are plaintext until TLS \
+             exists; start migd with --insecure (or insecure = true) to allow them"
+        );
+    }
+    {
+        let vms = daemon.reg().vms.len();
+        tracing::info!(
+            socket = %daemon.cfg.socket.display(),
+            state_dir = %daemon.cfg.state_dir.display(),
+            listen = %daemon.cfg.listen,
+            insecure = daemon.cfg.insecure,
+            vms,
+            pid = std::process::id(),
+            "migd ready"
+        );
+    }
+    tokio::spawn(state::supervise(daemon.clone()));
+    tokio::spawn(api::serve(daemon.clone(), listener));
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: exiting, VMs keep running"),
+        _ = int.recv() => tracing::info!("SIGINT: exiting, VMs keep running"),
+    }
+    let _ = std::fs::remove_file(&daemon.cfg.socket);
+    Ok(0)
+}
+
+/// Holds an exclusive lock on `<state>/migd.lock` so two daemons never share a state dir.
+fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("migd.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let mut holder = String::new();
+        let _ = f.read_to_string(&mut holder);
+        bail!(
+            "state dir {} is in use by another migd (pid {}); give each daemon its own --state-dir",
+            dir.display(),
+            holder.trim()
+        );
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
+/// Binds the control socket with mode 0600, replacing a stale one.
+fn bind_control(path: &Path) -> Result<UnixListener> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "control socket {} is in use by another migd; stop it or use --socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    // The socket is created 0600 (umask), so no one else can connect even for an instant.
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let l = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let l = l.with_context(|| format!("binding control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}

@@ -1,0 +1,390 @@
+//! VM bookkeeping: records in `<state>/vms/NAME/vm.json`, the in-memory entry of each
+//! VM, re-attachment at start, and the supervisor that notices state changes and exits.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tracing::Instrument;
+
+use super::vmproc::{self, vm_request};
+use super::{jobs, Daemon};
+
+/// States the daemon itself assigns; the others come from the VM process's `status`.
+pub mod st {
+    pub const CREATING: &str = "creating";
+    pub const RUNNING: &str = "running";
+    pub const PAUSED: &str = "paused";
+    pub const INCOMING: &str = "incoming";
+    pub const MIGRATED: &str = "migrated";
+    pub const STOPPED: &str = "stopped";
+    pub const DESTROYING: &str = "destroying";
+}
+
+/// How a VM came to this host.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    #[default]
+    Created,
+    Incoming,
+}
+
+/// The persistent record of a VM (`vm.json`).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct VmRecord {
+    pub name: String,
+    pub kernel: Option<PathBuf>,
+    pub initramfs: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    pub vcpus: u32,
+    /// Unix time in seconds.
+    pub created: u64,
+    #[serde(default)]
+    pub origin: Origin,
+    /// Peer address of an incoming migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// A VM as the daemon tracks it.
+#[derive(Debug, Clone)]
+pub struct VmEntry {
+    pub record: VmRecord,
+    pub state: String,
+    pub pid: Option<u32>,
+    /// The migration job running for it, if any.
+    pub job: Option<String>,
+}
+
+impl VmEntry {
+    /// The API view of this VM.
+    pub fn to_json(&self, dir: &Path) -> Value {
+        json!({
+            "name": self.record.name,
+            "state": self.state,
+            "pid": self.pid,
+            "memory": self.record.memory,
+            "vcpus": self.record.vcpus,
+            "kernel": self.record.kernel,
+            "initramfs": self.record.initramfs,
+            "cmdline": self.record.cmdline,
+            "created": self.record.created,
+            "origin": self.record.origin,
+            "source": self.record.source,
+            "dir": dir,
+            "console": dir.join("console.log"),
+            "job": self.job,
+        })
+    }
+}
+
+/// Paths inside a VM's directory.
+pub fn control_path(dir: &Path) -> PathBuf {
+    dir.join("control.sock")
+}
+pub fn console_path(dir: &Path) -> PathBuf {
+    dir.join("console.log")
+}
+pub fn log_path(dir: &Path) -> PathBuf {
+    dir.join("vm.log")
+}
+pub fn record_path(dir: &Path) -> PathBuf {
+    dir.join("vm.json")
+}
+
+/// Unix time in seconds.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `[A-Za-z0-9_.-]{1,64}`, and not `.` or `..`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if name.is_empty() || name.len() > 64 || !ok_chars || name == "." || name == ".." {
+        return Err(format!(
+            "invalid VM name '{}': use 1 to 64 of A-Z a-z 0-9 _ . -",
+            name.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+/// Writes JSON to a temporary name in the same directory, then renames it into place.
+pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<()> {
+    let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
+    let body = serde_json::to_vec_pretty(value)?;
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&body)?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::anyhow!("writing {}: {e}", path.display())
+    })
+}
+
+fn read_record(dir: &Path) -> Option<VmRecord> {
+    let text = std::fs::read(record_path(dir)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// At start: adopts every VM whose control socket answers, lists records without a
+/// process as stopped, and removes directories that hold neither (e.g. an incoming
+/// migration that died before its VM ran here).
+pub async fn adopt_all(d: &Arc<Daemon>) {
+    let entries = match std::fs::read_dir(d.vms_dir()) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!("reading {}: {e}", d.vms_dir().display());
+            return;
+        }
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let dir = e.path();
+        if check_name(&name).is_err() || !dir.is_dir() {
+            tracing::warn!(path = %dir.display(), "ignoring a foreign entry in the state dir");
+            continue;
+        }
+        adopt_one(d, name, dir).await;
+    }
+}
+
+async fn adopt_one(d: &Arc<Daemon>, name: String, dir: PathBuf) {
+    let span = tracing::info_span!("vm", name = %name);
+    adopt_inner(d, name, dir).instrument(span).await
+}
+
+async fn adopt_inner(d: &Arc<Daemon>, name: String, dir: PathBuf) {
+    let record = read_record(&dir);
+    let reply = vm_request(
+        &control_path(&dir),
+        &json!({"cmd": "status"}),
+        Duration::from_secs(2),
+    )
+    .await;
+    let status = reply.ok().filter(|r| r["ok"] == true);
+    match (status, record) {
+        (Some(s), record) => {
+            let pid = s["pid"].as_u64().map(|p| p as u32);
+            let state = s["state"].as_str().unwrap_or(st::RUNNING).to_string();
+            let record = match record {
+                Some(r) => r,
+                None => {
+                    // An incoming VM: its record is written once it runs here.
+                    let r = VmRecord {
+                        name: name.clone(),
+                        kernel: None,
+                        initramfs: None,
+                        cmdline: String::new(),
+                        memory: s["memory"].as_u64().unwrap_or(0),
+                        vcpus: s["vcpus"].as_u64().unwrap_or(0) as u32,
+                        created: now(),
+                        origin: Origin::Incoming,
+                        source: None,
+                    };
+                    if state != st::INCOMING {
+                        if let Err(e) = write_json_atomic(&record_path(&dir), &r) {
+                            tracing::warn!("{e:#}");
+                        }
+                    }
+                    r
+                }
+            };
+            tracing::info!(?pid, state = %state, "re-attached to a running VM process");
+            d.reg().vms.insert(
+                name.clone(),
+                VmEntry {
+                    record,
+                    state,
+                    pid,
+                    job: None,
+                },
+            );
+            if let Some(pid) = pid {
+                watch_pid(d.clone(), name.clone(), pid);
+            }
+            jobs::reattach(d, &name).await;
+        }
+        (None, Some(record)) => {
+            tracing::info!("VM process is gone; listed as stopped");
+            let _ = std::fs::remove_file(control_path(&dir));
+            d.reg().vms.insert(
+                name,
+                VmEntry {
+                    record,
+                    state: st::STOPPED.into(),
+                    pid: None,
+                    job: None,
+                },
+            );
+        }
+        (None, None) => {
+            tracing::info!(dir = %dir.display(), "no record and no process: removing");
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!("removing {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
+/// Watches a process that is not our child (adopted at start) until it is gone.
+pub fn watch_pid(d: Arc<Daemon>, name: String, pid: u32) {
+    let span = tracing::info_span!("vm", name = %name);
+    tokio::spawn(
+        async move {
+            while vmproc::alive(pid) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            process_exited(&d, &name, pid, None);
+        }
+        .instrument(span),
+    );
+}
+
+/// Reaps a child process and records its exit.
+pub fn watch_child(d: Arc<Daemon>, name: String, mut child: tokio::process::Child) {
+    let Some(pid) = child.id() else { return };
+    let span = tracing::info_span!("vm", name = %name);
+    tokio::spawn(
+        async move {
+            let code = match child.wait().await {
+                Ok(st) => st.code().or(Some(-1)),
+                Err(_) => None,
+            };
+            process_exited(&d, &name, pid, code);
+        }
+        .instrument(span),
+    );
+}
+
+/// A VM process ended (`code` is None when it was not our child).
+pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
+    let dir = d.vm_dir(name);
+    let mut reg = d.reg();
+    let Some(vm) = reg.vms.get_mut(name) else {
+        return;
+    };
+    if vm.pid != Some(pid) {
+        return;
+    }
+    vm.pid = None;
+    // Destroy and completed migrations clean up themselves.
+    if vm.state == st::DESTROYING || vm.state == st::MIGRATED {
+        return;
+    }
+    let incoming_failed = vm.record.origin == Origin::Incoming
+        && (code.is_some_and(|c| c != 0) || (code.is_none() && vm.state == st::INCOMING));
+    if incoming_failed {
+        tracing::warn!(?code, "incoming VM process failed: removing its directory");
+        reg.vms.remove(name);
+        drop(reg);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!("removing {}: {e}", dir.display());
+        }
+        return;
+    }
+    tracing::info!(?code, "VM process exited; VM is stopped");
+    vm.state = st::STOPPED.into();
+    drop(reg);
+    let _ = std::fs::remove_file(control_path(&dir));
+}
+
+/// Asks a VM process for its state and updates the entry. Errors leave it as it was.
+pub async fn refresh(d: &Daemon, name: &str) {
+    let (state, has_pid) = match d.reg().vms.get(name) {
+        Some(v) => (v.state.clone(), v.pid.is_some()),
+        None => return,
+    };
+    if !has_pid || [st::CREATING, st::DESTROYING, st::MIGRATED].contains(&state.as_str()) {
+        return;
+    }
+    let dir = d.vm_dir(name);
+    let reply = vm_request(
+        &control_path(&dir),
+        &json!({"cmd": "status"}),
+        Duration::from_secs(1),
+    )
+    .await;
+    let Ok(reply) = reply else { return };
+    let Some(new) = reply["state"].as_str().filter(|_| reply["ok"] == true) else {
+        return;
+    };
+    let mut record_to_write = None;
+    {
+        let mut reg = d.reg();
+        let Some(vm) = reg.vms.get_mut(name) else {
+            return;
+        };
+        if vm.state == st::DESTROYING || vm.state == st::MIGRATED || vm.pid.is_none() {
+            return;
+        }
+        if vm.state == st::INCOMING && new != st::INCOMING {
+            // The incoming VM runs here now: from here on it has a record like any other.
+            tracing::info!(state = new, "incoming VM is running here");
+            record_to_write = Some(vm.record.clone());
+        }
+        vm.state = new.to_string();
+    }
+    if let Some(r) = record_to_write {
+        if let Err(e) = write_json_atomic(&record_path(&dir), &r) {
+            tracing::warn!("{e:#}");
+        }
+    }
+}
+
+/// Every second: refreshes the state of each live VM (an incoming VM becomes running).
+pub async fn supervise(d: Arc<Daemon>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let names: Vec<String> = d
+            .reg()
+            .vms
+            .iter()
+            .filter(|(_, v)| v.pid.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in names {
+            refresh(&d, &n).await;
+        }
+    }
+}
+
+/// Removes a VM directory, with context.
+pub fn remove_dir(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_name;
+
+    #[test]
+    fn names() {
+        assert!(check_name("web-1.prod_a").is_ok());
+        assert!(check_name(&"a".repeat(64)).is_ok());
+        for bad in ["", ".", "..", "a/b", "a b", "é", &"a".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}

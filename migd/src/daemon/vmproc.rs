@@ -1,0 +1,239 @@
+//! VM processes: spawning `migd run` detached, talking to its control socket,
+//! and stopping it.
+
+use std::os::fd::RawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// Longest reply line accepted from a VM process.
+const MAX_REPLY: u64 = 4 << 20;
+
+/// One request on a VM process's control socket; the whole exchange is bounded by `timeout`.
+pub async fn vm_request(sock: &Path, req: &Value, timeout: Duration) -> Result<Value> {
+    let exchange = async {
+        let mut s = UnixStream::connect(sock)
+            .await
+            .with_context(|| format!("connecting to {}", sock.display()))?;
+        let mut line = serde_json::to_vec(req)?;
+        line.push(b'\n');
+        s.write_all(&line).await?;
+        let mut reply = Vec::new();
+        BufReader::new(s)
+            .take(MAX_REPLY)
+            .read_until(b'\n', &mut reply)
+            .await?;
+        if reply.is_empty() {
+            bail!("the VM process closed its control socket without a reply");
+        }
+        let v: Value = serde_json::from_slice(&reply).with_context(|| {
+            format!(
+                "bad reply from the VM process: {}",
+                String::from_utf8_lossy(&reply).trim_end()
+            )
+        })?;
+        Ok(v)
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => bail!("the VM process did not answer within {timeout:?}"),
+    }
+}
+
+/// Like [`vm_request`], but an `{"ok":false}` reply is an error carrying its message.
+pub async fn vm_call(sock: &Path, req: &Value, timeout: Duration) -> Result<Value> {
+    let reply = vm_request(sock, req, timeout).await?;
+    if reply["ok"] == true {
+        Ok(reply)
+    } else {
+        bail!(
+            "{}",
+            reply["error"]
+                .as_str()
+                .unwrap_or("the VM process refused (no message)")
+        )
+    }
+}
+
+/// Spawns `migd run ARGS` in its own session, stdout and stderr appended to `log`.
+/// `fd3` is handed to the child as descriptor 3 (an incoming migration's socket).
+pub fn spawn(
+    exe: &Path,
+    args: &[String],
+    log: &Path,
+    fd3: Option<RawFd>,
+) -> Result<tokio::process::Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("run")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .env("NO_COLOR", "1")
+        .kill_on_drop(false);
+    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = fd3 {
+                if fd == 3 {
+                    let flags = libc::fcntl(3, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting {} run", exe.display()))
+}
+
+/// The last error line of a VM process's log (or its last line), without colours.
+pub fn last_error_line(log: &Path) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let text = strip_ansi(&String::from_utf8_lossy(&text));
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if let Some(l) = lines
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("migd run: error: "))
+    {
+        return Some(l.to_string());
+    }
+    lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("ERROR") || l.to_ascii_lowercase().contains("error"))
+        .or(lines.last())
+        .map(|l| without_timestamp(l).to_string())
+}
+
+/// Drops a leading `2024-01-02T03:04:05.678Z` of a tracing line.
+fn without_timestamp(line: &str) -> &str {
+    match line.split_once(' ') {
+        Some((first, rest))
+            if first.len() >= 20
+                && first.starts_with(|c: char| c.is_ascii_digit())
+                && first.contains('T')
+                && first.ends_with('Z') =>
+        {
+            rest.trim_start()
+        }
+        _ => line,
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ params final-byte
+            for n in chars.by_ref() {
+                if n.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// True while a process with this pid exists and is not a zombie (an adopted VM
+/// process is not our child, and its reaper may be slow or absent).
+pub fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+/// Waits until the process is gone; false on timeout.
+pub async fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while alive(pid) {
+        if Instant::now() > end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// Stops a VM process: `stop` on its socket, then SIGTERM, then SIGKILL.
+pub async fn stop(sock: &Path, pid: u32) {
+    if vm_request(sock, &json!({"cmd": "stop"}), Duration::from_secs(3))
+        .await
+        .is_ok()
+        && wait_gone(pid, Duration::from_secs(10)).await
+    {
+        return;
+    }
+    for (sig, wait) in [(libc::SIGTERM, 10), (libc::SIGKILL, 5)] {
+        if !alive(pid) {
+            return;
+        }
+        tracing::warn!(pid, sig, "VM process did not stop; signalling it");
+        // SAFETY: sending a signal to a pid we started or adopted.
+        unsafe { libc::kill(pid as libc::pid_t, sig) };
+        if wait_gone(pid, Duration::from_secs(wait)).await {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_line_from_log() {
+        let dir = std::env::temp_dir().join(format!("migd-vmproc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("vm.log");
+        std::fs::write(
+            &log,
+            "\u{1b}[2m2024\u{1b}[0m INFO booting\nmigd run: error: loading kernel: bad ELF\n",
+        )
+        .unwrap();
+        assert_eq!(last_error_line(&log).unwrap(), "loading kernel: bad ELF");
+        std::fs::write(&log, "\u{1b}[31mERROR\u{1b}[0m vm: boom\nINFO bye\n").unwrap();
+        assert_eq!(last_error_line(&log).unwrap(), "ERROR vm: boom");
+        std::fs::write(&log, "2026-11-22T19:14:57.509546Z ERROR vm: guest fatal\n").unwrap();
+        assert_eq!(last_error_line(&log).unwrap(), "ERROR vm: guest fatal");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""migd benchmarks (not tests): prints markdown tables of medians (min-max).
+
+  scripts/bench/bench.py [vm|migrate|all] [--runs N] [--json FILE]
+
+vm:      boot to WORKLOAD READY; pause -> capture -> restore in a new process
+         (handover, memory shared through the memfd); snapshot to file and
+         restore (time, file size).
+migrate: pre-copy over loopback between two `migd run` processes: 1 GiB and
+         4 GiB guests, idle and with a 256 MiB working set dirtied as fast as
+         possible; total time, downtime, bytes, rounds, round-0 throughput.
+limits:  memcpy, zero-scan and loopback TCP, measured in the same run.
+"""
+import json, os, re, signal, socket, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+MIGD = os.path.join(ROOT, "target", "release", "migd")
+GUEST = os.path.join(ROOT, "target", "guest", "testguest.elf")
+
+
+def build():
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "migd", "--bin", "migd"], cwd=ROOT, check=True)
+    subprocess.run([os.path.join(ROOT, "scripts", "build-guest.sh")], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def limits():
+    out = subprocess.run(["cargo", "run", "-q", "--release", "-p", "migration", "--example", "limits"],
+                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def wait_file(path, needle, timeout=120, start=None):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(path) as f:
+                if needle in f.read():
+                    return time.monotonic()
+        except FileNotFoundError:
+            pass
+        time.sleep(0.002)
+    raise RuntimeError(f"no '{needle}' in {path}")
+
+
+def wait_path(path, timeout=30):
+    end = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            raise RuntimeError(f"{path} never appeared")
+        time.sleep(0.005)
+
+
+def request(sock, obj):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    s.sendall((json.dumps(obj) + "\n").encode())
+    r = s.makefile().readline()
+    s.close()
+    return json.loads(r)
+
+
+class Vm:
+    def __init__(self, d, tag, args, console=None):
+        self.sock = os.path.join(d, tag + ".sock")
+        self.console = console or os.path.join(d, tag + ".console")
+        self.log = open(os.path.join(d, tag + ".log"), "w")
+        self.t0 = time.monotonic()
+        self.p = subprocess.Popen([MIGD, "run", *args, "--serial", self.console, "--control", self.sock],
+                                  stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+
+
+def boot(d, tag, mem, cpus, workload):
+    return Vm(d, tag, ["--kernel", GUEST, "--cmdline", f"workload={workload}", "--memory", mem,
+                       "--cpus", str(cpus)])
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    m = statistics.median(xs)
+    return f"{m:.1f} ({min(xs):.1f}-{max(xs):.1f})" if len(xs) > 1 else f"{m:.1f}"
+
+
+def bench_vm(runs):
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        ready = []
+        for i in range(runs):
+            vm = boot(d, f"b{i}", "1G", 2, "idle")
+            ready.append((wait_file(vm.console, "WORKLOAD READY") - vm.t0) * 1e3)
+            vm.stop()
+        rows.append(("start of `migd run` to WORKLOAD READY, 1 GiB, 2 vCPUs", "ms", med(ready)))
+        for mem in ["1G", "4G"]:
+            gaps = []
+            for i in range(runs):
+                vm = boot(d, f"h{mem}{i}", mem, 2, "dirty:256:0")
+                wait_path(vm.sock)
+                wait_file(vm.console, "HEARTBEAT n=2")
+                new = Vm(d, f"n{mem}{i}", ["--takeover", vm.sock], console=vm.console)
+                line = new.p.stdout.readline()
+                gaps.append(json.loads(line)["downtime_us"] / 1e3)
+                vm.p.wait(30)
+                wait_file(new.console, "HEARTBEAT n=4")
+                bad = "CORRUPT" in open(new.console).read()
+                new.stop()
+                if bad:
+                    raise RuntimeError("guest reported corruption after handover")
+            rows.append((f"pause -> capture -> restore in a new process -> running, {mem}, dirty:256:0",
+                         "ms (guest gap)", med(gaps)))
+        for wl in ["idle", "dirty:256:0"]:
+            save, size, load = [], [], []
+            for i in range(runs):
+                snap = os.path.join(d, f"s{i}.snap")
+                vm = Vm(d, f"s{wl[0]}{i}", ["--kernel", GUEST, "--cmdline", f"workload={wl}", "--memory", "1G",
+                                            "--cpus", "2", "--snapshot-on-signal", snap])
+                wait_file(vm.console, "HEARTBEAT n=2")
+                t = time.monotonic()
+                vm.p.send_signal(signal.SIGUSR2)
+                vm.p.wait(120)
+                save.append((time.monotonic() - t) * 1e3)
+                size.append(os.path.getsize(snap) / 2**20)
+                r = Vm(d, f"r{wl[0]}{i}", ["--restore", snap], console=vm.console)
+                wait_path(r.sock)
+                load.append((time.monotonic() - r.t0) * 1e3)
+                r.stop()
+                os.unlink(snap)
+            rows.append((f"snapshot to file, 1 GiB, {wl}", "ms", med(save)))
+            rows.append((f"snapshot file size, 1 GiB, {wl}", "MiB", med(size)))
+            rows.append((f"restore from file to running, 1 GiB, {wl}", "ms", med(load)))
+    return rows
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def migrate_once(d, tag, mem, workload, extra=None):
+    src = boot(d, tag + "s", mem, 2, workload)
+    wait_path(src.sock)
+    wait_file(src.console, "HEARTBEAT n=2")
+    port = free_port()
+    dst = Vm(d, tag + "d", ["--incoming", f"127.0.0.1:{port}", "--memory", mem, "--cpus", "2"],
+             console=src.console)
+    wait_path(dst.sock)
+    req = {"cmd": "migrate", "to": f"127.0.0.1:{port}", "name": tag}
+    req.update(extra or {})
+    request(src.sock, req)
+    while True:
+        st = request(src.sock, {"cmd": "migration"})
+        if st["status"] in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.02)
+    request(src.sock, {"cmd": "stop"})
+    if st["status"] == "completed":
+        wait_file(src.console, "HEARTBEAT n=4")
+    dst.stop()
+    src.stop()
+    if "CORRUPT" in open(src.console).read():
+        raise RuntimeError(f"guest reported corruption in {tag}")
+    return st
+
+
+def bench_migrate(runs, lim):
+    rows = []
+    tcp_bytes = lim["loopback_tcp_gbit_per_s"] * 1e9 / 8
+    with tempfile.TemporaryDirectory() as d:
+        for mem in ["1G", "4G"]:
+            for wl in ["idle", "dirty:256:0"]:
+                res = [migrate_once(d, f"m{mem}{wl[0]}{i}", mem, wl) for i in range(runs)]
+                ok = [r for r in res if r["status"] == "completed"]
+                r0 = [r["rounds"][0]["bytes"] / (r["rounds"][0]["ms"] / 1e3) for r in ok
+                      if r["rounds"] and r["rounds"][0]["ms"] > 0]
+                rows.append({
+                    "case": f"{mem} {wl}",
+                    "completed": f"{len(ok)}/{len(res)}",
+                    "total_ms": med([r["total_ms"] for r in ok]),
+                    "downtime_ms": med([r["downtime_ms"] for r in ok]),
+                    "MiB_sent": med([r["bytes"] / 2**20 for r in ok]),
+                    "rounds": med([len(r["rounds"]) for r in ok]),
+                    "round0_vs_tcp": med([x / tcp_bytes for x in r0]) if r0 else "n/a",
+                    "stop_reason": ok[0]["stop_reason"] if ok else res[0].get("error"),
+                })
+    return rows
+
+
+def main():
+    what = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "all"
+    runs = 3
+    if "--runs" in sys.argv:
+        runs = int(sys.argv[sys.argv.index("--runs") + 1])
+    build()
+    lim = limits()
+    out = {"limits": lim}
+    print("## Limits of this machine (same run)\n")
+    print("| memcpy GB/s | zero scan GB/s | loopback TCP Gbit/s |\n|---|---|---|")
+    print(f"| {lim['memcpy_gbytes_per_s']} | {lim['zero_scan_gbytes_per_s']} | {lim['loopback_tcp_gbit_per_s']} |\n")
+    if what in ("vm", "all"):
+        rows = bench_vm(runs)
+        out["vm"] = rows
+        print(f"## VM library (median (min-max) of {runs})\n\n| measure | unit | value |\n|---|---|---|")
+        for r in rows:
+            print(f"| {r[0]} | {r[1]} | {r[2]} |")
+        print()
+    if what in ("migrate", "all"):
+        rows = bench_migrate(runs, lim)
+        out["migrate"] = rows
+        print(f"## Pre-copy over loopback (median (min-max) of {runs})\n")
+        keys = list(rows[0].keys())
+        print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+        for r in rows:
+            print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+        print()
+    if "--json" in sys.argv:
+        with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

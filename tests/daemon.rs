@@ -1,0 +1,745 @@
+//! End-to-end tests of the migd daemon and migctl: config errors, bad input on the
+//! control socket, re-attachment after a restart, the VM lifecycle through migctl,
+//! and a migration between two daemons on this host.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const READY: Duration = Duration::from_secs(60);
+
+fn migctl_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_migctl"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One request on a unix socket; None when the socket does not answer.
+fn try_request(sock: &Path, req: &Value) -> Option<Value> {
+    let mut s = UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    writeln!(s, "{req}").ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+/// Raw lines on the daemon's socket: one connection, each line answered in turn.
+fn raw_lines(sock: &Path, lines: &[&[u8]]) -> Vec<Value> {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    lines
+        .iter()
+        .map(|l| {
+            s.write_all(l).unwrap();
+            s.write_all(b"\n").unwrap();
+            let mut reply = String::new();
+            r.read_line(&mut reply).unwrap();
+            serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad reply '{reply}': {e}"))
+        })
+        .collect()
+}
+
+/// Stops every VM process under a state dir when a test ends (they outlive daemons).
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.0.join("vms")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let sock = e.path().join("control.sock");
+            if let Some(st) = try_request(&sock, &json!({"cmd": "status"})) {
+                let _ = try_request(&sock, &json!({"cmd": "stop"}));
+                if let Some(pid) = st["pid"].as_i64() {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A migd daemon on a private socket, state dir and port.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    state: PathBuf,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, tag: &str) -> Daemon {
+        Daemon::start_with(
+            dir.join(format!("{tag}.sock")),
+            dir.join(format!("{tag}-state")),
+            free_port(),
+            &dir.join(format!("{tag}.log")),
+        )
+    }
+
+    fn start_with(socket: PathBuf, state: PathBuf, port: u16, log: &Path) -> Daemon {
+        let listen = format!("127.0.0.1:{port}");
+        let child = Command::new(migd_bin())
+            .args([
+                "--socket",
+                socket.to_str().unwrap(),
+                "--state-dir",
+                state.to_str().unwrap(),
+            ])
+            .args(["--listen", &listen, "--insecure"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            ))
+            .spawn()
+            .expect("starting migd");
+        let mut d = Daemon {
+            child,
+            socket,
+            state,
+            port,
+            log: log.to_path_buf(),
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        while try_request(&d.socket, &json!({"cmd": "ping"})).is_none() {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("migd exited ({st}) at start:\n{}", d.log_text());
+            }
+            assert!(
+                Instant::now() < end,
+                "migd did not answer on {}:\n{}",
+                d.socket.display(),
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn request(&self, req: Value) -> Value {
+        control(&self.socket, req)
+    }
+
+    /// Runs migctl against this daemon: (exit code, stdout, stderr).
+    fn migctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(migctl_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running migctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// migctl that must succeed; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.migctl(args);
+        assert_eq!(
+            code,
+            0,
+            "migctl {args:?} failed: {err}\ndaemon log:\n{}",
+            self.log_text()
+        );
+        out
+    }
+
+    /// migctl that must fail; returns its one-line error.
+    fn fails(&self, args: &[&str]) -> String {
+        let (code, _, err) = self.migctl(args);
+        assert_eq!(code, 1, "migctl {args:?} should fail: {err}");
+        let err = err.trim().to_string();
+        assert!(
+            err.starts_with("migctl: error: ") && !err.contains('\n'),
+            "not one error line: {err}"
+        );
+        err
+    }
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.state.join("vms").join(name)
+    }
+
+    fn terminate(&mut self) -> i32 {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < end, "migd ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn create_guest(d: &Daemon, name: &str) {
+    let elf = guest_elf();
+    let out = d.ok(&[
+        "create",
+        name,
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cmdline",
+        "workload=dirty:16:8",
+        "--memory",
+        "128M",
+        "--vcpus",
+        "1",
+    ]);
+    assert!(out.contains(&format!("VM {name} created")), "{out}");
+}
+
+fn console_of(d: &Daemon, name: &str) -> Console {
+    Console(d.vm_dir(name).join("console.log"))
+}
+
+/// `migd --config` with a bad file: exit 1, one line, naming the key.
+fn config_error(dir: &Path, text: &str) -> String {
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let sock = dir.join("never.sock");
+    let state = dir.join("never-state");
+    let (code, err) = migd_output(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "bad config accepted: {err}");
+    let line = err.trim().to_string();
+    assert!(!line.contains('\n'), "error is not one line: {line}");
+    assert!(line.starts_with("migd: error: config "), "{line}");
+    assert!(!sock.exists(), "daemon started on a bad config");
+    line
+}
+
+#[test]
+fn daemon_config_errors_name_the_key_and_flags_win() {
+    let dir = scratch("daemon-config");
+    let e = config_error(&dir, "listen = \"127.0.0.1:1\"\nlisen = \"x\"\n");
+    assert!(
+        e.contains("key 'lisen' (line 2)") && e.contains("unknown field"),
+        "{e}"
+    );
+    let e = config_error(&dir, "insecure = \"yes\"\n");
+    assert!(
+        e.contains("key 'insecure' (line 1)") && e.contains("invalid type"),
+        "{e}"
+    );
+    let e = config_error(&dir, "state_dir = 7\n");
+    assert!(e.contains("key 'state_dir'"), "{e}");
+    let e = config_error(&dir, "socket = \n");
+    assert!(e.contains("line 1"), "{e}");
+
+    // Every key set in the file; --socket on the command line wins over it.
+    let file_sock = dir.join("file.sock");
+    let flag_sock = dir.join("flag.sock");
+    let state = dir.join("state");
+    let port = free_port();
+    let cfg = dir.join("good.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nsocket = \"{}\"\nstate_dir = \"{}\"\ninsecure = true\n",
+            file_sock.display(),
+            state.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(migd_bin())
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--socket",
+            flag_sock.to_str().unwrap(),
+        ])
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join("good.log")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    while try_request(&flag_sock, &json!({"cmd": "ping"})).is_none() {
+        assert!(
+            Instant::now() < end,
+            "daemon never answered on the flag's socket"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !file_sock.exists(),
+        "the config file's socket was used despite --socket"
+    );
+    assert!(
+        state.join("vms").is_dir(),
+        "state_dir from the config file not used"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "listen from the config file not used"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn daemon_api_rejects_bad_input_with_clear_errors() {
+    let dir = scratch("daemon-bad");
+    let d = Daemon::start(&dir, "a");
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket must be root-only");
+
+    let long = vec![b'x'; 100_000];
+    let replies = raw_lines(
+        &d.socket,
+        &[
+            b"this is not json",
+            b"[1,2]",
+            b"{\"name\":\"x\"}",
+            b"{\"cmd\":42}",
+            b"{\"cmd\":\"explode\"}",
+            b"{\"cmd\":\"info\"}",
+            b"{\"cmd\":\"create\",\"name\":\"x\",\"memory\":\"128M\",\"vcpus\":1}",
+            b"{\"cmd\":\"create\",\"name\":\"x\",\"kernel\":\"/k\",\"memory\":\"lots\",\"vcpus\":1}",
+            b"{\"cmd\":\"create\",\"name\":\"../evil\",\"kernel\":\"/etc/hostname\",\"memory\":\"128M\",\"vcpus\":1}",
+            b"{\"cmd\":\"create\",\"name\":\"x\",\"kernel\":\"/no/such/kernel\",\"memory\":\"128M\",\"vcpus\":1}",
+            b"{\"cmd\":\"create\",\"name\":\"x\",\"kernel\":\"/etc/hostname\",\"memory\":\"128M\",\"vcpus\":99}",
+            b"{\"cmd\":\"info\",\"name\":\"ghost\"}",
+            b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"127.0.0.1:1\"}",
+            b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"nowhere\"}",
+            b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"h:1\",\"mode\":\"teleport\"}",
+            b"{\"cmd\":\"job\",\"id\":\"job999\"}",
+            b"{\"cmd\":\"cancel\",\"id\":\"job999\"}",
+            b"{\"cmd\":\"list\"}",
+        ],
+    );
+    let expect = [
+        "not JSON",
+        "JSON object",
+        "missing \"cmd\"",
+        "\"cmd\" must be a string",
+        "unknown command 'explode'",
+        "missing field `name`",
+        "missing field `kernel`",
+        "not a size",
+        "invalid VM name",
+        "does not exist",
+        "vcpus must be 1 to 8",
+        "no VM named 'ghost'",
+        "no VM named 'ghost'",
+        "HOST:PORT",
+        "unknown mode 'teleport'",
+        "no job 'job999'",
+        "no job 'job999'",
+    ];
+    for (i, want) in expect.iter().enumerate() {
+        let r = &replies[i];
+        assert_eq!(r["ok"], false, "request {i} accepted: {r}");
+        let e = r["error"].as_str().unwrap();
+        assert!(e.contains(want), "request {i}: error '{e}' lacks '{want}'");
+    }
+    assert_eq!(replies.last().unwrap()["vms"], json!([]));
+
+    // An overlong line is refused and the connection closed; the daemon lives on.
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(&long);
+    let _ = s.write_all(b"\n");
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).unwrap();
+    assert!(reply.contains("longer than"), "{reply}");
+
+    // Garbage on the migration port is dropped without leaving anything behind.
+    let mut t = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    let _ = t.write_all(b"GET / HTTP/1.0\r\n\r\ngarbage garbage garbage\n");
+    drop(t);
+    std::thread::sleep(Duration::from_millis(300));
+
+    assert_eq!(d.request(json!({"cmd": "ping"}))["ok"], true);
+    let vms: Vec<_> = std::fs::read_dir(d.state.join("vms")).unwrap().collect();
+    assert!(vms.is_empty(), "state dir not clean: {vms:?}");
+
+    // migctl: one error line, exit 1.
+    let e = d.fails(&["info", "ghost"]);
+    assert!(e.contains("no VM named 'ghost'"), "{e}");
+    let e = d.fails(&["create", "x", "--kernel", "/no/such", "--memory", "128M"]);
+    assert!(e.contains("does not exist"), "{e}");
+    let (code, _, err) = Command::new(migctl_bin())
+        .args([
+            "--socket",
+            dir.join("nothing.sock").to_str().unwrap(),
+            "list",
+        ])
+        .output()
+        .map(|o| {
+            (
+                o.status.code(),
+                o.stdout,
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .unwrap();
+    assert_eq!(code, Some(1));
+    assert!(
+        err.starts_with("migctl: error: cannot connect to migd"),
+        "{err}"
+    );
+    let (code, _, err) = d.migctl(&["migrate", "x", "--to", "h:1", "--max-bandwidth", "fast"]);
+    assert_eq!(code, 2, "clap rejects a bad RATE: {err}");
+
+    // A second daemon on the same state dir is refused.
+    let other = dir.join("b.sock");
+    let (code, err) = migd_output(&[
+        "--socket",
+        other.to_str().unwrap(),
+        "--state-dir",
+        d.state.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("in use by another migd"), "{err}");
+}
+
+#[test]
+fn daemon_restart_lists_stopped_vms_and_cleans_leftovers() {
+    let dir = scratch("daemon-leftovers");
+    let state = dir.join("state");
+    let old = state.join("vms/old");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(
+        old.join("vm.json"),
+        r#"{"name":"old","kernel":"/k","initramfs":null,"cmdline":"","memory":134217728,"vcpus":1,"created":1700000000}"#,
+    )
+    .unwrap();
+    std::fs::write(old.join("console.log"), "hello from before\n").unwrap();
+    let junk = state.join("vms/junk");
+    std::fs::create_dir_all(&junk).unwrap();
+    let d = Daemon::start_with(
+        dir.join("d.sock"),
+        state.clone(),
+        free_port(),
+        &dir.join("d.log"),
+    );
+    let list: Value = serde_json::from_str(&d.ok(&["list", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["name"], "old");
+    assert_eq!(list[0]["state"], "stopped");
+    assert!(
+        !junk.exists(),
+        "a directory without record or process was kept"
+    );
+    let table = d.ok(&["list"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("old") && l.contains("stopped") && l.contains("128 MiB")),
+        "{table}"
+    );
+    assert_eq!(d.ok(&["console", "old"]), "hello from before\n");
+    let info = d.ok(&["info", "old"]);
+    assert!(info.contains("2023-11-14 22:13:20 UTC"), "{info}");
+    d.ok(&["destroy", "old"]);
+    assert!(!old.exists(), "destroy left the directory");
+    assert_eq!(d.ok(&["list", "--json"]).trim(), "[]");
+}
+
+#[test]
+fn daemon_create_reports_the_vm_process_error() {
+    let dir = scratch("daemon-create-error");
+    let d = Daemon::start(&dir, "a");
+    let not_a_kernel = dir.join("notakernel");
+    std::fs::write(&not_a_kernel, vec![0x55u8; 8192]).unwrap();
+    let e = d.fails(&[
+        "create",
+        "bad",
+        "--kernel",
+        not_a_kernel.to_str().unwrap(),
+        "--memory",
+        "64M",
+    ]);
+    assert!(e.contains("VM process exited"), "{e}");
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+    {
+        assert!(
+            e.contains("not bootable"),
+            "the VM process's own error is the reply: {e}"
+        );
+    }
+    assert!(
+        !d.vm_dir("bad").exists(),
+        "failed create left its directory"
+    );
+    assert_eq!(d.ok(&["list", "--json"]).trim(), "[]");
+}
+
+#[test]
+fn daemon_vm_lifecycle_survives_a_daemon_restart() {
+    if !kvm_or_skip("daemon_vm_lifecycle_survives_a_daemon_restart") {
+        return;
+    }
+    let dir = scratch("daemon-life");
+    let socket = dir.join("d.sock");
+    let state = dir.join("state");
+    let _reaper = Reaper(state.clone());
+    let mut d = Daemon::start_with(
+        socket.clone(),
+        state.clone(),
+        free_port(),
+        &dir.join("d.log"),
+    );
+    create_guest(&d, "web1");
+    let console = console_of(&d, "web1");
+    console.wait_for("WORKLOAD READY", READY);
+
+    let table = d.ok(&["list"]);
+    assert!(table.lines().next().unwrap().contains("Name"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("web1") && l.contains("running") && l.contains("128 MiB")),
+        "{table}"
+    );
+    let list: Value = serde_json::from_str(&d.ok(&["list", "--json"])).unwrap();
+    assert_eq!(list[0]["name"], "web1");
+    assert_eq!(list[0]["vcpus"], 1);
+    assert_eq!(list[0]["memory"], 128u64 << 20);
+    let pid = list[0]["pid"].as_u64().unwrap();
+    let info: Value = serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap();
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["cmdline"], "workload=dirty:16:8");
+    assert!(d.ok(&["info", "web1"]).contains("State:          running"));
+    assert!(d.ok(&["console", "web1"]).contains("WORKLOAD READY"));
+    let e = d.fails(&[
+        "create",
+        "web1",
+        "--kernel",
+        guest_elf().to_str().unwrap(),
+        "--memory",
+        "64M",
+    ]);
+    assert!(e.contains("already exists"), "{e}");
+    let rec: Value =
+        serde_json::from_slice(&std::fs::read(d.vm_dir("web1").join("vm.json")).unwrap()).unwrap();
+    assert_eq!(rec["name"], "web1");
+
+    // Pause stops the heartbeats; resume brings them back.
+    let n = console.wait_heartbeats(0, 1, Duration::from_secs(20));
+    assert!(d.ok(&["pause", "web1"]).contains("paused"));
+    let info: Value = serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap();
+    assert_eq!(info["state"], "paused");
+    std::thread::sleep(Duration::from_millis(1500));
+    let frozen = console.last_heartbeat().unwrap_or(n);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        console.last_heartbeat().unwrap_or(n),
+        frozen,
+        "heartbeats while paused"
+    );
+    d.ok(&["resume", "web1"]);
+    let n = console.wait_heartbeats(frozen, 1, Duration::from_secs(20));
+
+    // The daemon goes; the VM stays; a new daemon adopts it.
+    assert_eq!(d.terminate(), 0);
+    assert!(!socket.exists(), "socket left behind");
+    let n2 = console.wait_heartbeats(n, 2, Duration::from_secs(20));
+    let d = Daemon::start_with(socket, state, free_port(), &dir.join("d2.log"));
+    let list: Value = serde_json::from_str(&d.ok(&["list", "--json"])).unwrap();
+    assert_eq!(list[0]["name"], "web1", "{list}");
+    assert_eq!(list[0]["state"], "running");
+    assert_eq!(list[0]["pid"].as_u64(), Some(pid), "same VM process");
+    console.wait_heartbeats(n2, 2, Duration::from_secs(20));
+    d.ok(&["pause", "web1"]);
+    d.ok(&["resume", "web1"]);
+    console.assert_clean();
+
+    d.ok(&["destroy", "web1"]);
+    assert!(!d.vm_dir("web1").exists(), "destroy left the directory");
+    assert!(d.ok(&["list", "--json"]).trim() == "[]");
+    let end = Instant::now() + Duration::from_secs(10);
+    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok() {
+        assert!(Instant::now() < end, "VM process {pid} survived destroy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Needs the migration engine in the VM process; skips while it answers `migration`
+/// with "unknown command".
+#[test]
+fn daemon_migrates_a_vm_to_another_daemon() {
+    if !kvm_or_skip("daemon_migrates_a_vm_to_another_daemon") {
+        return;
+    }
+    let dir = scratch("daemon-migrate");
+    let a = Daemon::start(&dir, "a");
+    let b = Daemon::start(&dir, "b");
+    let _ra = Reaper(a.state.clone());
+    let _rb = Reaper(b.state.clone());
+    create_guest(&a, "mig1");
+    let console_a = console_of(&a, "mig1");
+    console_a.wait_for("WORKLOAD READY", READY);
+    let probe = control(
+        &a.vm_dir("mig1").join("control.sock"),
+        json!({"cmd": "migration"}),
+    );
+    if probe["ok"] != true {
+        eprintln!(
+            "SKIP daemon_migrates_a_vm_to_another_daemon: VM process has no migration yet: {probe}"
+        );
+        return;
+    }
+    let n = console_a.wait_heartbeats(0, 1, Duration::from_secs(20));
+
+    // Nobody listens there: the job fails and the VM keeps running here.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let (code, _, err) = a.migctl(&["migrate", "mig1", "--to", &dead]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("failed"), "{err}");
+    let info: Value = serde_json::from_str(&a.ok(&["info", "mig1", "--json"])).unwrap();
+    assert_eq!(info["state"], "running", "{info}");
+    assert!(info["job"].is_null());
+    let jobs: Value = serde_json::from_str(&a.ok(&["jobs", "--json"])).unwrap();
+    assert_eq!(jobs[0]["status"], "failed", "{jobs}");
+    let n = console_a.wait_heartbeats(n, 1, Duration::from_secs(20));
+
+    // A slow migration, cancelled: the VM stays here, the destination is left clean.
+    let to = format!("127.0.0.1:{}", b.port);
+    let job = a.ok(&[
+        "migrate",
+        "mig1",
+        "--to",
+        &to,
+        "--max-bandwidth",
+        "2M",
+        "--detach",
+    ]);
+    let job = job.trim();
+    let e = a.fails(&["migrate", "mig1", "--to", &to, "--detach"]);
+    assert!(e.contains("already being migrated"), "{e}");
+    let e = a.fails(&["destroy", "mig1"]);
+    assert!(e.contains("cancel the job first"), "{e}");
+    std::thread::sleep(Duration::from_millis(500));
+    a.ok(&["cancel", job]);
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let j: Value = serde_json::from_str(&a.ok(&["job", job, "--json"])).unwrap();
+        if j["status"] == "cancelled" {
+            assert_eq!(j["stats"]["outcome"], "cancelled", "{j}");
+            break;
+        }
+        assert!(Instant::now() < end, "job not cancelled: {j}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let info: Value = serde_json::from_str(&a.ok(&["info", "mig1", "--json"])).unwrap();
+    assert_eq!(info["state"], "running", "{info}");
+    let end = Instant::now() + Duration::from_secs(20);
+    while b.vm_dir("mig1").exists() {
+        assert!(
+            Instant::now() < end,
+            "destination kept the cancelled VM:\n{}",
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(b.ok(&["list", "--json"]).trim(), "[]");
+    let n = console_a.wait_heartbeats(n, 1, Duration::from_secs(20));
+
+    let (code, out, err) = a.migctl(&["migrate", "mig1", "--to", &to, "--json"]);
+    assert_eq!(
+        code,
+        0,
+        "migration failed: {err}\n{out}\nA:\n{}\nB:\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    let stats: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["outcome"], "completed", "{stats}");
+    assert!(stats["bytes"].as_u64().unwrap() > 16 << 20, "{stats}");
+    let job = stats["id"].as_str().unwrap().to_string();
+    assert!(a.ok(&["job", &job]).contains("completed"));
+    // The source forgets the VM; the destination runs it.
+    let end = Instant::now() + Duration::from_secs(15);
+    while a.vm_dir("mig1").exists() {
+        assert!(Instant::now() < end, "source kept the VM directory");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(a.ok(&["list", "--json"]).trim(), "[]");
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let info: Value = serde_json::from_str(&b.ok(&["info", "mig1", "--json"])).unwrap();
+        if info["state"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < end, "destination VM is {}", info["state"]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let console_b = console_of(&b, "mig1");
+    console_b.wait_heartbeats(n, 2, Duration::from_secs(30));
+    console_b.assert_clean();
+    assert!(
+        b.vm_dir("mig1").join("vm.json").exists(),
+        "destination wrote no record"
+    );
+
+    // Back to A while B's name is free again there, but A refuses a duplicate first.
+    create_guest(&a, "mig1");
+    let back = format!("127.0.0.1:{}", a.port);
+    let (code, _, err) = b.migctl(&["migrate", "mig1", "--to", &back]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already exists"), "{err}");
+    assert!(b.ok(&["list", "--json"]).contains("running"));
+    b.ok(&["destroy", "mig1"]);
+    a.ok(&["destroy", "mig1"]);
+}
