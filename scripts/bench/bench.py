@@ -131,6 +131,9 @@ def bench_vm(runs):
                 size.append(os.path.getsize(snap) / 2**20)
                 r = Vm(d, f"r{wl[0]}{i}", ["--restore", snap], console=vm.console)
                 wait_path(r.sock)
+                # The control socket answers status once the restored VM runs.
+                if request(r.sock, {"cmd": "status"}).get("state") != "running":
+                    raise RuntimeError("restored VM is not running")
                 load.append((time.monotonic() - r.t0) * 1e3)
                 r.stop()
                 os.unlink(snap)

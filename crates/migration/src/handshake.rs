@@ -188,3 +188,109 @@ pub fn cpu_incompatibility(
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc() -> VmDescriptor {
+        VmDescriptor {
+            name: "web1".into(),
+            memory: 1 << 30,
+            vcpus: 2,
+            cpu_vendor: "GenuineIntel".into(),
+            cpu_features: vec![0, 0],
+        }
+    }
+
+    fn hello_bytes(magic: [u8; 8], version: u32) -> Vec<u8> {
+        wire::encode_control(&Message::Hello {
+            magic,
+            version,
+            capabilities: vec!["precopy".into(), "future-thing".into()],
+            mode: "precopy".into(),
+            vm: desc(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn good_hello_is_accepted_with_shared_capabilities() {
+        let h = receive_hello(&mut &hello_bytes(MAGIC, PROTOCOL_VERSION)[..]).unwrap();
+        assert_eq!(h.name, "web1");
+        let mut out = Vec::new();
+        accept(&mut out, &h).unwrap();
+        match wire::decode_frame(&out).unwrap() {
+            wire::Frame::Control(Message::Accept { capabilities, .. }) => {
+                assert_eq!(capabilities, vec!["precopy".to_string()])
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_hellos_name_the_problem() {
+        let e = receive_hello(&mut &hello_bytes(MAGIC, 99)[..]).unwrap_err();
+        assert!(e.to_string().contains("protocol version 99"), "{e}");
+        let e = receive_hello(&mut &hello_bytes(*b"NOTMIGD!", 1)[..]).unwrap_err();
+        assert!(e.to_string().contains("bad magic"), "{e}");
+        let full = hello_bytes(MAGIC, 1);
+        let e = receive_hello(&mut &full[..full.len() / 2]).unwrap_err();
+        assert!(e.to_string().contains("stream"), "truncated: {e}");
+        let e = receive_hello(&mut &[0xff, 0xff, 0xff, 0xff, 1][..]).unwrap_err();
+        assert!(e.to_string().contains("outside"), "oversized: {e}");
+        let random: Vec<u8> = (0..200u32).map(|i| (i * 7919 % 251) as u8).collect();
+        assert!(receive_hello(&mut &random[..]).is_err());
+        let go = wire::encode_control(&Message::Go).unwrap();
+        let e = receive_hello(&mut &go[..]).unwrap_err();
+        assert!(e.to_string().contains("expected Hello, got Go"), "{e}");
+    }
+
+    #[test]
+    fn refusal_reaches_the_source() {
+        // The source reads a Refuse: the error carries the destination's reason.
+        struct Duplex(Vec<u8>, std::io::Cursor<Vec<u8>>);
+        impl std::io::Write for Duplex {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        impl std::io::Read for Duplex {
+            fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+                self.1.read(b)
+            }
+        }
+        let mut answer = Vec::new();
+        refuse(&mut answer, "VM name web1 exists here").unwrap();
+        let mut d = Duplex(Vec::new(), std::io::Cursor::new(answer));
+        let e = hello(&mut d, "precopy", desc()).unwrap_err();
+        assert!(e.to_string().contains("web1 exists"), "{e}");
+        assert!(
+            receive_hello(&mut &d.0[..]).is_ok(),
+            "the source sent a valid Hello"
+        );
+    }
+
+    #[test]
+    fn cpu_features_are_compared() {
+        let mut host = vec![kvm_bindings::kvm_cpuid_entry2 {
+            function: 1,
+            ecx: 0b1010,
+            edx: 0b1,
+            ..Default::default()
+        }];
+        let vm = VmDescriptor {
+            cpu_features: vec![0b1010, 0b1],
+            cpu_vendor: String::new(),
+            ..desc()
+        };
+        assert_eq!(cpu_incompatibility(&vm, &host), None);
+        host[0].ecx = 0b0010;
+        let why = cpu_incompatibility(&vm, &host).unwrap();
+        assert!(why.contains("lacks features"), "{why}");
+    }
+}

@@ -34,6 +34,10 @@ pub fn receive(
     memory: u64,
     console: Option<&Path>,
 ) -> Result<(Vm, IncomingStats)> {
+    // A source that stalls for a minute is gone: give up rather than hang.
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .map_err(io_err("socket timeout"))?;
     let mut out = stream.try_clone().map_err(io_err("socket"))?;
     let mut r = BufReader::with_capacity(4 << 20, stream);
     let ram = GuestRam::new(memory)?;

@@ -20,6 +20,11 @@ pub fn supported(kvm_fd: &Kvm) -> Result<Vec<kvm_cpuid_entry2>> {
         .to_vec())
 }
 
+/// KVM's supported CPUID entries, opening /dev/kvm for the purpose.
+pub fn host_supported() -> Result<Vec<kvm_cpuid_entry2>> {
+    supported(&Kvm::new().map_err(Error::KvmUnavailable)?)
+}
+
 /// The CPUID of vCPU `id` of `count`, with `tsc_khz` in the timing leaf.
 pub fn for_vcpu(
     base: &[kvm_cpuid_entry2],

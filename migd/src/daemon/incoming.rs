@@ -164,6 +164,15 @@ fn handshake(d: &Daemon, mut stream: TcpStream, peer: SocketAddr) -> Result<(Tcp
     use migration::handshake;
     let hello = handshake::receive_hello(&mut stream).context("reading the Hello")?;
     tracing::info!(vm = %hello.name, memory = hello.memory, vcpus = hello.vcpus, mode = %hello.mode, "migration offered");
+    let cpu = match vmm::cpuid::host_supported() {
+        Ok(host) => handshake::cpu_incompatibility(&hello.vm, &host),
+        Err(e) => Some(format!("this host cannot run VMs: {e}")),
+    };
+    if let Some(reason) = cpu {
+        tracing::warn!(vm = %hello.name, "refusing: {reason}");
+        let _ = handshake::refuse(&mut stream, &reason);
+        anyhow::bail!("refused {}: {reason}", hello.name);
+    }
     let record = match admit(d, &hello.name, hello.memory, hello.vcpus, peer) {
         Ok(r) => r,
         Err(reason) => {
