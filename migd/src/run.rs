@@ -104,6 +104,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
     }
     set.thread_block().context("blocking signals")?;
 
+    // Bind the migration port before the control socket appears, so that anyone
+    // who sees the socket can connect.
+    let incoming_listener = match &args.incoming {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?,
+        ),
+        None => None,
+    };
     let (tx, rx) = channel::<Event>();
     let arriving = Arc::new(AtomicBool::new(
         args.incoming_fd.is_some() || args.incoming.is_some(),
@@ -112,14 +120,18 @@ pub fn run(args: RunArgs) -> Result<i32> {
         spawn_control_thread(bind_control(p)?, tx.clone(), arriving.clone())?;
     }
     let incoming = match (&args.incoming, args.incoming_fd) {
-        (Some(addr), _) => Some(accept_incoming(addr, &args)?),
+        (Some(_), _) => match &incoming_listener {
+            Some(l) => Some(accept_incoming(l, &args)?),
+            None => None,
+        },
         // SAFETY: the daemon passed this descriptor to us for exactly this use.
         (None, Some(fd)) => Some(unsafe { std::net::TcpStream::from_raw_fd(fd) }),
         (None, None) => None,
     };
     let (vm, mut takeover) = if let Some(stream) = incoming {
-        let (vm, stats) = migration::incoming::receive(stream, args.memory, args.serial.as_deref())
-            .context("incoming migration")?;
+        let (vm, stats) =
+            migration::incoming::receive(stream, args.memory, args.cpus, args.serial.as_deref())
+                .context("incoming migration")?;
         arriving.store(false, Ordering::SeqCst);
         tracing::info!(
             pages = stats.pages,
@@ -244,11 +256,12 @@ pub fn run(args: RunArgs) -> Result<i32> {
     Ok(code)
 }
 
-/// Listens on `addr` for one migration and does the destination's handshake.
-fn accept_incoming(addr: &str, args: &RunArgs) -> Result<std::net::TcpStream> {
-    let listener =
-        std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
-    tracing::info!(addr, "waiting for an incoming migration");
+/// Accepts one migration on `listener` and does the destination's handshake.
+fn accept_incoming(
+    listener: &std::net::TcpListener,
+    args: &RunArgs,
+) -> Result<std::net::TcpStream> {
+    tracing::info!(addr = ?listener.local_addr().ok(), "waiting for an incoming migration");
     let (mut stream, peer) = listener.accept().context("accepting the migration")?;
     let hello = migration::handshake::receive_hello(&mut stream)?;
     let refusal = if hello.memory != args.memory {

@@ -125,6 +125,19 @@ pub fn hello<S: Read + Write>(stream: &mut S, mode: &str, vm: VmDescriptor) -> R
     }
 }
 
+/// Source: waits until the destination has built the VM (so that its set-up
+/// time never lands in the downtime).
+pub fn wait_prepared(stream: &mut impl Read) -> Result<()> {
+    match wire::expect_control(stream, "Prepared")? {
+        Message::Prepared => Ok(()),
+        Message::Cancel { reason } => Err(Error::PeerCancelled(reason)),
+        other => Err(Error::Protocol(format!(
+            "expected Prepared, got {}",
+            other.name()
+        ))),
+    }
+}
+
 /// The descriptor of a VM: name, size, vCPUs and the CPU features it was given.
 pub fn describe(
     name: &str,

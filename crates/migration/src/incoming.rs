@@ -32,20 +32,26 @@ pub struct IncomingStats {
 pub fn receive(
     stream: TcpStream,
     memory: u64,
+    vcpus: usize,
     console: Option<&Path>,
 ) -> Result<(Vm, IncomingStats)> {
     // A source that stalls for a minute is gone: give up rather than hang.
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(60)))
         .map_err(io_err("socket timeout"))?;
+    // Ready and Confirm are small and on the downtime's critical path: no Nagle.
+    stream.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
     let mut out = stream.try_clone().map_err(io_err("socket"))?;
     let mut r = BufReader::with_capacity(4 << 20, stream);
-    let ram = GuestRam::new(memory)?;
-    let mem = MemView::new(&ram);
+    // Build the VM now, so that only loading the state remains for the downtime.
+    let prepared = Vm::prepare(GuestRam::new(memory)?, vcpus, console)?;
+    let mem = MemView::new(prepared.ram());
+    wire::write_control(&mut out, &Message::Prepared)?;
     let mut stats = IncomingStats::default();
     let mut expected_digest = None;
     let state = loop {
         let h = wire::read_header(&mut r)?;
+        tracing::trace!(kind = h.kind, len = h.body_len, "frame");
         if h.kind != KIND_CONTROL {
             let offsets = wire::read_batch_offsets(&mut r, h.body_len)?;
             for off in offsets {
@@ -72,7 +78,16 @@ pub fn receive(
                 }
             }
             Message::RoundEnd { round } => stats.rounds = round + 1,
-            Message::State { blob } => break VmState::decode(&blob)?,
+            Message::State { blob } => {
+                let t = Instant::now();
+                let state = VmState::decode(&blob)?;
+                tracing::debug!(
+                    us = t.elapsed().as_micros() as u64,
+                    bytes = blob.len(),
+                    "state decoded"
+                );
+                break state;
+            }
             Message::Digest { crc32 } => expected_digest = Some(crc32),
             Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
             other => {
@@ -83,7 +98,9 @@ pub fn receive(
             }
         }
     };
-    let vm = Vm::restore(&state, ram, console)?;
+    let t = Instant::now();
+    let vm = prepared.load(&state)?;
+    tracing::debug!(us = t.elapsed().as_micros() as u64, "state loaded");
     if let Some(crc32) = expected_digest {
         let ours = mem.digest();
         if ours != crc32 {

@@ -19,7 +19,7 @@ use vmm::Vm;
 use wire::{Message, MAX_BATCH_PAGES};
 
 use crate::memview::MemView;
-use crate::stats::{MigrationStats, RoundStats};
+use crate::stats::{DowntimePhases, MigrationStats, RoundStats};
 use crate::{handshake, io_err, Error, Result};
 
 /// What the operator asked for.
@@ -278,6 +278,7 @@ fn run(
     let cpuid = vm.cpuid(0);
     let desc = handshake::describe(&params.name, &cpuid, vm.config().memory, vm.config().vcpus);
     handshake::hello(&mut stream, "precopy", desc)?;
+    handshake::wait_prepared(&mut stream)?;
     job.update(|s| {
         s.setup_ms = start.elapsed().as_secs_f64() * 1e3;
         s.status = "active".into();
@@ -394,9 +395,18 @@ fn run(
     job.update(|s| s.stop_reason = stop_reason.into());
 
     // Stop-and-copy.
-    vm.pause();
     let pause_start = Instant::now();
+    vm.pause();
     *paused_at = Some(pause_start);
+    let mut phases = DowntimePhases {
+        pause_us: pause_start.elapsed().as_micros() as u64,
+        ..Default::default()
+    };
+    let mut lap = Instant::now();
+    let mut stamp = |slot: &mut u64| {
+        *slot = lap.elapsed().as_micros() as u64;
+        lap = Instant::now();
+    };
     let last = vm.take_dirty_bitmap()?;
     for (t, l) in todo.iter_mut().zip(&last) {
         *t |= *l;
@@ -404,6 +414,7 @@ fn run(
     tx.cap = None; // the final copy is never throttled
     for_each_set(&todo, |pfn| tx.queue(pfn, true))?;
     tx.flush()?;
+    stamp(&mut phases.final_pages_us);
     if params.verify {
         let crc32 = mem.digest();
         job.update(|s| s.verified = Some(false));
@@ -412,6 +423,8 @@ fn run(
     let state = vm.capture()?;
     let blob = state.encode()?;
     tx.write_control(&Message::State { blob })?;
+    stamp(&mut phases.state_us);
+    tracing::debug!("state sent");
     let mut rx = stream;
     match wire::expect_control(&mut rx, "Ready")? {
         Message::Ready => {
@@ -427,12 +440,16 @@ fn run(
             )))
         }
     }
+    stamp(&mut phases.destination_ready_us);
+    tracing::debug!("destination ready");
     job.check_cancel()?;
     // Commit point: from here on the source never resumes on its own.
     tx.write_control(&Message::Go)?;
     let confirm = wire::expect_control(&mut rx, "Confirm");
     let downtime = pause_start.elapsed().as_secs_f64() * 1e3;
+    stamp(&mut phases.go_confirm_us);
     job.update(|s| {
+        s.downtime_phases = Some(phases);
         s.downtime_ms = downtime;
         s.remaining_bytes = 0;
         s.bytes = tx.bytes;

@@ -65,6 +65,23 @@ pub struct MigrationStats {
     pub expected_downtime_ms: f64,
     /// Why the pre-copy rounds ended.
     pub stop_reason: String,
+    /// Where the downtime went.
+    pub downtime_phases: Option<DowntimePhases>,
     /// Verify mode: whether the destination's memory digest matched the source's.
     pub verified: Option<bool>,
+}
+
+/// The switch-over, phase by phase (µs, on the source's monotonic clock).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DowntimePhases {
+    /// Asking the vCPUs to stop until all have.
+    pub pause_us: u64,
+    /// Final dirty log and the last pages.
+    pub final_pages_us: u64,
+    /// Capturing, encoding and sending the VM state (and the digest in verify mode).
+    pub state_us: u64,
+    /// Until the destination has rebuilt the VM and answered Ready.
+    pub destination_ready_us: u64,
+    /// Go, the destination resumes, Confirm arrives.
+    pub go_confirm_us: u64,
 }

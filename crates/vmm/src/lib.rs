@@ -17,4 +17,4 @@ pub use error::{Error, Result};
 pub use memory::GuestRam;
 pub use state::VmState;
 pub use vcpu::VmExit;
-pub use vm::{Vm, VmConfig, MAX_VCPUS};
+pub use vm::{PreparedVm, Vm, VmConfig, MAX_VCPUS};

@@ -249,6 +249,9 @@ pub fn capture_vcpu(
 
 /// Restores a vCPU's complete state into a freshly created vCPU.
 pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
+    let t = std::time::Instant::now();
+    let lap =
+        |what: &str| tracing::trace!(what, us = t.elapsed().as_micros() as u64, "restore_vcpu");
     vcpu.set_cpuid2(&cpuid::to_kvm(&s.cpuid)?)
         .map_err(kvm("KVM_SET_CPUID2"))?;
     vcpu.set_mp_state(s.mp_state)
@@ -261,9 +264,12 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
     unsafe { vcpu.set_xsave(&s.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
     vcpu.set_debug_regs(&s.debugregs)
         .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+    lap("before lapic");
     vcpu.set_lapic(&s.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+    lap("lapic");
     let msrs = Msrs::from_entries(&s.msrs).map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
     let n = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+    lap("msrs");
     if n != s.msrs.len() {
         return Err(Error::State(format!(
             "vCPU {}: KVM accepted {n} of {} MSRs (refused {:#x})",

@@ -58,6 +58,81 @@ pub struct Vm {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// Checks that captured state fits a VM of `memory` bytes.
+fn check_state(state: &VmState, memory: u64) -> Result<()> {
+    if state.version != STATE_VERSION {
+        return Err(Error::State(format!(
+            "state version {} is not {STATE_VERSION}",
+            state.version
+        )));
+    }
+    check_vcpus(state.vcpus.len())?;
+    if memory != state.memory {
+        return Err(Error::State(format!(
+            "state is for {} bytes of RAM, got {memory}",
+            state.memory
+        )));
+    }
+    if let Some((i, s)) = state.vcpus.iter().enumerate().find(|(i, s)| s.id != *i) {
+        return Err(Error::State(format!("vCPU {i} carries id {}", s.id)));
+    }
+    Ok(())
+}
+
+/// A VM built by [`Vm::prepare`], waiting for its state.
+pub struct PreparedVm {
+    vm: Vm,
+    irq: EventFd,
+}
+
+impl PreparedVm {
+    /// Guest RAM (to fill before loading the state).
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.vm.ram
+    }
+
+    /// Loads captured state; the VM is paused until [`Vm::resume`].
+    pub fn load(self, state: &VmState) -> Result<Vm> {
+        let PreparedVm { mut vm, irq } = self;
+        check_state(state, vm.ram.size())?;
+        if state.vcpus.len() != vm.vcpus.len() {
+            return Err(Error::State(format!(
+                "state has {} vCPUs, the VM was prepared with {}",
+                state.vcpus.len(),
+                vm.vcpus.len()
+            )));
+        }
+        let devices = Devices::restore(
+            irq.try_clone().map_err(crate::error::io("eventfd"))?,
+            vm.config.console.as_deref(),
+            &state.serial,
+        )?;
+        *vm.devices.lock().unwrap_or_else(|p| p.into_inner()) = devices;
+        let t = std::time::Instant::now();
+        state::restore_vm(&vm.vm_fd, &state.kernel)?;
+        let vm_us = t.elapsed().as_micros();
+        for (fd, s) in vm.vcpus.iter().zip(&state.vcpus) {
+            let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
+            if s.tsc_khz != 0 {
+                // Unsupported (as on kvm-pvm) is fine: the guest keeps the host's rate.
+                let _ = fd.set_tsc_khz(s.tsc_khz);
+            }
+            state::restore_vcpu(&fd, s)?;
+            vm.cpuids.push(s.cpuid.clone());
+        }
+        vm.msr_indices = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
+        let vcpus_us = t.elapsed().as_micros() - vm_us;
+        vm.spawn_threads()?;
+        tracing::debug!(
+            vm_us,
+            vcpus_us,
+            threads_us = t.elapsed().as_micros() - vm_us - vcpus_us,
+            "state loaded"
+        );
+        Ok(vm)
+    }
+}
+
 fn check_vcpus(n: usize) -> Result<()> {
     if n == 0 || n > MAX_VCPUS {
         return Err(Error::VcpuCount(n));
@@ -102,49 +177,34 @@ impl Vm {
     /// Recreates a VM from captured state over `ram` (which already holds the
     /// guest's memory); vCPUs are paused until [`Vm::resume`].
     pub fn restore(state: &VmState, ram: GuestRam, console: Option<&Path>) -> Result<Self> {
-        if state.version != STATE_VERSION {
-            return Err(Error::State(format!(
-                "state version {} is not {STATE_VERSION}",
-                state.version
-            )));
-        }
-        check_vcpus(state.vcpus.len())?;
-        if ram.size() != state.memory {
-            return Err(Error::State(format!(
-                "state is for {} bytes of RAM, got {}",
-                state.memory,
-                ram.size()
-            )));
-        }
+        check_state(state, ram.size())?;
+        Self::prepare(ram, state.vcpus.len(), console)?.load(state)
+    }
+
+    /// Builds everything a restore needs that does not depend on the state (KVM
+    /// VM, irqchip, PIT, memory slots, vCPUs), so that a migration destination
+    /// can do it before the source pauses; [`PreparedVm::load`] finishes it.
+    pub fn prepare(ram: GuestRam, vcpus: usize, console: Option<&Path>) -> Result<PreparedVm> {
+        check_vcpus(vcpus)?;
         let config = VmConfig {
-            memory: state.memory,
-            vcpus: state.vcpus.len(),
+            memory: ram.size(),
+            vcpus,
             console: console.map(Path::to_path_buf),
         };
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(crate::error::io("eventfd"))?;
-        let devices = Devices::restore(
+        let devices = Devices::new(
             irq.try_clone().map_err(crate::error::io("eventfd"))?,
             console,
-            &state.serial,
         )?;
         let mut vm = Self::create(config, ram, devices, &irq)?;
-        state::restore_vm(&vm.vm_fd, &state.kernel)?;
-        for s in &state.vcpus {
+        for id in 0..vcpus {
             let fd = vm
                 .vm_fd
-                .create_vcpu(s.id as u64)
+                .create_vcpu(id as u64)
                 .map_err(kvm("KVM_CREATE_VCPU"))?;
-            if s.tsc_khz != 0 {
-                // Unsupported (as on kvm-pvm) is fine: the guest keeps the host's rate.
-                let _ = fd.set_tsc_khz(s.tsc_khz);
-            }
-            state::restore_vcpu(&fd, s)?;
             vm.vcpus.push(Arc::new(Mutex::new(fd)));
-            vm.cpuids.push(s.cpuid.clone());
         }
-        vm.msr_indices = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
-        vm.spawn_threads()?;
-        Ok(vm)
+        Ok(PreparedVm { vm, irq })
     }
 
     /// The VM fd, irqchip, PIT, memory slots and serial interrupt; no vCPUs yet.

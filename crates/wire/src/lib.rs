@@ -105,6 +105,9 @@ pub enum Message {
         /// Human-readable reason.
         reason: String,
     },
+    /// Destination → source: the VM is built (memory, vCPUs) and waits for pages;
+    /// sent by the destination's VM process after Accept, before any page moves.
+    Prepared,
     /// Source → destination: these ranges are zero now (memfd offset, pages).
     Zero {
         /// (offset, page count) pairs.
@@ -148,6 +151,7 @@ impl Message {
             Message::Hello { .. } => "Hello",
             Message::Accept { .. } => "Accept",
             Message::Refuse { .. } => "Refuse",
+            Message::Prepared => "Prepared",
             Message::Zero { .. } => "Zero",
             Message::RoundEnd { .. } => "RoundEnd",
             Message::State { .. } => "State",
