@@ -1,0 +1,490 @@
+//! The working set: each CPU owns a contiguous slice of pages, writes them
+//! with a known pattern and verifies them exactly, forever.
+//!
+//! Page `i` (global index) with generation `g` holds, as 8-byte words:
+//! word 0 = `i << 32 | g`; word `w` (1..512) = `seed(i, b) + w * STEP` where
+//! `b = g` for dirty pages and `b = 0` for sparse pages (whose rewrites only
+//! change word 0). The generation of every page is kept in a table in guest
+//! memory (one u32 per page); a page is only checked against the table by the
+//! CPU that writes it, so the check is exact. The writer verifies each page
+//! before rewriting it, so a rewrite never hides a corrupted page.
+
+use crate::boot::{KCPU, MAX_CPUS};
+use crate::bootinfo::{Mode, SelfTest};
+use crate::checks::{self, Checker};
+use crate::clock;
+use crate::cpu;
+use crate::{corrupt, println};
+use core::cell::UnsafeCell;
+use core::ptr::{read_volatile, write_volatile};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Bytes per page.
+pub const PAGE: u64 = 4096;
+const WORDS: usize = (PAGE / 8) as usize;
+const STEP: u64 = 0x9e37_79b9_7f4a_7c15;
+/// Pages per CPU for `workload=idle`.
+pub const IDLE_PAGES: u64 = 16;
+/// Pages written per loop iteration while filling.
+const FILL_CHUNK: u64 = 64;
+/// Pages rewritten per loop iteration at full speed (and the most at any rate).
+const WRITE_CHUNK: u64 = 16;
+/// Pages verified per loop iteration.
+const VERIFY_CHUNK: u64 = 32;
+/// Seconds after READY at which `selftest=` fires.
+const SELFTEST_DELAY_S: u64 = 3;
+/// An AP whose loop makes no progress for this long is reported.
+const STALL_MS: u64 = 2000;
+
+/// What every CPU needs to know, written by the boot CPU before any AP starts.
+#[derive(Clone, Copy)]
+pub struct Plan {
+    /// Number of CPUs running the workload.
+    pub ncpus: usize,
+    /// LAPIC IDs by cpu index.
+    pub apic_ids: [u32; MAX_CPUS],
+    /// Workload kind.
+    pub mode: Mode,
+    /// Rewrite rate per CPU in pages per second (0 = as fast as possible).
+    pub rate_pages: u64,
+    /// Physical address of page 0 of the working set.
+    pub ws_base: u64,
+    /// Pages in the working set.
+    pub ws_pages: u64,
+    /// Physical address of the generation table (u32 per page).
+    pub gens_base: u64,
+    /// LAPIC timer input clock.
+    pub bus_khz: u64,
+    /// Fault to inject (kind, cpu).
+    pub selftest: Option<(SelfTest, usize)>,
+    /// Power off after this many seconds.
+    pub runtime_s: Option<u64>,
+}
+
+struct PlanCell(UnsafeCell<Option<Plan>>);
+// SAFETY: written once by the boot CPU before PLAN_SET is released, read-only after.
+unsafe impl Sync for PlanCell {}
+static PLAN: PlanCell = PlanCell(UnsafeCell::new(None));
+static PLAN_SET: AtomicBool = AtomicBool::new(false);
+
+/// Publish the plan (boot CPU, once, before starting APs).
+pub fn set_plan(p: Plan) {
+    // SAFETY: no other CPU runs before PLAN_SET is set.
+    unsafe { *PLAN.0.get() = Some(p) };
+    PLAN_SET.store(true, Ordering::Release);
+}
+
+/// The plan (spins until the boot CPU has published it).
+pub fn plan() -> &'static Plan {
+    while !PLAN_SET.load(Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
+    // SAFETY: published and never written again.
+    unsafe { (*PLAN.0.get()).as_ref().unwrap_unchecked() }
+}
+
+/// Progress of each CPU, read by the boot CPU.
+pub struct Status {
+    /// Reached ring 3.
+    pub started: AtomicBool,
+    /// Its slice is filled and its workload is running.
+    pub ready: AtomicBool,
+    /// Loop iterations.
+    pub progress: AtomicU64,
+    /// Completed write passes over the slice (generation of its last page).
+    pub pass: AtomicU64,
+    /// Completed verification sweeps over the slice.
+    pub sweeps: AtomicU64,
+}
+
+/// Per-CPU status.
+pub static STATUS: [Status; MAX_CPUS] = [const {
+    Status {
+        started: AtomicBool::new(false),
+        ready: AtomicBool::new(false),
+        progress: AtomicU64::new(0),
+        pass: AtomicU64::new(0),
+        sweeps: AtomicU64::new(0),
+    }
+}; MAX_CPUS];
+
+static SELFTEST_AT: AtomicU64 = AtomicU64::new(u64::MAX);
+
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn header(index: u64, generation: u32) -> u64 {
+    index << 32 | generation as u64
+}
+
+fn seed(index: u64, body_gen: u32) -> u64 {
+    mix(index ^ (body_gen as u64) << 40 ^ 0x7465_7374_6775_6573)
+}
+
+/// Expected value of word `w` of page `index` at generation `generation`.
+fn expected(index: u64, generation: u32, body_gen: u32, w: usize) -> u64 {
+    if w == 0 {
+        header(index, generation)
+    } else {
+        seed(index, body_gen).wrapping_add(STEP.wrapping_mul(w as u64))
+    }
+}
+
+/// The slice of the working set one CPU owns.
+struct Slice {
+    /// Global index of its first page.
+    first: u64,
+    /// Number of pages.
+    n: u64,
+    base: *mut u64,
+    gens: *mut u32,
+    sparse: bool,
+}
+
+impl Slice {
+    fn new(p: &Plan, cpu: usize) -> Slice {
+        let first = p.ws_pages * cpu as u64 / p.ncpus as u64;
+        let end = p.ws_pages * (cpu as u64 + 1) / p.ncpus as u64;
+        Slice {
+            first,
+            n: end - first,
+            base: (p.ws_base + first * PAGE) as *mut u64,
+            gens: (p.gens_base + first * 4) as *mut u32,
+            sparse: p.mode == Mode::Sparse,
+        }
+    }
+
+    fn page(&self, i: u64) -> *mut u64 {
+        // SAFETY: i < n, inside this CPU's slice of identity-mapped RAM.
+        unsafe { self.base.add(i as usize * WORDS) }
+    }
+
+    fn generation(&self, i: u64) -> u32 {
+        // SAFETY: i < n, inside this CPU's part of the generation table.
+        unsafe { read_volatile(self.gens.add(i as usize)) }
+    }
+
+    fn set_gen(&self, i: u64, g: u32) {
+        // SAFETY: as for generation().
+        unsafe { write_volatile(self.gens.add(i as usize), g) }
+    }
+
+    fn body_gen(&self, generation: u32) -> u32 {
+        if self.sparse { 0 } else { generation }
+    }
+
+    /// Write the whole page at generation `generation`, then record `generation`.
+    fn write_full(&self, i: u64, generation: u32) {
+        let p = self.page(i);
+        let index = self.first + i;
+        let mut v = seed(index, self.body_gen(generation));
+        for w in 1..WORDS {
+            v = v.wrapping_add(STEP);
+            // SAFETY: w < 512 words of page i.
+            unsafe { write_volatile(p.add(w), v) };
+        }
+        // SAFETY: word 0 of page i.
+        unsafe { write_volatile(p, header(index, generation)) };
+        self.set_gen(i, generation);
+    }
+
+    /// Verify page `i`, then rewrite it at its next generation (sparse: word
+    /// 0 only). Verifying first means a rewrite can never hide a corruption.
+    fn rewrite(&self, cpu: usize, i: u64) {
+        self.verify(cpu, i);
+        let generation = self.generation(i).wrapping_add(1);
+        if self.sparse {
+            // SAFETY: word 0 of page i.
+            unsafe { write_volatile(self.page(i), header(self.first + i, generation)) };
+            self.set_gen(i, generation);
+        } else {
+            self.write_full(i, generation);
+        }
+    }
+
+    /// Compare every word of page `i` with its pattern; on a mismatch report
+    /// it and write the page again so one corruption gives one report.
+    fn verify(&self, cpu: usize, i: u64) {
+        let p = self.page(i);
+        let index = self.first + i;
+        let generation = self.generation(i);
+        let body = self.body_gen(generation);
+        // SAFETY: word 0 of page i.
+        let mut diff = unsafe { read_volatile(p) } ^ header(index, generation);
+        let mut v = seed(index, body);
+        for w in 1..WORDS {
+            v = v.wrapping_add(STEP);
+            // SAFETY: w < 512 words of page i.
+            diff |= unsafe { read_volatile(p.add(w)) } ^ v;
+        }
+        if diff == 0 {
+            return;
+        }
+        let mut first_bad = None;
+        let mut bad = 0;
+        for w in 0..WORDS {
+            // SAFETY: w < 512 words of page i.
+            let got = unsafe { read_volatile(p.add(w)) };
+            let want = expected(index, generation, body, w);
+            if got != want {
+                bad += 1;
+                first_bad.get_or_insert((w, got, want));
+            }
+        }
+        // SAFETY: word 0 of page i.
+        let hdr = unsafe { read_volatile(p) };
+        if let Some((w, got, want)) = first_bad {
+            corrupt!(
+                "page={index} cpu={cpu} addr={:#x} gen={generation} word={w} found={got:#018x} want={want:#018x} bad_words={bad} hdr_page={} hdr_gen={}",
+                p as u64,
+                hdr >> 32,
+                hdr as u32
+            );
+        }
+        self.write_full(i, generation);
+    }
+}
+
+/// Per-CPU writer/verifier state.
+struct Worker {
+    cpu: usize,
+    slice: Slice,
+    mode: Mode,
+    rate: u64,
+    filled: u64,
+    wcur: u64,
+    vcur: u64,
+    credit: u64,
+    last_credit: u64,
+    swept_since_halt: bool,
+}
+
+impl Worker {
+    /// One loop iteration of work; returns whether any page was due for writing.
+    fn step(&mut self, now: u64) -> bool {
+        let s = &self.slice;
+        let st = &STATUS[self.cpu];
+        if self.filled < s.n {
+            let end = (self.filled + FILL_CHUNK).min(s.n);
+            for i in self.filled..end {
+                s.write_full(i, 1);
+            }
+            self.filled = end;
+            if end == s.n {
+                st.pass.store(1, Ordering::Relaxed);
+                st.ready.store(true, Ordering::Release);
+                self.last_credit = now;
+            }
+            self.verify_chunk();
+            return true;
+        }
+
+        let mut due = 0;
+        if self.mode != Mode::Idle {
+            due = if self.rate == 0 {
+                WRITE_CHUNK
+            } else {
+                let hz = clock::tsc_hz();
+                let dt = now.saturating_sub(self.last_credit).min(hz);
+                self.last_credit = self.last_credit.max(now);
+                let cap = (self.rate / 10).max(1) * hz;
+                self.credit = (self.credit + dt * self.rate).min(cap);
+                let due = (self.credit / hz).min(WRITE_CHUNK);
+                self.credit -= due * hz;
+                due
+            };
+            for _ in 0..due {
+                s.rewrite(self.cpu, self.wcur);
+                self.wcur += 1;
+                if self.wcur == s.n {
+                    self.wcur = 0;
+                    st.pass.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.verify_chunk();
+        due != 0
+    }
+
+    fn verify_chunk(&mut self) {
+        let limit = self.filled;
+        for _ in 0..VERIFY_CHUNK.min(limit) {
+            self.slice.verify(self.cpu, self.vcur);
+            self.vcur += 1;
+            if self.vcur >= limit {
+                self.vcur = 0;
+                if limit == self.slice.n {
+                    STATUS[self.cpu].sweeps.fetch_add(1, Ordering::Relaxed);
+                    self.swept_since_halt = true;
+                }
+            }
+        }
+    }
+}
+
+/// Boot-CPU bookkeeping: READY, heartbeats, stalled APs, power-off.
+struct Monitor {
+    ready_printed: bool,
+    hb_n: u64,
+    next_hb: u64,
+    steps_seen: u64,
+    last_progress: [(u64, u64, u64); MAX_CPUS],
+    stall_reported: [bool; MAX_CPUS],
+}
+
+impl Monitor {
+    fn new(now: u64) -> Monitor {
+        Monitor {
+            ready_printed: false,
+            hb_n: 0,
+            next_hb: now + clock::tsc_hz(),
+            steps_seen: 0,
+            last_progress: [(0, 0, now); MAX_CPUS],
+            stall_reported: [false; MAX_CPUS],
+        }
+    }
+
+    fn run(&mut self, p: &Plan, now: u64, steps: u64) {
+        let n = p.ncpus;
+        if !self.ready_printed && STATUS[..n].iter().all(|s| s.ready.load(Ordering::Acquire)) {
+            self.ready_printed = true;
+            println!("WORKLOAD READY");
+            println!(
+                "WORKSET base={:#x} bytes={} cpus={}",
+                p.ws_base,
+                p.ws_pages * PAGE,
+                n
+            );
+            SELFTEST_AT.store(now + SELFTEST_DELAY_S * clock::tsc_hz(), Ordering::Release);
+        }
+        if let Some(secs) = p.runtime_s
+            && clock::since_boot_ms(now) >= secs * 1000
+        {
+            println!("TESTGUEST poweroff t={}", clock::since_boot_ms(now));
+            cpu::exit(0);
+        }
+        if steps != self.steps_seen {
+            // The boot CPU saw the clock jump (a VMM pause): restart stall timing.
+            self.steps_seen = steps;
+            for lp in self.last_progress.iter_mut() {
+                lp.2 = now;
+            }
+        }
+        if now.wrapping_sub(self.next_hb) > u64::MAX / 2 {
+            return;
+        }
+        self.next_hb = now + clock::tsc_hz();
+        self.hb_n += 1;
+        let st = &STATUS[..n];
+        let generation = st
+            .iter()
+            .map(|s| s.pass.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
+        let swept = st
+            .iter()
+            .map(|s| s.sweeps.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
+        println!(
+            "HEARTBEAT n={} t={} ticks={} gen={generation} swept={swept}",
+            self.hb_n,
+            clock::since_boot_ms(now),
+            KCPU[0].ticks.load(Ordering::Relaxed)
+        );
+        for cpu in 1..n {
+            let prog = st[cpu].progress.load(Ordering::Relaxed);
+            let ticks = KCPU[cpu].ticks.load(Ordering::Relaxed);
+            let (last, last_ticks, since) = self.last_progress[cpu];
+            if prog != last {
+                self.last_progress[cpu] = (prog, ticks, now);
+                self.stall_reported[cpu] = false;
+            } else if now.saturating_sub(since) >= clock::ms(STALL_MS) && !self.stall_reported[cpu]
+            {
+                self.stall_reported[cpu] = true;
+                let ms = clock::to_ms(now - since);
+                if ticks == last_ticks {
+                    // No interrupts either: an AP asleep in hlt whose timer died.
+                    corrupt!("timer cpu={cpu} stopped ms={ms} ticks={ticks} progress={prog}");
+                } else {
+                    corrupt!("stall cpu={cpu} ms={ms} ticks={ticks} progress={prog}");
+                }
+            }
+        }
+    }
+}
+
+fn run_selftest(kind: SelfTest, cpu: usize, slice: &Slice) {
+    println!("TESTGUEST selftest {kind:?} cpu={cpu}");
+    let second = clock::tsc_hz();
+    match kind {
+        SelfTest::Page => {
+            let i = slice.n / 2;
+            // SAFETY: word 5 of a page in this CPU's slice.
+            unsafe { write_volatile(slice.page(i).add(5), 0xdead_beef_dead_beef) };
+        }
+        SelfTest::Simd => checks::sabotage::simd(),
+        SelfTest::X87 => checks::sabotage::x87(),
+        SelfTest::Mxcsr => checks::sabotage::mxcsr(),
+        SelfTest::FsBase => checks::sabotage::fs_base(),
+        SelfTest::Msr => checks::sabotage::msr(),
+        SelfTest::Lapic => checks::sabotage::lapic(),
+        SelfTest::Timer => checks::sabotage::timer(),
+        SelfTest::ClockFwd => clock::offset_all(2 * second),
+        SelfTest::ClockBack => clock::offset_all((2 * second).wrapping_neg()),
+        SelfTest::Skew => clock::offset_cpu(cpu, second),
+        SelfTest::Stall => loop {
+            core::hint::spin_loop();
+        },
+        // SAFETY: deliberately faults (reported as GUEST FATAL).
+        SelfTest::Fault => unsafe { core::arch::asm!("ud2", options(nostack, nomem)) },
+        SelfTest::KernelFault => cpu::bad_service(),
+    }
+}
+
+/// Set up this CPU's checks and run its workload forever.
+pub fn run(cpu: usize) -> ! {
+    let p = plan();
+    let mut chk = Checker::setup(cpu, p.apic_ids[cpu], p.bus_khz);
+    let now = clock::now(cpu);
+    let mut w = Worker {
+        cpu,
+        slice: Slice::new(p, cpu),
+        mode: p.mode,
+        rate: p.rate_pages,
+        filled: 0,
+        wcur: 0,
+        vcur: 0,
+        credit: 0,
+        last_credit: now,
+        swept_since_halt: false,
+    };
+    let mut mon = (cpu == 0).then(|| Monitor::new(now));
+    let mut selftest = p.selftest.filter(|&(_, c)| c == cpu);
+    let may_halt = cpu != 0 && !(p.mode != Mode::Idle && p.rate_pages == 0);
+    loop {
+        let now = chk.clock();
+        chk.fast();
+        chk.slow(now);
+        if let Some(m) = mon.as_mut() {
+            m.run(p, now, chk.steps);
+        }
+        if let Some((kind, _)) = selftest
+            && now >= SELFTEST_AT.load(Ordering::Acquire)
+        {
+            selftest = None;
+            run_selftest(kind, cpu, &w.slice);
+        }
+        let wrote = w.step(now);
+        STATUS[cpu].progress.fetch_add(1, Ordering::Relaxed);
+        if may_halt && !wrote && w.swept_since_halt {
+            w.swept_since_halt = false;
+            cpu::halt();
+        }
+    }
+}
