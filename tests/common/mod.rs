@@ -2,6 +2,8 @@
 //! `migd run` processes, their consoles and control sockets.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,245 @@
+//! A migd daemon under test: private socket, state dir and port, optionally
+//! inside a network namespace; migctl against it; cleanup of VM processes.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::{control, migd_bin};
+
+pub fn migctl_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_migctl"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One request on a unix socket; None when the socket does not answer.
+pub fn try_request(sock: &Path, req: &Value) -> Option<Value> {
+    let mut s = UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    writeln!(s, "{req}").ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+/// Raw lines on the daemon's socket: one connection, each line answered in turn.
+pub fn raw_lines(sock: &Path, lines: &[&[u8]]) -> Vec<Value> {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    lines
+        .iter()
+        .map(|l| {
+            s.write_all(l).unwrap();
+            s.write_all(b"\n").unwrap();
+            let mut reply = String::new();
+            r.read_line(&mut reply).unwrap();
+            serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad reply '{reply}': {e}"))
+        })
+        .collect()
+}
+
+/// Stops every VM process under a state dir when a test ends (they outlive daemons).
+pub struct Reaper(pub PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.0.join("vms")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let sock = e.path().join("control.sock");
+            if let Some(st) = try_request(&sock, &json!({"cmd": "status"})) {
+                let _ = try_request(&sock, &json!({"cmd": "stop"}));
+                if let Some(pid) = st["pid"].as_i64() {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A migd daemon on a private socket, state dir and port.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(dir: &Path, tag: &str) -> Daemon {
+        Daemon::start_with(
+            dir.join(format!("{tag}.sock")),
+            dir.join(format!("{tag}-state")),
+            free_port(),
+            &dir.join(format!("{tag}.log")),
+        )
+    }
+
+    pub fn start_with(socket: PathBuf, state: PathBuf, port: u16, log: &Path) -> Daemon {
+        Daemon::spawn(socket, state, None, "127.0.0.1", port, log)
+    }
+
+    /// A daemon inside network namespace `netns`, listening on `ip:port` there.
+    pub fn start_in_netns(dir: &Path, tag: &str, netns: &str, ip: &str, port: u16) -> Daemon {
+        Daemon::spawn(
+            dir.join(format!("{tag}.sock")),
+            dir.join(format!("{tag}-state")),
+            Some(netns),
+            ip,
+            port,
+            &dir.join(format!("{tag}.log")),
+        )
+    }
+
+    fn spawn(
+        socket: PathBuf,
+        state: PathBuf,
+        netns: Option<&str>,
+        ip: &str,
+        port: u16,
+        log: &Path,
+    ) -> Daemon {
+        let listen = format!("{ip}:{port}");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(migd_bin());
+                c
+            }
+            None => Command::new(migd_bin()),
+        };
+        let child = cmd
+            .args([
+                "--socket",
+                socket.to_str().unwrap(),
+                "--state-dir",
+                state.to_str().unwrap(),
+            ])
+            .args(["--listen", &listen, "--insecure"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            ))
+            .spawn()
+            .expect("starting migd");
+        let mut d = Daemon {
+            child,
+            socket,
+            state,
+            port,
+            log: log.to_path_buf(),
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        while try_request(&d.socket, &json!({"cmd": "ping"})).is_none() {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("migd exited ({st}) at start:\n{}", d.log_text());
+            }
+            assert!(
+                Instant::now() < end,
+                "migd did not answer on {}:\n{}",
+                d.socket.display(),
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn request(&self, req: Value) -> Value {
+        control(&self.socket, req)
+    }
+
+    /// Runs migctl against this daemon: (exit code, stdout, stderr).
+    pub fn migctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(migctl_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running migctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// migctl that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.migctl(args);
+        assert_eq!(
+            code,
+            0,
+            "migctl {args:?} failed: {err}\ndaemon log:\n{}",
+            self.log_text()
+        );
+        out
+    }
+
+    /// migctl that must fail; returns its one-line error.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let (code, _, err) = self.migctl(args);
+        assert_eq!(code, 1, "migctl {args:?} should fail: {err}");
+        let err = err.trim().to_string();
+        assert!(
+            err.starts_with("migctl: error: ") && !err.contains('\n'),
+            "not one error line: {err}"
+        );
+        err
+    }
+
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.state.join("vms").join(name)
+    }
+
+    pub fn terminate(&mut self) -> i32 {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < end, "migd ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
