@@ -93,17 +93,33 @@ fn handover_to_a_new_process_keeps_the_guest_running() {
     old.console.wait_for("WORKLOAD READY", READY);
     let n = old.console.wait_heartbeats(0, 2, Duration::from_secs(20));
     let sock = old.control.to_str().unwrap().to_string();
-    let new = VmProcess::start(&dir, "new", &old.console, &["--takeover", &sock]);
+    let mut new = VmProcess::start(&dir, "new", &old.console, &["--takeover", &sock]);
     assert_eq!(
         old.wait(Duration::from_secs(30)),
         0,
         "old process hands over and exits"
     );
+    // The new process reports the gap it measured, pause to resume, on one clock.
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(new.child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let gap_ms = event["downtime_us"].as_u64().unwrap() / 1000;
+    assert!(gap_ms < 1000, "handover paused the guest for {gap_ms} ms");
     let status = new.request(json!({"cmd": "status"}));
     assert_eq!(status["state"], "running", "{status}");
     assert_eq!(status["vcpus"], 2);
     new.console.wait_heartbeats(n, 4, Duration::from_secs(30));
     new.console.assert_clean();
+    for step in new.console.clock_steps() {
+        assert!(
+            step <= gap_ms + 100,
+            "clock stepped {step} ms across a {gap_ms} ms handover"
+        );
+    }
     let console = new.console.clone();
     assert_eq!(new.terminate(), 0);
     console.assert_clean();
@@ -142,6 +158,7 @@ fn snapshot_file_round_trip() {
         nix::sys::signal::Signal::SIGUSR2,
     )
     .unwrap();
+    let saved_at = Instant::now();
     assert_eq!(a.wait(Duration::from_secs(60)), 0);
     let size = std::fs::metadata(&snap).expect("snapshot written").len();
     assert!(
@@ -159,8 +176,15 @@ fn snapshot_file_round_trip() {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     let b = VmProcess::start(&dir, "b", &console, &["--restore", snap.to_str().unwrap()]);
+    let stopped_ms = saved_at.elapsed().as_millis() as u64;
     console.wait_heartbeats(n, 3, Duration::from_secs(30));
     console.assert_clean();
+    for step in console.clock_steps() {
+        assert!(
+            step <= stopped_ms + 300,
+            "clock stepped {step} ms; the VM was stopped ~{stopped_ms} ms"
+        );
+    }
     assert_eq!(b.terminate(), 0);
     console.assert_clean();
 }
