@@ -66,29 +66,18 @@ fn bad_snapshots_are_refused() {
     let dir = scratch("badsnap");
     let snap = dir.join("good.snap");
     // A real snapshot to damage: boot the guest briefly and save it.
-    let console = Console(dir.join("c.console"));
-    let elf = guest_elf();
-    let mut vm = VmProcess::start(
+    let snap_arg = snap.to_str().unwrap();
+    let mut vm = VmProcess::boot_with(
         &dir,
         "a",
-        &console,
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--cmdline",
-            "workload=idle",
-            "--memory",
-            "64M",
-            "--snapshot-on-signal",
-            snap.to_str().unwrap(),
-        ],
+        "workload=idle",
+        "64M",
+        1,
+        &["--snapshot-on-signal", snap_arg],
     );
-    console.wait_for("WORKLOAD READY", std::time::Duration::from_secs(60));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(vm.child.id() as i32),
-        nix::sys::signal::Signal::SIGUSR2,
-    )
-    .unwrap();
+    vm.console
+        .wait_for("WORKLOAD READY", std::time::Duration::from_secs(60));
+    vm.signal(nix::sys::signal::Signal::SIGUSR2);
     assert_eq!(vm.wait(std::time::Duration::from_secs(60)), 0);
     let good = std::fs::read(&snap).unwrap();
     let case = |name: &str, bytes: &[u8], needle: &str| {

@@ -132,32 +132,19 @@ fn snapshot_file_round_trip() {
     }
     let dir = scratch("snapfile");
     let snap = dir.join("vm.snap");
-    let console = Console(dir.join("vm.console"));
-    let elf = guest_elf();
-    let mut a = VmProcess::start(
+    let snap_arg = snap.to_str().unwrap();
+    let mut a = VmProcess::boot_with(
         &dir,
         "a",
-        &console,
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--cmdline",
-            "workload=dirty:16:16",
-            "--memory",
-            "256M",
-            "--cpus",
-            "2",
-            "--snapshot-on-signal",
-            snap.to_str().unwrap(),
-        ],
+        "workload=dirty:16:16",
+        "256M",
+        2,
+        &["--snapshot-on-signal", snap_arg],
     );
+    let console = a.console.clone();
     console.wait_for("WORKLOAD READY", READY);
     let n = console.wait_heartbeats(0, 2, Duration::from_secs(20));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(a.child.id() as i32),
-        nix::sys::signal::Signal::SIGUSR2,
-    )
-    .unwrap();
+    a.signal(nix::sys::signal::Signal::SIGUSR2);
     let saved_at = Instant::now();
     assert_eq!(a.wait(Duration::from_secs(60)), 0);
     let size = std::fs::metadata(&snap).expect("snapshot written").len();

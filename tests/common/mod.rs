@@ -201,24 +201,38 @@ impl VmProcess {
 
     /// Boots the test guest.
     pub fn boot(dir: &Path, tag: &str, cmdline: &str, memory: &str, cpus: usize) -> VmProcess {
+        VmProcess::boot_with(dir, tag, cmdline, memory, cpus, &[])
+    }
+
+    /// Boots the test guest with extra `migd run` flags; the console is `<tag>.console`.
+    pub fn boot_with(
+        dir: &Path,
+        tag: &str,
+        cmdline: &str,
+        memory: &str,
+        cpus: usize,
+        extra: &[&str],
+    ) -> VmProcess {
         let console = Console(dir.join(format!("{tag}.console")));
         let elf = guest_elf();
         let cpus = cpus.to_string();
-        VmProcess::start(
-            dir,
-            tag,
-            &console,
-            &[
-                "--kernel",
-                elf.to_str().unwrap(),
-                "--cmdline",
-                cmdline,
-                "--memory",
-                memory,
-                "--cpus",
-                &cpus,
-            ],
-        )
+        let mut args = vec![
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "--memory",
+            memory,
+            "--cpus",
+            &cpus,
+        ];
+        args.extend_from_slice(extra);
+        VmProcess::start(dir, tag, &console, &args)
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
     }
 
     /// Sends one control request and returns the reply.
@@ -243,10 +257,7 @@ impl VmProcess {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(mut self) -> i32 {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        self.signal(nix::sys::signal::Signal::SIGTERM);
         self.wait(Duration::from_secs(20))
     }
 }
