@@ -7,13 +7,16 @@
 //!
 //! ```text
 //! new → old  {"cmd":"handover"}
-//! old → new  {"ok":true,"state_len":N,"memory":M,"paused_at_ns":T,...} + memfd, then N state bytes
-//! new → old  {"cmd":"restored"}            (VM rebuilt, still paused)
+//! old → new  {"ok":true,"memory":M,"vcpus":V,...} + memfd      (the VM still runs)
+//! new → old  {"cmd":"prepared"}            (KVM VM, slots, vCPUs built over the memfd)
+//! old → new  {"cmd":"state","state_len":N,"paused_at_ns":T}, then N state bytes
+//! new → old  {"cmd":"restored"}            (state loaded, still paused)
 //! old → new  {"cmd":"commit"}              (old has stopped its vCPUs for good)
 //! new → old  {"cmd":"running","downtime_us":D}
 //! ```
 //! Until the old process sends `commit` it resumes the VM on any failure; the new
-//! process resumes only after it has received `commit`.
+//! process resumes only after it has received `commit`. The VM is paused only
+//! from `prepared` on, so building the new VM costs the guest nothing.
 
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -28,12 +31,10 @@ use serde::{Deserialize, Serialize};
 pub struct HandoverHeader {
     /// Always true in a header (an error reply has ok=false).
     pub ok: bool,
-    /// Length of the state blob that follows.
-    pub state_len: usize,
     /// Guest RAM size.
     pub memory: u64,
-    /// CLOCK_MONOTONIC time of the pause, in ns.
-    pub paused_at_ns: u64,
+    /// vCPU count.
+    pub vcpus: usize,
     /// VM name, if any.
     pub name: Option<String>,
 }
@@ -45,13 +46,8 @@ pub fn monotonic_ns() -> u64 {
     t.unwrap_or(0)
 }
 
-/// Sends the header with the memfd attached, then the state bytes.
-pub fn send_vm(
-    stream: &mut UnixStream,
-    header: &HandoverHeader,
-    memfd: RawFd,
-    state: &[u8],
-) -> Result<()> {
+/// Sends the header with the memfd attached.
+pub fn send_vm(stream: &mut UnixStream, header: &HandoverHeader, memfd: RawFd) -> Result<()> {
     let mut line = serde_json::to_vec(header)?;
     line.push(b'\n');
     let fds = [memfd];
@@ -60,12 +56,39 @@ pub fn send_vm(
     let sent = sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
         .context("sending the memory descriptor")?;
     stream.write_all(&line[sent..])?;
+    Ok(())
+}
+
+/// Sends the paused VM's state: a line with its length and the pause time, then the bytes.
+pub fn send_state(stream: &mut UnixStream, paused_at_ns: u64, state: &[u8]) -> Result<()> {
+    send_line(
+        stream,
+        &serde_json::json!({"cmd": "state", "state_len": state.len(), "paused_at_ns": paused_at_ns}),
+    )?;
     stream.write_all(state)?;
     Ok(())
 }
 
-/// Receives header, memfd and state sent by [`send_vm`].
-pub fn recv_vm(stream: &mut UnixStream) -> Result<(HandoverHeader, OwnedFd, Vec<u8>)> {
+/// Receives what [`send_state`] sent: (pause time, state bytes).
+pub fn recv_state(reader: &mut BufReader<UnixStream>) -> Result<(u64, Vec<u8>)> {
+    let v = expect_cmd(reader, "state")?;
+    let len = v
+        .get("state_len")
+        .and_then(|l| l.as_u64())
+        .ok_or_else(|| anyhow!("state without a length"))? as usize;
+    if len > vmm::state::MAX_STATE_BYTES {
+        bail!("state of {len} bytes is larger than allowed");
+    }
+    let paused_at_ns = v.get("paused_at_ns").and_then(|t| t.as_u64()).unwrap_or(0);
+    let mut state = vec![0u8; len];
+    reader
+        .read_exact(&mut state)
+        .context("reading the VM state")?;
+    Ok((paused_at_ns, state))
+}
+
+/// Receives the header and memfd sent by [`send_vm`].
+pub fn recv_vm(stream: &mut UnixStream) -> Result<(HandoverHeader, OwnedFd)> {
     let mut buf = vec![0u8; 64 << 10];
     let mut cmsg_buf = nix::cmsg_space!([RawFd; 1]);
     let (n, fd) = {
@@ -112,20 +135,11 @@ pub fn recv_vm(stream: &mut UnixStream) -> Result<(HandoverHeader, OwnedFd, Vec<
         );
     }
     let header: HandoverHeader = serde_json::from_value(value)?;
-    if header.state_len > vmm::state::MAX_STATE_BYTES {
-        bail!("state of {} bytes is larger than allowed", header.state_len);
+    if nl + 1 != data.len() {
+        bail!("unexpected bytes after the handover header");
     }
     let fd = fd.ok_or_else(|| anyhow!("no memory descriptor came with the VM"))?;
-    let mut state = data[nl + 1..].to_vec();
-    if state.len() > header.state_len {
-        bail!("more state bytes than announced");
-    }
-    let have = state.len();
-    state.resize(header.state_len, 0);
-    stream
-        .read_exact(&mut state[have..])
-        .context("reading the VM state")?;
-    Ok((header, fd, state))
+    Ok((header, fd))
 }
 
 /// Writes one JSON line.

@@ -83,6 +83,8 @@ struct Migrations {
     job: Option<Arc<Job>>,
     running: bool,
     migrated: bool,
+    /// Mode of the latest migration.
+    mode: String,
 }
 
 /// Exit code when the guest reported a fatal error.
@@ -436,11 +438,13 @@ fn start_migration(
         .get("mode")
         .and_then(|m| m.as_str())
         .unwrap_or("precopy");
-    if mode != "precopy" {
+    if !matches!(mode, "precopy" | "postcopy" | "hybrid") {
         return Err(format!(
-            "migration mode '{mode}' is not available in this build (precopy is)"
+            "unknown migration mode '{}': use precopy, postcopy or hybrid",
+            mode.escape_debug()
         ));
     }
+    let mode = mode.to_string();
     let vm_name = req
         .get("name")
         .and_then(|n| n.as_str())
@@ -456,9 +460,16 @@ fn start_migration(
         .get("max_bandwidth")
         .and_then(|v| v.as_u64())
         .filter(|b| *b > 0);
+    if let Some(w) = req.get("prepaging_window").and_then(|v| v.as_u64()) {
+        params.prepaging_window = w.min(wire::MAX_BATCH_PAGES as u64 - 1) as u32;
+    }
+    if let Some(n) = req.get("postcopy_after_rounds").and_then(|v| v.as_u64()) {
+        params.postcopy_after_rounds = n.clamp(1, u32::MAX as u64) as u32;
+    }
     let job = Arc::new(Job::default());
     mig.job = Some(job.clone());
     mig.running = true;
+    mig.mode = mode.clone();
     let vm = vm.clone();
     let tx = tx.clone();
     std::thread::Builder::new()
@@ -466,7 +477,13 @@ fn start_migration(
         .spawn(move || {
             let span = tracing::info_span!("migration", id = %params.id, to = %params.to);
             let _g = span.enter();
-            let outcome = precopy::migrate(&vm, &params, &job);
+            // Post-copy returns Completed only once the destination has every
+            // page: until then this process keeps the (paused) VM's memory.
+            let outcome = match mode.as_str() {
+                "postcopy" => migration::postcopy::migrate(&vm, &params, &job, false),
+                "hybrid" => migration::postcopy::migrate(&vm, &params, &job, true),
+                _ => precopy::migrate(&vm, &params, &job),
+            };
             tracing::info!(?outcome, "migration ended");
             let _ = tx.send(Event::Migrated(outcome));
         })
@@ -501,6 +518,26 @@ fn handle_control(
             }
             None => json!({"ok": true, "status": "none"}),
         }),
+        "postcopy" => match &mig.job {
+            Some(job) if mig.running && mig.mode == "hybrid" => {
+                job.postcopy_now.store(true, Ordering::SeqCst);
+                Ok(json!({"ok": true}))
+            }
+            Some(_) if mig.running && mig.mode == "postcopy" => Ok(json!({"ok": true})),
+            _ => Err("no hybrid migration is running (start one with mode \"hybrid\")".to_string()),
+        },
+        "resume"
+            if mig.running
+                && mig
+                    .job
+                    .as_ref()
+                    .is_some_and(|j| j.snapshot().status == "postcopy-active") =>
+        {
+            Err(
+                "the destination runs this VM (post-copy in progress): it cannot resume here"
+                    .to_string(),
+            )
+        }
         "cancel" => match &mig.job {
             Some(job) if mig.running => {
                 job.cancel.store(true, Ordering::SeqCst);
@@ -583,19 +620,21 @@ fn handle_control(
 /// Old side of a handover: everything up to `commit`. Err = the VM is still ours.
 fn give_away(vm: &Vm, mut stream: UnixStream) -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    vm.pause();
-    let paused_at_ns = handover::monotonic_ns();
-    let state = vm.capture()?.encode()?;
     let memfd = vm.ram().dup_memfd()?;
     let header = HandoverHeader {
         ok: true,
-        state_len: state.len(),
         memory: vm.config().memory,
-        paused_at_ns,
+        vcpus: vm.config().vcpus,
         name: None,
     };
-    handover::send_vm(&mut stream, &header, memfd.as_raw_fd(), &state)?;
+    handover::send_vm(&mut stream, &header, memfd.as_raw_fd())?;
     let mut reader = BufReader::new(stream.try_clone()?);
+    // The new process builds its VM over the shared memory while ours runs on.
+    handover::expect_cmd(&mut reader, "prepared")?;
+    vm.pause();
+    let paused_at_ns = handover::monotonic_ns();
+    let state = vm.capture()?.encode()?;
+    handover::send_state(&mut stream, paused_at_ns, &state)?;
     handover::expect_cmd(&mut reader, "restored")?;
     // Commit point: from here on the VM belongs to the new process.
     vm.exit_watch().stop(VmExit::Stopped);
@@ -622,19 +661,22 @@ fn take_over(sock: &Path, console: Option<&Path>) -> Result<(Vm, TakeoverLink)> 
         UnixStream::connect(sock).with_context(|| format!("connecting to {}", sock.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     handover::send_line(&mut stream, &json!({"cmd": "handover"}))?;
-    let (header, fd, blob) = handover::recv_vm(&mut stream)?;
-    let state = VmState::decode(&blob)?;
+    let (header, fd) = handover::recv_vm(&mut stream)?;
     let ram = GuestRam::from_fd(fd, header.memory)?;
-    let vm = Vm::restore(&state, ram, console)?;
-    handover::send_line(&mut stream, &json!({"cmd": "restored"}))?;
+    let prepared = Vm::prepare(ram, header.vcpus, console)?;
+    handover::send_line(&mut stream, &json!({"cmd": "prepared"}))?;
     let mut reader = BufReader::new(stream.try_clone()?);
+    let (paused_at_ns, blob) = handover::recv_state(&mut reader)?;
+    let state = VmState::decode(&blob)?;
+    let vm = prepared.load(&state)?;
+    handover::send_line(&mut stream, &json!({"cmd": "restored"}))?;
     handover::expect_cmd(&mut reader, "commit").context("old process did not commit")?;
     Ok((
         vm,
         TakeoverLink {
             stream,
             reader,
-            paused_at_ns: header.paused_at_ns,
+            paused_at_ns,
         },
     ))
 }

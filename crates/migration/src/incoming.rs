@@ -1,8 +1,11 @@
 //! Destination side: receives pages into a fresh memfd, then the state,
 //! rebuilds the VM paused, answers Ready, and resumes only on Go.
 
+use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
@@ -47,6 +50,8 @@ pub fn receive(
     let prepared = Vm::prepare(GuestRam::new(memory)?, vcpus, console)?;
     let mem = MemView::new(prepared.ram());
     wire::write_control(&mut out, &Message::Prepared)?;
+    let memfd = prepared.ram().memfd();
+    let mut batch = Vec::with_capacity(wire::MAX_BATCH_PAGES * PAGE_SIZE as usize);
     let mut stats = IncomingStats::default();
     let mut expected_digest = None;
     let state = loop {
@@ -54,27 +59,17 @@ pub fn receive(
         tracing::trace!(kind = h.kind, len = h.body_len, "frame");
         if h.kind != KIND_CONTROL {
             let offsets = wire::read_batch_offsets(&mut r, h.body_len)?;
-            for off in offsets {
-                let page = mem.page_mut(off).ok_or_else(|| {
-                    Error::Protocol(format!(
-                        "page offset {off:#x} outside the guest's {memory} bytes"
-                    ))
-                })?;
-                r.read_exact(page).map_err(wire::WireError::from)?;
-                stats.pages += 1;
-                stats.bytes += PAGE_SIZE;
-            }
+            batch.resize(offsets.len() * PAGE_SIZE as usize, 0);
+            r.read_exact(&mut batch).map_err(wire::WireError::from)?;
+            store_pages(memfd, memory, &offsets, &batch)?;
+            stats.pages += offsets.len() as u64;
+            stats.bytes += batch.len() as u64;
             continue;
         }
         match wire::read_control_body(&mut r, h.body_len)? {
             Message::Zero { ranges } => {
                 for (off, n) in ranges {
-                    for i in 0..n {
-                        let page = mem.page_mut(off + i * PAGE_SIZE).ok_or_else(|| {
-                            Error::Protocol(format!("zero range {off:#x}+{n} outside RAM"))
-                        })?;
-                        page.fill(0);
-                    }
+                    zero_pages(memfd, memory, off, n)?;
                 }
             }
             Message::RoundEnd { round } => stats.rounds = round + 1,
@@ -89,6 +84,10 @@ pub fn receive(
                 break state;
             }
             Message::Digest { crc32 } => expected_digest = Some(crc32),
+            // Post-copy (or hybrid after its rounds): the rest runs under userfaultfd.
+            Message::PageMap { runs } => {
+                return crate::postcopy::receive(prepared, r, out, runs, stats);
+            }
             Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
             other => {
                 return Err(Error::Protocol(format!(
@@ -140,4 +139,85 @@ pub fn receive(
     )?;
     let _ = out.flush();
     Ok((vm, stats))
+}
+
+/// Checks that `n` pages at memfd offset `off` lie inside guest RAM.
+fn check_range(memory: u64, off: u64, n: u64) -> Result<()> {
+    let end = n.checked_mul(PAGE_SIZE).and_then(|b| off.checked_add(b));
+    match end {
+        Some(end) if off.is_multiple_of(PAGE_SIZE) && end <= memory => Ok(()),
+        _ => Err(Error::Protocol(format!(
+            "pages {off:#x}+{n} outside the guest's {memory} bytes"
+        ))),
+    }
+}
+
+/// Writes a batch of pages into the memfd, one `pwrite` per run of adjacent pages.
+///
+/// Writing through the file instead of the mapping avoids a user page fault per
+/// fresh page, which dominates on nested hosts (about 5 µs each on kvm-pvm).
+fn store_pages(memfd: &File, memory: u64, offsets: &[u64], data: &[u8]) -> Result<()> {
+    let page = PAGE_SIZE as usize;
+    let mut i = 0;
+    while i < offsets.len() {
+        let mut j = i + 1;
+        while j < offsets.len() && offsets[j] == offsets[j - 1].wrapping_add(PAGE_SIZE) {
+            j += 1;
+        }
+        check_range(memory, offsets[i], (j - i) as u64)?;
+        memfd
+            .write_all_at(&data[i * page..j * page], offsets[i])
+            .map_err(io_err("writing pages into guest memory"))?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Makes `n` pages at `off` zero by punching them out of the memfd.
+fn zero_pages(memfd: &File, memory: u64, off: u64, n: u64) -> Result<()> {
+    check_range(memory, off, n)?;
+    // SAFETY: fallocate on a descriptor we hold; the range was checked.
+    let r = unsafe {
+        libc::fallocate(
+            memfd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as i64,
+            (n * PAGE_SIZE) as i64,
+        )
+    };
+    if r != 0 {
+        return Err(Error::Io {
+            context: "zeroing pages".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_land_at_their_offsets_and_zero_ranges_clear_them() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let memfd = ram.memfd();
+        let mut data = vec![1u8; 4096];
+        data.extend(vec![2u8; 4096]);
+        data.extend(vec![3u8; 4096]);
+        store_pages(memfd, 64 << 20, &[0x1000, 0x2000, 0x9000], &data).unwrap();
+        let mut b = [0u8; 1];
+        for (gpa, want) in [(0x1000, 1), (0x2fff, 2), (0x9000, 3), (0x3000, 0)] {
+            ram.read(gpa, &mut b).unwrap();
+            assert_eq!(b[0], want, "at {gpa:#x}");
+        }
+        zero_pages(memfd, 64 << 20, 0x2000, 1).unwrap();
+        ram.read(0x2000, &mut b).unwrap();
+        assert_eq!(b[0], 0);
+        ram.read(0x1000, &mut b).unwrap();
+        assert_eq!(b[0], 1);
+        assert!(store_pages(memfd, 64 << 20, &[64 << 20], &data[..4096]).is_err());
+        assert!(store_pages(memfd, 64 << 20, &[0x1001], &data[..4096]).is_err());
+        assert!(zero_pages(memfd, 64 << 20, 0, u64::MAX).is_err());
+    }
 }

@@ -6,11 +6,15 @@
 //!   stop condition, stop-and-copy, commit.
 //! - [`incoming`]: the destination side: pages into a fresh memfd, state,
 //!   restore, resume, confirm.
+//! - [`postcopy`]: post-copy and hybrid migration, both sides: userfaultfd on
+//!   the destination, demand paging on an urgent channel, background push,
+//!   pre-paging.
 //! - [`stats`]: statistics named after QEMU's `query-migrate` where they overlap.
 
 pub mod handshake;
 pub mod incoming;
 pub mod memview;
+pub mod postcopy;
 pub mod precopy;
 pub mod stats;
 

@@ -41,6 +41,10 @@ pub struct Params {
     pub byte_budget_factor: f64,
     /// Compare memory digests of source (at pause) and destination (before resume).
     pub verify: bool,
+    /// Hybrid mode: most pre-copy rounds before switching to post-copy.
+    pub postcopy_after_rounds: u32,
+    /// Post-copy: pages sent along with each demanded page (pre-paging window).
+    pub prepaging_window: u32,
 }
 
 impl Params {
@@ -55,6 +59,8 @@ impl Params {
             max_rounds: 30,
             byte_budget_factor: 4.0,
             verify: false,
+            postcopy_after_rounds: 3,
+            prepaging_window: 16,
         }
     }
 }
@@ -80,10 +86,12 @@ pub struct Job {
     pub stats: Mutex<MigrationStats>,
     /// Set to cancel.
     pub cancel: AtomicBool,
+    /// Hybrid mode: set to switch to post-copy at the end of the current round.
+    pub postcopy_now: AtomicBool,
 }
 
 impl Job {
-    fn update(&self, f: impl FnOnce(&mut MigrationStats)) {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut MigrationStats)) {
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut s);
     }
@@ -93,7 +101,7 @@ impl Job {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn check_cancel(&self) -> Result<()> {
+    pub(crate) fn check_cancel(&self) -> Result<()> {
         if self.cancel.load(Ordering::Relaxed) {
             Err(Error::Cancelled)
         } else {
@@ -103,20 +111,20 @@ impl Job {
 }
 
 /// Sends pages and tracks bytes, the cap and the resent counter.
-struct Sender<'a> {
-    stream: TcpStream,
-    mem: &'a MemView,
-    job: &'a Job,
-    cap: Option<u64>,
-    started: Instant,
-    bytes: u64,
-    sent_before: Vec<u64>,
-    offsets: Vec<u64>,
-    zero_ranges: Vec<(u64, u64)>,
+pub(crate) struct Sender<'a> {
+    pub(crate) stream: TcpStream,
+    pub(crate) mem: &'a MemView,
+    pub(crate) job: &'a Job,
+    pub(crate) cap: Option<u64>,
+    pub(crate) started: Instant,
+    pub(crate) bytes: u64,
+    pub(crate) sent_before: Vec<u64>,
+    pub(crate) offsets: Vec<u64>,
+    pub(crate) zero_ranges: Vec<(u64, u64)>,
 }
 
 impl<'a> Sender<'a> {
-    fn write_control(&mut self, m: &Message) -> Result<()> {
+    pub(crate) fn write_control(&mut self, m: &Message) -> Result<()> {
         let f = wire::encode_control(m)?;
         self.stream
             .write_all(&f)
@@ -126,7 +134,7 @@ impl<'a> Sender<'a> {
     }
 
     /// Queues page `pfn`: data if non-zero, a zero range otherwise (when `zeros` is set).
-    fn queue(&mut self, pfn: u64, zeros: bool) -> Result<()> {
+    pub(crate) fn queue(&mut self, pfn: u64, zeros: bool) -> Result<()> {
         let off = pfn * PAGE_SIZE;
         let page = self
             .mem
@@ -149,7 +157,7 @@ impl<'a> Sender<'a> {
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<()> {
+    pub(crate) fn flush(&mut self) -> Result<()> {
         if !self.zero_ranges.is_empty() {
             let ranges = std::mem::take(&mut self.zero_ranges);
             self.write_control(&Message::Zero { ranges })?;
@@ -188,11 +196,19 @@ impl<'a> Sender<'a> {
     }
 }
 
-fn popcount(bits: &[u64]) -> u64 {
+/// True when the dirty set has stopped shrinking: each of the last two rounds
+/// left at least 90 % of the pages the round before it left. More rounds would
+/// only resend the same pages; stop-and-copy (or post-copy) is better.
+pub fn not_converging(dirty_per_round: &[u64]) -> bool {
+    let n = dirty_per_round.len();
+    n >= 3 && (n - 2..n).all(|i| dirty_per_round[i] * 10 >= dirty_per_round[i - 1] * 9)
+}
+
+pub(crate) fn popcount(bits: &[u64]) -> u64 {
     bits.iter().map(|w| w.count_ones() as u64).sum()
 }
 
-fn for_each_set(bits: &[u64], mut f: impl FnMut(u64) -> Result<()>) -> Result<()> {
+pub(crate) fn for_each_set(bits: &[u64], mut f: impl FnMut(u64) -> Result<()>) -> Result<()> {
     for (i, &w) in bits.iter().enumerate() {
         let mut w = w;
         while w != 0 {
@@ -207,15 +223,29 @@ fn for_each_set(bits: &[u64], mut f: impl FnMut(u64) -> Result<()>) -> Result<()
 /// Migrates `vm` live to `params.to`. The VM keeps running during the rounds;
 /// on any outcome but `Completed` and `Unconfirmed` it is running when this returns.
 pub fn migrate(vm: &Vm, params: &Params, job: &Job) -> Outcome {
+    drive(vm, params, job, "precopy", |start, paused_at| {
+        run(vm, params, job, start, paused_at)
+    })
+}
+
+/// The frame of every mode: statistics set-up, the outcome, resuming the source
+/// when the migration failed before the commit, the final figures.
+pub(crate) fn drive(
+    vm: &Vm,
+    params: &Params,
+    job: &Job,
+    mode: &str,
+    body: impl FnOnce(Instant, &mut Option<Instant>) -> Result<Outcome>,
+) -> Outcome {
     let start = Instant::now();
     job.update(|s| {
         s.id = params.id.clone();
         s.vm = params.name.clone();
-        s.mode = "precopy".into();
+        s.mode = mode.into();
         s.status = "setup".into();
     });
     let mut paused_at: Option<Instant> = None;
-    let result = run(vm, params, job, start, &mut paused_at);
+    let result = body(start, &mut paused_at);
     let _ = vm.set_dirty_logging(false);
     let outcome = match result {
         Ok(o) => o,
@@ -245,7 +275,7 @@ pub fn migrate(vm: &Vm, params: &Params, job: &Job) -> Outcome {
     outcome
 }
 
-fn connect(to: &str) -> Result<TcpStream> {
+pub(crate) fn connect(to: &str) -> Result<TcpStream> {
     let addrs: Vec<_> = to
         .to_socket_addrs()
         .map_err(io_err(format!("resolving {to}")))?
@@ -263,13 +293,14 @@ fn connect(to: &str) -> Result<TcpStream> {
     })
 }
 
-fn run(
+/// Connects, says Hello with `mode`, and waits until the destination is prepared.
+pub(crate) fn open(
     vm: &Vm,
     params: &Params,
     job: &Job,
     start: Instant,
-    paused_at: &mut Option<Instant>,
-) -> Result<Outcome> {
+    mode: &str,
+) -> Result<TcpStream> {
     let mut stream = connect(&params.to)?;
     stream.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
     stream
@@ -277,23 +308,19 @@ fn run(
         .map_err(io_err("socket timeout"))?;
     let cpuid = vm.cpuid(0);
     let desc = handshake::describe(&params.name, &cpuid, vm.config().memory, vm.config().vcpus);
-    handshake::hello(&mut stream, "precopy", desc)?;
+    handshake::hello(&mut stream, mode, desc)?;
     handshake::wait_prepared(&mut stream)?;
     job.update(|s| {
         s.setup_ms = start.elapsed().as_secs_f64() * 1e3;
         s.status = "active".into();
     });
     job.check_cancel()?;
+    Ok(stream)
+}
 
-    let ram = vm.ram().clone();
-    let mem = MemView::new(&ram);
-    let pages = mem.pages();
-    let words = pages.div_ceil(64) as usize;
-    vm.set_dirty_logging(true)?;
-    vm.take_dirty_bitmap()?; // start clean: everything from now on is logged
-
-    // Round 0: every page that holds data.
-    let mut todo = vec![0u64; words];
+/// Bitmap (one bit per page) of the pages of `ram` that hold data (holes skipped).
+pub(crate) fn data_pages(ram: &vmm::GuestRam, pages: u64) -> Result<Vec<u64>> {
+    let mut todo = vec![0u64; pages.div_ceil(64) as usize];
     for (off, len) in ram.data_extents()? {
         let first = off / PAGE_SIZE;
         let last = (off + len).div_ceil(PAGE_SIZE).min(pages);
@@ -301,17 +328,71 @@ fn run(
             todo[(pfn / 64) as usize] |= 1 << (pfn % 64);
         }
     }
-    let mut tx = Sender {
-        stream: stream.try_clone().map_err(io_err("socket"))?,
-        mem: &mem,
+    Ok(todo)
+}
+
+impl<'a> Sender<'a> {
+    /// A sender on `stream` for the pages of `mem`.
+    pub(crate) fn new(stream: TcpStream, mem: &'a MemView, job: &'a Job, cap: Option<u64>) -> Self {
+        Sender {
+            stream,
+            mem,
+            job,
+            cap,
+            started: Instant::now(),
+            bytes: 0,
+            sent_before: vec![0u64; mem.pages().div_ceil(64) as usize],
+            offsets: Vec::with_capacity(MAX_BATCH_PAGES),
+            zero_ranges: Vec::new(),
+        }
+    }
+}
+
+fn run(
+    vm: &Vm,
+    params: &Params,
+    job: &Job,
+    start: Instant,
+    paused_at: &mut Option<Instant>,
+) -> Result<Outcome> {
+    let stream = open(vm, params, job, start, "precopy")?;
+    let ram = vm.ram().clone();
+    let mem = MemView::new(&ram);
+    let mut tx = Sender::new(
+        stream.try_clone().map_err(io_err("socket"))?,
+        &mem,
         job,
-        cap: params.max_bandwidth,
-        started: Instant::now(),
-        bytes: 0,
-        sent_before: vec![0u64; words],
-        offsets: Vec::with_capacity(MAX_BATCH_PAGES),
-        zero_ranges: Vec::new(),
-    };
+        params.max_bandwidth,
+    );
+    let (mut todo, round) = rounds(vm, params, job, &mut tx, params.max_rounds, false)?;
+
+    // Stop-and-copy.
+    let pause_start = Instant::now();
+    vm.pause();
+    *paused_at = Some(pause_start);
+    stop_and_copy(vm, params, job, tx, stream, &mut todo, round, pause_start)
+}
+
+/// The pre-copy rounds: round 0 sends every page with data, round k what the
+/// dirty log says changed during round k-1. Ends at the stop condition, after
+/// `limit` rounds, or (when `switch` is set) when the operator asks for post-copy.
+/// Returns the pages dirtied during the last round (still to send) and the
+/// number of rounds run. The VM runs throughout; dirty logging stays on.
+pub(crate) fn rounds(
+    vm: &Vm,
+    params: &Params,
+    job: &Job,
+    tx: &mut Sender<'_>,
+    limit: u32,
+    switch: bool,
+) -> Result<(Vec<u64>, u32)> {
+    let ram = vm.ram().clone();
+    let pages = tx.mem.pages();
+    vm.set_dirty_logging(true)?;
+    vm.take_dirty_bitmap()?; // start clean: everything from now on is logged
+
+    // Round 0: every page that holds data.
+    let mut todo = data_pages(&ram, pages)?;
     let budget = (vm.config().memory as f64 * params.byte_budget_factor) as u64;
     let mut round: u32 = 0;
     let mut bandwidth: f64 = 0.0; // bytes/s, measured
@@ -375,29 +456,41 @@ fn run(
             stop_reason = "expected downtime within max-downtime";
             break;
         }
-        if round >= params.max_rounds {
+        if round >= limit {
             stop_reason = "round limit";
+            break;
+        }
+        if switch && job.postcopy_now.load(Ordering::Relaxed) {
+            stop_reason = "post-copy requested";
             break;
         }
         if tx.bytes >= budget {
             stop_reason = "byte budget";
             break;
         }
-        if history.len() >= 6 {
-            let n = history.len();
-            if history[n - 1] >= history[n - 4] && history[n - 2] >= history[n - 5] {
-                stop_reason = "dirty set not shrinking";
-                break;
-            }
+        if not_converging(&history) {
+            stop_reason = "dirty set not shrinking";
+            break;
         }
         job.check_cancel()?;
     }
     job.update(|s| s.stop_reason = stop_reason.into());
+    Ok((todo, round))
+}
 
-    // Stop-and-copy.
-    let pause_start = Instant::now();
-    vm.pause();
-    *paused_at = Some(pause_start);
+/// Stop-and-copy and the commit exchange; the VM was paused at `pause_start`.
+#[allow(clippy::too_many_arguments)]
+fn stop_and_copy(
+    vm: &Vm,
+    params: &Params,
+    job: &Job,
+    mut tx: Sender<'_>,
+    stream: TcpStream,
+    todo: &mut [u64],
+    round: u32,
+    pause_start: Instant,
+) -> Result<Outcome> {
+    let mem = tx.mem;
     let mut phases = DowntimePhases {
         pause_us: pause_start.elapsed().as_micros() as u64,
         ..Default::default()
@@ -412,7 +505,7 @@ fn run(
         *t |= *l;
     }
     tx.cap = None; // the final copy is never throttled
-    for_each_set(&todo, |pfn| tx.queue(pfn, true))?;
+    for_each_set(todo, |pfn| tx.queue(pfn, true))?;
     tx.flush()?;
     stamp(&mut phases.final_pages_us);
     if params.verify {
@@ -466,5 +559,20 @@ fn run(
         Err(e) => Ok(Outcome::Unconfirmed(format!(
             "no confirmation after the commit ({e}); source VM kept paused: check the destination before resuming it"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_converging;
+
+    #[test]
+    fn convergence_rule() {
+        assert!(!not_converging(&[100, 100]));
+        assert!(not_converging(&[100, 100, 100]));
+        assert!(not_converging(&[100, 95, 92]));
+        assert!(!not_converging(&[100, 50, 50]));
+        assert!(!not_converging(&[100, 100, 50]));
+        assert!(not_converging(&[500, 100, 50, 49, 48]));
     }
 }

@@ -24,6 +24,37 @@ pub struct PageStats {
     pub zero: u64,
     /// Pages sent more than once.
     pub resent: u64,
+    /// Post-copy: pages the destination had to receive after the switch.
+    #[serde(default)]
+    pub expected: u64,
+    /// Post-copy: pages filled on demand (the guest faulted on them).
+    #[serde(default)]
+    pub demand: u64,
+    /// Post-copy: pages filled by the background push.
+    #[serde(default)]
+    pub pushed: u64,
+    /// Post-copy: neighbours sent along with a demanded page.
+    #[serde(default)]
+    pub prepaged: u64,
+    /// Post-copy: pages that arrived for an already filled address.
+    #[serde(default)]
+    pub duplicate: u64,
+}
+
+/// Post-copy fault latency as the destination measured it (fault → page filled).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FaultStats {
+    /// Faults that needed a page from the source.
+    pub count: u64,
+    /// Median latency, µs.
+    pub p50_us: u64,
+    /// 99th percentile, µs.
+    pub p99_us: u64,
+    /// Worst, µs.
+    pub max_us: u64,
+    /// Faults on zero pages, filled locally on the destination.
+    #[serde(default)]
+    pub zero: u64,
 }
 
 /// Statistics of one migration, updated live.
@@ -69,6 +100,15 @@ pub struct MigrationStats {
     pub downtime_phases: Option<DowntimePhases>,
     /// Verify mode: whether the destination's memory digest matched the source's.
     pub verified: Option<bool>,
+    /// Post-copy: destination resume to the last page received, ms.
+    #[serde(default)]
+    pub resume_ms: f64,
+    /// Post-copy: fault latency on the destination.
+    #[serde(default)]
+    pub faults: FaultStats,
+    /// Post-copy: pages sent along with each demanded page (0 outside post-copy).
+    #[serde(default)]
+    pub prepaging_window: u32,
 }
 
 /// The switch-over, phase by phase (µs, on the source's monotonic clock).

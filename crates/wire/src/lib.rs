@@ -142,6 +142,61 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// Source → destination (post-copy, the source VM is paused): the pages the
+    /// destination must still receive, as (memfd offset, page count) runs. Every
+    /// other page is zero (pure post-copy) or already current (hybrid).
+    PageMap {
+        /// (offset, pages) runs, ascending.
+        runs: Vec<(u64, u64)>,
+    },
+    /// Source → destination (post-copy): connect back to the source's address on
+    /// this port for the urgent channel (fault requests and their answers).
+    UrgentListen {
+        /// TCP port the source listens on.
+        port: u16,
+        /// Token identifying this migration on that port.
+        job: u64,
+    },
+    /// Destination → source: first frame on the urgent channel.
+    UrgentHello {
+        /// The token from `UrgentListen`.
+        job: u64,
+    },
+    /// Destination → source on the urgent channel: the guest faulted on this page.
+    PageRequest {
+        /// memfd offset of the page.
+        offset: u64,
+    },
+    /// Destination → source: every expected page arrived; post-copy is complete.
+    PostcopyDone {
+        /// What the destination measured.
+        report: PostcopyReport,
+    },
+}
+
+/// The destination's account of a post-copy phase, carried in `PostcopyDone`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopyReport {
+    /// Pages filled because the guest faulted on them (urgent channel).
+    pub demand: u64,
+    /// Pages filled by the source's background push (main connection).
+    pub pushed: u64,
+    /// Neighbours sent along with a demanded page (urgent channel).
+    pub prepaged: u64,
+    /// Pages that arrived for an already filled address.
+    pub duplicate: u64,
+    /// Faults on zero pages, filled locally.
+    pub zero_faults: u64,
+    /// Faults that needed a page from the source.
+    pub faults: u64,
+    /// Fault latency (fault read → page filled), median, µs.
+    pub p50_us: u64,
+    /// Fault latency, 99th percentile, µs.
+    pub p99_us: u64,
+    /// Fault latency, worst, µs.
+    pub max_us: u64,
+    /// Destination resume to the last page filled, µs.
+    pub resume_to_last_us: u64,
 }
 
 impl Message {
@@ -160,6 +215,11 @@ impl Message {
             Message::Go => "Go",
             Message::Confirm { .. } => "Confirm",
             Message::Cancel { .. } => "Cancel",
+            Message::PageMap { .. } => "PageMap",
+            Message::UrgentListen { .. } => "UrgentListen",
+            Message::UrgentHello { .. } => "UrgentHello",
+            Message::PageRequest { .. } => "PageRequest",
+            Message::PostcopyDone { .. } => "PostcopyDone",
         }
     }
 }
@@ -396,6 +456,20 @@ mod tests {
             },
             Message::Go,
             Message::Confirm { resume_us: 5 },
+            Message::PageMap {
+                runs: vec![(0, 3), (1 << 20, 1)],
+            },
+            Message::UrgentListen { port: 4242, job: 7 },
+            Message::UrgentHello { job: 7 },
+            Message::PageRequest { offset: 8192 },
+            Message::PostcopyDone {
+                report: PostcopyReport {
+                    demand: 1,
+                    pushed: 2,
+                    p99_us: 300,
+                    ..Default::default()
+                },
+            },
         ] {
             let f = encode_control(&m).unwrap();
             assert_eq!(decode_frame(&f).unwrap(), Frame::Control(m));
