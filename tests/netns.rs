@@ -1,5 +1,6 @@
 //! Two migd daemons on two "hosts": network namespaces joined by a veth pair.
-//! A VM goes A → B → A with `migctl migrate`, the guest checking itself all along.
+//! A VM goes A → B → A → B with `migctl migrate`, once in each mode (pre-copy,
+//! post-copy, hybrid), the guest checking itself all along.
 //! Needs root and iproute2; without them the test says SKIP (a failure under CI=true).
 
 mod common;
@@ -114,14 +115,15 @@ fn migrate_between_two_network_namespaces_and_back() {
     let mut console = Console(a.vm_dir("web1").join("console.log"));
     console.wait_for("WORKLOAD READY", Duration::from_secs(60));
     let mut n = console.wait_heartbeats(0, 2, Duration::from_secs(30));
-    let hosts = [
-        (&a, &b, link.ip[1]),
-        (&b, &a, link.ip[0]),
-        (&a, &b, link.ip[1]),
+    let hops = [
+        (&a, &b, link.ip[1], "precopy"),
+        (&b, &a, link.ip[0], "postcopy"),
+        (&a, &b, link.ip[1], "hybrid"),
     ];
-    for (hop, (from, to, to_ip)) in hosts.iter().enumerate() {
+    for (hop, (from, to, to_ip, mode)) in hops.iter().enumerate() {
         let target = format!("{to_ip}:{port}");
-        let (code, out, err) = from.migctl(&["migrate", "web1", "--to", &target, "--json"]);
+        let (code, out, err) =
+            from.migctl(&["migrate", "web1", "--to", &target, "--mode", mode, "--json"]);
         assert_eq!(
             code,
             0,
@@ -130,8 +132,17 @@ fn migrate_between_two_network_namespaces_and_back() {
             to.log_text()
         );
         let stats: Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(stats["outcome"], "completed", "{stats}");
+        assert_eq!(stats["outcome"], "completed", "{mode}: {stats}");
+        assert_eq!(stats["mode"], *mode, "{stats}");
         assert!(stats["downtime_ms"].as_f64().unwrap() < 1000.0, "{stats}");
+        if *mode != "precopy" {
+            let p = &stats["pages"];
+            let arrived = ["demand", "pushed", "prepaged"]
+                .iter()
+                .map(|k| p[k].as_u64().unwrap())
+                .sum::<u64>();
+            assert_eq!(arrived, p["expected"].as_u64().unwrap(), "{mode}: {stats}");
+        }
         wait_state(to, "web1", "running");
         let (code, _, _) = from.migctl(&["info", "web1"]);
         assert_ne!(code, 0, "hop {hop}: source still lists the VM");
