@@ -78,6 +78,38 @@ fn wait_state(d: &Daemon, name: &str, want: &str) {
     }
 }
 
+/// A slow (capped) hybrid migration that the operator switches to post-copy with
+/// `migctl postcopy JOB`; returns the job's final statistics.
+fn operator_switch_to_postcopy(from: &Daemon, target: &str) -> Value {
+    let job = from.ok(&[
+        "migrate",
+        "web1",
+        "--to",
+        target,
+        "--mode",
+        "hybrid",
+        "--max-bandwidth",
+        "16M",
+        "--detach",
+    ]);
+    let job = job.trim();
+    std::thread::sleep(Duration::from_millis(500));
+    from.ok(&["postcopy", job]);
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j: Value = serde_json::from_str(&from.ok(&["job", job, "--json"])).unwrap();
+        if matches!(
+            j["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        ) {
+            assert_eq!(j["stats"]["stop_reason"], "post-copy requested", "{j}");
+            return j["stats"].clone();
+        }
+        assert!(Instant::now() < end, "hybrid job did not end: {j}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn migrate_between_two_network_namespaces_and_back() {
     if !kvm_or_skip("migrate_between_two_network_namespaces_and_back") {
@@ -122,16 +154,20 @@ fn migrate_between_two_network_namespaces_and_back() {
     ];
     for (hop, (from, to, to_ip, mode)) in hops.iter().enumerate() {
         let target = format!("{to_ip}:{port}");
-        let (code, out, err) =
-            from.migctl(&["migrate", "web1", "--to", &target, "--mode", mode, "--json"]);
-        assert_eq!(
-            code,
-            0,
-            "hop {hop}: {err}\n{out}\n{}\n{}",
-            from.log_text(),
-            to.log_text()
-        );
-        let stats: Value = serde_json::from_str(&out).unwrap();
+        let stats = if *mode == "hybrid" {
+            operator_switch_to_postcopy(from, &target)
+        } else {
+            let (code, out, err) =
+                from.migctl(&["migrate", "web1", "--to", &target, "--mode", mode, "--json"]);
+            assert_eq!(
+                code,
+                0,
+                "hop {hop}: {err}\n{out}\n{}\n{}",
+                from.log_text(),
+                to.log_text()
+            );
+            serde_json::from_str(&out).unwrap()
+        };
         assert_eq!(stats["outcome"], "completed", "{mode}: {stats}");
         assert_eq!(stats["mode"], *mode, "{stats}");
         assert!(stats["downtime_ms"].as_f64().unwrap() < 1000.0, "{stats}");

@@ -186,23 +186,29 @@ def bench_migrate(runs, lim):
     # and the receiver need one between them.
     # The last case measures page throughput alone: 768 MiB written, then the
     # source paused, so round 0 carries everything and nothing competes for the CPU.
-    cases = [("1G", "idle", 2, False), ("4G", "idle", 2, False), ("1G", "dirty:256:0", 1, False),
-             ("4G", "dirty:256:0", 1, False), ("1G", "dirty:768:0", 1, True)]
+    cases = [("1G", "idle", 2, False, "precopy"), ("4G", "idle", 2, False, "precopy"),
+             ("1G", "dirty:256:0", 1, False, "precopy"), ("4G", "dirty:256:0", 1, False, "precopy"),
+             ("1G", "dirty:768:0", 1, True, "precopy"),
+             ("1G", "dirty:256:0", 1, False, "postcopy"), ("1G", "dirty:256:0", 1, False, "hybrid")]
     with tempfile.TemporaryDirectory() as d:
-        for mem, wl, cpus, paused in cases:
-            res = [migrate_once(d, f"m{mem}{wl[0]}{i}", mem, wl, cpus=cpus, paused=paused)
+        for case, (mem, wl, cpus, paused, mode) in enumerate(cases):
+            res = [migrate_once(d, f"m{case}r{i}", mem, wl, {"mode": mode},
+                                cpus=cpus, paused=paused)
                    for i in range(runs)]
             ok = [r for r in res if r["status"] == "completed"]
             r0 = [r["rounds"][0]["bytes"] / (r["rounds"][0]["ms"] / 1e3) for r in ok
                   if r["rounds"] and r["rounds"][0]["ms"] > 0]
             rows.append({
-                "case": f"{mem} {wl} ({cpus} vCPU{', paused' if paused else ''})",
+                "case": f"{mode} {mem} {wl} ({cpus} vCPU{', paused' if paused else ''})",
                 "completed": f"{len(ok)}/{len(res)}",
                 "total_ms": med([r["total_ms"] for r in ok]),
                 "downtime_ms": med([r["downtime_ms"] for r in ok]),
                 "MiB_sent": med([r["bytes"] / 2**20 for r in ok]),
                 "rounds": med([len(r["rounds"]) for r in ok]),
                 "round0_vs_tcp": med([x / tcp_bytes for x in r0]) if r0 else "n/a",
+                "fault_p50/p99_us": (med([r["faults"]["p50_us"] for r in ok]) + " / "
+                                     + med([r["faults"]["p99_us"] for r in ok])) if mode != "precopy" and ok else "",
+                "resume_to_last_page_ms": med([r.get("resume_ms") for r in ok]) if mode != "precopy" else "",
                 "stop_reason": ok[0]["stop_reason"] if ok else "",
                 "errors": "; ".join(sorted({r.get("error") or "" for r in res if r["status"] != "completed"})),
             })

@@ -108,6 +108,8 @@ pub enum Cmd {
     },
     /// Cancel a running migration job.
     Cancel { id: String },
+    /// Switch a running hybrid job to post-copy at the end of its current round.
+    Postcopy { id: String },
 }
 
 fn main() -> ExitCode {

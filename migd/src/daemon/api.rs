@@ -19,9 +19,9 @@ use super::vmproc::{self, vm_call, vm_request};
 use super::Daemon;
 
 /// Commands of the API, in the order `unknown command` lists them.
-const COMMANDS: [&str; 12] = [
+const COMMANDS: [&str; 13] = [
     "create", "list", "info", "pause", "resume", "destroy", "console", "migrate", "jobs", "job",
-    "cancel", "ping",
+    "cancel", "postcopy", "ping",
 ];
 
 /// How long `create` waits for the new VM process's control socket.
@@ -60,6 +60,9 @@ enum Request {
         id: String,
     },
     Cancel {
+        id: String,
+    },
+    Postcopy {
         id: String,
     },
     Ping,
@@ -241,7 +244,8 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
             Some(j) => Ok(json!({"ok": true, "job": j})),
             None => bail!("no job '{id}'"),
         },
-        Request::Cancel { id } => jobs::cancel(d, &id).await,
+        Request::Cancel { id } => jobs::job_command(d, &id, "cancel").await,
+        Request::Postcopy { id } => jobs::job_command(d, &id, "postcopy").await,
     }
 }
 

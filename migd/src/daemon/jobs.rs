@@ -419,8 +419,8 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
     spawn_tracker(d.clone(), id, vm.to_string());
 }
 
-/// Asks the VM process of an unfinished job to cancel it.
-pub async fn cancel(d: &Daemon, id: &str) -> Result<Value> {
+/// Passes `cmd` (cancel, postcopy) to the VM process of an unfinished job.
+pub async fn job_command(d: &Daemon, id: &str, cmd: &str) -> Result<Value> {
     let vm = {
         let reg = d.reg();
         let Some(j) = reg.jobs.get(id) else {
@@ -432,7 +432,7 @@ pub async fn cancel(d: &Daemon, id: &str) -> Result<Value> {
         j.vm.clone()
     };
     let sock = state::control_path(&d.vm_dir(&vm));
-    vm_call(&sock, &json!({"cmd": "cancel"}), Duration::from_secs(10)).await?;
+    vm_call(&sock, &json!({ "cmd": cmd }), Duration::from_secs(10)).await?;
     Ok(json!({"ok": true, "job": id}))
 }
 

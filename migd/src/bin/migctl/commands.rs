@@ -139,6 +139,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             connect()?.call(&json!({"cmd": "cancel", "id": id}))?;
             println!("cancelling {id}");
         }
+        Cmd::Postcopy { id } => {
+            connect()?.call(&json!({"cmd": "postcopy", "id": id}))?;
+            println!("switching {id} to post-copy");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
