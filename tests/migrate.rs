@@ -200,3 +200,39 @@ fn cancel_and_killed_destination_leave_the_source_running() {
         console.assert_clean();
     }
 }
+
+#[test]
+fn sigterm_during_a_migration_cancels_it_before_stopping() {
+    if !kvm_or_skip("sigterm_during_a_migration_cancels_it_before_stopping") {
+        return;
+    }
+    let dir = scratch("migrate-sigterm");
+    let mut src = VmProcess::boot(&dir, "src", "workload=dirty:64:32", "256M", 1);
+    src.console
+        .wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let port = free_port();
+    let dst_console = Console(dir.join("dst.console"));
+    let mut dst = incoming(&dir, "dst", &dst_console, port, "256M", 1);
+    src.request(json!({
+        "cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1",
+        "max_bandwidth": 8 << 20
+    }));
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(src.request(json!({"cmd": "migration"}))["status"], "active");
+    src.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(
+        src.wait(Duration::from_secs(30)),
+        0,
+        "source stops once the migration is cancelled"
+    );
+    assert_ne!(
+        dst.wait(Duration::from_secs(30)),
+        0,
+        "destination gives up and cleans up"
+    );
+    assert!(
+        !dst_console.text().contains("HEARTBEAT"),
+        "the destination never ran the VM"
+    );
+    src.console.assert_clean();
+}

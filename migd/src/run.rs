@@ -85,6 +85,8 @@ struct Migrations {
     migrated: bool,
     /// Mode of the latest migration.
     mode: String,
+    /// A stop was asked for while a migration ran: stop once it ends.
+    stop_when_done: bool,
 }
 
 /// Exit code when the guest reported a fatal error.
@@ -175,15 +177,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let _g = span.enter();
 
     let vm = Arc::new(vm);
-    if !args.paused
-        && !arriving.load(Ordering::SeqCst)
-        && args.incoming.is_none()
-        && args.incoming_fd.is_none()
-    {
+    // A VM that arrived by migration already runs (the receiver resumed it on Go).
+    let arrived = args.incoming.is_some() || args.incoming_fd.is_some();
+    if !args.paused && !arrived {
         vm.resume();
     }
     if let Some(link) = takeover.take() {
-        finish_takeover(link, &vm)?;
+        finish_takeover(link)?;
     }
     tracing::info!(
         memory_mib = vm.config().memory >> 20,
@@ -196,9 +196,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
     spawn_signal_thread(set, tx.clone())?;
     {
         let tx = tx.clone();
-        let control = vm_exit_waiter(&vm);
+        let control = vm.exit_watch();
         std::thread::spawn(move || {
-            if let Some(exit) = control() {
+            if let Some(exit) = control.wait_exit(None) {
                 let _ = tx.send(Event::Exit(exit));
             }
         });
@@ -212,6 +212,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
             Event::Exit(exit) => break exit_code(&exit),
             Event::Migrated(outcome) => {
                 mig.running = false;
+                if mig.stop_when_done {
+                    tracing::info!(?outcome, "migration over: stopping as asked");
+                    break 0;
+                }
                 if outcome == Outcome::Completed {
                     // The destination runs the VM: ours must never run again.
                     vm.shutdown(VmExit::Stopped);
@@ -226,17 +230,33 @@ pub fn run(args: RunArgs) -> Result<i32> {
             Event::Linger => break 0,
             Event::Signal(Signal::SIGUSR1) | Event::Signal(Signal::SIGUSR2) => {
                 let stop = matches!(ev, Event::Signal(Signal::SIGUSR2));
+                let was_running = vm.is_running();
                 match &args.snapshot_on_signal {
+                    _ if mig.running || mig.migrated => {
+                        tracing::warn!("snapshot signal ignored: the VM is migrating or migrated")
+                    }
                     Some(path) => match snapshot(&vm, path) {
                         Ok(_) if stop => break 0,
-                        Ok(_) => vm.resume(),
+                        Ok(_) if was_running => vm.resume(),
+                        Ok(_) => {}
                         Err(e) => {
                             tracing::error!("snapshot failed: {e:#}");
-                            vm.resume();
+                            if was_running {
+                                vm.resume();
+                            }
                         }
                     },
                     None => tracing::warn!("snapshot signal ignored: no --snapshot-on-signal"),
                 }
+            }
+            Event::Signal(s) if mig.running => {
+                // Stopping now could strand a post-copy destination: cancel (which
+                // only takes before the commit) and stop once the migration is over.
+                tracing::warn!(signal = %s, "migration running: cancelling it, stopping when it ends");
+                if let Some(job) = &mig.job {
+                    job.cancel.store(true, Ordering::SeqCst);
+                }
+                mig.stop_when_done = true;
             }
             Event::Signal(s) => {
                 tracing::info!(signal = %s, "stopping VM");
@@ -286,11 +306,6 @@ fn accept_incoming(
     migration::handshake::accept(&mut stream, &hello)?;
     tracing::info!(%peer, name = %hello.name, "migration accepted");
     Ok(stream)
-}
-
-fn vm_exit_waiter(vm: &Vm) -> impl FnOnce() -> Option<VmExit> + Send + 'static {
-    let control = vm.exit_watch();
-    move || control.wait_exit(None)
 }
 
 fn exit_code(exit: &VmExit) -> i32 {
@@ -681,7 +696,7 @@ fn take_over(sock: &Path, console: Option<&Path>) -> Result<(Vm, TakeoverLink)> 
     ))
 }
 
-fn finish_takeover(mut link: TakeoverLink, _vm: &Vm) -> Result<()> {
+fn finish_takeover(mut link: TakeoverLink) -> Result<()> {
     let downtime_us = handover::monotonic_ns().saturating_sub(link.paused_at_ns) / 1000;
     tracing::info!(downtime_us, "took over the VM");
     println!(
