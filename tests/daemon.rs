@@ -431,6 +431,43 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     console_a.wait_for("WORKLOAD READY", READY);
     let n = console_a.wait_heartbeats(0, 1, Duration::from_secs(20));
 
+    // The cost model's estimate: measured inputs, a prediction per mode.
+    let to_b = format!("127.0.0.1:{}", b.port);
+    let est: Value = serde_json::from_str(&a.ok(&[
+        "estimate", "mig1", "--to", &to_b, "--mode", "postcopy", "--json",
+    ]))
+    .unwrap();
+    let inputs = &est["inputs"];
+    assert!(
+        inputs["memory_bytes"].as_f64().unwrap() >= (16 << 20) as f64,
+        "{est}"
+    );
+    assert!(
+        inputs["dirty_rate"].as_f64().unwrap() > 0.0,
+        "the guest dirties 8 MiB/s: {est}"
+    );
+    assert!(inputs["bandwidth"].as_f64().unwrap() > 1e6, "{est}");
+    assert!(inputs["rtt"].as_f64().unwrap() > 0.0, "{est}");
+    for m in ["precopy", "postcopy", "hybrid"] {
+        assert!(
+            est["all_modes"][m]["total_ms"].as_f64().unwrap() > 0.0,
+            "{est}"
+        );
+    }
+    assert_eq!(est["prediction"], est["all_modes"]["postcopy"]);
+    let table = a.ok(&["estimate", "mig1", "--to", &to_b]);
+    assert!(
+        table.contains("downtime ms") && table.contains("hybrid"),
+        "{table}"
+    );
+    let e = a.fails(&["estimate", "mig1", "--to", &to_b, "--mode", "teleport"]);
+    assert!(e.contains("unknown mode 'teleport'"), "{e}");
+    assert_eq!(
+        b.ok(&["list", "--json"]).trim(),
+        "[]",
+        "a probe leaves nothing behind"
+    );
+
     // Nobody listens there: the job fails and the VM keeps running here.
     let dead = format!("127.0.0.1:{}", free_port());
     let (code, _, err) = a.migctl(&["migrate", "mig1", "--to", &dead]);

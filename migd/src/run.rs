@@ -87,6 +87,8 @@ struct Migrations {
     mode: String,
     /// A stop was asked for while a migration ran: stop once it ends.
     stop_when_done: bool,
+    /// An estimate is measuring the dirty rate (it owns the dirty log meanwhile).
+    estimating: Arc<AtomicBool>,
 }
 
 /// Exit code when the guest reported a fatal error.
@@ -445,6 +447,9 @@ fn start_migration(
     if mig.running || mig.migrated {
         return Err("a migration of this VM is already running or done".into());
     }
+    if mig.estimating.load(Ordering::SeqCst) {
+        return Err("an estimate is measuring this VM's dirty rate; retry in a second".into());
+    }
     let to = req
         .get("to")
         .and_then(|t| t.as_str())
@@ -506,6 +511,76 @@ fn start_migration(
     Ok(())
 }
 
+/// Predicts a migration of this VM to `to` with the cost model, from measured
+/// inputs: non-zero memory (data extents of the memfd), the dirty rate over one
+/// second of the KVM dirty log, and the path's RTT and bandwidth (a probe).
+fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, String> {
+    use migration::model::{self, Inputs};
+    let to = req
+        .get("to")
+        .and_then(|t| t.as_str())
+        .ok_or("estimate needs \"to\": \"HOST:PORT\"")?;
+    let mode = req
+        .get("mode")
+        .and_then(|m| m.as_str())
+        .unwrap_or("precopy");
+    if !matches!(mode, "precopy" | "postcopy" | "hybrid") {
+        return Err(format!("unknown mode '{mode}' (precopy, postcopy, hybrid)"));
+    }
+    let memory_bytes: u64 = vm
+        .ram()
+        .data_extents()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|e| e.1)
+        .sum();
+    let window = Duration::from_secs(1);
+    let dirty_pages = if vm.is_running() {
+        vm.set_dirty_logging(true).map_err(|e| e.to_string())?;
+        let measured = vm.take_dirty_bitmap().and_then(|_| {
+            std::thread::sleep(window);
+            vm.take_dirty_bitmap()
+        });
+        let _ = vm.set_dirty_logging(false);
+        measured
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|w| w.count_ones() as u64)
+            .sum::<u64>()
+    } else {
+        0
+    };
+    let path = migration::probe::probe(to, 32 << 20).map_err(|e| e.to_string())?;
+    let inputs = Inputs {
+        memory_bytes: memory_bytes as f64,
+        // Measured: ~11 KiB of state per vCPU (XSAVE, LAPIC, CPUID, MSRs) plus devices.
+        state_bytes: ((vm.config().vcpus * 11 + 1) * 1024) as f64,
+        dirty_rate: (dirty_pages * vmm::memory::PAGE_SIZE) as f64 / window.as_secs_f64(),
+        bandwidth: path.bandwidth,
+        rtt: path.rtt,
+        max_downtime: req
+            .get("max_downtime_ms")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(300.0)
+            / 1e3,
+        prepaging_window: req
+            .get("prepaging_window")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(16.0),
+    };
+    let all: serde_json::Map<String, serde_json::Value> = ["precopy", "postcopy", "hybrid"]
+        .iter()
+        .map(|m| (m.to_string(), json!(model::predict(m, &inputs))))
+        .collect();
+    Ok(json!({
+        "ok": true,
+        "mode": mode,
+        "prediction": model::predict(mode, &inputs),
+        "inputs": inputs,
+        "all_modes": all,
+    }))
+}
+
 /// Handles one control request; `Some(code)` ends the process.
 fn handle_control(
     vm: &Arc<Vm>,
@@ -525,6 +600,22 @@ fn handle_control(
     }
     let reply = match cmd {
         "migrate" => start_migration(vm, mig, tx, &req, name).map(|_| json!({"ok": true})),
+        "estimate" if mig.running => Err("a migration is running".to_string()),
+        "estimate" => {
+            if mig.estimating.swap(true, Ordering::SeqCst) {
+                Err("an estimate is already running".to_string())
+            } else {
+                let (vm, flag) = (vm.clone(), mig.estimating.clone());
+                std::thread::spawn(move || {
+                    let reply = estimate(&vm, &req).unwrap_or_else(
+                        |e| json!({"ok": false, "error": format!("estimate: {e}")}),
+                    );
+                    flag.store(false, Ordering::SeqCst);
+                    let _ = handover::send_line(&mut stream, &reply);
+                });
+                return None;
+            }
+        }
         "migration" => Ok(match &mig.job {
             Some(job) => {
                 let mut v = serde_json::to_value(job.snapshot()).unwrap_or_default();

@@ -9,13 +9,17 @@
 //! - [`postcopy`]: post-copy and hybrid migration, both sides: userfaultfd on
 //!   the destination, demand paging on an urgent channel, background push,
 //!   pre-paging.
+//! - [`model`]: the cost model that predicts downtime and total time.
+//! - [`probe`]: measuring RTT and bandwidth to a destination for the model.
 //! - [`stats`]: statistics named after QEMU's `query-migrate` where they overlap.
 
 pub mod handshake;
 pub mod incoming;
 pub mod memview;
+pub mod model;
 pub mod postcopy;
 pub mod precopy;
+pub mod probe;
 pub mod stats;
 
 /// Errors of a migration.

@@ -110,6 +110,20 @@ pub enum Cmd {
     Cancel { id: String },
     /// Switch a running hybrid job to post-copy at the end of its current round.
     Postcopy { id: String },
+    /// Predict downtime and total time of a migration with the cost model, from
+    /// the VM's measured memory and dirty rate and a probe of the path.
+    Estimate {
+        name: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "precopy")]
+        mode: String,
+        /// Acceptable downtime, ms (pre-copy's stop condition).
+        #[arg(long, default_value_t = 300)]
+        max_downtime: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {

@@ -19,9 +19,9 @@ use super::vmproc::{self, vm_call, vm_request};
 use super::Daemon;
 
 /// Commands of the API, in the order `unknown command` lists them.
-const COMMANDS: [&str; 13] = [
+const COMMANDS: [&str; 14] = [
     "create", "list", "info", "pause", "resume", "destroy", "console", "migrate", "jobs", "job",
-    "cancel", "postcopy", "ping",
+    "cancel", "postcopy", "estimate", "ping",
 ];
 
 /// How long `create` waits for the new VM process's control socket.
@@ -64,6 +64,12 @@ enum Request {
     },
     Postcopy {
         id: String,
+    },
+    Estimate {
+        name: String,
+        to: String,
+        mode: Option<String>,
+        max_downtime_ms: Option<u64>,
     },
     Ping,
 }
@@ -246,6 +252,22 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
         },
         Request::Cancel { id } => jobs::job_command(d, &id, "cancel").await,
         Request::Postcopy { id } => jobs::job_command(d, &id, "postcopy").await,
+        Request::Estimate {
+            name,
+            to,
+            mode,
+            max_downtime_ms,
+        } => {
+            entry(d, &name)?;
+            let sock = state::control_path(&d.vm_dir(&name));
+            let req = json!({
+                "cmd": "estimate", "to": to, "mode": mode.unwrap_or_else(|| "precopy".into()),
+                "max_downtime_ms": max_downtime_ms.unwrap_or(300),
+            });
+            let mut r = vm_call(&sock, &req, Duration::from_secs(60)).await?;
+            r["name"] = json!(name);
+            Ok(r)
+        }
     }
 }
 

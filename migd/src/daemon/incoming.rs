@@ -54,9 +54,12 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
     let d2 = d.clone();
-    let (stream, record) = tokio::task::spawn_blocking(move || handshake(&d2, stream, peer))
+    let Some((stream, record)) = tokio::task::spawn_blocking(move || handshake(&d2, stream, peer))
         .await
-        .context("handshake task")??;
+        .context("handshake task")??
+    else {
+        return Ok(());
+    };
     let name = record.name.clone();
     let dir = d.vm_dir(&name);
     let args = vec![
@@ -160,9 +163,21 @@ fn admit(
 /// The destination half of the handshake, with the checks of this host.
 ///
 /// Integration point with `crates/migration`: `receive_hello`, then `accept` or `refuse`.
-fn handshake(d: &Daemon, mut stream: TcpStream, peer: SocketAddr) -> Result<(TcpStream, VmRecord)> {
+/// `None` when the connection was a cost-model probe, answered and done.
+fn handshake(
+    d: &Daemon,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<Option<(TcpStream, VmRecord)>> {
     use migration::handshake;
     let hello = handshake::receive_hello(&mut stream).context("reading the Hello")?;
+    if hello.mode == migration::probe::PROBE_MODE {
+        // A cost-model probe: answer it and keep nothing.
+        handshake::accept(&mut stream, &hello)?;
+        migration::probe::serve(&mut stream).context("serving a probe")?;
+        tracing::debug!(%peer, "probe served");
+        return Ok(None);
+    }
     tracing::info!(vm = %hello.name, memory = hello.memory, vcpus = hello.vcpus, mode = %hello.mode, "migration offered");
     let cpu = match vmm::cpuid::host_supported() {
         Ok(host) => handshake::cpu_incompatibility(&hello.vm, &host),
@@ -194,7 +209,7 @@ fn handshake(d: &Daemon, mut stream: TcpStream, peer: SocketAddr) -> Result<(Tcp
         let _ = state::remove_dir(&d.vm_dir(&hello.name));
         return Err(e);
     }
-    Ok((stream, record))
+    Ok(Some((stream, record)))
 }
 
 /// MemAvailable of /proc/meminfo, in bytes.

@@ -139,6 +139,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             connect()?.call(&json!({"cmd": "cancel", "id": id}))?;
             println!("cancelling {id}");
         }
+        Cmd::Estimate {
+            name,
+            to,
+            mode,
+            max_downtime,
+            json,
+        } => {
+            let r = connect()?.call(&json!({
+                "cmd": "estimate", "name": name, "to": to, "mode": mode,
+                "max_downtime_ms": max_downtime,
+            }))?;
+            if json {
+                print_json(&r);
+            } else {
+                print!("{}", format::estimate(&r));
+            }
+        }
         Cmd::Postcopy { id } => {
             connect()?.call(&json!({"cmd": "postcopy", "id": id}))?;
             println!("switching {id} to post-copy");

@@ -228,6 +228,42 @@ pub fn stats(st: &Value) -> String {
     s
 }
 
+/// `migctl estimate`: the measured inputs, then one line per mode.
+pub fn estimate(r: &Value) -> String {
+    let i = &r["inputs"];
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let mut out = format!(
+        "VM {}: {:.0} MiB to move, dirty rate {:.1} MiB/s; path: {:.2} Gbit/s, RTT {:.0} us\n",
+        r["name"].as_str().unwrap_or("?"),
+        f(&i["memory_bytes"]) / 1048576.0,
+        f(&i["dirty_rate"]) / 1048576.0,
+        f(&i["bandwidth"]) * 8.0 / 1e9,
+        f(&i["rtt"]) * 1e6,
+    );
+    out.push_str(&format!(
+        "{:<10} {:>14} {:>14} {:>8} {:>10}\n",
+        "mode", "downtime ms", "total ms", "rounds", "faults"
+    ));
+    for m in ["precopy", "postcopy", "hybrid"] {
+        let p = &r["all_modes"][m];
+        let mark = if r["mode"] == m { "*" } else { " " };
+        out.push_str(&format!(
+            "{:<10} {:>14.1} {:>14.1} {:>8} {:>10.0}{}\n",
+            m,
+            f(&p["downtime_ms"]),
+            f(&p["total_ms"]),
+            p["rounds"].as_u64().unwrap_or(0),
+            f(&p["faults"]),
+            if p["converges"] == false {
+                "  (does not converge)"
+            } else {
+                mark
+            },
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,213 @@
+//! The cost model of the seed papers, to predict downtime and total time.
+//!
+//! Post-copy (Gupta et al.): the switch-over moves the minimal state `V_min`,
+//! so `T_down = V_min / R`. The rest, `V_mem − V_min`, arrives during the
+//! resumption phase, partly as `X = (V_mem − V_min) / (P · (1 + Y))` demand faults
+//! (each brings `Y` pre-paged neighbours), each costing `T_fault = RTT + P·(1+Y)/R`:
+//! `T_res = X · T_fault + (V_mem − V_min) / R` — the pessimistic bound where every
+//! page arrives by fault; with active push most arrive without one, so the
+//! push-only time `(V_mem − V_min) / R` is the optimistic bound, also reported.
+//! `T_mig = T_down + T_res`.
+//!
+//! Pre-copy (Clark et al.): round `i` sends `V_i = V_0 · ρ^i` with `ρ = D / R`
+//! (dirty rate over bandwidth); rounds stop once `V_i / R ≤ max_downtime` or
+//! after `max_rounds`; `T_down = V_n / R + V_state / R`, `T_mig = Σ V_i / R`.
+//! Hybrid: pre-copy rounds up to `rounds_before_switch`, then post-copy for `V_n`.
+
+use serde::{Deserialize, Serialize};
+
+/// What the model needs, all measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Inputs {
+    /// Non-zero guest memory, bytes (what round 0 or post-copy must move).
+    pub memory_bytes: f64,
+    /// VM state (vCPUs, devices) moved at the switch-over, bytes.
+    pub state_bytes: f64,
+    /// Dirty rate of the running guest, bytes/s.
+    pub dirty_rate: f64,
+    /// Bandwidth to the destination, bytes/s.
+    pub bandwidth: f64,
+    /// Round-trip time to the destination, seconds.
+    pub rtt: f64,
+    /// Acceptable downtime (pre-copy stop condition), seconds.
+    pub max_downtime: f64,
+    /// Pages sent along with each demanded page (post-copy pre-paging window `Y`).
+    pub prepaging_window: f64,
+}
+
+/// What the model predicts for one mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// Predicted downtime, ms.
+    pub downtime_ms: f64,
+    /// Predicted total time (pessimistic for post-copy: every page by fault), ms.
+    pub total_ms: f64,
+    /// Post-copy and hybrid: resumption phase, pessimistic bound, ms.
+    pub resume_ms: f64,
+    /// Post-copy and hybrid: resumption phase if active push brings every page, ms.
+    pub resume_push_only_ms: f64,
+    /// Demand faults the resumption phase may take.
+    pub faults: f64,
+    /// Pre-copy rounds (hybrid: before the switch).
+    pub rounds: u32,
+    /// Pre-copy: whether the rounds reach max-downtime (false = stopped by the round limit).
+    pub converges: bool,
+}
+
+const PAGE: f64 = 4096.0;
+/// Round limit of the pre-copy engine.
+pub const MAX_ROUNDS: u32 = 30;
+
+/// Post-copy of `v_mem` bytes after a switch-over that moves `v_min` bytes.
+fn postcopy_phase(i: &Inputs, v_min: f64, v_mem: f64) -> (f64, f64, f64, f64) {
+    let r = i.bandwidth.max(1.0);
+    let t_down = v_min / r;
+    let rest = (v_mem - v_min).max(0.0);
+    let per_fault = PAGE * (1.0 + i.prepaging_window.max(0.0));
+    let faults = rest / per_fault;
+    let t_fault = i.rtt + per_fault / r;
+    let t_res = faults * t_fault + rest / r;
+    (t_down, t_res, rest / r, faults)
+}
+
+/// Pre-copy rounds: (bytes still dirty at the end, seconds spent, rounds, converged).
+fn precopy_rounds(i: &Inputs, max_rounds: u32) -> (f64, f64, u32, bool) {
+    let r = i.bandwidth.max(1.0);
+    let mut v = i.memory_bytes;
+    let mut t = 0.0;
+    let mut rounds = 0;
+    while rounds < max_rounds {
+        let dt = v / r;
+        t += dt;
+        rounds += 1;
+        // What the guest dirties while this round is sent (capped by its memory).
+        v = (i.dirty_rate * dt).min(i.memory_bytes);
+        if v / r <= i.max_downtime {
+            return (v, t, rounds, true);
+        }
+    }
+    (v, t, rounds, false)
+}
+
+/// Predicts `mode` ("precopy", "postcopy", "hybrid").
+pub fn predict(mode: &str, i: &Inputs) -> Prediction {
+    let r = i.bandwidth.max(1.0);
+    match mode {
+        "postcopy" => {
+            let (t_down, t_res, push_only, faults) =
+                postcopy_phase(i, i.state_bytes, i.memory_bytes + i.state_bytes);
+            Prediction {
+                downtime_ms: t_down * 1e3,
+                total_ms: (t_down + t_res) * 1e3,
+                resume_ms: t_res * 1e3,
+                resume_push_only_ms: push_only * 1e3,
+                faults,
+                rounds: 0,
+                converges: true,
+            }
+        }
+        "hybrid" => {
+            let (left, t_rounds, rounds, converges) = precopy_rounds(i, 3);
+            let (t_down, t_res, push_only, faults) =
+                postcopy_phase(i, i.state_bytes, left + i.state_bytes);
+            Prediction {
+                downtime_ms: t_down * 1e3,
+                total_ms: (t_rounds + t_down + t_res) * 1e3,
+                resume_ms: t_res * 1e3,
+                resume_push_only_ms: push_only * 1e3,
+                faults,
+                rounds,
+                converges,
+            }
+        }
+        _ => {
+            let (left, t_rounds, rounds, converges) = precopy_rounds(i, MAX_ROUNDS);
+            let t_down = (left + i.state_bytes) / r + i.rtt;
+            Prediction {
+                downtime_ms: t_down * 1e3,
+                total_ms: (t_rounds + t_down) * 1e3,
+                resume_ms: 0.0,
+                resume_push_only_ms: 0.0,
+                faults: 0.0,
+                rounds,
+                converges,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs() -> Inputs {
+        Inputs {
+            memory_bytes: 1024.0 * 1024.0 * 1024.0,
+            state_bytes: 32.0 * 1024.0,
+            dirty_rate: 0.0,
+            bandwidth: 1e9,
+            rtt: 100e-6,
+            max_downtime: 0.3,
+            prepaging_window: 16.0,
+        }
+    }
+
+    #[test]
+    fn postcopy_follows_the_seed_formulas() {
+        let i = inputs();
+        let p = predict("postcopy", &i);
+        // T_down = V_min / R
+        assert!((p.downtime_ms - 32768.0 / 1e9 * 1e3).abs() < 1e-9);
+        // X = (V_mem - V_min) / (P (1 + Y)), V_mem here includes the state
+        let x = i.memory_bytes / (4096.0 * 17.0);
+        assert!((p.faults - x).abs() < 1e-6);
+        // T_res = X T_fault + (V_mem - V_min) / R
+        let t_res = x * (100e-6 + 4096.0 * 17.0 / 1e9) + i.memory_bytes / 1e9;
+        assert!((p.resume_ms - t_res * 1e3).abs() < 1e-6);
+        assert!((p.total_ms - p.downtime_ms - p.resume_ms).abs() < 1e-9);
+        // A bigger pre-paging window means fewer faults and a shorter resumption.
+        let wider = predict(
+            "postcopy",
+            &Inputs {
+                prepaging_window: 64.0,
+                ..i
+            },
+        );
+        assert!(wider.faults < p.faults && wider.resume_ms < p.resume_ms);
+    }
+
+    #[test]
+    fn precopy_of_an_idle_guest_is_one_round() {
+        let p = predict("precopy", &inputs());
+        assert_eq!(p.rounds, 1);
+        assert!(p.converges);
+        assert!((p.total_ms - (1073.741824 + p.downtime_ms)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn precopy_that_cannot_converge_hits_the_round_limit() {
+        let i = Inputs {
+            dirty_rate: 2e9,
+            ..inputs()
+        };
+        let p = predict("precopy", &i);
+        assert!(!p.converges);
+        assert_eq!(p.rounds, MAX_ROUNDS);
+        // Hybrid stops after three rounds and leaves the rest to post-copy.
+        let h = predict("hybrid", &i);
+        assert_eq!(h.rounds, 3);
+        assert!(h.downtime_ms < p.downtime_ms);
+    }
+
+    #[test]
+    fn precopy_converges_when_dirtying_is_slower_than_the_link() {
+        let i = Inputs {
+            dirty_rate: 0.5e9,
+            ..inputs()
+        };
+        let p = predict("precopy", &i);
+        assert!(p.converges);
+        assert!(p.rounds > 1 && p.rounds < 5, "{p:?}");
+        assert!(p.downtime_ms <= 300.0 + 1.0);
+    }
+}
