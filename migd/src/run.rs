@@ -46,6 +46,12 @@ pub struct RunArgs {
     /// Start from a snapshot file instead of booting a kernel.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "takeover"])]
     pub restore: Option<PathBuf>,
+    /// With --restore: resume the VM at once and fill its memory from the file
+    /// on demand (userfaultfd) and in the background, working set first. The
+    /// page-data checksum is checked by the background filler: a mismatch
+    /// stops the VM (non-zero exit).
+    #[arg(long, requires = "restore")]
+    pub lazy: bool,
     /// Serve a control socket (JSON lines: status, pause, resume, snapshot, handover, stop).
     #[arg(long, value_name = "SOCKET")]
     pub control: Option<PathBuf>,
@@ -90,6 +96,18 @@ struct Migrations {
     /// An estimate is measuring the dirty rate (it owns the dirty log meanwhile).
     estimating: Arc<AtomicBool>,
 }
+
+/// Progress of a lazy restore (`--restore FILE --lazy`), while it fills memory.
+static LAZY: std::sync::OnceLock<Arc<migration::lazy::LazyProgress>> = std::sync::OnceLock::new();
+
+/// True while a lazy restore has not filled every page: the memory must not be
+/// read through another mapping (snapshot, migration, handover) until then.
+fn lazy_filling() -> bool {
+    LAZY.get().is_some_and(|p| !p.is_complete())
+}
+
+/// How long the dirty log runs before a snapshot to record the working set.
+const WORKING_SET_WINDOW: Duration = Duration::from_millis(200);
 
 /// Exit code when the guest reported a fatal error.
 pub const EXIT_GUEST_FATAL: i32 = 3;
@@ -146,6 +164,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
             "VM arrived and runs here"
         );
         (vm, None)
+    } else if let (Some(path), true) = (&args.restore, args.lazy) {
+        let (vm, progress) = migration::lazy::restore(path, args.serial.as_deref(), args.paused)
+            .with_context(|| format!("lazy restore of {}", path.display()))?;
+        let _ = LAZY.set(progress);
+        (vm, None)
     } else if let Some(path) = &args.restore {
         let (state, ram, stats) =
             vmm::snapshot::read(path).with_context(|| format!("restoring {}", path.display()))?;
@@ -181,7 +204,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let vm = Arc::new(vm);
     // A VM that arrived by migration already runs (the receiver resumed it on Go).
     let arrived = args.incoming.is_some() || args.incoming_fd.is_some();
-    if !args.paused && !arrived {
+    // A lazy restore resumed the VM itself (its fault thread was ready first).
+    if !args.paused && !arrived && !args.lazy {
         vm.resume();
     }
     if let Some(link) = takeover.take() {
@@ -237,7 +261,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
                     _ if mig.running || mig.migrated => {
                         tracing::warn!("snapshot signal ignored: the VM is migrating or migrated")
                     }
-                    Some(path) => match snapshot(&vm, path) {
+                    Some(_) if lazy_filling() => {
+                        tracing::warn!("snapshot signal ignored: lazy restore still filling memory")
+                    }
+                    Some(path) => match snapshot(&vm, path, true) {
                         Ok(_) if stop => break 0,
                         Ok(_) if was_running => vm.resume(),
                         Ok(_) => {}
@@ -331,19 +358,75 @@ fn exit_code(exit: &VmExit) -> i32 {
     }
 }
 
-fn snapshot(vm: &Vm, path: &Path) -> Result<vmm::snapshot::SnapshotStats> {
+/// Writes a snapshot. With `working_set` and a running VM, the KVM dirty log
+/// runs for [`WORKING_SET_WINDOW`] before the pause, and the pages written in
+/// that window are stored as the working set (lazy restore fills them first).
+/// Only when no migration runs (the dirty log would be shared).
+fn snapshot(vm: &Vm, path: &Path, working_set: bool) -> Result<vmm::snapshot::SnapshotStats> {
+    let ws = if working_set && vm.is_running() {
+        match record_working_set(vm) {
+            Ok(ws) => Some(ws),
+            Err(e) => {
+                tracing::warn!("no working set recorded: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let pause = vm.pause();
+    // What was written between the end of the window and the pause counts too.
+    let ws = ws.and_then(|bits| {
+        let last = vm.take_dirty_bitmap();
+        let _ = vm.set_dirty_logging(false);
+        match last {
+            Ok(last) => Some(bitmap_pages(&bits, &last)),
+            Err(e) => {
+                tracing::warn!("no working set recorded: {e}");
+                None
+            }
+        }
+    });
     let state = vm.capture()?;
-    let stats = vmm::snapshot::write(path, &state, vm.ram())?;
+    let stats = vmm::snapshot::write_with_working_set(path, &state, vm.ram(), ws.as_deref())?;
     tracing::info!(
         path = %path.display(),
         pages = stats.data_pages,
+        working_set = stats.working_set_pages,
         bytes = stats.file_bytes,
         pause_us = pause.as_micros() as u64,
         ms = stats.elapsed.as_secs_f64() * 1e3,
         "snapshot written"
     );
     Ok(stats)
+}
+
+/// Page numbers set in either bitmap.
+fn bitmap_pages(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut pfns = Vec::new();
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let mut w = x | y;
+        while w != 0 {
+            pfns.push(i as u64 * 64 + w.trailing_zeros() as u64);
+            w &= w - 1;
+        }
+    }
+    pfns
+}
+
+/// Dirty log on for [`WORKING_SET_WINDOW`]: returns what it saw (logging stays
+/// on; the caller takes the rest after the pause and turns it off).
+fn record_working_set(vm: &Vm) -> Result<Vec<u64>> {
+    vm.set_dirty_logging(true)?;
+    let r = (|| -> Result<Vec<u64>> {
+        vm.take_dirty_bitmap()?;
+        std::thread::sleep(WORKING_SET_WINDOW);
+        Ok(vm.take_dirty_bitmap()?)
+    })();
+    if r.is_err() {
+        let _ = vm.set_dirty_logging(false);
+    }
+    r
 }
 
 fn bind_control(path: &Path) -> Result<UnixListener> {
@@ -504,6 +587,7 @@ fn start_migration(
                 "hybrid" => migration::postcopy::migrate(&vm, &params, &job, true),
                 _ => precopy::migrate(&vm, &params, &job),
             };
+            job.update(|s| s.model = migration::model::check(s));
             tracing::info!(?outcome, "migration ended");
             let _ = tx.send(Event::Migrated(outcome));
         })
@@ -598,6 +682,13 @@ fn handle_control(
         );
         return None;
     }
+    if lazy_filling() && matches!(cmd, "migrate" | "snapshot" | "handover") {
+        let _ = handover::send_line(
+            &mut stream,
+            &json!({"ok": false, "error": "lazy restore is still filling the VM's memory; try again when it is done"}),
+        );
+        return None;
+    }
     let reply = match cmd {
         "migrate" => start_migration(vm, mig, tx, &req, name).map(|_| json!({"ok": true})),
         "estimate" if mig.running => Err("a migration is running".to_string()),
@@ -668,7 +759,8 @@ fn handle_control(
             None => Err("snapshot needs a \"path\"".to_string()),
             Some(p) => {
                 let was_running = vm.is_running();
-                let r = snapshot(vm, Path::new(p));
+                // The working-set window needs the dirty log: not during a migration.
+                let r = snapshot(vm, Path::new(p), !mig.running);
                 let stop = req.get("stop").and_then(|s| s.as_bool()).unwrap_or(false);
                 match r {
                     Ok(s) => {

@@ -11,16 +11,20 @@
 //!   pre-paging.
 //! - [`model`]: the cost model that predicts downtime and total time.
 //! - [`probe`]: measuring RTT and bandwidth to a destination for the model.
+//! - [`lazy`]: lazy restore from a snapshot file (userfaultfd, working set first).
+//! - [`uffd`]: the userfaultfd wrapper shared by post-copy and lazy restore.
 //! - [`stats`]: statistics named after QEMU's `query-migrate` where they overlap.
 
 pub mod handshake;
 pub mod incoming;
+pub mod lazy;
 pub mod memview;
 pub mod model;
 pub mod postcopy;
 pub mod precopy;
 pub mod probe;
 pub mod stats;
+pub mod uffd;
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,7 @@
 //! | header  | 64 bytes: magic `MIGDSNAP`, format version, header length, RAM size, state length, run count, data page count, page size, flags, CRC32 of the preceding 56 bytes, reserved |
 //! | state   | `state_len` bytes of [`VmState`] (bincode), then its CRC32 |
 //! | runs    | `run_count` × (memfd offset u64, page count u64), then their CRC32 |
+//! | working set | only if flags bit 0 ([`FLAG_WORKING_SET`]): count u64, `count` × memfd page number u64 (ascending, each a stored page), then the CRC32 of count and page numbers |
 //! | data    | the pages of the runs, in order, 4 KiB each |
 //! | trailer | CRC32 of the data, then `SNAPEND\0` |
 //!
@@ -14,10 +15,16 @@
 //! written under a temporary name and renamed into place. Restore checks the
 //! magic, version, every size against the file length and the host, and every
 //! checksum before the memory is given to a VM.
+//!
+//! The working set (pages the guest wrote in the moments before the snapshot)
+//! is optional and changes nothing else: the eager [`read`] validates and
+//! ignores it; lazy restore ([`LazySnapshot`]) fills those pages first.
+//! Unknown flag bits are refused.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -32,6 +39,9 @@ pub const END_MAGIC: &[u8; 8] = b"SNAPEND\0";
 /// Snapshot format version written and accepted.
 pub const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: usize = 64;
+/// Header flag bit 0: a working-set section follows the page index.
+pub const FLAG_WORKING_SET: u32 = 1;
+const KNOWN_FLAGS: u32 = FLAG_WORKING_SET;
 
 /// What a snapshot write or read did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -40,6 +50,8 @@ pub struct SnapshotStats {
     pub memory: u64,
     /// Pages stored in the file.
     pub data_pages: u64,
+    /// Pages in the working-set section (0 when there is none).
+    pub working_set_pages: u64,
     /// File size in bytes.
     pub file_bytes: u64,
     /// Wall time.
@@ -54,6 +66,7 @@ struct Header {
     run_count: u64,
     data_pages: u64,
     page_size: u32,
+    flags: u32,
 }
 
 impl Header {
@@ -67,6 +80,7 @@ impl Header {
         h[32..40].copy_from_slice(&self.run_count.to_le_bytes());
         h[40..48].copy_from_slice(&self.data_pages.to_le_bytes());
         h[48..52].copy_from_slice(&self.page_size.to_le_bytes());
+        h[52..56].copy_from_slice(&self.flags.to_le_bytes());
         let crc = crc32fast::hash(&h[..56]);
         h[56..60].copy_from_slice(&crc.to_le_bytes());
         h
@@ -90,6 +104,12 @@ impl Header {
         if u32_at(12) as usize != HEADER_LEN {
             return Err(format!("header length {} is not {HEADER_LEN}", u32_at(12)));
         }
+        if u32_at(52) & !KNOWN_FLAGS != 0 {
+            return Err(format!(
+                "unknown flags {:#x} in header (this build knows {KNOWN_FLAGS:#x})",
+                u32_at(52)
+            ));
+        }
         Ok(Header {
             version,
             memory: u64_at(16),
@@ -97,16 +117,41 @@ impl Header {
             run_count: u64_at(32),
             data_pages: u64_at(40),
             page_size: u32_at(48),
+            flags: u32_at(52),
         })
     }
 
-    /// Exact file length this header implies, or None on overflow.
-    fn file_len(&self) -> Option<u64> {
+    /// Offset of the section after the page index (working set or data).
+    fn after_index(&self) -> Option<u64> {
         (HEADER_LEN as u64)
             .checked_add(self.state_len)?
             .checked_add(4)?
             .checked_add(self.run_count.checked_mul(16)?)?
-            .checked_add(4)?
+            .checked_add(4)
+    }
+
+    fn has_working_set(&self) -> bool {
+        self.flags & FLAG_WORKING_SET != 0
+    }
+
+    /// Bytes of the working-set section holding `count` pages.
+    fn working_set_len(&self, count: u64) -> Option<u64> {
+        if self.has_working_set() {
+            count.checked_mul(8)?.checked_add(12)
+        } else {
+            Some(0)
+        }
+    }
+
+    /// Offset of the page data, given the working-set page count.
+    fn data_offset(&self, ws_count: u64) -> Option<u64> {
+        self.after_index()?
+            .checked_add(self.working_set_len(ws_count)?)
+    }
+
+    /// Exact file length this header implies, or None on overflow.
+    fn file_len(&self, ws_count: u64) -> Option<u64> {
+        self.data_offset(ws_count)?
             .checked_add(self.data_pages.checked_mul(PAGE_SIZE)?)?
             .checked_add(12)
     }
@@ -199,9 +244,22 @@ fn temp_path(path: &Path) -> PathBuf {
 
 /// Writes a snapshot of `state` and `ram` to `path` (atomically).
 pub fn write(path: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStats> {
+    write_with_working_set(path, state, ram, None)
+}
+
+/// Writes a snapshot like [`write`], with a working-set section when
+/// `working_set` is given: memfd page numbers the guest used last (e.g. the
+/// dirty log of a short window before the pause). Pages that are not stored
+/// (zero) are left out of it; order and duplicates do not matter.
+pub fn write_with_working_set(
+    path: &Path,
+    state: &VmState,
+    ram: &GuestRam,
+    working_set: Option<&[u64]>,
+) -> Result<SnapshotStats> {
     let start = Instant::now();
     let tmp = temp_path(path);
-    let result = write_to(&tmp, state, ram).and_then(|stats| {
+    let result = write_to(&tmp, state, ram, working_set).and_then(|stats| {
         std::fs::rename(&tmp, path)
             .map_err(|e| snap_err(path, format!("rename into place: {e}")))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -230,11 +288,32 @@ fn snap_err(path: &Path, reason: String) -> Error {
     }
 }
 
-fn write_to(path: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStats> {
+/// True when memfd page `pfn` is in one of `runs` (sorted, disjoint).
+fn in_runs(runs: &[(u64, u64)], pfn: u64) -> bool {
+    let off = pfn.saturating_mul(PAGE_SIZE);
+    let i = runs.partition_point(|(o, _)| *o <= off);
+    i > 0 && {
+        let (o, n) = runs[i - 1];
+        off < o + n * PAGE_SIZE
+    }
+}
+
+fn write_to(
+    path: &Path,
+    state: &VmState,
+    ram: &GuestRam,
+    working_set: Option<&[u64]>,
+) -> Result<SnapshotStats> {
     let io = |e: std::io::Error| snap_err(path, format!("write: {e}"));
     let blob = state.encode()?;
     let runs = nonzero_runs(ram)?;
     let data_pages: u64 = runs.iter().map(|r| r.1).sum();
+    let ws: Option<Vec<u64>> = working_set.map(|w| {
+        let mut v: Vec<u64> = w.iter().copied().filter(|&p| in_runs(&runs, p)).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    });
     let header = Header {
         version: FORMAT_VERSION,
         memory: ram.size(),
@@ -242,6 +321,7 @@ fn write_to(path: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStat
         run_count: runs.len() as u64,
         data_pages,
         page_size: PAGE_SIZE as u32,
+        flags: if ws.is_some() { FLAG_WORKING_SET } else { 0 },
     };
     let file = OpenOptions::new()
         .write(true)
@@ -262,6 +342,16 @@ fn write_to(path: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStat
     w.write_all(&run_bytes).map_err(io)?;
     w.write_all(&crc32fast::hash(&run_bytes).to_le_bytes())
         .map_err(io)?;
+    if let Some(ws) = &ws {
+        let mut b = Vec::with_capacity(8 + ws.len() * 8);
+        b.extend_from_slice(&(ws.len() as u64).to_le_bytes());
+        for p in ws {
+            b.extend_from_slice(&p.to_le_bytes());
+        }
+        w.write_all(&b).map_err(io)?;
+        w.write_all(&crc32fast::hash(&b).to_le_bytes())
+            .map_err(io)?;
+    }
     let map = MemfdMap::new(ram, false)?;
     let mut crc = crc32fast::Hasher::new();
     for (off, n) in &runs {
@@ -276,21 +366,33 @@ fn write_to(path: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStat
     Ok(SnapshotStats {
         memory: ram.size(),
         data_pages,
-        file_bytes: header.file_len().unwrap_or(0),
+        working_set_pages: ws.as_ref().map_or(0, |w| w.len() as u64),
+        file_bytes: header
+            .file_len(ws.as_ref().map_or(0, |w| w.len() as u64))
+            .unwrap_or(0),
         elapsed: Duration::ZERO,
     })
 }
 
-/// Reads and fully verifies a snapshot; returns the state and new RAM holding the pages.
-pub fn read(path: &Path) -> Result<(VmState, GuestRam, SnapshotStats)> {
-    let start = Instant::now();
+/// Everything before the page data, validated.
+struct Front {
+    h: Header,
+    state: VmState,
+    runs: Vec<(u64, u64)>,
+    working_set: Vec<u64>,
+    data_offset: u64,
+    file_len: u64,
+}
+
+/// Reads and validates the header, state, page index and working set of the
+/// snapshot open in `r` (positioned at 0); leaves `r` at the page data.
+fn read_front(path: &Path, r: &mut BufReader<File>) -> Result<Front> {
     let bad = |reason: String| snap_err(path, reason);
-    let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
-    let file_len = file
+    let file_len = r
+        .get_ref()
         .metadata()
         .map_err(|e| bad(format!("stat: {e}")))?
         .len();
-    let mut r = BufReader::with_capacity(1 << 20, file);
     let truncated = |what: &str, e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             bad(format!("truncated in the {what}"))
@@ -312,7 +414,34 @@ pub fn read(path: &Path) -> Result<(VmState, GuestRam, SnapshotStats)> {
             h.state_len, h.run_count, h.data_pages, h.memory
         )));
     }
-    match h.file_len() {
+    // The working-set count sits right after the page index: peek at it so
+    // that the file length can be checked before anything else is read.
+    let ws_count = if h.has_working_set() {
+        let at = h
+            .after_index()
+            .ok_or_else(|| bad("sizes in header overflow".into()))?;
+        let mut c = [0u8; 8];
+        match r.get_ref().read_exact_at(&mut c, at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(bad(format!(
+                "truncated: {file_len} bytes, too short for the working set the header announces"
+            )))
+            }
+            Err(e) => return Err(bad(format!("reading the working set: {e}"))),
+        }
+        let n = u64::from_le_bytes(c);
+        if n > h.data_pages {
+            return Err(bad(format!(
+                "absurd working set of {n} pages ({} pages stored)",
+                h.data_pages
+            )));
+        }
+        n
+    } else {
+        0
+    };
+    match h.file_len(ws_count) {
         Some(expected) if expected == file_len => {}
         Some(expected) if expected > file_len => {
             return Err(bad(format!(
@@ -378,6 +507,64 @@ pub fn read(path: &Path) -> Result<(VmState, GuestRam, SnapshotStats)> {
         )));
     }
 
+    let mut working_set = Vec::new();
+    if h.has_working_set() {
+        let mut b = vec![0u8; 8 + ws_count as usize * 8];
+        r.read_exact(&mut b)
+            .map_err(|e| truncated("working set", e))?;
+        r.read_exact(&mut crc)
+            .map_err(|e| truncated("working set", e))?;
+        if u32::from_le_bytes(crc) != crc32fast::hash(&b) {
+            return Err(bad("working set checksum mismatch".into()));
+        }
+        working_set.reserve(ws_count as usize);
+        let mut prev: Option<u64> = None;
+        for c in b[8..].chunks_exact(8) {
+            let p = u64::from_le_bytes(c.try_into().unwrap_or_default());
+            if prev.is_some_and(|q| p <= q) || !in_runs(&runs, p) {
+                return Err(bad(format!(
+                    "working-set page {p} is out of order or not stored"
+                )));
+            }
+            prev = Some(p);
+            working_set.push(p);
+        }
+    }
+    let data_offset = h
+        .data_offset(ws_count)
+        .ok_or_else(|| bad("sizes in header overflow".into()))?;
+    Ok(Front {
+        h,
+        state,
+        runs,
+        working_set,
+        data_offset,
+        file_len,
+    })
+}
+
+/// Reads and fully verifies a snapshot; returns the state and new RAM holding the pages.
+pub fn read(path: &Path) -> Result<(VmState, GuestRam, SnapshotStats)> {
+    let start = Instant::now();
+    let bad = |reason: String| snap_err(path, reason);
+    let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let truncated = |what: &str, e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            bad(format!("truncated in the {what}"))
+        } else {
+            bad(format!("reading the {what}: {e}"))
+        }
+    };
+    let Front {
+        h,
+        state,
+        runs,
+        working_set,
+        file_len,
+        ..
+    } = read_front(path, &mut r)?;
+
     let ram = GuestRam::new(h.memory)?;
     {
         let map = MemfdMap::new(&ram, true)?;
@@ -400,10 +587,135 @@ pub fn read(path: &Path) -> Result<(VmState, GuestRam, SnapshotStats)> {
     let stats = SnapshotStats {
         memory: h.memory,
         data_pages: h.data_pages,
+        working_set_pages: working_set.len() as u64,
         file_bytes: file_len,
         elapsed: start.elapsed(),
     };
     Ok((state, ram, stats))
+}
+
+/// A snapshot opened for lazy restore: everything but the page data has been
+/// read and verified (header, state, page index and working-set checksums,
+/// sizes against the file and the host, the end marker). The page data is
+/// read on demand ([`LazySnapshot::read_page`]) and streamed in order by
+/// [`LazySnapshot::stream`], which is where its checksum is checked: a
+/// corrupted page may reach the guest before the mismatch is known.
+pub struct LazySnapshot {
+    /// The VM state.
+    pub state: VmState,
+    /// Guest RAM size.
+    pub memory: u64,
+    /// Stored pages: (memfd offset, page count), ascending.
+    pub runs: Vec<(u64, u64)>,
+    /// Working-set memfd page numbers, ascending (empty when none was recorded).
+    pub working_set: Vec<u64>,
+    /// Pages stored.
+    pub data_pages: u64,
+    /// File size in bytes.
+    pub file_bytes: u64,
+    path: PathBuf,
+    file: File,
+    data_offset: u64,
+    /// Index in the data (in pages) of the first page of each run.
+    run_first: Vec<u64>,
+    data_crc: u32,
+}
+
+impl LazySnapshot {
+    /// Opens and validates everything but the page data.
+    pub fn open(path: &Path) -> Result<Self> {
+        let bad = |reason: String| snap_err(path, reason);
+        let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
+        let mut r = BufReader::with_capacity(1 << 16, file);
+        let f = read_front(path, &mut r)?;
+        let file = r.into_inner();
+        let mut trailer = [0u8; 12];
+        file.read_exact_at(&mut trailer, f.file_len - 12)
+            .map_err(|e| bad(format!("reading the trailer: {e}")))?;
+        if &trailer[4..12] != END_MAGIC {
+            return Err(bad("bad end marker".into()));
+        }
+        let mut run_first = Vec::with_capacity(f.runs.len());
+        let mut acc = 0u64;
+        for (_, n) in &f.runs {
+            run_first.push(acc);
+            acc += n;
+        }
+        Ok(LazySnapshot {
+            state: f.state,
+            memory: f.h.memory,
+            runs: f.runs,
+            working_set: f.working_set,
+            data_pages: f.h.data_pages,
+            file_bytes: f.file_len,
+            path: path.to_path_buf(),
+            file,
+            data_offset: f.data_offset,
+            run_first,
+            data_crc: u32::from_le_bytes(trailer[0..4].try_into().unwrap_or_default()),
+        })
+    }
+
+    /// File offset of the stored page at memfd offset `off`; None: not stored (zero).
+    pub fn page_file_offset(&self, off: u64) -> Option<u64> {
+        let off = off & !(PAGE_SIZE - 1);
+        let i = self.runs.partition_point(|(o, _)| *o <= off);
+        if i == 0 {
+            return None;
+        }
+        let (o, n) = self.runs[i - 1];
+        if off >= o + n * PAGE_SIZE {
+            return None;
+        }
+        Some(self.data_offset + (self.run_first[i - 1] + (off - o) / PAGE_SIZE) * PAGE_SIZE)
+    }
+
+    /// Reads the page at memfd offset `off` into `buf` (4 KiB); Ok(false):
+    /// the page is not stored (it is zero) and `buf` is untouched.
+    pub fn read_page(&self, off: u64, buf: &mut [u8]) -> Result<bool> {
+        let Some(at) = self.page_file_offset(off) else {
+            return Ok(false);
+        };
+        self.file
+            .read_exact_at(&mut buf[..PAGE_SIZE as usize], at)
+            .map_err(|e| snap_err(&self.path, format!("reading page {off:#x}: {e}")))?;
+        Ok(true)
+    }
+
+    /// Streams the page data in file order, `chunk_pages` pages at most per
+    /// call of `f(memfd offset, pages)`, and checks the data checksum at the
+    /// end. An error from `f` stops the stream and is returned.
+    pub fn stream(
+        &self,
+        chunk_pages: u64,
+        mut f: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let chunk_pages = chunk_pages.max(1);
+        let mut buf = vec![0u8; (chunk_pages * PAGE_SIZE) as usize];
+        let mut crc = crc32fast::Hasher::new();
+        let mut at = self.data_offset;
+        for &(off, n) in &self.runs {
+            let mut done = 0;
+            while done < n {
+                let k = (n - done).min(chunk_pages);
+                let b = &mut buf[..(k * PAGE_SIZE) as usize];
+                self.file
+                    .read_exact_at(b, at)
+                    .map_err(|e| snap_err(&self.path, format!("reading the page data: {e}")))?;
+                crc.update(b);
+                f(off + done * PAGE_SIZE, b)?;
+                at += k * PAGE_SIZE;
+                done += k;
+            }
+        }
+        if crc.finalize() != self.data_crc {
+            return Err(snap_err(
+                &self.path,
+                "page data checksum mismatch (corrupted pages)".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -525,6 +837,123 @@ mod tests {
         data[n - 20] ^= 1;
         std::fs::write(&bad, &data).unwrap();
         expect_err(&bad, "page data checksum");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    fn sample_ws(name: &str) -> (PathBuf, PathBuf, GuestRam) {
+        let d = dir(name);
+        let ram = GuestRam::new(64 << 20).unwrap();
+        ram.write(0x1000, &[0xaa; 4096]).unwrap();
+        ram.write(0x2000, &[0xbb; 10]).unwrap();
+        ram.write(0x300_0000, &[0xcc; 1]).unwrap();
+        let p = d.join("vm.snap");
+        // 5 is not stored (zero): dropped; duplicates and order do not matter.
+        let stats =
+            write_with_working_set(&p, &state(64 << 20), &ram, Some(&[0x3000, 5, 1, 0x3000]))
+                .unwrap();
+        assert_eq!(stats.data_pages, 3);
+        assert_eq!(stats.working_set_pages, 2);
+        assert_eq!(stats.file_bytes, std::fs::metadata(&p).unwrap().len());
+        (d, p, ram)
+    }
+
+    #[test]
+    fn working_set_section_round_trips_and_eager_read_ignores_it() {
+        let (d, p, _ram) = sample_ws("ws");
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(u32::from_le_bytes(bytes[52..56].try_into().unwrap()), 1);
+        let (st, ram, stats) = read(&p).unwrap();
+        assert_eq!(st.vcpus[0].regs.rip, 0x1234);
+        assert_eq!(stats.working_set_pages, 2);
+        let mut b = [0u8; 4096];
+        ram.read(0x1000, &mut b).unwrap();
+        assert_eq!(b, [0xaa; 4096]);
+        let lazy = LazySnapshot::open(&p).unwrap();
+        assert_eq!(lazy.working_set, vec![1, 0x3000]);
+        assert_eq!(lazy.data_pages, 3);
+        assert!(lazy.read_page(0x1000, &mut b).unwrap());
+        assert_eq!(b, [0xaa; 4096]);
+        assert!(lazy.read_page(0x300_0000, &mut b).unwrap());
+        assert_eq!(b[0], 0xcc);
+        assert!(!lazy.read_page(0x5000, &mut b).unwrap());
+        assert!(lazy.page_file_offset(0).is_none());
+        let mut seen = Vec::new();
+        lazy.stream(1, |off, data| {
+            seen.push((off, data[0]));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            vec![(0x1000, 0xaa), (0x2000, 0xbb), (0x300_0000, 0xcc)]
+        );
+        // Without a working set the lazy reader sees an empty one.
+        let (d2, p2) = sample("ws-none");
+        assert!(LazySnapshot::open(&p2).unwrap().working_set.is_empty());
+        std::fs::remove_dir_all(d2).unwrap();
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    fn rehash_header(b: &mut [u8]) {
+        let crc = crc32fast::hash(&b[..56]);
+        b[56..60].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn bad_working_sets_and_flags_are_refused_and_lazy_checks_data_late() {
+        let (d, p, _ram) = sample_ws("ws-bad");
+        let good = std::fs::read(&p).unwrap();
+        let bad = d.join("bad.snap");
+        let state_len = u64::from_le_bytes(good[24..32].try_into().unwrap()) as usize;
+        let ws_at = HEADER_LEN + state_len + 4 + 2 * 16 + 4; // two runs
+        assert_eq!(
+            u64::from_le_bytes(good[ws_at..ws_at + 8].try_into().unwrap()),
+            2
+        );
+        // A flipped working-set page number.
+        let mut w = good.clone();
+        w[ws_at + 8] ^= 1;
+        std::fs::write(&bad, &w).unwrap();
+        expect_err(&bad, "working set checksum");
+        assert!(LazySnapshot::open(&bad).is_err());
+        // An absurd count.
+        let mut w = good.clone();
+        w[ws_at + 7] = 0x40;
+        std::fs::write(&bad, &w).unwrap();
+        expect_err(&bad, "absurd working set");
+        // Cut inside the working set.
+        std::fs::write(&bad, &good[..ws_at + 4]).unwrap();
+        expect_err(&bad, "truncated");
+        // An unknown flag bit.
+        let mut f = good.clone();
+        f[52] |= 2;
+        rehash_header(&mut f);
+        std::fs::write(&bad, &f).unwrap();
+        expect_err(&bad, "unknown flags");
+        // Flag cleared: the section is then unexpected bytes.
+        let mut f = good.clone();
+        f[52] = 0;
+        rehash_header(&mut f);
+        std::fs::write(&bad, &f).unwrap();
+        expect_err(&bad, "unexpected bytes");
+        // Corrupted page data: the lazy open succeeds, the stream says so.
+        let mut data = good.clone();
+        let n = data.len();
+        data[n - 20] ^= 1;
+        std::fs::write(&bad, &data).unwrap();
+        expect_err(&bad, "page data checksum");
+        let lazy = LazySnapshot::open(&bad).unwrap();
+        let e = lazy.stream(64, |_, _| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("page data checksum"), "{e}");
+        // Bad end marker: refused up front.
+        let mut end = good.clone();
+        end[n - 1] = b'X';
+        std::fs::write(&bad, &end).unwrap();
+        assert!(LazySnapshot::open(&bad)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("end marker"));
         std::fs::remove_dir_all(d).unwrap();
     }
 

@@ -1,0 +1,362 @@
+//! Lazy restore from a snapshot file: the VM runs before its memory is read.
+//!
+//! [`restore`] validates the file exactly as the eager reader does, except for
+//! the page-data checksum (see below), creates EMPTY guest RAM, builds the VM
+//! ([`Vm::prepare`]), registers the RAM with userfaultfd (missing mode) and
+//! only then loads the state and resumes. Two threads fill the memory:
+//!
+//! - the fault thread: a fault on a stored page is served by reading that page
+//!   from the file (`pread` at its data offset) and `UFFDIO_COPY`; a fault on a
+//!   page that is not stored (zero) gets `UFFDIO_ZEROPAGE`;
+//! - the filler: first the working set recorded when the snapshot was taken
+//!   (pages the guest wrote just before the pause), then every stored page in
+//!   file order. A page that is already there (faulted in, or prefetched) is
+//!   skipped (EEXIST) and counted.
+//!
+//! When the filler has streamed every stored page, userfaultfd is unregistered
+//! (pages never stored fault in as zeros from then on, as any memfd page) and
+//! the totals are logged.
+//!
+//! **Checksum trade-off.** The CRC of the page data covers the whole data
+//! section, so it can only be checked once everything has been read: the
+//! filler computes it as it streams the data in order. Pages served before
+//! that (faults, working set) are therefore used by the guest unverified. On a
+//! mismatch the filler logs an error and stops the VM with
+//! `VmExit::Failed("... page data checksum mismatch ...")` (`migd run` exits
+//! non-zero). Use the eager restore where a corrupted file must never reach
+//! the guest.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use vmm::memory::PAGE_SIZE;
+use vmm::snapshot::LazySnapshot;
+use vmm::vcpu::RunControl;
+use vmm::{GuestRam, Vm, VmExit};
+
+use crate::uffd::Uffd;
+use crate::{io_err, Error, Result};
+
+/// Pages per read of the background stream.
+const STREAM_CHUNK_PAGES: u64 = 256;
+
+/// Progress and totals of a lazy restore (shared with its threads).
+#[derive(Debug, Default)]
+pub struct LazyProgress {
+    /// Pages stored in the file.
+    pub pages: u64,
+    /// Pages in the file's working set.
+    pub working_set: u64,
+    /// Stored pages filled on a fault.
+    pub faults: AtomicU64,
+    /// Faults on pages that are not stored, filled with zeros.
+    pub zero_faults: AtomicU64,
+    /// Working-set pages filled by the prefetch.
+    pub prefetched: AtomicU64,
+    /// Pages filled by the background stream.
+    pub background: AtomicU64,
+    /// Pages the background stream found already there.
+    pub already_present: AtomicU64,
+    /// Microseconds from the start of the restore to the resume (0: not resumed).
+    pub resume_us: AtomicU64,
+    /// Microseconds from the start of the restore to the last page filled.
+    pub filled_us: AtomicU64,
+    /// Every stored page is in memory and userfaultfd is gone.
+    pub complete: AtomicBool,
+    /// The restore failed (the VM was stopped).
+    pub failed: AtomicBool,
+}
+
+impl LazyProgress {
+    /// True once every stored page is in guest memory.
+    pub fn is_complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
+    }
+
+    /// Pages filled so far, by any path.
+    pub fn filled(&self) -> u64 {
+        self.faults.load(Ordering::Relaxed)
+            + self.prefetched.load(Ordering::Relaxed)
+            + self.background.load(Ordering::Relaxed)
+    }
+}
+
+struct Lazy {
+    snap: LazySnapshot,
+    uffd: Uffd,
+    /// (memfd offset, len, host address).
+    ranges: Vec<(u64, u64, u64)>,
+    progress: Arc<LazyProgress>,
+    t0: Instant,
+    stop: AtomicBool,
+    control: OnceLock<Arc<RunControl>>,
+}
+
+impl Lazy {
+    fn host(&self, off: u64) -> Option<u64> {
+        self.ranges
+            .iter()
+            .find(|(o, l, _)| off >= *o && off < o + l)
+            .map(|(o, _, h)| h + (off - o))
+    }
+
+    fn offset(&self, addr: u64) -> Option<u64> {
+        self.ranges
+            .iter()
+            .find(|(_, l, h)| addr >= *h && addr < h + l)
+            .map(|(o, _, h)| o + (addr - h))
+    }
+
+    /// Copies `data` (whole pages) to memfd offset `off`, page by page;
+    /// returns (filled, already there).
+    fn fill(&self, off: u64, data: &[u8]) -> Result<(u64, u64)> {
+        let (mut filled, mut present) = (0, 0);
+        for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
+            let o = off + i as u64 * PAGE_SIZE;
+            let host = self
+                .host(o)
+                .ok_or_else(|| Error::Protocol(format!("page {o:#x} outside RAM")))?;
+            if self
+                .uffd
+                .copy(host, page)
+                .map_err(io_err(format!("UFFDIO_COPY at {o:#x}")))?
+            {
+                filled += 1;
+            } else {
+                present += 1;
+            }
+        }
+        if filled > 0 {
+            self.progress
+                .filled_us
+                .fetch_max(self.t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        Ok((filled, present))
+    }
+
+    /// The fault thread.
+    fn serve_faults(&self) {
+        let mut addrs = Vec::new();
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        let mut broken = false;
+        while !self.stop.load(Ordering::Acquire) {
+            addrs.clear();
+            if let Err(e) = self.uffd.read_faults(50, &mut addrs) {
+                if self.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                tracing::error!("lazy restore: reading userfaultfd: {e}");
+                self.fail(format!("reading userfaultfd: {e}"));
+                return;
+            }
+            for &addr in &addrs {
+                let page_addr = addr & !(PAGE_SIZE - 1);
+                let Some(off) = self.offset(page_addr) else {
+                    tracing::warn!(addr, "fault outside guest RAM");
+                    continue;
+                };
+                let stored = if broken {
+                    false
+                } else {
+                    match self.snap.read_page(off, &mut page) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            // Keep serving (zeros) so that vCPUs can leave; the VM is stopped.
+                            tracing::error!("lazy restore: {e}");
+                            self.fail(e.to_string());
+                            broken = true;
+                            false
+                        }
+                    }
+                };
+                let r = if stored {
+                    self.uffd.copy(page_addr, &page)
+                } else {
+                    self.uffd.zeropage(page_addr, PAGE_SIZE)
+                };
+                match r {
+                    Ok(true) if stored => {
+                        self.progress.faults.fetch_add(1, Ordering::Relaxed);
+                        self.progress
+                            .filled_us
+                            .fetch_max(self.t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    }
+                    Ok(true) => {
+                        self.progress.zero_faults.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(false) => {
+                        let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+                    }
+                    Err(_) if self.stop.load(Ordering::Acquire) => return,
+                    Err(e) => {
+                        tracing::error!("lazy restore: filling {off:#x} on a fault: {e}");
+                        self.fail(format!("filling {off:#x} on a fault: {e}"));
+                        let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the VM (once) with a clear reason.
+    fn fail(&self, why: String) {
+        if !self.progress.failed.swap(true, Ordering::AcqRel) {
+            match self.control.get() {
+                Some(c) => c.stop(VmExit::Failed(format!("lazy restore failed: {why}"))),
+                None => tracing::error!("lazy restore failed before the VM was loaded: {why}"),
+            }
+        }
+    }
+
+    /// The filler: working set first, then every stored page in file order
+    /// (which also checks the page-data checksum).
+    fn fill_all(&self) -> Result<()> {
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for &pfn in &self.snap.working_set {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let off = pfn * PAGE_SIZE;
+            if self.snap.read_page(off, &mut page)? {
+                let (filled, _) = self.fill(off, &page)?;
+                self.progress
+                    .prefetched
+                    .fetch_add(filled, Ordering::Relaxed);
+            }
+        }
+        self.snap.stream(STREAM_CHUNK_PAGES, |off, data| {
+            if self.stop.load(Ordering::Acquire) {
+                return Err(vmm::Error::GuestMemory("lazy restore stopped".into()));
+            }
+            let (filled, present) = self.fill(off, data).map_err(|e| {
+                vmm::Error::GuestMemory(format!("filling guest RAM from the snapshot: {e}"))
+            })?;
+            self.progress
+                .background
+                .fetch_add(filled, Ordering::Relaxed);
+            self.progress
+                .already_present
+                .fetch_add(present, Ordering::Relaxed);
+            Ok(())
+        })?;
+        Ok(())
+    }
+}
+
+/// Lazily restores the snapshot at `path`: returns the VM, resumed unless
+/// `paused`, while its memory is still being filled in the background.
+pub fn restore(
+    path: &Path,
+    console: Option<&Path>,
+    paused: bool,
+) -> Result<(Vm, Arc<LazyProgress>)> {
+    let t0 = Instant::now();
+    let snap = LazySnapshot::open(path)?;
+    let ram = GuestRam::new(snap.memory)?;
+    let prepared = Vm::prepare(ram, snap.state.vcpus.len(), console)?;
+    let ram = prepared.ram().clone();
+    let ranges: Vec<(u64, u64, u64)> = ram
+        .host_ranges()
+        .into_iter()
+        .map(|(r, p)| (r.file_offset, r.len, p as u64))
+        .collect();
+    let uffd = Uffd::new().map_err(io_err("userfaultfd"))?;
+    for &(_, len, host) in &ranges {
+        uffd.register(host, len)
+            .map_err(io_err("registering guest RAM with userfaultfd"))?;
+    }
+    let progress = Arc::new(LazyProgress {
+        pages: snap.data_pages,
+        working_set: snap.working_set.len() as u64,
+        ..Default::default()
+    });
+    let lazy = Arc::new(Lazy {
+        snap,
+        uffd,
+        ranges,
+        progress: progress.clone(),
+        t0,
+        stop: AtomicBool::new(false),
+        control: OnceLock::new(),
+    });
+    // The state is loaded after this, so the fault thread must be up first.
+    let faults = {
+        let l = lazy.clone();
+        std::thread::Builder::new()
+            .name("lazy-faults".into())
+            .spawn(move || l.serve_faults())
+            .map_err(io_err("starting the lazy-faults thread"))?
+    };
+    let vm = match prepared.load(&lazy.snap.state) {
+        Ok(vm) => vm,
+        Err(e) => {
+            lazy.stop.store(true, Ordering::Release);
+            for &(_, len, host) in &lazy.ranges {
+                let _ = lazy.uffd.unregister(host, len);
+            }
+            let _ = faults.join();
+            return Err(e.into());
+        }
+    };
+    let _ = lazy.control.set(vm.exit_watch());
+    if !paused {
+        vm.resume();
+        progress
+            .resume_us
+            .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+    tracing::info!(
+        snapshot = %path.display(),
+        pages = progress.pages,
+        working_set = progress.working_set,
+        bytes = lazy.snap.file_bytes,
+        resume_ms = t0.elapsed().as_secs_f64() * 1e3,
+        "lazy restore: VM resumed, memory filling in the background"
+    );
+    let l = lazy.clone();
+    std::thread::Builder::new()
+        .name("lazy-filler".into())
+        .spawn(move || {
+            let r = l.fill_all();
+            let p = &l.progress;
+            match r {
+                Ok(()) if !l.stop.load(Ordering::Acquire) => {
+                    l.stop.store(true, Ordering::Release);
+                    for &(_, len, host) in &l.ranges {
+                        if let Err(e) = l.uffd.unregister(host, len) {
+                            tracing::warn!("unregistering userfaultfd: {e}");
+                        }
+                    }
+                    let _ = faults.join();
+                    p.complete.store(true, Ordering::Release);
+                    let resume_us = p.resume_us.load(Ordering::Relaxed);
+                    let filled_us = p.filled_us.load(Ordering::Relaxed).max(resume_us);
+                    tracing::info!(
+                        pages = p.pages,
+                        filled = p.filled(),
+                        faults = p.faults.load(Ordering::Relaxed),
+                        zero_faults = p.zero_faults.load(Ordering::Relaxed),
+                        prefetched = p.prefetched.load(Ordering::Relaxed),
+                        background = p.background.load(Ordering::Relaxed),
+                        already_present = p.already_present.load(Ordering::Relaxed),
+                        resume_ms = resume_us as f64 / 1e3,
+                        filled_ms = filled_us as f64 / 1e3,
+                        after_resume_ms = filled_us.saturating_sub(resume_us) as f64 / 1e3,
+                        "lazy restore complete: all pages filled"
+                    );
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    // The fault thread keeps serving (so vCPUs can leave); the VM stops.
+                    tracing::error!(
+                        "lazy restore failed: {e}; the guest may have seen bad pages: stopping the VM"
+                    );
+                    l.fail(e.to_string());
+                }
+            }
+        })
+        .map_err(io_err("starting the lazy-filler thread"))?;
+    Ok((vm, progress))
+}

@@ -1,0 +1,268 @@
+//! userfaultfd, through raw ioctls (the kernel ABI is small and stable).
+//!
+//! Shared by post-copy migration ([`crate::postcopy`]) and lazy restore from a
+//! snapshot file ([`crate::lazy`]). The descriptor is opened WITHOUT
+//! `UFFD_USER_MODE_ONLY`: on kvm-pvm a user-mode-only userfaultfd does not see
+//! the faults KVM takes on guest memory. Ranges are registered in missing mode
+//! on the shared memfd mapping and filled with `UFFDIO_COPY` (or
+//! `UFFDIO_ZEROPAGE`); EEXIST means the page is already there.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+const UFFD_API: u64 = 0xAA;
+const fn ioc(dir: u64, nr: u64, size: u64) -> u64 {
+    (dir << 30) | (size << 16) | (0xAA << 8) | nr
+}
+const READ_WRITE: u64 = 3;
+const READ: u64 = 2;
+const UFFDIO_API: u64 = ioc(READ_WRITE, 0x3F, 24);
+const UFFDIO_REGISTER: u64 = ioc(READ_WRITE, 0x00, 32);
+const UFFDIO_UNREGISTER: u64 = ioc(READ, 0x01, 16);
+const UFFDIO_WAKE: u64 = ioc(READ, 0x02, 16);
+const UFFDIO_COPY: u64 = ioc(READ_WRITE, 0x03, 40);
+const UFFDIO_ZEROPAGE: u64 = ioc(READ_WRITE, 0x04, 32);
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const IOCTL_COPY_BIT: u64 = 1 << 0x03;
+const IOCTL_ZEROPAGE_BIT: u64 = 1 << 0x04;
+
+#[repr(C)]
+struct Api {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+#[repr(C)]
+struct Range {
+    start: u64,
+    len: u64,
+}
+#[repr(C)]
+struct Register {
+    range: Range,
+    mode: u64,
+    ioctls: u64,
+}
+#[repr(C)]
+struct Copy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+#[repr(C)]
+struct Zeropage {
+    range: Range,
+    mode: u64,
+    zeropage: i64,
+}
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Msg {
+    event: u8,
+    _r1: u8,
+    _r2: u16,
+    _r3: u32,
+    flags: u64,
+    address: u64,
+    _ptid: u32,
+    _pad: u32,
+}
+
+/// A userfaultfd (kernel faults included: no user-mode-only flag, so KVM's
+/// accesses to guest memory are reported too).
+pub struct Uffd {
+    fd: OwnedFd,
+    /// UFFDIO_ZEROPAGE is available on the registered ranges.
+    zeropage: std::sync::atomic::AtomicBool,
+}
+
+fn ioctl<T>(fd: RawFd, req: u64, arg: &mut T) -> io::Result<()> {
+    // SAFETY: `arg` is the structure the request expects, alive for the call.
+    let r = unsafe { libc::ioctl(fd, req as _, arg as *mut T) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Uffd {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; the result is a new descriptor or -1.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor we just got and nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let mut api = Api {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api)?;
+        Ok(Uffd {
+            fd,
+            zeropage: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Registers `[start, start+len)` for missing-page faults.
+    pub fn register(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut r = Register {
+            range: Range { start, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut r)?;
+        if r.ioctls & IOCTL_COPY_BIT == 0 {
+            return Err(io::Error::other(
+                "userfaultfd cannot fill this mapping (no UFFDIO_COPY)",
+            ));
+        }
+        self.zeropage.store(
+            r.ioctls & IOCTL_ZEROPAGE_BIT != 0,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut r = Range { start, len };
+        ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut r)
+    }
+
+    pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut r = Range { start, len };
+        ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut r)
+    }
+
+    /// Fills the missing page at `dst` with the 4 KiB at `src` and wakes its
+    /// waiters. Ok(false): the page was already there (EEXIST).
+    pub fn copy(&self, dst: u64, src: &[u8]) -> io::Result<bool> {
+        loop {
+            let mut c = Copy {
+                dst,
+                src: src.as_ptr() as u64,
+                len: src.len() as u64,
+                mode: 0,
+                copy: 0,
+            };
+            match ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) {
+                Ok(()) => return Ok(true),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok(false),
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Maps zeros at the missing page(s) `[dst, dst+len)` and wakes their
+    /// waiters, with `UFFDIO_ZEROPAGE` where the range supports it, else by
+    /// copying zeros. Ok(false): already there (EEXIST).
+    pub fn zeropage(&self, dst: u64, len: u64) -> io::Result<bool> {
+        if self.zeropage.load(std::sync::atomic::Ordering::Relaxed) {
+            loop {
+                let mut z = Zeropage {
+                    range: Range { start: dst, len },
+                    mode: 0,
+                    zeropage: 0,
+                };
+                match ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) {
+                    Ok(()) => return Ok(true),
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok(false),
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        static ZERO: [u8; 4096] = [0; 4096];
+        let mut filled = false;
+        let mut a = dst;
+        while a < dst + len {
+            filled |= self.copy(a, &ZERO)?;
+            a += ZERO.len() as u64;
+        }
+        Ok(filled)
+    }
+
+    /// Waits up to `timeout_ms` for page faults; appends their addresses.
+    pub fn read_faults(&self, timeout_ms: i32, out: &mut Vec<u64>) -> io::Result<()> {
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        if r == 0 {
+            return Ok(());
+        }
+        let mut msgs = [Msg::default(); 32];
+        // SAFETY: reading into a buffer of whole messages we own.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr() as *mut libc::c_void,
+                std::mem::size_of_val(&msgs),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(()),
+                _ => Err(e),
+            };
+        }
+        let n = n as usize / std::mem::size_of::<Msg>();
+        for m in &msgs[..n] {
+            if m.event == UFFD_EVENT_PAGEFAULT {
+                let _ = m.flags;
+                out.push(m.address);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeropage_and_copy_fill_missing_pages_once() {
+        let ram = vmm::GuestRam::new(16 << 20).unwrap();
+        let (r, host) = ram.host_ranges()[0];
+        let uffd = match Uffd::new() {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("SKIP: userfaultfd unavailable: {e}");
+                return;
+            }
+        };
+        uffd.register(host as u64, r.len).unwrap();
+        let p = host as u64 + 4 * 4096;
+        assert!(uffd.zeropage(p, 4096).unwrap());
+        assert!(!uffd.zeropage(p, 4096).unwrap());
+        assert!(!uffd.copy(p, &[7u8; 4096]).unwrap());
+        let q = p + 4096;
+        assert!(uffd.copy(q, &[7u8; 4096]).unwrap());
+        assert!(!uffd.zeropage(q, 4096).unwrap());
+        uffd.unregister(host as u64, r.len).unwrap();
+        // SAFETY: both pages are mapped (filled above) inside guest RAM.
+        let (a, b) = unsafe { (*(p as *const u8), *(q as *const u8)) };
+        assert_eq!((a, b), (0, 7));
+    }
+}

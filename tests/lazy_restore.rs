@@ -1,0 +1,206 @@
+//! End-to-end tests of `migd run --restore FILE --lazy` with the test guest:
+//! a snapshot with a working set (taken while the guest writes), restored
+//! lazily with 1 and 2 vCPUs; the eager restore of the same file; and a file
+//! with corrupted page data, which the background filler must catch.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const READY: Duration = Duration::from_secs(60);
+
+/// The log without ANSI colour sequences.
+fn log_text(p: &Path) -> String {
+    let raw = std::fs::read_to_string(p).unwrap_or_default();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Waits for a log line containing `needle`.
+fn wait_log(p: &Path, needle: &str, timeout: Duration) -> String {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(l) = log_text(p).lines().find(|l| l.contains(needle)) {
+            return l.to_string();
+        }
+        if Instant::now() > end {
+            panic!(
+                "no '{needle}' in {} within {timeout:?}:\n{}",
+                p.display(),
+                log_text(p)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Boots the guest with `workload`, lets it run, snapshots it with SIGUSR2.
+/// Returns (snapshot path, console, last heartbeat before the snapshot).
+fn take_snapshot(
+    dir: &Path,
+    tag: &str,
+    workload: &str,
+    memory: &str,
+    cpus: usize,
+) -> (PathBuf, Console, u64) {
+    let snap = dir.join(format!("{tag}.snap"));
+    let mut a = VmProcess::boot_with(
+        dir,
+        tag,
+        workload,
+        memory,
+        cpus,
+        &["--snapshot-on-signal", snap.to_str().unwrap()],
+    );
+    let console = a.console.clone();
+    console.wait_for("WORKLOAD READY", READY);
+    let n = console.wait_heartbeats(0, 2, Duration::from_secs(30));
+    a.signal(Signal::SIGUSR2);
+    assert_eq!(a.wait(Duration::from_secs(60)), 0);
+    let line = wait_log(
+        &dir.join(format!("{tag}.log")),
+        "snapshot written",
+        Duration::from_secs(1),
+    );
+    let ws = field(&line, "working_set").unwrap_or(0.0);
+    assert!(ws > 0.0, "no working set recorded: {line}");
+    console.assert_clean();
+    (snap, console, n)
+}
+
+#[test]
+fn lazy_restore_keeps_the_guest_intact_and_fills_every_page() {
+    if !kvm_or_skip("lazy_restore_keeps_the_guest_intact_and_fills_every_page") {
+        return;
+    }
+    let dir = scratch("lazy");
+    for cpus in [1, 2] {
+        let (snap, console, n) = take_snapshot(
+            &dir,
+            &format!("a{cpus}"),
+            "workload=dirty:32:16",
+            "256M",
+            cpus,
+        );
+        let tag = format!("lazy{cpus}");
+        let b = VmProcess::start(
+            &dir,
+            &tag,
+            &console,
+            &["--restore", snap.to_str().unwrap(), "--lazy"],
+        );
+        let log = dir.join(format!("{tag}.log"));
+        let m = console.wait_heartbeats(n, 3, Duration::from_secs(30));
+        let done = wait_log(&log, "all pages filled", Duration::from_secs(60));
+        let pages = field(&done, "pages").expect("pages in the report");
+        let filled = field(&done, "filled").expect("filled in the report");
+        assert!(pages > (32 << 20) as f64 / 4096.0, "{done}");
+        assert_eq!(
+            pages, filled,
+            "every stored page filled exactly once: {done}"
+        );
+        let parts = ["faults", "prefetched", "background"]
+            .iter()
+            .map(|k| field(&done, k).unwrap_or_else(|| panic!("no {k} in {done}")))
+            .sum::<f64>();
+        assert_eq!(parts, pages, "{done}");
+        assert!(
+            field(&done, "prefetched").unwrap() > 0.0,
+            "working set prefetched: {done}"
+        );
+        eprintln!("{cpus} vCPU(s): {done}");
+        // The guest runs on, now with every page in place.
+        console.wait_heartbeats(m, 2, Duration::from_secs(30));
+        console.assert_clean();
+        assert_eq!(b.terminate(), 0);
+        console.assert_clean();
+
+        // The eager restore reads the same file (it has a working-set section).
+        let eager_console = Console(dir.join(format!("eager{cpus}.console")));
+        let c = VmProcess::start(
+            &dir,
+            &format!("eager{cpus}"),
+            &eager_console,
+            &["--restore", snap.to_str().unwrap()],
+        );
+        eager_console.wait_heartbeats(n, 3, Duration::from_secs(30));
+        eager_console.assert_clean();
+        assert_eq!(c.terminate(), 0);
+        eager_console.assert_clean();
+    }
+}
+
+/// Restores `file` lazily; returns (exit code, log).
+fn lazy_run(dir: &Path, tag: &str, file: &Path) -> (i32, String) {
+    let console = Console(dir.join(format!("{tag}.console")));
+    let mut p = VmProcess::start(
+        dir,
+        tag,
+        &console,
+        &["--restore", file.to_str().unwrap(), "--lazy"],
+    );
+    let code = p.wait(Duration::from_secs(60));
+    (code, log_text(&dir.join(format!("{tag}.log"))))
+}
+
+#[test]
+fn corrupted_page_data_is_caught_by_the_lazy_filler() {
+    if !kvm_or_skip("corrupted_page_data_is_caught_by_the_lazy_filler") {
+        return;
+    }
+    let dir = scratch("lazy-corrupt");
+    let (snap, _, _) = take_snapshot(&dir, "a", "workload=dirty:16:16", "128M", 1);
+    let good = std::fs::read(&snap).unwrap();
+    let n = good.len();
+
+    // The data checksum in the trailer does not match: deterministic for the guest.
+    let mut bad = good.clone();
+    bad[n - 12] ^= 0x55;
+    let f = dir.join("bad-crc.snap");
+    std::fs::write(&f, &bad).unwrap();
+    let (code, log) = lazy_run(&dir, "bad-crc", &f);
+    assert_ne!(code, 0, "a corrupted snapshot ran to a clean exit:\n{log}");
+    assert!(log.contains("page data checksum mismatch"), "{log}");
+    assert!(log.contains("lazy restore failed"), "{log}");
+    assert!(!log.contains("all pages filled"), "{log}");
+
+    // A flipped byte in the last stored page.
+    let mut bad = good.clone();
+    bad[n - 12 - 100] ^= 0x01;
+    let f = dir.join("bad-page.snap");
+    std::fs::write(&f, &bad).unwrap();
+    let (code, log) = lazy_run(&dir, "bad-page", &f);
+    assert_ne!(code, 0, "a corrupted snapshot ran to a clean exit:\n{log}");
+    let console = std::fs::read_to_string(dir.join("bad-page.console")).unwrap_or_default();
+    assert!(
+        log.contains("page data checksum mismatch") || console.contains("CORRUPT"),
+        "corruption went unnoticed:\n{log}\n{console}"
+    );
+
+    // The eager reader refuses both up front.
+    let (code, err) = migd_output(&["run", "--restore", f.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("page data checksum mismatch"), "{err}");
+}
