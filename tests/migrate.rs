@@ -83,6 +83,12 @@ fn back_and_forth(cpus: usize, hops: usize) {
         );
         assert!(!stats["rounds"].as_array().unwrap().is_empty());
         assert!(stats["downtime_ms"].as_f64().unwrap() > 0.0);
+        let model = &stats["model"];
+        assert!(
+            model["prediction"]["total_ms"].as_f64().unwrap() > 0.0,
+            "{stats}"
+        );
+        assert!(model["total_error_pct"].is_number(), "{stats}");
         assert_eq!(src.request(json!({"cmd": "status"}))["state"], "migrated");
         assert_eq!(dst.request(json!({"cmd": "status"}))["state"], "running");
         src.request(json!({"cmd": "stop"}));

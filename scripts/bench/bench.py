@@ -209,6 +209,10 @@ def bench_migrate(runs, lim):
                 "fault_p50/p99_us": (med([r["faults"]["p50_us"] for r in ok]) + " / "
                                      + med([r["faults"]["p99_us"] for r in ok])) if mode != "precopy" and ok else "",
                 "resume_to_last_page_ms": med([r.get("resume_ms") for r in ok]) if mode != "precopy" else "",
+                "model_downtime_ms (err %)": med([r["model"]["prediction"]["downtime_ms"] for r in ok if r.get("model")])
+                                              + " (" + med([r["model"]["downtime_error_pct"] for r in ok if r.get("model")]) + ")",
+                "model_total_ms (err %)": med([r["model"]["prediction"]["total_ms"] for r in ok if r.get("model")])
+                                           + " (" + med([r["model"]["total_error_pct"] for r in ok if r.get("model")]) + ")",
                 "stop_reason": ok[0]["stop_reason"] if ok else "",
                 "errors": "; ".join(sorted({r.get("error") or "" for r in res if r["status"] != "completed"})),
             })

@@ -136,6 +136,70 @@ pub fn predict(mode: &str, i: &Inputs) -> Prediction {
     }
 }
 
+/// The model's prediction for a finished migration, from the parameters it
+/// measured (round-0 or push throughput, round-0 dirty rate, memory moved,
+/// Go→Confirm round trip, pre-paging window), with the error against what
+/// was measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelCheck {
+    /// Inputs taken from the migration's statistics.
+    pub inputs: Inputs,
+    /// What the model predicts from them.
+    pub prediction: Prediction,
+    /// (predicted − measured) / measured downtime, %.
+    pub downtime_error_pct: f64,
+    /// (predicted − measured) / measured total time, %.
+    pub total_error_pct: f64,
+}
+
+/// Evaluates the model for a completed migration; None if it did not complete
+/// or measured too little to say.
+pub fn check(s: &crate::stats::MigrationStats) -> Option<ModelCheck> {
+    if s.outcome != "completed" || s.total_ms <= 0.0 || s.downtime_ms <= 0.0 {
+        return None;
+    }
+    let postcopy = s.mode == "postcopy";
+    let round0 = s.rounds.first();
+    let (memory_bytes, bandwidth) = match round0 {
+        Some(r) if !postcopy && r.ms > 0.0 && r.bytes > 0 => {
+            (r.bytes as f64, r.bytes as f64 / (r.ms / 1e3))
+        }
+        _ => {
+            let moved = (s.pages.expected.max(s.pages.sent) * PAGE as u64) as f64;
+            let span = if s.resume_ms > 0.0 {
+                s.resume_ms
+            } else {
+                s.total_ms
+            };
+            (moved, moved / (span / 1e3))
+        }
+    };
+    let inputs = Inputs {
+        memory_bytes,
+        state_bytes: 24.0 * 1024.0,
+        dirty_rate: if postcopy {
+            0.0
+        } else {
+            round0.map_or(0.0, |r| r.dirty_rate)
+        },
+        bandwidth,
+        rtt: s
+            .downtime_phases
+            .as_ref()
+            .map_or(100e-6, |p| p.go_confirm_us as f64 / 1e6),
+        max_downtime: 0.3,
+        prepaging_window: s.prepaging_window as f64,
+    };
+    let prediction = predict(&s.mode, &inputs);
+    let err = |p: f64, m: f64| (p - m) / m * 100.0;
+    Some(ModelCheck {
+        inputs,
+        prediction,
+        downtime_error_pct: err(prediction.downtime_ms, s.downtime_ms),
+        total_error_pct: err(prediction.total_ms, s.total_ms),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +238,30 @@ mod tests {
             },
         );
         assert!(wider.faults < p.faults && wider.resume_ms < p.resume_ms);
+    }
+
+    #[test]
+    fn check_compares_with_the_measurement() {
+        let mut s = crate::stats::MigrationStats {
+            mode: "precopy".into(),
+            outcome: "completed".into(),
+            total_ms: 200.0,
+            downtime_ms: 2.0,
+            ..Default::default()
+        };
+        s.rounds.push(crate::stats::RoundStats {
+            pages: 25600,
+            bytes: 100 << 20,
+            ms: 100.0,
+            dirty_rate: 0.0,
+        });
+        let c = check(&s).unwrap();
+        assert!((c.inputs.bandwidth - (100 << 20) as f64 * 10.0).abs() < 1.0);
+        assert_eq!(c.prediction.rounds, 1);
+        // One round of 100 ms plus the state: total predicted ~100 ms against 200 measured.
+        assert!((c.total_error_pct + 50.0).abs() < 2.0, "{c:?}");
+        s.outcome = "failed".into();
+        assert!(check(&s).is_none());
     }
 
     #[test]

@@ -91,7 +91,8 @@ pub struct Job {
 }
 
 impl Job {
-    pub(crate) fn update(&self, f: impl FnOnce(&mut MigrationStats)) {
+    /// Changes the statistics under their lock.
+    pub fn update(&self, f: impl FnOnce(&mut MigrationStats)) {
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut s);
     }

@@ -109,6 +109,10 @@ pub struct MigrationStats {
     /// Post-copy: pages sent along with each demanded page (0 outside post-copy).
     #[serde(default)]
     pub prepaging_window: u32,
+    /// The cost model fed with this migration's measured parameters, beside the
+    /// measured times (set when the migration ends).
+    #[serde(default)]
+    pub model: Option<crate::model::ModelCheck>,
 }
 
 /// The switch-over, phase by phase (µs, on the source's monotonic clock).
