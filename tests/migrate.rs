@@ -4,19 +4,10 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Heartbeat counters in console order.
 fn heartbeats(c: &Console) -> Vec<u64> {
@@ -27,37 +18,6 @@ fn heartbeats(c: &Console) -> Vec<u64> {
         .collect()
 }
 
-fn wait_migration(vm: &VmProcess) -> serde_json::Value {
-    let end = Instant::now() + Duration::from_secs(120);
-    loop {
-        let r = vm.request(json!({"cmd": "migration"}));
-        let st = r["status"].as_str().unwrap_or("").to_string();
-        if matches!(st.as_str(), "completed" | "failed" | "cancelled") {
-            return r;
-        }
-        assert!(Instant::now() < end, "migration did not finish: {r}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn incoming(
-    dir: &std::path::Path,
-    tag: &str,
-    console: &Console,
-    port: u16,
-    mem: &str,
-    cpus: usize,
-) -> VmProcess {
-    let addr = format!("127.0.0.1:{port}");
-    let cpus = cpus.to_string();
-    VmProcess::start(
-        dir,
-        tag,
-        console,
-        &["--incoming", &addr, "--memory", mem, "--cpus", &cpus],
-    )
-}
-
 fn back_and_forth(cpus: usize, hops: usize) {
     let dir = scratch(&format!("migrate{cpus}"));
     let mut src = VmProcess::boot(&dir, "hop0", "workload=dirty:32:64", "256M", cpus);
@@ -66,7 +26,7 @@ fn back_and_forth(cpus: usize, hops: usize) {
     console.wait_heartbeats(0, 2, Duration::from_secs(30));
     for hop in 1..=hops {
         let port = free_port();
-        let dst = incoming(&dir, &format!("hop{hop}"), &console, port, "256M", cpus);
+        let dst = VmProcess::incoming(&dir, &format!("hop{hop}"), &console, port, "256M", cpus);
         assert_eq!(dst.request(json!({"cmd": "status"}))["state"], "incoming");
         let before = console.last_heartbeat().unwrap_or(0);
         let r = src.request(json!({
@@ -74,7 +34,7 @@ fn back_and_forth(cpus: usize, hops: usize) {
             "verify": true, "job": format!("hop{hop}")
         }));
         assert_eq!(r["ok"], true, "{r}");
-        let stats = wait_migration(&src);
+        let stats = src.wait_migration();
         assert_eq!(stats["status"], "completed", "hop {hop}: {stats}");
         assert_eq!(stats["verified"], true, "memory digests compared: {stats}");
         assert!(
@@ -134,7 +94,7 @@ fn refused_and_unreachable_destinations_leave_the_source_running() {
     // Nobody listens.
     let port = free_port();
     src.request(json!({"cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1"}));
-    let stats = wait_migration(&src);
+    let stats = src.wait_migration();
     assert_eq!(stats["status"], "failed");
     assert!(
         stats["error"].as_str().unwrap().contains("connecting"),
@@ -142,9 +102,9 @@ fn refused_and_unreachable_destinations_leave_the_source_running() {
     );
     // A destination sized for another VM refuses before any memory moves.
     let dst_console = Console(dir.join("dst.console"));
-    let mut dst = incoming(&dir, "dst", &dst_console, port, "256M", 1);
+    let mut dst = VmProcess::incoming(&dir, "dst", &dst_console, port, "256M", 1);
     src.request(json!({"cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1"}));
-    let stats = wait_migration(&src);
+    let stats = src.wait_migration();
     assert_eq!(stats["status"], "failed");
     assert!(
         stats["error"].as_str().unwrap().contains("refused"),
@@ -175,7 +135,7 @@ fn cancel_and_killed_destination_leave_the_source_running() {
     for (i, how) in ["cancel", "kill"].iter().enumerate() {
         let port = free_port();
         let dst_console = Console(dir.join(format!("dst{i}.console")));
-        let mut dst = incoming(&dir, &format!("dst{i}"), &dst_console, port, "256M", 2);
+        let mut dst = VmProcess::incoming(&dir, &format!("dst{i}"), &dst_console, port, "256M", 2);
         // 8 MiB/s: the 64 MiB working set takes seconds, so the fault lands mid-transfer.
         src.request(json!({
             "cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1",
@@ -188,7 +148,7 @@ fn cancel_and_killed_destination_leave_the_source_running() {
         } else {
             let _ = dst.child.kill();
         }
-        let stats = wait_migration(&src);
+        let stats = src.wait_migration();
         let want = if *how == "cancel" {
             "cancelled"
         } else {
@@ -218,7 +178,7 @@ fn sigterm_during_a_migration_cancels_it_before_stopping() {
         .wait_for("WORKLOAD READY", Duration::from_secs(60));
     let port = free_port();
     let dst_console = Console(dir.join("dst.console"));
-    let mut dst = incoming(&dir, "dst", &dst_console, port, "256M", 1);
+    let mut dst = VmProcess::incoming(&dir, "dst", &dst_console, port, "256M", 1);
     src.request(json!({
         "cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1",
         "max_bandwidth": 8 << 20

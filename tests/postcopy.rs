@@ -6,32 +6,10 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_migration(vm: &VmProcess) -> Value {
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = vm.request(json!({"cmd": "migration"}));
-        let st = r["status"].as_str().unwrap_or("").to_string();
-        if matches!(st.as_str(), "completed" | "failed" | "cancelled") {
-            return r;
-        }
-        assert!(Instant::now() < end, "migration did not finish: {r}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// Boots a source with the dirtying workload, migrates it with `req` (mode and
 /// options) to a fresh `--incoming` destination, checks the guest on the
@@ -44,13 +22,7 @@ fn migrate_once(tag: &str, cpus: usize, req: Value, during: impl FnOnce(&VmProce
     console.wait_heartbeats(0, 2, Duration::from_secs(30));
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let cpus_s = cpus.to_string();
-    let dst = VmProcess::start(
-        &dir,
-        "dst",
-        &console,
-        &["--incoming", &addr, "--memory", "256M", "--cpus", &cpus_s],
-    );
+    let dst = VmProcess::incoming(&dir, "dst", &console, port, "256M", cpus);
     let before = console.last_heartbeat().unwrap_or(0);
     let mut req = req;
     req["cmd"] = json!("migrate");
@@ -59,7 +31,7 @@ fn migrate_once(tag: &str, cpus: usize, req: Value, during: impl FnOnce(&VmProce
     let r = src.request(req);
     assert_eq!(r["ok"], true, "{r}");
     during(&src);
-    let stats = wait_migration(&src);
+    let stats = src.wait_migration();
     assert_eq!(stats["status"], "completed", "{stats}");
     assert_eq!(src.request(json!({"cmd": "status"}))["state"], "migrated");
     assert_eq!(dst.request(json!({"cmd": "status"}))["state"], "running");

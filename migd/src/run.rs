@@ -153,9 +153,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
         (None, None) => None,
     };
     let (vm, mut takeover) = if let Some(stream) = incoming {
-        let (vm, stats) =
-            migration::incoming::receive(stream, args.memory, args.cpus, args.serial.as_deref())
-                .context("incoming migration")?;
+        let (vm, stats) = migration::incoming::receive(
+            stream,
+            args.memory,
+            args.cpus,
+            args.serial.as_deref(),
+            &|| arriving.store(false, Ordering::SeqCst),
+        )
+        .context("incoming migration")?;
         arriving.store(false, Ordering::SeqCst);
         tracing::info!(
             pages = stats.pages,
@@ -711,6 +716,15 @@ fn handle_control(
             Some(job) => {
                 let mut v = serde_json::to_value(job.snapshot()).unwrap_or_default();
                 v["ok"] = json!(true);
+                // Final only once this loop has acted on the outcome (e.g. stopped
+                // the VM after a completed migration), so status and migration agree.
+                let done = matches!(
+                    v["status"].as_str(),
+                    Some("completed" | "failed" | "cancelled")
+                );
+                if done && mig.running {
+                    v["status"] = json!("completing");
+                }
                 v
             }
             None => json!({"ok": true, "status": "none"}),

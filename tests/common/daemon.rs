@@ -2,7 +2,6 @@
 //! inside a network namespace; migctl against it; cleanup of VM processes.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,18 +9,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub use super::free_port;
 use super::{control, migd_bin};
 
 pub fn migctl_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_migctl"))
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One request on a unix socket; None when the socket does not answer.

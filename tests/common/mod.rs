@@ -235,6 +235,41 @@ impl VmProcess {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
     }
 
+    /// A destination: `migd run --incoming 127.0.0.1:PORT` sized for the VM.
+    pub fn incoming(
+        dir: &Path,
+        tag: &str,
+        console: &Console,
+        port: u16,
+        memory: &str,
+        cpus: usize,
+    ) -> VmProcess {
+        let addr = format!("127.0.0.1:{port}");
+        let cpus = cpus.to_string();
+        VmProcess::start(
+            dir,
+            tag,
+            console,
+            &["--incoming", &addr, "--memory", memory, "--cpus", &cpus],
+        )
+    }
+
+    /// Polls the migration until it ends (completed, failed or cancelled).
+    pub fn wait_migration(&self) -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            let r = self.request(serde_json::json!({"cmd": "migration"}));
+            if matches!(
+                r["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            ) {
+                return r;
+            }
+            assert!(Instant::now() < end, "migration did not finish: {r}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sends one control request and returns the reply.
     pub fn request(&self, req: serde_json::Value) -> serde_json::Value {
         control(&self.control, req)
@@ -267,6 +302,15 @@ impl Drop for VmProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A TCP port free on loopback right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// One JSON request on a control socket.

@@ -32,11 +32,15 @@ pub struct IncomingStats {
 }
 
 /// Receives a VM of `memory` bytes over `stream` (after the handshake) and runs it.
+///
+/// `on_running` is called once the vCPUs run, before the source is told, so
+/// that whoever reports this VM's state never lags behind the source.
 pub fn receive(
     stream: TcpStream,
     memory: u64,
     vcpus: usize,
     console: Option<&Path>,
+    on_running: &dyn Fn(),
 ) -> Result<(Vm, IncomingStats)> {
     // A source that stalls for a minute is gone: give up rather than hang.
     stream
@@ -86,7 +90,7 @@ pub fn receive(
             Message::Digest { crc32 } => expected_digest = Some(crc32),
             // Post-copy (or hybrid after its rounds): the rest runs under userfaultfd.
             Message::PageMap { runs } => {
-                return crate::postcopy::receive(prepared, r, out, runs, stats);
+                return crate::postcopy::receive(prepared, r, out, runs, stats, on_running);
             }
             Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
             other => {
@@ -128,17 +132,24 @@ pub fn receive(
             )))
         }
     }
+    stats.resume_us = resume_and_confirm(&vm, &mut out, on_running)?;
+    Ok((vm, stats))
+}
+
+/// After Go: runs the VM, reports it running, and tells the source; returns how
+/// long resuming took, µs.
+pub(crate) fn resume_and_confirm(
+    vm: &Vm,
+    out: &mut impl Write,
+    on_running: &dyn Fn(),
+) -> Result<u64> {
     let t = Instant::now();
     vm.resume();
-    stats.resume_us = t.elapsed().as_micros() as u64;
-    wire::write_control(
-        &mut out,
-        &Message::Confirm {
-            resume_us: stats.resume_us,
-        },
-    )?;
+    let resume_us = t.elapsed().as_micros() as u64;
+    on_running();
+    wire::write_control(out, &Message::Confirm { resume_us })?;
     let _ = out.flush();
-    Ok((vm, stats))
+    Ok(resume_us)
 }
 
 /// Checks that `n` pages at memfd offset `off` lie inside guest RAM.

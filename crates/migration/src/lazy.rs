@@ -36,7 +36,7 @@ use vmm::snapshot::LazySnapshot;
 use vmm::vcpu::RunControl;
 use vmm::{GuestRam, Vm, VmExit};
 
-use crate::uffd::Uffd;
+use crate::uffd::{RamMap, Uffd};
 use crate::{io_err, Error, Result};
 
 /// Pages per read of the background stream.
@@ -87,7 +87,7 @@ struct Lazy {
     snap: LazySnapshot,
     uffd: Uffd,
     /// (memfd offset, len, host address).
-    ranges: Vec<(u64, u64, u64)>,
+    map: RamMap,
     progress: Arc<LazyProgress>,
     t0: Instant,
     stop: AtomicBool,
@@ -95,20 +95,6 @@ struct Lazy {
 }
 
 impl Lazy {
-    fn host(&self, off: u64) -> Option<u64> {
-        self.ranges
-            .iter()
-            .find(|(o, l, _)| off >= *o && off < o + l)
-            .map(|(o, _, h)| h + (off - o))
-    }
-
-    fn offset(&self, addr: u64) -> Option<u64> {
-        self.ranges
-            .iter()
-            .find(|(_, l, h)| addr >= *h && addr < h + l)
-            .map(|(o, _, h)| o + (addr - h))
-    }
-
     /// Copies `data` (whole pages) to memfd offset `off`, page by page;
     /// returns (filled, already there).
     fn fill(&self, off: u64, data: &[u8]) -> Result<(u64, u64)> {
@@ -116,6 +102,7 @@ impl Lazy {
         for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
             let o = off + i as u64 * PAGE_SIZE;
             let host = self
+                .map
                 .host(o)
                 .ok_or_else(|| Error::Protocol(format!("page {o:#x} outside RAM")))?;
             if self
@@ -153,7 +140,7 @@ impl Lazy {
             }
             for &addr in &addrs {
                 let page_addr = addr & !(PAGE_SIZE - 1);
-                let Some(off) = self.offset(page_addr) else {
+                let Some(off) = self.map.offset(page_addr) else {
                     tracing::warn!(addr, "fault outside guest RAM");
                     continue;
                 };
@@ -257,16 +244,10 @@ pub fn restore(
     let ram = GuestRam::new(snap.memory)?;
     let prepared = Vm::prepare(ram, snap.state.vcpus.len(), console)?;
     let ram = prepared.ram().clone();
-    let ranges: Vec<(u64, u64, u64)> = ram
-        .host_ranges()
-        .into_iter()
-        .map(|(r, p)| (r.file_offset, r.len, p as u64))
-        .collect();
+    let map = RamMap::new(&ram);
     let uffd = Uffd::new().map_err(io_err("userfaultfd"))?;
-    for &(_, len, host) in &ranges {
-        uffd.register(host, len)
-            .map_err(io_err("registering guest RAM with userfaultfd"))?;
-    }
+    map.register(&uffd)
+        .map_err(io_err("registering guest RAM with userfaultfd"))?;
     let progress = Arc::new(LazyProgress {
         pages: snap.data_pages,
         working_set: snap.working_set.len() as u64,
@@ -275,7 +256,7 @@ pub fn restore(
     let lazy = Arc::new(Lazy {
         snap,
         uffd,
-        ranges,
+        map,
         progress: progress.clone(),
         t0,
         stop: AtomicBool::new(false),
@@ -293,9 +274,7 @@ pub fn restore(
         Ok(vm) => vm,
         Err(e) => {
             lazy.stop.store(true, Ordering::Release);
-            for &(_, len, host) in &lazy.ranges {
-                let _ = lazy.uffd.unregister(host, len);
-            }
+            let _ = lazy.map.unregister(&lazy.uffd);
             let _ = faults.join();
             return Err(e.into());
         }
@@ -324,10 +303,8 @@ pub fn restore(
             match r {
                 Ok(()) if !l.stop.load(Ordering::Acquire) => {
                     l.stop.store(true, Ordering::Release);
-                    for &(_, len, host) in &l.ranges {
-                        if let Err(e) = l.uffd.unregister(host, len) {
-                            tracing::warn!("unregistering userfaultfd: {e}");
-                        }
+                    if let Err(e) = l.map.unregister(&l.uffd) {
+                        tracing::warn!("unregistering userfaultfd: {e}");
                     }
                     let _ = faults.join();
                     p.complete.store(true, Ordering::Release);

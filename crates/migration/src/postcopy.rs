@@ -50,7 +50,7 @@ use crate::{io_err, Error, Result};
 /// Pages per push batch: small enough that a re-centred cursor takes effect soon.
 const PUSH_BATCH: usize = 64;
 
-use crate::uffd::Uffd;
+use crate::uffd::{RamMap, Uffd};
 
 /// A page-aligned buffer of up to [`MAX_BATCH_PAGES`] pages.
 #[repr(C, align(4096))]
@@ -508,7 +508,7 @@ enum Via {
 struct Dest {
     uffd: Uffd,
     /// (memfd offset, len, host address).
-    ranges: Vec<(u64, u64, u64)>,
+    map: RamMap,
     pages: u64,
     expected: Vec<u64>,
     received: Vec<AtomicU64>,
@@ -530,20 +530,6 @@ struct Dest {
 }
 
 impl Dest {
-    fn host(&self, off: u64) -> Option<u64> {
-        self.ranges
-            .iter()
-            .find(|(o, l, _)| off >= *o && off < o + l)
-            .map(|(o, _, h)| h + (off - o))
-    }
-
-    fn offset(&self, addr: u64) -> Option<u64> {
-        self.ranges
-            .iter()
-            .find(|(_, l, h)| addr >= *h && addr < h + l)
-            .map(|(o, _, h)| o + (addr - h))
-    }
-
     fn received(&self, pfn: u64) -> bool {
         self.received[(pfn / 64) as usize].load(Ordering::Acquire) & (1 << (pfn % 64)) != 0
     }
@@ -563,6 +549,7 @@ impl Dest {
             )));
         }
         let host = self
+            .map
             .host(off)
             .ok_or_else(|| Error::Protocol(format!("page {off:#x} outside RAM")))?;
         if !self
@@ -640,7 +627,7 @@ impl Dest {
                 .map_err(io_err("reading userfaultfd"))?;
             for &addr in &addrs {
                 let page_addr = addr & !(PAGE_SIZE - 1);
-                let Some(off) = self.offset(page_addr) else {
+                let Some(off) = self.map.offset(page_addr) else {
                     tracing::warn!(addr, "fault outside guest RAM");
                     continue;
                 };
@@ -736,6 +723,7 @@ pub(crate) fn receive(
     mut out: TcpStream,
     runs: Vec<(u64, u64)>,
     mut stats: IncomingStats,
+    on_running: &dyn Fn(),
 ) -> Result<(Vm, IncomingStats)> {
     let mut r = r;
     let ram = prepared.ram().clone();
@@ -770,19 +758,13 @@ pub(crate) fn receive(
     }
     let total = popcount(&expected);
     let uffd = Uffd::new().map_err(io_err("userfaultfd"))?;
-    let ranges: Vec<(u64, u64, u64)> = ram
-        .host_ranges()
-        .into_iter()
-        .map(|(r, p)| (r.file_offset, r.len, p as u64))
-        .collect();
-    for &(_, len, host) in &ranges {
-        uffd.register(host, len)
-            .map_err(io_err("registering guest RAM with userfaultfd"))?;
-    }
+    let map = RamMap::new(&ram);
+    map.register(&uffd)
+        .map_err(io_err("registering guest RAM with userfaultfd"))?;
     let (done_tx, done_rx) = mpsc::channel();
     let dest = Arc::new(Dest {
         uffd,
-        ranges,
+        map,
         pages,
         received: expected.iter().map(|_| AtomicU64::new(0)).collect(),
         expected,
@@ -878,18 +860,9 @@ pub(crate) fn receive(
             ))))
         }
     }
-    let t = Instant::now();
     dest.resumed_ns
         .store(dest.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    vm.resume();
-    stats.resume_us = t.elapsed().as_micros() as u64;
-    wire::write_control(
-        &mut out,
-        &Message::Confirm {
-            resume_us: stats.resume_us,
-        },
-    )?;
-    let _ = out.flush();
+    stats.resume_us = crate::incoming::resume_and_confirm(&vm, &mut out, on_running)?;
     if total == 0 {
         dest.finish(Ok(()));
     }
@@ -913,10 +886,8 @@ pub(crate) fn receive(
         dest.stop.store(true, Ordering::Relaxed);
         match result {
             Ok(()) => {
-                for &(_, len, host) in &dest.ranges {
-                    if let Err(e) = dest.uffd.unregister(host, len) {
-                        tracing::warn!("unregistering userfaultfd: {e}");
-                    }
+                if let Err(e) = dest.map.unregister(&dest.uffd) {
+                    tracing::warn!("unregistering userfaultfd: {e}");
                 }
                 let report = dest.report();
                 tracing::info!(

@@ -266,3 +266,60 @@ mod tests {
         assert_eq!((a, b), (0, 7));
     }
 }
+
+/// Guest RAM as userfaultfd sees it: host address ranges by memfd offset.
+#[derive(Clone, Debug)]
+pub struct RamMap {
+    /// (memfd offset, length, host address) of each RAM range.
+    ranges: Vec<(u64, u64, u64)>,
+}
+
+impl RamMap {
+    /// The mappings of `ram`.
+    pub fn new(ram: &vmm::GuestRam) -> Self {
+        RamMap {
+            ranges: ram
+                .host_ranges()
+                .into_iter()
+                .map(|(r, p)| (r.file_offset, r.len, p as u64))
+                .collect(),
+        }
+    }
+
+    /// Host address of memfd offset `off`.
+    pub fn host(&self, off: u64) -> Option<u64> {
+        self.ranges
+            .iter()
+            .find(|(o, l, _)| off >= *o && off < o + l)
+            .map(|(o, _, h)| h + (off - o))
+    }
+
+    /// Memfd offset of host address `addr`.
+    pub fn offset(&self, addr: u64) -> Option<u64> {
+        self.ranges
+            .iter()
+            .find(|(_, l, h)| addr >= *h && addr < h + l)
+            .map(|(o, _, h)| o + (addr - h))
+    }
+
+    /// Registers all of RAM with `uffd` (missing mode).
+    pub fn register(&self, uffd: &Uffd) -> io::Result<()> {
+        for &(_, len, host) in &self.ranges {
+            uffd.register(host, len)?;
+        }
+        Ok(())
+    }
+
+    /// Unregisters all of RAM; tries every range, returns the first error.
+    pub fn unregister(&self, uffd: &Uffd) -> io::Result<()> {
+        let mut first = Ok(());
+        for &(_, len, host) in &self.ranges {
+            if let Err(e) = uffd.unregister(host, len) {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+}
