@@ -44,11 +44,18 @@ def wait_file(path, needle, timeout=120, start=None):
 
 
 def wait_path(path, timeout=30):
+    """Waits until the unix socket at `path` accepts connections (it exists a moment before)."""
     end = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > end:
-            raise RuntimeError(f"{path} never appeared")
-        time.sleep(0.005)
+    while True:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.close()
+            return
+        except OSError:
+            if time.monotonic() > end:
+                raise RuntimeError(f"{path} never answered")
+            time.sleep(0.005)
 
 
 def request(sock, obj):

@@ -185,10 +185,12 @@ impl VmProcess {
             ))
             .spawn()
             .expect("starting migd run");
+        // The socket file appears at bind(), a moment before listen(): wait
+        // until a connection is accepted, not just for the file.
         let end = Instant::now() + Duration::from_secs(30);
-        while !control.exists() {
+        while UnixStream::connect(&control).is_err() {
             if Instant::now() > end {
-                panic!("control socket {} never appeared", control.display());
+                panic!("control socket {} never answered", control.display());
             }
             std::thread::sleep(Duration::from_millis(20));
         }

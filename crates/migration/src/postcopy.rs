@@ -329,16 +329,7 @@ fn run(
     let urgent = accept_urgent(&listener, token)?;
     drop(listener);
     let mut rx = stream;
-    match wire::expect_control(&mut rx, "Ready")? {
-        Message::Ready => {}
-        Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
-        other => {
-            return Err(Error::Protocol(format!(
-                "expected Ready, got {}",
-                other.name()
-            )))
-        }
-    }
+    crate::precopy::expect_ready(&mut rx)?;
     stamp(&mut phases.destination_ready_us);
     job.check_cancel()?;
     // Commit point: from here on the source never resumes on its own.

@@ -197,6 +197,19 @@ impl<'a> Sender<'a> {
     }
 }
 
+/// Waits for the destination's Ready (state loaded, VM not running); a Cancel
+/// carries the destination's reason (e.g. a digest mismatch).
+pub(crate) fn expect_ready(rx: &mut TcpStream) -> Result<()> {
+    match wire::expect_control(rx, "Ready")? {
+        Message::Ready => Ok(()),
+        Message::Cancel { reason } => Err(Error::PeerCancelled(reason)),
+        other => Err(Error::Protocol(format!(
+            "expected Ready, got {}",
+            other.name()
+        ))),
+    }
+}
+
 /// True when the dirty set has stopped shrinking: each of the last two rounds
 /// left at least 90 % of the pages the round before it left. More rounds would
 /// only resend the same pages; stop-and-copy (or post-copy) is better.
@@ -520,19 +533,9 @@ fn stop_and_copy(
     stamp(&mut phases.state_us);
     tracing::debug!("state sent");
     let mut rx = stream;
-    match wire::expect_control(&mut rx, "Ready")? {
-        Message::Ready => {
-            if params.verify {
-                job.update(|s| s.verified = Some(true));
-            }
-        }
-        Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
-        other => {
-            return Err(Error::Protocol(format!(
-                "expected Ready, got {}",
-                other.name()
-            )))
-        }
+    expect_ready(&mut rx)?;
+    if params.verify {
+        job.update(|s| s.verified = Some(true));
     }
     stamp(&mut phases.destination_ready_us);
     tracing::debug!("destination ready");
