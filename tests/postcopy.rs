@@ -138,3 +138,28 @@ fn hybrid_switch_on_command() {
     );
     assert_eq!(stats["stop_reason"], "post-copy requested", "{stats}");
 }
+
+#[test]
+fn postcopy_push_respects_the_bandwidth_cap() {
+    if !kvm_or_skip("postcopy_push_respects_the_bandwidth_cap") {
+        return;
+    }
+    let cap: u64 = 16 << 20;
+    let stats = migrate_once(
+        "postcopy-cap",
+        1,
+        json!({"mode": "postcopy", "max_bandwidth": cap}),
+        |_| {},
+    );
+    let pushed = stats["pages"]["pushed"].as_u64().unwrap() * 4096;
+    let secs = stats["resume_ms"].as_f64().unwrap() / 1e3;
+    // With the push slowed down, faults and their pre-paging windows bring most
+    // pages (demand answers are never held back). The push itself is paced: all
+    // but its last batch (64 pages) went out no faster than the cap allows.
+    assert!(pushed > 0, "the push moved pages: {stats}");
+    let paced = pushed.saturating_sub(64 * 4096) as f64;
+    assert!(
+        secs >= paced / cap as f64 * 0.95,
+        "pushed {pushed} bytes in {secs} s against a cap of {cap} B/s: {stats}"
+    );
+}

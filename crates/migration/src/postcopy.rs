@@ -104,6 +104,8 @@ struct Supply<'a> {
     recentre: AtomicU64,
     stop: AtomicBool,
     window: u64,
+    /// Bandwidth cap of the background push, bytes/s (demand answers are never held back).
+    push_cap: Option<u64>,
 }
 
 impl Supply<'_> {
@@ -137,6 +139,8 @@ impl Supply<'_> {
         let words = self.expected.len();
         let mut pos: u64 = 0;
         let mut batch = Vec::with_capacity(PUSH_BATCH);
+        let started = Instant::now();
+        let mut pushed: u64 = 0;
         while !self.stop.load(Ordering::Relaxed) && self.remaining.load(Ordering::Acquire) > 0 {
             let r = self.recentre.swap(u64::MAX, Ordering::AcqRel);
             if r != u64::MAX && r < pages {
@@ -173,6 +177,14 @@ impl Supply<'_> {
                 break;
             }
             self.send(&mut w, &batch)?;
+            pushed += batch.len() as u64 * PAGE_SIZE;
+            if let Some(cap) = self.push_cap {
+                let due = Duration::from_secs_f64(pushed as f64 / cap as f64);
+                let elapsed = started.elapsed();
+                if due > elapsed {
+                    std::thread::sleep(due - elapsed);
+                }
+            }
         }
         Ok(())
     }
@@ -424,6 +436,7 @@ fn postcopy_phase(
         recentre: AtomicU64::new(u64::MAX),
         stop: AtomicBool::new(false),
         window: params.prepaging_window as u64,
+        push_cap: params.max_bandwidth,
     };
     let push_stream = rx.try_clone().map_err(io_err("socket"))?;
     let urgent_ctl = urgent.try_clone().map_err(io_err("socket"))?;
