@@ -346,7 +346,7 @@ fn run(
     job.check_cancel()?;
     // Commit point: from here on the source never resumes on its own.
     tx.write_control(&Message::Go)?;
-    let confirm = wire::expect_control(&mut rx, "Confirm");
+    let confirm = crate::precopy::expect_confirm(&mut rx);
     let downtime = pause_start.elapsed().as_secs_f64() * 1e3;
     stamp(&mut phases.go_confirm_us);
     job.update(|s| {
@@ -354,19 +354,8 @@ fn run(
         s.downtime_ms = downtime;
         s.status = "postcopy-active".into();
     });
-    match confirm {
-        Ok(Message::Confirm { .. }) => {}
-        Ok(other) => {
-            return Ok(Outcome::Unconfirmed(format!(
-                "destination answered {} instead of Confirm after the commit; source VM kept paused",
-                other.name()
-            )))
-        }
-        Err(e) => {
-            return Ok(Outcome::Unconfirmed(format!(
-                "no confirmation after the commit ({e}); source VM kept paused: check the destination before resuming it"
-            )))
-        }
+    if let Err(why) = confirm {
+        return Ok(Outcome::Unconfirmed(why));
     }
     tracing::info!(
         downtime_ms = downtime,

@@ -542,7 +542,7 @@ fn stop_and_copy(
     job.check_cancel()?;
     // Commit point: from here on the source never resumes on its own.
     tx.write_control(&Message::Go)?;
-    let confirm = wire::expect_control(&mut rx, "Confirm");
+    let confirm = expect_confirm(&mut rx);
     let downtime = pause_start.elapsed().as_secs_f64() * 1e3;
     stamp(&mut phases.go_confirm_us);
     job.update(|s| {
@@ -552,17 +552,31 @@ fn stop_and_copy(
         s.bytes = tx.bytes;
     });
     match confirm {
-        Ok(Message::Confirm { resume_us }) => {
-            tracing::info!(downtime_ms = downtime, resume_us, rounds = round, "migration completed");
+        Ok(resume_us) => {
+            tracing::info!(
+                downtime_ms = downtime,
+                resume_us,
+                rounds = round,
+                "migration completed"
+            );
             Ok(Outcome::Completed)
         }
-        Ok(other) => Ok(Outcome::Unconfirmed(format!(
+        Err(why) => Ok(Outcome::Unconfirmed(why)),
+    }
+}
+
+/// After Go: the destination's Confirm (its resume time, µs), or why the
+/// commit stays unconfirmed (the source then keeps its copy paused).
+pub(crate) fn expect_confirm(rx: &mut TcpStream) -> std::result::Result<u64, String> {
+    match wire::expect_control(rx, "Confirm") {
+        Ok(Message::Confirm { resume_us }) => Ok(resume_us),
+        Ok(other) => Err(format!(
             "destination answered {} instead of Confirm after the commit; source VM kept paused",
             other.name()
-        ))),
-        Err(e) => Ok(Outcome::Unconfirmed(format!(
+        )),
+        Err(e) => Err(format!(
             "no confirmation after the commit ({e}); source VM kept paused: check the destination before resuming it"
-        ))),
+        )),
     }
 }
 
