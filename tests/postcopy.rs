@@ -14,9 +14,15 @@ use serde_json::{json, Value};
 /// Boots a source with the dirtying workload, migrates it with `req` (mode and
 /// options) to a fresh `--incoming` destination, checks the guest on the
 /// destination, and returns the source's statistics.
-fn migrate_once(tag: &str, cpus: usize, req: Value, during: impl FnOnce(&VmProcess)) -> Value {
+fn migrate_once(
+    tag: &str,
+    cpus: usize,
+    workload: &str,
+    req: Value,
+    during: impl FnOnce(&VmProcess, &VmProcess),
+) -> Value {
     let dir = scratch(tag);
-    let src = VmProcess::boot(&dir, "src", "workload=dirty:32:64", "256M", cpus);
+    let src = VmProcess::boot(&dir, "src", workload, "256M", cpus);
     let console = src.console.clone();
     console.wait_for("WORKLOAD READY", Duration::from_secs(60));
     console.wait_heartbeats(0, 2, Duration::from_secs(30));
@@ -30,7 +36,7 @@ fn migrate_once(tag: &str, cpus: usize, req: Value, during: impl FnOnce(&VmProce
     req["name"] = json!("vm1");
     let r = src.request(req);
     assert_eq!(r["ok"], true, "{r}");
-    during(&src);
+    during(&src, &dst);
     let stats = src.wait_migration();
     assert_eq!(stats["status"], "completed", "{stats}");
     assert_eq!(src.request(json!({"cmd": "status"}))["state"], "migrated");
@@ -69,7 +75,13 @@ fn postcopy_one_vcpu() {
     if !kvm_or_skip("postcopy_one_vcpu") {
         return;
     }
-    let stats = migrate_once("postcopy1", 1, json!({"mode": "postcopy"}), |_| {});
+    let stats = migrate_once(
+        "postcopy1",
+        1,
+        "workload=dirty:32:64",
+        json!({"mode": "postcopy"}),
+        |_, _| {},
+    );
     assert_eq!(stats["mode"], "postcopy");
     assert!(stats["rounds"].as_array().unwrap().is_empty(), "{stats}");
     // The workload's 32 MiB are non-zero: they all travel after the switch.
@@ -86,8 +98,9 @@ fn postcopy_two_vcpus() {
     let stats = migrate_once(
         "postcopy2",
         2,
+        "workload=dirty:32:64",
         json!({"mode": "postcopy", "prepaging_window": 32}),
-        |_| {},
+        |_, _| {},
     );
     assert!(stats["faults"]["count"].as_u64().unwrap() > 0, "{stats}");
     assert_eq!(stats["prepaging_window"], 32);
@@ -104,9 +117,10 @@ fn hybrid_two_vcpus() {
     let stats = migrate_once(
         "hybrid2",
         2,
+        "workload=dirty:32:64",
         json!({"mode": "hybrid", "max_downtime_ms": 1, "postcopy_after_rounds": 3,
                "max_bandwidth": 48 << 20}),
-        |_| {},
+        |_, _| {},
     );
     assert_eq!(stats["mode"], "hybrid");
     assert_eq!(stats["rounds"].as_array().unwrap().len(), 3, "{stats}");
@@ -128,9 +142,10 @@ fn hybrid_switch_on_command() {
     let stats = migrate_once(
         "hybrid-cmd",
         1,
+        "workload=dirty:32:64",
         json!({"mode": "hybrid", "max_bandwidth": 32 << 20, "max_downtime_ms": 1,
                "postcopy_after_rounds": 1000}),
-        |src| {
+        |src, _| {
             std::thread::sleep(Duration::from_millis(300));
             let r = src.request(json!({"cmd": "postcopy"}));
             assert_eq!(r["ok"], true, "{r}");
@@ -148,8 +163,9 @@ fn postcopy_push_respects_the_bandwidth_cap() {
     let stats = migrate_once(
         "postcopy-cap",
         1,
+        "workload=dirty:32:64",
         json!({"mode": "postcopy", "max_bandwidth": cap}),
-        |_| {},
+        |_, _| {},
     );
     let pushed = stats["pages"]["pushed"].as_u64().unwrap() * 4096;
     let secs = stats["resume_ms"].as_f64().unwrap() / 1e3;
@@ -162,4 +178,154 @@ fn postcopy_push_respects_the_bandwidth_cap() {
         secs >= paced / cap as f64 * 0.95,
         "pushed {pushed} bytes in {secs} s against a cap of {cap} B/s: {stats}"
     );
+}
+
+/// Polls the source's migration until `pred` holds; returns that status.
+fn wait_until(src: &VmProcess, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = src.request(json!({"cmd": "migration"}));
+        if pred(&r) {
+            return r;
+        }
+        assert!(std::time::Instant::now() < end, "never {what}: {r}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What the destination's recovery port answers to `hello` sent from `from`.
+fn recovery_answer(port: u64, from: &str, hello: Option<wire::Message>) -> String {
+    use std::io::{Read, Write};
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    let bind: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    nix::sys::socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&sock),
+        &nix::sys::socket::SockaddrIn::from(match bind {
+            std::net::SocketAddr::V4(a) => a,
+            _ => unreachable!(),
+        }),
+    )
+    .unwrap();
+    let mut s = std::net::TcpStream::from(sock);
+    let to: std::net::SocketAddrV4 = format!("127.0.0.1:{port}").parse().unwrap();
+    nix::sys::socket::connect(
+        std::os::fd::AsRawFd::as_raw_fd(&s),
+        &nix::sys::socket::SockaddrIn::from(to),
+    )
+    .unwrap();
+    if let Some(m) = hello {
+        s.write_all(&wire::encode_control(&m).unwrap()).unwrap();
+    }
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    match wire::decode_frame(&buf) {
+        Ok(wire::Frame::Control(wire::Message::Refuse { reason })) => reason,
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn postcopy_recovers_when_the_links_are_cut() {
+    if !kvm_or_skip("postcopy_recovers_when_the_links_are_cut") {
+        return;
+    }
+    // A slow push and a slowly swept working set keep the post-copy phase
+    // going for seconds; the links are cut twice in the middle of it.
+    let stats = migrate_once(
+        "postcopy-cut",
+        2,
+        "workload=dirty:48:6",
+        json!({"mode": "postcopy", "max_bandwidth": 4 << 20, "prepaging_window": 4}),
+        |src, dst| {
+            wait_until(src, "post-copy", |r| r["status"] == "postcopy-active");
+            // After the switch the source cannot take the VM back: cancel is refused.
+            let r = src.request(json!({"cmd": "cancel"}));
+            assert_eq!(r["ok"], false, "{r}");
+            assert!(
+                r["error"].as_str().unwrap().contains("cannot be cancelled"),
+                "{r}"
+            );
+            // Nobody but the source may resume the migration.
+            let inc = dst.request(json!({"cmd": "migration"}));
+            assert_eq!(inc["direction"], "incoming", "{inc}");
+            let port = inc["recover_port"].as_u64().unwrap();
+            let stranger = recovery_answer(port, "127.0.0.2", None);
+            assert!(
+                stranger.contains("is not this migration's source"),
+                "{stranger}"
+            );
+            let forged = recovery_answer(
+                port,
+                "127.0.0.1",
+                Some(wire::Message::RecoverHello {
+                    job: 1,
+                    urgent: false,
+                }),
+            );
+            assert!(forged.contains("awaits recovery here"), "{forged}");
+            for cut in 1..=2u64 {
+                let before = dst.request(json!({"cmd": "migration"}))["pages_received"]
+                    .as_u64()
+                    .unwrap();
+                // Between sessions there is nothing to cut: try again.
+                wait_until(src, "cut", |_| {
+                    src.request(json!({"cmd": "inject", "fault": "drop-links"}))["cut"]
+                        .as_u64()
+                        .unwrap_or(0)
+                        > 0
+                });
+                let r = wait_until(src, "recovered", |r| {
+                    r["recoveries"].as_u64() == Some(cut) && r["status"] == "postcopy-active"
+                        || r["status"] == "completed"
+                });
+                assert_eq!(
+                    r["recoveries"], cut,
+                    "the phase ended before cut {cut}: {r}"
+                );
+                // The destination takes up the new session and pages flow again.
+                wait_until(dst, "pages flowing again", |inc| {
+                    inc["status"] == "completed"
+                        || inc["status"] == "postcopy-active"
+                            && inc["pages_received"].as_u64().unwrap() > before
+                });
+            }
+            let inc = dst.request(json!({"cmd": "migration"}));
+            assert!(inc["recoveries"].as_u64().unwrap() >= 1, "{inc}");
+        },
+    );
+    assert_eq!(stats["recoveries"], 2, "{stats}");
+}
+
+#[test]
+fn postcopy_without_fault_channel_recovers_too() {
+    if !kvm_or_skip("postcopy_without_fault_channel_recovers_too") {
+        return;
+    }
+    // Fault requests and answers share the main connection with the push (the
+    // comparison case of the benchmark); a cut link recovers on one connection.
+    let stats = migrate_once(
+        "postcopy-onechan",
+        1,
+        "workload=dirty:48:6",
+        json!({"mode": "postcopy", "max_bandwidth": 4 << 20, "fault_channel": false}),
+        |src, _| {
+            wait_until(src, "post-copy", |r| r["status"] == "postcopy-active");
+            wait_until(src, "cut", |_| {
+                src.request(json!({"cmd": "inject", "fault": "drop-links"}))["cut"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    > 0
+            });
+        },
+    );
+    assert_eq!(stats["fault_channel"], false, "{stats}");
+    assert_eq!(stats["recoveries"], 1, "{stats}");
+    assert!(stats["faults"]["count"].as_u64().unwrap() > 0, "{stats}");
 }

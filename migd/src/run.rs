@@ -100,10 +100,23 @@ struct Migrations {
 /// Progress of a lazy restore (`--restore FILE --lazy`), while it fills memory.
 static LAZY: std::sync::OnceLock<Arc<migration::lazy::LazyProgress>> = std::sync::OnceLock::new();
 
-/// True while a lazy restore has not filled every page: the memory must not be
-/// read through another mapping (snapshot, migration, handover) until then.
+/// The post-copy phase of the migration that brought this VM here, if any.
+static ARRIVING: std::sync::OnceLock<migration::postcopy::PostcopyWatch> =
+    std::sync::OnceLock::new();
+
+/// True while a lazy restore or an incoming post-copy has not filled every
+/// page: the memory must not be read through another mapping (snapshot,
+/// migration, handover) until then.
 fn lazy_filling() -> bool {
     LAZY.get().is_some_and(|p| !p.is_complete())
+        || ARRIVING
+            .get()
+            .is_some_and(|w| w.status().status != "completed")
+}
+
+/// Whether `migd run` honours fault-injection requests (tests only).
+fn fault_injection() -> bool {
+    std::env::var_os("MIGD_FAULT_INJECTION").is_some_and(|v| v == "1")
 }
 
 /// How long the dirty log runs before a snapshot to record the working set.
@@ -162,6 +175,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
         )
         .context("incoming migration")?;
         arriving.store(false, Ordering::SeqCst);
+        if let Some(w) = stats.postcopy.clone() {
+            let _ = ARRIVING.set(w);
+        }
         tracing::info!(
             pages = stats.pages,
             rounds = stats.rounds,
@@ -571,6 +587,10 @@ fn start_migration(
     if let Some(w) = req.get("prepaging_window").and_then(|v| v.as_u64()) {
         params.prepaging_window = w.min(wire::MAX_BATCH_PAGES as u64 - 1) as u32;
     }
+    params.fault_channel = req
+        .get("fault_channel")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true);
     if let Some(n) = req.get("postcopy_after_rounds").and_then(|v| v.as_u64()) {
         params.postcopy_after_rounds = n.clamp(1, u32::MAX as u64) as u32;
     }
@@ -690,7 +710,7 @@ fn handle_control(
     if lazy_filling() && matches!(cmd, "migrate" | "snapshot" | "handover") {
         let _ = handover::send_line(
             &mut stream,
-            &json!({"ok": false, "error": "lazy restore is still filling the VM's memory; try again when it is done"}),
+            &json!({"ok": false, "error": "the VM's memory is still arriving (lazy restore or post-copy); try again when it is done"}),
         );
         return None;
     }
@@ -727,7 +747,15 @@ fn handle_control(
                 }
                 v
             }
-            None => json!({"ok": true, "status": "none"}),
+            None => match ARRIVING.get() {
+                Some(w) => {
+                    let mut v = json!(w.status());
+                    v["ok"] = json!(true);
+                    v["direction"] = json!("incoming");
+                    v
+                }
+                None => json!({"ok": true, "status": "none"}),
+            },
         }),
         "postcopy" => match &mig.job {
             Some(job) if mig.running && mig.mode == "hybrid" => {
@@ -750,11 +778,39 @@ fn handle_control(
             )
         }
         "cancel" => match &mig.job {
+            Some(job) if mig.running && job.snapshot().status == "postcopy-active" => Err(
+                "post-copy cannot be cancelled: the destination runs the VM and this host \
+                 holds the pages it still lacks (if the link is lost, cancel gives up recovery)"
+                    .to_string(),
+            ),
             Some(job) if mig.running => {
                 job.cancel.store(true, Ordering::SeqCst);
                 Ok(json!({"ok": true}))
             }
             _ => Err("no migration is running".to_string()),
+        },
+        "recover" => match &mig.job {
+            Some(job) if mig.running && job.snapshot().status == "postcopy-paused" => {
+                job.recover_now.store(true, Ordering::SeqCst);
+                Ok(json!({"ok": true}))
+            }
+            Some(job) => Err(format!(
+                "the migration is not waiting for recovery (status: {})",
+                job.snapshot().status
+            )),
+            None => Err("no migration of this VM to recover".to_string()),
+        },
+        "inject" if !fault_injection() => {
+            Err("fault injection is off (it is for tests: MIGD_FAULT_INJECTION=1)".to_string())
+        }
+        "inject" => match (req.get("fault").and_then(|f| f.as_str()), &mig.job) {
+            (Some("drop-links"), Some(job)) if mig.running => {
+                let n = job.cut_links();
+                tracing::warn!(sockets = n, "fault injection: migration links cut");
+                Ok(json!({"ok": true, "cut": n}))
+            }
+            (Some("drop-links"), _) => Err("no migration is running".to_string()),
+            (f, _) => Err(format!("unknown fault {f:?} (drop-links)")),
         },
         "status" => Ok(json!({
             "ok": true,

@@ -127,6 +127,7 @@ impl Daemon {
                 state.to_str().unwrap(),
             ])
             .args(["--listen", &listen, "--insecure"])
+            .env("MIGD_FAULT_INJECTION", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(

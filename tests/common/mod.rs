@@ -175,6 +175,7 @@ impl VmProcess {
         let child = Command::new(migd_bin())
             .arg("run")
             .args(extra)
+            .env("MIGD_FAULT_INJECTION", "1")
             .arg("--serial")
             .arg(&console.0)
             .arg("--control")

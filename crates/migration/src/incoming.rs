@@ -17,7 +17,7 @@ use crate::memview::MemView;
 use crate::{io_err, Error, Result};
 
 /// What the destination measured.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct IncomingStats {
     /// Pages received.
     pub pages: u64,
@@ -29,6 +29,8 @@ pub struct IncomingStats {
     pub resume_us: u64,
     /// Verify mode: the memory digest matched.
     pub verified: bool,
+    /// Post-copy: the phase that goes on after the VM runs.
+    pub postcopy: Option<crate::postcopy::PostcopyWatch>,
 }
 
 /// Receives a VM of `memory` bytes over `stream` (after the handshake) and runs it.

@@ -23,6 +23,19 @@
 //! `PostcopyDone` with its statistics; only then does the source report the
 //! migration completed (and its process may drop the VM's memory).
 //!
+//! Recovery: after the switch the VM's state is split between the hosts, so
+//! neither side ever gives up on its own. Every post-copy socket has keepalive
+//! and `TCP_USER_TIMEOUT` ([`LINK_TIMEOUT`]) so that a dead link shows as an
+//! error. The destination then keeps its VM (vCPUs wait on their faults, which
+//! stay queued) and listens on the port it announced in `RecoverListen`; the
+//! source keeps its paused copy and reconnects with back-off (or at once on
+//! `migctl recover`): `RecoverHello` on a new main connection, answered with
+//! the destination's received-bitmap (`Received`), then `RecoverHello` on a new
+//! fault channel. The source re-sends every expected page not in the bitmap;
+//! the destination re-asks its waiting faults. Only the operator ends a broken
+//! phase: `migctl cancel` on the source (which then says which host holds what)
+//! or destroying the VM on the destination.
+//!
 //! Destination: guest RAM is registered with userfaultfd (missing mode; the
 //! memfd is shared memory, filled with `UFFDIO_COPY`) before the state is
 //! loaded. Faults on pages that are not expected (zero pages, never sent) are
@@ -31,7 +44,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -93,15 +106,66 @@ pub fn migrate(vm: &Vm, params: &Params, job: &Job, hybrid: bool) -> Outcome {
     })
 }
 
-/// What the source shares between its push and urgent threads.
+/// How long a post-copy connection may stay silent or leave data unacknowledged
+/// before it counts as lost (TCP keepalive and `TCP_USER_TIMEOUT`).
+const LINK_TIMEOUT: Duration = Duration::from_secs(5);
+/// First and longest wait between two reconnection attempts.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Makes a dead post-copy link show as an error within [`LINK_TIMEOUT`] instead
+/// of the kernel's ~15 minutes: keepalive probes every second on an idle
+/// connection, and a cap on how long sent data may stay unacknowledged.
+fn watch_link(s: &TcpStream) -> Result<()> {
+    s.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
+    let secs = LINK_TIMEOUT.as_secs() as libc::c_int;
+    let ms = LINK_TIMEOUT.as_millis() as libc::c_int;
+    for (level, opt, val) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, secs),
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms),
+    ] {
+        // SAFETY: setsockopt with a valid fd and a c_int option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                level,
+                opt,
+                &val as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io_err("setting the link timeout")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Where the source finds the destination again after a lost link.
+struct Link {
+    /// The destination VM process's recovery listener.
+    addr: SocketAddr,
+    /// Identifies this migration there.
+    token: u64,
+}
+
+/// What the source shares between its push and serving threads.
 struct Supply<'a> {
     mem: &'a MemView,
     job: &'a Job,
     expected: Vec<u64>,
+    total: u64,
+    /// Pages sent in this session or known to be at the destination.
     claimed: Vec<AtomicU64>,
     remaining: AtomicU64,
     /// Where the push goes on (a pfn), or u64::MAX.
     recentre: AtomicU64,
+    /// The session is over (completed or broken): threads wind down.
     stop: AtomicBool,
     window: u64,
     /// Bandwidth cap of the background push, bytes/s (demand answers are never held back).
@@ -121,9 +185,9 @@ impl Supply<'_> {
         }
     }
 
-    fn send(&self, w: &mut TcpStream, offsets: &[u64]) -> Result<()> {
+    fn send(&self, w: &Mutex<TcpStream>, offsets: &[u64]) -> Result<()> {
         let pages: Vec<&[u8]> = offsets.iter().filter_map(|&o| self.mem.page(o)).collect();
-        wire::write_pages(w, offsets, &pages)?;
+        wire::write_pages(&mut *lock(w), offsets, &pages)?;
         let n = offsets.len() as u64;
         self.job.update(|s| {
             s.pages.sent += n;
@@ -134,7 +198,7 @@ impl Supply<'_> {
     }
 
     /// Background push on the main connection until every page is claimed.
-    fn push(&self, mut w: TcpStream) -> Result<()> {
+    fn push(&self, w: &Mutex<TcpStream>) -> Result<()> {
         let pages = self.mem.pages();
         let words = self.expected.len();
         let mut pos: u64 = 0;
@@ -173,10 +237,10 @@ impl Supply<'_> {
                 }
             }
             if batch.is_empty() {
-                // Everything is claimed (maybe by the urgent thread): done.
+                // Everything is claimed (maybe by a fault answer): done.
                 break;
             }
-            self.send(&mut w, &batch)?;
+            self.send(w, &batch)?;
             pushed += batch.len() as u64 * PAGE_SIZE;
             if let Some(cap) = self.push_cap {
                 let due = Duration::from_secs_f64(pushed as f64 / cap as f64);
@@ -189,26 +253,28 @@ impl Supply<'_> {
         Ok(())
     }
 
-    /// Answers fault requests on the urgent channel.
-    fn serve(&self, urgent: TcpStream) -> Result<()> {
-        let mut w = urgent.try_clone().map_err(io_err("socket"))?;
-        let mut r = BufReader::new(urgent);
+    /// Answers fault requests read from `r` on `w` until the destination's
+    /// `PostcopyDone` (returned) or, once the session is stopping, the end of
+    /// the stream (`None`).
+    fn serve(&self, r: &mut impl Read, w: &Mutex<TcpStream>) -> Result<Option<PostcopyReport>> {
         let pages = self.mem.pages();
         let mut batch = Vec::with_capacity(MAX_BATCH_PAGES);
         loop {
-            let msg = match wire::expect_control(&mut r, "PageRequest") {
+            let msg = match wire::expect_control(r, "PageRequest or PostcopyDone") {
                 Ok(m) => m,
-                Err(_) if self.stop.load(Ordering::Relaxed) => return Ok(()),
-                Err(wire::WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    return Ok(())
-                }
+                Err(_) if self.stop.load(Ordering::Relaxed) => return Ok(None),
                 Err(e) => return Err(e.into()),
             };
-            let Message::PageRequest { offset } = msg else {
-                return Err(Error::Protocol(format!(
-                    "expected PageRequest on the urgent channel, got {}",
-                    msg.name()
-                )));
+            let offset = match msg {
+                Message::PageRequest { offset } => offset,
+                Message::PostcopyDone { report } => return Ok(Some(report)),
+                Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "expected PageRequest, got {}",
+                        other.name()
+                    )))
+                }
             };
             let pfn = offset / PAGE_SIZE;
             if !offset.is_multiple_of(PAGE_SIZE) || pfn >= pages || !bit(&self.expected, pfn) {
@@ -217,7 +283,7 @@ impl Supply<'_> {
                 )));
             }
             // The demanded page goes even if the push sent it already: it may be
-            // queued behind bulk data on the main connection.
+            // queued behind bulk data, or lost with a broken link.
             self.claim(pfn);
             batch.clear();
             batch.push(offset);
@@ -229,10 +295,211 @@ impl Supply<'_> {
                 }
                 p += 1;
             }
-            self.send(&mut w, &batch)?;
+            self.send(w, &batch)?;
             self.recentre.store(p.min(pages - 1), Ordering::Release);
         }
     }
+
+    /// One session of the post-copy phase on `main` (and `urgent`, the fault
+    /// channel, if there is one): push and serve until the destination reports
+    /// every page, or a connection breaks.
+    fn session(&self, main: TcpStream, urgent: Option<TcpStream>) -> Result<PostcopyReport> {
+        self.stop.store(false, Ordering::Relaxed);
+        {
+            let mut links = lock(&self.job.links);
+            links.clear();
+            for s in std::iter::once(&main).chain(urgent.as_ref()) {
+                links.push(s.try_clone().map_err(io_err("socket"))?);
+            }
+        }
+        let main_w = Mutex::new(main.try_clone().map_err(io_err("socket"))?);
+        let mut main_r = BufReader::new(main);
+        let urgent = match urgent {
+            Some(u) => Some((
+                BufReader::new(u.try_clone().map_err(io_err("socket"))?),
+                Mutex::new(u),
+            )),
+            None => None,
+        };
+        // Whichever thread fails first cuts every link, so that the others stop too.
+        let end = |r: Result<()>| {
+            if r.is_err() {
+                self.stop.store(true, Ordering::Relaxed);
+                self.job.cut_links();
+            }
+            r
+        };
+        std::thread::scope(|sc| {
+            let pusher = sc.spawn(|| end(self.push(&main_w)));
+            let server = urgent.map(|(mut r, w)| {
+                sc.spawn(move || {
+                    end(self.serve(&mut r, &w).and_then(|done| match done {
+                        Some(_) => Err(Error::Protocol("PostcopyDone on the fault channel".into())),
+                        None if self.stop.load(Ordering::Relaxed) => Ok(()),
+                        None => Err(Error::Protocol("the fault channel closed".into())),
+                    }))
+                })
+            });
+            let done = self.serve(&mut main_r, &main_w);
+            self.stop.store(true, Ordering::Relaxed);
+            self.job.cut_links();
+            let mut why = None;
+            for t in std::iter::once(pusher).chain(server) {
+                match t.join() {
+                    Ok(Err(e)) => why = why.or(Some(e)),
+                    Err(_) => {
+                        why = why.or(Some(Error::Protocol("a post-copy thread panicked".into())))
+                    }
+                    Ok(Ok(())) => {}
+                }
+            }
+            match done {
+                Ok(Some(report)) => Ok(report),
+                Err(e @ Error::PeerCancelled(_)) => Err(e),
+                // The first failure says best what happened.
+                Ok(None) => {
+                    Err(why.unwrap_or(Error::Protocol("the main connection closed".into())))
+                }
+                Err(e) => Err(why.unwrap_or(e)),
+            }
+        })
+    }
+
+    /// After a broken session: reconnects to the destination with back-off until
+    /// it answers, or until the operator gives up (`migctl cancel`). Returns the
+    /// new connections, or the report if the destination had finished meanwhile.
+    fn recover(&self, link: &Link, why: &Error, channel: bool) -> Result<Recovered> {
+        let job = self.job;
+        tracing::warn!(
+            error = %why,
+            destination = %link.addr,
+            "post-copy link lost: the destination's VM waits for its missing pages; reconnecting"
+        );
+        job.update(|s| {
+            s.status = "postcopy-paused".into();
+            s.error = Some(format!(
+                "post-copy link lost ({why}); reconnecting to {}",
+                link.addr
+            ));
+        });
+        let mut delay = BACKOFF_FIRST;
+        for attempt in 1u64.. {
+            if job.cancel.load(Ordering::SeqCst) {
+                return Err(Error::Protocol(self.abandoned(link)));
+            }
+            match self.reconnect(link, channel) {
+                Ok(r) => {
+                    job.update(|s| {
+                        s.status = "postcopy-active".into();
+                        s.recoveries += 1;
+                        s.error = None;
+                    });
+                    tracing::info!(attempt, "post-copy link re-established");
+                    return Ok(r);
+                }
+                Err(e) => {
+                    tracing::warn!(attempt, error = %e, next_in_ms = delay.as_millis() as u64, "post-copy recovery attempt failed");
+                    job.update(|s| {
+                        s.error = Some(format!(
+                            "post-copy link lost ({why}); reconnecting to {} (attempt {attempt}: {e})",
+                            link.addr
+                        ))
+                    });
+                }
+            }
+            let until = Instant::now() + delay;
+            while Instant::now() < until
+                && !job.recover_now.swap(false, Ordering::SeqCst)
+                && !job.cancel.load(Ordering::SeqCst)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            delay = (delay * 2).min(BACKOFF_MAX);
+        }
+        unreachable!("the attempts never run out")
+    }
+
+    /// What the operator must know when the source gives up on a post-copy phase.
+    fn abandoned(&self, link: &Link) -> String {
+        format!(
+            "post-copy abandoned by the operator while the link was down: the destination \
+             ({}) holds the VM's vCPU and device state and the pages it received; this host \
+             keeps the VM paused with all {} pages it had to send, of which {} were not \
+             confirmed received. Neither host can run the VM alone; it survives only if the \
+             destination's VM process is kept and a new recovery is made",
+            link.addr.ip(),
+            self.total,
+            self.remaining.load(Ordering::Relaxed),
+        )
+    }
+
+    /// One reconnection: a new main connection, the destination's received-bitmap,
+    /// a new fault channel; then only the pages the destination lacks count as unsent.
+    fn reconnect(&self, link: &Link, channel: bool) -> Result<Recovered> {
+        let open = |urgent: bool| -> Result<TcpStream> {
+            let mut s = TcpStream::connect_timeout(&link.addr, LINK_TIMEOUT)
+                .map_err(io_err(format!("connecting to {}", link.addr)))?;
+            watch_link(&s)?;
+            s.set_read_timeout(Some(LINK_TIMEOUT))
+                .map_err(io_err("socket timeout"))?;
+            wire::write_control(
+                &mut s,
+                &Message::RecoverHello {
+                    job: link.token,
+                    urgent,
+                },
+            )?;
+            Ok(s)
+        };
+        let mut main = open(false)?;
+        let bitmap = match wire::expect_control(&mut main, "Received")? {
+            Message::Received { bitmap } => bitmap,
+            Message::PostcopyDone { report } => return Ok(Recovered::Done(report)),
+            Message::Refuse { reason } => return Err(Error::Refused(reason)),
+            other => {
+                return Err(Error::Protocol(format!(
+                    "expected Received, got {}",
+                    other.name()
+                )))
+            }
+        };
+        if bitmap.len() != self.expected.len() {
+            return Err(Error::Protocol(format!(
+                "received-bitmap of {} words for {} pages",
+                bitmap.len(),
+                self.mem.pages()
+            )));
+        }
+        let urgent = if channel { Some(open(true)?) } else { None };
+        for s in std::iter::once(&main).chain(urgent.as_ref()) {
+            s.set_read_timeout(None).map_err(io_err("socket timeout"))?;
+        }
+        // What was in flight on the broken link is lost: the bitmap is the truth.
+        let mut have = 0;
+        for ((c, &e), &r) in self.claimed.iter().zip(&self.expected).zip(&bitmap) {
+            c.store(e & r, Ordering::Release);
+            have += (e & r).count_ones() as u64;
+        }
+        self.remaining.store(self.total - have, Ordering::Release);
+        tracing::info!(
+            received = have,
+            missing = self.total - have,
+            "destination's received-bitmap"
+        );
+        Ok(Recovered::Resumed(main, urgent))
+    }
+}
+
+/// The result of a post-copy reconnection.
+enum Recovered {
+    /// New connections (main, fault channel).
+    Resumed(TcpStream, Option<TcpStream>),
+    /// The destination had every page already.
+    Done(PostcopyReport),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn run(
@@ -254,7 +521,10 @@ fn run(
         job,
         params.max_bandwidth,
     );
-    job.update(|s| s.prepaging_window = params.prepaging_window);
+    job.update(|s| {
+        s.prepaging_window = params.prepaging_window;
+        s.fault_channel = params.fault_channel;
+    });
     let todo = if hybrid {
         let limit = params
             .postcopy_after_rounds
@@ -263,14 +533,22 @@ fn run(
     } else {
         None
     };
-    // The urgent channel: the destination connects back to us, so that it works
+    // The fault channel: the destination connects back to us, so that it works
     // the same whoever accepted the main connection (`--incoming` or a daemon).
+    // Without one, `UrgentListen` says port 0.
     let local = stream.local_addr().map_err(io_err("socket address"))?;
-    let listener = TcpListener::bind((local.ip(), 0)).map_err(io_err("urgent channel listener"))?;
-    let port = listener
-        .local_addr()
-        .map_err(io_err("urgent channel listener"))?
-        .port();
+    let listener = if params.fault_channel {
+        Some(TcpListener::bind((local.ip(), 0)).map_err(io_err("fault channel listener"))?)
+    } else {
+        None
+    };
+    let port = match &listener {
+        Some(l) => l
+            .local_addr()
+            .map_err(io_err("fault channel listener"))?
+            .port(),
+        None => 0,
+    };
     let token = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -338,9 +616,29 @@ fn run(
         s.remaining_bytes = total * PAGE_SIZE;
         s.bytes = bytes;
     });
-    let urgent = accept_urgent(&listener, token)?;
+    let urgent = match &listener {
+        Some(l) => Some(accept_urgent(l, token)?),
+        None => None,
+    };
     drop(listener);
     let mut rx = stream;
+    let recover_port = match wire::expect_control(&mut rx, "RecoverListen")? {
+        Message::RecoverListen { port } => port,
+        Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
+        other => {
+            return Err(Error::Protocol(format!(
+                "expected RecoverListen, got {}",
+                other.name()
+            )))
+        }
+    };
+    let link = Link {
+        addr: SocketAddr::new(
+            rx.peer_addr().map_err(io_err("peer address"))?.ip(),
+            recover_port,
+        ),
+        token,
+    };
     crate::precopy::expect_ready(&mut rx)?;
     stamp(&mut phases.destination_ready_us);
     job.check_cancel()?;
@@ -362,13 +660,16 @@ fn run(
         pages = total,
         "post-copy: destination runs the VM"
     );
-    match postcopy_phase(&mem, job, params, expected, total, rx, urgent) {
+    // A cancel from before the commit no longer applies: from now on it means
+    // "give up recovery".
+    job.cancel.store(false, Ordering::SeqCst);
+    match postcopy_phase(&mem, job, params, expected, total, rx, urgent, &link) {
         Ok(report) => {
             tracing::info!(?report, "post-copy completed");
             Ok(Outcome::Completed)
         }
         Err(e) => Ok(Outcome::Unconfirmed(format!(
-            "post-copy failed after the switch ({e}); the source copy is kept paused"
+            "post-copy failed after the switch: {e}"
         ))),
     }
 }
@@ -376,13 +677,12 @@ fn run(
 fn accept_urgent(listener: &TcpListener, token: u64) -> Result<TcpStream> {
     listener
         .set_nonblocking(true)
-        .map_err(io_err("urgent channel listener"))?;
+        .map_err(io_err("fault channel listener"))?;
     let end = Instant::now() + Duration::from_secs(20);
     loop {
         match listener.accept() {
             Ok((mut s, peer)) => {
-                s.set_nonblocking(false).map_err(io_err("urgent channel"))?;
-                s.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
+                s.set_nonblocking(false).map_err(io_err("fault channel"))?;
                 s.set_read_timeout(Some(Duration::from_secs(10)))
                     .map_err(io_err("socket timeout"))?;
                 match wire::expect_control(&mut s, "UrgentHello") {
@@ -390,79 +690,66 @@ fn accept_urgent(listener: &TcpListener, token: u64) -> Result<TcpStream> {
                         s.set_read_timeout(None).map_err(io_err("socket timeout"))?;
                         return Ok(s);
                     }
-                    other => tracing::warn!(%peer, ?other, "not our urgent channel: dropped"),
+                    other => tracing::warn!(%peer, ?other, "not our fault channel: dropped"),
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > end {
                     return Err(Error::Protocol(
-                        "the destination never opened the urgent channel".into(),
+                        "the destination never opened the fault channel".into(),
                     ));
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
-            Err(e) => return Err(io_err("urgent channel")(e)),
+            Err(e) => return Err(io_err("fault channel")(e)),
         }
     }
 }
 
-/// After Confirm: push, serve faults, wait for PostcopyDone.
+/// After Confirm: push, serve faults, wait for PostcopyDone; on a lost link,
+/// reconnect and go on from the destination's received-bitmap.
+#[allow(clippy::too_many_arguments)]
 fn postcopy_phase(
     mem: &MemView,
     job: &Job,
     params: &Params,
     expected: Vec<u64>,
     total: u64,
-    mut rx: TcpStream,
-    urgent: TcpStream,
+    main: TcpStream,
+    urgent: Option<TcpStream>,
+    link: &Link,
 ) -> Result<PostcopyReport> {
     let supply = Supply {
         mem,
         job,
         claimed: expected.iter().map(|_| AtomicU64::new(0)).collect(),
         expected,
+        total,
         remaining: AtomicU64::new(total),
         recentre: AtomicU64::new(u64::MAX),
         stop: AtomicBool::new(false),
         window: params.prepaging_window as u64,
         push_cap: params.max_bandwidth,
     };
-    let push_stream = rx.try_clone().map_err(io_err("socket"))?;
-    let urgent_ctl = urgent.try_clone().map_err(io_err("socket"))?;
-    // The destination may run for long before all pages are there: no timeout;
-    // a vanished destination shows as EOF or a reset.
-    rx.set_read_timeout(None)
-        .map_err(io_err("socket timeout"))?;
+    // The destination may run for long before all pages are there: no read
+    // timeout; a dead link shows within LINK_TIMEOUT.
+    for s in std::iter::once(&main).chain(urgent.as_ref()) {
+        watch_link(s)?;
+        s.set_read_timeout(None).map_err(io_err("socket timeout"))?;
+    }
     let started = Instant::now();
-    let result = std::thread::scope(|sc| {
-        let s = &supply;
-        let pusher = sc.spawn(move || s.push(push_stream));
-        let server = sc.spawn(move || s.serve(urgent));
-        let done = wire::expect_control(&mut rx, "PostcopyDone");
-        supply.stop.store(true, Ordering::Relaxed);
-        let _ = urgent_ctl.shutdown(Shutdown::Both);
-        let pushed = pusher.join();
-        let served = server.join();
-        let report = match done? {
-            Message::PostcopyDone { report } => report,
-            Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
-            other => {
-                return Err(Error::Protocol(format!(
-                    "expected PostcopyDone, got {}",
-                    other.name()
-                )))
-            }
+    let (mut main, mut urgent) = (main, urgent);
+    let report = loop {
+        let why = match supply.session(main, urgent) {
+            Ok(report) => break report,
+            Err(e @ Error::PeerCancelled(_)) => return Err(e),
+            Err(e) => e,
         };
-        for r in [pushed, served] {
-            match r {
-                Ok(Err(e)) => tracing::debug!("post-copy thread ended with {e} after completion"),
-                Err(_) => return Err(Error::Protocol("a post-copy thread panicked".into())),
-                Ok(Ok(())) => {}
-            }
+        match supply.recover(link, &why, params.fault_channel)? {
+            Recovered::Resumed(m, u) => (main, urgent) = (m, u),
+            Recovered::Done(report) => break report,
         }
-        Ok(report)
-    })?;
-    let report = result;
+    };
     job.update(|s| {
         s.pages.demand = report.demand;
         s.pages.pushed = report.pushed;
@@ -476,6 +763,7 @@ fn postcopy_phase(
             p99_us: report.p99_us,
             max_us: report.max_us,
             zero: report.zero_faults,
+            blocked_us: report.blocked_us,
         };
     });
     tracing::debug!(
@@ -489,24 +777,20 @@ fn postcopy_phase(
 // Destination.
 // ---------------------------------------------------------------------------
 
-/// How a page reached the destination.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Via {
-    Push,
-    Demand,
-    Prepage,
-}
+/// How long the destination still answers a reconnecting source with its
+/// `PostcopyDone` after every page arrived (the first one may have been lost).
+const DONE_GRACE: Duration = Duration::from_secs(60);
 
-/// Destination state shared by the fault, urgent, push and completion threads.
+/// Destination state shared by the fault, receiving, recovery and completion threads.
 struct Dest {
     uffd: Uffd,
-    /// (memfd offset, len, host address).
     map: RamMap,
     pages: u64,
     expected: Vec<u64>,
     received: Vec<AtomicU64>,
     total: u64,
     filled: AtomicU64,
+    /// Pages asked for and not yet here, with the time of the fault.
     pending: Mutex<HashMap<u64, Instant>>,
     latencies_us: Mutex<Vec<u64>>,
     demand: AtomicU64,
@@ -518,8 +802,82 @@ struct Dest {
     t0: Instant,
     resumed_ns: AtomicU64,
     last_fill_ns: AtomicU64,
+    /// Completed or failed: everything winds down.
     stop: AtomicBool,
     done: Mutex<Option<mpsc::Sender<Result<()>>>>,
+    /// The source's address: only it may reconnect.
+    source: IpAddr,
+    /// Identifies the migration on a reconnection.
+    token: u64,
+    /// Fault requests and answers have a connection of their own.
+    channel: bool,
+    /// Bumped whenever a session ends; threads of older sessions exit quietly.
+    generation: AtomicU64,
+    /// Where fault requests go (the fault channel, or the main connection); None while the link is down.
+    requests: Mutex<Option<TcpStream>>,
+    /// The main connection of the current session (PostcopyDone goes there).
+    main: Mutex<Option<TcpStream>>,
+    /// Every socket of the current session, to cut them.
+    links: Mutex<Vec<TcpStream>>,
+    link_up: AtomicBool,
+    recoveries: AtomicU64,
+    recover_port: u16,
+    /// Set once every page is here: a reconnecting source gets it again.
+    report: Mutex<Option<PostcopyReport>>,
+    failure: Mutex<Option<String>>,
+}
+
+/// What a destination's post-copy phase looks like from outside.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PostcopyIncoming {
+    /// postcopy-active, postcopy-paused (link lost, waiting for the source),
+    /// completed, failed.
+    pub status: String,
+    /// Pages the destination needs from the source.
+    pub pages_total: u64,
+    /// Pages it holds.
+    pub pages_received: u64,
+    /// Guest threads' faults still waiting for their page.
+    pub faults_waiting: u64,
+    /// Links lost and re-established.
+    pub recoveries: u64,
+    /// Where the source reconnects.
+    pub recover_port: u16,
+    /// The source host.
+    pub source: String,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// A handle on a destination's post-copy phase, for status queries.
+#[derive(Clone)]
+pub struct PostcopyWatch(Arc<Dest>);
+
+impl PostcopyWatch {
+    /// The phase as it is now.
+    pub fn status(&self) -> PostcopyIncoming {
+        let d = &self.0;
+        let error = lock(&d.failure).clone();
+        let status = if error.is_some() {
+            "failed"
+        } else if lock(&d.report).is_some() {
+            "completed"
+        } else if d.link_up.load(Ordering::Relaxed) {
+            "postcopy-active"
+        } else {
+            "postcopy-paused"
+        };
+        PostcopyIncoming {
+            status: status.into(),
+            pages_total: d.total,
+            pages_received: d.filled.load(Ordering::Relaxed),
+            faults_waiting: lock(&d.pending).len() as u64,
+            recoveries: d.recoveries.load(Ordering::Relaxed),
+            recover_port: d.recover_port,
+            source: d.source.to_string(),
+            error,
+        }
+    }
 }
 
 impl Dest {
@@ -528,13 +886,15 @@ impl Dest {
     }
 
     fn finish(&self, r: Result<()>) {
-        if let Some(tx) = self.done.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(tx) = lock(&self.done).take() {
             let _ = tx.send(r);
         }
     }
 
-    /// Fills the page at `off` with `data`.
-    fn fill(&self, off: u64, data: &[u8], via: Via) -> Result<()> {
+    /// Fills the page at `off` with `data`. Errors of the peer's making are
+    /// protocol errors (the session ends, the source recovers); a failing
+    /// `UFFDIO_COPY` is ours and fails the migration.
+    fn fill(&self, off: u64, data: &[u8], urgent: bool, first: bool) -> Result<()> {
         let pfn = off / PAGE_SIZE;
         if !off.is_multiple_of(PAGE_SIZE) || pfn >= self.pages || !bit(&self.expected, pfn) {
             return Err(Error::Protocol(format!(
@@ -545,33 +905,32 @@ impl Dest {
             .map
             .host(off)
             .ok_or_else(|| Error::Protocol(format!("page {off:#x} outside RAM")))?;
-        if !self
-            .uffd
-            .copy(host, data)
-            .map_err(io_err(format!("UFFDIO_COPY at {off:#x}")))?
-        {
+        let filled = match self.uffd.copy(host, data) {
+            Ok(f) => f,
+            Err(e) => {
+                let e = io_err(format!("UFFDIO_COPY at {off:#x}"))(e);
+                self.finish(Err(Error::Protocol(e.to_string())));
+                return Err(e);
+            }
+        };
+        if !filled {
             self.duplicate.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
         self.received[(pfn / 64) as usize].fetch_or(1 << (pfn % 64), Ordering::AcqRel);
-        match via {
-            Via::Push => &self.pushed,
-            Via::Demand => &self.demand,
-            Via::Prepage => &self.prepaged,
+        let asked = lock(&self.pending).remove(&pfn);
+        // The first page of an answer on the fault channel is the demanded one;
+        // without a fault channel, a page that was asked for counts as demanded.
+        match (urgent, first, asked.is_some()) {
+            (true, true, _) | (false, _, true) => &self.demand,
+            (true, false, _) => &self.prepaged,
+            (false, _, false) => &self.pushed,
         }
         .fetch_add(1, Ordering::Relaxed);
         self.last_fill_ns
             .fetch_max(self.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let asked = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&pfn);
         if let Some(at) = asked {
-            self.latencies_us
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(at.elapsed().as_micros() as u64);
+            lock(&self.latencies_us).push(at.elapsed().as_micros() as u64);
         }
         if self.filled.fetch_add(1, Ordering::AcqRel) + 1 == self.total {
             self.finish(Ok(()));
@@ -579,8 +938,7 @@ impl Dest {
         Ok(())
     }
 
-    /// Reads page batches from `r` and fills them; the first page of a batch on
-    /// the urgent channel is the demanded one.
+    /// Reads page batches from `r` and fills them.
     fn receive_pages(&self, r: &mut impl Read, urgent: bool) -> Result<()> {
         let mut buf = vec![Page([0; PAGE_SIZE as usize]); MAX_BATCH_PAGES];
         loop {
@@ -598,19 +956,33 @@ impl Dest {
             let data = pages_as_bytes(&mut buf[..offsets.len()]);
             r.read_exact(data).map_err(wire::WireError::from)?;
             for (i, &off) in offsets.iter().enumerate() {
-                let via = match (urgent, i) {
-                    (false, _) => Via::Push,
-                    (true, 0) => Via::Demand,
-                    (true, _) => Via::Prepage,
-                };
                 let p = &data[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
-                self.fill(off, p, via)?;
+                self.fill(off, p, urgent, i == 0)?;
+            }
+        }
+    }
+
+    /// Asks the source for `pfn`, if the link is up; otherwise the request
+    /// waits in `pending` and goes out when the source reconnects.
+    fn request(&self, pfn: u64) {
+        let mut w = lock(&self.requests);
+        if let Some(s) = w.as_mut() {
+            let gen = self.generation.load(Ordering::Acquire);
+            if let Err(e) = wire::write_control(
+                s,
+                &Message::PageRequest {
+                    offset: pfn * PAGE_SIZE,
+                },
+            ) {
+                *w = None;
+                drop(w);
+                self.link_lost(gen, &e.to_string());
             }
         }
     }
 
     /// The fault thread: zero pages are filled here, others asked for.
-    fn handle_faults(&self, mut urgent: TcpStream) -> Result<()> {
+    fn handle_faults(&self) -> Result<()> {
         let zero = Page([0; PAGE_SIZE as usize]);
         let mut addrs = Vec::new();
         while !self.stop.load(Ordering::Relaxed) {
@@ -644,7 +1016,7 @@ impl Dest {
                     continue;
                 }
                 {
-                    let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut p = lock(&self.pending);
                     if p.contains_key(&pfn) {
                         continue; // already asked for
                     }
@@ -652,26 +1024,214 @@ impl Dest {
                 }
                 if self.received(pfn) {
                     // Arrived in between.
-                    self.pending
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&pfn);
+                    lock(&self.pending).remove(&pfn);
                     let _ = self.uffd.wake(page_addr, PAGE_SIZE);
                     continue;
                 }
                 self.faults.fetch_add(1, Ordering::Relaxed);
-                wire::write_control(&mut urgent, &Message::PageRequest { offset: off })?;
+                self.request(pfn);
             }
         }
         Ok(())
     }
 
+    /// Ends the current session: its sockets are shut, its threads exit.
+    fn end_session(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.link_up.store(false, Ordering::Release);
+        // Shut the sockets first: that unblocks a writer holding `requests`.
+        for s in std::mem::take(&mut *lock(&self.links)) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        *lock(&self.requests) = None;
+        *lock(&self.main) = None;
+    }
+
+    /// A thread of session `gen` saw its connection fail: the guest's faults
+    /// wait until the source reconnects (it keeps every page we lack).
+    fn link_lost(&self, gen: u64, why: &str) {
+        if self.stop.load(Ordering::Relaxed) || self.generation.load(Ordering::Acquire) != gen {
+            return;
+        }
+        tracing::warn!(
+            error = why,
+            waiting = lock(&self.pending).len(),
+            "post-copy link lost: the VM's missing pages wait until the source reconnects"
+        );
+        self.end_session();
+    }
+
+    /// Starts a session on `main` (read through `main_r`) and, with a fault
+    /// channel, `urgent`: faults that waited for the link are asked again.
+    fn start_session(
+        self: &Arc<Self>,
+        main_r: BufReader<TcpStream>,
+        main: TcpStream,
+        urgent: Option<TcpStream>,
+    ) -> Result<()> {
+        let gen = self.generation.load(Ordering::Acquire);
+        let clone = |s: &TcpStream| s.try_clone().map_err(io_err("socket"));
+        *lock(&self.links) = std::iter::once(&main)
+            .chain(urgent.as_ref())
+            .map(clone)
+            .collect::<Result<_>>()?;
+        *lock(&self.main) = Some(clone(&main)?);
+        let mut req = clone(urgent.as_ref().unwrap_or(&main))?;
+        {
+            let mut w = lock(&self.requests);
+            let waiting: Vec<u64> = lock(&self.pending).keys().copied().collect();
+            for pfn in waiting {
+                wire::write_control(
+                    &mut req,
+                    &Message::PageRequest {
+                        offset: pfn * PAGE_SIZE,
+                    },
+                )?;
+            }
+            *w = Some(req);
+        }
+        self.link_up.store(true, Ordering::Release);
+        let mut readers = vec![(main_r, false)];
+        if let Some(u) = urgent {
+            readers.push((BufReader::new(u), true));
+        }
+        for (mut r, urgent) in readers {
+            let d = self.clone();
+            spawn(
+                if urgent { "fault-pages" } else { "push-pages" },
+                move || match d.receive_pages(&mut r, urgent) {
+                    Err(Error::PeerCancelled(why)) => d.finish(Err(Error::PeerCancelled(why))),
+                    Err(e) => d.link_lost(gen, &e.to_string()),
+                    Ok(()) => {}
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Accepts the source's reconnections until the phase ends (and for
+    /// [`DONE_GRACE`] after it completed, to repeat the `PostcopyDone`).
+    fn serve_recovery(self: Arc<Self>, listener: TcpListener) {
+        if let Err(e) = listener.set_nonblocking(true) {
+            tracing::error!("recovery listener: {e}");
+            return;
+        }
+        let mut pending_main: Option<TcpStream> = None;
+        let mut done_at: Option<Instant> = None;
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                if lock(&self.report).is_none() {
+                    return; // failed: nothing to recover
+                }
+                let at = *done_at.get_or_insert_with(Instant::now);
+                if at.elapsed() > DONE_GRACE {
+                    return;
+                }
+            }
+            match listener.accept() {
+                Ok((s, peer)) => {
+                    if let Err(e) = self.recovery_connection(s, peer, &mut pending_main) {
+                        tracing::warn!(%peer, "post-copy recovery connection refused: {e}");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => {
+                    tracing::warn!("recovery listener: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    fn recovery_connection(
+        self: &Arc<Self>,
+        mut s: TcpStream,
+        peer: SocketAddr,
+        pending_main: &mut Option<TcpStream>,
+    ) -> Result<()> {
+        let refuse = |s: &mut TcpStream, reason: String| {
+            let _ = wire::write_control(
+                s,
+                &Message::Refuse {
+                    reason: reason.clone(),
+                },
+            );
+            Err(Error::Refused(reason))
+        };
+        s.set_nonblocking(false).map_err(io_err("socket"))?;
+        s.set_read_timeout(Some(LINK_TIMEOUT))
+            .map_err(io_err("socket timeout"))?;
+        if peer.ip() != self.source {
+            return refuse(
+                &mut s,
+                format!(
+                    "{} is not this migration's source ({})",
+                    peer.ip(),
+                    self.source
+                ),
+            );
+        }
+        let (job, urgent) = match wire::expect_control(&mut s, "RecoverHello")? {
+            Message::RecoverHello { job, urgent } => (job, urgent),
+            other => {
+                return refuse(
+                    &mut s,
+                    format!("expected RecoverHello, got {}", other.name()),
+                )
+            }
+        };
+        if job != self.token {
+            return refuse(
+                &mut s,
+                format!("no post-copy migration {job:#x} awaits recovery here"),
+            );
+        }
+        if let Some(report) = lock(&self.report).clone() {
+            wire::write_control(&mut s, &Message::PostcopyDone { report })?;
+            return Ok(());
+        }
+        if self.stop.load(Ordering::Relaxed) {
+            let why = lock(&self.failure).clone().unwrap_or_default();
+            return refuse(&mut s, format!("post-copy failed on this host: {why}"));
+        }
+        watch_link(&s)?;
+        if !urgent {
+            // The source's word is final: whatever the old session looked like
+            // from here, it is over.
+            self.end_session();
+            let bitmap: Vec<u64> = self
+                .received
+                .iter()
+                .map(|w| w.load(Ordering::Acquire))
+                .collect();
+            wire::write_control(&mut s, &Message::Received { bitmap })?;
+            s.set_read_timeout(None).map_err(io_err("socket timeout"))?;
+            if self.channel {
+                *pending_main = Some(s);
+                return Ok(());
+            }
+            let r = BufReader::new(s.try_clone().map_err(io_err("socket"))?);
+            self.start_session(r, s, None)?;
+        } else {
+            let Some(main) = pending_main.take() else {
+                return refuse(&mut s, "fault channel before the main connection".into());
+            };
+            s.set_read_timeout(None).map_err(io_err("socket timeout"))?;
+            let r = BufReader::new(main.try_clone().map_err(io_err("socket"))?);
+            self.start_session(r, main, Some(s))?;
+        }
+        let n = self.recoveries.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(
+            recoveries = n,
+            "post-copy link re-established by the source"
+        );
+        Ok(())
+    }
+
     fn report(&self) -> PostcopyReport {
-        let mut l = self
-            .latencies_us
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let mut l = lock(&self.latencies_us).clone();
         l.sort_unstable();
         let pct = |p: usize| {
             if l.is_empty() {
@@ -693,6 +1253,7 @@ impl Dest {
             p99_us: pct(99),
             max_us: l.last().copied().unwrap_or(0),
             resume_to_last_us: last.saturating_sub(resumed) / 1000,
+            blocked_us: l.iter().sum(),
         }
     }
 }
@@ -708,7 +1269,7 @@ fn spawn<T: Send + 'static>(
 }
 
 /// Destination side, from the `PageMap` on: registers guest RAM with
-/// userfaultfd, opens the urgent channel, loads the state, does the commit
+/// userfaultfd, opens the fault channel, loads the state, does the commit
 /// exchange and returns the running VM; pages keep arriving in the background.
 pub(crate) fn receive(
     prepared: PreparedVm,
@@ -754,6 +1315,52 @@ pub(crate) fn receive(
     let map = RamMap::new(&ram);
     map.register(&uffd)
         .map_err(io_err("registering guest RAM with userfaultfd"))?;
+    tracing::debug!(
+        pages = total,
+        "post-copy: guest RAM registered with userfaultfd"
+    );
+    let source = r
+        .get_ref()
+        .peer_addr()
+        .map_err(io_err("peer address"))?
+        .ip();
+
+    // UrgentListen, then State.
+    let mut channel = None;
+    let state = loop {
+        match wire::expect_control(&mut r, "UrgentListen or State")? {
+            Message::UrgentListen { port: 0, job } => channel = Some((None, job)),
+            Message::UrgentListen { port, job } => {
+                let mut s = TcpStream::connect_timeout(
+                    &SocketAddr::new(source, port),
+                    Duration::from_secs(10),
+                )
+                .map_err(io_err(format!(
+                    "opening the fault channel to {source}:{port}"
+                )))?;
+                s.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
+                wire::write_control(&mut s, &Message::UrgentHello { job })?;
+                channel = Some((Some(s), job));
+            }
+            Message::State { blob } => break VmState::decode(&blob)?,
+            Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unexpected {} after the PageMap",
+                    other.name()
+                )))
+            }
+        }
+    };
+    let (urgent, token) =
+        channel.ok_or_else(|| Error::Protocol("State arrived before UrgentListen".into()))?;
+    // Where the source reconnects if the link drops after the switch.
+    let local = out.local_addr().map_err(io_err("socket address"))?;
+    let recovery = TcpListener::bind((local.ip(), 0)).map_err(io_err("recovery listener"))?;
+    let recover_port = recovery
+        .local_addr()
+        .map_err(io_err("recovery listener"))?
+        .port();
     let (done_tx, done_rx) = mpsc::channel();
     let dest = Arc::new(Dest {
         uffd,
@@ -776,71 +1383,37 @@ pub(crate) fn receive(
         last_fill_ns: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         done: Mutex::new(Some(done_tx)),
+        source,
+        token,
+        channel: urgent.is_some(),
+        generation: AtomicU64::new(0),
+        requests: Mutex::new(None),
+        main: Mutex::new(None),
+        links: Mutex::new(Vec::new()),
+        link_up: AtomicBool::new(false),
+        recoveries: AtomicU64::new(0),
+        recover_port,
+        report: Mutex::new(None),
+        failure: Mutex::new(None),
     });
-    tracing::debug!(
-        pages = total,
-        "post-copy: guest RAM registered with userfaultfd"
-    );
-
-    // UrgentListen, then State.
-    let mut urgent: Option<TcpStream> = None;
-    let state = loop {
-        match wire::expect_control(&mut r, "UrgentListen or State")? {
-            Message::UrgentListen { port, job } => {
-                let ip = r
-                    .get_ref()
-                    .peer_addr()
-                    .map_err(io_err("peer address"))?
-                    .ip();
-                let mut s = TcpStream::connect_timeout(
-                    &std::net::SocketAddr::new(ip, port),
-                    Duration::from_secs(10),
-                )
-                .map_err(io_err(format!("opening the urgent channel to {ip}:{port}")))?;
-                s.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
-                wire::write_control(&mut s, &Message::UrgentHello { job })?;
-                urgent = Some(s);
-            }
-            Message::State { blob } => break VmState::decode(&blob)?,
-            Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
-            other => {
-                return Err(Error::Protocol(format!(
-                    "unexpected {} after the PageMap",
-                    other.name()
-                )))
-            }
-        }
-    };
-    let urgent =
-        urgent.ok_or_else(|| Error::Protocol("State arrived before UrgentListen".into()))?;
     let faults = {
         let d = dest.clone();
-        let w = urgent.try_clone().map_err(io_err("socket"))?;
         spawn("uffd-faults", move || {
-            let r = d.handle_faults(w);
-            if let Err(e) = &r {
+            if let Err(e) = d.handle_faults() {
                 tracing::error!("post-copy fault thread: {e}");
-                d.finish(Err(Error::Protocol(format!("fault thread: {e}"))));
+                d.finish(Err(e));
             }
         })?
     };
-    let urgent_rx = {
-        let d = dest.clone();
-        let mut rd = BufReader::new(urgent.try_clone().map_err(io_err("socket"))?);
-        spawn("urgent-pages", move || {
-            if let Err(e) = d.receive_pages(&mut rd, true) {
-                if !d.stop.load(Ordering::Relaxed) {
-                    d.finish(Err(e));
-                }
-            }
-        })?
-    };
-
     let fail = |e: Error| {
         dest.stop.store(true, Ordering::Relaxed);
-        let _ = urgent.shutdown(Shutdown::Both);
+        if let Some(u) = &urgent {
+            let _ = u.shutdown(Shutdown::Both);
+        }
         e
     };
+    wire::write_control(&mut out, &Message::RecoverListen { port: recover_port })
+        .map_err(|e| fail(e.into()))?;
     let vm = prepared.load(&state).map_err(|e| fail(e.into()))?;
     wire::write_control(&mut out, &Message::Ready).map_err(|e| fail(e.into()))?;
     match wire::expect_control(&mut r, "Go").map_err(|e| fail(e.into()))? {
@@ -856,33 +1429,32 @@ pub(crate) fn receive(
     dest.resumed_ns
         .store(dest.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
     stats.resume_us = crate::incoming::resume_and_confirm(&vm, &mut out, on_running)?;
+    stats.postcopy = Some(PostcopyWatch(dest.clone()));
     if total == 0 {
         dest.finish(Ok(()));
     }
-
-    let push_rx = {
+    for s in std::iter::once(&out).chain(urgent.as_ref()) {
+        watch_link(s)?;
+        s.set_read_timeout(None).map_err(io_err("socket timeout"))?;
+    }
+    dest.start_session(r, out, urgent)?;
+    {
         let d = dest.clone();
-        spawn("push-pages", move || {
-            if let Err(e) = d.receive_pages(&mut r, false) {
-                if !d.stop.load(Ordering::Relaxed) {
-                    d.finish(Err(e));
-                }
-            }
-        })?
-    };
+        spawn("postcopy-recovery", move || d.serve_recovery(recovery))?;
+    }
     let control = vm.exit_watch();
-    let main_sock = out.try_clone().map_err(io_err("socket"))?;
     spawn("postcopy-done", move || {
         let result = done_rx
             .recv()
             .unwrap_or_else(|_| Err(Error::Protocol("post-copy threads vanished".into())));
-        dest.stop.store(true, Ordering::Relaxed);
         match result {
             Ok(()) => {
                 if let Err(e) = dest.map.unregister(&dest.uffd) {
                     tracing::warn!("unregistering userfaultfd: {e}");
                 }
                 let report = dest.report();
+                *lock(&dest.report) = Some(report.clone());
+                dest.stop.store(true, Ordering::Relaxed);
                 tracing::info!(
                     pages = dest.total,
                     demand = report.demand,
@@ -892,25 +1464,28 @@ pub(crate) fn receive(
                     faults = report.faults,
                     p50_us = report.p50_us,
                     p99_us = report.p99_us,
+                    recoveries = dest.recoveries.load(Ordering::Relaxed),
                     resume_to_last_ms = report.resume_to_last_us as f64 / 1e3,
                     "post-copy complete: every page is here"
                 );
-                if let Err(e) = wire::write_control(&mut out, &Message::PostcopyDone { report }) {
-                    tracing::warn!("sending PostcopyDone: {e}");
+                // If the link is down, the source gets it when it reconnects.
+                if let Some(main) = lock(&dest.main).as_mut() {
+                    if let Err(e) = wire::write_control(main, &Message::PostcopyDone { report }) {
+                        tracing::warn!("sending PostcopyDone: {e} (repeated on reconnection)");
+                    }
+                    let _ = main.flush();
                 }
-                let _ = out.flush();
             }
             Err(e) => {
                 // The guest cannot go on without its memory.
                 tracing::error!("post-copy failed: {e}");
+                *lock(&dest.failure) = Some(e.to_string());
+                dest.stop.store(true, Ordering::Relaxed);
                 control.stop(VmExit::Failed(format!("post-copy failed: {e}")));
             }
         }
-        let _ = urgent.shutdown(Shutdown::Both);
-        let _ = main_sock.shutdown(Shutdown::Both);
+        dest.end_session();
         let _ = faults.join();
-        let _ = urgent_rx.join();
-        let _ = push_rx.join();
     })?;
     Ok((vm, stats))
 }

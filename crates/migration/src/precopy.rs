@@ -45,6 +45,9 @@ pub struct Params {
     pub postcopy_after_rounds: u32,
     /// Post-copy: pages sent along with each demanded page (pre-paging window).
     pub prepaging_window: u32,
+    /// Post-copy: fault requests and their answers on a connection of their own
+    /// (true), or on the main connection behind the background push (false).
+    pub fault_channel: bool,
 }
 
 impl Params {
@@ -61,6 +64,7 @@ impl Params {
             verify: false,
             postcopy_after_rounds: 3,
             prepaging_window: 16,
+            fault_channel: true,
         }
     }
 }
@@ -88,6 +92,11 @@ pub struct Job {
     pub cancel: AtomicBool,
     /// Hybrid mode: set to switch to post-copy at the end of the current round.
     pub postcopy_now: AtomicBool,
+    /// Post-copy recovery: set to try reconnecting now instead of after the back-off.
+    pub recover_now: AtomicBool,
+    /// The post-copy phase's live sockets, so that a fault-injection hook (and the
+    /// phase itself, when one of them fails) can cut them all.
+    pub(crate) links: Mutex<Vec<TcpStream>>,
 }
 
 impl Job {
@@ -100,6 +109,16 @@ impl Job {
     /// A copy of the current statistics.
     pub fn snapshot(&self) -> MigrationStats {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Shuts down the post-copy phase's connections, as a lost link would
+    /// (fault injection for tests; the phase then recovers). Returns how many.
+    pub fn cut_links(&self) -> usize {
+        let links = std::mem::take(&mut *self.links.lock().unwrap_or_else(|p| p.into_inner()));
+        for s in &links {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        links.len()
     }
 
     pub(crate) fn check_cancel(&self) -> Result<()> {

@@ -55,6 +55,9 @@ pub struct FaultStats {
     /// Faults on zero pages, filled locally on the destination.
     #[serde(default)]
     pub zero: u64,
+    /// Sum of the latencies: time vCPUs spent blocked on the source, µs.
+    #[serde(default)]
+    pub blocked_us: u64,
 }
 
 /// Statistics of one migration, updated live.
@@ -66,7 +69,8 @@ pub struct MigrationStats {
     pub vm: String,
     /// precopy, postcopy, hybrid.
     pub mode: String,
-    /// setup, active, completed, failed, cancelled.
+    /// setup, active, postcopy-active, postcopy-paused (link lost, reconnecting),
+    /// completed, failed, cancelled.
     pub status: String,
     /// completed, failed, cancelled (empty while running).
     pub outcome: String,
@@ -109,6 +113,12 @@ pub struct MigrationStats {
     /// Post-copy: pages sent along with each demanded page (0 outside post-copy).
     #[serde(default)]
     pub prepaging_window: u32,
+    /// Post-copy: whether fault requests and answers had their own connection.
+    #[serde(default)]
+    pub fault_channel: bool,
+    /// Post-copy: times the link was lost after the switch and re-established.
+    #[serde(default)]
+    pub recoveries: u32,
     /// The cost model fed with this migration's measured parameters, beside the
     /// measured times (set when the migration ends).
     #[serde(default)]

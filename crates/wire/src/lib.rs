@@ -172,6 +172,27 @@ pub enum Message {
         /// What the destination measured.
         report: PostcopyReport,
     },
+    /// Destination → source (post-copy, before `Ready`): if the link drops after
+    /// the switch, the source reconnects to the destination's address on this
+    /// port to resume the migration (post-copy recovery).
+    RecoverListen {
+        /// TCP port the destination's VM process listens on.
+        port: u16,
+    },
+    /// Source → destination: first frame on a recovery connection.
+    RecoverHello {
+        /// The migration's token (the one of `UrgentListen`).
+        job: u64,
+        /// True for the new urgent channel, false for the new main connection.
+        urgent: bool,
+    },
+    /// Destination → source on a new main connection: the pages it holds, one
+    /// bit per page of guest RAM (bit `pfn % 64` of word `pfn / 64`). The source
+    /// sends every expected page not in it.
+    Received {
+        /// The received-bitmap.
+        bitmap: Vec<u64>,
+    },
 }
 
 /// The destination's account of a post-copy phase, carried in `PostcopyDone`.
@@ -197,6 +218,8 @@ pub struct PostcopyReport {
     pub max_us: u64,
     /// Destination resume to the last page filled, µs.
     pub resume_to_last_us: u64,
+    /// Sum of all fault latencies: the time vCPUs spent blocked on the source, µs.
+    pub blocked_us: u64,
 }
 
 impl Message {
@@ -220,6 +243,9 @@ impl Message {
             Message::UrgentHello { .. } => "UrgentHello",
             Message::PageRequest { .. } => "PageRequest",
             Message::PostcopyDone { .. } => "PostcopyDone",
+            Message::RecoverListen { .. } => "RecoverListen",
+            Message::RecoverHello { .. } => "RecoverHello",
+            Message::Received { .. } => "Received",
         }
     }
 }
@@ -469,6 +495,14 @@ mod tests {
                     p99_us: 300,
                     ..Default::default()
                 },
+            },
+            Message::RecoverListen { port: 4243 },
+            Message::RecoverHello {
+                job: 7,
+                urgent: true,
+            },
+            Message::Received {
+                bitmap: vec![0, u64::MAX, 5],
             },
         ] {
             let f = encode_control(&m).unwrap();

@@ -88,6 +88,14 @@ pub enum Cmd {
         /// Bandwidth cap in bytes per second, e.g. 128M (a bare number is MiB/s).
         #[arg(long, value_name = "RATE", value_parser = migd::size::parse_size)]
         max_bandwidth: Option<u64>,
+        /// Post-copy and hybrid: pages sent along with each page the guest
+        /// faulted on (pre-paging window; 0 turns pre-paging off).
+        #[arg(long, value_name = "PAGES")]
+        prepaging_window: Option<u32>,
+        /// Post-copy and hybrid: send fault requests and their answers on the
+        /// main connection, behind the background push, instead of their own.
+        #[arg(long)]
+        no_fault_channel: bool,
         /// Print the job id and return at once.
         #[arg(long)]
         detach: bool,
@@ -110,6 +118,9 @@ pub enum Cmd {
     Cancel { id: String },
     /// Switch a running hybrid job to post-copy at the end of its current round.
     Postcopy { id: String },
+    /// Reconnect a post-copy job whose link was lost now, instead of after its
+    /// back-off (like QEMU's migrate-recover/migrate -r; run on the source).
+    Recover { id: String },
     /// Predict downtime and total time of a migration with the cost model, from
     /// the VM's measured memory and dirty rate and a probe of the path.
     Estimate {

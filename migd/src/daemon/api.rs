@@ -19,9 +19,9 @@ use super::vmproc::{self, vm_call, vm_request};
 use super::Daemon;
 
 /// Commands of the API, in the order `unknown command` lists them.
-const COMMANDS: [&str; 14] = [
+const COMMANDS: [&str; 15] = [
     "create", "list", "info", "pause", "resume", "destroy", "console", "migrate", "jobs", "job",
-    "cancel", "postcopy", "estimate", "ping",
+    "cancel", "postcopy", "recover", "estimate", "ping",
 ];
 
 /// How long `create` waits for the new VM process's control socket.
@@ -63,6 +63,9 @@ enum Request {
         id: String,
     },
     Postcopy {
+        id: String,
+    },
+    Recover {
         id: String,
     },
     Estimate {
@@ -252,6 +255,7 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
         },
         Request::Cancel { id } => jobs::job_command(d, &id, "cancel").await,
         Request::Postcopy { id } => jobs::job_command(d, &id, "postcopy").await,
+        Request::Recover { id } => jobs::job_command(d, &id, "recover").await,
         Request::Estimate {
             name,
             to,

@@ -29,7 +29,13 @@ pub struct Job {
     pub mode: String,
     pub max_downtime_ms: u64,
     pub max_bandwidth: Option<u64>,
-    /// setup, active, completed, failed or cancelled.
+    /// Post-copy: pages sent with each demanded one (the VM process's default if unset).
+    #[serde(default)]
+    pub prepaging_window: Option<u32>,
+    /// Post-copy: fault requests share the main connection (for comparison).
+    #[serde(default)]
+    pub no_fault_channel: bool,
+    /// setup, active, postcopy-active, postcopy-paused, completed, failed or cancelled.
     pub status: String,
     /// Unix seconds.
     pub started: u64,
@@ -60,6 +66,10 @@ pub struct MigrateRequest {
     pub max_downtime_ms: u64,
     #[serde(default)]
     pub max_bandwidth: Option<u64>,
+    #[serde(default)]
+    pub prepaging_window: Option<u32>,
+    #[serde(default)]
+    pub no_fault_channel: bool,
     #[serde(default)]
     pub detach: bool,
 }
@@ -185,6 +195,8 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             mode: req.mode.clone(),
             max_downtime_ms: req.max_downtime_ms,
             max_bandwidth: req.max_bandwidth,
+            prepaging_window: req.prepaging_window,
+            no_fault_channel: req.no_fault_channel,
             status: "setup".into(),
             started: state::now(),
             ended: None,
@@ -203,6 +215,8 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             "mode": job.mode,
             "max_downtime_ms": job.max_downtime_ms,
             "max_bandwidth": job.max_bandwidth,
+            "prepaging_window": job.prepaging_window,
+            "fault_channel": !job.no_fault_channel,
             "job": job.id,
         }),
         Duration::from_secs(10),
@@ -401,6 +415,8 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
             mode: stats["mode"].as_str().unwrap_or("?").to_string(),
             max_downtime_ms: DEFAULT_MAX_DOWNTIME_MS,
             max_bandwidth: None,
+            prepaging_window: None,
+            no_fault_channel: false,
             status: status.clone(),
             started: state::now(),
             ended: None,

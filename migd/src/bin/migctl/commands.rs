@@ -91,6 +91,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             mode,
             max_downtime,
             max_bandwidth,
+            prepaging_window,
+            no_fault_channel,
             detach,
             json,
         } => {
@@ -101,6 +103,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let r = c.call(&json!({
                 "cmd": "migrate", "name": name, "to": to, "mode": mode,
                 "max_downtime_ms": max_downtime, "max_bandwidth": max_bandwidth, "detach": true,
+                "prepaging_window": prepaging_window, "no_fault_channel": no_fault_channel,
             }))?;
             let id = r["job"]
                 .as_str()
@@ -159,6 +162,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Postcopy { id } => {
             connect()?.call(&json!({"cmd": "postcopy", "id": id}))?;
             println!("switching {id} to post-copy");
+        }
+        Cmd::Recover { id } => {
+            connect()?.call(&json!({"cmd": "recover", "id": id}))?;
+            println!("reconnecting {id}");
         }
     }
     Ok(ExitCode::SUCCESS)
