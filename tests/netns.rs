@@ -16,6 +16,7 @@ use serde_json::Value;
 struct Link {
     ns: [String; 2],
     ip: [&'static str; 2],
+    dev: [String; 2],
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -36,12 +37,16 @@ fn ip(args: &[&str]) -> Result<(), String> {
 
 impl Link {
     fn new() -> Result<Link, String> {
-        let id = std::process::id() % 100_000;
+        // Unique per test (tests of this file run in parallel): 15-byte device names.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = std::process::id() % 10_000 * 10 + n % 10;
+        let (va, vb) = (format!("mva{id}"), format!("mvb{id}"));
         let link = Link {
             ns: [format!("migdA{id}"), format!("migdB{id}")],
             ip: ["10.231.0.1", "10.231.0.2"],
+            dev: [va.clone(), vb.clone()],
         };
-        let (va, vb) = (format!("mva{id}"), format!("mvb{id}"));
         ip(&["netns", "add", &link.ns[0]])?;
         ip(&["netns", "add", &link.ns[1]])?;
         ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
@@ -52,6 +57,14 @@ impl Link {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         Ok(link)
+    }
+}
+
+impl Link {
+    /// Takes host A's end of the veth pair down (`false`) or up (`true`).
+    fn set_a(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.ns[0], "link", "set", &self.dev[0], state]).unwrap();
     }
 }
 
@@ -110,20 +123,27 @@ fn operator_switch_to_postcopy(from: &Daemon, target: &str) -> Value {
     }
 }
 
+/// Two namespaces, or None (SKIP) where they cannot be made outside CI.
+fn link_or_skip(test: &str) -> Option<Link> {
+    match Link::new() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("cannot make network namespaces under CI=true: {e}");
+            }
+            eprintln!("SKIP {test}: {e}");
+            None
+        }
+    }
+}
+
 #[test]
 fn migrate_between_two_network_namespaces_and_back() {
     if !kvm_or_skip("migrate_between_two_network_namespaces_and_back") {
         return;
     }
-    let link = match Link::new() {
-        Ok(l) => l,
-        Err(e) => {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("cannot make network namespaces under CI=true: {e}");
-            }
-            eprintln!("SKIP migrate_between_two_network_namespaces_and_back: {e}");
-            return;
-        }
+    let Some(link) = link_or_skip("migrate_between_two_network_namespaces_and_back") else {
+        return;
     };
     let dir = scratch("netns");
     let port = 7070;
@@ -186,5 +206,131 @@ fn migrate_between_two_network_namespaces_and_back() {
         n = console.wait_heartbeats(n, 2, Duration::from_secs(30));
         console.assert_clean();
     }
+    b.ok(&["destroy", "web1"]);
+}
+
+/// Polls `migctl job ID --json` until `pred` holds on its status; returns the job.
+fn wait_job(d: &Daemon, id: &str, what: &str, secs: u64, pred: impl Fn(&str) -> bool) -> Value {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let j: Value = serde_json::from_str(&d.ok(&["job", id, "--json"])).unwrap();
+        if pred(j["status"].as_str().unwrap_or("")) {
+            return j;
+        }
+        assert!(Instant::now() < end, "job {id} never {what}: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts a slow post-copy migration of web1 and takes the link down as soon
+/// as the destination runs the VM; returns the job id once the source has seen
+/// the link die.
+fn postcopy_then_link_down(link: &Link, from: &Daemon, target: &str) -> String {
+    let job = from.ok(&[
+        "migrate",
+        "web1",
+        "--to",
+        target,
+        "--mode",
+        "postcopy",
+        "--max-bandwidth",
+        "2M",
+        "--prepaging-window",
+        "0",
+        "--detach",
+    ]);
+    let job = job.trim().to_string();
+    wait_job(from, &job, "switched to post-copy", 30, |s| {
+        s == "postcopy-active"
+    });
+    link.set_a(false);
+    // A dead link shows within the 5 s link timeout; the source keeps its half.
+    let j = wait_job(from, &job, "lost the link", 20, |s| s != "postcopy-active");
+    assert_eq!(j["status"], "postcopy-paused", "{j}");
+    job
+}
+
+#[test]
+fn postcopy_recovers_after_the_link_goes_down_and_up() {
+    if !kvm_or_skip("postcopy_recovers_after_the_link_goes_down_and_up") {
+        return;
+    }
+    let Some(link) = link_or_skip("postcopy_recovers_after_the_link_goes_down_and_up") else {
+        return;
+    };
+    let dir = scratch("netns-recover");
+    let port = 7070;
+    let a = Daemon::start_in_netns(&dir, "a", &link.ns[0], link.ip[0], port);
+    let b = Daemon::start_in_netns(&dir, "b", &link.ns[1], link.ip[1], port);
+    let _ra = Reaper(a.state.clone());
+    let _rb = Reaper(b.state.clone());
+    let elf = guest_elf();
+    a.ok(&[
+        "create",
+        "web1",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cmdline",
+        "workload=dirty:48:2",
+        "--memory",
+        "256M",
+        "--vcpus",
+        "2",
+    ]);
+    let console = Console(a.vm_dir("web1").join("console.log"));
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let n = console.wait_heartbeats(0, 2, Duration::from_secs(30));
+
+    // A → B: the link dies after the switch and comes back; `migctl recover`
+    // reconnects without waiting for the back-off.
+    let job = postcopy_then_link_down(&link, &a, &format!("{}:{port}", link.ip[1]));
+    let err = a.fails(&["recover", "job999"]);
+    assert!(err.contains("no job 'job999'"), "{err}");
+    std::thread::sleep(Duration::from_secs(1));
+    link.set_a(true);
+    a.ok(&["recover", &job]);
+    let j = wait_job(&a, &job, "ended", 60, |s| {
+        matches!(s, "completed" | "failed" | "cancelled")
+    });
+    let stats = &j["stats"];
+    assert_eq!(
+        j["status"],
+        "completed",
+        "{j}\n{}\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    assert!(stats["recoveries"].as_u64().unwrap() >= 1, "{stats}");
+    let p = &stats["pages"];
+    let arrived: u64 = ["demand", "pushed", "prepaged"]
+        .iter()
+        .map(|k| p[k].as_u64().unwrap())
+        .sum();
+    assert_eq!(arrived, p["expected"].as_u64().unwrap(), "{stats}");
+    wait_state(&b, "web1", "running");
+    let console = Console(b.vm_dir("web1").join("console.log"));
+    let n = console.wait_heartbeats(n, 3, Duration::from_secs(30));
+    console.assert_clean();
+
+    // B → A, and this time the operator gives up while the link is down: the
+    // job fails saying which host holds what, and neither side destroys its half.
+    let job = postcopy_then_link_down(&link, &b, &format!("{}:{port}", link.ip[0]));
+    b.ok(&["cancel", &job]);
+    let j = wait_job(&b, &job, "ended", 30, |s| {
+        matches!(s, "completed" | "failed" | "cancelled")
+    });
+    assert_eq!(j["status"], "failed", "{j}");
+    let why = j["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        why.contains("abandoned by the operator")
+            && why.contains(link.ip[0])
+            && why.contains("holds"),
+        "{why}"
+    );
+    let info: Value = serde_json::from_str(&b.ok(&["info", "web1", "--json"])).unwrap();
+    assert_eq!(info["state"], "paused", "the source keeps its half: {info}");
+    let _ = n;
+    link.set_a(true);
+    a.ok(&["destroy", "web1"]);
     b.ok(&["destroy", "web1"]);
 }

@@ -321,6 +321,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
             }
         }
     };
+    if let Some(w) = ARRIVING.get() {
+        w.abandon();
+    }
     vm.shutdown(VmExit::Stopped);
     if let Some(p) = &args.control {
         let _ = std::fs::remove_file(p);

@@ -854,6 +854,32 @@ pub struct PostcopyIncoming {
 pub struct PostcopyWatch(Arc<Dest>);
 
 impl PostcopyWatch {
+    /// Before the VM is torn down with pages still missing (the operator gave
+    /// up on this half): ends the phase and unregisters guest RAM from
+    /// userfaultfd, which wakes every fault still waiting (KVM's async page
+    /// fault workers included; closing the VM would wait for them forever).
+    /// Nothing happens once every page is here.
+    pub fn abandon(&self) {
+        let d = &self.0;
+        if lock(&d.report).is_some() {
+            return;
+        }
+        d.stop.store(true, Ordering::Relaxed);
+        let missing = d.total - d.filled.load(Ordering::Relaxed);
+        lock(&d.failure).get_or_insert_with(|| {
+            format!("abandoned with {missing} of {} pages missing", d.total)
+        });
+        tracing::warn!(
+            missing,
+            pages = d.total,
+            "stopping a VM whose post-copy never completed: its missing pages are lost here"
+        );
+        d.end_session();
+        if let Err(e) = d.map.unregister(&d.uffd) {
+            tracing::warn!("unregistering userfaultfd: {e}");
+        }
+    }
+
     /// The phase as it is now.
     pub fn status(&self) -> PostcopyIncoming {
         let d = &self.0;
