@@ -1,9 +1,10 @@
 //! Post-copy and hybrid live migration.
 //!
 //! Source: (hybrid only) pre-copy rounds as in [`crate::precopy`]; then pause,
-//! `Zero` for dirty pages that are zero now (hybrid), `PageMap` (the pages the
-//! destination must still receive), `UrgentListen` (a port on the source the
-//! destination connects back to), `State`; the commit exchange (Ready, Go,
+//! `PageMap` (the pages the destination must still receive: data extents or
+//! dirty pages, with the dirty log covering the last moments, and no page
+//! read, so the pause does not grow with memory), `UrgentListen` (a port on
+//! the source the destination connects back to), `State`; the commit exchange (Ready, Go,
 //! Confirm) is the pre-copy one, so the source never runs the VM again after Go.
 //! After Confirm the destination runs the VM while pages arrive three ways,
 //! each page exactly once from the source's point of view:
@@ -185,13 +186,43 @@ impl Supply<'_> {
         }
     }
 
+    /// Sends the pages at `offsets` on `w`: data for non-zero pages, one `Zero`
+    /// message for those that are zero now (the map was made at the pause
+    /// without reading the pages, to keep the pause short).
     fn send(&self, w: &Mutex<TcpStream>, offsets: &[u64]) -> Result<()> {
-        let pages: Vec<&[u8]> = offsets.iter().filter_map(|&o| self.mem.page(o)).collect();
-        wire::write_pages(&mut *lock(w), offsets, &pages)?;
-        let n = offsets.len() as u64;
+        let mut data = Vec::with_capacity(offsets.len());
+        let mut pages = Vec::with_capacity(offsets.len());
+        let mut zero = Vec::new();
+        for &o in offsets {
+            let page = self
+                .mem
+                .page(o)
+                .ok_or_else(|| Error::Protocol(format!("page {o:#x} outside RAM")))?;
+            if is_zero_page(page) {
+                zero.push((o, 1));
+            } else {
+                data.push(o);
+                pages.push(page);
+            }
+        }
+        let mut bytes = 0;
+        let mut w = lock(w);
+        if !zero.is_empty() {
+            let f = wire::encode_control(&Message::Zero {
+                ranges: zero.clone(),
+            })?;
+            w.write_all(&f).map_err(io_err("sending to destination"))?;
+            bytes += f.len() as u64;
+        }
+        if !data.is_empty() {
+            wire::write_pages(&mut *w, &data, &pages)?;
+            bytes += 9 + data.len() as u64 * (8 + PAGE_SIZE);
+        }
+        drop(w);
         self.job.update(|s| {
-            s.pages.sent += n;
-            s.bytes += 9 + n * (8 + PAGE_SIZE);
+            s.pages.sent += data.len() as u64;
+            s.pages.zero += zero.len() as u64;
+            s.bytes += bytes;
             s.remaining_bytes = self.remaining.load(Ordering::Relaxed) * PAGE_SIZE;
         });
         Ok(())
@@ -525,13 +556,19 @@ fn run(
         s.prepaging_window = params.prepaging_window;
         s.fault_channel = params.fault_channel;
     });
+    // What the destination will need, but for what the guest writes from now
+    // to the pause (the dirty log adds that at the pause): hybrid, the pages
+    // dirtied since their last round; post-copy, every page that holds data,
+    // found now so that the pause does not walk the memfd.
     let todo = if hybrid {
         let limit = params
             .postcopy_after_rounds
             .clamp(1, params.max_rounds.max(1));
-        Some(precopy::rounds(vm, params, job, &mut tx, limit, true)?.0)
+        precopy::rounds(vm, params, job, &mut tx, limit, true)?.0
     } else {
-        None
+        vm.set_dirty_logging(true)?;
+        vm.take_dirty_bitmap()?;
+        precopy::data_pages(&ram, pages)?
     };
     // The fault channel: the destination connects back to us, so that it works
     // the same whoever accepted the main connection (`--incoming` or a daemon).
@@ -568,37 +605,12 @@ fn run(
         *slot = lap.elapsed().as_micros() as u64;
         lap = Instant::now();
     };
-    let candidates = match todo {
-        Some(mut todo) => {
-            let last = vm.take_dirty_bitmap()?;
-            for (t, l) in todo.iter_mut().zip(&last) {
-                *t |= *l;
-            }
-            todo
-        }
-        None => precopy::data_pages(&ram, pages)?,
-    };
-    let mut expected = vec![0u64; candidates.len()];
-    let mut zero = 0u64;
-    for_each_set(&candidates, |pfn| {
-        let off = pfn * PAGE_SIZE;
-        let page = mem
-            .page(off)
-            .ok_or_else(|| Error::Protocol(format!("page {pfn} outside RAM")))?;
-        if is_zero_page(page) {
-            zero += 1;
-            if hybrid {
-                // The destination may hold older data there.
-                match tx.zero_ranges.last_mut() {
-                    Some((o, n)) if *o + *n * PAGE_SIZE == off => *n += 1,
-                    _ => tx.zero_ranges.push((off, 1)),
-                }
-            }
-        } else {
-            expected[(pfn / 64) as usize] |= 1 << (pfn % 64);
-        }
-        Ok(())
-    })?;
+    // Every candidate is expected: reading 4 KiB per page to find the zero ones
+    // would lengthen the pause; the push sends those as `Zero` instead.
+    let mut expected = todo;
+    for (t, l) in expected.iter_mut().zip(&vm.take_dirty_bitmap()?) {
+        *t |= *l;
+    }
     tx.flush()?;
     let total = popcount(&expected);
     tx.write_control(&Message::PageMap {
@@ -611,7 +623,6 @@ fn run(
     stamp(&mut phases.state_us);
     let bytes = tx.bytes;
     job.update(|s| {
-        s.pages.zero += zero;
         s.pages.expected = total;
         s.remaining_bytes = total * PAGE_SIZE;
         s.bytes = bytes;
@@ -680,6 +691,15 @@ fn accept_urgent(listener: &TcpListener, token: u64) -> Result<TcpStream> {
         .map_err(io_err("fault channel listener"))?;
     let end = Instant::now() + Duration::from_secs(20);
     loop {
+        // Wait for the connection without sleeping: this is inside the pause.
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let left = end.saturating_duration_since(Instant::now()).as_millis() as libc::c_int;
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, left.max(1)) };
         match listener.accept() {
             Ok((mut s, peer)) => {
                 s.set_nonblocking(false).map_err(io_err("fault channel"))?;
@@ -699,7 +719,6 @@ fn accept_urgent(listener: &TcpListener, token: u64) -> Result<TcpStream> {
                         "the destination never opened the fault channel".into(),
                     ));
                 }
-                std::thread::sleep(Duration::from_millis(1));
             }
             Err(e) => return Err(io_err("fault channel")(e)),
         }
@@ -920,7 +939,7 @@ impl Dest {
     /// Fills the page at `off` with `data`. Errors of the peer's making are
     /// protocol errors (the session ends, the source recovers); a failing
     /// `UFFDIO_COPY` is ours and fails the migration.
-    fn fill(&self, off: u64, data: &[u8], urgent: bool, first: bool) -> Result<()> {
+    fn fill(&self, off: u64, data: Option<&[u8]>, urgent: bool) -> Result<()> {
         let pfn = off / PAGE_SIZE;
         if !off.is_multiple_of(PAGE_SIZE) || pfn >= self.pages || !bit(&self.expected, pfn) {
             return Err(Error::Protocol(format!(
@@ -931,7 +950,11 @@ impl Dest {
             .map
             .host(off)
             .ok_or_else(|| Error::Protocol(format!("page {off:#x} outside RAM")))?;
-        let filled = match self.uffd.copy(host, data) {
+        let filled = match data {
+            Some(data) => self.uffd.copy(host, data),
+            None => self.uffd.zeropage(host, PAGE_SIZE),
+        };
+        let filled = match filled {
             Ok(f) => f,
             Err(e) => {
                 let e = io_err(format!("UFFDIO_COPY at {off:#x}"))(e);
@@ -945,12 +968,12 @@ impl Dest {
         }
         self.received[(pfn / 64) as usize].fetch_or(1 << (pfn % 64), Ordering::AcqRel);
         let asked = lock(&self.pending).remove(&pfn);
-        // The first page of an answer on the fault channel is the demanded one;
-        // without a fault channel, a page that was asked for counts as demanded.
-        match (urgent, first, asked.is_some()) {
-            (true, true, _) | (false, _, true) => &self.demand,
-            (true, false, _) => &self.prepaged,
-            (false, _, false) => &self.pushed,
+        // A page that was asked for came on demand, whichever way it came;
+        // others on the fault channel are its pre-paged neighbours.
+        match (asked.is_some(), urgent) {
+            (true, _) => &self.demand,
+            (false, true) => &self.prepaged,
+            (false, false) => &self.pushed,
         }
         .fetch_add(1, Ordering::Relaxed);
         self.last_fill_ns
@@ -970,20 +993,36 @@ impl Dest {
         loop {
             let h = wire::read_header(r)?;
             if h.kind == KIND_CONTROL {
-                return match wire::read_control_body(r, h.body_len)? {
-                    Message::Cancel { reason } => Err(Error::PeerCancelled(reason)),
-                    other => Err(Error::Protocol(format!(
-                        "unexpected {} during post-copy",
-                        other.name()
-                    ))),
-                };
+                match wire::read_control_body(r, h.body_len)? {
+                    Message::Zero { ranges } => {
+                        for (off, n) in ranges {
+                            for i in 0..n.min(self.pages) {
+                                let page = i
+                                    .checked_mul(PAGE_SIZE)
+                                    .and_then(|d| off.checked_add(d))
+                                    .ok_or_else(|| {
+                                        Error::Protocol(format!("Zero range {off:#x}+{n}"))
+                                    })?;
+                                self.fill(page, None, urgent)?;
+                            }
+                        }
+                        continue;
+                    }
+                    Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
+                    other => {
+                        return Err(Error::Protocol(format!(
+                            "unexpected {} during post-copy",
+                            other.name()
+                        )))
+                    }
+                }
             }
             let offsets = wire::read_batch_offsets(r, h.body_len)?;
             let data = pages_as_bytes(&mut buf[..offsets.len()]);
             r.read_exact(data).map_err(wire::WireError::from)?;
             for (i, &off) in offsets.iter().enumerate() {
                 let p = &data[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
-                self.fill(off, p, urgent, i == 0)?;
+                self.fill(off, Some(p), urgent)?;
             }
         }
     }
@@ -1048,13 +1087,15 @@ impl Dest {
                     }
                     p.insert(pfn, Instant::now());
                 }
+                // Counted as soon as it waits: if the push fills it in the
+                // meantime, it still counts as demanded (see `fill`).
+                self.faults.fetch_add(1, Ordering::Relaxed);
                 if self.received(pfn) {
                     // Arrived in between.
                     lock(&self.pending).remove(&pfn);
                     let _ = self.uffd.wake(page_addr, PAGE_SIZE);
                     continue;
                 }
-                self.faults.fetch_add(1, Ordering::Relaxed);
                 self.request(pfn);
             }
         }
