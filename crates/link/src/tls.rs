@@ -1,0 +1,311 @@
+//! The TLS 1.3 handshake (rustls), certificate and peer checks, and the hand-off
+//! of the session's keys to the record layer.
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::crypto::ring as provider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, ConnectionTrafficSecrets, ServerConfig};
+
+use crate::record::{Opener, Sealer, MAX_PLAIN};
+use crate::{io_err, Link, LinkError, Result};
+
+/// How long a handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a host's TLS material is, and whom it accepts.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    /// PEM file of the CA that signs the fleet's host certificates.
+    pub ca: PathBuf,
+    /// PEM file of this host's certificate (chain).
+    pub cert: PathBuf,
+    /// PEM file of this host's private key.
+    pub key: PathBuf,
+    /// Names (DNS names or IP addresses in the certificate's subjectAltName) of
+    /// the hosts this one accepts connections from.
+    pub peers: Vec<String>,
+}
+
+/// Loaded TLS configuration: client and server sides share one certificate.
+#[derive(Clone)]
+pub struct TlsSetup {
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
+    peers: Arc<Vec<String>>,
+    /// Paths, to pass on to another process.
+    pub files: TlsFiles,
+}
+
+impl std::fmt::Debug for TlsSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSetup")
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+fn certs(path: &PathBuf, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| LinkError::Config(format!("{what} {}: {e}", path.display())))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| LinkError::Config(format!("{what} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(LinkError::Config(format!(
+            "{what} {}: no PEM certificate in it",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+impl TlsSetup {
+    /// Reads and checks the files: CA, certificate and key must parse and match.
+    pub fn load(files: &TlsFiles) -> Result<TlsSetup> {
+        if files.peers.is_empty() {
+            return Err(LinkError::Config(
+                "no peers configured: name the hosts this one may exchange VMs with".into(),
+            ));
+        }
+        for p in &files.peers {
+            ServerName::try_from(p.as_str())
+                .map_err(|_| LinkError::Config(format!("peer '{p}' is not a DNS name or IP")))?;
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs(&files.ca, "CA")? {
+            roots
+                .add(c)
+                .map_err(|e| LinkError::Config(format!("CA {}: {e}", files.ca.display())))?;
+        }
+        let roots = Arc::new(roots);
+        let chain = certs(&files.cert, "certificate")?;
+        let key = || {
+            PrivateKeyDer::from_pem_file(&files.key)
+                .map_err(|e| LinkError::Config(format!("key {}: {e}", files.key.display())))
+        };
+        let mut p = provider::default_provider();
+        // AES-GCM first: the CPU's AES instructions make it the fastest here.
+        p.cipher_suites = vec![
+            provider::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            provider::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ];
+        let p = Arc::new(p);
+        let cfg_err = |e: rustls::Error| LinkError::Config(e.to_string());
+        let mut client = ClientConfig::builder_with_provider(p.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(cfg_err)?
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(chain.clone(), key()?)
+            .map_err(|e| LinkError::Config(format!("certificate and key: {e}")))?;
+        client.enable_secret_extraction = true;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, p.clone())
+                .build()
+                .map_err(|e| LinkError::Config(format!("client verifier: {e}")))?;
+        let mut server = ServerConfig::builder_with_provider(p)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(cfg_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key()?)
+            .map_err(|e| LinkError::Config(format!("certificate and key: {e}")))?;
+        server.enable_secret_extraction = true;
+        // Nothing may follow the handshake but our records.
+        server.send_tls13_tickets = 0;
+        Ok(TlsSetup {
+            client: Arc::new(client),
+            server: Arc::new(server),
+            peers: Arc::new(files.peers.clone()),
+            files: files.clone(),
+        })
+    }
+
+    /// TLS client on `tcp`, verifying that the peer's certificate is valid for
+    /// `host` (the DNS name or IP address that was dialled).
+    pub fn connect(&self, tcp: TcpStream, host: &str) -> Result<Link> {
+        let peer = peer_name(&tcp);
+        let name = ServerName::try_from(host.to_string()).map_err(|_| LinkError::Handshake {
+            peer: peer.clone(),
+            reason: format!("'{host}' is not a DNS name or IP address"),
+        })?;
+        let conn = ClientConnection::new(self.client.clone(), name)
+            .map_err(|e| handshake_err(&peer, e.to_string()))?;
+        let mut conn = rustls::Connection::Client(conn);
+        handshake(&mut conn, &tcp, &peer)?;
+        into_link(conn, tcp, host.to_string(), &peer)
+    }
+
+    /// TLS server on an accepted `tcp`: the peer must present a certificate
+    /// from the CA that names one of the configured peers.
+    pub fn accept(&self, tcp: TcpStream) -> Result<Link> {
+        let peer = peer_name(&tcp);
+        if !looks_like_tls(&tcp).map_err(io_err(format!("reading from {peer}")))? {
+            return Err(LinkError::PlaintextPeer { peer });
+        }
+        let conn = rustls::ServerConnection::new(self.server.clone())
+            .map_err(|e| handshake_err(&peer, e.to_string()))?;
+        let mut conn = rustls::Connection::Server(conn);
+        handshake(&mut conn, &tcp, &peer)?;
+        let identity = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|ee| self.matching_peer(ee));
+        match identity {
+            Some(id) => into_link(conn, tcp, id, &peer),
+            None => Err(LinkError::NotAPeer {
+                peer: peer.clone(),
+                allowed: self.peers.join(", "),
+                link: Box::new(into_link(conn, tcp, String::new(), &peer)?),
+            }),
+        }
+    }
+
+    /// The configured peer name that certificate `ee` is valid for.
+    fn matching_peer(&self, ee: &CertificateDer<'_>) -> Option<String> {
+        let cert = webpki::EndEntityCert::try_from(ee).ok()?;
+        self.peers.iter().find_map(|p| {
+            let name = ServerName::try_from(p.as_str()).ok()?;
+            cert.verify_is_valid_for_subject_name(&name)
+                .ok()
+                .map(|_| p.clone())
+        })
+    }
+}
+
+fn peer_name(tcp: &TcpStream) -> String {
+    tcp.peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "the peer".into())
+}
+
+fn handshake_err(peer: &str, reason: String) -> LinkError {
+    LinkError::Handshake {
+        peer: peer.to_string(),
+        reason,
+    }
+}
+
+/// True when the first bytes waiting on `tcp` are a TLS handshake record
+/// (waits up to the handshake timeout for them; peeks, consumes nothing).
+pub fn looks_like_tls(tcp: &TcpStream) -> std::io::Result<bool> {
+    let old = tcp.read_timeout()?;
+    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut b = [0u8; 3];
+    let mut n = 0;
+    let r = loop {
+        match tcp.peek(&mut b) {
+            Ok(k) if k >= 3 || k == n => break Ok(k),
+            Ok(k) => {
+                // Fewer bytes than asked for so far: give the peer a moment.
+                n = k;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    tcp.set_read_timeout(old)?;
+    let n = r?;
+    Ok(n >= 3 && b[0] == 0x16 && b[1] == 3 && b[2] <= 4)
+}
+
+/// Runs the handshake to its end, one record at a time, so that nothing the
+/// peer sends after it is read into rustls.
+fn handshake(conn: &mut rustls::Connection, tcp: &TcpStream, peer: &str) -> Result<()> {
+    let mut tcp = tcp;
+    let old = tcp.read_timeout().map_err(io_err("socket"))?;
+    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(io_err("socket"))?;
+    let mut record = vec![0u8; 5 + MAX_PLAIN + 2048];
+    loop {
+        while conn.wants_write() {
+            conn.write_tls(&mut tcp)
+                .map_err(io_err(format!("TLS handshake with {peer}")))?;
+        }
+        if !conn.is_handshaking() {
+            break;
+        }
+        let mut got = 0;
+        while got < 5 {
+            match tcp.read(&mut record[got..5]) {
+                Ok(0) => {
+                    return Err(handshake_err(
+                        peer,
+                        if got == 0 {
+                            "the peer closed the connection (is it configured for TLS?)".into()
+                        } else {
+                            "the connection ended inside a record".into()
+                        },
+                    ))
+                }
+                Ok(k) => got += k,
+                Err(e) => return Err(io_err(format!("TLS handshake with {peer}"))(e)),
+            }
+        }
+        if !matches!(record[0], 0x14..=0x17) || record[1] != 3 {
+            return Err(handshake_err(
+                peer,
+                "the peer answered in plaintext: it is not configured for TLS".into(),
+            ));
+        }
+        let len = u16::from_be_bytes([record[3], record[4]]) as usize;
+        if len > record.len() - 5 {
+            return Err(handshake_err(peer, format!("record of {len} bytes")));
+        }
+        tcp.read_exact(&mut record[5..5 + len])
+            .map_err(io_err(format!("TLS handshake with {peer}")))?;
+        let mut slice = &record[..5 + len];
+        while !slice.is_empty() {
+            conn.read_tls(&mut slice)
+                .map_err(io_err(format!("TLS handshake with {peer}")))?;
+        }
+        if let Err(e) = conn.process_new_packets() {
+            // Tell the peer why (the alert), then fail.
+            while conn.wants_write() {
+                if conn.write_tls(&mut tcp).is_err() {
+                    break;
+                }
+            }
+            return Err(handshake_err(peer, e.to_string()));
+        }
+    }
+    tcp.set_read_timeout(old).map_err(io_err("socket"))?;
+    Ok(())
+}
+
+fn keys(s: ConnectionTrafficSecrets) -> std::result::Result<(u8, Vec<u8>, Vec<u8>), String> {
+    match s {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
+            Ok((0, key.as_ref().to_vec(), iv.as_ref().to_vec()))
+        }
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+            Ok((1, key.as_ref().to_vec(), iv.as_ref().to_vec()))
+        }
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            Ok((2, key.as_ref().to_vec(), iv.as_ref().to_vec()))
+        }
+        _ => Err("unsupported cipher suite".into()),
+    }
+}
+
+fn into_link(
+    conn: rustls::Connection,
+    tcp: TcpStream,
+    identity: String,
+    peer: &str,
+) -> Result<Link> {
+    let secrets = conn
+        .dangerous_extract_secrets()
+        .map_err(|e| handshake_err(peer, format!("taking the session keys: {e}")))?;
+    let (tx_seq, tx) = secrets.tx;
+    let (rx_seq, rx) = secrets.rx;
+    let (suite, key, iv) = keys(tx).map_err(|e| handshake_err(peer, e))?;
+    let sealer = Sealer::new(suite, &key, &iv, tx_seq).map_err(|e| handshake_err(peer, e))?;
+    let (suite, key, iv) = keys(rx).map_err(|e| handshake_err(peer, e))?;
+    let opener = Opener::new(suite, &key, &iv, rx_seq).map_err(|e| handshake_err(peer, e))?;
+    Ok(Link::secure(tcp, sealer, opener, identity))
+}
