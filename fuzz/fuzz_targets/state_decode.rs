@@ -3,6 +3,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    let _ = vmm::VmState::decode(data);
-});
+fuzz_target!(|data: &[u8]| migd_fuzz::state_decode(data));

@@ -1,5 +1,8 @@
-//! Code shared by the `migd` and `migctl` binaries and the tests: operator sizes
-//! and the client of the daemon's control socket.
+//! Code shared by the `migd` and `migctl` binaries, the tests and the fuzz targets:
+//! operator sizes, the client of the daemon's control socket, the config file
+//! parser and the logging set-up.
 
 pub mod client;
+pub mod config_file;
+pub mod logging;
 pub mod size;

@@ -25,13 +25,7 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    migd::logging::init();
     let cli = Cli::parse();
     let code = match cli.command {
         None => match daemon::main(cli.daemon) {

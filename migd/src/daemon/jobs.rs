@@ -376,6 +376,7 @@ async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<St
         j.clone()
     };
     persist(d, &job);
+    d.metrics.migration_ended(&job);
     match &job.error {
         Some(e) => tracing::warn!(status = %job.status, "migration ended: {e}"),
         None => tracing::info!(status = %job.status, "migration ended"),

@@ -6,6 +6,7 @@ mod api;
 mod config;
 mod incoming;
 mod jobs;
+mod metrics;
 mod state;
 mod vmproc;
 
@@ -40,6 +41,9 @@ pub struct DaemonArgs {
     /// Allow plaintext, unauthenticated migration streams (needed until TLS exists).
     #[arg(long)]
     pub insecure: bool,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address [default: off].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
 }
 
 /// VMs and jobs known to this daemon.
@@ -56,6 +60,8 @@ pub struct Daemon {
     /// This binary, resolved at start (an upgrade may replace the file later).
     pub exe: PathBuf,
     reg: Mutex<Registry>,
+    /// Counters for the Prometheus endpoint.
+    pub metrics: metrics::Metrics,
 }
 
 impl Daemon {
@@ -105,12 +111,20 @@ async fn serve(cfg: Config) -> Result<i32> {
             .with_context(|| format!("creating {}", d.display()))?;
     }
     let _lock = lock_state_dir(&cfg.state_dir)?;
+    let metrics_listener = match &cfg.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let listener = bind_control(&cfg.socket)?;
     let daemon = Arc::new(Daemon {
         cfg,
         exe,
         reg: Mutex::new(Registry::default()),
+        metrics: metrics::Metrics::default(),
     });
+    if let Some(l) = metrics_listener {
+        metrics::serve(daemon.clone(), l);
+    }
     jobs::load(&daemon);
     state::adopt_all(&daemon).await;
     jobs::finish_orphans(&daemon);
@@ -129,6 +143,7 @@ async fn serve(cfg: Config) -> Result<i32> {
             state_dir = %daemon.cfg.state_dir.display(),
             listen = %daemon.cfg.listen,
             insecure = daemon.cfg.insecure,
+            metrics = daemon.cfg.metrics_listen.as_deref().unwrap_or("off"),
             vms,
             pid = std::process::id(),
             "migd ready"

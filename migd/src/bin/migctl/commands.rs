@@ -167,6 +167,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             connect()?.call(&json!({"cmd": "recover", "id": id}))?;
             println!("reconnecting {id}");
         }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "migctl", &mut std::io::stdout());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

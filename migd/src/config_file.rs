@@ -1,0 +1,178 @@
+//! The daemon's TOML config file, parsed and checked without touching the system
+//! (no file access, no name resolution): the daemon and the `config_parse` fuzz
+//! target share [`parse`].
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Default address of the migration listener.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/migd";
+
+/// The config file: every key is optional and has a flag of the same name.
+#[derive(Deserialize, Debug, Default, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// TCP address for incoming migrations, `ADDR:PORT`.
+    pub listen: Option<String>,
+    /// The control socket.
+    pub socket: Option<PathBuf>,
+    /// VM records, consoles, logs, control sockets, jobs.
+    pub state_dir: Option<PathBuf>,
+    /// Plaintext, unauthenticated migration streams are allowed.
+    pub insecure: Option<bool>,
+    /// Address of the Prometheus endpoint (`GET /metrics`), `ADDR:PORT`; off if unset.
+    pub metrics_listen: Option<String>,
+}
+
+/// Parses and checks a config file's text. The error is one line naming the key
+/// and its line (`key 'K' (line N): ...`), or the line alone where no key applies.
+pub fn parse(text: &str) -> Result<File, String> {
+    let file = toml::from_str::<File>(text).map_err(|e| describe(text, e.span(), e.message()))?;
+    let key_err = |key: &str, what: String| {
+        let line = key_line(text, key).map_or(String::new(), |n| format!(" (line {n})"));
+        format!("key '{key}'{line}: {what}")
+    };
+    for (key, value) in [
+        ("listen", &file.listen),
+        ("metrics_listen", &file.metrics_listen),
+    ] {
+        if let Some(v) = value {
+            check_host_port(v).map_err(|what| key_err(key, what))?;
+        }
+    }
+    for (key, value) in [("socket", &file.socket), ("state_dir", &file.state_dir)] {
+        if value.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(key_err(key, "must not be empty".into()));
+        }
+    }
+    Ok(file)
+}
+
+/// Checks the shape `HOST:PORT` (an IPv6 host in brackets), port 0-65535; whether
+/// the host resolves is for the caller to find out.
+pub fn check_host_port(addr: &str) -> Result<(), String> {
+    let bad = || format!("'{}' is not ADDR:PORT", addr.escape_debug());
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = if let Some(inner) = host.strip_prefix('[') {
+        inner
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+    } else {
+        !host.is_empty() && !host.contains([':', '[', ']']) && !host.contains(char::is_whitespace)
+    };
+    if !host_ok || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// The line (1-based) where `key` is assigned at the top level, if it is.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.split_once('=')
+                .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
+        })
+        .map(|i| i + 1)
+}
+
+/// One line: which key (found from the error's position), which line, what is wrong.
+pub fn describe(text: &str, span: Option<std::ops::Range<usize>>, message: &str) -> String {
+    let message = message.trim().replace('\n', " ");
+    let Some(span) = span else { return message };
+    // Bytes, not chars: a span that does not fall on a char boundary must not panic.
+    let start = span.start.min(text.len());
+    let line_no = text.as_bytes()[..start]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() && !key.trim_start().starts_with('[') => {
+            format!("key '{}' (line {line_no}): {message}", key.trim())
+        }
+        _ => format!("line {line_no}: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("listen = \"1.2.3.4:5\"\nbogus = 1\n").unwrap_err();
+        assert!(e.contains("key 'bogus' (line 2)"), "{e}");
+        let e = parse("insecure = \"yes\"\n").unwrap_err();
+        assert!(e.starts_with("key 'insecure' (line 1)"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = parse("state_dir = 5\n").unwrap_err();
+        assert!(e.contains("key 'state_dir'"), "{e}");
+        let e = parse("metrics_listen = 9707\n").unwrap_err();
+        assert!(e.contains("key 'metrics_listen' (line 1)"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = parse("insecure = true\nmetrics_listen = \"9707\"\n").unwrap_err();
+        assert_eq!(e, "key 'metrics_listen' (line 2): '9707' is not ADDR:PORT");
+        let e = parse("listen = \"host:99999\"\n").unwrap_err();
+        assert!(e.starts_with("key 'listen' (line 1)"), "{e}");
+        let e = parse("socket = \"\"\n").unwrap_err();
+        assert_eq!(e, "key 'socket' (line 1): must not be empty");
+    }
+
+    #[test]
+    fn addresses() {
+        for ok in ["0.0.0.0:7070", "[::1]:9707", "host-b:1", "127.0.0.1:0"] {
+            assert!(check_host_port(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", ":1", "h:", "h:x", "::1:9", "[::1:9", "[x]:1", "a b:1", "h:70000",
+        ] {
+            assert!(check_host_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn describe_never_splits_a_char() {
+        let text = "é = 1\n";
+        for start in 0..=text.len() + 2 {
+            let _ = describe(text, Some(start..start), "x");
+        }
+    }
+
+    #[test]
+    fn example_config_has_every_key() {
+        let example = include_str!("../dist/migd.toml");
+        let f = parse(example).expect("example parses as is");
+        assert_eq!(f, File::default());
+        let enabled: String = example
+            .lines()
+            .filter_map(|l| l.strip_prefix("# ").filter(|l| l.contains(" = ")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let f = parse(&enabled).expect("example with every key enabled parses");
+        assert_eq!(f.listen.as_deref(), Some(DEFAULT_LISTEN));
+        assert_eq!(
+            f.socket.as_deref(),
+            Some(Path::new(crate::client::DEFAULT_SOCKET))
+        );
+        assert_eq!(f.state_dir.as_deref(), Some(Path::new(DEFAULT_STATE_DIR)));
+        assert_eq!(f.insecure, Some(false));
+        assert_eq!(f.metrics_listen.as_deref(), Some("127.0.0.1:9707"));
+    }
+
+    #[test]
+    fn good_file_parses() {
+        let f = parse("listen = \"127.0.0.1:1\"\ninsecure = true\n").unwrap();
+        assert_eq!(f.listen.as_deref(), Some("127.0.0.1:1"));
+        assert_eq!(f.insecure, Some(true));
+        assert_eq!(parse("").unwrap(), File::default());
+    }
+}

@@ -1,0 +1,540 @@
+//! Operations: the CI smoke run of the fuzz targets, config errors at start, the
+//! Prometheus endpoint, logs under journald, and migctl's shell completions.
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "../fuzz/src/lib.rs"]
+mod fuzz_bodies;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::daemon::*;
+use common::*;
+use serde_json::json;
+
+// ---------------------------------------------------------------- fuzz smoke
+
+/// xorshift64*: reproducible pseudo-random numbers without a crate.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+const INTERESTING: [u64; 8] = [0, 1, 0x7f, 0x80, 0xff, 0xffff_ffff, 1 << 63, u64::MAX];
+
+/// One to four of: bit flip, interesting byte or u64, truncation, random insert,
+/// chunk duplication; half the time aimed at the first 128 bytes (headers).
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut b = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let span = if rng.below(2) == 0 {
+            b.len().min(128)
+        } else {
+            b.len()
+        };
+        let at = rng.below(span);
+        match rng.below(6) {
+            0 if !b.is_empty() => b[at] ^= 1 << rng.below(8),
+            1 if !b.is_empty() => b[at] = INTERESTING[rng.below(INTERESTING.len())] as u8,
+            2 if b.len() >= 8 => {
+                let at = at.min(b.len() - 8);
+                let v = INTERESTING[rng.below(INTERESTING.len())];
+                b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            3 => b.truncate(rng.below(b.len() + 1)),
+            4 => {
+                let n = 1 + rng.below(16);
+                let ins = rng.bytes(n);
+                let at = at.min(b.len());
+                b.splice(at..at, ins);
+            }
+            _ if !b.is_empty() => {
+                let len = 1 + rng.below(64.min(b.len()));
+                let from = rng.below(b.len() - len + 1);
+                let chunk = b[from..from + len].to_vec();
+                let at = at.min(b.len());
+                b.splice(at..at, chunk);
+            }
+            _ => b.extend(rng.bytes(8)),
+        }
+    }
+    b
+}
+
+fn seeds(target: &str) -> Vec<Vec<u8>> {
+    let dir = repo().join("fuzz/seeds").join(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no seeds in {}", dir.display());
+    files.iter().map(|f| std::fs::read(f).unwrap()).collect()
+}
+
+/// Every seed, then `mutated` mutations of seeds and `random` random inputs.
+fn smoke(target: &str, mutated: usize, random: usize, mut body: impl FnMut(&[u8])) -> usize {
+    let seeds = seeds(target);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ target.len() as u64);
+    for s in &seeds {
+        body(s);
+    }
+    for _ in 0..mutated {
+        let i = rng.below(seeds.len());
+        let input = mutate(&mut rng, &seeds[i]);
+        body(&input);
+    }
+    for _ in 0..random {
+        let n = rng.below(512);
+        body(&rng.bytes(n));
+    }
+    seeds.len() + mutated + random
+}
+
+/// The CI stand-in for the cargo-fuzz targets (no nightly, no cargo-fuzz there):
+/// the same bodies (fuzz/src/lib.rs) over the seeds and a few thousand inputs.
+#[test]
+fn fuzz_smoke_every_target_on_seeds_and_mutations() {
+    let start = Instant::now();
+    let mut n = 0;
+    n += smoke("wire_decode", 2000, 1000, fuzz_bodies::wire_decode);
+    n += smoke("state_decode", 1000, 500, fuzz_bodies::state_decode);
+    n += smoke("config_parse", 3000, 1000, fuzz_bodies::config_parse);
+    let scratch = fuzz_bodies::scratch_file("smoke");
+    // Snapshot seeds are large (a real 16 MiB guest): fewer, truncation-heavy inputs.
+    n += smoke("snapshot_read", 300, 200, |d| {
+        fuzz_bodies::snapshot_read(d, &scratch)
+    });
+    let _ = std::fs::remove_file(&scratch);
+    eprintln!("fuzz smoke: {n} inputs in {:?}", start.elapsed());
+}
+
+#[test]
+fn fixed_checksums_make_the_snapshot_seed_valid_again() {
+    let seeds_dir = repo().join("fuzz/seeds/snapshot_read");
+    let good = std::fs::read(seeds_dir.join("valid-idle-16m")).unwrap();
+    assert_eq!(fuzz_bodies::fix_checksums(&good), good);
+    let corrupt = std::fs::read(seeds_dir.join("corrupt-state")).unwrap();
+    let fixed = fuzz_bodies::fix_checksums(&corrupt);
+    assert_ne!(fixed, corrupt, "the state checksum is rewritten");
+}
+
+// ---------------------------------------------------------------- config errors
+
+/// `migd` with `args` must exit 1 at start, on one line naming every needle.
+fn start_refused(dir: &Path, args: &[&str], needles: &[&str]) {
+    let sock = dir.join("never.sock");
+    let state = dir.join("never-state");
+    let mut all = vec![
+        "--socket",
+        sock.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let (code, err) = migd_output(&all);
+    assert_eq!(code, 1, "{args:?} accepted: {err}");
+    let line = err.trim();
+    assert!(!line.contains('\n'), "not one line: {line}");
+    assert!(!line.contains("panicked"), "{line}");
+    assert!(line.starts_with("migd: error: "), "{line}");
+    for n in needles {
+        assert!(line.contains(n), "{args:?}: '{line}' does not name '{n}'");
+    }
+    assert!(!sock.exists(), "daemon started despite {args:?}");
+}
+
+#[test]
+fn config_errors_stop_the_daemon_naming_file_and_key() {
+    let dir = scratch("ops-config");
+    let cases: [(&str, &[&str]); 7] = [
+        (
+            "listen = \"127.0.0.1:1\"\nlisen = \"x\"\n",
+            &["key 'lisen' (line 2)", "unknown field"],
+        ),
+        (
+            "insecure = 1\n",
+            &["key 'insecure' (line 1)", "invalid type"],
+        ),
+        (
+            "metrics_listen = 9100\n",
+            &["key 'metrics_listen' (line 1)", "invalid type"],
+        ),
+        (
+            "metrics_listen = \"9100\"\n",
+            &["key 'metrics_listen' (line 1)", "not ADDR:PORT"],
+        ),
+        (
+            "listen = \"no port\"\n",
+            &["key 'listen' (line 1)", "not ADDR:PORT"],
+        ),
+        (
+            "socket = \"\"\n",
+            &["key 'socket' (line 1)", "must not be empty"],
+        ),
+        (
+            "[metrics]\nlisten = \"a:1\"\n",
+            &["line 1", "unknown field"],
+        ),
+    ];
+    for (i, (text, needles)) in cases.iter().enumerate() {
+        let cfg = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&cfg, text).unwrap();
+        let mut want = vec![cfg.to_str().unwrap()];
+        want.extend_from_slice(needles);
+        start_refused(&dir, &["--config", cfg.to_str().unwrap()], &want);
+    }
+    let missing = dir.join("missing.toml");
+    start_refused(
+        &dir,
+        &["--config", missing.to_str().unwrap()],
+        &["reading config", missing.to_str().unwrap()],
+    );
+    start_refused(
+        &dir,
+        &["--metrics-listen", "localhost"],
+        &["metrics listen address 'localhost'"],
+    );
+    // The metrics port is taken: refused at start, not later.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    start_refused(
+        &dir,
+        &["--metrics-listen", &addr, "--listen", "127.0.0.1:0"],
+        &["binding the metrics listener", &addr],
+    );
+}
+
+// ---------------------------------------------------------------- metrics
+
+/// A daemon like `Daemon::start`, with extra flags and environment.
+fn start_daemon(dir: &Path, tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+    let socket = dir.join(format!("{tag}.sock"));
+    let state = dir.join(format!("{tag}-state"));
+    let log = dir.join(format!("{tag}.log"));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(migd_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--listen", &listen, "--insecure"])
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .expect("starting migd");
+    let mut d = Daemon {
+        child,
+        socket,
+        state,
+        port,
+        log,
+    };
+    let end = Instant::now() + Duration::from_secs(20);
+    while try_request(&d.socket, &json!({"cmd": "ping"})).is_none() {
+        if let Ok(Some(st)) = d.child.try_wait() {
+            panic!("migd exited ({st}) at start:\n{}", d.log_text());
+        }
+        assert!(
+            Instant::now() < end,
+            "migd did not answer:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d
+}
+
+/// Raw bytes to the metrics port; the whole answer (the server closes).
+fn http(port: u16, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn scrape(port: u16) -> String {
+    let r = http(
+        port,
+        b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+    assert!(r.contains("Content-Type: text/plain; version=0.0.4"), "{r}");
+    r.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The value of the sample `series` (name and labels, exactly as exported).
+fn sample(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn metrics_endpoint_serves_the_families_and_refuses_the_rest() {
+    let dir = scratch("ops-metrics");
+    let mport = free_port();
+    let maddr = format!("127.0.0.1:{mport}");
+    let a = start_daemon(&dir, "a", &["--metrics-listen", &maddr], &[]);
+    let _ra = Reaper(a.state.clone());
+
+    let body = scrape(mport);
+    for family in [
+        "# TYPE migd_vms gauge",
+        "# TYPE migd_migrations_total counter",
+        "# TYPE migd_migration_bytes_total counter",
+        "# TYPE migd_migration_downtime_seconds histogram",
+        "# TYPE migd_build_info gauge",
+        "migd_migration_downtime_seconds_bucket{le=\"0.001\"} 0",
+        "migd_migration_downtime_seconds_bucket{le=\"+Inf\"} 0",
+    ] {
+        assert!(body.contains(family), "no '{family}' in:\n{body}");
+    }
+    assert_eq!(sample(&body, "migd_vms{state=\"running\"}"), 0.0);
+    assert_eq!(
+        sample(
+            &body,
+            &format!(
+                "migd_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "migd_migrations_total{outcome=\"completed\",mode=\"precopy\"}"
+        ),
+        0.0
+    );
+    assert!(body
+        .lines()
+        .all(|l| l.starts_with('#') || l.starts_with("migd_")));
+
+    // Other paths, other methods, garbage: an HTTP error, and the daemon lives on.
+    let head = http(mport, b"HEAD /metrics HTTP/1.0\r\n\r\n");
+    assert!(
+        head.starts_with("HTTP/1.1 200 OK") && head.ends_with("\r\n\r\n"),
+        "{head}"
+    );
+    assert!(http(mport, b"GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404 "));
+    let post = http(
+        mport,
+        b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert!(
+        post.starts_with("HTTP/1.1 405 ") && post.contains("Allow: GET"),
+        "{post}"
+    );
+    let bad = http(mport, b"\x16\x03\x01\x02\x00garbage\r\n\r\n");
+    assert!(bad.starts_with("HTTP/1.1 400 "), "{bad}");
+    let long = http(mport, &vec![b'A'; 20_000]);
+    assert!(
+        long.starts_with("HTTP/1.1 400 ") && long.contains("longer than"),
+        "{long}"
+    );
+    drop(TcpStream::connect(("127.0.0.1", mport)).unwrap());
+    assert!(http(mport, b"GET /metrics HTTP/9.9\r\n\r\n").starts_with("HTTP/1.1 400 "));
+    assert_eq!(a.request(json!({"cmd": "ping"}))["ok"], true);
+    scrape(mport);
+    let log = a.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(
+        log.lines().filter(|l| l.contains("garbage")).count(),
+        1,
+        "the bad request is logged once:\n{log}"
+    );
+
+    if !kvm_or_skip("metrics_endpoint (VMs and migrations)") {
+        return;
+    }
+    // The vms gauge follows create; migrations are counted by outcome, with bytes
+    // and downtime.
+    let b = start_daemon(&dir, "b", &[], &[]);
+    let _rb = Reaper(b.state.clone());
+    let elf = guest_elf();
+    a.ok(&[
+        "create",
+        "m1",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cmdline",
+        "workload=idle",
+        "--memory",
+        "64M",
+    ]);
+    let body = scrape(mport);
+    assert_eq!(sample(&body, "migd_vms{state=\"running\"}"), 1.0, "{body}");
+    Console(a.vm_dir("m1").join("console.log")).wait_for("WORKLOAD READY", Duration::from_secs(60));
+
+    let dead = format!("127.0.0.1:{}", free_port());
+    let (code, _, err) = a.migctl(&["migrate", "m1", "--to", &dead]);
+    assert_eq!(code, 1, "{err}");
+    let to_b = format!("127.0.0.1:{}", b.port);
+    a.ok(&["migrate", "m1", "--to", &to_b]);
+    let body = scrape(mport);
+    assert_eq!(sample(&body, "migd_vms{state=\"running\"}"), 0.0, "{body}");
+    assert_eq!(
+        sample(
+            &body,
+            "migd_migrations_total{outcome=\"failed\",mode=\"precopy\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "migd_migrations_total{outcome=\"completed\",mode=\"precopy\"}"
+        ),
+        1.0
+    );
+    assert!(sample(&body, "migd_migration_bytes_total") > 1e4, "{body}");
+    assert_eq!(sample(&body, "migd_migration_downtime_seconds_count"), 1.0);
+    assert_eq!(
+        sample(&body, "migd_migration_downtime_seconds_bucket{le=\"+Inf\"}"),
+        1.0
+    );
+    assert!(sample(&body, "migd_migration_downtime_seconds_sum") > 0.0);
+    b.ok(&["destroy", "m1"]);
+}
+
+// ---------------------------------------------------------------- logs
+
+/// The daemon's "migd ready" line, ANSI escapes removed, written to a file; with
+/// `Some(d)`, `JOURNAL_STREAM` names that file (as systemd names the journal's
+/// socket), its inode off by `d`.
+fn ready_line(dir: &Path, tag: &str, journal: Option<u64>) -> (String, bool) {
+    let socket = dir.join(format!("{tag}.sock"));
+    let log = dir.join(format!("{tag}.log"));
+    let file = std::fs::File::create(&log).unwrap();
+    let mut cmd = Command::new(migd_bin());
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join(format!("{tag}-state")))
+        .args(["--listen", "127.0.0.1:0"])
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null());
+    if let Some(delta) = journal {
+        let m = file.metadata().unwrap();
+        cmd.env("JOURNAL_STREAM", format!("{}:{}", m.dev(), m.ino() + delta));
+    }
+    let mut child = cmd.stderr(Stdio::from(file)).spawn().unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("migd ready")) {
+            break l.to_string();
+        }
+        assert!(Instant::now() < end, "no ready line:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    (strip_ansi(&line), line.contains('\x1b'))
+}
+
+/// Removes `ESC [ ... letter` sequences.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn starts_with_timestamp(l: &str) -> bool {
+    let b = l.trim_start().as_bytes();
+    b.len() > 20 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-' && b[10] == b'T'
+}
+
+#[test]
+fn logs_under_journald_have_no_colours_and_no_timestamps() {
+    let dir = scratch("ops-journal");
+    let (journal, escapes) = ready_line(&dir, "j", Some(0));
+    assert!(!escapes, "ANSI escapes for the journal: {journal:?}");
+    assert!(
+        journal.trim_start().starts_with("INFO"),
+        "timestamp for the journal: {journal:?}"
+    );
+    // A stale JOURNAL_STREAM (stderr redirected elsewhere) changes nothing.
+    for (tag, journal) in [("s", Some(1)), ("p", None)] {
+        let (line, _) = ready_line(&dir, tag, journal);
+        assert!(starts_with_timestamp(&line), "no timestamp: {line:?}");
+    }
+}
+
+// ---------------------------------------------------------------- completions
+
+#[test]
+fn migctl_prints_completions_for_bash_zsh_and_fish() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef migctl"),
+        ("fish", "complete -c migctl"),
+    ] {
+        let out = Command::new(migctl_bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(marker), "{shell}: no '{marker}'");
+        for sub in ["migrate", "estimate", "completions"] {
+            assert!(text.contains(sub), "{shell}: no '{sub}'");
+        }
+    }
+    let out = Command::new(migctl_bin())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tcsh"));
+}
