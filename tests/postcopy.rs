@@ -111,20 +111,25 @@ fn hybrid_two_vcpus() {
     if !kvm_or_skip("hybrid_two_vcpus") {
         return;
     }
-    // A downtime target no round can meet: exactly `postcopy_after_rounds`
-    // rounds run, so the destination holds stale copies of pages dirtied since
-    // (they must fault again, not be read stale).
+    // At most `postcopy_after_rounds` rounds run, and the destination holds
+    // stale copies of pages dirtied since (they must fault again, not be read
+    // stale). The guest sweeps its working set slowly, so the hot-page sampling
+    // before round 0 (at most 1 s) finds only part of it: the rest is
+    // pre-copied, and rewritten (re-sent) later.
     let stats = migrate_once(
         "hybrid2",
         2,
-        "workload=dirty:32:64",
+        "workload=dirty:32:8",
         json!({"mode": "hybrid", "max_downtime_ms": 1, "postcopy_after_rounds": 3,
                "max_bandwidth": 48 << 20}),
         |_, _| {},
     );
     assert_eq!(stats["mode"], "hybrid");
-    assert_eq!(stats["rounds"].as_array().unwrap().len(), 3, "{stats}");
-    assert_eq!(stats["stop_reason"], "round limit", "{stats}");
+    let rounds = stats["rounds"].as_array().unwrap().len();
+    assert!((2..=3).contains(&rounds), "{stats}");
+    let deferred = stats["pages"]["deferred"].as_u64().unwrap();
+    assert!(deferred > 0 && deferred < (32 << 20) / 4096, "{stats}");
+    assert!(stats["pages"]["resent"].as_u64().unwrap() > 0, "{stats}");
     // Only what was dirty at the switch travels after it.
     assert!(
         stats["pages"]["expected"].as_u64().unwrap() < (32 << 20) / 4096 + 1024,
@@ -142,7 +147,7 @@ fn hybrid_switch_on_command() {
     let stats = migrate_once(
         "hybrid-cmd",
         1,
-        "workload=dirty:32:64",
+        "workload=dirty:32:8",
         json!({"mode": "hybrid", "max_bandwidth": 32 << 20, "max_downtime_ms": 1,
                "postcopy_after_rounds": 1000}),
         |src, _| {
@@ -328,4 +333,30 @@ fn postcopy_without_fault_channel_recovers_too() {
     assert_eq!(stats["fault_channel"], false, "{stats}");
     assert_eq!(stats["recoveries"], 1, "{stats}");
     assert!(stats["faults"]["count"].as_u64().unwrap() > 0, "{stats}");
+}
+
+#[test]
+fn hybrid_leaves_the_hot_working_set_to_post_copy() {
+    if !kvm_or_skip("hybrid_leaves_the_hot_working_set_to_post_copy") {
+        return;
+    }
+    // A working set rewritten faster than the capped link could ever catch
+    // up with: the sampling before round 0 finds it hot, the rounds send
+    // only the rest, and each hot page crosses the wire once, after the switch.
+    let stats = migrate_once(
+        "hybrid-hot",
+        1,
+        "workload=dirty:32:256",
+        json!({"mode": "hybrid", "max_bandwidth": 16 << 20}),
+        |_, _| {},
+    );
+    let deferred = stats["pages"]["deferred"].as_u64().unwrap();
+    assert!(deferred >= (30 << 20) / 4096, "{stats}");
+    let round0 = stats["rounds"][0]["pages"].as_u64().unwrap();
+    assert!(round0 < 1024, "round 0 re-sent the hot set: {stats}");
+    let sent = stats["bytes"].as_u64().unwrap();
+    assert!(
+        sent < (36 << 20),
+        "{sent} bytes for a 32 MiB working set: {stats}"
+    );
 }

@@ -1018,6 +1018,16 @@ impl Dest {
                 }
             }
             let offsets = wire::read_batch_offsets(r, h.body_len)?;
+            if urgent {
+                // A fault answer: the demanded page first, filled (and its
+                // vCPU woken) before the pre-paged window is even read.
+                for &off in &offsets {
+                    let p = pages_as_bytes(&mut buf[..1]);
+                    r.read_exact(p).map_err(wire::WireError::from)?;
+                    self.fill(off, Some(p), urgent)?;
+                }
+                continue;
+            }
             let data = pages_as_bytes(&mut buf[..offsets.len()]);
             r.read_exact(data).map_err(wire::WireError::from)?;
             for (i, &off) in offsets.iter().enumerate() {

@@ -83,6 +83,12 @@ pub enum Outcome {
     Unconfirmed(String),
 }
 
+/// Hybrid: the dirty log is sampled in steps of this before round 0 to find
+/// the pages the guest keeps rewriting (they are left to post-copy), for at
+/// most [`HOT_SAMPLE_MAX`].
+const HOT_STEP: Duration = Duration::from_millis(50);
+const HOT_SAMPLE_MAX: Duration = Duration::from_secs(1);
+
 /// Shared live view of a migration, for status queries and cancel.
 #[derive(Default)]
 pub struct Job {
@@ -424,8 +430,40 @@ pub(crate) fn rounds(
     vm.set_dirty_logging(true)?;
     vm.take_dirty_bitmap()?; // start clean: everything from now on is logged
 
-    // Round 0: every page that holds data.
-    let mut todo = data_pages(&ram, pages)?;
+    // Hybrid: pages the guest rewrites all the time would only be sent again
+    // and again. Sample the dirty log briefly and leave those to post-copy,
+    // which moves each page once; the rounds send the rarely dirtied rest.
+    let hot = if switch {
+        // Until a step finds few new pages: the guest has gone round its
+        // working set (or it writes little).
+        let started = Instant::now();
+        let mut hot = vec![0u64; pages.div_ceil(64) as usize];
+        loop {
+            std::thread::sleep(HOT_STEP);
+            let mut new = 0;
+            for (h, d) in hot.iter_mut().zip(vm.take_dirty_bitmap()?) {
+                new += (d & !*h).count_ones() as u64;
+                *h |= d;
+            }
+            if new * 20 <= popcount(&hot) || started.elapsed() >= HOT_SAMPLE_MAX {
+                break;
+            }
+        }
+        let n = popcount(&hot);
+        job.update(|s| s.pages.deferred = n);
+        hot
+    } else {
+        Vec::new()
+    };
+    let cold = |bits: &[u64]| -> Vec<u64> {
+        bits.iter()
+            .enumerate()
+            .map(|(i, &w)| w & !hot.get(i).copied().unwrap_or(0))
+            .collect()
+    };
+
+    // Round 0: every page that holds data (but the hot ones).
+    let mut todo = cold(&data_pages(&ram, pages)?);
     let budget = (vm.config().memory as f64 * params.byte_budget_factor) as u64;
     let mut round: u32 = 0;
     let mut bandwidth: f64 = 0.0; // bytes/s, measured
@@ -448,7 +486,7 @@ pub(crate) fn rounds(
                 0.5 * bandwidth + 0.5 * bw
             };
         }
-        todo = vm.take_dirty_bitmap()?;
+        todo = cold(&vm.take_dirty_bitmap()?);
         let dirty = popcount(&todo);
         let dirty_bytes = dirty * PAGE_SIZE;
         let dirty_rate = if ms > 0.0 {
@@ -508,6 +546,10 @@ pub(crate) fn rounds(
         job.check_cancel()?;
     }
     job.update(|s| s.stop_reason = stop_reason.into());
+    // What post-copy must still move: the dirty cold pages and every hot one.
+    for (t, h) in todo.iter_mut().zip(&hot) {
+        *t |= *h;
+    }
     Ok((todo, round))
 }
 

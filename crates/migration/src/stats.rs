@@ -39,6 +39,9 @@ pub struct PageStats {
     /// Post-copy: pages that arrived for an already filled address.
     #[serde(default)]
     pub duplicate: u64,
+    /// Hybrid: pages found hot before round 0 and left to post-copy.
+    #[serde(default)]
+    pub deferred: u64,
 }
 
 /// Post-copy fault latency as the destination measured it (fault → page filled).
