@@ -25,6 +25,14 @@ pub struct File {
     pub insecure: Option<bool>,
     /// Address of the Prometheus endpoint (`GET /metrics`), `ADDR:PORT`; off if unset.
     pub metrics_listen: Option<String>,
+    /// CA certificate (PEM) of the fleet.
+    pub tls_ca: Option<PathBuf>,
+    /// This host's certificate (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// This host's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Hosts this one exchanges VMs with (names or IPs in their certificates).
+    pub tls_peers: Option<Vec<String>>,
 }
 
 /// Parses and checks a config file's text. The error is one line naming the key

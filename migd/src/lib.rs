@@ -6,3 +6,4 @@ pub mod client;
 pub mod config_file;
 pub mod logging;
 pub mod size;
+pub mod tls_args;

@@ -70,6 +70,12 @@ pub struct RunArgs {
     /// matching the source).
     #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["kernel", "restore", "takeover", "incoming_fd"])]
     pub incoming: Option<String>,
+    /// With --incoming-fd: the TLS session of that socket, passed by the daemon
+    /// through this descriptor (a pipe).
+    #[arg(long, value_name = "FD", requires = "incoming_fd")]
+    pub incoming_link_fd: Option<i32>,
+    #[command(flatten)]
+    pub tls: migd::tls_args::TlsArgs,
     /// Leave the VM paused after start or restore.
     #[arg(long)]
     pub paused: bool,
@@ -99,6 +105,13 @@ struct Migrations {
 
 /// Progress of a lazy restore (`--restore FILE --lazy`), while it fills memory.
 static LAZY: std::sync::OnceLock<Arc<migration::lazy::LazyProgress>> = std::sync::OnceLock::new();
+
+/// TLS for this VM's migration connections (None: plaintext).
+static TLS: std::sync::OnceLock<Option<link::TlsSetup>> = std::sync::OnceLock::new();
+
+fn tls() -> Option<&'static link::TlsSetup> {
+    TLS.get().and_then(|t| t.as_ref())
+}
 
 /// The post-copy phase of the migration that brought this VM here, if any.
 static ARRIVING: std::sync::OnceLock<migration::postcopy::PostcopyWatch> =
@@ -156,13 +169,32 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if let Some(p) = &args.control {
         spawn_control_thread(bind_control(p)?, tx.clone(), arriving.clone())?;
     }
+    let tls_setup = match args.tls.files()? {
+        Some(f) => Some(link::TlsSetup::load(&f).context("loading the TLS configuration")?),
+        None => None,
+    };
+    let _ = TLS.set(tls_setup);
     let incoming = match (&args.incoming, args.incoming_fd) {
         (Some(_), _) => match &incoming_listener {
             Some(l) => Some(accept_incoming(l, &args)?),
             None => None,
         },
-        // SAFETY: the daemon passed this descriptor to us for exactly this use.
-        (None, Some(fd)) => Some(unsafe { std::net::TcpStream::from_raw_fd(fd) }),
+        (None, Some(fd)) => {
+            // SAFETY: the daemon passed this descriptor to us for exactly this use.
+            let tcp = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+            let state = match args.incoming_link_fd {
+                Some(sfd) => {
+                    // SAFETY: as above: the daemon's pipe with the TLS session.
+                    let mut p = unsafe { std::fs::File::from_raw_fd(sfd) };
+                    let mut b = Vec::new();
+                    std::io::Read::read_to_end(&mut p, &mut b)
+                        .context("reading the TLS session from the daemon")?;
+                    Some(b)
+                }
+                None => None,
+            };
+            Some(link::Link::import(tcp, state.as_deref()).context("the incoming link")?)
+        }
         (None, None) => None,
     };
     let (vm, mut takeover) = if let Some(stream) = incoming {
@@ -171,6 +203,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             args.memory,
             args.cpus,
             args.serial.as_deref(),
+            tls(),
             &|| arriving.store(false, Ordering::SeqCst),
         )
         .context("incoming migration")?;
@@ -332,12 +365,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
 }
 
 /// Accepts one migration on `listener` and does the destination's handshake.
-fn accept_incoming(
-    listener: &std::net::TcpListener,
-    args: &RunArgs,
-) -> Result<std::net::TcpStream> {
+fn accept_incoming(listener: &std::net::TcpListener, args: &RunArgs) -> Result<link::Link> {
     tracing::info!(addr = ?listener.local_addr().ok(), "waiting for an incoming migration");
-    let (mut stream, peer) = listener.accept().context("accepting the migration")?;
+    let (tcp, peer) = listener.accept().context("accepting the migration")?;
+    let mut stream = match tls() {
+        Some(t) => t.accept(tcp).context("TLS")?,
+        None => link::Link::plain(tcp),
+    };
     let hello = migration::handshake::receive_hello(&mut stream)?;
     let refusal = if hello.memory != args.memory {
         Some(format!(
@@ -579,6 +613,7 @@ fn start_migration(
         .ok_or("migrate needs the VM's \"name\"")?;
     let id = req.get("job").and_then(|j| j.as_str()).unwrap_or("1");
     let mut params = precopy::Params::new(id, vm_name, to);
+    params.tls = tls().cloned();
     if let Some(ms) = req.get("max_downtime_ms").and_then(|v| v.as_u64()) {
         params.max_downtime = Duration::from_millis(ms);
     }
@@ -662,7 +697,7 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
     } else {
         0
     };
-    let path = migration::probe::probe(to, 32 << 20).map_err(|e| e.to_string())?;
+    let path = migration::probe::probe(to, 32 << 20, tls()).map_err(|e| e.to_string())?;
     let inputs = Inputs {
         memory_bytes: memory_bytes as f64,
         // Measured: ~11 KiB of state per vCPU (XSAVE, LAPIC, CPUID, MSRs) plus devices.

@@ -87,7 +87,7 @@ impl Daemon {
     }
 
     pub fn start_with(socket: PathBuf, state: PathBuf, port: u16, log: &Path) -> Daemon {
-        Daemon::spawn(socket, state, None, "127.0.0.1", port, log)
+        Daemon::spawn(socket, state, None, "127.0.0.1", port, log, &["--insecure"])
     }
 
     /// A daemon inside network namespace `netns`, listening on `ip:port` there.
@@ -99,6 +99,20 @@ impl Daemon {
             ip,
             port,
             &dir.join(format!("{tag}.log")),
+            &["--insecure"],
+        )
+    }
+
+    /// A daemon on loopback with `flags` instead of `--insecure` (e.g. TLS).
+    pub fn start_flags(dir: &Path, tag: &str, port: u16, flags: &[&str]) -> Daemon {
+        Daemon::spawn(
+            dir.join(format!("{tag}.sock")),
+            dir.join(format!("{tag}-state")),
+            None,
+            "127.0.0.1",
+            port,
+            &dir.join(format!("{tag}.log")),
+            flags,
         )
     }
 
@@ -109,6 +123,7 @@ impl Daemon {
         ip: &str,
         port: u16,
         log: &Path,
+        flags: &[&str],
     ) -> Daemon {
         let listen = format!("{ip}:{port}");
         let mut cmd = match netns {
@@ -126,7 +141,8 @@ impl Daemon {
                 "--state-dir",
                 state.to_str().unwrap(),
             ])
-            .args(["--listen", &listen, "--insecure"])
+            .args(["--listen", &listen])
+            .args(flags)
             .env("MIGD_FAULT_INJECTION", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

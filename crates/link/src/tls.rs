@@ -243,6 +243,17 @@ fn handshake(conn: &mut rustls::Connection, tcp: &TcpStream, peer: &str) -> Resu
                     ))
                 }
                 Ok(k) => got += k,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    return Err(handshake_err(
+                        peer,
+                        "the peer closed the connection (is it configured for TLS?)".into(),
+                    ))
+                }
                 Err(e) => return Err(io_err(format!("TLS handshake with {peer}"))(e)),
             }
         }

@@ -1,9 +1,9 @@
 //! Destination side: receives pages into a fresh memfd, then the state,
 //! rebuilds the VM paused, answers Ready, and resumes only on Go.
 
+use link::{Link, TlsSetup};
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -40,10 +40,11 @@ pub struct IncomingStats {
 /// `on_running` is called once the vCPUs run, before the source is told, so
 /// that whoever reports this VM's state never lags behind the source.
 pub fn receive(
-    stream: TcpStream,
+    stream: Link,
     memory: u64,
     vcpus: usize,
     console: Option<&Path>,
+    tls: Option<&TlsSetup>,
     on_running: &dyn Fn(),
 ) -> Result<(Vm, IncomingStats)> {
     // A source that stalls for a minute is gone: give up rather than hang.
@@ -67,6 +68,7 @@ pub fn receive(
     let mut round_start: Option<(Instant, u64)> = None;
     let mut stats = IncomingStats::default();
     let mut expected_digest = None;
+    let mut channel = None;
     let state = loop {
         let h = wire::read_header(&mut r)?;
         tracing::trace!(kind = h.kind, len = h.body_len, "frame");
@@ -116,9 +118,14 @@ pub fn receive(
             }
             Message::Digest { crc32 } => expected_digest = Some(crc32),
             // Post-copy (or hybrid after its rounds): the rest runs under userfaultfd.
+            Message::UrgentListen { port, job } => {
+                channel = Some(crate::postcopy::open_fault_channel(&out, port, job, tls)?);
+            }
             Message::PageMap { runs } => {
                 drop(writer);
-                return crate::postcopy::receive(prepared, r, out, runs, stats, on_running);
+                return crate::postcopy::receive(
+                    prepared, r, out, runs, channel, tls, stats, on_running,
+                );
             }
             Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
             other => {

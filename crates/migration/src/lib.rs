@@ -56,6 +56,9 @@ pub enum Error {
     /// The peer broke the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// Setting up the (TLS) link failed.
+    #[error(transparent)]
+    Link(#[from] link::LinkError),
 }
 
 /// Result with [`Error`].

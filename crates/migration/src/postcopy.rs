@@ -45,7 +45,9 @@
 
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener};
+
+use link::{Link, TlsSetup};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -117,7 +119,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Makes a dead post-copy link show as an error within [`LINK_TIMEOUT`] instead
 /// of the kernel's ~15 minutes: keepalive probes every second on an idle
 /// connection, and a cap on how long sent data may stay unacknowledged.
-fn watch_link(s: &TcpStream) -> Result<()> {
+fn watch_link(s: &Link) -> Result<()> {
     s.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
     let secs = LINK_TIMEOUT.as_secs() as libc::c_int;
     let ms = LINK_TIMEOUT.as_millis() as libc::c_int;
@@ -148,7 +150,7 @@ fn watch_link(s: &TcpStream) -> Result<()> {
 }
 
 /// Where the source finds the destination again after a lost link.
-struct Link {
+struct Peer {
     /// The destination VM process's recovery listener.
     addr: SocketAddr,
     /// Identifies this migration there.
@@ -171,6 +173,7 @@ struct Supply<'a> {
     window: u64,
     /// Bandwidth cap of the background push, bytes/s (demand answers are never held back).
     push_cap: Option<u64>,
+    tls: Option<&'a TlsSetup>,
 }
 
 impl Supply<'_> {
@@ -189,7 +192,7 @@ impl Supply<'_> {
     /// Sends the pages at `offsets` on `w`: data for non-zero pages, one `Zero`
     /// message for those that are zero now (the map was made at the pause
     /// without reading the pages, to keep the pause short).
-    fn send(&self, w: &Mutex<TcpStream>, offsets: &[u64]) -> Result<()> {
+    fn send(&self, w: &Mutex<Link>, offsets: &[u64]) -> Result<()> {
         let mut data = Vec::with_capacity(offsets.len());
         let mut pages = Vec::with_capacity(offsets.len());
         let mut zero = Vec::new();
@@ -229,7 +232,7 @@ impl Supply<'_> {
     }
 
     /// Background push on the main connection until every page is claimed.
-    fn push(&self, w: &Mutex<TcpStream>) -> Result<()> {
+    fn push(&self, w: &Mutex<Link>) -> Result<()> {
         let pages = self.mem.pages();
         let words = self.expected.len();
         let mut pos: u64 = 0;
@@ -287,7 +290,7 @@ impl Supply<'_> {
     /// Answers fault requests read from `r` on `w` until the destination's
     /// `PostcopyDone` (returned) or, once the session is stopping, the end of
     /// the stream (`None`).
-    fn serve(&self, r: &mut impl Read, w: &Mutex<TcpStream>) -> Result<Option<PostcopyReport>> {
+    fn serve(&self, r: &mut impl Read, w: &Mutex<Link>) -> Result<Option<PostcopyReport>> {
         let pages = self.mem.pages();
         let mut batch = Vec::with_capacity(MAX_BATCH_PAGES);
         loop {
@@ -334,7 +337,7 @@ impl Supply<'_> {
     /// One session of the post-copy phase on `main` (and `urgent`, the fault
     /// channel, if there is one): push and serve until the destination reports
     /// every page, or a connection breaks.
-    fn session(&self, main: TcpStream, urgent: Option<TcpStream>) -> Result<PostcopyReport> {
+    fn session(&self, main: Link, urgent: Option<Link>) -> Result<PostcopyReport> {
         self.stop.store(false, Ordering::Relaxed);
         {
             let mut links = lock(&self.job.links);
@@ -399,7 +402,7 @@ impl Supply<'_> {
     /// After a broken session: reconnects to the destination with back-off until
     /// it answers, or until the operator gives up (`migctl cancel`). Returns the
     /// new connections, or the report if the destination had finished meanwhile.
-    fn recover(&self, link: &Link, why: &Error, channel: bool) -> Result<Recovered> {
+    fn recover(&self, link: &Peer, why: &Error, channel: bool) -> Result<Recovered> {
         let job = self.job;
         tracing::warn!(
             error = %why,
@@ -451,7 +454,7 @@ impl Supply<'_> {
     }
 
     /// What the operator must know when the source gives up on a post-copy phase.
-    fn abandoned(&self, link: &Link) -> String {
+    fn abandoned(&self, link: &Peer) -> String {
         format!(
             "post-copy abandoned by the operator while the link was down: the destination \
              ({}) holds the VM's vCPU and device state and the pages it received; this host \
@@ -466,10 +469,9 @@ impl Supply<'_> {
 
     /// One reconnection: a new main connection, the destination's received-bitmap,
     /// a new fault channel; then only the pages the destination lacks count as unsent.
-    fn reconnect(&self, link: &Link, channel: bool) -> Result<Recovered> {
-        let open = |urgent: bool| -> Result<TcpStream> {
-            let mut s = TcpStream::connect_timeout(&link.addr, LINK_TIMEOUT)
-                .map_err(io_err(format!("connecting to {}", link.addr)))?;
+    fn reconnect(&self, link: &Peer, channel: bool) -> Result<Recovered> {
+        let open = |urgent: bool| -> Result<Link> {
+            let mut s = precopy::connect_addr(link.addr, self.tls, LINK_TIMEOUT)?;
             watch_link(&s)?;
             s.set_read_timeout(Some(LINK_TIMEOUT))
                 .map_err(io_err("socket timeout"))?;
@@ -524,7 +526,7 @@ impl Supply<'_> {
 /// The result of a post-copy reconnection.
 enum Recovered {
     /// New connections (main, fault channel).
-    Resumed(TcpStream, Option<TcpStream>),
+    Resumed(Link, Option<Link>),
     /// The destination had every page already.
     Done(PostcopyReport),
 }
@@ -591,6 +593,21 @@ fn run(
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
         ^ ((std::process::id() as u64) << 32);
+    // Announced before the pause and accepted in the background, so that the
+    // connection (and its TLS handshake) is not part of the downtime.
+    tx.write_control(&Message::UrgentListen { port, job: token })?;
+    let acceptor = match listener {
+        Some(l) => {
+            let tls = params.tls.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("fault-channel".into())
+                    .spawn(move || accept_urgent(&l, token, tls.as_ref()))
+                    .map_err(io_err("starting the fault channel thread"))?,
+            )
+        }
+        None => None,
+    };
 
     // Switch: pause, tell the destination what it still needs, send the state.
     let pause_start = Instant::now();
@@ -616,7 +633,6 @@ fn run(
     tx.write_control(&Message::PageMap {
         runs: to_runs(&expected),
     })?;
-    tx.write_control(&Message::UrgentListen { port, job: token })?;
     stamp(&mut phases.final_pages_us);
     let blob = vm.capture()?.encode()?;
     tx.write_control(&Message::State { blob })?;
@@ -627,11 +643,13 @@ fn run(
         s.remaining_bytes = total * PAGE_SIZE;
         s.bytes = bytes;
     });
-    let urgent = match &listener {
-        Some(l) => Some(accept_urgent(l, token)?),
+    let urgent = match acceptor {
+        Some(t) => Some(
+            t.join()
+                .map_err(|_| Error::Protocol("the fault channel thread panicked".into()))??,
+        ),
         None => None,
     };
-    drop(listener);
     let mut rx = stream;
     let recover_port = match wire::expect_control(&mut rx, "RecoverListen")? {
         Message::RecoverListen { port } => port,
@@ -643,7 +661,7 @@ fn run(
             )))
         }
     };
-    let link = Link {
+    let link = Peer {
         addr: SocketAddr::new(
             rx.peer_addr().map_err(io_err("peer address"))?.ip(),
             recover_port,
@@ -685,7 +703,7 @@ fn run(
     }
 }
 
-fn accept_urgent(listener: &TcpListener, token: u64) -> Result<TcpStream> {
+fn accept_urgent(listener: &TcpListener, token: u64, tls: Option<&TlsSetup>) -> Result<Link> {
     listener
         .set_nonblocking(true)
         .map_err(io_err("fault channel listener"))?;
@@ -701,10 +719,17 @@ fn accept_urgent(listener: &TcpListener, token: u64) -> Result<TcpStream> {
         // SAFETY: one valid pollfd.
         unsafe { libc::poll(&mut pfd, 1, left.max(1)) };
         match listener.accept() {
-            Ok((mut s, peer)) => {
+            Ok((s, peer)) => {
                 s.set_nonblocking(false).map_err(io_err("fault channel"))?;
                 s.set_read_timeout(Some(Duration::from_secs(10)))
                     .map_err(io_err("socket timeout"))?;
+                let mut s = match precopy::accept(s, tls) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(%peer, "fault channel connection refused: {e}");
+                        continue;
+                    }
+                };
                 match wire::expect_control(&mut s, "UrgentHello") {
                     Ok(Message::UrgentHello { job }) if job == token => {
                         s.set_read_timeout(None).map_err(io_err("socket timeout"))?;
@@ -734,9 +759,9 @@ fn postcopy_phase(
     params: &Params,
     expected: Vec<u64>,
     total: u64,
-    main: TcpStream,
-    urgent: Option<TcpStream>,
-    link: &Link,
+    main: Link,
+    urgent: Option<Link>,
+    link: &Peer,
 ) -> Result<PostcopyReport> {
     let supply = Supply {
         mem,
@@ -749,6 +774,7 @@ fn postcopy_phase(
         stop: AtomicBool::new(false),
         window: params.prepaging_window as u64,
         push_cap: params.max_bandwidth,
+        tls: params.tls.as_ref(),
     };
     // The destination may run for long before all pages are there: no read
     // timeout; a dead link shows within LINK_TIMEOUT.
@@ -833,14 +859,16 @@ struct Dest {
     /// Bumped whenever a session ends; threads of older sessions exit quietly.
     generation: AtomicU64,
     /// Where fault requests go (the fault channel, or the main connection); None while the link is down.
-    requests: Mutex<Option<TcpStream>>,
+    requests: Mutex<Option<Link>>,
     /// The main connection of the current session (PostcopyDone goes there).
-    main: Mutex<Option<TcpStream>>,
+    main: Mutex<Option<Link>>,
     /// Every socket of the current session, to cut them.
-    links: Mutex<Vec<TcpStream>>,
+    links: Mutex<Vec<Link>>,
     link_up: AtomicBool,
     recoveries: AtomicU64,
     recover_port: u16,
+    /// TLS for the source's reconnections.
+    tls: Option<TlsSetup>,
     /// Set once every page is here: a reconnecting source gets it again.
     report: Mutex<Option<PostcopyReport>>,
     failure: Mutex<Option<String>>,
@@ -1142,12 +1170,12 @@ impl Dest {
     /// channel, `urgent`: faults that waited for the link are asked again.
     fn start_session(
         self: &Arc<Self>,
-        main_r: BufReader<TcpStream>,
-        main: TcpStream,
-        urgent: Option<TcpStream>,
+        main_r: BufReader<Link>,
+        main: Link,
+        urgent: Option<Link>,
     ) -> Result<()> {
         let gen = self.generation.load(Ordering::Acquire);
-        let clone = |s: &TcpStream| s.try_clone().map_err(io_err("socket"));
+        let clone = |s: &Link| s.try_clone().map_err(io_err("socket"));
         *lock(&self.links) = std::iter::once(&main)
             .chain(urgent.as_ref())
             .map(clone)
@@ -1193,7 +1221,7 @@ impl Dest {
             tracing::error!("recovery listener: {e}");
             return;
         }
-        let mut pending_main: Option<TcpStream> = None;
+        let mut pending_main: Option<Link> = None;
         let mut done_at: Option<Instant> = None;
         loop {
             if self.stop.load(Ordering::Relaxed) {
@@ -1224,11 +1252,11 @@ impl Dest {
 
     fn recovery_connection(
         self: &Arc<Self>,
-        mut s: TcpStream,
+        s: std::net::TcpStream,
         peer: SocketAddr,
-        pending_main: &mut Option<TcpStream>,
+        pending_main: &mut Option<Link>,
     ) -> Result<()> {
-        let refuse = |s: &mut TcpStream, reason: String| {
+        let refuse = |s: &mut Link, reason: String| {
             let _ = wire::write_control(
                 s,
                 &Message::Refuse {
@@ -1241,15 +1269,18 @@ impl Dest {
         s.set_read_timeout(Some(LINK_TIMEOUT))
             .map_err(io_err("socket timeout"))?;
         if peer.ip() != self.source {
-            return refuse(
-                &mut s,
-                format!(
-                    "{} is not this migration's source ({})",
-                    peer.ip(),
-                    self.source
-                ),
+            let reason = format!(
+                "{} is not this migration's source ({})",
+                peer.ip(),
+                self.source
             );
+            // Over TLS a stranger gets no word before a handshake it cannot pass.
+            return match self.tls {
+                None => refuse(&mut Link::plain(s), reason),
+                Some(_) => Err(Error::Refused(reason)),
+            };
         }
+        let mut s = precopy::accept(s, self.tls.as_ref())?;
         let (job, urgent) = match wire::expect_control(&mut s, "RecoverHello")? {
             Message::RecoverHello { job, urgent } => (job, urgent),
             other => {
@@ -1348,11 +1379,34 @@ fn spawn<T: Send + 'static>(
 /// Destination side, from the `PageMap` on: registers guest RAM with
 /// userfaultfd, opens the fault channel, loads the state, does the commit
 /// exchange and returns the running VM; pages keep arriving in the background.
+/// The destination's end of the fault channel: `UrgentListen{port, job}` says
+/// where the source listens (port 0: no fault channel). Opened when the
+/// message arrives, before the source pauses.
+pub(crate) fn open_fault_channel(
+    main: &Link,
+    port: u16,
+    job: u64,
+    tls: Option<&TlsSetup>,
+) -> Result<(Option<Link>, u64)> {
+    if port == 0 {
+        return Ok((None, job));
+    }
+    let source = main.peer_addr().map_err(io_err("peer address"))?.ip();
+    let mut s = precopy::connect_addr(SocketAddr::new(source, port), tls, Duration::from_secs(10))
+        .map_err(|e| Error::Protocol(format!("opening the fault channel: {e}")))?;
+    s.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
+    wire::write_control(&mut s, &Message::UrgentHello { job })?;
+    Ok((Some(s), job))
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn receive(
     prepared: PreparedVm,
-    r: BufReader<TcpStream>,
-    mut out: TcpStream,
+    r: BufReader<Link>,
+    mut out: Link,
     runs: Vec<(u64, u64)>,
+    channel: Option<(Option<Link>, u64)>,
+    tls: Option<&TlsSetup>,
     mut stats: IncomingStats,
     on_running: &dyn Fn(),
 ) -> Result<(Vm, IncomingStats)> {
@@ -1402,35 +1456,18 @@ pub(crate) fn receive(
         .map_err(io_err("peer address"))?
         .ip();
 
-    // UrgentListen, then State.
-    let mut channel = None;
-    let state = loop {
-        match wire::expect_control(&mut r, "UrgentListen or State")? {
-            Message::UrgentListen { port: 0, job } => channel = Some((None, job)),
-            Message::UrgentListen { port, job } => {
-                let mut s = TcpStream::connect_timeout(
-                    &SocketAddr::new(source, port),
-                    Duration::from_secs(10),
-                )
-                .map_err(io_err(format!(
-                    "opening the fault channel to {source}:{port}"
-                )))?;
-                s.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
-                wire::write_control(&mut s, &Message::UrgentHello { job })?;
-                channel = Some((Some(s), job));
-            }
-            Message::State { blob } => break VmState::decode(&blob)?,
-            Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
-            other => {
-                return Err(Error::Protocol(format!(
-                    "unexpected {} after the PageMap",
-                    other.name()
-                )))
-            }
+    let state = match wire::expect_control(&mut r, "State")? {
+        Message::State { blob } => VmState::decode(&blob)?,
+        Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
+        other => {
+            return Err(Error::Protocol(format!(
+                "unexpected {} after the PageMap",
+                other.name()
+            )))
         }
     };
     let (urgent, token) =
-        channel.ok_or_else(|| Error::Protocol("State arrived before UrgentListen".into()))?;
+        channel.ok_or_else(|| Error::Protocol("PageMap arrived before UrgentListen".into()))?;
     // Where the source reconnects if the link drops after the switch.
     let local = out.local_addr().map_err(io_err("socket address"))?;
     let recovery = TcpListener::bind((local.ip(), 0)).map_err(io_err("recovery listener"))?;
@@ -1470,6 +1507,7 @@ pub(crate) fn receive(
         link_up: AtomicBool::new(false),
         recoveries: AtomicU64::new(0),
         recover_port,
+        tls: tls.cloned(),
         report: Mutex::new(None),
         failure: Mutex::new(None),
     });

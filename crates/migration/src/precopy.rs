@@ -9,7 +9,9 @@
 //! round limit, the byte budget, or when the dirty set stops shrinking.
 
 use std::io::Write;
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+
+use link::{Link, TlsSetup};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -48,6 +50,8 @@ pub struct Params {
     /// Post-copy: fault requests and their answers on a connection of their own
     /// (true), or on the main connection behind the background push (false).
     pub fault_channel: bool,
+    /// TLS for every connection of the migration; None: plaintext (`--insecure`).
+    pub tls: Option<TlsSetup>,
 }
 
 impl Params {
@@ -65,6 +69,7 @@ impl Params {
             postcopy_after_rounds: 3,
             prepaging_window: 16,
             fault_channel: true,
+            tls: None,
         }
     }
 }
@@ -102,7 +107,7 @@ pub struct Job {
     pub recover_now: AtomicBool,
     /// The post-copy phase's live sockets, so that a fault-injection hook (and the
     /// phase itself, when one of them fails) can cut them all.
-    pub(crate) links: Mutex<Vec<TcpStream>>,
+    pub(crate) links: Mutex<Vec<Link>>,
 }
 
 impl Job {
@@ -138,7 +143,7 @@ impl Job {
 
 /// Sends pages and tracks bytes, the cap and the resent counter.
 pub(crate) struct Sender<'a> {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Link,
     pub(crate) mem: &'a MemView,
     pub(crate) job: &'a Job,
     pub(crate) cap: Option<u64>,
@@ -224,7 +229,7 @@ impl<'a> Sender<'a> {
 
 /// Waits for the destination's Ready (state loaded, VM not running); a Cancel
 /// carries the destination's reason (e.g. a digest mismatch).
-pub(crate) fn expect_ready(rx: &mut TcpStream) -> Result<()> {
+pub(crate) fn expect_ready(rx: &mut Link) -> Result<()> {
     match wire::expect_control(rx, "Ready")? {
         Message::Ready => Ok(()),
         Message::Cancel { reason } => Err(Error::PeerCancelled(reason)),
@@ -314,7 +319,9 @@ pub(crate) fn drive(
     outcome
 }
 
-pub(crate) fn connect(to: &str) -> Result<TcpStream> {
+/// Connects to `to` (HOST:PORT) and, with `tls`, runs the handshake verifying
+/// that the peer's certificate is valid for HOST.
+pub(crate) fn connect(to: &str, tls: Option<&TlsSetup>) -> Result<Link> {
     let addrs: Vec<_> = to
         .to_socket_addrs()
         .map_err(io_err(format!("resolving {to}")))?
@@ -322,7 +329,13 @@ pub(crate) fn connect(to: &str) -> Result<TcpStream> {
     let mut last = None;
     for a in addrs {
         match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
-            Ok(s) => return Ok(s),
+            Ok(s) => {
+                let host = to
+                    .rsplit_once(':')
+                    .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+                    .unwrap_or(to);
+                return secure(s, host, tls);
+            }
             Err(e) => last = Some(e),
         }
     }
@@ -332,6 +345,34 @@ pub(crate) fn connect(to: &str) -> Result<TcpStream> {
     })
 }
 
+/// Connects to `addr` (a peer met earlier in the same migration).
+pub(crate) fn connect_addr(
+    addr: SocketAddr,
+    tls: Option<&TlsSetup>,
+    timeout: Duration,
+) -> Result<Link> {
+    let s = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(io_err(format!("connecting to {addr}")))?;
+    secure(s, &addr.ip().to_string(), tls)
+}
+
+fn secure(s: TcpStream, host: &str, tls: Option<&TlsSetup>) -> Result<Link> {
+    Ok(match tls {
+        Some(t) => t.connect(s, host)?,
+        None => Link::plain(s),
+    })
+}
+
+/// The accepting side of a connection within a migration (fault channel,
+/// recovery): the TLS handshake with the peer check, or plaintext (both ends
+/// of one migration use the same, settled on its main connection).
+pub(crate) fn accept(s: TcpStream, tls: Option<&TlsSetup>) -> Result<Link> {
+    match tls {
+        Some(t) => Ok(t.accept(s)?),
+        None => Ok(Link::plain(s)),
+    }
+}
+
 /// Connects, says Hello with `mode`, and waits until the destination is prepared.
 pub(crate) fn open(
     vm: &Vm,
@@ -339,8 +380,8 @@ pub(crate) fn open(
     job: &Job,
     start: Instant,
     mode: &str,
-) -> Result<TcpStream> {
-    let mut stream = connect(&params.to)?;
+) -> Result<Link> {
+    let mut stream = connect(&params.to, params.tls.as_ref())?;
     stream.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
@@ -372,7 +413,7 @@ pub(crate) fn data_pages(ram: &vmm::GuestRam, pages: u64) -> Result<Vec<u64>> {
 
 impl<'a> Sender<'a> {
     /// A sender on `stream` for the pages of `mem`.
-    pub(crate) fn new(stream: TcpStream, mem: &'a MemView, job: &'a Job, cap: Option<u64>) -> Self {
+    pub(crate) fn new(stream: Link, mem: &'a MemView, job: &'a Job, cap: Option<u64>) -> Self {
         Sender {
             stream,
             mem,
@@ -451,6 +492,8 @@ pub(crate) fn rounds(
         }
         let n = popcount(&hot);
         job.update(|s| s.pages.deferred = n);
+        // The bandwidth cap paces from here: the sampling sent nothing.
+        tx.started = Instant::now();
         hot
     } else {
         Vec::new()
@@ -523,16 +566,17 @@ pub(crate) fn rounds(
         );
         history.push(dirty);
         round += 1;
+        // The operator's word first: it is why the rounds end, whatever else holds.
+        if switch && job.postcopy_now.load(Ordering::Relaxed) {
+            stop_reason = "post-copy requested";
+            break;
+        }
         if expected_ms <= params.max_downtime.as_secs_f64() * 1e3 {
             stop_reason = "expected downtime within max-downtime";
             break;
         }
         if round >= limit {
             stop_reason = "round limit";
-            break;
-        }
-        if switch && job.postcopy_now.load(Ordering::Relaxed) {
-            stop_reason = "post-copy requested";
             break;
         }
         if tx.bytes >= budget {
@@ -560,7 +604,7 @@ fn stop_and_copy(
     params: &Params,
     job: &Job,
     mut tx: Sender<'_>,
-    stream: TcpStream,
+    stream: Link,
     todo: &mut [u64],
     round: u32,
     pause_start: Instant,
@@ -628,7 +672,7 @@ fn stop_and_copy(
 
 /// After Go: the destination's Confirm (its resume time, µs), or why the
 /// commit stays unconfirmed (the source then keeps its copy paused).
-pub(crate) fn expect_confirm(rx: &mut TcpStream) -> std::result::Result<u64, String> {
+pub(crate) fn expect_confirm(rx: &mut Link) -> std::result::Result<u64, String> {
     match wire::expect_control(rx, "Confirm") {
         Ok(Message::Confirm { resume_us }) => Ok(resume_us),
         Ok(other) => Err(format!(

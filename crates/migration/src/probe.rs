@@ -6,8 +6,8 @@
 //! Confirm. RTT is the best of the Hello/Accept exchange and the Go/Confirm
 //! exchange; bandwidth is the bytes over the time from the first batch to Confirm.
 
+use link::{Link, TlsSetup};
 use std::io::Write;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use wire::{Message, MAX_BATCH_PAGES, PAGE_SIZE};
@@ -27,8 +27,8 @@ pub struct PathStats {
 pub const PROBE_MODE: &str = "probe";
 
 /// Probes `to` with `bytes` of page data (rounded up to whole batches).
-pub fn probe(to: &str, bytes: u64) -> Result<PathStats> {
-    let mut stream = crate::precopy::connect(to)?;
+pub fn probe(to: &str, bytes: u64, tls: Option<&TlsSetup>) -> Result<PathStats> {
+    let mut stream = crate::precopy::connect(to, tls)?;
     stream.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -75,7 +75,7 @@ pub fn probe(to: &str, bytes: u64) -> Result<PathStats> {
 }
 
 /// Destination side, after `Accept`: discards page batches until Go, answers Confirm.
-pub fn serve(stream: &mut TcpStream) -> Result<()> {
+pub fn serve(stream: &mut Link) -> Result<()> {
     loop {
         match wire::read_frame(stream)? {
             wire::Frame::Pages { .. } => {}

@@ -459,8 +459,13 @@ async fn spawn_vm(
         args.push("--initramfs".into());
         args.push(path_arg(Some(i))?);
     }
+    if let Some(t) = &d.tls {
+        // The VM process opens migration connections of its own (fault
+        // channel, recovery) and needs the same credentials.
+        args.extend(migd::tls_args::TlsArgs::to_args(&t.files));
+    }
     let log = state::log_path(dir);
-    let mut child = vmproc::spawn(&d.exe, &args, &log, None)?;
+    let mut child = vmproc::spawn(&d.exe, &args, &log, None, None)?;
     let pid = child.id().context("VM process has no pid")?;
     let end = Instant::now() + CREATE_TIMEOUT;
     loop {

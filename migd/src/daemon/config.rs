@@ -23,6 +23,8 @@ pub struct Config {
     pub insecure: bool,
     /// Address of the Prometheus endpoint; None: no endpoint.
     pub metrics_listen: Option<String>,
+    /// TLS for migration streams; None: plaintext (only with `insecure`).
+    pub tls: Option<link::TlsFiles>,
 }
 
 impl Config {
@@ -50,6 +52,17 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             insecure: args.insecure || file.insecure.unwrap_or(false),
             metrics_listen: args.metrics_listen.clone().or(file.metrics_listen),
+            tls: migd::tls_args::TlsArgs {
+                tls_ca: args.tls.tls_ca.clone().or(file.tls_ca),
+                tls_cert: args.tls.tls_cert.clone().or(file.tls_cert),
+                tls_key: args.tls.tls_key.clone().or(file.tls_key),
+                tls_peers: if args.tls.tls_peers.is_empty() {
+                    file.tls_peers.unwrap_or_default()
+                } else {
+                    args.tls.tls_peers.clone()
+                },
+            }
+            .files()?,
         };
         cfg.listen
             .to_socket_addrs()

@@ -2,6 +2,8 @@
 //! handshake, then a VM process that receives the VM over the inherited socket.
 
 use std::net::{SocketAddr, TcpStream};
+
+use link::Link;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,15 +56,18 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
     let d2 = d.clone();
-    let Some((stream, record)) = tokio::task::spawn_blocking(move || handshake(&d2, stream, peer))
-        .await
-        .context("handshake task")??
+    let Some((stream, record)) = tokio::task::spawn_blocking(move || {
+        let link = secure(&d2, stream, peer)?;
+        handshake(&d2, link, peer)
+    })
+    .await
+    .context("handshake task")??
     else {
         return Ok(());
     };
     let name = record.name.clone();
     let dir = d.vm_dir(&name);
-    let args = vec![
+    let mut args = vec![
         "--incoming-fd".to_string(),
         "3".into(),
         "--name".into(),
@@ -76,19 +81,35 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
         "--control".into(),
         state::control_path(&dir).to_string_lossy().into_owned(),
     ];
+    if let Some(t) = &d.tls {
+        args.extend(migd::tls_args::TlsArgs::to_args(&t.files));
+    }
+    // A TLS link's session state goes to the child through a pipe (fd 4), never
+    // through the file system or the command line.
+    let state_pipe = match stream.export().context("handing over the TLS session")? {
+        Some(state) => {
+            let (r, mut w) = std::io::pipe().context("pipe for the TLS session")?;
+            std::io::Write::write_all(&mut w, &state).context("writing the TLS session")?;
+            args.extend(["--incoming-link-fd".to_string(), "4".into()]);
+            Some(r)
+        }
+        None => None,
+    };
     // The child gets the socket as fd 3; our copy closes when `stream` drops.
-    match vmproc::spawn(
+    let spawned = vmproc::spawn(
         &d.exe,
         &args,
         &state::log_path(&dir),
         Some(stream.as_raw_fd()),
-    ) {
+        state_pipe.as_ref().map(|p| p.as_raw_fd()),
+    );
+    match spawned {
         Ok(child) => {
             let pid = child.id();
             if let Some(vm) = d.reg().vms.get_mut(&name) {
                 vm.pid = pid;
             }
-            tracing::info!(vm = %name, ?pid, "receiving VM");
+            tracing::info!(vm = %name, ?pid, tls = stream.is_secure(), "receiving VM");
             state::watch_child(d.clone(), name, child);
             Ok(())
         }
@@ -96,6 +117,45 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
             d.reg().vms.remove(&name);
             let _ = state::remove_dir(&dir);
             Err(e)
+        }
+    }
+}
+
+/// The link of an accepted connection: TLS when configured (the peer must be
+/// one of ours), else plaintext; a peer speaking the other is told so.
+fn secure(d: &Daemon, stream: TcpStream, peer: SocketAddr) -> Result<Link> {
+    use migration::handshake::refuse;
+    let tls_hello = link::looks_like_tls(&stream).unwrap_or(false);
+    match &d.tls {
+        Some(_) if !tls_hello => {
+            // It reads plaintext frames: tell it in its own terms.
+            let reason = "this host accepts migrations only over TLS";
+            let _ = refuse(&mut Link::plain(stream), reason);
+            anyhow::bail!("{peer} speaks plaintext: refused ({reason})")
+        }
+        Some(tls) => match tls.accept(stream) {
+            Ok(link) => Ok(link),
+            Err(link::LinkError::NotAPeer {
+                peer,
+                allowed,
+                mut link,
+            }) => {
+                let reason = format!(
+                    "this host does not accept migrations from {peer}: its certificate names \
+                     none of the configured peers ({allowed})"
+                );
+                let _ = refuse(&mut *link, &reason);
+                anyhow::bail!("{reason}")
+            }
+            Err(e) => Err(e.into()),
+        },
+        None => {
+            if tls_hello {
+                anyhow::bail!(
+                    "{peer} speaks TLS, but this host runs without it (--insecure, no tls_* keys)"
+                );
+            }
+            Ok(Link::plain(stream))
         }
     }
 }
@@ -164,11 +224,7 @@ fn admit(
 ///
 /// Integration point with `crates/migration`: `receive_hello`, then `accept` or `refuse`.
 /// `None` when the connection was a cost-model probe, answered and done.
-fn handshake(
-    d: &Daemon,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-) -> Result<Option<(TcpStream, VmRecord)>> {
+fn handshake(d: &Daemon, mut stream: Link, peer: SocketAddr) -> Result<Option<(Link, VmRecord)>> {
     use migration::handshake;
     let hello = handshake::receive_hello(&mut stream).context("reading the Hello")?;
     if hello.mode == migration::probe::PROBE_MODE {

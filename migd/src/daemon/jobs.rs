@@ -166,8 +166,11 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             req.mode.escape_debug()
         );
     }
-    if !d.cfg.insecure {
-        bail!("migrations are disabled: the stream would be plaintext; start migd with --insecure");
+    if !d.cfg.insecure && d.tls.is_none() {
+        bail!(
+            "migrations are disabled: configure TLS (tls_ca, tls_cert, tls_key, tls_peers) \
+             or allow plaintext streams with --insecure"
+        );
     }
     let job = {
         let mut reg = d.reg();

@@ -38,9 +38,11 @@ pub struct DaemonArgs {
     /// State directory: VM records, consoles, logs, jobs [default: /var/lib/migd].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Allow plaintext, unauthenticated migration streams (needed until TLS exists).
+    /// Allow plaintext, unauthenticated migration streams when no TLS is configured.
     #[arg(long)]
     pub insecure: bool,
+    #[command(flatten)]
+    pub tls: migd::tls_args::TlsArgs,
     /// Serve Prometheus metrics (`GET /metrics`) on this address [default: off].
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<String>,
@@ -62,6 +64,8 @@ pub struct Daemon {
     reg: Mutex<Registry>,
     /// Counters for the Prometheus endpoint.
     pub metrics: metrics::Metrics,
+    /// TLS for migration streams (None: plaintext with --insecure, or none at all).
+    pub tls: Option<link::TlsSetup>,
 }
 
 impl Daemon {
@@ -115,8 +119,13 @@ async fn serve(cfg: Config) -> Result<i32> {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
+    let tls = match &cfg.tls {
+        Some(files) => Some(link::TlsSetup::load(files).context("loading the TLS configuration")?),
+        None => None,
+    };
     let listener = bind_control(&cfg.socket)?;
     let daemon = Arc::new(Daemon {
+        tls,
         cfg,
         exe,
         reg: Mutex::new(Registry::default()),
@@ -128,12 +137,21 @@ async fn serve(cfg: Config) -> Result<i32> {
     jobs::load(&daemon);
     state::adopt_all(&daemon).await;
     jobs::finish_orphans(&daemon);
-    if daemon.cfg.insecure {
+    if daemon.tls.is_some() {
+        if daemon.cfg.insecure {
+            tracing::warn!("insecure is ignored: TLS is configured, every stream uses it");
+        }
+        incoming::start(daemon.clone()).await?;
+    } else if daemon.cfg.insecure {
+        tracing::warn!(
+            "migration streams are PLAINTEXT and unauthenticated (--insecure): anyone who \
+             reaches the listener can send VMs, and guest memory crosses the network readable"
+        );
         incoming::start(daemon.clone()).await?;
     } else {
         tracing::warn!(
-            "incoming and outgoing migrations are disabled: streams are plaintext until TLS \
-             exists; start migd with --insecure (or insecure = true) to allow them"
+            "incoming and outgoing migrations are disabled: configure TLS (tls_ca, tls_cert, \
+             tls_key, tls_peers) or allow plaintext streams with --insecure"
         );
     }
     {
@@ -143,6 +161,7 @@ async fn serve(cfg: Config) -> Result<i32> {
             state_dir = %daemon.cfg.state_dir.display(),
             listen = %daemon.cfg.listen,
             insecure = daemon.cfg.insecure,
+            tls = daemon.tls.is_some(),
             metrics = daemon.cfg.metrics_listen.as_deref().unwrap_or("off"),
             vms,
             pid = std::process::id(),

@@ -68,7 +68,11 @@ pub fn spawn(
     args: &[String],
     log: &Path,
     fd3: Option<RawFd>,
+    fd4: Option<RawFd>,
 ) -> Result<tokio::process::Child> {
+    if fd4.is_some_and(|fd| fd <= 4) || fd3.is_some_and(|fd| fd == 4) {
+        anyhow::bail!("descriptors to pass overlap their targets");
+    }
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -89,6 +93,11 @@ pub fn spawn(
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = fd4 {
+                if libc::dup2(fd, 4) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             if let Some(fd) = fd3 {
                 if fd == 3 {

@@ -1,0 +1,190 @@
+//! Migrations between daemons over TLS (certificates from scripts/make-certs.sh):
+//! pre-copy one way and post-copy back (fault channel and recovery port under
+//! TLS too), and the refusals of issue #6: a plaintext peer on a TLS port, a
+//! TLS peer on a plaintext port, an untrusted certificate, a host that is not
+//! a configured peer. Each names the problem; the source VM keeps running.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::daemon::*;
+use common::*;
+use serde_json::Value;
+
+/// A CA with hosts a, b and c, and a stranger's CA with its own host-a.
+fn certs(dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    let script = repo().join("scripts/make-certs.sh");
+    for args in [
+        vec![
+            certs.to_str().unwrap().to_string(),
+            "host-a=127.0.0.1".into(),
+            "host-b=127.0.0.1".into(),
+            "host-c=127.0.0.1".into(),
+        ],
+        vec![
+            certs.join("other").to_str().unwrap().to_string(),
+            "host-a=127.0.0.1".into(),
+        ],
+    ] {
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    certs
+}
+
+fn tls_flags(certs: &Path, ca_dir: &str, host: &str, peers: &[&str]) -> Vec<String> {
+    let d = certs.join(ca_dir);
+    let mut f = vec![
+        "--tls-ca".to_string(),
+        d.join("ca.pem").to_string_lossy().into_owned(),
+        "--tls-cert".into(),
+        d.join(format!("{host}.pem")).to_string_lossy().into_owned(),
+        "--tls-key".into(),
+        d.join(format!("{host}.key")).to_string_lossy().into_owned(),
+    ];
+    for p in peers {
+        f.push("--tls-peer".into());
+        f.push(p.to_string());
+    }
+    f
+}
+
+fn start(dir: &Path, tag: &str, flags: &[String]) -> Daemon {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    Daemon::start_flags(dir, tag, free_port(), &flags)
+}
+
+fn create(d: &Daemon) -> Console {
+    let elf = guest_elf();
+    d.ok(&[
+        "create",
+        "web1",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cmdline",
+        "workload=dirty:32:32",
+        "--memory",
+        "256M",
+        "--vcpus",
+        "2",
+    ]);
+    let console = Console(d.vm_dir("web1").join("console.log"));
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    console
+}
+
+/// The text of a log without its colour escapes.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for c in s.chars() {
+        match (esc, c) {
+            (false, '\x1b') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
+}
+
+fn migrate(from: &Daemon, to: &Daemon, mode: &str) -> (i32, Value, String) {
+    let target = format!("127.0.0.1:{}", to.port);
+    let (code, out, err) =
+        from.migctl(&["migrate", "web1", "--to", &target, "--mode", mode, "--json"]);
+    (code, serde_json::from_str(&out).unwrap_or(Value::Null), err)
+}
+
+#[test]
+fn migrations_over_mutually_authenticated_tls() {
+    if !kvm_or_skip("migrations_over_mutually_authenticated_tls") {
+        return;
+    }
+    let dir = scratch("tls");
+    let certs = certs(&dir);
+    let a = start(&dir, "a", &tls_flags(&certs, "", "host-a", &["host-b"]));
+    let b = start(&dir, "b", &tls_flags(&certs, "", "host-b", &["host-a"]));
+    let _ra = Reaper(a.state.clone());
+    let _rb = Reaper(b.state.clone());
+    let console = create(&a);
+    let n = console.wait_heartbeats(0, 2, Duration::from_secs(30));
+    let (code, stats, err) = migrate(&a, &b, "precopy");
+    assert_eq!(code, 0, "{err}\n{}\n{}", a.log_text(), b.log_text());
+    assert_eq!(stats["outcome"], "completed", "{stats}");
+    let log = strip_ansi(&b.log_text());
+    assert!(
+        log.contains("receiving VM vm=web1") && log.contains("tls=true"),
+        "{log}"
+    );
+    let console = Console(b.vm_dir("web1").join("console.log"));
+    let n = console.wait_heartbeats(n, 2, Duration::from_secs(30));
+    // Back in post-copy: the fault channel (B's VM process listens, A's connects)
+    // is TLS too.
+    let (code, stats, err) = migrate(&b, &a, "postcopy");
+    assert_eq!(code, 0, "{err}\n{}\n{}", a.log_text(), b.log_text());
+    assert_eq!(stats["outcome"], "completed", "{stats}");
+    assert!(stats["faults"]["count"].as_u64().unwrap() > 0, "{stats}");
+    let console = Console(a.vm_dir("web1").join("console.log"));
+    console.wait_heartbeats(n, 2, Duration::from_secs(30));
+    console.assert_clean();
+    a.ok(&["destroy", "web1"]);
+}
+
+#[test]
+fn wrong_peers_are_refused_and_named() {
+    if !kvm_or_skip("wrong_peers_are_refused_and_named") {
+        return;
+    }
+    let dir = scratch("tls-bad");
+    let certs = certs(&dir);
+    // B accepts only host-a.
+    let b = start(&dir, "b", &tls_flags(&certs, "", "host-b", &["host-a"]));
+    let plain = start(&dir, "plain", &["--insecure".to_string()]);
+    let stranger = start(
+        &dir,
+        "stranger",
+        &tls_flags(&certs, "other", "host-a", &["host-b"]),
+    );
+    let c = start(&dir, "c", &tls_flags(&certs, "", "host-c", &["host-b"]));
+    let reapers: Vec<_> = [&b, &plain, &stranger, &c]
+        .iter()
+        .map(|d| Reaper(d.state.clone()))
+        .collect();
+    let cases: [(&Daemon, &Daemon, &str); 4] = [
+        (&plain, &b, "accepts migrations only over TLS"),
+        (&stranger, &b, "UnknownIssuer"),
+        (&c, &b, "does not accept migrations from"),
+        (&b, &plain, "configured for TLS"),
+    ];
+    for (from, to, want) in cases {
+        let console = create(from);
+        let before = console.wait_heartbeats(0, 1, Duration::from_secs(30));
+        let (code, stats, err) = migrate(from, to, "precopy");
+        assert_ne!(code, 0, "{stats}");
+        let said = format!("{err} {stats}");
+        assert!(
+            said.contains(want),
+            "want '{want}' in: {said}\n{}",
+            to.log_text()
+        );
+        // The source runs on, the destination kept nothing.
+        console.wait_heartbeats(before, 2, Duration::from_secs(30));
+        console.assert_clean();
+        let (code, _, _) = to.migctl(&["info", "web1"]);
+        assert_ne!(code, 0, "the destination kept a VM");
+        from.ok(&["destroy", "web1"]);
+    }
+    drop(reapers);
+}
