@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what migd needs on a fresh Debian host, idempotently:
-#   - libclang-dev (bindgen, for the userfaultfd crate), iproute2 (network namespaces in tests)
+#   - libclang-dev (bindgen, for the userfaultfd crate), iproute2 (network namespaces in tests),
+#     openssl (scripts/make-certs.sh: TLS certificates for tests and small fleets)
 #   - checks the Rust toolchain and /dev/kvm
 # Usage: scripts/setup.sh [--quiet]
 set -euo pipefail
@@ -8,7 +9,7 @@ quiet=${1:-}
 say() { [ "$quiet" = "--quiet" ] || echo "setup: $*"; }
 
 need=()
-for pkg in libclang-dev iproute2; do
+for pkg in libclang-dev iproute2 openssl; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

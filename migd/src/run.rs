@@ -827,6 +827,15 @@ fn handle_control(
             }
             _ => Err("no migration is running".to_string()),
         },
+        "bandwidth" => match &mig.job {
+            Some(job) if mig.running => {
+                let cap = req.get("max_bandwidth").and_then(|v| v.as_u64());
+                job.set_max_bandwidth(cap);
+                tracing::info!(max_bandwidth = ?cap, "bandwidth cap changed");
+                Ok(json!({"ok": true}))
+            }
+            _ => Err("no migration is running".to_string()),
+        },
         "recover" => match &mig.job {
             Some(job) if mig.running && job.snapshot().status == "postcopy-paused" => {
                 job.recover_now.store(true, Ordering::SeqCst);

@@ -85,9 +85,9 @@ class Vm:
                 self.p.kill()
 
 
-def boot(d, tag, mem, cpus, workload):
+def boot(d, tag, mem, cpus, workload, extra=()):
     return Vm(d, tag, ["--kernel", GUEST, "--cmdline", f"workload={workload}", "--memory", mem,
-                       "--cpus", str(cpus)])
+                       "--cpus", str(cpus), *extra])
 
 
 def med(xs):
@@ -158,8 +158,18 @@ def free_port():
     return p
 
 
-def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False):
-    src = boot(d, tag + "s", mem, cpus, workload)
+def tls_flags(d, host, peer):
+    """`migd run` flags for TLS between host-a and host-b (certificates made once in `d`)."""
+    certs = os.path.join(d, "certs")
+    if not os.path.exists(os.path.join(certs, "host-b.pem")):
+        subprocess.run([os.path.join(ROOT, "scripts", "make-certs.sh"), certs, "host-a=127.0.0.1",
+                        "host-b=127.0.0.1"], check=True, stdout=subprocess.DEVNULL)
+    return ["--tls-ca", os.path.join(certs, "ca.pem"), "--tls-cert", os.path.join(certs, host + ".pem"),
+            "--tls-key", os.path.join(certs, host + ".key"), "--tls-peer", peer]
+
+
+def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=False):
+    src = boot(d, tag + "s", mem, cpus, workload, tls_flags(d, "host-a", "host-b") if tls else [])
     wait_path(src.sock)
     # The working set is written once before READY: the guest's memory is all there.
     wait_file(src.console, "WORKLOAD READY")
@@ -167,8 +177,8 @@ def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False):
     if paused:
         request(src.sock, {"cmd": "pause"})
     port = free_port()
-    dst = Vm(d, tag + "d", ["--incoming", f"127.0.0.1:{port}", "--memory", mem, "--cpus", str(cpus)],
-             console=src.console)
+    dst = Vm(d, tag + "d", ["--incoming", f"127.0.0.1:{port}", "--memory", mem, "--cpus", str(cpus)]
+             + (tls_flags(d, "host-b", "host-a") if tls else []), console=src.console)
     wait_path(dst.sock)
     req = {"cmd": "migrate", "to": f"127.0.0.1:{port}", "name": tag}
     req.update(extra or {})
@@ -205,14 +215,15 @@ def bench_migrate(runs, lim):
     # and the receiver need one between them.
     # The last case measures page throughput alone: 768 MiB written, then the
     # source paused, so round 0 carries everything and nothing competes for the CPU.
-    cases = [("1G", "idle", 2, False, "precopy"), ("4G", "idle", 2, False, "precopy"),
-             ("1G", "dirty:256:0", 1, False, "precopy"), ("4G", "dirty:256:0", 1, False, "precopy"),
-             ("1G", "dirty:768:0", 1, True, "precopy"),
-             ("1G", "dirty:256:0", 1, False, "postcopy"), ("1G", "dirty:256:0", 1, False, "hybrid")]
+    # The paused case runs twice, plaintext and TLS, to show what TLS costs.
+    cases = [("1G", "idle", 2, False, "precopy", False), ("4G", "idle", 2, False, "precopy", False),
+             ("1G", "dirty:256:0", 1, False, "precopy", False), ("4G", "dirty:256:0", 1, False, "precopy", False),
+             ("1G", "dirty:768:0", 1, True, "precopy", False), ("1G", "dirty:768:0", 1, True, "precopy", True),
+             ("1G", "dirty:256:0", 1, False, "postcopy", False), ("1G", "dirty:256:0", 1, False, "hybrid", False)]
     with tempfile.TemporaryDirectory() as d:
-        for case, (mem, wl, cpus, paused, mode) in enumerate(cases):
+        for case, (mem, wl, cpus, paused, mode, tls) in enumerate(cases):
             res = [migrate_once(d, f"m{case}r{i}", mem, wl, {"mode": mode},
-                                cpus=cpus, paused=paused)
+                                cpus=cpus, paused=paused, tls=tls)
                    for i in range(runs)]
             ok = [r for r in res if r["status"] == "completed"]
             # Round-0 throughput: page payload (4 KiB per page, no headers) per
@@ -224,7 +235,7 @@ def bench_migrate(runs, lim):
                   (r["dest_round0"] for r in ok if r.get("dest_round0"))
                   if pages * 4096 >= 64 << 20 and ms > 0]
             rows.append({
-                "case": f"{mode} {mem} {wl} ({cpus} vCPU{', paused' if paused else ''})",
+                "case": f"{mode} {mem} {wl} ({cpus} vCPU{', paused' if paused else ''}{', TLS' if tls else ''})",
                 "completed": f"{len(ok)}/{len(res)}",
                 "total_ms": med([r["total_ms"] for r in ok]),
                 "downtime_ms": med([r["downtime_ms"] for r in ok]),

@@ -54,9 +54,10 @@ def blocked_ms_per_mib(r):
 
 
 def nonzero_mib(r):
-    """Guest memory that had to travel at least once: expected post-copy pages or round 0."""
+    """Guest memory that had to travel at least once: round 0 (pre-copy), plus
+    the hot pages hybrid kept out of it, or the post-copy page map."""
     if r["rounds"]:
-        return r["rounds"][0]["bytes"] / 2**20
+        return (r["rounds"][0]["pages"] + r["pages"].get("deferred", 0)) * 4096 / 2**20
     return r["pages"]["expected"] * 4096 / 2**20
 
 

@@ -160,9 +160,12 @@ pub fn check(s: &crate::stats::MigrationStats) -> Option<ModelCheck> {
     }
     let postcopy = s.mode == "postcopy";
     let round0 = s.rounds.first();
+    // Hybrid may have kept its hot pages out of round 0: they are memory that
+    // moves too, and a small round 0 says little about the bandwidth.
+    let deferred = s.pages.deferred as f64 * PAGE;
     let (memory_bytes, bandwidth) = match round0 {
-        Some(r) if !postcopy && r.ms > 0.0 && r.bytes > 0 => {
-            (r.bytes as f64, r.bytes as f64 / (r.ms / 1e3))
+        Some(r) if !postcopy && r.ms > 0.0 && r.bytes as f64 > deferred => {
+            (r.bytes as f64 + deferred, r.bytes as f64 / (r.ms / 1e3))
         }
         _ => {
             let moved = (s.pages.expected.max(s.pages.sent) * PAGE as u64) as f64;

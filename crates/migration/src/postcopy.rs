@@ -171,8 +171,6 @@ struct Supply<'a> {
     /// The session is over (completed or broken): threads wind down.
     stop: AtomicBool,
     window: u64,
-    /// Bandwidth cap of the background push, bytes/s (demand answers are never held back).
-    push_cap: Option<u64>,
     tls: Option<&'a TlsSetup>,
 }
 
@@ -237,8 +235,8 @@ impl Supply<'_> {
         let words = self.expected.len();
         let mut pos: u64 = 0;
         let mut batch = Vec::with_capacity(PUSH_BATCH);
-        let started = Instant::now();
-        let mut pushed: u64 = 0;
+        // The cap holds the push back; demand answers never wait for it.
+        let mut next = Instant::now();
         while !self.stop.load(Ordering::Relaxed) && self.remaining.load(Ordering::Acquire) > 0 {
             let r = self.recentre.swap(u64::MAX, Ordering::AcqRel);
             if r != u64::MAX && r < pages {
@@ -275,14 +273,7 @@ impl Supply<'_> {
                 break;
             }
             self.send(w, &batch)?;
-            pushed += batch.len() as u64 * PAGE_SIZE;
-            if let Some(cap) = self.push_cap {
-                let due = Duration::from_secs_f64(pushed as f64 / cap as f64);
-                let elapsed = started.elapsed();
-                if due > elapsed {
-                    std::thread::sleep(due - elapsed);
-                }
-            }
+            self.job.pace(&mut next, batch.len() as u64 * PAGE_SIZE);
         }
         Ok(())
     }
@@ -548,12 +539,7 @@ fn run(
     let ram = vm.ram().clone();
     let mem = MemView::new(&ram);
     let pages = mem.pages();
-    let mut tx = Sender::new(
-        stream.try_clone().map_err(io_err("socket"))?,
-        &mem,
-        job,
-        params.max_bandwidth,
-    );
+    let mut tx = Sender::new(stream.try_clone().map_err(io_err("socket"))?, &mem, job);
     job.update(|s| {
         s.prepaging_window = params.prepaging_window;
         s.fault_channel = params.fault_channel;
@@ -773,7 +759,6 @@ fn postcopy_phase(
         recentre: AtomicU64::new(u64::MAX),
         stop: AtomicBool::new(false),
         window: params.prepaging_window as u64,
-        push_cap: params.max_bandwidth,
         tls: params.tls.as_ref(),
     };
     // The destination may run for long before all pages are there: no read

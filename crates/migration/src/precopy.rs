@@ -12,7 +12,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 
 use link::{Link, TlsSetup};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -105,6 +105,8 @@ pub struct Job {
     pub postcopy_now: AtomicBool,
     /// Post-copy recovery: set to try reconnecting now instead of after the back-off.
     pub recover_now: AtomicBool,
+    /// Bandwidth cap in bytes/s (0: none); changes take effect at the next batch.
+    max_bandwidth: AtomicU64,
     /// The post-copy phase's live sockets, so that a fault-injection hook (and the
     /// phase itself, when one of them fails) can cut them all.
     pub(crate) links: Mutex<Vec<Link>>,
@@ -132,6 +134,30 @@ impl Job {
         links.len()
     }
 
+    /// Sets the bandwidth cap (bytes/s; None or 0: none), also while the migration runs.
+    pub fn set_max_bandwidth(&self, cap: Option<u64>) {
+        self.max_bandwidth
+            .store(cap.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The bandwidth cap now.
+    pub fn max_bandwidth(&self) -> Option<u64> {
+        Some(self.max_bandwidth.load(Ordering::Relaxed)).filter(|&c| c > 0)
+    }
+
+    /// Holds the sender of `bytes` to the cap: `next` is when the link is free
+    /// again at the capped rate (no burst is saved up while idle).
+    pub(crate) fn pace(&self, next: &mut Instant, bytes: u64) {
+        let Some(cap) = self.max_bandwidth() else {
+            return;
+        };
+        let now = Instant::now();
+        *next = (*next).max(now) + Duration::from_secs_f64(bytes as f64 / cap as f64);
+        if *next > now {
+            std::thread::sleep(*next - now);
+        }
+    }
+
     pub(crate) fn check_cancel(&self) -> Result<()> {
         if self.cancel.load(Ordering::Relaxed) {
             Err(Error::Cancelled)
@@ -146,8 +172,10 @@ pub(crate) struct Sender<'a> {
     pub(crate) stream: Link,
     pub(crate) mem: &'a MemView,
     pub(crate) job: &'a Job,
-    pub(crate) cap: Option<u64>,
-    pub(crate) started: Instant,
+    /// When the capped link is free again.
+    pub(crate) next: Instant,
+    /// Whether the bandwidth cap applies (not to the final copy).
+    pub(crate) throttle: bool,
     pub(crate) bytes: u64,
     pub(crate) sent_before: Vec<u64>,
     pub(crate) offsets: Vec<u64>,
@@ -216,12 +244,8 @@ impl<'a> Sender<'a> {
             s.pages.resent += resent;
             s.bytes = bytes;
         });
-        if let Some(cap) = self.cap {
-            let due = Duration::from_secs_f64(self.bytes as f64 / cap as f64);
-            let el = self.started.elapsed();
-            if due > el {
-                std::thread::sleep(due - el);
-            }
+        if self.throttle {
+            self.job.pace(&mut self.next, 9 + n * (8 + PAGE_SIZE));
         }
         self.job.check_cancel()
     }
@@ -281,6 +305,7 @@ pub(crate) fn drive(
     mode: &str,
     body: impl FnOnce(Instant, &mut Option<Instant>) -> Result<Outcome>,
 ) -> Outcome {
+    job.set_max_bandwidth(params.max_bandwidth);
     let start = Instant::now();
     job.update(|s| {
         s.id = params.id.clone();
@@ -413,13 +438,13 @@ pub(crate) fn data_pages(ram: &vmm::GuestRam, pages: u64) -> Result<Vec<u64>> {
 
 impl<'a> Sender<'a> {
     /// A sender on `stream` for the pages of `mem`.
-    pub(crate) fn new(stream: Link, mem: &'a MemView, job: &'a Job, cap: Option<u64>) -> Self {
+    pub(crate) fn new(stream: Link, mem: &'a MemView, job: &'a Job) -> Self {
         Sender {
             stream,
             mem,
             job,
-            cap,
-            started: Instant::now(),
+            next: Instant::now(),
+            throttle: true,
             bytes: 0,
             sent_before: vec![0u64; mem.pages().div_ceil(64) as usize],
             offsets: Vec::with_capacity(MAX_BATCH_PAGES),
@@ -438,12 +463,7 @@ fn run(
     let stream = open(vm, params, job, start, "precopy")?;
     let ram = vm.ram().clone();
     let mem = MemView::new(&ram);
-    let mut tx = Sender::new(
-        stream.try_clone().map_err(io_err("socket"))?,
-        &mem,
-        job,
-        params.max_bandwidth,
-    );
+    let mut tx = Sender::new(stream.try_clone().map_err(io_err("socket"))?, &mem, job);
     let (mut todo, round) = rounds(vm, params, job, &mut tx, params.max_rounds, false)?;
 
     // Stop-and-copy.
@@ -492,8 +512,6 @@ pub(crate) fn rounds(
         }
         let n = popcount(&hot);
         job.update(|s| s.pages.deferred = n);
-        // The bandwidth cap paces from here: the sampling sent nothing.
-        tx.started = Instant::now();
         hot
     } else {
         Vec::new()
@@ -623,7 +641,7 @@ fn stop_and_copy(
     for (t, l) in todo.iter_mut().zip(&last) {
         *t |= *l;
     }
-    tx.cap = None; // the final copy is never throttled
+    tx.throttle = false; // the final copy is never throttled
     for_each_set(todo, |pfn| tx.queue(pfn, true))?;
     tx.flush()?;
     stamp(&mut phases.final_pages_us);
