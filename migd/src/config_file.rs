@@ -25,6 +25,9 @@ pub struct File {
     pub insecure: Option<bool>,
     /// Address of the Prometheus endpoint (`GET /metrics`), `ADDR:PORT`; off if unset.
     pub metrics_listen: Option<String>,
+    /// Host-wide bandwidth cap of outgoing migrations, shared fairly by the
+    /// jobs that run at once, e.g. "1G" (bytes/s; a bare number is MiB/s).
+    pub max_bandwidth: Option<String>,
     /// CA certificate (PEM) of the fleet.
     pub tls_ca: Option<PathBuf>,
     /// This host's certificate (PEM).
@@ -50,6 +53,9 @@ pub fn parse(text: &str) -> Result<File, String> {
         if let Some(v) = value {
             check_host_port(v).map_err(|what| key_err(key, what))?;
         }
+    }
+    if let Some(b) = &file.max_bandwidth {
+        crate::size::parse_size(b).map_err(|what| key_err("max_bandwidth", what))?;
     }
     for (key, value) in [("socket", &file.socket), ("state_dir", &file.state_dir)] {
         if value.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {

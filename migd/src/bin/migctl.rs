@@ -2,6 +2,8 @@
 
 #[path = "migctl/commands.rs"]
 mod commands;
+#[path = "migctl/evacuate.rs"]
+mod evacuate;
 #[path = "migctl/format.rs"]
 mod format;
 #[path = "migctl/migrate.rs"]
@@ -132,6 +134,25 @@ pub enum Cmd {
         /// Acceptable downtime, ms (pre-copy's stop condition).
         #[arg(long, default_value_t = 300)]
         max_downtime: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Migrate every VM of this host (running or paused, not migrating) to one
+    /// destination, a few at a time, and report each (for host maintenance).
+    Evacuate {
+        /// Destination migd, HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// Migration mode of every job.
+        #[arg(long, value_parser = ["precopy", "postcopy", "hybrid"], default_value = "precopy")]
+        mode: String,
+        /// Migrations running at once (they share the daemon's max_bandwidth).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+        parallel: u32,
+        /// Longest acceptable pause of each guest, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 300)]
+        max_downtime: u64,
+        /// Print the per-VM results as a JSON array.
         #[arg(long)]
         json: bool,
     },

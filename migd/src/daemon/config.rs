@@ -25,6 +25,8 @@ pub struct Config {
     pub metrics_listen: Option<String>,
     /// TLS for migration streams; None: plaintext (only with `insecure`).
     pub tls: Option<link::TlsFiles>,
+    /// Host-wide cap of outgoing migrations, bytes/s.
+    pub max_bandwidth: Option<u64>,
 }
 
 impl Config {
@@ -52,6 +54,12 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             insecure: args.insecure || file.insecure.unwrap_or(false),
             metrics_listen: args.metrics_listen.clone().or(file.metrics_listen),
+            max_bandwidth: match (args.max_bandwidth, &file.max_bandwidth) {
+                (Some(b), _) => Some(b),
+                (None, Some(s)) => Some(migd::size::parse_size(s).map_err(anyhow::Error::msg)?),
+                (None, None) => None,
+            }
+            .filter(|&b| b > 0),
             tls: migd::tls_args::TlsArgs {
                 tls_ca: args.tls.tls_ca.clone().or(file.tls_ca),
                 tls_cert: args.tls.tls_cert.clone().or(file.tls_cert),

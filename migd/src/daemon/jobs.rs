@@ -156,6 +156,43 @@ pub fn finish_orphans(d: &Daemon) {
     }
 }
 
+/// The cap of each unfinished job (id, VM, bytes/s): its own, or an equal share
+/// of the host-wide cap where that is lower.
+fn shares(d: &Daemon) -> Vec<(String, String, Option<u64>)> {
+    let reg = d.reg();
+    let active: Vec<&Job> = reg.jobs.values().filter(|j| !j.is_final()).collect();
+    let share = d
+        .cfg
+        .max_bandwidth
+        .map(|c| (c / active.len().max(1) as u64).max(1));
+    active
+        .iter()
+        .map(|j| {
+            let cap = match (j.max_bandwidth, share) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            (j.id.clone(), j.vm.clone(), cap)
+        })
+        .collect()
+}
+
+/// After a job started or ended: every running job gets its share of the
+/// host-wide cap again (the VM processes apply it at their next batch).
+async fn rebalance(d: &Daemon) {
+    if d.cfg.max_bandwidth.is_none() {
+        return;
+    }
+    for (id, vm, cap) in shares(d) {
+        let sock = state::control_path(&d.vm_dir(&vm));
+        let req = json!({"cmd": "bandwidth", "max_bandwidth": cap});
+        match vm_call(&sock, &req, Duration::from_secs(5)).await {
+            Ok(_) => tracing::debug!(job = %id, max_bandwidth = ?cap, "bandwidth share"),
+            Err(e) => tracing::debug!(job = %id, "bandwidth share not applied: {e:#}"),
+        }
+    }
+}
+
 /// Starts a migration job; with `detach: false` the reply waits for its end.
 pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
     state::check_name(&req.name).map_err(anyhow::Error::msg)?;
@@ -210,6 +247,10 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
         job
     };
     let sock = state::control_path(&d.vm_dir(&job.vm));
+    let cap = shares(d)
+        .into_iter()
+        .find(|(id, _, _)| *id == job.id)
+        .and_then(|(_, _, cap)| cap);
     let sent = vm_call(
         &sock,
         &json!({
@@ -217,7 +258,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             "to": job.to,
             "mode": job.mode,
             "max_downtime_ms": job.max_downtime_ms,
-            "max_bandwidth": job.max_bandwidth,
+            "max_bandwidth": cap,
             "prepaging_window": job.prepaging_window,
             "fault_channel": !job.no_fault_channel,
             "job": job.id,
@@ -234,7 +275,8 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
         bail!("VM '{}' refused the migration: {e:#}", job.vm);
     }
     persist(d, &job);
-    tracing::info!(job = %job.id, vm = %job.vm, to = %job.to, mode = %job.mode, "migration started");
+    tracing::info!(job = %job.id, vm = %job.vm, to = %job.to, mode = %job.mode, max_bandwidth = ?cap, "migration started");
+    rebalance(d).await;
     spawn_tracker(d.clone(), job.id.clone(), job.vm.clone());
     if req.detach {
         return Ok(json!({"ok": true, "job": job.id}));
@@ -384,6 +426,7 @@ async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<St
         Some(e) => tracing::warn!(status = %job.status, "migration ended: {e}"),
         None => tracing::info!(status = %job.status, "migration ended"),
     }
+    rebalance(d).await;
 }
 
 /// At start, for an adopted VM: picks up a migration that is still going (or one that

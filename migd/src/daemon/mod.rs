@@ -43,6 +43,10 @@ pub struct DaemonArgs {
     pub insecure: bool,
     #[command(flatten)]
     pub tls: migd::tls_args::TlsArgs,
+    /// Host-wide bandwidth cap of outgoing migrations, shared fairly by the jobs
+    /// running at once, e.g. 1G (bytes/s; a bare number is MiB/s) [default: none].
+    #[arg(long, value_name = "RATE", value_parser = migd::size::parse_size)]
+    pub max_bandwidth: Option<u64>,
     /// Serve Prometheus metrics (`GET /metrics`) on this address [default: off].
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<String>,

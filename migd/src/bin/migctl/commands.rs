@@ -17,6 +17,22 @@ const TIMEOUT: Duration = Duration::from_secs(90);
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let connect = || Client::connect(&cli.socket, TIMEOUT).map_err(anyhow::Error::from);
     match cli.command {
+        Cmd::Evacuate {
+            to,
+            mode,
+            parallel,
+            max_downtime,
+            json,
+        } => {
+            return crate::evacuate::run(
+                &mut connect()?,
+                &to,
+                &mode,
+                parallel as usize,
+                max_downtime,
+                json,
+            )
+        }
         Cmd::Create {
             name,
             kernel,

@@ -1,0 +1,126 @@
+//! `migctl evacuate`: every VM of this host to one destination, a few at a
+//! time (the daemon shares its host-wide bandwidth cap among them), then one
+//! line per VM; exit 0 only if every VM moved.
+
+use std::collections::VecDeque;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use migd::client::Client;
+use serde_json::{json, Value};
+
+use crate::commands::print_json;
+use crate::format;
+
+const POLL: Duration = Duration::from_millis(250);
+
+/// One VM's result.
+fn summary(vm: &str, job: &Value) -> Value {
+    let st = &job["stats"];
+    json!({
+        "vm": vm,
+        "job": job["id"],
+        "outcome": job["status"],
+        "error": job["error"].as_str().or(st["error"].as_str()),
+        "total_ms": st["total_ms"],
+        "downtime_ms": st["downtime_ms"],
+        "bytes": st["bytes"],
+        "bandwidth_mbps": st["bandwidth_mbps"],
+    })
+}
+
+pub fn run(
+    c: &mut Client,
+    to: &str,
+    mode: &str,
+    parallel: usize,
+    max_downtime: u64,
+    as_json: bool,
+) -> Result<ExitCode> {
+    let vms = c.call(&json!({"cmd": "list"}))?["vms"].clone();
+    let mut queue: VecDeque<String> = vms
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| matches!(v["state"].as_str(), Some("running" | "paused")) && v["job"].is_null())
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect();
+    let total = queue.len();
+    let mut running: Vec<(String, String)> = Vec::new();
+    let mut done: Vec<Value> = Vec::new();
+    let progress = !as_json && std::io::stderr().is_terminal();
+    loop {
+        while running.len() < parallel {
+            let Some(vm) = queue.pop_front() else { break };
+            let req = json!({"cmd": "migrate", "name": vm, "to": to, "mode": mode,
+                             "max_downtime_ms": max_downtime, "detach": true});
+            match c.call(&req) {
+                Ok(r) => running.push((vm, r["job"].as_str().unwrap_or_default().to_string())),
+                Err(e) => done.push(json!({"vm": vm, "outcome": "failed", "error": e.to_string()})),
+            }
+        }
+        if running.is_empty() {
+            break;
+        }
+        std::thread::sleep(POLL);
+        let mut still = Vec::new();
+        for (vm, id) in running {
+            let job = c.call(&json!({"cmd": "job", "id": id}))?["job"].clone();
+            if matches!(
+                job["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            ) {
+                done.push(summary(&vm, &job));
+            } else {
+                still.push((vm, id));
+            }
+        }
+        running = still;
+        if progress {
+            eprint!(
+                "\revacuating to {to}: {} of {total} done, {} running, {} waiting   ",
+                done.len(),
+                running.len(),
+                queue.len()
+            );
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    let moved = done.iter().filter(|d| d["outcome"] == "completed").count();
+    if as_json {
+        print_json(&json!(done));
+    } else if total == 0 {
+        println!("no VM to evacuate");
+    } else {
+        println!(
+            "{:<16} {:<8} {:<10} {:>9} {:>11} {:>10} {:>9}",
+            "VM", "Job", "Outcome", "Total ms", "Downtime ms", "Sent", "Mbit/s"
+        );
+        for d in &done {
+            println!(
+                "{:<16} {:<8} {:<10} {:>9.0} {:>11.1} {:>10} {:>9.0}{}",
+                format::opt(&d["vm"]),
+                format::opt(&d["job"]),
+                format::opt(&d["outcome"]),
+                d["total_ms"].as_f64().unwrap_or(0.0),
+                d["downtime_ms"].as_f64().unwrap_or(0.0),
+                format::bytes(d["bytes"].as_u64().unwrap_or(0)),
+                d["bandwidth_mbps"].as_f64().unwrap_or(0.0),
+                d["error"]
+                    .as_str()
+                    .map(|e| format!("  {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        println!("{moved} of {total} VMs moved to {to}");
+    }
+    Ok(if moved == total {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

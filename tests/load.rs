@@ -1,0 +1,92 @@
+//! Several VMs migrating at once between two daemons, sharing the source's
+//! host-wide bandwidth cap: `migctl evacuate` moves every VM and reports each.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::*;
+use common::*;
+use serde_json::Value;
+
+#[test]
+fn evacuate_moves_every_vm_sharing_the_bandwidth_cap() {
+    if !kvm_or_skip("evacuate_moves_every_vm_sharing_the_bandwidth_cap") {
+        return;
+    }
+    let dir = scratch("load");
+    // 24 MiB/s for the whole host: four jobs at once get 6 MiB/s each.
+    let a = Daemon::start_flags(
+        &dir,
+        "a",
+        free_port(),
+        &["--insecure", "--max-bandwidth", "24M"],
+    );
+    let b = Daemon::start(&dir, "b");
+    let _ra = Reaper(a.state.clone());
+    let _rb = Reaper(b.state.clone());
+    let elf = guest_elf();
+    let names = ["vm1", "vm2", "vm3", "vm4"];
+    for n in names {
+        a.ok(&[
+            "create",
+            n,
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--cmdline",
+            "workload=dirty:8:2",
+            "--memory",
+            "64M",
+            "--vcpus",
+            "1",
+        ]);
+    }
+    let mut beats = Vec::new();
+    for n in names {
+        let c = Console(a.vm_dir(n).join("console.log"));
+        c.wait_for("WORKLOAD READY", Duration::from_secs(60));
+        beats.push(c.wait_heartbeats(0, 1, Duration::from_secs(30)));
+    }
+    let target = format!("127.0.0.1:{}", b.port);
+    let (code, out, err) = a.migctl(&["evacuate", "--to", &target, "--json"]);
+    assert_eq!(code, 0, "{err}\n{out}\n{}", a.log_text());
+    let results: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(results.len(), 4, "{out}");
+    let mut rates = Vec::new();
+    for r in &results {
+        assert_eq!(r["outcome"], "completed", "{r}");
+        let mib = r["bytes"].as_f64().unwrap() / (1 << 20) as f64;
+        let secs = r["total_ms"].as_f64().unwrap() / 1e3;
+        assert!(mib > 8.0, "{r}");
+        rates.push(mib / secs);
+        eprintln!(
+            "{}: {:.1} MiB in {:.0} ms ({:.1} MiB/s), downtime {:.1} ms",
+            r["vm"],
+            mib,
+            secs * 1e3,
+            mib / secs,
+            r["downtime_ms"].as_f64().unwrap()
+        );
+    }
+    // Four at once under a 24 MiB/s host cap: none ran much faster than its
+    // share would allow for long, and together they stayed near the cap.
+    let total: f64 = rates.iter().sum();
+    assert!(total < 24.0 * 1.5, "the host cap was not shared: {rates:?}");
+    let (lo, hi) = rates
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+    assert!(hi / lo < 3.0, "unfair shares: {rates:?}");
+    // Everything moved, and runs on B.
+    let left: Value = serde_json::from_str(&a.ok(&["list", "--json"])).unwrap();
+    assert_eq!(left.as_array().map(Vec::len), Some(0), "{left}");
+    for (n, before) in names.iter().zip(beats) {
+        let c = Console(b.vm_dir(n).join("console.log"));
+        c.wait_heartbeats(before, 1, Duration::from_secs(30));
+        c.assert_clean();
+        b.ok(&["destroy", n]);
+    }
+    // Nothing to do: says so, exit 0.
+    let (code, out, _) = a.migctl(&["evacuate", "--to", &target]);
+    assert_eq!(code, 0);
+    assert!(out.contains("no VM to evacuate"), "{out}");
+}
