@@ -202,3 +202,88 @@ fn sigterm_during_a_migration_cancels_it_before_stopping() {
     );
     src.console.assert_clean();
 }
+
+/// One verified pre-copy of `src` to a fresh destination with `extra` options;
+/// returns the statistics and the destination (now the VM's home).
+fn hop(
+    dir: &std::path::Path,
+    src: &VmProcess,
+    tag: &str,
+    extra: serde_json::Value,
+) -> (serde_json::Value, VmProcess) {
+    let port = free_port();
+    let dst = VmProcess::incoming(dir, tag, &src.console, port, "256M", 1);
+    let mut req = json!({"cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1",
+                         "verify": true, "job": tag, "max_bandwidth": 16 << 20});
+    for (k, v) in extra.as_object().unwrap() {
+        req[k] = v.clone();
+    }
+    let r = src.request(req);
+    assert_eq!(r["ok"], true, "{r}");
+    let stats = src.wait_migration();
+    assert_eq!(stats["status"], "completed", "{tag}: {stats}");
+    assert_eq!(stats["verified"], true, "memory digests compared: {stats}");
+    (stats, dst)
+}
+
+#[test]
+fn xbzrle_sends_deltas_of_sparsely_rewritten_pages() {
+    if !kvm_or_skip("xbzrle_sends_deltas_of_sparsely_rewritten_pages") {
+        return;
+    }
+    // The guest rewrites one word per page of a 16 MiB set, 64 MiB/s of pages;
+    // capped at 16 MiB/s, every round finds the whole set dirty again.
+    let dir = scratch("xbzrle");
+    let src = VmProcess::boot(&dir, "a", "workload=sparse:16:64", "256M", 1);
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    console.wait_heartbeats(0, 1, Duration::from_secs(30));
+    let (plain, b) = hop(&dir, &src, "plain", json!({}));
+    src.request(json!({"cmd": "stop"}));
+    let (delta, c) = hop(&dir, &b, "delta", json!({"xbzrle_cache": 64 << 20}));
+    b.request(json!({"cmd": "stop"}));
+    let x = &delta["xbzrle"];
+    assert_eq!(x["cache_size"], 64 << 20, "{delta}");
+    assert!(x["pages"].as_u64().unwrap() > 1000, "{delta}");
+    assert!(x["hit_rate"].as_f64().unwrap() > 0.9, "{delta}");
+    let (pb, db) = (
+        plain["bytes"].as_u64().unwrap(),
+        delta["bytes"].as_u64().unwrap(),
+    );
+    eprintln!(
+        "plain {pb} bytes in {} rounds, xbzrle {db} bytes in {} rounds ({x})",
+        plain["rounds"].as_array().unwrap().len(),
+        delta["rounds"].as_array().unwrap().len()
+    );
+    assert!(
+        db * 2 <= pb,
+        "delta compression sent {db} bytes against {pb} without: {delta}"
+    );
+    let before = console.last_heartbeat().unwrap_or(0);
+    console.wait_heartbeats(before, 2, Duration::from_secs(30));
+    console.assert_clean();
+    assert_eq!(c.terminate(), 0);
+}
+
+#[test]
+fn auto_mode_stays_pre_copy_when_it_converges() {
+    if !kvm_or_skip("auto_mode_stays_pre_copy_when_it_converges") {
+        return;
+    }
+    // 1 MiB/s of dirtying against a 16 MiB/s link: pre-copy converges.
+    let dir = scratch("auto-pre");
+    let src = VmProcess::boot(&dir, "a", "workload=dirty:8:1", "256M", 1);
+    src.console
+        .wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let (stats, b) = hop(&dir, &src, "auto", json!({"mode": "auto"}));
+    src.request(json!({"cmd": "stop"}));
+    assert_eq!(stats["mode"], "auto", "{stats}");
+    let policy = stats["policy"].as_str().unwrap();
+    assert!(policy.starts_with("pre-copy"), "{stats}");
+    assert_eq!(stats["pages"]["expected"], 0, "no post-copy phase: {stats}");
+    let before = b.console.last_heartbeat().unwrap_or(0);
+    b.console
+        .wait_heartbeats(before, 2, Duration::from_secs(30));
+    b.console.assert_clean();
+    assert_eq!(b.terminate(), 0);
+}

@@ -360,3 +360,22 @@ fn hybrid_leaves_the_hot_working_set_to_post_copy() {
         "{sent} bytes for a 32 MiB working set: {stats}"
     );
 }
+
+#[test]
+fn auto_mode_switches_to_post_copy_when_pre_copy_cannot_converge() {
+    if !kvm_or_skip("auto_mode_switches_to_post_copy_when_pre_copy_cannot_converge") {
+        return;
+    }
+    // 64 MiB/s of dirtying against a 16 MiB/s link: the rounds cannot catch up.
+    let stats = migrate_once(
+        "auto-post",
+        1,
+        "workload=dirty:32:64",
+        json!({"mode": "auto", "max_bandwidth": 16 << 20}),
+        |_, _| {},
+    );
+    assert_eq!(stats["mode"], "auto", "{stats}");
+    let policy = stats["policy"].as_str().unwrap();
+    assert!(policy.starts_with("post-copy after"), "{stats}");
+    assert_eq!(stats["rounds"].as_array().unwrap().len(), 1, "{stats}");
+}

@@ -129,7 +129,7 @@ fn lazy_filling() -> bool {
 
 /// Whether `migd run` honours fault-injection requests (tests only).
 fn fault_injection() -> bool {
-    std::env::var_os("MIGD_FAULT_INJECTION").is_some_and(|v| v == "1")
+    migration::faults::enabled()
 }
 
 /// How long the dirty log runs before a snapshot to record the working set.
@@ -337,7 +337,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
                 // only takes before the commit) and stop once the migration is over.
                 tracing::warn!(signal = %s, "migration running: cancelling it, stopping when it ends");
                 if let Some(job) = &mig.job {
-                    job.cancel.store(true, Ordering::SeqCst);
+                    job.request_cancel();
                 }
                 mig.stop_when_done = true;
             }
@@ -599,9 +599,9 @@ fn start_migration(
         .get("mode")
         .and_then(|m| m.as_str())
         .unwrap_or("precopy");
-    if !matches!(mode, "precopy" | "postcopy" | "hybrid") {
+    if !matches!(mode, "precopy" | "postcopy" | "hybrid" | "auto") {
         return Err(format!(
-            "unknown migration mode '{}': use precopy, postcopy or hybrid",
+            "unknown migration mode '{}': use precopy, postcopy, hybrid or auto",
             mode.escape_debug()
         ));
     }
@@ -625,12 +625,25 @@ fn start_migration(
     if let Some(w) = req.get("prepaging_window").and_then(|v| v.as_u64()) {
         params.prepaging_window = w.min(wire::MAX_BATCH_PAGES as u64 - 1) as u32;
     }
+    params.xbzrle_cache = req
+        .get("xbzrle_cache")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
     params.fault_channel = req
         .get("fault_channel")
         .and_then(|v| v.as_bool())
         .unwrap_or(true);
     if let Some(n) = req.get("postcopy_after_rounds").and_then(|v| v.as_u64()) {
         params.postcopy_after_rounds = n.clamp(1, u32::MAX as u64) as u32;
+    }
+    // Test-only: hold the source at a phase; wait less for the destination's answers.
+    if fault_injection() {
+        if let Some(h) = req.get("fault_hold").and_then(|v| v.as_str()) {
+            params.hold = Some(migration::faults::Hold::parse(h)?);
+        }
+        if let Some(ms) = req.get("answer_timeout_ms").and_then(|v| v.as_u64()) {
+            params.answer_timeout = Duration::from_millis(ms.max(1));
+        }
     }
     let job = Arc::new(Job::default());
     mig.job = Some(job.clone());
@@ -648,6 +661,11 @@ fn start_migration(
             let outcome = match mode.as_str() {
                 "postcopy" => migration::postcopy::migrate(&vm, &params, &job, false),
                 "hybrid" => migration::postcopy::migrate(&vm, &params, &job, true),
+                "auto" => {
+                    let mut params = params.clone();
+                    params.auto = true;
+                    migration::postcopy::migrate(&vm, &params, &job, true)
+                }
                 _ => precopy::migrate(&vm, &params, &job),
             };
             job.update(|s| s.model = migration::model::check(s));
@@ -822,8 +840,18 @@ fn handle_control(
                     .to_string(),
             ),
             Some(job) if mig.running => {
-                job.cancel.store(true, Ordering::SeqCst);
-                Ok(json!({"ok": true}))
+                // Before the commit the links are cut too, so that a source
+                // blocked on a stalled destination stops at once.
+                let paused = job.snapshot().status == "postcopy-paused";
+                if job.request_cancel() || paused {
+                    Ok(json!({"ok": true}))
+                } else {
+                    Err(
+                        "the migration has passed its commit point (Go sent): it can no \
+                         longer be cancelled"
+                            .to_string(),
+                    )
+                }
             }
             _ => Err("no migration is running".to_string()),
         },

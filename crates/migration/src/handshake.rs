@@ -9,7 +9,7 @@ use wire::{Message, VmDescriptor, MAGIC, PROTOCOL_VERSION};
 use crate::{Error, Result};
 
 /// Capabilities this build supports.
-pub const CAPABILITIES: &[&str] = &["zero-ranges", "precopy"];
+pub const CAPABILITIES: &[&str] = &["zero-ranges", "precopy", "xbzrle"];
 
 /// A Hello as the destination sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +95,16 @@ pub fn refuse(stream: &mut impl Write, reason: &str) -> Result<()> {
 
 /// Source: sends Hello and waits for the answer; returns the shared capabilities.
 pub fn hello<S: Read + Write>(stream: &mut S, mode: &str, vm: VmDescriptor) -> Result<Vec<String>> {
+    hello_then(stream, mode, vm, || {})
+}
+
+/// [`hello`], calling `between` after the Hello is sent (a fault-injection hook).
+pub fn hello_then<S: Read + Write>(
+    stream: &mut S,
+    mode: &str,
+    vm: VmDescriptor,
+    between: impl FnOnce(),
+) -> Result<Vec<String>> {
     wire::write_control(
         stream,
         &Message::Hello {
@@ -105,6 +115,7 @@ pub fn hello<S: Read + Write>(stream: &mut S, mode: &str, vm: VmDescriptor) -> R
             vm,
         },
     )?;
+    between();
     match wire::expect_control(stream, "Accept or Refuse")? {
         Message::Accept {
             version,

@@ -94,6 +94,12 @@ pub fn receive(
                     zero_pages(memfd, memory, off, n)?;
                 }
             }
+            Message::Delta { pages } => {
+                stats.pages += pages.len() as u64;
+                for (off, delta) in pages {
+                    apply_delta(memfd, memory, off, &delta)?;
+                }
+            }
             Message::RoundEnd { round } => {
                 stats.rounds = round + 1;
                 if let Some((t, p)) = round_start.take() {
@@ -321,6 +327,21 @@ fn store_pages(memfd: &File, memory: u64, offsets: &[u64], data: &[u8]) -> Resul
         i = j;
     }
     Ok(())
+}
+
+/// Applies an XBZRLE delta to the page at `off` (which holds what the source
+/// sent of it before).
+fn apply_delta(memfd: &File, memory: u64, off: u64, delta: &[u8]) -> Result<()> {
+    check_range(memory, off, 1)?;
+    let mut page = [0u8; PAGE_SIZE as usize];
+    memfd
+        .read_exact_at(&mut page, off)
+        .map_err(io_err("reading a page to apply its delta"))?;
+    crate::xbzrle::decode(delta, &mut page)
+        .map_err(|e| Error::Protocol(format!("delta for page {off:#x}: {e}")))?;
+    memfd
+        .write_all_at(&page, off)
+        .map_err(io_err("writing pages into guest memory"))
 }
 
 /// Makes `n` pages at `off` zero by punching them out of the memfd.

@@ -13,8 +13,10 @@
 //! - [`probe`]: measuring RTT and bandwidth to a destination for the model.
 //! - [`lazy`]: lazy restore from a snapshot file (userfaultfd, working set first).
 //! - [`uffd`]: the userfaultfd wrapper shared by post-copy and lazy restore.
+//! - [`faults`]: test-only hooks that hold a migration at a phase (fault matrix).
 //! - [`stats`]: statistics named after QEMU's `query-migrate` where they overlap.
 
+pub mod faults;
 pub mod handshake;
 pub mod incoming;
 pub mod lazy;
@@ -25,6 +27,7 @@ pub mod precopy;
 pub mod probe;
 pub mod stats;
 pub mod uffd;
+pub mod xbzrle;
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +59,9 @@ pub enum Error {
     /// The peer broke the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// A send made no progress for this many seconds: the peer stopped reading.
+    #[error("the destination stopped reading: no progress sending for {0} s")]
+    Stalled(u64),
     /// Setting up the (TLS) link failed.
     #[error(transparent)]
     Link(#[from] link::LinkError),

@@ -57,6 +57,7 @@ use vmm::memory::{is_zero_page, PAGE_SIZE};
 use vmm::{PreparedVm, Vm, VmExit, VmState};
 use wire::{Message, PostcopyReport, KIND_CONTROL, MAX_BATCH_PAGES};
 
+use crate::faults::{self, Phase};
 use crate::incoming::IncomingStats;
 use crate::memview::MemView;
 use crate::precopy::{self, for_each_set, popcount, Job, Outcome, Params, Sender};
@@ -103,7 +104,11 @@ fn to_runs(bits: &[u64]) -> Vec<(u64, u64)> {
 /// first). Returns `Completed` only once the destination has every page; until
 /// then the source keeps its (paused) copy of memory and serves it.
 pub fn migrate(vm: &Vm, params: &Params, job: &Job, hybrid: bool) -> Outcome {
-    let mode = if hybrid { "hybrid" } else { "postcopy" };
+    let mode = match (params.auto, hybrid) {
+        (true, _) => "auto",
+        (false, true) => "hybrid",
+        (false, false) => "postcopy",
+    };
     precopy::drive(vm, params, job, mode, |start, paused_at| {
         run(vm, params, job, start, paused_at, hybrid)
     })
@@ -284,12 +289,23 @@ impl Supply<'_> {
     fn serve(&self, r: &mut impl Read, w: &Mutex<Link>) -> Result<Option<PostcopyReport>> {
         let pages = self.mem.pages();
         let mut batch = Vec::with_capacity(MAX_BATCH_PAGES);
+        // An answer that cannot be sent ends the answers, not the reading: the
+        // destination may have finished (its PostcopyDone is still to read).
+        let mut send_failed: Option<Error> = None;
         loop {
             let msg = match wire::expect_control(r, "PageRequest or PostcopyDone") {
                 Ok(m) => m,
-                Err(_) if self.stop.load(Ordering::Relaxed) => return Ok(None),
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    return match send_failed {
+                        Some(f) => Err(f),
+                        None if self.stop.load(Ordering::Relaxed) => Ok(None),
+                        None => Err(e.into()),
+                    }
+                }
             };
+            if send_failed.is_some() && !matches!(msg, Message::PostcopyDone { .. }) {
+                continue;
+            }
             let offset = match msg {
                 Message::PageRequest { offset } => offset,
                 Message::PostcopyDone { report } => return Ok(Some(report)),
@@ -320,7 +336,12 @@ impl Supply<'_> {
                 }
                 p += 1;
             }
-            self.send(w, &batch)?;
+            if let Err(e) = self.send(w, &batch) {
+                self.stop.store(true, Ordering::Relaxed);
+                self.job.close_sending();
+                send_failed = Some(e);
+                continue;
+            }
             self.recentre.store(p.min(pages - 1), Ordering::Release);
         }
     }
@@ -346,11 +367,15 @@ impl Supply<'_> {
             )),
             None => None,
         };
-        // Whichever thread fails first cuts every link, so that the others stop too.
+        // Whichever thread fails first closes our sending side of every link:
+        // the destination sees the end and closes too, so the others stop. The
+        // receiving side stays open, since a `PostcopyDone` may be waiting
+        // there (a push that fails because the destination finished and
+        // closed is not a lost link).
         let end = |r: Result<()>| {
             if r.is_err() {
                 self.stop.store(true, Ordering::Relaxed);
-                self.job.cut_links();
+                self.job.close_sending();
             }
             r
         };
@@ -408,9 +433,10 @@ impl Supply<'_> {
             ));
         });
         let mut delay = BACKOFF_FIRST;
+        let mut refused = false;
         for attempt in 1u64.. {
             if job.cancel.load(Ordering::SeqCst) {
-                return Err(Error::Protocol(self.abandoned(link)));
+                return Err(Error::Protocol(self.abandoned(link, refused)));
             }
             match self.reconnect(link, channel) {
                 Ok(r) => {
@@ -423,6 +449,8 @@ impl Supply<'_> {
                     return Ok(r);
                 }
                 Err(e) => {
+                    refused = matches!(&e, Error::Io { source, .. }
+                        if source.kind() == std::io::ErrorKind::ConnectionRefused);
                     tracing::warn!(attempt, error = %e, next_in_ms = delay.as_millis() as u64, "post-copy recovery attempt failed");
                     job.update(|s| {
                         s.error = Some(format!(
@@ -445,7 +473,19 @@ impl Supply<'_> {
     }
 
     /// What the operator must know when the source gives up on a post-copy phase.
-    fn abandoned(&self, link: &Peer) -> String {
+    /// `gone`: the last attempt was refused (the destination's VM process is gone).
+    fn abandoned(&self, link: &Peer, gone: bool) -> String {
+        if gone {
+            return format!(
+                "post-copy abandoned by the operator: the destination ({}) refuses \
+                 reconnection, so its VM process and the VM's state since the switch are gone; \
+                 this host keeps the VM paused as it was at the switch (all {} pages it had to \
+                 send). Resuming it would roll the guest back to the switch: only the operator \
+                 can decide that",
+                link.addr.ip(),
+                self.total,
+            );
+        }
         format!(
             "post-copy abandoned by the operator while the link was down: the destination \
              ({}) holds the VM's vCPU and device state and the pages it received; this host \
@@ -476,6 +516,11 @@ impl Supply<'_> {
             Ok(s)
         };
         let mut main = open(false)?;
+        // Cut-able while held (the session registers its own links).
+        self.job.register(&main)?;
+        faults::hold(self.job, Phase::Recovery);
+        self.job.forget_links();
+        self.job.check_cancel()?;
         let bitmap = match wire::expect_control(&mut main, "Received")? {
             Message::Received { bitmap } => bitmap,
             Message::PostcopyDone { report } => return Ok(Recovered::Done(report)),
@@ -549,10 +594,57 @@ fn run(
     // dirtied since their last round; post-copy, every page that holds data,
     // found now so that the pause does not walk the memfd.
     let todo = if hybrid {
-        let limit = params
-            .postcopy_after_rounds
-            .clamp(1, params.max_rounds.max(1));
-        precopy::rounds(vm, params, job, &mut tx, limit, true)?.0
+        let limit = if params.auto {
+            params.max_rounds
+        } else {
+            params
+                .postcopy_after_rounds
+                .clamp(1, params.max_rounds.max(1))
+        };
+        let (mut todo, round) = precopy::rounds(vm, params, job, &mut tx, limit, true)?;
+        if params.auto {
+            let s = job.snapshot();
+            let (rate, bw) = (
+                s.dirty_rate / 1e6,
+                s.rounds
+                    .last()
+                    .map_or(0.0, |r| r.bytes as f64 / (r.ms / 1e3).max(1e-9) / 1e6),
+            );
+            if s.stop_reason == "expected downtime within max-downtime" {
+                job.update(|s| {
+                    s.policy = format!(
+                        "pre-copy: after {round} round(s) the guest dirtied {rate:.0} MB/s against \
+                         {bw:.0} MB/s of bandwidth; predicted downtime {:.1} ms within the \
+                         {} ms allowed",
+                        s.expected_downtime_ms,
+                        params.max_downtime.as_millis()
+                    )
+                });
+                let pause_start = Instant::now();
+                vm.pause();
+                *paused_at = Some(pause_start);
+                return precopy::stop_and_copy(
+                    vm,
+                    params,
+                    job,
+                    tx,
+                    stream,
+                    &mut todo,
+                    round,
+                    pause_start,
+                );
+            }
+            job.update(|s| {
+                s.policy = format!(
+                    "post-copy after {round} round(s): {} ({:.0} MiB of pages rewritten \
+                     while sampled before round 0; outside them the guest dirtied {rate:.0} \
+                     MB/s against {bw:.0} MB/s of bandwidth)",
+                    s.stop_reason,
+                    s.pages.deferred as f64 * 4096.0 / (1 << 20) as f64
+                )
+            });
+        }
+        todo
     } else {
         vm.set_dirty_logging(true)?;
         vm.take_dirty_bitmap()?;
@@ -620,6 +712,7 @@ fn run(
         runs: to_runs(&expected),
     })?;
     stamp(&mut phases.final_pages_us);
+    faults::hold(job, Phase::Switch);
     let blob = vm.capture()?.encode()?;
     tx.write_control(&Message::State { blob })?;
     stamp(&mut phases.state_us);
@@ -656,8 +749,8 @@ fn run(
     };
     crate::precopy::expect_ready(&mut rx)?;
     stamp(&mut phases.destination_ready_us);
-    job.check_cancel()?;
     // Commit point: from here on the source never resumes on its own.
+    job.commit()?;
     tx.write_control(&Message::Go)?;
     let confirm = crate::precopy::expect_confirm(&mut rx);
     let downtime = pause_start.elapsed().as_secs_f64() * 1e3;
@@ -678,6 +771,7 @@ fn run(
     // A cancel from before the commit no longer applies: from now on it means
     // "give up recovery".
     job.cancel.store(false, Ordering::SeqCst);
+    faults::hold(job, Phase::Postcopy);
     match postcopy_phase(&mem, job, params, expected, total, rx, urgent, &link) {
         Ok(report) => {
             tracing::info!(?report, "post-copy completed");

@@ -20,9 +20,15 @@ use vmm::memory::{is_zero_page, PAGE_SIZE};
 use vmm::Vm;
 use wire::{Message, MAX_BATCH_PAGES};
 
+use crate::faults::{self, Hold, Phase};
 use crate::memview::MemView;
 use crate::stats::{DowntimePhases, MigrationStats, RoundStats};
+use crate::xbzrle;
 use crate::{handshake, io_err, Error, Result};
+
+/// A send to the destination that makes no progress for this long fails the
+/// migration (SO_SNDTIMEO: a stalled peer must not hang the source).
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the operator asked for.
 #[derive(Clone, Debug)]
@@ -52,6 +58,16 @@ pub struct Params {
     pub fault_channel: bool,
     /// TLS for every connection of the migration; None: plaintext (`--insecure`).
     pub tls: Option<TlsSetup>,
+    /// Delta compression (XBZRLE) of re-sent pages: cache size in bytes, 0 off.
+    pub xbzrle_cache: u64,
+    /// Mode `auto`: pre-copy while it can converge, post-copy when it cannot
+    /// (decided after each round from the measured dirty rate and bandwidth).
+    pub auto: bool,
+    /// Before the commit: how long to wait for each answer of the destination
+    /// (Accept, Prepared, Ready) before giving up.
+    pub answer_timeout: Duration,
+    /// Fault injection (tests only): hold the source at a phase.
+    pub hold: Option<Hold>,
 }
 
 impl Params {
@@ -70,6 +86,10 @@ impl Params {
             prepaging_window: 16,
             fault_channel: true,
             tls: None,
+            xbzrle_cache: 0,
+            auto: false,
+            answer_timeout: Duration::from_secs(60),
+            hold: Hold::from_env(),
         }
     }
 }
@@ -107,9 +127,14 @@ pub struct Job {
     pub recover_now: AtomicBool,
     /// Bandwidth cap in bytes/s (0: none); changes take effect at the next batch.
     max_bandwidth: AtomicU64,
-    /// The post-copy phase's live sockets, so that a fault-injection hook (and the
-    /// phase itself, when one of them fails) can cut them all.
+    /// The migration's live sockets, so that a cancel before the commit, a
+    /// fault-injection hook, and the post-copy phase itself (when one of them
+    /// fails) can cut them all.
     pub(crate) links: Mutex<Vec<Link>>,
+    /// Set when Go is about to be sent: from then on a cancel cuts nothing.
+    committed: Mutex<bool>,
+    /// Fault injection: where to hold the migration (taken when reached).
+    hold: Mutex<Option<Hold>>,
 }
 
 impl Job {
@@ -124,14 +149,73 @@ impl Job {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Shuts down the post-copy phase's connections, as a lost link would
-    /// (fault injection for tests; the phase then recovers). Returns how many.
+    /// Asks the migration to stop. Before the commit this also cuts its links,
+    /// so that a source blocked on a stalled destination stops at once (the
+    /// migration ends as cancelled and the source VM runs on). Returns false
+    /// when the commit point has passed: the flag is set (post-copy recovery
+    /// reads it as "give up"), but nothing is cut.
+    pub fn request_cancel(&self) -> bool {
+        let committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        self.cancel.store(true, Ordering::SeqCst);
+        if !*committed {
+            self.cut_links();
+        }
+        !*committed
+    }
+
+    /// The commit point, just before Go: fails if a cancel came first.
+    pub(crate) fn commit(&self) -> Result<()> {
+        let mut committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        self.check_cancel()?;
+        *committed = true;
+        Ok(())
+    }
+
+    fn is_committed(&self) -> bool {
+        *self.committed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `link` among the sockets that [`Job::cut_links`] shuts down.
+    pub(crate) fn register(&self, link: &Link) -> Result<()> {
+        let clone = link.try_clone().map_err(io_err("socket"))?;
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(clone);
+        Ok(())
+    }
+
+    /// Closes this job's handles on the sockets (without shutting them down).
+    pub(crate) fn forget_links(&self) {
+        std::mem::take(&mut *self.links.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// The fault-injection hold at `phase`, if one is set (once per migration).
+    pub(crate) fn take_hold(&self, phase: Phase) -> Option<Hold> {
+        let mut h = self.hold.lock().unwrap_or_else(|p| p.into_inner());
+        if h.is_some_and(|h| h.phase == phase) {
+            h.take()
+        } else {
+            None
+        }
+    }
+
+    /// Shuts down the migration's connections, as a lost link would (fault
+    /// injection for tests; post-copy then recovers). Returns how many.
     pub fn cut_links(&self) -> usize {
         let links = std::mem::take(&mut *self.links.lock().unwrap_or_else(|p| p.into_inner()));
         for s in &links {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
         links.len()
+    }
+
+    /// Shuts down the sending side of the migration's connections (they stay
+    /// registered; [`Job::cut_links`] closes them for good).
+    pub(crate) fn close_sending(&self) {
+        for s in self.links.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
     }
 
     /// Sets the bandwidth cap (bytes/s; None or 0: none), also while the migration runs.
@@ -180,6 +264,15 @@ pub(crate) struct Sender<'a> {
     pub(crate) sent_before: Vec<u64>,
     pub(crate) offsets: Vec<u64>,
     pub(crate) zero_ranges: Vec<(u64, u64)>,
+    /// The pre-copy round being sent (None outside the rounds).
+    pub(crate) round: Option<u32>,
+    /// Delta compression of re-sent pages, when negotiated and asked for.
+    pub(crate) xbzrle: Option<xbzrle::Cache>,
+    /// XBZRLE: copies of the full pages queued (what is sent is what is cached).
+    staged: Vec<u8>,
+    /// XBZRLE: deltas queued, (memfd offset, delta), and their size.
+    deltas: Vec<(u64, Vec<u8>)>,
+    delta_bytes: usize,
 }
 
 impl<'a> Sender<'a> {
@@ -187,7 +280,7 @@ impl<'a> Sender<'a> {
         let f = wire::encode_control(m)?;
         self.stream
             .write_all(&f)
-            .map_err(io_err("sending to destination"))?;
+            .map_err(|e| stalled(wire::WireError::Io(e)))?;
         self.bytes += f.len() as u64;
         Ok(())
     }
@@ -206,8 +299,47 @@ impl<'a> Sender<'a> {
                     Some((o, n)) if *o + *n * PAGE_SIZE == off => *n += 1,
                     _ => self.zero_ranges.push((off, 1)),
                 }
+                // The destination's copy is zero now: so is the delta base.
+                if let Some(cache) = &mut self.xbzrle {
+                    cache.put(pfn, &[0; PAGE_SIZE as usize]);
+                }
             }
             return Ok(());
+        }
+        if let Some(cache) = &mut self.xbzrle {
+            // One copy of the page: the delta, the cache and the data sent all
+            // come from it, even if the guest writes the page meanwhile.
+            let snap = page.to_vec();
+            let (w, b) = ((pfn / 64) as usize, pfn % 64);
+            let resend = self.sent_before[w] & (1 << b) != 0;
+            let delta = cache
+                .get(pfn)
+                .map(|old| xbzrle::encode(old, &snap, xbzrle::MAX_DELTA));
+            cache.put(pfn, &snap);
+            match delta {
+                Some(Some(d)) => {
+                    self.delta_bytes += d.len() + 12;
+                    self.deltas.push((off, d));
+                    self.job.update(|s| {
+                        s.xbzrle.pages += 1;
+                        s.xbzrle.update_rate();
+                    });
+                    if self.delta_bytes >= 1 << 20 {
+                        self.flush()?;
+                    }
+                    return Ok(());
+                }
+                Some(None) => self.job.update(|s| {
+                    s.xbzrle.overflow += 1;
+                    s.xbzrle.update_rate();
+                }),
+                None if resend => self.job.update(|s| {
+                    s.xbzrle.cache_miss += 1;
+                    s.xbzrle.update_rate();
+                }),
+                None => {}
+            }
+            self.staged.extend_from_slice(&snap);
         }
         self.offsets.push(off);
         if self.offsets.len() == MAX_BATCH_PAGES {
@@ -221,12 +353,32 @@ impl<'a> Sender<'a> {
             let ranges = std::mem::take(&mut self.zero_ranges);
             self.write_control(&Message::Zero { ranges })?;
         }
+        if !self.deltas.is_empty() {
+            let pages = std::mem::take(&mut self.deltas);
+            let (n, before) = (pages.len() as u64, self.bytes);
+            self.delta_bytes = 0;
+            self.write_control(&Message::Delta { pages })?;
+            let sent = self.bytes - before;
+            self.job.update(|s| {
+                s.pages.sent += n;
+                s.pages.resent += n;
+                s.xbzrle.bytes += sent;
+            });
+            if self.throttle {
+                self.job.pace(&mut self.next, sent);
+            }
+        }
         if self.offsets.is_empty() {
             return Ok(());
         }
         let offsets = std::mem::take(&mut self.offsets);
-        let pages: Vec<&[u8]> = offsets.iter().filter_map(|&o| self.mem.page(o)).collect();
-        wire::write_pages(&mut self.stream, &offsets, &pages)?;
+        let pages: Vec<&[u8]> = if self.xbzrle.is_some() {
+            self.staged.chunks_exact(PAGE_SIZE as usize).collect()
+        } else {
+            offsets.iter().filter_map(|&o| self.mem.page(o)).collect()
+        };
+        wire::write_pages(&mut self.stream, &offsets, &pages).map_err(stalled)?;
+        self.staged.clear();
         let n = offsets.len() as u64;
         self.bytes += 9 + n * (8 + PAGE_SIZE);
         let mut resent = 0;
@@ -247,7 +399,29 @@ impl<'a> Sender<'a> {
         if self.throttle {
             self.job.pace(&mut self.next, 9 + n * (8 + PAGE_SIZE));
         }
+        if let Some(k) = self.round {
+            faults::hold(self.job, Phase::Round(k));
+        }
         self.job.check_cancel()
+    }
+}
+
+/// A failed send; one that timed out says that the destination stopped reading.
+fn stalled(e: wire::WireError) -> Error {
+    match e {
+        wire::WireError::Io(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Error::Stalled(SEND_TIMEOUT.as_secs())
+        }
+        wire::WireError::Io(e) => Error::Io {
+            context: "sending to destination".into(),
+            source: e,
+        },
+        e => e.into(),
     }
 }
 
@@ -306,6 +480,7 @@ pub(crate) fn drive(
     body: impl FnOnce(Instant, &mut Option<Instant>) -> Result<Outcome>,
 ) -> Outcome {
     job.set_max_bandwidth(params.max_bandwidth);
+    *job.hold.lock().unwrap_or_else(|p| p.into_inner()) = params.hold;
     let start = Instant::now();
     job.update(|s| {
         s.id = params.id.clone();
@@ -315,10 +490,25 @@ pub(crate) fn drive(
     });
     let mut paused_at: Option<Instant> = None;
     let result = body(start, &mut paused_at);
+    job.forget_links();
     let _ = vm.set_dirty_logging(false);
     let outcome = match result {
         Ok(o) => o,
         Err(Error::Cancelled) => Outcome::Cancelled,
+        // The cancel cut the links: the failure it caused is the cancel.
+        Err(_) if job.cancel.load(Ordering::SeqCst) && !job.is_committed() => Outcome::Cancelled,
+        // Sends that time out are reported as such already: this is a read.
+        Err(Error::Wire(wire::WireError::Io(e)))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Outcome::Failed(format!(
+                "the destination did not answer within {} s",
+                params.answer_timeout.as_secs_f64()
+            ))
+        }
         Err(e) => Outcome::Failed(e.to_string()),
     };
     if matches!(outcome, Outcome::Failed(_) | Outcome::Cancelled) && paused_at.is_some() {
@@ -407,13 +597,25 @@ pub(crate) fn open(
     mode: &str,
 ) -> Result<Link> {
     let mut stream = connect(&params.to, params.tls.as_ref())?;
+    job.register(&stream)?;
+    job.check_cancel()?;
     stream.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
+        .set_read_timeout(Some(params.answer_timeout))
+        .map_err(io_err("socket timeout"))?;
+    stream
+        .tcp()
+        .set_write_timeout(Some(SEND_TIMEOUT))
         .map_err(io_err("socket timeout"))?;
     let cpuid = vm.cpuid(0);
     let desc = handshake::describe(&params.name, &cpuid, vm.config().memory, vm.config().vcpus);
-    handshake::hello(&mut stream, mode, desc)?;
+    let shared = handshake::hello_then(&mut stream, mode, desc, || {
+        faults::hold(job, Phase::Handshake)
+    })?;
+    // Delta compression only if asked for and the destination can decode it.
+    if params.xbzrle_cache > 0 && shared.iter().any(|c| c == "xbzrle") {
+        job.update(|s| s.xbzrle.cache_size = params.xbzrle_cache);
+    }
     handshake::wait_prepared(&mut stream)?;
     job.update(|s| {
         s.setup_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -449,6 +651,14 @@ impl<'a> Sender<'a> {
             sent_before: vec![0u64; mem.pages().div_ceil(64) as usize],
             offsets: Vec::with_capacity(MAX_BATCH_PAGES),
             zero_ranges: Vec::new(),
+            round: None,
+            xbzrle: match job.snapshot().xbzrle.cache_size {
+                0 => None,
+                bytes => Some(xbzrle::Cache::new(bytes)),
+            },
+            staged: Vec::new(),
+            deltas: Vec::new(),
+            delta_bytes: 0,
         }
     }
 }
@@ -516,6 +726,7 @@ pub(crate) fn rounds(
     } else {
         Vec::new()
     };
+    let hot_pages = popcount(&hot);
     let cold = |bits: &[u64]| -> Vec<u64> {
         bits.iter()
             .enumerate()
@@ -534,8 +745,10 @@ pub(crate) fn rounds(
         let t0 = Instant::now();
         let b0 = tx.bytes;
         let s0 = job.snapshot().pages.sent;
+        tx.round = Some(round);
         for_each_set(&todo, |pfn| tx.queue(pfn, round > 0))?;
         tx.flush()?;
+        tx.round = None;
         tx.write_control(&Message::RoundEnd { round })?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let round_bytes = tx.bytes - b0;
@@ -555,10 +768,21 @@ pub(crate) fn rounds(
         } else {
             0.0
         };
+        // Auto finishes in pre-copy only if the hot pages, sent in the
+        // stop-and-copy, fit the pause too; unknown bandwidth (a round too
+        // small to measure) only for a handful of pages.
+        let pending = dirty_bytes
+            + if params.auto {
+                hot_pages * PAGE_SIZE
+            } else {
+                0
+            };
         let expected_ms = if bandwidth > 0.0 {
-            dirty_bytes as f64 / bandwidth * 1e3
-        } else {
+            pending as f64 / bandwidth * 1e3
+        } else if pending <= 64 * PAGE_SIZE {
             0.0
+        } else {
+            f64::INFINITY
         };
         let sent_pages = job.snapshot().pages.sent - s0;
         job.update(|s| {
@@ -593,6 +817,17 @@ pub(crate) fn rounds(
             stop_reason = "expected downtime within max-downtime";
             break;
         }
+        // Auto: a hot working set, or rounds that cannot catch up with a guest
+        // dirtying memory at 80 % of the link's rate or more: post-copy moves
+        // each of those pages once.
+        if switch && params.auto && hot_pages > 0 {
+            stop_reason = "hot working set";
+            break;
+        }
+        if switch && params.auto && bandwidth > 0.0 && dirty_rate >= 0.8 * bandwidth {
+            stop_reason = "dirty rate above 80 % of the bandwidth";
+            break;
+        }
         if round >= limit {
             stop_reason = "round limit";
             break;
@@ -617,7 +852,7 @@ pub(crate) fn rounds(
 
 /// Stop-and-copy and the commit exchange; the VM was paused at `pause_start`.
 #[allow(clippy::too_many_arguments)]
-fn stop_and_copy(
+pub(crate) fn stop_and_copy(
     vm: &Vm,
     params: &Params,
     job: &Job,
@@ -645,6 +880,7 @@ fn stop_and_copy(
     for_each_set(todo, |pfn| tx.queue(pfn, true))?;
     tx.flush()?;
     stamp(&mut phases.final_pages_us);
+    faults::hold(job, Phase::Switch);
     if params.verify {
         let crc32 = mem.digest();
         job.update(|s| s.verified = Some(false));
@@ -662,8 +898,8 @@ fn stop_and_copy(
     }
     stamp(&mut phases.destination_ready_us);
     tracing::debug!("destination ready");
-    job.check_cancel()?;
     // Commit point: from here on the source never resumes on its own.
+    job.commit()?;
     tx.write_control(&Message::Go)?;
     let confirm = expect_confirm(&mut rx);
     let downtime = pause_start.elapsed().as_secs_f64() * 1e3;

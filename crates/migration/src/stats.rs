@@ -63,6 +63,36 @@ pub struct FaultStats {
     pub blocked_us: u64,
 }
 
+/// Delta compression of re-sent pages (the fields of QEMU's query-migrate
+/// `xbzrle-cache`, plus the hit rate).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct XbzrleStats {
+    /// Cache size in bytes (0: off).
+    pub cache_size: u64,
+    /// Pages sent as deltas.
+    pub pages: u64,
+    /// Bytes of those deltas on the wire.
+    pub bytes: u64,
+    /// Re-sent pages not in the cache (sent whole).
+    pub cache_miss: u64,
+    /// Re-sent pages whose delta was too big (sent whole).
+    pub overflow: u64,
+    /// pages / (pages + cache_miss + overflow).
+    pub hit_rate: f64,
+}
+
+impl XbzrleStats {
+    /// Recomputes the hit rate from the counters.
+    pub fn update_rate(&mut self) {
+        let all = self.pages + self.cache_miss + self.overflow;
+        self.hit_rate = if all > 0 {
+            self.pages as f64 / all as f64
+        } else {
+            0.0
+        };
+    }
+}
+
 /// Statistics of one migration, updated live.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct MigrationStats {
@@ -122,10 +152,19 @@ pub struct MigrationStats {
     /// Post-copy: times the link was lost after the switch and re-established.
     #[serde(default)]
     pub recoveries: u32,
+    /// Delta compression of re-sent pages.
+    #[serde(default)]
+    pub xbzrle: XbzrleStats,
+    /// Mode `auto`: what it chose and why.
+    #[serde(default)]
+    pub policy: String,
     /// The cost model fed with this migration's measured parameters, beside the
     /// measured times (set when the migration ends).
     #[serde(default)]
     pub model: Option<crate::model::ModelCheck>,
+    /// Fault injection (tests only): the phase the source is held at now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
 }
 
 /// The switch-over, phase by phase (µs, on the source's monotonic clock).

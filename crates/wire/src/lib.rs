@@ -193,6 +193,13 @@ pub enum Message {
         /// The received-bitmap.
         bitmap: Vec<u64>,
     },
+    /// Source → destination (capability `xbzrle`): pages sent before, now sent
+    /// as deltas against what was sent then: (memfd offset, delta); the
+    /// encoding is in `crates/migration/src/xbzrle.rs`.
+    Delta {
+        /// (offset, delta) per page.
+        pages: Vec<(u64, Vec<u8>)>,
+    },
 }
 
 /// The destination's account of a post-copy phase, carried in `PostcopyDone`.
@@ -246,6 +253,7 @@ impl Message {
             Message::RecoverListen { .. } => "RecoverListen",
             Message::RecoverHello { .. } => "RecoverHello",
             Message::Received { .. } => "Received",
+            Message::Delta { .. } => "Delta",
         }
     }
 }

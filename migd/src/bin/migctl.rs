@@ -82,7 +82,7 @@ pub enum Cmd {
         #[arg(long, value_name = "HOST:PORT")]
         to: String,
         /// Migration mode.
-        #[arg(long, value_parser = ["precopy", "postcopy", "hybrid"], default_value = "precopy")]
+        #[arg(long, value_parser = ["precopy", "postcopy", "hybrid", "auto"], default_value = "precopy")]
         mode: String,
         /// Longest acceptable pause of the guest, in milliseconds.
         #[arg(long, value_name = "MS", default_value_t = 300)]
@@ -98,6 +98,10 @@ pub enum Cmd {
         /// main connection, behind the background push, instead of their own.
         #[arg(long)]
         no_fault_channel: bool,
+        /// Send re-sent pages as deltas against what was sent before (XBZRLE),
+        /// with a cache of this size, e.g. 256M.
+        #[arg(long, value_name = "SIZE", value_parser = migd::size::parse_size)]
+        xbzrle_cache: Option<u64>,
         /// Print the job id and return at once.
         #[arg(long)]
         detach: bool,
@@ -144,7 +148,7 @@ pub enum Cmd {
         #[arg(long, value_name = "HOST:PORT")]
         to: String,
         /// Migration mode of every job.
-        #[arg(long, value_parser = ["precopy", "postcopy", "hybrid"], default_value = "precopy")]
+        #[arg(long, value_parser = ["precopy", "postcopy", "hybrid", "auto"], default_value = "precopy")]
         mode: String,
         /// Migrations running at once (they share the daemon's max_bandwidth).
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]

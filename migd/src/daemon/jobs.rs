@@ -14,7 +14,7 @@ use super::vmproc::{self, vm_call, vm_request};
 use super::Daemon;
 
 /// Migration modes the VM process knows.
-pub const MODES: [&str; 3] = ["precopy", "postcopy", "hybrid"];
+pub const MODES: [&str; 4] = ["precopy", "postcopy", "hybrid", "auto"];
 /// Default `max_downtime_ms` (as QEMU's).
 pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
 
@@ -35,6 +35,9 @@ pub struct Job {
     /// Post-copy: fault requests share the main connection (for comparison).
     #[serde(default)]
     pub no_fault_channel: bool,
+    /// Delta compression cache, bytes (None: off).
+    #[serde(default)]
+    pub xbzrle_cache: Option<u64>,
     /// setup, active, postcopy-active, postcopy-paused, completed, failed or cancelled.
     pub status: String,
     /// Unix seconds.
@@ -70,6 +73,8 @@ pub struct MigrateRequest {
     pub prepaging_window: Option<u32>,
     #[serde(default)]
     pub no_fault_channel: bool,
+    #[serde(default)]
+    pub xbzrle_cache: Option<u64>,
     #[serde(default)]
     pub detach: bool,
 }
@@ -199,7 +204,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
     check_target(&req.to)?;
     if !MODES.contains(&req.mode.as_str()) {
         bail!(
-            "unknown mode '{}': use precopy, postcopy or hybrid",
+            "unknown mode '{}': use precopy, postcopy, hybrid or auto",
             req.mode.escape_debug()
         );
     }
@@ -237,6 +242,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             max_bandwidth: req.max_bandwidth,
             prepaging_window: req.prepaging_window,
             no_fault_channel: req.no_fault_channel,
+            xbzrle_cache: req.xbzrle_cache,
             status: "setup".into(),
             started: state::now(),
             ended: None,
@@ -261,6 +267,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             "max_bandwidth": cap,
             "prepaging_window": job.prepaging_window,
             "fault_channel": !job.no_fault_channel,
+            "xbzrle_cache": job.xbzrle_cache,
             "job": job.id,
         }),
         Duration::from_secs(10),
@@ -464,6 +471,7 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
             max_bandwidth: None,
             prepaging_window: None,
             no_fault_channel: false,
+            xbzrle_cache: None,
             status: status.clone(),
             started: state::now(),
             ended: None,

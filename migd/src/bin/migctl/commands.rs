@@ -109,6 +109,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             max_bandwidth,
             prepaging_window,
             no_fault_channel,
+            xbzrle_cache,
             detach,
             json,
         } => {
@@ -120,6 +121,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 "cmd": "migrate", "name": name, "to": to, "mode": mode,
                 "max_downtime_ms": max_downtime, "max_bandwidth": max_bandwidth, "detach": true,
                 "prepaging_window": prepaging_window, "no_fault_channel": no_fault_channel,
+                "xbzrle_cache": xbzrle_cache,
             }))?;
             let id = r["job"]
                 .as_str()

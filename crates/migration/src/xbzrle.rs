@@ -1,0 +1,203 @@
+//! Delta compression of re-sent pages (XBZRLE, Svärd et al., VEE 2011): the
+//! source keeps what it last sent of each page in a bounded cache; when it
+//! sends the page again it sends only the runs of bytes that changed, and the
+//! destination applies them to the copy it holds.
+//!
+//! Encoding of one page against its previous content: repeated
+//! `varint same, varint diff, diff bytes` (a run of unchanged bytes, then a
+//! run of new bytes), covering exactly the 4096 bytes of the page.
+
+use std::collections::{HashMap, VecDeque};
+
+use vmm::memory::PAGE_SIZE;
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// A delta larger than this goes as the whole page instead (QEMU's "overflow").
+pub const MAX_DELTA: usize = PAGE / 2;
+
+fn put_varint(out: &mut Vec<u8>, mut v: usize) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(b: &[u8], at: &mut usize) -> Result<usize, String> {
+    let mut v = 0usize;
+    for shift in [0, 7] {
+        let byte = *b.get(*at).ok_or("delta ends inside a length")?;
+        *at += 1;
+        v |= ((byte & 0x7f) as usize) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err("delta length over two bytes".into())
+}
+
+/// Encodes `new` against `old`; None when the delta would exceed `limit` bytes.
+pub fn encode(old: &[u8], new: &[u8], limit: usize) -> Option<Vec<u8>> {
+    debug_assert!(old.len() == PAGE && new.len() == PAGE);
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < PAGE {
+        // Unchanged run, compared a word at a time where possible.
+        let start = i;
+        while i + 8 <= PAGE && old[i..i + 8] == new[i..i + 8] {
+            i += 8;
+        }
+        while i < PAGE && old[i] == new[i] {
+            i += 1;
+        }
+        let same = i - start;
+        let start = i;
+        while i < PAGE && old[i] != new[i] {
+            i += 1;
+        }
+        let diff = i - start;
+        put_varint(&mut out, same);
+        put_varint(&mut out, diff);
+        out.extend_from_slice(&new[start..i]);
+        if out.len() > limit {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// Applies `delta` to `page` in place; an error names what is malformed and
+/// leaves `page` as it was.
+pub fn decode(delta: &[u8], page: &mut [u8]) -> Result<(), String> {
+    if page.len() != PAGE {
+        return Err(format!("page of {} bytes", page.len()));
+    }
+    // Check everything before changing anything.
+    let mut runs = Vec::new();
+    let (mut at, mut pos) = (0usize, 0usize);
+    while at < delta.len() {
+        let same = get_varint(delta, &mut at)?;
+        let diff = get_varint(delta, &mut at)?;
+        let data = at;
+        at = at
+            .checked_add(diff)
+            .filter(|&e| e <= delta.len())
+            .ok_or("delta shorter than its runs")?;
+        pos = pos
+            .checked_add(same)
+            .and_then(|p| p.checked_add(diff))
+            .filter(|&p| p <= PAGE)
+            .ok_or("delta runs past the end of the page")?;
+        runs.push((pos - diff, data, diff));
+    }
+    if pos != PAGE {
+        return Err(format!("delta covers {pos} of {PAGE} bytes"));
+    }
+    for (p, d, n) in runs {
+        page[p..p + n].copy_from_slice(&delta[d..d + n]);
+    }
+    Ok(())
+}
+
+/// What was last sent of each page, up to a byte budget (oldest entries go first).
+pub struct Cache {
+    pages: HashMap<u64, Box<[u8]>>,
+    order: VecDeque<u64>,
+    capacity: usize,
+}
+
+impl Cache {
+    /// A cache of `bytes` (whole pages).
+    pub fn new(bytes: u64) -> Cache {
+        Cache {
+            pages: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: (bytes / PAGE_SIZE) as usize,
+        }
+    }
+
+    /// The previous content of `pfn`, if cached.
+    pub fn get(&self, pfn: u64) -> Option<&[u8]> {
+        self.pages.get(&pfn).map(|b| &b[..])
+    }
+
+    /// Records `data` as the content of `pfn` last sent.
+    pub fn put(&mut self, pfn: u64, data: &[u8]) {
+        if self.capacity == 0 {
+            return;
+        }
+        if let Some(b) = self.pages.get_mut(&pfn) {
+            b.copy_from_slice(data);
+            return;
+        }
+        let buf = if self.pages.len() >= self.capacity {
+            // Reuse the oldest entry's buffer.
+            let old = self.order.pop_front();
+            old.and_then(|o| self.pages.remove(&o))
+                .unwrap_or_else(|| data.into())
+        } else {
+            data.into()
+        };
+        let mut buf = buf;
+        buf.copy_from_slice(data);
+        self.pages.insert(pfn, buf);
+        self.order.push_back(pfn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_small_and_big_changes() {
+        let old: Vec<u8> = (0..PAGE).map(|i| (i * 7) as u8).collect();
+        let mut new = old.clone();
+        new[0..8].copy_from_slice(&42u64.to_le_bytes());
+        new[4095] ^= 1;
+        let d = encode(&old, &new, MAX_DELTA).unwrap();
+        assert!(d.len() < 24, "{} bytes", d.len());
+        let mut page = old.clone();
+        decode(&d, &mut page).unwrap();
+        assert_eq!(page, new);
+        // Unchanged page: a few bytes; fully changed: overflow.
+        assert!(encode(&old, &old, MAX_DELTA).unwrap().len() <= 4);
+        let other: Vec<u8> = old.iter().map(|b| !b).collect();
+        assert!(encode(&old, &other, MAX_DELTA).is_none());
+        let d = encode(&old, &other, PAGE * 2).unwrap();
+        let mut page = old.clone();
+        decode(&d, &mut page).unwrap();
+        assert_eq!(page, other);
+    }
+
+    #[test]
+    fn malformed_deltas_are_errors_and_change_nothing() {
+        let old = vec![5u8; PAGE];
+        for bad in [
+            &[0x80u8][..],              // cut varint
+            &[0xff, 0xff, 0x01][..],    // three-byte varint
+            &[0x00, 0x05, 1, 2][..],    // diff longer than the data
+            &[0x80, 0x40, 0x00][..],    // 8192 unchanged bytes: past the page
+            &[0x10, 0x00][..],          // covers 16 of 4096 bytes
+            &[0x80, 0x20, 0x01, 9][..], // 4096 + 1 bytes
+        ] {
+            let mut page = old.clone();
+            assert!(decode(bad, &mut page).is_err(), "{bad:?}");
+            assert_eq!(page, old);
+        }
+    }
+
+    #[test]
+    fn cache_keeps_the_newest_pages_within_budget() {
+        let mut c = Cache::new(2 * PAGE_SIZE);
+        for pfn in 0..3u64 {
+            c.put(pfn, &vec![pfn as u8; PAGE]);
+        }
+        assert!(c.get(0).is_none());
+        assert_eq!(c.get(2).unwrap()[0], 2);
+        c.put(1, &vec![9; PAGE]);
+        assert_eq!(c.get(1).unwrap()[0], 9);
+        assert!(Cache::new(0).get(0).is_none());
+    }
+}
