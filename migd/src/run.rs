@@ -563,7 +563,7 @@ fn serve_client(stream: UnixStream, tx: Sender<Event>, arriving: Arc<AtomicBool>
         };
         if arriving.load(Ordering::SeqCst) {
             let reply = if req.get("cmd").and_then(|c| c.as_str()) == Some("status") {
-                json!({"ok": true, "state": "incoming"})
+                json!({"ok": true, "state": "incoming", "pid": std::process::id()})
             } else {
                 json!({"ok": false, "error": "the VM is still arriving"})
             };

@@ -336,8 +336,13 @@ pub async fn refresh(d: &Daemon, name: &str) {
             return;
         }
         if vm.state == st::INCOMING && new != st::INCOMING {
-            // The incoming VM runs here now: from here on it has a record like any other.
+            // The incoming VM runs here now: from here on it has a record like any
+            // other (sized from the VM itself if this daemon adopted it mid-way).
             tracing::info!(state = new, "incoming VM is running here");
+            if vm.record.memory == 0 {
+                vm.record.memory = reply["memory"].as_u64().unwrap_or(0);
+                vm.record.vcpus = reply["vcpus"].as_u64().unwrap_or(0) as u32;
+            }
             record_to_write = Some(vm.record.clone());
         }
         vm.state = new.to_string();

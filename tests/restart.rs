@@ -1,0 +1,115 @@
+//! Daemons going away in the middle of a migration (issue #6): the source
+//! daemon restarts (SIGTERM, start again) and the destination daemon is killed
+//! with SIGKILL and started again while a VM moves between them. The VM
+//! processes own the migration, so it completes; the new daemons adopt both
+//! ends, and the job ends `completed` on the source's new daemon.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::daemon::*;
+use common::*;
+use serde_json::Value;
+
+#[test]
+fn a_migration_survives_both_daemons_going_away() {
+    if !kvm_or_skip("a_migration_survives_both_daemons_going_away") {
+        return;
+    }
+    let dir = scratch("restart");
+    let (pa, pb) = (free_port(), free_port());
+    let paths = |t: &str| {
+        (
+            dir.join(format!("{t}.sock")),
+            dir.join(format!("{t}-state")),
+        )
+    };
+    let (sa, ta) = paths("a");
+    let (sb, tb) = paths("b");
+    let mut a = Daemon::start_with(sa.clone(), ta.clone(), pa, &dir.join("a.log"));
+    let mut b = Daemon::start_with(sb.clone(), tb.clone(), pb, &dir.join("b.log"));
+    let _ra = Reaper(ta.clone());
+    let _rb = Reaper(tb.clone());
+    let elf = guest_elf();
+    a.ok(&[
+        "create",
+        "web1",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cmdline",
+        "workload=dirty:16:8",
+        "--memory",
+        "128M",
+        "--vcpus",
+        "1",
+    ]);
+    let console = Console(a.vm_dir("web1").join("console.log"));
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let n = console.wait_heartbeats(0, 1, Duration::from_secs(30));
+    // Slow enough (8 MiB/s) to be in the middle of it when the daemons go.
+    let job = a.ok(&[
+        "migrate",
+        "web1",
+        "--to",
+        &format!("127.0.0.1:{pb}"),
+        "--max-bandwidth",
+        "8M",
+        "--detach",
+    ]);
+    let job = job.trim().to_string();
+    std::thread::sleep(Duration::from_millis(500));
+    let j: Value = serde_json::from_str(&a.ok(&["job", &job, "--json"])).unwrap();
+    assert_eq!(j["status"], "active", "{j}");
+    assert_eq!(a.terminate(), 0);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = b.child.wait();
+    let a = Daemon::start_with(sa, ta, pa, &dir.join("a2.log"));
+    let b = Daemon::start_with(sb, tb, pb, &dir.join("b2.log"));
+    let end = Instant::now() + Duration::from_secs(60);
+    let j = loop {
+        let j: Value = serde_json::from_str(&a.ok(&["job", &job, "--json"])).unwrap();
+        if matches!(
+            j["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        ) {
+            break j;
+        }
+        assert!(Instant::now() < end, "job never ended: {j}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        j["status"],
+        "completed",
+        "{j}\n{}\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    // The VM runs on B, adopted by B's new daemon, and is gone from A.
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, _) = b.migctl(&["info", "web1", "--json"]);
+        let info: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        if code == 0 && info["state"] == "running" {
+            // Adopted mid-way, the record is still complete.
+            assert_eq!(info["memory"], 128u64 << 20, "{info}");
+            assert_eq!(info["vcpus"], 1, "{info}");
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "B never lists web1 running: {out}\n{}",
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, _, _) = a.migctl(&["info", "web1"]);
+    assert_ne!(code, 0, "A still lists the VM");
+    let console = Console(b.vm_dir("web1").join("console.log"));
+    console.wait_heartbeats(n, 3, Duration::from_secs(30));
+    console.assert_clean();
+    b.ok(&["destroy", "web1"]);
+}
