@@ -287,3 +287,34 @@ fn auto_mode_stays_pre_copy_when_it_converges() {
     b.console.assert_clean();
     assert_eq!(b.terminate(), 0);
 }
+
+#[test]
+fn auto_converge_throttles_until_pre_copy_converges() {
+    if !kvm_or_skip("auto_converge_throttles_until_pre_copy_converges") {
+        return;
+    }
+    // 64 MiB/s of dirtying against a 16 MiB/s link: without help the rounds
+    // never catch up; throttled, the guest dirties less and they do.
+    let dir = scratch("autoconv");
+    let src = VmProcess::boot(&dir, "a", "workload=dirty:16:64", "256M", 1);
+    src.console
+        .wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let (stats, b) = hop(
+        &dir,
+        &src,
+        "throttled",
+        json!({"auto_converge": true, "max_downtime_ms": 100}),
+    );
+    src.request(json!({"cmd": "stop"}));
+    assert!(stats["throttle_pct"].as_u64().unwrap() >= 20, "{stats}");
+    assert_eq!(
+        stats["stop_reason"], "expected downtime within max-downtime",
+        "{stats}"
+    );
+    // Throttling ends with the migration: the guest runs at full speed on B.
+    let before = b.console.last_heartbeat().unwrap_or(0);
+    b.console
+        .wait_heartbeats(before, 3, Duration::from_secs(30));
+    b.console.assert_clean();
+    assert_eq!(b.terminate(), 0);
+}

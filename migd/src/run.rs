@@ -625,6 +625,10 @@ fn start_migration(
     if let Some(w) = req.get("prepaging_window").and_then(|v| v.as_u64()) {
         params.prepaging_window = w.min(wire::MAX_BATCH_PAGES as u64 - 1) as u32;
     }
+    params.auto_converge = req
+        .get("auto_converge")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     params.xbzrle_cache = req
         .get("xbzrle_cache")
         .and_then(|v| v.as_u64())

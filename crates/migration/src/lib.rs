@@ -26,6 +26,7 @@ pub mod postcopy;
 pub mod precopy;
 pub mod probe;
 pub mod stats;
+pub mod throttle;
 pub mod uffd;
 pub mod xbzrle;
 

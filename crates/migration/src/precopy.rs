@@ -60,6 +60,9 @@ pub struct Params {
     pub tls: Option<TlsSetup>,
     /// Delta compression (XBZRLE) of re-sent pages: cache size in bytes, 0 off.
     pub xbzrle_cache: u64,
+    /// Auto-converge: throttle the vCPUs step by step while the rounds do not
+    /// catch up (an alternative to switching to post-copy).
+    pub auto_converge: bool,
     /// Mode `auto`: pre-copy while it can converge, post-copy when it cannot
     /// (decided after each round from the measured dirty rate and bandwidth).
     pub auto: bool,
@@ -88,6 +91,7 @@ impl Params {
             tls: None,
             xbzrle_cache: 0,
             auto: false,
+            auto_converge: false,
             answer_timeout: Duration::from_secs(60),
             hold: Hold::from_env(),
         }
@@ -727,6 +731,11 @@ pub(crate) fn rounds(
         Vec::new()
     };
     let hot_pages = popcount(&hot);
+    let throttle = if params.auto_converge {
+        Some(crate::throttle::Throttle::start(vm.exit_watch()).map_err(io_err("auto-converge"))?)
+    } else {
+        None
+    };
     let cold = |bits: &[u64]| -> Vec<u64> {
         bits.iter()
             .enumerate()
@@ -835,6 +844,16 @@ pub(crate) fn rounds(
         if tx.bytes >= budget {
             stop_reason = "byte budget";
             break;
+        }
+        if let Some(t) = &throttle {
+            // The guest dirtied half of what the round could send or more:
+            // slow it down one step more.
+            if dirty_bytes * 2 >= round_bytes && t.level() < crate::throttle::MAX {
+                let level = t.raise();
+                tracing::info!(level, "auto-converge: vCPUs throttled");
+                job.update(|s| s.throttle_pct = level);
+                history.clear();
+            }
         }
         if not_converging(&history) {
             stop_reason = "dirty set not shrinking";

@@ -158,6 +158,9 @@ pub struct MigrationStats {
     /// Mode `auto`: what it chose and why.
     #[serde(default)]
     pub policy: String,
+    /// Auto-converge: share of each 100 ms the vCPUs were paused at the end, %.
+    #[serde(default)]
+    pub throttle_pct: u32,
     /// The cost model fed with this migration's measured parameters, beside the
     /// measured times (set when the migration ends).
     #[serde(default)]

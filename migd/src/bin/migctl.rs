@@ -102,6 +102,10 @@ pub enum Cmd {
         /// with a cache of this size, e.g. 256M.
         #[arg(long, value_name = "SIZE", value_parser = migd::size::parse_size)]
         xbzrle_cache: Option<u64>,
+        /// Throttle the guest's vCPUs step by step (20 %, +10 % per round, up
+        /// to 99 %) while pre-copy does not converge (QEMU's auto-converge).
+        #[arg(long)]
+        auto_converge: bool,
         /// Print the job id and return at once.
         #[arg(long)]
         detach: bool,

@@ -38,6 +38,9 @@ pub struct Job {
     /// Delta compression cache, bytes (None: off).
     #[serde(default)]
     pub xbzrle_cache: Option<u64>,
+    /// Throttle the vCPUs while pre-copy does not converge.
+    #[serde(default)]
+    pub auto_converge: bool,
     /// setup, active, postcopy-active, postcopy-paused, completed, failed or cancelled.
     pub status: String,
     /// Unix seconds.
@@ -75,6 +78,8 @@ pub struct MigrateRequest {
     pub no_fault_channel: bool,
     #[serde(default)]
     pub xbzrle_cache: Option<u64>,
+    #[serde(default)]
+    pub auto_converge: bool,
     #[serde(default)]
     pub detach: bool,
 }
@@ -243,6 +248,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             prepaging_window: req.prepaging_window,
             no_fault_channel: req.no_fault_channel,
             xbzrle_cache: req.xbzrle_cache,
+            auto_converge: req.auto_converge,
             status: "setup".into(),
             started: state::now(),
             ended: None,
@@ -268,6 +274,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             "prepaging_window": job.prepaging_window,
             "fault_channel": !job.no_fault_channel,
             "xbzrle_cache": job.xbzrle_cache,
+            "auto_converge": job.auto_converge,
             "job": job.id,
         }),
         Duration::from_secs(10),
@@ -472,6 +479,7 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
             prepaging_window: None,
             no_fault_channel: false,
             xbzrle_cache: None,
+            auto_converge: false,
             status: status.clone(),
             started: state::now(),
             ended: None,
