@@ -18,20 +18,7 @@ use serde_json::{json, Value};
 const READY: Duration = Duration::from_secs(60);
 
 fn create_guest(d: &Daemon, name: &str) {
-    let elf = guest_elf();
-    let out = d.ok(&[
-        "create",
-        name,
-        "--kernel",
-        elf.to_str().unwrap(),
-        "--cmdline",
-        "workload=dirty:16:8",
-        "--memory",
-        "128M",
-        "--vcpus",
-        "1",
-    ]);
-    assert!(out.contains(&format!("VM {name} created")), "{out}");
+    d.create_guest(name, "workload=dirty:16:8", "128M", 1);
 }
 
 fn console_of(d: &Daemon, name: &str) -> Console {

@@ -25,21 +25,9 @@ fn evacuate_moves_every_vm_sharing_the_bandwidth_cap() {
     let b = Daemon::start(&dir, "b");
     let _ra = Reaper(a.state.clone());
     let _rb = Reaper(b.state.clone());
-    let elf = guest_elf();
     let names = ["vm1", "vm2", "vm3", "vm4"];
     for n in names {
-        a.ok(&[
-            "create",
-            n,
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--cmdline",
-            "workload=dirty:8:2",
-            "--memory",
-            "64M",
-            "--vcpus",
-            "1",
-        ]);
+        a.create_guest(n, "workload=dirty:8:2", "64M", 1);
     }
     let mut beats = Vec::new();
     for n in names {

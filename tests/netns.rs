@@ -151,22 +151,9 @@ fn migrate_between_two_network_namespaces_and_back() {
     let b = Daemon::start_in_netns(&dir, "b", &link.ns[1], link.ip[1], port);
     let _ra = Reaper(a.state.clone());
     let _rb = Reaper(b.state.clone());
-    let elf = guest_elf();
-    a.ok(&[
-        "create",
-        "web1",
-        "--kernel",
-        elf.to_str().unwrap(),
-        "--cmdline",
-        // Slow enough that hybrid's hot-page sampling leaves most of the set to
-        // the pre-copy rounds, which the operator then cuts short.
-        "workload=dirty:32:4",
-        "--memory",
-        "256M",
-        "--vcpus",
-        "2",
-    ]);
-    let mut console = Console(a.vm_dir("web1").join("console.log"));
+    // Slow enough that hybrid's hot-page sampling leaves most of the set to
+    // the pre-copy rounds, which the operator then cuts short.
+    let mut console = a.create_guest("web1", "workload=dirty:32:4", "256M", 2);
     console.wait_for("WORKLOAD READY", Duration::from_secs(60));
     let mut n = console.wait_heartbeats(0, 2, Duration::from_secs(30));
     let hops = [
@@ -266,20 +253,7 @@ fn postcopy_recovers_after_the_link_goes_down_and_up() {
     let b = Daemon::start_in_netns(&dir, "b", &link.ns[1], link.ip[1], port);
     let _ra = Reaper(a.state.clone());
     let _rb = Reaper(b.state.clone());
-    let elf = guest_elf();
-    a.ok(&[
-        "create",
-        "web1",
-        "--kernel",
-        elf.to_str().unwrap(),
-        "--cmdline",
-        "workload=dirty:48:2",
-        "--memory",
-        "256M",
-        "--vcpus",
-        "2",
-    ]);
-    let console = Console(a.vm_dir("web1").join("console.log"));
+    let console = a.create_guest("web1", "workload=dirty:48:2", "256M", 2);
     console.wait_for("WORKLOAD READY", Duration::from_secs(60));
     let n = console.wait_heartbeats(0, 2, Duration::from_secs(30));
 

@@ -31,20 +31,7 @@ fn a_migration_survives_both_daemons_going_away() {
     let mut b = Daemon::start_with(sb.clone(), tb.clone(), pb, &dir.join("b.log"));
     let _ra = Reaper(ta.clone());
     let _rb = Reaper(tb.clone());
-    let elf = guest_elf();
-    a.ok(&[
-        "create",
-        "web1",
-        "--kernel",
-        elf.to_str().unwrap(),
-        "--cmdline",
-        "workload=dirty:16:8",
-        "--memory",
-        "128M",
-        "--vcpus",
-        "1",
-    ]);
-    let console = Console(a.vm_dir("web1").join("console.log"));
+    let console = a.create_guest("web1", "workload=dirty:16:8", "128M", 1);
     console.wait_for("WORKLOAD READY", Duration::from_secs(60));
     let n = console.wait_heartbeats(0, 1, Duration::from_secs(30));
     // Slow enough (8 MiB/s) to be in the middle of it when the daemons go.

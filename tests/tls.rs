@@ -67,20 +67,7 @@ fn start(dir: &Path, tag: &str, flags: &[String]) -> Daemon {
 }
 
 fn create(d: &Daemon) -> Console {
-    let elf = guest_elf();
-    d.ok(&[
-        "create",
-        "web1",
-        "--kernel",
-        elf.to_str().unwrap(),
-        "--cmdline",
-        "workload=dirty:32:32",
-        "--memory",
-        "256M",
-        "--vcpus",
-        "2",
-    ]);
-    let console = Console(d.vm_dir("web1").join("console.log"));
+    let console = d.create_guest("web1", "workload=dirty:32:32", "256M", 2);
     console.wait_for("WORKLOAD READY", Duration::from_secs(60));
     console
 }

@@ -226,6 +226,33 @@ impl Daemon {
         err
     }
 
+    /// `migctl create` of the test guest with `cmdline` (e.g. `workload=dirty:16:8`);
+    /// returns its console.
+    pub fn create_guest(
+        &self,
+        name: &str,
+        cmdline: &str,
+        memory: &str,
+        vcpus: u32,
+    ) -> super::Console {
+        let elf = super::guest_elf();
+        let vcpus = vcpus.to_string();
+        let out = self.ok(&[
+            "create",
+            name,
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "--memory",
+            memory,
+            "--vcpus",
+            &vcpus,
+        ]);
+        assert!(out.contains(&format!("VM {name} created")), "{out}");
+        super::Console(self.vm_dir(name).join("console.log"))
+    }
+
     pub fn vm_dir(&self, name: &str) -> PathBuf {
         self.state.join("vms").join(name)
     }
