@@ -124,6 +124,8 @@ fn fuzz_smoke_every_target_on_seeds_and_mutations() {
     n += smoke("wire_decode", 2000, 1000, fuzz_bodies::wire_decode);
     n += smoke("state_decode", 1000, 500, fuzz_bodies::state_decode);
     n += smoke("config_parse", 3000, 1000, fuzz_bodies::config_parse);
+    n += smoke("link_records", 2000, 1000, fuzz_bodies::link_records);
+    n += smoke("xbzrle_decode", 2000, 1000, fuzz_bodies::xbzrle_decode);
     let scratch = fuzz_bodies::scratch_file("smoke");
     // Snapshot seeds are large (a real 16 MiB guest): fewer, truncation-heavy inputs.
     n += smoke("snapshot_read", 300, 200, |d| {

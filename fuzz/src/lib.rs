@@ -17,6 +17,36 @@ pub fn wire_decode(data: &[u8]) {
     let _ = wire::decode_frame(data);
 }
 
+/// `link_records`: bytes as TLS records of a migration link, opened with a
+/// fixed key (tampered, truncated and garbage records must be errors).
+pub fn link_records(data: &[u8]) {
+    let n = link::open_records_for_fuzzing(data);
+    assert!(n <= data.len(), "more plaintext than input");
+    // What the sealer makes, the opener takes back whole.
+    let sealed = link::seal_records_for_fuzzing(data);
+    assert_eq!(link::open_records_for_fuzzing(&sealed), data.len());
+}
+
+/// `xbzrle_decode`: a delta applied to a page; a delta that decodes produces
+/// a whole page, and what encode makes, decode undoes.
+pub fn xbzrle_decode(data: &[u8]) {
+    use migration::xbzrle;
+    let old: Vec<u8> = (0..4096).map(|i| (i * 13 % 251) as u8).collect();
+    let mut page = old.clone();
+    if xbzrle::decode(data, &mut page).is_err() {
+        assert_eq!(page, old, "a rejected delta changed the page");
+    }
+    // Round trip: the input as the new content of part of the page.
+    let mut new = old.clone();
+    let n = data.len().min(4096);
+    new[..n].copy_from_slice(&data[..n]);
+    if let Some(d) = xbzrle::encode(&old, &new, 8192) {
+        let mut p = old.clone();
+        xbzrle::decode(&d, &mut p).expect("an encoded delta decodes");
+        assert_eq!(p, new, "decode(encode(new)) != new");
+    }
+}
+
 /// `state_decode`: a VM state blob; what decodes must encode again, stably.
 pub fn state_decode(data: &[u8]) {
     let Ok(state) = vmm::VmState::decode(data) else {
