@@ -4,7 +4,7 @@ testguest.elf), memory, vCPUs and workload, migrated over loopback by each
 system in turn, case by case; prints one markdown table with medians
 (min-max) and the migd/QEMU ratio per figure.
 
-  scripts/bench/vs_qemu.py [--runs N] [--install] [--json FILE]
+  scripts/bench/vs_qemu.py [--runs N] [--only SUBSTRING] [--install] [--json FILE]
 
 --install: apt-get install qemu-system-x86 first (Debian; bookworm has 7.2).
 QEMU runs with KVM, `-cpu host,-arch-capabilities` (kvm-pvm refuses that MSR),
@@ -67,11 +67,13 @@ def qemu(d, tag, mem, cpus, workload, console, incoming=None):
     return p, Qmp(qmp)
 
 
-def qemu_once(d, tag, mem, workload, cpus, mode, cap):
+def qemu_once(d, tag, mem, workload, cpus, mode, cap, paused=False):
     console = os.path.join(d, tag + ".console")
     src, sq = qemu(d, tag + "s", mem, cpus, workload, console)
     bench.wait_file(console, "WORKLOAD READY")
     bench.wait_file(console, "HEARTBEAT n=2")
+    if paused:
+        sq.cmd("stop")
     port = bench.free_port()
     dst, dq = qemu(d, tag + "d", mem, cpus, workload, console + ".dst", incoming=port)
     try:
@@ -116,17 +118,23 @@ def main():
         ("pre-copy, 1 GiB, 256 MiB flat out", "1G", "dirty:256:0", 1, "precopy", None),
         ("128 MiB/s cap, 1 GiB, 256 MiB flat out (migd --mode auto)", "1G", "dirty:256:0", 1, "precopy", CAP),
         ("post-copy, 1 GiB, 256 MiB flat out", "1G", "dirty:256:0", 1, "postcopy", None),
+        # Page throughput alone: 768 MiB written, the guest paused, one pass.
+        ("paused, 1 GiB with 768 MiB written", "1G", "dirty:768:0", 1, "precopy", None, True),
     ]
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for i, (name, mem, wl, cpus, mode, cap) in enumerate(cases):
+        only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
+        for i, (name, mem, wl, cpus, mode, cap, *rest) in enumerate(cases):
+            if only not in name:
+                continue
+            paused = bool(rest and rest[0])
             m, q = [], []
             for k in range(runs):
                 req = {"mode": "auto" if cap else mode}
                 if cap:
                     req["max_bandwidth"] = cap
-                m.append(bench.migrate_once(d, f"m{i}r{k}", mem, wl, req, cpus=cpus))
-                q.append(qemu_once(d, f"q{i}r{k}", mem, wl, cpus, mode, cap))
+                m.append(bench.migrate_once(d, f"m{i}r{k}", mem, wl, req, cpus=cpus, paused=paused))
+                q.append(qemu_once(d, f"q{i}r{k}", mem, wl, cpus, mode, cap, paused=paused))
             mo = [r for r in m if r["status"] == "completed"]
             qo = [r for r in q if r["status"] == "completed"]
 
@@ -135,8 +143,11 @@ def main():
                 return bench.med(xs), (statistics.median(xs) if xs else None)
 
             row = {"case": name, "migd completed": f"{len(mo)}/{runs}", "QEMU completed": f"{len(qo)}/{runs}"}
+            # Bytes over the whole migration time: the page throughput when the guest is paused.
+            for r in mo + qo:
+                r["mb_per_s"] = r["bytes"] / 1e6 / (r["total_ms"] / 1e3) if r.get("total_ms") else None
             for label, key, scale in (("total ms", "total_ms", 1.0), ("downtime ms", "downtime_ms", 1.0),
-                                      ("MiB", "bytes", 1 / 2**20)):
+                                      ("MiB", "bytes", 1 / 2**20), ("MB/s", "mb_per_s", 1.0)):
                 ms, mv = fig(mo, key, scale)
                 qs, qv = fig(qo, key, scale)
                 row[f"{label} migd"] = ms
