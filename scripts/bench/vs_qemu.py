@@ -24,6 +24,7 @@ CAP = 128 << 20
 # Pre-copy that has not converged after this long is given up (QEMU's default
 # would go on for ever); the figure says so.
 GIVE_UP_S = 30
+XBZRLE_CACHE = 512 << 20
 
 
 class Qmp:
@@ -77,10 +78,13 @@ def qemu_once(d, tag, mem, workload, cpus, mode, cap, paused=False):
     port = bench.free_port()
     dst, dq = qemu(d, tag + "d", mem, cpus, workload, console + ".dst", incoming=port)
     try:
-        if mode == "postcopy":
+        if mode in ("postcopy", "xbzrle"):
+            cap_name = "postcopy-ram" if mode == "postcopy" else "xbzrle"
             for q in (sq, dq):
                 q.cmd("migrate-set-capabilities",
-                      capabilities=[{"capability": "postcopy-ram", "state": True}])
+                      capabilities=[{"capability": cap_name, "state": True}])
+        if mode == "xbzrle":
+            sq.cmd("migrate-set-parameters", **{"xbzrle-cache-size": XBZRLE_CACHE})
         # QEMU's default cap is 128 MiB/s; "unlimited" means a cap far above the link.
         sq.cmd("migrate-set-parameters", **{"max-bandwidth": cap or (1 << 40), "downtime-limit": 300})
         sq.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
@@ -118,6 +122,11 @@ def main():
         ("pre-copy, 1 GiB, 256 MiB flat out", "1G", "dirty:256:0", 1, "precopy", None),
         ("128 MiB/s cap, 1 GiB, 256 MiB flat out (migd --mode auto)", "1G", "dirty:256:0", 1, "precopy", CAP),
         ("post-copy, 1 GiB, 256 MiB flat out", "1G", "dirty:256:0", 1, "postcopy", None),
+        ("pre-copy, 2 GiB, 1 GiB set at 100 MiB/s", "2G", "dirty:1024:100", 1, "precopy", None),
+        ("128 MiB/s cap, 2 GiB, 1 GiB set at 100 MiB/s (migd --mode auto)", "2G", "dirty:1024:100", 1,
+         "precopy", CAP),
+        ("few bytes per page, 1 GiB, 256 MiB at 256 MiB/s, XBZRLE 512 MiB", "1G", "sparse:256:256", 1,
+         "xbzrle", None),
         # Page throughput alone: 768 MiB written, the guest paused, one pass.
         ("paused, 1 GiB with 768 MiB written", "1G", "dirty:768:0", 1, "precopy", None, True),
     ]
@@ -130,7 +139,9 @@ def main():
             paused = bool(rest and rest[0])
             m, q = [], []
             for k in range(runs):
-                req = {"mode": "auto" if cap else mode}
+                req = {"mode": "auto" if cap else ("precopy" if mode == "xbzrle" else mode)}
+                if mode == "xbzrle":
+                    req["xbzrle_cache"] = XBZRLE_CACHE
                 if cap:
                     req["max_bandwidth"] = cap
                 m.append(bench.migrate_once(d, f"m{i}r{k}", mem, wl, req, cpus=cpus, paused=paused))
