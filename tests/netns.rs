@@ -137,20 +137,28 @@ fn link_or_skip(test: &str) -> Option<Link> {
     }
 }
 
+/// Two daemons on port 7070, one in each namespace of a new link, with their
+/// state dirs reaped at the end; None (SKIP) where namespaces cannot be made.
+fn two_hosts(test: &str, tag: &str) -> Option<(Link, Daemon, Daemon, [Reaper; 2])> {
+    let link = link_or_skip(test)?;
+    let dir = scratch(tag);
+    let a = Daemon::start_in_netns(&dir, "a", &link.ns[0], link.ip[0], 7070);
+    let b = Daemon::start_in_netns(&dir, "b", &link.ns[1], link.ip[1], 7070);
+    let reapers = [Reaper(a.state.clone()), Reaper(b.state.clone())];
+    Some((link, a, b, reapers))
+}
+
 #[test]
 fn migrate_between_two_network_namespaces_and_back() {
     if !kvm_or_skip("migrate_between_two_network_namespaces_and_back") {
         return;
     }
-    let Some(link) = link_or_skip("migrate_between_two_network_namespaces_and_back") else {
+    let Some((link, a, b, _reapers)) =
+        two_hosts("migrate_between_two_network_namespaces_and_back", "netns")
+    else {
         return;
     };
-    let dir = scratch("netns");
     let port = 7070;
-    let a = Daemon::start_in_netns(&dir, "a", &link.ns[0], link.ip[0], port);
-    let b = Daemon::start_in_netns(&dir, "b", &link.ns[1], link.ip[1], port);
-    let _ra = Reaper(a.state.clone());
-    let _rb = Reaper(b.state.clone());
     // Slow enough that hybrid's hot-page sampling leaves most of the set to
     // the pre-copy rounds, which the operator then cuts short.
     let mut console = a.create_guest("web1", "workload=dirty:32:4", "256M", 2);
@@ -244,15 +252,13 @@ fn postcopy_recovers_after_the_link_goes_down_and_up() {
     if !kvm_or_skip("postcopy_recovers_after_the_link_goes_down_and_up") {
         return;
     }
-    let Some(link) = link_or_skip("postcopy_recovers_after_the_link_goes_down_and_up") else {
+    let Some((link, a, b, _reapers)) = two_hosts(
+        "postcopy_recovers_after_the_link_goes_down_and_up",
+        "netns-recover",
+    ) else {
         return;
     };
-    let dir = scratch("netns-recover");
     let port = 7070;
-    let a = Daemon::start_in_netns(&dir, "a", &link.ns[0], link.ip[0], port);
-    let b = Daemon::start_in_netns(&dir, "b", &link.ns[1], link.ip[1], port);
-    let _ra = Reaper(a.state.clone());
-    let _rb = Reaper(b.state.clone());
     let console = a.create_guest("web1", "workload=dirty:48:2", "256M", 2);
     console.wait_for("WORKLOAD READY", Duration::from_secs(60));
     let n = console.wait_heartbeats(0, 2, Duration::from_secs(30));
