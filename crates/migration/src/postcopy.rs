@@ -1063,6 +1063,9 @@ impl Dest {
         };
         let filled = match filled {
             Ok(f) => f,
+            // Every page is here and guest RAM was unregistered while this
+            // (duplicate) copy was under way: the kernel says ENOENT.
+            Err(_) if self.filled.load(Ordering::Acquire) >= self.total => false,
             Err(e) => {
                 let e = io_err(format!("UFFDIO_COPY at {off:#x}"))(e);
                 self.finish(Err(Error::Protocol(e.to_string())));
