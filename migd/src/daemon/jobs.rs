@@ -107,6 +107,51 @@ fn check_target(to: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuses absurd parameters before anything moves.
+fn check_limits(req: &MigrateRequest) -> Result<()> {
+    if req.max_downtime_ms == 0 {
+        bail!("max-downtime must be at least 1 ms: no migration can pause a VM for 0 ms");
+    }
+    if req.max_bandwidth == Some(0) {
+        bail!("max-bandwidth must be positive (a cap of 0 would never finish); omit it for no cap");
+    }
+    if let Some(w) = req.prepaging_window {
+        let most = wire::MAX_BATCH_PAGES as u32 - 1;
+        if w > most {
+            bail!("prepaging-window must be at most {most} pages, got {w}");
+        }
+    }
+    if let Some(cache) = req.xbzrle_cache {
+        if cache < 4096 {
+            bail!("xbzrle-cache must hold at least one 4 KiB page, got {cache} bytes");
+        }
+        if let Some(total) = host_memory() {
+            if cache >= total {
+                bail!(
+                    "xbzrle-cache of {} MiB is larger than this host's memory ({} MiB)",
+                    cache >> 20,
+                    total >> 20
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// This host's memory in bytes (`MemTotal` of /proc/meminfo).
+fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
 fn persist(d: &Daemon, job: &Job) {
     let path = d.jobs_dir().join(format!("{}.json", job.id));
     if let Err(e) = write_json_atomic(&path, job) {
@@ -207,6 +252,7 @@ async fn rebalance(d: &Daemon) {
 pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
     state::check_name(&req.name).map_err(anyhow::Error::msg)?;
     check_target(&req.to)?;
+    check_limits(&req)?;
     if !MODES.contains(&req.mode.as_str()) {
         bail!(
             "unknown mode '{}': use precopy, postcopy, hybrid or auto",
