@@ -55,6 +55,18 @@ fn migrate_once(
         stats["faults"]["count"].as_u64().unwrap() >= demand,
         "{stats}"
     );
+    // The latency histogram counts every fault once.
+    let histogram: u64 = stats["faults"]["histogram_us"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        histogram,
+        stats["faults"]["count"].as_u64().unwrap(),
+        "{stats}"
+    );
     assert!(stats["downtime_ms"].as_f64().unwrap() > 0.0, "{stats}");
     src.request(json!({"cmd": "stop"}));
     console.wait_heartbeats(before, 3, Duration::from_secs(20));

@@ -888,6 +888,7 @@ fn postcopy_phase(
             max_us: report.max_us,
             zero: report.zero_faults,
             blocked_us: report.blocked_us,
+            histogram_us: report.histogram_us.clone(),
         };
     });
     tracing::debug!(
@@ -1444,8 +1445,23 @@ impl Dest {
             max_us: l.last().copied().unwrap_or(0),
             resume_to_last_us: last.saturating_sub(resumed) / 1000,
             blocked_us: l.iter().sum(),
+            histogram_us: log2_histogram(&l),
         }
     }
+}
+
+/// Entry i counts the values in [2^i, 2^(i+1)) (entry 0 also 0); no trailing
+/// empty entries.
+pub(crate) fn log2_histogram(values: &[u64]) -> Vec<u64> {
+    let mut h = Vec::new();
+    for &v in values {
+        let i = (u64::BITS - v.max(1).leading_zeros() - 1) as usize;
+        if h.len() <= i {
+            h.resize(i + 1, 0);
+        }
+        h[i] += 1;
+    }
+    h
 }
 
 fn spawn<T: Send + 'static>(
@@ -1690,6 +1706,16 @@ pub(crate) fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_histogram_has_log2_buckets() {
+        assert_eq!(log2_histogram(&[]), Vec::<u64>::new());
+        // 0 and 1 → [1, 2); 2, 3 → [2, 4); 90 → [64, 128); 1000 → [512, 1024).
+        assert_eq!(
+            log2_histogram(&[0, 1, 2, 3, 90, 1000]),
+            vec![2, 2, 0, 0, 0, 0, 1, 0, 0, 1]
+        );
+    }
 
     #[test]
     fn runs_from_bitmap() {

@@ -61,6 +61,9 @@ pub struct FaultStats {
     /// Sum of the latencies: time vCPUs spent blocked on the source, µs.
     #[serde(default)]
     pub blocked_us: u64,
+    /// Latency histogram: entry i counts faults that took [2^i, 2^(i+1)) µs.
+    #[serde(default)]
+    pub histogram_us: Vec<u64>,
 }
 
 /// Delta compression of re-sent pages (the fields of QEMU's query-migrate

@@ -227,6 +227,9 @@ pub struct PostcopyReport {
     pub resume_to_last_us: u64,
     /// Sum of all fault latencies: the time vCPUs spent blocked on the source, µs.
     pub blocked_us: u64,
+    /// Fault latency histogram: entry i counts faults that took [2^i, 2^(i+1)) µs
+    /// (entry 0 also those under 1 µs); trailing empty entries are left out.
+    pub histogram_us: Vec<u64>,
 }
 
 impl Message {
@@ -501,6 +504,7 @@ mod tests {
                     demand: 1,
                     pushed: 2,
                     p99_us: 300,
+                    histogram_us: vec![0, 3, 1],
                     ..Default::default()
                 },
             },
