@@ -658,7 +658,8 @@ impl<'a> Sender<'a> {
             round: None,
             xbzrle: match job.snapshot().xbzrle.cache_size {
                 0 => None,
-                bytes => Some(xbzrle::Cache::new(bytes)),
+                // One slot per page of guest RAM at most: more would never be used.
+                bytes => Some(xbzrle::Cache::new(bytes.min(mem.pages() * PAGE_SIZE))),
             },
             staged: Vec::new(),
             deltas: Vec::new(),

@@ -7,8 +7,6 @@
 //! `varint same, varint diff, diff bytes` (a run of unchanged bytes, then a
 //! run of new bytes), covering exactly the 4096 bytes of the page.
 
-use std::collections::{HashMap, VecDeque};
-
 use vmm::memory::PAGE_SIZE;
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -100,49 +98,79 @@ pub fn decode(delta: &[u8], page: &mut [u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// What was last sent of each page, up to a byte budget (oldest entries go first).
+/// What was last sent of each page, up to a byte budget. Direct-mapped, as
+/// QEMU's: page `pfn` lives in slot `pfn % slots` and evicts only the page
+/// that held that slot, so a working set a little larger than the cache still
+/// mostly hits (with oldest-first eviction a sequential sweep of such a set
+/// would miss on every page). The slots are one allocation, touched lazily.
 pub struct Cache {
-    pages: HashMap<u64, Box<[u8]>>,
-    order: VecDeque<u64>,
-    capacity: usize,
+    /// The page each slot holds (`EMPTY`: none).
+    tags: Vec<u64>,
+    data: Box<[u8]>,
 }
 
+const EMPTY: u64 = u64::MAX;
+
 impl Cache {
-    /// A cache of `bytes` (whole pages).
+    /// A cache of `bytes` (whole pages). If the host cannot allocate it, the
+    /// cache has no slots (every page is sent whole) and a warning says so.
     pub fn new(bytes: u64) -> Cache {
-        Cache {
-            pages: HashMap::new(),
-            order: VecDeque::new(),
-            capacity: (bytes / PAGE_SIZE) as usize,
+        let slots = usize::try_from(bytes / PAGE_SIZE).unwrap_or(usize::MAX);
+        // Zeroed memory from the allocator: mapped on first write.
+        let data = slots
+            .checked_mul(PAGE)
+            .and_then(zeroed)
+            .filter(|d| d.len() == slots * PAGE);
+        match data {
+            Some(data) => Cache {
+                tags: vec![EMPTY; slots],
+                data,
+            },
+            None => {
+                tracing::warn!(bytes, "cannot allocate the XBZRLE cache: pages go whole");
+                Cache {
+                    tags: Vec::new(),
+                    data: Box::default(),
+                }
+            }
         }
+    }
+
+    fn slot(&self, pfn: u64) -> Option<usize> {
+        (!self.tags.is_empty()).then(|| (pfn % self.tags.len() as u64) as usize)
     }
 
     /// The previous content of `pfn`, if cached.
     pub fn get(&self, pfn: u64) -> Option<&[u8]> {
-        self.pages.get(&pfn).map(|b| &b[..])
+        let i = self.slot(pfn)?;
+        (self.tags[i] == pfn).then(|| &self.data[i * PAGE..(i + 1) * PAGE])
     }
 
     /// Records `data` as the content of `pfn` last sent.
     pub fn put(&mut self, pfn: u64, data: &[u8]) {
-        if self.capacity == 0 {
-            return;
+        if let Some(i) = self.slot(pfn) {
+            self.tags[i] = pfn;
+            self.data[i * PAGE..(i + 1) * PAGE].copy_from_slice(data);
         }
-        if let Some(b) = self.pages.get_mut(&pfn) {
-            b.copy_from_slice(data);
-            return;
+    }
+}
+
+/// `len` zeroed bytes, or None if the allocator refuses.
+fn zeroed(len: usize) -> Option<Box<[u8]>> {
+    // Not `vec![0; len]`: it aborts when the allocator refuses.
+    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
+    if len == 0 {
+        return Some(Box::default());
+    }
+    // SAFETY: `layout` has a non-zero size; a non-null result is `len`
+    // zeroed bytes owned by the returned box, allocated with the global
+    // allocator and the layout of a `[u8]` of that length.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout);
+        if p.is_null() {
+            return None;
         }
-        let buf = if self.pages.len() >= self.capacity {
-            // Reuse the oldest entry's buffer.
-            let old = self.order.pop_front();
-            old.and_then(|o| self.pages.remove(&o))
-                .unwrap_or_else(|| data.into())
-        } else {
-            data.into()
-        };
-        let mut buf = buf;
-        buf.copy_from_slice(data);
-        self.pages.insert(pfn, buf);
-        self.order.push_back(pfn);
+        Some(Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, len)))
     }
 }
 
@@ -199,5 +227,22 @@ mod tests {
         c.put(1, &vec![9; PAGE]);
         assert_eq!(c.get(1).unwrap()[0], 9);
         assert!(Cache::new(0).get(0).is_none());
+    }
+
+    #[test]
+    fn a_sweep_slightly_larger_than_the_cache_mostly_hits() {
+        let slots = 1000u64;
+        let mut c = Cache::new(slots * PAGE_SIZE);
+        let page = vec![1u8; PAGE];
+        for pfn in 0..slots + 10 {
+            c.put(pfn, &page);
+        }
+        let hits = (0..slots + 10).filter(|&p| c.get(p).is_some()).count() as u64;
+        // Only pages 0..10 lost their slots (to 1000..1010).
+        assert_eq!(hits, slots);
+        assert!(c.get(0).is_none() && c.get(10).is_some());
+        // A cache the host cannot hold has no slots instead of aborting.
+        let huge = Cache::new(u64::MAX / 2);
+        assert!(huge.get(0).is_none());
     }
 }
