@@ -68,12 +68,13 @@ def request(sock, obj):
 
 
 class Vm:
-    def __init__(self, d, tag, args, console=None):
+    def __init__(self, d, tag, args, console=None, prefix=()):
         self.sock = os.path.join(d, tag + ".sock")
         self.console = console or os.path.join(d, tag + ".console")
         self.log = open(os.path.join(d, tag + ".log"), "w")
         self.t0 = time.monotonic()
-        self.p = subprocess.Popen([MIGD, "run", *args, "--serial", self.console, "--control", self.sock],
+        # `prefix`: e.g. `ip netns exec NS` (paths.Path.prefix).
+        self.p = subprocess.Popen([*prefix, MIGD, "run", *args, "--serial", self.console, "--control", self.sock],
                                   stdout=subprocess.PIPE, stderr=self.log, text=True)
 
     def stop(self):
@@ -85,9 +86,9 @@ class Vm:
                 self.p.kill()
 
 
-def boot(d, tag, mem, cpus, workload, extra=()):
+def boot(d, tag, mem, cpus, workload, extra=(), prefix=()):
     return Vm(d, tag, ["--kernel", GUEST, "--cmdline", f"workload={workload}", "--memory", mem,
-                       "--cpus", str(cpus), *extra])
+                       "--cpus", str(cpus), *extra], prefix=prefix)
 
 
 def med(xs):
@@ -168,8 +169,13 @@ def tls_flags(d, host, peer):
             "--tls-key", os.path.join(certs, host + ".key"), "--tls-peer", peer]
 
 
-def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=False):
-    src = boot(d, tag + "s", mem, cpus, workload, tls_flags(d, "host-a", "host-b") if tls else [])
+def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=False, path=None):
+    """One migration between two `migd run` processes; `path` (paths.Path):
+    where each side runs and the destination's address (default loopback)."""
+    src_prefix, dst_prefix = (path.prefix("src"), path.prefix("dst")) if path else ((), ())
+    dst_ip = path.dst_ip if path else "127.0.0.1"
+    src = boot(d, tag + "s", mem, cpus, workload, tls_flags(d, "host-a", "host-b") if tls else [],
+               prefix=src_prefix)
     wait_path(src.sock)
     # The working set is written once before READY: the guest's memory is all there.
     wait_file(src.console, "WORKLOAD READY")
@@ -177,10 +183,10 @@ def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=Fa
     if paused:
         request(src.sock, {"cmd": "pause"})
     port = free_port()
-    dst = Vm(d, tag + "d", ["--incoming", f"127.0.0.1:{port}", "--memory", mem, "--cpus", str(cpus)]
-             + (tls_flags(d, "host-b", "host-a") if tls else []), console=src.console)
+    dst = Vm(d, tag + "d", ["--incoming", f"{dst_ip}:{port}", "--memory", mem, "--cpus", str(cpus)]
+             + (tls_flags(d, "host-b", "host-a") if tls else []), console=src.console, prefix=dst_prefix)
     wait_path(dst.sock)
-    req = {"cmd": "migrate", "to": f"127.0.0.1:{port}", "name": tag}
+    req = {"cmd": "migrate", "to": f"{dst_ip}:{port}", "name": tag}
     req.update(extra or {})
     request(src.sock, req)
     while True:

@@ -4,7 +4,11 @@ testguest.elf), memory, vCPUs and workload, migrated over loopback by each
 system in turn, case by case; prints one markdown table with medians
 (min-max) and the migd/QEMU ratio per figure.
 
-  scripts/bench/vs_qemu.py [--runs N] [--only SUBSTRING] [--install] [--json FILE]
+  scripts/bench/vs_qemu.py [--runs N] [--only SUBSTRING] [--path P] [--install] [--json FILE]
+
+--path: loopback (default), veth (two network namespaces joined by a veth
+pair) or veth:<rate> (the same shaped with tc tbf, e.g. veth:1gbit,
+veth:10gbit); the TCP throughput of the same path is measured in the run.
 
 --install: apt-get install qemu-system-x86 first (Debian; bookworm has 7.2).
 QEMU runs with KVM, `-cpu host,-arch-capabilities` (kvm-pvm refuses that MSR),
@@ -18,6 +22,7 @@ import json, os, socket, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
+import paths  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
 CAP = 128 << 20
@@ -55,28 +60,30 @@ class Qmp:
             # an event: skip
 
 
-def qemu(d, tag, mem, cpus, workload, console, incoming=None):
+def qemu(d, tag, mem, cpus, workload, console, incoming=None, prefix=(), ip="127.0.0.1"):
     qmp = os.path.join(d, tag + ".qmp")
-    args = [QEMU, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", mem, "-smp", str(cpus),
+    args = [*prefix, QEMU, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", mem, "-smp", str(cpus),
             "-kernel", bench.GUEST, "-append", f"workload={workload}", "-nodefaults", "-display", "none",
             "-monitor", "none", "-serial", f"file:{console}",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
             "-qmp", f"unix:{qmp},server=on,wait=off"]
     if incoming:
-        args += ["-incoming", f"tcp:127.0.0.1:{incoming}"]
+        args += ["-incoming", f"tcp:{ip}:{incoming}"]
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, tag + ".log"), "w"))
     return p, Qmp(qmp)
 
 
-def qemu_once(d, tag, mem, workload, cpus, mode, cap, paused=False):
+def qemu_once(d, tag, mem, workload, cpus, mode, cap, paused=False, path=None):
+    path = path or paths.Path("loopback")
     console = os.path.join(d, tag + ".console")
-    src, sq = qemu(d, tag + "s", mem, cpus, workload, console)
+    src, sq = qemu(d, tag + "s", mem, cpus, workload, console, prefix=path.prefix("src"))
     bench.wait_file(console, "WORKLOAD READY")
     bench.wait_file(console, "HEARTBEAT n=2")
     if paused:
         sq.cmd("stop")
     port = bench.free_port()
-    dst, dq = qemu(d, tag + "d", mem, cpus, workload, console + ".dst", incoming=port)
+    dst, dq = qemu(d, tag + "d", mem, cpus, workload, console + ".dst", incoming=port,
+                   prefix=path.prefix("dst"), ip=path.dst_ip)
     try:
         if mode in ("postcopy", "xbzrle"):
             cap_name = "postcopy-ram" if mode == "postcopy" else "xbzrle"
@@ -87,7 +94,7 @@ def qemu_once(d, tag, mem, workload, cpus, mode, cap, paused=False):
             sq.cmd("migrate-set-parameters", **{"xbzrle-cache-size": XBZRLE_CACHE})
         # QEMU's default cap is 128 MiB/s; "unlimited" means a cap far above the link.
         sq.cmd("migrate-set-parameters", **{"max-bandwidth": cap or (1 << 40), "downtime-limit": 300})
-        sq.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        sq.cmd("migrate", uri=f"tcp:{path.dst_ip}:{port}")
         if mode == "postcopy":
             time.sleep(0.05)
             sq.cmd("migrate-start-postcopy")
@@ -115,7 +122,18 @@ def main():
     if "--install" in sys.argv:
         subprocess.run(["apt-get", "install", "-y", "-qq", "qemu-system-x86"], check=True)
     bench.build()
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "migration", "--example", "limits"],
+                   cwd=bench.ROOT, check=True)
     lim = bench.limits()
+    path = paths.Path.make(sys.argv[sys.argv.index("--path") + 1] if "--path" in sys.argv else "loopback")
+    try:
+        run_cases(runs, lim, path)
+    finally:
+        path.close()
+
+
+def run_cases(runs, lim, path):
+    path_tcp = path.tcp_gbit()
     cases = [
         ("pre-copy, 1 GiB idle", "1G", "idle", 2, "precopy", None),
         ("pre-copy, 4 GiB idle", "4G", "idle", 2, "precopy", None),
@@ -144,8 +162,8 @@ def main():
                     req["xbzrle_cache"] = XBZRLE_CACHE
                 if cap:
                     req["max_bandwidth"] = cap
-                m.append(bench.migrate_once(d, f"m{i}r{k}", mem, wl, req, cpus=cpus, paused=paused))
-                q.append(qemu_once(d, f"q{i}r{k}", mem, wl, cpus, mode, cap, paused=paused))
+                m.append(bench.migrate_once(d, f"m{i}r{k}", mem, wl, req, cpus=cpus, paused=paused, path=path))
+                q.append(qemu_once(d, f"q{i}r{k}", mem, wl, cpus, mode, cap, paused=paused, path=path))
             mo = [r for r in m if r["status"] == "completed"]
             qo = [r for r in q if r["status"] == "completed"]
 
@@ -169,7 +187,8 @@ def main():
             rows.append(row)
             print(f"{name}: done", file=sys.stderr)
     print(f"## migd against QEMU {subprocess.run([QEMU, '--version'], capture_output=True, text=True).stdout.split(chr(10))[0]} "
-          f"(median (min-max) of {runs}; loopback TCP {lim['loopback_tcp_gbit_per_s']} Gbit/s, "
+          f"over {path.name} (median (min-max) of {runs}; TCP over that path {path_tcp} Gbit/s, "
+          f"loopback TCP {lim['loopback_tcp_gbit_per_s']} Gbit/s, "
           f"memcpy {lim['memcpy_gbytes_per_s']} GB/s in the same run)\n")
     keys = list(rows[0].keys())
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))

@@ -49,38 +49,71 @@ fn zero_scan_gbps() -> f64 {
     )
 }
 
-fn loopback_gbit() -> std::io::Result<f64> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let total: usize = 4 << 30;
-    let rx = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = l.accept()?;
-        let mut buf = vec![0u8; 4 << 20];
-        let mut got = 0;
-        while got < total {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            got += n;
+const TCP_TOTAL: usize = 4 << 30;
+
+/// Accepts one connection on `l` and reads it to the end (or `TCP_TOTAL`).
+fn sink(l: TcpListener) -> std::io::Result<()> {
+    let (mut s, _) = l.accept()?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut got = 0;
+    while got < TCP_TOTAL {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
         }
-        Ok(())
-    });
+        got += n;
+    }
+    Ok(())
+}
+
+/// Sends `TCP_TOTAL` bytes to `addr`: Gbit/s until the last write returns.
+fn send_gbit(addr: std::net::SocketAddr) -> std::io::Result<f64> {
     let mut s = TcpStream::connect(addr)?;
     let buf = vec![7u8; 4 << 20];
     let t = Instant::now();
     let mut sent = 0;
-    while sent < total {
+    while sent < TCP_TOTAL {
         s.write_all(&buf)?;
         sent += buf.len();
     }
     drop(s);
+    Ok(TCP_TOTAL as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9)
+}
+
+fn loopback_gbit() -> std::io::Result<f64> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let rx = std::thread::spawn(move || sink(l));
+    let gbit = send_gbit(addr)?;
     rx.join()
         .map_err(|_| std::io::Error::other("receiver panicked"))??;
-    Ok(total as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9)
+    Ok(gbit)
 }
 
 fn main() {
+    // Over another path (e.g. between two network namespaces): `limits
+    // tcp-sink ADDR:PORT` takes one connection (three, one per measurement);
+    // `limits tcp-send ADDR:PORT` prints the median Gbit/s of three.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, addr] = &args[..] {
+        let addr: std::net::SocketAddr = addr.parse().expect("ADDR:PORT");
+        match mode.as_str() {
+            "tcp-sink" => {
+                let l = TcpListener::bind(addr).expect("bind");
+                println!("listening");
+                for _ in 0..3 {
+                    let l = l.try_clone().expect("listener");
+                    sink(l).expect("receive");
+                }
+            }
+            "tcp-send" => {
+                let g = median((0..3).map(|_| send_gbit(addr).unwrap_or(0.0)).collect());
+                println!("{{\"tcp_gbit_per_s\": {g:.2}}}");
+            }
+            _ => panic!("usage: limits [tcp-sink|tcp-send ADDR:PORT]"),
+        }
+        return;
+    }
     let tcp = median((0..3).map(|_| loopback_gbit().unwrap_or(0.0)).collect());
     println!(
         "{{\"memcpy_gbytes_per_s\": {:.2}, \"zero_scan_gbytes_per_s\": {:.2}, \"loopback_tcp_gbit_per_s\": {:.2}}}",
