@@ -65,13 +65,9 @@ pub fn encode(old: &[u8], new: &[u8], limit: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Applies `delta` to `page` in place; an error names what is malformed and
-/// leaves `page` as it was.
-pub fn decode(delta: &[u8], page: &mut [u8]) -> Result<(), String> {
-    if page.len() != PAGE {
-        return Err(format!("page of {} bytes", page.len()));
-    }
-    // Check everything before changing anything.
+/// The runs of new bytes in `delta`, as (offset in the page, bytes), after
+/// checking that the delta is well formed and covers exactly one page.
+pub fn runs(delta: &[u8]) -> Result<Vec<(usize, &[u8])>, String> {
     let mut runs = Vec::new();
     let (mut at, mut pos) = (0usize, 0usize);
     while at < delta.len() {
@@ -87,13 +83,25 @@ pub fn decode(delta: &[u8], page: &mut [u8]) -> Result<(), String> {
             .and_then(|p| p.checked_add(diff))
             .filter(|&p| p <= PAGE)
             .ok_or("delta runs past the end of the page")?;
-        runs.push((pos - diff, data, diff));
+        if diff > 0 {
+            runs.push((pos - diff, &delta[data..at]));
+        }
     }
     if pos != PAGE {
         return Err(format!("delta covers {pos} of {PAGE} bytes"));
     }
-    for (p, d, n) in runs {
-        page[p..p + n].copy_from_slice(&delta[d..d + n]);
+    Ok(runs)
+}
+
+/// Applies `delta` to `page` in place; an error names what is malformed and
+/// leaves `page` as it was.
+pub fn decode(delta: &[u8], page: &mut [u8]) -> Result<(), String> {
+    if page.len() != PAGE {
+        return Err(format!("page of {} bytes", page.len()));
+    }
+    // Check everything before changing anything.
+    for (p, bytes) in runs(delta)? {
+        page[p..p + bytes.len()].copy_from_slice(bytes);
     }
     Ok(())
 }
