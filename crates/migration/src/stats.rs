@@ -93,6 +93,42 @@ impl XbzrleStats {
     }
 }
 
+/// General compression of page batches (`compress`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CompressionStats {
+    /// `none` or `zstd` (empty: none).
+    pub algorithm: String,
+    /// zstd level (0: none).
+    pub level: i32,
+    /// Page data handed to the compressor, bytes (pages × 4096).
+    pub raw_bytes: u64,
+    /// What that page data took on the wire, bytes (compressed payloads, or
+    /// the raw pages of a batch that did not shrink); frame heads not counted.
+    pub wire_bytes: u64,
+    /// raw_bytes / wire_bytes (0 before the first batch).
+    pub ratio: f64,
+    /// Batches that did not shrink and went raw.
+    pub raw_batches: u64,
+    /// Time spent compressing, ms.
+    pub compress_ms: f64,
+}
+
+impl CompressionStats {
+    /// Counts one batch of `raw` bytes that took `wire` bytes.
+    pub fn add(&mut self, raw: u64, wire: u64) {
+        self.raw_bytes += raw;
+        self.wire_bytes += wire;
+        if raw == wire {
+            self.raw_batches += 1;
+        }
+        self.ratio = if self.wire_bytes > 0 {
+            self.raw_bytes as f64 / self.wire_bytes as f64
+        } else {
+            0.0
+        };
+    }
+}
+
 /// Statistics of one migration, updated live.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct MigrationStats {
@@ -155,6 +191,9 @@ pub struct MigrationStats {
     /// Delta compression of re-sent pages.
     #[serde(default)]
     pub xbzrle: XbzrleStats,
+    /// General compression of page batches.
+    #[serde(default)]
+    pub compression: CompressionStats,
     /// Mode `auto`: what it chose and why.
     #[serde(default)]
     pub policy: String,
