@@ -385,3 +385,40 @@ fn zstd_compresses_compressible_pages_and_bad_values_are_refused() {
     b.console.assert_clean();
     assert_eq!(b.terminate(), 0);
 }
+
+#[test]
+fn reorder_skips_hot_pages_dirtied_again_before_their_turn() {
+    if !kvm_or_skip("reorder_skips_hot_pages_dirtied_again_before_their_turn") {
+        return;
+    }
+    // Half of the rewrites hit 10 % of the working set, the rest sweep the
+    // other 90 %: the hot pages are dirtied again within every round.
+    let dir = scratch("reorder");
+    let src = VmProcess::boot(&dir, "a", "workload=dirty:16:32 hot=10", "256M", 1);
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    console.wait_heartbeats(0, 1, Duration::from_secs(30));
+    let (stats, b) = hop(
+        &dir,
+        &src,
+        "reorder",
+        json!({"reorder": true, "max_downtime_ms": 50, "max_bandwidth": 32 << 20}),
+    );
+    src.request(json!({"cmd": "stop"}));
+    eprintln!(
+        "reorder: {} bytes, {} rounds, pages {}",
+        stats["bytes"],
+        stats["rounds"].as_array().unwrap().len(),
+        stats["pages"]
+    );
+    assert_eq!(stats["reorder"], true, "{stats}");
+    assert!(
+        stats["pages"]["skipped_redirtied"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    let before = b.console.last_heartbeat().unwrap_or(0);
+    b.console
+        .wait_heartbeats(before, 2, Duration::from_secs(30));
+    b.console.assert_clean();
+    assert_eq!(b.terminate(), 0);
+}

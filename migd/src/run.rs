@@ -642,6 +642,10 @@ fn start_migration(
             ))
         }
     };
+    params.reorder = req
+        .get("reorder")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     params.fault_channel = req
         .get("fault_channel")
         .and_then(|v| v.as_bool())

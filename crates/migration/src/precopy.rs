@@ -67,6 +67,10 @@ pub struct Params {
     /// General compression of page batches in the rounds and the stop-and-copy
     /// (needs the destination's capability `zstd`).
     pub compress: Compression,
+    /// Dynamic page transfer reordering (Svärd et al., CloudCom 2011): rounds
+    /// send rarely dirtied pages first and skip the hot tail's pages that the
+    /// dirty log shows dirtied again meanwhile.
+    pub reorder: bool,
     /// Mode `auto`: pre-copy while it can converge, post-copy when it cannot
     /// (decided after each round from the measured dirty rate and bandwidth).
     pub auto: bool,
@@ -95,6 +99,7 @@ impl Params {
             tls: None,
             xbzrle_cache: 0,
             compress: Compression::None,
+            reorder: false,
             auto: false,
             auto_converge: false,
             answer_timeout: Duration::from_secs(60),
@@ -483,6 +488,58 @@ pub(crate) fn expect_ready(rx: &mut Link) -> Result<()> {
     }
 }
 
+/// A round's pages in reorder mode: rarely dirtied pages first (ascending
+/// count of rounds that found them dirty, memfd order within a count). Before
+/// the hot tail (the pages dirtied in two rounds or more, at most the upper
+/// half), the dirty log is read again; the tail's pages it shows dirtied
+/// again are skipped: the next round sends them anyway. Everything that read
+/// found dirty goes into `carry`, ORed into the next round's set, so no page
+/// is lost. Returns the pages skipped.
+fn send_reordered(
+    vm: &Vm,
+    tx: &mut Sender<'_>,
+    todo: &[u64],
+    counts: &[u8],
+    carry: &mut [u64],
+) -> Result<u64> {
+    let count = |pfn: u64| counts.get(pfn as usize).copied().unwrap_or(u8::MAX);
+    let mut order = Vec::with_capacity(popcount(todo) as usize);
+    for_each_set(todo, |pfn| {
+        order.push(pfn);
+        Ok(())
+    })?;
+    // Stable: memfd order within one count keeps runs of pages together.
+    order.sort_by_key(|&pfn| count(pfn));
+    let hot = order.partition_point(|&pfn| count(pfn) < 2);
+    let split = hot.max(order.len() / 2);
+    for &pfn in &order[..split] {
+        tx.queue(pfn, true)?;
+    }
+    if split == order.len() {
+        return Ok(0);
+    }
+    let again = vm.take_dirty_bitmap()?;
+    for (c, a) in carry.iter_mut().zip(&again) {
+        *c |= *a;
+    }
+    let mut skipped = 0;
+    for &pfn in &order[split..] {
+        let (w, b) = ((pfn / 64) as usize, pfn % 64);
+        if again.get(w).is_some_and(|a| a & (1 << b) != 0) {
+            skipped += 1;
+        } else {
+            tx.queue(pfn, true)?;
+        }
+    }
+    tracing::debug!(
+        pages = order.len(),
+        tail = order.len() - split,
+        skipped,
+        "reordered round"
+    );
+    Ok(skipped)
+}
+
 /// True when the dirty set has stopped shrinking: each of the last two rounds
 /// left at least 90 % of the pages the round before it left. More rounds would
 /// only resend the same pages; stop-and-copy (or post-copy) is better.
@@ -680,6 +737,7 @@ pub(crate) fn open(
             });
         }
     }
+    job.update(|s| s.reorder = params.reorder);
     handshake::wait_prepared(&mut stream)?;
     job.update(|s| {
         s.setup_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -816,6 +874,15 @@ pub(crate) fn rounds(
             .collect()
     };
 
+    // Reorder: how many rounds found each page dirty, and the pages found
+    // dirty by the dirty log read inside a round (they belong to the next).
+    let mut counts: Vec<u8> = if params.reorder {
+        vec![0; pages as usize]
+    } else {
+        Vec::new()
+    };
+    let mut carry = vec![0u64; pages.div_ceil(64) as usize];
+
     // Round 0: every page that holds data (but the hot ones).
     let mut todo = cold(&data_pages(&ram, pages)?);
     let budget = (vm.config().memory as f64 * params.byte_budget_factor) as u64;
@@ -828,7 +895,12 @@ pub(crate) fn rounds(
         let b0 = tx.bytes;
         let s0 = job.snapshot().pages.sent;
         tx.round = Some(round);
-        for_each_set(&todo, |pfn| tx.queue(pfn, round > 0))?;
+        if params.reorder && round > 0 {
+            let skipped = send_reordered(vm, tx, &todo, &counts, &mut carry)?;
+            job.update(|s| s.pages.skipped_redirtied += skipped);
+        } else {
+            for_each_set(&todo, |pfn| tx.queue(pfn, round > 0))?;
+        }
         tx.flush()?;
         tx.round = None;
         tx.write_control(&Message::RoundEnd { round })?;
@@ -842,7 +914,19 @@ pub(crate) fn rounds(
                 0.5 * bandwidth + 0.5 * bw
             };
         }
-        todo = cold(&vm.take_dirty_bitmap()?);
+        let mut next = vm.take_dirty_bitmap()?;
+        for (n, c) in next.iter_mut().zip(carry.iter_mut()) {
+            *n |= std::mem::take(c);
+        }
+        todo = cold(&next);
+        if params.reorder {
+            for_each_set(&todo, |pfn| {
+                if let Some(c) = counts.get_mut(pfn as usize) {
+                    *c = c.saturating_add(1);
+                }
+                Ok(())
+            })?;
+        }
         let dirty = popcount(&todo);
         let dirty_bytes = dirty * PAGE_SIZE;
         let dirty_rate = if ms > 0.0 {

@@ -42,6 +42,11 @@ pub struct PageStats {
     /// Hybrid: pages found hot before round 0 and left to post-copy.
     #[serde(default)]
     pub deferred: u64,
+    /// Reorder: pages of a round's hot tail not sent because the dirty log,
+    /// read again before the tail, showed them dirtied again (they go in the
+    /// next round or the stop-and-copy).
+    #[serde(default)]
+    pub skipped_redirtied: u64,
 }
 
 /// Post-copy fault latency as the destination measured it (fault → page filled).
@@ -194,6 +199,9 @@ pub struct MigrationStats {
     /// General compression of page batches.
     #[serde(default)]
     pub compression: CompressionStats,
+    /// Dynamic page transfer reordering was on (`reorder`).
+    #[serde(default)]
+    pub reorder: bool,
     /// Mode `auto`: what it chose and why.
     #[serde(default)]
     pub policy: String,

@@ -110,6 +110,10 @@ pub enum Cmd {
         /// (zstd alone is level 1). Pays off on links slower than the CPU.
         #[arg(long, value_name = "ALGO[:LEVEL]", value_parser = parse_compress)]
         compress: Option<String>,
+        /// Pre-copy rounds send rarely dirtied pages first and skip hot pages
+        /// dirtied again before their turn (dynamic page transfer reordering).
+        #[arg(long)]
+        reorder: bool,
         /// Print the job id and return at once.
         #[arg(long)]
         detach: bool,

@@ -44,6 +44,9 @@ pub struct Job {
     /// Compression of page batches: none or zstd[:LEVEL] (None: none).
     #[serde(default)]
     pub compress: Option<String>,
+    /// Dynamic page transfer reordering in the pre-copy rounds.
+    #[serde(default)]
+    pub reorder: bool,
     /// setup, active, postcopy-active, postcopy-paused, completed, failed or cancelled.
     pub status: String,
     /// Unix seconds.
@@ -85,6 +88,8 @@ pub struct MigrateRequest {
     pub auto_converge: bool,
     #[serde(default)]
     pub compress: Option<String>,
+    #[serde(default)]
+    pub reorder: bool,
     #[serde(default)]
     pub detach: bool,
 }
@@ -258,6 +263,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             xbzrle_cache: req.xbzrle_cache,
             auto_converge: req.auto_converge,
             compress: req.compress.clone(),
+            reorder: req.reorder,
             status: "setup".into(),
             started: state::now(),
             ended: None,
@@ -285,6 +291,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             "xbzrle_cache": job.xbzrle_cache,
             "auto_converge": job.auto_converge,
             "compress": job.compress,
+            "reorder": job.reorder,
             "job": job.id,
         }),
         Duration::from_secs(10),
@@ -491,6 +498,7 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
             xbzrle_cache: None,
             auto_converge: false,
             compress: None,
+            reorder: false,
             status: status.clone(),
             started: state::now(),
             ended: None,

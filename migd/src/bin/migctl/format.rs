@@ -197,6 +197,16 @@ pub fn stats(st: &Value) -> String {
             opt(&p["resent"])
         ),
     );
+    if st["reorder"] == true {
+        kv(
+            &mut s,
+            "Reorder",
+            format!(
+                "{} hot pages skipped (dirtied again before their turn)",
+                opt(&st["pages"]["skipped_redirtied"])
+            ),
+        );
+    }
     let c = &st["compression"];
     if c["algorithm"] == "zstd" {
         kv(
