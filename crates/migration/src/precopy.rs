@@ -491,7 +491,7 @@ pub(crate) fn expect_ready(rx: &mut Link) -> Result<()> {
 /// A round's pages in reorder mode: rarely dirtied pages first (ascending
 /// count of rounds that found them dirty, memfd order within a count). Before
 /// the hot tail (the pages dirtied in two rounds or more, at most the upper
-/// half), the dirty log is read again; the tail's pages it shows dirtied
+/// half; the upper half when none is), the dirty log is read again; the tail's pages it shows dirtied
 /// again are skipped: the next round sends them anyway. Everything that read
 /// found dirty goes into `carry`, ORed into the next round's set, so no page
 /// is lost. Returns the pages skipped.
@@ -502,16 +502,7 @@ fn send_reordered(
     counts: &[u8],
     carry: &mut [u64],
 ) -> Result<u64> {
-    let count = |pfn: u64| counts.get(pfn as usize).copied().unwrap_or(u8::MAX);
-    let mut order = Vec::with_capacity(popcount(todo) as usize);
-    for_each_set(todo, |pfn| {
-        order.push(pfn);
-        Ok(())
-    })?;
-    // Stable: memfd order within one count keeps runs of pages together.
-    order.sort_by_key(|&pfn| count(pfn));
-    let hot = order.partition_point(|&pfn| count(pfn) < 2);
-    let split = hot.max(order.len() / 2);
+    let (order, split) = reorder_plan(todo, counts);
     for &pfn in &order[..split] {
         tx.queue(pfn, true)?;
     }
@@ -538,6 +529,27 @@ fn send_reordered(
         "reordered round"
     );
     Ok(skipped)
+}
+
+/// The pages of `todo` in ascending `counts` (memfd order within a count),
+/// and where the hot tail starts: at the first page dirtied in two rounds or
+/// more, but no earlier than half-way (half-way when no page is hot yet).
+fn reorder_plan(todo: &[u64], counts: &[u8]) -> (Vec<u64>, usize) {
+    let count = |pfn: u64| counts.get(pfn as usize).copied().unwrap_or(u8::MAX);
+    let mut order = Vec::with_capacity(popcount(todo) as usize);
+    let _ = for_each_set(todo, |pfn| {
+        order.push(pfn);
+        Ok(())
+    });
+    // Stable: memfd order within one count keeps runs of pages together.
+    order.sort_by_key(|&pfn| count(pfn));
+    let hot = order.partition_point(|&pfn| count(pfn) < 2);
+    let split = if hot == order.len() {
+        order.len() / 2
+    } else {
+        hot.max(order.len() / 2)
+    };
+    (order, split)
 }
 
 /// True when the dirty set has stopped shrinking: each of the last two rounds
@@ -1123,7 +1135,31 @@ pub(crate) fn expect_confirm(rx: &mut Link) -> std::result::Result<u64, String> 
 
 #[cfg(test)]
 mod tests {
-    use super::not_converging;
+    use super::{not_converging, reorder_plan};
+
+    #[test]
+    fn reorder_sends_rarely_dirtied_pages_first_and_splits_at_the_hot_tail() {
+        // Pages 0..8 and 64..66; counts: page 1 and 64 hot.
+        let todo = vec![0xff, 0b11];
+        let mut counts = vec![1u8; 128];
+        counts[1] = 5;
+        counts[64] = 2;
+        counts[3] = 0;
+        let (order, split) = reorder_plan(&todo, &counts);
+        assert_eq!(order, vec![3, 0, 2, 4, 5, 6, 7, 65, 64, 1]);
+        assert_eq!(split, 8, "the tail is the pages dirtied twice or more");
+        // No hot page: the tail is the upper half.
+        let (order, split) = reorder_plan(&todo, &[1; 128]);
+        assert_eq!(order, vec![0, 1, 2, 3, 4, 5, 6, 7, 64, 65]);
+        assert_eq!(split, 5);
+        // All hot: still only the upper half waits for the second look.
+        let (_, split) = reorder_plan(&todo, &[9; 128]);
+        assert_eq!(split, 5);
+        // A page beyond the counts sorts last; an empty round has no tail.
+        let (order, _) = reorder_plan(&[0b1, 0, 0b1], &[3; 10]);
+        assert_eq!(order, vec![0, 128]);
+        assert_eq!(reorder_plan(&[0, 0], &[]), (vec![], 0));
+    }
 
     #[test]
     fn convergence_rule() {
