@@ -489,12 +489,12 @@ pub(crate) fn expect_ready(rx: &mut Link) -> Result<()> {
 }
 
 /// A round's pages in reorder mode: rarely dirtied pages first (ascending
-/// count of rounds that found them dirty, memfd order within a count). Before
-/// the hot tail (the pages dirtied in two rounds or more, at most the upper
-/// half; the upper half when none is), the dirty log is read again; the tail's pages it shows dirtied
-/// again are skipped: the next round sends them anyway. Everything that read
-/// found dirty goes into `carry`, ORed into the next round's set, so no page
-/// is lost. Returns the pages skipped.
+/// count of rounds that found them dirty, memfd order within a count).
+/// Before the hot tail (the pages dirtied in two rounds or more, at most the
+/// upper half; the upper half when none is), the dirty log is read again; the
+/// tail's pages it shows dirtied again are skipped: the next round sends them
+/// anyway. Everything that read found dirty goes into `carry`, ORed into the
+/// next round's set, so no page is lost. Returns the pages skipped.
 fn send_reordered(
     vm: &Vm,
     tx: &mut Sender<'_>,
