@@ -354,6 +354,40 @@ fn zstd_compresses_compressible_pages_and_bad_values_are_refused() {
         assert_eq!(r["ok"], false, "{bad}: {r}");
         assert!(r["error"].as_str().unwrap().contains("zstd"), "{r}");
     }
+    // A destination whose Accept lacks the zstd capability (an older build):
+    // the migration fails before any page moves, saying why; the VM runs on.
+    let old = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = old.local_addr().unwrap().port();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = old.accept().unwrap();
+        assert!(matches!(
+            wire::read_frame(&mut s),
+            Ok(wire::Frame::Control(wire::Message::Hello { .. }))
+        ));
+        let caps = vec!["zero-ranges".to_string(), "precopy".to_string()];
+        wire::write_control(
+            &mut s,
+            &wire::Message::Accept {
+                version: wire::PROTOCOL_VERSION,
+                capabilities: caps,
+            },
+        )
+        .unwrap();
+        // Nothing else arrives: the source hangs up.
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+        rest.len()
+    });
+    let r = src.request(json!({"cmd": "migrate", "to": format!("127.0.0.1:{port}"),
+                               "name": "vm1", "compress": "zstd"}));
+    assert_eq!(r["ok"], true, "{r}");
+    let stats = src.wait_migration();
+    assert_eq!(stats["status"], "failed", "{stats}");
+    let e = stats["error"].as_str().unwrap();
+    assert!(e.contains("does not support zstd"), "{stats}");
+    assert_eq!(fake.join().unwrap(), 0, "no page after the Accept");
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
+
     let (stats, b) = hop(&dir, &src, "zstd", json!({"compress": "zstd:3"}));
     src.request(json!({"cmd": "stop"}));
     let c = &stats["compression"];
