@@ -734,7 +734,7 @@ pub(crate) fn open(
     // decode it fails the migration (before any page moves) rather than
     // silently sending several times the bytes the operator planned for.
     match params.compress {
-        Compression::None => {}
+        Compression::None => job.update(|s| s.compression.algorithm = "none".into()),
         Compression::Zstd { level } => {
             if !shared.iter().any(|c| c == "zstd") {
                 return Err(Error::Unsupported(format!(

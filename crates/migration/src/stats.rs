@@ -101,7 +101,7 @@ impl XbzrleStats {
 /// General compression of page batches (`compress`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct CompressionStats {
-    /// `none` or `zstd` (empty: none).
+    /// `none` or `zstd` (empty before the handshake).
     pub algorithm: String,
     /// zstd level (0: none).
     pub level: i32,

@@ -497,6 +497,11 @@ pub fn read_zbatch_head(r: &mut impl Read, len: usize) -> Result<ZBatch> {
     })
 }
 
+/// A zstd library failure (not a stream error): out of memory, a bad parameter.
+fn zstd_err(e: std::io::Error) -> WireError {
+    WireError::Compressed(format!("zstd: {e}"))
+}
+
 /// zstd compression of page batches, with a reused context.
 pub struct PageCompressor {
     ctx: zstd::bulk::Compressor<'static>,
@@ -514,7 +519,7 @@ impl PageCompressor {
             )));
         }
         Ok(PageCompressor {
-            ctx: zstd::bulk::Compressor::new(level)?,
+            ctx: zstd::bulk::Compressor::new(level).map_err(zstd_err)?,
             out: Vec::new(),
         })
     }
@@ -523,7 +528,9 @@ impl PageCompressor {
     pub fn compress(&mut self, raw: &[u8]) -> Result<&[u8]> {
         self.out.clear();
         self.out.reserve(zstd::zstd_safe::compress_bound(raw.len()));
-        self.ctx.compress_to_buffer(raw, &mut self.out)?;
+        self.ctx
+            .compress_to_buffer(raw, &mut self.out)
+            .map_err(zstd_err)?;
         Ok(&self.out)
     }
 }
@@ -537,7 +544,7 @@ impl PageDecompressor {
     /// A decompressor.
     pub fn new() -> Result<Self> {
         Ok(PageDecompressor {
-            ctx: zstd::bulk::Decompressor::new()?,
+            ctx: zstd::bulk::Decompressor::new().map_err(zstd_err)?,
         })
     }
 
