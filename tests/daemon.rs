@@ -513,7 +513,17 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     assert_eq!(b.ok(&["list", "--json"]).trim(), "[]");
     let n = console_a.wait_heartbeats(n, 1, Duration::from_secs(20));
 
-    let (code, out, err) = a.migctl(&["migrate", "mig1", "--to", &to, "--json"]);
+    // With the options plumbed through migctl, the daemon and the VM process.
+    let (code, out, err) = a.migctl(&[
+        "migrate",
+        "mig1",
+        "--to",
+        &to,
+        "--compress",
+        "zstd:2",
+        "--reorder",
+        "--json",
+    ]);
     assert_eq!(
         code,
         0,
@@ -524,8 +534,13 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     let stats: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(stats["outcome"], "completed", "{stats}");
     assert!(stats["bytes"].as_u64().unwrap() > 16 << 20, "{stats}");
+    assert_eq!(stats["compression"]["algorithm"], "zstd", "{stats}");
+    assert_eq!(stats["compression"]["level"], 2, "{stats}");
+    assert_eq!(stats["reorder"], true, "{stats}");
     let job = stats["id"].as_str().unwrap().to_string();
-    assert!(a.ok(&["job", &job]).contains("completed"));
+    let shown = a.ok(&["job", &job]);
+    assert!(shown.contains("completed"), "{shown}");
+    assert!(shown.contains("zstd:2"), "{shown}");
     // The source forgets the VM; the destination runs it.
     let end = Instant::now() + Duration::from_secs(15);
     while a.vm_dir("mig1").exists() {
