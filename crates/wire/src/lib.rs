@@ -502,6 +502,10 @@ fn zstd_err(e: std::io::Error) -> WireError {
     WireError::Compressed(format!("zstd: {e}"))
 }
 
+/// log2 of the largest batch (256 pages of 4 KiB): the zstd window a batch
+/// needs at most, whatever the level (zstd fits the window to the input).
+const MAX_BATCH_WINDOW_LOG: u32 = 20;
+
 /// zstd compression of page batches, with a reused context.
 pub struct PageCompressor {
     ctx: zstd::bulk::Compressor<'static>,
@@ -541,11 +545,15 @@ pub struct PageDecompressor {
 }
 
 impl PageDecompressor {
-    /// A decompressor.
+    /// A decompressor that refuses frames asking for a window larger than a
+    /// batch (1 MiB): no header can make it reserve more memory than that.
     pub fn new() -> Result<Self> {
-        Ok(PageDecompressor {
-            ctx: zstd::bulk::Decompressor::new().map_err(zstd_err)?,
-        })
+        let mut ctx = zstd::bulk::Decompressor::new().map_err(zstd_err)?;
+        ctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+            MAX_BATCH_WINDOW_LOG,
+        ))
+        .map_err(zstd_err)?;
+        Ok(PageDecompressor { ctx })
     }
 
     /// Decompresses `payload` into `out`, which must be exactly the batch's raw
@@ -795,6 +803,22 @@ mod tests {
         assert!(
             matches!(decode_frame(&zframe(&[8192], &noise)), Ok(Frame::Pages { data, .. }) if data == noise)
         );
+        // Every level, on a full batch, fits the decompressor's window limit.
+        let full = compressible(MAX_BATCH_PAGES);
+        let offsets: Vec<u64> = (0..MAX_BATCH_PAGES as u64).map(|i| i * 4096).collect();
+        for level in [1, 3, 9, 19] {
+            let payload = PageCompressor::new(level)
+                .unwrap()
+                .compress(&full)
+                .unwrap()
+                .to_vec();
+            let mut f = Vec::new();
+            write_zpages(&mut f, &offsets, &payload).unwrap();
+            assert!(
+                matches!(decode_frame(&f), Ok(Frame::Pages { data, .. }) if data == full),
+                "level {level}"
+            );
+        }
         assert!(PageCompressor::new(0).is_err());
         assert!(PageCompressor::new(20).is_err());
     }
