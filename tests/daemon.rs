@@ -146,6 +146,8 @@ fn daemon_api_rejects_bad_input_with_clear_errors() {
             b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"h:1\",\"max_downtime_ms\":0}",
             b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"h:1\",\"xbzrle_cache\":1125899906842624}",
             b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"h:1\",\"prepaging_window\":100000}",
+            b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"h:1\",\"compress\":\"zstd:0\"}",
+            b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"h:1\",\"compress\":\"lz5\"}",
             b"{\"cmd\":\"job\",\"id\":\"job999\"}",
             b"{\"cmd\":\"cancel\",\"id\":\"job999\"}",
             b"{\"cmd\":\"list\"}",
@@ -171,6 +173,8 @@ fn daemon_api_rejects_bad_input_with_clear_errors() {
         "max-downtime must be at least 1 ms",
         "larger than this host's memory",
         "prepaging-window must be at most 255 pages",
+        "bad compress value 'zstd:0'",
+        "bad compress value 'lz5'",
         "no job 'job999'",
         "no job 'job999'",
     ];
@@ -517,7 +521,17 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     assert_eq!(b.ok(&["list", "--json"]).trim(), "[]");
     let n = console_a.wait_heartbeats(n, 1, Duration::from_secs(20));
 
-    let (code, out, err) = a.migctl(&["migrate", "mig1", "--to", &to, "--json"]);
+    // With the options plumbed through migctl, the daemon and the VM process.
+    let (code, out, err) = a.migctl(&[
+        "migrate",
+        "mig1",
+        "--to",
+        &to,
+        "--compress",
+        "zstd:2",
+        "--reorder",
+        "--json",
+    ]);
     assert_eq!(
         code,
         0,
@@ -528,8 +542,13 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     let stats: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(stats["outcome"], "completed", "{stats}");
     assert!(stats["bytes"].as_u64().unwrap() > 16 << 20, "{stats}");
+    assert_eq!(stats["compression"]["algorithm"], "zstd", "{stats}");
+    assert_eq!(stats["compression"]["level"], 2, "{stats}");
+    assert_eq!(stats["reorder"], true, "{stats}");
     let job = stats["id"].as_str().unwrap().to_string();
-    assert!(a.ok(&["job", &job]).contains("completed"));
+    let shown = a.ok(&["job", &job]);
+    assert!(shown.contains("completed"), "{shown}");
+    assert!(shown.contains("zstd:2"), "{shown}");
     // The source forgets the VM; the destination runs it.
     let end = Instant::now() + Duration::from_secs(15);
     while a.vm_dir("mig1").exists() {

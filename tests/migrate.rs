@@ -318,3 +318,141 @@ fn auto_converge_throttles_until_pre_copy_converges() {
     b.console.assert_clean();
     assert_eq!(b.terminate(), 0);
 }
+
+#[test]
+fn zstd_compresses_compressible_pages_and_bad_values_are_refused() {
+    if !kvm_or_skip("zstd_compresses_compressible_pages_and_bad_values_are_refused") {
+        return;
+    }
+    // migctl refuses a bad value before it talks to any daemon.
+    for bad in ["zstd:0", "zstd:30", "lz5"] {
+        let out = std::process::Command::new(common::daemon::migctl_bin())
+            .args(["--socket", "/nonexistent/migd.sock", "migrate", "vm1"])
+            .args(["--to", "127.0.0.1:1", "--compress", bad])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad}: {err}");
+        assert!(err.contains("1..=19"), "{bad}: {err}");
+    }
+    // The working set's pages come from a four-word alphabet: zstd shrinks them.
+    let dir = scratch("zstd");
+    let src = VmProcess::boot(
+        &dir,
+        "a",
+        "workload=dirty:32:8 pattern=compressible",
+        "256M",
+        1,
+    );
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    console.wait_heartbeats(0, 1, Duration::from_secs(30));
+    // The VM process refuses bad values before anything moves.
+    for bad in [json!("zstd:0"), json!("zstd:30"), json!("lz5"), json!(3)] {
+        let r = src.request(json!({"cmd": "migrate", "to": "127.0.0.1:1", "name": "vm1",
+                                   "compress": bad}));
+        assert_eq!(r["ok"], false, "{bad}: {r}");
+        assert!(r["error"].as_str().unwrap().contains("zstd"), "{r}");
+    }
+    // A destination whose Accept lacks the zstd capability (an older build):
+    // the migration fails before any page moves, saying why; the VM runs on.
+    let old = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = old.local_addr().unwrap().port();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = old.accept().unwrap();
+        assert!(matches!(
+            wire::read_frame(&mut s),
+            Ok(wire::Frame::Control(wire::Message::Hello { .. }))
+        ));
+        let caps = vec!["zero-ranges".to_string(), "precopy".to_string()];
+        wire::write_control(
+            &mut s,
+            &wire::Message::Accept {
+                version: wire::PROTOCOL_VERSION,
+                capabilities: caps,
+            },
+        )
+        .unwrap();
+        // Nothing else arrives: the source hangs up.
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+        rest.len()
+    });
+    let r = src.request(json!({"cmd": "migrate", "to": format!("127.0.0.1:{port}"),
+                               "name": "vm1", "compress": "zstd"}));
+    assert_eq!(r["ok"], true, "{r}");
+    let stats = src.wait_migration();
+    assert_eq!(stats["status"], "failed", "{stats}");
+    let e = stats["error"].as_str().unwrap();
+    assert!(e.contains("does not support zstd"), "{stats}");
+    assert_eq!(fake.join().unwrap(), 0, "no page after the Accept");
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
+
+    let (stats, b) = hop(&dir, &src, "zstd", json!({"compress": "zstd:3"}));
+    src.request(json!({"cmd": "stop"}));
+    let c = &stats["compression"];
+    eprintln!("zstd:3: {} bytes on the wire, {c}", stats["bytes"]);
+    assert_eq!(c["algorithm"], "zstd", "{stats}");
+    assert_eq!(c["level"], 3, "{stats}");
+    let (raw, wire) = (
+        c["raw_bytes"].as_u64().unwrap(),
+        c["wire_bytes"].as_u64().unwrap(),
+    );
+    let sent = stats["pages"]["sent"].as_u64().unwrap();
+    assert_eq!(
+        raw,
+        sent * 4096,
+        "every page went through the compressor: {stats}"
+    );
+    assert!(
+        wire * 3 < raw,
+        "zstd shrank {raw} bytes only to {wire}: {stats}"
+    );
+    assert!(c["ratio"].as_f64().unwrap() > 3.0, "{stats}");
+    assert!(
+        stats["bytes"].as_u64().unwrap() * 3 < raw,
+        "bytes on the wire: {stats}"
+    );
+    let before = b.console.last_heartbeat().unwrap_or(0);
+    b.console
+        .wait_heartbeats(before, 2, Duration::from_secs(30));
+    b.console.assert_clean();
+    assert_eq!(b.terminate(), 0);
+}
+
+#[test]
+fn reorder_skips_hot_pages_dirtied_again_before_their_turn() {
+    if !kvm_or_skip("reorder_skips_hot_pages_dirtied_again_before_their_turn") {
+        return;
+    }
+    // Half of the rewrites hit 10 % of the working set, the rest sweep the
+    // other 90 %: the hot pages are dirtied again within every round.
+    let dir = scratch("reorder");
+    let src = VmProcess::boot(&dir, "a", "workload=dirty:16:32 hot=10", "256M", 1);
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    console.wait_heartbeats(0, 1, Duration::from_secs(30));
+    let (stats, b) = hop(
+        &dir,
+        &src,
+        "reorder",
+        json!({"reorder": true, "max_downtime_ms": 50, "max_bandwidth": 32 << 20}),
+    );
+    src.request(json!({"cmd": "stop"}));
+    eprintln!(
+        "reorder: {} bytes, {} rounds, pages {}",
+        stats["bytes"],
+        stats["rounds"].as_array().unwrap().len(),
+        stats["pages"]
+    );
+    assert_eq!(stats["reorder"], true, "{stats}");
+    assert!(
+        stats["pages"]["skipped_redirtied"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    let before = b.console.last_heartbeat().unwrap_or(0);
+    b.console
+        .wait_heartbeats(before, 2, Duration::from_secs(30));
+    b.console.assert_clean();
+    assert_eq!(b.terminate(), 0);
+}

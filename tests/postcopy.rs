@@ -374,6 +374,42 @@ fn hybrid_leaves_the_hot_working_set_to_post_copy() {
 }
 
 #[test]
+fn hybrid_with_zstd_and_reorder_compresses_the_rounds_only() {
+    if !kvm_or_skip("hybrid_with_zstd_and_reorder_compresses_the_rounds_only") {
+        return;
+    }
+    // The rounds send compressed batches in reordered rounds; after the
+    // switch the pages travel raw, and every expected page arrives once.
+    let stats = migrate_once(
+        "hybrid-zstd",
+        1,
+        "workload=dirty:32:8 pattern=compressible hot=10",
+        json!({"mode": "hybrid", "max_downtime_ms": 1, "postcopy_after_rounds": 3,
+               "max_bandwidth": 16 << 20, "compress": "zstd", "reorder": true}),
+        |_, _| {},
+    );
+    let c = &stats["compression"];
+    assert_eq!(c["algorithm"], "zstd", "{stats}");
+    assert_eq!(c["level"], 1, "{stats}");
+    assert!(c["ratio"].as_f64().unwrap() > 3.0, "{stats}");
+    assert_eq!(stats["reorder"], true, "{stats}");
+    let rounds = stats["rounds"].as_array().unwrap().len();
+    assert!((2..=3).contains(&rounds), "{stats}");
+    // Only the rounds' pages went through the compressor.
+    let round_pages: u64 = stats["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["pages"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        c["raw_bytes"].as_u64().unwrap(),
+        round_pages * 4096,
+        "{stats}"
+    );
+}
+
+#[test]
 fn auto_mode_switches_to_post_copy_when_pre_copy_cannot_converge() {
     if !kvm_or_skip("auto_mode_switches_to_post_copy_when_pre_copy_cannot_converge") {
         return;

@@ -633,6 +633,19 @@ fn start_migration(
         .get("xbzrle_cache")
         .and_then(|v| v.as_u64())
         .unwrap_or(0);
+    params.compress = match req.get("compress") {
+        None | Some(serde_json::Value::Null) => migration::compress::Compression::None,
+        Some(serde_json::Value::String(c)) => c.parse().map_err(|e| format!("{e}"))?,
+        Some(other) => {
+            return Err(format!(
+                "\"compress\" must be a string (none or zstd[:LEVEL]), got {other}"
+            ))
+        }
+    };
+    params.reorder = req
+        .get("reorder")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     params.fault_channel = req
         .get("fault_channel")
         .and_then(|v| v.as_bool())

@@ -9,7 +9,7 @@ use wire::{Message, VmDescriptor, MAGIC, PROTOCOL_VERSION};
 use crate::{Error, Result};
 
 /// Capabilities this build supports.
-pub const CAPABILITIES: &[&str] = &["zero-ranges", "precopy", "xbzrle"];
+pub const CAPABILITIES: &[&str] = &["zero-ranges", "precopy", "xbzrle", "zstd"];
 
 /// A Hello as the destination sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use vmm::memory::PAGE_SIZE;
 use vmm::{GuestRam, Vm, VmState};
-use wire::{Message, KIND_CONTROL};
+use wire::{Message, KIND_CONTROL, KIND_ZPAGES};
 
 use crate::memview::MemView;
 use crate::{io_err, Error, Result};
@@ -69,10 +69,30 @@ pub fn receive(
     let mut stats = IncomingStats::default();
     let mut expected_digest = None;
     let mut channel = None;
+    // Compressed batches (capability `zstd`): payload buffer and zstd context,
+    // made at the first one.
+    let mut zstd: Option<(wire::PageDecompressor, Vec<u8>)> = None;
     let state = loop {
         let h = wire::read_header(&mut r)?;
         tracing::trace!(kind = h.kind, len = h.body_len, "frame");
         round_start.get_or_insert((Instant::now(), stats.pages));
+        if h.kind == KIND_ZPAGES {
+            let z = wire::read_zbatch_head(&mut r, h.body_len)?;
+            let (dctx, payload) = match &mut zstd {
+                Some(z) => z,
+                None => zstd.insert((wire::PageDecompressor::new()?, Vec::new())),
+            };
+            payload.resize(z.payload_len, 0);
+            r.read_exact(payload).map_err(wire::WireError::from)?;
+            let mut batch = writer.buffer()?;
+            batch.data.resize(z.raw_len(), 0);
+            dctx.decompress(payload, &mut batch.data)?;
+            batch.offsets = z.offsets;
+            stats.pages += batch.offsets.len() as u64;
+            stats.bytes += payload.len() as u64;
+            writer.submit(batch)?;
+            continue;
+        }
         if h.kind != KIND_CONTROL {
             let mut batch = writer.buffer()?;
             batch.offsets = wire::read_batch_offsets(&mut r, h.body_len)?;

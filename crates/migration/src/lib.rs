@@ -14,8 +14,10 @@
 //! - [`lazy`]: lazy restore from a snapshot file (userfaultfd, working set first).
 //! - [`uffd`]: the userfaultfd wrapper shared by post-copy and lazy restore.
 //! - [`faults`]: test-only hooks that hold a migration at a phase (fault matrix).
+//! - [`compress`]: the `compress` option (zstd of page batches on slow links).
 //! - [`stats`]: statistics named after QEMU's `query-migrate` where they overlap.
 
+pub mod compress;
 pub mod faults;
 pub mod handshake;
 pub mod incoming;
@@ -63,6 +65,9 @@ pub enum Error {
     /// A send made no progress for this many seconds: the peer stopped reading.
     #[error("the destination stopped reading: no progress sending for {0} s")]
     Stalled(u64),
+    /// The destination lacks a capability the operator asked for.
+    #[error("the destination does not support {0}")]
+    Unsupported(String),
     /// Setting up the (TLS) link failed.
     #[error(transparent)]
     Link(#[from] link::LinkError),

@@ -584,7 +584,7 @@ fn run(
     let ram = vm.ram().clone();
     let mem = MemView::new(&ram);
     let pages = mem.pages();
-    let mut tx = Sender::new(stream.try_clone().map_err(io_err("socket"))?, &mem, job);
+    let mut tx = Sender::negotiated(stream.try_clone().map_err(io_err("socket"))?, &mem, job)?;
     job.update(|s| {
         s.prepaging_window = params.prepaging_window;
         s.fault_channel = params.fault_channel;
@@ -650,6 +650,9 @@ fn run(
         vm.take_dirty_bitmap()?;
         precopy::data_pages(&ram, pages)?
     };
+    // Post-copy pages travel raw: a fault waits for its page, and the
+    // destination's fault path takes only raw batches.
+    tx.zstd = None;
     // The fault channel: the destination connects back to us, so that it works
     // the same whoever accepted the main connection (`--incoming` or a daemon).
     // Without one, `UrgentListen` says port 0.
@@ -1127,6 +1130,11 @@ impl Dest {
                         )))
                     }
                 }
+            }
+            if h.kind == wire::KIND_ZPAGES {
+                return Err(Error::Protocol(
+                    "compressed page batch during post-copy (post-copy pages travel raw)".into(),
+                ));
             }
             let offsets = wire::read_batch_offsets(r, h.body_len)?;
             if urgent {

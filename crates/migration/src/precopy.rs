@@ -20,6 +20,7 @@ use vmm::memory::{is_zero_page, PAGE_SIZE};
 use vmm::Vm;
 use wire::{Message, MAX_BATCH_PAGES};
 
+use crate::compress::Compression;
 use crate::faults::{self, Hold, Phase};
 use crate::memview::MemView;
 use crate::stats::{DowntimePhases, MigrationStats, RoundStats};
@@ -63,6 +64,13 @@ pub struct Params {
     /// Auto-converge: throttle the vCPUs step by step while the rounds do not
     /// catch up (an alternative to switching to post-copy).
     pub auto_converge: bool,
+    /// General compression of page batches in the rounds and the stop-and-copy
+    /// (needs the destination's capability `zstd`).
+    pub compress: Compression,
+    /// Dynamic page transfer reordering (Svärd et al., CloudCom 2011): rounds
+    /// send rarely dirtied pages first and skip the hot tail's pages that the
+    /// dirty log shows dirtied again meanwhile.
+    pub reorder: bool,
     /// Mode `auto`: pre-copy while it can converge, post-copy when it cannot
     /// (decided after each round from the measured dirty rate and bandwidth).
     pub auto: bool,
@@ -90,6 +98,8 @@ impl Params {
             fault_channel: true,
             tls: None,
             xbzrle_cache: 0,
+            compress: Compression::None,
+            reorder: false,
             auto: false,
             auto_converge: false,
             answer_timeout: Duration::from_secs(60),
@@ -277,6 +287,11 @@ pub(crate) struct Sender<'a> {
     /// XBZRLE: deltas queued, (memfd offset, delta), and their size.
     deltas: Vec<(u64, Vec<u8>)>,
     delta_bytes: usize,
+    /// General compression of page batches, when negotiated and asked for
+    /// (None: raw pages, as before; post-copy turns it off).
+    pub(crate) zstd: Option<wire::PageCompressor>,
+    /// zstd: the batch's pages, copied together for the compressor.
+    zraw: Vec<u8>,
 }
 
 impl<'a> Sender<'a> {
@@ -381,10 +396,41 @@ impl<'a> Sender<'a> {
         } else {
             offsets.iter().filter_map(|&o| self.mem.page(o)).collect()
         };
-        wire::write_pages(&mut self.stream, &offsets, &pages).map_err(stalled)?;
-        self.staged.clear();
         let n = offsets.len() as u64;
-        self.bytes += 9 + n * (8 + PAGE_SIZE);
+        let frame_bytes = match &mut self.zstd {
+            Some(z) => {
+                // One copy of the pages: what is compressed is what the guest
+                // held at this moment (a later write is in the dirty log).
+                let t = Instant::now();
+                self.zraw.clear();
+                for p in &pages {
+                    self.zraw.extend_from_slice(p);
+                }
+                let payload = z.compress(&self.zraw)?;
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                let raw = self.zraw.len() as u64;
+                let (bytes, wire) = if (payload.len() as u64) < raw {
+                    let b =
+                        wire::write_zpages(&mut self.stream, &offsets, payload).map_err(stalled)?;
+                    (b, payload.len() as u64)
+                } else {
+                    // It did not shrink: raw is as small and saves the destination work.
+                    wire::write_pages(&mut self.stream, &offsets, &pages).map_err(stalled)?;
+                    (9 + n * (8 + PAGE_SIZE), raw)
+                };
+                self.job.update(|s| {
+                    s.compression.add(raw, wire);
+                    s.compression.compress_ms += ms;
+                });
+                bytes
+            }
+            None => {
+                wire::write_pages(&mut self.stream, &offsets, &pages).map_err(stalled)?;
+                9 + n * (8 + PAGE_SIZE)
+            }
+        };
+        self.staged.clear();
+        self.bytes += frame_bytes;
         let mut resent = 0;
         for &o in &offsets {
             let pfn = (o / PAGE_SIZE) as usize;
@@ -401,7 +447,7 @@ impl<'a> Sender<'a> {
             s.bytes = bytes;
         });
         if self.throttle {
-            self.job.pace(&mut self.next, 9 + n * (8 + PAGE_SIZE));
+            self.job.pace(&mut self.next, frame_bytes);
         }
         if let Some(k) = self.round {
             faults::hold(self.job, Phase::Round(k));
@@ -440,6 +486,70 @@ pub(crate) fn expect_ready(rx: &mut Link) -> Result<()> {
             other.name()
         ))),
     }
+}
+
+/// A round's pages in reorder mode: rarely dirtied pages first (ascending
+/// count of rounds that found them dirty, memfd order within a count).
+/// Before the hot tail (the pages dirtied in two rounds or more, at most the
+/// upper half; the upper half when none is), the dirty log is read again; the
+/// tail's pages it shows dirtied again are skipped: the next round sends them
+/// anyway. Everything that read found dirty goes into `carry`, ORed into the
+/// next round's set, so no page is lost. Returns the pages skipped.
+fn send_reordered(
+    vm: &Vm,
+    tx: &mut Sender<'_>,
+    todo: &[u64],
+    counts: &[u8],
+    carry: &mut [u64],
+) -> Result<u64> {
+    let (order, split) = reorder_plan(todo, counts);
+    for &pfn in &order[..split] {
+        tx.queue(pfn, true)?;
+    }
+    if split == order.len() {
+        return Ok(0);
+    }
+    let again = vm.take_dirty_bitmap()?;
+    for (c, a) in carry.iter_mut().zip(&again) {
+        *c |= *a;
+    }
+    let mut skipped = 0;
+    for &pfn in &order[split..] {
+        let (w, b) = ((pfn / 64) as usize, pfn % 64);
+        if again.get(w).is_some_and(|a| a & (1 << b) != 0) {
+            skipped += 1;
+        } else {
+            tx.queue(pfn, true)?;
+        }
+    }
+    tracing::debug!(
+        pages = order.len(),
+        tail = order.len() - split,
+        skipped,
+        "reordered round"
+    );
+    Ok(skipped)
+}
+
+/// The pages of `todo` in ascending `counts` (memfd order within a count),
+/// and where the hot tail starts: at the first page dirtied in two rounds or
+/// more, but no earlier than half-way (half-way when no page is hot yet).
+fn reorder_plan(todo: &[u64], counts: &[u8]) -> (Vec<u64>, usize) {
+    let count = |pfn: u64| counts.get(pfn as usize).copied().unwrap_or(u8::MAX);
+    let mut order = Vec::with_capacity(popcount(todo) as usize);
+    let _ = for_each_set(todo, |pfn| {
+        order.push(pfn);
+        Ok(())
+    });
+    // Stable: memfd order within one count keeps runs of pages together.
+    order.sort_by_key(|&pfn| count(pfn));
+    let hot = order.partition_point(|&pfn| count(pfn) < 2);
+    let split = if hot == order.len() {
+        order.len() / 2
+    } else {
+        hot.max(order.len() / 2)
+    };
+    (order, split)
 }
 
 /// True when the dirty set has stopped shrinking: each of the last two rounds
@@ -620,6 +730,26 @@ pub(crate) fn open(
     if params.xbzrle_cache > 0 && shared.iter().any(|c| c == "xbzrle") {
         job.update(|s| s.xbzrle.cache_size = params.xbzrle_cache);
     }
+    // General compression was asked for explicitly: a destination that cannot
+    // decode it fails the migration (before any page moves) rather than
+    // silently sending several times the bytes the operator planned for.
+    match params.compress {
+        Compression::None => job.update(|s| s.compression.algorithm = "none".into()),
+        Compression::Zstd { level } => {
+            if !shared.iter().any(|c| c == "zstd") {
+                return Err(Error::Unsupported(format!(
+                    "zstd compression (capability zstd missing); migrate without compress \
+                     or upgrade the destination (asked for {})",
+                    params.compress
+                )));
+            }
+            job.update(|s| {
+                s.compression.algorithm = "zstd".into();
+                s.compression.level = level;
+            });
+        }
+    }
+    job.update(|s| s.reorder = params.reorder);
     handshake::wait_prepared(&mut stream)?;
     job.update(|s| {
         s.setup_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -664,7 +794,20 @@ impl<'a> Sender<'a> {
             staged: Vec::new(),
             deltas: Vec::new(),
             delta_bytes: 0,
+            zstd: None,
+            zraw: Vec::new(),
         }
+    }
+
+    /// A sender that compresses page batches as `open` negotiated (see
+    /// [`Sender::new`]).
+    pub(crate) fn negotiated(stream: Link, mem: &'a MemView, job: &'a Job) -> Result<Self> {
+        let mut tx = Sender::new(stream, mem, job);
+        let c = job.snapshot().compression;
+        if c.algorithm == "zstd" {
+            tx.zstd = Some(wire::PageCompressor::new(c.level)?);
+        }
+        Ok(tx)
     }
 }
 
@@ -678,7 +821,7 @@ fn run(
     let stream = open(vm, params, job, start, "precopy")?;
     let ram = vm.ram().clone();
     let mem = MemView::new(&ram);
-    let mut tx = Sender::new(stream.try_clone().map_err(io_err("socket"))?, &mem, job);
+    let mut tx = Sender::negotiated(stream.try_clone().map_err(io_err("socket"))?, &mem, job)?;
     let (mut todo, round) = rounds(vm, params, job, &mut tx, params.max_rounds, false)?;
 
     // Stop-and-copy.
@@ -744,6 +887,15 @@ pub(crate) fn rounds(
             .collect()
     };
 
+    // Reorder: how many rounds found each page dirty, and the pages found
+    // dirty by the dirty log read inside a round (they belong to the next).
+    let mut counts: Vec<u8> = if params.reorder {
+        vec![0; pages as usize]
+    } else {
+        Vec::new()
+    };
+    let mut carry = vec![0u64; pages.div_ceil(64) as usize];
+
     // Round 0: every page that holds data (but the hot ones).
     let mut todo = cold(&data_pages(&ram, pages)?);
     let budget = (vm.config().memory as f64 * params.byte_budget_factor) as u64;
@@ -756,7 +908,12 @@ pub(crate) fn rounds(
         let b0 = tx.bytes;
         let s0 = job.snapshot().pages.sent;
         tx.round = Some(round);
-        for_each_set(&todo, |pfn| tx.queue(pfn, round > 0))?;
+        if params.reorder && round > 0 {
+            let skipped = send_reordered(vm, tx, &todo, &counts, &mut carry)?;
+            job.update(|s| s.pages.skipped_redirtied += skipped);
+        } else {
+            for_each_set(&todo, |pfn| tx.queue(pfn, round > 0))?;
+        }
         tx.flush()?;
         tx.round = None;
         tx.write_control(&Message::RoundEnd { round })?;
@@ -770,7 +927,19 @@ pub(crate) fn rounds(
                 0.5 * bandwidth + 0.5 * bw
             };
         }
-        todo = cold(&vm.take_dirty_bitmap()?);
+        let mut next = vm.take_dirty_bitmap()?;
+        for (n, c) in next.iter_mut().zip(carry.iter_mut()) {
+            *n |= std::mem::take(c);
+        }
+        todo = cold(&next);
+        if params.reorder {
+            for_each_set(&todo, |pfn| {
+                if let Some(c) = counts.get_mut(pfn as usize) {
+                    *c = c.saturating_add(1);
+                }
+                Ok(())
+            })?;
+        }
         let dirty = popcount(&todo);
         let dirty_bytes = dirty * PAGE_SIZE;
         let dirty_rate = if ms > 0.0 {
@@ -787,8 +956,14 @@ pub(crate) fn rounds(
             } else {
                 0
             };
+        // The bandwidth is measured in wire bytes: with compression, the
+        // pending pages take what the batches so far shrank to.
+        let ratio = match &tx.zstd {
+            Some(_) => job.snapshot().compression.ratio.max(1.0),
+            None => 1.0,
+        };
         let expected_ms = if bandwidth > 0.0 {
-            pending as f64 / bandwidth * 1e3
+            pending as f64 / ratio / bandwidth * 1e3
         } else if pending <= 64 * PAGE_SIZE {
             0.0
         } else {
@@ -961,7 +1136,31 @@ pub(crate) fn expect_confirm(rx: &mut Link) -> std::result::Result<u64, String> 
 
 #[cfg(test)]
 mod tests {
-    use super::not_converging;
+    use super::{not_converging, reorder_plan};
+
+    #[test]
+    fn reorder_sends_rarely_dirtied_pages_first_and_splits_at_the_hot_tail() {
+        // Pages 0..8 and 64..66; counts: page 1 and 64 hot.
+        let todo = vec![0xff, 0b11];
+        let mut counts = vec![1u8; 128];
+        counts[1] = 5;
+        counts[64] = 2;
+        counts[3] = 0;
+        let (order, split) = reorder_plan(&todo, &counts);
+        assert_eq!(order, vec![3, 0, 2, 4, 5, 6, 7, 65, 64, 1]);
+        assert_eq!(split, 8, "the tail is the pages dirtied twice or more");
+        // No hot page: the tail is the upper half.
+        let (order, split) = reorder_plan(&todo, &[1; 128]);
+        assert_eq!(order, vec![0, 1, 2, 3, 4, 5, 6, 7, 64, 65]);
+        assert_eq!(split, 5);
+        // All hot: still only the upper half waits for the second look.
+        let (_, split) = reorder_plan(&todo, &[9; 128]);
+        assert_eq!(split, 5);
+        // A page beyond the counts sorts last; an empty round has no tail.
+        let (order, _) = reorder_plan(&[0b1, 0, 0b1], &[3; 10]);
+        assert_eq!(order, vec![0, 128]);
+        assert_eq!(reorder_plan(&[0, 0], &[]), (vec![], 0));
+    }
 
     #[test]
     fn convergence_rule() {

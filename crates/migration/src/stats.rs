@@ -42,6 +42,11 @@ pub struct PageStats {
     /// Hybrid: pages found hot before round 0 and left to post-copy.
     #[serde(default)]
     pub deferred: u64,
+    /// Reorder: pages of a round's hot tail not sent because the dirty log,
+    /// read again before the tail, showed them dirtied again (they go in the
+    /// next round or the stop-and-copy).
+    #[serde(default)]
+    pub skipped_redirtied: u64,
 }
 
 /// Post-copy fault latency as the destination measured it (fault → page filled).
@@ -90,6 +95,42 @@ impl XbzrleStats {
         let all = self.pages + self.cache_miss + self.overflow;
         self.hit_rate = if all > 0 {
             self.pages as f64 / all as f64
+        } else {
+            0.0
+        };
+    }
+}
+
+/// General compression of page batches (`compress`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CompressionStats {
+    /// `none` or `zstd` (empty before the handshake).
+    pub algorithm: String,
+    /// zstd level (0: none).
+    pub level: i32,
+    /// Page data handed to the compressor, bytes (pages × 4096).
+    pub raw_bytes: u64,
+    /// What that page data took on the wire, bytes (compressed payloads, or
+    /// the raw pages of a batch that did not shrink); frame heads not counted.
+    pub wire_bytes: u64,
+    /// raw_bytes / wire_bytes (0 before the first batch).
+    pub ratio: f64,
+    /// Batches that did not shrink and went raw.
+    pub raw_batches: u64,
+    /// Time spent compressing, ms.
+    pub compress_ms: f64,
+}
+
+impl CompressionStats {
+    /// Counts one batch of `raw` bytes that took `wire` bytes.
+    pub fn add(&mut self, raw: u64, wire: u64) {
+        self.raw_bytes += raw;
+        self.wire_bytes += wire;
+        if raw == wire {
+            self.raw_batches += 1;
+        }
+        self.ratio = if self.wire_bytes > 0 {
+            self.raw_bytes as f64 / self.wire_bytes as f64
         } else {
             0.0
         };
@@ -158,6 +199,12 @@ pub struct MigrationStats {
     /// Delta compression of re-sent pages.
     #[serde(default)]
     pub xbzrle: XbzrleStats,
+    /// General compression of page batches.
+    #[serde(default)]
+    pub compression: CompressionStats,
+    /// Dynamic page transfer reordering was on (`reorder`).
+    #[serde(default)]
+    pub reorder: bool,
     /// Mode `auto`: what it chose and why.
     #[serde(default)]
     pub policy: String,

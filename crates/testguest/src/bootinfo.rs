@@ -198,6 +198,10 @@ pub struct Config {
     pub runtime_s: Option<u64>,
     /// `selftest=<kind>[@cpu]`.
     pub selftest: Option<(SelfTest, usize)>,
+    /// `pattern=compressible`: page bodies zstd can shrink (default `sequence`).
+    pub compressible: bool,
+    /// `hot=<pct>` (1..=99): that share of each slice gets half of the rewrites.
+    pub hot_pct: u64,
 }
 
 fn num(s: &str) -> Option<u64> {
@@ -220,6 +224,8 @@ impl Config {
             tsc_khz: None,
             runtime_s: None,
             selftest: None,
+            compressible: false,
+            hot_pct: 0,
         };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, val)) = word.split_once('=') else {
@@ -262,6 +268,18 @@ impl Config {
                 }
                 "tsc_khz" => c.tsc_khz = Some(num(val).filter(|&k| k > 0).unwrap_or_else(|| bad())),
                 "runtime" => c.runtime_s = Some(num(val).unwrap_or_else(|| bad())),
+                "pattern" => {
+                    c.compressible = match val {
+                        "sequence" => false,
+                        "compressible" => true,
+                        _ => bad(),
+                    }
+                }
+                "hot" => {
+                    c.hot_pct = num(val)
+                        .filter(|p| (1..=99).contains(p))
+                        .unwrap_or_else(|| bad())
+                }
                 "selftest" => {
                     let (kind, cpu) = match val.split_once('@') {
                         Some((k, n)) => (k, num(n).unwrap_or_else(|| bad()) as usize),

@@ -244,6 +244,8 @@ fn boot_cpu_main() -> ! {
         bus_khz,
         selftest: cfg.selftest,
         runtime_s: cfg.runtime_s,
+        compressible: cfg.compressible,
+        hot_pct: cfg.hot_pct,
     });
 
     // Start the APs one at a time: INIT, 10 ms, SIPI, 200 us, SIPI; the

@@ -8,6 +8,13 @@
 //! memory (one u32 per page); a page is only checked against the table by the
 //! CPU that writes it, so the check is exact. The writer verifies each page
 //! before rewriting it, so a rewrite never hides a corrupted page.
+//!
+//! With `pattern=compressible`, word `w` (1..512) is instead one of four
+//! values `seed(i, b) + k * STEP` (k in 1..=4), k chosen by an LCG seeded
+//! from the same seed: still exact, but zstd shrinks a page several times.
+//! With `hot=<pct>`, every other rewrite goes to the first `pct` % of each
+//! CPU's slice (a hot region rewritten over and over) and the others sweep
+//! the rest slowly.
 
 use crate::boot::{KCPU, MAX_CPUS};
 use crate::bootinfo::{Mode, SelfTest};
@@ -23,6 +30,9 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub const PAGE: u64 = 4096;
 const WORDS: usize = (PAGE / 8) as usize;
 const STEP: u64 = 0x9e37_79b9_7f4a_7c15;
+/// LCG choosing the words of compressible pages (Knuth's MMIX constants).
+const LCG_MUL: u64 = 6_364_136_223_846_793_005;
+const LCG_ADD: u64 = 1_442_695_040_888_963_407;
 /// Pages per CPU for `workload=idle`.
 pub const IDLE_PAGES: u64 = 16;
 /// Pages written per loop iteration while filling.
@@ -59,6 +69,10 @@ pub struct Plan {
     pub selftest: Option<(SelfTest, usize)>,
     /// Power off after this many seconds.
     pub runtime_s: Option<u64>,
+    /// `pattern=compressible`: page bodies from a four-word alphabet.
+    pub compressible: bool,
+    /// `hot=<pct>`: share of each slice that gets half of the rewrites (0: none).
+    pub hot_pct: u64,
 }
 
 struct PlanCell(UnsafeCell<Option<Plan>>);
@@ -126,12 +140,36 @@ fn seed(index: u64, body_gen: u32) -> u64 {
     mix(index ^ (body_gen as u64) << 40 ^ 0x7465_7374_6775_6573)
 }
 
-/// Expected value of word `w` of page `index` at generation `generation`.
-fn expected(index: u64, generation: u32, body_gen: u32, w: usize) -> u64 {
-    if w == 0 {
-        header(index, generation)
-    } else {
-        seed(index, body_gen).wrapping_add(STEP.wrapping_mul(w as u64))
+/// The body words of a page (words 1..512), in order.
+struct Body {
+    seed: u64,
+    v: u64,
+    lcg: u64,
+    compressible: bool,
+}
+
+impl Body {
+    fn new(index: u64, body_gen: u32, compressible: bool) -> Body {
+        let seed = seed(index, body_gen);
+        Body {
+            seed,
+            v: seed,
+            lcg: seed,
+            compressible,
+        }
+    }
+
+    /// The next body word.
+    #[inline(always)]
+    fn next_word(&mut self) -> u64 {
+        if self.compressible {
+            self.lcg = self.lcg.wrapping_mul(LCG_MUL).wrapping_add(LCG_ADD);
+            self.seed
+                .wrapping_add(STEP.wrapping_mul(1 + (self.lcg >> 62)))
+        } else {
+            self.v = self.v.wrapping_add(STEP);
+            self.v
+        }
     }
 }
 
@@ -144,6 +182,7 @@ struct Slice {
     base: *mut u64,
     gens: *mut u32,
     sparse: bool,
+    compressible: bool,
 }
 
 impl Slice {
@@ -156,6 +195,7 @@ impl Slice {
             base: (p.ws_base + first * PAGE) as *mut u64,
             gens: (p.gens_base + first * 4) as *mut u32,
             sparse: p.mode == Mode::Sparse,
+            compressible: p.compressible,
         }
     }
 
@@ -182,11 +222,10 @@ impl Slice {
     fn write_full(&self, i: u64, generation: u32) {
         let p = self.page(i);
         let index = self.first + i;
-        let mut v = seed(index, self.body_gen(generation));
+        let mut body = Body::new(index, self.body_gen(generation), self.compressible);
         for w in 1..WORDS {
-            v = v.wrapping_add(STEP);
             // SAFETY: w < 512 words of page i.
-            unsafe { write_volatile(p.add(w), v) };
+            unsafe { write_volatile(p.add(w), body.next_word()) };
         }
         // SAFETY: word 0 of page i.
         unsafe { write_volatile(p, header(index, generation)) };
@@ -216,21 +255,25 @@ impl Slice {
         let body = self.body_gen(generation);
         // SAFETY: word 0 of page i.
         let mut diff = unsafe { read_volatile(p) } ^ header(index, generation);
-        let mut v = seed(index, body);
+        let mut words = Body::new(index, body, self.compressible);
         for w in 1..WORDS {
-            v = v.wrapping_add(STEP);
             // SAFETY: w < 512 words of page i.
-            diff |= unsafe { read_volatile(p.add(w)) } ^ v;
+            diff |= unsafe { read_volatile(p.add(w)) } ^ words.next_word();
         }
         if diff == 0 {
             return;
         }
         let mut first_bad = None;
         let mut bad = 0;
+        let mut words = Body::new(index, body, self.compressible);
         for w in 0..WORDS {
             // SAFETY: w < 512 words of page i.
             let got = unsafe { read_volatile(p.add(w)) };
-            let want = expected(index, generation, body, w);
+            let want = if w == 0 {
+                header(index, generation)
+            } else {
+                words.next_word()
+            };
             if got != want {
                 bad += 1;
                 first_bad.get_or_insert((w, got, want));
@@ -259,6 +302,11 @@ struct Worker {
     filled: u64,
     wcur: u64,
     vcur: u64,
+    /// `hot=`: pages at the start of the slice that get every other rewrite
+    /// (0: none), the cursor in them, and whose turn is next.
+    hot: u64,
+    hcur: u64,
+    hot_turn: bool,
     credit: u64,
     last_credit: u64,
     swept_since_halt: bool,
@@ -299,10 +347,16 @@ impl Worker {
                 due
             };
             for _ in 0..due {
+                self.hot_turn = !self.hot_turn;
+                if self.hot > 0 && self.hot_turn {
+                    s.rewrite(self.cpu, self.hcur);
+                    self.hcur = (self.hcur + 1) % self.hot;
+                    continue;
+                }
                 s.rewrite(self.cpu, self.wcur);
                 self.wcur += 1;
                 if self.wcur == s.n {
-                    self.wcur = 0;
+                    self.wcur = self.hot;
                     st.pass.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -452,14 +506,24 @@ pub fn run(cpu: usize) -> ! {
     let p = plan();
     let mut chk = Checker::setup(cpu, p.apic_ids[cpu], p.bus_khz);
     let now = clock::now(cpu);
+    let slice = Slice::new(p, cpu);
+    // The hot region: at least a page, and never the whole slice.
+    let hot = if p.hot_pct > 0 && slice.n > 1 {
+        (slice.n * p.hot_pct / 100).clamp(1, slice.n - 1)
+    } else {
+        0
+    };
     let mut w = Worker {
         cpu,
-        slice: Slice::new(p, cpu),
+        slice,
         mode: p.mode,
         rate: p.rate_pages,
         filled: 0,
-        wcur: 0,
+        wcur: hot,
         vcur: 0,
+        hot,
+        hcur: 0,
+        hot_turn: false,
         credit: 0,
         last_credit: now,
         swept_since_halt: false,

@@ -7,6 +7,10 @@
 //! - [`KIND_CONTROL`]: the body is one [`Message`] in bincode (standard config).
 //! - [`KIND_PAGES`]: `u32 n | n × u64 memfd offset | n × 4096 bytes`, with
 //!   `1 <= n <= MAX_BATCH_PAGES`; the body length must match `n` exactly.
+//! - [`KIND_ZPAGES`] (capability `zstd`): `u32 n | n × u64 memfd offset |
+//!   u32 raw length | zstd payload`; the raw length must be `n × 4096` and the
+//!   payload must decompress to exactly that many bytes (decompressed into a
+//!   buffer of that size, never more).
 //!
 //! The decoder never panics, checks every length before allocating, and rejects
 //! unknown kinds, trailing bytes and messages of another protocol version.
@@ -30,6 +34,10 @@ pub const MAX_FRAME: usize = 32 << 20;
 pub const KIND_CONTROL: u8 = 1;
 /// Frame kind: a batch of pages.
 pub const KIND_PAGES: u8 = 2;
+/// Frame kind: a batch of pages, zstd-compressed (capability `zstd`).
+pub const KIND_ZPAGES: u8 = 3;
+/// zstd levels accepted for page compression (`zstd:LEVEL`).
+pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 1..=19;
 
 /// Protocol errors.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +54,10 @@ pub enum WireError {
     /// A page batch whose count and length disagree.
     #[error("page batch: {0}")]
     BadBatch(String),
+    /// A compressed page batch that is malformed or does not decompress to
+    /// exactly the size it claims.
+    #[error("compressed page batch: {0}")]
+    Compressed(String),
     /// A control message that does not decode.
     #[error("malformed control message: {0}")]
     Malformed(String),
@@ -366,7 +378,7 @@ pub fn read_header(r: &mut impl Read) -> Result<FrameHeader> {
         return Err(WireError::FrameSize(len));
     }
     let kind = h[4];
-    if kind != KIND_CONTROL && kind != KIND_PAGES {
+    if !matches!(kind, KIND_CONTROL | KIND_PAGES | KIND_ZPAGES) {
         return Err(WireError::UnknownKind(kind));
     }
     Ok(FrameHeader {
@@ -420,11 +432,191 @@ pub fn read_batch_offsets(r: &mut impl Read, len: usize) -> Result<Vec<u64>> {
         .collect())
 }
 
-/// Reads one whole frame (pages into a new buffer). Convenient, not the hot path.
+/// Most bytes a compressed batch of `n` pages may carry: zstd's worst case
+/// for `n × 4096` bytes (a batch that does not compress is sent raw anyway).
+pub fn max_zpayload(n: usize) -> usize {
+    zstd::zstd_safe::compress_bound(n * PAGE_SIZE)
+}
+
+/// The head of a compressed page batch: offsets, then how many payload bytes follow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZBatch {
+    /// memfd offset of each page.
+    pub offsets: Vec<u64>,
+    /// Bytes of zstd payload after the head (the caller reads them).
+    pub payload_len: usize,
+}
+
+impl ZBatch {
+    /// Bytes the payload decompresses to: `offsets.len() × PAGE_SIZE`.
+    pub fn raw_len(&self) -> usize {
+        self.offsets.len() * PAGE_SIZE
+    }
+}
+
+/// Reads the head of a compressed page batch whose body is `len` bytes and
+/// checks it: `1..=MAX_BATCH_PAGES` pages, a raw length of exactly `n × 4096`,
+/// and a payload of `1..=max_zpayload(n)` bytes. Nothing is allocated before
+/// the count is checked.
+pub fn read_zbatch_head(r: &mut impl Read, len: usize) -> Result<ZBatch> {
+    let mut nb = [0u8; 4];
+    r.read_exact(&mut nb)?;
+    let n = u32::from_le_bytes(nb) as usize;
+    if n == 0 || n > MAX_BATCH_PAGES {
+        return Err(WireError::Compressed(format!(
+            "{n} pages (1..={MAX_BATCH_PAGES})"
+        )));
+    }
+    let head = 4 + n * 8 + 4;
+    if len <= head {
+        return Err(WireError::Compressed(format!(
+            "{n} pages need more than {head} bytes, frame has {len}"
+        )));
+    }
+    let mut raw = vec![0u8; n * 8];
+    r.read_exact(&mut raw)?;
+    let mut rl = [0u8; 4];
+    r.read_exact(&mut rl)?;
+    let raw_len = u32::from_le_bytes(rl) as usize;
+    if raw_len != n * PAGE_SIZE {
+        return Err(WireError::Compressed(format!(
+            "raw length {raw_len} for {n} pages (must be {})",
+            n * PAGE_SIZE
+        )));
+    }
+    let payload_len = len - head;
+    if payload_len > max_zpayload(n) {
+        return Err(WireError::Compressed(format!(
+            "payload of {payload_len} bytes for {n} pages (at most {})",
+            max_zpayload(n)
+        )));
+    }
+    Ok(ZBatch {
+        offsets: raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect(),
+        payload_len,
+    })
+}
+
+/// A zstd library failure (not a stream error): out of memory, a bad parameter.
+fn zstd_err(e: std::io::Error) -> WireError {
+    WireError::Compressed(format!("zstd: {e}"))
+}
+
+/// log2 of the largest batch (256 pages of 4 KiB): the zstd window a batch
+/// needs at most, whatever the level (zstd fits the window to the input).
+const MAX_BATCH_WINDOW_LOG: u32 = 20;
+
+/// zstd compression of page batches, with a reused context.
+pub struct PageCompressor {
+    ctx: zstd::bulk::Compressor<'static>,
+    out: Vec<u8>,
+}
+
+impl PageCompressor {
+    /// A compressor at `level` (one of [`ZSTD_LEVELS`]).
+    pub fn new(level: i32) -> Result<Self> {
+        if !ZSTD_LEVELS.contains(&level) {
+            return Err(WireError::Compressed(format!(
+                "zstd level {level} outside {}..={}",
+                ZSTD_LEVELS.start(),
+                ZSTD_LEVELS.end()
+            )));
+        }
+        Ok(PageCompressor {
+            ctx: zstd::bulk::Compressor::new(level).map_err(zstd_err)?,
+            out: Vec::new(),
+        })
+    }
+
+    /// Compresses `raw` (whole pages); the payload is valid until the next call.
+    pub fn compress(&mut self, raw: &[u8]) -> Result<&[u8]> {
+        self.out.clear();
+        self.out.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        self.ctx
+            .compress_to_buffer(raw, &mut self.out)
+            .map_err(zstd_err)?;
+        Ok(&self.out)
+    }
+}
+
+/// zstd decompression of page batches, with a reused context.
+pub struct PageDecompressor {
+    ctx: zstd::bulk::Decompressor<'static>,
+}
+
+impl PageDecompressor {
+    /// A decompressor that refuses frames asking for a window larger than a
+    /// batch (1 MiB): no header can make it reserve more memory than that.
+    pub fn new() -> Result<Self> {
+        let mut ctx = zstd::bulk::Decompressor::new().map_err(zstd_err)?;
+        ctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+            MAX_BATCH_WINDOW_LOG,
+        ))
+        .map_err(zstd_err)?;
+        Ok(PageDecompressor { ctx })
+    }
+
+    /// Decompresses `payload` into `out`, which must be exactly the batch's raw
+    /// length: zstd never writes past it, and a payload that decodes to fewer
+    /// or more bytes, or not at all, is an error.
+    pub fn decompress(&mut self, payload: &[u8], out: &mut [u8]) -> Result<()> {
+        let want = out.len();
+        match self.ctx.decompress_to_buffer(payload, out) {
+            Ok(n) if n == want => Ok(()),
+            Ok(n) => Err(WireError::Compressed(format!(
+                "payload decompresses to {n} bytes, the batch claims {want}"
+            ))),
+            Err(e) => Err(WireError::Compressed(format!(
+                "payload does not decompress to {want} bytes: {e}"
+            ))),
+        }
+    }
+}
+
+/// Writes a compressed page batch: head, then the zstd `payload` of the
+/// `offsets.len()` pages. Returns the bytes written.
+pub fn write_zpages(w: &mut impl Write, offsets: &[u64], payload: &[u8]) -> Result<u64> {
+    let n = offsets.len();
+    if n == 0 || n > MAX_BATCH_PAGES || payload.is_empty() || payload.len() > max_zpayload(n) {
+        return Err(WireError::Compressed(format!(
+            "{n} pages with a payload of {} bytes",
+            payload.len()
+        )));
+    }
+    let len = 1 + 4 + n * 8 + 4 + payload.len();
+    let mut h = Vec::with_capacity(13 + n * 8);
+    h.extend_from_slice(&(len as u32).to_le_bytes());
+    h.push(KIND_ZPAGES);
+    h.extend_from_slice(&(n as u32).to_le_bytes());
+    for o in offsets {
+        h.extend_from_slice(&o.to_le_bytes());
+    }
+    h.extend_from_slice(&((n * PAGE_SIZE) as u32).to_le_bytes());
+    let mut slices = [IoSlice::new(&h), IoSlice::new(payload)];
+    write_all_vectored(w, &mut slices)?;
+    Ok(4 + len as u64)
+}
+
+/// Reads one whole frame (pages into a new buffer; a compressed batch is
+/// decompressed into a [`Frame::Pages`]). Convenient, not the hot path.
 pub fn read_frame(r: &mut impl Read) -> Result<Frame> {
     let h = read_header(r)?;
     match h.kind {
         KIND_CONTROL => Ok(Frame::Control(read_control_body(r, h.body_len)?)),
+        KIND_ZPAGES => {
+            let z = read_zbatch_head(r, h.body_len)?;
+            let mut payload = vec![0u8; z.payload_len];
+            r.read_exact(&mut payload)?;
+            let mut data = vec![0u8; z.raw_len()];
+            PageDecompressor::new()?.decompress(&payload, &mut data)?;
+            Ok(Frame::Pages {
+                offsets: z.offsets,
+                data,
+            })
+        }
         _ => {
             let offsets = read_batch_offsets(r, h.body_len)?;
             let mut data = vec![0u8; offsets.len() * PAGE_SIZE];
@@ -580,6 +772,115 @@ mod tests {
         s.push(KIND_CONTROL);
         s.extend_from_slice(&body);
         assert!(decode_frame(&s).is_err());
+    }
+
+    /// A compressed batch of `pages` (whole pages) at `offsets`.
+    fn zframe(offsets: &[u64], raw: &[u8]) -> Vec<u8> {
+        let mut c = PageCompressor::new(1).unwrap();
+        let payload = c.compress(raw).unwrap().to_vec();
+        let mut out = Vec::new();
+        let n = write_zpages(&mut out, offsets, &payload).unwrap();
+        assert_eq!(n as usize, out.len());
+        out
+    }
+
+    fn compressible(pages: usize) -> Vec<u8> {
+        (0..pages * PAGE_SIZE).map(|i| (i / 64 % 7) as u8).collect()
+    }
+
+    #[test]
+    fn zpages_round_trip() {
+        let raw = compressible(3);
+        let f = zframe(&[0, 4096, 1 << 20], &raw);
+        assert!(f.len() < raw.len() / 4, "{} bytes", f.len());
+        match decode_frame(&f).unwrap() {
+            Frame::Pages { offsets, data } => {
+                assert_eq!(offsets, vec![0, 4096, 1 << 20]);
+                assert_eq!(data, raw);
+            }
+            f => panic!("{f:?}"),
+        }
+        // Incompressible data still round-trips (the payload is a little larger).
+        let noise: Vec<u8> = (0..PAGE_SIZE as u64)
+            .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+            .collect();
+        assert!(
+            matches!(decode_frame(&zframe(&[8192], &noise)), Ok(Frame::Pages { data, .. }) if data == noise)
+        );
+        // Every level, on a full batch, fits the decompressor's window limit.
+        let full = compressible(MAX_BATCH_PAGES);
+        let offsets: Vec<u64> = (0..MAX_BATCH_PAGES as u64).map(|i| i * 4096).collect();
+        for level in [1, 3, 9, 19] {
+            let payload = PageCompressor::new(level)
+                .unwrap()
+                .compress(&full)
+                .unwrap()
+                .to_vec();
+            let mut f = Vec::new();
+            write_zpages(&mut f, &offsets, &payload).unwrap();
+            assert!(
+                matches!(decode_frame(&f), Ok(Frame::Pages { data, .. }) if data == full),
+                "level {level}"
+            );
+        }
+        assert!(PageCompressor::new(0).is_err());
+        assert!(PageCompressor::new(20).is_err());
+    }
+
+    #[test]
+    fn bad_zpages_are_errors_not_panics() {
+        let raw = compressible(2);
+        let good = zframe(&[0, 4096], &raw);
+        let head = 5 + 4 + 2 * 8; // frame header, count, offsets
+                                  // A corrupt payload.
+        let mut f = good.clone();
+        let last = f.len() - 1;
+        f[head + 4..=last].iter_mut().for_each(|b| *b ^= 0x5a);
+        assert!(matches!(decode_frame(&f), Err(WireError::Compressed(_))));
+        // A raw length that is not n × 4096.
+        let mut f = good.clone();
+        f[head..head + 4].copy_from_slice(&4095u32.to_le_bytes());
+        assert!(
+            matches!(decode_frame(&f), Err(WireError::Compressed(m)) if m.contains("raw length"))
+        );
+        // Two pages claimed, three pages of data compressed: more than the cap.
+        let big = compressible(3);
+        let payload = PageCompressor::new(1)
+            .unwrap()
+            .compress(&big)
+            .unwrap()
+            .to_vec();
+        let mut f = Vec::new();
+        write_zpages(&mut f, &[0, 4096], &payload).unwrap();
+        assert!(matches!(decode_frame(&f), Err(WireError::Compressed(_))));
+        // Two pages claimed, one page compressed: too short.
+        let payload = PageCompressor::new(1)
+            .unwrap()
+            .compress(&raw[..PAGE_SIZE])
+            .unwrap()
+            .to_vec();
+        let mut f = Vec::new();
+        write_zpages(&mut f, &[0, 4096], &payload).unwrap();
+        assert!(matches!(decode_frame(&f), Err(WireError::Compressed(m)) if m.contains("4096")));
+        // Oversized claims: too many pages, a payload past the bound, no payload.
+        let mut f = Vec::new();
+        f.extend_from_slice(&100u32.to_le_bytes());
+        f.push(KIND_ZPAGES);
+        f.extend_from_slice(&100_000u32.to_le_bytes());
+        f.extend_from_slice(&[0; 95]);
+        assert!(matches!(decode_frame(&f), Err(WireError::Compressed(_))));
+        let mut f = good[..head + 4].to_vec();
+        let body = (head - 5 + 4) + max_zpayload(2) + 1;
+        f[0..4].copy_from_slice(&((body + 1) as u32).to_le_bytes());
+        f.resize(5 + body, 0);
+        assert!(matches!(decode_frame(&f), Err(WireError::Compressed(m)) if m.contains("at most")));
+        let mut f = good[..head + 4].to_vec();
+        f[0..4].copy_from_slice(&((head + 4 - 4) as u32).to_le_bytes());
+        assert!(matches!(decode_frame(&f), Err(WireError::Compressed(_))));
+        // Every prefix fails cleanly.
+        for cut in 0..good.len() {
+            assert!(decode_frame(&good[..cut]).is_err());
+        }
     }
 
     #[test]

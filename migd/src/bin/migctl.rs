@@ -106,6 +106,14 @@ pub enum Cmd {
         /// to 99 %) while pre-copy does not converge (QEMU's auto-converge).
         #[arg(long)]
         auto_converge: bool,
+        /// Compress page batches: none (default) or zstd[:LEVEL], LEVEL 1..=19
+        /// (zstd alone is level 1). Pays off on links slower than the CPU.
+        #[arg(long, value_name = "ALGO[:LEVEL]", value_parser = parse_compress)]
+        compress: Option<String>,
+        /// Pre-copy rounds send rarely dirtied pages first and skip hot pages
+        /// dirtied again before their turn (dynamic page transfer reordering).
+        #[arg(long)]
+        reorder: bool,
         /// Print the job id and return at once.
         #[arg(long)]
         detach: bool,
@@ -169,6 +177,13 @@ pub enum Cmd {
         /// The shell: bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+/// `--compress`: checked here, so that a bad value never reaches the daemon.
+fn parse_compress(s: &str) -> Result<String, String> {
+    s.parse::<migration::compress::Compression>()
+        .map(|c| c.to_string())
+        .map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

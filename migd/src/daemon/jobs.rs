@@ -41,6 +41,12 @@ pub struct Job {
     /// Throttle the vCPUs while pre-copy does not converge.
     #[serde(default)]
     pub auto_converge: bool,
+    /// Compression of page batches: none or zstd[:LEVEL] (None: none).
+    #[serde(default)]
+    pub compress: Option<String>,
+    /// Dynamic page transfer reordering in the pre-copy rounds.
+    #[serde(default)]
+    pub reorder: bool,
     /// setup, active, postcopy-active, postcopy-paused, completed, failed or cancelled.
     pub status: String,
     /// Unix seconds.
@@ -80,6 +86,10 @@ pub struct MigrateRequest {
     pub xbzrle_cache: Option<u64>,
     #[serde(default)]
     pub auto_converge: bool,
+    #[serde(default)]
+    pub compress: Option<String>,
+    #[serde(default)]
+    pub reorder: bool,
     #[serde(default)]
     pub detach: bool,
 }
@@ -259,6 +269,9 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             req.mode.escape_debug()
         );
     }
+    if let Some(c) = &req.compress {
+        c.parse::<migration::compress::Compression>()?;
+    }
     if !d.cfg.insecure && d.tls.is_none() {
         bail!(
             "migrations are disabled: configure TLS (tls_ca, tls_cert, tls_key, tls_peers) \
@@ -295,6 +308,8 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             no_fault_channel: req.no_fault_channel,
             xbzrle_cache: req.xbzrle_cache,
             auto_converge: req.auto_converge,
+            compress: req.compress.clone(),
+            reorder: req.reorder,
             status: "setup".into(),
             started: state::now(),
             ended: None,
@@ -321,6 +336,8 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             "fault_channel": !job.no_fault_channel,
             "xbzrle_cache": job.xbzrle_cache,
             "auto_converge": job.auto_converge,
+            "compress": job.compress,
+            "reorder": job.reorder,
             "job": job.id,
         }),
         Duration::from_secs(10),
@@ -526,6 +543,8 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
             no_fault_channel: false,
             xbzrle_cache: None,
             auto_converge: false,
+            compress: None,
+            reorder: false,
             status: status.clone(),
             started: state::now(),
             ended: None,

@@ -111,6 +111,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             no_fault_channel,
             xbzrle_cache,
             auto_converge,
+            compress,
+            reorder,
             detach,
             json,
         } => {
@@ -123,6 +125,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 "max_downtime_ms": max_downtime, "max_bandwidth": max_bandwidth, "detach": true,
                 "prepaging_window": prepaging_window, "no_fault_channel": no_fault_channel,
                 "xbzrle_cache": xbzrle_cache, "auto_converge": auto_converge,
+                "compress": compress, "reorder": reorder,
             }))?;
             let id = r["job"]
                 .as_str()

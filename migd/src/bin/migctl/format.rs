@@ -197,6 +197,30 @@ pub fn stats(st: &Value) -> String {
             opt(&p["resent"])
         ),
     );
+    if st["reorder"] == true {
+        kv(
+            &mut s,
+            "Reorder",
+            format!(
+                "{} hot pages skipped (dirtied again before their turn)",
+                opt(&st["pages"]["skipped_redirtied"])
+            ),
+        );
+    }
+    let c = &st["compression"];
+    if c["algorithm"] == "zstd" {
+        kv(
+            &mut s,
+            "Compression",
+            format!(
+                "zstd:{}, {} of pages in {} ({:.1}x)",
+                opt(&c["level"]),
+                bytes_of(&c["raw_bytes"]),
+                bytes_of(&c["wire_bytes"]),
+                c["ratio"].as_f64().unwrap_or(0.0)
+            ),
+        );
+    }
     if let Some(b) = st["bandwidth_mbps"].as_f64() {
         kv(&mut s, "Bandwidth", format!("{b:.1} Mbit/s"));
     }
