@@ -22,6 +22,7 @@ pub mod incoming;
 pub mod lazy;
 pub mod memview;
 pub mod model;
+pub mod multifd;
 pub mod postcopy;
 pub mod precopy;
 pub mod probe;
@@ -63,6 +64,9 @@ pub enum Error {
     /// A send made no progress for this many seconds: the peer stopped reading.
     #[error("the destination stopped reading: no progress sending for {0} s")]
     Stalled(u64),
+    /// The operator's parameters are not acceptable.
+    #[error("{0}")]
+    Invalid(String),
     /// Setting up the (TLS) link failed.
     #[error(transparent)]
     Link(#[from] link::LinkError),

@@ -155,6 +155,9 @@ pub struct MigrationStats {
     /// Delta compression of re-sent pages.
     #[serde(default)]
     pub xbzrle: XbzrleStats,
+    /// TCP streams that carried pre-copy pages (multifd; 1: the main connection).
+    #[serde(default)]
+    pub streams: u32,
     /// Mode `auto`: what it chose and why.
     #[serde(default)]
     pub policy: String,
