@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """migd benchmarks (not tests): prints markdown tables of medians (min-max).
 
-  scripts/bench/bench.py [vm|migrate|all] [--runs N] [--json FILE]
+  scripts/bench/bench.py [vm|migrate|all|multifd] [--runs N] [--json FILE]
 
 vm:      boot to WORKLOAD READY; pause -> capture -> restore in a new process
          (handover, memory shared through the memfd); snapshot to file and
@@ -9,6 +9,8 @@ vm:      boot to WORKLOAD READY; pause -> capture -> restore in a new process
 migrate: pre-copy over loopback between two `migd run` processes: 1 GiB and
          4 GiB guests, idle and with a 256 MiB working set dirtied as fast as
          possible; total time, downtime, bytes, rounds, round-0 throughput.
+multifd: the paused-source case of `migrate` (1 GiB, 768 MiB written) with
+         1, 2 and 4 page streams (`streams`), plaintext and TLS (not in `all`).
 limits:  memcpy, zero-scan and loopback TCP, measured in the same run.
 """
 import json, os, re, signal, socket, statistics, subprocess, sys, tempfile, time
@@ -255,6 +257,38 @@ def bench_migrate(runs, lim):
     return rows
 
 
+def bench_multifd(runs, lim):
+    """The paused-source page-throughput case (1 GiB guest, 768 MiB written,
+    source paused, so round 0 carries everything) with 1, 2 and 4 streams,
+    plaintext and TLS."""
+    rows = []
+    tcp_bytes = lim["loopback_tcp_gbit_per_s"] * 1e9 / 8
+    with tempfile.TemporaryDirectory() as d:
+        for tls in (False, True):
+            for streams in (1, 2, 4):
+                res = [migrate_once(d, f"f{int(tls)}s{streams}r{i}", "1G", "dirty:768:0",
+                                    {"mode": "precopy", "streams": streams},
+                                    cpus=1, paused=True, tls=tls)
+                       for i in range(runs)]
+                ok = [r for r in res if r["status"] == "completed"]
+                r0 = [(pages * 4096 / (ms / 1e3), ms) for pages, ms in
+                      (r["dest_round0"] for r in ok if r.get("dest_round0")) if ms > 0]
+                rows.append({
+                    "streams": streams,
+                    "link": "TLS" if tls else "plaintext",
+                    "completed": f"{len(ok)}/{len(res)}",
+                    "streams_used": med([r.get("streams", 1) for r in ok]),
+                    "total_ms": med([r["total_ms"] for r in ok]),
+                    "downtime_ms": med([r["downtime_ms"] for r in ok]),
+                    "MiB_sent": med([r["bytes"] / 2**20 for r in ok]),
+                    "round0_ms": med([ms for _, ms in r0]) if r0 else "n/a",
+                    "round0_MB/s": med([x / 1e6 for x, _ in r0]) if r0 else "n/a",
+                    "round0_vs_tcp": med([x / tcp_bytes for x, _ in r0]) if r0 else "n/a",
+                    "errors": "; ".join(sorted({r.get("error") or "" for r in res if r["status"] != "completed"})),
+                })
+    return rows
+
+
 def main():
     what = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "all"
     runs = 3
@@ -277,6 +311,15 @@ def main():
         rows = bench_migrate(runs, lim)
         out["migrate"] = rows
         print(f"## Pre-copy over loopback (median (min-max) of {runs})\n")
+        keys = list(rows[0].keys())
+        print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+        for r in rows:
+            print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+        print()
+    if what == "multifd":
+        rows = bench_multifd(runs, lim)
+        out["multifd"] = rows
+        print(f"## Multifd: paused source, 768 MiB written (median (min-max) of {runs})\n")
         keys = list(rows[0].keys())
         print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
         for r in rows:
