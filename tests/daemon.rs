@@ -142,6 +142,8 @@ fn daemon_api_rejects_bad_input_with_clear_errors() {
             b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"127.0.0.1:1\"}",
             b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"nowhere\"}",
             b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"h:1\",\"mode\":\"teleport\"}",
+            b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"h:1\",\"streams\":0}",
+            b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"h:1\",\"streams\":17}",
             b"{\"cmd\":\"job\",\"id\":\"job999\"}",
             b"{\"cmd\":\"cancel\",\"id\":\"job999\"}",
             b"{\"cmd\":\"list\"}",
@@ -163,6 +165,8 @@ fn daemon_api_rejects_bad_input_with_clear_errors() {
         "no VM named 'ghost'",
         "HOST:PORT",
         "unknown mode 'teleport'",
+        "streams must be between 1 and 16, got 0",
+        "streams must be between 1 and 16, got 17",
         "no job 'job999'",
         "no job 'job999'",
     ];
