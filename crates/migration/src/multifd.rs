@@ -733,3 +733,69 @@ mod barrier_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod accept_tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpStream;
+
+    /// A connected main connection: (source end, destination end).
+    fn main_pair() -> (Link, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let d = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (Link::plain(l.accept().unwrap().0), d)
+    }
+
+    #[test]
+    fn strangers_are_dropped_and_streams_come_back_by_index() {
+        let (main, _d) = main_pair();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            // A wrong token, garbage, a bad index, then the streams out of order.
+            let mut s = TcpStream::connect(addr).unwrap();
+            wire::write_control(&mut s, &Message::StreamHello { job: 1, index: 1 }).unwrap();
+            let mut g = TcpStream::connect(addr).unwrap();
+            g.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+            let mut b = TcpStream::connect(addr).unwrap();
+            wire::write_control(&mut b, &Message::StreamHello { job: 7, index: 0 }).unwrap();
+            let mut ours = Vec::new();
+            for index in [2, 1, 3] {
+                let mut s = TcpStream::connect(addr).unwrap();
+                wire::write_control(&mut s, &Message::StreamHello { job: 7, index }).unwrap();
+                s.write_all(&[index as u8]).unwrap();
+                ours.push(s);
+            }
+            (s, g, b, ours)
+        });
+        let links = accept_streams(&l, &main, 7, 4, None).unwrap();
+        let _keep = t.join().unwrap();
+        assert_eq!(links.len(), 3);
+        for (i, mut link) in links.into_iter().enumerate() {
+            let mut b = [0u8; 1];
+            link.read_exact(&mut b).unwrap();
+            assert_eq!(b[0] as usize, i + 1, "stream {} in its place", i + 1);
+        }
+    }
+
+    #[test]
+    fn a_cancel_on_the_main_connection_ends_the_wait() {
+        let (main, mut d) = main_pair();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        wire::write_control(
+            &mut d,
+            &Message::Cancel {
+                reason: "17 page streams asked for".into(),
+            },
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let e = accept_streams(&l, &main, 7, 4, None).unwrap_err();
+        assert!(
+            matches!(e, Error::PeerCancelled(ref r) if r.contains("17")),
+            "{e}"
+        );
+        assert!(t0.elapsed() < SETUP_TIMEOUT);
+    }
+}
