@@ -170,6 +170,21 @@ def tls_flags(d, host, peer):
             "--tls-key", os.path.join(certs, host + ".key"), "--tls-peer", peer]
 
 
+def cpu_s(pid):
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy():
+    """(busy, total) jiffies of all CPUs so far."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v) - idle, sum(v)
+
+
 def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=False):
     src = boot(d, tag + "s", mem, cpus, workload, tls_flags(d, "host-a", "host-b") if tls else [])
     wait_path(src.sock)
@@ -184,12 +199,19 @@ def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=Fa
     wait_path(dst.sock)
     req = {"cmd": "migrate", "to": f"127.0.0.1:{port}", "name": tag}
     req.update(extra or {})
+    t0, c0, m0 = time.monotonic(), (cpu_s(src.p.pid), cpu_s(dst.p.pid)), machine_busy()
     request(src.sock, req)
     while True:
         st = request(src.sock, {"cmd": "migration"})
         if st["status"] in ("completed", "failed", "cancelled"):
             break
         time.sleep(0.02)
+    # Cores kept busy during the migration: by the source, by the destination,
+    # and by the whole machine (other workers included).
+    wall, m1 = time.monotonic() - t0, machine_busy()
+    st["src_cores"] = (cpu_s(src.p.pid) - c0[0]) / wall
+    st["dst_cores"] = (cpu_s(dst.p.pid) - c0[1]) / wall
+    st["machine_cores"] = (m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * os.cpu_count()
     request(src.sock, {"cmd": "stop"})
     if st["status"] == "completed":
         wait_file(src.console, "HEARTBEAT n=4")
@@ -284,6 +306,8 @@ def bench_multifd(runs, lim):
                     "round0_ms": med([ms for _, ms in r0]) if r0 else "n/a",
                     "round0_MB/s": med([x / 1e6 for x, _ in r0]) if r0 else "n/a",
                     "round0_vs_tcp": med([x / tcp_bytes for x, _ in r0]) if r0 else "n/a",
+                    "cores src/dst/machine": " / ".join(
+                        med([r[k] for r in ok]).split(" ")[0] for k in ("src_cores", "dst_cores", "machine_cores")),
                     "errors": "; ".join(sorted({r.get("error") or "" for r in res if r["status"] != "completed"})),
                 })
     return rows
