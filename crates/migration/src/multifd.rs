@@ -66,6 +66,16 @@ pub fn stream_of(pfn: u64, streams: u32) -> usize {
     ((pfn / CHUNK_PAGES) % streams.max(1) as u64) as usize
 }
 
+/// The streams a migration uses: those asked for when the destination shares
+/// the `multifd` capability, else 1; always 1 in pure post-copy (no rounds).
+pub fn negotiated(mode: &str, asked: u32, shared: &[String]) -> u32 {
+    if mode == "postcopy" || !shared.iter().any(|c| c == "multifd") {
+        1
+    } else {
+        asked.max(1)
+    }
+}
+
 /// What the thread running the rounds asks of a sender thread.
 enum Cmd {
     /// Queue these pages (as `Sender::queue`).
@@ -594,6 +604,41 @@ mod tests {
             n[stream_of(pfn, 3)] += 1;
         }
         assert!(n.iter().all(|&c| c.abs_diff(n[0]) <= CHUNK_PAGES), "{n:?}");
+    }
+
+    #[test]
+    fn a_destination_without_multifd_gets_one_stream() {
+        let with = vec!["precopy".to_string(), "multifd".to_string()];
+        let without = vec!["precopy".to_string()];
+        assert_eq!(negotiated("precopy", 4, &with), 4);
+        assert_eq!(negotiated("hybrid", 4, &with), 4);
+        assert_eq!(negotiated("precopy", 4, &without), 1);
+        assert_eq!(negotiated("postcopy", 4, &with), 1);
+        assert_eq!(negotiated("precopy", 1, &with), 1);
+        // The source offers multifd only with streams > 1; an old destination
+        // filters it out of its Accept.
+        let hello = crate::handshake::Hello {
+            name: "x".into(),
+            memory: 1 << 30,
+            vcpus: 1,
+            mode: "precopy".into(),
+            capabilities: with.clone(),
+            vm: wire::VmDescriptor {
+                name: "x".into(),
+                memory: 1 << 30,
+                vcpus: 1,
+                cpu_vendor: String::new(),
+                cpu_features: vec![],
+            },
+        };
+        let mut out = Vec::new();
+        crate::handshake::accept(&mut out, &hello).unwrap();
+        match wire::decode_frame(&out).unwrap() {
+            wire::Frame::Control(Message::Accept { capabilities, .. }) => {
+                assert_eq!(negotiated("precopy", 4, &capabilities), 4)
+            }
+            f => panic!("{f:?}"),
+        }
     }
 
     #[test]

@@ -698,17 +698,13 @@ pub(crate) fn open(
     let shared = handshake::hello_then(&mut stream, mode, desc, &caps, || {
         faults::hold(job, Phase::Handshake)
     })?;
-    let streams = if mode == "postcopy" {
-        1 // no rounds: the push has the main connection
-    } else if params.streams > 1 && !shared.iter().any(|c| c == "multifd") {
+    let streams = crate::multifd::negotiated(mode, params.streams, &shared);
+    if streams < params.streams && mode != "postcopy" {
         tracing::warn!(
             asked = params.streams,
             "the destination lacks multifd: falling back to 1 stream"
         );
-        1
-    } else {
-        params.streams
-    };
+    }
     job.update(|s| s.streams = streams);
     // Delta compression only if asked for and the destination can decode it.
     if params.xbzrle_cache > 0 && shared.iter().any(|c| c == "xbzrle") {
