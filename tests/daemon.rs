@@ -513,7 +513,10 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     assert_eq!(b.ok(&["list", "--json"]).trim(), "[]");
     let n = console_a.wait_heartbeats(n, 1, Duration::from_secs(20));
 
-    let (code, out, err) = a.migctl(&["migrate", "mig1", "--to", &to, "--json"]);
+    let e = a.fails(&["migrate", "mig1", "--to", &to, "--streams", "0"]);
+    assert!(e.contains("streams must be between 1 and 16, got 0"), "{e}");
+    // Two page streams: the destination daemon's VM process connects back for the second.
+    let (code, out, err) = a.migctl(&["migrate", "mig1", "--to", &to, "--streams", "2", "--json"]);
     assert_eq!(
         code,
         0,
@@ -523,6 +526,7 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     );
     let stats: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(stats["outcome"], "completed", "{stats}");
+    assert_eq!(stats["streams"], 2, "{stats}");
     assert!(stats["bytes"].as_u64().unwrap() > 16 << 20, "{stats}");
     let job = stats["id"].as_str().unwrap().to_string();
     assert!(a.ok(&["job", &job]).contains("completed"));
