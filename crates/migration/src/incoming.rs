@@ -129,6 +129,9 @@ pub fn receive(
             Message::UrgentListen { port, job } => {
                 channel = Some(crate::postcopy::open_fault_channel(&out, port, job, tls)?);
             }
+            Message::StreamsListen { .. } if streams.is_some() => {
+                return Err(Error::Protocol("a second StreamsListen".into()))
+            }
             Message::StreamsListen { port, job, count } => {
                 match crate::multifd::Streams::open(&out, port, job, count, tls, memfd, memory) {
                     Ok(s) => streams = Some(s),
