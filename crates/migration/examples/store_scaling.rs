@@ -12,6 +12,7 @@ fn memfd() -> std::fs::File {
     // SAFETY: a new descriptor, owned by the File.
     let fd = unsafe { libc::memfd_create(c"store-scaling".as_ptr(), 0) };
     assert!(fd >= 0);
+    // SAFETY: `fd` is ours alone.
     let f = unsafe { std::fs::File::from_raw_fd(fd) };
     f.set_len(SIZE as u64).unwrap();
     f
@@ -59,6 +60,7 @@ fn run(threads: usize, map: bool) -> f64 {
         }
     });
     let secs = t.elapsed().as_secs_f64();
+    // SAFETY: the mapping made above, no longer used.
     unsafe { libc::munmap(base as *mut libc::c_void, SIZE) };
     SIZE as f64 / secs / 1e6
 }

@@ -112,11 +112,11 @@ impl Pool {
 
     /// Queues `pfn` for extra stream `s` (1..).
     pub(crate) fn queue(&mut self, s: usize, pfn: u64, zeros: bool, throttle: bool) -> Result<()> {
-        let i = s - 1;
+        let i = s.wrapping_sub(1);
         let w = self
             .workers
             .get_mut(i)
-            .ok_or_else(|| Error::Protocol(format!("no stream {s}")))?;
+            .ok_or_else(|| Error::Protocol(format!("no page stream {s}")))?;
         if w.zeros != zeros && !w.queued.is_empty() {
             Self::hand_over(i, w, throttle)?;
         }
