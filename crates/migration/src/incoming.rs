@@ -134,7 +134,11 @@ pub fn receive(
             }
             Message::StreamsListen { port, job, count } => {
                 match crate::multifd::Streams::open(&out, port, job, count, tls, memfd, memory) {
-                    Ok(s) => streams = Some(s),
+                    Ok(s) => {
+                        streams = Some(s);
+                        // Round 0 starts with its first page, not with the set-up.
+                        round_start = None;
+                    }
                     Err(e) => {
                         let reason = format!("page streams: {e}");
                         let _ = wire::write_control(&mut out, &Message::Cancel { reason });
