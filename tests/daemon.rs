@@ -148,6 +148,8 @@ fn daemon_api_rejects_bad_input_with_clear_errors() {
             b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"h:1\",\"prepaging_window\":100000}",
             b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"h:1\",\"compress\":\"zstd:0\"}",
             b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"h:1\",\"compress\":\"lz5\"}",
+            b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"h:1\",\"streams\":0}",
+            b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"h:1\",\"streams\":17}",
             b"{\"cmd\":\"job\",\"id\":\"job999\"}",
             b"{\"cmd\":\"cancel\",\"id\":\"job999\"}",
             b"{\"cmd\":\"list\"}",
@@ -175,6 +177,8 @@ fn daemon_api_rejects_bad_input_with_clear_errors() {
         "prepaging-window must be at most 255 pages",
         "bad compress value 'zstd:0'",
         "bad compress value 'lz5'",
+        "streams must be between 1 and 16, got 0",
+        "streams must be between 1 and 16, got 17",
         "no job 'job999'",
         "no job 'job999'",
     ];
@@ -521,7 +525,10 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     assert_eq!(b.ok(&["list", "--json"]).trim(), "[]");
     let n = console_a.wait_heartbeats(n, 1, Duration::from_secs(20));
 
-    // With the options plumbed through migctl, the daemon and the VM process.
+    let e = a.fails(&["migrate", "mig1", "--to", &to, "--streams", "0"]);
+    assert!(e.contains("streams must be between 1 and 16, got 0"), "{e}");
+    // With the options plumbed through migctl, the daemon and the VM process;
+    // two page streams: the destination daemon's VM process connects back for the second.
     let (code, out, err) = a.migctl(&[
         "migrate",
         "mig1",
@@ -530,6 +537,8 @@ fn daemon_migrates_a_vm_to_another_daemon() {
         "--compress",
         "zstd:2",
         "--reorder",
+        "--streams",
+        "2",
         "--json",
     ]);
     assert_eq!(
@@ -541,6 +550,7 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     );
     let stats: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(stats["outcome"], "completed", "{stats}");
+    assert_eq!(stats["streams"], 2, "{stats}");
     assert!(stats["bytes"].as_u64().unwrap() > 16 << 20, "{stats}");
     assert_eq!(stats["compression"]["algorithm"], "zstd", "{stats}");
     assert_eq!(stats["compression"]["level"], 2, "{stats}");

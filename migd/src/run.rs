@@ -646,6 +646,12 @@ fn start_migration(
         .get("reorder")
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
+    if let Some(n) = req.get("streams").filter(|v| !v.is_null()) {
+        let n = n
+            .as_u64()
+            .ok_or_else(|| format!("streams must be a number between 1 and 16, got {n}"))?;
+        params.streams = migration::multifd::check_streams(n)?;
+    }
     params.fault_channel = req
         .get("fault_channel")
         .and_then(|v| v.as_bool())

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """migd benchmarks (not tests): prints markdown tables of medians (min-max).
 
-  scripts/bench/bench.py [vm|migrate|features|all] [--runs N] [--json FILE]
+  scripts/bench/bench.py [vm|migrate|features|multifd|all] [--runs N] [--json FILE]
 
 vm:      boot to WORKLOAD READY; pause -> capture -> restore in a new process
          (handover, memory shared through the memfd); snapshot to file and
@@ -12,6 +12,8 @@ migrate: pre-copy over loopback between two `migd run` processes: 1 GiB and
 features: side by side under a bandwidth cap, 1 GiB guests, 1 vCPU:
          compress none / zstd:1 / zstd:3 on a compressible working set (128
          and 32 MiB/s), and reorder off / on on a hot/cold working set (128).
+multifd: the paused-source case of `migrate` (1 GiB, 768 MiB written) with
+         1, 2 and 4 page streams (`streams`), plaintext and TLS (not in `all`).
 limits:  memcpy, zero-scan and loopback TCP, measured in the same run.
 """
 import json, os, re, signal, socket, statistics, subprocess, sys, tempfile, time
@@ -172,6 +174,21 @@ def tls_flags(d, host, peer):
             "--tls-key", os.path.join(certs, host + ".key"), "--tls-peer", peer]
 
 
+def cpu_s(pid):
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy():
+    """(busy, total) jiffies of all CPUs so far."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v) - idle, sum(v)
+
+
 def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=False, path=None):
     """One migration between two `migd run` processes; `path` (paths.Path):
     where each side runs and the destination's address (default loopback)."""
@@ -191,12 +208,19 @@ def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=Fa
     wait_path(dst.sock)
     req = {"cmd": "migrate", "to": f"{dst_ip}:{port}", "name": tag}
     req.update(extra or {})
+    t0, c0, m0 = time.monotonic(), (cpu_s(src.p.pid), cpu_s(dst.p.pid)), machine_busy()
     request(src.sock, req)
     while True:
         st = request(src.sock, {"cmd": "migration"})
         if st["status"] in ("completed", "failed", "cancelled"):
             break
         time.sleep(0.02)
+    # Cores kept busy during the migration: by the source, by the destination,
+    # and by the whole machine (other workers included).
+    wall, m1 = time.monotonic() - t0, machine_busy()
+    st["src_cores"] = (cpu_s(src.p.pid) - c0[0]) / wall
+    st["dst_cores"] = (cpu_s(dst.p.pid) - c0[1]) / wall
+    st["machine_cores"] = (m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * os.cpu_count()
     request(src.sock, {"cmd": "stop"})
     if st["status"] == "completed":
         wait_file(src.console, "HEARTBEAT n=4")
@@ -302,6 +326,49 @@ def bench_features(runs):
     return rows
 
 
+def bench_multifd(runs, lim):
+    """The paused-source page-throughput case (1 GiB guest, 768 MiB written,
+    source paused, so round 0 carries everything) with 1, 2 and 4 streams,
+    plaintext and TLS."""
+    rows = []
+    tcp_bytes = lim["loopback_tcp_gbit_per_s"] * 1e9 / 8
+    with tempfile.TemporaryDirectory() as d:
+        for tls in (False, True):
+            for streams in (1, 2, 4):
+                res = [migrate_once(d, f"f{int(tls)}s{streams}r{i}", "1G", "dirty:768:0",
+                                    {"mode": "precopy", "streams": streams},
+                                    cpus=1, paused=True, tls=tls)
+                       for i in range(runs)]
+                ok = [r for r in res if r["status"] == "completed"]
+                r0 = [(pages * 4096 / (ms / 1e3), ms) for pages, ms in
+                      (r["dest_round0"] for r in ok if r.get("dest_round0")) if ms > 0]
+                rows.append({
+                    "streams": streams,
+                    "link": "TLS" if tls else "plaintext",
+                    "completed": f"{len(ok)}/{len(res)}",
+                    "streams_used": med([r.get("streams", 1) for r in ok]),
+                    "total_ms": med([r["total_ms"] for r in ok]),
+                    "downtime_ms": med([r["downtime_ms"] for r in ok]),
+                    "MiB_sent": med([r["bytes"] / 2**20 for r in ok]),
+                    "round0_ms": med([ms for _, ms in r0]) if r0 else "n/a",
+                    "round0_MB/s": med([x / 1e6 for x, _ in r0]) if r0 else "n/a",
+                    "round0_vs_tcp": med([x / tcp_bytes for x, _ in r0]) if r0 else "n/a",
+                    "cores src/dst/machine": " / ".join(
+                        med([r[k] for r in ok]).split(" ")[0] for k in ("src_cores", "dst_cores", "machine_cores")),
+                    "errors": "; ".join(sorted({r.get("error") or "" for r in res if r["status"] != "completed"})),
+                })
+    return rows
+
+
+def print_table(rows):
+    """A markdown table of dict rows (keys of the first as the header)."""
+    keys = list(rows[0].keys())
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+    print()
+
+
 def main():
     what = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "all"
     runs = 3
@@ -324,20 +391,17 @@ def main():
         rows = bench_migrate(runs, lim)
         out["migrate"] = rows
         print(f"## Pre-copy over loopback (median (min-max) of {runs})\n")
-        keys = list(rows[0].keys())
-        print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-        for r in rows:
-            print("| " + " | ".join(str(r[k]) for k in keys) + " |")
-        print()
+        print_table(rows)
     if what in ("features", "all"):
         rows = bench_features(runs)
         out["features"] = rows
         print(f"## compress and reorder under a bandwidth cap (median (min-max) of {runs})\n")
-        keys = list(rows[0].keys())
-        print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-        for r in rows:
-            print("| " + " | ".join(str(r[k]) for k in keys) + " |")
-        print()
+        print_table(rows)
+    if what == "multifd":
+        rows = bench_multifd(runs, lim)
+        out["multifd"] = rows
+        print(f"## Multifd: paused source, 768 MiB written (median (min-max) of {runs})\n")
+        print_table(rows)
     if "--json" in sys.argv:
         with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
             json.dump(out, f, indent=1)

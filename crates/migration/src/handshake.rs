@@ -9,7 +9,7 @@ use wire::{Message, VmDescriptor, MAGIC, PROTOCOL_VERSION};
 use crate::{Error, Result};
 
 /// Capabilities this build supports.
-pub const CAPABILITIES: &[&str] = &["zero-ranges", "precopy", "xbzrle", "zstd"];
+pub const CAPABILITIES: &[&str] = &["zero-ranges", "precopy", "xbzrle", "zstd", "multifd"];
 
 /// A Hello as the destination sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,14 +95,16 @@ pub fn refuse(stream: &mut impl Write, reason: &str) -> Result<()> {
 
 /// Source: sends Hello and waits for the answer; returns the shared capabilities.
 pub fn hello<S: Read + Write>(stream: &mut S, mode: &str, vm: VmDescriptor) -> Result<Vec<String>> {
-    hello_then(stream, mode, vm, || {})
+    hello_then(stream, mode, vm, CAPABILITIES, || {})
 }
 
-/// [`hello`], calling `between` after the Hello is sent (a fault-injection hook).
+/// [`hello`] offering `capabilities` (a subset of [`CAPABILITIES`]), calling
+/// `between` after the Hello is sent (a fault-injection hook).
 pub fn hello_then<S: Read + Write>(
     stream: &mut S,
     mode: &str,
     vm: VmDescriptor,
+    capabilities: &[&str],
     between: impl FnOnce(),
 ) -> Result<Vec<String>> {
     wire::write_control(
@@ -110,7 +112,7 @@ pub fn hello_then<S: Read + Write>(
         &Message::Hello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
-            capabilities: CAPABILITIES.iter().map(|s| s.to_string()).collect(),
+            capabilities: capabilities.iter().map(|s| s.to_string()).collect(),
             mode: mode.to_string(),
             vm,
         },

@@ -72,6 +72,8 @@ pub fn receive(
     // Compressed batches (capability `zstd`): payload buffer and zstd context,
     // made at the first one.
     let mut zstd: Option<(wire::PageDecompressor, Vec<u8>)> = None;
+    // Multifd: the extra page streams, once the source has opened them.
+    let mut streams: Option<crate::multifd::Streams> = None;
     let state = loop {
         let h = wire::read_header(&mut r)?;
         tracing::trace!(kind = h.kind, len = h.body_len, "frame");
@@ -147,7 +149,33 @@ pub fn receive(
             Message::UrgentListen { port, job } => {
                 channel = Some(crate::postcopy::open_fault_channel(&out, port, job, tls)?);
             }
+            Message::StreamsListen { .. } if streams.is_some() => {
+                return Err(Error::Protocol("a second StreamsListen".into()))
+            }
+            Message::StreamsListen { port, job, count } => {
+                match crate::multifd::Streams::open(&out, port, job, count, tls, memfd, memory) {
+                    Ok(s) => {
+                        streams = Some(s);
+                        // Round 0 starts with its first page, not with the set-up.
+                        round_start = None;
+                    }
+                    Err(e) => {
+                        let reason = format!("page streams: {e}");
+                        let _ = wire::write_control(&mut out, &Message::Cancel { reason });
+                        return Err(e);
+                    }
+                }
+            }
+            Message::Barrier { seq } => {
+                let s = streams
+                    .as_mut()
+                    .ok_or_else(|| Error::Protocol("Barrier without page streams".into()))?;
+                let (pages, bytes) = s.barrier(seq)?;
+                stats.pages += pages;
+                stats.bytes += bytes;
+            }
             Message::PageMap { runs } => {
+                drop(streams);
                 drop(writer);
                 return crate::postcopy::receive(
                     prepared, r, out, runs, channel, tls, stats, on_running,
@@ -162,6 +190,7 @@ pub fn receive(
             }
         }
     };
+    drop(streams);
     drop(writer);
     let t = Instant::now();
     let vm = prepared.load(&state)?;
@@ -332,7 +361,7 @@ fn check_range(memory: u64, off: u64, n: u64) -> Result<()> {
 ///
 /// Writing through the file instead of the mapping avoids a user page fault per
 /// fresh page, which dominates on nested hosts (about 5 µs each on kvm-pvm).
-fn store_pages(memfd: &File, memory: u64, offsets: &[u64], data: &[u8]) -> Result<()> {
+pub(crate) fn store_pages(memfd: &File, memory: u64, offsets: &[u64], data: &[u8]) -> Result<()> {
     let page = PAGE_SIZE as usize;
     let mut i = 0;
     while i < offsets.len() {
@@ -351,7 +380,7 @@ fn store_pages(memfd: &File, memory: u64, offsets: &[u64], data: &[u8]) -> Resul
 
 /// Applies an XBZRLE delta to the page at `off` (which holds what the source
 /// sent of it before).
-fn apply_delta(memfd: &File, memory: u64, off: u64, delta: &[u8]) -> Result<()> {
+pub(crate) fn apply_delta(memfd: &File, memory: u64, off: u64, delta: &[u8]) -> Result<()> {
     check_range(memory, off, 1)?;
     let runs = crate::xbzrle::runs(delta)
         .map_err(|e| Error::Protocol(format!("delta for page {off:#x}: {e}")))?;
@@ -379,7 +408,7 @@ fn apply_delta(memfd: &File, memory: u64, off: u64, delta: &[u8]) -> Result<()> 
 }
 
 /// Makes `n` pages at `off` zero by punching them out of the memfd.
-fn zero_pages(memfd: &File, memory: u64, off: u64, n: u64) -> Result<()> {
+pub(crate) fn zero_pages(memfd: &File, memory: u64, off: u64, n: u64) -> Result<()> {
     check_range(memory, off, n)?;
     // SAFETY: fallocate on a descriptor we hold; the range was checked.
     let r = unsafe {

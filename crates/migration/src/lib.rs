@@ -24,6 +24,7 @@ pub mod incoming;
 pub mod lazy;
 pub mod memview;
 pub mod model;
+pub mod multifd;
 pub mod postcopy;
 pub mod precopy;
 pub mod probe;
@@ -68,6 +69,9 @@ pub enum Error {
     /// The destination lacks a capability the operator asked for.
     #[error("the destination does not support {0}")]
     Unsupported(String),
+    /// The operator's parameters are not acceptable.
+    #[error("{0}")]
+    Invalid(String),
     /// Setting up the (TLS) link failed.
     #[error(transparent)]
     Link(#[from] link::LinkError),

@@ -579,12 +579,28 @@ fn run(
     paused_at: &mut Option<Instant>,
     hybrid: bool,
 ) -> Result<Outcome> {
+    std::thread::scope(|scope| run_in(scope, vm, params, job, start, paused_at, hybrid))
+}
+
+/// [`run`], with hybrid's page stream threads (multifd) on `scope`.
+fn run_in<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    vm: &Vm,
+    params: &Params,
+    job: &'env Job,
+    start: Instant,
+    paused_at: &mut Option<Instant>,
+    hybrid: bool,
+) -> Result<Outcome> {
     let mode = if hybrid { "hybrid" } else { "postcopy" };
     let stream = precopy::open(vm, params, job, start, mode)?;
     let ram = vm.ram().clone();
     let mem = MemView::new(&ram);
     let pages = mem.pages();
     let mut tx = Sender::negotiated(stream.try_clone().map_err(io_err("socket"))?, &mem, job)?;
+    if hybrid {
+        crate::multifd::start(scope, &mut tx, &ram, params, job)?;
+    }
     job.update(|s| {
         s.prepaging_window = params.prepaging_window;
         s.fault_channel = params.fault_channel;
@@ -644,6 +660,8 @@ fn run(
                 )
             });
         }
+        // Each round ended at a barrier: the extra streams are done.
+        tx.pool = None;
         todo
     } else {
         vm.set_dirty_logging(true)?;

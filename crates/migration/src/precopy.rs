@@ -61,6 +61,9 @@ pub struct Params {
     pub tls: Option<TlsSetup>,
     /// Delta compression (XBZRLE) of re-sent pages: cache size in bytes, 0 off.
     pub xbzrle_cache: u64,
+    /// TCP streams for pre-copy page data, the main connection included
+    /// (capability `multifd`; 1..=16, 1: the main connection only).
+    pub streams: u32,
     /// Auto-converge: throttle the vCPUs step by step while the rounds do not
     /// catch up (an alternative to switching to post-copy).
     pub auto_converge: bool,
@@ -100,6 +103,7 @@ impl Params {
             xbzrle_cache: 0,
             compress: Compression::None,
             reorder: false,
+            streams: 1,
             auto: false,
             auto_converge: false,
             answer_timeout: Duration::from_secs(60),
@@ -149,6 +153,10 @@ pub struct Job {
     committed: Mutex<bool>,
     /// Fault injection: where to hold the migration (taken when reached).
     hold: Mutex<Option<Hold>>,
+    /// Bytes the extra page streams wrote since the last barrier (multifd).
+    pub(crate) stream_bytes: AtomicU64,
+    /// When the capped link is free again, for all page streams together.
+    pace_next: Mutex<Option<Instant>>,
 }
 
 impl Job {
@@ -256,6 +264,26 @@ impl Job {
         }
     }
 
+    /// [`Job::pace`] for several senders sharing the cap (multifd): each
+    /// reserves its slot under the lock, then sleeps until it.
+    pub(crate) fn pace_shared(&self, bytes: u64) {
+        let Some(cap) = self.max_bandwidth() else {
+            return;
+        };
+        let until = {
+            let mut next = self.pace_next.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let t = next.map_or(now, |n| n.max(now))
+                + Duration::from_secs_f64(bytes as f64 / cap as f64);
+            *next = Some(t);
+            t
+        };
+        let now = Instant::now();
+        if until > now {
+            std::thread::sleep(until - now);
+        }
+    }
+
     pub(crate) fn check_cancel(&self) -> Result<()> {
         if self.cancel.load(Ordering::Relaxed) {
             Err(Error::Cancelled)
@@ -292,6 +320,13 @@ pub(crate) struct Sender<'a> {
     pub(crate) zstd: Option<wire::PageCompressor>,
     /// zstd: the batch's pages, copied together for the compressor.
     zraw: Vec<u8>,
+    /// Multifd: the extra page streams (pages of other streams go there).
+    pub(crate) pool: Option<crate::multifd::Pool>,
+    /// Multifd: the bandwidth cap is shared with other senders.
+    pub(crate) shared_pace: bool,
+    /// Whether this sender sets the statistics' byte count (the main one
+    /// does, adding what the extra streams wrote).
+    pub(crate) report_bytes: bool,
 }
 
 impl<'a> Sender<'a> {
@@ -306,6 +341,12 @@ impl<'a> Sender<'a> {
 
     /// Queues page `pfn`: data if non-zero, a zero range otherwise (when `zeros` is set).
     pub(crate) fn queue(&mut self, pfn: u64, zeros: bool) -> Result<()> {
+        if let Some(pool) = &mut self.pool {
+            let s = pool.stream_of(pfn);
+            if s != 0 {
+                return pool.queue(s, pfn, zeros, self.throttle);
+            }
+        }
         let off = pfn * PAGE_SIZE;
         let page = self
             .mem
@@ -384,7 +425,7 @@ impl<'a> Sender<'a> {
                 s.xbzrle.bytes += sent;
             });
             if self.throttle {
-                self.job.pace(&mut self.next, sent);
+                self.pace(sent);
             }
         }
         if self.offsets.is_empty() {
@@ -440,19 +481,53 @@ impl<'a> Sender<'a> {
             }
             self.sent_before[w] |= 1 << b;
         }
-        let bytes = self.bytes;
+        let (bytes, report) = (self.bytes, self.report_bytes);
+        let streams = self.job.stream_bytes.load(Ordering::Relaxed);
         self.job.update(|s| {
             s.pages.sent += n;
             s.pages.resent += resent;
-            s.bytes = bytes;
+            if report {
+                s.bytes = bytes + streams;
+            }
         });
         if self.throttle {
-            self.job.pace(&mut self.next, frame_bytes);
+            self.pace(frame_bytes);
         }
         if let Some(k) = self.round {
             faults::hold(self.job, Phase::Round(k));
         }
         self.job.check_cancel()
+    }
+}
+
+impl Sender<'_> {
+    fn pace(&mut self, bytes: u64) {
+        if self.shared_pace {
+            self.job.pace_shared(bytes);
+        } else {
+            self.job.pace(&mut self.next, bytes);
+        }
+    }
+
+    /// Multifd barrier: sends what is queued on every stream, has each extra
+    /// stream mark its end, then says `Barrier` on the main connection (the
+    /// destination handles what follows only once every stream is stored).
+    /// Afterwards `bytes` counts every stream. Nothing without extra streams.
+    pub(crate) fn sync(&mut self) -> Result<()> {
+        if self.pool.is_none() {
+            return Ok(());
+        }
+        self.flush()?;
+        let throttle = self.throttle;
+        let seq = match &mut self.pool {
+            Some(pool) => pool.mark(throttle)?,
+            None => return Ok(()),
+        };
+        self.bytes += self.job.stream_bytes.swap(0, Ordering::SeqCst);
+        self.write_control(&Message::Barrier { seq })?;
+        let bytes = self.bytes;
+        self.job.update(|s| s.bytes = bytes);
+        Ok(())
     }
 }
 
@@ -710,6 +785,7 @@ pub(crate) fn open(
     start: Instant,
     mode: &str,
 ) -> Result<Link> {
+    crate::multifd::check_streams(params.streams as u64).map_err(Error::Invalid)?;
     let mut stream = connect(&params.to, params.tls.as_ref())?;
     job.register(&stream)?;
     job.check_cancel()?;
@@ -723,9 +799,23 @@ pub(crate) fn open(
         .map_err(io_err("socket timeout"))?;
     let cpuid = vm.cpuid(0);
     let desc = handshake::describe(&params.name, &cpuid, vm.config().memory, vm.config().vcpus);
-    let shared = handshake::hello_then(&mut stream, mode, desc, || {
+    // `multifd` only when asked for: one stream stays what it always was.
+    let caps: Vec<&str> = handshake::CAPABILITIES
+        .iter()
+        .copied()
+        .filter(|c| *c != "multifd" || params.streams > 1)
+        .collect();
+    let shared = handshake::hello_then(&mut stream, mode, desc, &caps, || {
         faults::hold(job, Phase::Handshake)
     })?;
+    let streams = crate::multifd::negotiated(mode, params.streams, &shared);
+    if streams < params.streams && mode != "postcopy" {
+        tracing::warn!(
+            asked = params.streams,
+            "the destination lacks multifd: falling back to 1 stream"
+        );
+    }
+    job.update(|s| s.streams = streams);
     // Delta compression only if asked for and the destination can decode it.
     if params.xbzrle_cache > 0 && shared.iter().any(|c| c == "xbzrle") {
         job.update(|s| s.xbzrle.cache_size = params.xbzrle_cache);
@@ -796,6 +886,9 @@ impl<'a> Sender<'a> {
             delta_bytes: 0,
             zstd: None,
             zraw: Vec::new(),
+            pool: None,
+            shared_pace: false,
+            report_bytes: true,
         }
     }
 
@@ -818,10 +911,23 @@ fn run(
     start: Instant,
     paused_at: &mut Option<Instant>,
 ) -> Result<Outcome> {
+    std::thread::scope(|scope| run_in(scope, vm, params, job, start, paused_at))
+}
+
+/// [`run`], with the page stream threads (multifd) on `scope`.
+fn run_in<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    vm: &Vm,
+    params: &Params,
+    job: &'env Job,
+    start: Instant,
+    paused_at: &mut Option<Instant>,
+) -> Result<Outcome> {
     let stream = open(vm, params, job, start, "precopy")?;
     let ram = vm.ram().clone();
     let mem = MemView::new(&ram);
     let mut tx = Sender::negotiated(stream.try_clone().map_err(io_err("socket"))?, &mem, job)?;
+    crate::multifd::start(scope, &mut tx, &ram, params, job)?;
     let (mut todo, round) = rounds(vm, params, job, &mut tx, params.max_rounds, false)?;
 
     // Stop-and-copy.
@@ -915,6 +1021,7 @@ pub(crate) fn rounds(
             for_each_set(&todo, |pfn| tx.queue(pfn, round > 0))?;
         }
         tx.flush()?;
+        tx.sync()?;
         tx.round = None;
         tx.write_control(&Message::RoundEnd { round })?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -1074,6 +1181,8 @@ pub(crate) fn stop_and_copy(
     tx.throttle = false; // the final copy is never throttled
     for_each_set(todo, |pfn| tx.queue(pfn, true))?;
     tx.flush()?;
+    tx.sync()?;
+    tx.pool = None; // the extra streams carry nothing more
     stamp(&mut phases.final_pages_us);
     faults::hold(job, Phase::Switch);
     if params.verify {

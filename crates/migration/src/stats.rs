@@ -205,6 +205,9 @@ pub struct MigrationStats {
     /// Dynamic page transfer reordering was on (`reorder`).
     #[serde(default)]
     pub reorder: bool,
+    /// TCP streams that carried pre-copy pages (multifd; 1: the main connection).
+    #[serde(default)]
+    pub streams: u32,
     /// Mode `auto`: what it chose and why.
     #[serde(default)]
     pub policy: String,

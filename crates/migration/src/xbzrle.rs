@@ -38,6 +38,13 @@ fn get_varint(b: &[u8], at: &mut usize) -> Result<usize, String> {
 /// Encodes `new` against `old`; None when the delta would exceed `limit` bytes.
 pub fn encode(old: &[u8], new: &[u8], limit: usize) -> Option<Vec<u8>> {
     debug_assert!(old.len() == PAGE && new.len() == PAGE);
+    // The delta holds every changed byte: if they alone are over the limit
+    // (a page rewritten whole), say so before encoding anything. This count
+    // vectorizes; the encoder below goes run by run.
+    let changed = old.iter().zip(new).filter(|(a, b)| a != b).count();
+    if changed > limit {
+        return None;
+    }
     let mut out = Vec::new();
     let mut i = 0;
     while i < PAGE {
@@ -115,6 +122,11 @@ pub struct Cache {
     /// The page each slot holds (`EMPTY`: none).
     tags: Vec<u64>,
     data: Box<[u8]>,
+    /// Interleaving (multifd): this cache sees only one chunk of every `ways`
+    /// chunks of `chunk` pages; the others' pfns are squeezed out of the slot
+    /// index so that every slot is used.
+    chunk: u64,
+    ways: u64,
 }
 
 const EMPTY: u64 = u64::MAX;
@@ -133,19 +145,34 @@ impl Cache {
             Some(data) => Cache {
                 tags: vec![EMPTY; slots],
                 data,
+                chunk: 1,
+                ways: 1,
             },
             None => {
                 tracing::warn!(bytes, "cannot allocate the XBZRLE cache: pages go whole");
                 Cache {
                     tags: Vec::new(),
                     data: Box::default(),
+                    chunk: 1,
+                    ways: 1,
                 }
             }
         }
     }
 
+    /// A cache for the pages of one of `ways` streams that take turns by
+    /// chunks of `chunk` pages (multifd's partition).
+    pub fn interleaved(bytes: u64, chunk: u64, ways: u64) -> Cache {
+        Cache {
+            chunk: chunk.max(1),
+            ways: ways.max(1),
+            ..Cache::new(bytes)
+        }
+    }
+
     fn slot(&self, pfn: u64) -> Option<usize> {
-        (!self.tags.is_empty()).then(|| (pfn % self.tags.len() as u64) as usize)
+        let index = (pfn / self.chunk / self.ways) * self.chunk + pfn % self.chunk;
+        (!self.tags.is_empty()).then(|| (index % self.tags.len() as u64) as usize)
     }
 
     /// The previous content of `pfn`, if cached.
@@ -235,6 +262,22 @@ mod tests {
         c.put(1, &vec![9; PAGE]);
         assert_eq!(c.get(1).unwrap()[0], 9);
         assert!(Cache::new(0).get(0).is_none());
+    }
+
+    #[test]
+    fn an_interleaved_cache_uses_every_slot() {
+        // Stream 1 of 4, chunks of 8 pages: pfns 8..16, 40..48, 72..80, ...
+        let mut c = Cache::interleaved(64 * PAGE_SIZE, 8, 4);
+        let page = vec![1u8; PAGE];
+        let mine: Vec<u64> = (0..256u64).filter(|p| p / 8 % 4 == 1).collect();
+        assert_eq!(mine.len(), 64);
+        for &pfn in &mine {
+            c.put(pfn, &page);
+        }
+        assert!(
+            mine.iter().all(|&p| c.get(p).is_some()),
+            "64 pages in 64 slots"
+        );
     }
 
     #[test]

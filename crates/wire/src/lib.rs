@@ -212,6 +212,37 @@ pub enum Message {
         /// (offset, delta) per page.
         pages: Vec<(u64, Vec<u8>)>,
     },
+    /// Source → destination (capability `multifd`, after `Prepared`): connect
+    /// back to the source's address on this port `count - 1` times for the
+    /// extra page streams.
+    StreamsListen {
+        /// TCP port the source listens on.
+        port: u16,
+        /// Token identifying this migration on that port.
+        job: u64,
+        /// Streams in all, the main connection included (2..=16).
+        count: u32,
+    },
+    /// Destination → source: first frame on an extra page stream.
+    StreamHello {
+        /// The token from `StreamsListen`.
+        job: u64,
+        /// Which stream this is (1..count).
+        index: u32,
+    },
+    /// Source → destination on an extra page stream: every page of this stream
+    /// before it has been sent (the stream's part of barrier `seq`).
+    StreamMark {
+        /// Barrier number, from 0.
+        seq: u32,
+    },
+    /// Source → destination on the main connection: handle what follows only
+    /// once every extra stream has delivered its `StreamMark{seq}` and every
+    /// page before it is stored.
+    Barrier {
+        /// Barrier number, from 0.
+        seq: u32,
+    },
 }
 
 /// The destination's account of a post-copy phase, carried in `PostcopyDone`.
@@ -269,6 +300,10 @@ impl Message {
             Message::RecoverHello { .. } => "RecoverHello",
             Message::Received { .. } => "Received",
             Message::Delta { .. } => "Delta",
+            Message::StreamsListen { .. } => "StreamsListen",
+            Message::StreamHello { .. } => "StreamHello",
+            Message::StreamMark { .. } => "StreamMark",
+            Message::Barrier { .. } => "Barrier",
         }
     }
 }
@@ -708,6 +743,14 @@ mod tests {
             Message::Received {
                 bitmap: vec![0, u64::MAX, 5],
             },
+            Message::StreamsListen {
+                port: 4244,
+                job: 9,
+                count: 4,
+            },
+            Message::StreamHello { job: 9, index: 3 },
+            Message::StreamMark { seq: 2 },
+            Message::Barrier { seq: 2 },
         ] {
             let f = encode_control(&m).unwrap();
             assert_eq!(decode_frame(&f).unwrap(), Frame::Control(m));

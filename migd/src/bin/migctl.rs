@@ -102,6 +102,10 @@ pub enum Cmd {
         /// with a cache of this size, e.g. 256M.
         #[arg(long, value_name = "SIZE", value_parser = migd::size::parse_size)]
         xbzrle_cache: Option<u64>,
+        /// Spread pre-copy page data over N TCP streams (1 to 16; multifd),
+        /// so that several cores share zero detection, encryption and stores.
+        #[arg(long, value_name = "N")]
+        streams: Option<u64>,
         /// Throttle the guest's vCPUs step by step (20 %, +10 % per round, up
         /// to 99 %) while pre-copy does not converge (QEMU's auto-converge).
         #[arg(long)]

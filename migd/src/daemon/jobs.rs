@@ -38,6 +38,9 @@ pub struct Job {
     /// Delta compression cache, bytes (None: off).
     #[serde(default)]
     pub xbzrle_cache: Option<u64>,
+    /// TCP streams for pre-copy pages (None: the VM process's default, 1).
+    #[serde(default)]
+    pub streams: Option<u32>,
     /// Throttle the vCPUs while pre-copy does not converge.
     #[serde(default)]
     pub auto_converge: bool,
@@ -84,6 +87,8 @@ pub struct MigrateRequest {
     pub no_fault_channel: bool,
     #[serde(default)]
     pub xbzrle_cache: Option<u64>,
+    #[serde(default)]
+    pub streams: Option<u64>,
     #[serde(default)]
     pub auto_converge: bool,
     #[serde(default)]
@@ -272,6 +277,11 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
     if let Some(c) = &req.compress {
         c.parse::<migration::compress::Compression>()?;
     }
+    let streams = req
+        .streams
+        .map(migration::multifd::check_streams)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     if !d.cfg.insecure && d.tls.is_none() {
         bail!(
             "migrations are disabled: configure TLS (tls_ca, tls_cert, tls_key, tls_peers) \
@@ -307,6 +317,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             prepaging_window: req.prepaging_window,
             no_fault_channel: req.no_fault_channel,
             xbzrle_cache: req.xbzrle_cache,
+            streams,
             auto_converge: req.auto_converge,
             compress: req.compress.clone(),
             reorder: req.reorder,
@@ -335,6 +346,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             "prepaging_window": job.prepaging_window,
             "fault_channel": !job.no_fault_channel,
             "xbzrle_cache": job.xbzrle_cache,
+            "streams": job.streams,
             "auto_converge": job.auto_converge,
             "compress": job.compress,
             "reorder": job.reorder,
@@ -542,6 +554,7 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
             prepaging_window: None,
             no_fault_channel: false,
             xbzrle_cache: None,
+            streams: None,
             auto_converge: false,
             compress: None,
             reorder: false,

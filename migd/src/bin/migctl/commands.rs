@@ -110,6 +110,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             prepaging_window,
             no_fault_channel,
             xbzrle_cache,
+            streams,
             auto_converge,
             compress,
             reorder,
@@ -124,7 +125,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 "cmd": "migrate", "name": name, "to": to, "mode": mode,
                 "max_downtime_ms": max_downtime, "max_bandwidth": max_bandwidth, "detach": true,
                 "prepaging_window": prepaging_window, "no_fault_channel": no_fault_channel,
-                "xbzrle_cache": xbzrle_cache, "auto_converge": auto_converge,
+                "xbzrle_cache": xbzrle_cache, "streams": streams,
+                "auto_converge": auto_converge,
                 "compress": compress, "reorder": reorder,
             }))?;
             let id = r["job"]
