@@ -4,7 +4,7 @@ testguest.elf), memory, vCPUs and workload, migrated over loopback by each
 system in turn, case by case; prints one markdown table with medians
 (min-max) and the migd/QEMU ratio per figure.
 
-  scripts/bench/vs_qemu.py [--runs N] [--only SUBSTRING] [--path P] [--install] [--json FILE]
+  scripts/bench/vs_qemu.py [--runs N] [--only SUBSTRING[|SUBSTRING...]] [--path P] [--install] [--json FILE]
 
 --path: loopback (default), veth (two network namespaces joined by a veth
 pair) or veth:<rate> (the same shaped with tc tbf, e.g. veth:1gbit,
@@ -150,9 +150,9 @@ def run_cases(runs, lim, path):
     ]
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
+        only = (sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else "").split("|")
         for i, (name, mem, wl, cpus, mode, cap, *rest) in enumerate(cases):
-            if only not in name:
+            if not any(o in name for o in only):
                 continue
             paused = bool(rest and rest[0])
             m, q = [], []
