@@ -168,6 +168,42 @@ fn cancel_and_killed_destination_leave_the_source_running() {
 }
 
 #[test]
+fn strict_downtime_fails_a_migration_that_cannot_converge() {
+    if !kvm_or_skip("strict_downtime_fails_a_migration_that_cannot_converge") {
+        return;
+    }
+    let dir = scratch("migrate-strict");
+    let src = VmProcess::boot(&dir, "src", "workload=dirty:16:0", "256M", 1);
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let port = free_port();
+    let dst_console = Console(dir.join("dst.console"));
+    let mut dst = VmProcess::incoming(&dir, "dst", &dst_console, port, "256M", 1);
+    // 16 MiB rewritten flat out, 16 MiB/s: every round leaves ~1 s of pause.
+    src.request(json!({
+        "cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1",
+        "max_bandwidth": 16 << 20, "strict_downtime": true
+    }));
+    let stats = src.wait_migration();
+    assert_eq!(stats["status"], "failed", "{stats}");
+    let e = stats["error"].as_str().unwrap();
+    assert!(
+        e.contains("pre-copy did not converge") && e.contains("over --max-downtime 300 ms"),
+        "{e}"
+    );
+    assert_ne!(
+        stats["stop_reason"], "expected downtime within max-downtime",
+        "{stats}"
+    );
+    assert!(stats["downtime_phases"].is_null(), "never paused: {stats}");
+    assert_ne!(dst.wait(Duration::from_secs(20)), 0, "destination gives up");
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
+    let n = console.last_heartbeat().unwrap_or(0);
+    console.wait_heartbeats(n, 2, Duration::from_secs(20));
+    console.assert_clean();
+}
+
+#[test]
 fn sigterm_during_a_migration_cancels_it_before_stopping() {
     if !kvm_or_skip("sigterm_during_a_migration_cancels_it_before_stopping") {
         return;

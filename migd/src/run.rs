@@ -646,6 +646,10 @@ fn start_migration(
         .get("reorder")
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
+    params.strict_downtime = req
+        .get("strict_downtime")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     if let Some(n) = req.get("streams").filter(|v| !v.is_null()) {
         let n = n
             .as_u64()

@@ -72,6 +72,10 @@ pub enum Error {
     /// The operator's parameters are not acceptable.
     #[error("{0}")]
     Invalid(String),
+    /// Pre-copy stopped without converging and `strict_downtime` forbids a
+    /// longer pause than `max_downtime`.
+    #[error("pre-copy did not converge: {0}")]
+    NotConverging(String),
     /// Setting up the (TLS) link failed.
     #[error(transparent)]
     Link(#[from] link::LinkError),

@@ -74,6 +74,10 @@ pub struct Params {
     /// send rarely dirtied pages first and skip the hot tail's pages that the
     /// dirty log shows dirtied again meanwhile.
     pub reorder: bool,
+    /// Pre-copy: when the rounds stop without converging (round limit, byte
+    /// budget, dirty set not shrinking) and the pause would exceed
+    /// `max_downtime`, fail (the VM runs on here) instead of stopping and copying.
+    pub strict_downtime: bool,
     /// Mode `auto`: pre-copy while it can converge, post-copy when it cannot
     /// (decided after each round from the measured dirty rate and bandwidth).
     pub auto: bool,
@@ -103,6 +107,7 @@ impl Params {
             xbzrle_cache: 0,
             compress: Compression::None,
             reorder: false,
+            strict_downtime: false,
             streams: 1,
             auto: false,
             auto_converge: false,
@@ -1009,6 +1014,7 @@ pub(crate) fn rounds(
     let mut bandwidth: f64 = 0.0; // bytes/s, measured
     let mut history: Vec<u64> = Vec::new();
     let stop_reason;
+    let mut expected_last_ms: f64;
     loop {
         let t0 = Instant::now();
         let b0 = tx.bytes;
@@ -1076,6 +1082,7 @@ pub(crate) fn rounds(
         } else {
             f64::INFINITY
         };
+        expected_last_ms = expected_ms;
         let sent_pages = job.snapshot().pages.sent - s0;
         job.update(|s| {
             s.rounds.push(RoundStats {
@@ -1145,6 +1152,17 @@ pub(crate) fn rounds(
         job.check_cancel()?;
     }
     job.update(|s| s.stop_reason = stop_reason.into());
+    let max_ms = params.max_downtime.as_secs_f64() * 1e3;
+    if params.strict_downtime && !switch && expected_last_ms > max_ms {
+        return Err(Error::NotConverging(format!(
+            "the rounds stopped ({stop_reason}) with {} MiB still dirty, about {:.0} ms of \
+             pause at the measured bandwidth, over --max-downtime {max_ms:.0} ms; the VM keeps \
+             running here. Try --mode auto or hybrid (post-copy), --auto-converge, \
+             a higher --max-downtime or more bandwidth",
+            popcount(&todo) * PAGE_SIZE >> 20,
+            expected_last_ms,
+        )));
+    }
     // What post-copy must still move: the dirty cold pages and every hot one.
     for (t, h) in todo.iter_mut().zip(&hot) {
         *t |= *h;

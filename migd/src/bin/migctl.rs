@@ -118,6 +118,11 @@ pub enum Cmd {
         /// dirtied again before their turn (dynamic page transfer reordering).
         #[arg(long)]
         reorder: bool,
+        /// Pre-copy: fail (the VM keeps running here) rather than pause the
+        /// guest longer than --max-downtime when the rounds stop without
+        /// converging (round limit, byte budget, dirty set not shrinking).
+        #[arg(long)]
+        strict_downtime: bool,
         /// Print the job id and return at once.
         #[arg(long)]
         detach: bool,

@@ -50,6 +50,9 @@ pub struct Job {
     /// Dynamic page transfer reordering in the pre-copy rounds.
     #[serde(default)]
     pub reorder: bool,
+    /// Pre-copy fails rather than pause longer than max-downtime.
+    #[serde(default)]
+    pub strict_downtime: bool,
     /// setup, active, postcopy-active, postcopy-paused, completed, failed or cancelled.
     pub status: String,
     /// Unix seconds.
@@ -95,6 +98,8 @@ pub struct MigrateRequest {
     pub compress: Option<String>,
     #[serde(default)]
     pub reorder: bool,
+    #[serde(default)]
+    pub strict_downtime: bool,
     #[serde(default)]
     pub detach: bool,
 }
@@ -321,6 +326,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             auto_converge: req.auto_converge,
             compress: req.compress.clone(),
             reorder: req.reorder,
+            strict_downtime: req.strict_downtime,
             status: "setup".into(),
             started: state::now(),
             ended: None,
@@ -350,6 +356,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             "auto_converge": job.auto_converge,
             "compress": job.compress,
             "reorder": job.reorder,
+            "strict_downtime": job.strict_downtime,
             "job": job.id,
         }),
         Duration::from_secs(10),
@@ -558,6 +565,7 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
             auto_converge: false,
             compress: None,
             reorder: false,
+            strict_downtime: false,
             status: status.clone(),
             started: state::now(),
             ended: None,

@@ -114,6 +114,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             auto_converge,
             compress,
             reorder,
+            strict_downtime,
             detach,
             json,
         } => {
@@ -128,6 +129,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 "xbzrle_cache": xbzrle_cache, "streams": streams,
                 "auto_converge": auto_converge,
                 "compress": compress, "reorder": reorder,
+                "strict_downtime": strict_downtime,
             }))?;
             let id = r["job"]
                 .as_str()

@@ -55,6 +55,19 @@ pub fn wait(socket: &Path, id: &str, memory: u64, as_json: bool) -> Result<ExitC
         print!("{}", format::stats(&job["stats"]));
     }
     if status == "completed" {
+        // The rounds may stop without converging (round limit, byte budget,
+        // dirty set not shrinking): the pause then outlasts --max-downtime.
+        let (down, max) = (
+            job["stats"]["downtime_ms"].as_f64().unwrap_or(0.0),
+            job["max_downtime_ms"].as_f64().unwrap_or(f64::INFINITY),
+        );
+        if down > max {
+            eprintln!(
+                "warning: the guest was paused {down:.0} ms, over --max-downtime {max:.0} ms \
+                 (pre-copy stopped: {}); --strict-downtime fails such a migration instead",
+                format::opt(&job["stats"]["stop_reason"])
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     }
     match job["error"].as_str().or(job["stats"]["error"].as_str()) {
