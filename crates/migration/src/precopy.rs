@@ -1159,7 +1159,7 @@ pub(crate) fn rounds(
              pause at the measured bandwidth, over --max-downtime {max_ms:.0} ms; the VM keeps \
              running here. Try --mode auto or hybrid (post-copy), --auto-converge, \
              a higher --max-downtime or more bandwidth",
-            popcount(&todo) * PAGE_SIZE >> 20,
+            (popcount(&todo) * PAGE_SIZE) >> 20,
             expected_last_ms,
         )));
     }
