@@ -26,8 +26,30 @@ pub struct Job {
     pub id: String,
     pub vm: String,
     pub to: String,
+    /// What the job was started with (flattened: the fields of `migrate`).
+    #[serde(flatten)]
+    pub opts: MigrateOptions,
+    /// setup, active, postcopy-active, postcopy-paused, completed, failed or cancelled.
+    pub status: String,
+    /// Unix seconds.
+    pub started: u64,
+    pub ended: Option<u64>,
+    pub error: Option<String>,
+    /// The statistics object of the VM process's `migration` reply.
+    pub stats: Value,
+}
+
+/// The options of a migration, as `migrate` takes them and a job keeps them.
+/// A new option is a field here, a flag in migctl and a key the VM process
+/// reads (migd/src/run.rs); the daemon passes them all on.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct MigrateOptions {
+    #[serde(default = "default_mode")]
     pub mode: String,
+    #[serde(default = "default_downtime")]
     pub max_downtime_ms: u64,
+    /// Bandwidth cap, bytes/s (None: only the host-wide share, if any).
+    #[serde(default)]
     pub max_bandwidth: Option<u64>,
     /// Post-copy: pages sent with each demanded one (the VM process's default if unset).
     #[serde(default)]
@@ -38,9 +60,9 @@ pub struct Job {
     /// Delta compression cache, bytes (None: off).
     #[serde(default)]
     pub xbzrle_cache: Option<u64>,
-    /// TCP streams for pre-copy pages (None: the VM process's default, 1).
+    /// TCP streams for pre-copy pages, 1..=16 (None: 1).
     #[serde(default)]
-    pub streams: Option<u32>,
+    pub streams: Option<u64>,
     /// Throttle the vCPUs while pre-copy does not converge.
     #[serde(default)]
     pub auto_converge: bool,
@@ -53,14 +75,28 @@ pub struct Job {
     /// Pre-copy fails rather than pause longer than max-downtime.
     #[serde(default)]
     pub strict_downtime: bool,
-    /// setup, active, postcopy-active, postcopy-paused, completed, failed or cancelled.
-    pub status: String,
-    /// Unix seconds.
-    pub started: u64,
-    pub ended: Option<u64>,
-    pub error: Option<String>,
-    /// The statistics object of the VM process's `migration` reply.
-    pub stats: Value,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        // The defaults of `migrate` with no options.
+        serde_json::from_value(json!({}))
+            .unwrap_or_else(|_| unreachable!("every field has a default"))
+    }
+}
+
+impl MigrateOptions {
+    /// The VM process's `migrate` request for job `id` to `to`, with the
+    /// bandwidth cap `cap` (the job's own or its share of the host's).
+    fn vm_request(&self, id: &str, to: &str, cap: Option<u64>) -> Value {
+        let mut req = serde_json::to_value(self).unwrap_or_else(|_| json!({}));
+        req["cmd"] = json!("migrate");
+        req["to"] = json!(to);
+        req["job"] = json!(id);
+        req["max_bandwidth"] = json!(cap);
+        req["fault_channel"] = json!(!self.no_fault_channel);
+        req
+    }
 }
 
 impl Job {
@@ -78,28 +114,8 @@ fn is_final(status: &str) -> bool {
 pub struct MigrateRequest {
     pub name: String,
     pub to: String,
-    #[serde(default = "default_mode")]
-    pub mode: String,
-    #[serde(default = "default_downtime")]
-    pub max_downtime_ms: u64,
-    #[serde(default)]
-    pub max_bandwidth: Option<u64>,
-    #[serde(default)]
-    pub prepaging_window: Option<u32>,
-    #[serde(default)]
-    pub no_fault_channel: bool,
-    #[serde(default)]
-    pub xbzrle_cache: Option<u64>,
-    #[serde(default)]
-    pub streams: Option<u64>,
-    #[serde(default)]
-    pub auto_converge: bool,
-    #[serde(default)]
-    pub compress: Option<String>,
-    #[serde(default)]
-    pub reorder: bool,
-    #[serde(default)]
-    pub strict_downtime: bool,
+    #[serde(flatten)]
+    pub opts: MigrateOptions,
     #[serde(default)]
     pub detach: bool,
 }
@@ -127,8 +143,20 @@ fn check_target(to: &str) -> Result<()> {
     Ok(())
 }
 
-/// Refuses absurd parameters before anything moves.
-fn check_limits(req: &MigrateRequest) -> Result<()> {
+/// Refuses unknown and absurd parameters before anything moves.
+fn check_limits(req: &MigrateOptions) -> Result<()> {
+    if !MODES.contains(&req.mode.as_str()) {
+        bail!(
+            "unknown mode '{}': use precopy, postcopy, hybrid or auto",
+            req.mode.escape_debug()
+        );
+    }
+    if let Some(c) = &req.compress {
+        c.parse::<migration::compress::Compression>()?;
+    }
+    if let Some(n) = req.streams {
+        migration::multifd::check_streams(n).map_err(anyhow::Error::msg)?;
+    }
     if req.max_downtime_ms == 0 {
         bail!("max-downtime must be at least 1 ms: no migration can pause a VM for 0 ms");
     }
@@ -243,7 +271,7 @@ fn shares(d: &Daemon) -> Vec<(String, String, Option<u64>)> {
     active
         .iter()
         .map(|j| {
-            let cap = match (j.max_bandwidth, share) {
+            let cap = match (j.opts.max_bandwidth, share) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -272,21 +300,7 @@ async fn rebalance(d: &Daemon) {
 pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
     state::check_name(&req.name).map_err(anyhow::Error::msg)?;
     check_target(&req.to)?;
-    check_limits(&req)?;
-    if !MODES.contains(&req.mode.as_str()) {
-        bail!(
-            "unknown mode '{}': use precopy, postcopy, hybrid or auto",
-            req.mode.escape_debug()
-        );
-    }
-    if let Some(c) = &req.compress {
-        c.parse::<migration::compress::Compression>()?;
-    }
-    let streams = req
-        .streams
-        .map(migration::multifd::check_streams)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
+    check_limits(&req.opts)?;
     if !d.cfg.insecure && d.tls.is_none() {
         bail!(
             "migrations are disabled: configure TLS (tls_ca, tls_cert, tls_key, tls_peers) \
@@ -316,22 +330,12 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             id: id.clone(),
             vm: req.name.clone(),
             to: req.to.clone(),
-            mode: req.mode.clone(),
-            max_downtime_ms: req.max_downtime_ms,
-            max_bandwidth: req.max_bandwidth,
-            prepaging_window: req.prepaging_window,
-            no_fault_channel: req.no_fault_channel,
-            xbzrle_cache: req.xbzrle_cache,
-            streams,
-            auto_converge: req.auto_converge,
-            compress: req.compress.clone(),
-            reorder: req.reorder,
-            strict_downtime: req.strict_downtime,
+            opts: req.opts.clone(),
             status: "setup".into(),
             started: state::now(),
             ended: None,
             error: None,
-            stats: json!({"id": id, "vm": req.name, "mode": req.mode, "outcome": null, "error": null}),
+            stats: json!({"id": id, "vm": req.name, "mode": req.opts.mode, "outcome": null, "error": null}),
         };
         reg.jobs.insert(id, job.clone());
         job
@@ -343,22 +347,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
         .and_then(|(_, _, cap)| cap);
     let sent = vm_call(
         &sock,
-        &json!({
-            "cmd": "migrate",
-            "to": job.to,
-            "mode": job.mode,
-            "max_downtime_ms": job.max_downtime_ms,
-            "max_bandwidth": cap,
-            "prepaging_window": job.prepaging_window,
-            "fault_channel": !job.no_fault_channel,
-            "xbzrle_cache": job.xbzrle_cache,
-            "streams": job.streams,
-            "auto_converge": job.auto_converge,
-            "compress": job.compress,
-            "reorder": job.reorder,
-            "strict_downtime": job.strict_downtime,
-            "job": job.id,
-        }),
+        &job.opts.vm_request(&job.id, &job.to, cap),
         Duration::from_secs(10),
     )
     .await;
@@ -371,7 +360,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
         bail!("VM '{}' refused the migration: {e:#}", job.vm);
     }
     persist(d, &job);
-    tracing::info!(job = %job.id, vm = %job.vm, to = %job.to, mode = %job.mode, max_bandwidth = ?cap, "migration started");
+    tracing::info!(job = %job.id, vm = %job.vm, to = %job.to, mode = %job.opts.mode, max_bandwidth = ?cap, "migration started");
     rebalance(d).await;
     spawn_tracker(d.clone(), job.id.clone(), job.vm.clone());
     if req.detach {
@@ -555,17 +544,10 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
             id: id.clone(),
             vm: vm.to_string(),
             to: stats["to"].as_str().unwrap_or("?").to_string(),
-            mode: stats["mode"].as_str().unwrap_or("?").to_string(),
-            max_downtime_ms: DEFAULT_MAX_DOWNTIME_MS,
-            max_bandwidth: None,
-            prepaging_window: None,
-            no_fault_channel: false,
-            xbzrle_cache: None,
-            streams: None,
-            auto_converge: false,
-            compress: None,
-            reorder: false,
-            strict_downtime: false,
+            opts: MigrateOptions {
+                mode: stats["mode"].as_str().unwrap_or("?").to_string(),
+                ..MigrateOptions::default()
+            },
             status: status.clone(),
             started: state::now(),
             ended: None,
@@ -624,5 +606,44 @@ mod tests {
         );
         let r = json!({"ok": true, "status": "active", "stats": {"bytes": 7}});
         assert_eq!(stats_of(&r), json!({"bytes": 7}));
+    }
+
+    #[test]
+    fn options_are_flat_in_requests_jobs_and_the_vm_request() {
+        let d = MigrateOptions::default();
+        assert_eq!((d.mode.as_str(), d.max_downtime_ms), ("precopy", 300));
+        let req: MigrateRequest = serde_json::from_value(json!({
+            "name": "vm1", "to": "h:1", "mode": "hybrid", "streams": 2,
+            "no_fault_channel": true, "compress": "zstd:3", "detach": true
+        }))
+        .expect("request");
+        assert_eq!(req.opts.mode, "hybrid");
+        assert_eq!(req.opts.streams, Some(2));
+        assert!(req.detach && req.opts.no_fault_channel);
+        let job = Job {
+            id: "job1".into(),
+            vm: "vm1".into(),
+            to: "h:1".into(),
+            opts: req.opts.clone(),
+            status: "setup".into(),
+            started: 0,
+            ended: None,
+            error: None,
+            stats: json!({}),
+        };
+        // Job files and `migctl job --json` keep the options at the top level.
+        let v = serde_json::to_value(&job).expect("job");
+        assert_eq!(v["mode"], "hybrid");
+        assert_eq!(v["compress"], "zstd:3");
+        let back: Job = serde_json::from_value(v).expect("job back");
+        assert_eq!(back.opts.streams, Some(2));
+        // The VM process gets the cap it is given and a fault_channel flag.
+        let r = job.opts.vm_request("job1", "h:1", Some(7));
+        assert_eq!(r["cmd"], "migrate");
+        assert_eq!(r["job"], "job1");
+        assert_eq!(r["max_bandwidth"], 7);
+        assert_eq!(r["fault_channel"], false);
+        assert_eq!(r["streams"], 2);
+        assert_eq!(r["max_downtime_ms"], 300);
     }
 }

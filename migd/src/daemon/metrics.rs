@@ -60,7 +60,7 @@ impl Metrics {
     pub fn migration_ended(&self, job: &Job) {
         let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         *c.migrations
-            .entry((job.status.clone(), job.mode.clone()))
+            .entry((job.status.clone(), job.opts.mode.clone()))
             .or_default() += 1;
         if let Some(b) = job.stats["bytes"].as_u64() {
             c.bytes = c.bytes.saturating_add(b);
