@@ -119,9 +119,7 @@ fn strike(fault: Fault, src: &VmProcess, dst: &VmProcess) -> Value {
 fn assert_source_runs(src: &VmProcess, cell: &str) {
     let st = src.request(json!({"cmd": "status"}));
     assert_eq!(st["state"], "running", "{cell}: {st}");
-    let n = src.console.last_heartbeat().unwrap_or(0);
-    src.console.wait_heartbeats(n, 2, Duration::from_secs(30));
-    src.console.assert_clean();
+    src.console.assert_runs_on(2, Duration::from_secs(30));
 }
 
 fn report(phase: &str, fault: Fault, outcome: &str, source: &str, ms: u128, r: &Value) {
@@ -227,9 +225,7 @@ fn post_go(fault: Fault, phase: &str) {
         assert_eq!(r["status"], "completed", "{cell}: {r}");
         assert_eq!(src.request(json!({"cmd": "status"}))["state"], "migrated");
         assert_eq!(dst.request(json!({"cmd": "status"}))["state"], "running");
-        let n = src.console.last_heartbeat().unwrap_or(0);
-        src.console.wait_heartbeats(n, 2, Duration::from_secs(30));
-        src.console.assert_clean();
+        src.console.assert_runs_on(2, Duration::from_secs(30));
         let outcome = format!("completed(recoveries={})", r["recoveries"]);
         report(phase, fault, &outcome, "migrated", ms, &r);
         assert_eq!(dst.terminate(), 0);

@@ -118,9 +118,7 @@ fn refused_and_unreachable_destinations_leave_the_source_running() {
     );
     // The source runs on, intact.
     assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
-    let n = console.last_heartbeat().unwrap_or(0);
-    console.wait_heartbeats(n, 2, Duration::from_secs(20));
-    console.assert_clean();
+    console.assert_runs_on(2, Duration::from_secs(20));
 }
 
 #[test]
@@ -161,9 +159,7 @@ fn cancel_and_killed_destination_leave_the_source_running() {
             "{how}: destination gives up"
         );
         assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
-        let n = console.last_heartbeat().unwrap_or(0);
-        console.wait_heartbeats(n, 2, Duration::from_secs(20));
-        console.assert_clean();
+        console.assert_runs_on(2, Duration::from_secs(20));
     }
 }
 
@@ -198,9 +194,7 @@ fn strict_downtime_fails_a_migration_that_cannot_converge() {
     assert!(stats["downtime_phases"].is_null(), "never paused: {stats}");
     assert_ne!(dst.wait(Duration::from_secs(20)), 0, "destination gives up");
     assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
-    let n = console.last_heartbeat().unwrap_or(0);
-    console.wait_heartbeats(n, 2, Duration::from_secs(20));
-    console.assert_clean();
+    console.assert_runs_on(2, Duration::from_secs(20));
 }
 
 #[test]
@@ -295,9 +289,7 @@ fn xbzrle_sends_deltas_of_sparsely_rewritten_pages() {
         db * 2 <= pb,
         "delta compression sent {db} bytes against {pb} without: {delta}"
     );
-    let before = console.last_heartbeat().unwrap_or(0);
-    console.wait_heartbeats(before, 2, Duration::from_secs(30));
-    console.assert_clean();
+    console.assert_runs_on(2, Duration::from_secs(30));
     assert_eq!(c.terminate(), 0);
 }
 
@@ -317,10 +309,7 @@ fn auto_mode_stays_pre_copy_when_it_converges() {
     let policy = stats["policy"].as_str().unwrap();
     assert!(policy.starts_with("pre-copy"), "{stats}");
     assert_eq!(stats["pages"]["expected"], 0, "no post-copy phase: {stats}");
-    let before = b.console.last_heartbeat().unwrap_or(0);
-    b.console
-        .wait_heartbeats(before, 2, Duration::from_secs(30));
-    b.console.assert_clean();
+    b.console.assert_runs_on(2, Duration::from_secs(30));
     assert_eq!(b.terminate(), 0);
 }
 
@@ -348,10 +337,7 @@ fn auto_converge_throttles_until_pre_copy_converges() {
         "{stats}"
     );
     // Throttling ends with the migration: the guest runs at full speed on B.
-    let before = b.console.last_heartbeat().unwrap_or(0);
-    b.console
-        .wait_heartbeats(before, 3, Duration::from_secs(30));
-    b.console.assert_clean();
+    b.console.assert_runs_on(3, Duration::from_secs(30));
     assert_eq!(b.terminate(), 0);
 }
 
@@ -449,10 +435,7 @@ fn zstd_compresses_compressible_pages_and_bad_values_are_refused() {
         stats["bytes"].as_u64().unwrap() * 3 < raw,
         "bytes on the wire: {stats}"
     );
-    let before = b.console.last_heartbeat().unwrap_or(0);
-    b.console
-        .wait_heartbeats(before, 2, Duration::from_secs(30));
-    b.console.assert_clean();
+    b.console.assert_runs_on(2, Duration::from_secs(30));
     assert_eq!(b.terminate(), 0);
 }
 
@@ -486,9 +469,6 @@ fn reorder_skips_hot_pages_dirtied_again_before_their_turn() {
         stats["pages"]["skipped_redirtied"].as_u64().unwrap() > 0,
         "{stats}"
     );
-    let before = b.console.last_heartbeat().unwrap_or(0);
-    b.console
-        .wait_heartbeats(before, 2, Duration::from_secs(30));
-    b.console.assert_clean();
+    b.console.assert_runs_on(2, Duration::from_secs(30));
     assert_eq!(b.terminate(), 0);
 }

@@ -130,6 +130,14 @@ impl Console {
         );
     }
 
+    /// The guest runs on here: `more` heartbeats after the last one seen so
+    /// far, within `timeout`, and no corruption line.
+    pub fn assert_runs_on(&self, more: u64, timeout: Duration) {
+        let last = self.last_heartbeat().unwrap_or(0);
+        self.wait_heartbeats(last, more, timeout);
+        self.assert_clean();
+    }
+
     /// The `CLOCK STEP ms=` values reported so far.
     pub fn clock_steps(&self) -> Vec<u64> {
         self.text()
