@@ -86,11 +86,8 @@ def main():
                 "errors": "; ".join(sorted({r.get("error") or "" for r in res if r["status"] != "completed"})),
             })
             print(f"{name}: done", file=sys.stderr)
-    keys = list(rows[0].keys())
     print(f"## Post-copy and hybrid over loopback (median (min-max) of {runs})\n")
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+    bench.print_table(rows)
     if "--json" in sys.argv:
         with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
             json.dump(rows, f, indent=1)

@@ -190,10 +190,7 @@ def run_cases(runs, lim, path):
           f"over {path.name} (median (min-max) of {runs}; TCP over that path {path_tcp} Gbit/s, "
           f"loopback TCP {lim['loopback_tcp_gbit_per_s']} Gbit/s, "
           f"memcpy {lim['memcpy_gbytes_per_s']} GB/s in the same run)\n")
-    keys = list(rows[0].keys())
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+    bench.print_table(rows)
     if "--json" in sys.argv:
         with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
             json.dump(rows, f, indent=1)
