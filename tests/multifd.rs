@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -147,38 +146,10 @@ fn two_streams_over_tls() {
     }
     let dir = scratch("multifd-tls");
     let certs = dir.join("certs");
-    let out = Command::new("bash")
-        .arg(repo().join("scripts/make-certs.sh"))
-        .arg(&certs)
-        .args(["host-a=127.0.0.1", "host-b=127.0.0.1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let flags = |me: &str, peer: &str| -> Vec<String> {
-        vec![
-            "--tls-ca".into(),
-            certs.join("ca.pem").to_string_lossy().into_owned(),
-            "--tls-cert".into(),
-            certs
-                .join(format!("{me}.pem"))
-                .to_string_lossy()
-                .into_owned(),
-            "--tls-key".into(),
-            certs
-                .join(format!("{me}.key"))
-                .to_string_lossy()
-                .into_owned(),
-            "--tls-peer".into(),
-            peer.into(),
-        ]
-    };
-    let a = flags("host-a", "host-b");
+    make_certs(&certs, &["host-a=127.0.0.1", "host-b=127.0.0.1"]);
+    let a = tls_flags(&certs, "host-a", &["host-b"]);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let b = flags("host-b", "host-a");
+    let b = tls_flags(&certs, "host-b", &["host-a"]);
     let b: Vec<&str> = b.iter().map(String::as_str).collect();
     let src = VmProcess::boot_with(&dir, "src", "workload=dirty:32:0", "256M", 2, &a);
     src.console

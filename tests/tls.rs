@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::daemon::*;
@@ -17,48 +16,12 @@ use serde_json::Value;
 /// A CA with hosts a, b and c, and a stranger's CA with its own host-a.
 fn certs(dir: &Path) -> PathBuf {
     let certs = dir.join("certs");
-    let script = repo().join("scripts/make-certs.sh");
-    for args in [
-        vec![
-            certs.to_str().unwrap().to_string(),
-            "host-a=127.0.0.1".into(),
-            "host-b=127.0.0.1".into(),
-            "host-c=127.0.0.1".into(),
-        ],
-        vec![
-            certs.join("other").to_str().unwrap().to_string(),
-            "host-a=127.0.0.1".into(),
-        ],
-    ] {
-        let out = Command::new("bash")
-            .arg(&script)
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    make_certs(
+        &certs,
+        &["host-a=127.0.0.1", "host-b=127.0.0.1", "host-c=127.0.0.1"],
+    );
+    make_certs(&certs.join("other"), &["host-a=127.0.0.1"]);
     certs
-}
-
-fn tls_flags(certs: &Path, ca_dir: &str, host: &str, peers: &[&str]) -> Vec<String> {
-    let d = certs.join(ca_dir);
-    let mut f = vec![
-        "--tls-ca".to_string(),
-        d.join("ca.pem").to_string_lossy().into_owned(),
-        "--tls-cert".into(),
-        d.join(format!("{host}.pem")).to_string_lossy().into_owned(),
-        "--tls-key".into(),
-        d.join(format!("{host}.key")).to_string_lossy().into_owned(),
-    ];
-    for p in peers {
-        f.push("--tls-peer".into());
-        f.push(p.to_string());
-    }
-    f
 }
 
 fn start(dir: &Path, tag: &str, flags: &[String]) -> Daemon {
@@ -101,8 +64,8 @@ fn migrations_over_mutually_authenticated_tls() {
     }
     let dir = scratch("tls");
     let certs = certs(&dir);
-    let a = start(&dir, "a", &tls_flags(&certs, "", "host-a", &["host-b"]));
-    let b = start(&dir, "b", &tls_flags(&certs, "", "host-b", &["host-a"]));
+    let a = start(&dir, "a", &tls_flags(&certs, "host-a", &["host-b"]));
+    let b = start(&dir, "b", &tls_flags(&certs, "host-b", &["host-a"]));
     let _ra = Reaper(a.state.clone());
     let _rb = Reaper(b.state.clone());
     let console = create(&a);
@@ -137,14 +100,14 @@ fn wrong_peers_are_refused_and_named() {
     let dir = scratch("tls-bad");
     let certs = certs(&dir);
     // B accepts only host-a.
-    let b = start(&dir, "b", &tls_flags(&certs, "", "host-b", &["host-a"]));
+    let b = start(&dir, "b", &tls_flags(&certs, "host-b", &["host-a"]));
     let plain = start(&dir, "plain", &["--insecure".to_string()]);
     let stranger = start(
         &dir,
         "stranger",
-        &tls_flags(&certs, "other", "host-a", &["host-b"]),
+        &tls_flags(&certs.join("other"), "host-a", &["host-b"]),
     );
-    let c = start(&dir, "c", &tls_flags(&certs, "", "host-c", &["host-b"]));
+    let c = start(&dir, "c", &tls_flags(&certs, "host-c", &["host-b"]));
     let reapers: Vec<_> = [&b, &plain, &stranger, &c]
         .iter()
         .map(|d| Reaper(d.state.clone()))

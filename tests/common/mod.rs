@@ -348,3 +348,43 @@ pub fn migd_output(args: &[&str]) -> (i32, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs scripts/make-certs.sh: a CA in `dir` and a certificate for each
+/// `NAME=IP` of `hosts`.
+pub fn make_certs(dir: &Path, hosts: &[&str]) {
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/make-certs.sh"))
+        .arg(dir)
+        .args(hosts)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `--tls-*` flags of `host`, whose CA and certificates are in `ca_dir`,
+/// accepting `peers`.
+pub fn tls_flags(ca_dir: &Path, host: &str, peers: &[&str]) -> Vec<String> {
+    let mut f = vec![
+        "--tls-ca".to_string(),
+        ca_dir.join("ca.pem").to_string_lossy().into_owned(),
+        "--tls-cert".into(),
+        ca_dir
+            .join(format!("{host}.pem"))
+            .to_string_lossy()
+            .into_owned(),
+        "--tls-key".into(),
+        ca_dir
+            .join(format!("{host}.key"))
+            .to_string_lossy()
+            .into_owned(),
+    ];
+    for p in peers {
+        f.push("--tls-peer".into());
+        f.push(p.to_string());
+    }
+    f
+}
