@@ -32,6 +32,7 @@ pub mod stats;
 pub mod throttle;
 pub mod uffd;
 pub mod xbzrle;
+mod zerocopy;
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,8 @@ use vmm::memory::{GuestRam, PAGE_SIZE};
 pub struct MemView {
     ranges: Vec<(u64, u64, usize)>, // (file_offset, len, host address)
     size: u64,
+    /// The memfd itself, for system calls that take a file (`sendfile`).
+    file: Option<std::fs::File>,
 }
 
 // SAFETY: the mappings stay valid while the GuestRam lives (callers keep it alive);
@@ -22,7 +24,13 @@ impl MemView {
                 .map(|(r, p)| (r.file_offset, r.len, p as usize))
                 .collect(),
             size: ram.size(),
+            file: ram.memfd().try_clone().ok(),
         }
+    }
+
+    /// The memfd behind the view (None if it could not be duplicated).
+    pub fn file(&self) -> Option<&std::fs::File> {
+        self.file.as_ref()
     }
 
     /// Total bytes.

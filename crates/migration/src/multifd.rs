@@ -26,7 +26,6 @@ use std::thread::{JoinHandle, Scope};
 use std::time::{Duration, Instant};
 
 use link::{Link, TlsSetup};
-use vmm::memory::PAGE_SIZE;
 use vmm::GuestRam;
 use wire::{Message, KIND_CONTROL};
 
@@ -540,6 +539,7 @@ impl Reader {
     /// Stores what arrives until the stream ends (an error, also for EOF).
     fn read(&self, r: &mut BufReader<Link>) -> Result<()> {
         let mut data = Vec::new();
+        let mut splicer = crate::incoming::splicer_for(r);
         // Compressed batches (capability `zstd`): context and payload buffer.
         let mut zstd: Option<(wire::PageDecompressor, Vec<u8>)> = None;
         let mut mark = Mark {
@@ -566,11 +566,15 @@ impl Reader {
             }
             if h.kind != KIND_CONTROL {
                 let offsets = wire::read_batch_offsets(r, h.body_len)?;
-                data.resize(offsets.len() * PAGE_SIZE as usize, 0);
-                r.read_exact(&mut data).map_err(wire::WireError::from)?;
-                crate::incoming::store_pages(&self.memfd, self.memory, &offsets, &data)?;
+                mark.bytes += crate::incoming::receive_pages(
+                    r,
+                    splicer.as_mut(),
+                    &self.memfd,
+                    self.memory,
+                    &offsets,
+                    &mut data,
+                )?;
                 mark.pages += offsets.len() as u64;
-                mark.bytes += data.len() as u64;
                 continue;
             }
             match wire::read_control_body(r, h.body_len)? {
@@ -610,6 +614,7 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmm::memory::PAGE_SIZE;
 
     #[test]
     fn partition_is_static_in_2mib_chunks() {
@@ -679,6 +684,7 @@ mod barrier_tests {
     use super::*;
     use std::io::Write;
     use std::net::TcpStream;
+    use vmm::memory::PAGE_SIZE;
 
     /// A destination's extra streams opened against a fake source: the main
     /// connection (destination end), the source's ends of the extra streams,

@@ -671,6 +671,7 @@ fn run_in<'scope, 'env>(
     // Post-copy pages travel raw: a fault waits for its page, and the
     // destination's fault path takes only raw batches.
     tx.zstd = None;
+    tx.zero_copy = false;
     // The fault channel: the destination connects back to us, so that it works
     // the same whoever accepted the main connection (`--incoming` or a daemon).
     // Without one, `UrgentListen` says port 0.

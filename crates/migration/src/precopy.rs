@@ -332,6 +332,10 @@ pub(crate) struct Sender<'a> {
     /// Whether this sender sets the statistics' byte count (the main one
     /// does, adding what the extra streams wrote).
     pub(crate) report_bytes: bool,
+    /// Raw page batches go by `sendfile` from the memfd (plaintext links,
+    /// without XBZRLE; see [`crate::zerocopy`]). Post-copy turns it off: its
+    /// destination copies every page through user space anyway.
+    pub(crate) zero_copy: bool,
 }
 
 impl<'a> Sender<'a> {
@@ -443,6 +447,11 @@ impl<'a> Sender<'a> {
             offsets.iter().filter_map(|&o| self.mem.page(o)).collect()
         };
         let n = offsets.len() as u64;
+        let mem = self.mem;
+        let zero_copy = match mem.file() {
+            Some(f) if self.zero_copy && self.xbzrle.is_none() => Some((mem, f)),
+            _ => None,
+        };
         let frame_bytes = match &mut self.zstd {
             Some(z) => {
                 // One copy of the pages: what is compressed is what the guest
@@ -461,8 +470,10 @@ impl<'a> Sender<'a> {
                     (b, payload.len() as u64)
                 } else {
                     // It did not shrink: raw is as small and saves the destination work.
-                    wire::write_pages(&mut self.stream, &offsets, &pages).map_err(stalled)?;
-                    (9 + n * (8 + PAGE_SIZE), raw)
+                    (
+                        write_raw(&mut self.stream, zero_copy, &offsets, &pages)?,
+                        raw,
+                    )
                 };
                 self.job.update(|s| {
                     s.compression.add(raw, wire);
@@ -470,10 +481,7 @@ impl<'a> Sender<'a> {
                 });
                 bytes
             }
-            None => {
-                wire::write_pages(&mut self.stream, &offsets, &pages).map_err(stalled)?;
-                9 + n * (8 + PAGE_SIZE)
-            }
+            None => write_raw(&mut self.stream, zero_copy, &offsets, &pages)?,
         };
         self.staged.clear();
         self.bytes += frame_bytes;
@@ -503,6 +511,27 @@ impl<'a> Sender<'a> {
         }
         self.job.check_cancel()
     }
+}
+
+/// Writes a raw page batch: `pages` (the data of `offsets`, as the cache or
+/// the mapping holds them) or, with `zero_copy` (guest memory and its memfd),
+/// the memfd's pages by `sendfile`. Returns the bytes on the wire.
+fn write_raw(
+    stream: &mut Link,
+    zero_copy: Option<(&MemView, &std::fs::File)>,
+    offsets: &[u64],
+    pages: &[&[u8]],
+) -> Result<u64> {
+    match zero_copy {
+        Some((mem, memfd)) => {
+            let header = wire::page_batch_header(offsets)?;
+            let runs = crate::incoming::page_runs(mem.size(), offsets)?;
+            crate::zerocopy::send_batch(stream.tcp(), memfd, &header, &runs)
+                .map_err(|e| stalled(wire::WireError::Io(e)))?;
+        }
+        None => wire::write_pages(stream, offsets, pages).map_err(stalled)?,
+    }
+    Ok(9 + offsets.len() as u64 * (8 + PAGE_SIZE))
 }
 
 impl Sender<'_> {
@@ -871,6 +900,7 @@ impl<'a> Sender<'a> {
     /// A sender on `stream` for the pages of `mem`.
     pub(crate) fn new(stream: Link, mem: &'a MemView, job: &'a Job) -> Self {
         Sender {
+            zero_copy: !stream.is_secure() && mem.file().is_some(),
             stream,
             mem,
             job,
