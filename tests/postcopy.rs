@@ -132,14 +132,15 @@ fn hybrid_two_vcpus() {
     // At most `postcopy_after_rounds` rounds run, and the destination holds
     // stale copies of pages dirtied since (they must fault again, not be read
     // stale). The guest sweeps its working set slowly, so the hot-page sampling
-    // before round 0 (at most 1 s) finds only part of it: the rest is
-    // pre-copied, and rewritten (re-sent) later.
+    // at the start of round 0 (at most 1 s) finds only part of it: the rest is
+    // pre-copied, and rewritten (re-sent) later. The link is slow enough for
+    // round 0 to outlast the sampling.
     let stats = migrate_once(
         "hybrid2",
         2,
         "workload=dirty:32:8",
         json!({"mode": "hybrid", "max_downtime_ms": 1, "postcopy_after_rounds": 3,
-               "max_bandwidth": 48 << 20}),
+               "max_bandwidth": 16 << 20}),
         |_, _| {},
     );
     assert_eq!(stats["mode"], "hybrid");
@@ -385,13 +386,15 @@ fn hybrid_with_zstd_and_reorder_compresses_the_rounds_only() {
         return;
     }
     // The rounds send compressed batches in reordered rounds; after the
-    // switch the pages travel raw, and every expected page arrives once.
+    // switch the pages travel raw, and every expected page arrives once. The
+    // link is slow enough (for pages that shrink tenfold) for round 0 to
+    // outlast the hot-page sampling, so that later rounds have pages to send.
     let stats = migrate_once(
         "hybrid-zstd",
         1,
         "workload=dirty:32:8 pattern=compressible hot=10",
         json!({"mode": "hybrid", "max_downtime_ms": 1, "postcopy_after_rounds": 3,
-               "max_bandwidth": 16 << 20, "compress": "zstd", "reorder": true}),
+               "max_bandwidth": 1 << 20, "compress": "zstd", "reorder": true}),
         |_, _| {},
     );
     let c = &stats["compression"];
@@ -432,4 +435,35 @@ fn auto_mode_switches_to_post_copy_when_pre_copy_cannot_converge() {
     let policy = stats["policy"].as_str().unwrap();
     assert!(policy.starts_with("post-copy after"), "{stats}");
     assert_eq!(stats["rounds"].as_array().unwrap().len(), 1, "{stats}");
+}
+
+#[test]
+fn auto_mode_leaves_a_working_set_still_growing_to_post_copy() {
+    if !kvm_or_skip("auto_mode_leaves_a_working_set_still_growing_to_post_copy") {
+        return;
+    }
+    // 64 MiB swept at 16 MiB/s over a 16 MiB/s link: the sampling at the start
+    // of round 0 (which sends meanwhile) still finds new pages when a tenth of
+    // memory has gone, so round 0 ends there and post-copy moves the rest once.
+    let stats = migrate_once(
+        "auto-cut",
+        1,
+        "workload=dirty:64:16",
+        json!({"mode": "auto", "max_bandwidth": 16 << 20}),
+        |_, _| {},
+    );
+    let policy = stats["policy"].as_str().unwrap();
+    assert!(policy.contains("still growing"), "{stats}");
+    assert_eq!(stats["rounds"].as_array().unwrap().len(), 1, "{stats}");
+    // A tenth of ~65 MiB, plus the batch that crossed the budget.
+    let round0 = stats["rounds"][0]["bytes"].as_u64().unwrap();
+    assert!(round0 <= 8 << 20, "round 0 went past its budget: {stats}");
+    let deferred = stats["pages"]["deferred"].as_u64().unwrap();
+    assert!(deferred >= (56 << 20) / 4096, "{stats}");
+    // Each page about once: at most 1.2 × the ~65 MiB that hold data.
+    let sent = stats["bytes"].as_u64().unwrap();
+    assert!(
+        sent < 78 << 20,
+        "{sent} bytes for a 64 MiB working set: {stats}"
+    );
 }

@@ -9,7 +9,14 @@ use wire::{Message, VmDescriptor, MAGIC, PROTOCOL_VERSION};
 use crate::{Error, Result};
 
 /// Capabilities this build supports.
-pub const CAPABILITIES: &[&str] = &["zero-ranges", "precopy", "xbzrle", "zstd", "multifd"];
+pub const CAPABILITIES: &[&str] = &[
+    "zero-ranges",
+    "precopy",
+    "xbzrle",
+    "zstd",
+    "multifd",
+    "sync",
+];
 
 /// A Hello as the destination sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -135,6 +135,10 @@ pub fn receive(
                     apply_delta(memfd, memory, off, &delta)?;
                 }
             }
+            Message::Sync { seq } => {
+                // Everything before it is stored (control messages wait for the writer).
+                wire::write_control(&mut out, &Message::Synced { seq })?;
+            }
             Message::RoundEnd { round } => {
                 stats.rounds = round + 1;
                 if let Some((t, p)) = round_start.take() {

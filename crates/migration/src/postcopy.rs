@@ -60,7 +60,7 @@ use wire::{Message, PostcopyReport, KIND_CONTROL, MAX_BATCH_PAGES};
 use crate::faults::{self, Phase};
 use crate::incoming::IncomingStats;
 use crate::memview::MemView;
-use crate::precopy::{self, for_each_set, popcount, Job, Outcome, Params, Sender};
+use crate::precopy::{self, popcount, to_runs, Job, Outcome, Params, Sender};
 use crate::stats::{DowntimePhases, FaultStats};
 use crate::{io_err, Error, Result};
 
@@ -81,19 +81,6 @@ fn pages_as_bytes(p: &mut [Page]) -> &mut [u8] {
 
 fn bit(bits: &[u64], pfn: u64) -> bool {
     bits[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
-}
-
-fn to_runs(bits: &[u64]) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    let _ = for_each_set(bits, |pfn| {
-        let off = pfn * PAGE_SIZE;
-        match runs.last_mut() {
-            Some((o, n)) if *o + *n * PAGE_SIZE == off => *n += 1,
-            _ => runs.push((off, 1)),
-        }
-        Ok(())
-    });
-    runs
 }
 
 // ---------------------------------------------------------------------------
@@ -652,9 +639,9 @@ fn run_in<'scope, 'env>(
             }
             job.update(|s| {
                 s.policy = format!(
-                    "post-copy after {round} round(s): {} ({:.0} MiB of pages rewritten \
-                     while sampled before round 0; outside them the guest dirtied {rate:.0} \
-                     MB/s against {bw:.0} MB/s of bandwidth)",
+                    "post-copy after {round} round(s): {} ({:.0} MiB of pages left to \
+                     post-copy by the sampling at the start of round 0; outside them the \
+                     guest dirtied {rate:.0} MB/s against {bw:.0} MB/s of bandwidth)",
                     s.stop_reason,
                     s.pages.deferred as f64 * 4096.0 / (1 << 20) as f64
                 )

@@ -243,6 +243,18 @@ pub enum Message {
         /// Barrier number, from 0.
         seq: u32,
     },
+    /// Source → destination (capability `sync`), at the end of the rounds:
+    /// answer `Synced{seq}` once everything before this is in guest memory.
+    Sync {
+        /// Echoed in `Synced`.
+        seq: u32,
+    },
+    /// Destination → source: every page and message before `Sync{seq}` is
+    /// stored (the source pauses only now, so that none of it is downtime).
+    Synced {
+        /// From `Sync`.
+        seq: u32,
+    },
 }
 
 /// The destination's account of a post-copy phase, carried in `PostcopyDone`.
@@ -304,6 +316,8 @@ impl Message {
             Message::StreamHello { .. } => "StreamHello",
             Message::StreamMark { .. } => "StreamMark",
             Message::Barrier { .. } => "Barrier",
+            Message::Sync { .. } => "Sync",
+            Message::Synced { .. } => "Synced",
         }
     }
 }
@@ -751,6 +765,8 @@ mod tests {
             Message::StreamHello { job: 9, index: 3 },
             Message::StreamMark { seq: 2 },
             Message::Barrier { seq: 2 },
+            Message::Sync { seq: 3 },
+            Message::Synced { seq: 3 },
         ] {
             let f = encode_control(&m).unwrap();
             assert_eq!(decode_frame(&f).unwrap(), Frame::Control(m));
