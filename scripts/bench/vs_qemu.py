@@ -138,6 +138,7 @@ def run_cases(runs, lim, path):
         ("pre-copy, 1 GiB idle", "1G", "idle", 2, "precopy", None),
         ("pre-copy, 4 GiB idle", "4G", "idle", 2, "precopy", None),
         ("pre-copy, 1 GiB, 256 MiB flat out", "1G", "dirty:256:0", 1, "precopy", None),
+        ("1 GiB, 256 MiB flat out (migd --mode auto, QEMU pre-copy)", "1G", "dirty:256:0", 1, "auto", None),
         ("128 MiB/s cap, 1 GiB, 256 MiB flat out (migd --mode auto)", "1G", "dirty:256:0", 1, "precopy", CAP),
         ("post-copy, 1 GiB, 256 MiB flat out", "1G", "dirty:256:0", 1, "postcopy", None),
         ("pre-copy, 2 GiB, 1 GiB set at 100 MiB/s", "2G", "dirty:1024:100", 1, "precopy", None),
@@ -157,6 +158,7 @@ def run_cases(runs, lim, path):
             paused = bool(rest and rest[0])
             m, q = [], []
             for k in range(runs):
+                # A cap: migd decides for itself (QEMU: pre-copy under its default cap).
                 req = {"mode": "auto" if cap else ("precopy" if mode == "xbzrle" else mode)}
                 if mode == "xbzrle":
                     req["xbzrle_cache"] = XBZRLE_CACHE
