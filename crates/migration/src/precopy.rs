@@ -10,6 +10,7 @@
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 
 use link::{Link, TlsSetup};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -709,13 +710,7 @@ fn drain(sock: &TcpStream) {
     let outq = || {
         let mut n: libc::c_int = 0;
         // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int for a live socket.
-        let r = unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(sock),
-                libc::TIOCOUTQ,
-                &mut n,
-            )
-        };
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
         (r == 0).then_some(n.max(0) as u64)
     };
     let started = Instant::now();
