@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm::vcpu::RunControl;
 
@@ -32,18 +32,29 @@ impl Throttle {
         let thread = std::thread::Builder::new()
             .name("auto-converge".into())
             .spawn(move || {
+                // Pause time owed for a run window that lasted longer than
+                // asked (this thread woke late, on a loaded host): without
+                // it, 99 % would be far less whenever the host is busy.
+                let mut owed = Duration::ZERO;
                 while !s.load(Ordering::Relaxed) {
                     let pct = l.load(Ordering::Relaxed);
                     // Never resume a VM that someone else paused.
                     if pct == 0 || !control.is_running() {
+                        owed = Duration::ZERO;
                         std::thread::sleep(PERIOD);
                         continue;
                     }
-                    let off = PERIOD * pct / 100;
+                    let (off, on) = share(pct);
                     control.pause();
-                    std::thread::sleep(off);
+                    // Parked, not asleep: dropping the throttle wakes it.
+                    park_for(off + owed, &s);
                     control.resume();
-                    std::thread::sleep(PERIOD - off);
+                    if s.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let ran = Instant::now();
+                    std::thread::sleep(on);
+                    owed = owed_for(ran.elapsed(), on, pct);
                 }
             })?;
         Ok(Throttle {
@@ -69,12 +80,62 @@ impl Throttle {
     }
 }
 
+/// Parks this thread for `d`, or until `stop` is set (and it is unparked).
+fn park_for(d: Duration, stop: &AtomicBool) {
+    let end = Instant::now() + d;
+    // Again after a spurious wake-up, so that the pause keeps its length.
+    while !stop.load(Ordering::Relaxed) {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        std::thread::park_timeout(left);
+    }
+}
+
+/// The paused and the running part of a period at `pct` percent.
+fn share(pct: u32) -> (Duration, Duration) {
+    let off = PERIOD * pct / 100;
+    (off, PERIOD - off)
+}
+
+/// The pause owed when the vCPUs ran `ran` instead of `on` at `pct` percent,
+/// so that the paused share stays `pct` (at most [`MAX_OWED`]).
+fn owed_for(ran: Duration, on: Duration, pct: u32) -> Duration {
+    let over = ran.saturating_sub(on);
+    (over * pct / (100 - pct.min(99))).min(MAX_OWED)
+}
+
+/// The longest extra pause one late wake-up can cost the guest.
+const MAX_OWED: Duration = Duration::from_millis(500);
+
 impl Drop for Throttle {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             // The thread resumes the VM before it looks at `stop` again.
+            t.thread().unpark();
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_wake_up_is_paid_back_in_the_next_pause() {
+        let ms = Duration::from_millis;
+        assert_eq!(share(20), (ms(20), ms(80)));
+        assert_eq!(share(99), (ms(99), ms(1)));
+        // On time: nothing owed.
+        assert_eq!(owed_for(ms(1), ms(1), 99), Duration::ZERO);
+        // 99 %: ran 3 ms instead of 1, so 2 × 99 ms more pause keeps the share.
+        assert_eq!(owed_for(ms(3), ms(1), 99), ms(198));
+        // 50 %: as much pause as the overrun.
+        assert_eq!(owed_for(ms(60), ms(50), 50), ms(10));
+        // Bounded, however late.
+        assert_eq!(owed_for(ms(1000), ms(1), 99), MAX_OWED);
     }
 }
