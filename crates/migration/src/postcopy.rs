@@ -613,7 +613,7 @@ fn run_in<'scope, 'env>(
                     .last()
                     .map_or(0.0, |r| r.bytes as f64 / (r.ms / 1e3).max(1e-9) / 1e6),
             );
-            if s.stop_reason == "expected downtime within max-downtime" {
+            if s.stop_reason == precopy::STOP_CONVERGED {
                 job.update(|s| {
                     s.policy = format!(
                         "pre-copy: after {round} round(s) the guest dirtied {rate:.0} MB/s against \

@@ -138,6 +138,9 @@ pub enum Outcome {
 const HOT_STEP: Duration = Duration::from_millis(50);
 const HOT_SAMPLE_MAX: Duration = Duration::from_secs(1);
 
+/// The stop reason of rounds that converged: what is left fits the pause.
+pub(crate) const STOP_CONVERGED: &str = "expected downtime within max-downtime";
+
 /// Auto: the sampling cuts round 0 short when, at its byte budget, the hot
 /// set still grows at this fraction of the sending rate or more.
 const CUT_GROWTH: f64 = 0.25;
@@ -1342,7 +1345,7 @@ pub(crate) fn rounds(
             break;
         }
         if expected_ms <= params.max_downtime.as_secs_f64() * 1e3 {
-            stop_reason = "expected downtime within max-downtime";
+            stop_reason = STOP_CONVERGED;
             break;
         }
         // Auto: a hot working set, or rounds that cannot catch up with a guest
@@ -1400,7 +1403,10 @@ pub(crate) fn rounds(
     for (t, h) in todo.iter_mut().zip(&hot) {
         *t |= *h;
     }
-    if switch {
+    // Auto finishes a converged migration in pre-copy: its stop-and-copy may
+    // send deltas against what the destination holds, so nothing is discarded.
+    let postcopy_next = switch && !(params.auto && stop_reason == STOP_CONVERGED);
+    if postcopy_next {
         // Pages sent and dirtied since are stale at the destination: have it
         // discard them now, not inside the pause (the `PageMap` at the pause
         // discards again what is dirtied meanwhile). Pages that went on other
