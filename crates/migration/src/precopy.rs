@@ -510,13 +510,12 @@ impl<'a> Sender<'a> {
             }
             self.sent_before[w] |= 1 << b;
         }
-        let (bytes, report) = (self.bytes, self.report_bytes);
-        let streams = self.job.stream_bytes.load(Ordering::Relaxed);
+        let (bytes, report) = (self.all_bytes(), self.report_bytes);
         self.job.update(|s| {
             s.pages.sent += n;
             s.pages.resent += resent;
             if report {
-                s.bytes = bytes + streams;
+                s.bytes = bytes;
             }
         });
         if self.throttle {
@@ -551,6 +550,11 @@ fn write_raw(
 }
 
 impl Sender<'_> {
+    /// Bytes written so far, the extra page streams' since the last barrier included.
+    fn all_bytes(&self) -> u64 {
+        self.bytes + self.job.stream_bytes.load(Ordering::Relaxed)
+    }
+
     fn pace(&mut self, bytes: u64) {
         if self.shared_pace {
             self.job.pace_shared(bytes);
@@ -768,7 +772,7 @@ fn sample_hot(
     todo: &mut [u64],
 ) -> Result<Sampled> {
     let started = Instant::now();
-    let sent_before = tx.bytes + job.stream_bytes.load(Ordering::Relaxed);
+    let sent_before = tx.all_bytes();
     let budget = params
         .auto
         .then(|| sent_before + popcount(todo) * PAGE_SIZE / 10);
@@ -797,9 +801,7 @@ fn sample_hot(
                     todo[w] &= !(1 << b);
                     tx.queue(pfn, false)?;
                 }
-                // (with page streams, their bytes too)
-                let sent = tx.bytes + job.stream_bytes.load(Ordering::Relaxed);
-                over_budget = budget.is_some_and(|b| sent >= b);
+                over_budget = budget.is_some_and(|b| tx.all_bytes() >= b);
             }
         }
         let mut new = 0;
@@ -827,7 +829,7 @@ fn sample_hot(
     // a trickle (a guest that writes little) is for the rounds to chase.
     let secs = started.elapsed().as_secs_f64();
     let grow = popcount(&hot) as f64 * PAGE_SIZE as f64 / secs;
-    let sent = tx.bytes + job.stream_bytes.load(Ordering::Relaxed) - sent_before;
+    let sent = tx.all_bytes() - sent_before;
     let bw = sent as f64 / (secs - HOT_STEP.as_secs_f64()).max(1e-3);
     let cut = params.auto && over_budget && !converged && grow >= CUT_GROWTH * bw;
     tracing::info!(
