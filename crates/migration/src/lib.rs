@@ -18,6 +18,7 @@
 //! - [`stats`]: statistics named after QEMU's `query-migrate` where they overlap.
 
 pub mod compress;
+mod doorman;
 pub mod faults;
 pub mod handshake;
 pub mod incoming;

@@ -29,6 +29,7 @@ use link::{Link, TlsSetup};
 use vmm::GuestRam;
 use wire::{Message, KIND_CONTROL};
 
+use crate::doorman::{Arrival, Doorman};
 use crate::memview::MemView;
 use crate::precopy::{self, Job, Params, Sender, SEND_TIMEOUT};
 use crate::{io_err, Error, Result};
@@ -196,18 +197,13 @@ pub(crate) fn start<'scope, 'env>(
         .local_addr()
         .map_err(io_err("page stream listener"))?
         .port();
-    let token = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-        ^ ((std::process::id() as u64) << 32)
-        ^ 0x6d75_6c74_6966_6400;
+    let token = crate::doorman::token(0x6d75_6c74_6966_6400);
     tx.write_control(&Message::StreamsListen {
         port,
         job: token,
         count,
     })?;
-    let links = accept_streams(&listener, &tx.stream, token, count, params.tls.as_ref())?;
+    let links = accept_streams(listener, &tx.stream, token, count, params.tls.as_ref())?;
     let share = s.xbzrle.cache_size / count as u64;
     if share > 0 {
         tx.xbzrle = Some(crate::xbzrle::Cache::interleaved(
@@ -298,81 +294,61 @@ fn send_loop(
 /// message on the main connection meanwhile (the destination's `Cancel`, say
 /// because it refuses the count) ends the wait. Returns the links by index.
 fn accept_streams(
-    listener: &TcpListener,
+    listener: TcpListener,
     main: &Link,
     token: u64,
     count: u32,
     tls: Option<&TlsSetup>,
 ) -> Result<Vec<Link>> {
-    listener
-        .set_nonblocking(true)
-        .map_err(io_err("page stream listener"))?;
+    let peer = main.tcp().peer_addr().map_err(io_err("peer address"))?;
+    let mut doorman = Doorman::new(
+        listener,
+        peer.ip(),
+        tls.cloned(),
+        "StreamHello",
+        SETUP_TIMEOUT,
+    )?;
     let end = Instant::now() + SETUP_TIMEOUT;
     let mut links: Vec<Option<Link>> = (1..count).map(|_| None).collect();
     while links.iter().any(Option::is_none) {
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            let open = links.iter().filter(|l| l.is_some()).count();
-            return Err(Error::Protocol(format!(
-                "the destination opened {open} of {} extra page streams within {} s",
-                count - 1,
-                SETUP_TIMEOUT.as_secs()
-            )));
-        }
-        let mut pfd = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: main.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid pollfds.
-        unsafe { libc::poll(pfd.as_mut_ptr(), 2, left.as_millis().max(1) as libc::c_int) };
-        if pfd[1].revents != 0 {
-            let mut m = main.try_clone().map_err(io_err("socket"))?;
-            return Err(match wire::expect_control(&mut m, "StreamHello") {
-                Ok(Message::Cancel { reason }) => Error::PeerCancelled(reason),
-                Ok(other) => Error::Protocol(format!(
-                    "expected the page streams, got {} on the main connection",
-                    other.name()
-                )),
-                Err(e) => e.into(),
-            });
-        }
-        let (s, peer) = match listener.accept() {
-            Ok(a) => a,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(io_err("page stream listener")(e)),
-        };
-        s.set_nonblocking(false).map_err(io_err("page stream"))?;
-        s.set_read_timeout(Some(left.min(SETUP_TIMEOUT)))
-            .map_err(io_err("socket timeout"))?;
-        let mut s = match precopy::accept(s, tls) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(%peer, "page stream connection refused: {e}");
-                continue;
+        let g = match doorman.next(end, Some(main.as_raw_fd()))? {
+            Arrival::Greeted(g) => g,
+            Arrival::TimedOut => {
+                let open = links.iter().filter(|l| l.is_some()).count();
+                return Err(Error::Protocol(format!(
+                    "the destination opened {open} of {} extra page streams within {} s",
+                    count - 1,
+                    SETUP_TIMEOUT.as_secs()
+                )));
+            }
+            Arrival::Interrupted => {
+                let mut m = main.try_clone().map_err(io_err("socket"))?;
+                return Err(match wire::expect_control(&mut m, "StreamHello") {
+                    Ok(Message::Cancel { reason }) => Error::PeerCancelled(reason),
+                    Ok(other) => Error::Protocol(format!(
+                        "expected the page streams, got {} on the main connection",
+                        other.name()
+                    )),
+                    Err(e) => e.into(),
+                });
             }
         };
-        match wire::expect_control(&mut s, "StreamHello") {
-            Ok(Message::StreamHello { job, index })
+        match g.hello {
+            Message::StreamHello { job, index }
                 if job == token
                     && (1..count).contains(&index)
                     && links[index as usize - 1].is_none() =>
             {
-                s.set_read_timeout(None).map_err(io_err("socket timeout"))?;
+                let s = g.link;
                 s.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
                 s.tcp()
                     .set_write_timeout(Some(SEND_TIMEOUT))
                     .map_err(io_err("socket timeout"))?;
                 links[index as usize - 1] = Some(s);
             }
-            other => tracing::warn!(%peer, ?other, "not one of our page streams: dropped"),
+            other => {
+                tracing::warn!(peer = %g.peer, ?other, "not one of our page streams: dropped")
+            }
         }
     }
     Ok(links.into_iter().flatten().collect())
@@ -841,7 +817,7 @@ mod accept_tests {
             }
             (s, g, b, ours)
         });
-        let links = accept_streams(&l, &main, 7, 4, None).unwrap();
+        let links = accept_streams(l, &main, 7, 4, None).unwrap();
         let _keep = t.join().unwrap();
         assert_eq!(links.len(), 3);
         for (i, mut link) in links.into_iter().enumerate() {
@@ -863,7 +839,7 @@ mod accept_tests {
         )
         .unwrap();
         let t0 = Instant::now();
-        let e = accept_streams(&l, &main, 7, 4, None).unwrap_err();
+        let e = accept_streams(l, &main, 7, 4, None).unwrap_err();
         assert!(
             matches!(e, Error::PeerCancelled(ref r) if r.contains("17")),
             "{e}"

@@ -57,6 +57,7 @@ use vmm::memory::{is_zero_page, PAGE_SIZE};
 use vmm::{PreparedVm, Vm, VmExit, VmState};
 use wire::{Message, PostcopyReport, KIND_CONTROL, MAX_BATCH_PAGES};
 
+use crate::doorman::{Arrival, Doorman};
 use crate::faults::{self, Phase};
 use crate::incoming::IncomingStats;
 use crate::memview::MemView;
@@ -675,21 +676,18 @@ fn run_in<'scope, 'env>(
             .port(),
         None => 0,
     };
-    let token = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-        ^ ((std::process::id() as u64) << 32);
+    let token = crate::doorman::token(0);
     // Announced before the pause and accepted in the background, so that the
     // connection (and its TLS handshake) is not part of the downtime.
     tx.write_control(&Message::UrgentListen { port, job: token })?;
     let acceptor = match listener {
         Some(l) => {
             let tls = params.tls.clone();
+            let peer = stream.peer_addr().map_err(io_err("peer address"))?.ip();
             Some(
                 std::thread::Builder::new()
                     .name("fault-channel".into())
-                    .spawn(move || accept_urgent(&l, token, tls.as_ref()))
+                    .spawn(move || accept_urgent(l, peer, token, tls))
                     .map_err(io_err("starting the fault channel thread"))?,
             )
         }
@@ -792,49 +790,28 @@ fn run_in<'scope, 'env>(
     }
 }
 
-fn accept_urgent(listener: &TcpListener, token: u64, tls: Option<&TlsSetup>) -> Result<Link> {
-    listener
-        .set_nonblocking(true)
-        .map_err(io_err("fault channel listener"))?;
-    let end = Instant::now() + Duration::from_secs(20);
+fn accept_urgent(
+    listener: TcpListener,
+    peer: IpAddr,
+    token: u64,
+    tls: Option<TlsSetup>,
+) -> Result<Link> {
+    let wait = Duration::from_secs(20);
+    let mut doorman = Doorman::new(listener, peer, tls, "UrgentHello", Duration::from_secs(10))?;
+    let end = Instant::now() + wait;
     loop {
-        // Wait for the connection without sleeping: this is inside the pause.
-        let mut pfd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let left = end.saturating_duration_since(Instant::now()).as_millis() as libc::c_int;
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut pfd, 1, left.max(1)) };
-        match listener.accept() {
-            Ok((s, peer)) => {
-                s.set_nonblocking(false).map_err(io_err("fault channel"))?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))
-                    .map_err(io_err("socket timeout"))?;
-                let mut s = match precopy::accept(s, tls) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(%peer, "fault channel connection refused: {e}");
-                        continue;
-                    }
-                };
-                match wire::expect_control(&mut s, "UrgentHello") {
-                    Ok(Message::UrgentHello { job }) if job == token => {
-                        s.set_read_timeout(None).map_err(io_err("socket timeout"))?;
-                        return Ok(s);
-                    }
-                    other => tracing::warn!(%peer, ?other, "not our fault channel: dropped"),
-                }
+        // Waits without sleeping: this may be inside the pause.
+        match doorman.next(end, None)? {
+            Arrival::Greeted(g) => match g.hello {
+                Message::UrgentHello { job } if job == token => return Ok(g.link),
+                other => tracing::warn!(peer = %g.peer, ?other, "not our fault channel: dropped"),
+            },
+            Arrival::TimedOut | Arrival::Interrupted => {
+                return Err(Error::Protocol(format!(
+                    "the destination did not open the fault channel within {} s",
+                    wait.as_secs()
+                )))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > end {
-                    return Err(Error::Protocol(
-                        "the destination never opened the fault channel".into(),
-                    ));
-                }
-            }
-            Err(e) => return Err(io_err("fault channel")(e)),
         }
     }
 }
