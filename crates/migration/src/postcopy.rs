@@ -1030,39 +1030,71 @@ impl Dest {
         }
     }
 
-    /// Fills the page at `off` with `data`. Errors of the peer's making are
-    /// protocol errors (the session ends, the source recovers); a failing
-    /// `UFFDIO_COPY` is ours and fails the migration.
-    fn fill(&self, off: u64, data: Option<&[u8]>, urgent: bool) -> Result<()> {
-        let pfn = off / PAGE_SIZE;
-        if !off.is_multiple_of(PAGE_SIZE) || pfn >= self.pages || !bit(&self.expected, pfn) {
+    /// Fills the `n` pages from `off` with `data` (`n` pages of bytes, or
+    /// zeros when `None`): one `UFFDIO_COPY` for the run where none of its
+    /// pages is there yet. Errors of the peer's making are protocol errors
+    /// (the session ends, the source recovers); a failing `UFFDIO_COPY` is
+    /// ours and fails the migration.
+    fn fill(&self, off: u64, n: u64, data: Option<&[u8]>, urgent: bool) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let first = off / PAGE_SIZE;
+        let end = first.checked_add(n).filter(|&e| e <= self.pages);
+        let announced = off.is_multiple_of(PAGE_SIZE)
+            && end.is_some_and(|e| (first..e).all(|p| bit(&self.expected, p)));
+        if !announced {
             return Err(Error::Protocol(format!(
-                "page {off:#x} was not announced in the PageMap"
+                "pages {off:#x} + {n} were not announced in the PageMap"
             )));
         }
         let host = self
             .map
             .host(off)
             .ok_or_else(|| Error::Protocol(format!("page {off:#x} outside RAM")))?;
-        let filled = match data {
-            Some(data) => self.uffd.copy(host, data),
-            None => self.uffd.zeropage(host, PAGE_SIZE),
-        };
-        let filled = match filled {
-            Ok(f) => f,
+        let last = off + (n - 1) * PAGE_SIZE;
+        if n > 1 && self.map.host(last) != Some(host + (n - 1) * PAGE_SIZE) {
+            // The run spans two RAM mappings: page by page.
+            for i in 0..n {
+                let d = data.map(|d| &d[(i * PAGE_SIZE) as usize..((i + 1) * PAGE_SIZE) as usize]);
+                self.fill(off + i * PAGE_SIZE, 1, d, urgent)?;
+            }
+            return Ok(());
+        }
+        let mut newly = 0;
+        let filled = self.uffd.fill_run(host, data, n * PAGE_SIZE, |i, filled| {
+            if filled {
+                self.record_fill(first + i, urgent);
+                newly += 1;
+            } else {
+                self.duplicate.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        match filled {
+            Ok(()) => {}
             // Every page is here and guest RAM was unregistered while this
             // (duplicate) copy was under way: the kernel says ENOENT.
-            Err(_) if self.filled.load(Ordering::Acquire) >= self.total => false,
+            Err(_) if self.filled.load(Ordering::Acquire) >= self.total => {}
             Err(e) => {
                 let e = io_err(format!("UFFDIO_COPY at {off:#x}"))(e);
                 self.finish(Err(Error::Protocol(e.to_string())));
                 return Err(e);
             }
-        };
-        if !filled {
-            self.duplicate.fetch_add(1, Ordering::Relaxed);
+        }
+        if newly == 0 {
             return Ok(());
         }
+        self.last_fill_ns
+            .fetch_max(self.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if self.filled.fetch_add(newly, Ordering::AcqRel) + newly == self.total {
+            self.finish(Ok(()));
+        }
+        Ok(())
+    }
+
+    /// Books page `pfn` as received: how it came, and how long its fault
+    /// waited if one did.
+    fn record_fill(&self, pfn: u64, urgent: bool) {
         self.received[(pfn / 64) as usize].fetch_or(1 << (pfn % 64), Ordering::AcqRel);
         let asked = lock(&self.pending).remove(&pfn);
         // A page that was asked for came on demand, whichever way it came;
@@ -1073,13 +1105,25 @@ impl Dest {
             (false, false) => &self.pushed,
         }
         .fetch_add(1, Ordering::Relaxed);
-        self.last_fill_ns
-            .fetch_max(self.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if let Some(at) = asked {
             lock(&self.latencies_us).push(at.elapsed().as_micros() as u64);
         }
-        if self.filled.fetch_add(1, Ordering::AcqRel) + 1 == self.total {
-            self.finish(Ok(()));
+    }
+
+    /// Fills the pages of a batch (`data` holds them in the order of
+    /// `offsets`), one call per run of consecutive pages.
+    fn fill_batch(&self, offsets: &[u64], data: &[u8], urgent: bool) -> Result<()> {
+        let mut i = 0;
+        while i < offsets.len() {
+            let mut n = 1;
+            while i + n < offsets.len()
+                && offsets[i + n] == offsets[i].wrapping_add(n as u64 * PAGE_SIZE)
+            {
+                n += 1;
+            }
+            let bytes = &data[i * PAGE_SIZE as usize..(i + n) * PAGE_SIZE as usize];
+            self.fill(offsets[i], n as u64, Some(bytes), urgent)?;
+            i += n;
         }
         Ok(())
     }
@@ -1093,15 +1137,7 @@ impl Dest {
                 match wire::read_control_body(r, h.body_len)? {
                     Message::Zero { ranges } => {
                         for (off, n) in ranges {
-                            for i in 0..n.min(self.pages) {
-                                let page = i
-                                    .checked_mul(PAGE_SIZE)
-                                    .and_then(|d| off.checked_add(d))
-                                    .ok_or_else(|| {
-                                        Error::Protocol(format!("Zero range {off:#x}+{n}"))
-                                    })?;
-                                self.fill(page, None, urgent)?;
-                            }
+                            self.fill(off, n, None, urgent)?;
                         }
                         continue;
                     }
@@ -1120,22 +1156,20 @@ impl Dest {
                 ));
             }
             let offsets = wire::read_batch_offsets(r, h.body_len)?;
+            let mut rest = &offsets[..];
             if urgent {
                 // A fault answer: the demanded page first, filled (and its
                 // vCPU woken) before the pre-paged window is even read.
-                for &off in &offsets {
+                if let Some((&off, window)) = offsets.split_first() {
                     let p = pages_as_bytes(&mut buf[..1]);
                     r.read_exact(p).map_err(wire::WireError::from)?;
-                    self.fill(off, Some(p), urgent)?;
+                    self.fill(off, 1, Some(p), urgent)?;
+                    rest = window;
                 }
-                continue;
             }
-            let data = pages_as_bytes(&mut buf[..offsets.len()]);
+            let data = pages_as_bytes(&mut buf[..rest.len()]);
             r.read_exact(data).map_err(wire::WireError::from)?;
-            for (i, &off) in offsets.iter().enumerate() {
-                let p = &data[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
-                self.fill(off, Some(p), urgent)?;
-            }
+            self.fill_batch(rest, data, urgent)?;
         }
     }
 
