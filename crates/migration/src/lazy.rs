@@ -95,24 +95,30 @@ struct Lazy {
 }
 
 impl Lazy {
-    /// Copies `data` (whole pages) to memfd offset `off`, page by page;
-    /// returns (filled, already there).
+    /// Copies `data` (whole pages) to memfd offset `off`, in one call where
+    /// the pages lie in one mapping; returns (filled, already there).
     fn fill(&self, off: u64, data: &[u8]) -> Result<(u64, u64)> {
         let (mut filled, mut present) = (0, 0);
-        for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
-            let o = off + i as u64 * PAGE_SIZE;
-            let host = self
-                .map
-                .host(o)
-                .ok_or_else(|| Error::Protocol(format!("page {o:#x} outside RAM")))?;
-            if self
+        let len = data.len() as u64;
+        let mut count = |_, f: bool| if f { filled += 1 } else { present += 1 };
+        match self.map.host_run(off, len) {
+            Some(host) => self
                 .uffd
-                .copy(host, page)
-                .map_err(io_err(format!("UFFDIO_COPY at {o:#x}")))?
-            {
-                filled += 1;
-            } else {
-                present += 1;
+                .fill_run(host, Some(data), len, &mut count)
+                .map_err(io_err(format!("UFFDIO_COPY at {off:#x}")))?,
+            None => {
+                for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                    let o = off + i as u64 * PAGE_SIZE;
+                    let host = self
+                        .map
+                        .host(o)
+                        .ok_or_else(|| Error::Protocol(format!("page {o:#x} outside RAM")))?;
+                    let f = self
+                        .uffd
+                        .copy(host, page)
+                        .map_err(io_err(format!("UFFDIO_COPY at {o:#x}")))?;
+                    count(i as u64, f);
+                }
             }
         }
         if filled > 0 {

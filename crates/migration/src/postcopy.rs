@@ -1048,19 +1048,17 @@ impl Dest {
                 "pages {off:#x} + {n} were not announced in the PageMap"
             )));
         }
-        let host = self
-            .map
-            .host(off)
-            .ok_or_else(|| Error::Protocol(format!("page {off:#x} outside RAM")))?;
-        let last = off + (n - 1) * PAGE_SIZE;
-        if n > 1 && self.map.host(last) != Some(host + (n - 1) * PAGE_SIZE) {
+        let Some(host) = self.map.host_run(off, n * PAGE_SIZE) else {
+            if n == 1 {
+                return Err(Error::Protocol(format!("page {off:#x} outside RAM")));
+            }
             // The run spans two RAM mappings: page by page.
             for i in 0..n {
-                let d = data.map(|d| &d[(i * PAGE_SIZE) as usize..((i + 1) * PAGE_SIZE) as usize]);
-                self.fill(off + i * PAGE_SIZE, 1, d, urgent)?;
+                let page = (i * PAGE_SIZE) as usize..((i + 1) * PAGE_SIZE) as usize;
+                self.fill(off + i * PAGE_SIZE, 1, data.map(|d| &d[page]), urgent)?;
             }
             return Ok(());
-        }
+        };
         let mut newly = 0;
         let filled = self.uffd.fill_run(host, data, n * PAGE_SIZE, |i, filled| {
             if filled {

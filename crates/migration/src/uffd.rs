@@ -344,6 +344,18 @@ mod tests {
     }
 
     #[test]
+    fn a_run_maps_to_one_host_range_or_none() {
+        let m = RamMap {
+            ranges: vec![(0, 0x2000, 0x10000), (0x2000, 0x2000, 0x90000)],
+        };
+        assert_eq!(m.host_run(0, 0x2000), Some(0x10000));
+        assert_eq!(m.host_run(0x3000, 0x1000), Some(0x91000));
+        assert_eq!(m.host_run(0x1000, 0x2000), None, "spans both mappings");
+        assert_eq!(m.host_run(0x3000, 0x2000), None, "runs past RAM");
+        assert_eq!(m.host_run(0x1000, u64::MAX), None);
+    }
+
+    #[test]
     fn a_run_fills_around_pages_already_there() {
         let ram = vmm::GuestRam::new(16 << 20).unwrap();
         let (r, host) = ram.host_ranges()[0];
@@ -404,6 +416,15 @@ impl RamMap {
         self.ranges
             .iter()
             .find(|(o, l, _)| off >= *o && off < o + l)
+            .map(|(o, _, h)| h + (off - o))
+    }
+
+    /// Host address of memfd offsets `[off, off + len)` when they lie in one
+    /// mapping (so that one call can fill them); `None` otherwise.
+    pub fn host_run(&self, off: u64, len: u64) -> Option<u64> {
+        self.ranges
+            .iter()
+            .find(|(o, l, _)| off >= *o && off.checked_add(len).is_some_and(|e| e <= o + l))
             .map(|(o, _, h)| h + (off - o))
     }
 
