@@ -527,6 +527,15 @@ fn daemon_migrates_a_vm_to_another_daemon() {
 
     let e = a.fails(&["migrate", "mig1", "--to", &to, "--streams", "0"]);
     assert!(e.contains("streams must be between 1 and 16, got 0"), "{e}");
+    // A crowd of silent connections on B's migration port, more than the
+    // daemon has threads for handshakes (tokio's 512): they hold up neither
+    // B's API nor the migration (each would otherwise keep a thread for the
+    // 30 s a peer has to say Hello).
+    let silent: Vec<std::net::TcpStream> = (0..520)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", b.port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
     // With the options plumbed through migctl, the daemon and the VM process;
     // two page streams: the destination daemon's VM process connects back for the second.
     let (code, out, err) = a.migctl(&[
@@ -548,6 +557,14 @@ fn daemon_migrates_a_vm_to_another_daemon() {
         a.log_text(),
         b.log_text()
     );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the migration waited behind silent connections: {:?}\nA:\n{}\nB:\n{}",
+        started.elapsed(),
+        a.log_text(),
+        b.log_text()
+    );
+    drop(silent);
     let stats: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(stats["outcome"], "completed", "{stats}");
     assert_eq!(stats["streams"], 2, "{stats}");

@@ -52,6 +52,17 @@ pub async fn start(d: Arc<Daemon>) -> Result<()> {
 }
 
 async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) -> Result<()> {
+    // Until its first bytes arrive a connection costs a task, not one of the
+    // blocking threads that the handshakes run on: a crowd of silent
+    // connections cannot hold up a real migration.
+    // (`peek`, not `readable`: tokio reports a fresh socket readable at once.)
+    let first = tokio::time::timeout(HELLO_TIMEOUT, s.peek(&mut [0u8; 1]))
+        .await
+        .map_err(|_| anyhow::anyhow!("the peer sent nothing in {} s", HELLO_TIMEOUT.as_secs()))?
+        .context("waiting for the peer's first bytes")?;
+    if first == 0 {
+        anyhow::bail!("the peer closed the connection before its Hello");
+    }
     let stream = s.into_std()?;
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
