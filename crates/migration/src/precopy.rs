@@ -32,6 +32,35 @@ use crate::{handshake, io_err, Error, Result};
 /// migration (SO_SNDTIMEO: a stalled peer must not hang the source).
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Least a sender must get out per [`SEND_TIMEOUT`] spent blocked in sends
+/// (100 KiB/s): less is a destination that stopped reading, whose kernel still
+/// lets a trickle in as it compacts its receive queue.
+const STALL_FLOOR: u64 = 1 << 20;
+
+/// Tells a stopped destination from a slow one: over every [`SEND_TIMEOUT`]
+/// of time blocked in sends, at least [`STALL_FLOOR`] bytes must go out.
+/// Time not spent sending (pacing, scanning, a quiet round) does not count.
+#[derive(Default)]
+struct Watchdog {
+    blocked: Duration,
+    bytes: u64,
+}
+
+impl Watchdog {
+    /// Books one send that took `blocked` for `bytes`.
+    fn sent(&mut self, blocked: Duration, bytes: u64) -> Result<()> {
+        self.blocked += blocked;
+        self.bytes += bytes;
+        if self.blocked >= SEND_TIMEOUT {
+            if self.bytes < STALL_FLOOR {
+                return Err(Error::Stalled(SEND_TIMEOUT.as_secs()));
+            }
+            *self = Watchdog::default();
+        }
+        Ok(())
+    }
+}
+
 /// What the operator asked for.
 #[derive(Clone, Debug)]
 pub struct Params {
@@ -352,16 +381,18 @@ pub(crate) struct Sender<'a> {
     /// without XBZRLE; see [`crate::zerocopy`]). Post-copy turns it off: its
     /// destination copies every page through user space anyway.
     pub(crate) zero_copy: bool,
+    watchdog: Watchdog,
 }
 
 impl<'a> Sender<'a> {
     pub(crate) fn write_control(&mut self, m: &Message) -> Result<()> {
         let f = wire::encode_control(m)?;
+        let t = Instant::now();
         self.stream
             .write_all(&f)
             .map_err(|e| stalled(wire::WireError::Io(e)))?;
         self.bytes += f.len() as u64;
-        Ok(())
+        self.watchdog.sent(t.elapsed(), f.len() as u64)
     }
 
     /// Queues page `pfn`: data if non-zero, a zero range otherwise (when `zeros` is set).
@@ -468,6 +499,7 @@ impl<'a> Sender<'a> {
             Some(f) if self.zero_copy && self.xbzrle.is_none() => Some((mem, f)),
             _ => None,
         };
+        let t = Instant::now();
         let frame_bytes = match &mut self.zstd {
             Some(z) => {
                 // One copy of the pages: what is compressed is what the guest
@@ -499,6 +531,7 @@ impl<'a> Sender<'a> {
             }
             None => write_raw(&mut self.stream, zero_copy, &offsets, &pages)?,
         };
+        self.watchdog.sent(t.elapsed(), frame_bytes)?;
         self.staged.clear();
         self.bytes += frame_bytes;
         let mut resent = 0;
@@ -541,7 +574,7 @@ fn write_raw(
         Some((mem, memfd)) => {
             let header = wire::page_batch_header(offsets)?;
             let runs = crate::incoming::page_runs(mem.size(), offsets)?;
-            crate::zerocopy::send_batch(stream.tcp(), memfd, &header, &runs)
+            crate::zerocopy::send_batch(stream.tcp(), memfd, &header, &runs, SEND_TIMEOUT)
                 .map_err(|e| stalled(wire::WireError::Io(e)))?;
         }
         None => wire::write_pages(stream, offsets, pages).map_err(stalled)?,
@@ -1142,6 +1175,7 @@ impl<'a> Sender<'a> {
             pool: None,
             shared_pace: false,
             report_bytes: true,
+            watchdog: Watchdog::default(),
         }
     }
 
@@ -1521,7 +1555,28 @@ pub(crate) fn expect_confirm(rx: &mut Link) -> std::result::Result<u64, String> 
 
 #[cfg(test)]
 mod tests {
-    use super::{not_converging, reorder_plan};
+    use super::{not_converging, reorder_plan, Watchdog};
+    use crate::{Error, Result};
+    use std::time::Duration;
+
+    #[test]
+    fn the_watchdog_fails_a_trickle_and_spares_a_slow_link() {
+        let ms = Duration::from_millis;
+        // A stopped destination: 2 s blocked per 64 KiB batch.
+        let mut w = Watchdog::default();
+        let r: Result<Vec<()>> = (0..5).map(|_| w.sent(ms(2000), 64 << 10)).collect();
+        assert!(matches!(r, Err(Error::Stalled(10))), "{r:?}");
+        // A 1 Mbit/s link: 1 MiB batches of 8.4 s each, for a minute.
+        let mut w = Watchdog::default();
+        for _ in 0..8 {
+            w.sent(ms(8400), 1 << 20).unwrap();
+        }
+        // Quiet stretches (nothing sent) and tiny control frames never add up.
+        let mut w = Watchdog::default();
+        for _ in 0..10_000 {
+            w.sent(ms(0), 20).unwrap();
+        }
+    }
 
     #[test]
     fn reorder_sends_rarely_dirtied_pages_first_and_splits_at_the_hot_tail() {

@@ -20,6 +20,7 @@ use std::io::{self, BufRead, BufReader};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
 
 use link::Link;
 
@@ -29,12 +30,28 @@ const PIPE_BYTES: usize = 1 << 20;
 
 /// Writes a page batch: `header` (from [`wire::page_batch_header`]), then the
 /// pages of `runs` ((memfd offset, bytes), in batch order) straight from `memfd`.
+/// A batch still not accepted after `limit` is an error (`TimedOut`): a
+/// receiver that stopped reading still lets a trickle through (the kernel
+/// collapses its receive queue to make room), and each trickle would
+/// otherwise restart the socket's send timeout.
 pub(crate) fn send_batch(
     sock: &TcpStream,
     memfd: &File,
     header: &[u8],
     runs: &[(u64, usize)],
+    limit: Duration,
 ) -> io::Result<()> {
+    let deadline = Instant::now() + limit;
+    let in_time = || {
+        if Instant::now() < deadline {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("a page batch was not accepted in {} s", limit.as_secs()),
+            ))
+        }
+    };
     let fd = sock.as_raw_fd();
     let mut rest = header;
     while !rest.is_empty() {
@@ -53,6 +70,7 @@ pub(crate) fn send_batch(
             n if n > 0 => rest = &rest[n as usize..],
             _ => retry_or(io::Error::last_os_error())?,
         }
+        in_time()?;
     }
     for &(off, len) in runs {
         let end = off + len as u64;
@@ -72,6 +90,7 @@ pub(crate) fn send_batch(
                 n if n > 0 => {}
                 _ => retry_or(io::Error::last_os_error())?,
             }
+            in_time()?;
         }
     }
     Ok(())
@@ -234,11 +253,18 @@ mod tests {
         let runs = crate::incoming::page_runs(64 * PAGE_SIZE, &offsets).unwrap();
         assert_eq!(runs.len(), 4);
         let header = wire::page_batch_header(&offsets).unwrap();
-        send_batch(&a, &src, &header, &runs).unwrap();
+        send_batch(&a, &src, &header, &runs, Duration::from_secs(10)).unwrap();
         // A second batch right behind the first must stay in the socket.
         let second = [63 * PAGE_SIZE];
         let runs2 = crate::incoming::page_runs(64 * PAGE_SIZE, &second).unwrap();
-        send_batch(&a, &src, &wire::page_batch_header(&second).unwrap(), &runs2).unwrap();
+        send_batch(
+            &a,
+            &src,
+            &wire::page_batch_header(&second).unwrap(),
+            &runs2,
+            Duration::from_secs(10),
+        )
+        .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
         // The reader's buffer takes the header and part of the first page.
         let mut r = BufReader::with_capacity(header.len() + 1000, Link::plain(b));
