@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """migd benchmarks (not tests): prints markdown tables of medians (min-max).
 
-  scripts/bench/bench.py [vm|migrate|features|multifd|all] [--runs N] [--json FILE]
+  scripts/bench/bench.py [vm|migrate|features|multifd|estimate|all] [--runs N] [--json FILE]
 
 vm:      boot to WORKLOAD READY; pause -> capture -> restore in a new process
          (handover, memory shared through the memfd); snapshot to file and
@@ -14,6 +14,8 @@ features: side by side under a bandwidth cap, 1 GiB guests, 1 vCPU:
          and 32 MiB/s), and reorder off / on on a hot/cold working set (128).
 multifd: the paused-source case of `migrate` (1 GiB, 768 MiB written) with
          1, 2 and 4 page streams (`streams`), plaintext and TLS (not in `all`).
+estimate: pre-copy over veth shaped to 1 Gbit/s (root): downtime predicted
+         at the stop decision against downtime measured (not in `all`).
 limits:  memcpy, zero-scan and loopback TCP, measured in the same run.
 """
 import json, os, re, signal, socket, statistics, subprocess, sys, tempfile, time
@@ -360,6 +362,39 @@ def bench_multifd(runs, lim):
     return rows
 
 
+def bench_estimate(runs):
+    """Pre-copy over veth shaped to 1 Gbit/s: the downtime the source
+    predicted when it decided to pause (`expected_downtime_ms`) against the
+    downtime measured, for a converging guest and a borderline one (dirty
+    rate near the link's), 1 GiB guests, 1 vCPU."""
+    import paths  # root only: network namespaces
+    rows = []
+    path = paths.Path.make("veth:1gbit")
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            for wl, mdt in (("dirty:128:64", 300), ("dirty:256:100", 100)):
+                res = [migrate_once(d, f"e{mdt}r{i}", "1G", wl,
+                                    {"mode": "precopy", "max_downtime_ms": mdt}, cpus=1, path=path)
+                       for i in range(runs)]
+                ok = [r for r in res if r["status"] == "completed"]
+                rows.append({
+                    "workload": wl,
+                    "max_downtime_ms": mdt,
+                    "completed": f"{len(ok)}/{len(res)}",
+                    "converged": sum(r.get("stop_reason") == "expected downtime within max-downtime"
+                                     for r in ok),
+                    "predicted_ms": med([r["expected_downtime_ms"] for r in ok]),
+                    "downtime_ms": med([r["downtime_ms"] for r in ok]),
+                    "measured/predicted": med([r["downtime_ms"] / max(r["expected_downtime_ms"], 1e-3)
+                                               for r in ok]),
+                    "rounds": med([len(r["rounds"]) for r in ok]),
+                    "total_ms": med([r["total_ms"] for r in ok]),
+                })
+    finally:
+        path.close()
+    return rows
+
+
 def print_table(rows):
     """A markdown table of dict rows (keys of the first as the header)."""
     keys = list(rows[0].keys())
@@ -401,6 +436,11 @@ def main():
         rows = bench_multifd(runs, lim)
         out["multifd"] = rows
         print(f"## Multifd: paused source, 768 MiB written (median (min-max) of {runs})\n")
+        print_table(rows)
+    if what == "estimate":
+        rows = bench_estimate(runs)
+        out["estimate"] = rows
+        print(f"## Downtime predicted and measured, veth at 1 Gbit/s (median (min-max) of {runs})\n")
         print_table(rows)
     if "--json" in sys.argv:
         with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
