@@ -253,6 +253,17 @@ fn hop(
     let stats = src.wait_migration();
     assert_eq!(stats["status"], "completed", "{tag}: {stats}");
     assert_eq!(stats["verified"], true, "memory digests compared: {stats}");
+    // The switch-over's phases add up to (nearly all of) the downtime.
+    let phases = stats["downtime_phases"]
+        .as_object()
+        .expect("downtime phases");
+    let sum_us: u64 = phases.values().filter_map(|v| v.as_u64()).sum();
+    let downtime_us = stats["downtime_ms"].as_f64().unwrap() * 1e3;
+    assert!(phases["go_confirm_us"].as_u64().unwrap() > 0, "{stats}");
+    assert!(
+        sum_us as f64 <= downtime_us + 1.0 && sum_us as f64 >= 0.5 * downtime_us,
+        "phases {sum_us} µs against a downtime of {downtime_us} µs: {stats}"
+    );
     (stats, dst)
 }
 

@@ -698,15 +698,7 @@ fn run_in<'scope, 'env>(
     let pause_start = Instant::now();
     vm.pause();
     *paused_at = Some(pause_start);
-    let mut phases = DowntimePhases {
-        pause_us: pause_start.elapsed().as_micros() as u64,
-        ..Default::default()
-    };
-    let mut lap = Instant::now();
-    let mut stamp = |slot: &mut u64| {
-        *slot = lap.elapsed().as_micros() as u64;
-        lap = Instant::now();
-    };
+    let mut clock = DowntimePhases::clock(pause_start);
     // Every candidate is expected: reading 4 KiB per page to find the zero ones
     // would lengthen the pause; the push sends those as `Zero` instead.
     let mut expected = todo;
@@ -718,11 +710,11 @@ fn run_in<'scope, 'env>(
     tx.write_control(&Message::PageMap {
         runs: to_runs(&expected),
     })?;
-    stamp(&mut phases.final_pages_us);
+    clock.end(|p| &mut p.final_pages_us);
     faults::hold(job, Phase::Switch);
     let blob = vm.capture()?.encode()?;
     tx.write_control(&Message::State { blob })?;
-    stamp(&mut phases.state_us);
+    clock.end(|p| &mut p.state_us);
     let bytes = tx.bytes;
     job.update(|s| {
         s.pages.expected = total;
@@ -755,15 +747,15 @@ fn run_in<'scope, 'env>(
         token,
     };
     crate::precopy::expect_ready(&mut rx)?;
-    stamp(&mut phases.destination_ready_us);
+    clock.end(|p| &mut p.destination_ready_us);
     // Commit point: from here on the source never resumes on its own.
     job.commit()?;
     tx.write_control(&Message::Go)?;
     let confirm = crate::precopy::expect_confirm(&mut rx);
     let downtime = pause_start.elapsed().as_secs_f64() * 1e3;
-    stamp(&mut phases.go_confirm_us);
+    clock.end(|p| &mut p.go_confirm_us);
     job.update(|s| {
-        s.downtime_phases = Some(phases);
+        s.downtime_phases = Some(clock.phases.clone());
         s.downtime_ms = downtime;
         s.status = "postcopy-active".into();
     });

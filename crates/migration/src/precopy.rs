@@ -1526,15 +1526,7 @@ pub(crate) fn stop_and_copy(
     pause_start: Instant,
 ) -> Result<Outcome> {
     let mem = tx.mem;
-    let mut phases = DowntimePhases {
-        pause_us: pause_start.elapsed().as_micros() as u64,
-        ..Default::default()
-    };
-    let mut lap = Instant::now();
-    let mut stamp = |slot: &mut u64| {
-        *slot = lap.elapsed().as_micros() as u64;
-        lap = Instant::now();
-    };
+    let mut clock = DowntimePhases::clock(pause_start);
     let last = vm.take_dirty_bitmap()?;
     for (t, l) in todo.iter_mut().zip(&last) {
         *t |= *l;
@@ -1544,7 +1536,7 @@ pub(crate) fn stop_and_copy(
     tx.flush()?;
     tx.sync()?;
     tx.pool = None; // the extra streams carry nothing more
-    stamp(&mut phases.final_pages_us);
+    clock.end(|p| &mut p.final_pages_us);
     faults::hold(job, Phase::Switch);
     if params.verify {
         let crc32 = mem.digest();
@@ -1554,23 +1546,23 @@ pub(crate) fn stop_and_copy(
     let state = vm.capture()?;
     let blob = state.encode()?;
     tx.write_control(&Message::State { blob })?;
-    stamp(&mut phases.state_us);
+    clock.end(|p| &mut p.state_us);
     tracing::debug!("state sent");
     let mut rx = stream;
     expect_ready(&mut rx)?;
     if params.verify {
         job.update(|s| s.verified = Some(true));
     }
-    stamp(&mut phases.destination_ready_us);
+    clock.end(|p| &mut p.destination_ready_us);
     tracing::debug!("destination ready");
     // Commit point: from here on the source never resumes on its own.
     job.commit()?;
     tx.write_control(&Message::Go)?;
     let confirm = expect_confirm(&mut rx);
     let downtime = pause_start.elapsed().as_secs_f64() * 1e3;
-    stamp(&mut phases.go_confirm_us);
+    clock.end(|p| &mut p.go_confirm_us);
     job.update(|s| {
-        s.downtime_phases = Some(phases);
+        s.downtime_phases = Some(clock.phases.clone());
         s.downtime_ms = downtime;
         s.remaining_bytes = 0;
         s.bytes = tx.bytes;

@@ -237,3 +237,31 @@ pub struct DowntimePhases {
     /// Go, the destination resumes, Confirm arrives.
     pub go_confirm_us: u64,
 }
+
+impl DowntimePhases {
+    /// A clock for the switch-over that began at `pause_start`: the pause
+    /// phase ends now, and each [`SwitchClock::end`] ends the next phase.
+    pub(crate) fn clock(pause_start: std::time::Instant) -> SwitchClock {
+        SwitchClock {
+            phases: DowntimePhases {
+                pause_us: pause_start.elapsed().as_micros() as u64,
+                ..Default::default()
+            },
+            lap: std::time::Instant::now(),
+        }
+    }
+}
+
+/// Times the phases of a switch-over, one after the other.
+pub(crate) struct SwitchClock {
+    pub(crate) phases: DowntimePhases,
+    lap: std::time::Instant,
+}
+
+impl SwitchClock {
+    /// Ends the phase `slot` names: the time since the previous end.
+    pub(crate) fn end(&mut self, slot: fn(&mut DowntimePhases) -> &mut u64) {
+        *slot(&mut self.phases) = self.lap.elapsed().as_micros() as u64;
+        self.lap = std::time::Instant::now();
+    }
+}
