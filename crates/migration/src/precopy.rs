@@ -1409,7 +1409,7 @@ pub(crate) fn rounds(
         if expected_ms <= max_ms {
             // Decide again right before the pause would come: once the
             // destination has caught up, with what the guest dirtied
-            // meanwhile (at 1 Gbit/s that was 20-25 % more pause than
+            // meanwhile (at 1 Gbit/s that was 10-25 % more pause than
             // predicted). Too much: another round sends it.
             settle(job, tx, round)?;
             settled_at = Some(tx.bytes);
