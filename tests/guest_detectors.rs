@@ -9,7 +9,9 @@ use std::time::Duration;
 use common::*;
 use vmm::{BootSpec, Vm, VmConfig};
 
-fn boot(name: &str, cmdline: &str, vcpus: usize) -> (Vm, Console) {
+/// The scratch directory that holds the console (kept as long as the caller
+/// holds it; first, so that it is dropped last), the VM, its console.
+fn boot(name: &str, cmdline: &str, vcpus: usize) -> (Scratch, Vm, Console) {
     let dir = scratch(name);
     let console = Console(dir.join("console.log"));
     let vm = Vm::boot(
@@ -28,7 +30,7 @@ fn boot(name: &str, cmdline: &str, vcpus: usize) -> (Vm, Console) {
     vm.resume();
     console.wait_for("WORKLOAD READY", Duration::from_secs(60));
     console.wait_heartbeats(0, 1, Duration::from_secs(20));
-    (vm, console)
+    (dir, vm, console)
 }
 
 #[test]
@@ -36,7 +38,7 @@ fn corrupted_page_is_reported() {
     if !kvm_or_skip("corrupted_page_is_reported") {
         return;
     }
-    let (vm, console) = boot("det-page", "workload=dirty:8:1", 2);
+    let (_dir, vm, console) = boot("det-page", "workload=dirty:8:1", 2);
     let (base, bytes, _) = console.workset();
     vm.pause();
     // One word in the middle of a few pages spread over the working set.
@@ -59,7 +61,7 @@ fn corrupted_avx_register_is_reported() {
     if !kvm_or_skip("corrupted_avx_register_is_reported") {
         return;
     }
-    let (vm, console) = boot("det-simd", "workload=idle", 1);
+    let (_dir, vm, console) = boot("det-simd", "workload=idle", 1);
     vm.with_vcpu(0, |fd| {
         let mut xs = fd.get_xsave().unwrap();
         // XSAVE standard format: YMM_Hi128 (component 2) at byte 576, 16 bytes a register.
@@ -81,7 +83,7 @@ fn stopped_timer_is_reported() {
     if !kvm_or_skip("stopped_timer_is_reported") {
         return;
     }
-    let (vm, console) = boot("det-timer", "workload=idle", 1);
+    let (_dir, vm, console) = boot("det-timer", "workload=idle", 1);
     vm.with_vcpu(0, |fd| {
         let mut lapic = fd.get_lapic().unwrap();
         lapic.regs[0x322] |= 1; // LVT timer: mask bit 16

@@ -139,13 +139,15 @@ fn link_or_skip(test: &str) -> Option<Link> {
 
 /// Two daemons on port 7070, one in each namespace of a new link, with their
 /// state dirs reaped at the end; None (SKIP) where namespaces cannot be made.
-fn two_hosts(test: &str, tag: &str) -> Option<(Link, Daemon, Daemon, [Reaper; 2])> {
+/// The scratch directory comes first: bindings drop in reverse, so it
+/// outlives the reapers and the daemons.
+fn two_hosts(test: &str, tag: &str) -> Option<(Scratch, Link, Daemon, Daemon, [Reaper; 2])> {
     let link = link_or_skip(test)?;
     let dir = scratch(tag);
     let a = Daemon::start_in_netns(&dir, "a", &link.ns[0], link.ip[0], 7070);
     let b = Daemon::start_in_netns(&dir, "b", &link.ns[1], link.ip[1], 7070);
     let reapers = [Reaper(a.state.clone()), Reaper(b.state.clone())];
-    Some((link, a, b, reapers))
+    Some((dir, link, a, b, reapers))
 }
 
 #[test]
@@ -153,7 +155,7 @@ fn migrate_between_two_network_namespaces_and_back() {
     if !kvm_or_skip("migrate_between_two_network_namespaces_and_back") {
         return;
     }
-    let Some((link, a, b, _reapers)) =
+    let Some((_dir, link, a, b, _reapers)) =
         two_hosts("migrate_between_two_network_namespaces_and_back", "netns")
     else {
         return;
@@ -252,7 +254,7 @@ fn postcopy_recovers_after_the_link_goes_down_and_up() {
     if !kvm_or_skip("postcopy_recovers_after_the_link_goes_down_and_up") {
         return;
     }
-    let Some((link, a, b, _reapers)) = two_hosts(
+    let Some((_dir, link, a, b, _reapers)) = two_hosts(
         "postcopy_recovers_after_the_link_goes_down_and_up",
         "netns-recover",
     ) else {
