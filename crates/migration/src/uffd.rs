@@ -144,21 +144,9 @@ impl Uffd {
     /// Fills the missing page at `dst` with the 4 KiB at `src` and wakes its
     /// waiters. Ok(false): the page was already there (EEXIST).
     pub fn copy(&self, dst: u64, src: &[u8]) -> io::Result<bool> {
-        loop {
-            let mut c = Copy {
-                dst,
-                src: src.as_ptr() as u64,
-                len: src.len() as u64,
-                mode: 0,
-                copy: 0,
-            };
-            match ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) {
-                Ok(()) => return Ok(true),
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok(false),
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        let mut filled = false;
+        self.fill_run(dst, Some(src), src.len() as u64, |_, f| filled |= f)?;
+        Ok(filled)
     }
 
     /// Fills the missing pages of `[dst, dst + len)` in as few `UFFDIO_COPY`
@@ -240,30 +228,10 @@ impl Uffd {
 
     /// Maps zeros at the missing page(s) `[dst, dst+len)` and wakes their
     /// waiters, with `UFFDIO_ZEROPAGE` where the range supports it, else by
-    /// copying zeros. Ok(false): already there (EEXIST).
+    /// copying zeros. Ok(false): every page was already there (EEXIST).
     pub fn zeropage(&self, dst: u64, len: u64) -> io::Result<bool> {
-        if self.zeropage.load(std::sync::atomic::Ordering::Relaxed) {
-            loop {
-                let mut z = Zeropage {
-                    range: Range { start: dst, len },
-                    mode: 0,
-                    zeropage: 0,
-                };
-                match ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) {
-                    Ok(()) => return Ok(true),
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok(false),
-                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        static ZERO: [u8; 4096] = [0; 4096];
         let mut filled = false;
-        let mut a = dst;
-        while a < dst + len {
-            filled |= self.copy(a, &ZERO)?;
-            a += ZERO.len() as u64;
-        }
+        self.fill_run(dst, None, len, |_, f| filled |= f)?;
         Ok(filled)
     }
 
