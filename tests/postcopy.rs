@@ -204,6 +204,18 @@ fn postcopy_push_respects_the_bandwidth_cap() {
     );
 }
 
+/// The nice value of `vm`'s thread named `name`, if it has one.
+fn thread_nice(vm: &VmProcess, name: &str) -> Option<i64> {
+    let tasks = format!("/proc/{}/task", vm.child.id());
+    std::fs::read_dir(&tasks).unwrap().flatten().find_map(|t| {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // "tid (comm) state ppid ...": nice is the 19th field, the 17th after ")".
+        let (head, rest) = stat.rsplit_once(") ")?;
+        head.ends_with(&format!("({name}"))
+            .then(|| rest.split(' ').nth(16)?.parse().ok())?
+    })
+}
+
 /// Polls the source's migration until `pred` holds; returns that status.
 fn wait_until(src: &VmProcess, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
     let end = std::time::Instant::now() + Duration::from_secs(30);
@@ -269,6 +281,11 @@ fn postcopy_recovers_when_the_links_are_cut() {
         json!({"mode": "postcopy", "max_bandwidth": 4 << 20, "prepaging_window": 4}),
         |src, dst| {
             wait_until(src, "post-copy", |r| r["status"] == "postcopy-active");
+            // The threads that bring the pages run at the default nice value
+            // of `--postcopy-nice`, ahead of the vCPUs.
+            assert_eq!(thread_nice(dst, "uffd-faults"), Some(-10), "fault thread");
+            assert_eq!(thread_nice(dst, "push-pages"), Some(-10), "push reader");
+            assert_eq!(thread_nice(dst, "vcpu0"), Some(0), "the guest's vCPU");
             // After the switch the source cannot take the VM back: cancel is refused.
             let r = src.request(json!({"cmd": "cancel"}));
             assert_eq!(r["ok"], false, "{r}");
@@ -322,6 +339,14 @@ fn postcopy_recovers_when_the_links_are_cut() {
             }
             let inc = dst.request(json!({"cmd": "migration"}));
             assert!(inc["recoveries"].as_u64().unwrap() >= 1, "{inc}");
+            // The readers of the recovered session run ahead too.
+            if inc["status"] == "postcopy-active" {
+                assert_eq!(
+                    thread_nice(dst, "push-pages"),
+                    Some(-10),
+                    "after recoveries"
+                );
+            }
         },
     );
     assert_eq!(stats["recoveries"], 2, "{stats}");

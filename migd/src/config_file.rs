@@ -10,6 +10,8 @@ use serde::Deserialize;
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/migd";
+/// Default nice value of post-copy's page threads (`postcopy_nice`).
+pub const DEFAULT_POSTCOPY_NICE: i32 = -10;
 
 /// The config file: every key is optional and has a flag of the same name.
 #[derive(Deserialize, Debug, Default, Clone, PartialEq, Eq)]
@@ -36,6 +38,9 @@ pub struct File {
     pub tls_key: Option<PathBuf>,
     /// Hosts this one exchanges VMs with (names or IPs in their certificates).
     pub tls_peers: Option<Vec<String>>,
+    /// Nice value (-20 to 0) of the threads that move post-copy's pages;
+    /// 0 leaves them as they are.
+    pub postcopy_nice: Option<i32>,
 }
 
 /// Parses and checks a config file's text. The error is one line naming the key
@@ -56,6 +61,12 @@ pub fn parse(text: &str) -> Result<File, String> {
     }
     if let Some(b) = &file.max_bandwidth {
         crate::size::parse_size(b).map_err(|what| key_err("max_bandwidth", what))?;
+    }
+    if let Some(n) = file.postcopy_nice.filter(|n| !(-20..=0).contains(n)) {
+        return Err(key_err(
+            "postcopy_nice",
+            format!("{n} is not a nice value from -20 to 0"),
+        ));
     }
     for (key, value) in [("socket", &file.socket), ("state_dir", &file.state_dir)] {
         if value.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
@@ -137,6 +148,11 @@ mod tests {
         assert_eq!(e, "key 'metrics_listen' (line 2): '9707' is not ADDR:PORT");
         let e = parse("listen = \"host:99999\"\n").unwrap_err();
         assert!(e.starts_with("key 'listen' (line 1)"), "{e}");
+        let e = parse("postcopy_nice = 5\n").unwrap_err();
+        assert_eq!(
+            e,
+            "key 'postcopy_nice' (line 1): 5 is not a nice value from -20 to 0"
+        );
         let e = parse("socket = \"\"\n").unwrap_err();
         assert_eq!(e, "key 'socket' (line 1): must not be empty");
     }
@@ -180,6 +196,7 @@ mod tests {
         assert_eq!(f.state_dir.as_deref(), Some(Path::new(DEFAULT_STATE_DIR)));
         assert_eq!(f.insecure, Some(false));
         assert_eq!(f.metrics_listen.as_deref(), Some("127.0.0.1:9707"));
+        assert_eq!(f.postcopy_nice, Some(DEFAULT_POSTCOPY_NICE));
     }
 
     #[test]

@@ -74,6 +74,12 @@ pub struct RunArgs {
     /// through this descriptor (a pipe).
     #[arg(long, value_name = "FD", requires = "incoming_fd")]
     pub incoming_link_fd: Option<i32>,
+    /// Nice value (-20 to 0) of the threads that move post-copy's pages, as
+    /// source or destination (0 leaves them as they are). See `migd
+    /// --postcopy-nice`.
+    #[arg(long, value_name = "N", default_value_t = migd::config_file::DEFAULT_POSTCOPY_NICE,
+          allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=0))]
+    pub postcopy_nice: i32,
     #[command(flatten)]
     pub tls: migd::tls_args::TlsArgs,
     /// Leave the VM paused after start or restore.
@@ -174,6 +180,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         None => None,
     };
     let _ = TLS.set(tls_setup);
+    migration::postcopy::set_thread_nice(args.postcopy_nice);
     let incoming = match (&args.incoming, args.incoming_fd) {
         (Some(_), _) => match &incoming_listener {
             Some(l) => Some(accept_incoming(l, &args)?),

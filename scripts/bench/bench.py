@@ -203,13 +203,14 @@ def machine_busy():
     return sum(v) - idle, sum(v)
 
 
-def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=False, path=None):
+def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=False, path=None, flags=()):
     """One migration between two `migd run` processes; `path` (paths.Path):
-    where each side runs and the destination's address (default loopback)."""
+    where each side runs and the destination's address (default loopback);
+    `flags`: more flags for both `migd run`s."""
     src_prefix, dst_prefix = (path.prefix("src"), path.prefix("dst")) if path else ((), ())
     dst_ip = path.dst_ip if path else "127.0.0.1"
-    src = boot(d, tag + "s", mem, cpus, workload, tls_flags(d, "host-a", "host-b") if tls else [],
-               prefix=src_prefix)
+    src = boot(d, tag + "s", mem, cpus, workload,
+               (tls_flags(d, "host-a", "host-b") if tls else []) + list(flags), prefix=src_prefix)
     wait_path(src.sock)
     # The working set is written once before READY: the guest's memory is all there.
     wait_file(src.console, "WORKLOAD READY")
@@ -218,7 +219,8 @@ def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=Fa
         request(src.sock, {"cmd": "pause"})
     port = free_port()
     dst = Vm(d, tag + "d", ["--incoming", f"{dst_ip}:{port}", "--memory", mem, "--cpus", str(cpus)]
-             + (tls_flags(d, "host-b", "host-a") if tls else []), console=src.console, prefix=dst_prefix)
+             + (tls_flags(d, "host-b", "host-a") if tls else []) + list(flags), console=src.console,
+             prefix=dst_prefix)
     wait_path(dst.sock)
     req = {"cmd": "migrate", "to": f"{dst_ip}:{port}", "name": tag}
     req.update(extra or {})

@@ -49,7 +49,7 @@ use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener};
 
 use link::{Link, TlsSetup};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -368,9 +368,13 @@ impl Supply<'_> {
             r
         };
         std::thread::scope(|sc| {
-            let pusher = sc.spawn(|| end(self.push(&main_w)));
+            let pusher = sc.spawn(|| {
+                prioritize_this_thread();
+                end(self.push(&main_w))
+            });
             let server = urgent.map(|(mut r, w)| {
                 sc.spawn(move || {
+                    prioritize_this_thread();
                     end(self.serve(&mut r, &w).and_then(|done| match done {
                         Some(_) => Err(Error::Protocol("PostcopyDone on the fault channel".into())),
                         None if self.stop.load(Ordering::Relaxed) => Ok(()),
@@ -1302,10 +1306,13 @@ impl Dest {
             let d = self.clone();
             spawn(
                 if urgent { "fault-pages" } else { "push-pages" },
-                move || match d.receive_pages(&mut r, urgent) {
-                    Err(Error::PeerCancelled(why)) => d.finish(Err(Error::PeerCancelled(why))),
-                    Err(e) => d.link_lost(gen, &e.to_string()),
-                    Ok(()) => {}
+                move || {
+                    prioritize_this_thread();
+                    match d.receive_pages(&mut r, urgent) {
+                        Err(Error::PeerCancelled(why)) => d.finish(Err(Error::PeerCancelled(why))),
+                        Err(e) => d.link_lost(gen, &e.to_string()),
+                        Ok(()) => {}
+                    }
                 },
             )?;
         }
@@ -1627,6 +1634,7 @@ pub(crate) fn receive(
     let faults = {
         let d = dest.clone();
         spawn("uffd-faults", move || {
+            prioritize_this_thread();
             if let Err(e) = d.handle_faults() {
                 tracing::error!("post-copy fault thread: {e}");
                 d.finish(Err(e));
@@ -1716,6 +1724,35 @@ pub(crate) fn receive(
         let _ = faults.join();
     })?;
     Ok((vm, stats))
+}
+
+/// Nice value of the threads that move post-copy's pages (see
+/// [`set_thread_nice`]); 0 leaves them as they are.
+static THREAD_NICE: AtomicI32 = AtomicI32::new(0);
+
+/// Sets the nice value (-20..=0) that post-copy's page threads take for their
+/// lifetime, on both sides: the source's push and fault answers, the
+/// destination's readers and fault thread. On a host whose cores are all busy
+/// they then run before vCPUs (the arriving guest's own, spinning on the pages
+/// it has, above all), and the phase in which a VM's memory is on two hosts
+/// ends sooner; with idle cores it changes nothing. Below 0 needs
+/// `CAP_SYS_NICE`; without it the threads keep their priority, with a warning.
+pub fn set_thread_nice(nice: i32) {
+    THREAD_NICE.store(nice.clamp(-20, 0), Ordering::Relaxed);
+}
+
+/// Gives the calling thread post-copy's nice value, if one is set.
+fn prioritize_this_thread() {
+    let nice = THREAD_NICE.load(Ordering::Relaxed);
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: plain system calls on this thread's own id; no memory is passed.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(nice, "post-copy thread keeps its priority: {e}");
+    }
 }
 
 #[cfg(test)]

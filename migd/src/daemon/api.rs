@@ -454,6 +454,7 @@ async fn spawn_vm(
         path_arg(Some(&state::console_path(dir)))?,
         "--control".into(),
         path_arg(Some(&control))?,
+        format!("--postcopy-nice={}", d.cfg.postcopy_nice),
     ];
     if let Some(i) = &r.initramfs {
         args.push("--initramfs".into());

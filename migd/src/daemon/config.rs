@@ -27,6 +27,8 @@ pub struct Config {
     pub tls: Option<link::TlsFiles>,
     /// Host-wide cap of outgoing migrations, bytes/s.
     pub max_bandwidth: Option<u64>,
+    /// Nice value of post-copy's page threads in VM processes (0: unchanged).
+    pub postcopy_nice: i32,
 }
 
 impl Config {
@@ -60,6 +62,10 @@ impl Config {
                 (None, None) => None,
             }
             .filter(|&b| b > 0),
+            postcopy_nice: args
+                .postcopy_nice
+                .or(file.postcopy_nice)
+                .unwrap_or(config_file::DEFAULT_POSTCOPY_NICE),
             tls: migd::tls_args::TlsArgs {
                 tls_ca: args.tls.tls_ca.clone().or(file.tls_ca),
                 tls_cert: args.tls.tls_cert.clone().or(file.tls_cert),

@@ -91,6 +91,7 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
         state::console_path(&dir).to_string_lossy().into_owned(),
         "--control".into(),
         state::control_path(&dir).to_string_lossy().into_owned(),
+        format!("--postcopy-nice={}", d.cfg.postcopy_nice),
     ];
     if let Some(t) = &d.tls {
         args.extend(migd::tls_args::TlsArgs::to_args(&t.files));

@@ -50,6 +50,13 @@ pub struct DaemonArgs {
     /// Serve Prometheus metrics (`GET /metrics`) on this address [default: off].
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<String>,
+    /// Nice value (-20 to 0) of the threads that move post-copy's pages, in
+    /// every VM process (source and destination): on a host whose cores are all
+    /// busy they run before vCPUs, and the phase ends sooner; 0 leaves them as
+    /// they are [default: -10].
+    #[arg(long, value_name = "N", allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-20..=0))]
+    pub postcopy_nice: Option<i32>,
 }
 
 /// VMs and jobs known to this daemon.
