@@ -273,7 +273,10 @@ pub fn restore(
         let l = lazy.clone();
         std::thread::Builder::new()
             .name("lazy-faults".into())
-            .spawn(move || l.serve_faults())
+            .spawn(move || {
+                crate::postcopy::prioritize_this_thread();
+                l.serve_faults()
+            })
             .map_err(io_err("starting the lazy-faults thread"))?
     };
     let vm = match prepared.load(&lazy.snap.state) {
@@ -304,6 +307,7 @@ pub fn restore(
     std::thread::Builder::new()
         .name("lazy-filler".into())
         .spawn(move || {
+            crate::postcopy::prioritize_this_thread();
             let r = l.fill_all();
             let p = &l.progress;
             match r {

@@ -1732,7 +1732,8 @@ static THREAD_NICE: AtomicI32 = AtomicI32::new(0);
 
 /// Sets the nice value (-20..=0) that post-copy's page threads take for their
 /// lifetime, on both sides: the source's push and fault answers, the
-/// destination's readers and fault thread. On a host whose cores are all busy
+/// destination's readers and fault thread; and lazy restore's filler and
+/// fault thread (post-copy from a file). On a host whose cores are all busy
 /// they then run before vCPUs (the arriving guest's own, spinning on the pages
 /// it has, above all), and the phase in which a VM's memory is on two hosts
 /// ends sooner; with idle cores it changes nothing. Below 0 needs
@@ -1742,7 +1743,7 @@ pub fn set_thread_nice(nice: i32) {
 }
 
 /// Gives the calling thread post-copy's nice value, if one is set.
-fn prioritize_this_thread() {
+pub(crate) fn prioritize_this_thread() {
     let nice = THREAD_NICE.load(Ordering::Relaxed);
     if nice == 0 {
         return;
