@@ -7,8 +7,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_pit_config, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -504,20 +504,7 @@ fn set_entry_registers(fd: &VcpuFd, entry: BootEntry) -> Result<()> {
     };
     match entry {
         BootEntry::Pvh { entry, start_info } => {
-            let code = segment(0x10, 0xb, false);
-            let data = segment(0x18, 0x3, false);
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
-            sregs.tr = kvm_segment {
-                limit: 0x67,
-                type_: 0xb,
-                present: 1,
-                ..Default::default()
-            };
+            flat_segments(&mut sregs, false);
             sregs.cr0 = 0x11; // PE | ET
             sregs.cr4 = 0;
             sregs.efer = 0;
@@ -526,22 +513,9 @@ fn set_entry_registers(fd: &VcpuFd, entry: BootEntry) -> Result<()> {
             regs.rsp = boot::PVH_INFO_START;
         }
         BootEntry::Linux64 { entry, boot_params } => {
-            let code = segment(0x10, 0xb, true);
-            let data = segment(0x18, 0x3, false);
+            flat_segments(&mut sregs, true);
             sregs.gdt.base = boot::BOOT_GDT_START;
             sregs.gdt.limit = 31;
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
-            sregs.tr = kvm_segment {
-                limit: 0x67,
-                type_: 0xb,
-                present: 1,
-                ..Default::default()
-            };
             sregs.cr3 = boot::BOOT_PML4_START;
             sregs.cr4 = 0x20; // PAE
             sregs.cr0 = 0x8000_0011; // PG | ET | PE
@@ -553,4 +527,22 @@ fn set_entry_registers(fd: &VcpuFd, entry: BootEntry) -> Result<()> {
     }
     fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
     fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
+}
+
+/// Flat code (selector 0x10; 64-bit when `long`) and data (0x18) segments in
+/// every segment register, and a busy TSS, as both boot protocols expect.
+fn flat_segments(sregs: &mut kvm_sregs, long: bool) {
+    let data = segment(0x18, 0x3, false);
+    sregs.cs = segment(0x10, 0xb, long);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = kvm_segment {
+        limit: 0x67,
+        type_: 0xb,
+        present: 1,
+        ..Default::default()
+    };
 }
