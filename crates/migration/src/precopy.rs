@@ -888,6 +888,27 @@ fn sample_hot(
     Ok(Sampled { hot, cut })
 }
 
+/// Queues the pages of `set` on `tx`. With `clear` (manual dirty-log
+/// protection on), each word's dirty bits are cleared first, so that what the
+/// guest writes to those pages from then on is logged again, and what it
+/// wrote before is in what is read now.
+fn queue_set(vm: &Vm, tx: &mut Sender<'_>, set: &[u64], resent: bool, clear: bool) -> Result<()> {
+    for (w, &bits) in set.iter().enumerate() {
+        if bits == 0 {
+            continue;
+        }
+        if clear {
+            vm.clear_dirty_word(w, bits)?;
+        }
+        let mut b = bits;
+        while b != 0 {
+            tx.queue(w as u64 * 64 + b.trailing_zeros() as u64, resent)?;
+            b &= b - 1;
+        }
+    }
+    Ok(())
+}
+
 /// The first set bit of `bits` at or after `from`.
 fn next_set(bits: &[u64], from: u64) -> Option<u64> {
     let mut i = (from / 64) as usize;
@@ -1250,6 +1271,10 @@ pub(crate) fn rounds(
 ) -> Result<(Vec<u64>, u32)> {
     let ram = vm.ram().clone();
     let pages = tx.mem.pages();
+    // Reorder reads the log inside a round to find pages dirtied again since
+    // its start, which needs the log cleared at each read.
+    let clear_before_send = !params.reorder && vm.enable_clear_before_send();
+    job.update(|s| s.clear_before_send = clear_before_send);
     vm.set_dirty_logging(true)?;
     vm.take_dirty_bitmap()?; // start clean: everything from now on is logged
 
@@ -1311,7 +1336,7 @@ pub(crate) fn rounds(
             let skipped = send_reordered(vm, tx, &todo, &counts, &mut carry)?;
             job.update(|s| s.pages.skipped_redirtied += skipped);
         } else {
-            for_each_set(&todo, |pfn| tx.queue(pfn, round > 0))?;
+            queue_set(vm, tx, &todo, round > 0, clear_before_send)?;
         }
         tx.flush()?;
         tx.sync()?;
@@ -1330,7 +1355,12 @@ pub(crate) fn rounds(
                 0.5 * bandwidth + 0.5 * bw
             };
         }
-        let mut next = vm.take_dirty_bitmap()?;
+        // Cleared before sending, the log holds what was written after.
+        let mut next = if clear_before_send {
+            vm.peek_dirty_bitmap()?
+        } else {
+            vm.take_dirty_bitmap()?
+        };
         for (n, c) in next.iter_mut().zip(carry.iter_mut()) {
             *n |= std::mem::take(c);
         }

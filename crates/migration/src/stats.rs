@@ -205,6 +205,10 @@ pub struct MigrationStats {
     /// Dynamic page transfer reordering was on (`reorder`).
     #[serde(default)]
     pub reorder: bool,
+    /// The rounds cleared each word of the dirty log right before sending its
+    /// pages (KVM manual dirty-log protection), instead of all at each read.
+    #[serde(default)]
+    pub clear_before_send: bool,
     /// TCP streams that carried pre-copy pages (multifd; 1: the main connection).
     #[serde(default)]
     pub streams: u32,

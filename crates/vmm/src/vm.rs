@@ -56,7 +56,16 @@ pub struct Vm {
     devices: Arc<Mutex<Devices>>,
     control: Arc<RunControl>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// KVM's manual dirty-log protection is on (see [`Vm::enable_clear_before_send`]).
+    manual_clear: std::sync::atomic::AtomicBool,
 }
+
+/// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`
+/// (kvm-ioctls has no wrapper for it).
+const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = (3 << 30)
+    | ((std::mem::size_of::<kvm_bindings::kvm_clear_dirty_log>() as libc::c_ulong) << 16)
+    | (0xae << 8)
+    | 0xc0;
 
 /// Checks that captured state fits a VM of `memory` bytes.
 fn check_state(state: &VmState, memory: u64) -> Result<()> {
@@ -252,6 +261,7 @@ impl Vm {
             devices: Arc::new(Mutex::new(devices)),
             control: RunControl::new(n),
             threads: Mutex::new(Vec::new()),
+            manual_clear: Default::default(),
         })
     }
 
@@ -332,16 +342,122 @@ impl Vm {
         Ok(())
     }
 
+    /// Turns on KVM's manual dirty-log protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`)
+    /// where the host has it and every RAM range starts on a 64-page boundary;
+    /// true when it is on. Then [`Vm::peek_dirty_bitmap`] reads the log without
+    /// clearing it, and a sender clears each word of pages with
+    /// [`Vm::clear_dirty_word`] right before it reads them: a page the guest
+    /// wrote between the read of the log and its sending goes once, with what
+    /// was written, instead of again in the next round. [`Vm::take_dirty_bitmap`]
+    /// keeps its meaning either way. Call before turning the dirty log on.
+    pub fn enable_clear_before_send(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.manual_clear.load(Ordering::Relaxed) {
+            return true;
+        }
+        const CAP: u32 = kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+        const ENABLE: u64 = kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as u64;
+        let aligned = self
+            .ram
+            .ranges()
+            .iter()
+            .all(|r| (r.file_offset / crate::memory::PAGE_SIZE).is_multiple_of(64));
+        let has = self.vm_fd.check_extension_raw(CAP.into()) as u64 & ENABLE != 0;
+        if !aligned || !has {
+            return false;
+        }
+        let mut cap = kvm_bindings::kvm_enable_cap {
+            cap: CAP,
+            ..Default::default()
+        };
+        cap.args[0] = ENABLE;
+        match self.vm_fd.enable_cap(&cap) {
+            Ok(()) => {
+                self.manual_clear.store(true, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::warn!("manual dirty-log protection: {e}; the log is cleared as read");
+                false
+            }
+        }
+    }
+
+    /// Clears (and write-protects again) the pages of `mask` in word `word` of
+    /// the dirty bitmap (pages `64 * word ..`), with manual protection on.
+    pub fn clear_dirty_word(&self, word: usize, mask: u64) -> Result<()> {
+        let pfn = word as u64 * 64;
+        for (slot, r) in self.ram.ranges().iter().enumerate() {
+            let first = r.file_offset / crate::memory::PAGE_SIZE;
+            let pages = r.len / crate::memory::PAGE_SIZE;
+            if pfn < first || pfn >= first + pages {
+                continue;
+            }
+            let rel = pfn - first;
+            let num = (pages - rel).min(64);
+            let mut bits = if num < 64 {
+                mask & ((1 << num) - 1)
+            } else {
+                mask
+            };
+            return self.clear_dirty(
+                slot as u32,
+                rel,
+                num as u32,
+                std::slice::from_mut(&mut bits),
+            );
+        }
+        Ok(())
+    }
+
+    fn clear_dirty(&self, slot: u32, first: u64, num: u32, bits: &mut [u64]) -> Result<()> {
+        let mut arg = kvm_bindings::kvm_clear_dirty_log {
+            slot,
+            num_pages: num,
+            first_page: first,
+            ..Default::default()
+        };
+        arg.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
+        // SAFETY: a live VM fd; `arg` points at `bits`, which covers `num` pages
+        // and outlives the call.
+        let rc = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&*self.vm_fd),
+                KVM_CLEAR_DIRTY_LOG,
+                &arg,
+            )
+        };
+        if rc < 0 {
+            return Err(kvm("KVM_CLEAR_DIRTY_LOG")(kvm_ioctls::Error::last()));
+        }
+        Ok(())
+    }
+
     /// Fetches and clears the dirty bitmap of every RAM range: one bit per page,
     /// indexed by memfd page number (`file_offset / 4096`).
     pub fn take_dirty_bitmap(&self) -> Result<Vec<u64>> {
+        self.dirty_bitmap(true)
+    }
+
+    /// With manual protection on ([`Vm::enable_clear_before_send`]): the dirty
+    /// bitmap as [`Vm::take_dirty_bitmap`] gives it, left set in KVM.
+    pub fn peek_dirty_bitmap(&self) -> Result<Vec<u64>> {
+        self.dirty_bitmap(false)
+    }
+
+    fn dirty_bitmap(&self, clear: bool) -> Result<Vec<u64>> {
+        let manual = self.manual_clear.load(std::sync::atomic::Ordering::Relaxed);
         let pages = (self.ram.size() / crate::memory::PAGE_SIZE) as usize;
         let mut out = vec![0u64; pages.div_ceil(64)];
         for (slot, r) in self.ram.ranges().iter().enumerate() {
-            let bits = self
+            let mut bits = self
                 .vm_fd
                 .get_dirty_log(slot as u32, r.len as usize)
                 .map_err(kvm("KVM_GET_DIRTY_LOG"))?;
+            let slot_pages = r.len / crate::memory::PAGE_SIZE;
+            if manual && clear && bits.iter().any(|&w| w != 0) {
+                self.clear_dirty(slot as u32, 0, slot_pages as u32, &mut bits)?;
+            }
             let first = (r.file_offset / crate::memory::PAGE_SIZE) as usize;
             if first.is_multiple_of(64) {
                 for (i, w) in bits.iter().enumerate() {
