@@ -653,6 +653,10 @@ fn start_migration(
         .get("reorder")
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
+    params.clear_before_send = req
+        .get("clear_before_send")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true);
     params.strict_downtime = req
         .get("strict_downtime")
         .and_then(|v| v.as_bool())

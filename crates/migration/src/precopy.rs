@@ -104,6 +104,10 @@ pub struct Params {
     /// send rarely dirtied pages first and skip the hot tail's pages that the
     /// dirty log shows dirtied again meanwhile.
     pub reorder: bool,
+    /// The rounds clear each word of the dirty log right before sending its
+    /// pages (where KVM has manual dirty-log protection and `reorder` is off);
+    /// false: the whole log at each read.
+    pub clear_before_send: bool,
     /// Pre-copy: when the rounds stop without converging (round limit, byte
     /// budget, dirty set not shrinking) and the pause would exceed
     /// `max_downtime`, fail (the VM runs on here) instead of stopping and copying.
@@ -137,6 +141,7 @@ impl Params {
             xbzrle_cache: 0,
             compress: Compression::None,
             reorder: false,
+            clear_before_send: true,
             strict_downtime: false,
             streams: 1,
             auto: false,
@@ -1273,7 +1278,8 @@ pub(crate) fn rounds(
     let pages = tx.mem.pages();
     // Reorder reads the log inside a round to find pages dirtied again since
     // its start, which needs the log cleared at each read.
-    let clear_before_send = !params.reorder && vm.enable_clear_before_send();
+    let clear_before_send =
+        params.clear_before_send && !params.reorder && vm.enable_clear_before_send();
     job.update(|s| s.clear_before_send = clear_before_send);
     vm.set_dirty_logging(true)?;
     vm.take_dirty_bitmap()?; // start clean: everything from now on is logged

@@ -118,6 +118,11 @@ pub enum Cmd {
         /// dirtied again before their turn (dynamic page transfer reordering).
         #[arg(long)]
         reorder: bool,
+        /// Pre-copy rounds clear the whole dirty log each time they read it,
+        /// instead of each word right before sending its pages (for
+        /// comparison; it sends more).
+        #[arg(long)]
+        no_clear_before_send: bool,
         /// Pre-copy: fail (the VM keeps running here) rather than pause the
         /// guest longer than --max-downtime when the rounds stop without
         /// converging (round limit, byte budget, dirty set not shrinking).

@@ -72,6 +72,9 @@ pub struct MigrateOptions {
     /// Dynamic page transfer reordering in the pre-copy rounds.
     #[serde(default)]
     pub reorder: bool,
+    /// The rounds clear the dirty log at each read, not right before sending.
+    #[serde(default)]
+    pub no_clear_before_send: bool,
     /// Pre-copy fails rather than pause longer than max-downtime.
     #[serde(default)]
     pub strict_downtime: bool,
@@ -95,6 +98,7 @@ impl MigrateOptions {
         req["job"] = json!(id);
         req["max_bandwidth"] = json!(cap);
         req["fault_channel"] = json!(!self.no_fault_channel);
+        req["clear_before_send"] = json!(!self.no_clear_before_send);
         req
     }
 }
@@ -643,6 +647,7 @@ mod tests {
         assert_eq!(r["job"], "job1");
         assert_eq!(r["max_bandwidth"], 7);
         assert_eq!(r["fault_channel"], false);
+        assert_eq!(r["clear_before_send"], true, "on unless asked off");
         assert_eq!(r["streams"], 2);
         assert_eq!(r["max_downtime_ms"], 300);
     }

@@ -114,6 +114,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             auto_converge,
             compress,
             reorder,
+            no_clear_before_send,
             strict_downtime,
             detach,
             json,
@@ -129,6 +130,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 "xbzrle_cache": xbzrle_cache, "streams": streams,
                 "auto_converge": auto_converge,
                 "compress": compress, "reorder": reorder,
+                "no_clear_before_send": no_clear_before_send,
                 "strict_downtime": strict_downtime,
             }))?;
             let id = r["job"]
