@@ -905,11 +905,8 @@ fn queue_set(vm: &Vm, tx: &mut Sender<'_>, set: &[u64], resent: bool, clear: boo
         if clear {
             vm.clear_dirty_word(w, bits)?;
         }
-        let mut b = bits;
-        while b != 0 {
-            tx.queue(w as u64 * 64 + b.trailing_zeros() as u64, resent)?;
-            b &= b - 1;
-        }
+        let base = w as u64 * 64;
+        for_each_set(std::slice::from_ref(&bits), |b| tx.queue(base + b, resent))?;
     }
     Ok(())
 }

@@ -395,29 +395,27 @@ impl Vm {
             }
             let rel = pfn - first;
             let num = (pages - rel).min(64);
-            let mut bits = if num < 64 {
+            let bits = if num < 64 {
                 mask & ((1 << num) - 1)
             } else {
                 mask
             };
-            return self.clear_dirty(
-                slot as u32,
-                rel,
-                num as u32,
-                std::slice::from_mut(&mut bits),
-            );
+            return self.clear_dirty(slot as u32, rel, num as u32, &[bits]);
         }
         Ok(())
     }
 
-    fn clear_dirty(&self, slot: u32, first: u64, num: u32, bits: &mut [u64]) -> Result<()> {
+    /// `KVM_CLEAR_DIRTY_LOG` of `num` pages of `slot` from page `first`,
+    /// those set in `bits`.
+    fn clear_dirty(&self, slot: u32, first: u64, num: u32, bits: &[u64]) -> Result<()> {
         let mut arg = kvm_bindings::kvm_clear_dirty_log {
             slot,
             num_pages: num,
             first_page: first,
             ..Default::default()
         };
-        arg.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
+        // The kernel only reads the bitmap.
+        arg.__bindgen_anon_1.dirty_bitmap = bits.as_ptr().cast_mut().cast();
         // SAFETY: a live VM fd; `arg` points at `bits`, which covers `num` pages
         // and outlives the call.
         let rc = unsafe {
@@ -450,13 +448,13 @@ impl Vm {
         let pages = (self.ram.size() / crate::memory::PAGE_SIZE) as usize;
         let mut out = vec![0u64; pages.div_ceil(64)];
         for (slot, r) in self.ram.ranges().iter().enumerate() {
-            let mut bits = self
+            let bits = self
                 .vm_fd
                 .get_dirty_log(slot as u32, r.len as usize)
                 .map_err(kvm("KVM_GET_DIRTY_LOG"))?;
             let slot_pages = r.len / crate::memory::PAGE_SIZE;
             if manual && clear && bits.iter().any(|&w| w != 0) {
-                self.clear_dirty(slot as u32, 0, slot_pages as u32, &mut bits)?;
+                self.clear_dirty(slot as u32, 0, slot_pages as u32, &bits)?;
             }
             let first = (r.file_offset / crate::memory::PAGE_SIZE) as usize;
             if first.is_multiple_of(64) {
