@@ -216,6 +216,19 @@ fn thread_nice(vm: &VmProcess, name: &str) -> Option<i64> {
     })
 }
 
+/// The nice value of thread `name` once it equals `want`, or as it stands
+/// after two seconds.
+fn settled_nice(vm: &VmProcess, name: &str, want: i64) -> Option<i64> {
+    let end = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let nice = thread_nice(vm, name);
+        if nice == Some(want) || std::time::Instant::now() >= end {
+            return nice;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Polls the source's migration until `pred` holds; returns that status.
 fn wait_until(src: &VmProcess, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
     let end = std::time::Instant::now() + Duration::from_secs(30);
@@ -283,8 +296,18 @@ fn postcopy_recovers_when_the_links_are_cut() {
             wait_until(src, "post-copy", |r| r["status"] == "postcopy-active");
             // The threads that bring the pages run at the default nice value
             // of `--postcopy-nice`, ahead of the vCPUs.
-            assert_eq!(thread_nice(dst, "uffd-faults"), Some(-10), "fault thread");
-            assert_eq!(thread_nice(dst, "push-pages"), Some(-10), "push reader");
+            // A thread is named as it starts and sets its priority a moment
+            // later; on a busy machine the test may look in between.
+            assert_eq!(
+                settled_nice(dst, "uffd-faults", -10),
+                Some(-10),
+                "fault thread"
+            );
+            assert_eq!(
+                settled_nice(dst, "push-pages", -10),
+                Some(-10),
+                "push reader"
+            );
             assert_eq!(thread_nice(dst, "vcpu0"), Some(0), "the guest's vCPU");
             // After the switch the source cannot take the VM back: cancel is refused.
             let r = src.request(json!({"cmd": "cancel"}));
