@@ -499,3 +499,70 @@ fn reorder_skips_hot_pages_dirtied_again_before_their_turn() {
     b.console.assert_runs_on(2, Duration::from_secs(30));
     assert_eq!(b.terminate(), 0);
 }
+
+#[test]
+fn the_pause_estimate_counts_the_links_round_trips() {
+    if !kvm_or_skip("the_pause_estimate_counts_the_links_round_trips") {
+        return;
+    }
+    // A link of 50 ms round trip or more (25 ms each way through a relay):
+    // the pause exchanges State/Ready and Go/Confirm over it, 100 ms at least.
+    // (No `verify`: its memory digests would lengthen the pause.)
+    let dir = scratch("migrate-rtt");
+    let src = VmProcess::boot(&dir, "src", "workload=dirty:8:4", "256M", 1);
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let migrate_through_relay = |tag: &str, max_downtime_ms: u64| {
+        let port = free_port();
+        let dst_console = Console(dir.join(format!("{tag}.console")));
+        let dst = VmProcess::incoming(&dir, tag, &dst_console, port, "256M", 1);
+        let relay = common::delay::DelayRelay::start(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            Duration::from_millis(25),
+        );
+        let r = src.request(json!({
+            "cmd": "migrate", "to": format!("127.0.0.1:{}", relay.port), "name": "vm1",
+            "job": tag, "max_downtime_ms": max_downtime_ms,
+            "strict_downtime": true
+        }));
+        assert_eq!(r["ok"], true, "{r}");
+        (src.wait_migration(), dst)
+    };
+    // 80 ms allowed: the pages would fit, the round trips do not. Refused,
+    // not overshot; the VM runs on here.
+    let (stats, mut dst) = migrate_through_relay("tight", 80);
+    assert_eq!(stats["status"], "failed", "{stats}");
+    let rtt = stats["rtt_ms"].as_f64().expect("round trip measured");
+    assert!((50.0..200.0).contains(&rtt), "{stats}");
+    assert!(
+        stats["expected_downtime_ms"].as_f64().unwrap() >= 2.0 * rtt,
+        "{stats}"
+    );
+    assert!(
+        stats["error"]
+            .as_str()
+            .unwrap()
+            .contains("over --max-downtime 80 ms"),
+        "{stats}"
+    );
+    assert!(stats["downtime_phases"].is_null(), "never paused: {stats}");
+    assert_ne!(dst.wait(Duration::from_secs(20)), 0, "destination gives up");
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
+    // 300 ms allowed: it converges, and the pause, two round trips and more,
+    // stays within it.
+    let (stats, dst) = migrate_through_relay("roomy", 300);
+    assert_eq!(stats["status"], "completed", "{stats}");
+    assert_eq!(
+        stats["stop_reason"], "expected downtime within max-downtime",
+        "{stats}"
+    );
+    let rtt = stats["rtt_ms"].as_f64().unwrap();
+    let expected = stats["expected_downtime_ms"].as_f64().unwrap();
+    let downtime = stats["downtime_ms"].as_f64().unwrap();
+    assert!(rtt >= 50.0 && expected >= 2.0 * rtt, "{stats}");
+    assert!((100.0..=300.0).contains(&downtime), "{stats}");
+    src.request(json!({"cmd": "stop"}));
+    dst.console.assert_runs_on(2, Duration::from_secs(30));
+    console.assert_clean();
+    assert_eq!(dst.terminate(), 0);
+}

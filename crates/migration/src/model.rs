@@ -11,7 +11,8 @@
 //!
 //! Pre-copy (Clark et al.): round `i` sends `V_i = V_0 · ρ^i` with `ρ = D / R`
 //! (dirty rate over bandwidth); rounds stop once `V_i / R ≤ max_downtime` or
-//! after `max_rounds`; `T_down = V_n / R + V_state / R`, `T_mig = Σ V_i / R`.
+//! after `max_rounds`; `T_down = V_n / R + V_state / R + 2 · RTT` (the
+//! switch-over's two exchanges, State/Ready and Go/Confirm), `T_mig = Σ V_i / R`.
 //! Hybrid: pre-copy rounds up to `rounds_before_switch`, then post-copy for `V_n`.
 
 use serde::{Deserialize, Serialize};
@@ -122,7 +123,7 @@ pub fn predict(mode: &str, i: &Inputs) -> Prediction {
         }
         _ => {
             let (left, t_rounds, rounds, converges) = precopy_rounds(i, MAX_ROUNDS);
-            let t_down = (left + i.state_bytes) / r + i.rtt;
+            let t_down = (left + i.state_bytes) / r + 2.0 * i.rtt;
             Prediction {
                 downtime_ms: t_down * 1e3,
                 total_ms: (t_rounds + t_down) * 1e3,
@@ -186,10 +187,12 @@ pub fn check(s: &crate::stats::MigrationStats) -> Option<ModelCheck> {
             round0.map_or(0.0, |r| r.dirty_rate)
         },
         bandwidth,
-        rtt: s
-            .downtime_phases
-            .as_ref()
-            .map_or(100e-6, |p| p.go_confirm_us as f64 / 1e6),
+        // Measured before the pause, or else its last exchange.
+        rtt: s.rtt_ms.map(|ms| ms / 1e3).unwrap_or_else(|| {
+            s.downtime_phases
+                .as_ref()
+                .map_or(100e-6, |p| p.go_confirm_us as f64 / 1e6)
+        }),
         max_downtime: 0.3,
         prepaging_window: s.prepaging_window as f64,
     };

@@ -725,9 +725,17 @@ fn reorder_plan(todo: &[u64], counts: &[u8]) -> (Vec<u64>, usize) {
 /// or in the destination's queue (20–28 ms of downtime at 1 Gbit/s without
 /// it). A destination without the capability: [`drain`].
 fn settle(job: &Job, tx: &mut Sender<'_>, seq: u32) -> Result<()> {
+    round_trip(job, tx, seq).map(drop)
+}
+
+/// [`settle`], timed: how long `Sync` took to come back as `Synced`. Right
+/// after a settle, with nothing in flight either way, that is the round trip
+/// the switch-over's two exchanges will take. `None` from a destination
+/// without `sync` (the queue is drained instead, which times nothing).
+fn round_trip(job: &Job, tx: &mut Sender<'_>, seq: u32) -> Result<Option<Duration>> {
     if !job.sync.load(Ordering::SeqCst) {
         drain(tx.stream.tcp());
-        return Ok(());
+        return Ok(None);
     }
     let started = Instant::now();
     tx.write_control(&Message::Sync { seq })?;
@@ -741,9 +749,38 @@ fn settle(job: &Job, tx: &mut Sender<'_>, seq: u32) -> Result<()> {
             )))
         }
     }
-    tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "rounds settled");
-    Ok(())
+    let took = started.elapsed();
+    tracing::debug!(ms = took.as_secs_f64() * 1e3, "rounds settled");
+    Ok(Some(took))
 }
+
+/// What a pre-copy pause costs beyond its pages, ms: the two exchanges of
+/// the switch-over (`State` → `Ready`, `Go` → `Confirm`) at the link's round
+/// trip, the VM state at the link's bandwidth (bytes/s; 0 if unknown) and
+/// the work of pausing, capturing, restoring and resuming each vCPU. Without
+/// it, a 300 ms limit on a link of 50 ms round trip pauses up to 400 ms.
+pub(crate) fn switch_allowance_ms(rtt_ms: f64, vcpus: usize, bandwidth: f64) -> f64 {
+    let state = if bandwidth > 0.0 {
+        (vcpus as f64 * STATE_BYTES_PER_VCPU) / bandwidth * 1e3
+    } else {
+        0.0
+    };
+    2.0 * rtt_ms + state + SWITCH_MS + vcpus as f64 * SWITCH_MS_PER_VCPU
+}
+
+/// The VM state's size per vCPU, bytes, rounded up: 11.6 KiB for the test
+/// guest with one vCPU (registers, XSAVE area, MSRs, LAPIC, plus the devices).
+const STATE_BYTES_PER_VCPU: f64 = 16.0 * 1024.0;
+
+/// The switch-over's work that does not grow with the vCPUs, ms: pausing
+/// them (in parallel), the exchanges' own handling, resuming.
+const SWITCH_MS: f64 = 0.5;
+
+/// Capturing and restoring one vCPU's state, ms. Both measured on this
+/// project's 2-core test host (kvm-pvm, docs/benchmarks.md): for one vCPU,
+/// pause 0.1, capture 0.24, restore 0.33 (vCPUs 0.22), Go to Confirm 0.1 ms;
+/// rounded up.
+const SWITCH_MS_PER_VCPU: f64 = 0.5;
 
 /// Bytes written into `sock` that the peer has not acknowledged yet (the
 /// kernel's `SIOCOUTQ`).
@@ -1320,6 +1357,10 @@ pub(crate) fn rounds(
     let mut history: Vec<u64> = Vec::new();
     let stop_reason;
     let mut expected_last_ms: f64;
+    // The link's round trip (the shortest measured), once a settle has
+    // emptied it; the pause's two exchanges take it twice.
+    let mut rtt_ms: Option<f64> = None;
+    let vcpus = vm.config().vcpus;
     // The byte count when the destination last confirmed it had stored
     // everything (a settle with nothing sent since need not be repeated).
     let mut settled_at = None;
@@ -1398,16 +1439,17 @@ pub(crate) fn rounds(
             Some(_) => job.snapshot().compression.ratio.max(1.0),
             None => 1.0,
         };
-        let expected = |pending: u64| {
-            if bandwidth > 0.0 {
+        let expected = |pending: u64, rtt_ms: Option<f64>| {
+            let pages_ms = if bandwidth > 0.0 {
                 pending as f64 / ratio / bandwidth * 1e3
             } else if pending <= 64 * PAGE_SIZE {
                 0.0
             } else {
                 f64::INFINITY
-            }
+            };
+            pages_ms + switch_allowance_ms(rtt_ms.unwrap_or(0.0), vcpus, bandwidth)
         };
-        let mut expected_ms = expected(pending);
+        let mut expected_ms = expected(pending, rtt_ms);
         expected_last_ms = expected_ms;
         let sent_pages = job.snapshot().pages.sent - s0;
         job.update(|s| {
@@ -1446,12 +1488,18 @@ pub(crate) fn rounds(
             // predicted). Too much: another round sends it.
             settle(job, tx, round)?;
             settled_at = Some(tx.bytes);
+            // The link is empty now: time one more exchange.
+            if let Some(t) = round_trip(job, tx, round)? {
+                let t = t.as_secs_f64() * 1e3;
+                rtt_ms = Some(rtt_ms.map_or(t, |r| r.min(t)));
+                job.update(|s| s.rtt_ms = rtt_ms);
+            }
             let late = cold(&vm.take_dirty_bitmap()?);
             for (t, l) in todo.iter_mut().zip(&late) {
                 *t |= *l;
             }
             let dirty_bytes = popcount(&todo) * PAGE_SIZE;
-            expected_ms = expected(dirty_bytes + hot_bytes);
+            expected_ms = expected(dirty_bytes + hot_bytes, rtt_ms);
             expected_last_ms = expected_ms;
             job.update(|s| {
                 s.remaining_bytes = dirty_bytes;
@@ -1578,9 +1626,10 @@ pub(crate) fn stop_and_copy(
     }
     let state = vm.capture()?;
     let blob = state.encode()?;
+    let state_bytes = blob.len();
     tx.write_control(&Message::State { blob })?;
     clock.end(|p| &mut p.state_us);
-    tracing::debug!("state sent");
+    tracing::debug!(state_bytes, "state sent");
     let mut rx = stream;
     expect_ready(&mut rx)?;
     if params.verify {
@@ -1631,7 +1680,7 @@ pub(crate) fn expect_confirm(rx: &mut Link) -> std::result::Result<u64, String> 
 
 #[cfg(test)]
 mod tests {
-    use super::{not_converging, reorder_plan, Watchdog};
+    use super::{not_converging, reorder_plan, switch_allowance_ms, Watchdog};
     use crate::{Error, Result};
     use std::time::Duration;
 
@@ -1676,6 +1725,19 @@ mod tests {
         let (order, _) = reorder_plan(&[0b1, 0, 0b1], &[3; 10]);
         assert_eq!(order, vec![0, 128]);
         assert_eq!(reorder_plan(&[0, 0], &[]), (vec![], 0));
+    }
+
+    #[test]
+    fn the_pause_estimate_counts_round_trips_state_and_vcpus() {
+        // A 50 ms round trip is paid twice; 1 Gbit/s carries 16 KiB in 0.13 ms.
+        let a = switch_allowance_ms(50.0, 1, 125e6);
+        assert!(
+            (a - (100.0 + 16384.0 / 125e6 * 1e3 + 1.0)).abs() < 1e-9,
+            "{a}"
+        );
+        // More vCPUs, more state and more work; an unknown bandwidth counts no state.
+        assert!(switch_allowance_ms(0.0, 4, 125e6) > switch_allowance_ms(0.0, 1, 125e6));
+        assert_eq!(switch_allowance_ms(0.0, 2, 0.0), 1.5);
     }
 
     #[test]

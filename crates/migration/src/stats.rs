@@ -173,8 +173,14 @@ pub struct MigrationStats {
     pub remaining_bytes: u64,
     /// Latest dirty rate, bytes/s.
     pub dirty_rate: f64,
-    /// Predicted downtime at the switch-over, ms.
+    /// Predicted downtime at the switch-over, ms: the pages left at the
+    /// measured bandwidth plus the switch-over's own cost (two round trips,
+    /// the VM state, the vCPUs' pause and restore).
     pub expected_downtime_ms: f64,
+    /// The link's round trip as the source measured it before deciding to
+    /// pause (the shortest `Sync` → `Synced` on an empty link), ms.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
     /// Why the pre-copy rounds ended.
     pub stop_reason: String,
     /// Where the downtime went.
