@@ -6,7 +6,7 @@
 //! leaving the 32-bit MMIO hole (LAPIC, IOAPIC) free.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -226,29 +226,38 @@ impl GuestRam {
     ///
     /// Uses `SEEK_DATA`/`SEEK_HOLE`, so untouched memory costs nothing to skip.
     pub fn data_extents(&self) -> Result<Vec<(u64, u64)>> {
-        let fd = self.memfd.as_raw_fd();
-        let mut out = Vec::new();
-        let mut pos: i64 = 0;
-        let end = self.size as i64;
-        while pos < end {
-            // SAFETY: lseek on a descriptor we own; no memory is touched.
-            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-            if data < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::ENXIO) {
-                    break;
-                }
-                // No SEEK_DATA support: treat everything as data.
-                return Ok(vec![(0, self.size)]);
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-            let hole = if hole < 0 { end } else { hole.min(end) };
-            out.push((data as u64, (hole - data) as u64));
-            pos = hole;
-        }
-        Ok(out)
+        Ok(data_extents_of(self.memfd.as_raw_fd(), self.size))
     }
+}
+
+/// Data extents as (offset, len) of the first `size` bytes of the file `fd`,
+/// found with `SEEK_DATA`/`SEEK_HOLE`; all of it where the file system
+/// cannot tell. Moves the descriptor's file offset.
+pub fn data_extents_of(fd: RawFd, size: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    let end = size as i64;
+    while pos < end {
+        // SAFETY: lseek on a descriptor the caller keeps open; no memory is touched.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            // No SEEK_DATA support: treat everything as data.
+            return vec![(0, size)];
+        }
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { hole.min(end) };
+        out.push((data as u64, (hole - data) as u64));
+        pos = hole;
+    }
+    out
 }
 
 /// Takes ownership of a raw descriptor received from another process.
