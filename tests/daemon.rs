@@ -548,6 +548,7 @@ fn daemon_migrates_a_vm_to_another_daemon() {
         "--reorder",
         "--streams",
         "2",
+        "--verify",
         "--json",
     ]);
     assert_eq!(
@@ -572,6 +573,7 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     assert_eq!(stats["compression"]["algorithm"], "zstd", "{stats}");
     assert_eq!(stats["compression"]["level"], 2, "{stats}");
     assert_eq!(stats["reorder"], true, "{stats}");
+    assert_eq!(stats["verified"], true, "memory digests compared: {stats}");
     let job = stats["id"].as_str().unwrap().to_string();
     let shown = a.ok(&["job", &job]);
     assert!(shown.contains("completed"), "{shown}");

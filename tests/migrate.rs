@@ -566,3 +566,38 @@ fn the_pause_estimate_counts_the_links_round_trips() {
     console.assert_clean();
     assert_eq!(dst.terminate(), 0);
 }
+
+#[test]
+fn a_memory_digest_mismatch_fails_the_migration_and_the_source_runs_on() {
+    if !kvm_or_skip("a_memory_digest_mismatch_fails_the_migration_and_the_source_runs_on") {
+        return;
+    }
+    // The source sends a wrong digest (test-only fault): the destination
+    // finds it does not match its memory and cancels before resuming.
+    let dir = scratch("migrate-digest");
+    let src = VmProcess::boot(&dir, "src", "workload=dirty:8:4", "256M", 1);
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let port = free_port();
+    let dst_console = Console(dir.join("dst.console"));
+    let mut dst = VmProcess::incoming(&dir, "dst", &dst_console, port, "256M", 1);
+    let r = src.request(json!({
+        "cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1",
+        "verify": true, "fault_corrupt_digest": true
+    }));
+    assert_eq!(r["ok"], true, "{r}");
+    let stats = src.wait_migration();
+    assert_eq!(stats["status"], "failed", "{stats}");
+    assert!(
+        stats["error"]
+            .as_str()
+            .unwrap()
+            .contains("memory digest mismatch"),
+        "{stats}"
+    );
+    assert_eq!(stats["verified"], false, "{stats}");
+    assert_ne!(dst.wait(Duration::from_secs(20)), 0, "destination gives up");
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
+    console.assert_runs_on(2, Duration::from_secs(20));
+    console.assert_clean();
+}

@@ -120,6 +120,8 @@ pub struct Params {
     pub answer_timeout: Duration,
     /// Fault injection (tests only): hold the source at a phase.
     pub hold: Option<Hold>,
+    /// Fault injection (tests only): send a wrong memory digest in verify mode.
+    pub corrupt_digest: bool,
 }
 
 impl Params {
@@ -148,6 +150,7 @@ impl Params {
             auto_converge: false,
             answer_timeout: Duration::from_secs(60),
             hold: Hold::from_env(),
+            corrupt_digest: false,
         }
     }
 }
@@ -1620,7 +1623,7 @@ pub(crate) fn stop_and_copy(
     clock.end(|p| &mut p.final_pages_us);
     faults::hold(job, Phase::Switch);
     if params.verify {
-        let crc32 = mem.digest();
+        let crc32 = mem.digest() ^ u32::from(params.corrupt_digest);
         job.update(|s| s.verified = Some(false));
         tx.write_control(&Message::Digest { crc32 })?;
     }

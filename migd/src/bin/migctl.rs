@@ -128,6 +128,12 @@ pub enum Cmd {
         /// converging (round limit, byte budget, dirty set not shrinking).
         #[arg(long)]
         strict_downtime: bool,
+        /// Pre-copy: compare CRC32 digests of all guest memory on both sides
+        /// inside the pause; a mismatch fails the migration and the VM
+        /// resumes here. Adds the time to read the memory the guest has
+        /// written (pages never written are skipped) to the downtime.
+        #[arg(long)]
+        verify: bool,
         /// Print the job id and return at once.
         #[arg(long)]
         detach: bool,

@@ -78,6 +78,9 @@ pub struct MigrateOptions {
     /// Pre-copy fails rather than pause longer than max-downtime.
     #[serde(default)]
     pub strict_downtime: bool,
+    /// Compare CRC32 digests of guest memory on both sides at the switch-over.
+    #[serde(default)]
+    pub verify: bool,
 }
 
 impl Default for MigrateOptions {

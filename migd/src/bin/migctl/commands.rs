@@ -116,6 +116,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             reorder,
             no_clear_before_send,
             strict_downtime,
+            verify,
             detach,
             json,
         } => {
@@ -131,7 +132,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 "auto_converge": auto_converge,
                 "compress": compress, "reorder": reorder,
                 "no_clear_before_send": no_clear_before_send,
-                "strict_downtime": strict_downtime,
+                "strict_downtime": strict_downtime, "verify": verify,
             }))?;
             let id = r["job"]
                 .as_str()
