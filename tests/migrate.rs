@@ -169,6 +169,48 @@ fn cancel_and_killed_destination_leave_the_source_running() {
     }
 }
 
+/// Migrates `src` to a fresh incoming VM process `tag`, at the address `via`
+/// makes of its port, with the request keys `extra`; returns the source's
+/// final statistics and the destination.
+fn migrate_to_new(
+    dir: &std::path::Path,
+    src: &VmProcess,
+    tag: &str,
+    via: impl FnOnce(u16) -> String,
+    extra: serde_json::Value,
+) -> (serde_json::Value, VmProcess) {
+    let port = free_port();
+    let dst_console = Console(dir.join(format!("{tag}.console")));
+    let dst = VmProcess::incoming(dir, tag, &dst_console, port, "256M", 1);
+    let mut req = json!({"cmd": "migrate", "to": via(port), "name": "vm1", "job": tag});
+    for (k, v) in extra.as_object().unwrap() {
+        req[k] = v.clone();
+    }
+    let r = src.request(req);
+    assert_eq!(r["ok"], true, "{r}");
+    (src.wait_migration(), dst)
+}
+
+/// The migration failed with an error that says `why`, before any pause; the
+/// destination gave up and the source VM runs on.
+fn assert_failed_and_source_runs_on(
+    stats: &serde_json::Value,
+    why: &str,
+    src: &VmProcess,
+    dst: &mut VmProcess,
+) {
+    assert_eq!(stats["status"], "failed", "{stats}");
+    let e = stats["error"].as_str().unwrap();
+    assert!(e.contains(why), "{e}");
+    assert_ne!(dst.wait(Duration::from_secs(20)), 0, "destination gives up");
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
+    src.console.assert_runs_on(2, Duration::from_secs(20));
+}
+
+fn loopback(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
 #[test]
 fn strict_downtime_fails_a_migration_that_cannot_converge() {
     if !kvm_or_skip("strict_downtime_fails_a_migration_that_cannot_converge") {
@@ -176,31 +218,29 @@ fn strict_downtime_fails_a_migration_that_cannot_converge() {
     }
     let dir = scratch("migrate-strict");
     let src = VmProcess::boot(&dir, "src", "workload=dirty:16:0", "256M", 1);
-    let console = src.console.clone();
-    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
-    let port = free_port();
-    let dst_console = Console(dir.join("dst.console"));
-    let mut dst = VmProcess::incoming(&dir, "dst", &dst_console, port, "256M", 1);
+    src.console
+        .wait_for("WORKLOAD READY", Duration::from_secs(60));
     // 16 MiB rewritten flat out, 16 MiB/s: every round leaves ~1 s of pause.
-    src.request(json!({
-        "cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1",
-        "max_bandwidth": 16 << 20, "strict_downtime": true
-    }));
-    let stats = src.wait_migration();
-    assert_eq!(stats["status"], "failed", "{stats}");
-    let e = stats["error"].as_str().unwrap();
+    let (stats, mut dst) = migrate_to_new(
+        &dir,
+        &src,
+        "dst",
+        loopback,
+        json!({"max_bandwidth": 16 << 20, "strict_downtime": true}),
+    );
+    assert_failed_and_source_runs_on(&stats, "over --max-downtime 300 ms", &src, &mut dst);
     assert!(
-        e.contains("pre-copy did not converge") && e.contains("over --max-downtime 300 ms"),
-        "{e}"
+        stats["error"]
+            .as_str()
+            .unwrap()
+            .contains("pre-copy did not converge"),
+        "{stats}"
     );
     assert_ne!(
         stats["stop_reason"], "expected downtime within max-downtime",
         "{stats}"
     );
     assert!(stats["downtime_phases"].is_null(), "never paused: {stats}");
-    assert_ne!(dst.wait(Duration::from_secs(20)), 0, "destination gives up");
-    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
-    console.assert_runs_on(2, Duration::from_secs(20));
 }
 
 #[test]
@@ -512,42 +552,33 @@ fn the_pause_estimate_counts_the_links_round_trips() {
     let src = VmProcess::boot(&dir, "src", "workload=dirty:8:4", "256M", 1);
     let console = src.console.clone();
     console.wait_for("WORKLOAD READY", Duration::from_secs(60));
-    let migrate_through_relay = |tag: &str, max_downtime_ms: u64| {
-        let port = free_port();
-        let dst_console = Console(dir.join(format!("{tag}.console")));
-        let dst = VmProcess::incoming(&dir, tag, &dst_console, port, "256M", 1);
+    let relay = |port: u16| {
         let relay = common::delay::DelayRelay::start(
-            format!("127.0.0.1:{port}").parse().unwrap(),
+            loopback(port).parse().unwrap(),
             Duration::from_millis(25),
         );
-        let r = src.request(json!({
-            "cmd": "migrate", "to": format!("127.0.0.1:{}", relay.port), "name": "vm1",
-            "job": tag, "max_downtime_ms": max_downtime_ms,
-            "strict_downtime": true
-        }));
-        assert_eq!(r["ok"], true, "{r}");
-        (src.wait_migration(), dst)
+        loopback(relay.port)
+    };
+    let migrate_through_relay = |tag: &str, max_downtime_ms: u64| {
+        migrate_to_new(
+            &dir,
+            &src,
+            tag,
+            relay,
+            json!({"max_downtime_ms": max_downtime_ms, "strict_downtime": true}),
+        )
     };
     // 80 ms allowed: the pages would fit, the round trips do not. Refused,
     // not overshot; the VM runs on here.
     let (stats, mut dst) = migrate_through_relay("tight", 80);
-    assert_eq!(stats["status"], "failed", "{stats}");
+    assert_failed_and_source_runs_on(&stats, "over --max-downtime 80 ms", &src, &mut dst);
     let rtt = stats["rtt_ms"].as_f64().expect("round trip measured");
     assert!((50.0..200.0).contains(&rtt), "{stats}");
     assert!(
         stats["expected_downtime_ms"].as_f64().unwrap() >= 2.0 * rtt,
         "{stats}"
     );
-    assert!(
-        stats["error"]
-            .as_str()
-            .unwrap()
-            .contains("over --max-downtime 80 ms"),
-        "{stats}"
-    );
     assert!(stats["downtime_phases"].is_null(), "never paused: {stats}");
-    assert_ne!(dst.wait(Duration::from_secs(20)), 0, "destination gives up");
-    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
     // 300 ms allowed: it converges, and the pause, two round trips and more,
     // stays within it.
     let (stats, dst) = migrate_through_relay("roomy", 300);
@@ -576,28 +607,16 @@ fn a_memory_digest_mismatch_fails_the_migration_and_the_source_runs_on() {
     // finds it does not match its memory and cancels before resuming.
     let dir = scratch("migrate-digest");
     let src = VmProcess::boot(&dir, "src", "workload=dirty:8:4", "256M", 1);
-    let console = src.console.clone();
-    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
-    let port = free_port();
-    let dst_console = Console(dir.join("dst.console"));
-    let mut dst = VmProcess::incoming(&dir, "dst", &dst_console, port, "256M", 1);
-    let r = src.request(json!({
-        "cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1",
-        "verify": true, "fault_corrupt_digest": true
-    }));
-    assert_eq!(r["ok"], true, "{r}");
-    let stats = src.wait_migration();
-    assert_eq!(stats["status"], "failed", "{stats}");
-    assert!(
-        stats["error"]
-            .as_str()
-            .unwrap()
-            .contains("memory digest mismatch"),
-        "{stats}"
+    src.console
+        .wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let (stats, mut dst) = migrate_to_new(
+        &dir,
+        &src,
+        "dst",
+        loopback,
+        json!({"verify": true, "fault_corrupt_digest": true}),
     );
+    assert_failed_and_source_runs_on(&stats, "memory digest mismatch", &src, &mut dst);
     assert_eq!(stats["verified"], false, "{stats}");
-    assert_ne!(dst.wait(Duration::from_secs(20)), 0, "destination gives up");
-    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
-    console.assert_runs_on(2, Duration::from_secs(20));
-    console.assert_clean();
+    src.console.assert_clean();
 }
