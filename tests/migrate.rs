@@ -211,24 +211,37 @@ fn loopback(port: u16) -> String {
     format!("127.0.0.1:{port}")
 }
 
+/// Boots a guest running `workload`, migrates it over loopback with the
+/// request keys `extra`, and checks that the migration failed saying `why`
+/// and the source runs on, its console clean; returns the statistics.
+fn fails_on_loopback(
+    test: &str,
+    workload: &str,
+    extra: serde_json::Value,
+    why: &str,
+) -> serde_json::Value {
+    let dir = scratch(test);
+    let src = VmProcess::boot(&dir, "src", workload, "256M", 1);
+    src.console
+        .wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let (stats, mut dst) = migrate_to_new(&dir, &src, "dst", loopback, extra);
+    assert_failed_and_source_runs_on(&stats, why, &src, &mut dst);
+    src.console.assert_clean();
+    stats
+}
+
 #[test]
 fn strict_downtime_fails_a_migration_that_cannot_converge() {
     if !kvm_or_skip("strict_downtime_fails_a_migration_that_cannot_converge") {
         return;
     }
-    let dir = scratch("migrate-strict");
-    let src = VmProcess::boot(&dir, "src", "workload=dirty:16:0", "256M", 1);
-    src.console
-        .wait_for("WORKLOAD READY", Duration::from_secs(60));
     // 16 MiB rewritten flat out, 16 MiB/s: every round leaves ~1 s of pause.
-    let (stats, mut dst) = migrate_to_new(
-        &dir,
-        &src,
-        "dst",
-        loopback,
+    let stats = fails_on_loopback(
+        "migrate-strict",
+        "workload=dirty:16:0",
         json!({"max_bandwidth": 16 << 20, "strict_downtime": true}),
+        "over --max-downtime 300 ms",
     );
-    assert_failed_and_source_runs_on(&stats, "over --max-downtime 300 ms", &src, &mut dst);
     assert!(
         stats["error"]
             .as_str()
@@ -605,18 +618,11 @@ fn a_memory_digest_mismatch_fails_the_migration_and_the_source_runs_on() {
     }
     // The source sends a wrong digest (test-only fault): the destination
     // finds it does not match its memory and cancels before resuming.
-    let dir = scratch("migrate-digest");
-    let src = VmProcess::boot(&dir, "src", "workload=dirty:8:4", "256M", 1);
-    src.console
-        .wait_for("WORKLOAD READY", Duration::from_secs(60));
-    let (stats, mut dst) = migrate_to_new(
-        &dir,
-        &src,
-        "dst",
-        loopback,
+    let stats = fails_on_loopback(
+        "migrate-digest",
+        "workload=dirty:8:4",
         json!({"verify": true, "fault_corrupt_digest": true}),
+        "memory digest mismatch",
     );
-    assert_failed_and_source_runs_on(&stats, "memory digest mismatch", &src, &mut dst);
     assert_eq!(stats["verified"], false, "{stats}");
-    src.console.assert_clean();
 }
