@@ -612,3 +612,128 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     b.ok(&["destroy", "mig1"]);
     a.ok(&["destroy", "mig1"]);
 }
+
+/// `migctl save` and `restore` (virsh save/restore): a checkpoint that runs
+/// on, a save that stops and removes the VM, a restore that carries on where
+/// the guest was (eager and lazy), and bad files and names refused with
+/// nothing left behind.
+#[test]
+fn daemon_saves_a_vm_to_a_file_and_restores_it() {
+    if !kvm_or_skip("daemon_saves_a_vm_to_a_file_and_restores_it") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = scratch("daemon-save");
+    let d = Daemon::start(&dir, "a");
+    let _reaper = Reaper(d.state.clone());
+    create_guest(&d, "web1");
+    let console = console_of(&d, "web1");
+    console.wait_for("WORKLOAD READY", READY);
+    console.wait_heartbeats(0, 1, Duration::from_secs(20));
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+
+    // A checkpoint: the file holds the written memory, the VM runs on.
+    let ckpt = path("ckpt.snap");
+    let r: Value =
+        serde_json::from_str(&d.ok(&["save", "web1", &ckpt, "--keep", "--json"])).unwrap();
+    assert_eq!(r["state"], "running", "{r}");
+    // The 16 MiB working set at least, and not the 128 MiB of RAM.
+    let bytes = r["bytes"].as_u64().unwrap();
+    assert!((16 << 20..64 << 20).contains(&bytes), "{r}");
+    let meta = std::fs::metadata(&ckpt).unwrap();
+    assert_eq!(meta.len(), bytes);
+    assert_eq!(meta.mode() & 0o777, 0o600, "a snapshot holds guest memory");
+    console.assert_runs_on(2, Duration::from_secs(20));
+    let info: Value = serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap();
+    assert_eq!(info["state"], "running");
+
+    // Save: written, then the VM is stopped and gone from this host.
+    let saved = path("web1.snap");
+    let before = console.last_heartbeat().unwrap();
+    let r: Value = serde_json::from_str(&d.ok(&["save", "web1", &saved, "--json"])).unwrap();
+    assert_eq!(r["state"], "saved", "{r}");
+    assert!(r["ms"].as_f64().is_some_and(|ms| ms > 0.0), "{r}");
+    let list: Value = serde_json::from_str(&d.ok(&["list", "--json"])).unwrap();
+    assert_eq!(list, json!([]));
+    assert!(!d.vm_dir("web1").exists(), "save left the VM directory");
+    let stray: Vec<_> = std::fs::read_dir(&*dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp"))
+        .collect();
+    assert!(stray.is_empty(), "temporary files left: {stray:?}");
+    console.assert_clean();
+
+    // Restore: the guest carries on where it was saved.
+    let out = d.ok(&["restore", "web1", &saved]);
+    assert!(out.contains("VM web1 restored"), "{out}");
+    let info: Value = serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap();
+    assert_eq!(info["origin"], "restored", "{info}");
+    assert_eq!(info["source"], saved.as_str());
+    assert_eq!(
+        (info["memory"].as_u64(), info["vcpus"].as_u64()),
+        (Some(128 << 20), Some(1))
+    );
+    let restored = console_of(&d, "web1");
+    restored.wait_heartbeats(0, 1, Duration::from_secs(30));
+    let first = restored
+        .text()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("HEARTBEAT n=")?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap();
+    assert!(
+        first > before,
+        "the counter went back: {first} after {before}"
+    );
+    restored.assert_runs_on(2, Duration::from_secs(30));
+
+    // Lazy restore of the checkpoint, beside it.
+    d.ok(&["restore", "web2", &ckpt, "--lazy"]);
+    console_of(&d, "web2").assert_runs_on(2, Duration::from_secs(30));
+
+    // Bad input: named, and nothing is left of the VM that could not start.
+    let e = d.fails(&["restore", "web1", &saved]);
+    assert!(e.contains("already exists"), "{e}");
+    let e = d.fails(&["restore", "web3", &path("missing.snap")]);
+    assert!(e.contains("does not exist"), "{e}");
+    let cut = path("cut.snap");
+    let whole = std::fs::read(&saved).unwrap();
+    std::fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
+    let e = d.fails(&["restore", "web3", &cut]);
+    assert!(e.contains("cut.snap"), "{e}");
+    let garbage = path("garbage.snap");
+    std::fs::write(&garbage, b"not a snapshot at all, just some bytes").unwrap();
+    let e = d.fails(&["restore", "web3", &garbage]);
+    assert!(e.contains("garbage.snap"), "{e}");
+    assert!(
+        !d.vm_dir("web3").exists(),
+        "a failed restore left a directory"
+    );
+    let e = d.fails(&["save", "nosuch", &path("x.snap")]);
+    assert!(e.contains("no VM named 'nosuch'"), "{e}");
+    let e = d.fails(&["save", "web1", &path("no/such/dir/x.snap")]);
+    assert!(e.contains("is not a directory"), "{e}");
+    // A write that fails (no files can be made in /proc): the VM runs on.
+    let e = d.fails(&["save", "web1", "/proc/web1.snap"]);
+    assert!(e.contains("saving 'web1' to /proc/web1.snap"), "{e}");
+    let info: Value = serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap();
+    assert_eq!(info["state"], "running", "{info}");
+    let list: Value = serde_json::from_str(&d.ok(&["list", "--json"])).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["web1", "web2"]);
+    restored.assert_runs_on(1, Duration::from_secs(30));
+    d.ok(&["destroy", "web1"]);
+    d.ok(&["destroy", "web2"]);
+}

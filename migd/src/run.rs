@@ -952,19 +952,15 @@ fn handle_control(
                 let stop = req.get("stop").and_then(|s| s.as_bool()).unwrap_or(false);
                 match r {
                     Ok(s) => {
+                        let written = json!({"ok": true, "pages": s.data_pages, "bytes": s.file_bytes, "ms": s.elapsed.as_secs_f64() * 1e3});
                         if stop {
-                            let _ = handover::send_line(
-                                &mut stream,
-                                &json!({"ok": true, "pages": s.data_pages, "bytes": s.file_bytes}),
-                            );
+                            let _ = handover::send_line(&mut stream, &written);
                             return Some(0);
                         }
                         if was_running {
                             vm.resume();
                         }
-                        Ok(
-                            json!({"ok": true, "pages": s.data_pages, "bytes": s.file_bytes, "ms": s.elapsed.as_secs_f64() * 1e3}),
-                        )
+                        Ok(written)
                     }
                     Err(e) => {
                         if was_running {

@@ -24,7 +24,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -323,10 +323,12 @@ fn write_to(
         page_size: PAGE_SIZE as u32,
         flags: if ws.is_some() { FLAG_WORKING_SET } else { 0 },
     };
+    // All of guest memory is in it: for the owner only.
     let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(0o600)
         .open(path)
         .map_err(|e| snap_err(path, format!("create: {e}")))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);

@@ -173,6 +173,29 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write a VM's snapshot (memory, vCPUs, devices) to FILE, then stop and
+    /// remove the VM, like `virsh save`; with --keep it runs on instead.
+    Save {
+        name: String,
+        /// Snapshot file (written to a temporary name, then renamed; mode 0600).
+        file: PathBuf,
+        /// Resume the VM once written instead of stopping it (a checkpoint).
+        #[arg(long)]
+        keep: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a VM named NAME from a snapshot file, like `virsh restore`.
+    Restore {
+        name: String,
+        file: PathBuf,
+        /// Resume at once and fill memory from the file on demand and in the
+        /// background, working set first; keep the file until the VM runs elsewhere.
+        #[arg(long)]
+        lazy: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Migrate every VM of this host (running or paused, not migrating) to one
     /// destination, a few at a time, and report each (for host maintenance).
     Evacuate {

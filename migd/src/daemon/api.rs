@@ -19,13 +19,15 @@ use super::vmproc::{self, vm_call, vm_request};
 use super::Daemon;
 
 /// Commands of the API, in the order `unknown command` lists them.
-const COMMANDS: [&str; 15] = [
+const COMMANDS: [&str; 17] = [
     "create", "list", "info", "pause", "resume", "destroy", "console", "migrate", "jobs", "job",
-    "cancel", "postcopy", "recover", "estimate", "ping",
+    "cancel", "postcopy", "recover", "estimate", "save", "restore", "ping",
 ];
 
 /// How long `create` waits for the new VM process's control socket.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `save` waits for the VM process to write its snapshot.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default and largest amount of console text `console` returns.
 const CONSOLE_DEFAULT: u64 = 1 << 20;
 const CONSOLE_MAX: u64 = 16 << 20;
@@ -73,6 +75,20 @@ enum Request {
         to: String,
         mode: Option<String>,
         max_downtime_ms: Option<u64>,
+    },
+    Save {
+        name: String,
+        path: PathBuf,
+        /// Resume the VM once written, instead of stopping it (`virsh save` stops it).
+        #[serde(default)]
+        keep: bool,
+    },
+    Restore {
+        name: String,
+        path: PathBuf,
+        /// Resume at once and fill memory from the file on demand.
+        #[serde(default)]
+        lazy: bool,
     },
     Ping,
 }
@@ -272,6 +288,14 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
             r["name"] = json!(name);
             Ok(r)
         }
+        Request::Save { name, path, keep } => {
+            let span = tracing::info_span!("vm", name = %name);
+            save(d, &name, &path, keep).instrument(span).await
+        }
+        Request::Restore { name, path, lazy } => {
+            let span = tracing::info_span!("vm", name = %name);
+            restore(d, name, &path, lazy).instrument(span).await
+        }
     }
 }
 
@@ -342,16 +366,22 @@ async fn create(d: &Arc<Daemon>, c: CreateRequest) -> Result<Value> {
         Some(p) => Some(existing_file(p, "initramfs")?),
         None => None,
     };
-    let dir = d.vm_dir(&c.name);
-    let control = state::control_path(&dir);
-    if control.as_os_str().len() > 100 {
-        bail!(
-            "state dir path too long: {} exceeds the unix socket path limit",
-            control.display()
-        );
+    let mut boot = vec![
+        "--kernel".to_string(),
+        path_arg(Some(&kernel))?,
+        "--cmdline".into(),
+        c.cmdline.clone(),
+        "--memory".into(),
+        memory_arg(c.memory),
+        "--cpus".into(),
+        c.vcpus.to_string(),
+    ];
+    if let Some(i) = &initramfs {
+        boot.push("--initramfs".into());
+        boot.push(path_arg(Some(i))?);
     }
     let record = VmRecord {
-        name: c.name.clone(),
+        name: c.name,
         kernel: Some(kernel),
         initramfs,
         cmdline: c.cmdline,
@@ -361,10 +391,26 @@ async fn create(d: &Arc<Daemon>, c: CreateRequest) -> Result<Value> {
         origin: Origin::Created,
         source: None,
     };
+    start_vm(d, record, boot).await
+}
+
+/// Starts a VM process for a new VM (`boot`: the `migd run` flags that say
+/// what it runs) and lists it once its control socket answers; on failure
+/// nothing of it is left.
+async fn start_vm(d: &Arc<Daemon>, record: VmRecord, boot: Vec<String>) -> Result<Value> {
+    let name = record.name.clone();
+    let dir = d.vm_dir(&name);
+    let control = state::control_path(&dir);
+    if control.as_os_str().len() > 100 {
+        bail!(
+            "state dir path too long: {} exceeds the unix socket path limit",
+            control.display()
+        );
+    }
     {
         let mut reg = d.reg();
-        if reg.vms.contains_key(&c.name) {
-            bail!("a VM named '{}' already exists", c.name);
+        if reg.vms.contains_key(&name) {
+            bail!("a VM named '{name}' already exists");
         }
         if dir.exists() {
             bail!(
@@ -373,7 +419,7 @@ async fn create(d: &Arc<Daemon>, c: CreateRequest) -> Result<Value> {
             );
         }
         reg.vms.insert(
-            c.name.clone(),
+            name.clone(),
             VmEntry {
                 record: record.clone(),
                 state: st::CREATING.into(),
@@ -382,34 +428,141 @@ async fn create(d: &Arc<Daemon>, c: CreateRequest) -> Result<Value> {
             },
         );
     }
-    match spawn_vm(d, &record, &dir).await {
+    match spawn_vm(d, &record, boot, &dir).await {
         Ok((child, state, pid)) => {
             let vm = {
                 let mut reg = d.reg();
                 let vm = reg
                     .vms
-                    .get_mut(&c.name)
+                    .get_mut(&name)
                     .context("VM vanished while created")?;
                 vm.state = state;
                 vm.pid = Some(pid);
                 vm.clone()
             };
-            state::watch_child(d.clone(), c.name.clone(), child);
-            tracing::info!(pid, "VM created");
+            state::watch_child(d.clone(), name, child);
+            tracing::info!(pid, origin = ?record.origin, "VM started");
             Ok(json!({"ok": true, "vm": vm.to_json(&dir)}))
         }
         Err(e) => {
             // The directory goes, so keep the VM process's last words in our log.
             if let Ok((log, _)) = tail(&state::log_path(&dir), 4096) {
-                tracing::warn!(vm_log = %log.trim_end(), "create failed: {e:#}");
+                tracing::warn!(vm_log = %log.trim_end(), "start failed: {e:#}");
             } else {
-                tracing::warn!("create failed: {e:#}");
+                tracing::warn!("start failed: {e:#}");
             }
-            d.reg().vms.remove(&c.name);
+            d.reg().vms.remove(&name);
             let _ = state::remove_dir(&dir);
             Err(e)
         }
     }
+}
+
+/// Writes a VM's snapshot to `path` (temporary name, then renamed: an
+/// existing file is replaced only by a complete snapshot), then stops and
+/// removes the VM, or with `keep` resumes it as it was. A failed save leaves
+/// the VM as it was.
+async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> {
+    if !path.is_absolute() {
+        bail!("the snapshot path must be absolute, got {}", path.display());
+    }
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    if !parent.is_dir() {
+        bail!(
+            "cannot save to {}: {} is not a directory",
+            path.display(),
+            parent.display()
+        );
+    }
+    if path.is_dir() {
+        bail!("cannot save to {}: it is a directory", path.display());
+    }
+    let (pid, was) = {
+        let mut reg = d.reg();
+        let Some(vm) = reg.vms.get_mut(name) else {
+            bail!("no VM named '{}'", name.escape_debug());
+        };
+        if let Some(j) = &vm.job {
+            bail!("VM '{name}' is being migrated (job {j}); cancel the job first");
+        }
+        let Some(pid) = vm
+            .pid
+            .filter(|_| [st::RUNNING, st::PAUSED].contains(&vm.state.as_str()))
+        else {
+            bail!(
+                "VM '{name}' is {}; only a running or paused VM can be saved",
+                vm.state
+            );
+        };
+        let was = std::mem::replace(&mut vm.state, st::SAVING.into());
+        (pid, was)
+    };
+    let dir = d.vm_dir(name);
+    let req = json!({"cmd": "snapshot", "path": path, "stop": !keep});
+    let r = vm_call(&state::control_path(&dir), &req, SAVE_TIMEOUT).await;
+    let back = |state: &str| {
+        if let Some(v) = d.reg().vms.get_mut(name) {
+            if v.state == st::SAVING {
+                v.state = state.into();
+            }
+        }
+    };
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            // The VM process resumes a VM it paused for a snapshot that failed.
+            back(&was);
+            return Err(e.context(format!("saving '{name}' to {}", path.display())));
+        }
+    };
+    let mut reply = json!({
+        "ok": true, "name": name, "path": path, "pages": r["pages"], "bytes": r["bytes"],
+        "ms": r["ms"], "state": if keep { was.as_str() } else { "saved" },
+    });
+    if keep {
+        back(&was);
+        tracing::info!(path = %path.display(), "VM saved, and runs on");
+        return Ok(reply);
+    }
+    // Written: the VM process has stopped, or stops now.
+    if !vmproc::wait_gone(pid, Duration::from_secs(10)).await {
+        vmproc::stop(&state::control_path(&dir), pid).await;
+    }
+    let removed = state::remove_dir(&dir);
+    d.reg().vms.remove(name);
+    if let Err(e) = removed {
+        reply["warning"] = json!(format!("{e:#}"));
+    }
+    tracing::info!(path = %path.display(), "VM saved and stopped");
+    Ok(reply)
+}
+
+/// Starts a VM named `name` from the snapshot file `path`, checked (all but
+/// the page data) before any process starts; with `lazy` it runs at once and
+/// its memory is filled from the file, which must stay in place until then.
+async fn restore(d: &Arc<Daemon>, name: String, path: &Path, lazy: bool) -> Result<Value> {
+    state::check_name(&name).map_err(anyhow::Error::msg)?;
+    let path = existing_file(path, "snapshot")?;
+    let p = path.clone();
+    let snap = tokio::task::spawn_blocking(move || vmm::snapshot::LazySnapshot::open(&p))
+        .await
+        .context("checking the snapshot")??;
+    let mut boot = vec!["--restore".to_string(), path_arg(Some(&path))?];
+    if lazy {
+        boot.push("--lazy".into());
+    }
+    let record = VmRecord {
+        name,
+        kernel: None,
+        initramfs: None,
+        cmdline: String::new(),
+        memory: snap.memory,
+        vcpus: snap.state.vcpus.len() as u32,
+        created: state::now(),
+        origin: Origin::Restored,
+        source: Some(path.display().to_string()),
+    };
+    start_vm(d, record, boot).await
 }
 
 fn existing_file(p: &Path, what: &str) -> Result<PathBuf> {
@@ -430,6 +583,7 @@ pub fn memory_arg(bytes: u64) -> String {
 async fn spawn_vm(
     d: &Daemon,
     r: &VmRecord,
+    boot: Vec<String>,
     dir: &Path,
 ) -> Result<(tokio::process::Child, String, u32)> {
     use std::os::unix::fs::DirBuilderExt;
@@ -439,27 +593,15 @@ async fn spawn_vm(
         .with_context(|| format!("creating {}", dir.display()))?;
     state::write_json_atomic(&state::record_path(dir), r)?;
     let control = state::control_path(dir);
-    let mut args = vec![
-        "--name".to_string(),
-        r.name.clone(),
-        "--kernel".into(),
-        path_arg(r.kernel.as_deref())?,
-        "--cmdline".into(),
-        r.cmdline.clone(),
-        "--memory".into(),
-        memory_arg(r.memory),
-        "--cpus".into(),
-        r.vcpus.to_string(),
+    let mut args = vec!["--name".to_string(), r.name.clone()];
+    args.extend(boot);
+    args.extend([
         "--serial".into(),
         path_arg(Some(&state::console_path(dir)))?,
         "--control".into(),
         path_arg(Some(&control))?,
         format!("--postcopy-nice={}", d.cfg.postcopy_nice),
-    ];
-    if let Some(i) = &r.initramfs {
-        args.push("--initramfs".into());
-        args.push(path_arg(Some(i))?);
-    }
+    ]);
     if let Some(t) = &d.tls {
         // The VM process opens migration connections of its own (fault
         // channel, recovery) and needs the same credentials.
@@ -513,7 +655,7 @@ async fn destroy(d: &Daemon, name: &str) -> Result<Value> {
         if let Some(j) = &vm.job {
             bail!("VM '{name}' is being migrated (job {j}); cancel the job first");
         }
-        if vm.state == st::CREATING || vm.state == st::DESTROYING {
+        if [st::CREATING, st::DESTROYING, st::SAVING].contains(&vm.state.as_str()) {
             bail!("VM '{name}' is {}; try again", vm.state);
         }
         vm.state = st::DESTROYING.into();
@@ -557,6 +699,15 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("not a size"), "{e}");
+        let e = parse(b"{\"cmd\":\"save\",\"name\":\"a\"}").unwrap_err();
+        assert!(
+            e.contains("bad 'save' request: missing field `path`"),
+            "{e}"
+        );
+        assert!(matches!(
+            parse(b"{\"cmd\":\"restore\",\"name\":\"a\",\"path\":\"/s\"}"),
+            Ok(Request::Restore { lazy: false, .. })
+        ));
         assert!(parse(b"{\"cmd\":\"list\"}").is_ok());
         assert!(matches!(
             parse(b"{\"cmd\":\"create\",\"name\":\"a\",\"kernel\":\"k\",\"memory\":\"128M\",\"vcpus\":1}"),

@@ -22,7 +22,7 @@ pub const DOWNTIME_BUCKETS: [f64; 10] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 const OUTCOMES: [&str; 3] = ["completed", "failed", "cancelled"];
 /// States always exported (0 when no VM is in them), so that every series exists.
-const STATES: [&str; 7] = [
+const STATES: [&str; 8] = [
     st::CREATING,
     st::RUNNING,
     st::PAUSED,
@@ -30,6 +30,7 @@ const STATES: [&str; 7] = [
     st::MIGRATED,
     st::STOPPED,
     st::DESTROYING,
+    st::SAVING,
 ];
 /// Longest request head accepted.
 const MAX_REQUEST: usize = 8192;

@@ -23,6 +23,7 @@ pub mod st {
     pub const MIGRATED: &str = "migrated";
     pub const STOPPED: &str = "stopped";
     pub const DESTROYING: &str = "destroying";
+    pub const SAVING: &str = "saving";
 }
 
 /// How a VM came to this host.
@@ -32,6 +33,8 @@ pub enum Origin {
     #[default]
     Created,
     Incoming,
+    /// Started from a snapshot file (`restore`).
+    Restored,
 }
 
 /// The persistent record of a VM (`vm.json`).
@@ -49,7 +52,7 @@ pub struct VmRecord {
     pub created: u64,
     #[serde(default)]
     pub origin: Origin,
-    /// Peer address of an incoming migration.
+    /// Peer address of an incoming migration, or the snapshot file of a restored VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
 }
@@ -312,7 +315,9 @@ pub async fn refresh(d: &Daemon, name: &str) {
         Some(v) => (v.state.clone(), v.pid.is_some()),
         None => return,
     };
-    if !has_pid || [st::CREATING, st::DESTROYING, st::MIGRATED].contains(&state.as_str()) {
+    if !has_pid
+        || [st::CREATING, st::DESTROYING, st::MIGRATED, st::SAVING].contains(&state.as_str())
+    {
         return;
     }
     let dir = d.vm_dir(name);

@@ -13,6 +13,8 @@ use crate::{Cli, Cmd};
 
 /// Replies to quick commands come within this; `create` waits for the VM to start.
 const TIMEOUT: Duration = Duration::from_secs(90);
+/// `save` waits for the whole snapshot to be written.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(900);
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let connect = || Client::connect(&cli.socket, TIMEOUT).map_err(anyhow::Error::from);
@@ -188,6 +190,55 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", format::estimate(&r));
             }
         }
+        Cmd::Save {
+            name,
+            file,
+            keep,
+            json,
+        } => {
+            let file = absolute(&file)?;
+            let spinner = spinner(format!("saving {name} to {}", file.display()));
+            let r = Client::connect(&cli.socket, SAVE_TIMEOUT)?.call(&json!({
+                "cmd": "save", "name": name, "path": file, "keep": keep,
+            }));
+            spinner.finish_and_clear();
+            let r = r?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "VM {name} saved to {} ({}, {} ms){}",
+                    file.display(),
+                    format::bytes(r["bytes"].as_u64().unwrap_or(0)),
+                    r["ms"].as_f64().map_or("?".into(), |ms| format!("{ms:.0}")),
+                    if keep {
+                        "; it runs on"
+                    } else {
+                        "; stopped and removed"
+                    }
+                );
+            }
+        }
+        Cmd::Restore {
+            name,
+            file,
+            lazy,
+            json,
+        } => {
+            let file = absolute(&file)?;
+            let r = connect()?.call(&json!({
+                "cmd": "restore", "name": name, "path": file, "lazy": lazy,
+            }))?;
+            if json {
+                print_json(&r["vm"]);
+            } else {
+                println!(
+                    "VM {name} restored from {} (pid {})",
+                    file.display(),
+                    format::opt(&r["vm"]["pid"])
+                );
+            }
+        }
         Cmd::Postcopy { id } => {
             connect()?.call(&json!({"cmd": "postcopy", "id": id}))?;
             println!("switching {id} to post-copy");
@@ -205,6 +256,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// The daemon resolves paths in its own working directory: send absolute ones.
+/// A spinner on stderr while a long request runs (drawn only on a terminal).
+fn spinner(msg: String) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_message(msg);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
 fn absolute(p: &std::path::Path) -> Result<std::path::PathBuf> {
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
