@@ -463,6 +463,17 @@ fn daemon_migrates_a_vm_to_another_daemon() {
         table.contains("downtime ms") && table.contains("hybrid"),
         "{table}"
     );
+    // A guest writing 8 MiB/s over loopback: auto is expected to stay pre-copy.
+    let est: Value = serde_json::from_str(&a.ok(&[
+        "estimate", "mig1", "--to", &to_b, "--mode", "auto", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(est["auto_picks"], "precopy", "{est}");
+    assert_eq!(est["prediction"], est["all_modes"]["precopy"], "{est}");
+    assert!(
+        table.contains("--mode auto is expected to end in precopy"),
+        "{table}"
+    );
     let e = a.fails(&["estimate", "mig1", "--to", &to_b, "--mode", "teleport"]);
     assert!(e.contains("unknown mode 'teleport'"), "{e}");
     assert_eq!(

@@ -732,8 +732,10 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
         .get("mode")
         .and_then(|m| m.as_str())
         .unwrap_or("precopy");
-    if !matches!(mode, "precopy" | "postcopy" | "hybrid") {
-        return Err(format!("unknown mode '{mode}' (precopy, postcopy, hybrid)"));
+    if !matches!(mode, "precopy" | "postcopy" | "hybrid" | "auto") {
+        return Err(format!(
+            "unknown mode '{mode}' (precopy, postcopy, hybrid, auto)"
+        ));
     }
     let memory_bytes: u64 = vm
         .ram()
@@ -780,9 +782,11 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
         .iter()
         .map(|m| (m.to_string(), json!(model::predict(m, &inputs))))
         .collect();
+    // `auto` is predicted as the mode it is expected to end in (`auto_picks`).
     Ok(json!({
         "ok": true,
         "mode": mode,
+        "auto_picks": model::auto_mode(&inputs),
         "prediction": model::predict(mode, &inputs),
         "inputs": inputs,
         "all_modes": all,

@@ -71,7 +71,15 @@ fn postcopy_phase(i: &Inputs, v_min: f64, v_mem: f64) -> (f64, f64, f64, f64) {
     (t_down, t_res, rest / r, faults)
 }
 
-/// Pre-copy rounds: (bytes still dirty at the end, seconds spent, rounds, converged).
+/// What a pre-copy pause takes beyond the dirty pages, seconds: the state at
+/// the bandwidth and the switch-over's two round trips (as the engine's stop
+/// rule counts them).
+fn switch_cost(i: &Inputs) -> f64 {
+    i.state_bytes / i.bandwidth.max(1.0) + 2.0 * i.rtt
+}
+
+/// Pre-copy rounds: (bytes still dirty at the end, seconds spent, rounds,
+/// converged: the pause they leave, [`switch_cost`] included, fits max-downtime).
 fn precopy_rounds(i: &Inputs, max_rounds: u32) -> (f64, f64, u32, bool) {
     let r = i.bandwidth.max(1.0);
     let mut v = i.memory_bytes;
@@ -83,17 +91,30 @@ fn precopy_rounds(i: &Inputs, max_rounds: u32) -> (f64, f64, u32, bool) {
         rounds += 1;
         // What the guest dirties while this round is sent (capped by its memory).
         v = (i.dirty_rate * dt).min(i.memory_bytes);
-        if v / r <= i.max_downtime {
+        if v / r + switch_cost(i) <= i.max_downtime {
             return (v, t, rounds, true);
         }
     }
     (v, t, rounds, false)
 }
 
-/// Predicts `mode` ("precopy", "postcopy", "hybrid").
+/// The mode `--mode auto` is expected to end in: pre-copy where its rounds
+/// converge within max-downtime, otherwise rounds and then post-copy
+/// ("hybrid"; the engine decides on what it measures as it goes).
+pub fn auto_mode(i: &Inputs) -> &'static str {
+    if predict("precopy", i).converges {
+        "precopy"
+    } else {
+        "hybrid"
+    }
+}
+
+/// Predicts `mode` ("precopy", "postcopy", "hybrid", or "auto": the one
+/// [`auto_mode`] picks).
 pub fn predict(mode: &str, i: &Inputs) -> Prediction {
     let r = i.bandwidth.max(1.0);
     match mode {
+        "auto" => predict(auto_mode(i), i),
         "postcopy" => {
             let (t_down, t_res, push_only, faults) =
                 postcopy_phase(i, i.state_bytes, i.memory_bytes + i.state_bytes);
@@ -123,7 +144,7 @@ pub fn predict(mode: &str, i: &Inputs) -> Prediction {
         }
         _ => {
             let (left, t_rounds, rounds, converges) = precopy_rounds(i, MAX_ROUNDS);
-            let t_down = (left + i.state_bytes) / r + 2.0 * i.rtt;
+            let t_down = left / r + switch_cost(i);
             Prediction {
                 downtime_ms: t_down * 1e3,
                 total_ms: (t_rounds + t_down) * 1e3,
@@ -291,6 +312,35 @@ mod tests {
         let h = predict("hybrid", &i);
         assert_eq!(h.rounds, 3);
         assert!(h.downtime_ms < p.downtime_ms);
+    }
+
+    #[test]
+    fn auto_picks_precopy_where_it_converges_and_hybrid_elsewhere() {
+        let calm = inputs();
+        assert_eq!(auto_mode(&calm), "precopy");
+        assert_eq!(predict("auto", &calm), predict("precopy", &calm));
+        let hot = Inputs {
+            dirty_rate: 2e9,
+            ..inputs()
+        };
+        assert_eq!(auto_mode(&hot), "hybrid");
+        assert_eq!(predict("auto", &hot), predict("hybrid", &hot));
+    }
+
+    #[test]
+    fn the_round_trips_count_against_max_downtime() {
+        // 100 MB/s of dirtying on a 1 GB/s link: a short last round, whose
+        // pause fits 300 ms on a LAN but not with 150 ms of round trip.
+        let lan = Inputs {
+            dirty_rate: 0.1e9,
+            ..inputs()
+        };
+        let p = predict("precopy", &lan);
+        assert!(p.converges && p.downtime_ms < 300.0, "{p:?}");
+        let far = Inputs { rtt: 0.15, ..lan };
+        let q = predict("precopy", &far);
+        assert!(!q.converges && q.downtime_ms > 300.0, "{q:?}");
+        assert_eq!(auto_mode(&far), "hybrid");
     }
 
     #[test]

@@ -268,9 +268,14 @@ pub fn estimate(r: &Value) -> String {
         "{:<10} {:>14} {:>14} {:>8} {:>10}\n",
         "mode", "downtime ms", "total ms", "rounds", "faults"
     ));
+    // The mode asked for; for `auto`, the one it is expected to end in.
+    let asked = match r["mode"].as_str() {
+        Some("auto") => &r["auto_picks"],
+        _ => &r["mode"],
+    };
     for m in ["precopy", "postcopy", "hybrid"] {
         let p = &r["all_modes"][m];
-        let mark = if r["mode"] == m { "*" } else { " " };
+        let mark = if asked == m { "*" } else { " " };
         out.push_str(&format!(
             "{:<10} {:>14.1} {:>14.1} {:>8} {:>10.0}{}\n",
             m,
@@ -284,6 +289,9 @@ pub fn estimate(r: &Value) -> String {
                 mark
             },
         ));
+    }
+    if let Some(pick) = r["auto_picks"].as_str() {
+        out.push_str(&format!("--mode auto is expected to end in {pick}\n"));
     }
     out
 }
