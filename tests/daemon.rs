@@ -705,9 +705,24 @@ fn daemon_saves_a_vm_to_a_file_and_restores_it() {
     );
     restored.assert_runs_on(2, Duration::from_secs(30));
 
-    // Lazy restore of the checkpoint, beside it.
+    // Lazy restore of the checkpoint, beside it: `filling` shows the fill
+    // until every stored page is in.
     d.ok(&["restore", "web2", &ckpt, "--lazy"]);
     console_of(&d, "web2").assert_runs_on(2, Duration::from_secs(30));
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info: Value = serde_json::from_str(&d.ok(&["info", "web2", "--json"])).unwrap();
+        let f = &info["filling"];
+        if f.is_null() {
+            break;
+        }
+        assert!(
+            f["filled"].as_u64().unwrap() <= f["pages"].as_u64().unwrap(),
+            "{info}"
+        );
+        assert!(Instant::now() < end, "still filling after 30 s: {info}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Bad input: named, and nothing is left of the VM that could not start.
     let e = d.fails(&["restore", "web1", &saved]);

@@ -420,12 +420,7 @@ async fn start_vm(d: &Arc<Daemon>, record: VmRecord, boot: Vec<String>) -> Resul
         }
         reg.vms.insert(
             name.clone(),
-            VmEntry {
-                record: record.clone(),
-                state: st::CREATING.into(),
-                pid: None,
-                job: None,
-            },
+            VmEntry::new(record.clone(), st::CREATING, None),
         );
     }
     match spawn_vm(d, &record, boot, &dir).await {

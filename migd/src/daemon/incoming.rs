@@ -222,12 +222,7 @@ fn admit(
     }
     reg.vms.insert(
         name.to_string(),
-        VmEntry {
-            record: record.clone(),
-            state: st::INCOMING.into(),
-            pid: None,
-            job: None,
-        },
+        VmEntry::new(record.clone(), st::INCOMING, None),
     );
     Ok(record)
 }

@@ -65,9 +65,22 @@ pub struct VmEntry {
     pub pid: Option<u32>,
     /// The migration job running for it, if any.
     pub job: Option<String>,
+    /// A lazy restore's progress (`{filled, pages}`) while it fills memory.
+    pub filling: Option<Value>,
 }
 
 impl VmEntry {
+    /// A VM with no job running.
+    pub fn new(record: VmRecord, state: &str, pid: Option<u32>) -> VmEntry {
+        VmEntry {
+            record,
+            state: state.into(),
+            pid,
+            job: None,
+            filling: None,
+        }
+    }
+
     /// The API view of this VM.
     pub fn to_json(&self, dir: &Path) -> Value {
         json!({
@@ -85,6 +98,7 @@ impl VmEntry {
             "dir": dir,
             "console": dir.join("console.log"),
             "job": self.job,
+            "filling": self.filling,
         })
     }
 }
@@ -211,15 +225,9 @@ async fn adopt_inner(d: &Arc<Daemon>, name: String, dir: PathBuf) {
                 }
             };
             tracing::info!(?pid, state = %state, "re-attached to a running VM process");
-            d.reg().vms.insert(
-                name.clone(),
-                VmEntry {
-                    record,
-                    state,
-                    pid,
-                    job: None,
-                },
-            );
+            d.reg()
+                .vms
+                .insert(name.clone(), VmEntry::new(record, &state, pid));
             if let Some(pid) = pid {
                 watch_pid(d.clone(), name.clone(), pid);
             }
@@ -228,15 +236,9 @@ async fn adopt_inner(d: &Arc<Daemon>, name: String, dir: PathBuf) {
         (None, Some(record)) => {
             tracing::info!("VM process is gone; listed as stopped");
             let _ = std::fs::remove_file(control_path(&dir));
-            d.reg().vms.insert(
-                name,
-                VmEntry {
-                    record,
-                    state: st::STOPPED.into(),
-                    pid: None,
-                    job: None,
-                },
-            );
+            d.reg()
+                .vms
+                .insert(name, VmEntry::new(record, st::STOPPED, None));
         }
         (None, None) => {
             tracing::info!(dir = %dir.display(), "no record and no process: removing");
@@ -351,6 +353,7 @@ pub async fn refresh(d: &Daemon, name: &str) {
             record_to_write = Some(vm.record.clone());
         }
         vm.state = new.to_string();
+        vm.filling = Some(reply["filling"].clone()).filter(|f| !f.is_null());
     }
     if let Some(r) = record_to_write {
         if let Err(e) = write_json_atomic(&record_path(&dir), &r) {

@@ -125,6 +125,20 @@ pub fn vm_info(v: &Value) -> String {
     if !v["source"].is_null() {
         kv(&mut s, "Source", opt(&v["source"]));
     }
+    if let (Some(done), Some(all)) = (
+        v["filling"]["filled"].as_u64(),
+        v["filling"]["pages"].as_u64(),
+    ) {
+        kv(
+            &mut s,
+            "Filling",
+            format!(
+                "{:.0} % of {} from the snapshot (keep the file until done)",
+                done as f64 * 100.0 / all.max(1) as f64,
+                bytes(all * 4096)
+            ),
+        );
+    }
     kv(&mut s, "Console", opt(&v["console"]));
     kv(&mut s, "Migration job", opt(&v["job"]));
     s
