@@ -289,6 +289,13 @@ fn daemon_restart_lists_stopped_vms_and_cleans_leftovers() {
     assert_eq!(d.ok(&["console", "old"]), "hello from before\n");
     let info = d.ok(&["info", "old"]);
     assert!(info.contains("2023-11-14 22:13:20 UTC"), "{info}");
+    // Its kernel is gone: start fails with the VM process's reason, and the
+    // VM stays listed as stopped with its console.
+    let e = d.fails(&["start", "old"]);
+    assert!(e.contains("VM process exited") && e.contains("/k"), "{e}");
+    let info: Value = serde_json::from_str(&d.ok(&["info", "old", "--json"])).unwrap();
+    assert_eq!(info["state"], "stopped", "{info}");
+    assert!(d.ok(&["console", "old"]).starts_with("hello from before\n"));
     d.ok(&["destroy", "old"]);
     assert!(!old.exists(), "destroy left the directory");
     assert_eq!(d.ok(&["list", "--json"]).trim(), "[]");
@@ -406,6 +413,39 @@ fn daemon_vm_lifecycle_survives_a_daemon_restart() {
     d.ok(&["pause", "web1"]);
     d.ok(&["resume", "web1"]);
     console.assert_clean();
+
+    // The VM process dies: the VM is stopped, and `start` boots it again.
+    let e = d.fails(&["start", "web1"]);
+    assert!(
+        e.contains("is running; only a stopped VM can be started"),
+        "{e}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info: Value = serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap();
+        if info["state"] == "stopped" {
+            break;
+        }
+        assert!(Instant::now() < end, "not stopped after SIGKILL: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = d.ok(&["start", "web1"]);
+    assert!(out.contains("VM web1 started"), "{out}");
+    let boots = || console.text().matches("WORKLOAD READY").count();
+    let end = Instant::now() + READY;
+    while boots() < 2 {
+        assert!(Instant::now() < end, "no second boot:\n{}", console.text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let list: Value = serde_json::from_str(&d.ok(&["list", "--json"])).unwrap();
+    assert_eq!(list[0]["state"], "running", "{list}");
+    let pid = list[0]["pid"].as_u64().unwrap();
+    console.assert_runs_on(1, Duration::from_secs(20));
 
     d.ok(&["destroy", "web1"]);
     assert!(!d.vm_dir("web1").exists(), "destroy left the directory");

@@ -68,6 +68,9 @@ pub enum Cmd {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Boot a stopped VM again from its kernel (after a guest power-off or a
+    /// crash), in the same directory.
+    Start { name: String },
     /// Pause a VM's vCPUs.
     Pause { name: String },
     /// Resume a paused VM.

@@ -19,9 +19,9 @@ use super::vmproc::{self, vm_call, vm_request};
 use super::Daemon;
 
 /// Commands of the API, in the order `unknown command` lists them.
-const COMMANDS: [&str; 17] = [
-    "create", "list", "info", "pause", "resume", "destroy", "console", "migrate", "jobs", "job",
-    "cancel", "postcopy", "recover", "estimate", "save", "restore", "ping",
+const COMMANDS: [&str; 18] = [
+    "create", "list", "info", "start", "pause", "resume", "destroy", "console", "migrate", "jobs",
+    "job", "cancel", "postcopy", "recover", "estimate", "save", "restore", "ping",
 ];
 
 /// How long `create` waits for the new VM process's control socket.
@@ -38,6 +38,9 @@ enum Request {
     Create(CreateRequest),
     List,
     Info {
+        name: String,
+    },
+    Start {
         name: String,
     },
     Pause {
@@ -233,6 +236,10 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
             let vm = entry(d, &name)?;
             Ok(json!({"ok": true, "vm": vm.to_json(&d.vm_dir(&name))}))
         }
+        Request::Start { name } => {
+            let span = tracing::info_span!("vm", name = %name);
+            start(d, &name).instrument(span).await
+        }
         Request::Pause { name } => pause_resume(d, &name, "pause").await,
         Request::Resume { name } => pause_resume(d, &name, "resume").await,
         Request::Destroy { name } => {
@@ -366,20 +373,6 @@ async fn create(d: &Arc<Daemon>, c: CreateRequest) -> Result<Value> {
         Some(p) => Some(existing_file(p, "initramfs")?),
         None => None,
     };
-    let mut boot = vec![
-        "--kernel".to_string(),
-        path_arg(Some(&kernel))?,
-        "--cmdline".into(),
-        c.cmdline.clone(),
-        "--memory".into(),
-        memory_arg(c.memory),
-        "--cpus".into(),
-        c.vcpus.to_string(),
-    ];
-    if let Some(i) = &initramfs {
-        boot.push("--initramfs".into());
-        boot.push(path_arg(Some(i))?);
-    }
     let record = VmRecord {
         name: c.name,
         kernel: Some(kernel),
@@ -391,7 +384,75 @@ async fn create(d: &Arc<Daemon>, c: CreateRequest) -> Result<Value> {
         origin: Origin::Created,
         source: None,
     };
+    let boot = boot_args(&record)?;
     start_vm(d, record, boot).await
+}
+
+/// The `migd run` flags that boot a VM's kernel as its record describes it.
+fn boot_args(r: &VmRecord) -> Result<Vec<String>> {
+    let mut boot = vec![
+        "--kernel".to_string(),
+        path_arg(r.kernel.as_deref())?,
+        "--cmdline".into(),
+        r.cmdline.clone(),
+        "--memory".into(),
+        memory_arg(r.memory),
+        "--cpus".into(),
+        r.vcpus.to_string(),
+    ];
+    if let Some(i) = &r.initramfs {
+        boot.push("--initramfs".into());
+        boot.push(path_arg(Some(i))?);
+    }
+    Ok(boot)
+}
+
+/// Boots a stopped VM again from the kernel of its record (`virsh start`),
+/// in its directory (the console goes on in the same file).
+async fn start(d: &Arc<Daemon>, name: &str) -> Result<Value> {
+    let record = {
+        let mut reg = d.reg();
+        let Some(vm) = reg.vms.get_mut(name) else {
+            bail!("no VM named '{}'", name.escape_debug());
+        };
+        if vm.state != st::STOPPED || vm.pid.is_some() {
+            bail!(
+                "VM '{name}' is {}; only a stopped VM can be started",
+                vm.state
+            );
+        }
+        if vm.record.kernel.is_none() {
+            bail!(
+                "VM '{name}' has no kernel on this host (its origin is {:?}): restore it from a \
+                 snapshot or destroy it",
+                vm.record.origin
+            );
+        }
+        vm.state = st::CREATING.into();
+        vm.record.clone()
+    };
+    let dir = d.vm_dir(name);
+    let started = match boot_args(&record) {
+        Ok(boot) => spawn_vm(d, &record, boot, &dir).await,
+        Err(e) => Err(e),
+    };
+    let mut reg = d.reg();
+    let vm = reg.vms.get_mut(name).context("VM vanished while started")?;
+    match started {
+        Ok((child, state, pid)) => {
+            vm.state = state;
+            vm.pid = Some(pid);
+            let v = vm.to_json(&dir);
+            drop(reg);
+            state::watch_child(d.clone(), name.to_string(), child);
+            tracing::info!(pid, "VM started again");
+            Ok(json!({"ok": true, "vm": v}))
+        }
+        Err(e) => {
+            vm.state = st::STOPPED.into();
+            Err(e)
+        }
+    }
 }
 
 /// Starts a VM process for a new VM (`boot`: the `migd run` flags that say
@@ -582,8 +643,10 @@ async fn spawn_vm(
     dir: &Path,
 ) -> Result<(tokio::process::Child, String, u32)> {
     use std::os::unix::fs::DirBuilderExt;
+    // `start` reuses the directory of a stopped VM.
     std::fs::DirBuilder::new()
         .mode(0o700)
+        .recursive(true)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     state::write_json_atomic(&state::record_path(dir), r)?;

@@ -95,6 +95,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 None => println!("VM {name} paused"),
             }
         }
+        Cmd::Start { name } => {
+            let r = connect()?.call(&json!({"cmd": "start", "name": name}))?;
+            println!("VM {name} started (pid {})", format::opt(&r["vm"]["pid"]));
+        }
         Cmd::Resume { name } => {
             connect()?.call(&json!({"cmd": "resume", "name": name}))?;
             println!("VM {name} resumed");
