@@ -24,17 +24,16 @@ pub use tls::{looks_like_tls, TlsFiles, TlsSetup};
 
 use record::{Opener, Sealer};
 
-/// Errors of link set-up.
+/// Errors of link set-up. Each names its cause in its message (no `source()`).
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     /// A socket operation failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         /// What was being done.
         context: String,
         /// The error.
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// A certificate, key or CA file is missing or unusable.
     #[error("TLS configuration: {0}")]
@@ -74,7 +73,7 @@ pub type Result<T> = std::result::Result<T, LinkError>;
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> LinkError {
     let context = context.into();
-    move |source| LinkError::Io { context, source }
+    move |cause| LinkError::Io { context, cause }
 }
 
 /// The protection of a TLS link: one sealer and one opener shared by every clone.

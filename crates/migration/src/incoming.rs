@@ -484,7 +484,7 @@ pub(crate) fn zero_pages(memfd: &File, memory: u64, off: u64, n: u64) -> Result<
     if r != 0 {
         return Err(Error::Io {
             context: "zeroing pages".into(),
-            source: std::io::Error::last_os_error(),
+            cause: std::io::Error::last_os_error(),
         });
     }
     Ok(())

@@ -35,12 +35,13 @@ pub mod uffd;
 pub mod xbzrle;
 mod zerocopy;
 
-/// Errors of a migration.
+/// Errors of a migration. Each says its cause in its message, so none has a
+/// `source()`: a chain printed with `{:#}` would name the cause twice.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The protocol stream failed or carried something invalid.
     #[error("protocol: {0}")]
-    Wire(#[from] wire::WireError),
+    Wire(wire::WireError),
     /// The peer refused the migration.
     #[error("destination refused: {0}")]
     Refused(String),
@@ -52,15 +53,14 @@ pub enum Error {
     Cancelled,
     /// The VM library failed.
     #[error("VM: {0}")]
-    Vm(#[from] vmm::Error),
+    Vm(vmm::Error),
     /// Connecting or socket setup failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         /// What was being done.
         context: String,
         /// The error.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The peer broke the protocol.
     #[error("protocol violation: {0}")]
@@ -83,10 +83,22 @@ pub enum Error {
     Link(#[from] link::LinkError),
 }
 
+impl From<wire::WireError> for Error {
+    fn from(e: wire::WireError) -> Self {
+        Error::Wire(e)
+    }
+}
+
+impl From<vmm::Error> for Error {
+    fn from(e: vmm::Error) -> Self {
+        Error::Vm(e)
+    }
+}
+
 /// Result with [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let context = context.into();
-    move |source| Error::Io { context, source }
+    move |cause| Error::Io { context, cause }
 }

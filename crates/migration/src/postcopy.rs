@@ -441,8 +441,8 @@ impl Supply<'_> {
                     return Ok(r);
                 }
                 Err(e) => {
-                    refused = matches!(&e, Error::Io { source, .. }
-                        if source.kind() == std::io::ErrorKind::ConnectionRefused);
+                    refused = matches!(&e, Error::Io { cause, .. }
+                        if cause.kind() == std::io::ErrorKind::ConnectionRefused);
                     tracing::warn!(attempt, error = %e, next_in_ms = delay.as_millis() as u64, "post-copy recovery attempt failed");
                     job.update(|s| {
                         s.error = Some(format!(

@@ -639,7 +639,7 @@ fn stalled(e: wire::WireError) -> Error {
         }
         wire::WireError::Io(e) => Error::Io {
             context: "sending to destination".into(),
-            source: e,
+            cause: e,
         },
         e => e.into(),
     }
@@ -1102,7 +1102,7 @@ pub(crate) fn connect(to: &str, tls: Option<&TlsSetup>) -> Result<Link> {
     }
     Err(Error::Io {
         context: format!("connecting to {to}"),
-        source: last.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()),
+        cause: last.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()),
     })
 }
 

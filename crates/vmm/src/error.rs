@@ -2,20 +2,20 @@
 
 use std::path::PathBuf;
 
-/// Errors of the VM library. Each names its cause in one line.
+/// Errors of the VM library. Each names its cause in one line, in its message
+/// (so none has a `source()`: `{:#}` would print the cause twice).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// /dev/kvm could not be opened or used.
     #[error("cannot use /dev/kvm: {0}")]
-    KvmUnavailable(#[source] kvm_ioctls::Error),
+    KvmUnavailable(kvm_ioctls::Error),
     /// A KVM ioctl failed.
-    #[error("KVM {op} failed: {source}")]
+    #[error("KVM {op} failed: {cause}")]
     Kvm {
         /// The operation that failed.
         op: &'static str,
         /// The errno KVM returned.
-        #[source]
-        source: kvm_ioctls::Error,
+        cause: kvm_ioctls::Error,
     },
     /// The requested memory size is not usable.
     #[error("invalid memory size {size} bytes: {reason}")]
@@ -37,13 +37,12 @@ pub enum Error {
     #[error("invalid vCPU count {0}: must be between 1 and {max}", max = crate::MAX_VCPUS)]
     VcpuCount(usize),
     /// The kernel image could not be read.
-    #[error("cannot read kernel {path}: {source}")]
+    #[error("cannot read kernel {path}: {cause}")]
     KernelRead {
         /// The path given.
         path: PathBuf,
         /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The kernel image is not something we can boot.
     #[error("kernel {path} is not bootable: {reason}")]
@@ -95,13 +94,12 @@ pub enum Error {
         reason: String,
     },
     /// Other I/O.
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         /// What was being done.
         context: String,
         /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -110,11 +108,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Wraps a KVM ioctl error with the name of the operation.
 pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    move |source| Error::Kvm { op, source }
+    move |cause| Error::Kvm { op, cause }
 }
 
 /// Wraps an I/O error with context.
 pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let context = context.into();
-    move |source| Error::Io { context, source }
+    move |cause| Error::Io { context, cause }
 }

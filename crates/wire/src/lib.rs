@@ -39,12 +39,12 @@ pub const KIND_ZPAGES: u8 = 3;
 /// zstd levels accepted for page compression (`zstd:LEVEL`).
 pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 1..=19;
 
-/// Protocol errors.
+/// Protocol errors. Each says its cause in its message (no `source()`).
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     /// The peer closed the stream or it failed.
     #[error("stream: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// A frame length outside the allowed bounds.
     #[error("frame of {0} bytes is outside 1..={MAX_FRAME}")]
     FrameSize(usize),
@@ -69,6 +69,12 @@ pub enum WireError {
         /// What the protocol state wanted.
         expected: &'static str,
     },
+}
+
+impl From<std::io::Error> for WireError {
+    fn from(e: std::io::Error) -> Self {
+        WireError::Io(e)
+    }
 }
 
 /// Result with [`WireError`].

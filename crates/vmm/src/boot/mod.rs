@@ -119,14 +119,14 @@ pub fn load(ram: &GuestRam, spec: &BootSpec, vcpus: usize) -> Result<BootEntry> 
     if spec.cmdline.as_bytes().contains(&0) {
         return Err(Error::Cmdline("contains a NUL byte".into()));
     }
-    let mut file = File::open(&spec.kernel).map_err(|source| Error::KernelRead {
+    let mut file = File::open(&spec.kernel).map_err(|cause| Error::KernelRead {
         path: spec.kernel.clone(),
-        source,
+        cause,
     })?;
     let mut magic = [0u8; 0x206];
-    let n = read_up_to(&mut file, &mut magic).map_err(|source| Error::KernelRead {
+    let n = read_up_to(&mut file, &mut magic).map_err(|cause| Error::KernelRead {
         path: spec.kernel.clone(),
-        source,
+        cause,
     })?;
     let mut cmdline = spec.cmdline.clone().into_bytes();
     cmdline.push(0);
