@@ -688,6 +688,10 @@ fn daemon_saves_a_vm_to_a_file_and_restores_it() {
     let r: Value =
         serde_json::from_str(&d.ok(&["save", "web1", &ckpt, "--keep", "--json"])).unwrap();
     assert_eq!(r["state"], "running", "{r}");
+    assert_eq!(
+        r["background"], true,
+        "a checkpoint is written while the VM runs: {r}"
+    );
     // The 16 MiB working set at least, and not the 128 MiB of RAM.
     let bytes = r["bytes"].as_u64().unwrap();
     assert!((16 << 20..64 << 20).contains(&bytes), "{r}");

@@ -325,7 +325,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
                     Some(_) if lazy_filling() => {
                         tracing::warn!("snapshot signal ignored: lazy restore still filling memory")
                     }
-                    Some(path) => match snapshot(&vm, path, true) {
+                    Some(path) => match snapshot(&vm, path, true, !stop && was_running) {
                         Ok(_) if stop => break 0,
                         Ok(_) if was_running => vm.resume(),
                         Ok(_) => {}
@@ -423,11 +423,26 @@ fn exit_code(exit: &VmExit) -> i32 {
     }
 }
 
+/// What writing a snapshot took.
+struct Saved {
+    stats: vmm::snapshot::SnapshotStats,
+    /// How long the guest was paused for it.
+    paused: Duration,
+    /// Background save: pages the guest wrote before they were saved.
+    faults: Option<u64>,
+}
+
 /// Writes a snapshot. With `working_set` and a running VM, the KVM dirty log
 /// runs for [`WORKING_SET_WINDOW`] before the pause, and the pages written in
 /// that window are stored as the working set (lazy restore fills them first).
 /// Only when no migration runs (the dirty log would be shared).
-fn snapshot(vm: &Vm, path: &Path, working_set: bool) -> Result<vmm::snapshot::SnapshotStats> {
+///
+/// With `background` (a running VM that goes on running), the guest resumes
+/// as soon as its memory is write-protected and the pages are written while
+/// it runs (`migration::background_save`); where that cannot start (no
+/// userfaultfd write-protection), the pages are written in the pause. Without
+/// it the VM is left paused for the caller to resume or stop.
+fn snapshot(vm: &Vm, path: &Path, working_set: bool, background: bool) -> Result<Saved> {
     let ws = if working_set && vm.is_running() {
         match record_working_set(vm) {
             Ok(ws) => Some(ws),
@@ -439,6 +454,7 @@ fn snapshot(vm: &Vm, path: &Path, working_set: bool) -> Result<vmm::snapshot::Sn
     } else {
         None
     };
+    let paused_at = Instant::now();
     let pause = vm.pause();
     // What was written between the end of the window and the pause counts too.
     let ws = ws.and_then(|bits| {
@@ -453,6 +469,31 @@ fn snapshot(vm: &Vm, path: &Path, working_set: bool) -> Result<vmm::snapshot::Sn
         }
     });
     let state = vm.capture()?;
+    if background {
+        let resumed = std::cell::Cell::new(false);
+        let r = migration::background_save::save(
+            vm.ram(),
+            &state,
+            path,
+            ws.as_deref(),
+            paused_at,
+            || {
+                vm.resume();
+                resumed.set(true);
+            },
+        );
+        match r {
+            Ok(b) => {
+                return Ok(Saved {
+                    stats: b.snapshot,
+                    paused: b.paused,
+                    faults: Some(b.faults),
+                })
+            }
+            Err(e) if resumed.get() => return Err(e.into()),
+            Err(e) => tracing::warn!("no background save ({e}): writing the pages in the pause"),
+        }
+    }
     let stats = vmm::snapshot::write_with_working_set(path, &state, vm.ram(), ws.as_deref())?;
     tracing::info!(
         path = %path.display(),
@@ -463,7 +504,11 @@ fn snapshot(vm: &Vm, path: &Path, working_set: bool) -> Result<vmm::snapshot::Sn
         ms = stats.elapsed.as_secs_f64() * 1e3,
         "snapshot written"
     );
-    Ok(stats)
+    Ok(Saved {
+        stats,
+        paused: paused_at.elapsed(),
+        faults: None,
+    })
 }
 
 /// Page numbers set in either bitmap.
@@ -955,12 +1000,26 @@ fn handle_control(
             None => Err("snapshot needs a \"path\"".to_string()),
             Some(p) => {
                 let was_running = vm.is_running();
-                // The working-set window needs the dirty log: not during a migration.
-                let r = snapshot(vm, Path::new(p), !mig.running);
                 let stop = req.get("stop").and_then(|s| s.as_bool()).unwrap_or(false);
+                // The working-set window and the background save need guest
+                // memory to themselves: not during a migration.
+                let background = !stop
+                    && was_running
+                    && !mig.running
+                    && req.get("background").and_then(|b| b.as_bool()) != Some(false);
+                let r = snapshot(vm, Path::new(p), !mig.running, background);
                 match r {
-                    Ok(s) => {
-                        let written = json!({"ok": true, "pages": s.data_pages, "bytes": s.file_bytes, "ms": s.elapsed.as_secs_f64() * 1e3});
+                    Ok(Saved {
+                        stats: s,
+                        paused,
+                        faults,
+                    }) => {
+                        let written = json!({
+                            "ok": true, "pages": s.data_pages, "bytes": s.file_bytes,
+                            "ms": s.elapsed.as_secs_f64() * 1e3,
+                            "paused_ms": paused.as_secs_f64() * 1e3,
+                            "background": faults.is_some(), "faults": faults,
+                        });
                         if stop {
                             let _ = handover::send_line(&mut stream, &written);
                             return Some(0);

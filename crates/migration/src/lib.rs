@@ -17,6 +17,7 @@
 //! - [`compress`]: the `compress` option (zstd of page batches on slow links).
 //! - [`stats`]: statistics named after QEMU's `query-migrate` where they overlap.
 
+pub mod background_save;
 pub mod compress;
 mod doorman;
 pub mod faults;

@@ -5,7 +5,9 @@
 //! `UFFD_USER_MODE_ONLY`: on kvm-pvm a user-mode-only userfaultfd does not see
 //! the faults KVM takes on guest memory. Ranges are registered in missing mode
 //! on the shared memfd mapping and filled with `UFFDIO_COPY` (or
-//! `UFFDIO_ZEROPAGE`); EEXIST means the page is already there.
+//! `UFFDIO_ZEROPAGE`); EEXIST means the page is already there. A background
+//! save ([`crate::background_save`]) registers them in write-protect mode
+//! instead, to copy each page before the guest changes it.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -22,7 +24,13 @@ const UFFDIO_UNREGISTER: u64 = ioc(READ, 0x01, 16);
 const UFFDIO_WAKE: u64 = ioc(READ, 0x02, 16);
 const UFFDIO_COPY: u64 = ioc(READ_WRITE, 0x03, 40);
 const UFFDIO_ZEROPAGE: u64 = ioc(READ_WRITE, 0x04, 32);
+const UFFDIO_WRITEPROTECT: u64 = ioc(READ_WRITE, 0x06, 24);
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+/// Write-protection of shmem (our memfd) mappings.
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+const IOCTL_WRITEPROTECT_BIT: u64 = 1 << 0x06;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const IOCTL_COPY_BIT: u64 = 1 << 0x03;
 const IOCTL_ZEROPAGE_BIT: u64 = 1 << 0x04;
@@ -51,6 +59,11 @@ struct Copy {
     len: u64,
     mode: u64,
     copy: i64,
+}
+#[repr(C)]
+struct WriteProtect {
+    range: Range,
+    mode: u64,
 }
 #[repr(C)]
 struct Zeropage {
@@ -91,6 +104,15 @@ fn ioctl<T>(fd: RawFd, req: u64, arg: &mut T) -> io::Result<()> {
 
 impl Uffd {
     pub fn new() -> io::Result<Self> {
+        Self::with_features(0)
+    }
+
+    /// A userfaultfd for write-protect faults on the memfd's mappings.
+    pub fn for_write_protect() -> io::Result<Self> {
+        Self::with_features(UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
+    }
+
+    fn with_features(features: u64) -> io::Result<Self> {
         // SAFETY: plain syscall; the result is a new descriptor or -1.
         let fd =
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
@@ -101,7 +123,7 @@ impl Uffd {
         let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
         let mut api = Api {
             api: UFFD_API,
-            features: 0,
+            features,
             ioctls: 0,
         };
         ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api)?;
@@ -111,24 +133,52 @@ impl Uffd {
         })
     }
 
-    /// Registers `[start, start+len)` for missing-page faults.
-    pub fn register(&self, start: u64, len: u64) -> io::Result<()> {
+    /// Registers `[start, start+len)` in `mode`; returns the ioctls the
+    /// range supports.
+    fn register_mode(&self, start: u64, len: u64, mode: u64) -> io::Result<u64> {
         let mut r = Register {
             range: Range { start, len },
-            mode: UFFDIO_REGISTER_MODE_MISSING,
+            mode,
             ioctls: 0,
         };
         ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut r)?;
-        if r.ioctls & IOCTL_COPY_BIT == 0 {
+        Ok(r.ioctls)
+    }
+
+    /// Registers `[start, start+len)` for missing-page faults.
+    pub fn register(&self, start: u64, len: u64) -> io::Result<()> {
+        let ioctls = self.register_mode(start, len, UFFDIO_REGISTER_MODE_MISSING)?;
+        if ioctls & IOCTL_COPY_BIT == 0 {
             return Err(io::Error::other(
                 "userfaultfd cannot fill this mapping (no UFFDIO_COPY)",
             ));
         }
         self.zeropage.store(
-            r.ioctls & IOCTL_ZEROPAGE_BIT != 0,
+            ioctls & IOCTL_ZEROPAGE_BIT != 0,
             std::sync::atomic::Ordering::Relaxed,
         );
         Ok(())
+    }
+
+    /// Registers `[start, start+len)` for write-protect faults.
+    pub fn register_wp(&self, start: u64, len: u64) -> io::Result<()> {
+        let ioctls = self.register_mode(start, len, UFFDIO_REGISTER_MODE_WP)?;
+        if ioctls & IOCTL_WRITEPROTECT_BIT == 0 {
+            return Err(io::Error::other(
+                "userfaultfd cannot write-protect this mapping",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Write-protects `[start, start+len)` (`on`), or lifts the protection
+    /// and wakes the threads waiting to write there.
+    pub fn write_protect(&self, start: u64, len: u64, on: bool) -> io::Result<()> {
+        let mut w = WriteProtect {
+            range: Range { start, len },
+            mode: if on { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        };
+        ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut w)
     }
 
     pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
@@ -287,6 +337,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn host_spans_split_at_mappings() {
+        // RAM in two mappings, as around the MMIO hole.
+        let map = RamMap {
+            ranges: vec![(0, 0x4000, 0x10_0000), (0x4000, 0x4000, 0x90_0000)],
+        };
+        assert_eq!(map.host_spans(0x1000, 0x2000), [(0x10_1000, 0x2000)]);
+        assert_eq!(
+            map.host_spans(0x3000, 0x2000),
+            [(0x10_3000, 0x1000), (0x90_0000, 0x1000)]
+        );
+        assert_eq!(map.host_spans(0x7000, 0x4000), [(0x90_3000, 0x1000)]);
+        assert!(map.host_spans(0x8000, 0x1000).is_empty());
+        assert_eq!(
+            map.host_ranges(),
+            [(0x10_0000, 0x4000), (0x90_0000, 0x4000)]
+        );
+    }
+
+    #[test]
     fn zeropage_and_copy_fill_missing_pages_once() {
         let ram = vmm::GuestRam::new(16 << 20).unwrap();
         let (r, host) = ram.host_ranges()[0];
@@ -394,6 +463,24 @@ impl RamMap {
             .iter()
             .find(|(o, l, _)| off >= *o && off.checked_add(len).is_some_and(|e| e <= o + l))
             .map(|(o, _, h)| h + (off - o))
+    }
+
+    /// (host address, length) of each RAM mapping.
+    pub fn host_ranges(&self) -> Vec<(u64, u64)> {
+        self.ranges.iter().map(|&(_, l, h)| (h, l)).collect()
+    }
+
+    /// The host spans of memfd offsets `[off, off + len)`: one per mapping it
+    /// touches, (host address, length); parts outside RAM are left out.
+    pub fn host_spans(&self, off: u64, len: u64) -> Vec<(u64, u64)> {
+        let end = off.saturating_add(len);
+        self.ranges
+            .iter()
+            .filter_map(|&(o, l, h)| {
+                let (from, to) = (off.max(o), end.min(o + l));
+                (from < to).then(|| (h + (from - o), to - from))
+            })
+            .collect()
     }
 
     /// Memfd offset of host address `addr`.

@@ -236,6 +236,55 @@ pub fn nonzero_runs(ram: &GuestRam) -> Result<Vec<(u64, u64)>> {
     Ok(runs)
 }
 
+/// Runs (memfd offset, page count) of the memfd's data extents, zero pages
+/// included: known without reading a page (for a save that must not pause
+/// the guest while it scans).
+pub fn data_runs(ram: &GuestRam) -> Result<Vec<(u64, u64)>> {
+    let pages = ram.size() / PAGE_SIZE;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (start, len) in ram.data_extents()? {
+        let first = start / PAGE_SIZE;
+        let last = (start + len).div_ceil(PAGE_SIZE).min(pages);
+        if first >= last {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((off, n)) if *off + *n * PAGE_SIZE >= first * PAGE_SIZE => {
+                *n = last - *off / PAGE_SIZE;
+            }
+            _ => runs.push((first * PAGE_SIZE, last - first)),
+        }
+    }
+    Ok(runs)
+}
+
+/// Index in the page data of the stored page at memfd offset `off`, given
+/// the runs and the data index of each run's first page.
+fn data_index(runs: &[(u64, u64)], run_first: &[u64], off: u64) -> Option<u64> {
+    let off = off & !(PAGE_SIZE - 1);
+    let i = runs.partition_point(|(o, _)| *o <= off);
+    if i == 0 {
+        return None;
+    }
+    let (o, n) = runs[i - 1];
+    if off >= o + n * PAGE_SIZE {
+        return None;
+    }
+    Some(run_first[i - 1] + (off - o) / PAGE_SIZE)
+}
+
+/// Data index of each run's first page.
+fn run_starts(runs: &[(u64, u64)]) -> Vec<u64> {
+    let mut acc = 0;
+    runs.iter()
+        .map(|(_, n)| {
+            let first = acc;
+            acc += n;
+            first
+        })
+        .collect()
+}
+
 fn temp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".tmp.{}", std::process::id()));
@@ -257,26 +306,185 @@ pub fn write_with_working_set(
     ram: &GuestRam,
     working_set: Option<&[u64]>,
 ) -> Result<SnapshotStats> {
-    let start = Instant::now();
-    let tmp = temp_path(path);
-    let result = write_to(&tmp, state, ram, working_set).and_then(|stats| {
-        std::fs::rename(&tmp, path)
-            .map_err(|e| snap_err(path, format!("rename into place: {e}")))?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    let runs = nonzero_runs(ram)?;
+    let w = SnapshotWriter::create(path, state, ram.size(), runs, working_set)?;
+    let io = |e: std::io::Error| snap_err(path, format!("write: {e}"));
+    let map = MemfdMap::new(ram, false)?;
+    let mut crc = crc32fast::Hasher::new();
+    {
+        let mut out = BufWriter::with_capacity(1 << 20, w.file());
+        for (off, n) in w.runs() {
+            let data = map.slice(*off, n * PAGE_SIZE);
+            crc.update(data);
+            out.write_all(data).map_err(io)?;
+        }
+        out.flush().map_err(io)?;
+    }
+    w.finish(crc.finalize())
+}
+
+/// A snapshot file being written under a temporary name. [`Self::create`]
+/// writes everything before the page data; the pages then go to their
+/// [`Self::slot`], in any order (a background save writes them as it can);
+/// [`Self::finish`] adds the trailer, syncs and renames the file into place.
+/// Dropped unfinished, it removes the temporary file.
+pub struct SnapshotWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: File,
+    /// Renamed into place: nothing to remove on drop.
+    done: bool,
+    runs: Vec<(u64, u64)>,
+    run_first: Vec<u64>,
+    data_offset: u64,
+    stats: SnapshotStats,
+    start: Instant,
+}
+
+impl SnapshotWriter {
+    /// Starts a snapshot of `state` for RAM of `memory` bytes whose stored
+    /// pages are `runs` (memfd offset, page count; ascending, disjoint), with
+    /// the working set as [`write_with_working_set`] takes it. The file
+    /// position is left at the page data.
+    pub fn create(
+        path: &Path,
+        state: &VmState,
+        memory: u64,
+        runs: Vec<(u64, u64)>,
+        working_set: Option<&[u64]>,
+    ) -> Result<Self> {
+        let start = Instant::now();
+        let tmp = temp_path(path);
+        let blob = state.encode()?;
+        let data_pages: u64 = runs.iter().map(|r| r.1).sum();
+        let ws: Option<Vec<u64>> = working_set.map(|w| {
+            let mut v: Vec<u64> = w.iter().copied().filter(|&p| in_runs(&runs, p)).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        });
+        let ws_pages = ws.as_ref().map_or(0, |w| w.len() as u64);
+        let header = Header {
+            version: FORMAT_VERSION,
+            memory,
+            state_len: blob.len() as u64,
+            run_count: runs.len() as u64,
+            data_pages,
+            page_size: PAGE_SIZE as u32,
+            flags: if ws.is_some() { FLAG_WORKING_SET } else { 0 },
+        };
+        let (Some(data_offset), Some(file_bytes)) =
+            (header.data_offset(ws_pages), header.file_len(ws_pages))
+        else {
+            return Err(snap_err(path, "sizes overflow".into()));
+        };
+        let mut front = Vec::with_capacity(data_offset as usize);
+        front.extend_from_slice(&header.encode());
+        front.extend_from_slice(&blob);
+        front.extend_from_slice(&crc32fast::hash(&blob).to_le_bytes());
+        let index_at = front.len();
+        for (off, n) in &runs {
+            front.extend_from_slice(&off.to_le_bytes());
+            front.extend_from_slice(&n.to_le_bytes());
+        }
+        let index_crc = crc32fast::hash(&front[index_at..]);
+        front.extend_from_slice(&index_crc.to_le_bytes());
+        if let Some(ws) = &ws {
+            let ws_at = front.len();
+            front.extend_from_slice(&(ws.len() as u64).to_le_bytes());
+            for p in ws {
+                front.extend_from_slice(&p.to_le_bytes());
+            }
+            let ws_crc = crc32fast::hash(&front[ws_at..]);
+            front.extend_from_slice(&ws_crc.to_le_bytes());
+        }
+        // All of guest memory goes in it: for the owner only.
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| snap_err(path, format!("create: {e}")))?;
+        let run_first = run_starts(&runs);
+        // From here on, a failure removes the temporary file (Drop).
+        let w = SnapshotWriter {
+            path: path.to_path_buf(),
+            tmp,
+            file,
+            done: false,
+            runs,
+            run_first,
+            data_offset,
+            stats: SnapshotStats {
+                memory,
+                data_pages,
+                working_set_pages: ws_pages,
+                file_bytes,
+                elapsed: Duration::ZERO,
+            },
+            start,
+        };
+        w.file()
+            .write_all(&front)
+            .map_err(|e| snap_err(path, format!("write: {e}")))?;
+        Ok(w)
+    }
+
+    /// The stored pages: (memfd offset, page count), ascending.
+    pub fn runs(&self) -> &[(u64, u64)] {
+        &self.runs
+    }
+
+    /// Pages stored.
+    pub fn data_pages(&self) -> u64 {
+        self.stats.data_pages
+    }
+
+    /// Index in the page data of the stored page at memfd offset `off`
+    /// (None: not stored).
+    pub fn data_index(&self, off: u64) -> Option<u64> {
+        data_index(&self.runs, &self.run_first, off)
+    }
+
+    /// File offset of the data page with index `i`.
+    pub fn slot(&self, i: u64) -> u64 {
+        self.data_offset + i * PAGE_SIZE
+    }
+
+    /// The temporary file, for writing pages at their slots.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Writes the trailer (`data_crc`: the CRC32 of the page data in file
+    /// order), syncs, and renames the file into place.
+    pub fn finish(mut self, data_crc: u32) -> Result<SnapshotStats> {
+        let path = self.path.clone();
+        let io = |e: std::io::Error| snap_err(&path, format!("write: {e}"));
+        let end = self.slot(self.stats.data_pages);
+        let mut trailer = data_crc.to_le_bytes().to_vec();
+        trailer.extend_from_slice(END_MAGIC);
+        self.file.write_all_at(&trailer, end).map_err(io)?;
+        self.file.sync_all().map_err(io)?;
+        std::fs::rename(&self.tmp, &self.path)
+            .map_err(|e| snap_err(&path, format!("rename into place: {e}")))?;
+        self.done = true;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if let Ok(d) = File::open(dir) {
                 let _ = d.sync_all();
             }
         }
+        let mut stats = self.stats.clone();
+        stats.elapsed = self.start.elapsed();
         Ok(stats)
-    });
-    match result {
-        Ok(mut stats) => {
-            stats.elapsed = start.elapsed();
-            Ok(stats)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
+    }
+}
+
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
         }
     }
 }
@@ -296,84 +504,6 @@ fn in_runs(runs: &[(u64, u64)], pfn: u64) -> bool {
         let (o, n) = runs[i - 1];
         off < o + n * PAGE_SIZE
     }
-}
-
-fn write_to(
-    path: &Path,
-    state: &VmState,
-    ram: &GuestRam,
-    working_set: Option<&[u64]>,
-) -> Result<SnapshotStats> {
-    let io = |e: std::io::Error| snap_err(path, format!("write: {e}"));
-    let blob = state.encode()?;
-    let runs = nonzero_runs(ram)?;
-    let data_pages: u64 = runs.iter().map(|r| r.1).sum();
-    let ws: Option<Vec<u64>> = working_set.map(|w| {
-        let mut v: Vec<u64> = w.iter().copied().filter(|&p| in_runs(&runs, p)).collect();
-        v.sort_unstable();
-        v.dedup();
-        v
-    });
-    let header = Header {
-        version: FORMAT_VERSION,
-        memory: ram.size(),
-        state_len: blob.len() as u64,
-        run_count: runs.len() as u64,
-        data_pages,
-        page_size: PAGE_SIZE as u32,
-        flags: if ws.is_some() { FLAG_WORKING_SET } else { 0 },
-    };
-    // All of guest memory is in it: for the owner only.
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| snap_err(path, format!("create: {e}")))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    w.write_all(&header.encode()).map_err(io)?;
-    w.write_all(&blob).map_err(io)?;
-    w.write_all(&crc32fast::hash(&blob).to_le_bytes())
-        .map_err(io)?;
-    let mut run_bytes = Vec::with_capacity(runs.len() * 16);
-    for (off, n) in &runs {
-        run_bytes.extend_from_slice(&off.to_le_bytes());
-        run_bytes.extend_from_slice(&n.to_le_bytes());
-    }
-    w.write_all(&run_bytes).map_err(io)?;
-    w.write_all(&crc32fast::hash(&run_bytes).to_le_bytes())
-        .map_err(io)?;
-    if let Some(ws) = &ws {
-        let mut b = Vec::with_capacity(8 + ws.len() * 8);
-        b.extend_from_slice(&(ws.len() as u64).to_le_bytes());
-        for p in ws {
-            b.extend_from_slice(&p.to_le_bytes());
-        }
-        w.write_all(&b).map_err(io)?;
-        w.write_all(&crc32fast::hash(&b).to_le_bytes())
-            .map_err(io)?;
-    }
-    let map = MemfdMap::new(ram, false)?;
-    let mut crc = crc32fast::Hasher::new();
-    for (off, n) in &runs {
-        let data = map.slice(*off, n * PAGE_SIZE);
-        crc.update(data);
-        w.write_all(data).map_err(io)?;
-    }
-    w.write_all(&crc.finalize().to_le_bytes()).map_err(io)?;
-    w.write_all(END_MAGIC).map_err(io)?;
-    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    Ok(SnapshotStats {
-        memory: ram.size(),
-        data_pages,
-        working_set_pages: ws.as_ref().map_or(0, |w| w.len() as u64),
-        file_bytes: header
-            .file_len(ws.as_ref().map_or(0, |w| w.len() as u64))
-            .unwrap_or(0),
-        elapsed: Duration::ZERO,
-    })
 }
 
 /// Everything before the page data, validated.
@@ -637,12 +767,7 @@ impl LazySnapshot {
         if &trailer[4..12] != END_MAGIC {
             return Err(bad("bad end marker".into()));
         }
-        let mut run_first = Vec::with_capacity(f.runs.len());
-        let mut acc = 0u64;
-        for (_, n) in &f.runs {
-            run_first.push(acc);
-            acc += n;
-        }
+        let run_first = run_starts(&f.runs);
         Ok(LazySnapshot {
             state: f.state,
             memory: f.h.memory,
@@ -660,16 +785,7 @@ impl LazySnapshot {
 
     /// File offset of the stored page at memfd offset `off`; None: not stored (zero).
     pub fn page_file_offset(&self, off: u64) -> Option<u64> {
-        let off = off & !(PAGE_SIZE - 1);
-        let i = self.runs.partition_point(|(o, _)| *o <= off);
-        if i == 0 {
-            return None;
-        }
-        let (o, n) = self.runs[i - 1];
-        if off >= o + n * PAGE_SIZE {
-            return None;
-        }
-        Some(self.data_offset + (self.run_first[i - 1] + (off - o) / PAGE_SIZE) * PAGE_SIZE)
+        data_index(&self.runs, &self.run_first, off).map(|i| self.data_offset + i * PAGE_SIZE)
     }
 
     /// Reads the page at memfd offset `off` into `buf` (4 KiB); Ok(false):
@@ -792,6 +908,71 @@ mod tests {
         assert!(
             std::fs::read_dir(&d).unwrap().count() == 1,
             "no temp file left"
+        );
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    /// Pages written at their slots in reverse order, as a background save
+    /// may: the file reads back like one written in order, zero pages of
+    /// the data extents included.
+    #[test]
+    fn pages_written_out_of_order_read_back() {
+        let d = dir("ooo");
+        let ram = GuestRam::new(64 << 20).unwrap();
+        ram.write(0x1000, &[0xaa; 4096]).unwrap();
+        ram.write(0x2000, &[0xbb; 10]).unwrap();
+        ram.write(0x300_0000, &[0xcc; 1]).unwrap();
+        ram.write(0x300_1000, &[0; 4096]).unwrap();
+        let runs = data_runs(&ram).unwrap();
+        assert_eq!(runs, [(0x1000, 2), (0x300_0000, 2)]);
+        let p = d.join("vm.snap");
+        let w = SnapshotWriter::create(&p, &state(64 << 20), ram.size(), runs, Some(&[1, 0x3000]))
+            .unwrap();
+        assert_eq!(
+            (w.data_index(0x2000), w.data_index(0x300_1000)),
+            (Some(1), Some(3))
+        );
+        assert_eq!(w.data_index(0x4000), None);
+        let mut pages = Vec::new();
+        for &(off, n) in w.runs() {
+            for k in 0..n {
+                let mut b = vec![0u8; 4096];
+                ram.read(off + k * PAGE_SIZE, &mut b).unwrap();
+                pages.push(b);
+            }
+        }
+        for (i, b) in pages.iter().enumerate().rev() {
+            w.file().write_all_at(b, w.slot(i as u64)).unwrap();
+        }
+        let crc = crc32fast::hash(&pages.concat());
+        let stats = w.finish(crc).unwrap();
+        assert_eq!((stats.data_pages, stats.working_set_pages), (4, 2));
+        assert_eq!(stats.file_bytes, std::fs::metadata(&p).unwrap().len());
+        let (_, back, _) = read(&p).unwrap();
+        let mut b = [0u8; 4096];
+        back.read(0x1000, &mut b).unwrap();
+        assert_eq!(b, [0xaa; 4096]);
+        back.read(0x300_0000, &mut b[..1]).unwrap();
+        assert_eq!(b[0], 0xcc);
+        // A wrong data checksum is caught; an unfinished writer leaves nothing.
+        let w = SnapshotWriter::create(&p, &state(64 << 20), ram.size(), vec![(0x1000, 1)], None)
+            .unwrap();
+        w.file().write_all_at(&[0xaa; 4096], w.slot(0)).unwrap();
+        w.finish(0).unwrap();
+        expect_err(&p, "page data checksum mismatch");
+        let w = SnapshotWriter::create(
+            &d.join("gone.snap"),
+            &state(64 << 20),
+            ram.size(),
+            vec![],
+            None,
+        )
+        .unwrap();
+        drop(w);
+        assert_eq!(
+            std::fs::read_dir(&d).unwrap().count(),
+            1,
+            "a temporary file was left"
         );
         std::fs::remove_dir_all(d).unwrap();
     }

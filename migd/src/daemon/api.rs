@@ -573,7 +573,8 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
     };
     let mut reply = json!({
         "ok": true, "name": name, "path": path, "pages": r["pages"], "bytes": r["bytes"],
-        "ms": r["ms"], "state": if keep { was.as_str() } else { "saved" },
+        "ms": r["ms"], "paused_ms": r["paused_ms"], "background": r["background"],
+        "faults": r["faults"], "state": if keep { was.as_str() } else { "saved" },
     });
     if keep {
         back(&was);

@@ -210,11 +210,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 print_json(&r);
             } else {
+                let ms = |v: &Value| v.as_f64().map_or("?".into(), |ms| format!("{ms:.1}"));
                 println!(
-                    "VM {name} saved to {} ({}, {} ms){}",
+                    "VM {name} saved to {} ({}, {} ms, guest paused {} ms){}",
                     file.display(),
                     format::bytes(r["bytes"].as_u64().unwrap_or(0)),
-                    r["ms"].as_f64().map_or("?".into(), |ms| format!("{ms:.0}")),
+                    ms(&r["ms"]),
+                    ms(&r["paused_ms"]),
                     if keep {
                         "; it runs on"
                     } else {
