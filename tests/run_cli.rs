@@ -203,6 +203,26 @@ fn background_snapshot_keeps_the_guest_running_and_the_file_consistent() {
     assert_eq!(status["state"], "running", "{status}");
     let n = console.wait_heartbeats(n, 2, Duration::from_secs(30));
     console.assert_clean();
+
+    // A disk that fills up while the pages are written (a 4 MiB tmpfs): the
+    // save fails after the guest resumed, its protection is lifted (the guest
+    // does not hang on a fault), and nothing is left on the disk.
+    if let Some(full) = Tmpfs::mount(&dir.join("full"), "4m") {
+        let r = a.request(serde_json::json!({"cmd": "snapshot", "path": full.0.join("x.snap")}));
+        assert_eq!(r["ok"], false, "{r}");
+        let e = r["error"].as_str().unwrap();
+        assert!(e.contains("No space left on device"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(&full.0).unwrap().count(),
+            0,
+            "a file was left"
+        );
+        let status = a.request(serde_json::json!({"cmd": "status"}));
+        assert_eq!(status["state"], "running", "{status}");
+        console.wait_heartbeats(n, 2, Duration::from_secs(30));
+        console.assert_clean();
+    }
+    let n = console.last_heartbeat().unwrap();
     assert_eq!(a.terminate(), 0);
 
     // The file holds memory as it was at the pause: the restored guest's
@@ -212,4 +232,34 @@ fn background_snapshot_keeps_the_guest_running_and_the_file_consistent() {
     console.assert_clean();
     assert_eq!(b.terminate(), 0);
     console.assert_clean();
+}
+
+/// A small tmpfs, unmounted on drop; None (SKIP) where it cannot be mounted
+/// (not root), except under CI=true.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "cannot mount a tmpfs under CI=true"
+            );
+            eprintln!("SKIP: cannot mount a tmpfs at {}", at.display());
+            return None;
+        }
+        Some(Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
 }
