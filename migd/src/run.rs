@@ -454,33 +454,35 @@ fn snapshot(vm: &Vm, path: &Path, working_set: bool, background: bool) -> Result
     } else {
         None
     };
+    // Pauses the VM and captures its state; what was written between the end
+    // of the window and the pause counts in the working set too.
+    let pause_and_capture =
+        || -> Result<(vmm::state::VmState, Option<Vec<u64>>), migration::Error> {
+            vm.pause();
+            let ws = ws.as_ref().and_then(|bits| {
+                let last = vm.take_dirty_bitmap();
+                let _ = vm.set_dirty_logging(false);
+                match last {
+                    Ok(last) => Some(bitmap_pages(bits, &last)),
+                    Err(e) => {
+                        tracing::warn!("no working set recorded: {e}");
+                        None
+                    }
+                }
+            });
+            Ok((vm.capture()?, ws))
+        };
     let paused_at = Instant::now();
-    let pause = vm.pause();
-    // What was written between the end of the window and the pause counts too.
-    let ws = ws.and_then(|bits| {
-        let last = vm.take_dirty_bitmap();
-        let _ = vm.set_dirty_logging(false);
-        match last {
-            Ok(last) => Some(bitmap_pages(&bits, &last)),
-            Err(e) => {
-                tracing::warn!("no working set recorded: {e}");
-                None
-            }
-        }
-    });
-    let state = vm.capture()?;
+    let captured = std::cell::Cell::new(false);
     if background {
-        let resumed = std::cell::Cell::new(false);
         let r = migration::background_save::save(
             vm.ram(),
-            &state,
             path,
-            ws.as_deref(),
-            paused_at,
             || {
-                vm.resume();
-                resumed.set(true);
+                captured.set(true);
+                pause_and_capture()
             },
+            || vm.resume(),
         );
         match r {
             Ok(b) => {
@@ -490,17 +492,30 @@ fn snapshot(vm: &Vm, path: &Path, working_set: bool, background: bool) -> Result
                     faults: Some(b.faults),
                 })
             }
-            Err(e) if resumed.get() => return Err(e.into()),
-            Err(e) => tracing::warn!("no background save ({e}): writing the pages in the pause"),
+            Err(e) if e.resumed => return Err(e.error.into()),
+            Err(e) => {
+                tracing::warn!(
+                    "no background save ({}): writing the pages in the pause",
+                    e.error
+                )
+            }
         }
     }
+    let (state, ws) = if captured.get() {
+        // A background save that failed in the pause: the VM is paused and
+        // the window's bitmap was taken; capture again, without working set.
+        vm.pause();
+        (vm.capture()?, None)
+    } else {
+        pause_and_capture()?
+    };
     let stats = vmm::snapshot::write_with_working_set(path, &state, vm.ram(), ws.as_deref())?;
     tracing::info!(
         path = %path.display(),
         pages = stats.data_pages,
         working_set = stats.working_set_pages,
         bytes = stats.file_bytes,
-        pause_us = pause.as_micros() as u64,
+        paused_ms = paused_at.elapsed().as_secs_f64() * 1e3,
         ms = stats.elapsed.as_secs_f64() * 1e3,
         "snapshot written"
     );

@@ -1,10 +1,13 @@
 //! Background save: a snapshot file written while the guest runs on.
 //!
-//! The guest is paused only to capture its state, list the memfd's data
-//! extents (no page is read) and write-protect them through userfaultfd. It
-//! then resumes, and the pages are written to the file in order. A page the
-//! guest is about to change is saved first: its write faults, the fault
-//! thread copies the page to its place in the file and lifts the protection.
+//! Guest memory is write-protected through userfaultfd while the guest still
+//! runs (a page it writes meanwhile is noted and let go). The guest is then
+//! paused only to capture its state, protect again the few pages it wrote
+//! since, and fix the file's layout. It resumes, and the pages are written
+//! to the file in order. A page the guest is about to change is saved first:
+//! its write faults, the fault thread copies the page aside (the streaming
+//! pass writes it to its place; the guest never waits on the disk) and lifts
+//! the protection.
 //! The file holds memory as it was at the pause, as QEMU's background
 //! snapshot does; the format is the one of [`vmm::snapshot`], except that
 //! zero pages inside data extents are stored (finding them means reading
@@ -13,6 +16,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use vmm::memory::{GuestRam, PAGE_SIZE};
@@ -44,31 +48,50 @@ pub struct BackgroundStats {
     pub faults: u64,
 }
 
-/// Writes a snapshot of the paused VM (`state`, `ram`) to `path`, calls
-/// `resume` as soon as guest memory is write-protected, and returns once the
-/// file is complete. `paused_at` is when the VM was paused. On any error
-/// the protection is lifted (the guest never waits on a save that failed) and
-/// no file is left.
+/// What the caller's `pause` gives: the VM's state, captured in the pause,
+/// and its working set (memfd page numbers) if one was recorded.
+pub type Paused = (VmState, Option<Vec<u64>>);
+
+/// Writes a snapshot of the running VM whose RAM is `ram` to `path`: arms
+/// the write-protection, calls `pause` (which pauses the VM and captures its
+/// state), fixes the layout, calls `resume`, and returns once the file is
+/// complete. On any error the protection is lifted (the guest never waits on
+/// a save that failed) and no file is left.
 pub fn save(
     ram: &GuestRam,
-    state: &VmState,
     path: &Path,
-    working_set: Option<&[u64]>,
-    paused_at: Instant,
+    pause: impl FnOnce() -> Result<Paused>,
     resume: impl FnOnce(),
-) -> Result<BackgroundStats> {
-    let runs = vmm::snapshot::data_runs(ram)?;
-    let writer = SnapshotWriter::create(path, state, ram.size(), runs, working_set)?;
+) -> std::result::Result<BackgroundStats, BackgroundError> {
     let map = RamMap::new(ram);
-    let uffd = Uffd::for_write_protect().map_err(io_err("userfaultfd (write-protect)"))?;
+    let uffd = Uffd::for_write_protect()
+        .map_err(io_err("userfaultfd (write-protect)"))
+        .map_err(BackgroundError::before_resume)?;
     let armed = Armed {
         uffd: &uffd,
         map: &map,
-        writer: &writer,
     };
-    armed.arm()?;
+    armed.arm().map_err(BackgroundError::before_resume)?;
+    // Every page is protected: what becomes data from here on is seen.
+    let runs =
+        vmm::snapshot::data_runs(ram).map_err(|e| BackgroundError::before_resume(e.into()))?;
+    let (paused_at, (state, working_set), touched) = armed
+        .pause_noting_writes(pause)
+        .map_err(BackgroundError::before_resume)?;
+    let sealed = (|| {
+        let runs = with_pages(runs, &touched, map.pages());
+        armed.protect_again(&touched)?;
+        SnapshotWriter::create(path, &state, ram.size(), runs, working_set.as_deref())
+            .map_err(Error::from)
+    })();
+    let writer = sealed.map_err(BackgroundError::before_resume)?;
     resume();
     let paused = paused_at.elapsed();
+    // Pages that are not in the file need no protection: a guest filling
+    // fresh memory during the save should not fault on every page.
+    armed
+        .release_holes(writer.runs())
+        .map_err(BackgroundError::after_resume)?;
     let save = Save {
         mem: MemView::new(ram),
         writer: &writer,
@@ -80,6 +103,9 @@ pub fn save(
         crcs: (0..writer.data_pages())
             .map(|_| AtomicU32::new(0))
             .collect(),
+        held: Mutex::new(Vec::new()),
+        claimed: AtomicU64::new(0),
+        recentre: AtomicU64::new(u64::MAX),
         faults: AtomicU64::new(0),
         stop: AtomicBool::new(false),
     };
@@ -100,7 +126,7 @@ pub fn save(
     });
     // Protection off and waiters woken whatever happened.
     drop(armed);
-    streamed?;
+    streamed.map_err(BackgroundError::after_resume)?;
     let mut crc = crc32fast::Hasher::new();
     for c in &save.crcs {
         crc.combine(&crc32fast::Hasher::new_with_initial_len(
@@ -110,7 +136,9 @@ pub fn save(
     }
     let faults = save.faults.load(Ordering::Relaxed);
     drop(save);
-    let snapshot = writer.finish(crc.finalize())?;
+    let snapshot = writer
+        .finish(crc.finalize())
+        .map_err(|e| BackgroundError::after_resume(e.into()))?;
     tracing::info!(
         path = %path.display(),
         pages = snapshot.data_pages,
@@ -126,27 +154,165 @@ pub fn save(
     })
 }
 
+/// A failed background save.
+#[derive(Debug)]
+pub struct BackgroundError {
+    /// Why it failed.
+    pub error: Error,
+    /// `resume` was called (the VM runs); otherwise the VM is running or
+    /// paused as `pause` left it, and the snapshot may still be written in
+    /// a pause.
+    pub resumed: bool,
+}
+
+impl BackgroundError {
+    fn before_resume(error: Error) -> Self {
+        BackgroundError {
+            error,
+            resumed: false,
+        }
+    }
+
+    fn after_resume(error: Error) -> Self {
+        BackgroundError {
+            error,
+            resumed: true,
+        }
+    }
+}
+
+/// `runs` (memfd offset, page count; ascending) with the pages of `bits`
+/// (a bitmap of memfd page numbers) added, for `pages` pages of RAM.
+fn with_pages(runs: Vec<(u64, u64)>, bits: &[u64], pages: u64) -> Vec<(u64, u64)> {
+    if bits.iter().all(|w| *w == 0) {
+        return runs;
+    }
+    let mut all = vec![0u64; pages.div_ceil(64) as usize];
+    for (off, n) in runs {
+        for p in off / PAGE_SIZE..off / PAGE_SIZE + n {
+            all[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+    for (a, b) in all.iter_mut().zip(bits) {
+        *a |= b;
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for p in 0..pages {
+        if all[(p / 64) as usize] & (1 << (p % 64)) != 0 {
+            match out.last_mut() {
+                Some((off, n)) if *off / PAGE_SIZE + *n == p => *n += 1,
+                _ => out.push((p * PAGE_SIZE, 1)),
+            }
+        }
+    }
+    out
+}
+
 /// Guest RAM registered for write-protect faults while it lives; dropping it
 /// lifts every protection and wakes whoever waits.
 struct Armed<'a> {
     uffd: &'a Uffd,
     map: &'a RamMap,
-    writer: &'a SnapshotWriter,
 }
 
 impl Armed<'_> {
-    /// Registers RAM and write-protects the stored pages.
+    /// Registers RAM and write-protects all of it.
     fn arm(&self) -> Result<()> {
         for (start, len) in self.map.host_ranges() {
             self.uffd
                 .register_wp(start, len)
                 .map_err(io_err("registering guest memory for write-protection"))?;
+            self.uffd
+                .write_protect(start, len, true)
+                .map_err(io_err("write-protecting guest memory"))?;
         }
-        for &(off, n) in self.writer.runs() {
-            for (host, len) in self.map.host_spans(off, n * PAGE_SIZE) {
-                self.uffd
-                    .write_protect(host, len, true)
-                    .map_err(io_err("write-protecting guest memory"))?;
+        Ok(())
+    }
+
+    /// Calls `pause` while a thread lets the running guest's writes through,
+    /// noting their pages; returns when it paused, what `pause` gave, and
+    /// the bitmap of the pages written (unprotected since).
+    fn pause_noting_writes(
+        &self,
+        pause: impl FnOnce() -> Result<Paused>,
+    ) -> Result<(Instant, Paused, Vec<u64>)> {
+        let touched: Vec<AtomicU64> = (0..self.map.pages().div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let noter = std::thread::Builder::new()
+                .name("save-notes".into())
+                .spawn_scoped(s, || -> Result<()> {
+                    crate::postcopy::prioritize_this_thread();
+                    let mut addrs = Vec::new();
+                    // Until the VM is paused: a vCPU stopped on a fault
+                    // would keep the pause waiting.
+                    while !stop.load(Ordering::Acquire) {
+                        addrs.clear();
+                        self.uffd
+                            .read_faults(5, &mut addrs)
+                            .map_err(io_err("reading write-protect faults"))?;
+                        for &a in &addrs {
+                            let host = a & !(PAGE_SIZE - 1);
+                            if let Some(p) = self.map.offset(host).map(|o| o / PAGE_SIZE) {
+                                touched[(p / 64) as usize]
+                                    .fetch_or(1 << (p % 64), Ordering::AcqRel);
+                            }
+                            self.uffd
+                                .write_protect(host, PAGE_SIZE, false)
+                                .map_err(io_err("lifting write-protection"))?;
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(io_err("starting the save's note thread"))?;
+            let paused_at = Instant::now();
+            let paused = pause();
+            stop.store(true, Ordering::Release);
+            let noted = noter
+                .join()
+                .unwrap_or_else(|_| Err(Error::Protocol("the save's note thread panicked".into())));
+            let paused = paused?;
+            noted?;
+            let touched = touched.iter().map(|w| w.load(Ordering::Acquire)).collect();
+            Ok((paused_at, paused, touched))
+        })
+    }
+
+    /// Lifts the protection of the RAM outside `runs` (ascending).
+    fn release_holes(&self, runs: &[(u64, u64)]) -> Result<()> {
+        let mut at = 0;
+        let ends = runs
+            .iter()
+            .map(|&(off, n)| (off, off + n * PAGE_SIZE))
+            .chain(std::iter::once((self.map.pages() * PAGE_SIZE, u64::MAX)));
+        for (start, end) in ends {
+            if start > at {
+                for (host, len) in self.map.host_spans(at, start - at) {
+                    self.uffd
+                        .write_protect(host, len, false)
+                        .map_err(io_err("lifting write-protection"))?;
+                }
+            }
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Write-protects again the pages of `bits` (written before the pause).
+    fn protect_again(&self, bits: &[u64]) -> Result<()> {
+        for (w, &word) in bits.iter().enumerate() {
+            let mut rest = word;
+            while rest != 0 {
+                let b = rest.trailing_zeros() as u64;
+                rest &= rest - 1;
+                let off = (w as u64 * 64 + b) * PAGE_SIZE;
+                for (host, len) in self.map.host_spans(off, PAGE_SIZE) {
+                    self.uffd
+                        .write_protect(host, len, true)
+                        .map_err(io_err("write-protecting guest memory"))?;
+                }
             }
         }
         Ok(())
@@ -176,6 +342,14 @@ struct Save<'a> {
     state: Vec<AtomicU8>,
     /// Per stored page: the CRC32 of what was saved.
     crcs: Vec<AtomicU32>,
+    /// Pages the fault thread copied (stored-page index, content), for the
+    /// streaming pass to write: a guest write never waits on the disk.
+    held: Mutex<Vec<(u64, Vec<u8>)>>,
+    /// Pages claimed so far, by either.
+    claimed: AtomicU64,
+    /// Where the guest last wrote (a stored-page index; u64::MAX: nowhere
+    /// new): the streaming pass goes on from there, ahead of the guest.
+    recentre: AtomicU64,
     faults: AtomicU64,
     stop: AtomicBool,
 }
@@ -183,9 +357,26 @@ struct Save<'a> {
 impl Save<'_> {
     /// True if this caller now owns stored page `i`.
     fn claim(&self, i: u64) -> bool {
-        self.state[i as usize]
+        let mine = self.state[i as usize]
             .compare_exchange(UNTOUCHED, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+            .is_ok();
+        if mine {
+            self.claimed.fetch_add(1, Ordering::AcqRel);
+        }
+        mine
+    }
+
+    /// Writes the pages the fault thread holds to their slots.
+    fn write_held(&self) -> Result<()> {
+        let held = std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()));
+        for (i, page) in held {
+            self.writer
+                .file()
+                .write_all_at(&page, self.writer.slot(i))
+                .map_err(io_err("writing the snapshot"))?;
+            self.state[i as usize].store(SAVED, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// Writes the claimed pages `[first, first + n)` (stored-page indices) of
@@ -215,42 +406,61 @@ impl Save<'_> {
         Ok(())
     }
 
-    /// The streaming pass: every stored page in file order, those the fault
-    /// thread has not taken, a chunk at a time.
+    /// The streaming pass: the stored pages the fault thread has not taken,
+    /// a chunk at a time, in file order from where the guest last wrote
+    /// (so that a guest sweeping its memory meets saved pages), round until
+    /// every page is claimed.
     fn stream(&self) -> Result<()> {
-        let mut i = 0u64;
-        for &(off, n) in self.writer.runs() {
-            let mut k = 0;
-            while k < n {
-                let end = (k + CHUNK_PAGES as u64).min(n);
-                // Contiguous claimed stretches of this chunk.
-                let mut from = None;
-                for j in k..=end {
-                    let mine = j < end && self.claim(i + j - k);
-                    match (mine, from) {
-                        (true, None) => from = Some(j),
-                        (false, Some(f)) => {
-                            self.write(i + f - k, off + f * PAGE_SIZE, j - f)?;
-                            from = None;
+        let total = self.writer.data_pages();
+        let mut pos = 0;
+        while self.claimed.load(Ordering::Acquire) < total {
+            let r = self.recentre.swap(u64::MAX, Ordering::AcqRel);
+            if r < total {
+                pos = r;
+            }
+            let end = (pos + CHUNK_PAGES as u64).min(total);
+            // Stretches of claimed pages adjacent in the file and in memory.
+            let mut run: Option<(u64, u64, u64)> = None; // (index, offset, pages)
+            for i in pos..end {
+                let off = self.writer.page_offset(i).ok_or_else(|| {
+                    Error::Protocol(format!("stored page {i} has no place in guest memory"))
+                })?;
+                let mine = self.claim(i);
+                match run {
+                    Some((_, o, n)) if mine && o + n * PAGE_SIZE == off => {
+                        run = run.map(|(f, o, n)| (f, o, n + 1))
+                    }
+                    _ => {
+                        if let Some((f, o, n)) = run.take() {
+                            self.write(f, o, n)?;
                         }
-                        _ => {}
+                        if mine {
+                            run = Some((i, off, 1));
+                        }
                     }
                 }
-                i += end - k;
-                k = end;
             }
+            if let Some((f, o, n)) = run {
+                self.write(f, o, n)?;
+            }
+            self.write_held()?;
+            pos = if end >= total { 0 } else { end };
         }
         Ok(())
     }
 
-    /// Waits until the fault thread has written every page it claimed.
+    /// Writes what the fault thread still holds, until every page is saved.
     fn settle(&self) -> Result<()> {
         let end = Instant::now() + SETTLE;
-        while self
-            .state
-            .iter()
-            .any(|s| s.load(Ordering::Acquire) != SAVED)
-        {
+        loop {
+            self.write_held()?;
+            if self
+                .state
+                .iter()
+                .all(|s| s.load(Ordering::Acquire) == SAVED)
+            {
+                break;
+            }
             if Instant::now() > end {
                 return Err(Error::Protocol(
                     "the save's fault thread did not finish its pages".into(),
@@ -278,7 +488,20 @@ impl Save<'_> {
                 match stored {
                     Some((off, i)) if self.claim(i) => {
                         self.faults.fetch_add(1, Ordering::Relaxed);
-                        self.write(i, off, 1)?;
+                        self.recentre.store(i + 1, Ordering::Release);
+                        let page = self
+                            .mem
+                            .page(off)
+                            .ok_or_else(|| Error::Protocol(format!("page {off:#x} outside RAM")))?;
+                        self.crcs[i as usize].store(crc32fast::hash(page), Ordering::Release);
+                        let copy = page.to_vec();
+                        self.held
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((i, copy));
+                        self.uffd
+                            .write_protect(host, PAGE_SIZE, false)
+                            .map_err(io_err("lifting write-protection"))?;
                     }
                     // The streaming pass has it and releases it when written.
                     Some(_) => {}

@@ -465,6 +465,16 @@ impl RamMap {
             .map(|(o, _, h)| h + (off - o))
     }
 
+    /// Pages of RAM (memfd offsets 0 to the end of the last range).
+    pub fn pages(&self) -> u64 {
+        self.ranges
+            .iter()
+            .map(|&(o, l, _)| o + l)
+            .max()
+            .unwrap_or(0)
+            / 4096
+    }
+
     /// (host address, length) of each RAM mapping.
     pub fn host_ranges(&self) -> Vec<(u64, u64)> {
         self.ranges.iter().map(|&(_, l, h)| (h, l)).collect()

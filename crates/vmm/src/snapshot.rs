@@ -447,6 +447,13 @@ impl SnapshotWriter {
         data_index(&self.runs, &self.run_first, off)
     }
 
+    /// Memfd offset of the data page with index `i` (None: past the end).
+    pub fn page_offset(&self, i: u64) -> Option<u64> {
+        let r = self.run_first.partition_point(|&f| f <= i).checked_sub(1)?;
+        let (off, n) = self.runs[r];
+        (i - self.run_first[r] < n).then(|| off + (i - self.run_first[r]) * PAGE_SIZE)
+    }
+
     /// File offset of the data page with index `i`.
     pub fn slot(&self, i: u64) -> u64 {
         self.data_offset + i * PAGE_SIZE
@@ -933,6 +940,11 @@ mod tests {
             (Some(1), Some(3))
         );
         assert_eq!(w.data_index(0x4000), None);
+        assert_eq!(
+            (w.page_offset(1), w.page_offset(2)),
+            (Some(0x2000), Some(0x300_0000))
+        );
+        assert_eq!(w.page_offset(4), None);
         let mut pages = Vec::new();
         for &(off, n) in w.runs() {
             for k in 0..n {
