@@ -245,26 +245,14 @@ impl Armed<'_> {
                 .name("save-notes".into())
                 .spawn_scoped(s, || -> Result<()> {
                     crate::postcopy::prioritize_this_thread();
-                    let mut addrs = Vec::new();
                     // Until the VM is paused: a vCPU stopped on a fault
                     // would keep the pause waiting.
-                    while !stop.load(Ordering::Acquire) {
-                        addrs.clear();
-                        self.uffd
-                            .read_faults(5, &mut addrs)
-                            .map_err(io_err("reading write-protect faults"))?;
-                        for &a in &addrs {
-                            let host = a & !(PAGE_SIZE - 1);
-                            if let Some(p) = self.map.offset(host).map(|o| o / PAGE_SIZE) {
-                                touched[(p / 64) as usize]
-                                    .fetch_or(1 << (p % 64), Ordering::AcqRel);
-                            }
-                            self.uffd
-                                .write_protect(host, PAGE_SIZE, false)
-                                .map_err(io_err("lifting write-protection"))?;
+                    each_fault(self.uffd, &stop, 5, |host| {
+                        if let Some(p) = self.map.offset(host).map(|o| o / PAGE_SIZE) {
+                            touched[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::AcqRel);
                         }
-                    }
-                    Ok(())
+                        release(self.uffd, host)
+                    })
                 })
                 .map_err(io_err("starting the save's note thread"))?;
             let paused_at = Instant::now();
@@ -473,46 +461,58 @@ impl Save<'_> {
 
     /// Saves the pages the guest faults on, until told to stop.
     fn serve_faults(&self) -> Result<()> {
-        let mut addrs = Vec::new();
-        while !self.stop.load(Ordering::Acquire) {
-            addrs.clear();
-            self.uffd
-                .read_faults(20, &mut addrs)
-                .map_err(io_err("reading write-protect faults"))?;
-            for &a in &addrs {
-                let host = a & !(PAGE_SIZE - 1);
-                let stored = self
-                    .map
-                    .offset(host)
-                    .and_then(|off| Some((off, self.writer.data_index(off)?)));
-                match stored {
-                    Some((off, i)) if self.claim(i) => {
-                        self.faults.fetch_add(1, Ordering::Relaxed);
-                        self.recentre.store(i + 1, Ordering::Release);
-                        let page = self
-                            .mem
-                            .page(off)
-                            .ok_or_else(|| Error::Protocol(format!("page {off:#x} outside RAM")))?;
-                        self.crcs[i as usize].store(crc32fast::hash(page), Ordering::Release);
-                        let copy = page.to_vec();
-                        self.held
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push((i, copy));
-                        self.uffd
-                            .write_protect(host, PAGE_SIZE, false)
-                            .map_err(io_err("lifting write-protection"))?;
-                    }
-                    // The streaming pass has it and releases it when written.
-                    Some(_) => {}
-                    // Not a stored page: nothing to keep, let the write go on.
-                    None => self
-                        .uffd
-                        .write_protect(host, PAGE_SIZE, false)
-                        .map_err(io_err("lifting write-protection"))?,
+        each_fault(self.uffd, &self.stop, 20, |host| {
+            let stored = self
+                .map
+                .offset(host)
+                .and_then(|off| Some((off, self.writer.data_index(off)?)));
+            match stored {
+                Some((off, i)) if self.claim(i) => {
+                    self.faults.fetch_add(1, Ordering::Relaxed);
+                    self.recentre.store(i + 1, Ordering::Release);
+                    let page = self
+                        .mem
+                        .page(off)
+                        .ok_or_else(|| Error::Protocol(format!("page {off:#x} outside RAM")))?;
+                    self.crcs[i as usize].store(crc32fast::hash(page), Ordering::Release);
+                    let copy = page.to_vec();
+                    self.held
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((i, copy));
+                    release(self.uffd, host)
                 }
+                // The streaming pass has it and releases it when written.
+                Some(_) => Ok(()),
+                // Not a stored page: nothing to keep, let the write go on.
+                None => release(self.uffd, host),
             }
-        }
-        Ok(())
+        })
     }
+}
+
+/// Calls `f` with the page address of each write-protect fault on `uffd`,
+/// polling every `poll_ms`, until `stop`.
+fn each_fault(
+    uffd: &Uffd,
+    stop: &AtomicBool,
+    poll_ms: i32,
+    mut f: impl FnMut(u64) -> Result<()>,
+) -> Result<()> {
+    let mut addrs = Vec::new();
+    while !stop.load(Ordering::Acquire) {
+        addrs.clear();
+        uffd.read_faults(poll_ms, &mut addrs)
+            .map_err(io_err("reading write-protect faults"))?;
+        for &a in &addrs {
+            f(a & !(PAGE_SIZE - 1))?;
+        }
+    }
+    Ok(())
+}
+
+/// Lifts the protection of the page at `host`, which lets its write go on.
+fn release(uffd: &Uffd, host: u64) -> Result<()> {
+    uffd.write_protect(host, PAGE_SIZE, false)
+        .map_err(io_err("lifting write-protection"))
 }
