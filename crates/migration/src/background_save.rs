@@ -6,8 +6,11 @@
 //! since, and fix the file's layout. It resumes, and the pages are written
 //! to the file in order. A page the guest is about to change is saved first:
 //! its write faults, the fault thread copies the page aside (the streaming
-//! pass writes it to its place; the guest never waits on the disk) and lifts
-//! the protection.
+//! pass writes it to its place; the guest does not wait on the disk) and
+//! lifts the protection. The pages held aside are bounded ([`HELD_MAX`]):
+//! beyond it, the fault thread writes the page to the file itself before
+//! the write goes on, so a guest that writes faster than the disk takes is
+//! slowed to the disk's pace instead of growing the process without end.
 //! The file holds memory as it was at the pause, as QEMU's background
 //! snapshot does; the format is the one of [`vmm::snapshot`], except that
 //! zero pages inside data extents are stored (finding them means reading
@@ -29,6 +32,9 @@ use crate::{io_err, Error, Result};
 
 /// Pages the streaming pass copies and releases at a time.
 const CHUNK_PAGES: usize = 64;
+/// Pages the fault thread holds aside at most (16 MiB); past it, it writes
+/// them to the file itself.
+pub const HELD_MAX: usize = 4096;
 /// How long the end waits for the fault thread's last copies.
 const SETTLE: Duration = Duration::from_secs(10);
 
@@ -46,6 +52,9 @@ pub struct BackgroundStats {
     pub paused: Duration,
     /// Pages the guest wanted to write before the streaming pass got there.
     pub faults: u64,
+    /// Of those, the pages the fault thread wrote to the file itself (with
+    /// [`HELD_MAX`] pages held aside already) while the guest's write waited.
+    pub written_by_faults: u64,
 }
 
 /// What the caller's `pause` gives: the VM's state, captured in the pause,
@@ -62,6 +71,17 @@ pub fn save(
     path: &Path,
     pause: impl FnOnce() -> Result<Paused>,
     resume: impl FnOnce(),
+) -> std::result::Result<BackgroundStats, BackgroundError> {
+    save_holding(ram, path, pause, resume, HELD_MAX)
+}
+
+/// [`save`], with the fault thread holding at most `held_max` pages aside.
+fn save_holding(
+    ram: &GuestRam,
+    path: &Path,
+    pause: impl FnOnce() -> Result<Paused>,
+    resume: impl FnOnce(),
+    held_max: usize,
 ) -> std::result::Result<BackgroundStats, BackgroundError> {
     let map = RamMap::new(ram);
     let uffd = Uffd::for_write_protect()
@@ -104,6 +124,8 @@ pub fn save(
             .map(|_| AtomicU32::new(0))
             .collect(),
         held: Mutex::new(Vec::new()),
+        held_max,
+        written_by_faults: AtomicU64::new(0),
         claimed: AtomicU64::new(0),
         recentre: AtomicU64::new(u64::MAX),
         faults: AtomicU64::new(0),
@@ -135,6 +157,7 @@ pub fn save(
         ));
     }
     let faults = save.faults.load(Ordering::Relaxed);
+    let written_by_faults = save.written_by_faults.load(Ordering::Relaxed);
     drop(save);
     let snapshot = writer
         .finish(crc.finalize())
@@ -144,6 +167,7 @@ pub fn save(
         pages = snapshot.data_pages,
         paused_us = paused.as_micros() as u64,
         faults,
+        written_by_faults,
         ms = snapshot.elapsed.as_secs_f64() * 1e3,
         "background snapshot written"
     );
@@ -151,6 +175,7 @@ pub fn save(
         snapshot,
         paused,
         faults,
+        written_by_faults,
     })
 }
 
@@ -333,6 +358,10 @@ struct Save<'a> {
     /// Pages the fault thread copied (stored-page index, content), for the
     /// streaming pass to write: a guest write never waits on the disk.
     held: Mutex<Vec<(u64, Vec<u8>)>>,
+    /// The most pages `held` takes; the fault thread writes the rest itself.
+    held_max: usize,
+    /// Faulted pages the fault thread wrote itself, `held` being full.
+    written_by_faults: AtomicU64,
     /// Pages claimed so far, by either.
     claimed: AtomicU64,
     /// Where the guest last wrote (a stored-page index; u64::MAX: nowhere
@@ -475,11 +504,21 @@ impl Save<'_> {
                         .page(off)
                         .ok_or_else(|| Error::Protocol(format!("page {off:#x} outside RAM")))?;
                     self.crcs[i as usize].store(crc32fast::hash(page), Ordering::Release);
-                    let copy = page.to_vec();
-                    self.held
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((i, copy));
+                    {
+                        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+                        if held.len() < self.held_max {
+                            held.push((i, page.to_vec()));
+                        } else {
+                            drop(held);
+                            // The page stays protected while it is written.
+                            self.writer
+                                .file()
+                                .write_all_at(page, self.writer.slot(i))
+                                .map_err(io_err("writing the snapshot"))?;
+                            self.state[i as usize].store(SAVED, Ordering::Release);
+                            self.written_by_faults.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     release(self.uffd, host)
                 }
                 // The streaming pass has it and releases it when written.
@@ -515,4 +554,122 @@ fn each_fault(
 fn release(uffd: &Uffd, host: u64) -> Result<()> {
     uffd.write_protect(host, PAGE_SIZE, false)
         .map_err(io_err("lifting write-protection"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU8;
+
+    /// RAM of the fake guest: data in the first half, holes in the second.
+    const PAGES: u64 = 8192;
+    const DATA_PAGES: u64 = PAGES / 2;
+
+    const RUNNING: u8 = 0;
+    const PAUSE_ASKED: u8 = 1;
+    const PAUSED: u8 = 2;
+    const STOP: u8 = 3;
+
+    fn gpa(ram: &GuestRam, page: u64) -> u64 {
+        ram.offset_to_gpa(page * PAGE_SIZE)
+            .expect("page inside RAM")
+    }
+
+    /// A background save of RAM that a thread keeps writing, before the
+    /// pause (data pages and holes alike) and after it (from the last data
+    /// page down, so that it meets pages not saved yet), holding at most
+    /// `held_max` pages aside: the file must hold RAM as it was at the pause.
+    fn save_while_written(held_max: usize) -> BackgroundStats {
+        let ram = GuestRam::new(PAGES * PAGE_SIZE).unwrap();
+        for p in 0..DATA_PAGES {
+            ram.write(gpa(&ram, p), &[p as u8 ^ 0x5a; 64]).unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "migration-bgsave-{held_max}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.snap");
+        let phase = AtomicU8::new(RUNNING);
+        let mut at_pause = vec![0u8; (PAGES * PAGE_SIZE) as usize];
+        let stats = std::thread::scope(|s| {
+            s.spawn(|| {
+                // Before the pause: every page in turn (7 is prime to PAGES).
+                let mut p = 0;
+                let mut generation = 1u8;
+                loop {
+                    match phase.load(Ordering::Acquire) {
+                        PAUSE_ASKED => break,
+                        STOP => return,
+                        _ => {}
+                    }
+                    ram.write(gpa(&ram, p), &[generation; 8]).unwrap();
+                    p = (p + 7) % PAGES;
+                    generation = generation.wrapping_add((p == 0) as u8);
+                }
+                phase.store(PAUSED, Ordering::Release);
+                while phase.load(Ordering::Acquire) == PAUSED {
+                    std::thread::yield_now();
+                }
+                // After the resume: the data pages from the last down.
+                let mut p = DATA_PAGES;
+                while phase.load(Ordering::Acquire) != STOP {
+                    p = if p == 0 { DATA_PAGES - 1 } else { p - 1 };
+                    ram.write(gpa(&ram, p), &[0xee; 8]).unwrap();
+                }
+            });
+            let stats = save_holding(
+                &ram,
+                &path,
+                || {
+                    // A pause waits for the vCPUs to stop, as this waits for the writer.
+                    phase.store(PAUSE_ASKED, Ordering::Release);
+                    while phase.load(Ordering::Acquire) != PAUSED {
+                        std::thread::yield_now();
+                    }
+                    ram.read(0, &mut at_pause).unwrap();
+                    Ok((vmm::testing::state(ram.size()), None))
+                },
+                || phase.store(RUNNING, Ordering::Release),
+                held_max,
+            );
+            phase.store(STOP, Ordering::Release);
+            stats
+        })
+        .unwrap_or_else(|e| panic!("background save: {e:?}"));
+        let (_, saved, file) = vmm::snapshot::read(&path).unwrap();
+        let mut content = vec![0u8; at_pause.len()];
+        saved.read(0, &mut content).unwrap();
+        for (p, (want, got)) in at_pause
+            .chunks(PAGE_SIZE as usize)
+            .zip(content.chunks(PAGE_SIZE as usize))
+            .enumerate()
+        {
+            assert!(want == got, "page {p} differs from RAM at the pause");
+        }
+        assert_eq!(file.data_pages, stats.snapshot.data_pages);
+        assert!(stats.snapshot.data_pages >= DATA_PAGES);
+        std::fs::remove_dir_all(&dir).unwrap();
+        stats
+    }
+
+    #[test]
+    fn pages_the_guest_changes_are_held_aside_and_saved_as_at_the_pause() {
+        let stats = save_while_written(HELD_MAX);
+        assert!(
+            stats.faults > 0,
+            "the writer met no unsaved page: {stats:?}"
+        );
+        assert_eq!(stats.written_by_faults, 0, "{stats:?}");
+    }
+
+    #[test]
+    fn past_the_held_bound_the_fault_thread_writes_pages_itself() {
+        let stats = save_while_written(0);
+        assert!(
+            stats.faults > 0,
+            "the writer met no unsaved page: {stats:?}"
+        );
+        assert_eq!(stats.written_by_faults, stats.faults, "{stats:?}");
+    }
 }

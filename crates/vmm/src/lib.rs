@@ -9,6 +9,8 @@ pub mod error;
 pub mod memory;
 pub mod snapshot;
 pub mod state;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod vcpu;
 pub mod vm;
 

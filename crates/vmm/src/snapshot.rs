@@ -846,39 +846,7 @@ impl LazySnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::SerialSnapshot;
-    use crate::state::{Raw, VcpuState, VmKernelState, STATE_VERSION};
-
-    fn state(memory: u64) -> VmState {
-        VmState {
-            version: STATE_VERSION,
-            memory,
-            kernel: VmKernelState {
-                irqchips: vec![Default::default(); 3],
-                pit: Default::default(),
-                clock: Default::default(),
-            },
-            vcpus: vec![VcpuState {
-                id: 0,
-                cpuid: vec![Default::default()],
-                mp_state: Default::default(),
-                regs: kvm_bindings::kvm_regs {
-                    rip: 0x1234,
-                    ..Default::default()
-                },
-                sregs: Default::default(),
-                fpu: Raw(Default::default()),
-                xcrs: Default::default(),
-                xsave: Default::default(),
-                debugregs: Default::default(),
-                lapic: Default::default(),
-                msrs: vec![Default::default(); 2],
-                events: Default::default(),
-                tsc_khz: 1000,
-            }],
-            serial: SerialSnapshot::default(),
-        }
-    }
+    use crate::testing::state;
 
     fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("vmm-snap-{name}-{}", std::process::id()));

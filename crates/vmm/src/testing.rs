@@ -1,0 +1,37 @@
+//! Fakes for tests of this crate and of its users (feature `testing`).
+
+use crate::devices::SerialSnapshot;
+use crate::state::{Raw, VcpuState, VmKernelState, VmState, STATE_VERSION};
+
+/// A VM state of one vCPU for `memory` bytes of RAM, as a capture gives
+/// (the instruction pointer 0x1234), without a VM behind it.
+pub fn state(memory: u64) -> VmState {
+    VmState {
+        version: STATE_VERSION,
+        memory,
+        kernel: VmKernelState {
+            irqchips: vec![Default::default(); 3],
+            pit: Default::default(),
+            clock: Default::default(),
+        },
+        vcpus: vec![VcpuState {
+            id: 0,
+            cpuid: vec![Default::default()],
+            mp_state: Default::default(),
+            regs: kvm_bindings::kvm_regs {
+                rip: 0x1234,
+                ..Default::default()
+            },
+            sregs: Default::default(),
+            fpu: Raw(Default::default()),
+            xcrs: Default::default(),
+            xsave: Default::default(),
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            msrs: vec![Default::default(); 2],
+            events: Default::default(),
+            tsc_khz: 1000,
+        }],
+        serial: SerialSnapshot::default(),
+    }
+}
