@@ -420,20 +420,7 @@ fn daemon_vm_lifecycle_survives_a_daemon_restart() {
         e.contains("is running; only a stopped VM can be started"),
         "{e}"
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let info: Value = serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap();
-        if info["state"] == "stopped" {
-            break;
-        }
-        assert!(Instant::now() < end, "not stopped after SIGKILL: {info}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    d.kill_vm("web1");
     let out = d.ok(&["start", "web1"]);
     assert!(out.contains("VM web1 started"), "{out}");
     let boots = || console.text().matches("WORKLOAD READY").count();
@@ -636,15 +623,7 @@ fn daemon_migrates_a_vm_to_another_daemon() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(a.ok(&["list", "--json"]).trim(), "[]");
-    let end = Instant::now() + Duration::from_secs(15);
-    loop {
-        let info: Value = serde_json::from_str(&b.ok(&["info", "mig1", "--json"])).unwrap();
-        if info["state"] == "running" {
-            break;
-        }
-        assert!(Instant::now() < end, "destination VM is {}", info["state"]);
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let info = b.wait_state("mig1", "running", Duration::from_secs(15));
     let console_b = console_of(&b, "mig1");
     console_b.wait_heartbeats(n, 2, Duration::from_secs(30));
     console_b.assert_clean();
@@ -652,6 +631,23 @@ fn daemon_migrates_a_vm_to_another_daemon() {
         b.vm_dir("mig1").join("vm.json").exists(),
         "destination wrote no record"
     );
+    // The boot spec came along (capability boot-spec; the kernel is on this
+    // host too): once the VM stops on B, B can boot it again (virsh start).
+    let elf = common::guest_elf().canonicalize().unwrap();
+    assert_eq!(info["kernel"], elf.to_str().unwrap(), "{info}");
+    assert_eq!(info["origin"], "incoming", "{info}");
+    b.kill_vm("mig1");
+    let boots = || console_b.text().matches("WORKLOAD READY").count();
+    let before = boots();
+    let out = b.ok(&["start", "mig1"]);
+    assert!(out.contains("VM mig1 started"), "{out}");
+    let end = Instant::now() + READY;
+    while boots() == before {
+        assert!(Instant::now() < end, "no boot on B:\n{}", console_b.text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    b.wait_state("mig1", "running", Duration::from_secs(10));
+    console_b.assert_runs_on(1, Duration::from_secs(20));
 
     // Back to A while B's name is free again there, but A refuses a duplicate first.
     create_guest(&a, "mig1");

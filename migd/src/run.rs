@@ -397,7 +397,9 @@ fn accept_incoming(listener: &std::net::TcpListener, args: &RunArgs) -> Result<l
         migration::handshake::refuse(&mut stream, &reason)?;
         bail!("refused migration from {peer}: {reason}");
     }
-    migration::handshake::accept(&mut stream, &hello)?;
+    let shared = migration::handshake::accept(&mut stream, &hello)?;
+    // A VM run by hand keeps no record: its boot spec is read and left.
+    migration::handshake::receive_boot(&mut stream, &shared)?;
     tracing::info!(%peer, name = %hello.name, "migration accepted");
     Ok(stream)
 }
@@ -734,6 +736,13 @@ fn start_migration(
     if let Some(n) = req.get("postcopy_after_rounds").and_then(|v| v.as_u64()) {
         params.postcopy_after_rounds = n.clamp(1, u32::MAX as u64) as u32;
     }
+    params.boot = match req.get("boot") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(b) => Some(
+            serde_json::from_value::<wire::BootSpec>(b.clone())
+                .map_err(|e| format!("\"boot\" must be {{kernel, initrd, cmdline}}: {e}"))?,
+        ),
+    };
     // Test-only: hold the source at a phase; send a wrong digest; wait less
     // for the destination's answers.
     if fault_injection() {

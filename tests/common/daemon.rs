@@ -253,6 +253,35 @@ impl Daemon {
         super::Console(self.vm_dir(name).join("console.log"))
     }
 
+    /// Waits until `migctl info NAME` says `state`; returns that info.
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+        let end = Instant::now() + timeout;
+        loop {
+            let info: Value = serde_json::from_str(&self.ok(&["info", name, "--json"])).unwrap();
+            if info["state"] == state {
+                return info;
+            }
+            assert!(
+                Instant::now() < end,
+                "VM {name} not {state} within {timeout:?}: {info}\ndaemon log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills VM `name`'s process (SIGKILL) and waits until the daemon lists it stopped.
+    pub fn kill_vm(&self, name: &str) {
+        let info: Value = serde_json::from_str(&self.ok(&["info", name, "--json"])).unwrap();
+        let pid = info["pid"].as_u64().expect("a VM process") as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        self.wait_state(name, "stopped", Duration::from_secs(10));
+    }
+
     pub fn vm_dir(&self, name: &str) -> PathBuf {
         self.state.join("vms").join(name)
     }

@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 
-use wire::{Message, VmDescriptor, MAGIC, PROTOCOL_VERSION};
+use wire::{BootSpec, Message, VmDescriptor, MAGIC, PROTOCOL_VERSION};
 
 use crate::{Error, Result};
 
@@ -16,6 +16,7 @@ pub const CAPABILITIES: &[&str] = &[
     "zstd",
     "multifd",
     "sync",
+    "boot-spec",
 ];
 
 /// A Hello as the destination sees it.
@@ -71,9 +72,9 @@ pub fn receive_hello(stream: &mut impl Read) -> Result<Hello> {
     }
 }
 
-/// Destination: accepts.
-pub fn accept(stream: &mut impl Write, hello: &Hello) -> Result<()> {
-    let shared = hello
+/// Destination: accepts; returns the capabilities both sides share.
+pub fn accept(stream: &mut impl Write, hello: &Hello) -> Result<Vec<String>> {
+    let shared: Vec<String> = hello
         .capabilities
         .iter()
         .filter(|c| CAPABILITIES.contains(&c.as_str()))
@@ -83,10 +84,30 @@ pub fn accept(stream: &mut impl Write, hello: &Hello) -> Result<()> {
         stream,
         &Message::Accept {
             version: PROTOCOL_VERSION,
-            capabilities: shared,
+            capabilities: shared.clone(),
         },
     )?;
-    Ok(())
+    Ok(shared)
+}
+
+/// Destination, after [`accept`]: the source's boot spec of the VM where
+/// both sides share `boot-spec` (the source sends it right after Accept).
+pub fn receive_boot(stream: &mut impl Read, shared: &[String]) -> Result<Option<BootSpec>> {
+    if !shared.iter().any(|c| c == "boot-spec") {
+        return Ok(None);
+    }
+    match wire::expect_control(stream, "Boot")? {
+        Message::Boot { spec } => {
+            if let Some(s) = &spec {
+                s.check()?;
+            }
+            Ok(spec)
+        }
+        other => Err(Error::Protocol(format!(
+            "expected Boot, got {}",
+            other.name()
+        ))),
+    }
 }
 
 /// Destination: refuses with a reason.
@@ -102,15 +123,17 @@ pub fn refuse(stream: &mut impl Write, reason: &str) -> Result<()> {
 
 /// Source: sends Hello and waits for the answer; returns the shared capabilities.
 pub fn hello<S: Read + Write>(stream: &mut S, mode: &str, vm: VmDescriptor) -> Result<Vec<String>> {
-    hello_then(stream, mode, vm, CAPABILITIES, || {})
+    hello_then(stream, mode, vm, None, CAPABILITIES, || {})
 }
 
-/// [`hello`] offering `capabilities` (a subset of [`CAPABILITIES`]), calling
-/// `between` after the Hello is sent (a fault-injection hook).
+/// [`hello`] offering `capabilities` (a subset of [`CAPABILITIES`]) and,
+/// once accepted with `boot-spec`, the VM's `boot` spec; calls `between`
+/// after the Hello is sent (a fault-injection hook).
 pub fn hello_then<S: Read + Write>(
     stream: &mut S,
     mode: &str,
     vm: VmDescriptor,
+    boot: Option<BootSpec>,
     capabilities: &[&str],
     between: impl FnOnce(),
 ) -> Result<Vec<String>> {
@@ -134,6 +157,9 @@ pub fn hello_then<S: Read + Write>(
                 return Err(Error::Protocol(format!(
                     "destination speaks protocol version {version}, this host {PROTOCOL_VERSION}"
                 )));
+            }
+            if capabilities.iter().any(|c| c == "boot-spec") {
+                wire::write_control(stream, &Message::Boot { spec: boot })?;
             }
             Ok(capabilities)
         }
@@ -252,7 +278,7 @@ mod tests {
         let h = receive_hello(&mut &hello_bytes(MAGIC, PROTOCOL_VERSION)[..]).unwrap();
         assert_eq!(h.name, "web1");
         let mut out = Vec::new();
-        accept(&mut out, &h).unwrap();
+        assert_eq!(accept(&mut out, &h).unwrap(), vec!["precopy".to_string()]);
         match wire::decode_frame(&out).unwrap() {
             wire::Frame::Control(Message::Accept { capabilities, .. }) => {
                 assert_eq!(capabilities, vec!["precopy".to_string()])
@@ -306,6 +332,48 @@ mod tests {
             receive_hello(&mut &d.0[..]).is_ok(),
             "the source sent a valid Hello"
         );
+    }
+
+    #[test]
+    fn boot_spec_follows_the_accept_where_both_share_it() {
+        let spec = BootSpec {
+            kernel: "/images/vmlinux".into(),
+            initrd: Some("/images/initrd".into()),
+            cmdline: "console=ttyS0".into(),
+        };
+        let shared = vec!["precopy".to_string(), "boot-spec".to_string()];
+        let sent = wire::encode_control(&Message::Boot {
+            spec: Some(spec.clone()),
+        })
+        .unwrap();
+        assert_eq!(
+            receive_boot(&mut &sent[..], &shared).unwrap(),
+            Some(spec.clone())
+        );
+        // Not shared: nothing is read.
+        assert_eq!(receive_boot(&mut &[][..], &shared[..1]).unwrap(), None);
+        // Something else where the Boot belongs, or a spec out of bounds.
+        let go = wire::encode_control(&Message::Go).unwrap();
+        let e = receive_boot(&mut &go[..], &shared).unwrap_err();
+        assert!(e.to_string().contains("expected Boot, got Go"), "{e}");
+        let long = wire::encode_control(&Message::Boot {
+            spec: Some(BootSpec {
+                cmdline: "x".repeat(BootSpec::MAX_LEN + 1),
+                ..spec.clone()
+            }),
+        })
+        .unwrap();
+        let e = receive_boot(&mut &long[..], &shared).unwrap_err();
+        assert!(e.to_string().contains("command line of 4097 bytes"), "{e}");
+        let nul = wire::encode_control(&Message::Boot {
+            spec: Some(BootSpec {
+                kernel: "/images/\0vmlinux".into(),
+                ..spec
+            }),
+        })
+        .unwrap();
+        let e = receive_boot(&mut &nul[..], &shared).unwrap_err();
+        assert!(e.to_string().contains("kernel path holds a NUL"), "{e}");
     }
 
     #[test]

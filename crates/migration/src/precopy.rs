@@ -118,6 +118,9 @@ pub struct Params {
     /// Before the commit: how long to wait for each answer of the destination
     /// (Accept, Prepared, Ready) before giving up.
     pub answer_timeout: Duration,
+    /// How the VM boots from its kernel, for the destination's record
+    /// (capability `boot-spec`); None: it cannot be booted again there.
+    pub boot: Option<wire::BootSpec>,
     /// Fault injection (tests only): hold the source at a phase.
     pub hold: Option<Hold>,
     /// Fault injection (tests only): send a wrong memory digest in verify mode.
@@ -149,6 +152,7 @@ impl Params {
             auto: false,
             auto_converge: false,
             answer_timeout: Duration::from_secs(60),
+            boot: None,
             hold: Hold::from_env(),
             corrupt_digest: false,
         }
@@ -1162,9 +1166,10 @@ pub(crate) fn open(
         .copied()
         .filter(|c| *c != "multifd" || params.streams > 1)
         .collect();
-    let shared = handshake::hello_then(&mut stream, mode, desc, &caps, || {
-        faults::hold(job, Phase::Handshake)
-    })?;
+    let shared =
+        handshake::hello_then(&mut stream, mode, desc, params.boot.clone(), &caps, || {
+            faults::hold(job, Phase::Handshake)
+        })?;
     let streams = crate::multifd::negotiated(mode, params.streams, &shared);
     if streams < params.streams && mode != "postcopy" {
         tracing::warn!(

@@ -261,6 +261,61 @@ pub enum Message {
         /// From `Sync`.
         seq: u32,
     },
+    /// Source → destination (capability `boot-spec`), right after Accept:
+    /// how the VM boots from its kernel, so that the destination can start
+    /// it again once it stops; `None` for a VM the source cannot boot either.
+    Boot {
+        /// The source's boot spec of the VM.
+        spec: Option<BootSpec>,
+    },
+}
+
+/// How a VM boots from its kernel, as the source host's record has it (paths
+/// on that host, which the destination uses where they exist there too:
+/// shared storage or the same image installed on every host).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootSpec {
+    /// Kernel image path.
+    pub kernel: String,
+    /// Initramfs path.
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+impl BootSpec {
+    /// Longest path or command line accepted, in bytes (Linux's PATH_MAX).
+    pub const MAX_LEN: usize = 4096;
+
+    /// Checks the sizes and that no field holds a NUL byte.
+    pub fn check(&self) -> Result<()> {
+        let fields = [
+            ("kernel path", Some(&self.kernel)),
+            ("initrd path", self.initrd.as_ref()),
+            ("command line", Some(&self.cmdline)),
+        ];
+        for (what, value) in fields {
+            let Some(v) = value else { continue };
+            if v.len() > Self::MAX_LEN {
+                return Err(WireError::Malformed(format!(
+                    "boot spec {what} of {} bytes exceeds {} bytes",
+                    v.len(),
+                    Self::MAX_LEN
+                )));
+            }
+            if v.contains('\0') {
+                return Err(WireError::Malformed(format!(
+                    "boot spec {what} holds a NUL byte"
+                )));
+            }
+        }
+        if self.kernel.is_empty() {
+            return Err(WireError::Malformed(
+                "boot spec without a kernel path".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The destination's account of a post-copy phase, carried in `PostcopyDone`.
@@ -324,6 +379,7 @@ impl Message {
             Message::Barrier { .. } => "Barrier",
             Message::Sync { .. } => "Sync",
             Message::Synced { .. } => "Synced",
+            Message::Boot { .. } => "Boot",
         }
     }
 }
@@ -773,6 +829,14 @@ mod tests {
             Message::Barrier { seq: 2 },
             Message::Sync { seq: 3 },
             Message::Synced { seq: 3 },
+            Message::Boot {
+                spec: Some(BootSpec {
+                    kernel: "/var/lib/images/vmlinux".into(),
+                    initrd: None,
+                    cmdline: "console=ttyS0".into(),
+                }),
+            },
+            Message::Boot { spec: None },
         ] {
             let f = encode_control(&m).unwrap();
             assert_eq!(decode_frame(&f).unwrap(), Frame::Control(m));

@@ -5,6 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 
 use link::Link;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -236,7 +237,8 @@ fn handshake(d: &Daemon, mut stream: Link, peer: SocketAddr) -> Result<Option<(L
     let hello = handshake::receive_hello(&mut stream).context("reading the Hello")?;
     if hello.mode == migration::probe::PROBE_MODE {
         // A cost-model probe: answer it and keep nothing.
-        handshake::accept(&mut stream, &hello)?;
+        let shared = handshake::accept(&mut stream, &hello)?;
+        handshake::receive_boot(&mut stream, &shared)?;
         migration::probe::serve(&mut stream).context("serving a probe")?;
         tracing::debug!(%peer, "probe served");
         return Ok(None);
@@ -261,18 +263,54 @@ fn handshake(d: &Daemon, mut stream: Link, peer: SocketAddr) -> Result<Option<(L
     };
     let accepted = handshake::accept(&mut stream, &hello)
         .context("sending Accept")
-        .and_then(|()| {
+        .and_then(|shared| {
+            handshake::receive_boot(&mut stream, &shared).context("reading the boot spec")
+        })
+        .and_then(|boot| {
             // The child reads with its own timeouts; it inherits this blocking socket as is.
             stream
                 .set_read_timeout(None)
-                .context("clearing the read timeout")
+                .context("clearing the read timeout")?;
+            Ok(boot)
         });
-    if let Err(e) = accepted {
-        d.reg().vms.remove(&hello.name);
-        let _ = state::remove_dir(&d.vm_dir(&hello.name));
-        return Err(e);
+    let boot = match accepted {
+        Ok(boot) => boot,
+        Err(e) => {
+            d.reg().vms.remove(&hello.name);
+            let _ = state::remove_dir(&d.vm_dir(&hello.name));
+            return Err(e);
+        }
+    };
+    let mut record = record;
+    if let Some(spec) = boot {
+        adopt_boot_spec(&mut record, spec);
+        if let Some(vm) = d.reg().vms.get_mut(&hello.name) {
+            vm.record = record.clone();
+        }
     }
     Ok(Some((stream, record)))
+}
+
+/// Takes the source's boot spec into the record of an incoming VM where its
+/// files exist on this host too (so that `start` can boot it again once it
+/// stops); otherwise the VM keeps no kernel here, and says why in the log.
+fn adopt_boot_spec(record: &mut VmRecord, spec: wire::BootSpec) {
+    let kernel = PathBuf::from(&spec.kernel);
+    let initrd = spec.initrd.map(PathBuf::from);
+    let missing = std::iter::once(&kernel)
+        .chain(initrd.as_ref())
+        .find(|p| !p.is_file());
+    if let Some(path) = missing {
+        tracing::info!(
+            vm = %record.name,
+            path = %path.display(),
+            "the VM's boot files are not on this host: it cannot be started again here once it stops"
+        );
+        return;
+    }
+    record.kernel = Some(kernel);
+    record.initramfs = initrd;
+    record.cmdline = spec.cmdline;
 }
 
 /// MemAvailable of /proc/meminfo, in bytes.
@@ -285,8 +323,54 @@ fn mem_available() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::path::Path;
+
     #[test]
     fn meminfo_is_readable() {
-        assert!(super::mem_available().is_some_and(|m| m > 0));
+        assert!(mem_available().is_some_and(|m| m > 0));
+    }
+
+    #[test]
+    fn boot_spec_is_kept_only_where_its_files_are_here() {
+        let record = || VmRecord {
+            name: "web1".into(),
+            kernel: None,
+            initramfs: None,
+            cmdline: String::new(),
+            memory: 1 << 30,
+            vcpus: 1,
+            created: 0,
+            origin: Origin::Incoming,
+            source: None,
+        };
+        let here = std::env::current_exe().unwrap();
+        let here = here.to_str().unwrap().to_string();
+        let spec = wire::BootSpec {
+            kernel: here.clone(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+        };
+        let mut r = record();
+        adopt_boot_spec(&mut r, spec.clone());
+        assert_eq!(r.kernel.as_deref(), Some(Path::new(&here)));
+        assert_eq!(r.cmdline, "console=ttyS0");
+        assert_eq!(r.boot_spec(), Some(spec.clone()), "sent on as it came");
+        // A kernel or an initrd not on this host: no kernel here.
+        for missing in [
+            wire::BootSpec {
+                kernel: "/nonexistent/vmlinux".into(),
+                ..spec.clone()
+            },
+            wire::BootSpec {
+                initrd: Some("/nonexistent/initrd".into()),
+                ..spec.clone()
+            },
+        ] {
+            let mut r = record();
+            adopt_boot_spec(&mut r, missing);
+            assert_eq!(r.kernel, None);
+            assert_eq!(r.boot_spec(), None);
+        }
     }
 }

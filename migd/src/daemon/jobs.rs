@@ -93,8 +93,15 @@ impl Default for MigrateOptions {
 
 impl MigrateOptions {
     /// The VM process's `migrate` request for job `id` to `to`, with the
-    /// bandwidth cap `cap` (the job's own or its share of the host's).
-    fn vm_request(&self, id: &str, to: &str, cap: Option<u64>) -> Value {
+    /// bandwidth cap `cap` (the job's own or its share of the host's) and the
+    /// VM's `boot` spec for the destination's record.
+    fn vm_request(
+        &self,
+        id: &str,
+        to: &str,
+        cap: Option<u64>,
+        boot: Option<&wire::BootSpec>,
+    ) -> Value {
         let mut req = serde_json::to_value(self).unwrap_or_else(|_| json!({}));
         req["cmd"] = json!("migrate");
         req["to"] = json!(to);
@@ -102,6 +109,7 @@ impl MigrateOptions {
         req["max_bandwidth"] = json!(cap);
         req["fault_channel"] = json!(!self.no_fault_channel);
         req["clear_before_send"] = json!(!self.no_clear_before_send);
+        req["boot"] = json!(boot);
         req
     }
 }
@@ -314,7 +322,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
              or allow plaintext streams with --insecure"
         );
     }
-    let job = {
+    let (job, boot) = {
         let mut reg = d.reg();
         let reg = &mut *reg;
         let Some(vm) = reg.vms.get_mut(&req.name) else {
@@ -345,7 +353,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             stats: json!({"id": id, "vm": req.name, "mode": req.opts.mode, "outcome": null, "error": null}),
         };
         reg.jobs.insert(id, job.clone());
-        job
+        (job, vm.record.boot_spec())
     };
     let sock = state::control_path(&d.vm_dir(&job.vm));
     let cap = shares(d)
@@ -354,7 +362,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
         .and_then(|(_, _, cap)| cap);
     let sent = vm_call(
         &sock,
-        &job.opts.vm_request(&job.id, &job.to, cap),
+        &job.opts.vm_request(&job.id, &job.to, cap, boot.as_ref()),
         Duration::from_secs(10),
     )
     .await;
@@ -645,7 +653,14 @@ mod tests {
         let back: Job = serde_json::from_value(v).expect("job back");
         assert_eq!(back.opts.streams, Some(2));
         // The VM process gets the cap it is given and a fault_channel flag.
-        let r = job.opts.vm_request("job1", "h:1", Some(7));
+        let boot = wire::BootSpec {
+            kernel: "/images/vmlinux".into(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+        };
+        let r = job.opts.vm_request("job1", "h:1", Some(7), Some(&boot));
+        assert_eq!(r["boot"]["kernel"], "/images/vmlinux");
+        assert_eq!(r["boot"]["cmdline"], "console=ttyS0");
         assert_eq!(r["cmd"], "migrate");
         assert_eq!(r["job"], "job1");
         assert_eq!(r["max_bandwidth"], 7);

@@ -57,6 +57,21 @@ pub struct VmRecord {
     pub source: Option<String>,
 }
 
+impl VmRecord {
+    /// How the VM boots from its kernel, for a destination's record; None
+    /// without a kernel here (or with a path that is not UTF-8).
+    pub fn boot_spec(&self) -> Option<wire::BootSpec> {
+        Some(wire::BootSpec {
+            kernel: self.kernel.as_deref()?.to_str()?.to_string(),
+            initrd: match &self.initramfs {
+                Some(p) => Some(p.to_str()?.to_string()),
+                None => None,
+            },
+            cmdline: self.cmdline.clone(),
+        })
+    }
+}
+
 /// A VM as the daemon tracks it.
 #[derive(Debug, Clone)]
 pub struct VmEntry {
@@ -294,8 +309,10 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
     if vm.state == st::DESTROYING || vm.state == st::MIGRATED {
         return;
     }
-    let incoming_failed = vm.record.origin == Origin::Incoming
-        && (code.is_some_and(|c| c != 0) || (code.is_none() && vm.state == st::INCOMING));
+    // An incoming VM that never ran here leaves nothing behind; once it ran
+    // (its record written), it is a VM of this host like any other: stopped.
+    let incoming_failed =
+        vm.record.origin == Origin::Incoming && vm.state == st::INCOMING && code != Some(0);
     if incoming_failed {
         tracing::warn!(?code, "incoming VM process failed: removing its directory");
         reg.vms.remove(name);
