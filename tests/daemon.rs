@@ -656,7 +656,68 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     assert_eq!(code, 1);
     assert!(err.contains("already exists"), "{err}");
     assert!(b.ok(&["list", "--json"]).contains("running"));
-    b.ok(&["destroy", "mig1"]);
+    a.ok(&["destroy", "mig1"]);
+
+    // Back to A at 2 MiB/s, which a guest dirtying 8 MiB/s never lets end,
+    // until migrate-set lifts the cap (QEMU's migrate-set-parameters).
+    let job = b.ok(&[
+        "migrate",
+        "mig1",
+        "--to",
+        &back,
+        "--max-bandwidth",
+        "2M",
+        "--detach",
+    ]);
+    let job = job.trim();
+    let e = b.fails(&["migrate-set", job]);
+    assert!(e.contains("nothing to set"), "{e}");
+    let e = b.fails(&["migrate-set", job, "--max-downtime", "0"]);
+    assert!(e.contains("at least 1 ms"), "{e}");
+    let e = b.fails(&["migrate-set", "job999", "--max-downtime", "5"]);
+    assert!(e.contains("no job 'job999'"), "{e}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let slow: Value = serde_json::from_str(&b.ok(&["job", job, "--json"])).unwrap();
+    assert_eq!(slow["status"], "active", "still crawling: {slow}");
+    let set: Value = serde_json::from_str(&b.ok(&[
+        "migrate-set",
+        job,
+        "--max-bandwidth",
+        "unlimited",
+        "--max-downtime",
+        "450",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(set["max_bandwidth"], Value::Null, "{set}");
+    assert_eq!(set["max_downtime_ms"], 450, "{set}");
+    let end = Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        let j: Value = serde_json::from_str(&b.ok(&["job", job, "--json"])).unwrap();
+        if j["status"] == "completed" {
+            break j;
+        }
+        assert!(
+            Instant::now() < end,
+            "not completed once the cap was lifted: {j}\nB:\n{}",
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["max_bandwidth"], Value::Null, "{done}");
+    assert_eq!(done["max_downtime_ms"], 450, "{done}");
+    assert_eq!(done["stats"]["max_downtime_ms"], 450.0, "{done}");
+    // Round 0 (over 8 s at 2 MiB/s for the guest's 16 MiB) went faster than
+    // the cap once it was lifted 1.5 s in: pacing never lets a capped round
+    // exceed its cap.
+    let round0 = &done["stats"]["rounds"][0];
+    let rate = round0["bytes"].as_f64().unwrap() / (round0["ms"].as_f64().unwrap() / 1e3);
+    assert!(
+        rate > 3.0 * (1 << 20) as f64,
+        "round 0 at {rate} B/s: {done}"
+    );
+    a.wait_state("mig1", "running", Duration::from_secs(15));
+    console_of(&a, "mig1").wait_heartbeats(0, 2, Duration::from_secs(30));
     a.ok(&["destroy", "mig1"]);
 }
 

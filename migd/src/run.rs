@@ -980,6 +980,20 @@ fn handle_control(
             }
             _ => Err("no migration is running".to_string()),
         },
+        "downtime" => match (
+            &mig.job,
+            req.get("max_downtime_ms").and_then(|v| v.as_u64()),
+        ) {
+            (_, None | Some(0)) => {
+                Err("\"max_downtime_ms\" must be a whole number of ms, at least 1".to_string())
+            }
+            (Some(job), Some(ms)) if mig.running => {
+                job.set_max_downtime(Duration::from_millis(ms));
+                tracing::info!(max_downtime_ms = ms, "max downtime changed");
+                Ok(json!({"ok": true}))
+            }
+            _ => Err("no migration is running".to_string()),
+        },
         "recover" => match &mig.job {
             Some(job) if mig.running && job.snapshot().status == "postcopy-paused" => {
                 job.recover_now.store(true, Ordering::SeqCst);

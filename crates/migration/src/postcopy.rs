@@ -625,7 +625,7 @@ fn run_in<'scope, 'env>(
                          {bw:.0} MB/s of bandwidth; predicted downtime {:.1} ms within the \
                          {} ms allowed",
                         s.expected_downtime_ms,
-                        params.max_downtime.as_millis()
+                        job.max_downtime().as_millis()
                     )
                 });
                 let pause_start = Instant::now();

@@ -205,6 +205,9 @@ pub struct Job {
     pub recover_now: AtomicBool,
     /// Bandwidth cap in bytes/s (0: none); changes take effect at the next batch.
     max_bandwidth: AtomicU64,
+    /// Largest acceptable pause in µs (0: not set yet); the rounds read it
+    /// at each decision, so a change takes effect at the end of the round.
+    max_downtime_us: AtomicU64,
     /// The migration's live sockets, so that a cancel before the commit, a
     /// fault-injection hook, and the post-copy phase itself (when one of them
     /// fails) can cut them all.
@@ -300,6 +303,19 @@ impl Job {
         for s in self.links.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = s.shutdown(std::net::Shutdown::Write);
         }
+    }
+
+    /// Sets the largest acceptable pause (at least 1 µs), also while the
+    /// migration runs (QEMU's migrate-set-parameters downtime-limit).
+    pub fn set_max_downtime(&self, limit: Duration) {
+        let us = (limit.as_micros() as u64).max(1);
+        self.max_downtime_us.store(us, Ordering::Relaxed);
+        self.update(|s| s.max_downtime_ms = us as f64 / 1e3);
+    }
+
+    /// The largest acceptable pause now.
+    pub fn max_downtime(&self) -> Duration {
+        Duration::from_micros(self.max_downtime_us.load(Ordering::Relaxed))
     }
 
     /// Sets the bandwidth cap (bytes/s; None or 0: none), also while the migration runs.
@@ -1030,6 +1046,10 @@ pub(crate) fn drive(
     body: impl FnOnce(Instant, &mut Option<Instant>) -> Result<Outcome>,
 ) -> Outcome {
     job.set_max_bandwidth(params.max_bandwidth);
+    // The parameter, unless the operator changed it already.
+    if job.max_downtime_us.load(Ordering::Relaxed) == 0 {
+        job.set_max_downtime(params.max_downtime);
+    }
     *job.hold.lock().unwrap_or_else(|p| p.into_inner()) = params.hold;
     let start = Instant::now();
     job.update(|s| {
@@ -1488,7 +1508,7 @@ pub(crate) fn rounds(
             stop_reason = "post-copy requested";
             break;
         }
-        let max_ms = params.max_downtime.as_secs_f64() * 1e3;
+        let max_ms = job.max_downtime().as_secs_f64() * 1e3;
         if expected_ms <= max_ms {
             // Decide again right before the pause would come: once the
             // destination has caught up, with what the guest dirtied
@@ -1562,7 +1582,7 @@ pub(crate) fn rounds(
         job.check_cancel()?;
     }
     job.update(|s| s.stop_reason = stop_reason.into());
-    let max_ms = params.max_downtime.as_secs_f64() * 1e3;
+    let max_ms = job.max_downtime().as_secs_f64() * 1e3;
     if params.strict_downtime && !switch && expected_last_ms > max_ms {
         return Err(Error::NotConverging(format!(
             "the rounds stopped ({stop_reason}) with {} MiB still dirty, about {:.0} ms of \

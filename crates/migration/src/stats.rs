@@ -177,6 +177,10 @@ pub struct MigrationStats {
     /// measured bandwidth plus the switch-over's own cost (two round trips,
     /// the VM state, the vCPUs' pause and restore).
     pub expected_downtime_ms: f64,
+    /// The largest acceptable pause the rounds aim at now, ms (`--max-downtime`,
+    /// or what `migrate-set` changed it to).
+    #[serde(default)]
+    pub max_downtime_ms: f64,
     /// The link's round trip as the source measured it before deciding to
     /// pause (the shortest `Sync` → `Synced` on an empty link), ms.
     #[serde(default)]

@@ -162,6 +162,22 @@ pub enum Cmd {
     /// Reconnect a post-copy job whose link was lost now, instead of after its
     /// back-off (like QEMU's migrate-recover/migrate -r; run on the source).
     Recover { id: String },
+    /// Change a running job's bandwidth cap and/or largest acceptable pause
+    /// (QEMU's migrate-set-parameters; virsh migrate-setspeed and
+    /// migrate-setmaxdowntime). The cap applies from the next page batch,
+    /// the downtime from the end of the current round.
+    MigrateSet {
+        id: String,
+        /// New cap in bytes per second, e.g. 512M (a bare number is MiB/s);
+        /// `unlimited` or 0 lifts the job's own cap (the host's share stays).
+        #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+        max_bandwidth: Option<u64>,
+        /// New largest acceptable pause of the guest, in milliseconds.
+        #[arg(long, value_name = "MS")]
+        max_downtime: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Predict downtime and total time of a migration with the cost model, from
     /// the VM's measured memory and dirty rate and a probe of the path.
     Estimate {
@@ -226,6 +242,14 @@ pub enum Cmd {
 }
 
 /// `--compress`: checked here, so that a bad value never reaches the daemon.
+/// A bandwidth, or `unlimited` (0).
+fn parse_rate(s: &str) -> Result<u64, String> {
+    if s.eq_ignore_ascii_case("unlimited") {
+        return Ok(0);
+    }
+    migd::size::parse_size(s)
+}
+
 fn parse_compress(s: &str) -> Result<String, String> {
     s.parse::<migration::compress::Compression>()
         .map(|c| c.to_string())

@@ -19,9 +19,26 @@ use super::vmproc::{self, vm_call, vm_request};
 use super::Daemon;
 
 /// Commands of the API, in the order `unknown command` lists them.
-const COMMANDS: [&str; 18] = [
-    "create", "list", "info", "start", "pause", "resume", "destroy", "console", "migrate", "jobs",
-    "job", "cancel", "postcopy", "recover", "estimate", "save", "restore", "ping",
+const COMMANDS: [&str; 19] = [
+    "create",
+    "list",
+    "info",
+    "start",
+    "pause",
+    "resume",
+    "destroy",
+    "console",
+    "migrate",
+    "jobs",
+    "job",
+    "cancel",
+    "postcopy",
+    "recover",
+    "migrate_set",
+    "estimate",
+    "save",
+    "restore",
+    "ping",
 ];
 
 /// How long `create` waits for the new VM process's control socket.
@@ -72,6 +89,15 @@ enum Request {
     },
     Recover {
         id: String,
+    },
+    /// Changes a running job's bandwidth cap (0: none of its own) and/or its
+    /// largest acceptable pause (QEMU's migrate-set-parameters).
+    MigrateSet {
+        id: String,
+        #[serde(default)]
+        max_bandwidth: Option<u64>,
+        #[serde(default)]
+        max_downtime_ms: Option<u64>,
     },
     Estimate {
         name: String,
@@ -279,6 +305,11 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
         Request::Cancel { id } => jobs::job_command(d, &id, "cancel").await,
         Request::Postcopy { id } => jobs::job_command(d, &id, "postcopy").await,
         Request::Recover { id } => jobs::job_command(d, &id, "recover").await,
+        Request::MigrateSet {
+            id,
+            max_bandwidth,
+            max_downtime_ms,
+        } => jobs::set_parameters(d, &id, max_bandwidth, max_downtime_ms).await,
         Request::Estimate {
             name,
             to,

@@ -598,6 +598,62 @@ pub async fn job_command(d: &Daemon, id: &str, cmd: &str) -> Result<Value> {
     Ok(json!({"ok": true, "job": id}))
 }
 
+/// Changes a running job's own bandwidth cap (`max_bandwidth`, bytes/s; 0
+/// lifts it, leaving only the host's share) and/or its largest acceptable
+/// pause, in the job's record and in the VM process, which applies them at
+/// its next batch and at the end of its round.
+pub async fn set_parameters(
+    d: &Daemon,
+    id: &str,
+    max_bandwidth: Option<u64>,
+    max_downtime_ms: Option<u64>,
+) -> Result<Value> {
+    if max_bandwidth.is_none() && max_downtime_ms.is_none() {
+        bail!("nothing to set: give max_bandwidth and/or max_downtime_ms");
+    }
+    if max_downtime_ms == Some(0) {
+        bail!("max-downtime must be at least 1 ms: no migration can pause a VM for 0 ms");
+    }
+    let job = {
+        let mut reg = d.reg();
+        let Some(j) = reg.jobs.get_mut(id) else {
+            bail!("no job '{id}'")
+        };
+        if j.is_final() {
+            bail!("job {id} already ended ({})", j.status);
+        }
+        if let Some(b) = max_bandwidth {
+            j.opts.max_bandwidth = Some(b).filter(|&b| b > 0);
+        }
+        if let Some(ms) = max_downtime_ms {
+            j.opts.max_downtime_ms = ms;
+        }
+        j.clone()
+    };
+    persist(d, &job);
+    let sock = state::control_path(&d.vm_dir(&job.vm));
+    if let Some(ms) = max_downtime_ms {
+        let req = json!({"cmd": "downtime", "max_downtime_ms": ms});
+        vm_call(&sock, &req, Duration::from_secs(10)).await?;
+    }
+    if max_bandwidth.is_some() {
+        // Its own cap within its share of the host's, as at the start.
+        let cap = shares(d)
+            .into_iter()
+            .find(|(j, _, _)| j == id)
+            .and_then(|(_, _, cap)| cap);
+        let req = json!({"cmd": "bandwidth", "max_bandwidth": cap});
+        vm_call(&sock, &req, Duration::from_secs(10)).await?;
+    }
+    tracing::info!(job = %id, max_bandwidth = ?job.opts.max_bandwidth, max_downtime_ms = job.opts.max_downtime_ms, "migration parameters changed");
+    Ok(json!({
+        "ok": true,
+        "job": id,
+        "max_bandwidth": job.opts.max_bandwidth,
+        "max_downtime_ms": job.opts.max_downtime_ms,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -253,6 +253,32 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             connect()?.call(&json!({"cmd": "recover", "id": id}))?;
             println!("reconnecting {id}");
         }
+        Cmd::MigrateSet {
+            id,
+            max_bandwidth,
+            max_downtime,
+            json,
+        } => {
+            if max_bandwidth.is_none() && max_downtime.is_none() {
+                anyhow::bail!("nothing to set: give --max-bandwidth and/or --max-downtime");
+            }
+            let r = connect()?.call(&json!({
+                "cmd": "migrate_set", "id": id,
+                "max_bandwidth": max_bandwidth, "max_downtime_ms": max_downtime,
+            }))?;
+            if json {
+                print_json(&r);
+            } else {
+                let cap = match r["max_bandwidth"].as_u64() {
+                    Some(b) => format::rate(b as f64),
+                    None => "unlimited".into(),
+                };
+                println!(
+                    "{id}: max-bandwidth {cap}, max-downtime {} ms",
+                    r["max_downtime_ms"]
+                );
+            }
+        }
         Cmd::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "migctl", &mut std::io::stdout());
