@@ -32,7 +32,8 @@ use crate::{io_err, Error, Result};
 
 /// Pages the streaming pass copies and releases at a time.
 const CHUNK_PAGES: usize = 64;
-/// Pages the fault thread holds aside at most (16 MiB); past it, it writes
+/// Pages the fault thread holds aside at most (16 MiB; with the batch the
+/// streaming pass is writing meanwhile, twice that); past it, it writes
 /// them to the file itself.
 pub const HELD_MAX: usize = 4096;
 /// How long the end waits for the fault thread's last copies.
