@@ -273,7 +273,7 @@ impl Armed<'_> {
                     crate::postcopy::prioritize_this_thread();
                     // Until the VM is paused: a vCPU stopped on a fault
                     // would keep the pause waiting.
-                    each_fault(self.uffd, &stop, 5, |host| {
+                    self.uffd.each_fault(&stop, 5, |host| {
                         if let Some(p) = self.map.offset(host).map(|o| o / PAGE_SIZE) {
                             touched[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::AcqRel);
                         }
@@ -491,7 +491,7 @@ impl Save<'_> {
 
     /// Saves the pages the guest faults on, until told to stop.
     fn serve_faults(&self) -> Result<()> {
-        each_fault(self.uffd, &self.stop, 20, |host| {
+        self.uffd.each_fault(&self.stop, 20, |host| {
             let stored = self
                 .map
                 .offset(host)
@@ -529,26 +529,6 @@ impl Save<'_> {
             }
         })
     }
-}
-
-/// Calls `f` with the page address of each write-protect fault on `uffd`,
-/// polling every `poll_ms`, until `stop`.
-fn each_fault(
-    uffd: &Uffd,
-    stop: &AtomicBool,
-    poll_ms: i32,
-    mut f: impl FnMut(u64) -> Result<()>,
-) -> Result<()> {
-    let mut addrs = Vec::new();
-    while !stop.load(Ordering::Acquire) {
-        addrs.clear();
-        uffd.read_faults(poll_ms, &mut addrs)
-            .map_err(io_err("reading write-protect faults"))?;
-        for &a in &addrs {
-            f(a & !(PAGE_SIZE - 1))?;
-        }
-    }
-    Ok(())
 }
 
 /// Lifts the protection of the page at `host`, which lets its write go on.

@@ -1189,57 +1189,49 @@ impl Dest {
     /// The fault thread: zero pages are filled here, others asked for.
     fn handle_faults(&self) -> Result<()> {
         let zero = Page([0; PAGE_SIZE as usize]);
-        let mut addrs = Vec::new();
-        while !self.stop.load(Ordering::Relaxed) {
-            addrs.clear();
-            self.uffd
-                .read_faults(50, &mut addrs)
-                .map_err(io_err("reading userfaultfd"))?;
-            for &addr in &addrs {
-                let page_addr = addr & !(PAGE_SIZE - 1);
-                let Some(off) = self.map.offset(page_addr) else {
-                    tracing::warn!(addr, "fault outside guest RAM");
-                    continue;
-                };
-                let pfn = off / PAGE_SIZE;
-                if !bit(&self.expected, pfn) {
-                    // Zero on the source: never sent.
-                    match self.uffd.copy(page_addr, &zero.0) {
-                        Ok(true) => {
-                            self.zero_faults.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(false) => {}
-                        Err(e) if self.stop.load(Ordering::Relaxed) => {
-                            tracing::debug!("zero fill after completion: {e}")
-                        }
-                        Err(e) => return Err(io_err("UFFDIO_COPY (zero page)")(e)),
+        self.uffd.each_fault(&self.stop, 50, |page_addr| {
+            let Some(off) = self.map.offset(page_addr) else {
+                tracing::warn!(page_addr, "fault outside guest RAM");
+                return Ok(());
+            };
+            let pfn = off / PAGE_SIZE;
+            if !bit(&self.expected, pfn) {
+                // Zero on the source: never sent.
+                match self.uffd.copy(page_addr, &zero.0) {
+                    Ok(true) => {
+                        self.zero_faults.fetch_add(1, Ordering::Relaxed);
                     }
-                    continue;
-                }
-                if self.received(pfn) {
-                    let _ = self.uffd.wake(page_addr, PAGE_SIZE);
-                    continue;
-                }
-                {
-                    let mut p = lock(&self.pending);
-                    if p.contains_key(&pfn) {
-                        continue; // already asked for
+                    Ok(false) => {}
+                    Err(e) if self.stop.load(Ordering::Relaxed) => {
+                        tracing::debug!("zero fill after completion: {e}")
                     }
-                    p.insert(pfn, Instant::now());
+                    Err(e) => return Err(io_err("UFFDIO_COPY (zero page)")(e)),
                 }
-                // Counted as soon as it waits: if the push fills it in the
-                // meantime, it still counts as demanded (see `fill`).
-                self.faults.fetch_add(1, Ordering::Relaxed);
-                if self.received(pfn) {
-                    // Arrived in between.
-                    lock(&self.pending).remove(&pfn);
-                    let _ = self.uffd.wake(page_addr, PAGE_SIZE);
-                    continue;
-                }
-                self.request(pfn);
+                return Ok(());
             }
-        }
-        Ok(())
+            if self.received(pfn) {
+                let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+                return Ok(());
+            }
+            {
+                let mut p = lock(&self.pending);
+                if p.contains_key(&pfn) {
+                    return Ok(()); // already asked for
+                }
+                p.insert(pfn, Instant::now());
+            }
+            // Counted as soon as it waits: if the push fills it in the
+            // meantime, it still counts as demanded (see `fill`).
+            self.faults.fetch_add(1, Ordering::Relaxed);
+            if self.received(pfn) {
+                // Arrived in between.
+                lock(&self.pending).remove(&pfn);
+                let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+                return Ok(());
+            }
+            self.request(pfn);
+            Ok(())
+        })
     }
 
     /// Ends the current session: its sockets are shut, its threads exit.

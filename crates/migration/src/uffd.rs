@@ -11,6 +11,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const UFFD_API: u64 = 0xAA;
 const fn ioc(dir: u64, nr: u64, size: u64) -> u64 {
@@ -283,6 +284,26 @@ impl Uffd {
         let mut filled = false;
         self.fill_run(dst, None, len, |_, f| filled |= f)?;
         Ok(filled)
+    }
+
+    /// Calls `f` with the page address of each fault, polling every
+    /// `poll_ms`, until `stop`; the first error, of the read or of `f`, ends it.
+    pub(crate) fn each_fault(
+        &self,
+        stop: &AtomicBool,
+        poll_ms: i32,
+        mut f: impl FnMut(u64) -> crate::Result<()>,
+    ) -> crate::Result<()> {
+        let mut addrs = Vec::new();
+        while !stop.load(Ordering::Acquire) {
+            addrs.clear();
+            self.read_faults(poll_ms, &mut addrs)
+                .map_err(crate::io_err("reading userfaultfd"))?;
+            for &a in &addrs {
+                f(a & !(vmm::memory::PAGE_SIZE - 1))?;
+            }
+        }
+        Ok(())
     }
 
     /// Waits up to `timeout_ms` for page faults; appends their addresses.
