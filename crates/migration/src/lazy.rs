@@ -131,64 +131,62 @@ impl Lazy {
 
     /// The fault thread.
     fn serve_faults(&self) {
-        let mut addrs = Vec::new();
         let mut page = vec![0u8; PAGE_SIZE as usize];
         let mut broken = false;
-        while !self.stop.load(Ordering::Acquire) {
-            addrs.clear();
-            if let Err(e) = self.uffd.read_faults(50, &mut addrs) {
-                if self.stop.load(Ordering::Acquire) {
-                    return;
-                }
-                tracing::error!("lazy restore: reading userfaultfd: {e}");
-                self.fail(format!("reading userfaultfd: {e}"));
-                return;
-            }
-            for &addr in &addrs {
-                let page_addr = addr & !(PAGE_SIZE - 1);
-                let Some(off) = self.map.offset(page_addr) else {
-                    tracing::warn!(addr, "fault outside guest RAM");
-                    continue;
-                };
-                let stored = if broken {
-                    false
-                } else {
-                    match self.snap.read_page(off, &mut page) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            // Keep serving (zeros) so that vCPUs can leave; the VM is stopped.
-                            tracing::error!("lazy restore: {e}");
-                            self.fail(e.to_string());
-                            broken = true;
-                            false
-                        }
-                    }
-                };
-                let r = if stored {
-                    self.uffd.copy(page_addr, &page)
-                } else {
-                    self.uffd.zeropage(page_addr, PAGE_SIZE)
-                };
-                match r {
-                    Ok(true) if stored => {
-                        self.progress.faults.fetch_add(1, Ordering::Relaxed);
-                        self.progress
-                            .filled_us
-                            .fetch_max(self.t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    }
-                    Ok(true) => {
-                        self.progress.zero_faults.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(false) => {
-                        let _ = self.uffd.wake(page_addr, PAGE_SIZE);
-                    }
-                    Err(_) if self.stop.load(Ordering::Acquire) => return,
+        let served = self.uffd.each_fault(&self.stop, 50, |page_addr| {
+            let Some(off) = self.map.offset(page_addr) else {
+                tracing::warn!(page_addr, "fault outside guest RAM");
+                return Ok(());
+            };
+            let stored = if broken {
+                false
+            } else {
+                match self.snap.read_page(off, &mut page) {
+                    Ok(s) => s,
                     Err(e) => {
-                        tracing::error!("lazy restore: filling {off:#x} on a fault: {e}");
-                        self.fail(format!("filling {off:#x} on a fault: {e}"));
-                        let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+                        // Keep serving (zeros) so that vCPUs can leave; the VM is stopped.
+                        tracing::error!("lazy restore: {e}");
+                        self.fail(e.to_string());
+                        broken = true;
+                        false
                     }
                 }
+            };
+            let r = if stored {
+                self.uffd.copy(page_addr, &page)
+            } else {
+                self.uffd.zeropage(page_addr, PAGE_SIZE)
+            };
+            match r {
+                Ok(true) if stored => {
+                    self.progress.faults.fetch_add(1, Ordering::Relaxed);
+                    self.progress
+                        .filled_us
+                        .fetch_max(self.t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
+                Ok(true) => {
+                    self.progress.zero_faults.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(false) => {
+                    let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+                }
+                // Stopping: the memory is going away; the loop ends below.
+                Err(e) if self.stop.load(Ordering::Acquire) => {
+                    return Err(io_err("filling a page while stopping")(e))
+                }
+                Err(e) => {
+                    tracing::error!("lazy restore: filling {off:#x} on a fault: {e}");
+                    self.fail(format!("filling {off:#x} on a fault: {e}"));
+                    let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+                }
+            }
+            Ok(())
+        });
+        // After a stop the descriptor may fail as the memory goes: not an error.
+        if let Err(e) = served {
+            if !self.stop.load(Ordering::Acquire) {
+                tracing::error!("lazy restore: {e}");
+                self.fail(e.to_string());
             }
         }
     }
