@@ -7,7 +7,8 @@
 //! on the shared memfd mapping and filled with `UFFDIO_COPY` (or
 //! `UFFDIO_ZEROPAGE`); EEXIST means the page is already there. A background
 //! save ([`crate::background_save`]) registers them in write-protect mode
-//! instead, to copy each page before the guest changes it.
+//! instead, to copy each page before the guest changes it. Each of them
+//! serves its faults through [`Uffd::each_fault`].
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
