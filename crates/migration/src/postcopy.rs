@@ -26,7 +26,7 @@
 //!
 //! Recovery: after the switch the VM's state is split between the hosts, so
 //! neither side ever gives up on its own. Every post-copy socket has keepalive
-//! and `TCP_USER_TIMEOUT` ([`LINK_TIMEOUT`]) so that a dead link shows as an
+//! and `TCP_USER_TIMEOUT` (`LINK_TIMEOUT`, 5 s) so that a dead link shows as an
 //! error. The destination then keeps its VM (vCPUs wait on their faults, which
 //! stay queued) and listens on the port it announced in `RecoverListen`; the
 //! source keeps its paused copy and reconnects with back-off (or at once on

@@ -8,7 +8,7 @@
 //! `UFFDIO_ZEROPAGE`); EEXIST means the page is already there. A background
 //! save ([`crate::background_save`]) registers them in write-protect mode
 //! instead, to copy each page before the guest changes it. Each of them
-//! serves its faults through [`Uffd::each_fault`].
+//! serves its faults through `Uffd::each_fault`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
