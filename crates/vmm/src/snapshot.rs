@@ -296,7 +296,7 @@ pub fn write(path: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotSta
     write_with_working_set(path, state, ram, None)
 }
 
-/// Writes a snapshot like [`write`], with a working-set section when
+/// Writes a snapshot like [`write()`], with a working-set section when
 /// `working_set` is given: memfd page numbers the guest used last (e.g. the
 /// dirty log of a short window before the pause). Pages that are not stored
 /// (zero) are left out of it; order and duplicates do not matter.
