@@ -142,6 +142,9 @@ fn fix_sections(b: &mut [u8]) -> Option<()> {
         put_crc(b, data_start, ws_end)?;
         data_start = ws_end.checked_add(4)?;
     }
+    if flags & vmm::snapshot::FLAG_ALIGNED_DATA != 0 {
+        data_start = data_start.checked_next_multiple_of(4096)?;
+    }
     let trailer = b.len().checked_sub(12)?;
     if data_start <= trailer {
         put_crc(b, data_start, trailer)?;

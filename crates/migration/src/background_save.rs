@@ -13,8 +13,9 @@
 //! slowed to the disk's pace instead of growing the process without end.
 //! The file holds memory as it was at the pause, as QEMU's background
 //! snapshot does; the format is the one of [`vmm::snapshot`], except that
-//! zero pages inside data extents are stored (finding them means reading
-//! every page, which the pause is too short for).
+//! zero pages inside data extents have slots (finding them means reading
+//! every page, which the pause is too short for). Their slots are never
+//! written, so they stay holes of the sparse file and take no disk.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -384,35 +385,58 @@ impl Save<'_> {
         mine
     }
 
+    /// Writes stored page `i` to its slot, unless it is zero (its slot stays
+    /// a hole, which reads as zeros), and marks it saved.
+    fn save_page(&self, i: u64, page: &[u8]) -> Result<()> {
+        if !vmm::memory::is_zero_page(page) {
+            self.writer
+                .file()
+                .write_all_at(page, self.writer.slot(i))
+                .map_err(io_err("writing the snapshot"))?;
+        }
+        self.state[i as usize].store(SAVED, Ordering::Release);
+        Ok(())
+    }
+
     /// Writes the pages the fault thread holds to their slots.
     fn write_held(&self) -> Result<()> {
         let held = std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()));
         for (i, page) in held {
-            self.writer
-                .file()
-                .write_all_at(&page, self.writer.slot(i))
-                .map_err(io_err("writing the snapshot"))?;
-            self.state[i as usize].store(SAVED, Ordering::Release);
+            self.save_page(i, &page)?;
         }
         Ok(())
     }
 
     /// Writes the claimed pages `[first, first + n)` (stored-page indices) of
-    /// the run at memfd offset `off`, and lifts their protection.
+    /// the run at memfd offset `off` (the non-zero ones, a stretch at a time),
+    /// and lifts their protection.
     fn write(&self, first: u64, off: u64, n: u64) -> Result<()> {
         let mut buf = Vec::with_capacity((n * PAGE_SIZE) as usize);
+        let mut buf_first = first;
+        let flush = |buf: &mut Vec<u8>, at: u64| -> Result<()> {
+            if !buf.is_empty() {
+                self.writer
+                    .file()
+                    .write_all_at(buf, self.writer.slot(at))
+                    .map_err(io_err("writing the snapshot"))?;
+                buf.clear();
+            }
+            Ok(())
+        };
         for k in 0..n {
             let page = self
                 .mem
                 .page(off + k * PAGE_SIZE)
                 .ok_or_else(|| Error::Protocol(format!("page {off:#x} outside RAM")))?;
             self.crcs[(first + k) as usize].store(crc32fast::hash(page), Ordering::Release);
-            buf.extend_from_slice(page);
+            if vmm::memory::is_zero_page(page) {
+                flush(&mut buf, buf_first)?;
+                buf_first = first + k + 1;
+            } else {
+                buf.extend_from_slice(page);
+            }
         }
-        self.writer
-            .file()
-            .write_all_at(&buf, self.writer.slot(first))
-            .map_err(io_err("writing the snapshot"))?;
+        flush(&mut buf, buf_first)?;
         for k in first..first + n {
             self.state[k as usize].store(SAVED, Ordering::Release);
         }
@@ -512,11 +536,7 @@ impl Save<'_> {
                         } else {
                             drop(held);
                             // The page stays protected while it is written.
-                            self.writer
-                                .file()
-                                .write_all_at(page, self.writer.slot(i))
-                                .map_err(io_err("writing the snapshot"))?;
-                            self.state[i as usize].store(SAVED, Ordering::Release);
+                            self.save_page(i, page)?;
                             self.written_by_faults.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -642,6 +662,47 @@ mod tests {
             "the writer met no unsaved page: {stats:?}"
         );
         assert_eq!(stats.written_by_faults, 0, "{stats:?}");
+    }
+
+    #[test]
+    fn zero_pages_inside_data_extents_stay_holes_of_the_file() {
+        use std::os::unix::fs::MetadataExt;
+        let ram = GuestRam::new(PAGES * PAGE_SIZE).unwrap();
+        // Every page of the first half is allocated; every other one is zero.
+        for p in 0..DATA_PAGES {
+            let fill = if p % 2 == 0 { 0 } else { p as u8 | 1 };
+            ram.write(gpa(&ram, p), &[fill; PAGE_SIZE as usize])
+                .unwrap();
+        }
+        let dir =
+            std::env::temp_dir().join(format!("migration-bgsave-zero-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.snap");
+        let stats = save(
+            &ram,
+            &path,
+            || Ok((vmm::testing::state(ram.size()), None)),
+            || {},
+        )
+        .unwrap_or_else(|e| panic!("background save: {e:?}"));
+        assert_eq!(
+            stats.snapshot.data_pages, DATA_PAGES,
+            "zero pages keep their slots"
+        );
+        let on_disk = std::fs::metadata(&path).unwrap().blocks() * 512;
+        let data = DATA_PAGES * PAGE_SIZE;
+        assert!(
+            on_disk < data * 3 / 4,
+            "{on_disk} bytes on disk for {data} bytes of slots, half of them zero pages"
+        );
+        let (_, restored, _) = vmm::snapshot::read(&path).unwrap();
+        let (mut want, mut got) = (vec![0u8; PAGE_SIZE as usize], vec![0u8; PAGE_SIZE as usize]);
+        for p in 0..PAGES {
+            ram.read(gpa(&ram, p), &mut want).unwrap();
+            restored.read(gpa(&restored, p), &mut got).unwrap();
+            assert!(want == got, "page {p} differs");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

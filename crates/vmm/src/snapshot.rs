@@ -8,10 +8,15 @@
 //! | state   | `state_len` bytes of [`VmState`] (bincode), then its CRC32 |
 //! | runs    | `run_count` × (memfd offset u64, page count u64), then their CRC32 |
 //! | working set | only if flags bit 0 ([`FLAG_WORKING_SET`]): count u64, `count` × memfd page number u64 (ascending, each a stored page), then the CRC32 of count and page numbers |
+//! | padding | only if flags bit 1 ([`FLAG_ALIGNED_DATA`]): zeros up to the next multiple of 4 KiB |
 //! | data    | the pages of the runs, in order, 4 KiB each |
 //! | trailer | CRC32 of the data, then `SNAPEND\0` |
 //!
-//! Pages that are zero (never written, or zeroed) are not stored. The file is
+//! Pages that are zero (never written, or zeroed) are not stored. Files of
+//! this build have their page data aligned (flag bit 1): every page is a
+//! file-system block of its own, so a page slot never written (a background
+//! save leaves zero pages so) is a hole that takes no disk. Files without
+//! the flag (earlier builds) are read as before. The file is
 //! written under a temporary name and renamed into place. Restore checks the
 //! magic, version, every size against the file length and the host, and every
 //! checksum before the memory is given to a VM.
@@ -41,7 +46,10 @@ pub const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: usize = 64;
 /// Header flag bit 0: a working-set section follows the page index.
 pub const FLAG_WORKING_SET: u32 = 1;
-const KNOWN_FLAGS: u32 = FLAG_WORKING_SET;
+/// Header flag bit 1: the page data starts at a multiple of 4 KiB (zero
+/// padding before it).
+pub const FLAG_ALIGNED_DATA: u32 = 2;
+const KNOWN_FLAGS: u32 = FLAG_WORKING_SET | FLAG_ALIGNED_DATA;
 
 /// What a snapshot write or read did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -145,6 +153,16 @@ impl Header {
 
     /// Offset of the page data, given the working-set page count.
     fn data_offset(&self, ws_count: u64) -> Option<u64> {
+        let end = self.sections_end(ws_count)?;
+        if self.flags & FLAG_ALIGNED_DATA != 0 {
+            end.checked_next_multiple_of(PAGE_SIZE)
+        } else {
+            Some(end)
+        }
+    }
+
+    /// Offset of the end of the sections before the page data (and padding).
+    fn sections_end(&self, ws_count: u64) -> Option<u64> {
         self.after_index()?
             .checked_add(self.working_set_len(ws_count)?)
     }
@@ -371,7 +389,7 @@ impl SnapshotWriter {
             run_count: runs.len() as u64,
             data_pages,
             page_size: PAGE_SIZE as u32,
-            flags: if ws.is_some() { FLAG_WORKING_SET } else { 0 },
+            flags: FLAG_ALIGNED_DATA | if ws.is_some() { FLAG_WORKING_SET } else { 0 },
         };
         let (Some(data_offset), Some(file_bytes)) =
             (header.data_offset(ws_pages), header.file_len(ws_pages))
@@ -398,6 +416,7 @@ impl SnapshotWriter {
             let ws_crc = crc32fast::hash(&front[ws_at..]);
             front.extend_from_slice(&ws_crc.to_le_bytes());
         }
+        front.resize(data_offset as usize, 0);
         // All of guest memory goes in it: for the owner only.
         let file = OpenOptions::new()
             .write(true)
@@ -669,9 +688,17 @@ fn read_front(path: &Path, r: &mut BufReader<File>) -> Result<Front> {
             working_set.push(p);
         }
     }
-    let data_offset = h
-        .data_offset(ws_count)
-        .ok_or_else(|| bad("sizes in header overflow".into()))?;
+    let (Some(data_offset), Some(sections_end)) =
+        (h.data_offset(ws_count), h.sections_end(ws_count))
+    else {
+        return Err(bad("sizes in header overflow".into()));
+    };
+    let mut padding = vec![0u8; (data_offset - sections_end) as usize];
+    r.read_exact(&mut padding)
+        .map_err(|e| truncated("padding before the page data", e))?;
+    if padding.iter().any(|&b| b != 0) {
+        return Err(bad("the padding before the page data is not zero".into()));
+    }
     Ok(Front {
         h,
         state,
@@ -1003,6 +1030,41 @@ mod tests {
         std::fs::remove_dir_all(d).unwrap();
     }
 
+    #[test]
+    fn page_data_is_aligned_and_files_of_earlier_builds_still_read() {
+        let (d, p) = sample("aligned");
+        let good = std::fs::read(&p).unwrap();
+        let lazy = LazySnapshot::open(&p).unwrap();
+        let first = lazy.page_file_offset(0x1000).unwrap();
+        assert_eq!(first % PAGE_SIZE, 0, "page data at {first}");
+        let state_len = u64::from_le_bytes(good[24..32].try_into().unwrap()) as usize;
+        let runs = u64::from_le_bytes(good[32..40].try_into().unwrap()) as usize;
+        let sections_end = HEADER_LEN + state_len + 4 + runs * 16 + 4;
+        assert!(sections_end < first as usize);
+        let bad = d.join("bad.snap");
+        // Something in the padding: refused.
+        let mut f = good.clone();
+        f[sections_end] = 1;
+        std::fs::write(&bad, &f).unwrap();
+        expect_err(&bad, "padding before the page data is not zero");
+        // An earlier build's layout: no padding, no flag.
+        let mut old = good[..sections_end].to_vec();
+        old.extend_from_slice(&good[first as usize..]);
+        old[52] &= !(FLAG_ALIGNED_DATA as u8);
+        rehash_header(&mut old);
+        std::fs::write(&bad, &old).unwrap();
+        let (_, ram, stats) = read(&bad).unwrap();
+        assert_eq!(stats.data_pages, 3);
+        let mut b = [0u8; 4096];
+        ram.read(0x1000, &mut b).unwrap();
+        assert_eq!(b, [0xaa; 4096]);
+        let lazy = LazySnapshot::open(&bad).unwrap();
+        assert_eq!(lazy.page_file_offset(0x1000), Some(sections_end as u64));
+        assert!(lazy.read_page(0x300_0000, &mut b).unwrap());
+        assert_eq!(b[0], 0xcc);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
     fn sample_ws(name: &str) -> (PathBuf, PathBuf, GuestRam) {
         let d = dir(name);
         let ram = GuestRam::new(64 << 20).unwrap();
@@ -1024,7 +1086,10 @@ mod tests {
     fn working_set_section_round_trips_and_eager_read_ignores_it() {
         let (d, p, _ram) = sample_ws("ws");
         let bytes = std::fs::read(&p).unwrap();
-        assert_eq!(u32::from_le_bytes(bytes[52..56].try_into().unwrap()), 1);
+        assert_eq!(
+            u32::from_le_bytes(bytes[52..56].try_into().unwrap()),
+            FLAG_WORKING_SET | FLAG_ALIGNED_DATA
+        );
         let (st, ram, stats) = read(&p).unwrap();
         assert_eq!(st.vcpus[0].regs.rip, 0x1234);
         assert_eq!(stats.working_set_pages, 2);
@@ -1089,7 +1154,7 @@ mod tests {
         expect_err(&bad, "truncated");
         // An unknown flag bit.
         let mut f = good.clone();
-        f[52] |= 2;
+        f[52] |= 4;
         rehash_header(&mut f);
         std::fs::write(&bad, &f).unwrap();
         expect_err(&bad, "unknown flags");
