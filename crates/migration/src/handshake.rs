@@ -159,7 +159,10 @@ pub fn hello_then<S: Read + Write>(
                 )));
             }
             if capabilities.iter().any(|c| c == "boot-spec") {
-                wire::write_control(stream, &Message::Boot { spec: boot })?;
+                // A spec the destination would refuse goes as none: it is
+                // not worth failing the migration for.
+                let spec = boot.filter(|b| b.check().is_ok());
+                wire::write_control(stream, &Message::Boot { spec })?;
             }
             Ok(capabilities)
         }
