@@ -308,24 +308,26 @@ mod tests {
         assert!(e.to_string().contains("expected Hello, got Go"), "{e}");
     }
 
+    /// What the source writes (0), and the destination's answers it reads (1).
+    struct Duplex(Vec<u8>, std::io::Cursor<Vec<u8>>);
+    impl std::io::Write for Duplex {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl std::io::Read for Duplex {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.1.read(b)
+        }
+    }
+
     #[test]
     fn refusal_reaches_the_source() {
         // The source reads a Refuse: the error carries the destination's reason.
-        struct Duplex(Vec<u8>, std::io::Cursor<Vec<u8>>);
-        impl std::io::Write for Duplex {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        impl std::io::Read for Duplex {
-            fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-                self.1.read(b)
-            }
-        }
         let mut answer = Vec::new();
         refuse(&mut answer, "VM name web1 exists here").unwrap();
         let mut d = Duplex(Vec::new(), std::io::Cursor::new(answer));
@@ -335,6 +337,47 @@ mod tests {
             receive_hello(&mut &d.0[..]).is_ok(),
             "the source sent a valid Hello"
         );
+    }
+
+    #[test]
+    fn source_sends_its_boot_spec_after_the_accept_unless_it_is_unfit() {
+        let accepted = |caps: &[&str]| {
+            wire::encode_control(&Message::Accept {
+                version: PROTOCOL_VERSION,
+                capabilities: caps.iter().map(|c| c.to_string()).collect(),
+            })
+            .unwrap()
+        };
+        let spec = BootSpec {
+            kernel: "/images/vmlinux".into(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+        };
+        let unfit = BootSpec {
+            cmdline: "x".repeat(BootSpec::MAX_LEN + 1),
+            ..spec.clone()
+        };
+        for (caps, boot, sent) in [
+            (
+                &["precopy", "boot-spec"][..],
+                Some(spec.clone()),
+                Some(Some(spec.clone())),
+            ),
+            (&["precopy", "boot-spec"][..], Some(unfit), Some(None)),
+            (&["precopy"][..], Some(spec.clone()), None),
+        ] {
+            let mut d = Duplex(Vec::new(), std::io::Cursor::new(accepted(caps)));
+            let shared = hello_then(&mut d, "precopy", desc(), boot, CAPABILITIES, || {}).unwrap();
+            let mut out = &d.0[..];
+            receive_hello(&mut out).unwrap();
+            let got = match receive_boot(&mut out, &shared) {
+                Ok(b) if shared.iter().any(|c| c == "boot-spec") => Some(b),
+                Ok(_) => None,
+                Err(e) => panic!("{e}"),
+            };
+            assert_eq!(got, sent, "{caps:?}");
+            assert!(out.is_empty(), "nothing else was sent");
+        }
     }
 
     #[test]
