@@ -665,7 +665,7 @@ mod tests {
     }
 
     #[test]
-    fn zero_pages_inside_data_extents_stay_holes_of_the_file() {
+    fn zero_pages_inside_data_extents_stay_holes_of_the_file_and_of_restored_ram() {
         use std::os::unix::fs::MetadataExt;
         let ram = GuestRam::new(PAGES * PAGE_SIZE).unwrap();
         // Every page of the first half is allocated; every other one is zero.
@@ -696,6 +696,14 @@ mod tests {
             "{on_disk} bytes on disk for {data} bytes of slots, half of them zero pages"
         );
         let (_, restored, _) = vmm::snapshot::read(&path).unwrap();
+        // Restored, the zero pages are holes again: no memory for them
+        // (checked before the comparison below reads, and so allocates, them).
+        let resident: u64 = restored.data_extents().unwrap().iter().map(|e| e.1).sum();
+        assert_eq!(
+            resident,
+            DATA_PAGES / 2 * PAGE_SIZE,
+            "memory the restored RAM holds"
+        );
         let (mut want, mut got) = (vec![0u8; PAGE_SIZE as usize], vec![0u8; PAGE_SIZE as usize]);
         for p in 0..PAGES {
             ram.read(gpa(&ram, p), &mut want).unwrap();

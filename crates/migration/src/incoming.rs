@@ -4,7 +4,6 @@
 use link::{Link, TlsSetup};
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::mpsc;
@@ -472,22 +471,7 @@ pub(crate) fn apply_delta(memfd: &File, memory: u64, off: u64, delta: &[u8]) -> 
 /// Makes `n` pages at `off` zero by punching them out of the memfd.
 pub(crate) fn zero_pages(memfd: &File, memory: u64, off: u64, n: u64) -> Result<()> {
     check_range(memory, off, n)?;
-    // SAFETY: fallocate on a descriptor we hold; the range was checked.
-    let r = unsafe {
-        libc::fallocate(
-            memfd.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            off as i64,
-            (n * PAGE_SIZE) as i64,
-        )
-    };
-    if r != 0 {
-        return Err(Error::Io {
-            context: "zeroing pages".into(),
-            cause: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+    vmm::memory::punch_hole(memfd, off, n * PAGE_SIZE).map_err(io_err("zeroing pages"))
 }
 
 #[cfg(test)]

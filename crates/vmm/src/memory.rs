@@ -230,6 +230,27 @@ impl GuestRam {
     }
 }
 
+/// Makes `len` bytes at `off` of the memfd `file` zero by punching them out
+/// (the pages are freed; they read as zeros and take no memory).
+pub fn punch_hole(file: &File, off: u64, len: u64) -> std::io::Result<()> {
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: fallocate on a descriptor the caller holds; no memory is touched.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Data extents as (offset, len) of the first `size` bytes of the file `fd`,
 /// found with `SEEK_DATA`/`SEEK_HOLE`; all of it where the file system
 /// cannot tell. Moves the descriptor's file offset.

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::memory::{check_memory_size, is_zero_page, GuestRam, PAGE_SIZE};
+use crate::memory::{check_memory_size, is_zero_page, punch_hole, GuestRam, PAGE_SIZE};
 use crate::state::{VmState, MAX_STATE_BYTES};
 
 /// File magic.
@@ -739,6 +739,24 @@ pub fn read(path: &Path) -> Result<(VmState, GuestRam, SnapshotStats)> {
             let dst = map.slice_mut(*off, n * PAGE_SIZE);
             r.read_exact(dst).map_err(|e| truncated("page data", e))?;
             crc.update(dst);
+            // Zero pages (holes of a background save's file) go back to
+            // being holes: the restored VM takes no memory for them.
+            let mut zeros: Option<u64> = None; // first page of a zero stretch
+            for i in 0..=*n {
+                let zero = i < *n
+                    && is_zero_page(&dst[(i * PAGE_SIZE) as usize..((i + 1) * PAGE_SIZE) as usize]);
+                match (zeros, zero) {
+                    (None, true) => zeros = Some(i),
+                    (Some(first), false) => {
+                        let at = off + first * PAGE_SIZE;
+                        punch_hole(ram.memfd(), at, (i - first) * PAGE_SIZE).map_err(|e| {
+                            bad(format!("releasing the zero pages at {at:#x}: {e}"))
+                        })?;
+                        zeros = None;
+                    }
+                    _ => {}
+                }
+            }
         }
         let mut trailer = [0u8; 12];
         r.read_exact(&mut trailer)
