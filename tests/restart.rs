@@ -81,9 +81,12 @@ fn a_migration_survives_both_daemons_going_away() {
         let (code, out, _) = b.migctl(&["info", "web1", "--json"]);
         let info: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
         if code == 0 && info["state"] == "running" {
-            // Adopted mid-way, the record is still complete.
+            // Adopted mid-way, the record is still complete, the boot spec
+            // of the handshake included (kept in boot.json until then).
             assert_eq!(info["memory"], 128u64 << 20, "{info}");
             assert_eq!(info["vcpus"], 1, "{info}");
+            let elf = guest_elf().canonicalize().unwrap();
+            assert_eq!(info["kernel"], elf.to_str().unwrap(), "{info}");
             break;
         }
         assert!(

@@ -284,6 +284,12 @@ fn handshake(d: &Daemon, mut stream: Link, peer: SocketAddr) -> Result<Option<(L
     let mut record = record;
     if let Some(spec) = boot {
         adopt_boot_spec(&mut record, spec);
+        if let Some(spec) = record.boot_spec() {
+            let path = state::boot_path(&d.vm_dir(&hello.name));
+            if let Err(e) = state::write_json_atomic(&path, &spec) {
+                tracing::warn!("{e:#}");
+            }
+        }
         if let Some(vm) = d.reg().vms.get_mut(&hello.name) {
             vm.record = record.clone();
         }

@@ -128,6 +128,20 @@ pub fn console_path(dir: &Path) -> PathBuf {
 pub fn log_path(dir: &Path) -> PathBuf {
     dir.join("vm.log")
 }
+/// An arriving VM's boot spec, kept until its record is written (so that a
+/// daemon restarted meanwhile still has it); no record: still a leftover.
+pub fn boot_path(dir: &Path) -> PathBuf {
+    dir.join("boot.json")
+}
+
+/// Writes `record` as the VM's `vm.json`; an arriving VM's `boot.json` then goes.
+fn write_record(dir: &Path, record: &VmRecord) {
+    if let Err(e) = write_json_atomic(&record_path(dir), record) {
+        tracing::warn!("{e:#}");
+        return;
+    }
+    let _ = std::fs::remove_file(boot_path(dir));
+}
 pub fn record_path(dir: &Path) -> PathBuf {
     dir.join("vm.json")
 }
@@ -220,11 +234,16 @@ async fn adopt_inner(d: &Arc<Daemon>, name: String, dir: PathBuf) {
                 Some(r) => r,
                 None => {
                     // An incoming VM: its record is written once it runs here.
+                    let boot = std::fs::read(boot_path(&dir))
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<wire::BootSpec>(&b).ok());
                     let r = VmRecord {
                         name: name.clone(),
-                        kernel: None,
-                        initramfs: None,
-                        cmdline: String::new(),
+                        kernel: boot.as_ref().map(|b| PathBuf::from(&b.kernel)),
+                        initramfs: boot
+                            .as_ref()
+                            .and_then(|b| b.initrd.as_ref().map(PathBuf::from)),
+                        cmdline: boot.map(|b| b.cmdline).unwrap_or_default(),
                         memory: s["memory"].as_u64().unwrap_or(0),
                         vcpus: s["vcpus"].as_u64().unwrap_or(0) as u32,
                         created: now(),
@@ -232,9 +251,7 @@ async fn adopt_inner(d: &Arc<Daemon>, name: String, dir: PathBuf) {
                         source: None,
                     };
                     if state != st::INCOMING {
-                        if let Err(e) = write_json_atomic(&record_path(&dir), &r) {
-                            tracing::warn!("{e:#}");
-                        }
+                        write_record(&dir, &r);
                     }
                     r
                 }
@@ -373,9 +390,7 @@ pub async fn refresh(d: &Daemon, name: &str) {
         vm.filling = Some(reply["filling"].clone()).filter(|f| !f.is_null());
     }
     if let Some(r) = record_to_write {
-        if let Err(e) = write_json_atomic(&record_path(&dir), &r) {
-            tracing::warn!("{e:#}");
-        }
+        write_record(&dir, &r);
     }
 }
 
