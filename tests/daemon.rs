@@ -805,6 +805,11 @@ fn daemon_saves_a_vm_to_a_file_and_restores_it() {
         "the counter went back: {first} after {before}"
     );
     restored.assert_runs_on(2, Duration::from_secs(30));
+    // The file carried how the VM boots (as virsh's save image keeps the
+    // domain): once it stops, the restored VM can be started again.
+    let elf = common::guest_elf().canonicalize().unwrap();
+    assert_eq!(info["kernel"], elf.to_str().unwrap(), "{info}");
+    assert_eq!(info["cmdline"], "workload=dirty:16:8", "{info}");
 
     // Lazy restore of the checkpoint, beside it: `filling` shows the fill
     // until every stored page is in.
@@ -861,6 +866,20 @@ fn daemon_saves_a_vm_to_a_file_and_restores_it() {
         .collect();
     assert_eq!(names, ["web1", "web2"]);
     restored.assert_runs_on(1, Duration::from_secs(30));
+    // The lazily restored checkpoint (written in the background) has its
+    // kernel too: stopped, it boots again.
+    let info: Value = serde_json::from_str(&d.ok(&["info", "web2", "--json"])).unwrap();
+    assert_eq!(info["kernel"], elf.to_str().unwrap(), "{info}");
+    d.kill_vm("web2");
+    let web2 = console_of(&d, "web2");
+    let boots = || web2.text().matches("WORKLOAD READY").count();
+    let before = boots();
+    d.ok(&["start", "web2"]);
+    let end = Instant::now() + READY;
+    while boots() == before {
+        assert!(Instant::now() < end, "web2 did not boot:\n{}", web2.text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     d.ok(&["destroy", "web1"]);
     d.ok(&["destroy", "web2"]);
 }

@@ -138,8 +138,8 @@ fn fuzz_smoke_every_target_on_seeds_and_mutations() {
 #[test]
 fn fixed_checksums_make_the_snapshot_seed_valid_again() {
     let seeds_dir = repo().join("fuzz/seeds/snapshot_read");
-    // An earlier build's layout, and this build's (page data aligned).
-    for seed in ["valid-idle-16m", "valid-aligned-idle-16m"] {
+    // An earlier build's layout, and this build's (page data aligned, a boot section).
+    for seed in ["valid-idle-16m", "valid-aligned-boot-idle-16m"] {
         let good = std::fs::read(seeds_dir.join(seed)).unwrap();
         assert_eq!(fuzz_bodies::fix_checksums(&good), good, "{seed}");
         let (_, _, stats) =

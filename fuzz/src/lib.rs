@@ -142,6 +142,16 @@ fn fix_sections(b: &mut [u8]) -> Option<()> {
         put_crc(b, data_start, ws_end)?;
         data_start = ws_end.checked_add(4)?;
     }
+    if flags & vmm::snapshot::FLAG_BOOT != 0 {
+        let len = u32::from_le_bytes(
+            b.get(data_start..data_start.checked_add(4)?)?
+                .try_into()
+                .ok()?,
+        );
+        let boot_end = data_start.checked_add(4)?.checked_add(len as usize)?;
+        put_crc(b, data_start, boot_end)?;
+        data_start = boot_end.checked_add(4)?;
+    }
     if flags & vmm::snapshot::FLAG_ALIGNED_DATA != 0 {
         data_start = data_start.checked_next_multiple_of(4096)?;
     }

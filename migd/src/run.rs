@@ -120,6 +120,10 @@ fn tls() -> Option<&'static link::TlsSetup> {
 }
 
 /// The post-copy phase of the migration that brought this VM here, if any.
+/// How this VM boots from its kernel, where this process knows it (booted
+/// from `--kernel`, restored from a file that carries it): what a snapshot
+/// records when its request names none.
+static OWN_BOOT: std::sync::OnceLock<BootSpec> = std::sync::OnceLock::new();
 static ARRIVING: std::sync::OnceLock<migration::postcopy::PostcopyWatch> =
     std::sync::OnceLock::new();
 
@@ -241,6 +245,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
             ms = stats.elapsed.as_secs_f64() * 1e3,
             "restored from snapshot"
         );
+        if let Some(b) = stats.boot {
+            let _ = OWN_BOOT.set(b);
+        }
         (vm, None)
     } else if let Some(sock) = &args.takeover {
         let (vm, link) = take_over(sock, args.serial.as_deref())?;
@@ -257,7 +264,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
             vcpus: args.cpus,
             console: args.serial.clone(),
         };
-        (Vm::boot(config, &spec)?, None)
+        let vm = Vm::boot(config, &spec)?;
+        let _ = OWN_BOOT.set(spec);
+        (vm, None)
     };
     let span = tracing::info_span!("vm", name = args.name.as_deref().unwrap_or("-"));
     let _g = span.enter();
@@ -325,17 +334,19 @@ pub fn run(args: RunArgs) -> Result<i32> {
                     Some(_) if lazy_filling() => {
                         tracing::warn!("snapshot signal ignored: lazy restore still filling memory")
                     }
-                    Some(path) => match snapshot(&vm, path, true, !stop && was_running) {
-                        Ok(_) if stop => break 0,
-                        Ok(_) if was_running => vm.resume(),
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::error!("snapshot failed: {e:#}");
-                            if was_running {
-                                vm.resume();
+                    Some(path) => {
+                        match snapshot(&vm, path, true, !stop && was_running, OWN_BOOT.get()) {
+                            Ok(_) if stop => break 0,
+                            Ok(_) if was_running => vm.resume(),
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::error!("snapshot failed: {e:#}");
+                                if was_running {
+                                    vm.resume();
+                                }
                             }
                         }
-                    },
+                    }
                     None => tracing::warn!("snapshot signal ignored: no --snapshot-on-signal"),
                 }
             }
@@ -444,7 +455,15 @@ struct Saved {
 /// it runs (`migration::background_save`); where that cannot start (no
 /// userfaultfd write-protection), the pages are written in the pause. Without
 /// it the VM is left paused for the caller to resume or stop.
-fn snapshot(vm: &Vm, path: &Path, working_set: bool, background: bool) -> Result<Saved> {
+///
+/// The file records `boot` (how the VM boots from its kernel) when given.
+fn snapshot(
+    vm: &Vm,
+    path: &Path,
+    working_set: bool,
+    background: bool,
+    boot: Option<&BootSpec>,
+) -> Result<Saved> {
     let ws = if working_set && vm.is_running() {
         match record_working_set(vm) {
             Ok(ws) => Some(ws),
@@ -480,6 +499,7 @@ fn snapshot(vm: &Vm, path: &Path, working_set: bool, background: bool) -> Result
         let r = migration::background_save::save(
             vm.ram(),
             path,
+            boot,
             || {
                 captured.set(true);
                 pause_and_capture()
@@ -511,7 +531,7 @@ fn snapshot(vm: &Vm, path: &Path, working_set: bool, background: bool) -> Result
     } else {
         pause_and_capture()?
     };
-    let stats = vmm::snapshot::write_with_working_set(path, &state, vm.ram(), ws.as_deref())?;
+    let stats = vmm::snapshot::write_with_working_set(path, &state, vm.ram(), ws.as_deref(), boot)?;
     tracing::info!(
         path = %path.display(),
         pages = stats.data_pages,
@@ -646,6 +666,16 @@ fn serve_client(stream: UnixStream, tx: Sender<Event>, arriving: Arc<AtomicBool>
     }
 }
 
+/// The `boot` key of a control request (how the VM boots, from the daemon's record).
+fn boot_arg(req: &serde_json::Value) -> Result<Option<wire::BootSpec>, String> {
+    match req.get("boot") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(b) => serde_json::from_value::<wire::BootSpec>(b.clone())
+            .map(Some)
+            .map_err(|e| format!("\"boot\" must be {{kernel, initrd, cmdline}}: {e}")),
+    }
+}
+
 /// Starts a migration of this VM in a background thread.
 fn start_migration(
     vm: &Arc<Vm>,
@@ -736,13 +766,7 @@ fn start_migration(
     if let Some(n) = req.get("postcopy_after_rounds").and_then(|v| v.as_u64()) {
         params.postcopy_after_rounds = n.clamp(1, u32::MAX as u64) as u32;
     }
-    params.boot = match req.get("boot") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(b) => Some(
-            serde_json::from_value::<wire::BootSpec>(b.clone())
-                .map_err(|e| format!("\"boot\" must be {{kernel, initrd, cmdline}}: {e}"))?,
-        ),
-    };
+    params.boot = boot_arg(req)?;
     // Test-only: hold the source at a phase; send a wrong digest; wait less
     // for the destination's answers.
     if fault_injection() {
@@ -1034,9 +1058,10 @@ fn handle_control(
             vm.resume();
             Ok(json!({"ok": true}))
         }
-        "snapshot" => match req.get("path").and_then(|p| p.as_str()) {
-            None => Err("snapshot needs a \"path\"".to_string()),
-            Some(p) => {
+        "snapshot" => match (req.get("path").and_then(|p| p.as_str()), boot_arg(&req)) {
+            (None, _) => Err("snapshot needs a \"path\"".to_string()),
+            (_, Err(e)) => Err(e),
+            (Some(p), Ok(boot)) => {
                 let was_running = vm.is_running();
                 let stop = req.get("stop").and_then(|s| s.as_bool()).unwrap_or(false);
                 // The working-set window and the background save need guest
@@ -1045,7 +1070,20 @@ fn handle_control(
                     && was_running
                     && !mig.running
                     && req.get("background").and_then(|b| b.as_bool()) != Some(false);
-                let r = snapshot(vm, Path::new(p), !mig.running, background);
+                // The daemon's record says how the VM boots; else what this
+                // process knows.
+                let boot = boot.map(|b| BootSpec {
+                    kernel: b.kernel.into(),
+                    initramfs: b.initrd.map(Into::into),
+                    cmdline: b.cmdline,
+                });
+                let r = snapshot(
+                    vm,
+                    Path::new(p),
+                    !mig.running,
+                    background,
+                    boot.as_ref().or(OWN_BOOT.get()),
+                );
                 match r {
                     Ok(Saved {
                         stats: s,

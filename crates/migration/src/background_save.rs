@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use vmm::memory::{GuestRam, PAGE_SIZE};
 use vmm::snapshot::{SnapshotStats, SnapshotWriter};
 use vmm::state::VmState;
+use vmm::BootSpec;
 
 use crate::memview::MemView;
 use crate::uffd::{RamMap, Uffd};
@@ -63,24 +64,27 @@ pub struct BackgroundStats {
 /// and its working set (memfd page numbers) if one was recorded.
 pub type Paused = (VmState, Option<Vec<u64>>);
 
-/// Writes a snapshot of the running VM whose RAM is `ram` to `path`: arms
-/// the write-protection, calls `pause` (which pauses the VM and captures its
-/// state), fixes the layout, calls `resume`, and returns once the file is
-/// complete. On any error the protection is lifted (the guest never waits on
-/// a save that failed) and no file is left.
+/// Writes a snapshot of the running VM whose RAM is `ram` to `path` (with
+/// its `boot` spec, if it has one): arms the write-protection, calls `pause`
+/// (which pauses the VM and captures its state), fixes the layout, calls
+/// `resume`, and returns once the file is complete. On any error the
+/// protection is lifted (the guest never waits on a save that failed) and
+/// no file is left.
 pub fn save(
     ram: &GuestRam,
     path: &Path,
+    boot: Option<&BootSpec>,
     pause: impl FnOnce() -> Result<Paused>,
     resume: impl FnOnce(),
 ) -> std::result::Result<BackgroundStats, BackgroundError> {
-    save_holding(ram, path, pause, resume, HELD_MAX)
+    save_holding(ram, path, boot, pause, resume, HELD_MAX)
 }
 
 /// [`save`], with the fault thread holding at most `held_max` pages aside.
 fn save_holding(
     ram: &GuestRam,
     path: &Path,
+    boot: Option<&BootSpec>,
     pause: impl FnOnce() -> Result<Paused>,
     resume: impl FnOnce(),
     held_max: usize,
@@ -103,7 +107,7 @@ fn save_holding(
     let sealed = (|| {
         let runs = with_pages(runs, &touched, map.pages());
         armed.protect_again(&touched)?;
-        SnapshotWriter::create(path, &state, ram.size(), runs, working_set.as_deref())
+        SnapshotWriter::create(path, &state, ram.size(), runs, working_set.as_deref(), boot)
             .map_err(Error::from)
     })();
     let writer = sealed.map_err(BackgroundError::before_resume)?;
@@ -622,6 +626,7 @@ mod tests {
             let stats = save_holding(
                 &ram,
                 &path,
+                None,
                 || {
                     // A pause waits for the vCPUs to stop, as this waits for the writer.
                     phase.store(PAUSE_ASKED, Ordering::Release);
@@ -681,6 +686,7 @@ mod tests {
         let stats = save(
             &ram,
             &path,
+            None,
             || Ok((vmm::testing::state(ram.size()), None)),
             || {},
         )

@@ -8,6 +8,7 @@
 //! | state   | `state_len` bytes of [`VmState`] (bincode), then its CRC32 |
 //! | runs    | `run_count` × (memfd offset u64, page count u64), then their CRC32 |
 //! | working set | only if flags bit 0 ([`FLAG_WORKING_SET`]): count u64, `count` × memfd page number u64 (ascending, each a stored page), then the CRC32 of count and page numbers |
+//! | boot    | only if flags bit 2 ([`FLAG_BOOT`]): length u32, the VM's [`BootSpec`] (bincode), then the CRC32 of length and spec |
 //! | padding | only if flags bit 1 ([`FLAG_ALIGNED_DATA`]): zeros up to the next multiple of 4 KiB |
 //! | data    | the pages of the runs, in order, 4 KiB each |
 //! | trailer | CRC32 of the data, then `SNAPEND\0` |
@@ -33,6 +34,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::boot::BootSpec;
 use crate::error::{Error, Result};
 use crate::memory::{check_memory_size, is_zero_page, punch_hole, GuestRam, PAGE_SIZE};
 use crate::state::{VmState, MAX_STATE_BYTES};
@@ -49,7 +51,21 @@ pub const FLAG_WORKING_SET: u32 = 1;
 /// Header flag bit 1: the page data starts at a multiple of 4 KiB (zero
 /// padding before it).
 pub const FLAG_ALIGNED_DATA: u32 = 2;
-const KNOWN_FLAGS: u32 = FLAG_WORKING_SET | FLAG_ALIGNED_DATA;
+/// Header flag bit 2: a boot section (how the VM boots from its kernel, as
+/// `virsh save` keeps the domain's definition) follows the working set.
+pub const FLAG_BOOT: u32 = 4;
+const KNOWN_FLAGS: u32 = FLAG_WORKING_SET | FLAG_ALIGNED_DATA | FLAG_BOOT;
+/// Largest boot section body accepted (three paths or lines of 4 KiB and more).
+const MAX_BOOT_BYTES: u64 = 16 << 10;
+
+/// The variable sizes of the sections after the page index.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sections {
+    /// Working-set pages.
+    ws_count: u64,
+    /// Bytes of the encoded boot spec.
+    boot_len: u64,
+}
 
 /// What a snapshot write or read did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -60,6 +76,9 @@ pub struct SnapshotStats {
     pub data_pages: u64,
     /// Pages in the working-set section (0 when there is none).
     pub working_set_pages: u64,
+    /// How the VM boots from its kernel, as the file carries it (none for a
+    /// VM not booted from a kernel here, or a file of an earlier build).
+    pub boot: Option<BootSpec>,
     /// File size in bytes.
     pub file_bytes: u64,
     /// Wall time.
@@ -151,9 +170,18 @@ impl Header {
         }
     }
 
-    /// Offset of the page data, given the working-set page count.
-    fn data_offset(&self, ws_count: u64) -> Option<u64> {
-        let end = self.sections_end(ws_count)?;
+    /// Bytes of the boot section holding `len` bytes of spec.
+    fn boot_section_len(&self, len: u64) -> Option<u64> {
+        if self.flags & FLAG_BOOT != 0 {
+            len.checked_add(8)
+        } else {
+            Some(0)
+        }
+    }
+
+    /// Offset of the page data, given the sections' sizes.
+    fn data_offset(&self, s: Sections) -> Option<u64> {
+        let end = self.sections_end(s)?;
         if self.flags & FLAG_ALIGNED_DATA != 0 {
             end.checked_next_multiple_of(PAGE_SIZE)
         } else {
@@ -161,15 +189,21 @@ impl Header {
         }
     }
 
-    /// Offset of the end of the sections before the page data (and padding).
-    fn sections_end(&self, ws_count: u64) -> Option<u64> {
+    /// Offset of the boot section (if any), after the working set.
+    fn boot_at(&self, ws_count: u64) -> Option<u64> {
         self.after_index()?
             .checked_add(self.working_set_len(ws_count)?)
     }
 
+    /// Offset of the end of the sections before the page data (and padding).
+    fn sections_end(&self, s: Sections) -> Option<u64> {
+        self.boot_at(s.ws_count)?
+            .checked_add(self.boot_section_len(s.boot_len)?)
+    }
+
     /// Exact file length this header implies, or None on overflow.
-    fn file_len(&self, ws_count: u64) -> Option<u64> {
-        self.data_offset(ws_count)?
+    fn file_len(&self, s: Sections) -> Option<u64> {
+        self.data_offset(s)?
             .checked_add(self.data_pages.checked_mul(PAGE_SIZE)?)?
             .checked_add(12)
     }
@@ -311,21 +345,23 @@ fn temp_path(path: &Path) -> PathBuf {
 
 /// Writes a snapshot of `state` and `ram` to `path` (atomically).
 pub fn write(path: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStats> {
-    write_with_working_set(path, state, ram, None)
+    write_with_working_set(path, state, ram, None, None)
 }
 
 /// Writes a snapshot like [`write()`], with a working-set section when
 /// `working_set` is given: memfd page numbers the guest used last (e.g. the
 /// dirty log of a short window before the pause). Pages that are not stored
-/// (zero) are left out of it; order and duplicates do not matter.
+/// (zero) are left out of it; order and duplicates do not matter. With
+/// `boot`, the file also carries how the VM boots from its kernel.
 pub fn write_with_working_set(
     path: &Path,
     state: &VmState,
     ram: &GuestRam,
     working_set: Option<&[u64]>,
+    boot: Option<&BootSpec>,
 ) -> Result<SnapshotStats> {
     let runs = nonzero_runs(ram)?;
-    let w = SnapshotWriter::create(path, state, ram.size(), runs, working_set)?;
+    let w = SnapshotWriter::create(path, state, ram.size(), runs, working_set, boot)?;
     let io = |e: std::io::Error| snap_err(path, format!("write: {e}"));
     let map = MemfdMap::new(ram, false)?;
     let mut crc = crc32fast::Hasher::new();
@@ -362,14 +398,15 @@ pub struct SnapshotWriter {
 impl SnapshotWriter {
     /// Starts a snapshot of `state` for RAM of `memory` bytes whose stored
     /// pages are `runs` (memfd offset, page count; ascending, disjoint), with
-    /// the working set as [`write_with_working_set`] takes it. The file
-    /// position is left at the page data.
+    /// the working set as [`write_with_working_set`] takes it, and the VM's
+    /// `boot` spec if it has one. The file position is left at the page data.
     pub fn create(
         path: &Path,
         state: &VmState,
         memory: u64,
         runs: Vec<(u64, u64)>,
         working_set: Option<&[u64]>,
+        boot: Option<&BootSpec>,
     ) -> Result<Self> {
         let start = Instant::now();
         let tmp = temp_path(path);
@@ -382,6 +419,14 @@ impl SnapshotWriter {
             v
         });
         let ws_pages = ws.as_ref().map_or(0, |w| w.len() as u64);
+        // A spec that does not encode (a path that is not UTF-8) is left out.
+        let boot_bytes = boot
+            .and_then(|b| bincode::serde::encode_to_vec(b, bincode::config::standard()).ok())
+            .filter(|b| b.len() as u64 <= MAX_BOOT_BYTES);
+        let sections = Sections {
+            ws_count: ws_pages,
+            boot_len: boot_bytes.as_ref().map_or(0, |b| b.len() as u64),
+        };
         let header = Header {
             version: FORMAT_VERSION,
             memory,
@@ -389,10 +434,12 @@ impl SnapshotWriter {
             run_count: runs.len() as u64,
             data_pages,
             page_size: PAGE_SIZE as u32,
-            flags: FLAG_ALIGNED_DATA | if ws.is_some() { FLAG_WORKING_SET } else { 0 },
+            flags: FLAG_ALIGNED_DATA
+                | if ws.is_some() { FLAG_WORKING_SET } else { 0 }
+                | if boot_bytes.is_some() { FLAG_BOOT } else { 0 },
         };
         let (Some(data_offset), Some(file_bytes)) =
-            (header.data_offset(ws_pages), header.file_len(ws_pages))
+            (header.data_offset(sections), header.file_len(sections))
         else {
             return Err(snap_err(path, "sizes overflow".into()));
         };
@@ -415,6 +462,13 @@ impl SnapshotWriter {
             }
             let ws_crc = crc32fast::hash(&front[ws_at..]);
             front.extend_from_slice(&ws_crc.to_le_bytes());
+        }
+        if let Some(b) = &boot_bytes {
+            let boot_at = front.len();
+            front.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            front.extend_from_slice(b);
+            let boot_crc = crc32fast::hash(&front[boot_at..]);
+            front.extend_from_slice(&boot_crc.to_le_bytes());
         }
         front.resize(data_offset as usize, 0);
         // All of guest memory goes in it: for the owner only.
@@ -439,6 +493,7 @@ impl SnapshotWriter {
                 memory,
                 data_pages,
                 working_set_pages: ws_pages,
+                boot: boot.filter(|_| boot_bytes.is_some()).cloned(),
                 file_bytes,
                 elapsed: Duration::ZERO,
             },
@@ -538,11 +593,12 @@ struct Front {
     state: VmState,
     runs: Vec<(u64, u64)>,
     working_set: Vec<u64>,
+    boot: Option<BootSpec>,
     data_offset: u64,
     file_len: u64,
 }
 
-/// Reads and validates the header, state, page index and working set of the
+/// Reads and validates the header, state, page index, working set and boot spec of the
 /// snapshot open in `r` (positioned at 0); leaves `r` at the page data.
 fn read_front(path: &Path, r: &mut BufReader<File>) -> Result<Front> {
     let bad = |reason: String| snap_err(path, reason);
@@ -599,7 +655,33 @@ fn read_front(path: &Path, r: &mut BufReader<File>) -> Result<Front> {
     } else {
         0
     };
-    match h.file_len(ws_count) {
+    // So does the boot section's length, after the working set.
+    let boot_len = if h.flags & FLAG_BOOT != 0 {
+        let at = h
+            .boot_at(ws_count)
+            .ok_or_else(|| bad("sizes in header overflow".into()))?;
+        let mut c = [0u8; 4];
+        match r.get_ref().read_exact_at(&mut c, at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(bad(format!(
+                "truncated: {file_len} bytes, too short for the boot section the header announces"
+            )))
+            }
+            Err(e) => return Err(bad(format!("reading the boot section: {e}"))),
+        }
+        let n = u32::from_le_bytes(c) as u64;
+        if n > MAX_BOOT_BYTES {
+            return Err(bad(format!(
+                "absurd boot section of {n} bytes (at most {MAX_BOOT_BYTES})"
+            )));
+        }
+        n
+    } else {
+        0
+    };
+    let sections = Sections { ws_count, boot_len };
+    match h.file_len(sections) {
         Some(expected) if expected == file_len => {}
         Some(expected) if expected > file_len => {
             return Err(bad(format!(
@@ -688,8 +770,28 @@ fn read_front(path: &Path, r: &mut BufReader<File>) -> Result<Front> {
             working_set.push(p);
         }
     }
+    let mut boot = None;
+    if h.flags & FLAG_BOOT != 0 {
+        let mut b = vec![0u8; 4 + boot_len as usize];
+        r.read_exact(&mut b)
+            .map_err(|e| truncated("boot section", e))?;
+        r.read_exact(&mut crc)
+            .map_err(|e| truncated("boot section", e))?;
+        if u32::from_le_bytes(crc) != crc32fast::hash(&b) {
+            return Err(bad("boot section checksum mismatch".into()));
+        }
+        let (spec, used): (BootSpec, usize) = bincode::serde::decode_from_slice(
+            &b[4..],
+            bincode::config::standard().with_limit::<{ MAX_BOOT_BYTES as usize }>(),
+        )
+        .map_err(|e| bad(format!("boot section: {e}")))?;
+        if used != b.len() - 4 {
+            return Err(bad("boot section: bytes after the spec".into()));
+        }
+        boot = Some(spec);
+    }
     let (Some(data_offset), Some(sections_end)) =
-        (h.data_offset(ws_count), h.sections_end(ws_count))
+        (h.data_offset(sections), h.sections_end(sections))
     else {
         return Err(bad("sizes in header overflow".into()));
     };
@@ -704,6 +806,7 @@ fn read_front(path: &Path, r: &mut BufReader<File>) -> Result<Front> {
         state,
         runs,
         working_set,
+        boot,
         data_offset,
         file_len,
     })
@@ -727,6 +830,7 @@ pub fn read(path: &Path) -> Result<(VmState, GuestRam, SnapshotStats)> {
         state,
         runs,
         working_set,
+        boot,
         file_len,
         ..
     } = read_front(path, &mut r)?;
@@ -772,6 +876,7 @@ pub fn read(path: &Path) -> Result<(VmState, GuestRam, SnapshotStats)> {
         memory: h.memory,
         data_pages: h.data_pages,
         working_set_pages: working_set.len() as u64,
+        boot,
         file_bytes: file_len,
         elapsed: start.elapsed(),
     };
@@ -793,6 +898,8 @@ pub struct LazySnapshot {
     pub runs: Vec<(u64, u64)>,
     /// Working-set memfd page numbers, ascending (empty when none was recorded).
     pub working_set: Vec<u64>,
+    /// How the VM boots from its kernel, if the file carries it.
+    pub boot: Option<BootSpec>,
     /// Pages stored.
     pub data_pages: u64,
     /// File size in bytes.
@@ -825,6 +932,7 @@ impl LazySnapshot {
             memory: f.h.memory,
             runs: f.runs,
             working_set: f.working_set,
+            boot: f.boot,
             data_pages: f.h.data_pages,
             file_bytes: f.file_len,
             path: path.to_path_buf(),
@@ -946,8 +1054,15 @@ mod tests {
         let runs = data_runs(&ram).unwrap();
         assert_eq!(runs, [(0x1000, 2), (0x300_0000, 2)]);
         let p = d.join("vm.snap");
-        let w = SnapshotWriter::create(&p, &state(64 << 20), ram.size(), runs, Some(&[1, 0x3000]))
-            .unwrap();
+        let w = SnapshotWriter::create(
+            &p,
+            &state(64 << 20),
+            ram.size(),
+            runs,
+            Some(&[1, 0x3000]),
+            None,
+        )
+        .unwrap();
         assert_eq!(
             (w.data_index(0x2000), w.data_index(0x300_1000)),
             (Some(1), Some(3))
@@ -980,8 +1095,15 @@ mod tests {
         back.read(0x300_0000, &mut b[..1]).unwrap();
         assert_eq!(b[0], 0xcc);
         // A wrong data checksum is caught; an unfinished writer leaves nothing.
-        let w = SnapshotWriter::create(&p, &state(64 << 20), ram.size(), vec![(0x1000, 1)], None)
-            .unwrap();
+        let w = SnapshotWriter::create(
+            &p,
+            &state(64 << 20),
+            ram.size(),
+            vec![(0x1000, 1)],
+            None,
+            None,
+        )
+        .unwrap();
         w.file().write_all_at(&[0xaa; 4096], w.slot(0)).unwrap();
         w.finish(0).unwrap();
         expect_err(&p, "page data checksum mismatch");
@@ -990,6 +1112,7 @@ mod tests {
             &state(64 << 20),
             ram.size(),
             vec![],
+            None,
             None,
         )
         .unwrap();
@@ -1083,6 +1206,14 @@ mod tests {
         std::fs::remove_dir_all(d).unwrap();
     }
 
+    fn boot_spec() -> BootSpec {
+        BootSpec {
+            kernel: "/images/vmlinux".into(),
+            initramfs: Some("/images/initrd".into()),
+            cmdline: "console=ttyS0 workload=idle".into(),
+        }
+    }
+
     fn sample_ws(name: &str) -> (PathBuf, PathBuf, GuestRam) {
         let d = dir(name);
         let ram = GuestRam::new(64 << 20).unwrap();
@@ -1091,9 +1222,15 @@ mod tests {
         ram.write(0x300_0000, &[0xcc; 1]).unwrap();
         let p = d.join("vm.snap");
         // 5 is not stored (zero): dropped; duplicates and order do not matter.
-        let stats =
-            write_with_working_set(&p, &state(64 << 20), &ram, Some(&[0x3000, 5, 1, 0x3000]))
-                .unwrap();
+        let stats = write_with_working_set(
+            &p,
+            &state(64 << 20),
+            &ram,
+            Some(&[0x3000, 5, 1, 0x3000]),
+            Some(&boot_spec()),
+        )
+        .unwrap();
+        assert_eq!(stats.boot, Some(boot_spec()));
         assert_eq!(stats.data_pages, 3);
         assert_eq!(stats.working_set_pages, 2);
         assert_eq!(stats.file_bytes, std::fs::metadata(&p).unwrap().len());
@@ -1106,16 +1243,18 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         assert_eq!(
             u32::from_le_bytes(bytes[52..56].try_into().unwrap()),
-            FLAG_WORKING_SET | FLAG_ALIGNED_DATA
+            FLAG_WORKING_SET | FLAG_ALIGNED_DATA | FLAG_BOOT
         );
         let (st, ram, stats) = read(&p).unwrap();
         assert_eq!(st.vcpus[0].regs.rip, 0x1234);
         assert_eq!(stats.working_set_pages, 2);
+        assert_eq!(stats.boot, Some(boot_spec()), "the boot section read back");
         let mut b = [0u8; 4096];
         ram.read(0x1000, &mut b).unwrap();
         assert_eq!(b, [0xaa; 4096]);
         let lazy = LazySnapshot::open(&p).unwrap();
         assert_eq!(lazy.working_set, vec![1, 0x3000]);
+        assert_eq!(lazy.boot, Some(boot_spec()));
         assert_eq!(lazy.data_pages, 3);
         assert!(lazy.read_page(0x1000, &mut b).unwrap());
         assert_eq!(b, [0xaa; 4096]);
@@ -1170,9 +1309,25 @@ mod tests {
         // Cut inside the working set.
         std::fs::write(&bad, &good[..ws_at + 4]).unwrap();
         expect_err(&bad, "truncated");
+        // The boot section, after the working set (two pages): a flipped
+        // byte, an absurd length, a cut inside it.
+        let boot_at = ws_at + 8 + 2 * 8 + 4;
+        let boot_len = u32::from_le_bytes(good[boot_at..boot_at + 4].try_into().unwrap()) as usize;
+        assert!(boot_len > 0 && boot_len < 200, "{boot_len}");
+        let mut w = good.clone();
+        w[boot_at + 6] ^= 1;
+        std::fs::write(&bad, &w).unwrap();
+        expect_err(&bad, "boot section checksum");
+        assert!(LazySnapshot::open(&bad).is_err());
+        let mut w = good.clone();
+        w[boot_at + 3] = 0x40;
+        std::fs::write(&bad, &w).unwrap();
+        expect_err(&bad, "absurd boot section");
+        std::fs::write(&bad, &good[..boot_at + 2]).unwrap();
+        expect_err(&bad, "truncated");
         // An unknown flag bit.
         let mut f = good.clone();
-        f[52] |= 4;
+        f[52] |= 8;
         rehash_header(&mut f);
         std::fs::write(&bad, &f).unwrap();
         expect_err(&bad, "unknown flags");

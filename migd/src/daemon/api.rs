@@ -585,7 +585,8 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
         (pid, was)
     };
     let dir = d.vm_dir(name);
-    let req = json!({"cmd": "snapshot", "path": path, "stop": !keep});
+    let boot = d.reg().vms.get(name).and_then(|v| v.record.boot_spec());
+    let req = json!({"cmd": "snapshot", "path": path, "stop": !keep, "boot": boot});
     let r = vm_call(&state::control_path(&dir), &req, SAVE_TIMEOUT).await;
     let back = |state: &str| {
         if let Some(v) = d.reg().vms.get_mut(name) {
@@ -639,7 +640,7 @@ async fn restore(d: &Arc<Daemon>, name: String, path: &Path, lazy: bool) -> Resu
     if lazy {
         boot.push("--lazy".into());
     }
-    let record = VmRecord {
+    let mut record = VmRecord {
         name,
         kernel: None,
         initramfs: None,
@@ -650,6 +651,10 @@ async fn restore(d: &Arc<Daemon>, name: String, path: &Path, lazy: bool) -> Resu
         origin: Origin::Restored,
         source: Some(path.display().to_string()),
     };
+    // The file says how the VM boots (as virsh's save image keeps the domain).
+    if let Some(spec) = snap.boot.as_ref().and_then(state::wire_boot) {
+        record.adopt_boot_spec(spec);
+    }
     start_vm(d, record, boot).await
 }
 

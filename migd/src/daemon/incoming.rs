@@ -5,7 +5,6 @@ use std::net::{SocketAddr, TcpStream};
 
 use link::Link;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -283,7 +282,7 @@ fn handshake(d: &Daemon, mut stream: Link, peer: SocketAddr) -> Result<Option<(L
     };
     let mut record = record;
     if let Some(spec) = boot {
-        adopt_boot_spec(&mut record, spec);
+        record.adopt_boot_spec(spec);
         if let Some(spec) = record.boot_spec() {
             let path = state::boot_path(&d.vm_dir(&hello.name));
             if let Err(e) = state::write_json_atomic(&path, &spec) {
@@ -295,28 +294,6 @@ fn handshake(d: &Daemon, mut stream: Link, peer: SocketAddr) -> Result<Option<(L
         }
     }
     Ok(Some((stream, record)))
-}
-
-/// Takes the source's boot spec into the record of an incoming VM where its
-/// files exist on this host too (so that `start` can boot it again once it
-/// stops); otherwise the VM keeps no kernel here, and says why in the log.
-fn adopt_boot_spec(record: &mut VmRecord, spec: wire::BootSpec) {
-    let kernel = PathBuf::from(&spec.kernel);
-    let initrd = spec.initrd.map(PathBuf::from);
-    let missing = std::iter::once(&kernel)
-        .chain(initrd.as_ref())
-        .find(|p| !p.is_file());
-    if let Some(path) = missing {
-        tracing::info!(
-            vm = %record.name,
-            path = %path.display(),
-            "the VM's boot files are not on this host: it cannot be started again here once it stops"
-        );
-        return;
-    }
-    record.kernel = Some(kernel);
-    record.initramfs = initrd;
-    record.cmdline = spec.cmdline;
 }
 
 /// MemAvailable of /proc/meminfo, in bytes.
@@ -358,7 +335,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
         };
         let mut r = record();
-        adopt_boot_spec(&mut r, spec.clone());
+        r.adopt_boot_spec(spec.clone());
         assert_eq!(r.kernel.as_deref(), Some(Path::new(&here)));
         assert_eq!(r.cmdline, "console=ttyS0");
         assert_eq!(r.boot_spec(), Some(spec.clone()), "sent on as it came");
@@ -374,7 +351,7 @@ mod tests {
             },
         ] {
             let mut r = record();
-            adopt_boot_spec(&mut r, missing);
+            r.adopt_boot_spec(missing);
             assert_eq!(r.kernel, None);
             assert_eq!(r.boot_spec(), None);
         }

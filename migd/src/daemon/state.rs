@@ -70,6 +70,42 @@ impl VmRecord {
             cmdline: self.cmdline.clone(),
         })
     }
+
+    /// Takes a boot spec (a migration's source's, a snapshot file's) into
+    /// the record where its files exist on this host (so that `start` can
+    /// boot the VM again once it stops); otherwise the VM keeps no kernel
+    /// here, and the log says which file is missing.
+    pub fn adopt_boot_spec(&mut self, spec: wire::BootSpec) {
+        let kernel = PathBuf::from(&spec.kernel);
+        let initrd = spec.initrd.map(PathBuf::from);
+        let missing = std::iter::once(&kernel)
+            .chain(initrd.as_ref())
+            .find(|p| !p.is_file());
+        if let Some(path) = missing {
+            tracing::info!(
+                vm = %self.name,
+                path = %path.display(),
+                "the VM's boot files are not on this host: it cannot be started again here once it stops"
+            );
+            return;
+        }
+        self.kernel = Some(kernel);
+        self.initramfs = initrd;
+        self.cmdline = spec.cmdline;
+    }
+}
+
+/// A snapshot file's boot spec as the wire and the records carry it (None
+/// where a path is not UTF-8).
+pub fn wire_boot(b: &vmm::BootSpec) -> Option<wire::BootSpec> {
+    Some(wire::BootSpec {
+        kernel: b.kernel.to_str()?.to_string(),
+        initrd: match &b.initramfs {
+            Some(p) => Some(p.to_str()?.to_string()),
+            None => None,
+        },
+        cmdline: b.cmdline.clone(),
+    })
 }
 
 /// A VM as the daemon tracks it.

@@ -57,7 +57,7 @@ pub enum BootEntry {
 }
 
 /// What to boot.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BootSpec {
     /// Kernel image: ELF with a PVH note, or bzImage.
     pub kernel: PathBuf,
