@@ -105,11 +105,18 @@ fn lazy_restore_keeps_the_guest_intact_and_fills_every_page() {
             cpus,
         );
         let tag = format!("lazy{cpus}");
+        let again = dir.join(format!("again{cpus}.snap"));
         let b = VmProcess::start(
             &dir,
             &tag,
             &console,
-            &["--restore", snap.to_str().unwrap(), "--lazy"],
+            &[
+                "--restore",
+                snap.to_str().unwrap(),
+                "--lazy",
+                "--snapshot-on-signal",
+                again.to_str().unwrap(),
+            ],
         );
         let log = dir.join(format!("{tag}.log"));
         let m = console.wait_heartbeats(n, 3, Duration::from_secs(30));
@@ -134,6 +141,15 @@ fn lazy_restore_keeps_the_guest_intact_and_fills_every_page() {
         // The guest runs on, now with every page in place.
         console.wait_heartbeats(m, 2, Duration::from_secs(30));
         console.assert_clean();
+        // A checkpoint of the restored VM says how it boots, as the file it
+        // came from did (the process booted with --kernel wrote that one).
+        b.signal(Signal::SIGUSR1);
+        wait_log(&log, "snapshot written", Duration::from_secs(60));
+        let first = vmm::snapshot::LazySnapshot::open(&snap).unwrap().boot;
+        let kernel = first.as_ref().map(|b| b.kernel.clone()).unwrap_or_default();
+        assert!(kernel.ends_with("testguest.elf"), "{first:?}");
+        let second = vmm::snapshot::LazySnapshot::open(&again).unwrap().boot;
+        assert_eq!(second, first);
         assert_eq!(b.terminate(), 0);
         console.assert_clean();
 

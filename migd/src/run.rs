@@ -230,9 +230,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
         );
         (vm, None)
     } else if let (Some(path), true) = (&args.restore, args.lazy) {
-        let (vm, progress) = migration::lazy::restore(path, args.serial.as_deref(), args.paused)
-            .with_context(|| format!("lazy restore of {}", path.display()))?;
+        let (vm, progress, boot) =
+            migration::lazy::restore(path, args.serial.as_deref(), args.paused)
+                .with_context(|| format!("lazy restore of {}", path.display()))?;
         let _ = LAZY.set(progress);
+        if let Some(b) = boot {
+            let _ = OWN_BOOT.set(b);
+        }
         (vm, None)
     } else if let Some(path) = &args.restore {
         let (state, ram, stats) =

@@ -237,14 +237,16 @@ impl Lazy {
 }
 
 /// Lazily restores the snapshot at `path`: returns the VM, resumed unless
-/// `paused`, while its memory is still being filled in the background.
+/// `paused`, while its memory is still being filled in the background, and
+/// how the VM boots if the file says.
 pub fn restore(
     path: &Path,
     console: Option<&Path>,
     paused: bool,
-) -> Result<(Vm, Arc<LazyProgress>)> {
+) -> Result<(Vm, Arc<LazyProgress>, Option<vmm::BootSpec>)> {
     let t0 = Instant::now();
     let snap = LazySnapshot::open(path)?;
+    let boot = snap.boot.clone();
     let ram = GuestRam::new(snap.memory)?;
     let prepared = Vm::prepare(ram, snap.state.vcpus.len(), console)?;
     let ram = prepared.ram().clone();
@@ -343,5 +345,5 @@ pub fn restore(
             }
         })
         .map_err(io_err("starting the lazy-filler thread"))?;
-    Ok((vm, progress))
+    Ok((vm, progress, boot))
 }
