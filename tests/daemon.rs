@@ -539,16 +539,9 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     assert!(e.contains("cancel the job first"), "{e}");
     std::thread::sleep(Duration::from_millis(500));
     a.ok(&["cancel", job]);
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        let j: Value = serde_json::from_str(&a.ok(&["job", job, "--json"])).unwrap();
-        if j["status"] == "cancelled" {
-            assert_eq!(j["stats"]["outcome"], "cancelled", "{j}");
-            break;
-        }
-        assert!(Instant::now() < end, "job not cancelled: {j}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let j = a.wait_job(job, Duration::from_secs(20));
+    assert_eq!(j["status"], "cancelled", "{j}");
+    assert_eq!(j["stats"]["outcome"], "cancelled", "{j}");
     let info: Value = serde_json::from_str(&a.ok(&["info", "mig1", "--json"])).unwrap();
     assert_eq!(info["state"], "running", "{info}");
     let end = Instant::now() + Duration::from_secs(20);
@@ -691,19 +684,11 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     .unwrap();
     assert_eq!(set["max_bandwidth"], Value::Null, "{set}");
     assert_eq!(set["max_downtime_ms"], 450, "{set}");
-    let end = Instant::now() + Duration::from_secs(30);
-    let done = loop {
-        let j: Value = serde_json::from_str(&b.ok(&["job", job, "--json"])).unwrap();
-        if j["status"] == "completed" {
-            break j;
-        }
-        assert!(
-            Instant::now() < end,
-            "not completed once the cap was lifted: {j}\nB:\n{}",
-            b.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let done = b.wait_job(job, Duration::from_secs(30));
+    assert_eq!(
+        done["status"], "completed",
+        "once the cap was lifted: {done}"
+    );
     assert_eq!(done["max_bandwidth"], Value::Null, "{done}");
     assert_eq!(done["max_downtime_ms"], 450, "{done}");
     assert_eq!(done["stats"]["max_downtime_ms"], 450.0, "{done}");

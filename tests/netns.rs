@@ -108,19 +108,9 @@ fn operator_switch_to_postcopy(from: &Daemon, target: &str) -> Value {
     let job = job.trim();
     std::thread::sleep(Duration::from_millis(500));
     from.ok(&["postcopy", job]);
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let j: Value = serde_json::from_str(&from.ok(&["job", job, "--json"])).unwrap();
-        if matches!(
-            j["status"].as_str(),
-            Some("completed" | "failed" | "cancelled")
-        ) {
-            assert_eq!(j["stats"]["stop_reason"], "post-copy requested", "{j}");
-            return j["stats"].clone();
-        }
-        assert!(Instant::now() < end, "hybrid job did not end: {j}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let j = from.wait_job(job, Duration::from_secs(60));
+    assert_eq!(j["stats"]["stop_reason"], "post-copy requested", "{j}");
+    j["stats"].clone()
 }
 
 /// Two namespaces, or None (SKIP) where they cannot be made outside CI.

@@ -56,18 +56,7 @@ fn a_migration_survives_both_daemons_going_away() {
     let _ = b.child.wait();
     let a = Daemon::start_with(sa, ta, pa, &dir.join("a2.log"));
     let b = Daemon::start_with(sb, tb, pb, &dir.join("b2.log"));
-    let end = Instant::now() + Duration::from_secs(60);
-    let j = loop {
-        let j: Value = serde_json::from_str(&a.ok(&["job", &job, "--json"])).unwrap();
-        if matches!(
-            j["status"].as_str(),
-            Some("completed" | "failed" | "cancelled")
-        ) {
-            break j;
-        }
-        assert!(Instant::now() < end, "job never ended: {j}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let j = a.wait_job(&job, Duration::from_secs(60));
     assert_eq!(
         j["status"],
         "completed",

@@ -270,6 +270,27 @@ impl Daemon {
         }
     }
 
+    /// Waits until job `id` has ended (completed, failed or cancelled);
+    /// returns the job (`migctl job ID --json`).
+    pub fn wait_job(&self, id: &str, timeout: Duration) -> Value {
+        let end = Instant::now() + timeout;
+        loop {
+            let j: Value = serde_json::from_str(&self.ok(&["job", id, "--json"])).unwrap();
+            if matches!(
+                j["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            ) {
+                return j;
+            }
+            assert!(
+                Instant::now() < end,
+                "job {id} not ended within {timeout:?}: {j}\ndaemon log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Kills VM `name`'s process (SIGKILL) and waits until the daemon lists it stopped.
     pub fn kill_vm(&self, name: &str) {
         let info: Value = serde_json::from_str(&self.ok(&["info", name, "--json"])).unwrap();
