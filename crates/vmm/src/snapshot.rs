@@ -587,6 +587,27 @@ fn in_runs(runs: &[(u64, u64)], pfn: u64) -> bool {
     }
 }
 
+/// Reads `buf` at `at` of the snapshot `file` (`file_len` bytes) without
+/// moving its reader: a section's size, so that the file length can be
+/// checked before the section is read.
+fn peek(
+    path: &Path,
+    file: &File,
+    buf: &mut [u8],
+    at: u64,
+    what: &str,
+    file_len: u64,
+) -> Result<()> {
+    match file.read_exact_at(buf, at) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(snap_err(
+            path,
+            format!("truncated: {file_len} bytes, too short for the {what} the header announces"),
+        )),
+        Err(e) => Err(snap_err(path, format!("reading the {what}: {e}"))),
+    }
+}
+
 /// Everything before the page data, validated.
 struct Front {
     h: Header,
@@ -635,15 +656,7 @@ fn read_front(path: &Path, r: &mut BufReader<File>) -> Result<Front> {
             .after_index()
             .ok_or_else(|| bad("sizes in header overflow".into()))?;
         let mut c = [0u8; 8];
-        match r.get_ref().read_exact_at(&mut c, at) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(bad(format!(
-                "truncated: {file_len} bytes, too short for the working set the header announces"
-            )))
-            }
-            Err(e) => return Err(bad(format!("reading the working set: {e}"))),
-        }
+        peek(path, r.get_ref(), &mut c, at, "working set", file_len)?;
         let n = u64::from_le_bytes(c);
         if n > h.data_pages {
             return Err(bad(format!(
@@ -661,15 +674,7 @@ fn read_front(path: &Path, r: &mut BufReader<File>) -> Result<Front> {
             .boot_at(ws_count)
             .ok_or_else(|| bad("sizes in header overflow".into()))?;
         let mut c = [0u8; 4];
-        match r.get_ref().read_exact_at(&mut c, at) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(bad(format!(
-                "truncated: {file_len} bytes, too short for the boot section the header announces"
-            )))
-            }
-            Err(e) => return Err(bad(format!("reading the boot section: {e}"))),
-        }
+        peek(path, r.get_ref(), &mut c, at, "boot section", file_len)?;
         let n = u32::from_le_bytes(c) as u64;
         if n > MAX_BOOT_BYTES {
             return Err(bad(format!(
