@@ -614,7 +614,7 @@ pub async fn set_parameters(
     if max_downtime_ms == Some(0) {
         bail!("max-downtime must be at least 1 ms: no migration can pause a VM for 0 ms");
     }
-    let job = {
+    let (job, before) = {
         let mut reg = d.reg();
         let Some(j) = reg.jobs.get_mut(id) else {
             bail!("no job '{id}'")
@@ -622,28 +622,45 @@ pub async fn set_parameters(
         if j.is_final() {
             bail!("job {id} already ended ({})", j.status);
         }
+        let before = j.opts.clone();
         if let Some(b) = max_bandwidth {
             j.opts.max_bandwidth = Some(b).filter(|&b| b > 0);
         }
         if let Some(ms) = max_downtime_ms {
             j.opts.max_downtime_ms = ms;
         }
-        j.clone()
+        (j.clone(), before)
     };
-    persist(d, &job);
     let sock = state::control_path(&d.vm_dir(&job.vm));
-    if let Some(ms) = max_downtime_ms {
-        let req = json!({"cmd": "downtime", "max_downtime_ms": ms});
-        vm_call(&sock, &req, Duration::from_secs(10)).await?;
+    let applied = async {
+        if let Some(ms) = max_downtime_ms {
+            let req = json!({"cmd": "downtime", "max_downtime_ms": ms});
+            vm_call(&sock, &req, Duration::from_secs(10)).await?;
+        }
+        if max_bandwidth.is_some() {
+            // Its own cap within its share of the host's, as at the start.
+            let cap = shares(d)
+                .into_iter()
+                .find(|(j, _, _)| j == id)
+                .and_then(|(_, _, cap)| cap);
+            let req = json!({"cmd": "bandwidth", "max_bandwidth": cap});
+            vm_call(&sock, &req, Duration::from_secs(10)).await?;
+        }
+        anyhow::Ok(())
     }
-    if max_bandwidth.is_some() {
-        // Its own cap within its share of the host's, as at the start.
-        let cap = shares(d)
-            .into_iter()
-            .find(|(j, _, _)| j == id)
-            .and_then(|(_, _, cap)| cap);
-        let req = json!({"cmd": "bandwidth", "max_bandwidth": cap});
-        vm_call(&sock, &req, Duration::from_secs(10)).await?;
+    .await;
+    if let Err(e) = applied {
+        // The VM process did not take them (its migration just ended): the
+        // job keeps what it ran with.
+        if let Some(j) = d.reg().jobs.get_mut(id) {
+            j.opts = before;
+        }
+        return Err(e.context(format!("job {id} did not take the new parameters")));
+    }
+    // As the registry has it now (the job may have moved on meanwhile).
+    let current = d.reg().jobs.get(id).cloned();
+    if let Some(j) = current {
+        persist(d, &j);
     }
     tracing::info!(job = %id, max_bandwidth = ?job.opts.max_bandwidth, max_downtime_ms = job.opts.max_downtime_ms, "migration parameters changed");
     Ok(json!({
