@@ -253,42 +253,48 @@ impl Daemon {
         super::Console(self.vm_dir(name).join("console.log"))
     }
 
-    /// Waits until `migctl info NAME` says `state`; returns that info.
-    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+    /// Runs `migctl ARGS` (which print JSON) until `done` holds for what it
+    /// prints; returns that. Fails after `timeout`, naming `what`.
+    fn poll_json(
+        &self,
+        args: &[&str],
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let end = Instant::now() + timeout;
         loop {
-            let info: Value = serde_json::from_str(&self.ok(&["info", name, "--json"])).unwrap();
-            if info["state"] == state {
-                return info;
+            let v: Value = serde_json::from_str(&self.ok(args)).unwrap();
+            if done(&v) {
+                return v;
             }
             assert!(
                 Instant::now() < end,
-                "VM {name} not {state} within {timeout:?}: {info}\ndaemon log:\n{}",
+                "{what} within {timeout:?}: {v}\ndaemon log:\n{}",
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
+    /// Waits until `migctl info NAME` says `state`; returns that info.
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+        let what = format!("VM {name} not {state}");
+        self.poll_json(&["info", name, "--json"], &what, timeout, |info| {
+            info["state"] == state
+        })
+    }
+
     /// Waits until job `id` has ended (completed, failed or cancelled);
     /// returns the job (`migctl job ID --json`).
     pub fn wait_job(&self, id: &str, timeout: Duration) -> Value {
-        let end = Instant::now() + timeout;
-        loop {
-            let j: Value = serde_json::from_str(&self.ok(&["job", id, "--json"])).unwrap();
-            if matches!(
+        let what = format!("job {id} not ended");
+        self.poll_json(&["job", id, "--json"], &what, timeout, |j| {
+            matches!(
                 j["status"].as_str(),
                 Some("completed" | "failed" | "cancelled")
-            ) {
-                return j;
-            }
-            assert!(
-                Instant::now() < end,
-                "job {id} not ended within {timeout:?}: {j}\ndaemon log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            )
+        })
     }
 
     /// Kills VM `name`'s process (SIGKILL) and waits until the daemon lists it stopped.
