@@ -1054,7 +1054,7 @@ fn handle_control(
             "pid": std::process::id(),
             // A lazy restore still filling memory from its snapshot file.
             "filling": LAZY.get().filter(|p| !p.is_complete()).map(|p| json!({
-                "filled": p.filled(), "pages": p.pages,
+                "filled": p.done(), "pages": p.pages,
             })),
         })),
         "pause" => Ok(json!({"ok": true, "pause_us": vm.pause().as_micros() as u64})),

@@ -7,14 +7,16 @@
 //!
 //! - the fault thread: a fault on a stored page is served by reading that page
 //!   from the file (`pread` at its data offset) and `UFFDIO_COPY`; a fault on a
-//!   page that is not stored (zero) gets `UFFDIO_ZEROPAGE`;
+//!   page that is not stored, or stored as zeros, gets `UFFDIO_ZEROPAGE`;
 //! - the filler: first the working set recorded when the snapshot was taken
 //!   (pages the guest wrote just before the pause), then every stored page in
 //!   file order. A page that is already there (faulted in, or prefetched) is
-//!   skipped (EEXIST) and counted.
+//!   skipped (EEXIST) and counted. A stored page of zeros is left out: it
+//!   stays a hole of the memfd and takes no memory until the guest writes it,
+//!   as the eager restore punches such pages out again.
 //!
 //! When the filler has streamed every stored page, userfaultfd is unregistered
-//! (pages never stored fault in as zeros from then on, as any memfd page) and
+//! (pages not filled fault in as zeros from then on, as any memfd page) and
 //! the totals are logged.
 //!
 //! **Checksum trade-off.** The CRC of the page data covers the whole data
@@ -59,6 +61,9 @@ pub struct LazyProgress {
     pub background: AtomicU64,
     /// Pages the background stream found already there.
     pub already_present: AtomicU64,
+    /// Stored pages of zeros the background stream left as holes (a fault on
+    /// one counts in `zero_faults`, never in `faults`).
+    pub zero_stored: AtomicU64,
     /// Microseconds from the start of the restore to the resume (0: not resumed).
     pub resume_us: AtomicU64,
     /// Microseconds from the start of the restore to the last page filled.
@@ -81,6 +86,11 @@ impl LazyProgress {
             + self.prefetched.load(Ordering::Relaxed)
             + self.background.load(Ordering::Relaxed)
     }
+
+    /// Stored pages dealt with so far: filled, or found to be zeros.
+    pub fn done(&self) -> u64 {
+        self.filled() + self.zero_stored.load(Ordering::Relaxed)
+    }
 }
 
 struct Lazy {
@@ -95,9 +105,62 @@ struct Lazy {
 }
 
 impl Lazy {
+    /// Registers the empty `ram` with a new userfaultfd, to be filled from `snap`.
+    fn new(snap: LazySnapshot, ram: &GuestRam, t0: Instant) -> Result<Arc<Lazy>> {
+        let map = RamMap::new(ram);
+        let uffd = Uffd::new().map_err(io_err("userfaultfd"))?;
+        map.register(&uffd)
+            .map_err(io_err("registering guest RAM with userfaultfd"))?;
+        let progress = Arc::new(LazyProgress {
+            pages: snap.data_pages,
+            working_set: snap.working_set.len() as u64,
+            ..Default::default()
+        });
+        Ok(Arc::new(Lazy {
+            snap,
+            uffd,
+            map,
+            progress,
+            t0,
+            stop: AtomicBool::new(false),
+            control: OnceLock::new(),
+        }))
+    }
+
+    /// Copies the non-zero pages of `data` (whole pages) to memfd offset
+    /// `off`, one call per run of them where it lies in one mapping; returns
+    /// (filled, already there, zero pages left out).
+    fn fill(&self, off: u64, data: &[u8]) -> Result<(u64, u64, u64)> {
+        let (mut filled, mut present, mut zero) = (0, 0, 0);
+        let page = PAGE_SIZE as usize;
+        let pages = data.len() / page;
+        let mut i = 0;
+        while i < pages {
+            if vmm::memory::is_zero_page(&data[i * page..(i + 1) * page]) {
+                zero += 1;
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < pages && !vmm::memory::is_zero_page(&data[i * page..(i + 1) * page]) {
+                i += 1;
+            }
+            let (f, p) =
+                self.fill_run(off + (start * page) as u64, &data[start * page..i * page])?;
+            filled += f;
+            present += p;
+        }
+        if filled > 0 {
+            self.progress
+                .filled_us
+                .fetch_max(self.t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        Ok((filled, present, zero))
+    }
+
     /// Copies `data` (whole pages) to memfd offset `off`, in one call where
     /// the pages lie in one mapping; returns (filled, already there).
-    fn fill(&self, off: u64, data: &[u8]) -> Result<(u64, u64)> {
+    fn fill_run(&self, off: u64, data: &[u8]) -> Result<(u64, u64)> {
         let (mut filled, mut present) = (0, 0);
         let len = data.len() as u64;
         let mut count = |_, f: bool| if f { filled += 1 } else { present += 1 };
@@ -121,11 +184,6 @@ impl Lazy {
                 }
             }
         }
-        if filled > 0 {
-            self.progress
-                .filled_us
-                .fetch_max(self.t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-        }
         Ok((filled, present))
     }
 
@@ -142,7 +200,8 @@ impl Lazy {
                 false
             } else {
                 match self.snap.read_page(off, &mut page) {
-                    Ok(s) => s,
+                    // Zeros, stored or not, are filled without a copy.
+                    Ok(s) => s && !vmm::memory::is_zero_page(&page),
                     Err(e) => {
                         // Keep serving (zeros) so that vCPUs can leave; the VM is stopped.
                         tracing::error!("lazy restore: {e}");
@@ -211,7 +270,7 @@ impl Lazy {
             }
             let off = pfn * PAGE_SIZE;
             if self.snap.read_page(off, &mut page)? {
-                let (filled, _) = self.fill(off, &page)?;
+                let (filled, _, _) = self.fill(off, &page)?;
                 self.progress
                     .prefetched
                     .fetch_add(filled, Ordering::Relaxed);
@@ -221,9 +280,10 @@ impl Lazy {
             if self.stop.load(Ordering::Acquire) {
                 return Err(vmm::Error::GuestMemory("lazy restore stopped".into()));
             }
-            let (filled, present) = self.fill(off, data).map_err(|e| {
+            let (filled, present, zero) = self.fill(off, data).map_err(|e| {
                 vmm::Error::GuestMemory(format!("filling guest RAM from the snapshot: {e}"))
             })?;
+            self.progress.zero_stored.fetch_add(zero, Ordering::Relaxed);
             self.progress
                 .background
                 .fetch_add(filled, Ordering::Relaxed);
@@ -249,25 +309,8 @@ pub fn restore(
     let boot = snap.boot.clone();
     let ram = GuestRam::new(snap.memory)?;
     let prepared = Vm::prepare(ram, snap.state.vcpus.len(), console)?;
-    let ram = prepared.ram().clone();
-    let map = RamMap::new(&ram);
-    let uffd = Uffd::new().map_err(io_err("userfaultfd"))?;
-    map.register(&uffd)
-        .map_err(io_err("registering guest RAM with userfaultfd"))?;
-    let progress = Arc::new(LazyProgress {
-        pages: snap.data_pages,
-        working_set: snap.working_set.len() as u64,
-        ..Default::default()
-    });
-    let lazy = Arc::new(Lazy {
-        snap,
-        uffd,
-        map,
-        progress: progress.clone(),
-        t0,
-        stop: AtomicBool::new(false),
-        control: OnceLock::new(),
-    });
+    let lazy = Lazy::new(snap, prepared.ram(), t0)?;
+    let progress = lazy.progress.clone();
     // The state is loaded after this, so the fault thread must be up first.
     let faults = {
         let l = lazy.clone();
@@ -328,6 +371,7 @@ pub fn restore(
                         prefetched = p.prefetched.load(Ordering::Relaxed),
                         background = p.background.load(Ordering::Relaxed),
                         already_present = p.already_present.load(Ordering::Relaxed),
+                        zero_stored = p.zero_stored.load(Ordering::Relaxed),
                         resume_ms = resume_us as f64 / 1e3,
                         filled_ms = filled_us as f64 / 1e3,
                         after_resume_ms = filled_us.saturating_sub(resume_us) as f64 / 1e3,
@@ -346,4 +390,81 @@ pub fn restore(
         })
         .map_err(io_err("starting the lazy-filler thread"))?;
     Ok((vm, progress, boot))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGES: u64 = 4096;
+
+    /// A file whose stored pages are half zeros (a background save keeps
+    /// their slots): filled lazily while a reader faults pages in, the RAM
+    /// must read as the original and hold no memory for the zeros it was
+    /// never asked for.
+    #[test]
+    fn stored_zero_pages_stay_holes_and_every_page_reads_back() {
+        let ram = GuestRam::new(PAGES * PAGE_SIZE).unwrap();
+        let gpa = |ram: &GuestRam, p: u64| ram.offset_to_gpa(p * PAGE_SIZE).unwrap();
+        // The first half allocated, every other page of it zeros.
+        let data = PAGES / 2;
+        for p in 0..data {
+            let fill = if p % 2 == 0 { 0 } else { p as u8 | 1 };
+            ram.write(gpa(&ram, p), &[fill; PAGE_SIZE as usize])
+                .unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!("migration-lazy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.snap");
+        crate::background_save::save(
+            &ram,
+            &path,
+            None,
+            || Ok((vmm::testing::state(ram.size()), None)),
+            || {},
+        )
+        .unwrap_or_else(|e| panic!("background save: {e:?}"));
+        let snap = LazySnapshot::open(&path).unwrap();
+        assert_eq!(snap.data_pages, data, "zero pages keep their slots");
+
+        let restored = GuestRam::new(PAGES * PAGE_SIZE).unwrap();
+        let lazy = Lazy::new(snap, &restored, Instant::now()).unwrap();
+        // The reader faults on a data page, a stored zero page and a hole
+        // (every 64th page from 1, 2 and data + 2) while the filler runs.
+        let touched: Vec<u64> = (0..data / 64)
+            .flat_map(|i| [1 + 64 * i, 2 + 64 * i, data + 2 + 64 * i])
+            .collect();
+        std::thread::scope(|s| {
+            let faults = s.spawn(|| lazy.serve_faults());
+            let reader = s.spawn(|| {
+                let mut page = vec![0u8; PAGE_SIZE as usize];
+                for &p in &touched {
+                    restored.read(gpa(&restored, p), &mut page).unwrap();
+                }
+            });
+            lazy.fill_all().unwrap();
+            reader.join().unwrap();
+            lazy.stop.store(true, Ordering::Release);
+            lazy.map.unregister(&lazy.uffd).unwrap();
+            faults.join().unwrap();
+        });
+        let p = &lazy.progress;
+        let zero_faults = p.zero_faults.load(Ordering::Relaxed);
+        assert_eq!(p.filled(), data / 2, "{p:?}");
+        assert_eq!(p.zero_stored.load(Ordering::Relaxed), data / 2, "{p:?}");
+        assert_eq!(p.done(), p.pages, "{p:?}");
+        assert!(zero_faults > 0, "the reader met no zero page: {p:?}");
+        assert!(zero_faults <= 2 * data / 64, "{p:?}");
+        // Memory held: the non-zero pages and the zeros faulted in, no more
+        // (checked before the comparison below reads, and so allocates, pages).
+        let held: u64 = restored.data_extents().unwrap().iter().map(|e| e.1).sum();
+        assert_eq!(held, (data / 2 + zero_faults) * PAGE_SIZE, "{p:?}");
+        let (mut want, mut got) = (vec![0u8; PAGE_SIZE as usize], vec![0u8; PAGE_SIZE as usize]);
+        for pg in 0..PAGES {
+            ram.read(gpa(&ram, pg), &mut want).unwrap();
+            restored.read(gpa(&restored, pg), &mut got).unwrap();
+            assert!(want == got, "page {pg} differs");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
