@@ -632,10 +632,12 @@ pub async fn set_parameters(
         (j.clone(), before)
     };
     let sock = state::control_path(&d.vm_dir(&job.vm));
+    let mut took_downtime = false;
     let applied = async {
         if let Some(ms) = max_downtime_ms {
             let req = json!({"cmd": "downtime", "max_downtime_ms": ms});
             vm_call(&sock, &req, Duration::from_secs(10)).await?;
+            took_downtime = true;
         }
         if max_bandwidth.is_some() {
             // Its own cap within its share of the host's, as at the start.
@@ -651,9 +653,15 @@ pub async fn set_parameters(
     .await;
     if let Err(e) = applied {
         // The VM process did not take them (its migration just ended): the
-        // job keeps what it ran with.
+        // job keeps what it runs with, the pause limit if only that was taken.
         if let Some(j) = d.reg().jobs.get_mut(id) {
-            j.opts = before;
+            j.opts.max_bandwidth = before.max_bandwidth;
+            if !took_downtime {
+                j.opts.max_downtime_ms = before.max_downtime_ms;
+            }
+            if took_downtime {
+                persist(d, j);
+            }
         }
         return Err(e.context(format!("job {id} did not take the new parameters")));
     }
@@ -673,7 +681,9 @@ pub async fn set_parameters(
 
 #[cfg(test)]
 mod tests {
+    use super::super::Registry;
     use super::*;
+    use std::sync::Mutex;
 
     #[test]
     fn targets() {
@@ -741,5 +751,141 @@ mod tests {
         assert_eq!(r["clear_before_send"], true, "on unless asked off");
         assert_eq!(r["streams"], 2);
         assert_eq!(r["max_downtime_ms"], 300);
+    }
+
+    /// A daemon with one running job `job1` of VM `vm1` (cap 2 MiB/s, pause
+    /// 300 ms) whose VM process is a fake on the control socket, answering
+    /// each command as `answer` says; returns the daemon and the commands
+    /// the fake received.
+    async fn daemon_with_fake_vm(
+        tag: &str,
+        answer: fn(&str) -> Value,
+    ) -> (Daemon, Arc<Mutex<Vec<Value>>>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let state_dir =
+            std::env::temp_dir().join(format!("migd-jobs-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        let mut reg = Registry::default();
+        let opts = MigrateOptions {
+            max_bandwidth: Some(2 << 20),
+            ..Default::default()
+        };
+        reg.jobs.insert(
+            "job1".into(),
+            Job {
+                id: "job1".into(),
+                vm: "vm1".into(),
+                to: "h:1".into(),
+                opts,
+                status: "active".into(),
+                started: 0,
+                ended: None,
+                error: None,
+                stats: json!({}),
+            },
+        );
+        let d = Daemon {
+            cfg: super::super::config::Config {
+                listen: "127.0.0.1:0".into(),
+                socket: state_dir.join("migd.sock"),
+                state_dir: state_dir.clone(),
+                insecure: true,
+                metrics_listen: None,
+                tls: None,
+                max_bandwidth: None,
+                postcopy_nice: 0,
+            },
+            exe: "/bin/false".into(),
+            reg: Mutex::new(reg),
+            metrics: Default::default(),
+            tls: None,
+        };
+        std::fs::create_dir_all(d.vm_dir("vm1")).unwrap();
+        std::fs::create_dir_all(d.jobs_dir()).unwrap();
+        let listener =
+            tokio::net::UnixListener::bind(state::control_path(&d.vm_dir("vm1"))).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let (r, mut w) = s.into_split();
+                let mut line = String::new();
+                let _ = tokio::io::BufReader::new(r).read_line(&mut line).await;
+                let req: Value = serde_json::from_str(&line).unwrap_or_default();
+                let reply = answer(req["cmd"].as_str().unwrap_or(""));
+                log.lock().unwrap().push(req);
+                let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+            }
+        });
+        (d, seen)
+    }
+
+    fn job_file(d: &Daemon) -> Option<Value> {
+        let text = std::fs::read(d.jobs_dir().join("job1.json")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    #[tokio::test]
+    async fn migrate_set_records_what_the_vm_process_took() {
+        // Refused outright: the job keeps both, nothing is persisted.
+        let (d, _) = daemon_with_fake_vm(
+            "refuse",
+            |_| json!({"ok": false, "error": "no migration running"}),
+        )
+        .await;
+        let e = set_parameters(&d, "job1", Some(0), Some(450))
+            .await
+            .unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("did not take") && msg.contains("no migration running"),
+            "{msg}"
+        );
+        let opts = d.reg().jobs["job1"].opts.clone();
+        assert_eq!(
+            (opts.max_bandwidth, opts.max_downtime_ms),
+            (Some(2 << 20), 300)
+        );
+        assert!(job_file(&d).is_none(), "nothing to persist");
+        std::fs::remove_dir_all(&d.cfg.state_dir).unwrap();
+
+        // The pause limit taken, the cap refused: the record says just that.
+        let (d, _) = daemon_with_fake_vm("half", |cmd| match cmd {
+            "downtime" => json!({"ok": true}),
+            _ => json!({"ok": false, "error": "migration ended"}),
+        })
+        .await;
+        assert!(set_parameters(&d, "job1", Some(0), Some(450))
+            .await
+            .is_err());
+        let opts = d.reg().jobs["job1"].opts.clone();
+        assert_eq!(
+            (opts.max_bandwidth, opts.max_downtime_ms),
+            (Some(2 << 20), 450)
+        );
+        let file = job_file(&d).expect("the pause limit taken is persisted");
+        assert_eq!(file["max_downtime_ms"], 450);
+        assert_eq!(file["max_bandwidth"], 2 << 20);
+        std::fs::remove_dir_all(&d.cfg.state_dir).unwrap();
+
+        // Both taken: recorded, persisted, and the process got them.
+        let (d, seen) = daemon_with_fake_vm("ok", |_| json!({"ok": true})).await;
+        set_parameters(&d, "job1", Some(0), Some(450))
+            .await
+            .unwrap();
+        let opts = d.reg().jobs["job1"].opts.clone();
+        assert_eq!((opts.max_bandwidth, opts.max_downtime_ms), (None, 450));
+        let file = job_file(&d).expect("persisted");
+        assert_eq!(file["max_downtime_ms"], 450);
+        assert!(file["max_bandwidth"].is_null(), "{file}");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![
+                json!({"cmd": "downtime", "max_downtime_ms": 450}),
+                json!({"cmd": "bandwidth", "max_bandwidth": null}),
+            ]
+        );
+        std::fs::remove_dir_all(&d.cfg.state_dir).unwrap();
     }
 }
