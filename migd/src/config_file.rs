@@ -197,6 +197,38 @@ mod tests {
         assert_eq!(f.insecure, Some(false));
         assert_eq!(f.metrics_listen.as_deref(), Some("127.0.0.1:9707"));
         assert_eq!(f.postcopy_nice, Some(DEFAULT_POSTCOPY_NICE));
+        // Every field, named so that a new key must be added here (and so to
+        // the example) for this to compile.
+        let File {
+            listen,
+            socket,
+            state_dir,
+            insecure,
+            metrics_listen,
+            max_bandwidth,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            tls_peers,
+            postcopy_nice,
+        } = f;
+        let set = [
+            listen.is_some(),
+            socket.is_some(),
+            state_dir.is_some(),
+            insecure.is_some(),
+            metrics_listen.is_some(),
+            max_bandwidth.is_some(),
+            tls_ca.is_some(),
+            tls_cert.is_some(),
+            tls_key.is_some(),
+            tls_peers.is_some_and(|p| p.len() == 2),
+            postcopy_nice.is_some(),
+        ];
+        assert!(
+            set.iter().all(|&s| s),
+            "keys missing from the example: {set:?}"
+        );
     }
 
     #[test]
