@@ -562,7 +562,7 @@ fn release(uffd: &Uffd, host: u64) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::AtomicU8;
 
@@ -575,9 +575,51 @@ mod tests {
     const PAUSED: u8 = 2;
     const STOP: u8 = 3;
 
-    fn gpa(ram: &GuestRam, page: u64) -> u64 {
+    pub(crate) fn gpa(ram: &GuestRam, page: u64) -> u64 {
         ram.offset_to_gpa(page * PAGE_SIZE)
             .expect("page inside RAM")
+    }
+
+    /// RAM of `pages` pages whose first half is allocated, every other page
+    /// of it zeros, saved in the background to `vm.snap` in a new scratch
+    /// directory named after `tag`: (RAM, directory, file, statistics).
+    pub(crate) fn half_zeros_saved(
+        pages: u64,
+        tag: &str,
+    ) -> (
+        GuestRam,
+        std::path::PathBuf,
+        std::path::PathBuf,
+        BackgroundStats,
+    ) {
+        let ram = GuestRam::new(pages * PAGE_SIZE).unwrap();
+        for p in 0..pages / 2 {
+            let fill = if p % 2 == 0 { 0 } else { p as u8 | 1 };
+            ram.write(gpa(&ram, p), &[fill; PAGE_SIZE as usize])
+                .unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!("migration-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.snap");
+        let stats = save(
+            &ram,
+            &path,
+            None,
+            || Ok((vmm::testing::state(ram.size()), None)),
+            || {},
+        )
+        .unwrap_or_else(|e| panic!("background save: {e:?}"));
+        (ram, dir, path, stats)
+    }
+
+    /// Asserts that every page of `got` reads as in `want`.
+    pub(crate) fn assert_same_ram(want: &GuestRam, got: &GuestRam) {
+        let (mut a, mut b) = (vec![0u8; PAGE_SIZE as usize], vec![0u8; PAGE_SIZE as usize]);
+        for p in 0..want.size() / PAGE_SIZE {
+            want.read(gpa(want, p), &mut a).unwrap();
+            got.read(gpa(got, p), &mut b).unwrap();
+            assert!(a == b, "page {p} differs");
+        }
     }
 
     /// A background save of RAM that a thread keeps writing, before the
@@ -672,25 +714,7 @@ mod tests {
     #[test]
     fn zero_pages_inside_data_extents_stay_holes_of_the_file_and_of_restored_ram() {
         use std::os::unix::fs::MetadataExt;
-        let ram = GuestRam::new(PAGES * PAGE_SIZE).unwrap();
-        // Every page of the first half is allocated; every other one is zero.
-        for p in 0..DATA_PAGES {
-            let fill = if p % 2 == 0 { 0 } else { p as u8 | 1 };
-            ram.write(gpa(&ram, p), &[fill; PAGE_SIZE as usize])
-                .unwrap();
-        }
-        let dir =
-            std::env::temp_dir().join(format!("migration-bgsave-zero-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("vm.snap");
-        let stats = save(
-            &ram,
-            &path,
-            None,
-            || Ok((vmm::testing::state(ram.size()), None)),
-            || {},
-        )
-        .unwrap_or_else(|e| panic!("background save: {e:?}"));
+        let (ram, dir, path, stats) = half_zeros_saved(PAGES, "bgsave-zero");
         assert_eq!(
             stats.snapshot.data_pages, DATA_PAGES,
             "zero pages keep their slots"
@@ -710,12 +734,7 @@ mod tests {
             DATA_PAGES / 2 * PAGE_SIZE,
             "memory the restored RAM holds"
         );
-        let (mut want, mut got) = (vec![0u8; PAGE_SIZE as usize], vec![0u8; PAGE_SIZE as usize]);
-        for p in 0..PAGES {
-            ram.read(gpa(&ram, p), &mut want).unwrap();
-            restored.read(gpa(&restored, p), &mut got).unwrap();
-            assert!(want == got, "page {p} differs");
-        }
+        assert_same_ram(&ram, &restored);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -395,6 +395,7 @@ pub fn restore(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::background_save::tests::{assert_same_ram, gpa, half_zeros_saved};
 
     const PAGES: u64 = 4096;
 
@@ -404,26 +405,8 @@ mod tests {
     /// never asked for.
     #[test]
     fn stored_zero_pages_stay_holes_and_every_page_reads_back() {
-        let ram = GuestRam::new(PAGES * PAGE_SIZE).unwrap();
-        let gpa = |ram: &GuestRam, p: u64| ram.offset_to_gpa(p * PAGE_SIZE).unwrap();
-        // The first half allocated, every other page of it zeros.
+        let (ram, dir, path, _) = half_zeros_saved(PAGES, "lazy");
         let data = PAGES / 2;
-        for p in 0..data {
-            let fill = if p % 2 == 0 { 0 } else { p as u8 | 1 };
-            ram.write(gpa(&ram, p), &[fill; PAGE_SIZE as usize])
-                .unwrap();
-        }
-        let dir = std::env::temp_dir().join(format!("migration-lazy-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("vm.snap");
-        crate::background_save::save(
-            &ram,
-            &path,
-            None,
-            || Ok((vmm::testing::state(ram.size()), None)),
-            || {},
-        )
-        .unwrap_or_else(|e| panic!("background save: {e:?}"));
         let snap = LazySnapshot::open(&path).unwrap();
         assert_eq!(snap.data_pages, data, "zero pages keep their slots");
 
@@ -459,12 +442,7 @@ mod tests {
         // (checked before the comparison below reads, and so allocates, pages).
         let held: u64 = restored.data_extents().unwrap().iter().map(|e| e.1).sum();
         assert_eq!(held, (data / 2 + zero_faults) * PAGE_SIZE, "{p:?}");
-        let (mut want, mut got) = (vec![0u8; PAGE_SIZE as usize], vec![0u8; PAGE_SIZE as usize]);
-        for pg in 0..PAGES {
-            ram.read(gpa(&ram, pg), &mut want).unwrap();
-            restored.read(gpa(&restored, pg), &mut got).unwrap();
-            assert!(want == got, "page {pg} differs");
-        }
+        assert_same_ram(&ram, &restored);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
