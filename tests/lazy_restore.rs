@@ -56,21 +56,6 @@ fn wait_log(p: &Path, needle: &str, timeout: Duration) -> String {
     }
 }
 
-/// Bytes of memory the guest RAM memfd of VM process `pid` holds.
-fn guest_ram_bytes(pid: u32) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-    {
-        let target = std::fs::read_link(fd.path()).unwrap_or_default();
-        if target.to_string_lossy().contains("migd-guest-ram") {
-            return std::fs::metadata(fd.path()).unwrap().blocks() * 512;
-        }
-    }
-    panic!("no guest RAM memfd in /proc/{pid}/fd");
-}
-
 /// Boots the guest with `workload`, lets it run, snapshots it with SIGUSR2.
 /// Returns (snapshot path, console, last heartbeat before the snapshot).
 fn take_snapshot(

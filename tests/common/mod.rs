@@ -416,3 +416,57 @@ pub fn tls_flags(ca_dir: &Path, host: &str, peers: &[&str]) -> Vec<String> {
     }
     f
 }
+
+/// `/proc/PID/fd/N` of the guest RAM memfd of VM process `pid`.
+pub fn guest_ram_fd(pid: u32) -> PathBuf {
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        if target.to_string_lossy().contains("migd-guest-ram") {
+            return fd.path();
+        }
+    }
+    panic!("no guest RAM memfd in /proc/{pid}/fd");
+}
+
+/// Bytes of memory the guest RAM memfd of VM process `pid` holds.
+pub fn guest_ram_bytes(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(guest_ram_fd(pid)).unwrap().blocks() * 512
+}
+
+/// Writes zeros over `bytes` of the guest RAM of VM process `pid` that hold
+/// no memory yet (a hole of its memfd, which the guest does not use), as a
+/// guest that zeroed memory it freed leaves it: allocated, but zeros.
+/// Returns the memfd offset.
+pub fn zero_fill_unused(pid: u32, bytes: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(guest_ram_fd(pid))
+        .unwrap();
+    let size = f.metadata().unwrap().len();
+    let seek = |off: u64, whence| unsafe { libc::lseek(f.as_raw_fd(), off as i64, whence) };
+    // The last hole of at least `bytes`, from the top down.
+    let mut hole = None;
+    let mut off = 0u64;
+    while off < size {
+        let h = seek(off, libc::SEEK_HOLE);
+        if h < 0 || h as u64 >= size {
+            break;
+        }
+        let d = seek(h as u64, libc::SEEK_DATA);
+        let end = if d < 0 { size } else { d as u64 };
+        if end - h as u64 >= bytes {
+            hole = Some(end - bytes);
+        }
+        off = end;
+    }
+    let at = hole.unwrap_or_else(|| panic!("no hole of {bytes} bytes in guest RAM"));
+    f.write_all_at(&vec![0u8; bytes as usize], at).unwrap();
+    at
+}

@@ -40,8 +40,11 @@
 //! Destination: guest RAM is registered with userfaultfd (missing mode; the
 //! memfd is shared memory, filled with `UFFDIO_COPY`) before the state is
 //! loaded. Faults on pages that are not expected (zero pages, never sent) are
-//! filled with zeros locally. In hybrid mode the expected pages already hold
-//! stale pre-copy data: their holes are punched first so that they fault.
+//! filled with zeros locally. Expected pages the source finds to be zeros
+//! (`Zero`) are booked as received but left holes: they take no memory until
+//! the guest touches them, and a fault on one is filled with zeros here. In
+//! hybrid mode the expected pages already hold stale pre-copy data: their
+//! holes are punched first so that they fault.
 
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
@@ -895,6 +898,12 @@ struct Dest {
     pages: u64,
     expected: Vec<u64>,
     received: Vec<AtomicU64>,
+    /// Received pages that were zeros on the source and are left holes of
+    /// guest RAM (set before their `received` bit): a fault on one is filled
+    /// with zeros here; untouched, they take no memory.
+    zeros: Vec<AtomicU64>,
+    /// Pages in `zeros`.
+    zeros_held: AtomicU64,
     total: u64,
     filled: AtomicU64,
     /// Pages asked for and not yet here, with the time of the fault.
@@ -1016,6 +1025,55 @@ impl PostcopyWatch {
 }
 
 impl Dest {
+    /// A destination expecting the pages set in `expected` (a bitmap of
+    /// `pages` bits) in `map`, already registered with `uffd`; `done` gets
+    /// the outcome. The session's peer fields are the caller's to set.
+    fn new(
+        uffd: Uffd,
+        map: RamMap,
+        pages: u64,
+        expected: Vec<u64>,
+        done: mpsc::Sender<Result<()>>,
+    ) -> Dest {
+        Dest {
+            uffd,
+            map,
+            pages,
+            received: expected.iter().map(|_| AtomicU64::new(0)).collect(),
+            zeros: expected.iter().map(|_| AtomicU64::new(0)).collect(),
+            zeros_held: AtomicU64::new(0),
+            total: popcount(&expected),
+            expected,
+            filled: AtomicU64::new(0),
+            pending: Mutex::new(HashMap::new()),
+            latencies_us: Mutex::new(Vec::new()),
+            demand: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
+            prepaged: AtomicU64::new(0),
+            duplicate: AtomicU64::new(0),
+            zero_faults: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            t0: Instant::now(),
+            resumed_ns: AtomicU64::new(0),
+            last_fill_ns: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            done: Mutex::new(Some(done)),
+            source: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            token: 0,
+            channel: false,
+            generation: AtomicU64::new(0),
+            requests: Mutex::new(None),
+            main: Mutex::new(None),
+            links: Mutex::new(Vec::new()),
+            link_up: AtomicBool::new(false),
+            recoveries: AtomicU64::new(0),
+            recover_port: 0,
+            tls: None,
+            report: Mutex::new(None),
+            failure: Mutex::new(None),
+        }
+    }
+
     fn received(&self, pfn: u64) -> bool {
         self.received[(pfn / 64) as usize].load(Ordering::Acquire) & (1 << (pfn % 64)) != 0
     }
@@ -1028,9 +1086,10 @@ impl Dest {
 
     /// Fills the `n` pages from `off` with `data` (`n` pages of bytes, or
     /// zeros when `None`): one `UFFDIO_COPY` for the run where none of its
-    /// pages is there yet. Errors of the peer's making are protocol errors
-    /// (the session ends, the source recovers); a failing `UFFDIO_COPY` is
-    /// ours and fails the migration.
+    /// pages is there yet; zeros are only booked (see [`Dest::hold_zeros`]).
+    /// Errors of the peer's making are protocol errors (the session ends,
+    /// the source recovers); a failing `UFFDIO_COPY` is ours and fails the
+    /// migration.
     fn fill(&self, off: u64, n: u64, data: Option<&[u8]>, urgent: bool) -> Result<()> {
         if n == 0 {
             return Ok(());
@@ -1044,6 +1103,9 @@ impl Dest {
                 "pages {off:#x} + {n} were not announced in the PageMap"
             )));
         }
+        let Some(data) = data else {
+            return self.hold_zeros(first, n, urgent);
+        };
         let Some(host) = self.map.host_run(off, n * PAGE_SIZE) else {
             if n == 1 {
                 return Err(Error::Protocol(format!("page {off:#x} outside RAM")));
@@ -1051,19 +1113,22 @@ impl Dest {
             // The run spans two RAM mappings: page by page.
             for i in 0..n {
                 let page = (i * PAGE_SIZE) as usize..((i + 1) * PAGE_SIZE) as usize;
-                self.fill(off + i * PAGE_SIZE, 1, data.map(|d| &d[page]), urgent)?;
+                self.fill(off + i * PAGE_SIZE, 1, Some(&data[page]), urgent)?;
             }
             return Ok(());
         };
         let mut newly = 0;
-        let filled = self.uffd.fill_run(host, data, n * PAGE_SIZE, |i, filled| {
-            if filled {
-                self.record_fill(first + i, urgent);
-                newly += 1;
-            } else {
-                self.duplicate.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+        let filled = self
+            .uffd
+            .fill_run(host, Some(data), n * PAGE_SIZE, |i, filled| {
+                // A copy into a page held as zeros fills its hole, but the page
+                // was received already: a duplicate too.
+                if filled && self.record_fill(first + i, urgent) {
+                    newly += 1;
+                } else {
+                    self.duplicate.fetch_add(1, Ordering::Relaxed);
+                }
+            });
         match filled {
             Ok(()) => {}
             // Every page is here and guest RAM was unregistered while this
@@ -1075,22 +1140,86 @@ impl Dest {
                 return Err(e);
             }
         }
+        self.count_filled(newly);
+        Ok(())
+    }
+
+    /// Adds `newly` pages to those received; the last one completes the phase.
+    fn count_filled(&self, newly: u64) {
         if newly == 0 {
-            return Ok(());
+            return;
         }
         self.last_fill_ns
             .fetch_max(self.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if self.filled.fetch_add(newly, Ordering::AcqRel) + newly == self.total {
             self.finish(Ok(()));
         }
+    }
+
+    /// Books the `n` pages from page `first`, zeros on the source, as
+    /// received without filling them: they stay holes of guest RAM, which
+    /// read as zeros once userfaultfd is gone, and take no memory until the
+    /// guest writes them (as pre-copy punches its zero pages out). A guest
+    /// thread already waiting for one gets it filled with zeros now; one that
+    /// faults later, by the fault thread ([`Dest::settle`]).
+    fn hold_zeros(&self, first: u64, n: u64, urgent: bool) -> Result<()> {
+        let mut newly = 0;
+        for pfn in first..first + n {
+            let (w, b) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
+            // Marked before `received`: whoever sees the page received also
+            // sees that it is a hole.
+            if self.received[w].load(Ordering::Acquire) & b == 0 {
+                self.zeros[w].fetch_or(b, Ordering::AcqRel);
+            }
+            if self.record_fill(pfn, urgent) {
+                newly += 1;
+                self.zeros_held.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.duplicate.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count_filled(newly);
         Ok(())
     }
 
-    /// Books page `pfn` as received: how it came, and how long its fault
-    /// waited if one did.
-    fn record_fill(&self, pfn: u64, urgent: bool) {
-        self.received[(pfn / 64) as usize].fetch_or(1 << (pfn % 64), Ordering::AcqRel);
+    /// A fault on received page `pfn` at `page_addr`: a page held as zeros
+    /// is filled with them (which wakes the thread), any other is there and
+    /// the thread is woken.
+    fn settle(&self, page_addr: u64, pfn: u64) -> Result<()> {
+        let zero = self.zeros[(pfn / 64) as usize].load(Ordering::Acquire) & (1 << (pfn % 64)) != 0;
+        if zero {
+            match self.uffd.zeropage(page_addr, PAGE_SIZE) {
+                Ok(true) => {
+                    self.zero_faults.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(e) if self.stop.load(Ordering::Relaxed) => {
+                    tracing::debug!("zero fill after completion: {e}")
+                }
+                Err(e) => return Err(io_err("UFFDIO_ZEROPAGE (page held as zeros)")(e)),
+            }
+        }
+        let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+        Ok(())
+    }
+
+    /// Books page `pfn` as received, unless it was already (false): how it
+    /// came, and how long its fault waited if one did. A guest thread that
+    /// waits for a page held as zeros gets them here.
+    fn record_fill(&self, pfn: u64, urgent: bool) -> bool {
+        let b = 1u64 << (pfn % 64);
+        if self.received[(pfn / 64) as usize].fetch_or(b, Ordering::AcqRel) & b != 0 {
+            return false;
+        }
         let asked = lock(&self.pending).remove(&pfn);
+        if asked.is_some() && self.zeros[(pfn / 64) as usize].load(Ordering::Acquire) & b != 0 {
+            if let Some(host) = self.map.host(pfn * PAGE_SIZE) {
+                if let Err(e) = self.settle(host, pfn) {
+                    tracing::warn!("filling a waited-for zero page: {e}");
+                }
+            }
+        }
         // A page that was asked for came on demand, whichever way it came;
         // others on the fault channel are its pre-paged neighbours.
         match (asked.is_some(), urgent) {
@@ -1102,6 +1231,7 @@ impl Dest {
         if let Some(at) = asked {
             lock(&self.latencies_us).push(at.elapsed().as_micros() as u64);
         }
+        true
     }
 
     /// Fills the pages of a batch (`data` holds them in the order of
@@ -1210,8 +1340,7 @@ impl Dest {
                 return Ok(());
             }
             if self.received(pfn) {
-                let _ = self.uffd.wake(page_addr, PAGE_SIZE);
-                return Ok(());
+                return self.settle(page_addr, pfn);
             }
             {
                 let mut p = lock(&self.pending);
@@ -1226,8 +1355,7 @@ impl Dest {
             if self.received(pfn) {
                 // Arrived in between.
                 lock(&self.pending).remove(&pfn);
-                let _ = self.uffd.wake(page_addr, PAGE_SIZE);
-                return Ok(());
+                return self.settle(page_addr, pfn);
             }
             self.request(pfn);
             Ok(())
@@ -1588,41 +1716,13 @@ pub(crate) fn receive(
         .map_err(io_err("recovery listener"))?
         .port();
     let (done_tx, done_rx) = mpsc::channel();
-    let dest = Arc::new(Dest {
-        uffd,
-        map,
-        pages,
-        received: expected.iter().map(|_| AtomicU64::new(0)).collect(),
-        expected,
-        total,
-        filled: AtomicU64::new(0),
-        pending: Mutex::new(HashMap::new()),
-        latencies_us: Mutex::new(Vec::new()),
-        demand: AtomicU64::new(0),
-        pushed: AtomicU64::new(0),
-        prepaged: AtomicU64::new(0),
-        duplicate: AtomicU64::new(0),
-        zero_faults: AtomicU64::new(0),
-        faults: AtomicU64::new(0),
-        t0: Instant::now(),
-        resumed_ns: AtomicU64::new(0),
-        last_fill_ns: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-        done: Mutex::new(Some(done_tx)),
-        source,
-        token,
-        channel: urgent.is_some(),
-        generation: AtomicU64::new(0),
-        requests: Mutex::new(None),
-        main: Mutex::new(None),
-        links: Mutex::new(Vec::new()),
-        link_up: AtomicBool::new(false),
-        recoveries: AtomicU64::new(0),
-        recover_port,
-        tls: tls.cloned(),
-        report: Mutex::new(None),
-        failure: Mutex::new(None),
-    });
+    let mut dest = Dest::new(uffd, map, pages, expected, done_tx);
+    dest.source = source;
+    dest.token = token;
+    dest.channel = urgent.is_some();
+    dest.recover_port = recover_port;
+    dest.tls = tls.cloned();
+    let dest = Arc::new(dest);
     let faults = {
         let d = dest.clone();
         spawn("uffd-faults", move || {
@@ -1689,6 +1789,8 @@ pub(crate) fn receive(
                     pushed = report.pushed,
                     prepaged = report.prepaged,
                     duplicate = report.duplicate,
+                    zeros_held = dest.zeros_held.load(Ordering::Relaxed),
+                    zero_faults = report.zero_faults,
                     faults = report.faults,
                     p50_us = report.p50_us,
                     p99_us = report.p99_us,
@@ -1809,5 +1911,84 @@ mod tests {
         assert!(uffd.copy(host as u64, &page.0).unwrap());
         uffd.unregister(host as u64, r.len).unwrap();
         assert_eq!(mem.page(0).unwrap()[0], 9);
+    }
+
+    /// Zeros from the source are booked without filling: a page read later
+    /// is filled with zeros by the fault thread, one a thread already waits
+    /// for is filled at once, data for one is a duplicate, and untouched ones
+    /// take no memory.
+    #[test]
+    fn zeros_are_held_as_holes_and_filled_when_touched() {
+        let ram = vmm::GuestRam::new(16 << 20).unwrap();
+        let uffd = match Uffd::new() {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("SKIP: userfaultfd unavailable: {e}");
+                return;
+            }
+        };
+        let map = RamMap::new(&ram);
+        map.register(&uffd).unwrap();
+        let pages = ram.size() / PAGE_SIZE;
+        let mut expected = vec![0u64; pages.div_ceil(64) as usize];
+        expected[0] = 0xffff; // pages 0..16
+        let (tx, rx) = mpsc::channel();
+        let d = Dest::new(uffd, map, pages, expected, tx);
+        let read = |pfn: u64| {
+            let mut b = vec![1u8; PAGE_SIZE as usize];
+            ram.read(ram.offset_to_gpa(pfn * PAGE_SIZE).unwrap(), &mut b)
+                .unwrap();
+            b.iter().all(|&x| x == 0)
+        };
+        let data = Page([0x5a; PAGE_SIZE as usize]);
+        std::thread::scope(|s| {
+            let faults = s.spawn(|| d.handle_faults());
+            // A guest thread reading `pfn`: its result, or (a fault never
+            // answered) RAM released from userfaultfd and a failure.
+            let reader = |pfn: u64| {
+                let (tx, rx) = mpsc::channel();
+                s.spawn(move || tx.send(read(pfn)));
+                rx
+            };
+            let answer = |rx: mpsc::Receiver<bool>, pfn: u64| {
+                rx.recv_timeout(Duration::from_secs(10))
+                    .unwrap_or_else(|_| {
+                        d.stop.store(true, Ordering::Release);
+                        let _ = d.map.unregister(&d.uffd);
+                        panic!("the fault on page {pfn} was never answered")
+                    })
+            };
+            // Pages 0..8 held; the guest reads page 3 later.
+            d.fill(0, 8, None, false).unwrap();
+            assert!(answer(reader(3), 3), "page 3 reads as zeros");
+            // A thread waits for page 10 when its zeros come.
+            let waiter = reader(10);
+            while !lock(&d.pending).contains_key(&10) {
+                std::thread::yield_now();
+            }
+            d.fill(10 * PAGE_SIZE, 1, None, true).unwrap();
+            assert!(answer(waiter, 10), "page 10 reads as zeros");
+            // The source answering for page 5 too: a duplicate.
+            d.fill(5 * PAGE_SIZE, 1, Some(&[0; PAGE_SIZE as usize]), true)
+                .unwrap();
+            // The rest with data: the phase is complete.
+            for pfn in [8, 9, 11, 12, 13, 14, 15] {
+                d.fill(pfn * PAGE_SIZE, 1, Some(&data.0), false).unwrap();
+            }
+            rx.recv().unwrap().unwrap();
+            d.stop.store(true, Ordering::Release);
+            faults.join().unwrap().unwrap();
+        });
+        let count = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        assert_eq!(count(&d.filled), 16);
+        assert_eq!(count(&d.zeros_held), 9);
+        assert_eq!(count(&d.zero_faults), 2, "pages 3 and 10 filled with zeros");
+        assert_eq!(count(&d.duplicate), 1);
+        assert_eq!(count(&d.demand), 1, "page 10 was asked for");
+        // Memory: pages 3, 5 and 10, and the seven with data; no more.
+        d.map.unregister(&d.uffd).unwrap();
+        let held: u64 = ram.data_extents().unwrap().iter().map(|e| e.1).sum();
+        assert_eq!(held, 10 * PAGE_SIZE);
+        assert!((0..8).chain([10]).all(read), "held zeros read as zeros");
     }
 }
