@@ -95,7 +95,7 @@ fn migrate_once(
     assert_eq!(dst.terminate(), 0);
     console.assert_clean();
     eprintln!(
-        "{tag}: expected={expected} demand={demand} pushed={pushed} prepaged={prepaged} duplicate={} faults={} p50={}us p99={}us max={}us zero_faults={} resume_ms={:.1} downtime_ms={:.1} total_ms={:.1}",
+        "{tag}: src_held={src_held} dst_held={dst_held} expected={expected} demand={demand} pushed={pushed} prepaged={prepaged} duplicate={} faults={} p50={}us p99={}us max={}us zero_faults={} resume_ms={:.1} downtime_ms={:.1} total_ms={:.1}",
         p["duplicate"], stats["faults"]["count"], stats["faults"]["p50_us"], stats["faults"]["p99_us"],
         stats["faults"]["max_us"], stats["faults"]["zero"], stats["resume_ms"].as_f64().unwrap(),
         stats["downtime_ms"].as_f64().unwrap(), stats["total_ms"].as_f64().unwrap()
