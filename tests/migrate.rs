@@ -24,6 +24,10 @@ fn back_and_forth(cpus: usize, hops: usize) {
     let console = src.console.clone();
     console.wait_for("WORKLOAD READY", Duration::from_secs(60));
     console.wait_heartbeats(0, 2, Duration::from_secs(30));
+    // Memory the guest zeroed takes none on the destinations.
+    const ZEROED: u64 = 16 << 20;
+    zero_fill_unused(src.child.id(), ZEROED);
+    let src_held = guest_ram_bytes(src.child.id());
     for hop in 1..=hops {
         let port = free_port();
         let dst = VmProcess::incoming(&dir, &format!("hop{hop}"), &console, port, "256M", cpus);
@@ -57,6 +61,11 @@ fn back_and_forth(cpus: usize, hops: usize) {
         assert!(model["total_error_pct"].is_number(), "{stats}");
         assert_eq!(src.request(json!({"cmd": "status"}))["state"], "migrated");
         assert_eq!(dst.request(json!({"cmd": "status"}))["state"], "running");
+        let dst_held = guest_ram_bytes(dst.child.id());
+        assert!(
+            dst_held + ZEROED <= src_held + (1 << 20),
+            "hop {hop}: the destination holds {dst_held} bytes of guest RAM, the first source {src_held} with {ZEROED} of zeros"
+        );
         src.request(json!({"cmd": "stop"}));
         assert_eq!(src.wait(Duration::from_secs(20)), 0);
         console.wait_heartbeats(before, 3, Duration::from_secs(30));
