@@ -1216,7 +1216,9 @@ impl Dest {
         if asked.is_some() && self.zeros[(pfn / 64) as usize].load(Ordering::Acquire) & b != 0 {
             if let Some(host) = self.map.host(pfn * PAGE_SIZE) {
                 if let Err(e) = self.settle(host, pfn) {
-                    tracing::warn!("filling a waited-for zero page: {e}");
+                    // Its thread cannot go on: as a failing UFFDIO_COPY.
+                    tracing::error!("filling a waited-for zero page: {e}");
+                    self.finish(Err(e));
                 }
             }
         }
