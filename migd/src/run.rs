@@ -808,7 +808,7 @@ fn start_migration(
                 }
                 _ => precopy::migrate(&vm, &params, &job),
             };
-            job.update(|s| s.model = migration::model::check(s));
+            job.update(|s| s.model = migration::model::check(s, vm.config().vcpus));
             tracing::info!(?outcome, "migration ended");
             let _ = tx.send(Event::Migrated(outcome));
         })
@@ -860,8 +860,7 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
     let path = migration::probe::probe(to, 32 << 20, tls()).map_err(|e| e.to_string())?;
     let inputs = Inputs {
         memory_bytes: memory_bytes as f64,
-        // Measured: ~11 KiB of state per vCPU (XSAVE, LAPIC, CPUID, MSRs) plus devices.
-        state_bytes: ((vm.config().vcpus * 11 + 1) * 1024) as f64,
+        state_bytes: model::state_bytes(vm.config().vcpus),
         dirty_rate: (dirty_pages * vmm::memory::PAGE_SIZE) as f64 / window.as_secs_f64(),
         bandwidth: path.bandwidth,
         rtt: path.rtt,
@@ -874,6 +873,7 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
             .get("prepaging_window")
             .and_then(|v| v.as_f64())
             .unwrap_or(16.0),
+        vcpus: vm.config().vcpus as u32,
     };
     let all: serde_json::Map<String, serde_json::Value> = ["precopy", "postcopy", "hybrid"]
         .iter()

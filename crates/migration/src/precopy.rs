@@ -788,7 +788,13 @@ pub(crate) fn switch_allowance_ms(rtt_ms: f64, vcpus: usize, bandwidth: f64) -> 
     } else {
         0.0
     };
-    2.0 * rtt_ms + state + SWITCH_MS + vcpus as f64 * SWITCH_MS_PER_VCPU
+    2.0 * rtt_ms + state + switch_work_ms(vcpus)
+}
+
+/// The work of a switch-over whatever the link, ms: pausing, capturing,
+/// restoring and resuming `vcpus` vCPUs and handling the exchanges.
+pub(crate) fn switch_work_ms(vcpus: usize) -> f64 {
+    SWITCH_MS + vcpus as f64 * SWITCH_MS_PER_VCPU
 }
 
 /// The VM state's size per vCPU, bytes, rounded up: 11.6 KiB for the test
