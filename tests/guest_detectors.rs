@@ -57,6 +57,31 @@ fn corrupted_page_is_reported() {
 }
 
 #[test]
+fn a_word_in_the_zeroed_memory_is_reported() {
+    if !kvm_or_skip("a_word_in_the_zeroed_memory_is_reported") {
+        return;
+    }
+    let (_dir, vm, console) = boot("det-zeros", "workload=idle zeros=2", 1);
+    // The layout line: `zeros=BASE+LEN`.
+    let text = console.text();
+    let layout = text
+        .lines()
+        .find(|l| l.starts_with("TESTGUEST layout"))
+        .expect("layout line");
+    let zeros = layout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("zeros="))
+        .expect("zeros= in the layout line");
+    let (base, len) = zeros.split_once('+').unwrap();
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
+    let (base, len) = (hex(base), hex(len));
+    assert_eq!(len, 2 << 20);
+    vm.ram().write(base + len / 2 + 8, &[0x77; 8]).unwrap();
+    let line = console.wait_for("WORKLOAD CORRUPT zeros", Duration::from_secs(20));
+    assert!(line.contains("found=0x7777777777777777"), "{line}");
+}
+
+#[test]
 fn corrupted_avx_register_is_reported() {
     if !kvm_or_skip("corrupted_avx_register_is_reported") {
         return;

@@ -124,6 +124,29 @@ fn postcopy_one_vcpu() {
 }
 
 #[test]
+fn postcopy_zero_pages_the_guest_reads_come_as_zeros() {
+    if !kvm_or_skip("postcopy_zero_pages_the_guest_reads_come_as_zeros") {
+        return;
+    }
+    // The guest wrote zeros over 16 MiB and verifies them all the time: on
+    // the destination it reads them while they are held as holes, or before
+    // their `Zero` came (then answered as zeros); both fill them with zeros
+    // there, and a page that did not read as zeros would be CORRUPT.
+    let stats = migrate_once(
+        "postcopy-zeros",
+        1,
+        "workload=dirty:32:64 zeros=16",
+        json!({"mode": "postcopy"}),
+        |_, _| {},
+    );
+    assert!(
+        stats["pages"]["zero"].as_u64().unwrap() >= 2 * ZEROED / 4096,
+        "the guest's zeros and the unused memory zeroed: {stats}"
+    );
+    assert!(stats["faults"]["zero"].as_u64().unwrap() > 0, "{stats}");
+}
+
+#[test]
 fn postcopy_two_vcpus() {
     if !kvm_or_skip("postcopy_two_vcpus") {
         return;

@@ -202,6 +202,8 @@ pub struct Config {
     pub compressible: bool,
     /// `hot=<pct>` (1..=99): that share of each slice gets half of the rewrites.
     pub hot_pct: u64,
+    /// `zeros=<MiB>`: memory written with zeros at boot and verified as zeros.
+    pub zeros_mib: u64,
 }
 
 fn num(s: &str) -> Option<u64> {
@@ -226,6 +228,7 @@ impl Config {
             selftest: None,
             compressible: false,
             hot_pct: 0,
+            zeros_mib: 0,
         };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, val)) = word.split_once('=') else {
@@ -278,6 +281,11 @@ impl Config {
                 "hot" => {
                     c.hot_pct = num(val)
                         .filter(|p| (1..=99).contains(p))
+                        .unwrap_or_else(|| bad())
+                }
+                "zeros" => {
+                    c.zeros_mib = num(val)
+                        .filter(|&m| m <= 1 << 20)
                         .unwrap_or_else(|| bad())
                 }
                 "selftest" => {

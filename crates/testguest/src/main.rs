@@ -198,6 +198,23 @@ fn boot_cpu_main() -> ! {
         )
     };
 
+    // `zeros=`: memory the boot CPU writes zeros to and keeps verifying.
+    let zeros_pages = cfg.zeros_mib * 256;
+    let zeros_base = if zeros_pages == 0 {
+        0
+    } else {
+        alloc.take(zeros_pages * PAGE, PAGE).unwrap_or_else(|| {
+            fatal(
+                exit_code::NO_MEMORY,
+                format_args!(
+                    "zeros={} MiB do not fit beside the working set: largest free RAM range is {} MiB",
+                    cfg.zeros_mib,
+                    alloc.largest(PAGE) >> 20
+                ),
+            )
+        })
+    };
+
     let rate_pages = cfg.rate_mib * 256 / n as u64;
     let rate_pages = if cfg.rate_mib > 0 {
         rate_pages.max(1)
@@ -218,10 +235,11 @@ fn boot_cpu_main() -> ! {
     );
     let (stacks, stacks_len) = boot::stacks_range();
     println!(
-        "TESTGUEST layout image={:#x}-{:#x} user_stacks={stacks:#x}+{stacks_len:#x} gens={gens_base:#x}+{gens_bytes:#x} workset={ws_base:#x}+{:#x} trampoline={TRAMPOLINE_ADDR:#x}",
+        "TESTGUEST layout image={:#x}-{:#x} user_stacks={stacks:#x}+{stacks_len:#x} gens={gens_base:#x}+{gens_bytes:#x} workset={ws_base:#x}+{:#x} zeros={zeros_base:#x}+{:#x} trampoline={TRAMPOLINE_ADDR:#x}",
         0x10_0000,
         boot::image_end(),
-        pages * PAGE
+        pages * PAGE,
+        zeros_pages * PAGE
     );
     if let Some(note) = cpus.note {
         println!("TESTGUEST note: {note}");
@@ -246,6 +264,8 @@ fn boot_cpu_main() -> ! {
         runtime_s: cfg.runtime_s,
         compressible: cfg.compressible,
         hot_pct: cfg.hot_pct,
+        zeros_base,
+        zeros_pages,
     });
 
     // Start the APs one at a time: INIT, 10 ms, SIPI, 200 us, SIPI; the

@@ -41,6 +41,8 @@ const FILL_CHUNK: u64 = 64;
 const WRITE_CHUNK: u64 = 16;
 /// Pages verified per loop iteration.
 const VERIFY_CHUNK: u64 = 32;
+/// Pages of the `zeros=` memory verified per loop iteration of the boot CPU.
+const ZEROS_CHUNK: u64 = 8;
 /// Seconds after READY at which `selftest=` fires.
 const SELFTEST_DELAY_S: u64 = 3;
 /// An AP whose loop makes no progress for this long is reported.
@@ -73,6 +75,11 @@ pub struct Plan {
     pub compressible: bool,
     /// `hot=<pct>`: share of each slice that gets half of the rewrites (0: none).
     pub hot_pct: u64,
+    /// `zeros=`: physical address and pages of the memory that must read as
+    /// zeros (written with zeros by the boot CPU before READY, then verified
+    /// by it forever).
+    pub zeros_base: u64,
+    pub zeros_pages: u64,
 }
 
 struct PlanCell(UnsafeCell<Option<Plan>>);
@@ -310,6 +317,55 @@ struct Worker {
     credit: u64,
     last_credit: u64,
     swept_since_halt: bool,
+    /// Boot CPU with `zeros=`: the next of those pages to verify.
+    zcur: u64,
+}
+
+/// Page `i` of the `zeros=` memory.
+fn zeros_page(p: &Plan, i: u64) -> *mut u64 {
+    (p.zeros_base + i * PAGE) as *mut u64
+}
+
+/// Writes zeros over the `zeros=` memory (boot CPU, before READY): fresh
+/// memory reads as zeros already, but only written memory is allocated.
+fn write_zeros(p: &Plan) {
+    for i in 0..p.zeros_pages {
+        let page = zeros_page(p, i);
+        for w in 0..WORDS {
+            // SAFETY: w < 512 words of a page of the zeros region, identity-mapped RAM.
+            unsafe { write_volatile(page.add(w), 0) };
+        }
+    }
+}
+
+/// Verifies that page `i` of the `zeros=` memory still reads as zeros; a
+/// word that does not is reported (and the page zeroed again, so that one
+/// corruption gives one report).
+fn verify_zeros(p: &Plan, i: u64) {
+    let page = zeros_page(p, i);
+    let mut any = 0;
+    for w in 0..WORDS {
+        // SAFETY: w < 512 words of a page of the zeros region.
+        any |= unsafe { read_volatile(page.add(w)) };
+    }
+    if any == 0 {
+        return;
+    }
+    for w in 0..WORDS {
+        // SAFETY: as above.
+        let got = unsafe { read_volatile(page.add(w)) };
+        if got != 0 {
+            corrupt!(
+                "zeros page={i} addr={:#x} word={w} found={got:#018x} want=0",
+                page as u64
+            );
+            break;
+        }
+    }
+    for w in 0..WORDS {
+        // SAFETY: as above.
+        unsafe { write_volatile(page.add(w), 0) };
+    }
 }
 
 impl Worker {
@@ -366,6 +422,13 @@ impl Worker {
     }
 
     fn verify_chunk(&mut self) {
+        let p = plan();
+        if self.cpu == 0 && p.zeros_pages > 0 {
+            for _ in 0..ZEROS_CHUNK.min(p.zeros_pages) {
+                verify_zeros(p, self.zcur);
+                self.zcur = (self.zcur + 1) % p.zeros_pages;
+            }
+        }
         let limit = self.filled;
         for _ in 0..VERIFY_CHUNK.min(limit) {
             self.slice.verify(self.cpu, self.vcur);
@@ -527,7 +590,11 @@ pub fn run(cpu: usize) -> ! {
         credit: 0,
         last_credit: now,
         swept_since_halt: false,
+        zcur: 0,
     };
+    if cpu == 0 {
+        write_zeros(p);
+    }
     let mut mon = (cpu == 0).then(|| Monitor::new(now));
     let mut selftest = p.selftest.filter(|&(_, c)| c == cpu);
     let may_halt = cpu != 0 && !(p.mode != Mode::Idle && p.rate_pages == 0);
