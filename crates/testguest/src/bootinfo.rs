@@ -284,9 +284,7 @@ impl Config {
                         .unwrap_or_else(|| bad())
                 }
                 "zeros" => {
-                    c.zeros_mib = num(val)
-                        .filter(|&m| m <= 1 << 20)
-                        .unwrap_or_else(|| bad())
+                    c.zeros_mib = num(val).filter(|&m| m <= 1 << 20).unwrap_or_else(|| bad())
                 }
                 "selftest" => {
                     let (kind, cpu) = match val.split_once('@') {
