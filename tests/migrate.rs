@@ -20,7 +20,8 @@ fn heartbeats(c: &Console) -> Vec<u64> {
 
 fn back_and_forth(cpus: usize, hops: usize) {
     let dir = scratch(&format!("migrate{cpus}"));
-    let mut src = VmProcess::boot(&dir, "hop0", "workload=dirty:32:64", "256M", cpus);
+    // The guest also keeps 8 MiB of zeros, which every hop must carry as zeros.
+    let mut src = VmProcess::boot(&dir, "hop0", "workload=dirty:32:64 zeros=8", "256M", cpus);
     let console = src.console.clone();
     console.wait_for("WORKLOAD READY", Duration::from_secs(60));
     console.wait_heartbeats(0, 2, Duration::from_secs(30));
