@@ -134,16 +134,18 @@ impl Lazy {
         let (mut filled, mut present, mut zero) = (0, 0, 0);
         let page = PAGE_SIZE as usize;
         let pages = data.len() / page;
+        let is_zero = |i: usize| vmm::memory::is_zero_page(&data[i * page..(i + 1) * page]);
+        // Runs of zero pages and of others, each page looked at once.
         let mut i = 0;
         while i < pages {
-            if vmm::memory::is_zero_page(&data[i * page..(i + 1) * page]) {
-                zero += 1;
+            let (start, zeros) = (i, is_zero(i));
+            i += 1;
+            while i < pages && is_zero(i) == zeros {
                 i += 1;
-                continue;
             }
-            let start = i;
-            while i < pages && !vmm::memory::is_zero_page(&data[i * page..(i + 1) * page]) {
-                i += 1;
+            if zeros {
+                zero += (i - start) as u64;
+                continue;
             }
             let (f, p) =
                 self.fill_run(off + (start * page) as u64, &data[start * page..i * page])?;
