@@ -369,7 +369,13 @@ fn daemon_vm_lifecycle_survives_a_daemon_restart() {
     let info: Value = serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap();
     assert_eq!(info["state"], "running");
     assert_eq!(info["cmdline"], "workload=dirty:16:8");
-    assert!(d.ok(&["info", "web1"]).contains("State:          running"));
+    // The guest RAM it takes: its 16 MiB working set and a little more,
+    // never the 128 MiB it was given.
+    let used = info["memory_used"].as_u64().expect("memory_used");
+    assert!((16 << 20..64 << 20).contains(&used), "{info}");
+    let text = d.ok(&["info", "web1"]);
+    assert!(text.contains("State:          running"), "{text}");
+    assert!(text.contains("Memory used:"), "{text}");
     assert!(d.ok(&["console", "web1"]).contains("WORKLOAD READY"));
     let e = d.fails(&[
         "create",

@@ -1050,6 +1050,7 @@ fn handle_control(
             "state": if mig.migrated { "migrated" } else if vm.is_running() { "running" } else { "paused" },
             "migrating": mig.running,
             "memory": vm.config().memory,
+            "memory_used": vm.ram().used_bytes().ok(),
             "vcpus": vm.config().vcpus,
             "pid": std::process::id(),
             // A lazy restore still filling memory from its snapshot file.

@@ -222,6 +222,17 @@ impl GuestRam {
             .map_err(|e| Error::GuestMemory(format!("write {} bytes at {gpa:#x}: {e}", data.len())))
     }
 
+    /// Host memory the guest RAM takes now, bytes: the pages of the memfd
+    /// that exist (written, or read through a mapping); holes take none.
+    pub fn used_bytes(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self
+            .memfd
+            .metadata()
+            .map_err(|e| Error::GuestMemory(format!("fstat of guest RAM: {e}")))?;
+        Ok(m.blocks() * 512)
+    }
+
     /// Data extents of the memfd as (offset, len), skipping holes never written.
     ///
     /// Uses `SEEK_DATA`/`SEEK_HOLE`, so untouched memory costs nothing to skip.
@@ -306,6 +317,17 @@ pub fn is_zero_page(page: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn used_bytes_counts_the_pages_that_exist() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        assert_eq!(ram.used_bytes().unwrap(), 0, "a new memfd takes nothing");
+        let gpa = ram.offset_to_gpa(5 * PAGE_SIZE).unwrap();
+        ram.write(gpa, &[1; 8]).unwrap();
+        assert_eq!(ram.used_bytes().unwrap(), PAGE_SIZE);
+        punch_hole(&ram.memfd, 5 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        assert_eq!(ram.used_bytes().unwrap(), 0, "a punched page takes nothing");
+    }
 
     #[test]
     fn layout_small_guest_is_one_range() {

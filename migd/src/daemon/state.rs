@@ -118,6 +118,8 @@ pub struct VmEntry {
     pub job: Option<String>,
     /// A lazy restore's progress (`{filled, pages}`) while it fills memory.
     pub filling: Option<Value>,
+    /// Host memory its guest RAM took at the last status, bytes.
+    pub memory_used: Option<u64>,
 }
 
 impl VmEntry {
@@ -129,6 +131,7 @@ impl VmEntry {
             pid,
             job: None,
             filling: None,
+            memory_used: None,
         }
     }
 
@@ -139,6 +142,7 @@ impl VmEntry {
             "state": self.state,
             "pid": self.pid,
             "memory": self.record.memory,
+            "memory_used": self.memory_used,
             "vcpus": self.record.vcpus,
             "kernel": self.record.kernel,
             "initramfs": self.record.initramfs,
@@ -424,6 +428,7 @@ pub async fn refresh(d: &Daemon, name: &str) {
         }
         vm.state = new.to_string();
         vm.filling = Some(reply["filling"].clone()).filter(|f| !f.is_null());
+        vm.memory_used = reply["memory_used"].as_u64();
     }
     if let Some(r) = record_to_write {
         write_record(&dir, &r);

@@ -116,6 +116,17 @@ pub fn vm_info(v: &Value) -> String {
     kv(&mut s, "State", opt(&v["state"]));
     kv(&mut s, "Pid", opt(&v["pid"]));
     kv(&mut s, "Memory", bytes_of(&v["memory"]));
+    if let (Some(used), Some(all)) = (v["memory_used"].as_u64(), v["memory"].as_u64()) {
+        kv(
+            &mut s,
+            "Memory used",
+            format!(
+                "{} ({:.0} %; memory the guest never wrote takes none)",
+                bytes(used),
+                used as f64 * 100.0 / all.max(1) as f64
+            ),
+        );
+    }
     kv(&mut s, "vCPUs", opt(&v["vcpus"]));
     kv(&mut s, "Kernel", opt(&v["kernel"]));
     kv(&mut s, "Initramfs", opt(&v["initramfs"]));
