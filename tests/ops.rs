@@ -407,6 +407,18 @@ fn metrics_endpoint_serves_the_families_and_refuses_the_rest() {
     let body = scrape(mport);
     assert_eq!(sample(&body, "migd_vms{state=\"running\"}"), 1.0, "{body}");
     Console(a.vm_dir("m1").join("console.log")).wait_for("WORKLOAD READY", Duration::from_secs(60));
+    // Its 64 MiB are given; a little of it is used (the idle guest writes
+    // 16 pages, its image, tables and stacks), once the daemon has asked
+    // (every second).
+    std::thread::sleep(Duration::from_millis(1500));
+    let body = scrape(mport);
+    assert_eq!(
+        sample(&body, "migd_guest_memory_bytes"),
+        (64 << 20) as f64,
+        "{body}"
+    );
+    let used = sample(&body, "migd_guest_memory_used_bytes");
+    assert!(used > 0.0 && used < (16 << 20) as f64, "{body}");
 
     let dead = format!("127.0.0.1:{}", free_port());
     let (code, _, err) = a.migctl(&["migrate", "m1", "--to", &dead]);

@@ -81,8 +81,9 @@ impl Metrics {
         }
     }
 
-    /// The exposition text, with `vms` the number of VMs in each state.
-    pub fn render(&self, vms: &BTreeMap<String, u64>) -> String {
+    /// The exposition text, with `vms` the number of VMs in each state and
+    /// `memory` the guest RAM of the VMs that run here: (given, used), bytes.
+    pub fn render(&self, vms: &BTreeMap<String, u64>, memory: (u64, u64)) -> String {
         let mut out = String::new();
         let o = &mut out;
         family(o, "migd_build_info", "gauge", "Version of this migd.");
@@ -105,6 +106,21 @@ impl Metrics {
         for (s, n) in states {
             let _ = writeln!(o, "migd_vms{{state=\"{}\"}} {n}", escape(s));
         }
+
+        family(
+            o,
+            "migd_guest_memory_bytes",
+            "gauge",
+            "Guest RAM given to the VMs whose process runs here.",
+        );
+        let _ = writeln!(o, "migd_guest_memory_bytes {}", memory.0);
+        family(
+            o,
+            "migd_guest_memory_used_bytes",
+            "gauge",
+            "Host memory their guest RAM takes: pages written; never-touched and zero pages left as holes take none.",
+        );
+        let _ = writeln!(o, "migd_guest_memory_used_bytes {}", memory.1);
 
         let c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         family(
@@ -277,15 +293,20 @@ fn respond(d: &Daemon, head: &[u8], peer: std::net::SocketAddr) -> Reply {
         return r;
     }
     let mut vms: BTreeMap<String, u64> = BTreeMap::new();
+    let mut memory = (0, 0);
     for v in d.reg().vms.values() {
         *vms.entry(v.state.clone()).or_default() += 1;
+        if v.pid.is_some() {
+            memory.0 += v.record.memory;
+            memory.1 += v.memory_used.unwrap_or(0);
+        }
     }
     Reply {
         status: 200,
         reason: "OK",
         content_type: "text/plain; version=0.0.4; charset=utf-8",
         extra: "",
-        body: d.metrics.render(&vms).into_bytes(),
+        body: d.metrics.render(&vms, memory).into_bytes(),
         head_only: method == "HEAD",
     }
 }
@@ -374,7 +395,7 @@ mod tests {
     #[test]
     fn render_counts_and_histogram() {
         let m = Metrics::default();
-        let empty = m.render(&BTreeMap::new());
+        let empty = m.render(&BTreeMap::new(), (0, 0));
         assert!(empty.contains("migd_vms{state=\"running\"} 0\n"), "{empty}");
         assert!(empty.contains("migd_migrations_total{outcome=\"failed\",mode=\"postcopy\"} 0\n"));
         assert!(empty.contains("migd_migration_downtime_seconds_count 0\n"));
@@ -385,10 +406,12 @@ mod tests {
         ));
         m.migration_ended(&job("failed", "pre\"copy", json!({"bytes": 5})));
         let vms = BTreeMap::from([("running".to_string(), 2), ("odd".to_string(), 1)]);
-        let t = m.render(&vms);
+        let t = m.render(&vms, (3 << 30, 5 << 20));
         for want in [
             "migd_vms{state=\"running\"} 2\n",
             "migd_vms{state=\"odd\"} 1\n",
+            "migd_guest_memory_bytes 3221225472\n",
+            "migd_guest_memory_used_bytes 5242880\n",
             "migd_migrations_total{outcome=\"completed\",mode=\"precopy\"} 1\n",
             "migd_migrations_total{outcome=\"failed\",mode=\"pre\\\"copy\"} 1\n",
             "migd_migration_bytes_total 1005\n",
