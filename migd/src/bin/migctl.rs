@@ -113,7 +113,7 @@ pub enum Cmd {
         /// to 99 %) while pre-copy does not converge (QEMU's auto-converge).
         #[arg(long)]
         auto_converge: bool,
-        /// Compress page batches: none (default) or zstd[:LEVEL], LEVEL 1..=19
+        /// Compress page batches: none (default), zstd, or zstd:LEVEL with LEVEL 1..=19
         /// (zstd alone is level 1). Pays off on links slower than the CPU.
         #[arg(long, value_name = "ALGO[:LEVEL]", value_parser = parse_compress)]
         compress: Option<String>,
