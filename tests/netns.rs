@@ -258,6 +258,16 @@ fn postcopy_recovers_after_the_link_goes_down_and_up() {
     // A → B: the link dies after the switch and comes back; `migctl recover`
     // reconnects without waiting for the back-off.
     let job = postcopy_then_link_down(&link, &a, &format!("{}:{port}", link.ip[1]));
+    // B runs the VM and says how much of it is still on A.
+    let info: Value = serde_json::from_str(&b.ok(&["info", "web1", "--json"])).unwrap();
+    let arriving = &info["arriving"];
+    let (got, all) = (
+        arriving["pages_received"].as_u64().expect("arriving on B"),
+        arriving["pages_total"].as_u64().unwrap(),
+    );
+    assert!(got < all && all > 0, "{info}");
+    assert_eq!(arriving["source"], link.ip[0], "{info}");
+    assert!(b.ok(&["info", "web1"]).contains("Arriving:"));
     let err = a.fails(&["recover", "job999"]);
     assert!(err.contains("no job 'job999'"), "{err}");
     std::thread::sleep(Duration::from_secs(1));
@@ -284,6 +294,9 @@ fn postcopy_recovers_after_the_link_goes_down_and_up() {
     wait_state(&b, "web1", "running");
     let console = Console(b.vm_dir("web1").join("console.log"));
     let n = console.wait_heartbeats(n, 3, Duration::from_secs(30));
+    // Every page is here: nothing arriving any more.
+    let info: Value = serde_json::from_str(&b.ok(&["info", "web1", "--json"])).unwrap();
+    assert!(info["arriving"].is_null(), "{info}");
     console.assert_clean();
 
     // B → A, and this time the operator gives up while the link is down: the

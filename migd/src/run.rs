@@ -1057,6 +1057,8 @@ fn handle_control(
             "filling": LAZY.get().filter(|p| !p.is_complete()).map(|p| json!({
                 "filled": p.done(), "pages": p.pages,
             })),
+            // A post-copy arrival whose pages are not all here yet.
+            "arriving": ARRIVING.get().map(|w| w.status()).filter(|s| s.status != "completed"),
         })),
         "pause" => Ok(json!({"ok": true, "pause_us": vm.pause().as_micros() as u64})),
         "resume" => {

@@ -120,6 +120,8 @@ pub struct VmEntry {
     pub filling: Option<Value>,
     /// Host memory its guest RAM took at the last status, bytes.
     pub memory_used: Option<u64>,
+    /// A post-copy arrival's progress while pages are still missing here.
+    pub arriving: Option<Value>,
 }
 
 impl VmEntry {
@@ -132,6 +134,7 @@ impl VmEntry {
             job: None,
             filling: None,
             memory_used: None,
+            arriving: None,
         }
     }
 
@@ -154,6 +157,7 @@ impl VmEntry {
             "console": dir.join("console.log"),
             "job": self.job,
             "filling": self.filling,
+            "arriving": self.arriving,
         })
     }
 }
@@ -429,6 +433,7 @@ pub async fn refresh(d: &Daemon, name: &str) {
         vm.state = new.to_string();
         vm.filling = Some(reply["filling"].clone()).filter(|f| !f.is_null());
         vm.memory_used = reply["memory_used"].as_u64();
+        vm.arriving = Some(reply["arriving"].clone()).filter(|a| !a.is_null());
     }
     if let Some(r) = record_to_write {
         write_record(&dir, &r);

@@ -150,6 +150,21 @@ pub fn vm_info(v: &Value) -> String {
             ),
         );
     }
+    let a = &v["arriving"];
+    if let (Some(got), Some(all)) = (a["pages_received"].as_u64(), a["pages_total"].as_u64()) {
+        kv(
+            &mut s,
+            "Arriving",
+            format!(
+                "{:.0} % of {} from {} ({}, {} fault(s) waiting; post-copy: the source keeps the rest until all is here)",
+                got as f64 * 100.0 / all.max(1) as f64,
+                bytes(all * 4096),
+                opt(&a["source"]),
+                opt(&a["status"]),
+                a["faults_waiting"].as_u64().unwrap_or(0)
+            ),
+        );
+    }
     kv(&mut s, "Console", opt(&v["console"]));
     kv(&mut s, "Migration job", opt(&v["job"]));
     s
