@@ -1078,6 +1078,11 @@ impl Dest {
         self.received[(pfn / 64) as usize].load(Ordering::Acquire) & (1 << (pfn % 64)) != 0
     }
 
+    /// Page `pfn` came as zeros and is left a hole (see [`Dest::hold_zeros`]).
+    fn held_zero(&self, pfn: u64) -> bool {
+        self.zeros[(pfn / 64) as usize].load(Ordering::Acquire) & (1 << (pfn % 64)) != 0
+    }
+
     fn finish(&self, r: Result<()>) {
         if let Some(tx) = lock(&self.done).take() {
             let _ = tx.send(r);
@@ -1186,8 +1191,7 @@ impl Dest {
     /// is filled with them (which wakes the thread), any other is there and
     /// the thread is woken.
     fn settle(&self, page_addr: u64, pfn: u64) -> Result<()> {
-        let zero = self.zeros[(pfn / 64) as usize].load(Ordering::Acquire) & (1 << (pfn % 64)) != 0;
-        if zero {
+        if self.held_zero(pfn) {
             match self.uffd.zeropage(page_addr, PAGE_SIZE) {
                 Ok(true) => {
                     self.zero_faults.fetch_add(1, Ordering::Relaxed);
@@ -1213,7 +1217,7 @@ impl Dest {
             return false;
         }
         let asked = lock(&self.pending).remove(&pfn);
-        if asked.is_some() && self.zeros[(pfn / 64) as usize].load(Ordering::Acquire) & b != 0 {
+        if asked.is_some() && self.held_zero(pfn) {
             if let Some(host) = self.map.host(pfn * PAGE_SIZE) {
                 if let Err(e) = self.settle(host, pfn) {
                     // Its thread cannot go on: as a failing UFFDIO_COPY.
