@@ -656,11 +656,10 @@ pub async fn set_parameters(
         // job keeps what it runs with, the pause limit if only that was taken.
         if let Some(j) = d.reg().jobs.get_mut(id) {
             j.opts.max_bandwidth = before.max_bandwidth;
-            if !took_downtime {
-                j.opts.max_downtime_ms = before.max_downtime_ms;
-            }
             if took_downtime {
                 persist(d, j);
+            } else {
+                j.opts.max_downtime_ms = before.max_downtime_ms;
             }
         }
         return Err(e.context(format!("job {id} did not take the new parameters")));
