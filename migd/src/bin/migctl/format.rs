@@ -105,6 +105,11 @@ pub fn vm_table(vms: &[Value]) -> String {
     table(&["Id", "Name", "State", "Memory", "vCPUs"], &rows)
 }
 
+/// `part` as a percentage of `all` (0 when `all` is 0).
+fn percent(part: u64, all: u64) -> f64 {
+    part as f64 * 100.0 / all.max(1) as f64
+}
+
 fn kv(out: &mut String, key: &str, value: impl std::fmt::Display) {
     let _ = writeln!(out, "{:<16}{value}", format!("{key}:"));
 }
@@ -123,7 +128,7 @@ pub fn vm_info(v: &Value) -> String {
             format!(
                 "{} ({:.0} %; memory the guest never wrote takes none)",
                 bytes(used),
-                used as f64 * 100.0 / all.max(1) as f64
+                percent(used, all)
             ),
         );
     }
@@ -145,7 +150,7 @@ pub fn vm_info(v: &Value) -> String {
             "Filling",
             format!(
                 "{:.0} % of {} from the snapshot (keep the file until done)",
-                done as f64 * 100.0 / all.max(1) as f64,
+                percent(done, all),
                 bytes(all * 4096)
             ),
         );
@@ -157,7 +162,7 @@ pub fn vm_info(v: &Value) -> String {
             "Arriving",
             format!(
                 "{:.0} % of {} from {} ({}, {} fault(s) waiting; post-copy: the source keeps the rest until all is here)",
-                got as f64 * 100.0 / all.max(1) as f64,
+                percent(got, all),
                 bytes(all * 4096),
                 opt(&a["source"]),
                 opt(&a["status"]),
