@@ -1714,7 +1714,7 @@ pub(crate) fn expect_confirm(rx: &mut Link) -> std::result::Result<u64, String> 
 
 #[cfg(test)]
 mod tests {
-    use super::{not_converging, reorder_plan, switch_allowance_ms, Watchdog};
+    use super::{not_converging, reorder_plan, switch_allowance_ms, to_runs, Watchdog};
     use crate::{Error, Result};
     use std::time::Duration;
 
@@ -1786,5 +1786,17 @@ mod tests {
         assert!(!not_converging(&[1000, 870, 900, 780, 800]));
         assert!(!not_converging(&[1000, 870, 900, 780, 800, 790]));
         assert!(not_converging(&[1000, 870, 900, 780, 800, 790, 775]));
+    }
+
+    #[test]
+    fn runs_from_bitmap() {
+        let mut b = vec![0u64; 2];
+        for pfn in [0u64, 1, 2, 5, 63, 64, 65, 127] {
+            b[(pfn / 64) as usize] |= 1 << (pfn % 64);
+        }
+        assert_eq!(
+            to_runs(&b),
+            vec![(0, 3), (5 * 4096, 1), (63 * 4096, 3), (127 * 4096, 1)]
+        );
     }
 }

@@ -1,0 +1,138 @@
+//! Post-copy and hybrid live migration.
+//!
+//! Source: (hybrid only) pre-copy rounds as in [`crate::precopy`]; then pause,
+//! `PageMap` (the pages the destination must still receive: data extents or
+//! dirty pages, with the dirty log covering the last moments, and no page
+//! read, so the pause does not grow with memory), `UrgentListen` (a port on
+//! the source the destination connects back to), `State`; the commit exchange (Ready, Go,
+//! Confirm) is the pre-copy one, so the source never runs the VM again after Go.
+//! After Confirm the destination runs the VM while pages arrive three ways,
+//! each page exactly once from the source's point of view:
+//!
+//! - active push: the source streams every page not yet sent on the main
+//!   connection, from a cursor that is re-centred on the latest fault;
+//! - demand paging: the destination's fault thread reads userfaultfd events
+//!   and sends `PageRequest` on the urgent channel (a second TCP connection, so
+//!   requests and answers never wait behind bulk pushes);
+//! - pre-paging: the source answers a request with the page plus up to
+//!   `prepaging_window` following pages not yet sent.
+//!
+//! A demanded page is always sent, even if the push already sent it (it may be
+//! in flight behind megabytes of bulk data); the destination counts the second
+//! arrival (`UFFDIO_COPY` says EEXIST) as a duplicate. When every expected page
+//! has arrived the destination unregisters userfaultfd and sends
+//! `PostcopyDone` with its statistics; only then does the source report the
+//! migration completed (and its process may drop the VM's memory).
+//!
+//! Recovery: after the switch the VM's state is split between the hosts, so
+//! neither side ever gives up on its own. Every post-copy socket has keepalive
+//! and `TCP_USER_TIMEOUT` (`LINK_TIMEOUT`, 5 s) so that a dead link shows as an
+//! error. The destination then keeps its VM (vCPUs wait on their faults, which
+//! stay queued) and listens on the port it announced in `RecoverListen`; the
+//! source keeps its paused copy and reconnects with back-off (or at once on
+//! `migctl recover`): `RecoverHello` on a new main connection, answered with
+//! the destination's received-bitmap (`Received`), then `RecoverHello` on a new
+//! fault channel. The source re-sends every expected page not in the bitmap;
+//! the destination re-asks its waiting faults. Only the operator ends a broken
+//! phase: `migctl cancel` on the source (which then says which host holds what)
+//! or destroying the VM on the destination.
+//!
+//! Destination: guest RAM is registered with userfaultfd (missing mode; the
+//! memfd is shared memory, filled with `UFFDIO_COPY`) before the state is
+//! loaded. Faults on pages that are not expected (zero pages, never sent) are
+//! filled with zeros locally. Expected pages the source finds to be zeros
+//! (`Zero`) are booked as received but left holes: they take no memory until
+//! the guest touches them, and a fault on one is filled with zeros here. In
+//! hybrid mode the expected pages already hold stale pre-copy data: their
+//! holes are punched first so that they fault.
+
+use link::Link;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::{io_err, Result};
+
+mod dest;
+mod source;
+
+pub(crate) use dest::{open_fault_channel, receive};
+pub use dest::{PostcopyIncoming, PostcopyWatch};
+pub use source::migrate;
+
+/// Whether page `pfn` is set in `bits`.
+fn bit(bits: &[u64], pfn: u64) -> bool {
+    bits[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
+}
+
+/// How long a post-copy connection may stay silent or leave data unacknowledged
+/// before it counts as lost (TCP keepalive and `TCP_USER_TIMEOUT`).
+const LINK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Makes a dead post-copy link show as an error within [`LINK_TIMEOUT`] instead
+/// of the kernel's ~15 minutes: keepalive probes every second on an idle
+/// connection, and a cap on how long sent data may stay unacknowledged.
+fn watch_link(s: &Link) -> Result<()> {
+    s.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
+    let secs = LINK_TIMEOUT.as_secs() as libc::c_int;
+    let ms = LINK_TIMEOUT.as_millis() as libc::c_int;
+    for (level, opt, val) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, secs),
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms),
+    ] {
+        // SAFETY: setsockopt with a valid fd and a c_int option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                level,
+                opt,
+                &val as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io_err("setting the link timeout")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Nice value of the threads that move post-copy's pages (see
+/// [`set_thread_nice`]); 0 leaves them as they are.
+static THREAD_NICE: AtomicI32 = AtomicI32::new(0);
+
+/// Sets the nice value (-20..=0) that post-copy's page threads take for their
+/// lifetime, on both sides: the source's push and fault answers, the
+/// destination's readers and fault thread; and lazy restore's filler and
+/// fault thread (post-copy from a file). On a host whose cores are all busy
+/// they then run before vCPUs (the arriving guest's own, spinning on the pages
+/// it has, above all), and the phase in which a VM's memory is on two hosts
+/// ends sooner; with idle cores it changes nothing. Below 0 needs
+/// `CAP_SYS_NICE`; without it the threads keep their priority, with a warning.
+pub fn set_thread_nice(nice: i32) {
+    THREAD_NICE.store(nice.clamp(-20, 0), Ordering::Relaxed);
+}
+
+/// Gives the calling thread post-copy's nice value, if one is set.
+pub(crate) fn prioritize_this_thread() {
+    let nice = THREAD_NICE.load(Ordering::Relaxed);
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: plain system calls on this thread's own id; no memory is passed.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(nice, "post-copy thread keeps its priority: {e}");
+    }
+}
