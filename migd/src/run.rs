@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use migration::bitmap::{popcount, set_pages};
 use migration::precopy::{self, Job, Outcome};
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::json;
@@ -554,15 +555,8 @@ fn snapshot(
 
 /// Page numbers set in either bitmap.
 fn bitmap_pages(a: &[u64], b: &[u64]) -> Vec<u64> {
-    let mut pfns = Vec::new();
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        let mut w = x | y;
-        while w != 0 {
-            pfns.push(i as u64 * 64 + w.trailing_zeros() as u64);
-            w &= w - 1;
-        }
-    }
-    pfns
+    let either: Vec<u64> = a.iter().zip(b).map(|(x, y)| x | y).collect();
+    set_pages(&either).collect()
 }
 
 /// Dirty log on for [`WORKING_SET_WINDOW`]: returns what it saw (logging stays
@@ -850,10 +844,8 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
         });
         let _ = vm.set_dirty_logging(false);
         measured
+            .map(|bits| popcount(&bits))
             .map_err(|e| e.to_string())?
-            .iter()
-            .map(|w| w.count_ones() as u64)
-            .sum::<u64>()
     } else {
         0
     };

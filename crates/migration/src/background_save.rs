@@ -321,17 +321,11 @@ impl Armed<'_> {
 
     /// Write-protects again the pages of `bits` (written before the pause).
     fn protect_again(&self, bits: &[u64]) -> Result<()> {
-        for (w, &word) in bits.iter().enumerate() {
-            let mut rest = word;
-            while rest != 0 {
-                let b = rest.trailing_zeros() as u64;
-                rest &= rest - 1;
-                let off = (w as u64 * 64 + b) * PAGE_SIZE;
-                for (host, len) in self.map.host_spans(off, PAGE_SIZE) {
-                    self.uffd
-                        .write_protect(host, len, true)
-                        .map_err(io_err("write-protecting guest memory"))?;
-                }
+        for pfn in crate::bitmap::set_pages(bits) {
+            for (host, len) in self.map.host_spans(pfn * PAGE_SIZE, PAGE_SIZE) {
+                self.uffd
+                    .write_protect(host, len, true)
+                    .map_err(io_err("write-protecting guest memory"))?;
             }
         }
         Ok(())

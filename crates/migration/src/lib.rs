@@ -15,9 +15,11 @@
 //! - [`uffd`]: the userfaultfd wrapper shared by post-copy and lazy restore.
 //! - [`faults`]: test-only hooks that hold a migration at a phase (fault matrix).
 //! - [`compress`]: the `compress` option (zstd of page batches on slow links).
+//! - [`bitmap`]: page bitmaps (the dirty log's layout): test, count, visit, runs.
 //! - [`stats`]: statistics named after QEMU's `query-migrate` where they overlap.
 
 pub mod background_save;
+pub mod bitmap;
 pub mod compress;
 mod doorman;
 pub mod faults;

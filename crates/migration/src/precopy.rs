@@ -21,6 +21,7 @@ use vmm::memory::{is_zero_page, PAGE_SIZE};
 use vmm::Vm;
 use wire::{Message, MAX_BATCH_PAGES};
 
+use crate::bitmap::{next_set, popcount, set_pages, to_runs};
 use crate::compress::Compression;
 use crate::faults::{self, Hold, Phase};
 use crate::memview::MemView;
@@ -727,10 +728,7 @@ fn send_reordered(
 fn reorder_plan(todo: &[u64], counts: &[u8]) -> (Vec<u64>, usize) {
     let count = |pfn: u64| counts.get(pfn as usize).copied().unwrap_or(u8::MAX);
     let mut order = Vec::with_capacity(popcount(todo) as usize);
-    let _ = for_each_set(todo, |pfn| {
-        order.push(pfn);
-        Ok(())
-    });
+    order.extend(set_pages(todo));
     // Stable: memfd order within one count keeps runs of pages together.
     order.sort_by_key(|&pfn| count(pfn));
     let hot = order.partition_point(|&pfn| count(pfn) < 2);
@@ -972,22 +970,11 @@ fn queue_set(vm: &Vm, tx: &mut Sender<'_>, set: &[u64], resent: bool, clear: boo
             vm.clear_dirty_word(w, bits)?;
         }
         let base = w as u64 * 64;
-        for_each_set(std::slice::from_ref(&bits), |b| tx.queue(base + b, resent))?;
+        for b in set_pages(std::slice::from_ref(&bits)) {
+            tx.queue(base + b, resent)?;
+        }
     }
     Ok(())
-}
-
-/// The first set bit of `bits` at or after `from`.
-fn next_set(bits: &[u64], from: u64) -> Option<u64> {
-    let mut i = (from / 64) as usize;
-    let mut w = *bits.get(i)? & (u64::MAX << (from % 64));
-    loop {
-        if w != 0 {
-            return Some(i as u64 * 64 + w.trailing_zeros() as u64);
-        }
-        i += 1;
-        w = *bits.get(i)?;
-    }
 }
 
 /// True when the dirty set has stopped shrinking: each of the last three
@@ -1003,35 +990,6 @@ pub fn not_converging(dirty_per_round: &[u64]) -> bool {
     }
     let best = dirty_per_round[..n - 3].iter().copied().min().unwrap_or(0);
     dirty_per_round[n - 3..].iter().all(|&d| d * 10 >= best * 9)
-}
-
-pub(crate) fn popcount(bits: &[u64]) -> u64 {
-    bits.iter().map(|w| w.count_ones() as u64).sum()
-}
-
-pub(crate) fn to_runs(bits: &[u64]) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    let _ = for_each_set(bits, |pfn| {
-        let off = pfn * PAGE_SIZE;
-        match runs.last_mut() {
-            Some((o, n)) if *o + *n * PAGE_SIZE == off => *n += 1,
-            _ => runs.push((off, 1)),
-        }
-        Ok(())
-    });
-    runs
-}
-
-pub(crate) fn for_each_set(bits: &[u64], mut f: impl FnMut(u64) -> Result<()>) -> Result<()> {
-    for (i, &w) in bits.iter().enumerate() {
-        let mut w = w;
-        while w != 0 {
-            let b = w.trailing_zeros() as u64;
-            w &= w - 1;
-            f(i as u64 * 64 + b)?;
-        }
-    }
-    Ok(())
 }
 
 /// Migrates `vm` live to `params.to`. The VM keeps running during the rounds;
@@ -1444,12 +1402,11 @@ pub(crate) fn rounds(
         }
         todo = cold(&next);
         if params.reorder {
-            for_each_set(&todo, |pfn| {
+            for pfn in set_pages(&todo) {
                 if let Some(c) = counts.get_mut(pfn as usize) {
                     *c = c.saturating_add(1);
                 }
-                Ok(())
-            })?;
+            }
         }
         let dirty = popcount(&todo);
         let dirty_bytes = dirty * PAGE_SIZE;
@@ -1647,7 +1604,9 @@ pub(crate) fn stop_and_copy(
         *t |= *l;
     }
     tx.throttle = false; // the final copy is never throttled
-    for_each_set(todo, |pfn| tx.queue(pfn, true))?;
+    for pfn in set_pages(todo) {
+        tx.queue(pfn, true)?;
+    }
     tx.flush()?;
     tx.sync()?;
     tx.pool = None; // the extra streams carry nothing more
@@ -1714,7 +1673,7 @@ pub(crate) fn expect_confirm(rx: &mut Link) -> std::result::Result<u64, String> 
 
 #[cfg(test)]
 mod tests {
-    use super::{not_converging, reorder_plan, switch_allowance_ms, to_runs, Watchdog};
+    use super::{not_converging, reorder_plan, switch_allowance_ms, Watchdog};
     use crate::{Error, Result};
     use std::time::Duration;
 
@@ -1786,17 +1745,5 @@ mod tests {
         assert!(!not_converging(&[1000, 870, 900, 780, 800]));
         assert!(!not_converging(&[1000, 870, 900, 780, 800, 790]));
         assert!(not_converging(&[1000, 870, 900, 780, 800, 790, 775]));
-    }
-
-    #[test]
-    fn runs_from_bitmap() {
-        let mut b = vec![0u64; 2];
-        for pfn in [0u64, 1, 2, 5, 63, 64, 65, 127] {
-            b[(pfn / 64) as usize] |= 1 << (pfn % 64);
-        }
-        assert_eq!(
-            to_runs(&b),
-            vec![(0, 3), (5 * 4096, 1), (63 * 4096, 3), (127 * 4096, 1)]
-        );
     }
 }

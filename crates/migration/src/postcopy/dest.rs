@@ -13,12 +13,13 @@ use vmm::memory::PAGE_SIZE;
 use vmm::{PreparedVm, Vm, VmExit, VmState};
 use wire::{Message, PostcopyReport, KIND_CONTROL, MAX_BATCH_PAGES};
 
+use crate::bitmap::{is_set, popcount};
 use crate::incoming::IncomingStats;
-use crate::precopy::{self, popcount};
+use crate::precopy;
 use crate::uffd::{RamMap, Uffd};
 use crate::{io_err, Error, Result};
 
-use super::{bit, lock, prioritize_this_thread, watch_link, LINK_TIMEOUT};
+use super::{lock, prioritize_this_thread, watch_link, LINK_TIMEOUT};
 
 /// A page-aligned buffer of up to [`MAX_BATCH_PAGES`] pages.
 #[repr(C, align(4096))]
@@ -245,7 +246,7 @@ impl Dest {
         let first = off / PAGE_SIZE;
         let end = first.checked_add(n).filter(|&e| e <= self.pages);
         let announced = off.is_multiple_of(PAGE_SIZE)
-            && end.is_some_and(|e| (first..e).all(|p| bit(&self.expected, p)));
+            && end.is_some_and(|e| (first..e).all(|p| is_set(&self.expected, p)));
         if !announced {
             return Err(Error::Protocol(format!(
                 "pages {off:#x} + {n} were not announced in the PageMap"
@@ -474,7 +475,7 @@ impl Dest {
                 return Ok(());
             };
             let pfn = off / PAGE_SIZE;
-            if !bit(&self.expected, pfn) {
+            if !is_set(&self.expected, pfn) {
                 // Zero on the source: never sent.
                 match self.uffd.copy(page_addr, &zero.0) {
                     Ok(true) => {

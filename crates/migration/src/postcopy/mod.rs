@@ -61,11 +61,6 @@ pub(crate) use dest::{open_fault_channel, receive};
 pub use dest::{PostcopyIncoming, PostcopyWatch};
 pub use source::migrate;
 
-/// Whether page `pfn` is set in `bits`.
-fn bit(bits: &[u64], pfn: u64) -> bool {
-    bits[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
-}
-
 /// How long a post-copy connection may stay silent or leave data unacknowledged
 /// before it counts as lost (TCP keepalive and `TCP_USER_TIMEOUT`).
 const LINK_TIMEOUT: Duration = Duration::from_secs(5);

@@ -11,14 +11,15 @@ use vmm::memory::{is_zero_page, PAGE_SIZE};
 use vmm::Vm;
 use wire::{Message, PostcopyReport, MAX_BATCH_PAGES};
 
+use crate::bitmap::{is_set, popcount, to_runs};
 use crate::doorman::{Arrival, Doorman};
 use crate::faults::{self, Phase};
 use crate::memview::MemView;
-use crate::precopy::{self, popcount, to_runs, Job, Outcome, Params, Sender};
+use crate::precopy::{self, Job, Outcome, Params, Sender};
 use crate::stats::{DowntimePhases, FaultStats};
 use crate::{io_err, Error, Result};
 
-use super::{bit, lock, prioritize_this_thread, watch_link, LINK_TIMEOUT};
+use super::{lock, prioritize_this_thread, watch_link, LINK_TIMEOUT};
 
 /// Pages per push batch: small enough that a re-centred cursor takes effect soon.
 const PUSH_BATCH: usize = 64;
@@ -205,7 +206,7 @@ impl Supply<'_> {
                 }
             };
             let pfn = offset / PAGE_SIZE;
-            if !offset.is_multiple_of(PAGE_SIZE) || pfn >= pages || !bit(&self.expected, pfn) {
+            if !offset.is_multiple_of(PAGE_SIZE) || pfn >= pages || !is_set(&self.expected, pfn) {
                 return Err(Error::Protocol(format!(
                     "request for page {offset:#x}, which is not to be sent"
                 )));
@@ -218,7 +219,7 @@ impl Supply<'_> {
             let mut p = pfn + 1;
             while (batch.len() as u64) <= self.window && p < pages && batch.len() < MAX_BATCH_PAGES
             {
-                if bit(&self.expected, p) && self.claim(p) {
+                if is_set(&self.expected, p) && self.claim(p) {
                     batch.push(p * PAGE_SIZE);
                 }
                 p += 1;
