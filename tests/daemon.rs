@@ -712,6 +712,90 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     a.ok(&["destroy", "mig1"]);
 }
 
+/// A save runs beside the VM process's other work: `migctl info` shows how
+/// far it has got (`saving`) while other changes to the VM are refused, and
+/// `destroy` cancels a save, leaving no file behind. The daemon's VM
+/// processes pause 25 ms at each step of a save (`MIGD_SAVE_PACE_MS`, a test
+/// knob) so that it lasts long enough to be watched.
+#[test]
+fn daemon_shows_a_save_in_progress_and_destroy_cancels_it() {
+    if !kvm_or_skip("daemon_shows_a_save_in_progress_and_destroy_cancels_it") {
+        return;
+    }
+    let dir = scratch("daemon-saving");
+    let d = Daemon::start_env(&dir, "a", &[("MIGD_SAVE_PACE_MS", "25")]);
+    let _reaper = Reaper(d.state.clone());
+    create_guest(&d, "web1");
+    let console = console_of(&d, "web1");
+    console.wait_for("WORKLOAD READY", READY);
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let info = || -> Value { serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap() };
+
+    // A checkpoint, watched: progress only grows, up to what the file holds.
+    let ckpt = path("ckpt.snap");
+    let (saved, seen) = std::thread::scope(|s| {
+        let save = s.spawn(|| d.ok(&["save", "web1", &ckpt, "--keep", "--json"]));
+        let mut seen: Vec<(u64, u64)> = Vec::new();
+        let mut text = String::new();
+        while !save.is_finished() {
+            let v = info();
+            let p = &v["saving"];
+            if let (Some(w), Some(n)) = (p["written"].as_u64(), p["pages"].as_u64()) {
+                assert_eq!(v["state"], "saving", "{v}");
+                assert_eq!(p["path"], ckpt.as_str(), "{v}");
+                assert!(w <= n, "{v}");
+                if let Some(&(last, _)) = seen.last() {
+                    assert!(w >= last, "progress went back: {w} after {last}");
+                }
+                seen.push((w, n));
+                if text.is_empty() && w > 0 && w < n {
+                    text = d.ok(&["info", "web1"]);
+                    let e = d.fails(&["pause", "web1"]);
+                    assert!(e.contains("is saving"), "{e}");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(text.contains("Saving:") && text.contains(&ckpt), "{text}");
+        let r: Value = serde_json::from_str(&save.join().unwrap()).unwrap();
+        (r, seen)
+    });
+    let pages = saved["pages"].as_u64().unwrap();
+    assert!(
+        seen.iter().any(|&(w, n)| w > 0 && w < n && n == pages),
+        "no save seen half-way through {pages} pages: {seen:?}"
+    );
+    let after = info();
+    assert!(after["saving"].is_null(), "{after}");
+    assert_eq!(after["state"], "running", "{after}");
+    console.assert_runs_on(2, Duration::from_secs(20));
+
+    // A save that would stop the VM, destroyed half-way: cancelled, and
+    // neither the file nor a temporary one is left.
+    let gone = path("gone.snap");
+    std::thread::scope(|s| {
+        let save = s.spawn(|| d.fails(&["save", "web1", &gone]));
+        let end = Instant::now() + Duration::from_secs(30);
+        while info()["saving"]["written"].as_u64().unwrap_or(0) == 0 {
+            assert!(Instant::now() < end, "the save did not start: {}", info());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d.ok(&["destroy", "web1"]);
+        let e = save.join().unwrap();
+        assert!(e.contains("cancelled"), "{e}");
+    });
+    let list: Value = serde_json::from_str(&d.ok(&["list", "--json"])).unwrap();
+    assert_eq!(list, json!([]));
+    let mut files: Vec<String> = std::fs::read_dir(&*dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("snap"))
+        .collect();
+    files.sort();
+    assert_eq!(files, ["ckpt.snap"], "a cancelled save left files");
+}
+
 /// `migctl save` and `restore` (virsh save/restore): a checkpoint that runs
 /// on, a save that stops and removes the VM, a restore that carries on where
 /// the guest was (eager and lazy), and bad files and names refused with

@@ -157,6 +157,11 @@ fn cancel_and_killed_destination_leave_the_source_running() {
         }));
         std::thread::sleep(Duration::from_millis(1500));
         assert_eq!(src.request(json!({"cmd": "migration"}))["status"], "active");
+        // A save's pause and resume must not meet a migration's commit.
+        let snap = dir.join("during.snap");
+        let r = src.request(json!({"cmd": "snapshot", "path": snap}));
+        assert_eq!(r["error"], "a migration is running", "{r}");
+        assert!(!snap.exists());
         if *how == "cancel" {
             assert_eq!(src.request(json!({"cmd": "cancel"}))["ok"], true);
         } else {

@@ -15,6 +15,7 @@ use migration::bitmap::{popcount, set_pages};
 use migration::precopy::{self, Job, Outcome};
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::json;
+use vmm::snapshot::WriteProgress;
 use vmm::{BootSpec, GuestRam, Vm, VmConfig, VmExit, VmState};
 
 use crate::handover::{self, HandoverHeader};
@@ -93,12 +94,36 @@ enum Event {
     Exit(VmExit),
     Control(UnixStream, serde_json::Value),
     Migrated(Outcome),
+    Saved(SaveDone),
     Linger,
 }
 
-/// What the main loop knows about a migration of this VM.
+/// A `snapshot` request's save, over: what the main loop needs to answer it.
+struct SaveDone {
+    /// The requester, waiting for the reply.
+    stream: UnixStream,
+    result: Result<Saved>,
+    /// Stop the VM process once written (`virsh save`), rather than run on.
+    stop: bool,
+    /// The VM ran when the save began (it runs again afterwards unless `stop`).
+    was_running: bool,
+}
+
+/// A snapshot being written by a thread of its own while the main loop goes
+/// on answering (status shows its progress).
+struct Saving {
+    path: PathBuf,
+    progress: Arc<WriteProgress>,
+    /// End the process with this code once the save is over: the guest
+    /// stopped, or the process was told to stop (which cancels the save).
+    exit_after: Option<i32>,
+}
+
+/// What the main loop knows about a migration (or a save) of this VM.
 #[derive(Default)]
 struct Migrations {
+    /// A snapshot being written (`snapshot` request).
+    saving: Option<Saving>,
     job: Option<Arc<Job>>,
     running: bool,
     migrated: bool,
@@ -310,7 +335,20 @@ pub fn run(args: RunArgs) -> Result<i32> {
         let Ok(ev) = rx.recv() else { break 1 };
         match ev {
             Event::Exit(_) if mig.migrated => {}
+            Event::Exit(exit) if mig.saving.is_some() => {
+                // The save goes on (memory stays); the process ends after it.
+                tracing::info!(?exit, "VM stopped during a save: exiting once it is over");
+                if let Some(s) = &mut mig.saving {
+                    s.exit_after = Some(exit_code(&exit));
+                }
+            }
             Event::Exit(exit) => break exit_code(&exit),
+            Event::Saved(done) => {
+                let exit_after = mig.saving.take().and_then(|s| s.exit_after);
+                if let Some(code) = finish_save(&vm, done).or(exit_after) {
+                    break code;
+                }
+            }
             Event::Migrated(outcome) => {
                 mig.running = false;
                 if mig.stop_when_done {
@@ -333,6 +371,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
                 let stop = matches!(ev, Event::Signal(Signal::SIGUSR2));
                 let was_running = vm.is_running();
                 match &args.snapshot_on_signal {
+                    _ if mig.saving.is_some() => {
+                        tracing::warn!("snapshot signal ignored: a save is running")
+                    }
                     _ if mig.running || mig.migrated => {
                         tracing::warn!("snapshot signal ignored: the VM is migrating or migrated")
                     }
@@ -340,7 +381,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
                         tracing::warn!("snapshot signal ignored: lazy restore still filling memory")
                     }
                     Some(path) => {
-                        match snapshot(&vm, path, true, !stop && was_running, OWN_BOOT.get()) {
+                        let background = !stop && was_running;
+                        let progress = WriteProgress::default();
+                        match snapshot(&vm, path, true, background, OWN_BOOT.get(), &progress) {
                             Ok(_) if stop => break 0,
                             Ok(_) if was_running => vm.resume(),
                             Ok(_) => {}
@@ -363,6 +406,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
                     job.request_cancel();
                 }
                 mig.stop_when_done = true;
+            }
+            Event::Signal(s) if mig.saving.is_some() => {
+                tracing::warn!(signal = %s, "save running: cancelling it, stopping when it ends");
+                cancel_save(&mut mig);
             }
             Event::Signal(s) => {
                 tracing::info!(signal = %s, "stopping VM");
@@ -462,12 +509,14 @@ struct Saved {
 /// it the VM is left paused for the caller to resume or stop.
 ///
 /// The file records `boot` (how the VM boots from its kernel) when given.
+/// The pages written are counted in `progress`, which can cancel the save.
 fn snapshot(
     vm: &Vm,
     path: &Path,
     working_set: bool,
     background: bool,
     boot: Option<&BootSpec>,
+    progress: &WriteProgress,
 ) -> Result<Saved> {
     let ws = if working_set && vm.is_running() {
         match record_working_set(vm) {
@@ -510,6 +559,7 @@ fn snapshot(
                 pause_and_capture()
             },
             || vm.resume(),
+            progress,
         );
         match r {
             Ok(b) => {
@@ -536,7 +586,14 @@ fn snapshot(
     } else {
         pause_and_capture()?
     };
-    let stats = vmm::snapshot::write_with_working_set(path, &state, vm.ram(), ws.as_deref(), boot)?;
+    let stats = vmm::snapshot::write_with_working_set(
+        path,
+        &state,
+        vm.ram(),
+        ws.as_deref(),
+        boot,
+        progress,
+    )?;
     tracing::info!(
         path = %path.display(),
         pages = stats.data_pages,
@@ -551,6 +608,67 @@ fn snapshot(
         paused: paused_at.elapsed(),
         faults: None,
     })
+}
+
+/// Progress of a save asked for by a control request. Tests slow it down
+/// with `MIGD_SAVE_PACE_MS` (a pause at each step, honoured only with fault
+/// injection on) to watch it.
+fn save_progress() -> WriteProgress {
+    let pace = std::env::var("MIGD_SAVE_PACE_MS")
+        .ok()
+        .filter(|_| fault_injection())
+        .and_then(|ms| ms.parse().ok());
+    match pace {
+        Some(ms) => WriteProgress::paced(Duration::from_millis(ms)),
+        None => WriteProgress::default(),
+    }
+}
+
+/// Cancels the running save; the process stops once it is over.
+fn cancel_save(mig: &mut Migrations) {
+    if let Some(s) = &mut mig.saving {
+        s.progress.cancel();
+        s.exit_after = Some(0);
+    }
+}
+
+/// Answers a save's requester. Some(code): the process ends now (the save
+/// stopped the VM, `virsh save`-like).
+fn finish_save(vm: &Vm, done: SaveDone) -> Option<i32> {
+    let SaveDone {
+        mut stream,
+        result,
+        stop,
+        was_running,
+    } = done;
+    let reply = match result {
+        Ok(Saved {
+            stats: s,
+            paused,
+            faults,
+        }) => {
+            let written = json!({
+                "ok": true, "pages": s.data_pages, "bytes": s.file_bytes,
+                "ms": s.elapsed.as_secs_f64() * 1e3,
+                "paused_ms": paused.as_secs_f64() * 1e3,
+                "background": faults.is_some(), "faults": faults,
+            });
+            if stop {
+                let _ = handover::send_line(&mut stream, &written);
+                return Some(0);
+            }
+            written
+        }
+        Err(e) => {
+            tracing::error!("snapshot failed: {e:#}");
+            json!({"ok": false, "error": format!("{e:#}")})
+        }
+    };
+    if was_running {
+        vm.resume();
+    }
+    let _ = handover::send_line(&mut stream, &reply);
+    None
 }
 
 /// Page numbers set in either bitmap.
@@ -906,6 +1024,18 @@ fn handle_control(
         );
         return None;
     }
+    if let Some(s) = mig
+        .saving
+        .as_ref()
+        .filter(|_| !matches!(cmd, "status" | "migration" | "stop"))
+    {
+        let error = format!(
+            "a snapshot is being written to {}; wait for it to end (stopping the VM cancels it)",
+            s.path.display()
+        );
+        let _ = handover::send_line(&mut stream, &json!({"ok": false, "error": error}));
+        return None;
+    }
     let reply = match cmd {
         "migrate" => start_migration(vm, mig, tx, &req, name).map(|_| json!({"ok": true})),
         "estimate" if mig.running => Err("a migration is running".to_string()),
@@ -1051,68 +1181,74 @@ fn handle_control(
             })),
             // A post-copy arrival whose pages are not all here yet.
             "arriving": ARRIVING.get().map(|w| w.status()).filter(|s| s.status != "completed"),
+            // A snapshot being written.
+            "saving": mig.saving.as_ref().map(|s| json!({
+                "path": s.path, "pages": s.progress.pages(), "written": s.progress.written(),
+            })),
         })),
         "pause" => Ok(json!({"ok": true, "pause_us": vm.pause().as_micros() as u64})),
         "resume" => {
             vm.resume();
             Ok(json!({"ok": true}))
         }
+        // A save pauses and resumes the VM, and a migration's commit must
+        // never be followed by a resume here.
+        "snapshot" if mig.running => Err("a migration is running".to_string()),
         "snapshot" => match (req.get("path").and_then(|p| p.as_str()), boot_arg(&req)) {
             (None, _) => Err("snapshot needs a \"path\"".to_string()),
             (_, Err(e)) => Err(e),
             (Some(p), Ok(boot)) => {
                 let was_running = vm.is_running();
                 let stop = req.get("stop").and_then(|s| s.as_bool()).unwrap_or(false);
-                // The working-set window and the background save need guest
-                // memory to themselves: not during a migration.
                 let background = !stop
                     && was_running
-                    && !mig.running
                     && req.get("background").and_then(|b| b.as_bool()) != Some(false);
                 // The daemon's record says how the VM boots; else what this
                 // process knows.
-                let boot = boot.map(|b| BootSpec {
-                    kernel: b.kernel.into(),
-                    initramfs: b.initrd.map(Into::into),
-                    cmdline: b.cmdline,
+                let boot = boot
+                    .map(|b| BootSpec {
+                        kernel: b.kernel.into(),
+                        initramfs: b.initrd.map(Into::into),
+                        cmdline: b.cmdline,
+                    })
+                    .or_else(|| OWN_BOOT.get().cloned());
+                let path = PathBuf::from(p);
+                let progress = Arc::new(save_progress());
+                let (vm, tx, watch) = (vm.clone(), tx.clone(), progress.clone());
+                let target = path.clone();
+                let started = stream.try_clone().and_then(|reply_to| {
+                    std::thread::Builder::new()
+                        .name("save".into())
+                        .spawn(move || {
+                            let result =
+                                snapshot(&vm, &target, true, background, boot.as_ref(), &watch);
+                            let done = SaveDone {
+                                stream: reply_to,
+                                result,
+                                stop,
+                                was_running,
+                            };
+                            let _ = tx.send(Event::Saved(done));
+                        })
                 });
-                let r = snapshot(
-                    vm,
-                    Path::new(p),
-                    !mig.running,
-                    background,
-                    boot.as_ref().or(OWN_BOOT.get()),
-                );
-                match r {
-                    Ok(Saved {
-                        stats: s,
-                        paused,
-                        faults,
-                    }) => {
-                        let written = json!({
-                            "ok": true, "pages": s.data_pages, "bytes": s.file_bytes,
-                            "ms": s.elapsed.as_secs_f64() * 1e3,
-                            "paused_ms": paused.as_secs_f64() * 1e3,
-                            "background": faults.is_some(), "faults": faults,
+                match started {
+                    Ok(_) => {
+                        mig.saving = Some(Saving {
+                            path,
+                            progress,
+                            exit_after: None,
                         });
-                        if stop {
-                            let _ = handover::send_line(&mut stream, &written);
-                            return Some(0);
-                        }
-                        if was_running {
-                            vm.resume();
-                        }
-                        Ok(written)
+                        // The save's thread answers when it is over.
+                        return None;
                     }
-                    Err(e) => {
-                        if was_running {
-                            vm.resume();
-                        }
-                        Err(format!("{e:#}"))
-                    }
+                    Err(e) => Err(format!("starting the save: {e}")),
                 }
             }
         },
+        "stop" if mig.saving.is_some() => {
+            cancel_save(mig);
+            Ok(json!({"ok": true}))
+        }
         "stop" => {
             let _ = handover::send_line(&mut stream, &json!({"ok": true}));
             return Some(0);

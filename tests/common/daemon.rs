@@ -87,7 +87,31 @@ impl Daemon {
     }
 
     pub fn start_with(socket: PathBuf, state: PathBuf, port: u16, log: &Path) -> Daemon {
-        Daemon::spawn(socket, state, None, "127.0.0.1", port, log, &["--insecure"])
+        Daemon::spawn(
+            socket,
+            state,
+            None,
+            "127.0.0.1",
+            port,
+            log,
+            &["--insecure"],
+            &[],
+        )
+    }
+
+    /// A daemon on loopback whose environment (and its VM processes') has
+    /// `env` too (test knobs such as `MIGD_SAVE_PACE_MS`).
+    pub fn start_env(dir: &Path, tag: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(
+            dir.join(format!("{tag}.sock")),
+            dir.join(format!("{tag}-state")),
+            None,
+            "127.0.0.1",
+            free_port(),
+            &dir.join(format!("{tag}.log")),
+            &["--insecure"],
+            env,
+        )
     }
 
     /// A daemon inside network namespace `netns`, listening on `ip:port` there.
@@ -100,6 +124,7 @@ impl Daemon {
             port,
             &dir.join(format!("{tag}.log")),
             &["--insecure"],
+            &[],
         )
     }
 
@@ -113,9 +138,11 @@ impl Daemon {
             port,
             &dir.join(format!("{tag}.log")),
             flags,
+            &[],
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         socket: PathBuf,
         state: PathBuf,
@@ -124,6 +151,7 @@ impl Daemon {
         port: u16,
         log: &Path,
         flags: &[&str],
+        env: &[(&str, &str)],
     ) -> Daemon {
         let listen = format!("{ip}:{port}");
         let mut cmd = match netns {
@@ -144,6 +172,7 @@ impl Daemon {
             .args(["--listen", &listen])
             .args(flags)
             .env("MIGD_FAULT_INJECTION", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(

@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use vmm::memory::{GuestRam, PAGE_SIZE};
-use vmm::snapshot::{SnapshotStats, SnapshotWriter};
+use vmm::snapshot::{SnapshotStats, SnapshotWriter, WriteProgress};
 use vmm::state::VmState;
 use vmm::BootSpec;
 
@@ -76,8 +76,9 @@ pub fn save(
     boot: Option<&BootSpec>,
     pause: impl FnOnce() -> Result<Paused>,
     resume: impl FnOnce(),
+    progress: &WriteProgress,
 ) -> std::result::Result<BackgroundStats, BackgroundError> {
-    save_holding(ram, path, boot, pause, resume, HELD_MAX)
+    save_holding(ram, path, boot, pause, resume, progress, HELD_MAX)
 }
 
 /// [`save`], with the fault thread holding at most `held_max` pages aside.
@@ -87,6 +88,7 @@ fn save_holding(
     boot: Option<&BootSpec>,
     pause: impl FnOnce() -> Result<Paused>,
     resume: impl FnOnce(),
+    progress: &WriteProgress,
     held_max: usize,
 ) -> std::result::Result<BackgroundStats, BackgroundError> {
     let map = RamMap::new(ram);
@@ -111,6 +113,7 @@ fn save_holding(
             .map_err(Error::from)
     })();
     let writer = sealed.map_err(BackgroundError::before_resume)?;
+    progress.start(writer.data_pages());
     resume();
     let paused = paused_at.elapsed();
     // Pages that are not in the file need no protection: a guest filling
@@ -121,6 +124,8 @@ fn save_holding(
     let save = Save {
         mem: MemView::new(ram),
         writer: &writer,
+        path,
+        progress,
         map: &map,
         uffd: &uffd,
         state: (0..writer.data_pages())
@@ -227,16 +232,7 @@ fn with_pages(runs: Vec<(u64, u64)>, bits: &[u64], pages: u64) -> Vec<(u64, u64)
     for (a, b) in all.iter_mut().zip(bits) {
         *a |= b;
     }
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for p in 0..pages {
-        if all[(p / 64) as usize] & (1 << (p % 64)) != 0 {
-            match out.last_mut() {
-                Some((off, n)) if *off / PAGE_SIZE + *n == p => *n += 1,
-                _ => out.push((p * PAGE_SIZE, 1)),
-            }
-        }
-    }
-    out
+    crate::bitmap::to_runs(&all)
 }
 
 /// Guest RAM registered for write-protect faults while it lives; dropping it
@@ -349,6 +345,9 @@ impl Drop for Armed<'_> {
 struct Save<'a> {
     mem: MemView,
     writer: &'a SnapshotWriter,
+    path: &'a Path,
+    /// Pages saved so far; cancels the streaming pass.
+    progress: &'a WriteProgress,
     map: &'a RamMap,
     uffd: &'a Uffd,
     /// Per stored page, in file order: UNTOUCHED, CLAIMED or SAVED.
@@ -393,6 +392,7 @@ impl Save<'_> {
                 .map_err(io_err("writing the snapshot"))?;
         }
         self.state[i as usize].store(SAVED, Ordering::Release);
+        self.progress.count(1);
         Ok(())
     }
 
@@ -443,7 +443,7 @@ impl Save<'_> {
                 .write_protect(host, len, false)
                 .map_err(io_err("lifting write-protection"))?;
         }
-        Ok(())
+        Ok(self.progress.step(n, self.path)?)
     }
 
     /// The streaming pass: the stored pages the fault thread has not taken,
@@ -595,14 +595,18 @@ pub(crate) mod tests {
         let dir = std::env::temp_dir().join(format!("migration-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("vm.snap");
+        let progress = WriteProgress::default();
         let stats = save(
             &ram,
             &path,
             None,
             || Ok((vmm::testing::state(ram.size()), None)),
             || {},
+            &progress,
         )
         .unwrap_or_else(|e| panic!("background save: {e:?}"));
+        let stored = stats.snapshot.data_pages;
+        assert_eq!((progress.pages(), progress.written()), (stored, stored));
         (ram, dir, path, stats)
     }
 
@@ -633,6 +637,7 @@ pub(crate) mod tests {
         let path = dir.join("vm.snap");
         let phase = AtomicU8::new(RUNNING);
         let mut at_pause = vec![0u8; (PAGES * PAGE_SIZE) as usize];
+        let progress = WriteProgress::default();
         let stats = std::thread::scope(|s| {
             s.spawn(|| {
                 // Before the pause: every page in turn (7 is prime to PAGES).
@@ -673,6 +678,7 @@ pub(crate) mod tests {
                     Ok((vmm::testing::state(ram.size()), None))
                 },
                 || phase.store(RUNNING, Ordering::Release),
+                &progress,
                 held_max,
             );
             phase.store(STOP, Ordering::Release);
@@ -691,6 +697,9 @@ pub(crate) mod tests {
         }
         assert_eq!(file.data_pages, stats.snapshot.data_pages);
         assert!(stats.snapshot.data_pages >= DATA_PAGES);
+        // Each stored page counted once, by whichever writer saved it.
+        let stored = stats.snapshot.data_pages;
+        assert_eq!((progress.pages(), progress.written()), (stored, stored));
         std::fs::remove_dir_all(&dir).unwrap();
         stats
     }
@@ -740,5 +749,53 @@ pub(crate) mod tests {
             "the writer met no unsaved page: {stats:?}"
         );
         assert_eq!(stats.written_by_faults, stats.faults, "{stats:?}");
+    }
+
+    /// A save cancelled while it streams fails after the resume, leaves no
+    /// file and no temporary, and lifts the protection: the guest writes on.
+    #[test]
+    fn a_cancelled_save_leaves_nothing_and_unprotects_memory() {
+        let ram = std::sync::Arc::new(GuestRam::new(PAGES * PAGE_SIZE).unwrap());
+        for p in 0..DATA_PAGES {
+            ram.write(gpa(&ram, p), &[p as u8 | 1; 64]).unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!("migration-cancel-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.snap");
+        let progress = WriteProgress::paced(Duration::from_millis(20));
+        let r = std::thread::scope(|s| {
+            s.spawn(|| {
+                while progress.written() == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                progress.cancel();
+            });
+            save(
+                &ram,
+                &path,
+                None,
+                || Ok((vmm::testing::state(ram.size()), None)),
+                || {},
+                &progress,
+            )
+        });
+        let e = r.expect_err("a cancelled save fails");
+        assert!(e.resumed, "cancelled after the resume: {e:?}");
+        assert!(e.error.to_string().contains("cancelled"), "{e:?}");
+        assert!(progress.written() < DATA_PAGES, "{}", progress.written());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "files left");
+        // Not write-protected any more: the writes go through (a protected
+        // page would keep its writer waiting for an answer that never comes).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = ram.clone();
+        std::thread::spawn(move || {
+            for p in 0..DATA_PAGES {
+                writer.write(gpa(&writer, p), &[0xee; 8]).unwrap();
+            }
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("guest memory still write-protected after the cancel");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

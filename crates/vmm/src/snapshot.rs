@@ -32,6 +32,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::boot::BootSpec;
@@ -345,32 +346,109 @@ fn temp_path(path: &Path) -> PathBuf {
 
 /// Writes a snapshot of `state` and `ram` to `path` (atomically).
 pub fn write(path: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotStats> {
-    write_with_working_set(path, state, ram, None, None)
+    write_with_working_set(path, state, ram, None, None, &WriteProgress::default())
+}
+
+/// How far the page data of a snapshot being written has got, for another
+/// thread to report (`migctl info` while `migctl save` runs), and a way to
+/// cancel it: the writer then fails with "cancelled" and removes its
+/// temporary file.
+#[derive(Debug, Default)]
+pub struct WriteProgress {
+    pages: AtomicU64,
+    written: AtomicU64,
+    cancelled: AtomicBool,
+    /// Tests: a pause at each step of the writer's main pass, so that a save
+    /// lasts long enough to be watched.
+    pace: Option<Duration>,
+}
+
+/// Most bytes of page data between two steps (progress and cancel check).
+pub const PROGRESS_STEP: u64 = 1 << 20;
+
+impl WriteProgress {
+    /// Progress that pauses `pace` at each step of the writer's main pass
+    /// (at most [`PROGRESS_STEP`] of pages; for tests that watch a save).
+    pub fn paced(pace: Duration) -> Self {
+        WriteProgress {
+            pace: Some(pace),
+            ..Default::default()
+        }
+    }
+
+    /// Pages the file stores (0 until its layout is known).
+    pub fn pages(&self) -> u64 {
+        self.pages.load(Ordering::Relaxed)
+    }
+
+    /// Pages stored so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Asks the writer to stop at its next step.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Self::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// The file's layout is known: it stores `pages` pages.
+    pub fn start(&self, pages: u64) {
+        self.pages.store(pages, Ordering::Relaxed);
+    }
+
+    /// `pages` more pages are stored.
+    pub fn count(&self, pages: u64) {
+        self.written.fetch_add(pages, Ordering::Relaxed);
+    }
+
+    /// `pages` more pages are stored by the writer's main pass, which stops
+    /// here (an error naming `path`) if the save was cancelled.
+    pub fn step(&self, pages: u64, path: &Path) -> Result<()> {
+        self.count(pages);
+        if let Some(pace) = self.pace {
+            std::thread::sleep(pace);
+        }
+        if self.is_cancelled() {
+            return Err(snap_err(path, "cancelled".into()));
+        }
+        Ok(())
+    }
 }
 
 /// Writes a snapshot like [`write()`], with a working-set section when
 /// `working_set` is given: memfd page numbers the guest used last (e.g. the
 /// dirty log of a short window before the pause). Pages that are not stored
 /// (zero) are left out of it; order and duplicates do not matter. With
-/// `boot`, the file also carries how the VM boots from its kernel.
+/// `boot`, the file also carries how the VM boots from its kernel. The
+/// pages written are counted in `progress`, which can also cancel the write.
 pub fn write_with_working_set(
     path: &Path,
     state: &VmState,
     ram: &GuestRam,
     working_set: Option<&[u64]>,
     boot: Option<&BootSpec>,
+    progress: &WriteProgress,
 ) -> Result<SnapshotStats> {
     let runs = nonzero_runs(ram)?;
     let w = SnapshotWriter::create(path, state, ram.size(), runs, working_set, boot)?;
+    progress.start(w.data_pages());
     let io = |e: std::io::Error| snap_err(path, format!("write: {e}"));
     let map = MemfdMap::new(ram, false)?;
     let mut crc = crc32fast::Hasher::new();
     {
-        let mut out = BufWriter::with_capacity(1 << 20, w.file());
+        let mut out = BufWriter::with_capacity(PROGRESS_STEP as usize, w.file());
         for (off, n) in w.runs() {
             let data = map.slice(*off, n * PAGE_SIZE);
-            crc.update(data);
-            out.write_all(data).map_err(io)?;
+            for step in data.chunks(PROGRESS_STEP as usize) {
+                crc.update(step);
+                out.write_all(step).map_err(io)?;
+                progress.step(step.len() as u64 / PAGE_SIZE, path)?;
+            }
         }
         out.flush().map_err(io)?;
     }
@@ -1227,14 +1305,17 @@ mod tests {
         ram.write(0x300_0000, &[0xcc; 1]).unwrap();
         let p = d.join("vm.snap");
         // 5 is not stored (zero): dropped; duplicates and order do not matter.
+        let progress = WriteProgress::default();
         let stats = write_with_working_set(
             &p,
             &state(64 << 20),
             &ram,
             Some(&[0x3000, 5, 1, 0x3000]),
             Some(&boot_spec()),
+            &progress,
         )
         .unwrap();
+        assert_eq!((progress.pages(), progress.written()), (3, 3));
         assert_eq!(stats.boot, Some(boot_spec()));
         assert_eq!(stats.data_pages, 3);
         assert_eq!(stats.working_set_pages, 2);
@@ -1371,5 +1452,47 @@ mod tests {
         assert!(write(&p, &state(64 << 20), &ram).is_err());
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
         std::fs::remove_dir_all(d).unwrap();
+    }
+
+    /// Progress counts every stored page, a step at a time; a cancelled
+    /// write fails with "cancelled" and leaves neither file nor temporary.
+    #[test]
+    fn progress_counts_pages_and_cancel_leaves_nothing() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let pages = 3 * PROGRESS_STEP / PAGE_SIZE + 5;
+        for p in 0..pages {
+            ram.write(p * PAGE_SIZE, &[p as u8 | 1; 16]).unwrap();
+        }
+        let d = dir("progress");
+        let p = d.join("vm.snap");
+        let done = WriteProgress::default();
+        write_with_working_set(&p, &state(64 << 20), &ram, None, None, &done).unwrap();
+        assert_eq!((done.pages(), done.written()), (pages, pages));
+
+        // Cancelled from another thread once the first step is written.
+        let q = d.join("cancelled.snap");
+        let paced = WriteProgress::paced(Duration::from_millis(50));
+        let r = std::thread::scope(|s| {
+            s.spawn(|| {
+                while paced.written() == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                paced.cancel();
+            });
+            write_with_working_set(&q, &state(64 << 20), &ram, None, None, &paced)
+        });
+        let e = r.expect_err("a cancelled write fails").to_string();
+        assert!(e.contains("cancelled"), "{e}");
+        assert!(
+            paced.written() < pages,
+            "stopped early: {}",
+            paced.written()
+        );
+        let left: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, ["vm.snap"], "no cancelled file, no temporary");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

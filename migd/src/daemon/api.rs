@@ -592,6 +592,7 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
         if let Some(v) = d.reg().vms.get_mut(name) {
             if v.state == st::SAVING {
                 v.state = state.into();
+                v.saving = None;
             }
         }
     };
@@ -750,7 +751,9 @@ async fn destroy(d: &Daemon, name: &str) -> Result<Value> {
         if let Some(j) = &vm.job {
             bail!("VM '{name}' is being migrated (job {j}); cancel the job first");
         }
-        if [st::CREATING, st::DESTROYING, st::SAVING].contains(&vm.state.as_str()) {
+        // A save in progress is cancelled: its VM process stops once the
+        // save has removed its unfinished file.
+        if [st::CREATING, st::DESTROYING].contains(&vm.state.as_str()) {
             bail!("VM '{name}' is {}; try again", vm.state);
         }
         vm.state = st::DESTROYING.into();

@@ -122,6 +122,8 @@ pub struct VmEntry {
     pub memory_used: Option<u64>,
     /// A post-copy arrival's progress while pages are still missing here.
     pub arriving: Option<Value>,
+    /// A save's progress (`{path, pages, written}`) while it writes.
+    pub saving: Option<Value>,
 }
 
 impl VmEntry {
@@ -135,6 +137,7 @@ impl VmEntry {
             filling: None,
             memory_used: None,
             arriving: None,
+            saving: None,
         }
     }
 
@@ -158,6 +161,7 @@ impl VmEntry {
             "job": self.job,
             "filling": self.filling,
             "arriving": self.arriving,
+            "saving": self.saving,
         })
     }
 }
@@ -395,9 +399,7 @@ pub async fn refresh(d: &Daemon, name: &str) {
         Some(v) => (v.state.clone(), v.pid.is_some()),
         None => return,
     };
-    if !has_pid
-        || [st::CREATING, st::DESTROYING, st::MIGRATED, st::SAVING].contains(&state.as_str())
-    {
+    if !has_pid || [st::CREATING, st::DESTROYING, st::MIGRATED].contains(&state.as_str()) {
         return;
     }
     let dir = d.vm_dir(name);
@@ -420,6 +422,12 @@ pub async fn refresh(d: &Daemon, name: &str) {
         if vm.state == st::DESTROYING || vm.state == st::MIGRATED || vm.pid.is_none() {
             return;
         }
+        vm.memory_used = reply["memory_used"].as_u64();
+        if vm.state == st::SAVING {
+            // The state is the save's until it ends; its progress is news.
+            vm.saving = Some(reply["saving"].clone()).filter(|s| !s.is_null());
+            return;
+        }
         if vm.state == st::INCOMING && new != st::INCOMING {
             // The incoming VM runs here now: from here on it has a record like any
             // other (sized from the VM itself if this daemon adopted it mid-way).
@@ -432,7 +440,6 @@ pub async fn refresh(d: &Daemon, name: &str) {
         }
         vm.state = new.to_string();
         vm.filling = Some(reply["filling"].clone()).filter(|f| !f.is_null());
-        vm.memory_used = reply["memory_used"].as_u64();
         vm.arriving = Some(reply["arriving"].clone()).filter(|a| !a.is_null());
     }
     if let Some(r) = record_to_write {

@@ -201,12 +201,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let file = absolute(&file)?;
-            let spinner = spinner(format!("saving {name} to {}", file.display()));
-            let r = Client::connect(&cli.socket, SAVE_TIMEOUT)?.call(&json!({
-                "cmd": "save", "name": name, "path": file, "keep": keep,
-            }));
-            spinner.finish_and_clear();
-            let r = r?;
+            let mut client = Client::connect(&cli.socket, SAVE_TIMEOUT)?;
+            let req = json!({"cmd": "save", "name": name, "path": file, "keep": keep});
+            let r = with_save_progress(&cli.socket, &name, &file, move || client.call(&req))?;
             if json {
                 print_json(&r);
             } else {
@@ -288,6 +285,50 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// The daemon resolves paths in its own working directory: send absolute ones.
+/// Runs `save` (the daemon's `save` call) while a bar on stderr shows the
+/// pages written, from the VM's `saving` progress (drawn only on a terminal).
+fn with_save_progress<T: Send>(
+    socket: &std::path::Path,
+    name: &str,
+    file: &std::path::Path,
+    save: impl FnOnce() -> T + Send,
+) -> T {
+    let bar = spinner(format!("saving {name} to {}", file.display()));
+    if bar.is_hidden() {
+        return save();
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] [{bar:30}] {bytes}/{total_bytes} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let r = std::thread::scope(|s| {
+        s.spawn(|| {
+            let Ok(mut watch) = Client::connect(socket, TIMEOUT) else {
+                return;
+            };
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(r) = watch.call(&json!({"cmd": "info", "name": name})) {
+                    let p = &r["vm"]["saving"];
+                    if let (Some(w), Some(n)) = (p["written"].as_u64(), p["pages"].as_u64()) {
+                        bar.set_length(n * 4096);
+                        bar.set_position(w * 4096);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let r = save();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    });
+    bar.finish_and_clear();
+    r
+}
+
 /// A spinner on stderr while a long request runs (drawn only on a terminal).
 fn spinner(msg: String) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new_spinner();

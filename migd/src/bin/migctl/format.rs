@@ -170,6 +170,19 @@ pub fn vm_info(v: &Value) -> String {
             ),
         );
     }
+    let w = &v["saving"];
+    if let (Some(done), Some(all)) = (w["written"].as_u64(), w["pages"].as_u64()) {
+        kv(
+            &mut s,
+            "Saving",
+            format!(
+                "{:.0} % of {} to {} (destroy cancels it)",
+                percent(done, all),
+                bytes(all * 4096),
+                opt(&w["path"])
+            ),
+        );
+    }
     kv(&mut s, "Console", opt(&v["console"]));
     kv(&mut s, "Migration job", opt(&v["job"]));
     s
