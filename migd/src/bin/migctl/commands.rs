@@ -184,10 +184,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             max_downtime,
             json,
         } => {
+            let spinner = spinner(format!(
+                "measuring {name}'s dirty rate and the path to {to}"
+            ));
             let r = connect()?.call(&json!({
                 "cmd": "estimate", "name": name, "to": to, "mode": mode,
                 "max_downtime_ms": max_downtime,
-            }))?;
+            }));
+            spinner.finish_and_clear();
+            let r = r?;
             if json {
                 print_json(&r);
             } else {
@@ -229,9 +234,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let file = absolute(&file)?;
+            let spinner = spinner(format!("restoring {name} from {}", file.display()));
             let r = connect()?.call(&json!({
                 "cmd": "restore", "name": name, "path": file, "lazy": lazy,
-            }))?;
+            }));
+            spinner.finish_and_clear();
+            let r = r?;
             if json {
                 print_json(&r["vm"]);
             } else {
@@ -297,13 +305,12 @@ fn with_save_progress<T: Send>(
     if bar.is_hidden() {
         return save();
     }
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] [{bar:30}] {bytes}/{total_bytes} {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    // A spinner until the file's size is known, then a bar.
+    let style = indicatif::ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] [{bar:30}] {bytes}/{total_bytes} {wide_msg}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
     let done = std::sync::atomic::AtomicBool::new(false);
     let r = std::thread::scope(|s| {
         s.spawn(|| {
@@ -314,8 +321,13 @@ fn with_save_progress<T: Send>(
                 if let Ok(r) = watch.call(&json!({"cmd": "info", "name": name})) {
                     let p = &r["vm"]["saving"];
                     if let (Some(w), Some(n)) = (p["written"].as_u64(), p["pages"].as_u64()) {
-                        bar.set_length(n * 4096);
-                        bar.set_position(w * 4096);
+                        if n > 0 && bar.length().is_none() {
+                            bar.set_style(style.clone());
+                        }
+                        if n > 0 {
+                            bar.set_length(n * 4096);
+                            bar.set_position(w * 4096);
+                        }
                     }
                 }
                 std::thread::sleep(Duration::from_millis(200));
