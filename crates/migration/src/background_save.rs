@@ -569,6 +569,23 @@ pub(crate) mod tests {
     const PAUSED: u8 = 2;
     const STOP: u8 = 3;
 
+    /// A background save of `ram` with no guest running: pause and resume
+    /// do nothing, and the state is a made-up one.
+    fn save_idle(
+        ram: &GuestRam,
+        path: &std::path::Path,
+        progress: &WriteProgress,
+    ) -> std::result::Result<BackgroundStats, BackgroundError> {
+        save(
+            ram,
+            path,
+            None,
+            || Ok((vmm::testing::state(ram.size()), None)),
+            || {},
+            progress,
+        )
+    }
+
     pub(crate) fn gpa(ram: &GuestRam, page: u64) -> u64 {
         ram.offset_to_gpa(page * PAGE_SIZE)
             .expect("page inside RAM")
@@ -596,15 +613,8 @@ pub(crate) mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("vm.snap");
         let progress = WriteProgress::default();
-        let stats = save(
-            &ram,
-            &path,
-            None,
-            || Ok((vmm::testing::state(ram.size()), None)),
-            || {},
-            &progress,
-        )
-        .unwrap_or_else(|e| panic!("background save: {e:?}"));
+        let stats =
+            save_idle(&ram, &path, &progress).unwrap_or_else(|e| panic!("background save: {e:?}"));
         let stored = stats.snapshot.data_pages;
         assert_eq!((progress.pages(), progress.written()), (stored, stored));
         (ram, dir, path, stats)
@@ -770,14 +780,7 @@ pub(crate) mod tests {
                 }
                 progress.cancel();
             });
-            save(
-                &ram,
-                &path,
-                None,
-                || Ok((vmm::testing::state(ram.size()), None)),
-                || {},
-                &progress,
-            )
+            save_idle(&ram, &path, &progress)
         });
         let e = r.expect_err("a cancelled save fails");
         assert!(e.resumed, "cancelled after the resume: {e:?}");

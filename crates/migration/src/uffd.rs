@@ -377,10 +377,13 @@ mod tests {
         );
     }
 
+    /// A missing page is filled once (then EEXIST), a page written before
+    /// the registration is not missing, and a punched one is missing again.
     #[test]
     fn zeropage_and_copy_fill_missing_pages_once() {
         let ram = vmm::GuestRam::new(16 << 20).unwrap();
         let (r, host) = ram.host_ranges()[0];
+        ram.write(r.guest_addr, &[3; 4096]).unwrap();
         let uffd = match Uffd::new() {
             Ok(u) => u,
             Err(e) => {
@@ -389,6 +392,7 @@ mod tests {
             }
         };
         uffd.register(host as u64, r.len).unwrap();
+        assert!(!uffd.copy(host as u64, &[9u8; 4096]).unwrap(), "present");
         let p = host as u64 + 4 * 4096;
         assert!(uffd.zeropage(p, 4096).unwrap());
         assert!(!uffd.zeropage(p, 4096).unwrap());
@@ -396,10 +400,12 @@ mod tests {
         let q = p + 4096;
         assert!(uffd.copy(q, &[7u8; 4096]).unwrap());
         assert!(!uffd.zeropage(q, 4096).unwrap());
+        vmm::memory::punch_hole(ram.memfd(), 0, 4096).unwrap();
+        assert!(uffd.copy(host as u64, &[9u8; 4096]).unwrap(), "punched");
         uffd.unregister(host as u64, r.len).unwrap();
-        // SAFETY: both pages are mapped (filled above) inside guest RAM.
-        let (a, b) = unsafe { (*(p as *const u8), *(q as *const u8)) };
-        assert_eq!((a, b), (0, 7));
+        // SAFETY: the pages are mapped (filled above) inside guest RAM.
+        let (a, b, c) = unsafe { (*(p as *const u8), *(q as *const u8), *(host as *const u8)) };
+        assert_eq!((a, b, c), (0, 7, 9));
     }
 
     #[test]

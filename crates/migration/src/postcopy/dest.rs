@@ -974,7 +974,6 @@ pub(crate) fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memview::MemView;
 
     #[test]
     fn latency_histogram_has_log2_buckets() {
@@ -984,43 +983,6 @@ mod tests {
             log2_histogram(&[0, 1, 2, 3, 90, 1000]),
             vec![2, 2, 0, 0, 0, 0, 1, 0, 0, 1]
         );
-    }
-
-    #[test]
-    fn uffd_fills_missing_pages_once() {
-        let ram = vmm::GuestRam::new(16 << 20).unwrap();
-        let mem = MemView::new(&ram);
-        mem.page_mut(0).unwrap().fill(7);
-        let (r, host) = ram.host_ranges()[0];
-        let uffd = match Uffd::new() {
-            Ok(u) => u,
-            Err(e) => {
-                eprintln!("SKIP: userfaultfd unavailable: {e}");
-                return;
-            }
-        };
-        uffd.register(host as u64, r.len).unwrap();
-        let page = Page([9; PAGE_SIZE as usize]);
-        // Present page (written before registration): EEXIST.
-        assert!(!uffd.copy(host as u64, &page.0).unwrap());
-        // Missing page: filled, then EEXIST.
-        let p1 = host as u64 + PAGE_SIZE;
-        assert!(uffd.copy(p1, &page.0).unwrap());
-        assert!(!uffd.copy(p1, &page.0).unwrap());
-        assert_eq!(mem.page(PAGE_SIZE).unwrap()[0], 9);
-        // A punched page is missing again.
-        let rc = unsafe {
-            libc::fallocate(
-                ram.memfd().as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                0,
-                PAGE_SIZE as i64,
-            )
-        };
-        assert_eq!(rc, 0);
-        assert!(uffd.copy(host as u64, &page.0).unwrap());
-        uffd.unregister(host as u64, r.len).unwrap();
-        assert_eq!(mem.page(0).unwrap()[0], 9);
     }
 
     /// Zeros from the source are booked without filling: a page read later
