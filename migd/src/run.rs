@@ -984,6 +984,8 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
             .and_then(|v| v.as_f64())
             .unwrap_or(16.0),
         vcpus: vm.config().vcpus as u32,
+        // Connect, Hello/Accept, Prepared; not the destination's own work.
+        setup: 3.0 * path.rtt,
     };
     let all: serde_json::Map<String, serde_json::Value> = ["precopy", "postcopy", "hybrid"]
         .iter()

@@ -298,10 +298,21 @@ def bench_migrate(runs, lim):
                                               + " (" + med([r["model"]["downtime_error_pct"] for r in ok if r.get("model")]) + ")",
                 "model_total_ms (err %)": med([r["model"]["prediction"]["total_ms"] for r in ok if r.get("model")])
                                            + " (" + med([r["model"]["total_error_pct"] for r in ok if r.get("model")]) + ")",
+                # Pre-copy's pause: the bytes the model expected the rounds to
+                # leave against those sent, and the pause's rate over the rounds'.
+                "final_MiB predicted / sent (rate / rounds')": final_copy_cell(ok),
                 "stop_reason": ok[0]["stop_reason"] if ok else "",
                 "errors": "; ".join(sorted({r.get("error") or "" for r in res if r["status"] != "completed"})),
             })
     return rows
+
+
+def final_copy_cell(ok):
+    fc = [r["model"]["final_copy"] for r in ok if (r.get("model") or {}).get("final_copy")]
+    if not fc:
+        return ""
+    return (med([f["bytes_predicted"] / 2**20 for f in fc]) + " / " + med([f["bytes_measured"] / 2**20 for f in fc])
+            + " (" + med([f["final_rate"] / f["round_rate"] for f in fc]) + "x)")
 
 
 def bench_features(runs):

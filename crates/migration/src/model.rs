@@ -20,6 +20,11 @@
 //! after `max_rounds`; `T_down = V_n / R + V_state / R + T_sw`,
 //! `T_mig = Σ V_i / R + T_down`.
 //! Hybrid: pre-copy rounds up to `rounds_before_switch`, then post-copy for `V_n`.
+//!
+//! Every mode's total also counts the set-up before any page moves
+//! (`T_setup`: connection, handshake, the destination's preparation), an
+//! input: `migctl estimate` puts three round trips there, the check after a
+//! migration the set-up it measured.
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +48,9 @@ pub struct Inputs {
     /// vCPUs paused, captured and restored at the switch-over.
     #[serde(default)]
     pub vcpus: u32,
+    /// Set-up before the first page moves, seconds.
+    #[serde(default)]
+    pub setup: f64,
 }
 
 /// The VM state moved at the switch-over for `vcpus` vCPUs, bytes: measured
@@ -68,6 +76,9 @@ pub struct Prediction {
     pub rounds: u32,
     /// Pre-copy: whether the rounds reach max-downtime (false = stopped by the round limit).
     pub converges: bool,
+    /// Pre-copy: bytes the rounds leave for the stop-and-copy.
+    #[serde(default)]
+    pub final_bytes: f64,
 }
 
 const PAGE: f64 = 4096.0;
@@ -137,12 +148,13 @@ pub fn predict(mode: &str, i: &Inputs) -> Prediction {
                 postcopy_phase(i, i.state_bytes, i.memory_bytes + i.state_bytes);
             Prediction {
                 downtime_ms: t_down * 1e3,
-                total_ms: (t_down + t_res) * 1e3,
+                total_ms: (i.setup + t_down + t_res) * 1e3,
                 resume_ms: t_res * 1e3,
                 resume_push_only_ms: push_only * 1e3,
                 faults,
                 rounds: 0,
                 converges: true,
+                final_bytes: 0.0,
             }
         }
         "hybrid" => {
@@ -151,12 +163,13 @@ pub fn predict(mode: &str, i: &Inputs) -> Prediction {
                 postcopy_phase(i, i.state_bytes, left + i.state_bytes);
             Prediction {
                 downtime_ms: t_down * 1e3,
-                total_ms: (t_rounds + t_down + t_res) * 1e3,
+                total_ms: (i.setup + t_rounds + t_down + t_res) * 1e3,
                 resume_ms: t_res * 1e3,
                 resume_push_only_ms: push_only * 1e3,
                 faults,
                 rounds,
                 converges,
+                final_bytes: 0.0,
             }
         }
         _ => {
@@ -164,12 +177,13 @@ pub fn predict(mode: &str, i: &Inputs) -> Prediction {
             let t_down = left / r + switch_cost(i);
             Prediction {
                 downtime_ms: t_down * 1e3,
-                total_ms: (t_rounds + t_down) * 1e3,
+                total_ms: (i.setup + t_rounds + t_down) * 1e3,
                 resume_ms: 0.0,
                 resume_push_only_ms: 0.0,
                 faults: 0.0,
                 rounds,
                 converges,
+                final_bytes: left,
             }
         }
     }
@@ -177,8 +191,8 @@ pub fn predict(mode: &str, i: &Inputs) -> Prediction {
 
 /// The model's prediction for a finished migration, from the parameters it
 /// measured (round-0 or push throughput, round-0 dirty rate, memory moved,
-/// Go→Confirm round trip, pre-paging window), with the error against what
-/// was measured.
+/// Go→Confirm round trip, pre-paging window, set-up), with the error against
+/// what was measured.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelCheck {
     /// Inputs taken from the migration's statistics.
@@ -189,6 +203,26 @@ pub struct ModelCheck {
     pub downtime_error_pct: f64,
     /// (predicted − measured) / measured total time, %.
     pub total_error_pct: f64,
+    /// Pre-copy: the stop-and-copy, predicted and measured.
+    #[serde(default)]
+    pub final_copy: Option<FinalCopy>,
+}
+
+/// Pre-copy's stop-and-copy against the model, which splits a downtime
+/// error into its two causes: the bytes the rounds left (from the dirty
+/// rate), and the rate they went at (the model takes the rounds' rate; with
+/// the guest paused, and the destination overwriting pages it already has
+/// rather than allocating new ones, the stop-and-copy can go faster).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FinalCopy {
+    /// Bytes the model expects the rounds to leave.
+    pub bytes_predicted: f64,
+    /// Bytes the stop-and-copy sent.
+    pub bytes_measured: f64,
+    /// The rounds' rate, bytes/s (the model's bandwidth).
+    pub round_rate: f64,
+    /// The stop-and-copy's rate, bytes/s.
+    pub final_rate: f64,
 }
 
 /// Evaluates the model for a completed migration of a VM of `vcpus` vCPUs;
@@ -234,6 +268,7 @@ pub fn check(s: &crate::stats::MigrationStats, vcpus: usize) -> Option<ModelChec
         max_downtime: 0.3,
         prepaging_window: s.prepaging_window as f64,
         vcpus: vcpus as u32,
+        setup: s.setup_ms / 1e3,
     };
     let prediction = predict(&s.mode, &inputs);
     let err = |p: f64, m: f64| (p - m) / m * 100.0;
@@ -242,6 +277,29 @@ pub fn check(s: &crate::stats::MigrationStats, vcpus: usize) -> Option<ModelChec
         prediction,
         downtime_error_pct: err(prediction.downtime_ms, s.downtime_ms),
         total_error_pct: err(prediction.total_ms, s.total_ms),
+        final_copy: final_copy(s, &inputs, &prediction),
+    })
+}
+
+/// The stop-and-copy of a pre-copy migration (its bytes and rate, from the
+/// pages sent after the rounds and the pause's `final_pages_us`) beside the
+/// model's; None for other modes or where it sent nothing.
+fn final_copy(
+    s: &crate::stats::MigrationStats,
+    inputs: &Inputs,
+    prediction: &Prediction,
+) -> Option<FinalCopy> {
+    if s.pages.expected > 0 || !matches!(s.mode.as_str(), "precopy" | "auto") {
+        return None;
+    }
+    let in_rounds: u64 = s.rounds.iter().map(|r| r.pages).sum();
+    let bytes = s.pages.sent.checked_sub(in_rounds)? as f64 * PAGE;
+    let us = s.downtime_phases.as_ref()?.final_pages_us;
+    (bytes > 0.0 && us > 0).then(|| FinalCopy {
+        bytes_predicted: prediction.final_bytes,
+        bytes_measured: bytes,
+        round_rate: inputs.bandwidth,
+        final_rate: bytes / (us as f64 / 1e6),
     })
 }
 
@@ -259,6 +317,7 @@ mod tests {
             max_downtime: 0.3,
             prepaging_window: 16.0,
             vcpus: 1,
+            setup: 0.0,
         }
     }
 
@@ -307,8 +366,50 @@ mod tests {
         assert_eq!(c.prediction.rounds, 1);
         // One round of 100 ms plus the state: total predicted ~100 ms against 200 measured.
         assert!((c.total_error_pct + 50.0).abs() < 2.0, "{c:?}");
+        assert_eq!(c.final_copy, None, "no page after the round");
+        // The set-up measured counts in the total: 100 ms of it, ~200 ms predicted.
+        s.setup_ms = 100.0;
+        let c = check(&s, 1).unwrap();
+        assert!(c.total_error_pct.abs() < 2.0, "{c:?}");
+        // A stop-and-copy of 2,560 pages (10 MiB) in 5 ms: 2 GiB/s, twice
+        // the round's rate, beside the bytes the model expected (none: the
+        // guest dirtied nothing).
+        s.pages.sent = 25600 + 2560;
+        s.downtime_phases = Some(crate::stats::DowntimePhases {
+            final_pages_us: 5000,
+            ..Default::default()
+        });
+        let f = check(&s, 1).unwrap().final_copy.unwrap();
+        assert_eq!(
+            (f.bytes_predicted, f.bytes_measured),
+            (0.0, (10 << 20) as f64)
+        );
+        assert!((f.final_rate / f.round_rate - 2.0).abs() < 0.01, "{f:?}");
+        // Post-copy has no stop-and-copy of its own.
+        s.mode = "postcopy".into();
+        s.pages.expected = 25600;
+        assert_eq!(check(&s, 1).unwrap().final_copy, None);
         s.outcome = "failed".into();
         assert!(check(&s, 1).is_none());
+    }
+
+    #[test]
+    fn the_set_up_counts_in_every_total_and_pre_copy_says_what_it_leaves() {
+        let hot = Inputs {
+            dirty_rate: 0.5e9,
+            ..inputs()
+        };
+        let slow = Inputs { setup: 0.02, ..hot };
+        for mode in ["precopy", "postcopy", "hybrid"] {
+            let (a, b) = (predict(mode, &hot), predict(mode, &slow));
+            assert!((b.total_ms - a.total_ms - 20.0).abs() < 1e-9, "{mode}");
+            assert_eq!(a.downtime_ms, b.downtime_ms, "{mode}");
+        }
+        // The pause is what the rounds leave, at the bandwidth, plus the switch.
+        let p = predict("precopy", &hot);
+        assert!(p.final_bytes > 0.0);
+        let t_sw = (hot.state_bytes / hot.bandwidth + 2.0 * hot.rtt) * 1e3 + 1.0;
+        assert!((p.downtime_ms - (p.final_bytes / hot.bandwidth * 1e3 + t_sw)).abs() < 1e-9);
     }
 
     #[test]

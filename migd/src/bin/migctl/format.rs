@@ -285,6 +285,37 @@ pub fn stats(st: &Value) -> String {
     if let Some(r) = st["stop_reason"].as_str().filter(|r| !r.is_empty()) {
         kv(&mut s, "Stop reason", r);
     }
+    let m = &st["model"];
+    if let (Some(down), Some(total)) = (
+        m["prediction"]["downtime_ms"].as_f64(),
+        m["prediction"]["total_ms"].as_f64(),
+    ) {
+        let pct = |v: &Value| v.as_f64().map_or("?".into(), |p| format!("{p:+.0} %"));
+        kv(
+            &mut s,
+            "Model",
+            format!(
+                "downtime {down:.1} ms ({}), total {total:.1} ms ({})",
+                pct(&m["downtime_error_pct"]),
+                pct(&m["total_error_pct"])
+            ),
+        );
+    }
+    let f = &m["final_copy"];
+    if let (Some(want), Some(got)) = (f["bytes_predicted"].as_f64(), f["bytes_measured"].as_f64()) {
+        let speed = |v: &Value| v.as_f64().map_or("?".into(), rate);
+        kv(
+            &mut s,
+            "Stop-and-copy",
+            format!(
+                "{} predicted, {} sent at {} (rounds: {})",
+                bytes(want as u64),
+                bytes(got as u64),
+                speed(&f["final_rate"]),
+                speed(&f["round_rate"])
+            ),
+        );
+    }
     if let Some(rounds) = st["rounds"].as_array().filter(|r| !r.is_empty()) {
         kv(&mut s, "Rounds", rounds.len());
         let rows: Vec<Vec<String>> = rounds
@@ -367,6 +398,26 @@ mod tests {
         assert_eq!(time(&json!(0)), "1970-01-01 00:00:00 UTC");
         assert_eq!(time(&json!(1_700_000_000u64)), "2023-11-14 22:13:20 UTC");
         assert_eq!(time(&Value::Null), "-");
+    }
+
+    #[test]
+    fn stats_show_the_model_and_the_stop_and_copy() {
+        let st = json!({"total_ms": 437.3, "downtime_ms": 71.3, "model": {
+            "prediction": {"downtime_ms": 164.0, "total_ms": 497.0},
+            "downtime_error_pct": 130.2, "total_error_pct": 13.6,
+            "final_copy": {"bytes_predicted": 132.0 * 1048576.0, "bytes_measured": 134.5 * 1048576.0,
+                           "round_rate": 809e6, "final_rate": 2024e6}}});
+        let t = stats(&st);
+        assert!(
+            t.contains("Model:          downtime 164.0 ms (+130 %), total 497.0 ms (+14 %)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("132 MiB predicted, 134.5 MiB sent at 1.9 GiB/s (rounds: 771.5 MiB/s)"),
+            "{t}"
+        );
+        // Without a check (a failed migration), neither line.
+        assert!(!stats(&json!({"total_ms": 1.0})).contains("Model"));
     }
 
     #[test]
