@@ -234,6 +234,60 @@ fn background_snapshot_keeps_the_guest_running_and_the_file_consistent() {
     console.assert_clean();
 }
 
+/// While a save runs the VM process answers status with its progress and
+/// refuses other work; SIGTERM cancels the save (no file, no temporary) and
+/// then ends the process cleanly. Each step of the save is paced (25 ms,
+/// `MIGD_SAVE_PACE_MS`) so that it can be caught half-way.
+#[test]
+fn sigterm_during_a_save_cancels_it_and_stops() {
+    if !kvm_or_skip("sigterm_during_a_save_cancels_it_and_stops") {
+        return;
+    }
+    let dir = scratch("savesig");
+    let snap = dir.join("x.snap");
+    let mut a = VmProcess::boot_env(
+        &dir,
+        "a",
+        "workload=dirty:64:0",
+        "256M",
+        1,
+        &[],
+        &[("MIGD_SAVE_PACE_MS", "25")],
+    );
+    a.console.wait_for("WORKLOAD READY", READY);
+    let r = std::thread::scope(|s| {
+        let save = s.spawn(|| a.request(json!({"cmd": "snapshot", "path": snap})));
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = a.request(json!({"cmd": "status"}));
+            let p = &st["saving"];
+            if p["written"].as_u64().unwrap_or(0) > 0 {
+                assert_eq!(p["path"], snap.to_str().unwrap(), "{st}");
+                assert!(p["written"].as_u64() < p["pages"].as_u64(), "{st}");
+                break;
+            }
+            assert!(Instant::now() < end, "no save under way: {st}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let m = a.request(json!({"cmd": "migrate", "to": "127.0.0.1:1", "name": "x"}));
+        let e = m["error"].as_str().unwrap_or("");
+        assert!(e.contains("a snapshot is being written to"), "{m}");
+        a.signal(nix::sys::signal::Signal::SIGTERM);
+        save.join().unwrap()
+    });
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("cancelled"), "{r}");
+    assert_eq!(a.wait(Duration::from_secs(20)), 0, "a clean stop");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("snap"))
+        .collect();
+    assert!(left.is_empty(), "files left: {left:?}");
+    a.console.assert_clean();
+}
+
 /// A small tmpfs, unmounted on drop; None (SKIP) where it cannot be mounted
 /// (not root), except under CI=true.
 struct Tmpfs(std::path::PathBuf);

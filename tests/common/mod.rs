@@ -207,11 +207,24 @@ pub struct VmProcess {
 impl VmProcess {
     /// Starts `migd run` with the given extra arguments, a console and a control socket.
     pub fn start(dir: &Path, tag: &str, console: &Console, extra: &[&str]) -> VmProcess {
+        VmProcess::start_env(dir, tag, console, extra, &[])
+    }
+
+    /// [`VmProcess::start`], with `env` added to the process's environment
+    /// (test knobs such as `MIGD_SAVE_PACE_MS`).
+    pub fn start_env(
+        dir: &Path,
+        tag: &str,
+        console: &Console,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> VmProcess {
         let control = dir.join(format!("{tag}.sock"));
         let child = Command::new(migd_bin())
             .arg("run")
             .args(extra)
             .env("MIGD_FAULT_INJECTION", "1")
+            .envs(env.iter().copied())
             .arg("--serial")
             .arg(&console.0)
             .arg("--control")
@@ -252,6 +265,19 @@ impl VmProcess {
         cpus: usize,
         extra: &[&str],
     ) -> VmProcess {
+        VmProcess::boot_env(dir, tag, cmdline, memory, cpus, extra, &[])
+    }
+
+    /// [`VmProcess::boot_with`], with `env` added to the process's environment.
+    pub fn boot_env(
+        dir: &Path,
+        tag: &str,
+        cmdline: &str,
+        memory: &str,
+        cpus: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> VmProcess {
         let console = Console(dir.join(format!("{tag}.console")));
         let elf = guest_elf();
         let cpus = cpus.to_string();
@@ -266,7 +292,7 @@ impl VmProcess {
             &cpus,
         ];
         args.extend_from_slice(extra);
-        VmProcess::start(dir, tag, &console, &args)
+        VmProcess::start_env(dir, tag, &console, &args, env)
     }
 
     /// Sends a signal to the process.
