@@ -773,13 +773,7 @@ pub(crate) mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("vm.snap");
         let progress = WriteProgress::paced(Duration::from_millis(20));
-        let r = std::thread::scope(|s| {
-            s.spawn(|| {
-                while progress.written() == 0 {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                progress.cancel();
-            });
+        let r = vmm::testing::cancelled_after_first_step(&progress, || {
             save_idle(&ram, &path, &progress)
         });
         let e = r.expect_err("a cancelled save fails");

@@ -1472,13 +1472,7 @@ mod tests {
         // Cancelled from another thread once the first step is written.
         let q = d.join("cancelled.snap");
         let paced = WriteProgress::paced(Duration::from_millis(50));
-        let r = std::thread::scope(|s| {
-            s.spawn(|| {
-                while paced.written() == 0 {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                paced.cancel();
-            });
+        let r = crate::testing::cancelled_after_first_step(&paced, || {
             write_with_working_set(&q, &state(64 << 20), &ram, None, None, &paced)
         });
         let e = r.expect_err("a cancelled write fails").to_string();

@@ -35,3 +35,20 @@ pub fn state(memory: u64) -> VmState {
         serial: SerialSnapshot::default(),
     }
 }
+
+/// Runs `write` (a snapshot writer given `progress`) while another thread
+/// cancels it once its first step is written; returns what `write` returned.
+pub fn cancelled_after_first_step<T>(
+    progress: &crate::snapshot::WriteProgress,
+    write: impl FnOnce() -> T,
+) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while progress.written() == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            progress.cancel();
+        });
+        write()
+    })
+}
