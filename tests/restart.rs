@@ -2,7 +2,8 @@
 //! daemon restarts (SIGTERM, start again) and the destination daemon is killed
 //! with SIGKILL and started again while a VM moves between them. The VM
 //! processes own the migration, so it completes; the new daemons adopt both
-//! ends, and the job ends `completed` on the source's new daemon.
+//! ends, and the job ends `completed` on the source's new daemon. A save
+//! that outlives its daemon is shown, and ends, on the next one.
 
 mod common;
 
@@ -91,4 +92,67 @@ fn a_migration_survives_both_daemons_going_away() {
     console.wait_heartbeats(n, 3, Duration::from_secs(30));
     console.assert_clean();
     b.ok(&["destroy", "web1"]);
+}
+
+/// The daemon restarts while a VM writes a checkpoint: the new daemon shows
+/// the save under way (state `saving`, its progress) and refuses to pause
+/// the VM meanwhile; once the VM process has written the file the VM is
+/// `running` again, and the file is complete.
+#[test]
+fn a_save_under_way_is_shown_by_the_next_daemon() {
+    if !kvm_or_skip("a_save_under_way_is_shown_by_the_next_daemon") {
+        return;
+    }
+    let dir = scratch("restart-save");
+    let pace = [("MIGD_SAVE_PACE_MS", "25")];
+    let mut a = Daemon::start_env(&dir, "a", &pace);
+    let _reaper = Reaper(a.state.clone());
+    let console = a.create_guest("web1", "workload=dirty:16:8", "128M", 1);
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let ckpt = dir.join("ckpt.snap");
+    let info =
+        |d: &Daemon| -> Value { serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap() };
+    std::thread::scope(|s| {
+        let socket = a.socket.clone();
+        let path = ckpt.to_str().unwrap().to_string();
+        // The request's connection dies with the daemon; its answer is lost.
+        s.spawn(move || {
+            let _ = std::process::Command::new(migctl_bin())
+                .arg("--socket")
+                .arg(&socket)
+                .args(["save", "web1", &path, "--keep"])
+                .output();
+        });
+        let end = Instant::now() + Duration::from_secs(30);
+        while info(&a)["saving"]["written"].as_u64().unwrap_or(0) == 0 {
+            assert!(Instant::now() < end, "no save under way: {}", info(&a));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(a.terminate(), 0);
+    });
+    let b = Daemon::start_env(&dir, "a", &pace);
+    let v = info(&b);
+    assert_eq!(v["state"], "saving", "{v}");
+    let p = &v["saving"];
+    assert!(p["written"].as_u64() < p["pages"].as_u64(), "{v}");
+    let e = b.fails(&["pause", "web1"]);
+    assert!(e.contains("is saving"), "{e}");
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = info(&b);
+        if v["state"] == "running" {
+            assert!(v["saving"].is_null(), "{v}");
+            break;
+        }
+        assert_eq!(v["state"], "saving", "{v}");
+        assert!(Instant::now() < end, "still saving after 60 s: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The file is whole: a VM restored from it runs on from there.
+    b.ok(&["restore", "web2", ckpt.to_str().unwrap()]);
+    let restored = Console(b.vm_dir("web2").join("console.log"));
+    restored.wait_heartbeats(0, 1, Duration::from_secs(30));
+    console.assert_runs_on(1, Duration::from_secs(30));
+    b.ok(&["destroy", "web1"]);
+    b.ok(&["destroy", "web2"]);
 }

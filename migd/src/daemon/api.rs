@@ -582,6 +582,7 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
             );
         };
         let was = std::mem::replace(&mut vm.state, st::SAVING.into());
+        vm.save_requested = true;
         (pid, was)
     };
     let dir = d.vm_dir(name);
@@ -590,6 +591,7 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
     let r = vm_call(&state::control_path(&dir), &req, SAVE_TIMEOUT).await;
     let back = |state: &str| {
         if let Some(v) = d.reg().vms.get_mut(name) {
+            v.save_requested = false;
             if v.state == st::SAVING {
                 v.state = state.into();
                 v.saving = None;

@@ -124,6 +124,10 @@ pub struct VmEntry {
     pub arriving: Option<Value>,
     /// A save's progress (`{path, pages, written}`) while it writes.
     pub saving: Option<Value>,
+    /// This daemon's `save` request waits for the VM process (it owns the
+    /// `saving` state until then); false for a save found running after a
+    /// restart, whose end the status shows.
+    pub save_requested: bool,
 }
 
 impl VmEntry {
@@ -138,6 +142,7 @@ impl VmEntry {
             memory_used: None,
             arriving: None,
             saving: None,
+            save_requested: false,
         }
     }
 
@@ -423,11 +428,15 @@ pub async fn refresh(d: &Daemon, name: &str) {
             return;
         }
         vm.memory_used = reply["memory_used"].as_u64();
-        if vm.state == st::SAVING {
-            // The state is the save's until it ends; its progress is news.
-            vm.saving = Some(reply["saving"].clone()).filter(|s| !s.is_null());
+        let saving = Some(reply["saving"].clone()).filter(|s| !s.is_null());
+        if saving.is_some() || (vm.state == st::SAVING && vm.save_requested) {
+            // The state is the save's until it ends (a save found running
+            // after a restart included); its progress is news.
+            vm.state = st::SAVING.into();
+            vm.saving = saving;
             return;
         }
+        vm.saving = None;
         if vm.state == st::INCOMING && new != st::INCOMING {
             // The incoming VM runs here now: from here on it has a record like any
             // other (sized from the VM itself if this daemon adopted it mid-way).
