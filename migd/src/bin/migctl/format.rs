@@ -255,6 +255,37 @@ pub fn stats(st: &Value) -> String {
             opt(&p["resent"])
         ),
     );
+    if p["expected"].as_u64().is_some_and(|n| n > 0) {
+        kv(
+            &mut s,
+            "Post-copy",
+            format!(
+                "{} pages: {} pushed, {} on demand, {} pre-paged, {} duplicate(s); last page {} after the resume",
+                opt(&p["expected"]),
+                opt(&p["pushed"]),
+                opt(&p["demand"]),
+                opt(&p["prepaged"]),
+                opt(&p["duplicate"]),
+                ms(&st["resume_ms"])
+            ),
+        );
+        let f = &st["faults"];
+        kv(
+            &mut s,
+            "Faults",
+            format!(
+                "{} from the source (p50 {} us, p99 {} us, max {} us; vCPUs blocked {}), {} zero-filled",
+                opt(&f["count"]),
+                opt(&f["p50_us"]),
+                opt(&f["p99_us"]),
+                opt(&f["max_us"]),
+                f["blocked_us"]
+                    .as_f64()
+                    .map_or("-".into(), |us| format!("{:.1} ms", us / 1e3)),
+                opt(&f["zero"])
+            ),
+        );
+    }
     if st["reorder"] == true {
         kv(
             &mut s,
@@ -418,6 +449,30 @@ mod tests {
         );
         // Without a check (a failed migration), neither line.
         assert!(!stats(&json!({"total_ms": 1.0})).contains("Model"));
+    }
+
+    #[test]
+    fn stats_show_the_post_copy_phase() {
+        let st = json!({"total_ms": 307.5, "resume_ms": 281.5,
+            "pages": {"sent": 65813, "expected": 65660, "pushed": 62542, "demand": 191,
+                      "prepaged": 2927, "duplicate": 184},
+            "faults": {"count": 191, "p50_us": 104, "p99_us": 1663, "max_us": 4187,
+                       "blocked_us": 52300, "zero": 12}});
+        let t = stats(&st);
+        assert!(
+            t.contains("65660 pages: 62542 pushed, 191 on demand, 2927 pre-paged, 184 duplicate(s); last page 281.5 ms after the resume"),
+            "{t}"
+        );
+        assert!(
+            t.contains("191 from the source (p50 104 us, p99 1663 us, max 4187 us; vCPUs blocked 52.3 ms), 12 zero-filled"),
+            "{t}"
+        );
+        // Pre-copy has no such lines.
+        let pre = stats(&json!({"total_ms": 1.0, "pages": {"sent": 5, "expected": 0}}));
+        assert!(
+            !pre.contains("Post-copy") && !pre.contains("Faults"),
+            "{pre}"
+        );
     }
 
     #[test]
