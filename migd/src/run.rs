@@ -98,10 +98,21 @@ enum Event {
     Linger,
 }
 
-/// A `snapshot` request's save, over: what the main loop needs to answer it.
+/// A save to start: from a control request or a snapshot signal.
+struct SaveRequest {
+    path: PathBuf,
+    /// Stop the VM process once written (`virsh save`), rather than run on.
+    stop: bool,
+    /// Write the pages while the VM runs (a running VM that runs on).
+    background: bool,
+    /// How the VM boots, for the file.
+    boot: Option<BootSpec>,
+}
+
+/// A save, over: what the main loop needs to answer it.
 struct SaveDone {
-    /// The requester, waiting for the reply.
-    stream: UnixStream,
+    /// The requester, waiting for the reply (None: a snapshot signal).
+    stream: Option<UnixStream>,
     result: Result<Saved>,
     /// Stop the VM process once written (`virsh save`), rather than run on.
     stop: bool,
@@ -369,7 +380,6 @@ pub fn run(args: RunArgs) -> Result<i32> {
             Event::Linger => break 0,
             Event::Signal(Signal::SIGUSR1) | Event::Signal(Signal::SIGUSR2) => {
                 let stop = matches!(ev, Event::Signal(Signal::SIGUSR2));
-                let was_running = vm.is_running();
                 match &args.snapshot_on_signal {
                     _ if mig.saving.is_some() => {
                         tracing::warn!("snapshot signal ignored: a save is running")
@@ -381,18 +391,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
                         tracing::warn!("snapshot signal ignored: lazy restore still filling memory")
                     }
                     Some(path) => {
-                        let background = !stop && was_running;
-                        let progress = WriteProgress::default();
-                        match snapshot(&vm, path, true, background, OWN_BOOT.get(), &progress) {
-                            Ok(_) if stop => break 0,
-                            Ok(_) if was_running => vm.resume(),
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::error!("snapshot failed: {e:#}");
-                                if was_running {
-                                    vm.resume();
-                                }
-                            }
+                        let save = SaveRequest {
+                            path: path.clone(),
+                            stop,
+                            background: !stop && vm.is_running(),
+                            boot: OWN_BOOT.get().cloned(),
+                        };
+                        if let Err(e) = start_save(&vm, &mut mig, &tx, save, None) {
+                            tracing::error!("snapshot not started: {e}");
                         }
                     }
                     None => tracing::warn!("snapshot signal ignored: no --snapshot-on-signal"),
@@ -497,10 +503,11 @@ struct Saved {
     faults: Option<u64>,
 }
 
-/// Writes a snapshot. With `working_set` and a running VM, the KVM dirty log
-/// runs for [`WORKING_SET_WINDOW`] before the pause, and the pages written in
-/// that window are stored as the working set (lazy restore fills them first).
-/// Only when no migration runs (the dirty log would be shared).
+/// Writes a snapshot (never during a migration: the dirty log would be
+/// shared, and the pause and resume must not meet its commit). For a running
+/// VM the KVM dirty log runs for [`WORKING_SET_WINDOW`] before the pause, and
+/// the pages written in that window are stored as the working set (lazy
+/// restore fills them first).
 ///
 /// With `background` (a running VM that goes on running), the guest resumes
 /// as soon as its memory is write-protected and the pages are written while
@@ -513,12 +520,11 @@ struct Saved {
 fn snapshot(
     vm: &Vm,
     path: &Path,
-    working_set: bool,
     background: bool,
     boot: Option<&BootSpec>,
     progress: &WriteProgress,
 ) -> Result<Saved> {
-    let ws = if working_set && vm.is_running() {
+    let ws = if vm.is_running() {
         match record_working_set(vm) {
             Ok(ws) => Some(ws),
             Err(e) => {
@@ -632,15 +638,55 @@ fn cancel_save(mig: &mut Migrations) {
     }
 }
 
+/// Starts writing a snapshot of `vm` on a thread of its own, which reports
+/// with [`Event::Saved`] (answering `reply_to`, if any, then); `mig.saving`
+/// shows its progress meanwhile.
+fn start_save(
+    vm: &Arc<Vm>,
+    mig: &mut Migrations,
+    tx: &Sender<Event>,
+    save: SaveRequest,
+    reply_to: Option<UnixStream>,
+) -> std::io::Result<()> {
+    let was_running = vm.is_running();
+    let progress = Arc::new(save_progress());
+    let (vm, tx, watch) = (vm.clone(), tx.clone(), progress.clone());
+    let path = save.path.clone();
+    std::thread::Builder::new()
+        .name("save".into())
+        .spawn(move || {
+            let result = snapshot(&vm, &save.path, save.background, save.boot.as_ref(), &watch);
+            let done = SaveDone {
+                stream: reply_to,
+                result,
+                stop: save.stop,
+                was_running,
+            };
+            let _ = tx.send(Event::Saved(done));
+        })?;
+    mig.saving = Some(Saving {
+        path,
+        progress,
+        exit_after: None,
+    });
+    Ok(())
+}
+
 /// Answers a save's requester. Some(code): the process ends now (the save
 /// stopped the VM, `virsh save`-like).
 fn finish_save(vm: &Vm, done: SaveDone) -> Option<i32> {
     let SaveDone {
-        mut stream,
+        stream,
         result,
         stop,
         was_running,
     } = done;
+    let mut stream = stream;
+    let mut answer = |reply: &serde_json::Value| {
+        if let Some(s) = stream.as_mut() {
+            let _ = handover::send_line(s, reply);
+        }
+    };
     let reply = match result {
         Ok(Saved {
             stats: s,
@@ -654,7 +700,7 @@ fn finish_save(vm: &Vm, done: SaveDone) -> Option<i32> {
                 "background": faults.is_some(), "faults": faults,
             });
             if stop {
-                let _ = handover::send_line(&mut stream, &written);
+                answer(&written);
                 return Some(0);
             }
             written
@@ -667,7 +713,7 @@ fn finish_save(vm: &Vm, done: SaveDone) -> Option<i32> {
     if was_running {
         vm.resume();
     }
-    let _ = handover::send_line(&mut stream, &reply);
+    answer(&reply);
     None
 }
 
@@ -1214,35 +1260,18 @@ fn handle_control(
                         cmdline: b.cmdline,
                     })
                     .or_else(|| OWN_BOOT.get().cloned());
-                let path = PathBuf::from(p);
-                let progress = Arc::new(save_progress());
-                let (vm, tx, watch) = (vm.clone(), tx.clone(), progress.clone());
-                let target = path.clone();
-                let started = stream.try_clone().and_then(|reply_to| {
-                    std::thread::Builder::new()
-                        .name("save".into())
-                        .spawn(move || {
-                            let result =
-                                snapshot(&vm, &target, true, background, boot.as_ref(), &watch);
-                            let done = SaveDone {
-                                stream: reply_to,
-                                result,
-                                stop,
-                                was_running,
-                            };
-                            let _ = tx.send(Event::Saved(done));
-                        })
-                });
+                let save = SaveRequest {
+                    path: PathBuf::from(p),
+                    stop,
+                    background,
+                    boot,
+                };
+                let started = stream
+                    .try_clone()
+                    .and_then(|reply_to| start_save(vm, mig, tx, save, Some(reply_to)));
                 match started {
-                    Ok(_) => {
-                        mig.saving = Some(Saving {
-                            path,
-                            progress,
-                            exit_after: None,
-                        });
-                        // The save's thread answers when it is over.
-                        return None;
-                    }
+                    // The save's thread answers when it is over.
+                    Ok(()) => return None,
                     Err(e) => Err(format!("starting the save: {e}")),
                 }
             }
