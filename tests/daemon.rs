@@ -527,7 +527,7 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     assert_eq!(jobs[0]["status"], "failed", "{jobs}");
     let n = console_a.wait_heartbeats(n, 1, Duration::from_secs(20));
 
-    // A slow migration, cancelled: the VM stays here, the destination is left clean.
+    // A slow migration, aborted: the VM stays here, the destination is left clean.
     let to = format!("127.0.0.1:{}", b.port);
     let job = a.ok(&[
         "migrate",
@@ -544,7 +544,12 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     let e = a.fails(&["destroy", "mig1"]);
     assert!(e.contains("cancel the job first"), "{e}");
     std::thread::sleep(Duration::from_millis(500));
-    a.ok(&["cancel", job]);
+    // By the VM's name, as virsh domjobabort (`cancel JOB` does the same).
+    let out = a.ok(&["abort", "mig1"]);
+    assert!(
+        out.contains(&format!("cancelling mig1's migration {job}")),
+        "{out}"
+    );
     let j = a.wait_job(job, Duration::from_secs(20));
     assert_eq!(j["status"], "cancelled", "{j}");
     assert_eq!(j["stats"]["outcome"], "cancelled", "{j}");
@@ -713,8 +718,9 @@ fn daemon_migrates_a_vm_to_another_daemon() {
 }
 
 /// A save runs beside the VM process's other work: `migctl info` shows how
-/// far it has got (`saving`) while other changes to the VM are refused, and
-/// `destroy` cancels a save, leaving no file behind. The daemon's VM
+/// far it has got (`saving`) while other changes to the VM are refused;
+/// `abort` ends a save and the VM runs on, `destroy` ends both, and neither
+/// leaves a file behind. The daemon's VM
 /// processes pause 25 ms at each step of a save (`MIGD_SAVE_PACE_MS`, a test
 /// knob) so that it lasts long enough to be watched.
 #[test]
@@ -768,6 +774,28 @@ fn daemon_shows_a_save_in_progress_and_destroy_cancels_it() {
     let after = info();
     assert!(after["saving"].is_null(), "{after}");
     assert_eq!(after["state"], "running", "{after}");
+    console.assert_runs_on(2, Duration::from_secs(20));
+    let e = d.fails(&["abort", "web1"]);
+    assert!(e.contains("no migration or save to abort"), "{e}");
+
+    // A save aborted half-way (virsh domjobabort): the request fails
+    // "cancelled", no file is left, and the VM runs on.
+    let dropped = path("dropped.snap");
+    std::thread::scope(|s| {
+        let save = s.spawn(|| d.fails(&["save", "web1", &dropped]));
+        let end = Instant::now() + Duration::from_secs(30);
+        while info()["saving"]["written"].as_u64().unwrap_or(0) == 0 {
+            assert!(Instant::now() < end, "the save did not start: {}", info());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = d.ok(&["domjobabort", "web1"]);
+        assert!(out.contains("aborting web1's save"), "{out}");
+        let e = save.join().unwrap();
+        assert!(e.contains("cancelled"), "{e}");
+    });
+    let after = info();
+    assert_eq!(after["state"], "running", "{after}");
+    assert!(!std::path::Path::new(&dropped).exists());
     console.assert_runs_on(2, Duration::from_secs(20));
 
     // A save that would stop the VM, destroyed half-way: cancelled, and

@@ -1075,10 +1075,10 @@ fn handle_control(
     if let Some(s) = mig
         .saving
         .as_ref()
-        .filter(|_| !matches!(cmd, "status" | "migration" | "stop"))
+        .filter(|_| !matches!(cmd, "status" | "migration" | "stop" | "cancel"))
     {
         let error = format!(
-            "a snapshot is being written to {}; wait for it to end (stopping the VM cancels it)",
+            "a snapshot is being written to {}; wait for it to end (cancel or stop ends it)",
             s.path.display()
         );
         let _ = handover::send_line(&mut stream, &json!({"ok": false, "error": error}));
@@ -1146,6 +1146,13 @@ fn handle_control(
                 "the destination runs this VM (post-copy in progress): it cannot resume here"
                     .to_string(),
             )
+        }
+        "cancel" if mig.saving.is_some() => {
+            // The save fails "cancelled"; the VM goes on as before it.
+            if let Some(s) = &mig.saving {
+                s.progress.cancel();
+            }
+            Ok(json!({"ok": true}))
         }
         "cancel" => match &mig.job {
             Some(job) if mig.running && job.snapshot().status == "postcopy-active" => Err(

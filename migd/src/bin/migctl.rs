@@ -157,6 +157,10 @@ pub enum Cmd {
     },
     /// Cancel a running migration job.
     Cancel { id: String },
+    /// End what VM NAME is doing: its migration job (as cancel) or the save
+    /// being written, which removes its unfinished file (virsh domjobabort).
+    #[command(visible_alias = "domjobabort")]
+    Abort { name: String },
     /// Switch a running hybrid job to post-copy at the end of its current round.
     Postcopy { id: String },
     /// Reconnect a post-copy job whose link was lost now, instead of after its

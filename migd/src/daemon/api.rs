@@ -19,7 +19,7 @@ use super::vmproc::{self, vm_call, vm_request};
 use super::Daemon;
 
 /// Commands of the API, in the order `unknown command` lists them.
-const COMMANDS: [&str; 19] = [
+const COMMANDS: [&str; 20] = [
     "create",
     "list",
     "info",
@@ -32,6 +32,7 @@ const COMMANDS: [&str; 19] = [
     "jobs",
     "job",
     "cancel",
+    "abort",
     "postcopy",
     "recover",
     "migrate_set",
@@ -89,6 +90,11 @@ enum Request {
     },
     Recover {
         id: String,
+    },
+    /// Ends what a VM is doing, by its name (virsh domjobabort): its
+    /// migration job (as `cancel`) or the save being written.
+    Abort {
+        name: String,
     },
     /// Changes a running job's bandwidth cap (0: none of its own) and/or its
     /// largest acceptable pause (QEMU's migrate-set-parameters).
@@ -305,6 +311,7 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
         Request::Cancel { id } => jobs::job_command(d, &id, "cancel").await,
         Request::Postcopy { id } => jobs::job_command(d, &id, "postcopy").await,
         Request::Recover { id } => jobs::job_command(d, &id, "recover").await,
+        Request::Abort { name } => abort(d, &name).await,
         Request::MigrateSet {
             id,
             max_bandwidth,
@@ -627,6 +634,31 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
     }
     tracing::info!(path = %path.display(), "VM saved and stopped");
     Ok(reply)
+}
+
+/// Aborts the migration job of VM `name` (as `cancel` would) or its save (the
+/// VM process stops writing, removes the unfinished file and goes on as
+/// before the save; the `save` request fails "cancelled").
+async fn abort(d: &Daemon, name: &str) -> Result<Value> {
+    let (job, saving) = {
+        let reg = d.reg();
+        let Some(vm) = reg.vms.get(name) else {
+            bail!("no VM named '{}'", name.escape_debug());
+        };
+        (vm.job.clone(), vm.state == st::SAVING)
+    };
+    if let Some(id) = job {
+        let mut r = jobs::job_command(d, &id, "cancel").await?;
+        r["aborted"] = json!("migration");
+        return Ok(r);
+    }
+    if !saving {
+        bail!("VM '{name}' has no migration or save to abort");
+    }
+    let sock = state::control_path(&d.vm_dir(name));
+    vm_call(&sock, &json!({"cmd": "cancel"}), Duration::from_secs(10)).await?;
+    tracing::info!(vm = name, "save aborted");
+    Ok(json!({"ok": true, "name": name, "aborted": "save"}))
 }
 
 /// Starts a VM named `name` from the snapshot file `path`, checked (all but

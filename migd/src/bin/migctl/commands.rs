@@ -177,6 +177,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             connect()?.call(&json!({"cmd": "cancel", "id": id}))?;
             println!("cancelling {id}");
         }
+        Cmd::Abort { name } => {
+            let r = connect()?.call(&json!({"cmd": "abort", "name": name}))?;
+            match r["job"].as_str() {
+                Some(job) => println!("cancelling {name}'s migration {job}"),
+                None => println!("aborting {name}'s save"),
+            }
+        }
         Cmd::Estimate {
             name,
             to,
