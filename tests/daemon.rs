@@ -778,21 +778,26 @@ fn daemon_shows_a_save_in_progress_and_destroy_cancels_it() {
     let e = d.fails(&["abort", "web1"]);
     assert!(e.contains("no migration or save to abort"), "{e}");
 
+    // Saves web1 (stopping it) to `file`, runs `end` once the save is under
+    // way: (its output, the save's error).
+    let end_save_half_way = |file: &str, end: &[&str]| -> (String, String) {
+        std::thread::scope(|s| {
+            let save = s.spawn(|| d.fails(&["save", "web1", file]));
+            let until = Instant::now() + Duration::from_secs(30);
+            while info()["saving"]["written"].as_u64().unwrap_or(0) == 0 {
+                assert!(Instant::now() < until, "the save did not start: {}", info());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (d.ok(end), save.join().unwrap())
+        })
+    };
+
     // A save aborted half-way (virsh domjobabort): the request fails
     // "cancelled", no file is left, and the VM runs on.
     let dropped = path("dropped.snap");
-    std::thread::scope(|s| {
-        let save = s.spawn(|| d.fails(&["save", "web1", &dropped]));
-        let end = Instant::now() + Duration::from_secs(30);
-        while info()["saving"]["written"].as_u64().unwrap_or(0) == 0 {
-            assert!(Instant::now() < end, "the save did not start: {}", info());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let out = d.ok(&["domjobabort", "web1"]);
-        assert!(out.contains("aborting web1's save"), "{out}");
-        let e = save.join().unwrap();
-        assert!(e.contains("cancelled"), "{e}");
-    });
+    let (out, e) = end_save_half_way(&dropped, &["domjobabort", "web1"]);
+    assert!(out.contains("aborting web1's save"), "{out}");
+    assert!(e.contains("cancelled"), "{e}");
     let after = info();
     assert_eq!(after["state"], "running", "{after}");
     assert!(!std::path::Path::new(&dropped).exists());
@@ -800,18 +805,8 @@ fn daemon_shows_a_save_in_progress_and_destroy_cancels_it() {
 
     // A save that would stop the VM, destroyed half-way: cancelled, and
     // neither the file nor a temporary one is left.
-    let gone = path("gone.snap");
-    std::thread::scope(|s| {
-        let save = s.spawn(|| d.fails(&["save", "web1", &gone]));
-        let end = Instant::now() + Duration::from_secs(30);
-        while info()["saving"]["written"].as_u64().unwrap_or(0) == 0 {
-            assert!(Instant::now() < end, "the save did not start: {}", info());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d.ok(&["destroy", "web1"]);
-        let e = save.join().unwrap();
-        assert!(e.contains("cancelled"), "{e}");
-    });
+    let (_, e) = end_save_half_way(&path("gone.snap"), &["destroy", "web1"]);
+    assert!(e.contains("cancelled"), "{e}");
     let list: Value = serde_json::from_str(&d.ok(&["list", "--json"])).unwrap();
     assert_eq!(list, json!([]));
     let mut files: Vec<String> = std::fs::read_dir(&*dir)
