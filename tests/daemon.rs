@@ -809,14 +809,11 @@ fn daemon_shows_a_save_in_progress_and_destroy_cancels_it() {
     assert!(e.contains("cancelled"), "{e}");
     let list: Value = serde_json::from_str(&d.ok(&["list", "--json"])).unwrap();
     assert_eq!(list, json!([]));
-    let mut files: Vec<String> = std::fs::read_dir(&*dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("snap"))
-        .collect();
-    files.sort();
-    assert_eq!(files, ["ckpt.snap"], "a cancelled save left files");
+    assert_eq!(
+        names_in(&dir, "snap"),
+        ["ckpt.snap"],
+        "a cancelled save left files"
+    );
 }
 
 /// `migctl save` and `restore` (virsh save/restore): a checkpoint that runs
@@ -866,12 +863,7 @@ fn daemon_saves_a_vm_to_a_file_and_restores_it() {
     let list: Value = serde_json::from_str(&d.ok(&["list", "--json"])).unwrap();
     assert_eq!(list, json!([]));
     assert!(!d.vm_dir("web1").exists(), "save left the VM directory");
-    let stray: Vec<_> = std::fs::read_dir(&*dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("tmp"))
-        .collect();
+    let stray = names_in(&dir, "tmp");
     assert!(stray.is_empty(), "temporary files left: {stray:?}");
     console.assert_clean();
 

@@ -156,11 +156,7 @@ fn snapshot_file_round_trip() {
         size > 16 << 20,
         "snapshot lacks the 16 MiB working set ({size} bytes)"
     );
-    let leftovers: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
-        .collect();
+    let leftovers = names_in(&dir, ".tmp.");
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     let b = VmProcess::start(&dir, "b", &console, &["--restore", snap.to_str().unwrap()]);
     let stopped_ms = saved_at.elapsed().as_millis() as u64;
@@ -278,12 +274,7 @@ fn sigterm_during_a_save_cancels_it_and_stops() {
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"].as_str().unwrap().contains("cancelled"), "{r}");
     assert_eq!(a.wait(Duration::from_secs(20)), 0, "a clean stop");
-    let left: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("snap"))
-        .collect();
+    let left = names_in(&dir, "snap");
     assert!(left.is_empty(), "files left: {left:?}");
     a.console.assert_clean();
 }

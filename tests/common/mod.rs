@@ -52,6 +52,19 @@ pub fn kvm_or_skip(test: &str) -> bool {
     ok
 }
 
+/// Names of the files in `dir` whose name contains `part`, sorted (what a
+/// save or a test left behind).
+pub fn names_in(dir: &Path, part: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(part))
+        .collect();
+    names.sort();
+    names
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> Scratch {
     let d = std::env::temp_dir().join(format!("migd-test-{name}-{}", std::process::id()));
