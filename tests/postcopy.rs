@@ -457,6 +457,14 @@ fn hybrid_leaves_the_hot_working_set_to_post_copy() {
     );
     let deferred = stats["pages"]["deferred"].as_u64().unwrap();
     assert!(deferred >= (30 << 20) / 4096, "{stats}");
+    // Round 0's dirty rate counts the hot pages the guest wrote in it, though
+    // the round did not send them.
+    let r0 = &stats["rounds"][0];
+    let written = r0["dirty_rate"].as_f64().unwrap() * r0["ms"].as_f64().unwrap() / 1e3;
+    assert!(
+        written >= (deferred * 4096) as f64 * 0.99,
+        "round 0's dirty rate leaves out its hot pages: {stats}"
+    );
     let round0 = stats["rounds"][0]["pages"].as_u64().unwrap();
     assert!(round0 < 1024, "round 0 re-sent the hot set: {stats}");
     let sent = stats["bytes"].as_u64().unwrap();
@@ -464,6 +472,40 @@ fn hybrid_leaves_the_hot_working_set_to_post_copy() {
         sent < (36 << 20),
         "{sent} bytes for a 32 MiB working set: {stats}"
     );
+}
+
+#[test]
+fn hybrid_rounds_report_what_the_guest_wrote_in_each() {
+    if !kvm_or_skip("hybrid_rounds_report_what_the_guest_wrote_in_each") {
+        return;
+    }
+    // 64 MiB/s of rewrites: half to a hot 5 % (found hot by the sampling and
+    // left to post-copy), half sweeping the rest, which the capped rounds
+    // chase. A max-downtime no pause can meet runs every round.
+    let stats = migrate_once(
+        "hybrid-rates",
+        1,
+        "workload=dirty:64:64 hot=5",
+        json!({"mode": "hybrid", "max_bandwidth": 16 << 20, "max_downtime_ms": 1}),
+        |_, _| {},
+    );
+    assert!(stats["pages"]["deferred"].as_u64().unwrap() > 0, "{stats}");
+    let rounds = stats["rounds"].as_array().unwrap();
+    let ms = |r: &serde_json::Value| r["ms"].as_f64().unwrap();
+    assert!(rounds[1..].iter().any(|r| ms(r) >= 20.0), "{stats}");
+    // Each later round counts the pages written in it, hot ones included:
+    // no more than the guest's rate allows (16,384 pages/s, plus the 100 ms
+    // of credit it may catch up in a burst), with a margin for its clock. Not
+    // the hot pages written since the sampling, which the rounds never send.
+    for r in &rounds[1..] {
+        let pages = r["dirty_rate"].as_f64().unwrap() * ms(r) / 1e3 / 4096.0;
+        let most = 64.0 + 1.5 * 16384.0 * (ms(r) / 1e3 + 0.1);
+        assert!(
+            pages <= most,
+            "a round of {} ms reports {pages:.0} pages written: {stats}",
+            ms(r)
+        );
+    }
 }
 
 #[test]

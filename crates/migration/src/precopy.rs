@@ -850,6 +850,8 @@ struct Sampled {
     /// Pages left to post-copy: rewritten while sampled (or, when `cut`, not
     /// sent yet).
     hot: Vec<u64>,
+    /// Pages the guest wrote while sampled (`hot` but the cut's unsent ones).
+    written: Vec<u64>,
     /// Auto only: the sampling stopped at its byte budget with the working set
     /// still growing; round 0 ends where the sampling stopped.
     cut: bool,
@@ -947,6 +949,7 @@ fn sample_hot(
         cut,
         "hot pages sampled"
     );
+    let written = hot.clone();
     if cut {
         for (h, t) in hot.iter_mut().zip(todo.iter_mut()) {
             *h |= std::mem::take(t);
@@ -954,7 +957,7 @@ fn sample_hot(
     }
     let n = popcount(&hot);
     job.update(|s| s.pages.deferred = n);
-    Ok(Sampled { hot, cut })
+    Ok(Sampled { hot, written, cut })
 }
 
 /// Queues the pages of `set` on `tx`. With `clear` (manual dirty-log
@@ -1368,6 +1371,12 @@ pub(crate) fn rounds(
             queued(tx.stream.tcp()).unwrap_or(0)
         };
         tx.round = Some(round);
+        if clear_before_send && round > 0 && hot_pages > 0 {
+            // The hot pages are never sent in a round, so nothing else clears
+            // their bits: cleared here, the log shows which the guest
+            // rewrote during this round.
+            vm.clear_dirty_pages(&hot)?;
+        }
         if params.reorder && round > 0 {
             let skipped = send_reordered(vm, tx, &todo, &counts, &mut carry)?;
             job.update(|s| s.pages.skipped_redirtied += skipped);
@@ -1400,6 +1409,17 @@ pub(crate) fn rounds(
         for (n, c) in next.iter_mut().zip(carry.iter_mut()) {
             *n |= std::mem::take(c);
         }
+        // Every page the guest wrote during the round, hot ones included
+        // (round 0's hot ones were found while it sampled): what its dirty
+        // rate reports.
+        let written = if round == 0 && hot_pages > 0 {
+            next.iter()
+                .zip(&sampled.written)
+                .map(|(n, w)| (n | w).count_ones() as u64)
+                .sum()
+        } else {
+            popcount(&next)
+        };
         todo = cold(&next);
         if params.reorder {
             for pfn in set_pages(&todo) {
@@ -1410,11 +1430,16 @@ pub(crate) fn rounds(
         }
         let dirty = popcount(&todo);
         let dirty_bytes = dirty * PAGE_SIZE;
-        let dirty_rate = if ms > 0.0 {
-            dirty_bytes as f64 / (ms / 1e3)
-        } else {
-            0.0
+        let per_s = |bytes: u64| {
+            if ms > 0.0 {
+                bytes as f64 / (ms / 1e3)
+            } else {
+                0.0
+            }
         };
+        // The rounds' own decisions go by what they must send (the cold pages).
+        let cold_rate = per_s(dirty_bytes);
+        let dirty_rate = per_s(written * PAGE_SIZE);
         // Auto finishes in pre-copy only if the hot pages, sent in the
         // stop-and-copy, fit the pause too; unknown bandwidth (a round too
         // small to measure) only for a handful of pages.
@@ -1516,7 +1541,7 @@ pub(crate) fn rounds(
             };
             break;
         }
-        if switch && params.auto && bandwidth > 0.0 && dirty_rate >= 0.8 * bandwidth {
+        if switch && params.auto && bandwidth > 0.0 && cold_rate >= 0.8 * bandwidth {
             stop_reason = "dirty rate above 80 % of the bandwidth";
             break;
         }

@@ -11,7 +11,9 @@ pub struct RoundStats {
     pub bytes: u64,
     /// Duration, ms.
     pub ms: f64,
-    /// Pages dirtied during the round, per second, in bytes/s.
+    /// Pages the guest wrote during the round that the destination does not
+    /// hold as written (written after they were sent, or never sent: hybrid's
+    /// hot pages count too), per second, in bytes/s.
     pub dirty_rate: f64,
 }
 

@@ -405,6 +405,31 @@ impl Vm {
         Ok(())
     }
 
+    /// With manual protection on: clears the log's bits of every page in `set`
+    /// (one bit per page, indexed as [`Vm::take_dirty_bitmap`] gives them), one
+    /// call per RAM range, so that what the guest writes to them from now on
+    /// is logged again.
+    pub fn clear_dirty_pages(&self, set: &[u64]) -> Result<()> {
+        for (slot, r) in self.ram.ranges().iter().enumerate() {
+            let first = r.file_offset / crate::memory::PAGE_SIZE;
+            let pages = r.len / crate::memory::PAGE_SIZE;
+            if !first.is_multiple_of(64) {
+                continue; // manual protection is never on for such ranges
+            }
+            // The kernel reads one bit per page of the range: exactly that many words.
+            let mut words: Vec<u64> = (0..pages.div_ceil(64))
+                .map(|i| set.get((first / 64 + i) as usize).copied().unwrap_or(0))
+                .collect();
+            if let (Some(last), tail @ 1..) = (words.last_mut(), pages % 64) {
+                *last &= (1 << tail) - 1;
+            }
+            if words.iter().any(|&w| w != 0) {
+                self.clear_dirty(slot as u32, 0, pages as u32, &words)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `KVM_CLEAR_DIRTY_LOG` of `num` pages of `slot` from page `first`,
     /// those set in `bits`.
     fn clear_dirty(&self, slot: u32, first: u64, num: u32, bits: &[u64]) -> Result<()> {
