@@ -41,6 +41,9 @@ pub struct File {
     /// Nice value (-20 to 0) of the threads that move post-copy's pages;
     /// 0 leaves them as they are.
     pub postcopy_nice: Option<i32>,
+    /// Entries per vCPU of KVM's dirty ring (a power of two, 256 to 65536);
+    /// 0: the bitmap log.
+    pub dirty_ring: Option<u32>,
 }
 
 /// Parses and checks a config file's text. The error is one line naming the key
@@ -67,6 +70,9 @@ pub fn parse(text: &str) -> Result<File, String> {
             "postcopy_nice",
             format!("{n} is not a nice value from -20 to 0"),
         ));
+    }
+    if let Some(n) = file.dirty_ring.filter(|&n| n != 0) {
+        vmm::dirty_ring::check_entries(n).map_err(|e| key_err("dirty_ring", e))?;
     }
     for (key, value) in [("socket", &file.socket), ("state_dir", &file.state_dir)] {
         if value.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
@@ -153,6 +159,12 @@ mod tests {
             e,
             "key 'postcopy_nice' (line 1): 5 is not a nice value from -20 to 0"
         );
+        let e = parse("dirty_ring = 1000\n").unwrap_err();
+        assert!(
+            e.starts_with("key 'dirty_ring' (line 1): 1000 entries: want a power of two"),
+            "{e}"
+        );
+        assert_eq!(parse("dirty_ring = 0\n").unwrap().dirty_ring, Some(0));
         let e = parse("socket = \"\"\n").unwrap_err();
         assert_eq!(e, "key 'socket' (line 1): must not be empty");
     }
@@ -211,6 +223,7 @@ mod tests {
             tls_key,
             tls_peers,
             postcopy_nice,
+            dirty_ring,
         } = f;
         let set = [
             listen.is_some(),
@@ -224,6 +237,7 @@ mod tests {
             tls_key.is_some(),
             tls_peers.is_some_and(|p| p.len() == 2),
             postcopy_nice.is_some(),
+            dirty_ring.is_some(),
         ];
         assert!(
             set.iter().all(|&s| s),

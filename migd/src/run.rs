@@ -82,6 +82,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = migd::config_file::DEFAULT_POSTCOPY_NICE,
           allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=0))]
     pub postcopy_nice: i32,
+    /// Track dirty pages with KVM's dirty ring of N entries per vCPU (a power
+    /// of two, 256 to 65536) instead of the bitmap log; 0: the bitmap. See
+    /// `migd --dirty-ring`.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub dirty_ring: u32,
     #[command(flatten)]
     pub tls: migd::tls_args::TlsArgs,
     /// Leave the VM paused after start or restore.
@@ -222,6 +227,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     };
     let _ = TLS.set(tls_setup);
     migration::postcopy::set_thread_nice(args.postcopy_nice);
+    vmm::dirty_ring::set_entries(args.dirty_ring).context("--dirty-ring")?;
     let incoming = match (&args.incoming, args.incoming_fd) {
         (Some(_), _) => match &incoming_listener {
             Some(l) => Some(accept_incoming(l, &args)?),

@@ -1026,7 +1026,17 @@ pub(crate) fn drive(
         s.status = "setup".into();
     });
     let mut paused_at: Option<Instant> = None;
+    let ring_before = vm.dirty_ring_stats();
     let result = body(start, &mut paused_at);
+    let ring = vm.dirty_ring_stats().map(|r| {
+        let b = ring_before.unwrap_or_default();
+        crate::stats::DirtyRingStats {
+            entries: r.entries,
+            harvested: r.harvested - b.harvested,
+            full_exits: r.full_exits - b.full_exits,
+            overflows: r.overflows - b.overflows,
+        }
+    });
     job.forget_links();
     let _ = vm.set_dirty_logging(false);
     let outcome = match result {
@@ -1055,6 +1065,7 @@ pub(crate) fn drive(
     let total = start.elapsed().as_secs_f64() * 1e3;
     job.update(|s| {
         s.total_ms = total;
+        s.dirty_ring = ring;
         let (status, err) = match &outcome {
             Outcome::Completed => ("completed", None),
             Outcome::Failed(e) => ("failed", Some(e.clone())),

@@ -221,6 +221,10 @@ pub struct MigrationStats {
     /// pages (KVM manual dirty-log protection), instead of all at each read.
     #[serde(default)]
     pub clear_before_send: bool,
+    /// The VM tracked dirty pages with KVM's dirty ring (None: the bitmap
+    /// log): what its rings did during this migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_ring: Option<DirtyRingStats>,
     /// TCP streams that carried pre-copy pages (multifd; 1: the main connection).
     #[serde(default)]
     pub streams: u32,
@@ -280,4 +284,18 @@ impl SwitchClock {
         *slot(&mut self.phases) = self.lap.elapsed().as_micros() as u64;
         self.lap = std::time::Instant::now();
     }
+}
+
+/// A migration's dirty-ring figures (`vmm::dirty_ring`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyRingStats {
+    /// Entries per vCPU ring.
+    pub entries: u32,
+    /// Entries read from the rings.
+    pub harvested: u64,
+    /// Times a vCPU stopped because its ring was full (it went on once read).
+    pub full_exits: u64,
+    /// Reads that found a ring completely full, where entries may have been
+    /// lost: each made the next read of the log report every page dirty.
+    pub overflows: u64,
 }

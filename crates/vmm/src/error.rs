@@ -93,6 +93,9 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A dirty-ring size this host or this library does not take.
+    #[error("dirty ring: {0}")]
+    DirtyRing(String),
     /// Other I/O.
     #[error("{context}: {cause}")]
     Io {

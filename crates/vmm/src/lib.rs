@@ -5,6 +5,7 @@
 pub mod boot;
 pub mod cpuid;
 pub mod devices;
+pub mod dirty_ring;
 pub mod error;
 pub mod memory;
 pub mod snapshot;

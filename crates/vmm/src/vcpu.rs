@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::{Devices, IoAction};
+use crate::dirty_ring::{Rings, EXIT_DIRTY_RING_FULL};
 use crate::error::{Error, Result};
 
 /// Why a VM stopped running for good.
@@ -216,11 +217,12 @@ impl RunControl {
 }
 
 /// Starts the thread that runs vCPU `id`.
-pub fn spawn(
+pub(crate) fn spawn(
     id: usize,
     vcpu: Arc<Mutex<VcpuFd>>,
     control: Arc<RunControl>,
     devices: Arc<Mutex<Devices>>,
+    rings: Option<Arc<Rings>>,
 ) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
@@ -230,7 +232,7 @@ pub fn spawn(
             let _g = span.enter();
             while control.park_if_needed() {
                 let mut fd = vcpu.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(exit) = run_once(id, &mut fd, &devices) {
+                if let Some(exit) = run_once(id, &mut fd, &devices, rings.as_deref()) {
                     drop(fd);
                     tracing::info!(?exit, "vCPU ends the VM");
                     control.stop(exit);
@@ -245,7 +247,12 @@ pub fn spawn(
 }
 
 /// One KVM_RUN and its exit handling; `Some` when the VM must stop.
-fn run_once(id: usize, fd: &mut VcpuFd, devices: &Mutex<Devices>) -> Option<VmExit> {
+fn run_once(
+    id: usize,
+    fd: &mut VcpuFd,
+    devices: &Mutex<Devices>,
+    rings: Option<&Rings>,
+) -> Option<VmExit> {
     let lock = || devices.lock().unwrap_or_else(|p| p.into_inner());
     match fd.run() {
         Ok(VcpuExit::IoOut(port, data)) => match lock().io_out(port, data) {
@@ -264,6 +271,13 @@ fn run_once(id: usize, fd: &mut VcpuFd, devices: &Mutex<Devices>) -> Option<VmEx
         }
         Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) => None,
         Ok(VcpuExit::Shutdown) => Some(VmExit::Shutdown),
+        Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL)) => match rings.map(Rings::on_full_exit) {
+            Some(Ok(())) => None,
+            Some(Err(e)) => Some(VmExit::Failed(format!("vCPU {id}: dirty ring: {e}"))),
+            None => Some(VmExit::Failed(format!(
+                "vCPU {id}: dirty ring full, but no ring is mapped"
+            ))),
+        },
         Ok(VcpuExit::SystemEvent(kind, _)) => {
             tracing::info!(kind, "system event");
             Some(VmExit::PowerOff)

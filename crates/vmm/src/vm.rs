@@ -58,6 +58,11 @@ pub struct Vm {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// KVM's manual dirty-log protection is on (see [`Vm::enable_clear_before_send`]).
     manual_clear: std::sync::atomic::AtomicBool,
+    /// Entries per vCPU dirty ring, when the VM tracks dirty pages with
+    /// rings ([`crate::dirty_ring`]); 0: the bitmap log.
+    ring_entries: u32,
+    /// The vCPUs' dirty rings, once the vCPUs exist.
+    rings: Option<Arc<crate::dirty_ring::Rings>>,
 }
 
 /// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`
@@ -227,6 +232,10 @@ impl Vm {
             .set_identity_map_address(IDENTITY_MAP_ADDRESS)
             .map_err(kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
         vm_fd.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
+        let ring_entries = crate::dirty_ring::entries();
+        if ring_entries > 0 {
+            crate::dirty_ring::enable(&vm_fd, ring_entries)?;
+        }
         vm_fd
             .create_pit2(kvm_pit_config {
                 flags: KVM_PIT_SPEAKER_DUMMY,
@@ -262,6 +271,8 @@ impl Vm {
             control: RunControl::new(n),
             threads: Mutex::new(Vec::new()),
             manual_clear: Default::default(),
+            ring_entries,
+            rings: None,
         })
     }
 
@@ -286,6 +297,14 @@ impl Vm {
     }
 
     fn spawn_threads(&mut self) -> Result<()> {
+        if self.ring_entries > 0 {
+            self.rings = Some(Arc::new(crate::dirty_ring::Rings::map(
+                self.vm_fd.clone(),
+                &self.vcpus,
+                &self.ram,
+                self.ring_entries,
+            )?));
+        }
         let threads = self.threads.get_mut().unwrap_or_else(|p| p.into_inner());
         for (id, fd) in self.vcpus.iter().enumerate() {
             threads.push(vcpu::spawn(
@@ -293,6 +312,7 @@ impl Vm {
                 fd.clone(),
                 self.control.clone(),
                 self.devices.clone(),
+                self.rings.clone(),
             )?);
         }
         // Threads start parked; wait until all of them are.
@@ -354,6 +374,9 @@ impl Vm {
         use std::sync::atomic::Ordering;
         if self.manual_clear.load(Ordering::Relaxed) {
             return true;
+        }
+        if self.ring_entries > 0 {
+            return false; // the rings are read and handed back whole
         }
         const CAP: u32 = kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
         const ENABLE: u64 = kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as u64;
@@ -469,6 +492,9 @@ impl Vm {
     }
 
     fn dirty_bitmap(&self, clear: bool) -> Result<Vec<u64>> {
+        if let Some(rings) = &self.rings {
+            return rings.read(clear);
+        }
         let manual = self.manual_clear.load(std::sync::atomic::Ordering::Relaxed);
         let pages = (self.ram.size() / crate::memory::PAGE_SIZE) as usize;
         let mut out = vec![0u64; pages.div_ceil(64)];
@@ -503,6 +529,12 @@ impl Vm {
             }
         }
         Ok(out)
+    }
+
+    /// How the VM tracks dirty pages: None for the bitmap log, or what its
+    /// dirty rings have done.
+    pub fn dirty_ring_stats(&self) -> Option<crate::dirty_ring::RingStats> {
+        self.rings.as_ref().map(|r| r.stats())
     }
 
     /// Runs (or resumes) all vCPUs.

@@ -731,6 +731,7 @@ async fn spawn_vm(
         "--control".into(),
         path_arg(Some(&control))?,
         format!("--postcopy-nice={}", d.cfg.postcopy_nice),
+        format!("--dirty-ring={}", d.cfg.dirty_ring),
     ]);
     if let Some(t) = &d.tls {
         // The VM process opens migration connections of its own (fault

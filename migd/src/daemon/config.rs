@@ -29,6 +29,8 @@ pub struct Config {
     pub max_bandwidth: Option<u64>,
     /// Nice value of post-copy's page threads in VM processes (0: unchanged).
     pub postcopy_nice: i32,
+    /// Dirty-ring entries per vCPU in VM processes (0: the bitmap log).
+    pub dirty_ring: u32,
 }
 
 impl Config {
@@ -66,6 +68,7 @@ impl Config {
                 .postcopy_nice
                 .or(file.postcopy_nice)
                 .unwrap_or(config_file::DEFAULT_POSTCOPY_NICE),
+            dirty_ring: args.dirty_ring.or(file.dirty_ring).unwrap_or(0),
             tls: migd::tls_args::TlsArgs {
                 tls_ca: args.tls.tls_ca.clone().or(file.tls_ca),
                 tls_cert: args.tls.tls_cert.clone().or(file.tls_cert),

@@ -92,6 +92,7 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
         "--control".into(),
         state::control_path(&dir).to_string_lossy().into_owned(),
         format!("--postcopy-nice={}", d.cfg.postcopy_nice),
+        format!("--dirty-ring={}", d.cfg.dirty_ring),
     ];
     if let Some(t) = &d.tls {
         args.extend(migd::tls_args::TlsArgs::to_args(&t.files));

@@ -793,6 +793,7 @@ mod tests {
                 tls: None,
                 max_bandwidth: None,
                 postcopy_nice: 0,
+                dirty_ring: 0,
             },
             exe: "/bin/false".into(),
             reg: Mutex::new(reg),

@@ -57,6 +57,12 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "N", allow_negative_numbers = true,
           value_parser = clap::value_parser!(i32).range(-20..=0))]
     pub postcopy_nice: Option<i32>,
+    /// Track the VMs' dirty pages with KVM's dirty ring of N entries per vCPU
+    /// (a power of two, 256 to 65536) instead of the bitmap log; 0: the bitmap
+    /// [default: 0]. Turn it on only where `tests/dirty_ring.rs` passes on
+    /// the host.
+    #[arg(long, value_name = "N")]
+    pub dirty_ring: Option<u32>,
 }
 
 /// VMs and jobs known to this daemon.
