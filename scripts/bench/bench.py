@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """migd benchmarks (not tests): prints markdown tables of medians (min-max).
 
-  scripts/bench/bench.py [vm|migrate|features|multifd|estimate|all] [--runs N] [--json FILE]
+  scripts/bench/bench.py [vm|migrate|features|multifd|estimate|save|dirty-ring|all] [--runs N] [--json FILE]
 
 vm:      boot to WORKLOAD READY; pause -> capture -> restore in a new process
          (handover, memory shared through the memfd); snapshot to file and
@@ -16,6 +16,9 @@ multifd: the paused-source case of `migrate` (1 GiB, 768 MiB written) with
          1, 2 and 4 page streams (`streams`), plaintext and TLS (not in `all`).
 estimate: pre-copy over veth shaped to 1 Gbit/s (root): downtime predicted
          at the stop decision against downtime measured (not in `all`).
+dirty-ring: pre-copy with memory digests compared, 1 GiB flat out and 4 GiB
+         idle: the bitmap log (cleared before sending, and as read) beside
+         KVM's dirty ring of 4096 and 65536 entries (not in `all`).
 limits:  memcpy, zero-scan and loopback TCP, measured in the same run.
 """
 import json, os, re, signal, socket, statistics, subprocess, sys, tempfile, time
@@ -355,6 +358,36 @@ def bench_features(runs):
     return rows
 
 
+def bench_dirty_ring(runs):
+    """The bitmap log (cleared before sending, and cleared as read) beside the
+    dirty ring (two sizes), on the flat-out case and an idle 4 GiB guest;
+    pre-copy with memory digests compared, interleaved run by run."""
+    trackers = [("bitmap", (), {}), ("bitmap, cleared as read", (), {"clear_before_send": False}),
+                ("ring 4096", ("--dirty-ring", "4096"), {}), ("ring 65536", ("--dirty-ring", "65536"), {})]
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for mem, wl in (("1G", "dirty:256:0"), ("4G", "idle")):
+            res = {t[0]: [] for t in trackers}
+            for i in range(runs):
+                order = list(enumerate(trackers))
+                for t, (name, flags, opts) in (order if i % 2 == 0 else order[::-1]):
+                    req = {"mode": "precopy", "verify": True, **opts}
+                    res[name].append(migrate_once(d, f"dr{mem}{t}r{i}", mem, wl, req, cpus=1, flags=flags))
+            for name, _, _ in trackers:
+                ok = [r for r in res[name] if r["status"] == "completed" and r["verified"]]
+                ring = [r.get("dirty_ring") or {} for r in ok]
+                rows.append({
+                    "case": f"{mem} {wl}", "tracking": name,
+                    "completed": f"{len(ok)}/{len(res[name])}",
+                    "total_ms": med([r["total_ms"] for r in ok]),
+                    "downtime_ms": med([r["downtime_ms"] for r in ok]),
+                    "MiB_sent": med([r["bytes"] / 2**20 for r in ok]),
+                    "full_ring_exits": med([x.get("full_exits", 0) for x in ring]),
+                    "overflows": sum(x.get("overflows", 0) for x in ring),
+                })
+    return rows
+
+
 def bench_multifd(runs, lim):
     """The paused-source page-throughput case (1 GiB guest, 768 MiB written,
     source paused, so round 0 carries everything) with 1, 2 and 4 streams,
@@ -513,6 +546,11 @@ def main():
         rows = bench_multifd(runs, lim)
         out["multifd"] = rows
         print(f"## Multifd: paused source, 768 MiB written (median (min-max) of {runs})\n")
+        print_table(rows)
+    if what == "dirty-ring":
+        rows = bench_dirty_ring(runs)
+        out["dirty_ring"] = rows
+        print(f"## Dirty tracking: bitmap log and dirty ring (median (min-max) of {runs})\n")
         print_table(rows)
     if what == "save":
         rows = bench_save(runs)
