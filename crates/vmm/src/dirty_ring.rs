@@ -65,14 +65,27 @@ pub fn entries() -> u32 {
 /// Turns the ring on for a new VM, before its first vCPU exists.
 pub(crate) fn enable(vm_fd: &VmFd, entries: u32) -> Result<()> {
     let bytes = entries as u64 * std::mem::size_of::<kvm_dirty_gfn>() as u64;
+    // The acquire/release flavour where the host has it: the same ring, with
+    // ordering on weakly ordered hosts spelt out. Either answers the largest
+    // ring it takes, in bytes (0: none).
+    let (cap, max) = [
+        kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+        kvm_bindings::KVM_CAP_DIRTY_LOG_RING,
+    ]
+    .into_iter()
+    .map(|c| (c, vm_fd.check_extension_raw(c.into()).max(0) as u64))
+    .find(|&(_, max)| max > 0)
+    .ok_or_else(|| {
+        Error::DirtyRing("this host's KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING)".into())
+    })?;
+    if bytes > max {
+        return Err(Error::DirtyRing(format!(
+            "{entries} entries: this host's KVM takes at most {}",
+            max / std::mem::size_of::<kvm_dirty_gfn>() as u64
+        )));
+    }
     let mut cap = kvm_bindings::kvm_enable_cap {
-        // The acquire/release flavour where the host has it: the same ring,
-        // with ordering on weakly ordered hosts spelt out.
-        cap: if vm_fd.check_extension_raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL.into()) > 0 {
-            kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL
-        } else {
-            kvm_bindings::KVM_CAP_DIRTY_LOG_RING
-        },
+        cap,
         ..Default::default()
     };
     cap.args[0] = bytes;
