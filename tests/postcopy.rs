@@ -457,6 +457,7 @@ fn hybrid_leaves_the_hot_working_set_to_post_copy() {
     );
     let deferred = stats["pages"]["deferred"].as_u64().unwrap();
     assert!(deferred >= (30 << 20) / 4096, "{stats}");
+    assert_eq!(stats["sampling"]["ended"], "quiet", "{stats}");
     // Round 0's dirty rate counts the hot pages the guest wrote in it, though
     // the round did not send them.
     let r0 = &stats["rounds"][0];
@@ -471,6 +472,33 @@ fn hybrid_leaves_the_hot_working_set_to_post_copy() {
     assert!(
         sent < (36 << 20),
         "{sent} bytes for a 32 MiB working set: {stats}"
+    );
+}
+
+#[test]
+fn hybrid_stops_sampling_once_the_link_has_nothing_left_to_send() {
+    if !kvm_or_skip("hybrid_stops_sampling_once_the_link_has_nothing_left_to_send") {
+        return;
+    }
+    // 64 MiB swept at 16 MiB/s take the guest 4 s to go round, the link
+    // (uncapped) a fraction of a second to send: the sampling ends when
+    // every page not seen rewritten has gone, instead of idling the link
+    // for up to 1 s; what the guest rewrites later goes again.
+    let stats = migrate_once(
+        "hybrid-all-sent",
+        1,
+        "workload=dirty:64:16",
+        json!({"mode": "hybrid"}),
+        |_, _| {},
+    );
+    let sampling = &stats["sampling"];
+    assert_eq!(sampling["ended"], "all sent", "{stats}");
+    assert!(sampling["ms"].as_f64().unwrap() < 1000.0, "{stats}");
+    let hot = sampling["hot_pages"].as_u64().unwrap();
+    assert!(hot > 0 && hot < (64 << 20) / 4096, "{stats}");
+    assert!(
+        stats["pages"]["deferred"].as_u64().unwrap() >= hot,
+        "{stats}"
     );
 }
 
@@ -582,6 +610,7 @@ fn auto_mode_leaves_a_working_set_still_growing_to_post_copy() {
     );
     let policy = stats["policy"].as_str().unwrap();
     assert!(policy.contains("still growing"), "{stats}");
+    assert_eq!(stats["sampling"]["ended"], "budget", "{stats}");
     assert_eq!(stats["rounds"].as_array().unwrap().len(), 1, "{stats}");
     // A tenth of the allocated memory (~65 MiB with data and the zeroed
     // pages), plus the batch that crossed the budget.

@@ -889,6 +889,7 @@ fn sample_hot(
     let mut converged = false;
     let mut quiet = 0;
     let mut over_budget = false;
+    let mut all_sent = false;
     tx.round = Some(0);
     loop {
         let until = Instant::now() + HOT_STEP;
@@ -900,6 +901,7 @@ fn sample_hot(
             while Instant::now() < until && !over_budget {
                 let Some(pfn) = next_set(todo, cursor) else {
                     tx.flush()?;
+                    all_sent = true;
                     std::thread::sleep(until.saturating_duration_since(Instant::now()));
                     break;
                 };
@@ -928,7 +930,10 @@ fn sample_hot(
             converged = true;
             break;
         }
-        if over_budget || started.elapsed() >= HOT_SAMPLE_MAX {
+        // Everything not seen rewritten is sent: waiting on would idle the
+        // link. What the guest has yet to rewrite of its working set shows
+        // in the rounds' dirty log, and goes again there or after the switch.
+        if all_sent || over_budget || started.elapsed() >= HOT_SAMPLE_MAX {
             break;
         }
     }
@@ -940,12 +945,21 @@ fn sample_hot(
     let sent = tx.all_bytes() - sent_before;
     let bw = sent as f64 / (secs - HOT_STEP.as_secs_f64()).max(1e-3);
     let cut = params.auto && over_budget && !converged && grow >= CUT_GROWTH * bw;
+    let ended = if converged {
+        "quiet"
+    } else if over_budget {
+        "budget"
+    } else if all_sent {
+        "all sent"
+    } else {
+        "time limit"
+    };
     tracing::info!(
         ms = secs * 1e3,
         hot = popcount(&hot),
         grow_mbps = grow / 1e6,
         bandwidth_mbps = bw / 1e6,
-        converged,
+        ended,
         cut,
         "hot pages sampled"
     );
@@ -955,8 +969,15 @@ fn sample_hot(
             *h |= std::mem::take(t);
         }
     }
-    let n = popcount(&hot);
-    job.update(|s| s.pages.deferred = n);
+    let deferred = popcount(&hot);
+    job.update(|s| {
+        s.pages.deferred = deferred;
+        s.sampling = Some(crate::stats::SamplingStats {
+            ms: secs * 1e3,
+            hot_pages: popcount(&written),
+            ended: ended.into(),
+        });
+    });
     Ok(Sampled { hot, written, cut })
 }
 

@@ -221,6 +221,10 @@ pub struct MigrationStats {
     /// pages (KVM manual dirty-log protection), instead of all at each read.
     #[serde(default)]
     pub clear_before_send: bool,
+    /// Hybrid and auto: the dirty-log sampling at the start of round 0 that
+    /// finds the pages to leave to post-copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<SamplingStats>,
     /// The VM tracked dirty pages with KVM's dirty ring (None: the bitmap
     /// log): what its rings did during this migration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -298,4 +302,18 @@ pub struct DirtyRingStats {
     /// Reads that found a ring completely full, where entries may have been
     /// lost: each made the next read of the log report every page dirty.
     pub overflows: u64,
+}
+
+/// What hybrid's sampling of the dirty log did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplingStats {
+    /// How long it ran, ms.
+    pub ms: f64,
+    /// Pages it saw the guest write.
+    pub hot_pages: u64,
+    /// Why it ended: `quiet` (two steps found few new pages: the working
+    /// set is known), `all sent` (every page not seen rewritten had been
+    /// sent: waiting on would idle the link), `budget` (auto: a tenth of
+    /// memory sent while the working set still grew) or `time limit` (1 s).
+    pub ended: String,
 }
