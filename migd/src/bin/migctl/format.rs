@@ -286,6 +286,33 @@ pub fn stats(st: &Value) -> String {
             ),
         );
     }
+    let sm = &st["sampling"];
+    if let Some(ended) = sm["ended"].as_str() {
+        kv(
+            &mut s,
+            "Sampling",
+            format!(
+                "{} hot pages found in {}, ended: {ended}; {} pages left to post-copy",
+                opt(&sm["hot_pages"]),
+                ms(&sm["ms"]),
+                opt(&p["deferred"])
+            ),
+        );
+    }
+    let r = &st["dirty_ring"];
+    if r.is_object() {
+        kv(
+            &mut s,
+            "Dirty ring",
+            format!(
+                "{} entries per vCPU: {} read, {} full-ring stop(s), {} overflow(s)",
+                opt(&r["entries"]),
+                opt(&r["harvested"]),
+                opt(&r["full_exits"]),
+                opt(&r["overflows"])
+            ),
+        );
+    }
     if st["reorder"] == true {
         kv(
             &mut s,
@@ -449,6 +476,25 @@ mod tests {
         );
         // Without a check (a failed migration), neither line.
         assert!(!stats(&json!({"total_ms": 1.0})).contains("Model"));
+    }
+
+    #[test]
+    fn stats_show_the_sampling_and_the_dirty_ring() {
+        let st = json!({"total_ms": 352.0, "pages": {"sent": 69000, "deferred": 5120},
+            "sampling": {"ms": 151.2, "hot_pages": 5000, "ended": "all sent"},
+            "dirty_ring": {"entries": 4096, "harvested": 81907, "full_exits": 7, "overflows": 0}});
+        let t = stats(&st);
+        assert!(
+            t.contains("Sampling:       5000 hot pages found in 151.2 ms, ended: all sent; 5120 pages left to post-copy"),
+            "{t}"
+        );
+        assert!(
+            t.contains("Dirty ring:     4096 entries per vCPU: 81907 read, 7 full-ring stop(s), 0 overflow(s)"),
+            "{t}"
+        );
+        // Pre-copy with the bitmap log has neither.
+        let t = stats(&json!({"total_ms": 1.0, "pages": {"sent": 1}}));
+        assert!(!t.contains("Sampling") && !t.contains("Dirty ring"), "{t}");
     }
 
     #[test]
