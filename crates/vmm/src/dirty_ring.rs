@@ -218,6 +218,19 @@ impl Rings {
         self.harvest(&mut g)
     }
 
+    /// Forgets the pages of `set` (one bit per memfd page, from word
+    /// `first_word` on) dirtied so far, after a harvest has handed every
+    /// entry back: what the guest writes to them from now on is logged
+    /// again. The bitmap log's `KVM_CLEAR_DIRTY_LOG` for a ring.
+    pub(crate) fn clear(&self, first_word: usize, set: &[u64]) -> Result<()> {
+        let mut g = self.gathered.lock().unwrap_or_else(|p| p.into_inner());
+        self.harvest(&mut g)?;
+        for (w, m) in g.bits.iter_mut().skip(first_word).zip(set) {
+            *w &= !m;
+        }
+        Ok(())
+    }
+
     /// The pages dirtied since the last call (every page after an overflow),
     /// one bit per memfd page; with `clear`, starts over.
     pub(crate) fn read(&self, clear: bool) -> Result<Vec<u64>> {

@@ -376,7 +376,9 @@ impl Vm {
             return true;
         }
         if self.ring_entries > 0 {
-            return false; // the rings are read and handed back whole
+            // A ring is read without clearing and cleared by page as well
+            // (`dirty_ring::Rings::clear`).
+            return true;
         }
         const CAP: u32 = kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
         const ENABLE: u64 = kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as u64;
@@ -409,6 +411,9 @@ impl Vm {
     /// Clears (and write-protects again) the pages of `mask` in word `word` of
     /// the dirty bitmap (pages `64 * word ..`), with manual protection on.
     pub fn clear_dirty_word(&self, word: usize, mask: u64) -> Result<()> {
+        if let Some(rings) = &self.rings {
+            return rings.clear(word, &[mask]);
+        }
         let pfn = word as u64 * 64;
         for (slot, r) in self.ram.ranges().iter().enumerate() {
             let first = r.file_offset / crate::memory::PAGE_SIZE;
@@ -433,6 +438,9 @@ impl Vm {
     /// call per RAM range, so that what the guest writes to them from now on
     /// is logged again.
     pub fn clear_dirty_pages(&self, set: &[u64]) -> Result<()> {
+        if let Some(rings) = &self.rings {
+            return rings.clear(0, set);
+        }
         for (slot, r) in self.ram.ranges().iter().enumerate() {
             let first = r.file_offset / crate::memory::PAGE_SIZE;
             let pages = r.len / crate::memory::PAGE_SIZE;
