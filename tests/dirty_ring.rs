@@ -13,7 +13,30 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-const RING: &str = "256";
+const RING: [&str; 2] = ["--dirty-ring", "256"];
+
+/// The test guest on 256 MiB, tracking dirty pages with rings, once its
+/// workload is ready.
+fn boot(dir: &std::path::Path, workload: &str, cpus: usize) -> VmProcess {
+    let vm = VmProcess::boot_with(dir, "src", workload, "256M", cpus, &RING);
+    vm.console
+        .wait_for("WORKLOAD READY", Duration::from_secs(60));
+    vm
+}
+
+/// A destination for it, with rings too, and its address.
+fn destination(
+    dir: &std::path::Path,
+    tag: &str,
+    console: &Console,
+    cpus: usize,
+) -> (VmProcess, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let cpus = cpus.to_string();
+    let mut args = vec!["--incoming", &addr, "--memory", "256M", "--cpus", &cpus];
+    args.extend(RING);
+    (VmProcess::start(dir, tag, console, &args), addr)
+}
 
 #[test]
 fn the_dirty_ring_carries_every_page_of_a_flat_out_writer() {
@@ -21,17 +44,11 @@ fn the_dirty_ring_carries_every_page_of_a_flat_out_writer() {
         return;
     }
     let dir = scratch("dirty-ring");
-    let ring = ["--dirty-ring", RING];
-    let mut src = VmProcess::boot_with(&dir, "hop0", "workload=dirty:32:0", "256M", 2, &ring);
+    let mut src = boot(&dir, "workload=dirty:32:0", 2);
     let console = src.console.clone();
-    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
     console.wait_heartbeats(0, 2, Duration::from_secs(30));
     for (hop, mode) in [(1, "precopy"), (2, "precopy"), (3, "postcopy")] {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut args = vec!["--incoming", &addr, "--memory", "256M", "--cpus", "2"];
-        args.extend(ring);
-        let dst = VmProcess::start(&dir, &format!("hop{hop}"), &console, &args);
+        let (dst, addr) = destination(&dir, &format!("hop{hop}"), &console, 2);
         let before = console.last_heartbeat().unwrap_or(0);
         let clear = hop == 1;
         let r = src.request(json!({
@@ -74,15 +91,9 @@ fn a_ring_cleared_page_by_page_loses_no_write() {
     // clear of the wrong pages is not made good by a later rewrite before
     // the pause, and the digests differ.
     let dir = scratch("dirty-ring-clear");
-    let ring = ["--dirty-ring", RING];
-    let src = VmProcess::boot_with(&dir, "src", "workload=dirty:64:16", "256M", 1, &ring);
+    let src = boot(&dir, "workload=dirty:64:16", 1);
     let console = src.console.clone();
-    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut args = vec!["--incoming", &addr, "--memory", "256M", "--cpus", "1"];
-    args.extend(ring);
-    let dst = VmProcess::start(&dir, "dst", &console, &args);
+    let (dst, addr) = destination(&dir, "dst", &console, 1);
     // Capped so that round 0 lasts long enough for the sweep to cross it.
     let r = src.request(json!({
         "cmd": "migrate", "to": addr, "name": "vm1", "verify": true,
