@@ -23,7 +23,19 @@
 //! (dirty rate over bandwidth); rounds stop once `V_i / R ≤ max_downtime` or
 //! after `max_rounds`; `T_down = V_n / R + V_state / R + T_sw`,
 //! `T_mig = Σ V_i / R + T_down`.
-//! Hybrid: pre-copy rounds up to `rounds_before_switch`, then post-copy for `V_n`.
+//! The guest dirties `min(D·t, W)` distinct bytes in a window of `t`: its
+//! rate, up to its working set `W` when that is known (a guest going round
+//! a fixed set), without bound otherwise (one sweeping new pages).
+//!
+//! Hybrid (migd's engine, `precopy::sample_hot`): round 0 watches the dirty
+//! log for one step `s` (50 ms), then sends the pages not seen written while
+//! it keeps watching, until every such page is sent or a time limit `L`
+//! (1 s). What the guest wrote meanwhile, `H = min(D·min(t_0, L), W)`, is
+//! left to post-copy, and round 0 sends the rest: `t_0 = s + (V_0 − H)/R`
+//! (solved for both together, `t_0 = (s + V_0/R) / (1 + D/R)` while the
+//! sampling lasts the whole round). Cold pages written after the sampling
+//! ended go in up to two more rounds, then post-copy moves `H` and what
+//! those rounds left.
 //!
 //! Every mode's total also counts the set-up before any page moves
 //! (`T_setup`: connection, handshake, the destination's preparation), an
@@ -55,6 +67,10 @@ pub struct Inputs {
     /// Set-up before the first page moves, seconds.
     #[serde(default)]
     pub setup: f64,
+    /// The guest's working set, bytes: what it dirties in any window is at
+    /// most this (0: not known, no bound).
+    #[serde(default)]
+    pub working_set: f64,
 }
 
 /// The VM state moved at the switch-over for `vcpus` vCPUs, bytes: measured
@@ -113,24 +129,72 @@ fn switch_cost(i: &Inputs) -> f64 {
         + crate::precopy::switch_work_ms(i.vcpus as usize) / 1e3
 }
 
+/// Distinct bytes the guest dirties in `t` seconds, at most `cap`: its rate
+/// times the window, up to its working set.
+fn dirtied(i: &Inputs, t: f64, cap: f64) -> f64 {
+    let ws = if i.working_set > 0.0 {
+        i.working_set
+    } else {
+        f64::INFINITY
+    };
+    (i.dirty_rate * t).min(ws).min(cap).max(0.0)
+}
+
 /// Pre-copy rounds: (bytes still dirty at the end, seconds spent, rounds,
 /// converged: the pause they leave, [`switch_cost`] included, fits max-downtime).
 fn precopy_rounds(i: &Inputs, max_rounds: u32) -> (f64, f64, u32, bool) {
+    let t0 = i.memory_bytes / i.bandwidth.max(1.0);
+    let left = dirtied(i, t0, i.memory_bytes);
+    chase(i, left, t0, 1, max_rounds, i.memory_bytes)
+}
+
+/// Rounds that each send what the one before left, from `v` bytes left by
+/// `rounds` rounds that took `t` seconds, until the pause the last one leaves
+/// fits max-downtime or `max_rounds` have run; each leaves what the guest
+/// dirties meanwhile, at most `cap`. Returns what [`precopy_rounds`] does.
+fn chase(
+    i: &Inputs,
+    mut v: f64,
+    mut t: f64,
+    mut rounds: u32,
+    max_rounds: u32,
+    cap: f64,
+) -> (f64, f64, u32, bool) {
     let r = i.bandwidth.max(1.0);
-    let mut v = i.memory_bytes;
-    let mut t = 0.0;
-    let mut rounds = 0;
-    while rounds < max_rounds {
-        let dt = v / r;
-        t += dt;
-        rounds += 1;
-        // What the guest dirties while this round is sent (capped by its memory).
-        v = (i.dirty_rate * dt).min(i.memory_bytes);
+    loop {
         if v / r + switch_cost(i) <= i.max_downtime {
             return (v, t, rounds, true);
         }
+        if rounds >= max_rounds {
+            return (v, t, rounds, false);
+        }
+        let dt = v / r;
+        t += dt;
+        rounds += 1;
+        v = dirtied(i, dt, cap);
     }
-    (v, t, rounds, false)
+}
+
+/// Hybrid's round 0 with its sampling (module docs): (hot bytes left to
+/// post-copy, the round's seconds, cold bytes it leaves dirty, the most the
+/// cold pages can be).
+fn hybrid_round0(i: &Inputs) -> (f64, f64, f64, f64) {
+    let r = i.bandwidth.max(1.0);
+    let v = i.memory_bytes;
+    let step = crate::precopy::HOT_STEP.as_secs_f64();
+    let limit = crate::precopy::HOT_SAMPLE_MAX.as_secs_f64();
+    // The sampling lasts the whole round unless the working set or the time
+    // limit ends it first; either way round 0 sends what it did not find.
+    let whole = (step + v / r) / (1.0 + i.dirty_rate / r);
+    let hot = dirtied(i, whole.min(limit), v);
+    let t0 = step + (v - hot) / r;
+    let cold = if i.working_set > 0.0 {
+        i.working_set.min(v) - hot
+    } else {
+        v - hot
+    }
+    .max(0.0);
+    (hot, t0, dirtied(i, t0 - limit, cold), cold)
 }
 
 /// The mode `--mode auto` is expected to end in: pre-copy where its rounds
@@ -165,9 +229,10 @@ pub fn predict(mode: &str, i: &Inputs) -> Prediction {
             }
         }
         "hybrid" => {
-            let (left, t_rounds, rounds, converges) = precopy_rounds(i, 3);
+            let (hot, t0, cold_left, cold) = hybrid_round0(i);
+            let (left, t_rounds, rounds, converges) = chase(i, cold_left, t0, 1, 3, cold);
             let (t_down, t_res, push_only, faults) =
-                postcopy_phase(i, i.state_bytes, left + i.state_bytes);
+                postcopy_phase(i, i.state_bytes, hot + left + i.state_bytes);
             Prediction {
                 downtime_ms: t_down * 1e3,
                 total_ms: (i.setup + t_rounds + t_down + push_only) * 1e3,
@@ -276,6 +341,12 @@ pub fn check(s: &crate::stats::MigrationStats, vcpus: usize) -> Option<ModelChec
         prepaging_window: s.prepaging_window as f64,
         vcpus: vcpus as u32,
         setup: s.setup_ms / 1e3,
+        // Hybrid's sampling found the working set where the guest went
+        // round it ("quiet"); otherwise it saw only part of it.
+        working_set: match &s.sampling {
+            Some(p) if p.ended == "quiet" => p.hot_pages as f64 * PAGE,
+            _ => 0.0,
+        },
     };
     let prediction = predict(&s.mode, &inputs);
     let err = |p: f64, m: f64| (p - m) / m * 100.0;
@@ -325,6 +396,7 @@ mod tests {
             prepaging_window: 16.0,
             vcpus: 1,
             setup: 0.0,
+            working_set: 0.0,
         }
     }
 
@@ -462,10 +534,66 @@ mod tests {
         let p = predict("precopy", &i);
         assert!(!p.converges);
         assert_eq!(p.rounds, MAX_ROUNDS);
-        // Hybrid stops after three rounds and leaves the rest to post-copy.
+        // Hybrid's sampling lasts its round 0 and finds every page written in
+        // it: one round, then post-copy moves them, with a short pause.
         let h = predict("hybrid", &i);
-        assert_eq!(h.rounds, 3);
+        assert_eq!(h.rounds, 1);
         assert!(h.downtime_ms < p.downtime_ms);
+    }
+
+    #[test]
+    fn hybrid_leaves_what_its_sampling_saw_written_to_post_copy() {
+        // 2 GB/s of dirtying, 1 GB/s link: t0 = (s + V/R) / (1 + D/R), and
+        // the pages written in it (D t0) go once, by post-copy.
+        let i = Inputs {
+            dirty_rate: 2e9,
+            ..inputs()
+        };
+        let (hot, t0, left, _) = hybrid_round0(&i);
+        let want = (0.05 + i.memory_bytes / 1e9) / 3.0;
+        assert!((t0 - want).abs() < 1e-9, "{t0} {want}");
+        assert!((hot - 2e9 * t0).abs() < 1.0 && left == 0.0);
+        let h = predict("hybrid", &i);
+        let push = hot / 1e9 * 1e3;
+        assert!((h.resume_push_only_ms - push).abs() < 1e-6, "{h:?}");
+        assert!((h.total_ms - (t0 * 1e3 + h.downtime_ms + push)).abs() < 1e-6);
+        // A working set it goes round sooner is all that is left to post-copy,
+        // and round 0 sends the rest of memory.
+        let small = Inputs {
+            working_set: 64e6,
+            ..i
+        };
+        let (hot, t0, left, cold) = hybrid_round0(&small);
+        assert_eq!((hot, left, cold), (64e6, 0.0, 0.0));
+        assert!((t0 - (0.05 + (i.memory_bytes - 64e6) / 1e9)).abs() < 1e-9);
+        // 8 GB at 1 GB/s outlasts the sampling's time limit: what the guest
+        // wrote in its 1 s is hot, and what it writes after goes in rounds.
+        let big = Inputs {
+            memory_bytes: 8e9,
+            dirty_rate: 0.1e9,
+            ..inputs()
+        };
+        let (hot, t0, left, _) = hybrid_round0(&big);
+        assert!((hot - 0.1e9).abs() < 1.0, "{hot}");
+        assert!((t0 - (0.05 + 7.9)).abs() < 1e-9, "{t0}");
+        assert!((left - 0.1e9 * (t0 - 1.0)).abs() < 1.0, "{left}");
+        let h = predict("hybrid", &big);
+        assert_eq!(h.rounds, 2, "{h:?}");
+    }
+
+    #[test]
+    fn a_working_set_bounds_what_each_round_leaves() {
+        // 2 GB/s over all of memory never converges (above); over 64 MB, the
+        // first round leaves those 64 MB, 64 ms at 1 GB/s: a short pause.
+        let i = Inputs {
+            dirty_rate: 2e9,
+            working_set: 64e6,
+            ..inputs()
+        };
+        let p = predict("precopy", &i);
+        assert!(p.converges && p.rounds == 1, "{p:?}");
+        assert_eq!(p.final_bytes, 64e6);
+        assert_eq!(auto_mode(&i), "precopy");
     }
 
     #[test]

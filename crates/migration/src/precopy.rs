@@ -177,8 +177,8 @@ pub enum Outcome {
 /// Hybrid: the dirty log is sampled in steps of this at the start of round 0
 /// to find the pages the guest keeps rewriting (they are left to post-copy),
 /// for at most [`HOT_SAMPLE_MAX`] (see `sample_hot`).
-const HOT_STEP: Duration = Duration::from_millis(50);
-const HOT_SAMPLE_MAX: Duration = Duration::from_secs(1);
+pub(crate) const HOT_STEP: Duration = Duration::from_millis(50);
+pub(crate) const HOT_SAMPLE_MAX: Duration = Duration::from_secs(1);
 
 /// The stop reason of rounds that converged: what is left fits the pause.
 pub(crate) const STOP_CONVERGED: &str = "expected downtime within max-downtime";
