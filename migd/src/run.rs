@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use migration::bitmap::{popcount, set_pages};
+use migration::bitmap::set_pages;
 use migration::precopy::{self, Job, Outcome};
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::json;
@@ -981,8 +981,9 @@ fn start_migration(
 }
 
 /// Predicts a migration of this VM to `to` with the cost model, from measured
-/// inputs: non-zero memory (data extents of the memfd), the dirty rate over one
-/// second of the KVM dirty log, and the path's RTT and bandwidth (a probe).
+/// inputs: non-zero memory (data extents of the memfd), the dirty rate and
+/// working set over one second of the KVM dirty log, and the path's RTT and
+/// bandwidth (a probe).
 fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, String> {
     use migration::model::{self, Inputs};
     let to = req
@@ -1005,25 +1006,16 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
         .iter()
         .map(|e| e.1)
         .sum();
-    let window = Duration::from_secs(1);
-    let dirty_pages = if vm.is_running() {
-        vm.set_dirty_logging(true).map_err(|e| e.to_string())?;
-        let measured = vm.take_dirty_bitmap().and_then(|_| {
-            std::thread::sleep(window);
-            vm.take_dirty_bitmap()
-        });
-        let _ = vm.set_dirty_logging(false);
-        measured
-            .map(|bits| popcount(&bits))
-            .map_err(|e| e.to_string())?
+    let dirtying = if vm.is_running() {
+        migration::probe::dirtying(vm, Duration::from_secs(1)).map_err(|e| e.to_string())?
     } else {
-        0
+        Default::default()
     };
     let path = migration::probe::probe(to, 32 << 20, tls()).map_err(|e| e.to_string())?;
     let inputs = Inputs {
         memory_bytes: memory_bytes as f64,
         state_bytes: model::state_bytes(vm.config().vcpus),
-        dirty_rate: (dirty_pages * vmm::memory::PAGE_SIZE) as f64 / window.as_secs_f64(),
+        dirty_rate: dirtying.rate,
         bandwidth: path.bandwidth,
         rtt: path.rtt,
         max_downtime: req
@@ -1038,6 +1030,7 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
         vcpus: vm.config().vcpus as u32,
         // Connect, Hello/Accept, Prepared; not the destination's own work.
         setup: 3.0 * path.rtt,
+        working_set: dirtying.working_set,
     };
     let all: serde_json::Map<String, serde_json::Value> = ["precopy", "postcopy", "hybrid"]
         .iter()

@@ -403,8 +403,12 @@ pub fn stats(st: &Value) -> String {
 pub fn estimate(r: &Value) -> String {
     let i = &r["inputs"];
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let working_set = match f(&i["working_set"]) {
+        w if w > 0.0 => format!(" over a working set of {:.0} MiB", w / 1048576.0),
+        _ => String::new(),
+    };
     let mut out = format!(
-        "VM {}: {:.0} MiB to move, dirty rate {:.1} MiB/s; path: {:.2} Gbit/s, RTT {:.0} us\n",
+        "VM {}: {:.0} MiB to move, dirty rate {:.1} MiB/s{working_set}; path: {:.2} Gbit/s, RTT {:.0} us\n",
         r["name"].as_str().unwrap_or("?"),
         f(&i["memory_bytes"]) / 1048576.0,
         f(&i["dirty_rate"]) / 1048576.0,
@@ -495,6 +499,22 @@ mod tests {
         // Pre-copy with the bitmap log has neither.
         let t = stats(&json!({"total_ms": 1.0, "pages": {"sent": 1}}));
         assert!(!t.contains("Sampling") && !t.contains("Dirty ring"), "{t}");
+    }
+
+    #[test]
+    fn estimate_names_the_working_set_where_one_was_found() {
+        let mut r = json!({"name": "web1", "mode": "hybrid", "auto_picks": "precopy",
+            "inputs": {"memory_bytes": 272629760.0, "dirty_rate": 1073741824.0,
+                       "working_set": 268435456.0, "bandwidth": 3e9, "rtt": 20e-6},
+            "all_modes": {"hybrid": {"downtime_ms": 1.2, "total_ms": 110.0, "rounds": 1}}});
+        let t = estimate(&r);
+        assert!(
+            t.contains("dirty rate 1024.0 MiB/s over a working set of 256 MiB;"),
+            "{t}"
+        );
+        assert!(t.contains("hybrid") && t.contains("110.0"), "{t}");
+        r["inputs"]["working_set"] = json!(0.0);
+        assert!(estimate(&r).contains("dirty rate 1024.0 MiB/s; path"));
     }
 
     #[test]
