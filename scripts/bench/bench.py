@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """migd benchmarks (not tests): prints markdown tables of medians (min-max).
 
-  scripts/bench/bench.py [vm|migrate|features|multifd|estimate|save|dirty-ring|all] [--runs N] [--json FILE]
+  scripts/bench/bench.py [vm|migrate|features|multifd|estimate|predict|save|dirty-ring|all] [--runs N] [--json FILE]
 
 vm:      boot to WORKLOAD READY; pause -> capture -> restore in a new process
          (handover, memory shared through the memfd); snapshot to file and
@@ -19,6 +19,12 @@ estimate: pre-copy over veth shaped to 1 Gbit/s (root): downtime predicted
 dirty-ring: pre-copy with memory digests compared, 1 GiB flat out and 4 GiB
          idle: the bitmap log (cleared before sending, and as read) beside
          KVM's dirty ring of 4096 and 65536 entries (not in `all`).
+predict: the cost model before and after, two daemons over loopback:
+         `migctl estimate` (its inputs measured on the running guest and a
+         probe of the path), then `migctl migrate`, whose statistics carry
+         the model fed with what that migration measured (`model`); both
+         beside the measured downtime and total, per mode, 1 GiB guests,
+         1 vCPU (not in `all`).
 limits:  memcpy, zero-scan and loopback TCP, measured in the same run.
 """
 import json, os, re, signal, socket, statistics, subprocess, sys, tempfile, time
@@ -29,7 +35,8 @@ GUEST = os.path.join(ROOT, "target", "guest", "testguest.elf")
 
 
 def build():
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "migd", "--bin", "migd"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "migd", "--bin", "migd", "--bin", "migctl"],
+                   cwd=ROOT, check=True)
     subprocess.run([os.path.join(ROOT, "scripts", "build-guest.sh")], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
 
@@ -455,6 +462,74 @@ def bench_estimate(runs):
     return rows
 
 
+class Daemon:
+    """A `migd` daemon on loopback, driven with `migctl`."""
+
+    def __init__(self, d, tag):
+        self.port = free_port()
+        self.sock = os.path.join(d, tag + ".sock")
+        self.log = open(os.path.join(d, tag + ".log"), "w")
+        self.p = subprocess.Popen([MIGD, "--listen", f"127.0.0.1:{self.port}", "--socket", self.sock,
+                                   "--state-dir", os.path.join(d, tag), "--insecure"],
+                                  stdout=subprocess.DEVNULL, stderr=self.log)
+        wait_path(self.sock)
+
+    def ctl(self, *args):
+        migctl = os.path.join(os.path.dirname(MIGD), "migctl")
+        return subprocess.run([migctl, "--socket", self.sock, *args], check=True,
+                              capture_output=True, text=True, timeout=300).stdout
+
+    def stop(self):
+        self.p.send_signal(signal.SIGTERM)
+        self.p.wait(30)
+
+
+def bench_predict(runs):
+    """Per case and mode: what `migctl estimate` predicted before the
+    migration, what the model says fed with the migration's own
+    measurements (`model`), and what was measured."""
+    rows = []
+    cases = (("1 GiB, 256 MiB flat out", "dirty:256:0"), ("1 GiB, 256 MiB at 64 MiB/s", "dirty:256:64"))
+    with tempfile.TemporaryDirectory() as d:
+        a, b = Daemon(d, "a"), Daemon(d, "b")
+        try:
+            for case, wl in cases:
+                for mode in ("precopy", "hybrid"):
+                    res = []
+                    for i in range(runs):
+                        name = f"p{len(rows)}r{i}"
+                        a.ctl("create", name, "--kernel", GUEST, "--cmdline", f"workload={wl}",
+                              "--memory", "1G", "--vcpus", "1")
+                        console = os.path.join(d, "a", "vms", name, "console.log")
+                        wait_file(console, "HEARTBEAT n=2")
+                        to = f"127.0.0.1:{b.port}"
+                        est = json.loads(a.ctl("estimate", name, "--to", to, "--mode", mode, "--json"))
+                        st = json.loads(a.ctl("migrate", name, "--to", to, "--mode", mode, "--json"))
+                        b.ctl("destroy", name)
+                        if st["outcome"] == "completed":
+                            res.append((est, st))
+                    ok = [(e, s) for e, s in res if s.get("model")]
+                    err = lambda p, m: (p - m) / m * 100
+                    rows.append({
+                        "case": case, "mode": mode, "completed": f"{len(res)}/{runs}",
+                        "working set MiB (estimate)": med([e["inputs"]["working_set"] / 2**20 for e, _ in res]),
+                        "downtime ms": med([s["downtime_ms"] for _, s in res]),
+                        "estimate ms (err %)": med([e["prediction"]["downtime_ms"] for e, _ in res])
+                        + " (" + med([err(e["prediction"]["downtime_ms"], s["downtime_ms"]) for e, s in res]) + ")",
+                        "total ms": med([s["total_ms"] for _, s in res]),
+                        "estimate total ms (err %)": med([e["prediction"]["total_ms"] for e, _ in res])
+                        + " (" + med([err(e["prediction"]["total_ms"], s["total_ms"]) for e, s in res]) + ")",
+                        "check total ms (err %)": med([s["model"]["prediction"]["total_ms"] for _, s in ok])
+                        + " (" + med([s["model"]["total_error_pct"] for _, s in ok]) + ")",
+                        "path Gbit/s (estimate) / round 0 Gbit/s": med([e["inputs"]["bandwidth"] * 8e-9 for e, _ in res])
+                        + " / " + med([s["rounds"][0]["bytes"] * 8e-6 / s["rounds"][0]["ms"] for _, s in res]),
+                    })
+        finally:
+            a.stop()
+            b.stop()
+    return rows
+
+
 def clock_steps(console):
     """The `CLOCK STEP ms=` values the guest printed (jumps of its clock)."""
     return [int(l.split("ms=")[1].split()[0]) for l in open(console) if l.startswith("CLOCK STEP ms=")]
@@ -561,6 +636,11 @@ def main():
         rows = bench_estimate(runs)
         out["estimate"] = rows
         print(f"## Downtime predicted and measured, veth at 1 Gbit/s (median (min-max) of {runs})\n")
+        print_table(rows)
+    if what == "predict":
+        rows = bench_predict(runs)
+        out["predict"] = rows
+        print(f"## The cost model: estimated before, checked after, measured (median (min-max) of {runs})\n")
         print_table(rows)
     if "--json" in sys.argv:
         with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
