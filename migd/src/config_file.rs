@@ -44,6 +44,8 @@ pub struct File {
     /// Entries per vCPU of KVM's dirty ring (a power of two, 256 to 65536);
     /// 0: the bitmap log.
     pub dirty_ring: Option<u32>,
+    /// Keep the VMs' memory on huge pages (pre-copy only for arriving VMs).
+    pub hugepages: Option<bool>,
 }
 
 /// Parses and checks a config file's text. The error is one line naming the key
@@ -224,6 +226,7 @@ mod tests {
             tls_peers,
             postcopy_nice,
             dirty_ring,
+            hugepages,
         } = f;
         let set = [
             listen.is_some(),
@@ -238,6 +241,7 @@ mod tests {
             tls_peers.is_some_and(|p| p.len() == 2),
             postcopy_nice.is_some(),
             dirty_ring.is_some(),
+            hugepages.is_some(),
         ];
         assert!(
             set.iter().all(|&s| s),

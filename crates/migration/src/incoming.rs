@@ -61,10 +61,11 @@ pub fn receive(
     let prepared = Vm::prepare(GuestRam::new(memory)?, vcpus, console)?;
     let mem = MemView::new(prepared.ram());
     wire::write_control(&mut out, &Message::Prepared)?;
-    let memfd = prepared.ram().memfd();
-    let mut writer = PageWriter::new(memfd, memory)?;
+    let dst = GuestMem::new(prepared.ram())?;
+    let mut writer = PageWriter::new(&dst)?;
     // Plaintext: raw page batches go from the socket into memory by splice,
-    // in this thread (one copy, in the kernel); TLS: through the writer.
+    // in this thread (one copy, in the kernel); memory on huge pages: read
+    // straight into the mapping, also in this thread; TLS: through the writer.
     let mut splicer = splicer_for(&r);
     // This round as the destination sees it: from its first frame to the
     // moment its last page is in memory (delivered, not merely sent).
@@ -100,11 +101,11 @@ pub fn receive(
         }
         if h.kind != KIND_CONTROL {
             let offsets = wire::read_batch_offsets(&mut r, h.body_len)?;
-            if let Some(s) = &mut splicer {
+            if splicer.is_some() || dst.is_mapped() {
                 // Stored here and now: batches before it go first.
                 writer.drain()?;
                 stats.bytes +=
-                    receive_pages(&mut r, Some(s), memfd, memory, &offsets, &mut Vec::new())?;
+                    receive_pages(&mut r, splicer.as_mut(), &dst, &offsets, &mut Vec::new())?;
                 stats.pages += offsets.len() as u64;
                 continue;
             }
@@ -125,13 +126,13 @@ pub fn receive(
         match wire::read_control_body(&mut r, h.body_len)? {
             Message::Zero { ranges } => {
                 for (off, n) in ranges {
-                    zero_pages(memfd, memory, off, n)?;
+                    zero_pages(&dst, off, n)?;
                 }
             }
             Message::Delta { pages } => {
                 stats.pages += pages.len() as u64;
                 for (off, delta) in pages {
-                    apply_delta(memfd, memory, off, &delta)?;
+                    apply_delta(&dst, off, &delta)?;
                 }
             }
             Message::Sync { seq } => {
@@ -169,7 +170,7 @@ pub fn receive(
                 return Err(Error::Protocol("a second StreamsListen".into()))
             }
             Message::StreamsListen { port, job, count } => {
-                match crate::multifd::Streams::open(&out, port, job, count, tls, memfd, memory) {
+                match crate::multifd::Streams::open(&out, port, job, count, tls, &dst) {
                     Ok(s) => {
                         streams = Some(s);
                         // Round 0 starts with its first page, not with the set-up.
@@ -286,17 +287,15 @@ struct PageWriter {
 }
 
 impl PageWriter {
-    fn new(memfd: &File, memory: u64) -> Result<Self> {
-        let memfd = memfd
-            .try_clone()
-            .map_err(io_err("dup of the guest memfd"))?;
+    fn new(dst: &GuestMem) -> Result<Self> {
+        let dst = dst.try_clone()?;
         let (to_writer, batches) = mpsc::sync_channel::<Batch>(BATCHES_IN_FLIGHT);
         let (done, stored) = mpsc::sync_channel(BATCHES_IN_FLIGHT);
         let thread = std::thread::Builder::new()
             .name("page-writer".into())
             .spawn(move || {
                 for b in batches {
-                    let r = store_pages(&memfd, memory, &b.offsets, &b.data).map(|()| b);
+                    let r = store_pages(&dst, &b.offsets, &b.data).map(|()| b);
                     if done.send(r).is_err() {
                         break;
                     }
@@ -387,43 +386,143 @@ pub(crate) fn page_runs(memory: u64, offsets: &[u64]) -> Result<Vec<(u64, usize)
     Ok(runs)
 }
 
-/// Writes a batch of pages into the memfd, one `pwrite` per run of adjacent pages.
-///
-/// Writing through the file instead of the mapping avoids a user page fault per
-/// fresh page, which dominates on nested hosts (about 5 µs each on kvm-pvm).
-pub(crate) fn store_pages(memfd: &File, memory: u64, offsets: &[u64], data: &[u8]) -> Result<()> {
+/// Guest memory as the destination writes it, by memfd offset: `pwrite` into
+/// the memfd, which avoids a user page fault per fresh page (they dominate on
+/// nested hosts: about 5 µs each on kvm-pvm); or, for memory on huge pages,
+/// through the mapping: hugetlbfs has no `write`, and a fault per 2 MiB
+/// costs little.
+pub(crate) struct GuestMem {
+    memfd: File,
+    memory: u64,
+    mapped: Option<MemView>,
+}
+
+impl GuestMem {
+    /// `ram`'s memory.
+    pub(crate) fn new(ram: &GuestRam) -> Result<Self> {
+        Ok(GuestMem {
+            memfd: ram
+                .memfd()
+                .try_clone()
+                .map_err(io_err("dup of the guest memfd"))?,
+            memory: ram.size(),
+            mapped: ram.is_huge().then(|| MemView::new(ram)),
+        })
+    }
+
+    /// `memory` bytes of a memfd that is not a VM's (a probe's scratch memory).
+    pub(crate) fn file(memfd: File, memory: u64) -> Self {
+        GuestMem {
+            memfd,
+            memory,
+            mapped: None,
+        }
+    }
+
+    /// The same memory, for another thread.
+    pub(crate) fn try_clone(&self) -> Result<Self> {
+        Ok(GuestMem {
+            memfd: self
+                .memfd
+                .try_clone()
+                .map_err(io_err("dup of the guest memfd"))?,
+            memory: self.memory,
+            mapped: self.mapped.as_ref().map(MemView::duplicate),
+        })
+    }
+
+    /// Whether pages go through the mapping (memory on huge pages).
+    pub(crate) fn is_mapped(&self) -> bool {
+        self.mapped.is_some()
+    }
+
+    /// Writes `data` at memfd offset `off` (checked by the caller).
+    fn write_at(&self, data: &[u8], off: u64) -> Result<()> {
+        let Some(view) = &self.mapped else {
+            return self
+                .memfd
+                .write_all_at(data, off)
+                .map_err(io_err("writing pages into guest memory"));
+        };
+        let mut done = 0;
+        while done < data.len() {
+            let at = off + done as u64;
+            let within = (at % PAGE_SIZE) as usize;
+            let n = (PAGE_SIZE as usize - within).min(data.len() - done);
+            let page = view
+                .page_mut(at - within as u64)
+                .ok_or_else(|| Error::Protocol(format!("page {at:#x} outside guest memory")))?;
+            page[within..within + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The page at memfd offset `off` (checked by the caller).
+    fn read_page(&self, off: u64) -> Result<[u8; PAGE_SIZE as usize]> {
+        let mut page = [0u8; PAGE_SIZE as usize];
+        match self.mapped.as_ref().and_then(|v| v.page(off)) {
+            Some(p) => page.copy_from_slice(p),
+            None => self
+                .memfd
+                .read_exact_at(&mut page, off)
+                .map_err(io_err("reading a page to apply its delta"))?,
+        }
+        Ok(page)
+    }
+}
+
+/// Writes a batch of pages into guest memory, one write per run of adjacent pages.
+pub(crate) fn store_pages(dst: &GuestMem, offsets: &[u64], data: &[u8]) -> Result<()> {
     let mut at = 0;
-    for (off, len) in page_runs(memory, offsets)? {
-        memfd
-            .write_all_at(&data[at..at + len], off)
-            .map_err(io_err("writing pages into guest memory"))?;
+    for (off, len) in page_runs(dst.memory, offsets)? {
+        dst.write_at(&data[at..at + len], off)?;
         at += len;
     }
     Ok(())
 }
 
-/// Stores a raw page batch whose offsets `r` has just read: spliced from the
-/// socket on a plaintext link (see [`crate::zerocopy`]), read and then
+/// Stores a raw page batch whose offsets `r` has just read: straight from
+/// the socket into the mapping for memory on huge pages; spliced from the
+/// socket on a plaintext link (see [`crate::zerocopy`]); read and then
 /// written otherwise. `data` is the buffer for the latter. Returns the bytes.
 pub(crate) fn receive_pages(
     r: &mut BufReader<Link>,
     splicer: Option<&mut Splicer>,
-    memfd: &File,
-    memory: u64,
+    dst: &GuestMem,
     offsets: &[u64],
     data: &mut Vec<u8>,
 ) -> Result<u64> {
     let bytes = offsets.len() * PAGE_SIZE as usize;
-    match splicer {
-        Some(s) => {
-            let runs = page_runs(memory, offsets)?;
-            s.receive(r, memfd, &runs)
+    match (&dst.mapped, splicer) {
+        (Some(view), _) => {
+            for (off, len) in page_runs(dst.memory, offsets)? {
+                // A run that crosses from one mapping into the next goes by page.
+                let mut at = 0;
+                while at < len {
+                    let (o, n) = match view.bytes_mut(off + at as u64, len - at) {
+                        Some(run) => (run, len - at),
+                        None => (
+                            view.page_mut(off + at as u64).ok_or_else(|| {
+                                Error::Protocol(format!("page {off:#x} outside guest memory"))
+                            })?,
+                            PAGE_SIZE as usize,
+                        ),
+                    };
+                    r.read_exact(o).map_err(wire::WireError::from)?;
+                    at += n;
+                }
+            }
+        }
+        (None, Some(s)) => {
+            let runs = page_runs(dst.memory, offsets)?;
+            s.receive(r, &dst.memfd, &runs)
                 .map_err(|e| Error::Wire(wire::WireError::Io(e)))?;
         }
-        None => {
+        (None, None) => {
             data.resize(bytes, 0);
             r.read_exact(data).map_err(wire::WireError::from)?;
-            store_pages(memfd, memory, offsets, data)?;
+            store_pages(dst, offsets, data)?;
         }
     }
     Ok(bytes as u64)
@@ -441,8 +540,8 @@ pub(crate) fn splicer_for(r: &BufReader<Link>) -> Option<Splicer> {
 
 /// Applies an XBZRLE delta to the page at `off` (which holds what the source
 /// sent of it before).
-pub(crate) fn apply_delta(memfd: &File, memory: u64, off: u64, delta: &[u8]) -> Result<()> {
-    check_range(memory, off, 1)?;
+pub(crate) fn apply_delta(dst: &GuestMem, off: u64, delta: &[u8]) -> Result<()> {
+    check_range(dst.memory, off, 1)?;
     let runs = crate::xbzrle::runs(delta)
         .map_err(|e| Error::Protocol(format!("delta for page {off:#x}: {e}")))?;
     // A few changed runs (the common case: a counter or a header rewritten)
@@ -450,61 +549,89 @@ pub(crate) fn apply_delta(memfd: &File, memory: u64, off: u64, delta: &[u8]) -> 
     // costs two 4 KiB copies and a syscall more.
     if runs.len() <= 4 {
         for (pos, bytes) in runs {
-            memfd
-                .write_all_at(bytes, off + pos as u64)
-                .map_err(io_err("writing pages into guest memory"))?;
+            dst.write_at(bytes, off + pos as u64)?;
         }
         return Ok(());
     }
-    let mut page = [0u8; PAGE_SIZE as usize];
-    memfd
-        .read_exact_at(&mut page, off)
-        .map_err(io_err("reading a page to apply its delta"))?;
+    let mut page = dst.read_page(off)?;
     for (pos, bytes) in runs {
         page[pos..pos + bytes.len()].copy_from_slice(bytes);
     }
-    memfd
-        .write_all_at(&page, off)
-        .map_err(io_err("writing pages into guest memory"))
+    dst.write_at(&page, off)
 }
 
-/// Makes `n` pages at `off` zero by punching them out of the memfd.
-pub(crate) fn zero_pages(memfd: &File, memory: u64, off: u64, n: u64) -> Result<()> {
-    check_range(memory, off, n)?;
-    vmm::memory::punch_hole(memfd, off, n * PAGE_SIZE).map_err(io_err("zeroing pages"))
+/// Makes `n` pages at `off` zero by punching them out of the memfd (on huge
+/// pages, hugetlbfs zeroes the part of a huge page punched).
+pub(crate) fn zero_pages(dst: &GuestMem, off: u64, n: u64) -> Result<()> {
+    check_range(dst.memory, off, n)?;
+    vmm::memory::punch_hole(&dst.memfd, off, n * PAGE_SIZE).map_err(io_err("zeroing pages"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn pages_land_at_their_offsets_and_zero_ranges_clear_them() {
-        let ram = GuestRam::new(64 << 20).unwrap();
-        let memfd = ram.memfd();
+    /// Stores, zeroes and deltas on `ram`, read back through its mapping.
+    fn stores_zeroes_and_deltas(ram: &GuestRam) {
+        let dst = GuestMem::new(ram).unwrap();
         let mut data = vec![1u8; 4096];
         data.extend(vec![2u8; 4096]);
         data.extend(vec![3u8; 4096]);
-        store_pages(memfd, 64 << 20, &[0x1000, 0x2000, 0x9000], &data).unwrap();
+        store_pages(&dst, &[0x1000, 0x2000, 0x9000], &data).unwrap();
         let mut b = [0u8; 1];
         for (gpa, want) in [(0x1000, 1), (0x2fff, 2), (0x9000, 3), (0x3000, 0)] {
             ram.read(gpa, &mut b).unwrap();
             assert_eq!(b[0], want, "at {gpa:#x}");
         }
-        zero_pages(memfd, 64 << 20, 0x2000, 1).unwrap();
+        zero_pages(&dst, 0x2000, 1).unwrap();
         ram.read(0x2000, &mut b).unwrap();
         assert_eq!(b[0], 0);
         ram.read(0x1000, &mut b).unwrap();
         assert_eq!(b[0], 1);
-        assert!(store_pages(memfd, 64 << 20, &[64 << 20], &data[..4096]).is_err());
-        assert!(store_pages(memfd, 64 << 20, &[0x1001], &data[..4096]).is_err());
-        assert!(zero_pages(memfd, 64 << 20, 0, u64::MAX).is_err());
+        // A delta of two runs, and one of many (read, patched, written back).
+        let old = vec![3u8; 4096];
+        for step in [2048, 64] {
+            let mut new = old.clone();
+            for i in (0..4096).step_by(step) {
+                new[i] = 9;
+            }
+            let delta = crate::xbzrle::encode(&old, &new, 4096).unwrap();
+            store_pages(&dst, &[0x9000], &old).unwrap();
+            apply_delta(&dst, 0x9000, &delta).unwrap();
+            let mut page = vec![0u8; 4096];
+            ram.read(0x9000, &mut page).unwrap();
+            assert!(page == new, "delta of every {step}th byte");
+        }
+        let end = ram.size();
+        assert!(store_pages(&dst, &[end], &data[..4096]).is_err());
+        assert!(store_pages(&dst, &[0x1001], &data[..4096]).is_err());
+        assert!(zero_pages(&dst, 0, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn pages_land_at_their_offsets_and_zero_ranges_clear_them() {
+        stores_zeroes_and_deltas(&GuestRam::new(64 << 20).unwrap());
+    }
+
+    #[test]
+    fn memory_on_huge_pages_is_written_through_its_mapping() {
+        let ram = match GuestRam::with_huge_pages(16 << 20, true) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("skipped: no huge pages here ({e}); scripts/setup.sh reserves some");
+                return;
+            }
+        };
+        assert!(ram.is_huge());
+        let dst = GuestMem::new(&ram).unwrap();
+        assert!(dst.is_mapped(), "hugetlbfs has no write: the mapping it is");
+        stores_zeroes_and_deltas(&ram);
     }
 
     #[test]
     fn page_writer_stores_in_order_and_reports_bad_batches() {
         let ram = GuestRam::new(64 << 20).unwrap();
-        let mut w = PageWriter::new(ram.memfd(), 64 << 20).unwrap();
+        let mut w = PageWriter::new(&GuestMem::new(&ram).unwrap()).unwrap();
         // More batches than buffers: the same page written 10 times, last one wins.
         for i in 0..10u8 {
             let mut b = w.buffer().unwrap();

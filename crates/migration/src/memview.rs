@@ -24,7 +24,20 @@ impl MemView {
                 .map(|(r, p)| (r.file_offset, r.len, p as usize))
                 .collect(),
             size: ram.size(),
-            file: ram.memfd().try_clone().ok(),
+            // hugetlbfs has no `sendfile` and no holes to seek: such RAM
+            // is read through the mapping only.
+            file: (!ram.is_huge())
+                .then(|| ram.memfd().try_clone().ok())
+                .flatten(),
+        }
+    }
+
+    /// Another view of the same mappings (for another thread).
+    pub fn duplicate(&self) -> Self {
+        MemView {
+            ranges: self.ranges.clone(),
+            size: self.size,
+            file: self.file.as_ref().and_then(|f| f.try_clone().ok()),
         }
     }
 
@@ -91,6 +104,23 @@ impl MemView {
         }
         h.combine(&zeros(self.size - at));
         h.finalize()
+    }
+
+    /// `len` bytes at memfd `offset` (page-aligned), writable, where they lie
+    /// in one mapping (destination side, before the VM runs).
+    #[allow(clippy::mut_from_ref)]
+    pub fn bytes_mut(&self, offset: u64, len: usize) -> Option<&mut [u8]> {
+        if !offset.is_multiple_of(PAGE_SIZE) {
+            return None;
+        }
+        let end = offset.checked_add(len as u64)?;
+        let (o, _, p) = self
+            .ranges
+            .iter()
+            .find(|(o, l, _)| offset >= *o && end <= o + l)?;
+        // SAFETY: `len` bytes inside a live mapping; callers write only while
+        // no vCPU runs on these pages.
+        Some(unsafe { std::slice::from_raw_parts_mut((p + (offset - o) as usize) as *mut u8, len) })
     }
 
     /// The page at memfd `offset`, writable (destination side, before the VM runs).

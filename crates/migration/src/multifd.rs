@@ -16,7 +16,6 @@
 //! follows the barrier only once every stream has delivered its mark and every
 //! page before it is stored.
 
-use std::fs::File;
 use std::io::{BufReader, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
@@ -30,6 +29,7 @@ use vmm::GuestRam;
 use wire::{Message, KIND_CONTROL};
 
 use crate::doorman::{Arrival, Doorman};
+use crate::incoming::GuestMem;
 use crate::memview::MemView;
 use crate::precopy::{self, Job, Params, Sender, SEND_TIMEOUT};
 use crate::{io_err, Error, Result};
@@ -388,8 +388,7 @@ impl Streams {
         job: u64,
         count: u32,
         tls: Option<&TlsSetup>,
-        memfd: &File,
-        memory: u64,
+        dst: &GuestMem,
     ) -> Result<Streams> {
         if !(2..=MAX_STREAMS).contains(&count) {
             return Err(Error::Protocol(format!(
@@ -412,10 +411,7 @@ impl Streams {
             streams.links.push(s.try_clone().map_err(io_err("socket"))?);
             let reader = Reader {
                 index,
-                memfd: memfd
-                    .try_clone()
-                    .map_err(io_err("dup of the guest memfd"))?,
-                memory,
+                dst: dst.try_clone()?,
                 main: main.try_clone().map_err(io_err("socket"))?,
                 stopping: streams.stopping.clone(),
                 report: report.clone(),
@@ -489,8 +485,7 @@ impl Drop for Streams {
 /// The destination's reader of one extra stream.
 struct Reader {
     index: u32,
-    memfd: File,
-    memory: u64,
+    dst: GuestMem,
     main: Link,
     stopping: Arc<AtomicBool>,
     report: mpsc::Sender<Report>,
@@ -535,7 +530,7 @@ impl Reader {
                 r.read_exact(payload).map_err(wire::WireError::from)?;
                 data.resize(z.raw_len(), 0);
                 dctx.decompress(payload, &mut data)?;
-                crate::incoming::store_pages(&self.memfd, self.memory, &z.offsets, &data)?;
+                crate::incoming::store_pages(&self.dst, &z.offsets, &data)?;
                 mark.pages += z.offsets.len() as u64;
                 mark.bytes += payload.len() as u64;
                 continue;
@@ -545,8 +540,7 @@ impl Reader {
                 mark.bytes += crate::incoming::receive_pages(
                     r,
                     splicer.as_mut(),
-                    &self.memfd,
-                    self.memory,
+                    &self.dst,
                     &offsets,
                     &mut data,
                 )?;
@@ -556,13 +550,13 @@ impl Reader {
             match wire::read_control_body(r, h.body_len)? {
                 Message::Zero { ranges } => {
                     for (off, n) in ranges {
-                        crate::incoming::zero_pages(&self.memfd, self.memory, off, n)?;
+                        crate::incoming::zero_pages(&self.dst, off, n)?;
                     }
                 }
                 Message::Delta { pages } => {
                     mark.pages += pages.len() as u64;
                     for (off, delta) in pages {
-                        crate::incoming::apply_delta(&self.memfd, self.memory, off, &delta)?;
+                        crate::incoming::apply_delta(&self.dst, off, &delta)?;
                     }
                 }
                 Message::StreamMark { seq } if seq == mark.seq => {
@@ -683,8 +677,15 @@ mod barrier_tests {
             }
             (ends, _main_src)
         });
-        let streams =
-            Streams::open(&main_dst, port, 7, count, None, ram.memfd(), 64 << 20).unwrap();
+        let streams = Streams::open(
+            &main_dst,
+            port,
+            7,
+            count,
+            None,
+            &GuestMem::new(&ram).unwrap(),
+        )
+        .unwrap();
         let (ends, main_src) = acceptor.join().unwrap();
         std::mem::forget(main_src); // keep the main connection up
         (main_dst, ends, streams, ram)
@@ -773,7 +774,7 @@ mod barrier_tests {
         let main = Link::plain(TcpStream::connect(("127.0.0.1", port)).unwrap());
         let ram = GuestRam::new(64 << 20).unwrap();
         for n in [0, 1, 17] {
-            let e = Streams::open(&main, port, 7, n, None, ram.memfd(), 64 << 20)
+            let e = Streams::open(&main, port, 7, n, None, &GuestMem::new(&ram).unwrap())
                 .err()
                 .unwrap()
                 .to_string();

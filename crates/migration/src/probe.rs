@@ -175,10 +175,11 @@ pub fn serve(stream: &mut Link) -> Result<()> {
     scratch
         .set_len(PROBE_MEMORY)
         .map_err(io_err("sizing a probe's memory"))?;
+    let scratch = crate::incoming::GuestMem::file(scratch, PROBE_MEMORY);
     loop {
         match wire::read_frame(stream)? {
             wire::Frame::Pages { offsets, data } => {
-                crate::incoming::store_pages(&scratch, PROBE_MEMORY, &offsets, &data)?
+                crate::incoming::store_pages(&scratch, &offsets, &data)?
             }
             wire::Frame::Control(Message::Go) => {
                 wire::write_control(stream, &Message::Confirm { resume_us: 0 })?;

@@ -1,12 +1,19 @@
 //! Guest RAM: one memfd mapped as KVM memory slots, with the x86 memory map.
 //!
 //! RAM is a single memfd so that another process (a restored VM, a helper) can map
-//! the same pages and userfaultfd can be registered on it. Guest physical layout:
+//! the same pages and userfaultfd can be registered on it. With huge pages on
+//! ([`set_huge_pages`]) the memfd is on hugetlbfs: 2 MiB pages from the host's
+//! reserved pool (`vm.nr_hugepages`), all reserved when the RAM is made, so
+//! that a short pool fails then, with a message, instead of a fault later.
+//! hugetlbfs has no `write` and no `sendfile`: such RAM is written and sent
+//! through its mapping, and userfaultfd would need 2 MiB pages (post-copy and
+//! lazy restore refuse it). Guest physical layout:
 //! `[0, min(size, 3 GiB))` and, above 3 GiB of RAM, `[4 GiB, 4 GiB + rest)`,
 //! leaving the 32-bit MMIO hole (LAPIC, IOAPIC) free.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -22,6 +29,22 @@ pub const MMIO_HOLE_END: u64 = 4 << 30;
 pub const MIN_MEMORY: u64 = 16 << 20;
 /// Largest guest we accept at all (a sanity bound well above any host here).
 pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// Size of a huge page (x86-64's 2 MiB, the hugetlbfs default).
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+/// Whether RAM made in this process goes on huge pages (`migd run --hugepages`).
+static HUGE_PAGES: AtomicBool = AtomicBool::new(false);
+
+/// Puts RAM made from now on in this process on huge pages, or not.
+pub fn set_huge_pages(on: bool) {
+    HUGE_PAGES.store(on, Ordering::Relaxed);
+}
+
+/// Whether RAM made now goes on huge pages.
+pub fn huge_pages() -> bool {
+    HUGE_PAGES.load(Ordering::Relaxed)
+}
 
 /// One contiguous piece of guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,21 +123,43 @@ pub struct GuestRam {
     size: u64,
     ranges: Vec<RamRange>,
     mem: GuestMemoryMmap,
+    huge: bool,
 }
 
 impl GuestRam {
-    /// Creates zeroed RAM of `size` bytes in a new memfd.
+    /// Creates zeroed RAM of `size` bytes in a new memfd (on huge pages where
+    /// [`huge_pages`] says so).
     pub fn new(size: u64) -> Result<Self> {
+        Self::with_huge_pages(size, huge_pages())
+    }
+
+    /// Creates zeroed RAM of `size` bytes in a new memfd, on huge pages or not.
+    pub fn with_huge_pages(size: u64, huge: bool) -> Result<Self> {
+        use nix::sys::memfd::MemFdCreateFlag as F;
         check_memory_size(size)?;
-        let fd = nix::sys::memfd::memfd_create(
-            c"migd-guest-ram",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-        )
-        .map_err(|e| Error::GuestMemory(format!("memfd_create: {e}")))?;
+        let flags = if huge {
+            F::MFD_CLOEXEC | F::MFD_HUGETLB
+        } else {
+            F::MFD_CLOEXEC
+        };
+        let fd = nix::sys::memfd::memfd_create(c"migd-guest-ram", flags).map_err(|e| {
+            Error::GuestMemory(format!(
+                "memfd_create{}: {e}",
+                if huge { " on huge pages" } else { "" }
+            ))
+        })?;
         let file = File::from(fd);
         file.set_len(size)
             .map_err(|e| Error::GuestMemory(format!("sizing memfd to {size} bytes: {e}")))?;
+        if huge {
+            reserve_huge_pages(&file, size)?;
+        }
         Self::map(file, size)
+    }
+
+    /// Whether this RAM is on huge pages (hugetlbfs).
+    pub fn is_huge(&self) -> bool {
+        self.huge
     }
 
     /// Maps existing RAM handed over by another process.
@@ -148,6 +193,7 @@ impl GuestRam {
         let mem = GuestMemoryMmap::from_ranges_with_files(regions)
             .map_err(|e| Error::GuestMemory(format!("mmap: {e}")))?;
         Ok(GuestRam {
+            huge: is_hugetlbfs(&file),
             memfd: file,
             size,
             ranges,
@@ -239,6 +285,65 @@ impl GuestRam {
     pub fn data_extents(&self) -> Result<Vec<(u64, u64)>> {
         Ok(data_extents_of(self.memfd.as_raw_fd(), self.size))
     }
+}
+
+/// Reserves every huge page of the hugetlbfs memfd `file` (`size` bytes) in
+/// the host's pool. vm-memory maps with `MAP_NORESERVE`, under which a page
+/// the pool cannot give is a SIGBUS when the guest first touches it; a
+/// shared mapping without it reserves the file's pages for as long as the
+/// file lives (unmapping keeps the reservation), or fails now.
+fn reserve_huge_pages(file: &File, size: u64) -> Result<()> {
+    let len = usize::try_from(size).map_err(|_| Error::MemorySize {
+        size,
+        reason: "larger than this host's address space".into(),
+    })?;
+    // SAFETY: a new shared mapping of our own file, unmapped right after; no
+    // memory is touched through it.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::GuestMemory(format!(
+            "cannot reserve {} MiB of huge pages: {e} ({}; raise vm.nr_hugepages)",
+            size >> 20,
+            huge_pool_summary()
+        )));
+    }
+    // SAFETY: the mapping made above, of `len` bytes.
+    unsafe { libc::munmap(p, len) };
+    Ok(())
+}
+
+/// The host's huge page pool from /proc/meminfo, for messages.
+fn huge_pool_summary() -> String {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("?")
+            .to_string()
+    };
+    format!(
+        "pool: {} huge pages, {} free, {} reserved",
+        field("HugePages_Total:"),
+        field("HugePages_Free:"),
+        field("HugePages_Rsvd:")
+    )
+}
+
+/// Whether `file` lives on hugetlbfs.
+fn is_hugetlbfs(file: &File) -> bool {
+    nix::sys::statfs::fstatfs(file)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::HUGETLBFS_MAGIC)
 }
 
 /// Makes `len` bytes at `off` of the memfd `file` zero by punching them out

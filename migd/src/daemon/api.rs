@@ -733,6 +733,9 @@ async fn spawn_vm(
         format!("--postcopy-nice={}", d.cfg.postcopy_nice),
         format!("--dirty-ring={}", d.cfg.dirty_ring),
     ]);
+    if d.cfg.hugepages {
+        args.push("--hugepages".into());
+    }
     if let Some(t) = &d.tls {
         // The VM process opens migration connections of its own (fault
         // channel, recovery) and needs the same credentials.

@@ -31,6 +31,8 @@ pub struct Config {
     pub postcopy_nice: i32,
     /// Dirty-ring entries per vCPU in VM processes (0: the bitmap log).
     pub dirty_ring: u32,
+    /// VM processes keep guest memory on huge pages.
+    pub hugepages: bool,
 }
 
 impl Config {
@@ -69,6 +71,7 @@ impl Config {
                 .or(file.postcopy_nice)
                 .unwrap_or(config_file::DEFAULT_POSTCOPY_NICE),
             dirty_ring: args.dirty_ring.or(file.dirty_ring).unwrap_or(0),
+            hugepages: args.hugepages || file.hugepages.unwrap_or(false),
             tls: migd::tls_args::TlsArgs {
                 tls_ca: args.tls.tls_ca.clone().or(file.tls_ca),
                 tls_cert: args.tls.tls_cert.clone().or(file.tls_cert),

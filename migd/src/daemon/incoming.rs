@@ -94,6 +94,9 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
         format!("--postcopy-nice={}", d.cfg.postcopy_nice),
         format!("--dirty-ring={}", d.cfg.dirty_ring),
     ];
+    if d.cfg.hugepages {
+        args.push("--hugepages".into());
+    }
     if let Some(t) = &d.tls {
         args.extend(migd::tls_args::TlsArgs::to_args(&t.files));
     }
@@ -247,7 +250,8 @@ fn handshake(d: &Daemon, mut stream: Link, peer: SocketAddr) -> Result<Option<(L
     let cpu = match vmm::cpuid::host_supported() {
         Ok(host) => handshake::cpu_incompatibility(&hello.vm, &host),
         Err(e) => Some(format!("this host cannot run VMs: {e}")),
-    };
+    }
+    .or_else(|| handshake::huge_pages_refusal(d.cfg.hugepages, &hello.mode));
     if let Some(reason) = cpu {
         tracing::warn!(vm = %hello.name, "refusing: {reason}");
         let _ = handshake::refuse(&mut stream, &reason);

@@ -794,6 +794,7 @@ mod tests {
                 max_bandwidth: None,
                 postcopy_nice: 0,
                 dirty_ring: 0,
+                hugepages: false,
             },
             exe: "/bin/false".into(),
             reg: Mutex::new(reg),

@@ -63,6 +63,13 @@ pub struct DaemonArgs {
     /// the host.
     #[arg(long, value_name = "N")]
     pub dirty_ring: Option<u32>,
+    /// Keep the VMs' memory on huge pages (2 MiB, from the host's pool,
+    /// `vm.nr_hugepages`, which must hold every VM's memory): no page fault
+    /// per 4 KiB page, so an arriving VM's pages are stored faster. Incoming
+    /// migrations are then pre-copy only (post-copy, hybrid and auto are
+    /// refused, naming this), and lazy restore is refused.
+    #[arg(long)]
+    pub hugepages: bool,
 }
 
 /// VMs and jobs known to this daemon.

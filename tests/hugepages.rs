@@ -1,0 +1,166 @@
+//! Guest memory on huge pages (`migd run --hugepages`, the daemon's
+//! `hugepages`): a VM moves by pre-copy onto huge pages, off them and onto
+//! them again (XBZRLE deltas, then two page streams), with memory digests
+//! compared and the guest checking itself throughout; post-copy, hybrid
+//! and auto to such a host, lazy restore onto it, and a pool too small for
+//! the guest are refused, naming the cause, and the source VM runs on.
+//!
+//! The pool (`vm.nr_hugepages`) must have 64 free huge pages (128 MiB):
+//! `scripts/setup.sh` reserves them (`scripts/hugepages.sh`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const HUGE: &str = "--hugepages";
+
+/// Free huge pages in the host's pool.
+fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("HugePages_Free:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A destination for a 128 MiB, 1-vCPU guest, and its address.
+fn destination(
+    dir: &std::path::Path,
+    tag: &str,
+    console: &Console,
+    huge: bool,
+) -> (VmProcess, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec!["--incoming", &addr, "--memory", "128M", "--cpus", "1"];
+    if huge {
+        args.push(HUGE);
+    }
+    (VmProcess::start(dir, tag, console, &args), addr)
+}
+
+#[test]
+fn a_vm_moves_onto_huge_pages_and_back_by_pre_copy() {
+    if !kvm_or_skip("a_vm_moves_onto_huge_pages_and_back_by_pre_copy") {
+        return;
+    }
+    if free_huge_pages() < 64 {
+        eprintln!(
+            "skipped: {} free huge pages, 64 needed (scripts/hugepages.sh 128)",
+            free_huge_pages()
+        );
+        return;
+    }
+    let dir = scratch("hugepages");
+    // 64 MiB rewritten at 32 MiB/s: under the cap below, round 0 takes about
+    // a second, and the pages rewritten meanwhile go again as deltas.
+    let mut src = VmProcess::boot_with(&dir, "src", "workload=dirty:64:32", "128M", 1, &[]);
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    console.wait_heartbeats(0, 2, Duration::from_secs(30));
+    let hops = [
+        (
+            true,
+            json!({"xbzrle_cache": 128 << 20, "max_bandwidth": 64 << 20}),
+        ),
+        (false, json!({})),
+        (true, json!({"streams": 2})),
+    ];
+    for (hop, (huge, extra)) in hops.into_iter().enumerate() {
+        let (dst, addr) = destination(&dir, &format!("hop{hop}"), &console, huge);
+        let before = console.last_heartbeat().unwrap_or(0);
+        let mut req = json!({
+            "cmd": "migrate", "to": addr, "name": "vm1", "mode": "precopy",
+            "verify": true, "job": format!("hop{hop}"),
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        let r = src.request(req);
+        assert_eq!(r["ok"], true, "{r}");
+        let stats = src.wait_migration();
+        assert_eq!(stats["status"], "completed", "hop {hop}: {stats}");
+        assert_eq!(stats["verified"], true, "hop {hop}: {stats}");
+        if hop == 0 {
+            assert!(
+                stats["xbzrle"]["pages"].as_u64().unwrap() > 0,
+                "deltas were stored through the mapping: {stats}"
+            );
+        }
+        if hop == 2 {
+            assert_eq!(stats["streams"], 2, "{stats}");
+        }
+        let status = dst.request(json!({"cmd": "status"}));
+        assert_eq!(status["ok"], true, "{status}");
+        src.request(json!({"cmd": "stop"}));
+        assert_eq!(src.wait(Duration::from_secs(20)), 0);
+        console.wait_heartbeats(before, 3, Duration::from_secs(30));
+        console.assert_clean();
+        src = dst;
+    }
+    src.request(json!({"cmd": "stop"}));
+    assert_eq!(src.wait(Duration::from_secs(20)), 0);
+}
+
+#[test]
+fn post_copy_and_lazy_restore_onto_huge_pages_are_refused() {
+    if !kvm_or_skip("post_copy_and_lazy_restore_onto_huge_pages_are_refused") {
+        return;
+    }
+    let dir = scratch("hugepages-refused");
+    let mut src = VmProcess::boot_with(&dir, "src", "workload=dirty:16:8", "128M", 1, &[]);
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    for mode in ["postcopy", "hybrid", "auto"] {
+        // Refused at the handshake: the destination makes no memory at all.
+        let (mut dst, addr) = destination(&dir, &format!("to-{mode}"), &console, true);
+        let r = src.request(json!({"cmd": "migrate", "to": addr, "name": "vm1", "mode": mode}));
+        assert_eq!(r["ok"], true, "{r}");
+        let stats = src.wait_migration();
+        assert_eq!(stats["status"], "failed", "{mode}: {stats}");
+        let e = stats["error"].as_str().unwrap_or_default();
+        assert!(
+            e.contains("huge pages") && e.contains("--mode precopy"),
+            "{mode}: {e}"
+        );
+        assert_ne!(dst.wait(Duration::from_secs(20)), 0, "{mode}");
+        let before = console.last_heartbeat().unwrap_or(0);
+        console.wait_heartbeats(before, 2, Duration::from_secs(30));
+    }
+    src.request(json!({"cmd": "stop"}));
+    assert_eq!(src.wait(Duration::from_secs(20)), 0);
+    console.assert_clean();
+    let (code, err) = migd_output(&["run", "--restore", "/nonexistent", "--lazy", HUGE]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("--lazy") && err.contains("huge pages"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_pool_too_small_for_the_guest_is_named() {
+    if !kvm_or_skip("a_pool_too_small_for_the_guest_is_named") {
+        return;
+    }
+    // More than the pool has free, whatever it holds: refused before boot.
+    let mib = (free_huge_pages() * 2 + 64).to_string() + "M";
+    let elf = guest_elf();
+    let (code, err) = migd_output(&[
+        "run",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--memory",
+        &mib,
+        HUGE,
+    ]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("cannot reserve") && err.contains("vm.nr_hugepages"),
+        "{err}"
+    );
+}
