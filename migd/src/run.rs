@@ -1264,9 +1264,18 @@ fn handle_control(
             (Some(p), Ok(boot)) => {
                 let was_running = vm.is_running();
                 let stop = req.get("stop").and_then(|s| s.as_bool()).unwrap_or(false);
-                let background = !stop
-                    && was_running
-                    && req.get("background").and_then(|b| b.as_bool()) != Some(false);
+                // Memory on huge pages cannot be write-protected 4 KiB at a
+                // time: it is saved in the pause, unless asked otherwise.
+                let asked = req.get("background").and_then(|b| b.as_bool());
+                if asked == Some(true) && vm.ram().is_huge() {
+                    let _ = handover::send_line(
+                        &mut stream,
+                        &json!({"ok": false, "error": "a background save write-protects memory 4 KiB at a time, which huge pages do not take: save with background false (the VM pauses for the save)"}),
+                    );
+                    return None;
+                }
+                let background =
+                    !stop && was_running && !vm.ram().is_huge() && asked != Some(false);
                 // The daemon's record says how the VM boots; else what this
                 // process knows.
                 let boot = boot
