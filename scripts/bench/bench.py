@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """migd benchmarks (not tests): prints markdown tables of medians (min-max).
 
-  scripts/bench/bench.py [vm|migrate|features|multifd|estimate|predict|save|dirty-ring|all] [--runs N] [--json FILE]
+  scripts/bench/bench.py [vm|migrate|features|multifd|estimate|predict|hugepages|save|dirty-ring|all] [--runs N] [--json FILE]
 
 vm:      boot to WORKLOAD READY; pause -> capture -> restore in a new process
          (handover, memory shared through the memfd); snapshot to file and
@@ -25,6 +25,11 @@ predict: the cost model before and after, two daemons over loopback:
          the model fed with what that migration measured (`model`); both
          beside the measured downtime and total, per mode, 1 GiB guests,
          1 vCPU (not in `all`).
+hugepages: the destination's memory on 4 KiB shmem pages (the default)
+         against huge pages (`--hugepages`), alternating run by run: the
+         paused-source case (768 MiB) and 256 MiB flat out, 1 GiB guests;
+         round-0 throughput against loopback TCP. Grows and touches the
+         huge page pool first (scripts/hugepages.sh 1200, root; not in `all`).
 limits:  memcpy, zero-scan and loopback TCP, measured in the same run.
 """
 import json, os, re, signal, socket, statistics, subprocess, sys, tempfile, time
@@ -213,10 +218,11 @@ def machine_busy():
     return sum(v) - idle, sum(v)
 
 
-def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=False, path=None, flags=()):
+def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=False, path=None, flags=(),
+                 dst_flags=()):
     """One migration between two `migd run` processes; `path` (paths.Path):
     where each side runs and the destination's address (default loopback);
-    `flags`: more flags for both `migd run`s."""
+    `flags`: more flags for both `migd run`s, `dst_flags` for the destination's."""
     src_prefix, dst_prefix = (path.prefix("src"), path.prefix("dst")) if path else ((), ())
     dst_ip = path.dst_ip if path else "127.0.0.1"
     src = boot(d, tag + "s", mem, cpus, workload,
@@ -229,7 +235,8 @@ def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=Fa
         request(src.sock, {"cmd": "pause"})
     port = free_port()
     dst = Vm(d, tag + "d", ["--incoming", f"{dst_ip}:{port}", "--memory", mem, "--cpus", str(cpus)]
-             + (tls_flags(d, "host-b", "host-a") if tls else []) + list(flags), console=src.console,
+             + (tls_flags(d, "host-b", "host-a") if tls else []) + list(flags) + list(dst_flags),
+             console=src.console,
              prefix=dst_prefix)
     wait_path(dst.sock)
     req = {"cmd": "migrate", "to": f"{dst_ip}:{port}", "name": tag}
@@ -314,6 +321,43 @@ def bench_migrate(runs, lim):
                 "stop_reason": ok[0]["stop_reason"] if ok else "",
                 "errors": "; ".join(sorted({r.get("error") or "" for r in res if r["status"] != "completed"})),
             })
+    return rows
+
+
+def round0_rate(r):
+    """Round-0 page payload per second at the destination (None for rounds
+    under 64 MiB, which say nothing about throughput)."""
+    pages, ms = r.get("dest_round0") or (0, 0)
+    return pages * 4096 / (ms / 1e3) if pages * 4096 >= 64 << 20 and ms > 0 else None
+
+
+def bench_hugepages(runs, lim):
+    subprocess.run([os.path.join(ROOT, "scripts", "hugepages.sh"), "1200"], check=True)
+    tcp_bytes = lim["loopback_tcp_gbit_per_s"] * 1e9 / 8
+    cases = [("dirty:768:0", True), ("dirty:256:0", False)]
+    res = {(wl, huge): [] for wl, _ in cases for huge in (False, True)}
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(runs):
+            for wl, paused in cases:
+                # Alternate which goes first, so that neither always meets the host's drifts first.
+                for huge in ((False, True) if i % 2 == 0 else (True, False)):
+                    res[(wl, huge)].append(migrate_once(
+                        d, f"h{i}{huge:d}{paused:d}", "1G", wl, {"mode": "precopy"}, cpus=1, paused=paused,
+                        dst_flags=["--hugepages"] if huge else []))
+    rows = []
+    for (wl, huge), rs in res.items():
+        ok = [r for r in rs if r["status"] == "completed"]
+        r0 = [x for x in map(round0_rate, ok) if x]
+        rows.append({
+            "case": f"precopy 1G {wl}{' (paused)' if wl == 'dirty:768:0' else ''}",
+            "destination memory": "huge pages" if huge else "4 KiB shmem",
+            "completed": f"{len(ok)}/{len(rs)}",
+            "total_ms": med([r["total_ms"] for r in ok]),
+            "downtime_ms": med([r["downtime_ms"] for r in ok]),
+            "round0_GB/s": med([x / 1e9 for x in r0]) if r0 else "n/a",
+            "round0_vs_tcp": med([x / tcp_bytes for x in r0]) if r0 else "n/a",
+            "errors": "; ".join(sorted({r.get("error") or "" for r in rs if r["status"] != "completed"})),
+        })
     return rows
 
 
@@ -636,6 +680,11 @@ def main():
         rows = bench_estimate(runs)
         out["estimate"] = rows
         print(f"## Downtime predicted and measured, veth at 1 Gbit/s (median (min-max) of {runs})\n")
+        print_table(rows)
+    if what == "hugepages":
+        rows = bench_hugepages(runs, lim)
+        out["hugepages"] = rows
+        print(f"## Destination memory: 4 KiB shmem pages or huge pages (median (min-max) of {runs})\n")
         print_table(rows)
     if what == "predict":
         rows = bench_predict(runs)
