@@ -3,7 +3,7 @@
 #   - libclang-dev (bindgen, for the userfaultfd crate), iproute2 (network namespaces in tests),
 #     openssl (scripts/make-certs.sh: TLS certificates for tests and small fleets)
 #   - checks the Rust toolchain and /dev/kvm
-#   - as root: a pool of 128 MiB of huge pages (scripts/hugepages.sh), for tests/hugepages.rs
+#   - as root: a pool of 256 MiB of huge pages (scripts/hugepages.sh), for tests/hugepages.rs
 # Usage: scripts/setup.sh [--quiet]
 set -euo pipefail
 quiet=${1:-}
@@ -30,9 +30,9 @@ if [ ! -c /dev/kvm ]; then
 elif [ ! -w /dev/kvm ]; then
   say "warning: /dev/kvm is not writable by $(id -un)"
 fi
-# Guest memory on huge pages (tests/hugepages.rs needs 64 free 2 MiB pages).
+# Guest memory on huge pages (tests/hugepages.rs: two tests of 64 free 2 MiB pages each, which may run at once).
 if [ "$(id -u)" -eq 0 ]; then
-  say "$("$(dirname "$0")/hugepages.sh" 128)"
+  say "$("$(dirname "$0")/hugepages.sh" 256)"
 else
   say "note: not root, the huge page pool is left as it is (tests/hugepages.rs may skip)"
 fi

@@ -2,13 +2,14 @@
 //! `hugepages`): a VM moves by pre-copy onto huge pages, off them and onto
 //! them again (XBZRLE deltas, then two page streams), with memory digests
 //! compared and the guest checking itself throughout, then is saved (in the
-//! pause: a background save is refused) and restored onto huge pages;
-//! post-copy, hybrid
-//! and auto to such a host, lazy restore onto it, and a pool too small for
-//! the guest are refused, naming the cause, and the source VM runs on.
+//! pause: a background save is refused) and restored onto huge pages. A
+//! daemon on huge pages takes a VM by pre-copy. Post-copy, hybrid and auto
+//! to such a host, lazy restore onto it, and a pool too small for the guest
+//! are refused, naming the cause, and the source VM runs on.
 //!
-//! The pool (`vm.nr_hugepages`) must have 64 free huge pages (128 MiB):
-//! `scripts/setup.sh` reserves them (`scripts/hugepages.sh`).
+//! Two of these tests take 64 huge pages (128 MiB) each from the pool
+//! (`vm.nr_hugepages`), and may run at once: `scripts/setup.sh` reserves
+//! 256 MiB (`scripts/hugepages.sh`).
 
 mod common;
 
@@ -166,6 +167,43 @@ fn post_copy_and_lazy_restore_onto_huge_pages_are_refused() {
         err.contains("--lazy") && err.contains("huge pages"),
         "{err}"
     );
+}
+
+#[test]
+fn a_daemon_on_huge_pages_takes_pre_copy_and_refuses_post_copy() {
+    if !kvm_or_skip("a_daemon_on_huge_pages_takes_pre_copy_and_refuses_post_copy") {
+        return;
+    }
+    if free_huge_pages() < 64 {
+        eprintln!("skipped: {} free huge pages, 64 needed", free_huge_pages());
+        return;
+    }
+    use common::daemon::{Daemon, Reaper};
+    let dir = scratch("hugepages-daemon");
+    let a = Daemon::start(&dir, "a");
+    let b = Daemon::start_flags(&dir, "b", free_port(), &["--insecure", HUGE]);
+    let _ra = Reaper(a.state.clone());
+    let _rb = Reaper(b.state.clone());
+    let console = a.create_guest("h1", "workload=dirty:16:8", "128M", 1);
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let to = format!("127.0.0.1:{}", b.port);
+    // The daemon refuses at the handshake: nothing is made there, and the
+    // VM runs on here.
+    let e = a.fails(&["migrate", "h1", "--to", &to, "--mode", "postcopy"]);
+    assert!(
+        e.contains("huge pages") && e.contains("--mode precopy"),
+        "{e}"
+    );
+    assert_eq!(b.ok(&["list", "--json"]).trim(), "[]");
+    a.wait_state("h1", "running", Duration::from_secs(10));
+    let n = console.wait_heartbeats(0, 1, Duration::from_secs(20));
+    let out = a.ok(&["migrate", "h1", "--to", &to]);
+    assert!(out.contains("completed"), "{out}");
+    b.wait_state("h1", "running", Duration::from_secs(10));
+    let moved = Console(b.vm_dir("h1").join("console.log"));
+    moved.wait_heartbeats(n, 2, Duration::from_secs(30));
+    moved.assert_clean();
+    b.ok(&["destroy", "h1"]);
 }
 
 #[test]

@@ -638,6 +638,21 @@ def main():
     runs = 3
     if "--runs" in sys.argv:
         runs = int(sys.argv[sys.argv.index("--runs") + 1])
+    # (subcommand, in `all`, table title, what measures it; `lim` is set below)
+    sections = [
+        ("migrate", True, "Pre-copy over loopback", lambda: bench_migrate(runs, lim)),
+        ("features", True, "compress and reorder under a bandwidth cap", lambda: bench_features(runs)),
+        ("multifd", False, "Multifd: paused source, 768 MiB written", lambda: bench_multifd(runs, lim)),
+        ("dirty-ring", False, "Dirty tracking: bitmap log and dirty ring", lambda: bench_dirty_ring(runs)),
+        ("save", False, "Checkpoints: written in the background or in the pause", lambda: bench_save(runs)),
+        ("estimate", False, "Downtime predicted and measured, veth at 1 Gbit/s", lambda: bench_estimate(runs)),
+        ("hugepages", False, "Destination memory: 4 KiB shmem pages or huge pages",
+         lambda: bench_hugepages(runs, lim)),
+        ("predict", False, "The cost model: estimated before, checked after, measured",
+         lambda: bench_predict(runs)),
+    ]
+    if what not in ("vm", "all", *(name for name, *_ in sections)):
+        sys.exit(f"bench.py: unknown benchmark '{what}' (see the usage at the top of {__file__})")
     build()
     lim = limits()
     out = {"limits": lim}
@@ -651,46 +666,12 @@ def main():
         for r in rows:
             print(f"| {r[0]} | {r[1]} | {r[2]} |")
         print()
-    if what in ("migrate", "all"):
-        rows = bench_migrate(runs, lim)
-        out["migrate"] = rows
-        print(f"## Pre-copy over loopback (median (min-max) of {runs})\n")
-        print_table(rows)
-    if what in ("features", "all"):
-        rows = bench_features(runs)
-        out["features"] = rows
-        print(f"## compress and reorder under a bandwidth cap (median (min-max) of {runs})\n")
-        print_table(rows)
-    if what == "multifd":
-        rows = bench_multifd(runs, lim)
-        out["multifd"] = rows
-        print(f"## Multifd: paused source, 768 MiB written (median (min-max) of {runs})\n")
-        print_table(rows)
-    if what == "dirty-ring":
-        rows = bench_dirty_ring(runs)
-        out["dirty_ring"] = rows
-        print(f"## Dirty tracking: bitmap log and dirty ring (median (min-max) of {runs})\n")
-        print_table(rows)
-    if what == "save":
-        rows = bench_save(runs)
-        out["save"] = rows
-        print(f"## Checkpoints: written in the background or in the pause (median (min-max) of {runs})\n")
-        print_table(rows)
-    if what == "estimate":
-        rows = bench_estimate(runs)
-        out["estimate"] = rows
-        print(f"## Downtime predicted and measured, veth at 1 Gbit/s (median (min-max) of {runs})\n")
-        print_table(rows)
-    if what == "hugepages":
-        rows = bench_hugepages(runs, lim)
-        out["hugepages"] = rows
-        print(f"## Destination memory: 4 KiB shmem pages or huge pages (median (min-max) of {runs})\n")
-        print_table(rows)
-    if what == "predict":
-        rows = bench_predict(runs)
-        out["predict"] = rows
-        print(f"## The cost model: estimated before, checked after, measured (median (min-max) of {runs})\n")
-        print_table(rows)
+    for name, in_all, title, measure in sections:
+        if what == name or (in_all and what == "all"):
+            rows = measure()
+            out[name.replace("-", "_")] = rows
+            print(f"## {title} (median (min-max) of {runs})\n")
+            print_table(rows)
     if "--json" in sys.argv:
         with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
             json.dump(out, f, indent=1)
