@@ -30,9 +30,6 @@ pub const MIN_MEMORY: u64 = 16 << 20;
 /// Largest guest we accept at all (a sanity bound well above any host here).
 pub const MAX_MEMORY: u64 = 1 << 40;
 
-/// Size of a huge page (x86-64's 2 MiB, the hugetlbfs default).
-pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
-
 /// Whether RAM made in this process goes on huge pages (`migd run --hugepages`).
 static HUGE_PAGES: AtomicBool = AtomicBool::new(false);
 
@@ -109,12 +106,15 @@ pub fn check_memory_size(size: u64) -> Result<()> {
 /// MemAvailable + SwapFree from /proc/meminfo, in bytes.
 fn host_available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let field = |name: &str| -> Option<u64> {
-        let line = text.lines().find(|l| l.starts_with(name))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
-    };
-    Some(field("MemAvailable:")? + field("SwapFree:").unwrap_or(0))
+    let kib = |name| meminfo_field(&text, name);
+    Some((kib("MemAvailable:")? + kib("SwapFree:").unwrap_or(0)) * 1024)
+}
+
+/// The number on the line of /proc/meminfo's `text` that starts with `name`
+/// (KiB for sizes, a count for huge pages).
+fn meminfo_field(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Guest RAM backed by a memfd.
@@ -325,13 +325,7 @@ fn reserve_huge_pages(file: &File, size: u64) -> Result<()> {
 /// The host's huge page pool from /proc/meminfo, for messages.
 fn huge_pool_summary() -> String {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap_or("?")
-            .to_string()
-    };
+    let field = |name| meminfo_field(&text, name).map_or("?".into(), |n| n.to_string());
     format!(
         "pool: {} huge pages, {} free, {} reserved",
         field("HugePages_Total:"),
@@ -422,6 +416,33 @@ pub fn is_zero_page(page: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ram_on_huge_pages_is_reserved_whole_or_refused_naming_the_pool() {
+        let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let free = meminfo_field(&text, "HugePages_Free:").unwrap_or(0);
+        // One huge page more than the pool has free: refused when made.
+        let too_big = (free + 1).max(8) * (2 << 20);
+        let e = GuestRam::with_huge_pages(too_big, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("cannot reserve") && e.contains("vm.nr_hugepages") && e.contains("free"),
+            "{e}"
+        );
+        if free < 8 {
+            eprintln!("skipped the rest: {free} free huge pages, 8 needed");
+            return;
+        }
+        let ram = GuestRam::with_huge_pages(16 << 20, true).unwrap();
+        assert!(ram.is_huge());
+        ram.write(0x20_0000, b"huge").unwrap();
+        let mut b = [0u8; 4];
+        ram.read(0x20_0000, &mut b).unwrap();
+        assert_eq!(&b, b"huge");
+        assert!(!GuestRam::new(16 << 20).unwrap().is_huge());
+    }
 
     #[test]
     fn used_bytes_counts_the_pages_that_exist() {
