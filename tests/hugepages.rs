@@ -200,6 +200,8 @@ fn a_daemon_on_huge_pages_takes_pre_copy_and_refuses_post_copy() {
     let out = a.ok(&["migrate", "h1", "--to", &to]);
     assert!(out.contains("completed"), "{out}");
     b.wait_state("h1", "running", Duration::from_secs(10));
+    let info = b.ok(&["info", "h1"]);
+    assert!(info.contains("huge pages (2 MiB)"), "{info}");
     let moved = Console(b.vm_dir("h1").join("console.log"));
     moved.wait_heartbeats(n, 2, Duration::from_secs(30));
     moved.assert_clean();

@@ -1237,6 +1237,7 @@ fn handle_control(
             "migrating": mig.running,
             "memory": vm.config().memory,
             "memory_used": vm.ram().used_bytes().ok(),
+            "huge_pages": vm.ram().is_huge(),
             "vcpus": vm.config().vcpus,
             "pid": std::process::id(),
             // A lazy restore still filling memory from its snapshot file.

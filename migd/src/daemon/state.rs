@@ -120,6 +120,8 @@ pub struct VmEntry {
     pub filling: Option<Value>,
     /// Host memory its guest RAM took at the last status, bytes.
     pub memory_used: Option<u64>,
+    /// Whether its guest RAM is on huge pages (known from its first status).
+    pub huge_pages: Option<bool>,
     /// A post-copy arrival's progress while pages are still missing here.
     pub arriving: Option<Value>,
     /// A save's progress (`{path, pages, written}`) while it writes.
@@ -140,6 +142,7 @@ impl VmEntry {
             job: None,
             filling: None,
             memory_used: None,
+            huge_pages: None,
             arriving: None,
             saving: None,
             save_requested: false,
@@ -154,6 +157,7 @@ impl VmEntry {
             "pid": self.pid,
             "memory": self.record.memory,
             "memory_used": self.memory_used,
+            "huge_pages": self.huge_pages,
             "vcpus": self.record.vcpus,
             "kernel": self.record.kernel,
             "initramfs": self.record.initramfs,
@@ -428,6 +432,7 @@ pub async fn refresh(d: &Daemon, name: &str) {
             return;
         }
         vm.memory_used = reply["memory_used"].as_u64();
+        vm.huge_pages = reply["huge_pages"].as_bool();
         let saving = Some(reply["saving"].clone()).filter(|s| !s.is_null());
         if saving.is_some() || (vm.state == st::SAVING && vm.save_requested) {
             // The state is the save's until it ends (a save found running

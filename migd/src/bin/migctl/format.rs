@@ -121,16 +121,26 @@ pub fn vm_info(v: &Value) -> String {
     kv(&mut s, "State", opt(&v["state"]));
     kv(&mut s, "Pid", opt(&v["pid"]));
     kv(&mut s, "Memory", bytes_of(&v["memory"]));
+    let huge = v["huge_pages"].as_bool() == Some(true);
     if let (Some(used), Some(all)) = (v["memory_used"].as_u64(), v["memory"].as_u64()) {
+        let rest = if huge {
+            "the rest is reserved in the host's huge page pool"
+        } else {
+            "memory the guest never wrote takes none"
+        };
         kv(
             &mut s,
             "Memory used",
-            format!(
-                "{} ({:.0} %; memory the guest never wrote takes none)",
-                bytes(used),
-                percent(used, all)
-            ),
+            format!("{} ({:.0} %; {rest})", bytes(used), percent(used, all)),
         );
+    }
+    if let Some(h) = v["huge_pages"].as_bool() {
+        let pages = if h {
+            "huge pages (2 MiB)"
+        } else {
+            "4 KiB pages (shmem)"
+        };
+        kv(&mut s, "Memory pages", pages.to_string());
     }
     kv(&mut s, "vCPUs", opt(&v["vcpus"]));
     kv(&mut s, "Kernel", opt(&v["kernel"]));
@@ -539,6 +549,27 @@ mod tests {
             !pre.contains("Post-copy") && !pre.contains("Faults"),
             "{pre}"
         );
+    }
+
+    #[test]
+    fn info_says_which_pages_hold_the_memory() {
+        let mut v = json!({"name": "web1", "memory": 134217728u64, "memory_used": 33554432u64,
+                           "huge_pages": true});
+        let t = vm_info(&v);
+        assert!(t.contains("huge pages (2 MiB)"), "{t}");
+        assert!(
+            t.contains("25 %; the rest is reserved in the host's huge page pool"),
+            "{t}"
+        );
+        v["huge_pages"] = json!(false);
+        let t = vm_info(&v);
+        assert!(
+            t.contains("4 KiB pages (shmem)") && t.contains("never wrote takes none"),
+            "{t}"
+        );
+        // A daemon that has not heard from the VM yet says nothing of it.
+        v["huge_pages"] = json!(null);
+        assert!(!vm_info(&v).contains("Memory pages"));
     }
 
     #[test]
