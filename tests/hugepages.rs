@@ -20,15 +20,20 @@ use serde_json::json;
 
 const HUGE: &str = "--hugepages";
 
-/// Free huge pages in the host's pool.
-fn free_huge_pages() -> u64 {
+/// The number on /proc/meminfo's line that starts with `key`.
+fn meminfo(key: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("HugePages_Free:"))
+        .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// Free huge pages in the host's pool.
+fn free_huge_pages() -> u64 {
+    meminfo("HugePages_Free:")
 }
 
 /// A destination for a 128 MiB, 1-vCPU guest, and its address.
@@ -205,6 +210,18 @@ fn a_daemon_on_huge_pages_takes_pre_copy_and_refuses_post_copy() {
     let moved = Console(b.vm_dir("h1").join("console.log"));
     moved.wait_heartbeats(n, 2, Duration::from_secs(30));
     moved.assert_clean();
+    // A VM larger than what the pool can still reserve is refused at the
+    // handshake, the pool named, whatever memory the host has besides.
+    let pool_mib = (free_huge_pages() - meminfo("HugePages_Rsvd:")) * 2;
+    let big = format!("{}M", pool_mib + 64);
+    let console_big = a.create_guest("big", "workload=idle", &big, 1);
+    console_big.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let e = a.fails(&["migrate", "big", "--to", &to]);
+    assert!(
+        e.contains("not enough memory") && e.contains("huge page pool"),
+        "{e}"
+    );
+    a.wait_state("big", "running", Duration::from_secs(10));
     b.ok(&["destroy", "h1"]);
 }
 

@@ -103,6 +103,22 @@ pub fn check_memory_size(size: u64) -> Result<()> {
     Ok(())
 }
 
+/// Bytes of the host's huge page pool that new guest RAM can still reserve:
+/// pages free and not reserved by RAM made before.
+pub fn huge_pages_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let free = meminfo_field(&text, "HugePages_Free:")?;
+    let reserved = meminfo_field(&text, "HugePages_Rsvd:")?;
+    let kib = meminfo_field(&text, "Hugepagesize:")?;
+    Some(free.saturating_sub(reserved) * kib * 1024)
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+pub fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    Some(meminfo_field(&text, "MemAvailable:")? * 1024)
+}
+
 /// MemAvailable + SwapFree from /proc/meminfo, in bytes.
 fn host_available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

@@ -193,10 +193,19 @@ fn admit(
             "memory of {memory} bytes is not a whole number of pages"
         ));
     }
-    let available = mem_available().unwrap_or(0);
+    // On huge pages the VM's memory is all reserved in the pool when made.
+    let (available, whence) = if d.cfg.hugepages {
+        (
+            vmm::memory::huge_pages_available(),
+            "free in its huge page pool",
+        )
+    } else {
+        (vmm::memory::mem_available(), "available")
+    };
+    let available = available.unwrap_or(0);
     if memory > available {
         return Err(format!(
-            "not enough memory: the VM has {} MiB, this host has {} MiB available",
+            "not enough memory: the VM has {} MiB, this host has {} MiB {whence}",
             memory >> 20,
             available >> 20
         ));
@@ -301,14 +310,6 @@ fn handshake(d: &Daemon, mut stream: Link, peer: SocketAddr) -> Result<Option<(L
     Ok(Some((stream, record)))
 }
 
-/// MemAvailable of /proc/meminfo, in bytes.
-fn mem_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,7 +317,8 @@ mod tests {
 
     #[test]
     fn meminfo_is_readable() {
-        assert!(mem_available().is_some_and(|m| m > 0));
+        assert!(vmm::memory::mem_available().is_some_and(|m| m > 0));
+        assert!(vmm::memory::huge_pages_available().is_some());
     }
 
     #[test]
