@@ -44,7 +44,7 @@ pub struct File {
     /// Entries per vCPU of KVM's dirty ring (a power of two, 256 to 65536);
     /// 0: the bitmap log.
     pub dirty_ring: Option<u32>,
-    /// Keep the VMs' memory on huge pages (pre-copy only for arriving VMs).
+    /// Keep the VMs' memory on huge pages.
     pub hugepages: Option<bool>,
 }
 

@@ -88,9 +88,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub dirty_ring: u32,
     /// Keep guest memory on huge pages (2 MiB, from the host's pool,
-    /// `vm.nr_hugepages`): no page fault per 4 KiB page. Pre-copy only: an
-    /// incoming post-copy, hybrid or auto migration is refused, and so is
-    /// `--lazy`. See `migd --hugepages`.
+    /// `vm.nr_hugepages`): no page fault per 4 KiB page. `--lazy` is
+    /// refused, and saves happen in the pause. See `migd --hugepages`.
     #[arg(long)]
     pub hugepages: bool,
     #[command(flatten)]
@@ -476,7 +475,7 @@ fn accept_incoming(listener: &std::net::TcpListener, args: &RunArgs) -> Result<l
             args.cpus, hello.vcpus
         ))
     } else {
-        migration::handshake::huge_pages_refusal(args.hugepages, &hello.mode)
+        None
     };
     if let Some(reason) = refusal {
         migration::handshake::refuse(&mut stream, &reason)?;

@@ -220,19 +220,6 @@ pub fn describe(
     }
 }
 
-/// Destination check: a host that keeps guest memory on huge pages (`huge`)
-/// takes pre-copy only. Post-copy (and hybrid, and auto, which may end in
-/// it) fills memory through userfaultfd 4 KiB at a time, which hugetlbfs
-/// does not take. Returns the reason if `mode` cannot come.
-pub fn huge_pages_refusal(huge: bool, mode: &str) -> Option<String> {
-    (huge && mode != "precopy").then(|| {
-        format!(
-            "this host keeps guest memory on huge pages, which {mode} cannot fill \
-             (userfaultfd places 4 KiB pages): migrate with --mode precopy"
-        )
-    })
-}
-
 /// Destination check: can this host's CPU run a guest that was given `vm`'s features?
 /// Returns the reason if not.
 pub fn cpu_incompatibility(

@@ -201,6 +201,24 @@ impl Uffd {
         Ok(filled)
     }
 
+    /// Fills the missing page at `dst` with all of `src` in one `UFFDIO_COPY`
+    /// (a huge page: hugetlbfs takes only whole ones) and wakes its waiters.
+    /// Ok(false): the page was already there (EEXIST).
+    pub fn copy_whole(&self, dst: u64, src: &[u8]) -> io::Result<bool> {
+        let mut c = Copy {
+            dst,
+            src: src.as_ptr() as u64,
+            len: src.len() as u64,
+            mode: 0,
+            copy: 0,
+        };
+        match ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Fills the missing pages of `[dst, dst + len)` in as few `UFFDIO_COPY`
     /// calls as the pages already there allow (one when none is): `src` holds
     /// `len` bytes of data, or is `None` for zeros (`UFFDIO_ZEROPAGE` where

@@ -6,8 +6,9 @@
 //! reserved pool (`vm.nr_hugepages`), all reserved when the RAM is made, so
 //! that a short pool fails then, with a message, instead of a fault later.
 //! hugetlbfs has no `write` and no `sendfile`: such RAM is written and sent
-//! through its mapping, and userfaultfd would need 2 MiB pages (post-copy and
-//! lazy restore refuse it). Guest physical layout:
+//! through its mapping, and userfaultfd fills it 2 MiB at a time (post-copy
+//! stages its pages per huge page; lazy restore refuses it). Guest physical
+//! layout:
 //! `[0, min(size, 3 GiB))` and, above 3 GiB of RAM, `[4 GiB, 4 GiB + rest)`,
 //! leaving the 32-bit MMIO hole (LAPIC, IOAPIC) free.
 

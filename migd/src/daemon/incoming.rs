@@ -259,8 +259,7 @@ fn handshake(d: &Daemon, mut stream: Link, peer: SocketAddr) -> Result<Option<(L
     let cpu = match vmm::cpuid::host_supported() {
         Ok(host) => handshake::cpu_incompatibility(&hello.vm, &host),
         Err(e) => Some(format!("this host cannot run VMs: {e}")),
-    }
-    .or_else(|| handshake::huge_pages_refusal(d.cfg.hugepages, &hello.mode));
+    };
     if let Some(reason) = cpu {
         tracing::warn!(vm = %hello.name, "refusing: {reason}");
         let _ = handshake::refuse(&mut stream, &reason);

@@ -65,9 +65,9 @@ pub struct DaemonArgs {
     pub dirty_ring: Option<u32>,
     /// Keep the VMs' memory on huge pages (2 MiB, from the host's pool,
     /// `vm.nr_hugepages`, which must hold every VM's memory): no page fault
-    /// per 4 KiB page, so an arriving VM's pages are stored faster. Incoming
-    /// migrations are then pre-copy only (post-copy, hybrid and auto are
-    /// refused, naming this), and lazy restore is refused.
+    /// per 4 KiB page, so an arriving VM's pages are stored faster. Post-copy
+    /// then places 2 MiB at a time (a fault waits for its whole huge page),
+    /// saves happen in the pause, and lazy restore is refused.
     #[arg(long)]
     pub hugepages: bool,
 }

@@ -1,4 +1,10 @@
 //! The destination of a post-copy phase: userfaultfd, the page readers, the fault thread.
+//!
+//! Guest memory on huge pages (hugetlbfs) is placed whole, 2 MiB per
+//! `UFFDIO_COPY`: the 4 KiB pages that arrive are staged per huge page until
+//! every page it expects is in ([`Staging`]), and a fault asks for the
+//! missing pages of its huge page. Hybrid's huge pages that hold pre-copy's
+//! pages are copied into their stage before being punched out.
 
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
@@ -35,9 +41,76 @@ fn pages_as_bytes(p: &mut [Page]) -> &mut [u8] {
 /// `PostcopyDone` after every page arrived (the first one may have been lost).
 const DONE_GRACE: Duration = Duration::from_secs(60);
 
+/// Size of a huge page (2 MiB), and 4 KiB pages in one.
+const HUGE: u64 = 2 << 20;
+const PAGES_PER_HUGE: u64 = HUGE / PAGE_SIZE;
+
+/// Zeros for a huge page that expects no page from the source.
+static ZERO_HUGE: [u8; HUGE as usize] = [0; HUGE as usize];
+
+/// Post-copy into memory on huge pages: pages wait in their huge page's
+/// stage until it is complete.
+struct Staging {
+    /// Huge pages being assembled: their bytes, and how many of the pages
+    /// they expect have yet to come.
+    stages: Mutex<HashMap<u64, (Vec<u8>, u64)>>,
+    /// Huge pages placed (one bit each).
+    placed: Vec<AtomicU64>,
+    /// Buffers of placed stages, for the next ones: a fresh one takes a
+    /// page fault per 4 KiB as it fills.
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Staging {
+    fn for_pages(pages: u64) -> Staging {
+        Staging {
+            stages: Mutex::new(HashMap::new()),
+            placed: (0..pages.div_ceil(PAGES_PER_HUGE).div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            free: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A stage for huge page `h`, whose pages set in `expected` come from
+    /// the source: the others are zeros, or (`held`: hybrid) the bytes
+    /// pre-copy left at that host address.
+    fn new_stage(&self, h: u64, expected: &[u64], held: Option<u64>) -> Vec<u8> {
+        let mut buf = lock(&self.free)
+            .pop()
+            .unwrap_or_else(|| vec![0u8; HUGE as usize]);
+        for (i, page) in buf.chunks_mut(PAGE_SIZE as usize).enumerate() {
+            if is_set(expected, h * PAGES_PER_HUGE + i as u64) {
+                continue; // overwritten when it comes
+            }
+            match held {
+                // SAFETY: page `i` of a huge page of guest RAM that no vCPU runs on yet.
+                Some(host) => page.copy_from_slice(unsafe {
+                    std::slice::from_raw_parts(
+                        (host + i as u64 * PAGE_SIZE) as *const u8,
+                        PAGE_SIZE as usize,
+                    )
+                }),
+                None => page.fill(0),
+            }
+        }
+        buf
+    }
+
+    fn placed(&self, h: u64) -> bool {
+        self.placed[(h / 64) as usize].load(Ordering::Acquire) & (1 << (h % 64)) != 0
+    }
+
+    fn set_placed(&self, h: u64) {
+        self.placed[(h / 64) as usize].fetch_or(1 << (h % 64), Ordering::AcqRel);
+    }
+}
+
 /// Destination state shared by the fault, receiving, recovery and completion threads.
 struct Dest {
     uffd: Uffd,
+    /// Guest memory on huge pages: the stages (None: 4 KiB pages, placed one by one).
+    huge: Option<Staging>,
     map: RamMap,
     pages: u64,
     expected: Vec<u64>,
@@ -181,6 +254,7 @@ impl Dest {
     ) -> Dest {
         Dest {
             uffd,
+            huge: None,
             map,
             pages,
             received: expected.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -252,6 +326,9 @@ impl Dest {
                 "pages {off:#x} + {n} were not announced in the PageMap"
             )));
         }
+        if let Some(s) = &self.huge {
+            return self.stage(s, first, n, data, urgent);
+        }
         let Some(data) = data else {
             return self.hold_zeros(first, n, urgent);
         };
@@ -290,6 +367,128 @@ impl Dest {
             }
         }
         self.count_filled(newly);
+        Ok(())
+    }
+
+    /// The pages of huge page `h` that come from the source.
+    fn expected_in(&self, h: u64) -> impl Iterator<Item = u64> + '_ {
+        (h * PAGES_PER_HUGE..((h + 1) * PAGES_PER_HUGE).min(self.pages))
+            .filter(|&p| is_set(&self.expected, p))
+    }
+
+    /// Huge pages: copies the `n` pages from page `first` (`data`, or zeros)
+    /// into their stages and places each huge page whose last expected page
+    /// this was, whole.
+    fn stage(
+        &self,
+        s: &Staging,
+        first: u64,
+        n: u64,
+        data: Option<&[u8]>,
+        urgent: bool,
+    ) -> Result<()> {
+        let mut newly = 0;
+        let mut stages = lock(&s.stages);
+        for (i, pfn) in (first..first + n).enumerate() {
+            // Every huge page's fill is under this lock: `received` cannot
+            // change between this test and `record_fill`.
+            if self.received(pfn) {
+                self.duplicate.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let h = pfn / PAGES_PER_HUGE;
+            let stage = stages.entry(h).or_insert_with(|| {
+                let missing = self.expected_in(h).filter(|&p| !self.received(p)).count();
+                (s.new_stage(h, &self.expected, None), missing as u64)
+            });
+            let at = ((pfn % PAGES_PER_HUGE) * PAGE_SIZE) as usize;
+            let page = &mut stage.0[at..at + PAGE_SIZE as usize];
+            match data {
+                Some(d) => page.copy_from_slice(&d[i * PAGE_SIZE as usize..][..PAGE_SIZE as usize]),
+                None => page.fill(0),
+            }
+            stage.1 -= 1;
+            self.record_fill(pfn, urgent);
+            newly += 1;
+            if stage.1 == 0 {
+                let (bytes, _) = stages.remove(&h).unwrap_or_default();
+                self.place(s, h, &bytes)?;
+                lock(&s.free).push(bytes);
+            }
+        }
+        drop(stages);
+        self.count_filled(newly);
+        Ok(())
+    }
+
+    /// Places huge page `h` whole, which wakes the threads waiting on it.
+    fn place(&self, s: &Staging, h: u64, bytes: &[u8]) -> Result<()> {
+        let Some(host) = self.map.host(h * HUGE) else {
+            return Err(Error::Protocol(format!("huge page {h} outside RAM")));
+        };
+        match self.uffd.copy_whole(host, bytes) {
+            Ok(_) => {
+                s.set_placed(h);
+                Ok(())
+            }
+            Err(_) if self.filled.load(Ordering::Acquire) >= self.total => Ok(()),
+            Err(e) => {
+                let e = io_err(format!("UFFDIO_COPY of huge page {h}"))(e);
+                self.finish(Err(Error::Protocol(e.to_string())));
+                Err(e)
+            }
+        }
+    }
+
+    /// Huge pages: a fault in huge page `h` at `page_addr`. One the source
+    /// sends nothing of is placed as zeros; otherwise its missing pages are
+    /// asked for, every 17th (a page asked for comes with the 16 pages of
+    /// the source's pre-paging window; what the push already took is on its
+    /// way), and the thread waits until the huge page is placed.
+    fn huge_fault(&self, s: &Staging, page_addr: u64, off: u64) -> Result<()> {
+        let h = off / HUGE;
+        let huge_addr = page_addr - off % HUGE;
+        if s.placed(h) {
+            let _ = self.uffd.wake(huge_addr, HUGE);
+            return Ok(());
+        }
+        if self.expected_in(h).next().is_none() {
+            match self.uffd.copy_whole(huge_addr, &ZERO_HUGE) {
+                Ok(true) => {
+                    self.zero_faults.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(false) => {}
+                Err(e) if self.stop.load(Ordering::Relaxed) => {
+                    tracing::debug!("zero fill after completion: {e}")
+                }
+                Err(e) => return Err(io_err("UFFDIO_COPY (zero huge page)")(e)),
+            }
+            s.set_placed(h);
+            return Ok(());
+        }
+        let mut asked = Vec::new();
+        {
+            let mut pending = lock(&self.pending);
+            let mut next = 0;
+            for p in self.expected_in(h) {
+                if p < next || self.received(p) {
+                    continue;
+                }
+                next = p + 17;
+                if let std::collections::hash_map::Entry::Vacant(e) = pending.entry(p) {
+                    e.insert(Instant::now());
+                    asked.push(p);
+                }
+            }
+        }
+        if asked.is_empty() {
+            // All here or asked for already: placed soon (a copy wakes).
+            return Ok(());
+        }
+        self.faults.fetch_add(1, Ordering::Relaxed);
+        for p in asked {
+            self.request(p);
+        }
         Ok(())
     }
 
@@ -474,6 +673,9 @@ impl Dest {
                 tracing::warn!(page_addr, "fault outside guest RAM");
                 return Ok(());
             };
+            if let Some(s) = &self.huge {
+                return self.huge_fault(s, page_addr, off);
+            }
             let pfn = off / PAGE_SIZE;
             if !is_set(&self.expected, pfn) {
                 // Zero on the source: never sent.
@@ -790,12 +992,14 @@ pub(crate) fn open_fault_channel(
 /// Destination side, from the `PageMap` on: registers guest RAM with
 /// userfaultfd, opens the fault channel, loads the state, does the commit
 /// exchange and returns the running VM; pages keep arriving in the background.
+/// `held`: memory on huge pages, the huge pages pre-copy wrote (a bit each).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn receive(
     prepared: PreparedVm,
     r: BufReader<Link>,
     mut out: Link,
     runs: Vec<(u64, u64)>,
+    held: Option<Vec<u64>>,
     channel: Option<(Option<Link>, u64)>,
     tls: Option<&TlsSetup>,
     mut stats: IncomingStats,
@@ -816,14 +1020,24 @@ pub(crate) fn receive(
         for pfn in off / PAGE_SIZE..off / PAGE_SIZE + n {
             expected[(pfn / 64) as usize] |= 1 << (pfn % 64);
         }
-        // Hybrid: what pre-copy left there is stale; make it fault.
+    }
+    let map = RamMap::new(&ram);
+    // Hybrid: what pre-copy left in the expected pages is stale; punch them
+    // out so that they fault. On huge pages that is the whole huge page:
+    // pre-copy's pages in it go into its stage first.
+    let staging = ram.is_huge().then(|| Staging::for_pages(pages));
+    let punches: Vec<(u64, u64)> = match &staging {
+        None => runs.iter().map(|&(off, n)| (off, n * PAGE_SIZE)).collect(),
+        Some(s) => stage_hybrid_pages(s, &map, &expected, held.as_deref().unwrap_or(&[]))?,
+    };
+    for (off, len) in punches {
         // SAFETY: fallocate on the memfd we own; no mapping is invalidated.
         let rc = unsafe {
             libc::fallocate(
                 memfd,
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 off as i64,
-                (n * PAGE_SIZE) as i64,
+                len as i64,
             )
         };
         if rc < 0 {
@@ -834,7 +1048,6 @@ pub(crate) fn receive(
     }
     let total = popcount(&expected);
     let uffd = Uffd::new().map_err(io_err("userfaultfd"))?;
-    let map = RamMap::new(&ram);
     map.register(&uffd)
         .map_err(io_err("registering guest RAM with userfaultfd"))?;
     tracing::debug!(
@@ -868,6 +1081,7 @@ pub(crate) fn receive(
         .port();
     let (done_tx, done_rx) = mpsc::channel();
     let mut dest = Dest::new(uffd, map, pages, expected, done_tx);
+    dest.huge = staging;
     dest.source = source;
     dest.token = token;
     dest.channel = urgent.is_some();
@@ -971,6 +1185,39 @@ pub(crate) fn receive(
     Ok((vm, stats))
 }
 
+/// Hybrid onto huge pages: each huge page that expects pages and holds some
+/// of pre-copy's (set in `held`) gets a stage holding those, which waits for
+/// the expected ones. Returns the huge pages to punch out.
+fn stage_hybrid_pages(
+    s: &Staging,
+    map: &RamMap,
+    expected: &[u64],
+    held: &[u64],
+) -> Result<Vec<(u64, u64)>> {
+    let mut punch = Vec::new();
+    let mut stages = lock(&s.stages);
+    let words = (PAGES_PER_HUGE / 64) as usize;
+    for (h, bits) in expected.chunks(words).enumerate() {
+        let h = h as u64;
+        let want: u64 = bits.iter().map(|w| w.count_ones() as u64).sum();
+        if want == 0 {
+            continue;
+        }
+        let Some(host) = map.host(h * HUGE) else {
+            return Err(Error::Protocol(format!("huge page {h} outside RAM")));
+        };
+        if held
+            .get((h / 64) as usize)
+            .is_none_or(|w| w & (1 << (h % 64)) == 0)
+        {
+            continue; // pre-copy wrote nothing there: it faults as it is
+        }
+        stages.insert(h, (s.new_stage(h, expected, Some(host)), want));
+        punch.push((h * HUGE, HUGE));
+    }
+    Ok(punch)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1062,5 +1309,113 @@ mod tests {
         let held: u64 = ram.data_extents().unwrap().iter().map(|e| e.1).sum();
         assert_eq!(held, 10 * PAGE_SIZE);
         assert!((0..8).chain([10]).all(read), "held zeros read as zeros");
+    }
+}
+
+#[cfg(test)]
+mod huge_tests {
+    use super::*;
+
+    /// On huge pages a huge page is placed whole once every page it expects
+    /// is in, zeros included; a guest thread faulting in it waits until then
+    /// (its pages are asked for), and one faulting where nothing is expected
+    /// gets zeros at once. Hybrid's pre-copy pages in a huge page that
+    /// expects others are kept in its stage.
+    #[test]
+    fn huge_pages_are_placed_whole_when_complete() {
+        let ram = match vmm::GuestRam::with_huge_pages(16 << 20, true) {
+            Ok(r) => r,
+            Err(e) if e.to_string().contains("cannot reserve") => {
+                eprintln!("SKIP: no huge pages here ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let uffd = match Uffd::new() {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("SKIP: userfaultfd unavailable: {e}");
+                return;
+            }
+        };
+        let map = RamMap::new(&ram);
+        let pages = ram.size() / PAGE_SIZE;
+        // Huge page 0 expects pages 0..4; huge page 1 expects page 512 and
+        // holds pre-copy's page 513; the others expect nothing.
+        let mut expected = vec![0u64; pages.div_ceil(64) as usize];
+        expected[0] = 0b1111;
+        expected[8] = 1;
+        ram.write(ram.offset_to_gpa(513 * PAGE_SIZE).unwrap(), &[7u8; 4096])
+            .unwrap();
+        let staging = Staging::for_pages(pages);
+        let held = vec![0b10u64];
+        let punch = stage_hybrid_pages(&staging, &map, &expected, &held).unwrap();
+        assert_eq!(punch, vec![(HUGE, HUGE)]);
+        for (off, len) in punch {
+            vmm::memory::punch_hole(ram.memfd(), off, len).unwrap();
+        }
+        map.register(&uffd).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let mut d = Dest::new(uffd, map, pages, expected, tx);
+        d.huge = Some(staging);
+        let s = d.huge.as_ref().unwrap();
+        let byte = |pfn: u64| {
+            let mut b = [0u8; 1];
+            ram.read(ram.offset_to_gpa(pfn * PAGE_SIZE).unwrap(), &mut b)
+                .unwrap();
+            b[0]
+        };
+        std::thread::scope(|sc| {
+            let faults = sc.spawn(|| d.handle_faults());
+            let reader = |pfn: u64| {
+                let (tx, rx) = mpsc::channel();
+                sc.spawn(move || tx.send(byte(pfn)));
+                rx
+            };
+            let answer = |rx: mpsc::Receiver<u8>, pfn: u64| {
+                rx.recv_timeout(Duration::from_secs(10))
+                    .unwrap_or_else(|_| {
+                        d.stop.store(true, Ordering::Release);
+                        let _ = d.map.unregister(&d.uffd);
+                        panic!("the fault on page {pfn} was never answered")
+                    })
+            };
+            // Nothing expected in huge page 2: zeros at once.
+            assert_eq!(answer(reader(1024 + 5), 1024 + 5), 0);
+            // A thread faulting in huge page 0 waits; page 0 is asked for.
+            let waiter = reader(3);
+            while !lock(&d.pending).contains_key(&0) {
+                std::thread::yield_now();
+            }
+            d.fill(0, 2, Some(&[1u8; 2 * PAGE_SIZE as usize]), false)
+                .unwrap();
+            d.fill(2 * PAGE_SIZE, 1, None, false).unwrap();
+            assert!(!s.placed(0), "page 3 is still to come");
+            assert!(
+                waiter.try_recv().is_err(),
+                "woken before its huge page was whole"
+            );
+            d.fill(3 * PAGE_SIZE, 1, Some(&[3u8; PAGE_SIZE as usize]), true)
+                .unwrap();
+            assert!(s.placed(0));
+            assert_eq!(answer(waiter, 3), 3);
+            // A duplicate changes nothing.
+            d.fill(0, 1, Some(&[9u8; PAGE_SIZE as usize]), true)
+                .unwrap();
+            d.fill(512 * PAGE_SIZE, 1, Some(&[5u8; PAGE_SIZE as usize]), false)
+                .unwrap();
+            rx.recv().unwrap().unwrap();
+            d.stop.store(true, Ordering::Release);
+            faults.join().unwrap().unwrap();
+        });
+        d.map.unregister(&d.uffd).unwrap();
+        let got: Vec<u8> = [0, 1, 2, 3, 4, 512, 513, 514].map(byte).to_vec();
+        assert_eq!(
+            got,
+            vec![1, 1, 0, 3, 0, 5, 7, 0],
+            "pre-copy's page 513 kept"
+        );
+        assert_eq!(d.duplicate.load(Ordering::Relaxed), 1);
+        assert_eq!(d.filled.load(Ordering::Relaxed), 5);
     }
 }
