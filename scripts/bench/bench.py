@@ -27,8 +27,9 @@ predict: the cost model before and after, two daemons over loopback:
          1 vCPU (not in `all`).
 hugepages: the destination's memory on 4 KiB shmem pages (the default)
          against huge pages (`--hugepages`), alternating run by run: the
-         paused-source case (768 MiB) and 256 MiB flat out, 1 GiB guests;
-         round-0 throughput against loopback TCP. Grows and touches the
+         paused-source case (768 MiB), and 256 MiB flat out by pre-copy,
+         post-copy and hybrid, 1 GiB guests; round-0 throughput against
+         loopback TCP, post-copy's fault latency. Grows and touches the
          huge page pool first (scripts/hugepages.sh 1200, root; not in `all`).
 limits:  memcpy, zero-scan and loopback TCP, measured in the same run.
 """
@@ -334,28 +335,31 @@ def round0_rate(r):
 def bench_hugepages(runs, lim):
     subprocess.run([os.path.join(ROOT, "scripts", "hugepages.sh"), "1200"], check=True)
     tcp_bytes = lim["loopback_tcp_gbit_per_s"] * 1e9 / 8
-    cases = [("dirty:768:0", True), ("dirty:256:0", False)]
-    res = {(wl, huge): [] for wl, _ in cases for huge in (False, True)}
+    # (workload, source paused, mode)
+    cases = [("dirty:768:0", True, "precopy"), ("dirty:256:0", False, "precopy"),
+             ("dirty:256:0", False, "postcopy"), ("dirty:256:0", False, "hybrid")]
+    res = {(case, huge): [] for case in cases for huge in (False, True)}
     with tempfile.TemporaryDirectory() as d:
         for i in range(runs):
-            for wl, paused in cases:
+            for n, (wl, paused, mode) in enumerate(cases):
                 # Alternate which goes first, so that neither always meets the host's drifts first.
                 for huge in ((False, True) if i % 2 == 0 else (True, False)):
-                    res[(wl, huge)].append(migrate_once(
-                        d, f"h{i}{huge:d}{paused:d}", "1G", wl, {"mode": "precopy"}, cpus=1, paused=paused,
+                    res[((wl, paused, mode), huge)].append(migrate_once(
+                        d, f"h{i}{huge:d}{n}", "1G", wl, {"mode": mode}, cpus=1, paused=paused,
                         dst_flags=["--hugepages"] if huge else []))
     rows = []
-    for (wl, huge), rs in res.items():
+    for ((wl, paused, mode), huge), rs in res.items():
         ok = [r for r in rs if r["status"] == "completed"]
         r0 = [x for x in map(round0_rate, ok) if x]
         rows.append({
-            "case": f"precopy 1G {wl}{' (paused)' if wl == 'dirty:768:0' else ''}",
+            "case": f"{mode} 1G {wl}{' (paused)' if paused else ''}",
             "destination memory": "huge pages" if huge else "4 KiB shmem",
             "completed": f"{len(ok)}/{len(rs)}",
             "total_ms": med([r["total_ms"] for r in ok]),
             "downtime_ms": med([r["downtime_ms"] for r in ok]),
             "round0_GB/s": med([x / 1e9 for x in r0]) if r0 else "n/a",
             "round0_vs_tcp": med([x / tcp_bytes for x in r0]) if r0 else "n/a",
+            "fault_p50_us": med([r["faults"]["p50_us"] for r in ok]) if mode != "precopy" else "",
             "errors": "; ".join(sorted({r.get("error") or "" for r in rs if r["status"] != "completed"})),
         })
     return rows
