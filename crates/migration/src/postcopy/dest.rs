@@ -1222,6 +1222,29 @@ fn stage_hybrid_pages(
 mod tests {
     use super::*;
 
+    /// A guest thread on `scope` running `read` (which may fault): its
+    /// result comes on the receiver.
+    fn guest_read<'s, T: Send + 's>(
+        scope: &'s std::thread::Scope<'s, '_>,
+        read: impl FnOnce() -> T + Send + 's,
+    ) -> mpsc::Receiver<T> {
+        let (tx, rx) = mpsc::channel();
+        scope.spawn(move || tx.send(read()));
+        rx
+    }
+
+    /// What a guest read of `pfn` got; if its fault is never answered, guest
+    /// RAM is released from userfaultfd (so that the thread ends) and the
+    /// test fails.
+    fn answered<T>(d: &Dest, rx: mpsc::Receiver<T>, pfn: u64) -> T {
+        rx.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| {
+                d.stop.store(true, Ordering::Release);
+                let _ = d.map.unregister(&d.uffd);
+                panic!("the fault on page {pfn} was never answered")
+            })
+    }
+
     #[test]
     fn latency_histogram_has_log2_buckets() {
         assert_eq!(log2_histogram(&[]), Vec::<u64>::new());
@@ -1262,21 +1285,8 @@ mod tests {
         let data = Page([0x5a; PAGE_SIZE as usize]);
         std::thread::scope(|s| {
             let faults = s.spawn(|| d.handle_faults());
-            // A guest thread reading `pfn`: its result, or (a fault never
-            // answered) RAM released from userfaultfd and a failure.
-            let reader = |pfn: u64| {
-                let (tx, rx) = mpsc::channel();
-                s.spawn(move || tx.send(read(pfn)));
-                rx
-            };
-            let answer = |rx: mpsc::Receiver<bool>, pfn: u64| {
-                rx.recv_timeout(Duration::from_secs(10))
-                    .unwrap_or_else(|_| {
-                        d.stop.store(true, Ordering::Release);
-                        let _ = d.map.unregister(&d.uffd);
-                        panic!("the fault on page {pfn} was never answered")
-                    })
-            };
+            let reader = |pfn: u64| guest_read(s, move || read(pfn));
+            let answer = |rx, pfn| answered(&d, rx, pfn);
             // Pages 0..8 held; the guest reads page 3 later.
             d.fill(0, 8, None, false).unwrap();
             assert!(answer(reader(3), 3), "page 3 reads as zeros");
@@ -1310,11 +1320,6 @@ mod tests {
         assert_eq!(held, 10 * PAGE_SIZE);
         assert!((0..8).chain([10]).all(read), "held zeros read as zeros");
     }
-}
-
-#[cfg(test)]
-mod huge_tests {
-    use super::*;
 
     /// On huge pages a huge page is placed whole once every page it expects
     /// is in, zeros included; a guest thread faulting in it waits until then
@@ -1367,19 +1372,8 @@ mod huge_tests {
         };
         std::thread::scope(|sc| {
             let faults = sc.spawn(|| d.handle_faults());
-            let reader = |pfn: u64| {
-                let (tx, rx) = mpsc::channel();
-                sc.spawn(move || tx.send(byte(pfn)));
-                rx
-            };
-            let answer = |rx: mpsc::Receiver<u8>, pfn: u64| {
-                rx.recv_timeout(Duration::from_secs(10))
-                    .unwrap_or_else(|_| {
-                        d.stop.store(true, Ordering::Release);
-                        let _ = d.map.unregister(&d.uffd);
-                        panic!("the fault on page {pfn} was never answered")
-                    })
-            };
+            let reader = |pfn: u64| guest_read(sc, move || byte(pfn));
+            let answer = |rx, pfn| answered(&d, rx, pfn);
             // Nothing expected in huge page 2: zeros at once.
             assert_eq!(answer(reader(1024 + 5), 1024 + 5), 0);
             // A thread faulting in huge page 0 waits; page 0 is asked for.
