@@ -453,16 +453,8 @@ impl Dest {
             return Ok(());
         }
         if self.expected_in(h).next().is_none() {
-            match self.uffd.copy_whole(huge_addr, &ZERO_HUGE) {
-                Ok(true) => {
-                    self.zero_faults.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(false) => {}
-                Err(e) if self.stop.load(Ordering::Relaxed) => {
-                    tracing::debug!("zero fill after completion: {e}")
-                }
-                Err(e) => return Err(io_err("UFFDIO_COPY (zero huge page)")(e)),
-            }
+            let filled = self.uffd.copy_whole(huge_addr, &ZERO_HUGE);
+            self.zero_filled(filled, "UFFDIO_COPY (zero huge page)")?;
             s.set_placed(h);
             return Ok(());
         }
@@ -665,6 +657,24 @@ impl Dest {
         }
     }
 
+    /// The outcome of filling a fault with zeros where the source sends
+    /// nothing (`what` names the call): counted if it filled the page; a
+    /// failure once the phase is over (guest RAM unregistered meanwhile) is
+    /// none.
+    fn zero_filled(&self, filled: std::io::Result<bool>, what: &str) -> Result<()> {
+        match filled {
+            Ok(true) => {
+                self.zero_faults.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(false) => {}
+            Err(e) if self.stop.load(Ordering::Relaxed) => {
+                tracing::debug!("zero fill after completion: {e}")
+            }
+            Err(e) => return Err(io_err(what)(e)),
+        }
+        Ok(())
+    }
+
     /// The fault thread: zero pages are filled here, others asked for.
     fn handle_faults(&self) -> Result<()> {
         let zero = Page([0; PAGE_SIZE as usize]);
@@ -679,17 +689,8 @@ impl Dest {
             let pfn = off / PAGE_SIZE;
             if !is_set(&self.expected, pfn) {
                 // Zero on the source: never sent.
-                match self.uffd.copy(page_addr, &zero.0) {
-                    Ok(true) => {
-                        self.zero_faults.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(false) => {}
-                    Err(e) if self.stop.load(Ordering::Relaxed) => {
-                        tracing::debug!("zero fill after completion: {e}")
-                    }
-                    Err(e) => return Err(io_err("UFFDIO_COPY (zero page)")(e)),
-                }
-                return Ok(());
+                let filled = self.uffd.copy(page_addr, &zero.0);
+                return self.zero_filled(filled, "UFFDIO_COPY (zero page)");
             }
             if self.received(pfn) {
                 return self.settle(page_addr, pfn);
