@@ -31,11 +31,9 @@ fn destination(
     console: &Console,
     cpus: usize,
 ) -> (VmProcess, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let cpus = cpus.to_string();
-    let mut args = vec!["--incoming", &addr, "--memory", "256M", "--cpus", &cpus];
-    args.extend(RING);
-    (VmProcess::start(dir, tag, console, &args), addr)
+    let port = free_port();
+    let dst = VmProcess::incoming_with(dir, tag, console, (port, "256M", cpus), &RING);
+    (dst, format!("127.0.0.1:{port}"))
 }
 
 #[test]

@@ -45,12 +45,10 @@ fn destination(
     console: &Console,
     huge: bool,
 ) -> (VmProcess, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut args = vec!["--incoming", &addr, "--memory", "128M", "--cpus", "1"];
-    if huge {
-        args.push(HUGE);
-    }
-    (VmProcess::start(dir, tag, console, &args), addr)
+    let port = free_port();
+    let flags: &[&str] = if huge { &[HUGE] } else { &[] };
+    let dst = VmProcess::incoming_with(dir, tag, console, (port, "128M", 1), flags);
+    (dst, format!("127.0.0.1:{port}"))
 }
 
 #[test]

@@ -16,9 +16,7 @@ use serde_json::{json, Value};
 fn hop(dir: &Path, src: &VmProcess, tag: &str, flags: &[&str], extra: Value) -> (VmProcess, Value) {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut args = vec!["--incoming", &addr, "--memory", "256M", "--cpus", "2"];
-    args.extend_from_slice(flags);
-    let dst = VmProcess::start(dir, tag, &src.console, &args);
+    let dst = VmProcess::incoming_with(dir, tag, &src.console, (port, "256M", 2), flags);
     let before = src.console.last_heartbeat().unwrap_or(0);
     let mut req = json!({
         "cmd": "migrate", "to": addr, "name": "vm1", "verify": true, "job": tag,

@@ -322,14 +322,22 @@ impl VmProcess {
         memory: &str,
         cpus: usize,
     ) -> VmProcess {
+        VmProcess::incoming_with(dir, tag, console, (port, memory, cpus), &[])
+    }
+
+    /// [`VmProcess::incoming`] with `flags` more (e.g. `--hugepages`).
+    pub fn incoming_with(
+        dir: &Path,
+        tag: &str,
+        console: &Console,
+        (port, memory, cpus): (u16, &str, usize),
+        flags: &[&str],
+    ) -> VmProcess {
         let addr = format!("127.0.0.1:{port}");
         let cpus = cpus.to_string();
-        VmProcess::start(
-            dir,
-            tag,
-            console,
-            &["--incoming", &addr, "--memory", memory, "--cpus", &cpus],
-        )
+        let mut args = vec!["--incoming", &addr, "--memory", memory, "--cpus", &cpus];
+        args.extend_from_slice(flags);
+        VmProcess::start(dir, tag, console, &args)
     }
 
     /// Polls the migration until it ends (completed, failed or cancelled).
