@@ -172,7 +172,9 @@ fn post_copy_hybrid_and_auto_move_a_vm_onto_huge_pages() {
         assert_eq!(r["ok"], true, "{r}");
         let stats = src.wait_migration();
         assert_eq!(stats["status"], "completed", "hop {hop} ({mode}): {stats}");
-        if huge {
+        // Auto may finish in pre-copy where the guest, slowed by a busy
+        // host, writes little; post-copy and hybrid always end in post-copy.
+        if huge && mode != "auto" {
             assert!(
                 stats["pages"]["expected"].as_u64().unwrap() > 0,
                 "hop {hop}: pages came by post-copy: {stats}"
