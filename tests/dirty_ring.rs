@@ -69,11 +69,7 @@ fn the_dirty_ring_carries_every_page_of_a_flat_out_writer() {
             assert!(!stats["rounds"].as_array().unwrap().is_empty());
         }
         eprintln!("hop {hop} ({mode}): dirty ring {ring}");
-        src.request(json!({"cmd": "stop"}));
-        assert_eq!(src.wait(Duration::from_secs(20)), 0);
-        console.wait_heartbeats(before, 3, Duration::from_secs(30));
-        console.assert_clean();
-        src = dst;
+        src = src.hand_over(dst, &console, before);
     }
     src.request(json!({"cmd": "stop"}));
     assert_eq!(src.wait(Duration::from_secs(20)), 0);

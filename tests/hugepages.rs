@@ -106,11 +106,7 @@ fn a_vm_moves_onto_huge_pages_and_back_by_pre_copy() {
         }
         let status = dst.request(json!({"cmd": "status"}));
         assert_eq!(status["ok"], true, "{status}");
-        src.request(json!({"cmd": "stop"}));
-        assert_eq!(src.wait(Duration::from_secs(20)), 0);
-        console.wait_heartbeats(before, 3, Duration::from_secs(30));
-        console.assert_clean();
-        src = dst;
+        src = src.hand_over(dst, &console, before);
     }
     // Saved from huge pages, in the pause (a background save write-protects
     // 4 KiB at a time, which huge pages do not take: asked for, it is
@@ -186,11 +182,7 @@ fn post_copy_hybrid_and_auto_move_a_vm_onto_huge_pages() {
             "hop {hop} ({mode}, huge {huge}): total {} ms, downtime {} ms, faults {}",
             stats["total_ms"], stats["downtime_ms"], stats["faults"]["count"]
         );
-        src.request(json!({"cmd": "stop"}));
-        assert_eq!(src.wait(Duration::from_secs(20)), 0);
-        console.wait_heartbeats(before, 3, Duration::from_secs(30));
-        console.assert_clean();
-        src = dst;
+        src = src.hand_over(dst, &console, before);
     }
     src.request(json!({"cmd": "stop"}));
     assert_eq!(src.wait(Duration::from_secs(20)), 0);

@@ -67,11 +67,7 @@ fn back_and_forth(cpus: usize, hops: usize) {
             dst_held + ZEROED <= src_held + (1 << 20),
             "hop {hop}: the destination holds {dst_held} bytes of guest RAM, the first source {src_held} with {ZEROED} of zeros"
         );
-        src.request(json!({"cmd": "stop"}));
-        assert_eq!(src.wait(Duration::from_secs(20)), 0);
-        console.wait_heartbeats(before, 3, Duration::from_secs(30));
-        console.assert_clean();
-        src = dst;
+        src = src.hand_over(dst, &console, before);
     }
     let hb = heartbeats(&console);
     assert!(

@@ -308,6 +308,18 @@ impl VmProcess {
         VmProcess::start_env(dir, tag, &console, &args, env)
     }
 
+    /// After a completed migration to `dst`: stops this (the old source)
+    /// cleanly, checks that the guest runs on at `dst` (three heartbeats
+    /// after `before`, no corruption on `console`), and returns `dst`, the
+    /// next hop's source.
+    pub fn hand_over(mut self, dst: VmProcess, console: &Console, before: u64) -> VmProcess {
+        self.request(serde_json::json!({"cmd": "stop"}));
+        assert_eq!(self.wait(Duration::from_secs(20)), 0);
+        console.wait_heartbeats(before, 3, Duration::from_secs(30));
+        console.assert_clean();
+        dst
+    }
+
     /// Sends a signal to the process.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();

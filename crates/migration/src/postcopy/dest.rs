@@ -1223,6 +1223,13 @@ fn stage_hybrid_pages(
 mod tests {
     use super::*;
 
+    /// A userfaultfd, or None (and a note) where this host has none.
+    fn uffd_or_skip() -> Option<Uffd> {
+        Uffd::new()
+            .inspect_err(|e| eprintln!("SKIP: userfaultfd unavailable: {e}"))
+            .ok()
+    }
+
     /// A guest thread on `scope` running `read` (which may fault): its
     /// result comes on the receiver.
     fn guest_read<'s, T: Send + 's>(
@@ -1263,12 +1270,8 @@ mod tests {
     #[test]
     fn zeros_are_held_as_holes_and_filled_when_touched() {
         let ram = vmm::GuestRam::new(16 << 20).unwrap();
-        let uffd = match Uffd::new() {
-            Ok(u) => u,
-            Err(e) => {
-                eprintln!("SKIP: userfaultfd unavailable: {e}");
-                return;
-            }
+        let Some(uffd) = uffd_or_skip() else {
+            return;
         };
         let map = RamMap::new(&ram);
         map.register(&uffd).unwrap();
@@ -1337,12 +1340,8 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         };
-        let uffd = match Uffd::new() {
-            Ok(u) => u,
-            Err(e) => {
-                eprintln!("SKIP: userfaultfd unavailable: {e}");
-                return;
-            }
+        let Some(uffd) = uffd_or_skip() else {
+            return;
         };
         let map = RamMap::new(&ram);
         let pages = ram.size() / PAGE_SIZE;
