@@ -48,17 +48,85 @@ const PAGES_PER_HUGE: u64 = HUGE / PAGE_SIZE;
 /// Zeros for a huge page that expects no page from the source.
 static ZERO_HUGE: [u8; HUGE as usize] = [0; HUGE as usize];
 
+/// A huge page's buffer while its pages arrive. Readers write their own
+/// pages into it through [`StageBuf::ptr`] without holding any lock (see
+/// [`Stage`]), so it is a raw allocation rather than a `Vec`.
+struct StageBuf(std::ptr::NonNull<u8>);
+
+// SAFETY: a plain heap allocation; who writes which bytes is ruled by `Stage`.
+unsafe impl Send for StageBuf {}
+
+impl StageBuf {
+    const LAYOUT: std::alloc::Layout =
+        match std::alloc::Layout::from_size_align(HUGE as usize, PAGE_SIZE as usize) {
+            Ok(l) => l,
+            Err(_) => panic!("huge page layout"),
+        };
+
+    fn new() -> StageBuf {
+        // SAFETY: a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(Self::LAYOUT) };
+        StageBuf(
+            std::ptr::NonNull::new(p)
+                .unwrap_or_else(|| std::alloc::handle_alloc_error(Self::LAYOUT)),
+        )
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.0.as_ptr()
+    }
+
+    /// The whole buffer; only while nobody writes into it.
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: HUGE bytes we own; callers hold the only access (no writers).
+        unsafe { std::slice::from_raw_parts(self.ptr(), HUGE as usize) }
+    }
+
+    /// 4 KiB page `i` of the buffer; only while nobody else writes it.
+    fn page_mut(&mut self, i: usize) -> &mut [u8] {
+        // SAFETY: page `i` < PAGES_PER_HUGE of the buffer, borrowed mutably.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.ptr().add(i * PAGE_SIZE as usize),
+                PAGE_SIZE as usize,
+            )
+        }
+    }
+}
+
+impl Drop for StageBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr(), Self::LAYOUT) }
+    }
+}
+
+/// Bits of one huge page's 4 KiB pages.
+type HugeBits = [u64; (PAGES_PER_HUGE / 64) as usize];
+
+/// A huge page being assembled. A reader takes the pages it brings (under
+/// the staging lock), writes them into `buf` with no lock held, then books
+/// them received; the last of them to finish places the huge page.
+struct Stage {
+    buf: StageBuf,
+    /// Expected pages no reader has taken yet.
+    missing: u64,
+    /// Pages taken by a reader and not yet booked received.
+    taken: HugeBits,
+    /// Readers writing into `buf` now: the buffer stays while any does.
+    writers: u32,
+}
+
 /// Post-copy into memory on huge pages: pages wait in their huge page's
 /// stage until it is complete.
 struct Staging {
-    /// Huge pages being assembled: their bytes, and how many of the pages
-    /// they expect have yet to come.
-    stages: Mutex<HashMap<u64, (Vec<u8>, u64)>>,
+    /// Huge pages being assembled.
+    stages: Mutex<HashMap<u64, Stage>>,
     /// Huge pages placed (one bit each).
     placed: Vec<AtomicU64>,
     /// Buffers of placed stages, for the next ones: a fresh one takes a
     /// page fault per 4 KiB as it fills.
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Vec<StageBuf>>,
 }
 
 impl Staging {
@@ -72,17 +140,16 @@ impl Staging {
         }
     }
 
-    /// A stage for huge page `h`, whose pages set in `expected` come from
-    /// the source: the others are zeros, or (`held`: hybrid) the bytes
-    /// pre-copy left at that host address.
-    fn new_stage(&self, h: u64, expected: &[u64], held: Option<u64>) -> Vec<u8> {
-        let mut buf = lock(&self.free)
-            .pop()
-            .unwrap_or_else(|| vec![0u8; HUGE as usize]);
-        for (i, page) in buf.chunks_mut(PAGE_SIZE as usize).enumerate() {
+    /// A stage for huge page `h` waiting for `missing` pages, of which those
+    /// set in `expected` come from the source: the others are zeros, or
+    /// (`held`: hybrid) the bytes pre-copy left at that host address.
+    fn new_stage(&self, h: u64, expected: &[u64], held: Option<u64>, missing: u64) -> Stage {
+        let mut buf = lock(&self.free).pop().unwrap_or_else(StageBuf::new);
+        for i in 0..PAGES_PER_HUGE as usize {
             if is_set(expected, h * PAGES_PER_HUGE + i as u64) {
                 continue; // overwritten when it comes
             }
+            let page = buf.page_mut(i);
             match held {
                 // SAFETY: page `i` of a huge page of guest RAM that no vCPU runs on yet.
                 Some(host) => page.copy_from_slice(unsafe {
@@ -94,7 +161,12 @@ impl Staging {
                 None => page.fill(0),
             }
         }
-        buf
+        Stage {
+            buf,
+            missing,
+            taken: [0; (PAGES_PER_HUGE / 64) as usize],
+            writers: 0,
+        }
     }
 
     fn placed(&self, h: u64) -> bool {
@@ -317,15 +389,7 @@ impl Dest {
         if n == 0 {
             return Ok(());
         }
-        let first = off / PAGE_SIZE;
-        let end = first.checked_add(n).filter(|&e| e <= self.pages);
-        let announced = off.is_multiple_of(PAGE_SIZE)
-            && end.is_some_and(|e| (first..e).all(|p| is_set(&self.expected, p)));
-        if !announced {
-            return Err(Error::Protocol(format!(
-                "pages {off:#x} + {n} were not announced in the PageMap"
-            )));
-        }
+        let first = self.announced(off, n)?;
         if let Some(s) = &self.huge {
             return self.stage(s, first, n, data, urgent);
         }
@@ -370,15 +434,30 @@ impl Dest {
         Ok(())
     }
 
+    /// The first page of the `n` from offset `off`, if the source announced
+    /// them all in its PageMap; a protocol error otherwise.
+    fn announced(&self, off: u64, n: u64) -> Result<u64> {
+        let first = off / PAGE_SIZE;
+        let end = first.checked_add(n).filter(|&e| e <= self.pages);
+        if off.is_multiple_of(PAGE_SIZE)
+            && end.is_some_and(|e| (first..e).all(|p| is_set(&self.expected, p)))
+        {
+            Ok(first)
+        } else {
+            Err(Error::Protocol(format!(
+                "pages {off:#x} + {n} were not announced in the PageMap"
+            )))
+        }
+    }
+
     /// The pages of huge page `h` that come from the source.
     fn expected_in(&self, h: u64) -> impl Iterator<Item = u64> + '_ {
         (h * PAGES_PER_HUGE..((h + 1) * PAGES_PER_HUGE).min(self.pages))
             .filter(|&p| is_set(&self.expected, p))
     }
 
-    /// Huge pages: copies the `n` pages from page `first` (`data`, or zeros)
-    /// into their stages and places each huge page whose last expected page
-    /// this was, whole.
+    /// Huge pages: stages the `n` pages from page `first` (`data`, or zeros
+    /// when `None`) and places each huge page they complete, whole.
     fn stage(
         &self,
         s: &Staging,
@@ -387,36 +466,139 @@ impl Dest {
         data: Option<&[u8]>,
         urgent: bool,
     ) -> Result<()> {
-        let mut newly = 0;
-        let mut stages = lock(&s.stages);
-        for (i, pfn) in (first..first + n).enumerate() {
-            // Every huge page's fill is under this lock: `received` cannot
-            // change between this test and `record_fill`.
-            if self.received(pfn) {
-                self.duplicate.fetch_add(1, Ordering::Relaxed);
-                continue;
+        self.stage_with(s, first, n, urgent, |pages, dst| {
+            if let Some(dst) = dst {
+                match data {
+                    Some(d) => dst.copy_from_slice(
+                        &d[pages.start * PAGE_SIZE as usize..pages.end * PAGE_SIZE as usize],
+                    ),
+                    None => dst.fill(0),
+                }
             }
-            let h = pfn / PAGES_PER_HUGE;
-            let stage = stages.entry(h).or_insert_with(|| {
-                let missing = self.expected_in(h).filter(|&p| !self.received(p)).count();
-                (s.new_stage(h, &self.expected, None), missing as u64)
-            });
-            let at = ((pfn % PAGES_PER_HUGE) * PAGE_SIZE) as usize;
-            let page = &mut stage.0[at..at + PAGE_SIZE as usize];
-            match data {
-                Some(d) => page.copy_from_slice(&d[i * PAGE_SIZE as usize..][..PAGE_SIZE as usize]),
-                None => page.fill(0),
-            }
-            stage.1 -= 1;
-            self.record_fill(pfn, urgent);
-            newly += 1;
-            if stage.1 == 0 {
-                let (bytes, _) = stages.remove(&h).unwrap_or_default();
-                self.place(s, h, &bytes)?;
-                lock(&s.free).push(bytes);
+            Ok(())
+        })
+    }
+
+    /// Huge pages: stages the `n` pages from page `first`, whose bytes `put`
+    /// writes: it is called in page order for each stretch of the run (page
+    /// indices within it), with the stage's bytes for pages not here yet, or
+    /// `None` for pages already here or on their way (to be skipped). It
+    /// runs with no lock held, so that readers fill stages side by side.
+    /// Places each huge page the run completes.
+    fn stage_with(
+        &self,
+        s: &Staging,
+        first: u64,
+        n: u64,
+        urgent: bool,
+        mut put: impl FnMut(std::ops::Range<usize>, Option<&mut [u8]>) -> Result<()>,
+    ) -> Result<()> {
+        let mut done = 0;
+        while done < n {
+            let from = first + done;
+            let k = (PAGES_PER_HUGE - from % PAGES_PER_HUGE).min(n - done);
+            self.stage_in_huge_page(s, from, k, urgent, |pages, dst| {
+                put(pages.start + done as usize..pages.end + done as usize, dst)
+            })?;
+            done += k;
+        }
+        Ok(())
+    }
+
+    /// [`Dest::stage_with`] for a run of `k` pages from `first` within one huge page.
+    fn stage_in_huge_page(
+        &self,
+        s: &Staging,
+        first: u64,
+        k: u64,
+        urgent: bool,
+        mut put: impl FnMut(std::ops::Range<usize>, Option<&mut [u8]>) -> Result<()>,
+    ) -> Result<()> {
+        let h = first / PAGES_PER_HUGE;
+        let slot = |p: u64| ((p % PAGES_PER_HUGE / 64) as usize, 1u64 << (p % 64));
+        // Take the pages of the run that nobody has yet.
+        let mut mine: HugeBits = [0; (PAGES_PER_HUGE / 64) as usize];
+        let mut base = std::ptr::null_mut();
+        {
+            let mut stages = lock(&s.stages);
+            if (first..first + k).any(|p| !self.received(p)) {
+                let stage = stages.entry(h).or_insert_with(|| {
+                    let missing = self.expected_in(h).filter(|&p| !self.received(p)).count();
+                    s.new_stage(h, &self.expected, None, missing as u64)
+                });
+                for p in first..first + k {
+                    let (w, b) = slot(p);
+                    if !self.received(p) && stage.taken[w] & b == 0 {
+                        stage.taken[w] |= b;
+                        mine[w] |= b;
+                        stage.missing -= 1;
+                    }
+                }
+                if mine.iter().any(|&w| w != 0) {
+                    stage.writers += 1;
+                    base = stage.buf.ptr();
+                }
             }
         }
-        drop(stages);
+        // Write them, and skip the others, in the order of the run.
+        let is_mine = |p: u64| {
+            let (w, b) = slot(p);
+            mine[w] & b != 0
+        };
+        let mut written = Ok(());
+        let mut i = 0;
+        while i < k && written.is_ok() {
+            let m = is_mine(first + i);
+            let mut j = i + 1;
+            while j < k && is_mine(first + j) == m {
+                j += 1;
+            }
+            let dst = m.then(|| {
+                let at = ((first + i) % PAGES_PER_HUGE * PAGE_SIZE) as usize;
+                // SAFETY: pages `first+i..first+j` of the stage's buffer, which
+                // this reader alone took; the buffer stays while `writers` counts it.
+                unsafe {
+                    std::slice::from_raw_parts_mut(base.add(at), ((j - i) * PAGE_SIZE) as usize)
+                }
+            });
+            written = put(i as usize..j as usize, dst);
+            i = j;
+        }
+        // Pages here already, or being written by another reader, came twice.
+        let taken: u64 = mine.iter().map(|w| w.count_ones() as u64).sum();
+        self.duplicate.fetch_add(k - taken, Ordering::Relaxed);
+        if base.is_null() {
+            return written;
+        }
+        // Book them (or give them back), and place the huge page if it is whole.
+        let mut newly = 0;
+        let complete = {
+            let mut stages = lock(&s.stages);
+            let Some(stage) = stages.get_mut(&h) else {
+                return Err(Error::Protocol(format!("stage of huge page {h} vanished")));
+            };
+            stage.writers -= 1;
+            for p in (first..first + k).filter(|&p| is_mine(p)) {
+                let (w, b) = slot(p);
+                stage.taken[w] &= !b;
+                if written.is_ok() {
+                    self.record_fill(p, urgent);
+                    newly += 1;
+                } else {
+                    stage.missing += 1;
+                }
+            }
+            if stage.missing == 0 && stage.writers == 0 {
+                stages.remove(&h)
+            } else {
+                None
+            }
+        };
+        written?;
+        if let Some(stage) = complete {
+            self.place(s, h, stage.buf.bytes())?;
+            lock(&s.free).push(stage.buf);
+        }
         self.count_filled(newly);
         Ok(())
     }
@@ -580,14 +762,37 @@ impl Dest {
     fn fill_batch(&self, offsets: &[u64], data: &[u8], urgent: bool) -> Result<()> {
         let mut i = 0;
         while i < offsets.len() {
-            let mut n = 1;
-            while i + n < offsets.len()
-                && offsets[i + n] == offsets[i].wrapping_add(n as u64 * PAGE_SIZE)
-            {
-                n += 1;
-            }
+            let n = run_length(&offsets[i..]);
             let bytes = &data[i * PAGE_SIZE as usize..(i + n) * PAGE_SIZE as usize];
             self.fill(offsets[i], n as u64, Some(bytes), urgent)?;
+            i += n;
+        }
+        Ok(())
+    }
+
+    /// Huge pages: reads the pages of a batch at `offsets` from `r` straight
+    /// into their stages, one read per stretch of consecutive pages; pages
+    /// already here are read into `scratch` and dropped.
+    fn receive_staged(
+        &self,
+        s: &Staging,
+        r: &mut impl Read,
+        offsets: &[u64],
+        urgent: bool,
+        scratch: &mut [u8],
+    ) -> Result<()> {
+        let mut i = 0;
+        while i < offsets.len() {
+            let n = run_length(&offsets[i..]);
+            let first = self.announced(offsets[i], n as u64)?;
+            self.stage_with(s, first, n as u64, urgent, |pages, dst| {
+                let dst = match dst {
+                    Some(d) => d,
+                    None => &mut scratch[..pages.len() * PAGE_SIZE as usize],
+                };
+                r.read_exact(dst).map_err(wire::WireError::from)?;
+                Ok(())
+            })?;
             i += n;
         }
         Ok(())
@@ -621,6 +826,10 @@ impl Dest {
                 ));
             }
             let offsets = wire::read_batch_offsets(r, h.body_len)?;
+            if let Some(s) = &self.huge {
+                self.receive_staged(s, r, &offsets, urgent, pages_as_bytes(&mut buf))?;
+                continue;
+            }
             let mut rest = &offsets[..];
             if urgent {
                 // A fault answer: the demanded page first, filled (and its
@@ -1186,6 +1395,15 @@ pub(crate) fn receive(
     Ok((vm, stats))
 }
 
+/// How many of `offsets` from the first are consecutive pages.
+fn run_length(offsets: &[u64]) -> usize {
+    let mut n = 1;
+    while n < offsets.len() && offsets[n] == offsets[0].wrapping_add(n as u64 * PAGE_SIZE) {
+        n += 1;
+    }
+    n.min(offsets.len())
+}
+
 /// Hybrid onto huge pages: each huge page that expects pages and holds some
 /// of pre-copy's (set in `held`) gets a stage holding those, which waits for
 /// the expected ones. Returns the huge pages to punch out.
@@ -1213,7 +1431,7 @@ fn stage_hybrid_pages(
         {
             continue; // pre-copy wrote nothing there: it faults as it is
         }
-        stages.insert(h, (s.new_stage(h, expected, Some(host)), want));
+        stages.insert(h, s.new_stage(h, expected, Some(host), want));
         punch.push((h * HUGE, HUGE));
     }
     Ok(punch)
@@ -1411,5 +1629,75 @@ mod tests {
         );
         assert_eq!(d.duplicate.load(Ordering::Relaxed), 1);
         assert_eq!(d.filled.load(Ordering::Relaxed), 5);
+    }
+
+    /// Readers fill stages straight from a stream: a page already here is
+    /// read and dropped (the stream stays in step), and a reader whose read
+    /// fails gives its pages back, so that they come again instead of being
+    /// booked with nothing in them.
+    #[test]
+    fn staged_reads_skip_duplicates_and_give_back_on_failure() {
+        let ram = match vmm::GuestRam::with_huge_pages(16 << 20, true) {
+            Ok(r) => r,
+            Err(e) if e.to_string().contains("cannot reserve") => {
+                eprintln!("SKIP: no huge pages here ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let Some(uffd) = uffd_or_skip() else {
+            return;
+        };
+        let map = RamMap::new(&ram);
+        map.register(&uffd).unwrap();
+        let pages = ram.size() / PAGE_SIZE;
+        // Huge page 0 expects pages 0..4.
+        let mut expected = vec![0u64; pages.div_ceil(64) as usize];
+        expected[0] = 0b1111;
+        let (tx, rx) = mpsc::channel();
+        let mut d = Dest::new(uffd, map, pages, expected, tx);
+        d.huge = Some(Staging::for_pages(pages));
+        let s = d.huge.as_ref().unwrap();
+        let page = |b: u8| vec![b; PAGE_SIZE as usize];
+        let mut scratch = vec![0u8; 4 * PAGE_SIZE as usize];
+        // Page 1 first; then a batch of pages 0..3 whose stream ends early.
+        d.receive_staged(
+            s,
+            &mut page(1).as_slice(),
+            &[PAGE_SIZE],
+            false,
+            &mut scratch,
+        )
+        .unwrap();
+        let short = [page(10), page(11)].concat();
+        let offsets = [0, PAGE_SIZE, 2 * PAGE_SIZE];
+        assert!(d
+            .receive_staged(s, &mut short.as_slice(), &offsets, false, &mut scratch)
+            .is_err());
+        assert!(d.received(1) && !d.received(0) && !d.received(2));
+        assert_eq!(
+            lock(&s.stages)[&0].missing,
+            3,
+            "pages 0, 2 and 3 are to come"
+        );
+        // Again in full, with page 1 a second time, then page 3.
+        let full = [page(20), page(21), page(22), page(23)].concat();
+        let offsets = [0, PAGE_SIZE, 2 * PAGE_SIZE, 3 * PAGE_SIZE];
+        let mut stream = full.as_slice();
+        d.receive_staged(s, &mut stream, &offsets, false, &mut scratch)
+            .unwrap();
+        assert!(stream.is_empty(), "the duplicate page was read too");
+        assert!(s.placed(0));
+        rx.recv().unwrap().unwrap();
+        d.map.unregister(&d.uffd).unwrap();
+        let byte = |pfn: u64| {
+            let mut b = [0u8; 1];
+            ram.read(ram.offset_to_gpa(pfn * PAGE_SIZE).unwrap(), &mut b)
+                .unwrap();
+            b[0]
+        };
+        assert_eq!([0, 1, 2, 3, 4].map(byte), [20, 1, 22, 23, 0]);
+        assert_eq!(d.duplicate.load(Ordering::Relaxed), 2);
+        assert_eq!(d.filled.load(Ordering::Relaxed), 4);
     }
 }
