@@ -5,10 +5,13 @@
 //! `UFFD_USER_MODE_ONLY`: on kvm-pvm a user-mode-only userfaultfd does not see
 //! the faults KVM takes on guest memory. Ranges are registered in missing mode
 //! on the shared memfd mapping and filled with `UFFDIO_COPY` (or
-//! `UFFDIO_ZEROPAGE`); EEXIST means the page is already there. A background
-//! save ([`crate::background_save`]) registers them in write-protect mode
-//! instead, to copy each page before the guest changes it. Each of them
-//! serves its faults through `Uffd::each_fault`.
+//! `UFFDIO_ZEROPAGE`); EEXIST means the page is already there. Memory on
+//! huge pages is registered for minor faults too and written through a
+//! second mapping, then mapped a whole huge page at a time
+//! (`UFFDIO_CONTINUE`). A background save ([`crate::background_save`])
+//! registers them in write-protect mode instead, to copy each page before
+//! the guest changes it. Each of them serves its faults through
+//! `Uffd::each_fault`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -27,8 +30,14 @@ const UFFDIO_WAKE: u64 = ioc(READ, 0x02, 16);
 const UFFDIO_COPY: u64 = ioc(READ_WRITE, 0x03, 40);
 const UFFDIO_ZEROPAGE: u64 = ioc(READ_WRITE, 0x04, 32);
 const UFFDIO_WRITEPROTECT: u64 = ioc(READ_WRITE, 0x06, 24);
+const UFFDIO_CONTINUE: u64 = ioc(READ_WRITE, 0x07, 32);
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+const UFFDIO_REGISTER_MODE_MINOR: u64 = 4;
+/// Minor faults on hugetlbfs mappings: the page is in the file but not
+/// mapped here (Linux 5.13).
+const UFFD_FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
+const IOCTL_CONTINUE_BIT: u64 = 1 << 0x07;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 /// Write-protection of shmem (our memfd) mappings.
 const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
@@ -61,6 +70,12 @@ struct Copy {
     len: u64,
     mode: u64,
     copy: i64,
+}
+#[repr(C)]
+struct Continue {
+    range: Range,
+    mode: u64,
+    mapped: i64,
 }
 #[repr(C)]
 struct WriteProtect {
@@ -114,6 +129,12 @@ impl Uffd {
         Self::with_features(UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
     }
 
+    /// A userfaultfd that also sees minor faults on huge-page mappings (see
+    /// [`Uffd::register_with_minor`]).
+    pub fn for_minor_faults() -> io::Result<Self> {
+        Self::with_features(UFFD_FEATURE_MINOR_HUGETLBFS)
+    }
+
     fn with_features(features: u64) -> io::Result<Self> {
         // SAFETY: plain syscall; the result is a new descriptor or -1.
         let fd =
@@ -162,6 +183,40 @@ impl Uffd {
         Ok(())
     }
 
+    /// Registers `[start, start+len)`, memory on huge pages, for missing-page
+    /// faults and for minor faults: a page that is in the file (written
+    /// through another mapping) but not mapped here faults until
+    /// [`Uffd::map_present`] maps it.
+    pub fn register_with_minor(&self, start: u64, len: u64) -> io::Result<()> {
+        let mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR;
+        let ioctls = self.register_mode(start, len, mode)?;
+        if ioctls & IOCTL_CONTINUE_BIT == 0 {
+            return Err(io::Error::other(
+                "userfaultfd cannot resolve minor faults on this mapping (no UFFDIO_CONTINUE)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Maps the pages of `[dst, dst+len)` that are in the file but not
+    /// mapped here (`UFFDIO_CONTINUE`) and wakes their waiters, whichever
+    /// kind of fault they took. Ok(false): they were mapped already.
+    pub fn map_present(&self, dst: u64, len: u64) -> io::Result<bool> {
+        let mut c = Continue {
+            range: Range { start: dst, len },
+            mode: 0,
+            mapped: 0,
+        };
+        match ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE, &mut c) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                self.wake(dst, len)?;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Registers `[start, start+len)` for write-protect faults.
     pub fn register_wp(&self, start: u64, len: u64) -> io::Result<()> {
         let ioctls = self.register_mode(start, len, UFFDIO_REGISTER_MODE_WP)?;
@@ -199,24 +254,6 @@ impl Uffd {
         let mut filled = false;
         self.fill_run(dst, Some(src), src.len() as u64, |_, f| filled |= f)?;
         Ok(filled)
-    }
-
-    /// Fills the missing page at `dst` with all of `src` in one `UFFDIO_COPY`
-    /// (a huge page: hugetlbfs takes only whole ones) and wakes its waiters.
-    /// Ok(false): the page was already there (EEXIST).
-    pub fn copy_whole(&self, dst: u64, src: &[u8]) -> io::Result<bool> {
-        let mut c = Copy {
-            dst,
-            src: src.as_ptr() as u64,
-            len: src.len() as u64,
-            mode: 0,
-            copy: 0,
-        };
-        match ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) {
-            Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
-            Err(e) => Err(e),
-        }
     }
 
     /// Fills the missing pages of `[dst, dst + len)` in as few `UFFDIO_COPY`
@@ -551,6 +588,15 @@ impl RamMap {
     pub fn register(&self, uffd: &Uffd) -> io::Result<()> {
         for &(_, len, host) in &self.ranges {
             uffd.register(host, len)?;
+        }
+        Ok(())
+    }
+
+    /// Registers all of RAM, on huge pages, with `uffd` for missing and
+    /// minor faults (see [`Uffd::register_with_minor`]).
+    pub fn register_with_minor(&self, uffd: &Uffd) -> io::Result<()> {
+        for &(_, len, host) in &self.ranges {
+            uffd.register_with_minor(host, len)?;
         }
         Ok(())
     }

@@ -339,6 +339,64 @@ fn reserve_huge_pages(file: &File, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// A second shared mapping of a VM's whole memfd, by file offset: pages
+/// written through it are the guest's, while the guest's own mappings may
+/// not map them yet (post-copy onto huge pages writes here, and maps a huge
+/// page into the guest once it is whole). Unmapped when dropped.
+pub struct RamAlias {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a shared file mapping; who writes which bytes is the user's rule.
+unsafe impl Send for RamAlias {}
+// SAFETY: as above; the struct itself is never mutated.
+unsafe impl Sync for RamAlias {}
+
+impl RamAlias {
+    /// Maps all of `ram`'s memfd once more.
+    pub fn new(ram: &GuestRam) -> Result<Self> {
+        let len = usize::try_from(ram.size()).map_err(|_| Error::MemorySize {
+            size: ram.size(),
+            reason: "larger than this host's address space".into(),
+        })?;
+        // SAFETY: a new shared mapping of the VM's own memfd, `len` bytes.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                ram.memfd().as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            return Err(Error::GuestMemory(format!(
+                "second mapping of guest RAM: {e}"
+            )));
+        }
+        let ptr = std::ptr::NonNull::new(p as *mut u8)
+            .ok_or_else(|| Error::GuestMemory("second mapping of guest RAM at 0".into()))?;
+        Ok(RamAlias { ptr, len })
+    }
+
+    /// The address of memfd offset `off`, if `off + len` is inside.
+    pub fn at(&self, off: u64, len: u64) -> Option<*mut u8> {
+        let end = off.checked_add(len)?;
+        // SAFETY: `off` < the mapping's length, checked just before.
+        (end <= self.len as u64).then(|| unsafe { self.ptr.as_ptr().add(off as usize) })
+    }
+}
+
+impl Drop for RamAlias {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };
+    }
+}
+
 /// The host's huge page pool from /proc/meminfo, for messages.
 fn huge_pool_summary() -> String {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();

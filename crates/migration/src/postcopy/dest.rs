@@ -1,15 +1,16 @@
 //! The destination of a post-copy phase: userfaultfd, the page readers, the fault thread.
 //!
-//! Guest memory on huge pages (hugetlbfs) is placed whole, 2 MiB per
-//! `UFFDIO_COPY`: the 4 KiB pages that arrive are staged per huge page until
-//! every page it expects is in ([`Staging`]), and a fault asks for the
-//! missing pages of its huge page. Hybrid's huge pages that hold pre-copy's
-//! pages are copied into their stage before being punched out.
+//! Guest memory on huge pages (hugetlbfs) is mapped into the guest whole:
+//! the 4 KiB pages that arrive are read from the socket straight into the
+//! file through a second mapping, and a huge page is mapped
+//! (`UFFDIO_CONTINUE`) once every page it expects is in ([`Staging`]); a
+//! fault asks for the missing pages of its huge page. Hybrid's huge pages
+//! that hold pre-copy's pages keep them in the file: only the guest's
+//! mapping of them is dropped at the switch.
 
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,128 +46,63 @@ const DONE_GRACE: Duration = Duration::from_secs(60);
 const HUGE: u64 = 2 << 20;
 const PAGES_PER_HUGE: u64 = HUGE / PAGE_SIZE;
 
-/// Zeros for a huge page that expects no page from the source.
-static ZERO_HUGE: [u8; HUGE as usize] = [0; HUGE as usize];
-
-/// A huge page's buffer while its pages arrive. Readers write their own
-/// pages into it through [`StageBuf::ptr`] without holding any lock (see
-/// [`Stage`]), so it is a raw allocation rather than a `Vec`.
-struct StageBuf(std::ptr::NonNull<u8>);
-
-// SAFETY: a plain heap allocation; who writes which bytes is ruled by `Stage`.
-unsafe impl Send for StageBuf {}
-
-impl StageBuf {
-    const LAYOUT: std::alloc::Layout =
-        match std::alloc::Layout::from_size_align(HUGE as usize, PAGE_SIZE as usize) {
-            Ok(l) => l,
-            Err(_) => panic!("huge page layout"),
-        };
-
-    fn new() -> StageBuf {
-        // SAFETY: a non-zero size.
-        let p = unsafe { std::alloc::alloc_zeroed(Self::LAYOUT) };
-        StageBuf(
-            std::ptr::NonNull::new(p)
-                .unwrap_or_else(|| std::alloc::handle_alloc_error(Self::LAYOUT)),
-        )
-    }
-
-    fn ptr(&self) -> *mut u8 {
-        self.0.as_ptr()
-    }
-
-    /// The whole buffer; only while nobody writes into it.
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: HUGE bytes we own; callers hold the only access (no writers).
-        unsafe { std::slice::from_raw_parts(self.ptr(), HUGE as usize) }
-    }
-
-    /// 4 KiB page `i` of the buffer; only while nobody else writes it.
-    fn page_mut(&mut self, i: usize) -> &mut [u8] {
-        // SAFETY: page `i` < PAGES_PER_HUGE of the buffer, borrowed mutably.
-        unsafe {
-            std::slice::from_raw_parts_mut(
-                self.ptr().add(i * PAGE_SIZE as usize),
-                PAGE_SIZE as usize,
-            )
-        }
-    }
-}
-
-impl Drop for StageBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout, freed once.
-        unsafe { std::alloc::dealloc(self.ptr(), Self::LAYOUT) }
-    }
-}
-
 /// Bits of one huge page's 4 KiB pages.
 type HugeBits = [u64; (PAGES_PER_HUGE / 64) as usize];
 
-/// A huge page being assembled. A reader takes the pages it brings (under
-/// the staging lock), writes them into `buf` with no lock held, then books
-/// them received; the last of them to finish places the huge page.
+/// A huge page being assembled in the file, not yet mapped into the guest.
+/// A reader takes the pages it brings (under the staging lock), writes them
+/// through the second mapping with no lock held, then books them received;
+/// the last of them to finish maps the huge page into the guest.
 struct Stage {
-    buf: StageBuf,
     /// Expected pages no reader has taken yet.
     missing: u64,
     /// Pages taken by a reader and not yet booked received.
     taken: HugeBits,
-    /// Readers writing into `buf` now: the buffer stays while any does.
+    /// Readers writing into the huge page now.
     writers: u32,
 }
 
-/// Post-copy into memory on huge pages: pages wait in their huge page's
-/// stage until it is complete.
+/// Post-copy into memory on huge pages. userfaultfd maps a hugetlbfs page
+/// only whole, so arriving pages are written into the file through a second
+/// mapping, where the guest cannot see them, and a huge page is mapped into
+/// the guest (`UFFDIO_CONTINUE`) once every page it expects is in. Until
+/// then the guest's accesses fault: missing-page faults where the file has
+/// no page yet, minor faults where it has one (hybrid's pre-copy pages).
 struct Staging {
+    /// Guest RAM by file offset, outside the guest's mappings.
+    alias: vmm::memory::RamAlias,
     /// Huge pages being assembled.
     stages: Mutex<HashMap<u64, Stage>>,
-    /// Huge pages placed (one bit each).
+    /// Huge pages mapped into the guest (one bit each).
     placed: Vec<AtomicU64>,
-    /// Buffers of placed stages, for the next ones: a fresh one takes a
-    /// page fault per 4 KiB as it fills.
-    free: Mutex<Vec<StageBuf>>,
 }
 
 impl Staging {
-    fn for_pages(pages: u64) -> Staging {
-        Staging {
+    fn for_ram(ram: &vmm::GuestRam) -> Result<Staging> {
+        let pages = ram.size() / PAGE_SIZE;
+        Ok(Staging {
+            alias: vmm::memory::RamAlias::new(ram)?,
             stages: Mutex::new(HashMap::new()),
             placed: (0..pages.div_ceil(PAGES_PER_HUGE).div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
-            free: Mutex::new(Vec::new()),
-        }
+        })
     }
 
-    /// A stage for huge page `h` waiting for `missing` pages, of which those
-    /// set in `expected` come from the source: the others are zeros, or
-    /// (`held`: hybrid) the bytes pre-copy left at that host address.
-    fn new_stage(&self, h: u64, expected: &[u64], held: Option<u64>, missing: u64) -> Stage {
-        let mut buf = lock(&self.free).pop().unwrap_or_else(StageBuf::new);
-        for i in 0..PAGES_PER_HUGE as usize {
-            if is_set(expected, h * PAGES_PER_HUGE + i as u64) {
-                continue; // overwritten when it comes
-            }
-            let page = buf.page_mut(i);
-            match held {
-                // SAFETY: page `i` of a huge page of guest RAM that no vCPU runs on yet.
-                Some(host) => page.copy_from_slice(unsafe {
-                    std::slice::from_raw_parts(
-                        (host + i as u64 * PAGE_SIZE) as *const u8,
-                        PAGE_SIZE as usize,
-                    )
-                }),
-                None => page.fill(0),
-            }
-        }
+    /// A stage waiting for `missing` pages.
+    fn new_stage(missing: u64) -> Stage {
         Stage {
-            buf,
             missing,
             taken: [0; (PAGES_PER_HUGE / 64) as usize],
             writers: 0,
         }
+    }
+
+    /// Huge page `h` through the second mapping.
+    fn huge_page(&self, h: u64) -> Result<*mut u8> {
+        self.alias
+            .at(h * HUGE, HUGE)
+            .ok_or_else(|| Error::Protocol(format!("huge page {h} outside RAM")))
     }
 
     fn placed(&self, h: u64) -> bool {
@@ -524,7 +460,7 @@ impl Dest {
             if (first..first + k).any(|p| !self.received(p)) {
                 let stage = stages.entry(h).or_insert_with(|| {
                     let missing = self.expected_in(h).filter(|&p| !self.received(p)).count();
-                    s.new_stage(h, &self.expected, None, missing as u64)
+                    Staging::new_stage(missing as u64)
                 });
                 for p in first..first + k {
                     let (w, b) = slot(p);
@@ -536,7 +472,7 @@ impl Dest {
                 }
                 if mine.iter().any(|&w| w != 0) {
                     stage.writers += 1;
-                    base = stage.buf.ptr();
+                    base = s.huge_page(h)?;
                 }
             }
         }
@@ -555,8 +491,9 @@ impl Dest {
             }
             let dst = m.then(|| {
                 let at = ((first + i) % PAGES_PER_HUGE * PAGE_SIZE) as usize;
-                // SAFETY: pages `first+i..first+j` of the stage's buffer, which
-                // this reader alone took; the buffer stays while `writers` counts it.
+                // SAFETY: pages `first+i..first+j` of huge page `h` in the second
+                // mapping, which this reader alone took; the guest does not map
+                // them until the stage is complete, after this write.
                 unsafe {
                     std::slice::from_raw_parts_mut(base.add(at), ((j - i) * PAGE_SIZE) as usize)
                 }
@@ -595,27 +532,27 @@ impl Dest {
             }
         };
         written?;
-        if let Some(stage) = complete {
-            self.place(s, h, stage.buf.bytes())?;
-            lock(&s.free).push(stage.buf);
+        if complete.is_some() {
+            self.place(s, h)?;
         }
         self.count_filled(newly);
         Ok(())
     }
 
-    /// Places huge page `h` whole, which wakes the threads waiting on it.
-    fn place(&self, s: &Staging, h: u64, bytes: &[u8]) -> Result<()> {
+    /// Maps huge page `h` into the guest, whole, which wakes the threads
+    /// waiting on it.
+    fn place(&self, s: &Staging, h: u64) -> Result<()> {
         let Some(host) = self.map.host(h * HUGE) else {
             return Err(Error::Protocol(format!("huge page {h} outside RAM")));
         };
-        match self.uffd.copy_whole(host, bytes) {
+        match self.uffd.map_present(host, HUGE) {
             Ok(_) => {
                 s.set_placed(h);
                 Ok(())
             }
             Err(_) if self.filled.load(Ordering::Acquire) >= self.total => Ok(()),
             Err(e) => {
-                let e = io_err(format!("UFFDIO_COPY of huge page {h}"))(e);
+                let e = io_err(format!("UFFDIO_CONTINUE of huge page {h}"))(e);
                 self.finish(Err(Error::Protocol(e.to_string())));
                 Err(e)
             }
@@ -635,8 +572,14 @@ impl Dest {
             return Ok(());
         }
         if self.expected_in(h).next().is_none() {
-            let filled = self.uffd.copy_whole(huge_addr, &ZERO_HUGE);
-            self.zero_filled(filled, "UFFDIO_COPY (zero huge page)")?;
+            // Into the file as it is (zeros, or what pre-copy left), then mapped.
+            // SAFETY: a byte of huge page `h` in the second mapping, read only.
+            unsafe { std::ptr::read_volatile(s.huge_page(h)?) };
+            let filled = self.uffd.map_present(huge_addr, HUGE);
+            self.zero_filled(
+                filled,
+                "UFFDIO_CONTINUE (huge page the source sends nothing of)",
+            )?;
             s.set_placed(h);
             return Ok(());
         }
@@ -1219,7 +1162,6 @@ pub(crate) fn receive(
     let ram = prepared.ram().clone();
     let pages = ram.size() / PAGE_SIZE;
     let mut expected = vec![0u64; pages.div_ceil(64) as usize];
-    let memfd = ram.memfd().as_raw_fd();
     for &(off, n) in &runs {
         let end = (off / PAGE_SIZE).checked_add(n);
         if !off.is_multiple_of(PAGE_SIZE) || n == 0 || end.is_none_or(|e| e > pages) {
@@ -1232,34 +1174,36 @@ pub(crate) fn receive(
         }
     }
     let map = RamMap::new(&ram);
-    // Hybrid: what pre-copy left in the expected pages is stale; punch them
-    // out so that they fault. On huge pages that is the whole huge page:
-    // pre-copy's pages in it go into its stage first.
-    let staging = ram.is_huge().then(|| Staging::for_pages(pages));
-    let punches: Vec<(u64, u64)> = match &staging {
-        None => runs.iter().map(|&(off, n)| (off, n * PAGE_SIZE)).collect(),
-        Some(s) => stage_hybrid_pages(s, &map, &expected, held.as_deref().unwrap_or(&[]))?,
-    };
-    for (off, len) in punches {
-        // SAFETY: fallocate on the memfd we own; no mapping is invalidated.
-        let rc = unsafe {
-            libc::fallocate(
-                memfd,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as i64,
-                len as i64,
-            )
-        };
-        if rc < 0 {
-            return Err(io_err("punching stale pages")(
-                std::io::Error::last_os_error(),
-            ));
+    // Hybrid: what pre-copy left in the expected pages is stale. 4 KiB pages
+    // are punched out of the file so that they fault; on huge pages the
+    // guest's mappings of those huge pages are dropped instead (the file
+    // keeps pre-copy's pages, which arriving pages complete), so that they
+    // take minor faults.
+    let staging = ram.is_huge().then(|| Staging::for_ram(&ram)).transpose()?;
+    if staging.is_some() {
+        let stale = hybrid_huge_pages(&expected, held.as_deref().unwrap_or(&[]));
+        unmap_from_guest(&map, &stale)?;
+    } else {
+        for &(off, n) in &runs {
+            vmm::memory::punch_hole(ram.memfd(), off, n * PAGE_SIZE)
+                .map_err(io_err("punching stale pages"))?;
         }
     }
     let total = popcount(&expected);
-    let uffd = Uffd::new().map_err(io_err("userfaultfd"))?;
-    map.register(&uffd)
-        .map_err(io_err("registering guest RAM with userfaultfd"))?;
+    let uffd = if staging.is_some() {
+        let uffd = Uffd::for_minor_faults().map_err(io_err(
+            "userfaultfd with minor faults on huge pages (Linux 5.13 or later)",
+        ))?;
+        map.register_with_minor(&uffd).map_err(io_err(
+            "registering guest RAM on huge pages with userfaultfd",
+        ))?;
+        uffd
+    } else {
+        let uffd = Uffd::new().map_err(io_err("userfaultfd"))?;
+        map.register(&uffd)
+            .map_err(io_err("registering guest RAM with userfaultfd"))?;
+        uffd
+    };
     tracing::debug!(
         pages = total,
         "post-copy: guest RAM registered with userfaultfd"
@@ -1404,37 +1348,48 @@ fn run_length(offsets: &[u64]) -> usize {
     n.min(offsets.len())
 }
 
-/// Hybrid onto huge pages: each huge page that expects pages and holds some
-/// of pre-copy's (set in `held`) gets a stage holding those, which waits for
-/// the expected ones. Returns the huge pages to punch out.
-fn stage_hybrid_pages(
-    s: &Staging,
-    map: &RamMap,
-    expected: &[u64],
-    held: &[u64],
-) -> Result<Vec<(u64, u64)>> {
-    let mut punch = Vec::new();
-    let mut stages = lock(&s.stages);
+/// Hybrid onto huge pages: the runs of huge pages (memfd offset, length)
+/// that expect pages and hold some of pre-copy's (set in `held`, a bit per
+/// huge page). The others have nothing stale: the guest faults on them as
+/// they are.
+fn hybrid_huge_pages(expected: &[u64], held: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
     let words = (PAGES_PER_HUGE / 64) as usize;
     for (h, bits) in expected.chunks(words).enumerate() {
         let h = h as u64;
-        let want: u64 = bits.iter().map(|w| w.count_ones() as u64).sum();
-        if want == 0 {
+        let wanted = bits.iter().any(|&w| w != 0);
+        let written = held
+            .get((h / 64) as usize)
+            .is_some_and(|w| w & (1 << (h % 64)) != 0);
+        if !(wanted && written) {
             continue;
         }
-        let Some(host) = map.host(h * HUGE) else {
-            return Err(Error::Protocol(format!("huge page {h} outside RAM")));
-        };
-        if held
-            .get((h / 64) as usize)
-            .is_none_or(|w| w & (1 << (h % 64)) == 0)
-        {
-            continue; // pre-copy wrote nothing there: it faults as it is
+        match runs.last_mut() {
+            Some((off, len)) if *off + *len == h * HUGE => *len += HUGE,
+            _ => runs.push((h * HUGE, HUGE)),
         }
-        stages.insert(h, s.new_stage(h, expected, Some(host), want));
-        punch.push((h * HUGE, HUGE));
     }
-    Ok(punch)
+    runs
+}
+
+/// Drops the guest's mappings of the memfd runs `runs` (the file keeps the
+/// pages): the guest's next access to them faults.
+fn unmap_from_guest(map: &RamMap, runs: &[(u64, u64)]) -> Result<()> {
+    for &(off, len) in runs {
+        for (host, len) in map.host_spans(off, len) {
+            // SAFETY: a range of the guest's own shared mapping; no vCPU runs
+            // yet, and the pages stay in the file.
+            let rc = unsafe {
+                libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED)
+            };
+            if rc < 0 {
+                return Err(io_err("dropping the guest's mapping of stale huge pages")(
+                    std::io::Error::last_os_error(),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1445,6 +1400,13 @@ mod tests {
     fn uffd_or_skip() -> Option<Uffd> {
         Uffd::new()
             .inspect_err(|e| eprintln!("SKIP: userfaultfd unavailable: {e}"))
+            .ok()
+    }
+
+    /// A userfaultfd for huge pages (with minor faults), or None (and a note).
+    fn minor_uffd_or_skip() -> Option<Uffd> {
+        Uffd::for_minor_faults()
+            .inspect_err(|e| eprintln!("SKIP: userfaultfd minor faults unavailable: {e}"))
             .ok()
     }
 
@@ -1558,7 +1520,7 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         };
-        let Some(uffd) = uffd_or_skip() else {
+        let Some(uffd) = minor_uffd_or_skip() else {
             return;
         };
         let map = RamMap::new(&ram);
@@ -1570,14 +1532,12 @@ mod tests {
         expected[8] = 1;
         ram.write(ram.offset_to_gpa(513 * PAGE_SIZE).unwrap(), &[7u8; 4096])
             .unwrap();
-        let staging = Staging::for_pages(pages);
+        let staging = Staging::for_ram(&ram).unwrap();
         let held = vec![0b10u64];
-        let punch = stage_hybrid_pages(&staging, &map, &expected, &held).unwrap();
-        assert_eq!(punch, vec![(HUGE, HUGE)]);
-        for (off, len) in punch {
-            vmm::memory::punch_hole(ram.memfd(), off, len).unwrap();
-        }
-        map.register(&uffd).unwrap();
+        let stale = hybrid_huge_pages(&expected, &held);
+        assert_eq!(stale, vec![(HUGE, HUGE)]);
+        unmap_from_guest(&map, &stale).unwrap();
+        map.register_with_minor(&uffd).unwrap();
         let (tx, rx) = mpsc::channel();
         let mut d = Dest::new(uffd, map, pages, expected, tx);
         d.huge = Some(staging);
@@ -1645,18 +1605,18 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         };
-        let Some(uffd) = uffd_or_skip() else {
+        let Some(uffd) = minor_uffd_or_skip() else {
             return;
         };
         let map = RamMap::new(&ram);
-        map.register(&uffd).unwrap();
+        map.register_with_minor(&uffd).unwrap();
         let pages = ram.size() / PAGE_SIZE;
         // Huge page 0 expects pages 0..4.
         let mut expected = vec![0u64; pages.div_ceil(64) as usize];
         expected[0] = 0b1111;
         let (tx, rx) = mpsc::channel();
         let mut d = Dest::new(uffd, map, pages, expected, tx);
-        d.huge = Some(Staging::for_pages(pages));
+        d.huge = Some(Staging::for_ram(&ram).unwrap());
         let s = d.huge.as_ref().unwrap();
         let page = |b: u8| vec![b; PAGE_SIZE as usize];
         let mut scratch = vec![0u8; 4 * PAGE_SIZE as usize];
