@@ -71,21 +71,8 @@ fn start(src: &VmProcess, dir: &Path, tag: &str, mut req: Value) -> VmProcess {
     dst
 }
 
-/// Polls the source's migration until `pred` holds.
-fn wait_until(src: &VmProcess, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = src.request(json!({"cmd": "migration"}));
-        if pred(&r) {
-            return r;
-        }
-        assert!(Instant::now() < end, "never {what}: {r}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn wait_held(src: &VmProcess, phase: &str) {
-    let r = wait_until(src, &format!("held at {phase}"), |r| {
+    let r = src.wait_until(&format!("held at {phase}"), |r| {
         r["held"] == phase
             || matches!(
                 r["status"].as_str(),
@@ -190,13 +177,8 @@ fn post_go(fault: Fault, phase: &str) {
     }
     let mut dst = start(&src, &dir, &cell, req);
     if phase == "recovery" {
-        wait_until(&src, "post-copy", |r| r["status"] == "postcopy-active");
-        wait_until(&src, "links cut", |_| {
-            src.request(json!({"cmd": "inject", "fault": "drop-links"}))["cut"]
-                .as_u64()
-                .unwrap_or(0)
-                > 0
-        });
+        src.wait_until("post-copy", |r| r["status"] == "postcopy-active");
+        src.cut_links();
     }
     wait_held(&src, phase);
     let t = Instant::now();
@@ -235,7 +217,7 @@ fn post_go(fault: Fault, phase: &str) {
         // The destination's half is gone: the source cannot reconnect and,
         // as designed, does not give up by itself; the operator cancels.
         dst.wait(Duration::from_secs(10));
-        wait_until(&src, "reconnection refused", |r| {
+        src.wait_until("reconnection refused", |r| {
             r["status"] == "postcopy-paused"
                 && r["held"].is_null()
                 && r["error"]

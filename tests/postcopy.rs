@@ -267,19 +267,6 @@ fn settled_nice(vm: &VmProcess, name: &str, want: i64) -> Option<i64> {
     }
 }
 
-/// Polls the source's migration until `pred` holds; returns that status.
-fn wait_until(src: &VmProcess, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let end = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = src.request(json!({"cmd": "migration"}));
-        if pred(&r) {
-            return r;
-        }
-        assert!(std::time::Instant::now() < end, "never {what}: {r}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// What the destination's recovery port answers to `hello` sent from `from`.
 fn recovery_answer(port: u64, from: &str, hello: Option<wire::Message>) -> String {
     use std::io::{Read, Write};
@@ -331,7 +318,7 @@ fn postcopy_recovers_when_the_links_are_cut() {
         "workload=dirty:48:6",
         json!({"mode": "postcopy", "max_bandwidth": 4 << 20, "prepaging_window": 4}),
         |src, dst| {
-            wait_until(src, "post-copy", |r| r["status"] == "postcopy-active");
+            src.wait_until("post-copy", |r| r["status"] == "postcopy-active");
             // The threads that bring the pages run at the default nice value
             // of `--postcopy-nice`, ahead of the vCPUs.
             // A thread is named as it starts and sets its priority a moment
@@ -376,14 +363,8 @@ fn postcopy_recovers_when_the_links_are_cut() {
                 let before = dst.request(json!({"cmd": "migration"}))["pages_received"]
                     .as_u64()
                     .unwrap();
-                // Between sessions there is nothing to cut: try again.
-                wait_until(src, "cut", |_| {
-                    src.request(json!({"cmd": "inject", "fault": "drop-links"}))["cut"]
-                        .as_u64()
-                        .unwrap_or(0)
-                        > 0
-                });
-                let r = wait_until(src, "recovered", |r| {
+                src.cut_links();
+                let r = src.wait_until("recovered", |r| {
                     r["recoveries"].as_u64() == Some(cut) && r["status"] == "postcopy-active"
                         || r["status"] == "completed"
                 });
@@ -392,7 +373,7 @@ fn postcopy_recovers_when_the_links_are_cut() {
                     "the phase ended before cut {cut}: {r}"
                 );
                 // The destination takes up the new session and pages flow again.
-                wait_until(dst, "pages flowing again", |inc| {
+                dst.wait_until("pages flowing again", |inc| {
                     inc["status"] == "completed"
                         || inc["status"] == "postcopy-active"
                             && inc["pages_received"].as_u64().unwrap() > before
@@ -426,13 +407,8 @@ fn postcopy_without_fault_channel_recovers_too() {
         "workload=dirty:48:6",
         json!({"mode": "postcopy", "max_bandwidth": 4 << 20, "fault_channel": false}),
         |src, _| {
-            wait_until(src, "post-copy", |r| r["status"] == "postcopy-active");
-            wait_until(src, "cut", |_| {
-                src.request(json!({"cmd": "inject", "fault": "drop-links"}))["cut"]
-                    .as_u64()
-                    .unwrap_or(0)
-                    > 0
-            });
+            src.wait_until("post-copy", |r| r["status"] == "postcopy-active");
+            src.cut_links();
         },
     );
     assert_eq!(stats["fault_channel"], false, "{stats}");
@@ -457,7 +433,17 @@ fn hybrid_leaves_the_hot_working_set_to_post_copy() {
     );
     let deferred = stats["pages"]["deferred"].as_u64().unwrap();
     assert!(deferred >= (30 << 20) / 4096, "{stats}");
-    assert_eq!(stats["sampling"]["ended"], "quiet", "{stats}");
+    // The sampling ends because the set stopped growing, or because the
+    // guest had gone round it before the step that sent the rest ended (a
+    // vCPU held up while dirty logging starts catches up in a burst); never
+    // at the time limit.
+    assert!(
+        matches!(
+            stats["sampling"]["ended"].as_str(),
+            Some("quiet" | "all sent")
+        ),
+        "{stats}"
+    );
     // Round 0's dirty rate counts the hot pages the guest wrote in it, though
     // the round did not send them.
     let r0 = &stats["rounds"][0];

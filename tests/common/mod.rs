@@ -368,6 +368,35 @@ impl VmProcess {
         }
     }
 
+    /// Polls the migration until `pred` holds of it (60 s at most; `what`
+    /// names the wait in the failure).
+    pub fn wait_until(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = self.request(serde_json::json!({"cmd": "migration"}));
+            if pred(&r) {
+                return r;
+            }
+            assert!(Instant::now() < end, "never {what}: {r}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Cuts the migration's links (`inject drop-links`), trying again while
+    /// there is nothing to cut (between two sessions).
+    pub fn cut_links(&self) {
+        self.wait_until("links cut", |_| {
+            self.request(serde_json::json!({"cmd": "inject", "fault": "drop-links"}))["cut"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        });
+    }
+
     /// Sends one control request and returns the reply.
     pub fn request(&self, req: serde_json::Value) -> serde_json::Value {
         control(&self.control, req)
