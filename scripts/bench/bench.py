@@ -28,7 +28,7 @@ predict: the cost model before and after, two daemons over loopback:
 hugepages: the destination's memory on 4 KiB shmem pages (the default)
          against huge pages (`--hugepages`), alternating run by run: the
          paused-source case (768 MiB), and 256 MiB flat out by pre-copy,
-         post-copy and hybrid, 1 GiB guests; round-0 throughput against
+         post-copy, hybrid and auto, 1 GiB guests; round-0 throughput against
          loopback TCP, post-copy's fault latency. Grows and touches the
          huge page pool first (scripts/hugepages.sh 1200, root; not in `all`).
 limits:  memcpy, zero-scan and loopback TCP, measured in the same run.
@@ -337,7 +337,8 @@ def bench_hugepages(runs, lim):
     tcp_bytes = lim["loopback_tcp_gbit_per_s"] * 1e9 / 8
     # (workload, source paused, mode)
     cases = [("dirty:768:0", True, "precopy"), ("dirty:256:0", False, "precopy"),
-             ("dirty:256:0", False, "postcopy"), ("dirty:256:0", False, "hybrid")]
+             ("dirty:256:0", False, "postcopy"), ("dirty:256:0", False, "hybrid"),
+             ("dirty:256:0", False, "auto")]
     res = {(case, huge): [] for case in cases for huge in (False, True)}
     with tempfile.TemporaryDirectory() as d:
         for i in range(runs):
@@ -360,6 +361,7 @@ def bench_hugepages(runs, lim):
             "round0_GB/s": med([x / 1e9 for x in r0]) if r0 else "n/a",
             "round0_vs_tcp": med([x / tcp_bytes for x in r0]) if r0 else "n/a",
             "fault_p50_us": med([r["faults"]["p50_us"] for r in ok]) if mode != "precopy" else "",
+            "MiB_sent": med([r["bytes"] / 2**20 for r in ok]),
             "errors": "; ".join(sorted({r.get("error") or "" for r in rs if r["status"] != "completed"})),
         })
     return rows
