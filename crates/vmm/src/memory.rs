@@ -141,6 +141,11 @@ pub struct GuestRam {
     ranges: Vec<RamRange>,
     mem: GuestMemoryMmap,
     huge: bool,
+    /// Every page in the file was faulted in through this process's
+    /// mappings of it (the RAM was made here, not handed over): on huge
+    /// pages, which cannot be asked for their holes, what those mappings
+    /// map is what holds data (see [`GuestRam::data_extents`]).
+    mapped_here: bool,
 }
 
 impl GuestRam {
@@ -171,7 +176,9 @@ impl GuestRam {
         if huge {
             reserve_huge_pages(&file, size)?;
         }
-        Self::map(file, size)
+        let mut ram = Self::map(file, size)?;
+        ram.mapped_here = true;
+        Ok(ram)
     }
 
     /// Whether this RAM is on huge pages (hugetlbfs).
@@ -211,6 +218,7 @@ impl GuestRam {
             .map_err(|e| Error::GuestMemory(format!("mmap: {e}")))?;
         Ok(GuestRam {
             huge: is_hugetlbfs(&file),
+            mapped_here: false,
             memfd: file,
             size,
             ranges,
@@ -299,9 +307,73 @@ impl GuestRam {
     /// Data extents of the memfd as (offset, len), skipping holes never written.
     ///
     /// Uses `SEEK_DATA`/`SEEK_HOLE`, so untouched memory costs nothing to skip.
+    /// hugetlbfs has neither: there the extents are the huge pages that this
+    /// process's mappings map (`mincore`, ~0.3 ms per GiB), which are all
+    /// that hold data when every page was faulted in through them, as in RAM
+    /// made here. The guest, KVM and the VMM all touch RAM through them (a
+    /// post-copy destination writes through a second mapping, but maps each
+    /// huge page into these before the phase ends). RAM handed over from
+    /// another process counts whole.
     pub fn data_extents(&self) -> Result<Vec<(u64, u64)>> {
+        if self.huge && self.mapped_here {
+            return self.mapped_huge_pages();
+        }
         Ok(data_extents_of(self.memfd.as_raw_fd(), self.size))
     }
+
+    /// Whether [`GuestRam::data_extents`] comes from this process's
+    /// mappings (huge pages, RAM made here; see there).
+    pub fn extents_from_mappings(&self) -> bool {
+        self.huge && self.mapped_here
+    }
+
+    /// The runs of huge pages (file offset, length) that this process's
+    /// mappings of the memfd map.
+    fn mapped_huge_pages(&self) -> Result<Vec<(u64, u64)>> {
+        let maps: Vec<_> = self
+            .host_ranges()
+            .into_iter()
+            .map(|(r, p)| (r.file_offset, r.len, p as usize))
+            .collect();
+        mapped_huge_extents(&maps)
+            .map_err(|e| Error::GuestMemory(format!("mincore of guest RAM: {e}")))
+    }
+}
+
+/// The runs of 2 MiB huge pages (file offset, length) that the mappings
+/// `maps` (file offset, length, host address) of a hugetlbfs file map
+/// (`mincore`).
+pub fn mapped_huge_extents(maps: &[(u64, u64, usize)]) -> std::io::Result<Vec<(u64, u64)>> {
+    const HUGE: u64 = 2 << 20;
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    let mut present = Vec::new();
+    for &(file_offset, len, host) in maps {
+        present.clear();
+        present.resize(len.div_ceil(PAGE_SIZE) as usize, 0u8);
+        // SAFETY: `host` maps `len` bytes; `present` has a byte per 4 KiB of them.
+        let rc = unsafe {
+            libc::mincore(
+                host as *mut libc::c_void,
+                len as usize,
+                present.as_mut_ptr(),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for (i, chunk) in present.chunks((HUGE / PAGE_SIZE) as usize).enumerate() {
+            if chunk.iter().all(|b| b & 1 == 0) {
+                continue;
+            }
+            let off = file_offset + i as u64 * HUGE;
+            let len = HUGE.min(file_offset + len - off);
+            match extents.last_mut() {
+                Some((o, l)) if *o + *l == off => *l += len,
+                _ => extents.push((off, len)),
+            }
+        }
+    }
+    Ok(extents)
 }
 
 /// Reserves every huge page of the hugetlbfs memfd `file` (`size` bytes) in
@@ -581,6 +653,32 @@ mod tests {
         assert_eq!(ext.len(), 1);
         assert!(ext[0].0 <= 0x200000 && ext[0].0 + ext[0].1 > 0x200000);
         assert_eq!(ram.gpa_to_offset(0x200000), Some(0x200000));
+    }
+
+    /// On huge pages the extents are the huge pages the guest's mappings
+    /// map; RAM handed over from another process counts whole.
+    #[test]
+    fn huge_page_extents_are_the_mapped_huge_pages() {
+        let ram = match GuestRam::with_huge_pages(16 << 20, true) {
+            Ok(r) => r,
+            Err(e) if e.to_string().contains("cannot reserve") => {
+                eprintln!("SKIP: no huge pages here ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert!(ram.data_extents().unwrap().is_empty());
+        // Huge pages 1 and 2 (one write each), and 5.
+        ram.write(0x20_0000 + 7, &[1]).unwrap();
+        ram.write(0x40_0000 + (1 << 20), &[2]).unwrap();
+        ram.write(0xA0_0000 + 4096, &[3]).unwrap();
+        assert_eq!(
+            ram.data_extents().unwrap(),
+            vec![(0x20_0000, 0x40_0000), (0xA0_0000, 0x20_0000)]
+        );
+        let fd = ram.dup_memfd().unwrap();
+        let handed = GuestRam::from_fd(fd, 16 << 20).unwrap();
+        assert_eq!(handed.data_extents().unwrap(), vec![(0, 16 << 20)]);
     }
 
     #[test]
