@@ -321,6 +321,25 @@ impl GuestRam {
         Ok(data_extents_of(self.memfd.as_raw_fd(), self.size))
     }
 
+    /// On huge pages: maps the huge pages of `[off, off + len)` (memfd
+    /// offsets) into this process's mappings, after they were written
+    /// through another mapping (a restore), so that
+    /// [`GuestRam::data_extents`] counts them. Elsewhere nothing to do.
+    pub fn map_written(&self, off: u64, len: u64) -> Result<()> {
+        const HUGE: u64 = 2 << 20;
+        if !self.huge || len == 0 {
+            return Ok(());
+        }
+        let mut b = [0u8; 1];
+        for h in off / HUGE..(off + len).div_ceil(HUGE) {
+            // A read through the guest's mapping maps the page the file holds.
+            if let Some(gpa) = self.offset_to_gpa(h * HUGE) {
+                self.read(gpa, &mut b)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether [`GuestRam::data_extents`] comes from this process's
     /// mappings (huge pages, RAM made here; see there).
     pub fn extents_from_mappings(&self) -> bool {
@@ -675,6 +694,21 @@ mod tests {
         assert_eq!(
             ram.data_extents().unwrap(),
             vec![(0x20_0000, 0x40_0000), (0xA0_0000, 0x20_0000)]
+        );
+        // Written through another mapping (a restore's): not seen until
+        // mapped here.
+        let alias = RamAlias::new(&ram).unwrap();
+        // SAFETY: a byte of huge page 7 in the second mapping.
+        unsafe { *alias.at(0xE0_0000 + 9, 1).unwrap() = 4 };
+        assert_eq!(ram.data_extents().unwrap().len(), 2);
+        ram.map_written(0xE0_0000 + 4096, 4096).unwrap();
+        assert_eq!(
+            ram.data_extents().unwrap(),
+            vec![
+                (0x20_0000, 0x40_0000),
+                (0xA0_0000, 0x20_0000),
+                (0xE0_0000, 0x20_0000)
+            ]
         );
         let fd = ram.dup_memfd().unwrap();
         let handed = GuestRam::from_fd(fd, 16 << 20).unwrap();

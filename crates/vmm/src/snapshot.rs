@@ -945,6 +945,10 @@ pub fn read(path: &Path) -> Result<(VmState, GuestRam, SnapshotStats)> {
                 }
             }
         }
+        // On huge pages, RAM's own mappings must map what was written here.
+        for (off, n) in &runs {
+            ram.map_written(*off, n * PAGE_SIZE)?;
+        }
         let mut trailer = [0u8; 12];
         r.read_exact(&mut trailer)
             .map_err(|e| truncated("trailer", e))?;
