@@ -134,7 +134,7 @@ fn a_vm_moves_onto_huge_pages_and_back_by_pre_copy() {
     );
     let n = console.last_heartbeat().unwrap_or(0);
     assert_eq!(src.terminate(), 0);
-    let mut restored = VmProcess::start(
+    let restored = VmProcess::start(
         &dir,
         "restored",
         &console,
