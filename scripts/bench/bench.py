@@ -28,9 +28,10 @@ predict: the cost model before and after, two daemons over loopback:
 hugepages: the destination's memory on 4 KiB shmem pages (the default)
          against huge pages (`--hugepages`), alternating run by run: the
          paused-source case (768 MiB), and 256 MiB flat out by pre-copy,
-         post-copy, hybrid and auto, 1 GiB guests; round-0 throughput against
+         post-copy, hybrid and auto, 1 GiB guests, and an idle 1 GiB guest
+         with both sides on the same memory; round-0 throughput against
          loopback TCP, post-copy's fault latency. Grows and touches the
-         huge page pool first (scripts/hugepages.sh 1200, root; not in `all`).
+         huge page pool first (scripts/hugepages.sh 2200, root; not in `all`).
 limits:  memcpy, zero-scan and loopback TCP, measured in the same run.
 """
 import json, os, re, signal, socket, statistics, subprocess, sys, tempfile, time
@@ -333,28 +334,31 @@ def round0_rate(r):
 
 
 def bench_hugepages(runs, lim):
-    subprocess.run([os.path.join(ROOT, "scripts", "hugepages.sh"), "1200"], check=True)
+    # Two 1 GiB guests on huge pages at once (the idle case), with room to spare.
+    subprocess.run([os.path.join(ROOT, "scripts", "hugepages.sh"), "2200"], check=True)
     tcp_bytes = lim["loopback_tcp_gbit_per_s"] * 1e9 / 8
-    # (workload, source paused, mode)
-    cases = [("dirty:768:0", True, "precopy"), ("dirty:256:0", False, "precopy"),
-             ("dirty:256:0", False, "postcopy"), ("dirty:256:0", False, "hybrid"),
-             ("dirty:256:0", False, "auto")]
+    # (workload, source paused, mode, the source on the same memory too)
+    cases = [("dirty:768:0", True, "precopy", False), ("dirty:256:0", False, "precopy", False),
+             ("dirty:256:0", False, "postcopy", False), ("dirty:256:0", False, "hybrid", False),
+             ("dirty:256:0", False, "auto", False), ("idle", False, "precopy", True)]
     res = {(case, huge): [] for case in cases for huge in (False, True)}
     with tempfile.TemporaryDirectory() as d:
         for i in range(runs):
-            for n, (wl, paused, mode) in enumerate(cases):
+            for n, (wl, paused, mode, both) in enumerate(cases):
                 # Alternate which goes first, so that neither always meets the host's drifts first.
                 for huge in ((False, True) if i % 2 == 0 else (True, False)):
-                    res[((wl, paused, mode), huge)].append(migrate_once(
+                    flags = ["--hugepages"] if huge else []
+                    res[((wl, paused, mode, both), huge)].append(migrate_once(
                         d, f"h{i}{huge:d}{n}", "1G", wl, {"mode": mode}, cpus=1, paused=paused,
-                        dst_flags=["--hugepages"] if huge else []))
+                        flags=flags if both else [], dst_flags=[] if both else flags))
     rows = []
-    for ((wl, paused, mode), huge), rs in res.items():
+    for ((wl, paused, mode, both), huge), rs in res.items():
         ok = [r for r in rs if r["status"] == "completed"]
         r0 = [x for x in map(round0_rate, ok) if x]
+        memory = "huge pages" if huge else "4 KiB shmem"
         rows.append({
             "case": f"{mode} 1G {wl}{' (paused)' if paused else ''}",
-            "destination memory": "huge pages" if huge else "4 KiB shmem",
+            "memory": f"{memory}{', both sides' if both else ', destination'}",
             "completed": f"{len(ok)}/{len(rs)}",
             "total_ms": med([r["total_ms"] for r in ok]),
             "downtime_ms": med([r["downtime_ms"] for r in ok]),
