@@ -401,32 +401,15 @@ pub fn mapped_huge_extents(maps: &[(u64, u64, usize)]) -> std::io::Result<Vec<(u
 /// shared mapping without it reserves the file's pages for as long as the
 /// file lives (unmapping keeps the reservation), or fails now.
 fn reserve_huge_pages(file: &File, size: u64) -> Result<()> {
-    let len = usize::try_from(size).map_err(|_| Error::MemorySize {
-        size,
-        reason: "larger than this host's address space".into(),
-    })?;
-    // SAFETY: a new shared mapping of our own file, unmapped right after; no
-    // memory is touched through it.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        let e = std::io::Error::last_os_error();
-        return Err(Error::GuestMemory(format!(
+    // Unmapped at once: the reservation stays.
+    let mapping = RamAlias::map(file, size, 0, |e| {
+        Error::GuestMemory(format!(
             "cannot reserve {} MiB of huge pages: {e} ({}; raise vm.nr_hugepages)",
             size >> 20,
             huge_pool_summary()
-        )));
-    }
-    // SAFETY: the mapping made above, of `len` bytes.
-    unsafe { libc::munmap(p, len) };
+        ))
+    })?;
+    drop(mapping);
     Ok(())
 }
 
@@ -447,29 +430,39 @@ unsafe impl Sync for RamAlias {}
 impl RamAlias {
     /// Maps all of `ram`'s memfd once more.
     pub fn new(ram: &GuestRam) -> Result<Self> {
-        let len = usize::try_from(ram.size()).map_err(|_| Error::MemorySize {
-            size: ram.size(),
+        Self::map(ram.memfd(), ram.size(), libc::MAP_NORESERVE, |e| {
+            Error::GuestMemory(format!("second mapping of guest RAM: {e}"))
+        })
+    }
+
+    /// Maps `size` bytes of `file`, shared and writable, with `flags` more;
+    /// `failed` makes the error of a failing `mmap`.
+    fn map(
+        file: &File,
+        size: u64,
+        flags: libc::c_int,
+        failed: impl FnOnce(std::io::Error) -> Error,
+    ) -> Result<Self> {
+        let len = usize::try_from(size).map_err(|_| Error::MemorySize {
+            size,
             reason: "larger than this host's address space".into(),
         })?;
-        // SAFETY: a new shared mapping of the VM's own memfd, `len` bytes.
+        // SAFETY: a new shared mapping of a file we hold, `len` bytes.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                ram.memfd().as_raw_fd(),
+                libc::MAP_SHARED | flags,
+                file.as_raw_fd(),
                 0,
             )
         };
         if p == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
-            return Err(Error::GuestMemory(format!(
-                "second mapping of guest RAM: {e}"
-            )));
+            return Err(failed(std::io::Error::last_os_error()));
         }
         let ptr = std::ptr::NonNull::new(p as *mut u8)
-            .ok_or_else(|| Error::GuestMemory("second mapping of guest RAM at 0".into()))?;
+            .ok_or_else(|| failed(std::io::Error::other("mapped at address 0")))?;
         Ok(RamAlias { ptr, len })
     }
 

@@ -1414,11 +1414,21 @@ mod tests {
             .ok()
     }
 
-    /// A userfaultfd for huge pages (with minor faults), or None (and a note).
-    fn minor_uffd_or_skip() -> Option<Uffd> {
-        Uffd::for_minor_faults()
+    /// 16 MiB of RAM on huge pages and a userfaultfd for it (with minor
+    /// faults), or None (and a note) where this host has either not.
+    fn huge_ram_or_skip() -> Option<(vmm::GuestRam, Uffd)> {
+        let ram = match vmm::GuestRam::with_huge_pages(16 << 20, true) {
+            Ok(r) => r,
+            Err(e) if e.to_string().contains("cannot reserve") => {
+                eprintln!("SKIP: no huge pages here ({e})");
+                return None;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let uffd = Uffd::for_minor_faults()
             .inspect_err(|e| eprintln!("SKIP: userfaultfd minor faults unavailable: {e}"))
-            .ok()
+            .ok()?;
+        Some((ram, uffd))
     }
 
     /// A guest thread on `scope` running `read` (which may fault): its
@@ -1523,15 +1533,7 @@ mod tests {
     /// expects others are kept in its stage.
     #[test]
     fn huge_pages_are_placed_whole_when_complete() {
-        let ram = match vmm::GuestRam::with_huge_pages(16 << 20, true) {
-            Ok(r) => r,
-            Err(e) if e.to_string().contains("cannot reserve") => {
-                eprintln!("SKIP: no huge pages here ({e})");
-                return;
-            }
-            Err(e) => panic!("{e}"),
-        };
-        let Some(uffd) = minor_uffd_or_skip() else {
+        let Some((ram, uffd)) = huge_ram_or_skip() else {
             return;
         };
         let map = RamMap::new(&ram);
@@ -1608,15 +1610,7 @@ mod tests {
     /// booked with nothing in them.
     #[test]
     fn staged_reads_skip_duplicates_and_give_back_on_failure() {
-        let ram = match vmm::GuestRam::with_huge_pages(16 << 20, true) {
-            Ok(r) => r,
-            Err(e) if e.to_string().contains("cannot reserve") => {
-                eprintln!("SKIP: no huge pages here ({e})");
-                return;
-            }
-            Err(e) => panic!("{e}"),
-        };
-        let Some(uffd) = minor_uffd_or_skip() else {
+        let Some((ram, uffd)) = huge_ram_or_skip() else {
             return;
         };
         let map = RamMap::new(&ram);
