@@ -194,8 +194,9 @@ pub fn receive(
             Message::PageMap { runs } => {
                 drop(streams);
                 drop(writer);
+                let held = dst.touched_huge_pages();
                 return crate::postcopy::receive(
-                    prepared, r, out, runs, channel, tls, stats, on_running,
+                    prepared, r, out, runs, held, channel, tls, stats, on_running,
                 );
             }
             Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
@@ -395,7 +396,13 @@ pub(crate) struct GuestMem {
     memfd: File,
     memory: u64,
     mapped: Option<MemView>,
+    /// Memory on huge pages: one bit per huge page written (shared by the
+    /// clones), for post-copy to tell which hold pre-copy's pages.
+    touched: Option<std::sync::Arc<Vec<std::sync::atomic::AtomicU64>>>,
 }
+
+/// Size of a huge page (2 MiB).
+const HUGE: u64 = 2 << 20;
 
 impl GuestMem {
     /// `ram`'s memory.
@@ -407,6 +414,33 @@ impl GuestMem {
                 .map_err(io_err("dup of the guest memfd"))?,
             memory: ram.size(),
             mapped: ram.is_huge().then(|| MemView::new(ram)),
+            touched: ram.is_huge().then(|| {
+                std::sync::Arc::new(
+                    (0..ram.size().div_ceil(HUGE).div_ceil(64))
+                        .map(|_| Default::default())
+                        .collect(),
+                )
+            }),
+        })
+    }
+
+    /// Notes that `[off, off + len)` was written (memory on huge pages).
+    fn touch(&self, off: u64, len: u64) {
+        if let (Some(t), true) = (&self.touched, len > 0) {
+            for h in off / HUGE..=(off + len - 1) / HUGE {
+                if let Some(w) = t.get((h / 64) as usize) {
+                    w.fetch_or(1 << (h % 64), std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Memory on huge pages: the huge pages written so far, a bit each.
+    pub(crate) fn touched_huge_pages(&self) -> Option<Vec<u64>> {
+        self.touched.as_ref().map(|t| {
+            t.iter()
+                .map(|w| w.load(std::sync::atomic::Ordering::Acquire))
+                .collect()
         })
     }
 
@@ -416,6 +450,7 @@ impl GuestMem {
             memfd,
             memory,
             mapped: None,
+            touched: None,
         }
     }
 
@@ -428,6 +463,7 @@ impl GuestMem {
                 .map_err(io_err("dup of the guest memfd"))?,
             memory: self.memory,
             mapped: self.mapped.as_ref().map(MemView::duplicate),
+            touched: self.touched.clone(),
         })
     }
 
@@ -444,6 +480,7 @@ impl GuestMem {
                 .write_all_at(data, off)
                 .map_err(io_err("writing pages into guest memory"));
         };
+        self.touch(off, data.len() as u64);
         let mut done = 0;
         while done < data.len() {
             let at = off + done as u64;
@@ -497,6 +534,7 @@ pub(crate) fn receive_pages(
     match (&dst.mapped, splicer) {
         (Some(view), _) => {
             for (off, len) in page_runs(dst.memory, offsets)? {
+                dst.touch(off, len as u64);
                 // A run that crosses from one mapping into the next goes by page.
                 let mut at = 0;
                 while at < len {

@@ -1145,12 +1145,15 @@ pub(crate) fn open_fault_channel(
 /// Destination side, from the `PageMap` on: registers guest RAM with
 /// userfaultfd, opens the fault channel, loads the state, does the commit
 /// exchange and returns the running VM; pages keep arriving in the background.
+/// `held`: memory on huge pages, the huge pages pre-copy wrote (a bit each;
+/// asking the mappings, `mincore`, would cost ~4 ms per GiB in the pause).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn receive(
     prepared: PreparedVm,
     r: BufReader<Link>,
     mut out: Link,
     runs: Vec<(u64, u64)>,
+    held: Option<Vec<u64>>,
     channel: Option<(Option<Link>, u64)>,
     tls: Option<&TlsSetup>,
     mut stats: IncomingStats,
@@ -1179,8 +1182,7 @@ pub(crate) fn receive(
     // take minor faults.
     let staging = ram.is_huge().then(|| Staging::for_ram(&ram)).transpose()?;
     if staging.is_some() {
-        let held = held_huge_pages(&ram)?;
-        let stale = hybrid_huge_pages(&expected, &held);
+        let stale = hybrid_huge_pages(&expected, held.as_deref().unwrap_or(&[]));
         unmap_from_guest(&map, &stale)?;
     } else {
         for &(off, n) in &runs {
@@ -1369,18 +1371,6 @@ fn hybrid_huge_pages(expected: &[u64], held: &[u64]) -> Vec<(u64, u64)> {
         }
     }
     runs
-}
-
-/// Memory on huge pages: the huge pages that hold data (pre-copy's, in
-/// hybrid), a bit each.
-fn held_huge_pages(ram: &vmm::GuestRam) -> Result<Vec<u64>> {
-    let mut held = vec![0u64; ram.size().div_ceil(HUGE).div_ceil(64) as usize];
-    for (off, len) in ram.data_extents()? {
-        for h in off / HUGE..(off + len).div_ceil(HUGE) {
-            held[(h / 64) as usize] |= 1 << (h % 64);
-        }
-    }
-    Ok(held)
 }
 
 /// Drops the guest's mappings of the memfd runs `runs` (the file keeps the
