@@ -308,7 +308,7 @@ impl GuestRam {
     ///
     /// Uses `SEEK_DATA`/`SEEK_HOLE`, so untouched memory costs nothing to skip.
     /// hugetlbfs has neither: there the extents are the huge pages that this
-    /// process's mappings map (`mincore`, ~0.3 ms per GiB), which are all
+    /// process's mappings map (`mincore`: 0.3–4.4 ms per GiB here, the most where untouched), which are all
     /// that hold data when every page was faulted in through them, as in RAM
     /// made here. The guest, KVM and the VMM all touch RAM through them (a
     /// post-copy destination writes through a second mapping, but maps each
