@@ -417,9 +417,10 @@ impl Dest {
 
     /// Huge pages: stages the `n` pages from page `first`, whose bytes `put`
     /// writes: it is called in page order for each stretch of the run (page
-    /// indices within it), with the stage's bytes for pages not here yet, or
-    /// `None` for pages already here or on their way (to be skipped). It
-    /// runs with no lock held, so that readers fill stages side by side.
+    /// indices within it), with where the pages go (in the file, through the
+    /// second mapping) for pages not here yet, or `None` for pages already
+    /// here or on their way (to be skipped). It runs with no lock held, so
+    /// that readers fill huge pages side by side.
     /// Places each huge page the run completes.
     fn stage_with(
         &self,
@@ -451,6 +452,7 @@ impl Dest {
         mut put: impl FnMut(std::ops::Range<usize>, Option<&mut [u8]>) -> Result<()>,
     ) -> Result<()> {
         let h = first / PAGES_PER_HUGE;
+        let huge_page = s.huge_page(h)?;
         let slot = |p: u64| ((p % PAGES_PER_HUGE / 64) as usize, 1u64 << (p % 64));
         // Take the pages of the run that nobody has yet.
         let mut mine: HugeBits = [0; (PAGES_PER_HUGE / 64) as usize];
@@ -472,7 +474,7 @@ impl Dest {
                 }
                 if mine.iter().any(|&w| w != 0) {
                     stage.writers += 1;
-                    base = s.huge_page(h)?;
+                    base = huge_page;
                 }
             }
         }
