@@ -40,6 +40,20 @@ fn free_huge_pages() -> u64 {
     meminfo("HugePages_Free:")
 }
 
+/// Whether `test` can run here: KVM, and 64 free huge pages (128 MiB) in
+/// the host's pool; says why not otherwise.
+fn kvm_and_pool_or_skip(test: &str) -> bool {
+    if !kvm_or_skip(test) {
+        return false;
+    }
+    let free = free_huge_pages();
+    if free < 64 {
+        eprintln!("skipped: {free} free huge pages, 64 needed (scripts/hugepages.sh 128)");
+        return false;
+    }
+    true
+}
+
 /// A destination for a 128 MiB, 1-vCPU guest, and its address.
 fn destination(
     dir: &std::path::Path,
@@ -55,14 +69,7 @@ fn destination(
 
 #[test]
 fn a_vm_moves_onto_huge_pages_and_back_by_pre_copy() {
-    if !kvm_or_skip("a_vm_moves_onto_huge_pages_and_back_by_pre_copy") {
-        return;
-    }
-    if free_huge_pages() < 64 {
-        eprintln!(
-            "skipped: {} free huge pages, 64 needed (scripts/hugepages.sh 128)",
-            free_huge_pages()
-        );
+    if !kvm_and_pool_or_skip("a_vm_moves_onto_huge_pages_and_back_by_pre_copy") {
         return;
     }
     let dir = scratch("hugepages");
@@ -159,11 +166,7 @@ fn a_vm_moves_onto_huge_pages_and_back_by_pre_copy() {
 
 #[test]
 fn post_copy_hybrid_and_auto_move_a_vm_onto_huge_pages() {
-    if !kvm_or_skip("post_copy_hybrid_and_auto_move_a_vm_onto_huge_pages") {
-        return;
-    }
-    if free_huge_pages() < 64 {
-        eprintln!("skipped: {} free huge pages, 64 needed", free_huge_pages());
+    if !kvm_and_pool_or_skip("post_copy_hybrid_and_auto_move_a_vm_onto_huge_pages") {
         return;
     }
     // A guest rewriting 64 MiB flat out: it faults on pages still missing,
@@ -212,11 +215,7 @@ fn post_copy_hybrid_and_auto_move_a_vm_onto_huge_pages() {
 
 #[test]
 fn post_copy_onto_huge_pages_recovers_from_a_cut_link() {
-    if !kvm_or_skip("post_copy_onto_huge_pages_recovers_from_a_cut_link") {
-        return;
-    }
-    if free_huge_pages() < 64 {
-        eprintln!("skipped: {} free huge pages, 64 needed", free_huge_pages());
+    if !kvm_and_pool_or_skip("post_copy_onto_huge_pages_recovers_from_a_cut_link") {
         return;
     }
     // A slow push and a slowly swept working set keep the phase going while
@@ -259,11 +258,9 @@ fn lazy_restore_onto_huge_pages_is_refused() {
 
 #[test]
 fn a_daemon_on_huge_pages_takes_a_vm_and_refuses_one_its_pool_cannot_hold() {
-    if !kvm_or_skip("a_daemon_on_huge_pages_takes_a_vm_and_refuses_one_its_pool_cannot_hold") {
-        return;
-    }
-    if free_huge_pages() < 64 {
-        eprintln!("skipped: {} free huge pages, 64 needed", free_huge_pages());
+    if !kvm_and_pool_or_skip(
+        "a_daemon_on_huge_pages_takes_a_vm_and_refuses_one_its_pool_cannot_hold",
+    ) {
         return;
     }
     use common::daemon::{Daemon, Reaper};
