@@ -320,13 +320,19 @@ fn postcopy_recovers_when_the_links_are_cut() {
         |src, dst| {
             src.wait_until("post-copy", |r| r["status"] == "postcopy-active");
             // The threads that bring the pages run at the default nice value
-            // of `--postcopy-nice`, ahead of the vCPUs.
+            // of `--postcopy-nice`, ahead of the vCPUs, and those on a
+            // fault's path 5 lower still, ahead of the push.
             // A thread is named as it starts and sets its priority a moment
             // later; on a busy machine the test may look in between.
             assert_eq!(
-                settled_nice(dst, "uffd-faults", -10),
-                Some(-10),
+                settled_nice(dst, "uffd-faults", -15),
+                Some(-15),
                 "fault thread"
+            );
+            assert_eq!(
+                settled_nice(dst, "fault-pages", -15),
+                Some(-15),
+                "fault answer reader"
             );
             assert_eq!(
                 settled_nice(dst, "push-pages", -10),

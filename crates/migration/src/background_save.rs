@@ -146,7 +146,7 @@ fn save_holding(
         let faults = std::thread::Builder::new()
             .name("save-faults".into())
             .spawn_scoped(s, || {
-                crate::postcopy::prioritize_this_thread();
+                crate::postcopy::prioritize_this_thread(true);
                 save.serve_faults()
             })
             .map_err(io_err("starting the save's fault thread"))?;
@@ -271,7 +271,7 @@ impl Armed<'_> {
             let noter = std::thread::Builder::new()
                 .name("save-notes".into())
                 .spawn_scoped(s, || -> Result<()> {
-                    crate::postcopy::prioritize_this_thread();
+                    crate::postcopy::prioritize_this_thread(false);
                     // Until the VM is paused: a vCPU stopped on a fault
                     // would keep the pause waiting.
                     self.uffd.each_fault(&stop, 5, |host| {

@@ -319,7 +319,7 @@ pub fn restore(
         std::thread::Builder::new()
             .name("lazy-faults".into())
             .spawn(move || {
-                crate::postcopy::prioritize_this_thread();
+                crate::postcopy::prioritize_this_thread(true);
                 l.serve_faults()
             })
             .map_err(io_err("starting the lazy-faults thread"))?
@@ -352,7 +352,7 @@ pub fn restore(
     std::thread::Builder::new()
         .name("lazy-filler".into())
         .spawn(move || {
-            crate::postcopy::prioritize_this_thread();
+            crate::postcopy::prioritize_this_thread(false);
             let r = l.fill_all();
             let p = &l.progress;
             match r {

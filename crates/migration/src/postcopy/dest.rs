@@ -934,7 +934,7 @@ impl Dest {
             spawn(
                 if urgent { "fault-pages" } else { "push-pages" },
                 move || {
-                    prioritize_this_thread();
+                    prioritize_this_thread(urgent);
                     match d.receive_pages(&mut r, urgent) {
                         Err(Error::PeerCancelled(why)) => d.finish(Err(Error::PeerCancelled(why))),
                         Err(e) => d.link_lost(gen, &e.to_string()),
@@ -1248,7 +1248,7 @@ pub(crate) fn receive(
     let faults = {
         let d = dest.clone();
         spawn("uffd-faults", move || {
-            prioritize_this_thread();
+            prioritize_this_thread(true);
             if let Err(e) = d.handle_faults() {
                 tracing::error!("post-copy fault thread: {e}");
                 d.finish(Err(e));
@@ -1276,18 +1276,32 @@ pub(crate) fn receive(
             ))))
         }
     }
-    dest.resumed_ns
-        .store(dest.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    stats.resume_us = crate::incoming::resume_and_confirm(&vm, &mut out, on_running)?;
-    stats.postcopy = Some(PostcopyWatch(dest.clone()));
-    if total == 0 {
-        dest.finish(Ok(()));
-    }
     for s in std::iter::once(&out).chain(urgent.as_ref()) {
         watch_link(s)?;
         s.set_read_timeout(None).map_err(io_err("socket timeout"))?;
     }
-    dest.start_session(r, out, urgent)?;
+    let mut confirm_to = out.try_clone().map_err(io_err("socket"))?;
+    // With a fault channel the session starts before the guest runs, so that
+    // its first fault's request goes out at once (the source reads it once
+    // it has the `Confirm`); without one, requests share the main connection
+    // and must follow the `Confirm`.
+    let early = urgent.is_some();
+    let mut session = Some((r, out, urgent));
+    if early {
+        if let Some((r, out, urgent)) = session.take() {
+            dest.start_session(r, out, urgent)?;
+        }
+    }
+    dest.resumed_ns
+        .store(dest.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    stats.resume_us = crate::incoming::resume_and_confirm(&vm, &mut confirm_to, on_running)?;
+    stats.postcopy = Some(PostcopyWatch(dest.clone()));
+    if total == 0 {
+        dest.finish(Ok(()));
+    }
+    if let Some((r, out, urgent)) = session.take() {
+        dest.start_session(r, out, urgent)?;
+    }
     {
         let d = dest.clone();
         spawn("postcopy-recovery", move || d.serve_recovery(recovery))?;

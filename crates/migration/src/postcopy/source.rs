@@ -269,12 +269,12 @@ impl Supply<'_> {
         };
         std::thread::scope(|sc| {
             let pusher = sc.spawn(|| {
-                prioritize_this_thread();
+                prioritize_this_thread(false);
                 end(self.push(&main_w))
             });
             let server = urgent.map(|(mut r, w)| {
                 sc.spawn(move || {
-                    prioritize_this_thread();
+                    prioritize_this_thread(true);
                     end(self.serve(&mut r, &w).and_then(|done| match done {
                         Some(_) => Err(Error::Protocol("PostcopyDone on the fault channel".into())),
                         None if self.stop.load(Ordering::Relaxed) => Ok(()),
