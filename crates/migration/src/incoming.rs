@@ -401,8 +401,7 @@ pub(crate) struct GuestMem {
     touched: Option<std::sync::Arc<Vec<std::sync::atomic::AtomicU64>>>,
 }
 
-/// Size of a huge page (2 MiB).
-const HUGE: u64 = 2 << 20;
+use vmm::memory::HUGE_PAGE_SIZE as HUGE;
 
 impl GuestMem {
     /// `ram`'s memory.

@@ -80,8 +80,9 @@ impl MemView {
 
     /// CRC32 of all of guest memory in memfd offset order (verify mode).
     /// Holes in the memfd (pages never written; on huge pages, those the
-    /// mappings do not map) count as the zeros they read as, without being read: touching them would map each one, which on a
-    /// nested host took seconds for 256 MiB, inside the pause.
+    /// mappings do not map) count as the zeros they read as, without being
+    /// read: touching them would map each one, which on a nested host took
+    /// seconds for 256 MiB, inside the pause.
     pub fn digest(&self) -> u32 {
         use std::os::fd::AsRawFd;
         let extents = match &self.file {

@@ -22,6 +22,8 @@ use crate::error::{Error, Result};
 
 /// Guest page size.
 pub const PAGE_SIZE: u64 = 4096;
+/// Size of a huge page (x86-64's 2 MiB, the hugetlbfs default).
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 /// Start of the 32-bit MMIO hole.
 pub const MMIO_HOLE_START: u64 = 3 << 30;
 /// End of the 32-bit MMIO hole: high RAM starts here.
@@ -326,14 +328,13 @@ impl GuestRam {
     /// through another mapping (a restore), so that
     /// [`GuestRam::data_extents`] counts them. Elsewhere nothing to do.
     pub fn map_written(&self, off: u64, len: u64) -> Result<()> {
-        const HUGE: u64 = 2 << 20;
         if !self.huge || len == 0 {
             return Ok(());
         }
         let mut b = [0u8; 1];
-        for h in off / HUGE..(off + len).div_ceil(HUGE) {
+        for h in off / HUGE_PAGE_SIZE..(off + len).div_ceil(HUGE_PAGE_SIZE) {
             // A read through the guest's mapping maps the page the file holds.
-            if let Some(gpa) = self.offset_to_gpa(h * HUGE) {
+            if let Some(gpa) = self.offset_to_gpa(h * HUGE_PAGE_SIZE) {
                 self.read(gpa, &mut b)?;
             }
         }
@@ -363,7 +364,6 @@ impl GuestRam {
 /// `maps` (file offset, length, host address) of a hugetlbfs file map
 /// (`mincore`).
 pub fn mapped_huge_extents(maps: &[(u64, u64, usize)]) -> std::io::Result<Vec<(u64, u64)>> {
-    const HUGE: u64 = 2 << 20;
     let mut extents: Vec<(u64, u64)> = Vec::new();
     let mut present = Vec::new();
     for &(file_offset, len, host) in maps {
@@ -380,12 +380,15 @@ pub fn mapped_huge_extents(maps: &[(u64, u64, usize)]) -> std::io::Result<Vec<(u
         if rc < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        for (i, chunk) in present.chunks((HUGE / PAGE_SIZE) as usize).enumerate() {
+        for (i, chunk) in present
+            .chunks((HUGE_PAGE_SIZE / PAGE_SIZE) as usize)
+            .enumerate()
+        {
             if chunk.iter().all(|b| b & 1 == 0) {
                 continue;
             }
-            let off = file_offset + i as u64 * HUGE;
-            let len = HUGE.min(file_offset + len - off);
+            let off = file_offset + i as u64 * HUGE_PAGE_SIZE;
+            let len = HUGE_PAGE_SIZE.min(file_offset + len - off);
             match extents.last_mut() {
                 Some((o, l)) if *o + *l == off => *l += len,
                 _ => extents.push((off, len)),

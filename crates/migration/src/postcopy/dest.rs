@@ -42,8 +42,8 @@ fn pages_as_bytes(p: &mut [Page]) -> &mut [u8] {
 /// `PostcopyDone` after every page arrived (the first one may have been lost).
 const DONE_GRACE: Duration = Duration::from_secs(60);
 
-/// Size of a huge page (2 MiB), and 4 KiB pages in one.
-const HUGE: u64 = 2 << 20;
+use vmm::memory::HUGE_PAGE_SIZE as HUGE;
+/// 4 KiB pages in a huge page.
 const PAGES_PER_HUGE: u64 = HUGE / PAGE_SIZE;
 
 /// Bits of one huge page's 4 KiB pages.
