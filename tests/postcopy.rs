@@ -592,16 +592,25 @@ fn auto_mode_leaves_a_working_set_still_growing_to_post_copy() {
     }
     // 64 MiB swept at 16 MiB/s over a 16 MiB/s link: the sampling at the start
     // of round 0 (which sends meanwhile) still finds new pages when a tenth of
-    // memory has gone, so round 0 ends there and post-copy moves the rest once.
+    // memory has gone, so round 0 ends there and post-copy moves the rest once,
+    // even where a pause long enough to send it all (~4 s) is allowed.
     let stats = migrate_once(
         "auto-cut",
         1,
         "workload=dirty:64:16",
-        json!({"mode": "auto", "max_bandwidth": 16 << 20}),
+        json!({"mode": "auto", "max_bandwidth": 16 << 20, "max_downtime_ms": 20_000}),
         |_, _| {},
     );
     let policy = stats["policy"].as_str().unwrap();
     assert!(policy.contains("still growing"), "{stats}");
+    assert_eq!(stats["status"], "completed", "{stats}");
+    // The link's rate as round 0 measured it: the cap, not the cap diluted
+    // by the sampling's first step, which only watched.
+    let rate = stats["link_rate"].as_f64().unwrap() / f64::from(16 << 20);
+    assert!(
+        (0.93..1.3).contains(&rate),
+        "link_rate {rate:.2} × the cap: {stats}"
+    );
     assert_eq!(stats["sampling"]["ended"], "budget", "{stats}");
     assert_eq!(stats["rounds"].as_array().unwrap().len(), 1, "{stats}");
     // A tenth of the allocated memory (~65 MiB with data and the zeroed

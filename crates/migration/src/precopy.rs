@@ -178,6 +178,8 @@ pub enum Outcome {
 /// to find the pages the guest keeps rewriting (they are left to post-copy),
 /// for at most [`HOT_SAMPLE_MAX`] (see `sample_hot`).
 pub(crate) const HOT_STEP: Duration = Duration::from_millis(50);
+/// Auto on a link with no cap: its first, watch-only step (see `sample_hot`).
+const FIRST_STEP_UNCAPPED: Duration = Duration::from_millis(10);
 pub(crate) const HOT_SAMPLE_MAX: Duration = Duration::from_secs(1);
 
 /// The stop reason of rounds that converged: what is left fits the pause.
@@ -855,6 +857,9 @@ struct Sampled {
     /// Auto only: the sampling stopped at its byte budget with the working set
     /// still growing; round 0 ends where the sampling stopped.
     cut: bool,
+    /// How long the first step watched with the link idle: not part of round
+    /// 0's sending time.
+    watched: Duration,
 }
 
 /// Hybrid, at the start of round 0: pages the guest rewrites all the time
@@ -862,6 +867,12 @@ struct Sampled {
 /// of [`HOT_STEP`], to leave them to post-copy, which moves each page once.
 /// It samples until two steps in a row find few new pages (the guest has gone
 /// round its working set, or it writes little), for at most [`HOT_SAMPLE_MAX`].
+///
+/// The first step only watches. That is worth the idle link only while the
+/// guest writes new pages faster than the link would send others: with
+/// `--mode auto` on a link with no cap (fast, as a rule) it lasts
+/// [`FIRST_STEP_UNCAPPED`]; a working set found later costs at most one
+/// extra copy of each of its pages, and auto's budget bounds even that.
 ///
 /// After the first step the pages of `todo` not yet seen rewritten are sent
 /// meanwhile (and taken out of `todo`), so that the sampling costs little
@@ -880,6 +891,11 @@ fn sample_hot(
     todo: &mut [u64],
 ) -> Result<Sampled> {
     let started = Instant::now();
+    let first_step = if params.auto && job.max_bandwidth().is_none() {
+        FIRST_STEP_UNCAPPED
+    } else {
+        HOT_STEP
+    };
     let sent_before = tx.all_bytes();
     let budget = params
         .auto
@@ -893,10 +909,10 @@ fn sample_hot(
     tx.round = Some(0);
     loop {
         let until = Instant::now() + HOT_STEP;
-        if started.elapsed() < HOT_STEP {
+        if started.elapsed() < first_step {
             // The first step only watches: a working set the guest goes round
             // within it is then known before any page is sent.
-            std::thread::sleep(HOT_STEP);
+            std::thread::sleep(first_step);
         } else {
             while Instant::now() < until && !over_budget {
                 let Some(pfn) = next_set(todo, cursor) else {
@@ -943,7 +959,7 @@ fn sample_hot(
     let secs = started.elapsed().as_secs_f64();
     let grow = popcount(&hot) as f64 * PAGE_SIZE as f64 / secs;
     let sent = tx.all_bytes() - sent_before;
-    let bw = sent as f64 / (secs - HOT_STEP.as_secs_f64()).max(1e-3);
+    let bw = sent as f64 / (secs - first_step.as_secs_f64()).max(1e-3);
     let cut = params.auto && over_budget && !converged && grow >= CUT_GROWTH * bw;
     let ended = if converged {
         "quiet"
@@ -978,7 +994,12 @@ fn sample_hot(
             ended: ended.into(),
         });
     });
-    Ok(Sampled { hot, written, cut })
+    Ok(Sampled {
+        hot,
+        written,
+        cut,
+        watched: first_step,
+    })
 }
 
 /// Queues the pages of `set` on `tx`. With `clear` (manual dirty-log
@@ -1424,8 +1445,14 @@ pub(crate) fn rounds(
         // What left this host in the round: not what still waits in the
         // socket's queue (megabytes, against a round of a few at the end).
         let gone = (round_bytes + queued0).saturating_sub(queued(tx.stream.tcp()).unwrap_or(0));
-        if ms > 0.0 && gone > 64 * PAGE_SIZE {
-            let bw = gone as f64 / (ms / 1e3);
+        // Round 0's first sampling step watched with the link idle.
+        let sending_ms = if round == 0 {
+            ms - sampled.watched.as_secs_f64() * 1e3
+        } else {
+            ms
+        };
+        if sending_ms > 0.0 && gone > 64 * PAGE_SIZE {
+            let bw = gone as f64 / (sending_ms / 1e3);
             bandwidth = if bandwidth == 0.0 {
                 bw
             } else {
@@ -1510,6 +1537,7 @@ pub(crate) fn rounds(
             s.round = round + 1;
             s.remaining_bytes = dirty_bytes;
             s.dirty_rate = dirty_rate;
+            s.link_rate = bandwidth;
             s.expected_downtime_ms = expected_ms;
         });
         tracing::debug!(
@@ -1529,7 +1557,10 @@ pub(crate) fn rounds(
             break;
         }
         let max_ms = job.max_downtime().as_secs_f64() * 1e3;
-        if expected_ms <= max_ms {
+        // A cut left most of memory unsent, written by a guest whose working
+        // set still grew fast: finished in pre-copy, all of it would go in the
+        // pause. Post-copy moves it while the guest runs.
+        if expected_ms <= max_ms && !sampled.cut {
             // Decide again right before the pause would come: once the
             // destination has caught up, with what the guest dirtied
             // meanwhile (at 1 Gbit/s that was 10-25 % more pause than

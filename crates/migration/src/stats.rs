@@ -175,6 +175,10 @@ pub struct MigrationStats {
     pub remaining_bytes: u64,
     /// Latest dirty rate, bytes/s.
     pub dirty_rate: f64,
+    /// The link's rate as the rounds measured it, bytes/s: what their
+    /// decisions go by (0 until a round sent enough to measure).
+    #[serde(default)]
+    pub link_rate: f64,
     /// Predicted downtime at the switch-over, ms: the pages left at the
     /// measured bandwidth plus the switch-over's own cost (two round trips,
     /// the VM state, the vCPUs' pause and restore).

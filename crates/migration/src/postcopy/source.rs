@@ -508,12 +508,7 @@ fn run_in<'scope, 'env>(
         let (mut todo, round) = precopy::rounds(vm, params, job, &mut tx, limit, true)?;
         if params.auto {
             let s = job.snapshot();
-            let (rate, bw) = (
-                s.dirty_rate / 1e6,
-                s.rounds
-                    .last()
-                    .map_or(0.0, |r| r.bytes as f64 / (r.ms / 1e3).max(1e-9) / 1e6),
-            );
+            let (rate, bw) = (s.dirty_rate / 1e6, s.link_rate / 1e6);
             if s.stop_reason == precopy::STOP_CONVERGED {
                 job.update(|s| {
                     s.policy = format!(
