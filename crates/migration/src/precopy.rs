@@ -186,8 +186,10 @@ pub(crate) const HOT_SAMPLE_MAX: Duration = Duration::from_secs(1);
 pub(crate) const STOP_CONVERGED: &str = "expected downtime within max-downtime";
 
 /// Auto: the sampling cuts round 0 short when, at its byte budget, the hot
-/// set still grows at this fraction of the sending rate or more.
-const CUT_GROWTH: f64 = 0.25;
+/// set still grows at this fraction of the sending rate or more. Sent on, the
+/// rest of round 0 would then carry about this fraction of memory again in
+/// pages the guest rewrites after they went: more than 1.2 × memory in all.
+const CUT_GROWTH: f64 = 0.2;
 
 /// `drain`: bytes still unacknowledged that count as drained, the longest
 /// wait, and the longest wait without progress.
@@ -857,8 +859,8 @@ struct Sampled {
     /// Auto only: the sampling stopped at its byte budget with the working set
     /// still growing; round 0 ends where the sampling stopped.
     cut: bool,
-    /// How long the first step watched with the link idle: not part of round
-    /// 0's sending time.
+    /// How long the first step watched with the link idle, once round 0 had
+    /// begun: not part of its sending time.
     watched: Duration,
 }
 
@@ -878,7 +880,7 @@ struct Sampled {
 /// meanwhile (and taken out of `todo`), so that the sampling costs little
 /// time on a slow link; those the guest rewrites later go again after the
 /// switch. With `--mode auto` that waste is bounded: once a tenth of `todo`'s
-/// bytes has been sent while the working set still grows, by a quarter of the
+/// bytes has been sent while the working set still grows, by a fifth of the
 /// link's rate or more ([`CUT_GROWTH`]), it is too large to find this way,
 /// and everything not sent yet is left to post-copy (`cut`), so that the
 /// whole migration moves about 1.1 × the memory in about 1.1 × the time the
@@ -889,8 +891,8 @@ fn sample_hot(
     job: &Job,
     tx: &mut Sender<'_>,
     todo: &mut [u64],
+    started: Instant,
 ) -> Result<Sampled> {
-    let started = Instant::now();
     let first_step = if params.auto && job.max_bandwidth().is_none() {
         FIRST_STEP_UNCAPPED
     } else {
@@ -906,13 +908,18 @@ fn sample_hot(
     let mut quiet = 0;
     let mut over_budget = false;
     let mut all_sent = false;
+    let entered = Instant::now();
+    let mut watched = None;
     tx.round = Some(0);
     loop {
         let until = Instant::now() + HOT_STEP;
-        if started.elapsed() < first_step {
+        if watched.is_none() {
             // The first step only watches: a working set the guest goes round
-            // within it is then known before any page is sent.
-            std::thread::sleep(first_step);
+            // within it is then known before any page is sent. It began with
+            // the dirty log (finding the pages with data took some of it).
+            let rest = (started + first_step).saturating_duration_since(Instant::now());
+            std::thread::sleep(rest);
+            watched = Some(entered.elapsed());
         } else {
             while Instant::now() < until && !over_budget {
                 let Some(pfn) = next_set(todo, cursor) else {
@@ -959,7 +966,9 @@ fn sample_hot(
     let secs = started.elapsed().as_secs_f64();
     let grow = popcount(&hot) as f64 * PAGE_SIZE as f64 / secs;
     let sent = tx.all_bytes() - sent_before;
-    let bw = sent as f64 / (secs - first_step.as_secs_f64()).max(1e-3);
+    let watched = watched.unwrap_or_default();
+    let sending = entered.elapsed().saturating_sub(watched);
+    let bw = sent as f64 / sending.as_secs_f64().max(1e-3);
     let cut = params.auto && over_budget && !converged && grow >= CUT_GROWTH * bw;
     let ended = if converged {
         "quiet"
@@ -998,7 +1007,7 @@ fn sample_hot(
         hot,
         written,
         cut,
-        watched: first_step,
+        watched,
     })
 }
 
@@ -1365,13 +1374,14 @@ pub(crate) fn rounds(
     job.update(|s| s.clear_before_send = clear_before_send);
     vm.set_dirty_logging(true)?;
     vm.take_dirty_bitmap()?; // start clean: everything from now on is logged
+    let logged_from = Instant::now();
 
     // Round 0: every page that holds data (but the hot ones). It starts with
     // hybrid's sampling, which sends some of it.
     let mut todo = data_pages(&ram, pages)?;
     let round0_start = (Instant::now(), tx.bytes, job.snapshot().pages.sent);
     let sampled = if switch {
-        sample_hot(vm, params, job, tx, &mut todo)?
+        sample_hot(vm, params, job, tx, &mut todo, logged_from)?
     } else {
         Sampled::default()
     };
