@@ -859,8 +859,9 @@ struct Sampled {
     /// Auto only: the sampling stopped at its byte budget with the working set
     /// still growing; round 0 ends where the sampling stopped.
     cut: bool,
-    /// How long the first step watched with the link idle, once round 0 had
-    /// begun: not part of its sending time.
+    /// How long the first step watched with the link idle (from when the log
+    /// began, the destination's preparation included): not part of round 0's
+    /// sending time.
     watched: Duration,
 }
 
@@ -908,7 +909,6 @@ fn sample_hot(
     let mut quiet = 0;
     let mut over_budget = false;
     let mut all_sent = false;
-    let entered = Instant::now();
     let mut watched = None;
     tx.round = Some(0);
     loop {
@@ -916,10 +916,11 @@ fn sample_hot(
         if watched.is_none() {
             // The first step only watches: a working set the guest goes round
             // within it is then known before any page is sent. It began with
-            // the dirty log (finding the pages with data took some of it).
+            // the dirty log: the destination's preparation and finding the
+            // pages with data took some of it, or all.
             let rest = (started + first_step).saturating_duration_since(Instant::now());
             std::thread::sleep(rest);
-            watched = Some(entered.elapsed());
+            watched = Some(started.elapsed());
         } else {
             while Instant::now() < until && !over_budget {
                 let Some(pfn) = next_set(todo, cursor) else {
@@ -967,7 +968,7 @@ fn sample_hot(
     let grow = popcount(&hot) as f64 * PAGE_SIZE as f64 / secs;
     let sent = tx.all_bytes() - sent_before;
     let watched = watched.unwrap_or_default();
-    let sending = entered.elapsed().saturating_sub(watched);
+    let sending = started.elapsed().saturating_sub(watched);
     let bw = sent as f64 / sending.as_secs_f64().max(1e-3);
     let cut = params.auto && over_budget && !converged && grow >= CUT_GROWTH * bw;
     let ended = if converged {
@@ -1187,14 +1188,16 @@ pub(crate) fn accept(s: TcpStream, tls: Option<&TlsSetup>) -> Result<Link> {
     }
 }
 
-/// Connects, says Hello with `mode`, and waits until the destination is prepared.
-pub(crate) fn open(
+/// Connects, says Hello with `mode`, and waits until the destination is
+/// prepared, running `while_preparing` (this side's own preparation) meanwhile.
+pub(crate) fn open<T>(
     vm: &Vm,
     params: &Params,
     job: &Job,
     start: Instant,
     mode: &str,
-) -> Result<Link> {
+    while_preparing: impl FnOnce() -> Result<T>,
+) -> Result<(Link, T)> {
     crate::multifd::check_streams(params.streams as u64).map_err(Error::Invalid)?;
     let mut stream = connect(&params.to, params.tls.as_ref())?;
     job.register(&stream)?;
@@ -1253,13 +1256,47 @@ pub(crate) fn open(
         }
     }
     job.update(|s| s.reorder = params.reorder);
+    // The destination creates its VM now (milliseconds): this side's own
+    // preparation runs meanwhile.
+    let early = while_preparing()?;
     handshake::wait_prepared(&mut stream)?;
     job.update(|s| {
         s.setup_ms = start.elapsed().as_secs_f64() * 1e3;
         s.status = "active".into();
     });
     job.check_cancel()?;
-    Ok(stream)
+    Ok((stream, early))
+}
+
+/// What the source prepares while the destination does (see [`open`]).
+pub(crate) struct Prelude {
+    /// Dirty logging is on, and its log was emptied, since then.
+    pub(crate) logged_from: Instant,
+    /// The pages that hold data (round 0, or post-copy's candidates),
+    /// found once the log was on.
+    pub(crate) data: Vec<u64>,
+    /// Rounds clear each page's dirty bit right before sending it.
+    pub(crate) clear_before_send: bool,
+}
+
+/// Turns dirty logging on (`rounds`: with the rounds' way of clearing it)
+/// and finds the pages of `vm` that hold data.
+pub(crate) fn prelude(vm: &Vm, params: &Params, job: &Job, rounds: bool) -> Result<Prelude> {
+    // Reorder reads the log inside a round to find pages dirtied again since
+    // its start, which needs the log cleared at each read.
+    let clear_before_send =
+        rounds && params.clear_before_send && !params.reorder && vm.enable_clear_before_send();
+    job.update(|s| s.clear_before_send = clear_before_send);
+    vm.set_dirty_logging(true)?;
+    vm.take_dirty_bitmap()?; // start clean: everything from now on is logged
+    let logged_from = Instant::now();
+    let ram = vm.ram();
+    let data = data_pages(ram, ram.size() / PAGE_SIZE)?;
+    Ok(Prelude {
+        logged_from,
+        data,
+        clear_before_send,
+    })
 }
 
 /// Bitmap (one bit per page) of the pages of `ram` that hold data (holes skipped).
@@ -1338,12 +1375,14 @@ fn run_in<'scope, 'env>(
     start: Instant,
     paused_at: &mut Option<Instant>,
 ) -> Result<Outcome> {
-    let stream = open(vm, params, job, start, "precopy")?;
+    let (stream, early) = open(vm, params, job, start, "precopy", || {
+        prelude(vm, params, job, true)
+    })?;
     let ram = vm.ram().clone();
     let mem = MemView::new(&ram);
     let mut tx = Sender::negotiated(stream.try_clone().map_err(io_err("socket"))?, &mem, job)?;
     crate::multifd::start(scope, &mut tx, &ram, params, job)?;
-    let (mut todo, round) = rounds(vm, params, job, &mut tx, params.max_rounds, false)?;
+    let (mut todo, round) = rounds(vm, params, job, &mut tx, early, params.max_rounds, false)?;
 
     // Stop-and-copy.
     let pause_start = Instant::now();
@@ -1362,26 +1401,35 @@ pub(crate) fn rounds(
     params: &Params,
     job: &Job,
     tx: &mut Sender<'_>,
+    early: Prelude,
     limit: u32,
     switch: bool,
 ) -> Result<(Vec<u64>, u32)> {
-    let ram = vm.ram().clone();
     let pages = tx.mem.pages();
-    // Reorder reads the log inside a round to find pages dirtied again since
-    // its start, which needs the log cleared at each read.
-    let clear_before_send =
-        params.clear_before_send && !params.reorder && vm.enable_clear_before_send();
-    job.update(|s| s.clear_before_send = clear_before_send);
-    vm.set_dirty_logging(true)?;
-    vm.take_dirty_bitmap()?; // start clean: everything from now on is logged
-    let logged_from = Instant::now();
+    let clear_before_send = early.clear_before_send;
+    if !switch && !clear_before_send {
+        // Round 0 sends what the guest wrote while the destination prepared:
+        // the log starts now, lest round 1 send it again.
+        vm.take_dirty_bitmap()?;
+    }
 
     // Round 0: every page that holds data (but the hot ones). It starts with
-    // hybrid's sampling, which sends some of it.
-    let mut todo = data_pages(&ram, pages)?;
-    let round0_start = (Instant::now(), tx.bytes, job.snapshot().pages.sent);
+    // hybrid's sampling (its first step began when the log did), which sends
+    // some of it.
+    let mut todo = early.data;
+    // With the sampling, round 0 began when the log did: what the guest wrote
+    // since is in the round's dirty rate.
+    let round0_start = (
+        if switch {
+            early.logged_from
+        } else {
+            Instant::now()
+        },
+        tx.bytes,
+        job.snapshot().pages.sent,
+    );
     let sampled = if switch {
-        sample_hot(vm, params, job, tx, &mut todo, logged_from)?
+        sample_hot(vm, params, job, tx, &mut todo, early.logged_from)?
     } else {
         Sampled::default()
     };

@@ -481,10 +481,11 @@ fn run_in<'scope, 'env>(
     hybrid: bool,
 ) -> Result<Outcome> {
     let mode = if hybrid { "hybrid" } else { "postcopy" };
-    let stream = precopy::open(vm, params, job, start, mode)?;
+    let (stream, early) = precopy::open(vm, params, job, start, mode, || {
+        precopy::prelude(vm, params, job, hybrid)
+    })?;
     let ram = vm.ram().clone();
     let mem = MemView::new(&ram);
-    let pages = mem.pages();
     let mut tx = Sender::negotiated(stream.try_clone().map_err(io_err("socket"))?, &mem, job)?;
     if hybrid {
         crate::multifd::start(scope, &mut tx, &ram, params, job)?;
@@ -505,7 +506,7 @@ fn run_in<'scope, 'env>(
                 .postcopy_after_rounds
                 .clamp(1, params.max_rounds.max(1))
         };
-        let (mut todo, round) = precopy::rounds(vm, params, job, &mut tx, limit, true)?;
+        let (mut todo, round) = precopy::rounds(vm, params, job, &mut tx, early, limit, true)?;
         if params.auto {
             let s = job.snapshot();
             let (rate, bw) = (s.dirty_rate / 1e6, s.link_rate / 1e6);
@@ -547,9 +548,7 @@ fn run_in<'scope, 'env>(
         tx.pool = None;
         todo
     } else {
-        vm.set_dirty_logging(true)?;
-        vm.take_dirty_bitmap()?;
-        precopy::data_pages(&ram, pages)?
+        early.data
     };
     // Post-copy pages travel raw: a fault waits for its page, and the
     // destination's fault path takes only raw batches.
