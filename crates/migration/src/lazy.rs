@@ -109,7 +109,7 @@ impl Lazy {
     fn new(snap: LazySnapshot, ram: &GuestRam, t0: Instant) -> Result<Arc<Lazy>> {
         let map = RamMap::new(ram);
         let uffd = Uffd::new().map_err(io_err("userfaultfd"))?;
-        map.register(&uffd)
+        map.register(&uffd, false)
             .map_err(io_err("registering guest RAM with userfaultfd"))?;
         let progress = Arc::new(LazyProgress {
             pages: snap.data_pages,

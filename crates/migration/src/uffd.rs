@@ -584,19 +584,16 @@ impl RamMap {
             .map(|(o, _, h)| o + (addr - h))
     }
 
-    /// Registers all of RAM with `uffd` (missing mode).
-    pub fn register(&self, uffd: &Uffd) -> io::Result<()> {
+    /// Registers all of RAM with `uffd` for missing-page faults and, with
+    /// `minor` (RAM on huge pages), minor faults too (see
+    /// [`Uffd::register_with_minor`]).
+    pub fn register(&self, uffd: &Uffd, minor: bool) -> io::Result<()> {
         for &(_, len, host) in &self.ranges {
-            uffd.register(host, len)?;
-        }
-        Ok(())
-    }
-
-    /// Registers all of RAM, on huge pages, with `uffd` for missing and
-    /// minor faults (see [`Uffd::register_with_minor`]).
-    pub fn register_with_minor(&self, uffd: &Uffd) -> io::Result<()> {
-        for &(_, len, host) in &self.ranges {
-            uffd.register_with_minor(host, len)?;
+            if minor {
+                uffd.register_with_minor(host, len)?;
+            } else {
+                uffd.register(host, len)?;
+            }
         }
         Ok(())
     }

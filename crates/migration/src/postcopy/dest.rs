@@ -1197,13 +1197,13 @@ pub(crate) fn receive(
         let uffd = Uffd::for_minor_faults().map_err(io_err(
             "userfaultfd with minor faults on huge pages (Linux 5.13 or later)",
         ))?;
-        map.register_with_minor(&uffd).map_err(io_err(
+        map.register(&uffd, true).map_err(io_err(
             "registering guest RAM on huge pages with userfaultfd",
         ))?;
         uffd
     } else {
         let uffd = Uffd::new().map_err(io_err("userfaultfd"))?;
-        map.register(&uffd)
+        map.register(&uffd, false)
             .map_err(io_err("registering guest RAM with userfaultfd"))?;
         uffd
     };
@@ -1481,7 +1481,7 @@ mod tests {
             return;
         };
         let map = RamMap::new(&ram);
-        map.register(&uffd).unwrap();
+        map.register(&uffd, false).unwrap();
         let pages = ram.size() / PAGE_SIZE;
         let mut expected = vec![0u64; pages.div_ceil(64) as usize];
         expected[0] = 0xffff; // pages 0..16
@@ -1556,7 +1556,7 @@ mod tests {
         let stale = hybrid_huge_pages(&expected, &held);
         assert_eq!(stale, vec![(HUGE, HUGE)]);
         unmap_from_guest(&map, &stale).unwrap();
-        map.register_with_minor(&uffd).unwrap();
+        map.register(&uffd, true).unwrap();
         let (tx, rx) = mpsc::channel();
         let mut d = Dest::new(uffd, map, pages, expected, tx);
         d.huge = Some(staging);
@@ -1620,7 +1620,7 @@ mod tests {
             return;
         };
         let map = RamMap::new(&ram);
-        map.register_with_minor(&uffd).unwrap();
+        map.register(&uffd, true).unwrap();
         let pages = ram.size() / PAGE_SIZE;
         // Huge page 0 expects pages 0..4.
         let mut expected = vec![0u64; pages.div_ceil(64) as usize];
