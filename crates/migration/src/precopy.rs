@@ -185,11 +185,12 @@ pub(crate) const HOT_SAMPLE_MAX: Duration = Duration::from_secs(1);
 /// The stop reason of rounds that converged: what is left fits the pause.
 pub(crate) const STOP_CONVERGED: &str = "expected downtime within max-downtime";
 
-/// Auto: the sampling cuts round 0 short when, at its byte budget, the hot
-/// set still grows at this fraction of the sending rate or more. Sent on, the
-/// rest of round 0 would then carry about this fraction of memory again in
-/// pages the guest rewrites after they went: more than 1.2 × memory in all.
-const CUT_GROWTH: f64 = 0.2;
+/// Auto: the sampling cuts round 0 short when, at its byte budget (a tenth
+/// of memory), the hot set still grows at this fraction of the sending rate
+/// or more. Sent on, the rest of round 0 would then carry about this
+/// fraction of memory again, in pages the guest rewrites after they went:
+/// as much as the cut costs at most (the budget, sent before the cut).
+const CUT_GROWTH: f64 = 0.1;
 
 /// `drain`: bytes still unacknowledged that count as drained, the longest
 /// wait, and the longest wait without progress.
@@ -881,7 +882,7 @@ struct Sampled {
 /// meanwhile (and taken out of `todo`), so that the sampling costs little
 /// time on a slow link; those the guest rewrites later go again after the
 /// switch. With `--mode auto` that waste is bounded: once a tenth of `todo`'s
-/// bytes has been sent while the working set still grows, by a fifth of the
+/// bytes has been sent while the working set still grows, by a tenth of the
 /// link's rate or more ([`CUT_GROWTH`]), it is too large to find this way,
 /// and everything not sent yet is left to post-copy (`cut`), so that the
 /// whole migration moves about 1.1 × the memory in about 1.1 × the time the
