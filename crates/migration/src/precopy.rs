@@ -965,12 +965,12 @@ fn sample_hot(
     tx.flush()?;
     // Cut only a working set that grows fast against the link: one found at
     // a trickle (a guest that writes little) is for the rounds to chase.
-    let secs = started.elapsed().as_secs_f64();
+    let took = started.elapsed();
+    let secs = took.as_secs_f64();
     let grow = popcount(&hot) as f64 * PAGE_SIZE as f64 / secs;
     let sent = tx.all_bytes() - sent_before;
     let watched = watched.unwrap_or_default();
-    let sending = started.elapsed().saturating_sub(watched);
-    let bw = sent as f64 / sending.as_secs_f64().max(1e-3);
+    let bw = sent as f64 / took.saturating_sub(watched).as_secs_f64().max(1e-3);
     let cut = params.auto && over_budget && !converged && grow >= CUT_GROWTH * bw;
     let ended = if converged {
         "quiet"
@@ -1257,8 +1257,8 @@ pub(crate) fn open<T>(
         }
     }
     job.update(|s| s.reorder = params.reorder);
-    // The destination creates its VM now (milliseconds): this side's own
-    // preparation runs meanwhile.
+    // The destination may still be building its VM (a daemon starts a VM
+    // process for it): this side's own preparation runs meanwhile.
     let early = while_preparing()?;
     handshake::wait_prepared(&mut stream)?;
     job.update(|s| {
@@ -1271,7 +1271,7 @@ pub(crate) fn open<T>(
 
 /// What the source prepares while the destination does (see [`open`]).
 pub(crate) struct Prelude {
-    /// Dirty logging is on, and its log was emptied, since then.
+    /// When dirty logging began, with an empty log.
     pub(crate) logged_from: Instant,
     /// The pages that hold data (round 0, or post-copy's candidates),
     /// found once the log was on.
