@@ -16,7 +16,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use link::{Link, TlsSetup};
-use vmm::memory::PAGE_SIZE;
+use vmm::memory::{HUGE_PAGE_SIZE as HUGE, PAGE_SIZE};
 use vmm::{PreparedVm, Vm, VmExit, VmState};
 use wire::{Message, PostcopyReport, KIND_CONTROL, MAX_BATCH_PAGES};
 
@@ -42,7 +42,6 @@ fn pages_as_bytes(p: &mut [Page]) -> &mut [u8] {
 /// `PostcopyDone` after every page arrived (the first one may have been lost).
 const DONE_GRACE: Duration = Duration::from_secs(60);
 
-use vmm::memory::HUGE_PAGE_SIZE as HUGE;
 /// 4 KiB pages in a huge page.
 const PAGES_PER_HUGE: u64 = HUGE / PAGE_SIZE;
 
@@ -1193,20 +1192,19 @@ pub(crate) fn receive(
         }
     }
     let total = popcount(&expected);
-    let uffd = if staging.is_some() {
-        let uffd = Uffd::for_minor_faults().map_err(io_err(
+    let huge = staging.is_some();
+    let uffd = if huge {
+        Uffd::for_minor_faults().map_err(io_err(
             "userfaultfd with minor faults on huge pages (Linux 5.13 or later)",
-        ))?;
-        map.register(&uffd, true).map_err(io_err(
-            "registering guest RAM on huge pages with userfaultfd",
-        ))?;
-        uffd
+        ))?
     } else {
-        let uffd = Uffd::new().map_err(io_err("userfaultfd"))?;
-        map.register(&uffd, false)
-            .map_err(io_err("registering guest RAM with userfaultfd"))?;
-        uffd
+        Uffd::new().map_err(io_err("userfaultfd"))?
     };
+    map.register(&uffd, huge).map_err(io_err(if huge {
+        "registering guest RAM on huge pages with userfaultfd"
+    } else {
+        "registering guest RAM with userfaultfd"
+    }))?;
     tracing::debug!(
         pages = total,
         "post-copy: guest RAM registered with userfaultfd"
