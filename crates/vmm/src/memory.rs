@@ -46,6 +46,16 @@ pub fn huge_pages() -> bool {
     HUGE_PAGES.load(Ordering::Relaxed)
 }
 
+/// Whether huge-page RAM made in this process is allocated whole when made
+/// (`migd run --prefault`).
+static PREFAULT: AtomicBool = AtomicBool::new(false);
+
+/// Allocates RAM made on huge pages from now on in this process whole when
+/// it is made ([`GuestRam::prefault`]), or not.
+pub fn set_prefault(on: bool) {
+    PREFAULT.store(on, Ordering::Relaxed);
+}
+
 /// One contiguous piece of guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RamRange {
@@ -180,7 +190,34 @@ impl GuestRam {
         }
         let mut ram = Self::map(file, size)?;
         ram.mapped_here = true;
+        if huge && PREFAULT.load(Ordering::Relaxed) {
+            ram.prefault()?;
+        }
         Ok(ram)
+    }
+
+    /// On huge pages: allocates every huge page of RAM now (`fallocate`), as
+    /// QEMU's `-mem-prealloc` does, so that no write to a page later waits
+    /// for the kernel to zero it (~18 ms per 230 MiB here, which an incoming
+    /// migration otherwise pays while it receives). The pages stay unmapped,
+    /// so [`GuestRam::data_extents`] still counts only those written. On
+    /// 4 KiB pages nothing is done: there, a page in the file counts as
+    /// written, and a post-copy destination fills only absent pages.
+    pub fn prefault(&self) -> Result<()> {
+        if !self.huge {
+            return Ok(());
+        }
+        // SAFETY: fallocate on a descriptor we own; no memory is passed.
+        let rc = unsafe { libc::fallocate(self.memfd.as_raw_fd(), 0, 0, self.size as i64) };
+        if rc < 0 {
+            return Err(Error::GuestMemory(format!(
+                "allocating {} MiB of huge pages up front: {} ({})",
+                self.size >> 20,
+                std::io::Error::last_os_error(),
+                huge_pool_summary()
+            )));
+        }
+        Ok(())
     }
 
     /// Whether this RAM is on huge pages (hugetlbfs).
@@ -709,6 +746,28 @@ mod tests {
         let fd = ram.dup_memfd().unwrap();
         let handed = GuestRam::from_fd(fd, 16 << 20).unwrap();
         assert_eq!(handed.data_extents().unwrap(), vec![(0, 16 << 20)]);
+    }
+
+    /// Prefaulted huge pages all exist but count as data only once written.
+    #[test]
+    fn prefaulted_huge_pages_exist_but_are_not_data() {
+        let ram = match GuestRam::with_huge_pages(16 << 20, true) {
+            Ok(r) => r,
+            Err(e) if e.to_string().contains("cannot reserve") => {
+                eprintln!("SKIP: no huge pages here ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(ram.used_bytes().unwrap(), 0);
+        ram.prefault().unwrap();
+        assert_eq!(ram.used_bytes().unwrap(), 16 << 20);
+        assert!(ram.data_extents().unwrap().is_empty());
+        ram.write(0x60_0000 + 5, &[1]).unwrap();
+        assert_eq!(ram.data_extents().unwrap(), vec![(0x60_0000, 0x20_0000)]);
+        let mut b = [9u8; 8];
+        ram.read(0x40_0000, &mut b).unwrap();
+        assert_eq!(b, [0; 8], "prefaulted pages are zeros");
     }
 
     #[test]
