@@ -281,3 +281,41 @@ fn cancel_in_every_phase() {
 fn stalled_destination_in_every_phase() {
     matrix(Fault::Stall, "stalled_destination_in_every_phase");
 }
+
+/// A stop for a destination whose VM has not arrived: one still waiting for
+/// its source exits at once (0), on SIGTERM or `stop`, its control socket
+/// gone; one receiving the VM gives it up (1), and the source keeps the VM
+/// running.
+#[test]
+fn destination_stopped_before_the_vm_arrives() {
+    if !kvm_or_skip("destination_stopped_before_the_vm_arrives") {
+        return;
+    }
+    let dir = scratch("faults-term");
+    let console = Console(dir.join("waiting.console"));
+    for (tag, stop) in [("term", None), ("stop", Some(json!({"cmd": "stop"})))] {
+        let mut waiting = VmProcess::incoming(&dir, tag, &console, free_port(), "64M", 1);
+        match stop {
+            Some(req) => assert_eq!(waiting.request(req)["ok"], true),
+            None => waiting.signal(Signal::SIGTERM),
+        }
+        assert_eq!(waiting.wait(Duration::from_secs(10)), 0, "{tag}");
+        assert!(!waiting.control.exists(), "{tag}: control socket left");
+    }
+
+    let src = source(&dir, "src");
+    let req = json!({
+        "mode": "precopy",
+        "fault_hold": format!("round1:{HOLD_MS}"),
+        "answer_timeout_ms": ANSWER_MS,
+        "max_downtime_ms": 0,
+    });
+    let mut dst = start(&src, &dir, "receiving", req);
+    wait_held(&src, "round1");
+    dst.signal(Signal::SIGTERM);
+    assert_eq!(dst.wait(Duration::from_secs(10)), 1);
+    let r = src.wait_migration();
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_source_runs(&src, "receiving-term");
+    assert_eq!(src.terminate(), 0);
+}

@@ -20,6 +20,9 @@ use vmm::{BootSpec, GuestRam, Vm, VmConfig, VmExit, VmState};
 
 use crate::handover::{self, HandoverHeader};
 use crate::size::parse_size;
+use arrival::Arrival;
+
+mod arrival;
 
 /// Arguments of `migd run`.
 #[derive(clap::Args, Debug)]
@@ -227,9 +230,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
         None => None,
     };
     let (tx, rx) = channel::<Event>();
-    let arriving = Arc::new(AtomicBool::new(
+    let arrival = Arc::new(Arrival::new(
         args.incoming_fd.is_some() || args.incoming.is_some(),
+        args.control.clone(),
     ));
+    // Signals are taken from here on: a stop ends an incoming VM that has
+    // not arrived yet (building it may take a while with --prefault).
+    spawn_signal_thread(set, tx.clone(), arrival.clone())?;
     let tls_setup = match args.tls.files()? {
         Some(f) => Some(link::TlsSetup::load(&f).context("loading the TLS configuration")?),
         None => None,
@@ -259,7 +266,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         None
     };
     if let Some(p) = &args.control {
-        spawn_control_thread(bind_control(p)?, tx.clone(), arriving.clone())?;
+        spawn_control_thread(bind_control(p)?, tx.clone(), arrival.clone())?;
     }
     let incoming = match (&args.incoming, args.incoming_fd) {
         (Some(_), _) => match &incoming_listener {
@@ -285,11 +292,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
         (None, None) => None,
     };
     let (vm, mut takeover) = if let (Some(stream), Some(prepared)) = (incoming, prepared) {
-        let (vm, stats) = migration::incoming::receive(stream, prepared, tls(), &|| {
-            arriving.store(false, Ordering::SeqCst)
-        })
-        .context("incoming migration")?;
-        arriving.store(false, Ordering::SeqCst);
+        arrival.receiving();
+        let (vm, stats) =
+            migration::incoming::receive(stream, prepared, tls(), &|| arrival.running())
+                .context("incoming migration")?;
+        arrival.running();
         if let Some(w) = stats.postcopy.clone() {
             let _ = ARRIVING.set(w);
         }
@@ -364,7 +371,6 @@ pub fn run(args: RunArgs) -> Result<i32> {
         "VM running"
     );
 
-    spawn_signal_thread(set, tx.clone())?;
     {
         let tx = tx.clone();
         let control = vm.exit_watch();
@@ -787,12 +793,16 @@ fn bind_control(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-fn spawn_signal_thread(set: SigSet, tx: Sender<Event>) -> Result<()> {
+fn spawn_signal_thread(set: SigSet, tx: Sender<Event>, arrival: Arc<Arrival>) -> Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
             match set.wait() {
                 Ok(s) => {
+                    let stop = !matches!(s, Signal::SIGUSR1 | Signal::SIGUSR2);
+                    if stop && arrival.stop_unless_arrived(s.as_str()) {
+                        return;
+                    }
                     if tx.send(Event::Signal(s)).is_err() {
                         return;
                     }
@@ -806,22 +816,22 @@ fn spawn_signal_thread(set: SigSet, tx: Sender<Event>) -> Result<()> {
 fn spawn_control_thread(
     listener: UnixListener,
     tx: Sender<Event>,
-    arriving: Arc<AtomicBool>,
+    arrival: Arc<Arrival>,
 ) -> Result<()> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
                 let tx = tx.clone();
-                let arriving = arriving.clone();
-                std::thread::spawn(move || serve_client(stream, tx, arriving));
+                let arrival = arrival.clone();
+                std::thread::spawn(move || serve_client(stream, tx, arrival));
             }
         })?;
     Ok(())
 }
 
 /// Reads requests from one client and forwards each to the main loop.
-fn serve_client(stream: UnixStream, tx: Sender<Event>, arriving: Arc<AtomicBool>) {
+fn serve_client(stream: UnixStream, tx: Sender<Event>, arrival: Arc<Arrival>) {
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
@@ -846,13 +856,22 @@ fn serve_client(stream: UnixStream, tx: Sender<Event>, arriving: Arc<AtomicBool>
         let Ok(mut s) = stream.try_clone() else {
             return;
         };
-        if arriving.load(Ordering::SeqCst) {
-            let reply = if req.get("cmd").and_then(|c| c.as_str()) == Some("status") {
-                json!({"ok": true, "state": "incoming", "pid": std::process::id()})
-            } else {
-                json!({"ok": false, "error": "the VM is still arriving"})
+        if arrival.arriving() {
+            let reply = match req.get("cmd").and_then(|c| c.as_str()) {
+                Some("status") => {
+                    json!({"ok": true, "state": "incoming", "pid": std::process::id()})
+                }
+                Some("stop") => json!({"ok": true}),
+                _ => json!({"ok": false, "error": "the VM is still arriving"}),
             };
             let _ = handover::send_line(&mut s, &reply);
+            if req.get("cmd").and_then(|c| c.as_str()) == Some("stop")
+                && !arrival.stop_unless_arrived("stop requested")
+            {
+                // It arrived in between: the main loop stops it (as it
+                // would on SIGTERM, without a second reply).
+                let _ = tx.send(Event::Signal(Signal::SIGTERM));
+            }
             continue;
         }
         let is_handover = req.get("cmd").and_then(|c| c.as_str()) == Some("handover");

@@ -1,0 +1,110 @@
+//! An incoming VM before it runs here. A stop (a signal, or `stop` on the
+//! control socket) ends the process at once while the source can still
+//! resume the VM, that is until this side has resumed it and is about to
+//! confirm: nothing is half-written, since the VM's memory is the process's
+//! own. Without this a `migd run --incoming` waiting for its source ignored
+//! SIGTERM (its signals are taken by a thread that starts with the VM).
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+/// Where an incoming VM is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// No source has connected yet (or the VM is still being built).
+    Waiting,
+    /// A source is sending the VM.
+    Receiving,
+    /// The VM runs here (or never was incoming): stops go to the main loop.
+    Running,
+}
+
+/// Whether a stop ends the process now, and how.
+pub struct Arrival {
+    phase: Mutex<Phase>,
+    /// The control socket, removed on the way out.
+    control: Option<PathBuf>,
+}
+
+impl Arrival {
+    /// `incoming`: whether the VM arrives by migration (otherwise it is
+    /// `Running` from the start).
+    pub fn new(incoming: bool, control: Option<PathBuf>) -> Self {
+        Self {
+            phase: Mutex::new(if incoming {
+                Phase::Waiting
+            } else {
+                Phase::Running
+            }),
+            control,
+        }
+    }
+
+    fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the VM is still arriving (control requests other than
+    /// `status` and `stop` are refused meanwhile).
+    pub fn arriving(&self) -> bool {
+        *self.phase() != Phase::Running
+    }
+
+    /// A source has connected and is sending the VM.
+    pub fn receiving(&self) {
+        let mut p = self.phase();
+        if *p == Phase::Waiting {
+            *p = Phase::Receiving;
+        }
+    }
+
+    /// The VM runs here: from now on the source learns so, and a stop is
+    /// the main loop's. Waits for a stop under way, which then never returns.
+    pub fn running(&self) {
+        *self.phase() = Phase::Running;
+    }
+
+    /// Stops the process for `why` if the VM has not arrived; returns
+    /// (false) only if it has. Holding the lock until the process exits
+    /// keeps [`Arrival::running`], and with it the confirmation to the
+    /// source, from happening meanwhile.
+    pub fn stop_unless_arrived(&self, why: &str) -> bool {
+        let p = self.phase();
+        let code = match *p {
+            Phase::Running => return false,
+            Phase::Waiting => {
+                tracing::info!("{why}: stopping; no migration had begun");
+                0
+            }
+            Phase::Receiving => {
+                tracing::warn!("{why}: abandoning the incoming migration; the source keeps the VM");
+                1
+            }
+        };
+        if let Some(c) = &self.control {
+            let _ = std::fs::remove_file(c);
+        }
+        std::process::exit(code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_that_runs_is_not_stopped_here() {
+        let a = Arrival::new(false, None);
+        assert!(!a.arriving());
+        assert!(!a.stop_unless_arrived("test"));
+        let a = Arrival::new(true, None);
+        assert!(a.arriving());
+        a.receiving();
+        assert!(a.arriving());
+        a.running();
+        assert!(!a.arriving());
+        // Once running, a late `receiving` does not turn it back.
+        a.receiving();
+        assert!(!a.stop_unless_arrived("test"));
+    }
+}
