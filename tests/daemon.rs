@@ -507,6 +507,27 @@ fn daemon_migrates_a_vm_to_another_daemon() {
         table.contains("--mode auto is expected to end in precopy"),
         "{table}"
     );
+    // Under a 16 MiB/s cap the cap is the bandwidth.
+    let est: Value = serde_json::from_str(&a.ok(&[
+        "estimate",
+        "mig1",
+        "--to",
+        &to_b,
+        "--mode",
+        "auto",
+        "--max-bandwidth",
+        "16M",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        est["inputs"]["bandwidth"],
+        json!((16u64 << 20) as f64),
+        "{est}"
+    );
+    assert_eq!(est["inputs"]["capped"], true, "{est}");
+    let e = a.fails(&["estimate", "mig1", "--to", &to_b, "--max-bandwidth", "0"]);
+    assert!(e.contains("max-bandwidth must be positive"), "{e}");
     let e = a.fails(&["estimate", "mig1", "--to", &to_b, "--mode", "teleport"]);
     assert!(e.contains("unknown mode 'teleport'"), "{e}");
     assert_eq!(

@@ -1019,7 +1019,8 @@ fn start_migration(
                 }
                 _ => precopy::migrate(&vm, &params, &job),
             };
-            job.update(|s| s.model = migration::model::check(s, vm.config().vcpus));
+            let capped = job.max_bandwidth().is_some();
+            job.update(|s| s.model = migration::model::check(s, vm.config().vcpus, capped));
             tracing::info!(?outcome, "migration ended");
             let _ = tx.send(Event::Migrated(outcome));
         })
@@ -1046,6 +1047,17 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
             "unknown mode '{mode}' (precopy, postcopy, hybrid, auto)"
         ));
     }
+    let cap = match req.get("max_bandwidth") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(c) if c > 0 => Some(c as f64),
+            _ => {
+                return Err(format!(
+                    "max_bandwidth must be a positive number of bytes/s, got {v}"
+                ))
+            }
+        },
+    };
     let memory_bytes: u64 = vm
         .ram()
         .data_extents()
@@ -1063,7 +1075,8 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
         memory_bytes: memory_bytes as f64,
         state_bytes: model::state_bytes(vm.config().vcpus),
         dirty_rate: dirtying.rate,
-        bandwidth: path.bandwidth,
+        // A cap below the path's rate is the rate.
+        bandwidth: cap.map_or(path.bandwidth, |c| c.min(path.bandwidth)),
         rtt: path.rtt,
         max_downtime: req
             .get("max_downtime_ms")
@@ -1078,6 +1091,7 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
         // Connect, Hello/Accept, Prepared; not the destination's own work.
         setup: 3.0 * path.rtt,
         working_set: dirtying.working_set,
+        capped: cap.is_some(),
     };
     let all: serde_json::Map<String, serde_json::Value> = ["precopy", "postcopy", "hybrid"]
         .iter()

@@ -37,6 +37,14 @@
 //! ended go in up to two more rounds, then post-copy moves `H` and what
 //! those rounds left.
 //!
+//! `--mode auto` runs hybrid's round 0 with two differences. Its first step
+//! is `s = 10 ms` where the link has no cap (a link without one is fast as a
+//! rule, and watching leaves it idle). And it cuts: once a tenth of `V_0` is
+//! sent while the guest's dirty set still grows at a tenth of `R` or more
+//! (`D ≥ 0.1 R`, and `D · t < W`), everything not sent is left to post-copy:
+//! `t_0 = s + 0.1 V_0 / R`, and post-copy moves `0.9 V_0`. Otherwise it ends
+//! in pre-copy where those rounds converge, in hybrid where not.
+//!
 //! Every mode's total also counts the set-up before any page moves
 //! (`T_setup`: connection, handshake, the destination's preparation), an
 //! input: `migctl estimate` puts three round trips there, the check after a
@@ -71,6 +79,10 @@ pub struct Inputs {
     /// most this (0: not known, no bound).
     #[serde(default)]
     pub working_set: f64,
+    /// Whether `bandwidth` is a cap set for the migration (`--mode auto`
+    /// then watches a whole sampling step before it sends).
+    #[serde(default)]
+    pub capped: bool,
 }
 
 /// The VM state moved at the switch-over for `vcpus` vCPUs, bytes: measured
@@ -197,11 +209,29 @@ fn hybrid_round0(i: &Inputs) -> (f64, f64, f64, f64) {
     (hot, t0, dirtied(i, t0 - limit, cold), cold)
 }
 
-/// The mode `--mode auto` is expected to end in: pre-copy where its rounds
-/// converge within max-downtime, otherwise rounds and then post-copy
-/// ("hybrid"; the engine decides on what it measures as it goes).
+/// `--mode auto`'s cut (module docs): (round 0's seconds, bytes it leaves
+/// to post-copy) where the guest's dirty set still grows fast once a tenth
+/// of memory is sent; None where it does not.
+fn auto_cut(i: &Inputs) -> Option<(f64, f64)> {
+    let r = i.bandwidth.max(1.0);
+    let step = if i.capped {
+        crate::precopy::HOT_STEP
+    } else {
+        crate::precopy::FIRST_STEP_UNCAPPED
+    };
+    let tenth = i.memory_bytes / 10.0;
+    let t0 = step.as_secs_f64() + tenth / r;
+    let growing = i.working_set <= 0.0 || i.dirty_rate * t0 < i.working_set;
+    (growing && i.dirty_rate >= crate::precopy::CUT_GROWTH * r)
+        .then_some((t0, i.memory_bytes - tenth))
+}
+
+/// The mode `--mode auto` is expected to end in: after a cut, or where its
+/// rounds do not converge within max-downtime, rounds and then post-copy
+/// ("hybrid"); otherwise pre-copy (the engine decides on what it measures
+/// as it goes).
 pub fn auto_mode(i: &Inputs) -> &'static str {
-    if predict("precopy", i).converges {
+    if auto_cut(i).is_none() && predict("precopy", i).converges {
         "precopy"
     } else {
         "hybrid"
@@ -213,7 +243,23 @@ pub fn auto_mode(i: &Inputs) -> &'static str {
 pub fn predict(mode: &str, i: &Inputs) -> Prediction {
     let r = i.bandwidth.max(1.0);
     match mode {
-        "auto" => predict(auto_mode(i), i),
+        "auto" => match auto_cut(i) {
+            Some((t0, left)) => {
+                let (t_down, t_res, push_only, faults) =
+                    postcopy_phase(i, i.state_bytes, left + i.state_bytes);
+                Prediction {
+                    downtime_ms: t_down * 1e3,
+                    total_ms: (i.setup + t0 + t_down + push_only) * 1e3,
+                    resume_ms: t_res * 1e3,
+                    resume_push_only_ms: push_only * 1e3,
+                    faults,
+                    rounds: 1,
+                    converges: true,
+                    final_bytes: 0.0,
+                }
+            }
+            None => predict(auto_mode(i), i),
+        },
         "postcopy" => {
             let (t_down, t_res, push_only, faults) =
                 postcopy_phase(i, i.state_bytes, i.memory_bytes + i.state_bytes);
@@ -297,9 +343,10 @@ pub struct FinalCopy {
     pub final_rate: f64,
 }
 
-/// Evaluates the model for a completed migration of a VM of `vcpus` vCPUs;
-/// None if it did not complete or measured too little to say.
-pub fn check(s: &crate::stats::MigrationStats, vcpus: usize) -> Option<ModelCheck> {
+/// Evaluates the model for a completed migration of a VM of `vcpus` vCPUs
+/// (`capped`: under a bandwidth cap); None if it did not complete or
+/// measured too little to say.
+pub fn check(s: &crate::stats::MigrationStats, vcpus: usize, capped: bool) -> Option<ModelCheck> {
     if s.outcome != "completed" || s.total_ms <= 0.0 || s.downtime_ms <= 0.0 {
         return None;
     }
@@ -347,6 +394,7 @@ pub fn check(s: &crate::stats::MigrationStats, vcpus: usize) -> Option<ModelChec
             Some(p) if p.ended == "quiet" => p.hot_pages as f64 * PAGE,
             _ => 0.0,
         },
+        capped,
     };
     let prediction = predict(&s.mode, &inputs);
     let err = |p: f64, m: f64| (p - m) / m * 100.0;
@@ -397,6 +445,7 @@ mod tests {
             vcpus: 1,
             setup: 0.0,
             working_set: 0.0,
+            capped: false,
         }
     }
 
@@ -443,7 +492,7 @@ mod tests {
             ms: 100.0,
             dirty_rate: 0.0,
         });
-        let c = check(&s, 1).unwrap();
+        let c = check(&s, 1, false).unwrap();
         assert!((c.inputs.bandwidth - (100 << 20) as f64 * 10.0).abs() < 1.0);
         assert_eq!(c.prediction.rounds, 1);
         // One round of 100 ms plus the state: total predicted ~100 ms against 200 measured.
@@ -451,7 +500,7 @@ mod tests {
         assert_eq!(c.final_copy, None, "no page after the round");
         // The set-up measured counts in the total: 100 ms of it, ~200 ms predicted.
         s.setup_ms = 100.0;
-        let c = check(&s, 1).unwrap();
+        let c = check(&s, 1, false).unwrap();
         assert!(c.total_error_pct.abs() < 2.0, "{c:?}");
         // A stop-and-copy of 2,560 pages (10 MiB) in 5 ms: 2 GiB/s, twice
         // the round's rate, beside the bytes the model expected (none: the
@@ -461,7 +510,7 @@ mod tests {
             final_pages_us: 5000,
             ..Default::default()
         });
-        let f = check(&s, 1).unwrap().final_copy.unwrap();
+        let f = check(&s, 1, false).unwrap().final_copy.unwrap();
         assert_eq!(
             (f.bytes_predicted, f.bytes_measured),
             (0.0, (10 << 20) as f64)
@@ -470,9 +519,9 @@ mod tests {
         // Post-copy has no stop-and-copy of its own.
         s.mode = "postcopy".into();
         s.pages.expected = 25600;
-        assert_eq!(check(&s, 1).unwrap().final_copy, None);
+        assert_eq!(check(&s, 1, false).unwrap().final_copy, None);
         s.outcome = "failed".into();
-        assert!(check(&s, 1).is_none());
+        assert!(check(&s, 1, false).is_none());
     }
 
     #[test]
@@ -597,16 +646,51 @@ mod tests {
     }
 
     #[test]
-    fn auto_picks_precopy_where_it_converges_and_hybrid_elsewhere() {
+    fn auto_picks_precopy_where_it_converges_hybrid_elsewhere_and_cuts_a_growing_set() {
         let calm = inputs();
         assert_eq!(auto_mode(&calm), "precopy");
         assert_eq!(predict("auto", &calm), predict("precopy", &calm));
+        // Dirtying at under a tenth of the link, but a pause too short for
+        // even the switch-over: no cut, hybrid.
+        let tight = Inputs {
+            dirty_rate: 0.05e9,
+            max_downtime: 0.001,
+            ..inputs()
+        };
+        assert_eq!(auto_mode(&tight), "hybrid");
+        assert_eq!(predict("auto", &tight), predict("hybrid", &tight));
+        // A set growing at twice the link's rate: cut after 10 ms of
+        // watching and a tenth of memory sent; post-copy moves the rest.
         let hot = Inputs {
             dirty_rate: 2e9,
             ..inputs()
         };
         assert_eq!(auto_mode(&hot), "hybrid");
-        assert_eq!(predict("auto", &hot), predict("hybrid", &hot));
+        let p = predict("auto", &hot);
+        let v = hot.memory_bytes;
+        let t0 = 0.010 + 0.1 * v / 1e9;
+        assert_eq!(p.rounds, 1);
+        let want = (t0 + p.downtime_ms / 1e3 + 0.9 * v / 1e9) * 1e3;
+        assert!((p.total_ms - want).abs() < 1e-6, "{p:?}");
+        assert!(p.total_ms < predict("hybrid", &hot).total_ms);
+        // Under a cap the first step watches 50 ms.
+        let capped = predict(
+            "auto",
+            &Inputs {
+                capped: true,
+                ..hot
+            },
+        );
+        assert!(
+            (capped.total_ms - p.total_ms - 40.0).abs() < 1e-6,
+            "{capped:?}"
+        );
+        // A working set it has gone round by the cut: no cut.
+        let round = Inputs {
+            working_set: 64e6,
+            ..hot
+        };
+        assert_eq!(auto_mode(&round), "precopy");
     }
 
     #[test]

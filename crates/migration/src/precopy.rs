@@ -179,7 +179,7 @@ pub enum Outcome {
 /// for at most [`HOT_SAMPLE_MAX`] (see `sample_hot`).
 pub(crate) const HOT_STEP: Duration = Duration::from_millis(50);
 /// Auto on a link with no cap: its first, watch-only step (see `sample_hot`).
-const FIRST_STEP_UNCAPPED: Duration = Duration::from_millis(10);
+pub(crate) const FIRST_STEP_UNCAPPED: Duration = Duration::from_millis(10);
 pub(crate) const HOT_SAMPLE_MAX: Duration = Duration::from_secs(1);
 
 /// The stop reason of rounds that converged: what is left fits the pause.
@@ -190,7 +190,7 @@ pub(crate) const STOP_CONVERGED: &str = "expected downtime within max-downtime";
 /// or more. Sent on, the rest of round 0 would then carry about this
 /// fraction of memory again, in pages the guest rewrites after they went:
 /// as much as the cut costs at most (the budget, sent before the cut).
-const CUT_GROWTH: f64 = 0.1;
+pub(crate) const CUT_GROWTH: f64 = 0.1;
 
 /// `drain`: bytes still unacknowledged that count as drained, the longest
 /// wait, and the longest wait without progress.

@@ -193,6 +193,10 @@ pub enum Cmd {
         /// Acceptable downtime, ms (pre-copy's stop condition).
         #[arg(long, default_value_t = 300)]
         max_downtime: u64,
+        /// Predict under this bandwidth cap, bytes per second (e.g. 128M; a
+        /// bare number is MiB/s); the daemon's own cap applies as well.
+        #[arg(long, value_name = "RATE", value_parser = migd::size::parse_size)]
+        max_bandwidth: Option<u64>,
         #[arg(long)]
         json: bool,
     },

@@ -110,6 +110,9 @@ enum Request {
         to: String,
         mode: Option<String>,
         max_downtime_ms: Option<u64>,
+        /// Bytes/s; the daemon's own cap applies as well.
+        #[serde(default)]
+        max_bandwidth: Option<u64>,
     },
     Save {
         name: String,
@@ -322,12 +325,22 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
             to,
             mode,
             max_downtime_ms,
+            max_bandwidth,
         } => {
             entry(d, &name)?;
+            if max_bandwidth == Some(0) {
+                bail!("max-bandwidth must be positive; omit it for no cap");
+            }
+            // As a migration started now would be capped (alone on the host).
+            let cap = match (max_bandwidth, d.cfg.max_bandwidth) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let sock = state::control_path(&d.vm_dir(&name));
             let req = json!({
                 "cmd": "estimate", "to": to, "mode": mode.unwrap_or_else(|| "precopy".into()),
                 "max_downtime_ms": max_downtime_ms.unwrap_or(300),
+                "max_bandwidth": cap,
             });
             let mut r = vm_call(&sock, &req, Duration::from_secs(60)).await?;
             r["name"] = json!(name);

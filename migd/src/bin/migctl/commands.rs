@@ -189,6 +189,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             to,
             mode,
             max_downtime,
+            max_bandwidth,
             json,
         } => {
             let spinner = spinner(format!(
@@ -196,7 +197,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             ));
             let r = connect()?.call(&json!({
                 "cmd": "estimate", "name": name, "to": to, "mode": mode,
-                "max_downtime_ms": max_downtime,
+                "max_downtime_ms": max_downtime, "max_bandwidth": max_bandwidth,
             }));
             spinner.finish_and_clear();
             let r = r?;
