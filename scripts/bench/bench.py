@@ -68,6 +68,26 @@ def wait_file(path, needle, timeout=120, start=None):
     raise RuntimeError(f"no '{needle}' in {path}")
 
 
+def check_args(doc, valued=(), switches=(), first=()):
+    """The command line against a script's usage (`doc`, its docstring):
+    -h/--help prints it; an unknown argument, or a flag of `valued` without
+    its value, is refused before anything runs. `first`: the words allowed
+    as the first argument (a subcommand)."""
+    argv = sys.argv[1:]
+    if "-h" in argv or "--help" in argv:
+        print(doc.strip())
+        sys.exit(0)
+    i = 1 if argv and argv[0] in first else 0
+    while i < len(argv):
+        if argv[i] in valued and i + 1 < len(argv):
+            i += 2
+        elif argv[i] in switches:
+            i += 1
+        else:
+            what = "needs a value" if argv[i] in valued else "is not an argument here"
+            sys.exit(f"{os.path.basename(sys.argv[0])}: '{argv[i]}' {what}\n\n{doc.strip()}")
+
+
 def wait_path(path, timeout=30):
     """Waits until the unix socket at `path` accepts connections (it exists a moment before)."""
     end = time.monotonic() + timeout
@@ -648,6 +668,9 @@ def print_table(rows):
 
 
 def main():
+    check_args(__doc__, valued=("--runs", "--json"),
+               first=("vm", "migrate", "features", "multifd", "estimate", "predict", "hugepages",
+                      "save", "dirty-ring", "all"))
     what = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "all"
     runs = 3
     if "--runs" in sys.argv:

@@ -115,6 +115,7 @@ def one_run(d, i, mem, extra):
 
 
 def main():
+    bench.check_args(__doc__, valued=("--memory", "--runs"))
     mem = sys.argv[sys.argv.index("--memory") + 1] if "--memory" in sys.argv else "4G"
     runs = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 3
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "migd"], cwd=bench.ROOT, check=True)

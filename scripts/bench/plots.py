@@ -71,6 +71,7 @@ def bar_chart(title, xlabels, series, ylabel, xlabel):
 
 
 def main():
+    bench.check_args(__doc__, valued=("--out", "--json", "--from-json"))
     out_dir = os.path.join(bench.ROOT, "docs", "img")
     if "--out" in sys.argv:
         out_dir = sys.argv[sys.argv.index("--out") + 1]

@@ -62,6 +62,7 @@ def nonzero_mib(r):
 
 
 def main():
+    bench.check_args(__doc__, valued=("--runs", "--json"))
     runs = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 3
     bench.build()
     rows = []

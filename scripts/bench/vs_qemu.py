@@ -18,7 +18,7 @@ Known here: under QEMU on kvm-pvm the guest's own SIMD check reports the
 upper halves of its ymm registers lost even before any migration, so those
 guest lines are ignored for QEMU; everything else is timing.
 """
-import json, os, socket, statistics, subprocess, sys, tempfile, time
+import json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
@@ -118,9 +118,13 @@ def qemu_once(d, tag, mem, workload, cpus, mode, cap, paused=False, path=None):
 
 
 def main():
+    bench.check_args(__doc__, valued=("--runs", "--only", "--path", "--json"), switches=("--install",))
     runs = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 3
     if "--install" in sys.argv:
         subprocess.run(["apt-get", "install", "-y", "-qq", "qemu-system-x86"], check=True)
+    if shutil.which("qemu-system-x86_64") is None:
+        sys.exit("vs_qemu.py: qemu-system-x86_64 is not installed: run with --install "
+                 "(Debian's qemu-system-x86) or install it yourself")
     bench.build()
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "migration", "--example", "limits"],
                    cwd=bench.ROOT, check=True)
