@@ -707,17 +707,24 @@ mod tests {
         assert_eq!(ram.gpa_to_offset(0x200000), Some(0x200000));
     }
 
+    /// 16 MiB of RAM on huge pages, or None (said) where the pool has none.
+    fn huge_ram_or_skip() -> Option<GuestRam> {
+        match GuestRam::with_huge_pages(16 << 20, true) {
+            Ok(r) => Some(r),
+            Err(e) if e.to_string().contains("cannot reserve") => {
+                eprintln!("SKIP: no huge pages here ({e})");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
     /// On huge pages the extents are the huge pages the guest's mappings
     /// map; RAM handed over from another process counts whole.
     #[test]
     fn huge_page_extents_are_the_mapped_huge_pages() {
-        let ram = match GuestRam::with_huge_pages(16 << 20, true) {
-            Ok(r) => r,
-            Err(e) if e.to_string().contains("cannot reserve") => {
-                eprintln!("SKIP: no huge pages here ({e})");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some(ram) = huge_ram_or_skip() else {
+            return;
         };
         assert!(ram.data_extents().unwrap().is_empty());
         // Huge pages 1 and 2 (one write each), and 5.
@@ -751,13 +758,8 @@ mod tests {
     /// Prefaulted huge pages all exist but count as data only once written.
     #[test]
     fn prefaulted_huge_pages_exist_but_are_not_data() {
-        let ram = match GuestRam::with_huge_pages(16 << 20, true) {
-            Ok(r) => r,
-            Err(e) if e.to_string().contains("cannot reserve") => {
-                eprintln!("SKIP: no huge pages here ({e})");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some(ram) = huge_ram_or_skip() else {
+            return;
         };
         assert_eq!(ram.used_bytes().unwrap(), 0);
         ram.prefault().unwrap();
