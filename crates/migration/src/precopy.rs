@@ -368,6 +368,38 @@ impl Job {
         }
     }
 
+    /// Charges `bytes`, just sent, to the cap that every sender of the
+    /// migration shares, then waits while they together are ahead of it by
+    /// more than `ahead`. Post-copy's push passes zero, so it waits for what
+    /// the fault answers sent too; an answer passes a little, so it goes at
+    /// once unless the answers alone have run that far past the cap.
+    pub(crate) fn charge(&self, bytes: u64, ahead: Duration) {
+        let Some(cap) = self.max_bandwidth() else {
+            return;
+        };
+        {
+            let mut next = self.pace_next.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            *next = Some(
+                next.map_or(now, |n| n.max(now))
+                    + Duration::from_secs_f64(bytes as f64 / cap as f64),
+            );
+        }
+        // Others may charge meanwhile (or the cap change): look again on waking.
+        loop {
+            let Some(next) = *self.pace_next.lock().unwrap_or_else(|p| p.into_inner()) else {
+                return;
+            };
+            let now = Instant::now();
+            match next.checked_sub(ahead) {
+                Some(until) if until > now && self.max_bandwidth().is_some() => {
+                    std::thread::sleep((until - now).min(Duration::from_millis(50)))
+                }
+                _ => return,
+            }
+        }
+    }
+
     pub(crate) fn check_cancel(&self) -> Result<()> {
         if self.cancel.load(Ordering::Relaxed) {
             Err(Error::Cancelled)

@@ -23,6 +23,10 @@ use super::{lock, prioritize_this_thread, watch_link, LINK_TIMEOUT};
 
 /// Pages per push batch: small enough that a re-centred cursor takes effect soon.
 const PUSH_BATCH: usize = 64;
+/// Under a bandwidth cap, how far fault answers may run ahead of it before
+/// they wait too (the push waits for them at once): a burst of ~10 answers
+/// at 64 MiB/s.
+const ANSWER_AHEAD: Duration = Duration::from_millis(10);
 
 /// Migrates `vm` to `params.to` in post-copy mode (`hybrid`: pre-copy rounds
 /// first). Returns `Completed` only once the destination has every page; until
@@ -83,7 +87,8 @@ impl Supply<'_> {
     /// Sends the pages at `offsets` on `w`: data for non-zero pages, one `Zero`
     /// message for those that are zero now (the map was made at the pause
     /// without reading the pages, to keep the pause short).
-    fn send(&self, w: &Mutex<Link>, offsets: &[u64]) -> Result<()> {
+    /// Returns the bytes it wrote.
+    fn send(&self, w: &Mutex<Link>, offsets: &[u64]) -> Result<u64> {
         let mut data = Vec::with_capacity(offsets.len());
         let mut pages = Vec::with_capacity(offsets.len());
         let mut zero = Vec::new();
@@ -119,7 +124,7 @@ impl Supply<'_> {
             s.bytes += bytes;
             s.remaining_bytes = self.remaining.load(Ordering::Relaxed) * PAGE_SIZE;
         });
-        Ok(())
+        Ok(bytes)
     }
 
     /// Background push on the main connection until every page is claimed.
@@ -128,8 +133,6 @@ impl Supply<'_> {
         let words = self.expected.len();
         let mut pos: u64 = 0;
         let mut batch = Vec::with_capacity(PUSH_BATCH);
-        // The cap holds the push back; demand answers never wait for it.
-        let mut next = Instant::now();
         while !self.stop.load(Ordering::Relaxed) && self.remaining.load(Ordering::Acquire) > 0 {
             let r = self.recentre.swap(u64::MAX, Ordering::AcqRel);
             if r != u64::MAX && r < pages {
@@ -165,8 +168,9 @@ impl Supply<'_> {
                 // Everything is claimed (maybe by a fault answer): done.
                 break;
             }
-            self.send(w, &batch)?;
-            self.job.pace(&mut next, batch.len() as u64 * PAGE_SIZE);
+            let bytes = self.send(w, &batch)?;
+            // Under a cap the push waits for every byte sent, answers included.
+            self.job.charge(bytes, Duration::ZERO);
         }
         Ok(())
     }
@@ -224,11 +228,16 @@ impl Supply<'_> {
                 }
                 p += 1;
             }
-            if let Err(e) = self.send(w, &batch) {
-                self.stop.store(true, Ordering::Relaxed);
-                self.job.close_sending();
-                send_failed = Some(e);
-                continue;
+            match self.send(w, &batch) {
+                // Under a cap an answer goes before the push's next batch,
+                // and waits only once answers alone run past the cap.
+                Ok(bytes) => self.job.charge(bytes, ANSWER_AHEAD),
+                Err(e) => {
+                    self.stop.store(true, Ordering::Relaxed);
+                    self.job.close_sending();
+                    send_failed = Some(e);
+                    continue;
+                }
             }
             self.recentre.store(p.min(pages - 1), Ordering::Release);
         }
