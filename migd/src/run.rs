@@ -857,7 +857,8 @@ fn serve_client(stream: UnixStream, tx: Sender<Event>, arrival: Arc<Arrival>) {
             return;
         };
         if arrival.arriving() {
-            let reply = match req.get("cmd").and_then(|c| c.as_str()) {
+            let cmd = req.get("cmd").and_then(|c| c.as_str());
+            let reply = match cmd {
                 Some("status") => {
                     json!({"ok": true, "state": "incoming", "pid": std::process::id()})
                 }
@@ -865,9 +866,7 @@ fn serve_client(stream: UnixStream, tx: Sender<Event>, arrival: Arc<Arrival>) {
                 _ => json!({"ok": false, "error": "the VM is still arriving"}),
             };
             let _ = handover::send_line(&mut s, &reply);
-            if req.get("cmd").and_then(|c| c.as_str()) == Some("stop")
-                && !arrival.stop_unless_arrived("stop requested")
-            {
+            if cmd == Some("stop") && !arrival.stop_unless_arrived("stop requested") {
                 // It arrived in between: the main loop stops it (as it
                 // would on SIGTERM, without a second reply).
                 let _ = tx.send(Event::Signal(Signal::SIGTERM));

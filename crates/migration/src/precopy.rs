@@ -354,18 +354,22 @@ impl Job {
         let Some(cap) = self.max_bandwidth() else {
             return;
         };
-        let until = {
-            let mut next = self.pace_next.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            let t = next.map_or(now, |n| n.max(now))
-                + Duration::from_secs_f64(bytes as f64 / cap as f64);
-            *next = Some(t);
-            t
-        };
+        let until = self.reserve(bytes, cap);
         let now = Instant::now();
         if until > now {
             std::thread::sleep(until - now);
         }
+    }
+
+    /// Books `bytes` on the shared cap: the time (returned) when the link is
+    /// free again at `cap` bytes/s after all the bookings so far.
+    fn reserve(&self, bytes: u64, cap: u64) -> Instant {
+        let mut next = self.pace_next.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let t =
+            next.map_or(now, |n| n.max(now)) + Duration::from_secs_f64(bytes as f64 / cap as f64);
+        *next = Some(t);
+        t
     }
 
     /// Charges `bytes`, just sent, to the cap that every sender of the
@@ -377,14 +381,7 @@ impl Job {
         let Some(cap) = self.max_bandwidth() else {
             return;
         };
-        {
-            let mut next = self.pace_next.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            *next = Some(
-                next.map_or(now, |n| n.max(now))
-                    + Duration::from_secs_f64(bytes as f64 / cap as f64),
-            );
-        }
+        self.reserve(bytes, cap);
         // Others may charge meanwhile (or the cap change): look again on waking.
         loop {
             let Some(next) = *self.pace_next.lock().unwrap_or_else(|p| p.into_inner()) else {

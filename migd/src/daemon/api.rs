@@ -332,10 +332,7 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
                 bail!("max-bandwidth must be positive; omit it for no cap");
             }
             // As a migration started now would be capped (alone on the host).
-            let cap = match (max_bandwidth, d.cfg.max_bandwidth) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let cap = jobs::lower_cap(max_bandwidth, d.cfg.max_bandwidth);
             let sock = state::control_path(&d.vm_dir(&name));
             let req = json!({
                 "cmd": "estimate", "to": to, "mode": mode.unwrap_or_else(|| "precopy".into()),

@@ -274,6 +274,14 @@ pub fn finish_orphans(d: &Daemon) {
     }
 }
 
+/// The lower of two caps (bytes/s), where either is set.
+pub fn lower_cap(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The cap of each unfinished job (id, VM, bytes/s): its own, or an equal share
 /// of the host-wide cap where that is lower.
 fn shares(d: &Daemon) -> Vec<(String, String, Option<u64>)> {
@@ -286,11 +294,11 @@ fn shares(d: &Daemon) -> Vec<(String, String, Option<u64>)> {
     active
         .iter()
         .map(|j| {
-            let cap = match (j.opts.max_bandwidth, share) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            (j.id.clone(), j.vm.clone(), cap)
+            (
+                j.id.clone(),
+                j.vm.clone(),
+                lower_cap(j.opts.max_bandwidth, share),
+            )
         })
         .collect()
 }
