@@ -238,57 +238,40 @@ pub fn auto_mode(i: &Inputs) -> &'static str {
     }
 }
 
+/// A migration whose rounds (seconds, how many, whether they converged)
+/// leave `left` bytes to post-copy.
+fn ending_in_postcopy(
+    i: &Inputs,
+    (t_rounds, rounds, converges): (f64, u32, bool),
+    left: f64,
+) -> Prediction {
+    let (t_down, t_res, push_only, faults) = postcopy_phase(i, i.state_bytes, left + i.state_bytes);
+    Prediction {
+        downtime_ms: t_down * 1e3,
+        total_ms: (i.setup + t_rounds + t_down + push_only) * 1e3,
+        resume_ms: t_res * 1e3,
+        resume_push_only_ms: push_only * 1e3,
+        faults,
+        rounds,
+        converges,
+        final_bytes: 0.0,
+    }
+}
+
 /// Predicts `mode` ("precopy", "postcopy", "hybrid", or "auto": the one
 /// [`auto_mode`] picks).
 pub fn predict(mode: &str, i: &Inputs) -> Prediction {
     let r = i.bandwidth.max(1.0);
     match mode {
         "auto" => match auto_cut(i) {
-            Some((t0, left)) => {
-                let (t_down, t_res, push_only, faults) =
-                    postcopy_phase(i, i.state_bytes, left + i.state_bytes);
-                Prediction {
-                    downtime_ms: t_down * 1e3,
-                    total_ms: (i.setup + t0 + t_down + push_only) * 1e3,
-                    resume_ms: t_res * 1e3,
-                    resume_push_only_ms: push_only * 1e3,
-                    faults,
-                    rounds: 1,
-                    converges: true,
-                    final_bytes: 0.0,
-                }
-            }
+            Some((t0, left)) => ending_in_postcopy(i, (t0, 1, true), left),
             None => predict(auto_mode(i), i),
         },
-        "postcopy" => {
-            let (t_down, t_res, push_only, faults) =
-                postcopy_phase(i, i.state_bytes, i.memory_bytes + i.state_bytes);
-            Prediction {
-                downtime_ms: t_down * 1e3,
-                total_ms: (i.setup + t_down + push_only) * 1e3,
-                resume_ms: t_res * 1e3,
-                resume_push_only_ms: push_only * 1e3,
-                faults,
-                rounds: 0,
-                converges: true,
-                final_bytes: 0.0,
-            }
-        }
+        "postcopy" => ending_in_postcopy(i, (0.0, 0, true), i.memory_bytes),
         "hybrid" => {
             let (hot, t0, cold_left, cold) = hybrid_round0(i);
             let (left, t_rounds, rounds, converges) = chase(i, cold_left, t0, 1, 3, cold);
-            let (t_down, t_res, push_only, faults) =
-                postcopy_phase(i, i.state_bytes, hot + left + i.state_bytes);
-            Prediction {
-                downtime_ms: t_down * 1e3,
-                total_ms: (i.setup + t_rounds + t_down + push_only) * 1e3,
-                resume_ms: t_res * 1e3,
-                resume_push_only_ms: push_only * 1e3,
-                faults,
-                rounds,
-                converges,
-                final_bytes: 0.0,
-            }
+            ending_in_postcopy(i, (t_rounds, rounds, converges), hot + left)
         }
         _ => {
             let (left, t_rounds, rounds, converges) = precopy_rounds(i, MAX_ROUNDS);
