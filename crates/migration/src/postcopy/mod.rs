@@ -17,6 +17,10 @@
 //! - pre-paging: the source answers a request with the page plus up to
 //!   `prepaging_window` following pages not yet sent.
 //!
+//! Under a bandwidth cap the push and the answers share it
+//! (`Job::charge`): an answer goes first, the push waits for what answers
+//! sent, and answers wait only once they alone run past the cap.
+//!
 //! A demanded page is always sent, even if the push already sent it (it may be
 //! in flight behind megabytes of bulk data); the destination counts the second
 //! arrival (`UFFDIO_COPY` says EEXIST) as a duplicate. When every expected page
