@@ -40,7 +40,7 @@ pub struct Dirtying {
 }
 
 /// Watches the dirty log of a running `vm` for `window`, in the steps of
-/// hybrid's sampling ([`crate::precopy::HOT_STEP`]). A working set is found
+/// hybrid's sampling (`precopy::HOT_STEP`, 50 ms). A working set is found
 /// where the window's second half added at most a twentieth to what its
 /// first half saw (a guest that keeps writing new pages adds as much); the
 /// rate is then taken over the first two steps, before the bound shows, and
