@@ -35,7 +35,7 @@ hugepages: the destination's memory on 4 KiB shmem pages (the default)
          huge page pool first (scripts/hugepages.sh 2200, root; not in `all`).
 limits:  memcpy, zero-scan and loopback TCP, measured in the same run.
 """
-import json, os, re, signal, socket, statistics, subprocess, sys, tempfile, time
+import atexit, json, os, re, signal, socket, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MIGD = os.path.join(ROOT, "target", "release", "migd")
@@ -112,6 +112,30 @@ def request(sock, obj):
     return json.loads(r)
 
 
+# Every process a benchmark starts (VMs, daemons, QEMU), so that none outlives
+# the script: a case that fails half-way (a destination that never answers,
+# an exception, a SIGTERM from `timeout`) would otherwise leave VMs running,
+# holding memory and huge pages that the next runs then lack.
+STARTED = []
+
+
+def track(p):
+    """Registers the subprocess.Popen `p` to be killed when the script ends."""
+    STARTED.append(p)
+    return p
+
+
+def stop_all():
+    for p in STARTED:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+atexit.register(stop_all)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 class Vm:
     def __init__(self, d, tag, args, console=None, prefix=()):
         self.sock = os.path.join(d, tag + ".sock")
@@ -119,8 +143,8 @@ class Vm:
         self.log = open(os.path.join(d, tag + ".log"), "w")
         self.t0 = time.monotonic()
         # `prefix`: e.g. `ip netns exec NS` (paths.Path.prefix).
-        self.p = subprocess.Popen([*prefix, MIGD, "run", *args, "--serial", self.console, "--control", self.sock],
-                                  stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.p = track(subprocess.Popen([*prefix, MIGD, "run", *args, "--serial", self.console, "--control", self.sock],
+                                        stdout=subprocess.PIPE, stderr=self.log, text=True))
 
     def stop(self):
         if self.p.poll() is None:
@@ -265,11 +289,15 @@ def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=Fa
     req = {"cmd": "migrate", "to": f"{dst_ip}:{port}", "name": tag}
     req.update(extra or {})
     t0, c0, m0 = time.monotonic(), (cpu_s(src.p.pid), cpu_s(dst.p.pid)), machine_busy()
-    request(src.sock, req)
+    reply = request(src.sock, req)
+    if "error" in reply:
+        raise RuntimeError(f"{tag}: migrate refused: {reply['error']}")
     while True:
         st = request(src.sock, {"cmd": "migration"})
-        if st["status"] in ("completed", "failed", "cancelled"):
+        if st.get("status") in ("completed", "failed", "cancelled"):
             break
+        if time.monotonic() - t0 > 600:
+            raise RuntimeError(f"{tag}: migration not over after 600 s: {st}")
         time.sleep(0.02)
     # Cores kept busy during the migration: by the source, by the destination,
     # and by the whole machine (other workers included).
@@ -547,9 +575,9 @@ class Daemon:
         self.port = free_port()
         self.sock = os.path.join(d, tag + ".sock")
         self.log = open(os.path.join(d, tag + ".log"), "w")
-        self.p = subprocess.Popen([MIGD, "--listen", f"127.0.0.1:{self.port}", "--socket", self.sock,
-                                   "--state-dir", os.path.join(d, tag), "--insecure"],
-                                  stdout=subprocess.DEVNULL, stderr=self.log)
+        self.p = track(subprocess.Popen([MIGD, "--listen", f"127.0.0.1:{self.port}", "--socket", self.sock,
+                                         "--state-dir", os.path.join(d, tag), "--insecure"],
+                                        stdout=subprocess.DEVNULL, stderr=self.log))
         wait_path(self.sock)
 
     def ctl(self, *args):

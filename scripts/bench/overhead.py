@@ -50,9 +50,10 @@ class Daemon:
     def __init__(self, d, tag, port):
         self.sock = os.path.join(d, tag + ".sock")
         self.port = port
-        self.p = subprocess.Popen([bench.MIGD, "--listen", f"127.0.0.1:{port}", "--socket", self.sock,
-                                   "--state-dir", os.path.join(d, tag), "--insecure"],
-                                  stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, tag + ".log"), "w"))
+        self.p = bench.track(subprocess.Popen([bench.MIGD, "--listen", f"127.0.0.1:{port}", "--socket", self.sock,
+                                               "--state-dir", os.path.join(d, tag), "--insecure"],
+                                              stdout=subprocess.DEVNULL,
+                                              stderr=open(os.path.join(d, tag + ".log"), "w")))
         bench.wait_path(self.sock)
 
     def ctl(self, *args):

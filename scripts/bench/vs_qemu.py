@@ -69,7 +69,7 @@ def qemu(d, tag, mem, cpus, workload, console, incoming=None, prefix=(), ip="127
             "-qmp", f"unix:{qmp},server=on,wait=off"]
     if incoming:
         args += ["-incoming", f"tcp:{ip}:{incoming}"]
-    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, tag + ".log"), "w"))
+    p = bench.track(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, tag + ".log"), "w")))
     return p, Qmp(qmp)
 
 
