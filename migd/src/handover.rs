@@ -9,7 +9,7 @@
 //! new → old  {"cmd":"handover"}
 //! old → new  {"ok":true,"memory":M,"vcpus":V,...} + memfd      (the VM still runs)
 //! new → old  {"cmd":"prepared"}            (KVM VM, slots, vCPUs built over the memfd)
-//! old → new  {"cmd":"state","state_len":N,"paused_at_ns":T}, then N state bytes
+//! old → new  {"cmd":"state","state_len":N,"paused_at_ns":T,"extents_complete":B}, then N state bytes
 //! new → old  {"cmd":"restored"}            (state loaded, still paused)
 //! old → new  {"cmd":"commit"}              (old has stopped its vCPUs for good)
 //! new → old  {"cmd":"running","downtime_us":D}
@@ -17,6 +17,15 @@
 //! Until the old process sends `commit` it resumes the VM on any failure; the new
 //! process resumes only after it has received `commit`. The VM is paused only
 //! from `prepared` on, so building the new VM costs the guest nothing.
+//!
+//! Memory on huge pages cannot be asked where its holes are; the old process
+//! knows which huge pages hold data from its own mappings. It sends that list
+//! with the memfd (`data_extents`), the new process maps those pages into its
+//! mappings while the VM still runs, and at the pause the old process says
+//! whether the list still names every page the memfd holds
+//! (`extents_complete`; a page first touched in between makes it false).
+//! Only then does the new process count data from its mappings; otherwise
+//! its next migration or snapshot reads all of memory, as before.
 
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -37,6 +46,25 @@ pub struct HandoverHeader {
     pub vcpus: usize,
     /// VM name, if any.
     pub name: Option<String>,
+    /// Memory on huge pages: the (memfd offset, length) runs of huge pages
+    /// that hold data, as the old process's mappings map them; absent
+    /// elsewhere, and from an old process that cannot tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_extents: Option<Vec<(u64, u64)>>,
+}
+
+/// The most bytes a handover header may take (its data extents above all).
+const MAX_HEADER_BYTES: usize = 16 << 20;
+
+/// What [`send_state`] sends and [`recv_state`] returns.
+#[derive(Debug)]
+pub struct PausedState {
+    /// CLOCK_MONOTONIC at the pause, ns.
+    pub paused_at_ns: u64,
+    /// The header's `data_extents` still name every page of memory.
+    pub extents_complete: bool,
+    /// The encoded `vmm::VmState`.
+    pub state: Vec<u8>,
 }
 
 /// CLOCK_MONOTONIC now, in ns (one clock for both processes on a host).
@@ -59,18 +87,24 @@ pub fn send_vm(stream: &mut UnixStream, header: &HandoverHeader, memfd: RawFd) -
     Ok(())
 }
 
-/// Sends the paused VM's state: a line with its length and the pause time, then the bytes.
-pub fn send_state(stream: &mut UnixStream, paused_at_ns: u64, state: &[u8]) -> Result<()> {
+/// Sends the paused VM's state: a line with its length, the pause time and
+/// whether the data extents are complete, then the bytes.
+pub fn send_state(stream: &mut UnixStream, paused: &PausedState) -> Result<()> {
     send_line(
         stream,
-        &serde_json::json!({"cmd": "state", "state_len": state.len(), "paused_at_ns": paused_at_ns}),
+        &serde_json::json!({
+            "cmd": "state",
+            "state_len": paused.state.len(),
+            "paused_at_ns": paused.paused_at_ns,
+            "extents_complete": paused.extents_complete,
+        }),
     )?;
-    stream.write_all(state)?;
+    stream.write_all(&paused.state)?;
     Ok(())
 }
 
-/// Receives what [`send_state`] sent: (pause time, state bytes).
-pub fn recv_state(reader: &mut BufReader<UnixStream>) -> Result<(u64, Vec<u8>)> {
+/// Receives what [`send_state`] sent.
+pub fn recv_state(reader: &mut BufReader<UnixStream>) -> Result<PausedState> {
     let v = expect_cmd(reader, "state")?;
     let len = v
         .get("state_len")
@@ -80,11 +114,16 @@ pub fn recv_state(reader: &mut BufReader<UnixStream>) -> Result<(u64, Vec<u8>)> 
         bail!("state of {len} bytes is larger than allowed");
     }
     let paused_at_ns = v.get("paused_at_ns").and_then(|t| t.as_u64()).unwrap_or(0);
+    let extents_complete = v.get("extents_complete").and_then(|c| c.as_bool()) == Some(true);
     let mut state = vec![0u8; len];
     reader
         .read_exact(&mut state)
         .context("reading the VM state")?;
-    Ok((paused_at_ns, state))
+    Ok(PausedState {
+        paused_at_ns,
+        extents_complete,
+        state,
+    })
 }
 
 /// Receives the header and memfd sent by [`send_vm`].
@@ -114,7 +153,10 @@ pub fn recv_vm(stream: &mut UnixStream) -> Result<(HandoverHeader, OwnedFd)> {
     };
     let mut data = buf[..n].to_vec();
     while !data.contains(&b'\n') {
-        let mut more = [0u8; 4096];
+        if data.len() > MAX_HEADER_BYTES {
+            bail!("the handover header is larger than {MAX_HEADER_BYTES} bytes");
+        }
+        let mut more = [0u8; 64 << 10];
         let k = stream.read(&mut more)?;
         if k == 0 {
             bail!("old process closed the connection before sending the VM");
@@ -174,5 +216,78 @@ pub fn expect_cmd(reader: &mut BufReader<UnixStream>, want: &str) -> Result<serd
     match v.get("cmd").and_then(|c| c.as_str()) {
         Some(c) if c == want => Ok(v),
         _ => bail!("expected '{want}', got {v}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The data extents travel with the memfd; a header without them (an
+    /// old process on 4 KiB pages, or of an older build) reads as none.
+    #[test]
+    fn header_carries_data_extents_or_none() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let memfd = std::fs::File::open("/dev/null").unwrap();
+        let header = HandoverHeader {
+            ok: true,
+            memory: 64 << 20,
+            vcpus: 1,
+            name: None,
+            data_extents: Some(vec![(0, 2 << 20), (6 << 20, 4 << 20)]),
+        };
+        send_vm(&mut a, &header, memfd.as_raw_fd()).unwrap();
+        let (got, _fd) = recv_vm(&mut b).unwrap();
+        assert_eq!(got.data_extents, header.data_extents);
+        let old: HandoverHeader =
+            serde_json::from_str(r#"{"ok":true,"memory":1,"vcpus":1,"name":null}"#).unwrap();
+        assert_eq!(old.data_extents, None);
+    }
+
+    /// The state says whether the extents are complete; a state line
+    /// without the flag says no.
+    #[test]
+    fn state_says_whether_the_extents_are_complete() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let mut r = BufReader::new(b);
+        for complete in [true, false] {
+            let sent = PausedState {
+                paused_at_ns: 7,
+                extents_complete: complete,
+                state: vec![1, 2, 3],
+            };
+            send_state(&mut a, &sent).unwrap();
+            let got = recv_state(&mut r).unwrap();
+            assert_eq!(
+                (got.paused_at_ns, got.extents_complete, got.state),
+                (7, complete, vec![1, 2, 3])
+            );
+        }
+        send_line(&mut a, &serde_json::json!({"cmd": "state", "state_len": 0})).unwrap();
+        assert!(!recv_state(&mut r).unwrap().extents_complete);
+    }
+
+    /// A header that never ends is refused, not read without bound.
+    #[test]
+    fn endless_header_is_refused() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let memfd = std::fs::File::open("/dev/null").unwrap();
+        let writer = std::thread::spawn(move || {
+            let fds = [memfd.as_raw_fd()];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            let chunk = vec![b' '; 1 << 20];
+            let iov = [IoSlice::new(&chunk)];
+            sendmsg::<()>(a.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).unwrap();
+            // Past the limit, unless the reader gives up first.
+            for _ in 0..(MAX_HEADER_BYTES >> 20) + 2 {
+                if a.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let e = recv_vm(&mut b).unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e:#}");
+        drop(b);
+        writer.join().unwrap();
     }
 }

@@ -1388,11 +1388,18 @@ fn handle_control(
 fn give_away(vm: &Vm, mut stream: UnixStream) -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let memfd = vm.ram().dup_memfd()?;
+    // On huge pages, which pages hold data: taken while the VM runs, and
+    // checked for completeness once it is paused.
+    let data_extents = match vm.ram().extents_from_mappings() {
+        true => Some(vm.ram().data_extents()?),
+        false => None,
+    };
     let header = HandoverHeader {
         ok: true,
         memory: vm.config().memory,
         vcpus: vm.config().vcpus,
         name: None,
+        data_extents,
     };
     handover::send_vm(&mut stream, &header, memfd.as_raw_fd())?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -1400,8 +1407,16 @@ fn give_away(vm: &Vm, mut stream: UnixStream) -> Result<()> {
     handover::expect_cmd(&mut reader, "prepared")?;
     vm.pause();
     let paused_at_ns = handover::monotonic_ns();
-    let state = vm.capture()?.encode()?;
-    handover::send_state(&mut stream, paused_at_ns, &state)?;
+    let extents_complete = match &header.data_extents {
+        Some(e) => vm.ram().extents_complete(e)?,
+        None => false,
+    };
+    let paused = handover::PausedState {
+        paused_at_ns,
+        extents_complete,
+        state: vm.capture()?.encode()?,
+    };
+    handover::send_state(&mut stream, &paused)?;
     handover::expect_cmd(&mut reader, "restored")?;
     // Commit point: from here on the VM belongs to the new process.
     vm.exit_watch().stop(VmExit::Stopped);
@@ -1430,12 +1445,26 @@ fn take_over(sock: &Path, console: Option<&Path>) -> Result<(Vm, TakeoverLink)> 
     handover::send_line(&mut stream, &json!({"cmd": "handover"}))?;
     let (header, fd) = handover::recv_vm(&mut stream)?;
     let ram = GuestRam::from_fd(fd, header.memory)?;
+    // The pages with data get mapped here while the old process still runs
+    // the VM; whether they count is known at the pause.
+    let extents = header.data_extents.unwrap_or_default();
+    ram.map_extents(&extents)?;
     let prepared = Vm::prepare(ram, header.vcpus, console)?;
     handover::send_line(&mut stream, &json!({"cmd": "prepared"}))?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    let (paused_at_ns, blob) = handover::recv_state(&mut reader)?;
-    let state = VmState::decode(&blob)?;
+    let paused = handover::recv_state(&mut reader)?;
+    let paused_at_ns = paused.paused_at_ns;
+    let state = VmState::decode(&paused.state)?;
     let vm = prepared.load(&state)?;
+    if paused.extents_complete {
+        vm.ram().count_data_from_mappings();
+    }
+    tracing::debug!(
+        extents = extents.len(),
+        complete = paused.extents_complete,
+        from_mappings = vm.ram().extents_from_mappings(),
+        "handed-over memory"
+    );
     handover::send_line(&mut stream, &json!({"cmd": "restored"}))?;
     handover::expect_cmd(&mut reader, "commit").context("old process did not commit")?;
     Ok((

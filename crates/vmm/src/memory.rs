@@ -156,8 +156,10 @@ pub struct GuestRam {
     /// Every page in the file was faulted in through this process's
     /// mappings of it (the RAM was made here, not handed over): on huge
     /// pages, which cannot be asked for their holes, what those mappings
-    /// map is what holds data (see [`GuestRam::data_extents`]).
-    mapped_here: bool,
+    /// map is what holds data (see [`GuestRam::data_extents`]). Set too
+    /// for RAM handed over with the list of its pages with data
+    /// ([`GuestRam::count_data_from_mappings`]).
+    mapped_here: AtomicBool,
 }
 
 impl GuestRam {
@@ -188,8 +190,8 @@ impl GuestRam {
         if huge {
             reserve_huge_pages(&file, size)?;
         }
-        let mut ram = Self::map(file, size)?;
-        ram.mapped_here = true;
+        let ram = Self::map(file, size)?;
+        ram.mapped_here.store(true, Ordering::Relaxed);
         if huge && PREFAULT.load(Ordering::Relaxed) {
             ram.prefault()?;
         }
@@ -257,7 +259,7 @@ impl GuestRam {
             .map_err(|e| Error::GuestMemory(format!("mmap: {e}")))?;
         Ok(GuestRam {
             huge: is_hugetlbfs(&file),
-            mapped_here: false,
+            mapped_here: AtomicBool::new(false),
             memfd: file,
             size,
             ranges,
@@ -352,9 +354,10 @@ impl GuestRam {
     /// made here. The guest, KVM and the VMM all touch RAM through them (a
     /// post-copy destination writes through a second mapping, but maps each
     /// huge page into these before the phase ends). RAM handed over from
-    /// another process counts whole.
+    /// another process counts whole, unless it came with the old process's
+    /// list ([`GuestRam::map_extents`]).
     pub fn data_extents(&self) -> Result<Vec<(u64, u64)>> {
-        if self.huge && self.mapped_here {
+        if self.extents_from_mappings() {
             return self.mapped_huge_pages();
         }
         Ok(data_extents_of(self.memfd.as_raw_fd(), self.size))
@@ -381,7 +384,45 @@ impl GuestRam {
     /// Whether [`GuestRam::data_extents`] comes from this process's
     /// mappings (huge pages, RAM made here; see there).
     pub fn extents_from_mappings(&self) -> bool {
-        self.huge && self.mapped_here
+        self.huge && self.mapped_here.load(Ordering::Relaxed)
+    }
+
+    /// RAM handed over from another process (on huge pages): maps the
+    /// huge pages of `extents` (memfd offset, length; the old process's
+    /// [`GuestRam::data_extents`]) into this process's mappings, a read of
+    /// each. Elsewhere nothing to do.
+    pub fn map_extents(&self, extents: &[(u64, u64)]) -> Result<()> {
+        if !self.huge {
+            return Ok(());
+        }
+        for &(off, len) in extents {
+            if off.checked_add(len).is_none_or(|end| end > self.size) {
+                return Err(Error::GuestMemory(format!(
+                    "data extent {off:#x}+{len:#x} outside {} bytes of RAM",
+                    self.size
+                )));
+            }
+            self.map_written(off, len)?;
+        }
+        Ok(())
+    }
+
+    /// From now on [`GuestRam::data_extents`] counts, on huge pages, what
+    /// this process's mappings map: for handed-over RAM once every page
+    /// with data is mapped here ([`GuestRam::map_extents`] with a list that
+    /// [`GuestRam::extents_complete`] found complete).
+    pub fn count_data_from_mappings(&self) {
+        self.mapped_here.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether `extents`, data extents taken earlier while the VM ran,
+    /// still name every page of the memfd that exists: true when their
+    /// length is all the memfd holds (every page with data was allocated,
+    /// and what is allocated cannot be fewer pages than those mapped). Call
+    /// it with the vCPUs paused, so that none is added afterwards.
+    pub fn extents_complete(&self, extents: &[(u64, u64)]) -> Result<bool> {
+        let listed: u64 = extents.iter().map(|&(_, len)| len).sum();
+        Ok(self.used_bytes()? == listed)
     }
 
     /// The runs of huge pages (file offset, length) that this process's
@@ -753,6 +794,35 @@ mod tests {
         let fd = ram.dup_memfd().unwrap();
         let handed = GuestRam::from_fd(fd, 16 << 20).unwrap();
         assert_eq!(handed.data_extents().unwrap(), vec![(0, 16 << 20)]);
+    }
+
+    /// Handed-over RAM counts from its mappings only once the old
+    /// process's list is mapped here and found complete at the pause.
+    #[test]
+    fn handed_over_huge_pages_count_with_a_complete_list() {
+        let Some(ram) = huge_ram_or_skip() else {
+            return;
+        };
+        ram.write(0x20_0000 + 7, &[1]).unwrap();
+        ram.write(0xA0_0000, &[2]).unwrap();
+        let list = ram.data_extents().unwrap();
+        assert!(ram.extents_complete(&list).unwrap());
+        let handed = GuestRam::from_fd(ram.dup_memfd().unwrap(), 16 << 20).unwrap();
+        handed.map_extents(&list).unwrap();
+        assert_eq!(handed.data_extents().unwrap(), vec![(0, 16 << 20)]);
+        handed.count_data_from_mappings();
+        assert_eq!(handed.data_extents().unwrap(), list);
+        // A huge page first written after the list was taken: incomplete.
+        ram.write(0xE0_0000, &[3]).unwrap();
+        assert!(!ram.extents_complete(&list).unwrap());
+        // Prefaulted pages exist without being mapped: incomplete too.
+        ram.prefault().unwrap();
+        assert!(!ram.extents_complete(&ram.data_extents().unwrap()).unwrap());
+        // A list that reaches past RAM is refused, naming the extent.
+        let e = handed.map_extents(&[(14 << 20, 4 << 20)]).unwrap_err();
+        assert!(e.to_string().contains("outside"), "{e}");
+        let e = handed.map_extents(&[(u64::MAX, 2)]).unwrap_err();
+        assert!(e.to_string().contains("outside"), "{e}");
     }
 
     /// Prefaulted huge pages all exist but count as data only once written.
