@@ -192,6 +192,10 @@ pub(crate) const STOP_CONVERGED: &str = "expected downtime within max-downtime";
 /// as much as the cut costs at most (the budget, sent before the cut).
 pub(crate) const CUT_GROWTH: f64 = 0.1;
 
+/// Longest sleep of a sender held to the cap at a time: a cancel or a new
+/// cap takes effect within it.
+const PACE_SLICE: Duration = Duration::from_millis(50);
+
 /// `drain`: bytes still unacknowledged that count as drained, the longest
 /// wait, and the longest wait without progress.
 const DRAIN_DONE: u64 = 64 << 10;
@@ -343,8 +347,9 @@ impl Job {
         };
         let now = Instant::now();
         *next = (*next).max(now) + Duration::from_secs_f64(bytes as f64 / cap as f64);
-        if *next > now {
-            std::thread::sleep(*next - now);
+        if !self.sleep_capped(*next, cap) {
+            // A new cap counts from now, without the wait booked at the old one.
+            *next = Instant::now();
         }
     }
 
@@ -355,9 +360,8 @@ impl Job {
             return;
         };
         let until = self.reserve(bytes, cap);
-        let now = Instant::now();
-        if until > now {
-            std::thread::sleep(until - now);
+        if !self.sleep_capped(until, cap) {
+            self.forget_bookings();
         }
     }
 
@@ -372,6 +376,28 @@ impl Job {
         t
     }
 
+    /// Drops the bookings on the shared cap (after the cap changed).
+    fn forget_bookings(&self) {
+        *self.pace_next.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Sleeps until `until`, a slice at a time: false, early, once the job is
+    /// cancelled or its cap is no longer `cap` (`migctl migrate-set`), so
+    /// that neither waits behind a sleep booked at a low cap (1 MiB at
+    /// 4 KiB/s would be four minutes).
+    fn sleep_capped(&self, until: Instant, cap: u64) -> bool {
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return true;
+            }
+            if self.cancel.load(Ordering::Relaxed) || self.max_bandwidth() != Some(cap) {
+                return false;
+            }
+            std::thread::sleep((until - now).min(PACE_SLICE));
+        }
+    }
+
     /// Charges `bytes`, just sent, to the cap that every sender of the
     /// migration shares, then waits while they together are ahead of it by
     /// more than `ahead`. Post-copy's push passes zero, so it waits for what
@@ -382,17 +408,18 @@ impl Job {
             return;
         };
         self.reserve(bytes, cap);
-        // Others may charge meanwhile (or the cap change): look again on waking.
+        // Others may charge meanwhile: look again after each slice.
         loop {
             let Some(next) = *self.pace_next.lock().unwrap_or_else(|p| p.into_inner()) else {
                 return;
             };
             let now = Instant::now();
-            match next.checked_sub(ahead) {
-                Some(until) if until > now && self.max_bandwidth().is_some() => {
-                    std::thread::sleep((until - now).min(Duration::from_millis(50)))
-                }
-                _ => return,
+            let Some(until) = next.checked_sub(ahead).filter(|&u| u > now) else {
+                return;
+            };
+            if !self.sleep_capped(until.min(now + PACE_SLICE), cap) {
+                self.forget_bookings();
+                return;
             }
         }
     }

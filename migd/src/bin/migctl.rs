@@ -168,8 +168,8 @@ pub enum Cmd {
     Recover { id: String },
     /// Change a running job's bandwidth cap and/or largest acceptable pause
     /// (QEMU's migrate-set-parameters; virsh migrate-setspeed and
-    /// migrate-setmaxdowntime). The cap applies from the next page batch,
-    /// the downtime from the end of the current round.
+    /// migrate-setmaxdowntime). The cap applies within 50 ms, the downtime
+    /// from the end of the current round.
     MigrateSet {
         id: String,
         /// New cap in bytes per second, e.g. 512M (a bare number is MiB/s);

@@ -304,7 +304,7 @@ fn shares(d: &Daemon) -> Vec<(String, String, Option<u64>)> {
 }
 
 /// After a job started or ended: every running job gets its share of the
-/// host-wide cap again (the VM processes apply it at their next batch).
+/// host-wide cap again (the VM processes apply it within 50 ms).
 async fn rebalance(d: &Daemon) {
     if d.cfg.max_bandwidth.is_none() {
         return;
@@ -608,8 +608,8 @@ pub async fn job_command(d: &Daemon, id: &str, cmd: &str) -> Result<Value> {
 
 /// Changes a running job's own bandwidth cap (`max_bandwidth`, bytes/s; 0
 /// lifts it, leaving only the host's share) and/or its largest acceptable
-/// pause, in the job's record and in the VM process, which applies them at
-/// its next batch and at the end of its round.
+/// pause, in the job's record and in the VM process, which applies them
+/// within 50 ms and at the end of its round.
 pub async fn set_parameters(
     d: &Daemon,
     id: &str,
