@@ -27,6 +27,27 @@ const PUSH_BATCH: usize = 64;
 /// they wait too (the push waits for them at once): a burst of ~10 answers
 /// at 64 MiB/s.
 const ANSWER_AHEAD: Duration = Duration::from_millis(10);
+/// Under a cap, a demanded page that was sent already goes again only while
+/// the push's connection holds at least this much not yet sent (its copy
+/// may be that far behind): 64 KiB, half a millisecond at 1 Gbit/s, about
+/// one answer.
+const SENT_CLOSE_BEHIND: u64 = 64 << 10;
+
+/// Whether a fault's answer carries the demanded page: yes unless it was
+/// `sent` already, under a cap (`capped`), and the push's connection has
+/// less than [`SENT_CLOSE_BEHIND`] not yet sent (`unsent`, asked only then).
+fn resend_demanded(sent: bool, capped: bool, unsent: impl FnOnce() -> Option<u64>) -> bool {
+    !sent || !capped || unsent().is_none_or(|n| n >= SENT_CLOSE_BEHIND)
+}
+
+/// Bytes written to `sock` that TCP has not sent yet (`SIOCOUTQNSD`).
+fn unsent(sock: &std::net::TcpStream) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one int for a live TCP socket.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCOUTQNSD, &mut n) };
+    (r == 0).then_some(n.max(0) as u64)
+}
 
 /// Migrates `vm` to `params.to` in post-copy mode (`hybrid`: pre-copy rounds
 /// first). Returns `Completed` only once the destination has every page; until
@@ -177,8 +198,13 @@ impl Supply<'_> {
 
     /// Answers fault requests read from `r` on `w` until the destination's
     /// `PostcopyDone` (returned) or, once the session is stopping, the end of
-    /// the stream (`None`).
-    fn serve(&self, r: &mut impl Read, w: &Mutex<Link>) -> Result<Option<PostcopyReport>> {
+    /// the stream (`None`). `push` is the push's connection.
+    fn serve(
+        &self,
+        r: &mut impl Read,
+        w: &Mutex<Link>,
+        push: &std::net::TcpStream,
+    ) -> Result<Option<PostcopyReport>> {
         let pages = self.mem.pages();
         let mut batch = Vec::with_capacity(MAX_BATCH_PAGES);
         // An answer that cannot be sent ends the answers, not the reading: the
@@ -215,18 +241,35 @@ impl Supply<'_> {
                     "request for page {offset:#x}, which is not to be sent"
                 )));
             }
-            // The demanded page goes even if the push sent it already: it may be
-            // queued behind bulk data, or lost with a broken link.
-            self.claim(pfn);
+            // The demanded page goes even if it was sent already (by the push,
+            // or in an earlier answer's window): that copy may be queued
+            // behind bulk data, in either host's socket buffers. Under a cap
+            // the push's next page is often the one a sequential writer
+            // faults on, and would cross twice; there the push sends no
+            // faster than the cap, so when its connection also has next to
+            // nothing left to send, the copy is right behind and the page
+            // does not go again. (A copy lost with a broken link is not
+            // claimed after the recovery.) Without a cap the push runs
+            // megabytes ahead in the destination's receive queue, which
+            // this host cannot see.
+            let sent = !self.claim(pfn);
+            let capped = self.job.max_bandwidth().is_some();
             batch.clear();
-            batch.push(offset);
+            if resend_demanded(sent, capped, || unsent(push)) {
+                batch.push(offset);
+            }
             let mut p = pfn + 1;
-            while (batch.len() as u64) <= self.window && p < pages && batch.len() < MAX_BATCH_PAGES
-            {
+            let mut window = 0;
+            while window < self.window && p < pages && batch.len() < MAX_BATCH_PAGES {
                 if is_set(&self.expected, p) && self.claim(p) {
                     batch.push(p * PAGE_SIZE);
+                    window += 1;
                 }
                 p += 1;
+            }
+            if batch.is_empty() {
+                self.recentre.store(p.min(pages - 1), Ordering::Release);
+                continue;
             }
             match self.send(w, &batch) {
                 // Under a cap an answer goes before the push's next batch,
@@ -256,6 +299,7 @@ impl Supply<'_> {
             }
         }
         let main_w = Mutex::new(main.try_clone().map_err(io_err("socket"))?);
+        let push_sock = main.tcp().try_clone().map_err(io_err("socket"))?;
         let mut main_r = BufReader::new(main);
         let urgent = match urgent {
             Some(u) => Some((
@@ -281,17 +325,22 @@ impl Supply<'_> {
                 prioritize_this_thread(false);
                 end(self.push(&main_w))
             });
+            let push_sock = &push_sock;
             let server = urgent.map(|(mut r, w)| {
                 sc.spawn(move || {
                     prioritize_this_thread(true);
-                    end(self.serve(&mut r, &w).and_then(|done| match done {
-                        Some(_) => Err(Error::Protocol("PostcopyDone on the fault channel".into())),
-                        None if self.stop.load(Ordering::Relaxed) => Ok(()),
-                        None => Err(Error::Protocol("the fault channel closed".into())),
-                    }))
+                    end(self
+                        .serve(&mut r, &w, push_sock)
+                        .and_then(|done| match done {
+                            Some(_) => {
+                                Err(Error::Protocol("PostcopyDone on the fault channel".into()))
+                            }
+                            None if self.stop.load(Ordering::Relaxed) => Ok(()),
+                            None => Err(Error::Protocol("the fault channel closed".into())),
+                        }))
                 })
             });
-            let done = self.serve(&mut main_r, &main_w);
+            let done = self.serve(&mut main_r, &main_w, push_sock);
             self.stop.store(true, Ordering::Relaxed);
             self.job.cut_links();
             let mut why = None;
@@ -777,4 +826,24 @@ fn postcopy_phase(
         "post-copy phase over"
     );
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_demanded_page_goes_again_unless_its_copy_is_close_behind_under_a_cap() {
+        let never = || -> Option<u64> { panic!("the queue is asked only when it matters") };
+        // Not sent yet: it goes, whatever the queue.
+        assert!(resend_demanded(false, true, never));
+        // No cap: the push may be megabytes ahead in the receiver's queue.
+        assert!(resend_demanded(true, false, never));
+        // Under a cap: again only while the push has bytes left to send.
+        assert!(!resend_demanded(true, true, || Some(0)));
+        assert!(!resend_demanded(true, true, || Some(SENT_CLOSE_BEHIND - 1)));
+        assert!(resend_demanded(true, true, || Some(SENT_CLOSE_BEHIND)));
+        // A queue that cannot be read counts as a long one.
+        assert!(resend_demanded(true, true, || None));
+    }
 }
