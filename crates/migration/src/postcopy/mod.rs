@@ -21,9 +21,12 @@
 //! (`Job::charge`): an answer goes first, the push waits for what answers
 //! sent, and answers wait only once they alone run past the cap.
 //!
-//! A demanded page is always sent, even if the push already sent it (it may be
-//! in flight behind megabytes of bulk data); the destination counts the second
-//! arrival (`UFFDIO_COPY` says EEXIST) as a duplicate. When every expected page
+//! A demanded page is sent even if the push already sent it (it may be in
+//! flight behind megabytes of bulk data); the destination counts the second
+//! arrival (`UFFDIO_COPY` says EEXIST) as a duplicate. Under a cap, where
+//! the push's next page is often the one a sequential writer faults on, it
+//! is not sent again while the push's connection has less than 64 KiB left
+//! to send: that copy is right behind. When every expected page
 //! has arrived the destination unregisters userfaultfd and sends
 //! `PostcopyDone` with its statistics; only then does the source report the
 //! migration completed (and its process may drop the VM's memory).
