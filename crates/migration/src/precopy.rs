@@ -873,9 +873,20 @@ const SWITCH_MS_PER_VCPU: f64 = 0.5;
 /// Bytes written into `sock` that the peer has not acknowledged yet (the
 /// kernel's `SIOCOUTQ`).
 fn queued(sock: &TcpStream) -> Option<u64> {
+    send_queue(sock, libc::TIOCOUTQ)
+}
+
+/// Bytes written into `sock` that TCP has not sent yet (`SIOCOUTQNSD`).
+pub(crate) fn unsent(sock: &TcpStream) -> Option<u64> {
+    send_queue(sock, libc::SIOCOUTQNSD as libc::Ioctl)
+}
+
+/// One of the kernel's counts of `sock`'s send queue.
+fn send_queue(sock: &TcpStream, request: libc::Ioctl) -> Option<u64> {
     let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int for a live socket.
-    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) and SIOCOUTQNSD write one int for a live
+    // socket.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), request, &mut n) };
     (r == 0).then_some(n.max(0) as u64)
 }
 

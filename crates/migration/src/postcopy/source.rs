@@ -40,15 +40,6 @@ fn resend_demanded(sent: bool, capped: bool, unsent: impl FnOnce() -> Option<u64
     !sent || !capped || unsent().is_none_or(|n| n >= SENT_CLOSE_BEHIND)
 }
 
-/// Bytes written to `sock` that TCP has not sent yet (`SIOCOUTQNSD`).
-fn unsent(sock: &std::net::TcpStream) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    let mut n: libc::c_int = 0;
-    // SAFETY: SIOCOUTQNSD writes one int for a live TCP socket.
-    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCOUTQNSD, &mut n) };
-    (r == 0).then_some(n.max(0) as u64)
-}
-
 /// Migrates `vm` to `params.to` in post-copy mode (`hybrid`: pre-copy rounds
 /// first). Returns `Completed` only once the destination has every page; until
 /// then the source keeps its (paused) copy of memory and serves it.
@@ -255,7 +246,7 @@ impl Supply<'_> {
             let sent = !self.claim(pfn);
             let capped = self.job.max_bandwidth().is_some();
             batch.clear();
-            if resend_demanded(sent, capped, || unsent(push)) {
+            if resend_demanded(sent, capped, || precopy::unsent(push)) {
                 batch.push(offset);
             }
             let mut p = pfn + 1;
