@@ -30,7 +30,8 @@ hugepages: the destination's memory on 4 KiB shmem pages (the default)
          front (`--hugepages --prefault`), turn about run by run: the
          paused-source case (768 MiB), and 256 MiB flat out by pre-copy,
          post-copy, hybrid and auto, 1 GiB guests, and an idle 1 GiB guest
-         with both sides on the same memory; round-0 throughput against
+         with both sides on the same memory, also once its VM was handed
+         to a new process first (`--takeover`); round-0 throughput against
          loopback TCP, post-copy's fault latency. Grows and touches the
          huge page pool first (scripts/hugepages.sh 2200, root; not in `all`).
 limits:  memcpy, zero-scan and loopback TCP, measured in the same run.
@@ -266,10 +267,12 @@ def machine_busy():
 
 
 def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=False, path=None, flags=(),
-                 dst_flags=()):
+                 dst_flags=(), handover=False):
     """One migration between two `migd run` processes; `path` (paths.Path):
     where each side runs and the destination's address (default loopback);
-    `flags`: more flags for both `migd run`s, `dst_flags` for the destination's."""
+    `flags`: more flags for both `migd run`s, `dst_flags` for the destination's;
+    `handover`: the source's VM first moves to a new process on the same
+    memory (`migd run --takeover`), which then migrates it."""
     src_prefix, dst_prefix = (path.prefix("src"), path.prefix("dst")) if path else ((), ())
     dst_ip = path.dst_ip if path else "127.0.0.1"
     src = boot(d, tag + "s", mem, cpus, workload,
@@ -278,6 +281,12 @@ def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=Fa
     # The working set is written once before READY: the guest's memory is all there.
     wait_file(src.console, "WORKLOAD READY")
     wait_file(src.console, "HEARTBEAT n=2")
+    if handover:
+        new = Vm(d, tag + "t", ["--takeover", src.sock], console=src.console, prefix=src_prefix)
+        # The old process exits once the new one runs the VM.
+        src.p.wait(30)
+        src = new
+        wait_path(src.sock)
     if paused:
         request(src.sock, {"cmd": "pause"})
     port = free_port()
@@ -386,30 +395,32 @@ def bench_hugepages(runs, lim):
     # Two 1 GiB guests on huge pages at once (the idle case), with room to spare.
     subprocess.run([os.path.join(ROOT, "scripts", "hugepages.sh"), "2200"], check=True)
     tcp_bytes = lim["loopback_tcp_gbit_per_s"] * 1e9 / 8
-    # (workload, source paused, mode, the source on the same memory too)
-    cases = [("dirty:768:0", True, "precopy", False), ("dirty:256:0", False, "precopy", False),
-             ("dirty:256:0", False, "postcopy", False), ("dirty:256:0", False, "hybrid", False),
-             ("dirty:256:0", False, "auto", False), ("idle", False, "precopy", True)]
+    # (workload, source paused, mode, the source on the same memory too,
+    # the source's VM handed to a new process first)
+    cases = [("dirty:768:0", True, "precopy", False, False), ("dirty:256:0", False, "precopy", False, False),
+             ("dirty:256:0", False, "postcopy", False, False), ("dirty:256:0", False, "hybrid", False, False),
+             ("dirty:256:0", False, "auto", False, False), ("idle", False, "precopy", True, False),
+             ("idle", False, "precopy", True, True)]
     # 4 KiB shmem, huge pages, huge pages allocated up front (`--prefault`).
     kinds = {"4 KiB shmem": [], "huge pages": ["--hugepages"],
              "huge pages, prefaulted": ["--hugepages", "--prefault"]}
     res = {(case, kind): [] for case in cases for kind in kinds}
     with tempfile.TemporaryDirectory() as d:
         for i in range(runs):
-            for n, (wl, paused, mode, both) in enumerate(cases):
+            for n, (wl, paused, mode, both, handover) in enumerate(cases):
                 # Turn the order round run by run, so that none always meets the host's drifts first.
                 order = list(kinds) if i % 2 == 0 else list(kinds)[::-1]
                 for k, kind in enumerate(order):
                     flags = kinds[kind]
-                    res[((wl, paused, mode, both), kind)].append(migrate_once(
+                    res[((wl, paused, mode, both, handover), kind)].append(migrate_once(
                         d, f"h{i}{k}{n}", "1G", wl, {"mode": mode}, cpus=1, paused=paused,
-                        flags=flags if both else [], dst_flags=[] if both else flags))
+                        flags=flags if both else [], dst_flags=[] if both else flags, handover=handover))
     rows = []
-    for ((wl, paused, mode, both), memory), rs in res.items():
+    for ((wl, paused, mode, both, handover), memory), rs in res.items():
         ok = [r for r in rs if r["status"] == "completed"]
         r0 = [x for x in map(round0_rate, ok) if x]
         rows.append({
-            "case": f"{mode} 1G {wl}{' (paused)' if paused else ''}",
+            "case": f"{mode} 1G {wl}{' (paused)' if paused else ''}{', after a handover' if handover else ''}",
             "memory": f"{memory}{', both sides' if both else ', destination'}",
             "completed": f"{len(ok)}/{len(rs)}",
             "total_ms": med([r["total_ms"] for r in ok]),
@@ -418,6 +429,7 @@ def bench_hugepages(runs, lim):
             "round0_vs_tcp": med([x / tcp_bytes for x in r0]) if r0 else "n/a",
             "fault_p50_us": med([r["faults"]["p50_us"] for r in ok]) if mode != "precopy" else "",
             "MiB_sent": med([r["bytes"] / 2**20 for r in ok]),
+            "zero_pages_read": med([r["pages"]["zero"] for r in ok]),
             "errors": "; ".join(sorted({r.get("error") or "" for r in rs if r["status"] != "completed"})),
         })
     return rows
