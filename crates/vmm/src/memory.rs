@@ -439,9 +439,43 @@ impl GuestRam {
 }
 
 /// The runs of 2 MiB huge pages (file offset, length) that the mappings
-/// `maps` (file offset, length, host address) of a hugetlbfs file map
-/// (`mincore`).
+/// `maps` (file offset, length, host address) of a hugetlbfs file map: the
+/// present bit of one `/proc/self/pagemap` entry per huge page. (`mincore`,
+/// the fallback where pagemap cannot be read, also counts a page that is
+/// only in the file where no page table covers its address yet: pages
+/// allocated up front by `--prefault`, or handed over, would count as data.)
 pub fn mapped_huge_extents(maps: &[(u64, u64, usize)]) -> std::io::Result<Vec<(u64, u64)>> {
+    let pagemap = match File::open("/proc/self/pagemap") {
+        Ok(f) => f,
+        Err(_) => return mincore_huge_extents(maps),
+    };
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    for &(file_offset, len, host) in maps {
+        for i in 0..len.div_ceil(HUGE_PAGE_SIZE) {
+            let mut entry = [0u8; 8];
+            let at = (host as u64 + i * HUGE_PAGE_SIZE) / PAGE_SIZE * 8;
+            std::os::unix::fs::FileExt::read_exact_at(&pagemap, &mut entry, at)?;
+            if u64::from_ne_bytes(entry) >> 63 == 1 {
+                add_huge_page(&mut extents, file_offset, len, i);
+            }
+        }
+    }
+    Ok(extents)
+}
+
+/// Huge page `i` of the mapping of `[file_offset, file_offset + len)`,
+/// added to `extents` (merged with the run it continues).
+fn add_huge_page(extents: &mut Vec<(u64, u64)>, file_offset: u64, len: u64, i: u64) {
+    let off = file_offset + i * HUGE_PAGE_SIZE;
+    let len = HUGE_PAGE_SIZE.min(file_offset + len - off);
+    match extents.last_mut() {
+        Some((o, l)) if *o + *l == off => *l += len,
+        _ => extents.push((off, len)),
+    }
+}
+
+/// [`mapped_huge_extents`] by `mincore`.
+fn mincore_huge_extents(maps: &[(u64, u64, usize)]) -> std::io::Result<Vec<(u64, u64)>> {
     let mut extents: Vec<(u64, u64)> = Vec::new();
     let mut present = Vec::new();
     for &(file_offset, len, host) in maps {
@@ -462,14 +496,8 @@ pub fn mapped_huge_extents(maps: &[(u64, u64, usize)]) -> std::io::Result<Vec<(u
             .chunks((HUGE_PAGE_SIZE / PAGE_SIZE) as usize)
             .enumerate()
         {
-            if chunk.iter().all(|b| b & 1 == 0) {
-                continue;
-            }
-            let off = file_offset + i as u64 * HUGE_PAGE_SIZE;
-            let len = HUGE_PAGE_SIZE.min(file_offset + len - off);
-            match extents.last_mut() {
-                Some((o, l)) if *o + *l == off => *l += len,
-                _ => extents.push((off, len)),
+            if chunk.iter().any(|b| b & 1 != 0) {
+                add_huge_page(&mut extents, file_offset, len, i as u64);
             }
         }
     }
@@ -823,6 +851,52 @@ mod tests {
         assert!(e.to_string().contains("outside"), "{e}");
         let e = handed.map_extents(&[(u64::MAX, 2)]).unwrap_err();
         assert!(e.to_string().contains("outside"), "{e}");
+    }
+
+    /// Pages only in the file count as data nowhere, also where no page
+    /// table covers the mapping yet (there `mincore` reads the file's cache).
+    #[test]
+    fn huge_extents_are_mapped_pages_even_without_page_tables() {
+        use nix::sys::memfd::MemFdCreateFlag as F;
+        let Ok(fd) = nix::sys::memfd::memfd_create(c"t", F::MFD_HUGETLB) else {
+            return eprintln!("SKIP: no hugetlbfs memfd here");
+        };
+        let file = File::from(fd);
+        let len = 4u64 << 20;
+        file.set_len(len).unwrap();
+        // SAFETY: fallocate on a descriptor we own.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as i64) } != 0 {
+            return eprintln!("SKIP: no huge pages free");
+        }
+        // A fresh 1 GiB-aligned region, far from other mappings: no page
+        // table covers it until something is mapped there.
+        let want = 0x5e00_0000_0000usize;
+        // SAFETY: a new shared mapping of our file at an unused address
+        // (MAP_FIXED_NOREPLACE fails rather than replace a mapping).
+        let at = unsafe {
+            libc::mmap(
+                want as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return eprintln!("SKIP: {:#x} is taken", want);
+        }
+        let maps = [(0, len, at as usize)];
+        assert_eq!(mapped_huge_extents(&maps).unwrap(), vec![]);
+        eprintln!("mincore says {:?}", mincore_huge_extents(&maps).unwrap());
+        // SAFETY: a byte of the second huge page of our mapping.
+        unsafe { *(at as *mut u8).add(2 << 20) = 1 };
+        assert_eq!(
+            mapped_huge_extents(&maps).unwrap(),
+            vec![(2 << 20, 2 << 20)]
+        );
+        // SAFETY: unmapping what we mapped.
+        unsafe { libc::munmap(at, len as usize) };
     }
 
     /// Prefaulted huge pages all exist but count as data only once written.
