@@ -89,7 +89,7 @@ impl MemView {
             Some(f) => vmm::memory::data_extents_of(f.as_raw_fd(), self.size),
             None if self.extents_from_mappings => vmm::memory::mapped_huge_extents(&self.ranges)
                 .unwrap_or_else(|e| {
-                    tracing::warn!("mincore of guest RAM: {e}; reading all of it");
+                    tracing::warn!("which huge pages are mapped: {e}; reading all of RAM");
                     vec![(0, self.size)]
                 }),
             None => vec![(0, self.size)],

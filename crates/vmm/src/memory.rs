@@ -349,7 +349,8 @@ impl GuestRam {
     ///
     /// Uses `SEEK_DATA`/`SEEK_HOLE`, so untouched memory costs nothing to skip.
     /// hugetlbfs has neither: there the extents are the huge pages that this
-    /// process's mappings map (`mincore`: 0.3–4.4 ms per GiB here, the most where untouched), which are all
+    /// process's mappings map (`/proc/self/pagemap`, one entry per huge
+    /// page; see [`mapped_huge_extents`]), which are all
     /// that hold data when every page was faulted in through them, as in RAM
     /// made here. The guest, KVM and the VMM all touch RAM through them (a
     /// post-copy destination writes through a second mapping, but maps each
@@ -433,8 +434,9 @@ impl GuestRam {
             .into_iter()
             .map(|(r, p)| (r.file_offset, r.len, p as usize))
             .collect();
-        mapped_huge_extents(&maps)
-            .map_err(|e| Error::GuestMemory(format!("mincore of guest RAM: {e}")))
+        mapped_huge_extents(&maps).map_err(|e| {
+            Error::GuestMemory(format!("which huge pages of guest RAM are mapped: {e}"))
+        })
     }
 }
 
