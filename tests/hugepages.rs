@@ -1,15 +1,14 @@
 //! Guest memory on huge pages (`migd run --hugepages`, the daemon's
 //! `hugepages`): a VM moves by pre-copy onto huge pages, to a new process on
-//! the same memory (`--takeover`), off huge pages and onto them again (XBZRLE deltas, then two page streams), with memory digests
-//! compared and the guest checking itself throughout, then is saved (in the
-//! pause: a background save is refused), restored onto huge pages and moved
-//! off them once more. It
-//! moves onto huge pages by post-copy, hybrid and auto too, the guest
-//! rewriting its memory flat out, and recovers from a link cut during
-//! post-copy. A daemon on huge pages takes a VM by
-//! post-copy and refuses one larger than its pool can hold; lazy restore
-//! onto huge pages and a pool too small for the guest are refused, naming
-//! the cause.
+//! the same memory (`--takeover`), off huge pages and onto them again
+//! (XBZRLE deltas, then two page streams), with memory digests compared and
+//! the guest checking itself throughout, then is saved (in the pause: a
+//! background save is refused), restored onto huge pages and moved off them
+//! once more. It moves onto huge pages by post-copy, hybrid and auto too,
+//! the guest rewriting its memory flat out, and recovers from a link cut
+//! during post-copy. A daemon on huge pages takes a VM by post-copy and
+//! refuses one larger than its pool can hold; lazy restore onto huge pages
+//! and a pool too small for the guest are refused, naming the cause.
 //!
 //! Two of these tests take 64 huge pages (128 MiB) each from the pool
 //! (`vm.nr_hugepages`), and may run at once: `scripts/setup.sh` reserves
