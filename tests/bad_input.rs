@@ -48,6 +48,11 @@ fn bad_kernels_memory_and_vcpus_are_refused() {
     );
     refused(&["run", "--kernel", g, "--memory", "1M"], "at least 16 MiB");
     refused(&["run", "--kernel", g, "--memory", "lots"], "not a size");
+    // Lazy restore fills absent pages: memory allocated up front has none.
+    refused(
+        &["run", "--restore", g, "--lazy", "--prefault"],
+        "'--lazy' cannot be used with '--prefault'",
+    );
     let (code, stderr) = migd_output(&["run"]);
     assert_eq!(code, 2, "clap usage error");
     assert!(stderr.contains("--kernel"), "{stderr}");

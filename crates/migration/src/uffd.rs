@@ -37,6 +37,8 @@ const UFFDIO_REGISTER_MODE_MINOR: u64 = 4;
 /// Minor faults on hugetlbfs mappings: the page is in the file but not
 /// mapped here (Linux 5.13).
 const UFFD_FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
+/// Minor faults on shmem mappings (Linux 5.14).
+const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 const IOCTL_CONTINUE_BIT: u64 = 1 << 0x07;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 /// Write-protection of shmem (our memfd) mappings.
@@ -129,10 +131,15 @@ impl Uffd {
         Self::with_features(UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
     }
 
-    /// A userfaultfd that also sees minor faults on huge-page mappings (see
-    /// [`Uffd::register_with_minor`]).
-    pub fn for_minor_faults() -> io::Result<Self> {
-        Self::with_features(UFFD_FEATURE_MINOR_HUGETLBFS)
+    /// A userfaultfd that also sees minor faults (see
+    /// [`Uffd::register_with_minor`]) on huge-page mappings (`huge`), or on
+    /// shmem mappings (Linux 5.14).
+    pub fn for_minor_faults(huge: bool) -> io::Result<Self> {
+        Self::with_features(if huge {
+            UFFD_FEATURE_MINOR_HUGETLBFS
+        } else {
+            UFFD_FEATURE_MINOR_SHMEM
+        })
     }
 
     fn with_features(features: u64) -> io::Result<Self> {
@@ -183,7 +190,8 @@ impl Uffd {
         Ok(())
     }
 
-    /// Registers `[start, start+len)`, memory on huge pages, for missing-page
+    /// Registers `[start, start+len)`, memory on huge pages or prefaulted
+    /// shmem, for missing-page
     /// faults and for minor faults: a page that is in the file (written
     /// through another mapping) but not mapped here faults until
     /// [`Uffd::map_present`] maps it.
@@ -215,6 +223,43 @@ impl Uffd {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Maps the pages of `[dst, dst+len)` that are in the file and not
+    /// mapped here (`UFFDIO_CONTINUE`), going on around those mapped
+    /// already or absent from the file.
+    pub fn map_present_pages(&self, dst: u64, len: u64) -> io::Result<()> {
+        const PAGE: u64 = 4096;
+        let end = dst + len;
+        let mut at = dst;
+        while at < end {
+            let mut c = Continue {
+                range: Range {
+                    start: at,
+                    len: end - at,
+                },
+                mode: 0,
+                mapped: 0,
+            };
+            match ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE, &mut c) {
+                Ok(()) => return Ok(()),
+                // Mapped up to a page that is mapped already (EEXIST) or
+                // not in the file (EFAULT): that page is stepped over next.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && c.mapped > 0 => {
+                    at += c.mapped as u64
+                }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EEXIST | libc::EFAULT | libc::EAGAIN)
+                    ) =>
+                {
+                    at += PAGE
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Registers `[start, start+len)` for write-protect faults.

@@ -6,7 +6,11 @@
 //! (`UFFDIO_CONTINUE`) once every page it expects is in ([`Staging`]); a
 //! fault asks for the missing pages of its huge page. Hybrid's huge pages
 //! that hold pre-copy's pages keep them in the file: only the guest's
-//! mapping of them is dropped at the switch.
+//! mapping of them is dropped at the switch. Prefaulted 4 KiB memory is
+//! written through a second mapping too, and mapped a run at a time
+//! ([`direct`]).
+
+mod direct;
 
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
@@ -27,6 +31,7 @@ use crate::uffd::{RamMap, Uffd};
 use crate::{io_err, Error, Result};
 
 use super::{lock, prioritize_this_thread, watch_link, LINK_TIMEOUT};
+use direct::Direct;
 
 /// A page-aligned buffer of up to [`MAX_BATCH_PAGES`] pages.
 #[repr(C, align(4096))]
@@ -118,6 +123,9 @@ struct Dest {
     uffd: Uffd,
     /// Guest memory on huge pages: the stages (None: 4 KiB pages, placed one by one).
     huge: Option<Staging>,
+    /// Prefaulted 4 KiB memory: written through a second mapping (None:
+    /// fresh 4 KiB pages, filled by `UFFDIO_COPY`).
+    direct: Option<Direct>,
     map: RamMap,
     pages: u64,
     expected: Vec<u64>,
@@ -262,6 +270,7 @@ impl Dest {
         Dest {
             uffd,
             huge: None,
+            direct: None,
             map,
             pages,
             received: expected.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -325,8 +334,18 @@ impl Dest {
             return Ok(());
         }
         let first = self.announced(off, n)?;
-        if let Some(s) = &self.huge {
-            return self.stage(s, first, n, data, urgent);
+        if self.huge.is_some() || self.direct.is_some() {
+            return self.write_with(first, n, urgent, |pages, dst| {
+                if let Some(dst) = dst {
+                    match data {
+                        Some(d) => dst.copy_from_slice(
+                            &d[pages.start * PAGE_SIZE as usize..pages.end * PAGE_SIZE as usize],
+                        ),
+                        None => dst.fill(0),
+                    }
+                }
+                Ok(())
+            });
         }
         let Some(data) = data else {
             return self.hold_zeros(first, n, urgent);
@@ -391,27 +410,23 @@ impl Dest {
             .filter(|&p| is_set(&self.expected, p))
     }
 
-    /// Huge pages: stages the `n` pages from page `first` (`data`, or zeros
-    /// when `None`) and places each huge page they complete, whole.
-    fn stage(
+    /// Memory written through a second mapping (huge pages, or prefaulted
+    /// 4 KiB pages): writes the `n` pages from page `first`, whose bytes
+    /// `put` writes (see [`Dest::stage_with`] and [`Dest::direct_with`]).
+    fn write_with(
         &self,
-        s: &Staging,
         first: u64,
         n: u64,
-        data: Option<&[u8]>,
         urgent: bool,
+        put: impl FnMut(std::ops::Range<usize>, Option<&mut [u8]>) -> Result<()>,
     ) -> Result<()> {
-        self.stage_with(s, first, n, urgent, |pages, dst| {
-            if let Some(dst) = dst {
-                match data {
-                    Some(d) => dst.copy_from_slice(
-                        &d[pages.start * PAGE_SIZE as usize..pages.end * PAGE_SIZE as usize],
-                    ),
-                    None => dst.fill(0),
-                }
-            }
-            Ok(())
-        })
+        match (&self.huge, &self.direct) {
+            (Some(s), _) => self.stage_with(s, first, n, urgent, put),
+            (None, Some(d)) => self.direct_with(d, first, n, urgent, put),
+            (None, None) => Err(Error::Protocol(
+                "pages written through a second mapping of 4 KiB memory that has none".into(),
+            )),
+        }
     }
 
     /// Huge pages: stages the `n` pages from page `first`, whose bytes `put`
@@ -714,12 +729,13 @@ impl Dest {
         Ok(())
     }
 
-    /// Huge pages: reads the pages of a batch at `offsets` from `r` straight
-    /// into their stages, one read per stretch of consecutive pages; pages
-    /// already here are read into `scratch` and dropped.
-    fn receive_staged(
+    /// Memory written through a second mapping: reads the pages of a batch
+    /// at `offsets` from `r` straight into the file, one read per stretch of
+    /// consecutive pages; pages already here are read into `scratch` and
+    /// dropped. On prefaulted 4 KiB pages a fault's answer has its demanded
+    /// page mapped before the pre-paged window is read.
+    fn receive_straight(
         &self,
-        s: &Staging,
         r: &mut impl Read,
         offsets: &[u64],
         urgent: bool,
@@ -727,9 +743,12 @@ impl Dest {
     ) -> Result<()> {
         let mut i = 0;
         while i < offsets.len() {
-            let n = run_length(&offsets[i..]);
+            let n = match urgent && i == 0 && self.direct.is_some() {
+                true => 1,
+                false => run_length(&offsets[i..]),
+            };
             let first = self.announced(offsets[i], n as u64)?;
-            self.stage_with(s, first, n as u64, urgent, |pages, dst| {
+            self.write_with(first, n as u64, urgent, |pages, dst| {
                 let dst = match dst {
                     Some(d) => d,
                     None => &mut scratch[..pages.len() * PAGE_SIZE as usize],
@@ -770,8 +789,8 @@ impl Dest {
                 ));
             }
             let offsets = wire::read_batch_offsets(r, h.body_len)?;
-            if let Some(s) = &self.huge {
-                self.receive_staged(s, r, &offsets, urgent, pages_as_bytes(&mut buf))?;
+            if self.huge.is_some() || self.direct.is_some() {
+                self.receive_straight(r, &offsets, urgent, pages_as_bytes(&mut buf))?;
                 continue;
             }
             let mut rest = &offsets[..];
@@ -840,6 +859,9 @@ impl Dest {
                 return self.huge_fault(s, page_addr, off);
             }
             let pfn = off / PAGE_SIZE;
+            if let (Some(d), false) = (&self.direct, is_set(&self.expected, pfn)) {
+                return self.direct_as_is(d, page_addr, off);
+            }
             if !is_set(&self.expected, pfn) {
                 // Zero on the source: never sent.
                 let filled = self.uffd.copy(page_addr, &zero.0);
@@ -1176,14 +1198,36 @@ pub(crate) fn receive(
         }
     }
     let map = RamMap::new(&ram);
-    // Hybrid: what pre-copy left in the expected pages is stale. 4 KiB pages
-    // are punched out of the file so that they fault; on huge pages the
-    // guest's mappings of those huge pages are dropped instead (the file
-    // keeps pre-copy's pages, which arriving pages complete), so that they
-    // take minor faults.
     let staging = ram.is_huge().then(|| Staging::for_ram(&ram)).transpose()?;
-    if staging.is_some() {
+    let huge = staging.is_some();
+    let mut direct = if huge { None } else { Direct::for_ram(&ram) };
+    let uffd = if huge {
+        Uffd::for_minor_faults(true).map_err(io_err(
+            "userfaultfd with minor faults on huge pages (Linux 5.13 or later)",
+        ))?
+    } else if direct.is_some() {
+        Uffd::for_minor_faults(false)
+            .inspect_err(|e| {
+                direct = None;
+                tracing::warn!("no minor faults on shmem (Linux 5.14): prefaulted pages are punched out and filled afresh ({e})");
+            })
+            .or_else(|_| Uffd::new())
+            .map_err(io_err("userfaultfd"))?
+    } else {
+        Uffd::new().map_err(io_err("userfaultfd"))?
+    };
+    // Hybrid: what pre-copy left in the expected pages is stale. Fresh
+    // 4 KiB pages are punched out of the file so that they fault. On huge
+    // pages the guest's mappings of those huge pages are dropped instead
+    // (the file keeps pre-copy's pages, which arriving pages complete), and
+    // on prefaulted 4 KiB pages the guest's mappings of the expected pages
+    // (the file keeps a page for each, which the arriving page overwrites),
+    // so that they take minor faults.
+    if huge {
         let stale = hybrid_huge_pages(&expected, held.as_deref().unwrap_or(&[]));
+        unmap_from_guest(&map, &stale)?;
+    } else if direct.is_some() {
+        let stale: Vec<_> = runs.iter().map(|&(off, n)| (off, n * PAGE_SIZE)).collect();
         unmap_from_guest(&map, &stale)?;
     } else {
         for &(off, n) in &runs {
@@ -1192,19 +1236,13 @@ pub(crate) fn receive(
         }
     }
     let total = popcount(&expected);
-    let huge = staging.is_some();
-    let uffd = if huge {
-        Uffd::for_minor_faults().map_err(io_err(
-            "userfaultfd with minor faults on huge pages (Linux 5.13 or later)",
-        ))?
-    } else {
-        Uffd::new().map_err(io_err("userfaultfd"))?
-    };
-    map.register(&uffd, huge).map_err(io_err(if huge {
-        "registering guest RAM on huge pages with userfaultfd"
-    } else {
-        "registering guest RAM with userfaultfd"
-    }))?;
+    let minor = huge || direct.is_some();
+    map.register(&uffd, minor)
+        .map_err(io_err(match (huge, minor) {
+            (true, _) => "registering guest RAM on huge pages with userfaultfd",
+            (false, true) => "registering prefaulted guest RAM with userfaultfd for minor faults",
+            _ => "registering guest RAM with userfaultfd",
+        }))?;
     tracing::debug!(
         pages = total,
         "post-copy: guest RAM registered with userfaultfd"
@@ -1237,6 +1275,7 @@ pub(crate) fn receive(
     let (done_tx, done_rx) = mpsc::channel();
     let mut dest = Dest::new(uffd, map, pages, expected, done_tx);
     dest.huge = staging;
+    dest.direct = direct;
     dest.source = source;
     dest.token = token;
     dest.channel = urgent.is_some();
@@ -1398,7 +1437,7 @@ fn unmap_from_guest(map: &RamMap, runs: &[(u64, u64)]) -> Result<()> {
                 libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED)
             };
             if rc < 0 {
-                return Err(io_err("dropping the guest's mapping of stale huge pages")(
+                return Err(io_err("dropping the guest's mapping of stale pages")(
                     std::io::Error::last_os_error(),
                 ));
             }
@@ -1429,7 +1468,7 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         };
-        let uffd = Uffd::for_minor_faults()
+        let uffd = Uffd::for_minor_faults(true)
             .inspect_err(|e| eprintln!("SKIP: userfaultfd minor faults unavailable: {e}"))
             .ok()?;
         Some((ram, uffd))
@@ -1630,18 +1669,12 @@ mod tests {
         let page = |b: u8| vec![b; PAGE_SIZE as usize];
         let mut scratch = vec![0u8; 4 * PAGE_SIZE as usize];
         // Page 1 first; then a batch of pages 0..3 whose stream ends early.
-        d.receive_staged(
-            s,
-            &mut page(1).as_slice(),
-            &[PAGE_SIZE],
-            false,
-            &mut scratch,
-        )
-        .unwrap();
+        d.receive_straight(&mut page(1).as_slice(), &[PAGE_SIZE], false, &mut scratch)
+            .unwrap();
         let short = [page(10), page(11)].concat();
         let offsets = [0, PAGE_SIZE, 2 * PAGE_SIZE];
         assert!(d
-            .receive_staged(s, &mut short.as_slice(), &offsets, false, &mut scratch)
+            .receive_straight(&mut short.as_slice(), &offsets, false, &mut scratch)
             .is_err());
         assert!(d.received(1) && !d.received(0) && !d.received(2));
         assert_eq!(
@@ -1653,7 +1686,7 @@ mod tests {
         let full = [page(20), page(21), page(22), page(23)].concat();
         let offsets = [0, PAGE_SIZE, 2 * PAGE_SIZE, 3 * PAGE_SIZE];
         let mut stream = full.as_slice();
-        d.receive_staged(s, &mut stream, &offsets, false, &mut scratch)
+        d.receive_straight(&mut stream, &offsets, false, &mut scratch)
             .unwrap();
         assert!(stream.is_empty(), "the duplicate page was read too");
         assert!(s.placed(0));
@@ -1668,5 +1701,117 @@ mod tests {
         assert_eq!([0, 1, 2, 3, 4].map(byte), [20, 1, 22, 23, 0]);
         assert_eq!(d.duplicate.load(Ordering::Relaxed), 2);
         assert_eq!(d.filled.load(Ordering::Relaxed), 4);
+    }
+
+    /// Prefaulted 4 KiB memory: arriving pages are written through the
+    /// second mapping over what the file holds (pre-copy's stale copies
+    /// included, zeros too), and mapped into the guest; a guest thread
+    /// faulting on an expected page waits for it; one faulting where nothing
+    /// is expected gets what the file holds, a hole as zeros; a reader whose
+    /// stream fails gives its pages back; a page already here is read and
+    /// dropped.
+    #[test]
+    fn prefaulted_pages_are_written_through_the_second_mapping() {
+        let ram = vmm::GuestRam::with_huge_pages(16 << 20, false).unwrap();
+        ram.prefault().unwrap();
+        let ram = Arc::new(ram);
+        let Ok(uffd) = Uffd::for_minor_faults(false)
+            .inspect_err(|e| eprintln!("SKIP: no minor faults on shmem here: {e}"))
+        else {
+            return;
+        };
+        let map = RamMap::new(&ram);
+        let pages = ram.size() / PAGE_SIZE;
+        let at = |pfn: u64| ram.offset_to_gpa(pfn * PAGE_SIZE).unwrap();
+        // Pre-copy's pages, written into the file as pre-copy writes them:
+        // 20 and 23 (expected, so stale), 40 and 42 (kept); page 41 it found
+        // zero and punched out.
+        for (pfn, b) in [(20, 9u8), (23, 9), (40, 7), (41, 8), (42, 6)] {
+            use std::os::unix::fs::FileExt;
+            let page = [b; PAGE_SIZE as usize];
+            ram.memfd().write_all_at(&page, pfn * PAGE_SIZE).unwrap();
+        }
+        vmm::memory::punch_hole(ram.memfd(), 41 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        // Pages 16..24 are expected.
+        let mut expected = vec![0u64; pages.div_ceil(64) as usize];
+        expected[0] = 0xff << 16;
+        unmap_from_guest(&map, &[(16 * PAGE_SIZE, 8 * PAGE_SIZE)]).unwrap();
+        map.register(&uffd, true).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let mut d = Dest::new(uffd, map, pages, expected, tx);
+        d.direct = Direct::for_ram(&ram);
+        assert!(d.direct.is_some());
+        let byte = |pfn: u64| {
+            let mut b = [0u8; 1];
+            ram.read(at(pfn), &mut b).unwrap();
+            b[0]
+        };
+        let page = |b: u8| vec![b; PAGE_SIZE as usize];
+        let mut scratch = vec![0u8; 8 * PAGE_SIZE as usize];
+        std::thread::scope(|sc| {
+            let faults = sc.spawn(|| d.handle_faults());
+            let reader = |pfn: u64| guest_read(sc, move || byte(pfn));
+            // A failing check ends the fault thread and wakes the readers,
+            // so that the test fails instead of hanging.
+            let checks = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let answer = |rx, pfn| answered(&d, rx, pfn);
+                // Nothing expected: the file's page, or zeros for the hole.
+                // A fault maps the pages around it that the file holds:
+                // page 42 takes none.
+                assert_eq!(answer(reader(40), 40), 7);
+                assert_eq!(answer(reader(42), 42), 6);
+                assert_eq!(d.zero_faults.load(Ordering::Relaxed), 1);
+                assert_eq!(answer(reader(41), 41), 0);
+                assert_eq!(d.zero_faults.load(Ordering::Relaxed), 2);
+                // A thread faulting on stale page 20 waits until it comes.
+                let waiter = reader(20);
+                let asked = Instant::now();
+                while !lock(&d.pending).contains_key(&20) {
+                    assert!(
+                        asked.elapsed() < Duration::from_secs(10),
+                        "page 20 read stale"
+                    );
+                    std::thread::yield_now();
+                }
+                // A batch of 16..19 whose stream ends early books nothing.
+                let short = [page(1), page(2)].concat();
+                let offsets = [16 * PAGE_SIZE, 17 * PAGE_SIZE, 18 * PAGE_SIZE];
+                assert!(d
+                    .receive_straight(&mut short.as_slice(), &offsets, false, &mut scratch)
+                    .is_err());
+                assert!(!(16..19).any(|p| d.received(p)));
+                // A fault's answer: page 20 first, then its window 21, 22.
+                let answer_20 = [page(30), page(31), page(32)].concat();
+                let offsets = [20 * PAGE_SIZE, 21 * PAGE_SIZE, 22 * PAGE_SIZE];
+                let mut stream = answer_20.as_slice();
+                d.receive_straight(&mut stream, &offsets, true, &mut scratch)
+                    .unwrap();
+                assert!(stream.is_empty());
+                assert_eq!(answer(waiter, 20), 30);
+                // 16..22 in full: 20..22 again, read and dropped.
+                let full: Vec<u8> = (16..23).flat_map(|p| page(p as u8)).collect();
+                let offsets: Vec<u64> = (16..23).map(|p| p * PAGE_SIZE).collect();
+                let mut stream = full.as_slice();
+                d.receive_straight(&mut stream, &offsets, false, &mut scratch)
+                    .unwrap();
+                assert!(stream.is_empty(), "the duplicates were read too");
+                // Page 23 is zero on the source now: its stale copy goes.
+                d.fill(23 * PAGE_SIZE, 1, None, false).unwrap();
+                let done = rx.recv_timeout(Duration::from_secs(10));
+                assert!(matches!(done, Ok(Ok(()))), "every page came: {done:?}");
+            }));
+            d.stop.store(true, Ordering::Release);
+            if let Err(panic) = checks {
+                let _ = d.map.unregister(&d.uffd);
+                std::panic::resume_unwind(panic);
+            }
+            faults.join().unwrap().unwrap();
+        });
+        d.map.unregister(&d.uffd).unwrap();
+        let got: Vec<u8> = (16..24).chain([40, 41, 42]).map(byte).collect();
+        assert_eq!(got, vec![16, 17, 18, 19, 30, 31, 32, 0, 7, 0, 6]);
+        assert_eq!(d.duplicate.load(Ordering::Relaxed), 3);
+        assert_eq!(d.filled.load(Ordering::Relaxed), 8);
+        assert_eq!(d.demand.load(Ordering::Relaxed), 1, "page 20 was asked for");
     }
 }
