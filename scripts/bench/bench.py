@@ -26,8 +26,9 @@ predict: the cost model before and after, two daemons over loopback:
          beside the measured downtime and total, per mode, 1 GiB guests,
          1 vCPU (not in `all`).
 hugepages: the destination's memory on 4 KiB shmem pages (the default)
-         against huge pages (`--hugepages`) and huge pages allocated up
-         front (`--hugepages --prefault`), turn about run by run: the
+         against 4 KiB pages allocated up front (`--prefault`), huge pages
+         (`--hugepages`) and huge pages allocated up front (`--hugepages
+         --prefault`), turn about run by run: the
          paused-source case (768 MiB), and 256 MiB flat out by pre-copy,
          post-copy, hybrid and auto, 1 GiB guests, and an idle 1 GiB guest
          with both sides on the same memory, also once its VM was handed
@@ -401,8 +402,8 @@ def bench_hugepages(runs, lim):
              ("dirty:256:0", False, "postcopy", False, False), ("dirty:256:0", False, "hybrid", False, False),
              ("dirty:256:0", False, "auto", False, False), ("idle", False, "precopy", True, False),
              ("idle", False, "precopy", True, True)]
-    # 4 KiB shmem, huge pages, huge pages allocated up front (`--prefault`).
-    kinds = {"4 KiB shmem": [], "huge pages": ["--hugepages"],
+    # 4 KiB shmem and huge pages, each also allocated up front (`--prefault`).
+    kinds = {"4 KiB shmem": [], "4 KiB shmem, prefaulted": ["--prefault"], "huge pages": ["--hugepages"],
              "huge pages, prefaulted": ["--hugepages", "--prefault"]}
     res = {(case, kind): [] for case in cases for kind in kinds}
     with tempfile.TemporaryDirectory() as d:

@@ -36,6 +36,19 @@ impl MemView {
         }
     }
 
+    /// Prefaulted 4 KiB RAM: a view of its second mapping, whose page
+    /// tables are made ([`GuestRam::prefaulted_alias`]), so that pages are
+    /// written with no page fault each. None for other RAM.
+    pub fn of_prefaulted(ram: &GuestRam) -> Option<Self> {
+        let base = ram.prefaulted_alias()?.at(0, ram.size())?;
+        Some(MemView {
+            ranges: vec![(0, ram.size(), base as usize)],
+            size: ram.size(),
+            file: ram.memfd().try_clone().ok(),
+            extents_from_mappings: false,
+        })
+    }
+
     /// Another view of the same mappings (for another thread).
     pub fn duplicate(&self) -> Self {
         MemView {

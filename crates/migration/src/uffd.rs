@@ -8,7 +8,8 @@
 //! `UFFDIO_ZEROPAGE`); EEXIST means the page is already there. Memory on
 //! huge pages is registered for minor faults too and written through a
 //! second mapping, then mapped a whole huge page at a time
-//! (`UFFDIO_CONTINUE`). A background save ([`crate::background_save`])
+//! (`UFFDIO_CONTINUE`); so is prefaulted 4 KiB memory, mapped a run at a
+//! time. A background save ([`crate::background_save`])
 //! registers them in write-protect mode instead, to copy each page before
 //! the guest changes it. Each of them serves its faults through
 //! `Uffd::each_fault`.
