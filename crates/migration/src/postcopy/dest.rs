@@ -161,6 +161,8 @@ struct Dest {
     channel: bool,
     /// Bumped whenever a session ends; threads of older sessions exit quietly.
     generation: AtomicU64,
+    /// Page readers running, of any session.
+    readers: AtomicU64,
     /// Where fault requests go (the fault channel, or the main connection); None while the link is down.
     requests: Mutex<Option<Link>>,
     /// The main connection of the current session (PostcopyDone goes there).
@@ -296,6 +298,7 @@ impl Dest {
             token: 0,
             channel: false,
             generation: AtomicU64::new(0),
+            readers: AtomicU64::new(0),
             requests: Mutex::new(None),
             main: Mutex::new(None),
             links: Mutex::new(Vec::new()),
@@ -902,6 +905,22 @@ impl Dest {
         *lock(&self.main) = None;
     }
 
+    /// Waits (up to 10 s) until the readers of ended sessions have exited,
+    /// their sockets shut: a reader cut in the middle of pages it took
+    /// gives them back as it exits, and until then a reader of the new
+    /// session would drop those pages as on their way, and they would not
+    /// come again unless the guest asked for them.
+    fn wait_for_old_readers(&self) {
+        let since = Instant::now();
+        while self.readers.load(Ordering::Acquire) > 0 {
+            if since.elapsed() > Duration::from_secs(10) {
+                tracing::warn!("post-copy page readers of the lost session still running");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// A thread of session `gen` saw its connection fail: the guest's faults
     /// wait until the source reconnects (it keeps every page we lack).
     fn link_lost(&self, gen: u64, why: &str) {
@@ -952,7 +971,8 @@ impl Dest {
         }
         for (mut r, urgent) in readers {
             let d = self.clone();
-            spawn(
+            self.readers.fetch_add(1, Ordering::AcqRel);
+            let started = spawn(
                 if urgent { "fault-pages" } else { "push-pages" },
                 move || {
                     prioritize_this_thread(urgent);
@@ -961,8 +981,13 @@ impl Dest {
                         Err(e) => d.link_lost(gen, &e.to_string()),
                         Ok(()) => {}
                     }
+                    d.readers.fetch_sub(1, Ordering::AcqRel);
                 },
-            )?;
+            );
+            if started.is_err() {
+                self.readers.fetch_sub(1, Ordering::AcqRel);
+            }
+            started?;
         }
         Ok(())
     }
@@ -1062,6 +1087,7 @@ impl Dest {
             // The source's word is final: whatever the old session looked like
             // from here, it is over.
             self.end_session();
+            self.wait_for_old_readers();
             let bitmap: Vec<u64> = self
                 .received
                 .iter()
