@@ -459,7 +459,8 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     }
     let dir = scratch("daemon-migrate");
     let a = Daemon::start(&dir, "a");
-    let b = Daemon::start(&dir, "b");
+    // B allocates its VMs' memory up front (`prefault`).
+    let b = Daemon::start_flags(&dir, "b", free_port(), &["--insecure", "--prefault"]);
     let _ra = Reaper(a.state.clone());
     let _rb = Reaper(b.state.clone());
     create_guest(&a, "mig1");
@@ -661,6 +662,17 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     let elf = common::guest_elf().canonicalize().unwrap();
     assert_eq!(info["kernel"], elf.to_str().unwrap(), "{info}");
     assert_eq!(info["origin"], "incoming", "{info}");
+    // All of its memory is the VM's, though the guest uses ~20 MiB of it.
+    let end = Instant::now() + Duration::from_secs(10);
+    let used = loop {
+        let info: Value = serde_json::from_str(&b.ok(&["info", "mig1", "--json"])).unwrap();
+        if let Some(u) = info["memory_used"].as_u64() {
+            break u;
+        }
+        assert!(Instant::now() < end, "no memory_used: {info}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(used, 128 << 20, "prefaulted memory");
     b.kill_vm("mig1");
     let boots = || console_b.text().matches("WORKLOAD READY").count();
     let before = boots();

@@ -46,6 +46,8 @@ pub struct File {
     pub dirty_ring: Option<u32>,
     /// Keep the VMs' memory on huge pages.
     pub hugepages: Option<bool>,
+    /// Allocate all of a VM's memory when its process starts.
+    pub prefault: Option<bool>,
 }
 
 /// Parses and checks a config file's text. The error is one line naming the key
@@ -227,6 +229,7 @@ mod tests {
             postcopy_nice,
             dirty_ring,
             hugepages,
+            prefault,
         } = f;
         let set = [
             listen.is_some(),
@@ -242,6 +245,7 @@ mod tests {
             postcopy_nice.is_some(),
             dirty_ring.is_some(),
             hugepages.is_some(),
+            prefault.is_some(),
         ];
         assert!(
             set.iter().all(|&s| s),

@@ -718,6 +718,20 @@ pub fn memory_arg(bytes: u64) -> String {
 }
 
 /// Creates the VM directory and process; waits until its control socket answers.
+/// The `migd run` flags for the kind of guest memory this daemon gives its
+/// VMs; `lazy`: a lazy restore, which fills absent pages and so is never
+/// prefaulted.
+pub(super) fn memory_flags(cfg: &super::config::Config, lazy: bool) -> Vec<String> {
+    let mut flags = Vec::new();
+    if cfg.hugepages {
+        flags.push("--hugepages".to_string());
+    }
+    if cfg.prefault && !lazy {
+        flags.push("--prefault".to_string());
+    }
+    flags
+}
+
 async fn spawn_vm(
     d: &Daemon,
     r: &VmRecord,
@@ -743,9 +757,8 @@ async fn spawn_vm(
         format!("--postcopy-nice={}", d.cfg.postcopy_nice),
         format!("--dirty-ring={}", d.cfg.dirty_ring),
     ]);
-    if d.cfg.hugepages {
-        args.push("--hugepages".into());
-    }
+    let lazy = args.iter().any(|a| a == "--lazy");
+    args.extend(memory_flags(&d.cfg, lazy));
     if let Some(t) = &d.tls {
         // The VM process opens migration connections of its own (fault
         // channel, recovery) and needs the same credentials.
@@ -859,6 +872,30 @@ mod tests {
             parse(b"{\"cmd\":\"create\",\"name\":\"a\",\"kernel\":\"k\",\"memory\":\"128M\",\"vcpus\":1}"),
             Ok(Request::Create(CreateRequest { memory: 134217728, .. }))
         ));
+    }
+
+    #[test]
+    fn memory_flags_leave_prefault_out_of_lazy_restores() {
+        let cfg = |hugepages, prefault| super::super::config::Config {
+            listen: String::new(),
+            socket: Default::default(),
+            state_dir: Default::default(),
+            insecure: true,
+            metrics_listen: None,
+            tls: None,
+            max_bandwidth: None,
+            postcopy_nice: 0,
+            dirty_ring: 0,
+            hugepages,
+            prefault,
+        };
+        assert!(memory_flags(&cfg(false, false), false).is_empty());
+        assert_eq!(memory_flags(&cfg(false, true), false), ["--prefault"]);
+        assert!(memory_flags(&cfg(false, true), true).is_empty());
+        assert_eq!(
+            memory_flags(&cfg(true, true), false),
+            ["--hugepages", "--prefault"]
+        );
     }
 
     #[test]

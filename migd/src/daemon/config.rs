@@ -33,6 +33,8 @@ pub struct Config {
     pub dirty_ring: u32,
     /// VM processes keep guest memory on huge pages.
     pub hugepages: bool,
+    /// VM processes allocate all of guest memory when they start.
+    pub prefault: bool,
 }
 
 impl Config {
@@ -72,6 +74,7 @@ impl Config {
                 .unwrap_or(config_file::DEFAULT_POSTCOPY_NICE),
             dirty_ring: args.dirty_ring.or(file.dirty_ring).unwrap_or(0),
             hugepages: args.hugepages || file.hugepages.unwrap_or(false),
+            prefault: args.prefault || file.prefault.unwrap_or(false),
             tls: migd::tls_args::TlsArgs {
                 tls_ca: args.tls.tls_ca.clone().or(file.tls_ca),
                 tls_cert: args.tls.tls_cert.clone().or(file.tls_cert),

@@ -94,9 +94,7 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
         format!("--postcopy-nice={}", d.cfg.postcopy_nice),
         format!("--dirty-ring={}", d.cfg.dirty_ring),
     ];
-    if d.cfg.hugepages {
-        args.push("--hugepages".into());
-    }
+    args.extend(super::api::memory_flags(&d.cfg, false));
     if let Some(t) = &d.tls {
         args.extend(migd::tls_args::TlsArgs::to_args(&t.files));
     }

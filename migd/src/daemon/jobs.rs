@@ -803,6 +803,7 @@ mod tests {
                 postcopy_nice: 0,
                 dirty_ring: 0,
                 hugepages: false,
+                prefault: false,
             },
             exe: "/bin/false".into(),
             reg: Mutex::new(reg),

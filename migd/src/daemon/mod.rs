@@ -70,6 +70,14 @@ pub struct DaemonArgs {
     /// saves happen in the pause, and lazy restore is refused.
     #[arg(long)]
     pub hugepages: bool,
+    /// Allocate all of a VM's memory when its process starts (booted,
+    /// restored or arriving; not a lazy restore), as QEMU's `-mem-prealloc`
+    /// does: the memory is the VM's from the start, and an arriving VM's
+    /// pages are stored without the kernel allocating each. An arriving
+    /// VM's migration starts once it is all allocated (~80 ms per GiB of
+    /// huge pages here, ~0.8 s per GiB of 4 KiB pages).
+    #[arg(long)]
+    pub prefault: bool,
 }
 
 /// VMs and jobs known to this daemon.
