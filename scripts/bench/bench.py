@@ -584,12 +584,12 @@ def bench_estimate(runs):
 class Daemon:
     """A `migd` daemon on loopback, driven with `migctl`."""
 
-    def __init__(self, d, tag):
+    def __init__(self, d, tag, flags=()):
         self.port = free_port()
         self.sock = os.path.join(d, tag + ".sock")
         self.log = open(os.path.join(d, tag + ".log"), "w")
         self.p = track(subprocess.Popen([MIGD, "--listen", f"127.0.0.1:{self.port}", "--socket", self.sock,
-                                         "--state-dir", os.path.join(d, tag), "--insecure"],
+                                         "--state-dir", os.path.join(d, tag), "--insecure", *flags],
                                         stdout=subprocess.DEVNULL, stderr=self.log))
         wait_path(self.sock)
 

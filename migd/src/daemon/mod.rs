@@ -75,7 +75,7 @@ pub struct DaemonArgs {
     /// does: the memory is the VM's from the start, and an arriving VM's
     /// pages are stored without the kernel allocating each. An arriving
     /// VM's migration starts once it is all allocated (~80 ms per GiB of
-    /// huge pages here, ~0.8 s per GiB of 4 KiB pages).
+    /// huge pages here, ~0.7 s per GiB of 4 KiB pages).
     #[arg(long)]
     pub prefault: bool,
 }
