@@ -877,17 +877,9 @@ mod tests {
     #[test]
     fn memory_flags_leave_prefault_out_of_lazy_restores() {
         let cfg = |hugepages, prefault| super::super::config::Config {
-            listen: String::new(),
-            socket: Default::default(),
-            state_dir: Default::default(),
-            insecure: true,
-            metrics_listen: None,
-            tls: None,
-            max_bandwidth: None,
-            postcopy_nice: 0,
-            dirty_ring: 0,
             hugepages,
             prefault,
+            ..super::super::config::Config::for_tests(std::path::Path::new("/nonexistent"))
         };
         assert!(memory_flags(&cfg(false, false), false).is_empty());
         assert_eq!(memory_flags(&cfg(false, true), false), ["--prefault"]);

@@ -37,6 +37,26 @@ pub struct Config {
     pub prefault: bool,
 }
 
+#[cfg(test)]
+impl Config {
+    /// Plaintext on loopback, state under `state_dir`, every option off.
+    pub fn for_tests(state_dir: &std::path::Path) -> Config {
+        Config {
+            listen: "127.0.0.1:0".into(),
+            socket: state_dir.join("migd.sock"),
+            state_dir: state_dir.to_path_buf(),
+            insecure: true,
+            metrics_listen: None,
+            tls: None,
+            max_bandwidth: None,
+            postcopy_nice: 0,
+            dirty_ring: 0,
+            hugepages: false,
+            prefault: false,
+        }
+    }
+}
+
 impl Config {
     /// Merges defaults, the config file and flags (flags win).
     pub fn load(args: &DaemonArgs) -> Result<Config> {

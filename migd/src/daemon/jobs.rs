@@ -792,19 +792,7 @@ mod tests {
             },
         );
         let d = Daemon {
-            cfg: super::super::config::Config {
-                listen: "127.0.0.1:0".into(),
-                socket: state_dir.join("migd.sock"),
-                state_dir: state_dir.clone(),
-                insecure: true,
-                metrics_listen: None,
-                tls: None,
-                max_bandwidth: None,
-                postcopy_nice: 0,
-                dirty_ring: 0,
-                hugepages: false,
-                prefault: false,
-            },
+            cfg: super::super::config::Config::for_tests(&state_dir),
             exe: "/bin/false".into(),
             reg: Mutex::new(reg),
             metrics: Default::default(),
