@@ -376,19 +376,30 @@ impl Dest {
                     self.duplicate.fetch_add(1, Ordering::Relaxed);
                 }
             });
-        match filled {
-            Ok(()) => {}
-            // Every page is here and guest RAM was unregistered while this
-            // (duplicate) copy was under way: the kernel says ENOENT.
-            Err(_) if self.filled.load(Ordering::Acquire) >= self.total => {}
-            Err(e) => {
-                let e = io_err(format!("UFFDIO_COPY at {off:#x}"))(e);
-                self.finish(Err(Error::Protocol(e.to_string())));
-                return Err(e);
-            }
-        }
+        self.filled_or_failed(filled, || format!("UFFDIO_COPY at {off:#x}"))?;
         self.count_filled(newly);
         Ok(())
+    }
+
+    /// The outcome of a call that fills or maps guest pages (`what` names
+    /// it): a failure fails the migration (the guest cannot go on without
+    /// the pages), unless every page is here already and guest RAM was
+    /// unregistered while a duplicate's call was under way (the kernel says
+    /// ENOENT).
+    fn filled_or_failed(
+        &self,
+        r: std::io::Result<()>,
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(_) if self.filled.load(Ordering::Acquire) >= self.total => Ok(()),
+            Err(e) => {
+                let e = io_err(what())(e);
+                self.finish(Err(Error::Protocol(e.to_string())));
+                Err(e)
+            }
+        }
     }
 
     /// The first page of the `n` from offset `off`, if the source announced
@@ -564,18 +575,11 @@ impl Dest {
         let Some(host) = self.map.host(h * HUGE) else {
             return Err(Error::Protocol(format!("huge page {h} outside RAM")));
         };
-        match self.uffd.map_present(host, HUGE) {
-            Ok(_) => {
-                s.set_placed(h);
-                Ok(())
-            }
-            Err(_) if self.filled.load(Ordering::Acquire) >= self.total => Ok(()),
-            Err(e) => {
-                let e = io_err(format!("UFFDIO_CONTINUE of huge page {h}"))(e);
-                self.finish(Err(Error::Protocol(e.to_string())));
-                Err(e)
-            }
+        let mapped = self.uffd.map_present(host, HUGE).map(drop);
+        if mapped.is_ok() {
+            s.set_placed(h);
         }
+        self.filled_or_failed(mapped, || format!("UFFDIO_CONTINUE of huge page {h}"))
     }
 
     /// Huge pages: a fault in huge page `h` at `page_addr`. One the source

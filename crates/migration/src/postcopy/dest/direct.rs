@@ -22,7 +22,7 @@ use vmm::GuestRam;
 
 use super::Dest;
 use crate::bitmap::is_set;
-use crate::{io_err, Error, Result};
+use crate::{Error, Result};
 
 /// Pages of a 2 MiB stretch: a fault on a page the source sends nothing of
 /// maps those of its stretch.
@@ -149,16 +149,7 @@ impl Dest {
                 }),
                 r => r.map(drop),
             };
-            match mapped {
-                Ok(()) => {}
-                // Every page is here and guest RAM was unregistered meanwhile.
-                Err(_) if self.filled.load(Ordering::Acquire) >= self.total => {}
-                Err(e) => {
-                    let e = io_err(format!("UFFDIO_CONTINUE at {off:#x}"))(e);
-                    self.finish(Err(Error::Protocol(e.to_string())));
-                    return Err(e);
-                }
-            }
+            self.filled_or_failed(mapped, || format!("UFFDIO_CONTINUE at {off:#x}"))?;
         }
         Ok(())
     }
