@@ -98,8 +98,8 @@ pub struct RunArgs {
     /// Allocate all of guest memory when the VM is made, as QEMU's
     /// `-mem-prealloc` does, so that no write waits for the kernel to
     /// allocate and zero its page. An incoming VM is then ready (its
-    /// control socket appears) only once it is all allocated: ~80 ms per
-    /// GiB of huge pages here, ~0.7 s per GiB of 4 KiB pages, spent before
+    /// control socket appears) only once it is all allocated: ~0.1 s per
+    /// GiB of huge pages here, ~0.5 s per GiB of 4 KiB pages, spent before
     /// the migration instead of during it. On 4 KiB pages all of memory
     /// counts as written when the VM next leaves (zero pages are found by
     /// reading them). Not with --lazy.
