@@ -1792,6 +1792,12 @@ mod tests {
                 assert_eq!(answer(reader(42), 42), 6);
                 assert_eq!(d.zero_faults.load(Ordering::Relaxed), 1);
                 assert_eq!(answer(reader(41), 41), 0);
+                // Counted just after the map woke the reader.
+                let since = Instant::now();
+                while d.zero_faults.load(Ordering::Relaxed) < 2 {
+                    assert!(since.elapsed() < Duration::from_secs(10), "41 not counted");
+                    std::thread::yield_now();
+                }
                 assert_eq!(d.zero_faults.load(Ordering::Relaxed), 2);
                 // A thread faulting on stale page 20 waits until it comes.
                 let waiter = reader(20);
