@@ -775,8 +775,10 @@ mod tests {
     fn ram_on_huge_pages_is_reserved_whole_or_refused_naming_the_pool() {
         let text = std::fs::read_to_string("/proc/meminfo").unwrap();
         let free = meminfo_field(&text, "HugePages_Free:").unwrap_or(0);
-        // One huge page more than the pool has free: refused when made.
-        let too_big = (free + 1).max(8) * (2 << 20);
+        let total = meminfo_field(&text, "HugePages_Total:").unwrap_or(0);
+        // One huge page more than the whole pool: refused when made, even
+        // where tests beside this one give back the pages they held.
+        let too_big = (total + 1).max(8) * (2 << 20);
         let e = GuestRam::with_huge_pages(too_big, true)
             .err()
             .unwrap()
