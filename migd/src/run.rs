@@ -100,9 +100,9 @@ pub struct RunArgs {
     /// allocate and zero its page. An incoming VM is then ready (its
     /// control socket appears) only once it is all allocated: ~0.1 s per
     /// GiB of huge pages here, ~0.5 s per GiB of 4 KiB pages, spent before
-    /// the migration instead of during it. On 4 KiB pages all of memory
-    /// counts as written when the VM next leaves (zero pages are found by
-    /// reading them). Not with --lazy.
+    /// the migration instead of during it. The VM's next migration still
+    /// reads only the pages with data (on 4 KiB pages, guest memory's
+    /// mappings are locked on fault for that). Not with --lazy.
     #[arg(long, conflicts_with = "lazy")]
     pub prefault: bool,
     #[command(flatten)]

@@ -399,6 +399,9 @@ pub(crate) struct GuestMem {
     /// Memory on huge pages: one bit per huge page written (shared by the
     /// clones), for post-copy to tell which hold pre-copy's pages.
     touched: Option<std::sync::Arc<Vec<std::sync::atomic::AtomicU64>>>,
+    /// Prefaulted 4 KiB memory: where pages written here are noted, for
+    /// the guest RAM's data extents ([`GuestRam::written_pages`]).
+    written: Option<std::sync::Arc<vmm::memory::WrittenPages>>,
 }
 
 use vmm::memory::HUGE_PAGE_SIZE as HUGE;
@@ -423,11 +426,16 @@ impl GuestMem {
                         .collect(),
                 )
             }),
+            written: ram.written_pages().cloned(),
         })
     }
 
-    /// Notes that `[off, off + len)` was written (memory on huge pages).
+    /// Notes that `[off, off + len)` is written, before it is: memory on
+    /// huge pages, prefaulted 4 KiB memory.
     fn touch(&self, off: u64, len: u64) {
+        if let Some(w) = &self.written {
+            w.mark(off, len);
+        }
         if let (Some(t), true) = (&self.touched, len > 0) {
             for h in off / HUGE..=(off + len - 1) / HUGE {
                 if let Some(w) = t.get((h / 64) as usize) {
@@ -453,6 +461,7 @@ impl GuestMem {
             memory,
             mapped: None,
             touched: None,
+            written: None,
         }
     }
 
@@ -466,6 +475,7 @@ impl GuestMem {
             memory: self.memory,
             mapped: self.mapped.as_ref().map(MemView::duplicate),
             touched: self.touched.clone(),
+            written: self.written.clone(),
         })
     }
 
@@ -477,13 +487,13 @@ impl GuestMem {
 
     /// Writes `data` at memfd offset `off` (checked by the caller).
     fn write_at(&self, data: &[u8], off: u64) -> Result<()> {
+        self.touch(off, data.len() as u64);
         let Some(view) = &self.mapped else {
             return self
                 .memfd
                 .write_all_at(data, off)
                 .map_err(io_err("writing pages into guest memory"));
         };
-        self.touch(off, data.len() as u64);
         let mut done = 0;
         while done < data.len() {
             let at = off + done as u64;
@@ -557,6 +567,9 @@ pub(crate) fn receive_pages(
         }
         (None, Some(s)) => {
             let runs = page_runs(dst.memory, offsets)?;
+            for &(off, len) in &runs {
+                dst.touch(off, len as u64);
+            }
             s.receive(r, &dst.memfd, &runs)
                 .map_err(|e| Error::Wire(wire::WireError::Io(e)))?;
         }
@@ -676,6 +689,26 @@ mod tests {
         ram.prefault().unwrap();
         assert!(GuestMem::new(&ram).unwrap().is_mapped());
         stores_zeroes_and_deltas(&ram);
+    }
+
+    /// Pages written into prefaulted memory through its second mapping,
+    /// which RAM's own mappings do not map, count as its data.
+    #[test]
+    fn pages_written_into_prefaulted_memory_count_as_data() {
+        let ram = GuestRam::with_huge_pages(16 << 20, false).unwrap();
+        ram.prefault().unwrap();
+        assert!(ram.data_extents().unwrap().is_empty());
+        let dst = GuestMem::new(&ram).unwrap().try_clone().unwrap();
+        store_pages(&dst, &[0x1000, 0x2000, 0x9000], &vec![5u8; 3 * 4096]).unwrap();
+        let old = vec![0u8; 4096];
+        let mut new = old.clone();
+        new[100] = 1;
+        let delta = crate::xbzrle::encode(&old, &new, 4096).unwrap();
+        apply_delta(&dst, 0x20_0000, &delta).unwrap();
+        assert_eq!(
+            ram.data_extents().unwrap(),
+            vec![(0x1000, 0x2000), (0x9000, 0x1000), (0x20_0000, 0x1000)]
+        );
     }
 
     #[test]

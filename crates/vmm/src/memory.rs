@@ -20,6 +20,9 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemory
 
 use crate::error::{Error, Result};
 
+mod written;
+pub use written::WrittenPages;
+
 /// Guest page size.
 pub const PAGE_SIZE: u64 = 4096;
 /// Size of a huge page (x86-64's 2 MiB, the hugetlbfs default).
@@ -163,6 +166,9 @@ pub struct GuestRam {
     /// 4 KiB pages, prefaulted: a second mapping of all of RAM with its
     /// page tables made (see [`GuestRam::prefaulted_alias`]).
     alias: std::sync::OnceLock<RamAlias>,
+    /// 4 KiB pages, prefaulted here, RAM's mappings locked: the pages
+    /// written through other mappings (see [`GuestRam::written_pages`]).
+    written: std::sync::OnceLock<std::sync::Arc<WrittenPages>>,
 }
 
 impl GuestRam {
@@ -208,12 +214,15 @@ impl GuestRam {
     /// 4 KiB pages ~70 ms per 256 MiB).
     ///
     /// On huge pages the pages stay unmapped, so [`GuestRam::data_extents`]
-    /// still counts only those written. On 4 KiB pages a page in the file
-    /// counts as data: all of RAM does until zero pages are punched out.
-    /// There a second mapping of RAM is made too, with its page tables
+    /// still counts only those written. On 4 KiB pages a second mapping of
+    /// RAM is made too, with its page tables
     /// ([`GuestRam::prefaulted_alias`]): a post-copy destination writes
     /// arriving pages through it, since userfaultfd cannot fill a page that
-    /// exists.
+    /// exists. There every page is in the file; for RAM made here, RAM's
+    /// own mappings are locked on fault, and the data are what they map
+    /// and what was written through other mappings
+    /// ([`GuestRam::written_pages`]); elsewhere, or where they cannot be
+    /// locked, all of RAM counts as data.
     ///
     /// Several threads share the work, one slice of RAM each (as QEMU's
     /// `prealloc-threads`): one per core, at most 16, and none for less
@@ -248,8 +257,53 @@ impl GuestRam {
         })?;
         if let Some(alias) = alias {
             let _ = self.alias.set(alias);
+            if self.mapped_here.load(Ordering::Relaxed) && self.lock_on_fault() {
+                let _ = self
+                    .written
+                    .set(std::sync::Arc::new(WrittenPages::new(self.size)));
+            }
         }
         Ok(())
+    }
+
+    /// Locks RAM's own mappings on fault (`mlock2(MLOCK_ONFAULT)`): each
+    /// page stays mapped from its first touch, which no reclaim, swap or
+    /// `MADV_PAGEOUT` undoes, so that their page tables name every page
+    /// touched through them. False (nothing locked) where it fails, e.g.
+    /// under a small `RLIMIT_MEMLOCK` without `CAP_IPC_LOCK`.
+    fn lock_on_fault(&self) -> bool {
+        let maps = self.host_ranges();
+        for (i, (r, p)) in maps.iter().enumerate() {
+            // SAFETY: locks (on fault) a mapping this RAM owns; no memory is touched.
+            let rc = unsafe {
+                libc::mlock2(
+                    *p as *const libc::c_void,
+                    r.len as usize,
+                    libc::MLOCK_ONFAULT,
+                )
+            };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                tracing::info!(
+                    "cannot lock guest RAM's mappings ({e}): all of prefaulted RAM counts as data"
+                );
+                for (r, p) in &maps[..i] {
+                    // SAFETY: unlocks what was locked just above.
+                    unsafe { libc::munlock(*p as *const libc::c_void, r.len as usize) };
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Prefaulted 4 KiB RAM made here (see [`GuestRam::prefault`]): the
+    /// record where whoever writes RAM through a mapping other than RAM's
+    /// own (the second mapping, a restore's) notes the pages first, for
+    /// [`GuestRam::data_extents`]. None for other RAM, whose writers need
+    /// note nothing.
+    pub fn written_pages(&self) -> Option<&std::sync::Arc<WrittenPages>> {
+        self.written.get()
     }
 
     /// [`GuestRam::prefault`] of the `len` bytes from memfd offset `off`:
@@ -318,6 +372,7 @@ impl GuestRam {
             huge: is_hugetlbfs(&file),
             mapped_here: AtomicBool::new(false),
             alias: std::sync::OnceLock::new(),
+            written: std::sync::OnceLock::new(),
             memfd: file,
             size,
             ranges,
@@ -359,6 +414,14 @@ impl GuestRam {
             .iter()
             .zip(&self.ranges)
             .map(|(region, r)| (*r, region.as_ptr()))
+            .collect()
+    }
+
+    /// [`GuestRam::host_ranges`] as (file offset, length, host address).
+    fn host_maps(&self) -> Vec<(u64, u64, usize)> {
+        self.host_ranges()
+            .into_iter()
+            .map(|(r, p)| (r.file_offset, r.len, p as usize))
             .collect()
     }
 
@@ -414,19 +477,33 @@ impl GuestRam {
     /// post-copy destination writes through a second mapping, but maps each
     /// huge page into these before the phase ends). RAM handed over from
     /// another process counts whole, unless it came with the old process's
-    /// list ([`GuestRam::map_extents`]).
+    /// list ([`GuestRam::map_extents`]). Prefaulted 4 KiB RAM, whose pages
+    /// all exist, counts likewise the pages its own mappings map, and those
+    /// noted in [`GuestRam::written_pages`].
     pub fn data_extents(&self) -> Result<Vec<(u64, u64)>> {
         if self.extents_from_mappings() {
             return self.mapped_huge_pages();
         }
+        if let Some(written) = self.written.get() {
+            match written::written_or_mapped(&self.host_maps(), written) {
+                Ok(extents) => return Ok(extents),
+                Err(e) => tracing::warn!(
+                    "which pages of prefaulted guest RAM are mapped: {e}; counting all of it"
+                ),
+            }
+        }
         Ok(data_extents_of(self.memfd.as_raw_fd(), self.size))
     }
 
-    /// On huge pages: maps the huge pages of `[off, off + len)` (memfd
-    /// offsets) into this process's mappings, after they were written
-    /// through another mapping (a restore), so that
-    /// [`GuestRam::data_extents`] counts them. Elsewhere nothing to do.
+    /// Notes that `[off, off + len)` (memfd offsets) was written through a
+    /// mapping other than RAM's own (a restore's), so that
+    /// [`GuestRam::data_extents`] counts it: on huge pages by mapping those
+    /// huge pages into RAM's mappings; on prefaulted 4 KiB pages in
+    /// [`GuestRam::written_pages`]. Elsewhere nothing to do.
     pub fn map_written(&self, off: u64, len: u64) -> Result<()> {
+        if let Some(written) = self.written.get() {
+            written.mark(off, len);
+        }
         if !self.huge || len == 0 {
             return Ok(());
         }
@@ -487,12 +564,7 @@ impl GuestRam {
     /// The runs of huge pages (file offset, length) that this process's
     /// mappings of the memfd map.
     fn mapped_huge_pages(&self) -> Result<Vec<(u64, u64)>> {
-        let maps: Vec<_> = self
-            .host_ranges()
-            .into_iter()
-            .map(|(r, p)| (r.file_offset, r.len, p as usize))
-            .collect();
-        mapped_huge_extents(&maps).map_err(|e| {
+        mapped_huge_extents(&self.host_maps()).map_err(|e| {
             Error::GuestMemory(format!("which huge pages of guest RAM are mapped: {e}"))
         })
     }
@@ -1004,23 +1076,57 @@ mod tests {
         assert_eq!(b, [0; 8], "prefaulted pages are zeros");
     }
 
-    /// Prefaulted 4 KiB RAM is all allocated, all data, and has a second
-    /// mapping whose writes the guest sees.
+    /// Prefaulted 4 KiB RAM is all allocated and has a second mapping
+    /// whose writes the guest sees; its data are the pages RAM's own
+    /// mappings map and those noted as written elsewhere.
     #[test]
     fn prefaulted_4k_pages_are_allocated_with_a_second_mapping() {
         let ram = GuestRam::with_huge_pages(16 << 20, false).unwrap();
         assert!(ram.prefaulted_alias().is_none());
+        assert!(ram.written_pages().is_none());
         ram.prefault().unwrap();
         assert_eq!(ram.used_bytes().unwrap(), 16 << 20);
-        assert_eq!(ram.data_extents().unwrap(), vec![(0, 16 << 20)]);
+        let written = ram.written_pages().expect("RAM's mappings locked (root)");
+        assert!(ram.data_extents().unwrap().is_empty(), "nothing written");
         let alias = ram.prefaulted_alias().expect("a second mapping");
         assert!(alias.at(16 << 20, 1).is_none(), "nothing past RAM");
         let p = alias.at(0x5000, 4).unwrap();
+        written.mark(0x5000, 4);
         // SAFETY: 4 bytes inside the second mapping, which nothing else uses.
         unsafe { std::ptr::copy_nonoverlapping([1u8, 2, 3, 4].as_ptr(), p, 4) };
+        assert_eq!(ram.data_extents().unwrap(), vec![(0x5000, 0x1000)]);
+        // Touched through RAM's own mapping (as the guest and KVM touch it).
+        ram.write(0x9000 + 8, &[7]).unwrap();
+        ram.map_written(0x20_0000, 0x3000).unwrap();
+        assert_eq!(
+            ram.data_extents().unwrap(),
+            vec![(0x5000, 0x1000), (0x9000, 0x1000), (0x20_0000, 0x3000)]
+        );
+        // (A read fault maps its neighbours in the file too, fault-around:
+        // they count as data from then on, more than needed, never less.)
         let mut b = [0u8; 4];
         ram.read(0x5000, &mut b).unwrap();
         assert_eq!(b, [1, 2, 3, 4]);
+    }
+
+    /// A page RAM's mapping maps stays counted: the mapping is locked, so
+    /// `MADV_PAGEOUT` (or reclaim) cannot unmap it and hide its data.
+    #[test]
+    fn prefaulted_4k_pages_touched_stay_mapped() {
+        let ram = GuestRam::with_huge_pages(16 << 20, false).unwrap();
+        ram.prefault().unwrap();
+        ram.write(0x30_0000, &[1]).unwrap();
+        let (_, host) = ram.host_ranges()[0];
+        // SAFETY: advice on RAM's own mapping; it cannot lose data.
+        let rc = unsafe {
+            libc::madvise(
+                host.wrapping_add(0x30_0000) as *mut libc::c_void,
+                PAGE_SIZE as usize,
+                libc::MADV_PAGEOUT,
+            )
+        };
+        assert_eq!(rc, -1, "a locked mapping refuses MADV_PAGEOUT");
+        assert_eq!(ram.data_extents().unwrap(), vec![(0x30_0000, 0x1000)]);
     }
 
     #[test]

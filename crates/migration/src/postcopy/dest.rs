@@ -1461,11 +1461,17 @@ fn hybrid_huge_pages(expected: &[u64], held: &[u64]) -> Vec<(u64, u64)> {
 fn unmap_from_guest(map: &RamMap, runs: &[(u64, u64)]) -> Result<()> {
     for &(off, len) in runs {
         for (host, len) in map.host_spans(off, len) {
-            // SAFETY: a range of the guest's own shared mapping; no vCPU runs
-            // yet, and the pages stay in the file.
-            let rc = unsafe {
-                libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED)
+            // Prefaulted RAM's mappings are locked, which plain
+            // MADV_DONTNEED refuses (EINVAL).
+            let advise = |advice| {
+                // SAFETY: a range of the guest's own shared mapping; no vCPU
+                // runs yet, and the pages stay in the file.
+                unsafe { libc::madvise(host as *mut libc::c_void, len as usize, advice) }
             };
+            let mut rc = advise(libc::MADV_DONTNEED);
+            if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                rc = advise(libc::MADV_DONTNEED_LOCKED);
+            }
             if rc < 0 {
                 return Err(io_err("dropping the guest's mapping of stale pages")(
                     std::io::Error::last_os_error(),
@@ -1844,6 +1850,15 @@ mod tests {
             faults.join().unwrap().unwrap();
         });
         d.map.unregister(&d.uffd).unwrap();
+        // Every page that came counts as data (read before `byte` maps any).
+        let data = ram.data_extents().unwrap();
+        for p in 16..23 {
+            let off = p * PAGE_SIZE;
+            assert!(
+                data.iter().any(|&(o, l)| (o..o + l).contains(&off)),
+                "page {p} not in {data:x?}"
+            );
+        }
         let got: Vec<u8> = (16..24).chain([40, 41, 42]).map(byte).collect();
         assert_eq!(got, vec![16, 17, 18, 19, 30, 31, 32, 0, 7, 0, 6]);
         assert_eq!(d.duplicate.load(Ordering::Relaxed), 3);

@@ -102,6 +102,11 @@ impl Dest {
             let written = if mine {
                 let off = (first + i) * PAGE_SIZE;
                 let len = (j - i) * PAGE_SIZE;
+                // Mapped into the guest below; noted first all the same, in
+                // case the mapping fails (the file has the bytes by then).
+                if let Some(w) = d.ram.written_pages() {
+                    w.mark(off, len);
+                }
                 d.at(off, len)
                     .and_then(|base| {
                         // SAFETY: pages `first+i..first+j` in the second
