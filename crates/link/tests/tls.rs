@@ -13,7 +13,10 @@ use link::{Link, LinkError, TlsFiles, TlsSetup};
 fn certs() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("migd-link-certs-{}", std::process::id()));
+        // Under the build's own scratch directory, not /tmp: a static is
+        // never dropped, so what it names outlives the run.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("link-certs-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-certs.sh");
         let run = |args: &[&str]| {
