@@ -126,6 +126,39 @@ fn handover_to_a_new_process_keeps_the_guest_running() {
 }
 
 #[test]
+fn handover_of_prefaulted_memory_keeps_its_pages_with_data_known() {
+    if !kvm_or_skip("handover_of_prefaulted_memory_keeps_its_pages_with_data_known") {
+        return;
+    }
+    // All of memory is allocated (`--prefault`), so the memfd cannot say
+    // which pages hold data; after the handover the old process sends its
+    // final list, and the VM's next migration still reads only those.
+    let dir = scratch("handover-prefault");
+    let mut old = VmProcess::boot_with(
+        &dir,
+        "old",
+        "workload=dirty:16:8",
+        "256M",
+        1,
+        &["--prefault"],
+    );
+    let console = old.console.clone();
+    console.wait_for("WORKLOAD READY", READY);
+    let n = console.wait_heartbeats(0, 2, Duration::from_secs(20));
+    let sock = old.control.to_str().unwrap().to_string();
+    let new = VmProcess::start(&dir, "new", &console, &["--takeover", &sock]);
+    assert_eq!(
+        old.wait(Duration::from_secs(30)),
+        0,
+        "old process hands over and exits"
+    );
+    console.wait_heartbeats(n, 2, Duration::from_secs(30));
+    let next = onward_from_prefaulted(&dir, new, &console, 1);
+    assert_eq!(next.terminate(), 0);
+    console.assert_clean();
+}
+
+#[test]
 fn snapshot_file_round_trip() {
     if !kvm_or_skip("snapshot_file_round_trip") {
         return;

@@ -13,6 +13,7 @@
 //! new → old  {"cmd":"restored"}            (state loaded, still paused)
 //! old → new  {"cmd":"commit"}              (old has stopped its vCPUs for good)
 //! new → old  {"cmd":"running","downtime_us":D}
+//! old → new  {"cmd":"data","extents":[[O,L],...]}   (only where the header said data_after_commit)
 //! ```
 //! Until the old process sends `commit` it resumes the VM on any failure; the new
 //! process resumes only after it has received `commit`. The VM is paused only
@@ -26,6 +27,15 @@
 //! (`extents_complete`; a page first touched in between makes it false).
 //! Only then does the new process count data from its mappings; otherwise
 //! its next migration or snapshot reads all of memory, as before.
+//!
+//! Memory allocated up front (`--prefault`) defeats that check: every page
+//! is allocated. Where the old process knows its pages with data (from its
+//! mappings, huge pages or 4 KiB pages locked on fault), it says so in the
+//! header (`data_after_commit`) and sends the list once more after
+//! `running`: taken then, with its vCPUs stopped for good, it names every
+//! page with data. The new process counts from that list and what its own
+//! mappings map from then on (4 KiB pages: locked on fault before the VM
+//! runs there), and counts all of memory until the list comes.
 
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -51,6 +61,10 @@ pub struct HandoverHeader {
     /// elsewhere, and from an old process that cannot tell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_extents: Option<Vec<(u64, u64)>>,
+    /// The old process sends its final data extents after `running` (see
+    /// the module's text); false from an old process of an older build.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub data_after_commit: bool,
 }
 
 /// The most bytes a handover header may take (its data extents above all).
@@ -194,13 +208,21 @@ pub fn send_line(stream: &mut UnixStream, value: &serde_json::Value) -> Result<(
 
 /// Reads one JSON line (at most 64 KiB); EOF is an error.
 pub fn read_line(reader: &mut BufReader<UnixStream>) -> Result<serde_json::Value> {
+    read_line_of(reader, 64 << 10)
+}
+
+/// Reads one JSON line of at most `max` bytes; EOF is an error.
+fn read_line_of(reader: &mut BufReader<UnixStream>, max: u64) -> Result<serde_json::Value> {
     let mut line = Vec::new();
-    let n = reader
-        .by_ref()
-        .take(64 << 10)
-        .read_until(b'\n', &mut line)?;
+    let n = reader.by_ref().take(max).read_until(b'\n', &mut line)?;
     if n == 0 {
         bail!("connection closed");
+    }
+    if line.last() != Some(&b'\n') {
+        match n as u64 == max {
+            true => bail!("a message longer than {max} bytes"),
+            false => bail!("connection closed in the middle of a message"),
+        }
     }
     serde_json::from_slice(&line).with_context(|| {
         format!(
@@ -208,6 +230,24 @@ pub fn read_line(reader: &mut BufReader<UnixStream>) -> Result<serde_json::Value
             String::from_utf8_lossy(&line).trim_end()
         )
     })
+}
+
+/// Sends the final data extents (after `running`).
+pub fn send_data(stream: &mut UnixStream, extents: &[(u64, u64)]) -> Result<()> {
+    send_line(
+        stream,
+        &serde_json::json!({"cmd": "data", "extents": extents}),
+    )
+}
+
+/// Receives what [`send_data`] sent (at most as many bytes as a header).
+pub fn recv_data(reader: &mut BufReader<UnixStream>) -> Result<Vec<(u64, u64)>> {
+    let v = read_line_of(reader, MAX_HEADER_BYTES as u64)?;
+    if v.get("cmd").and_then(|c| c.as_str()) != Some("data") {
+        bail!("expected 'data', got {v}");
+    }
+    let extents = v.get("extents").cloned().unwrap_or_default();
+    serde_json::from_value(extents).context("malformed data extents")
 }
 
 /// Expects `{"cmd": want}` as the next line.
@@ -235,13 +275,42 @@ mod tests {
             vcpus: 1,
             name: None,
             data_extents: Some(vec![(0, 2 << 20), (6 << 20, 4 << 20)]),
+            data_after_commit: true,
         };
         send_vm(&mut a, &header, memfd.as_raw_fd()).unwrap();
         let (got, _fd) = recv_vm(&mut b).unwrap();
         assert_eq!(got.data_extents, header.data_extents);
+        assert!(got.data_after_commit);
         let old: HandoverHeader =
             serde_json::from_str(r#"{"ok":true,"memory":1,"vcpus":1,"name":null}"#).unwrap();
         assert_eq!(old.data_extents, None);
+        assert!(!old.data_after_commit);
+    }
+
+    /// The final list arrives whole, or not at all: a line of something
+    /// else, malformed extents, or a cut line are errors.
+    #[test]
+    fn final_data_extents_come_whole_or_are_refused() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let mut r = BufReader::new(b);
+        send_data(&mut a, &[(0, 4096), (1 << 20, 8192)]).unwrap();
+        assert_eq!(recv_data(&mut r).unwrap(), vec![(0, 4096), (1 << 20, 8192)]);
+        send_line(&mut a, &serde_json::json!({"cmd": "running"})).unwrap();
+        assert!(recv_data(&mut r)
+            .unwrap_err()
+            .to_string()
+            .contains("expected 'data'"));
+        send_line(
+            &mut a,
+            &serde_json::json!({"cmd": "data", "extents": [[1]]}),
+        )
+        .unwrap();
+        let e = format!("{:#}", recv_data(&mut r).unwrap_err());
+        assert!(e.contains("malformed data extents"), "{e}");
+        a.write_all(br#"{"cmd":"data","extents":[[0,4096]"#)
+            .unwrap();
+        drop(a);
+        assert!(recv_data(&mut r).is_err(), "a cut line");
     }
 
     /// The state says whether the extents are complete; a state line

@@ -364,7 +364,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         vm.resume();
     }
     if let Some(link) = takeover.take() {
-        finish_takeover(link)?;
+        finish_takeover(link, &vm)?;
     }
     tracing::info!(
         memory_mib = vm.config().memory >> 20,
@@ -1403,6 +1403,9 @@ fn give_away(vm: &Vm, mut stream: UnixStream) -> Result<()> {
         vcpus: vm.config().vcpus,
         name: None,
         data_extents,
+        // Known from this process's mappings (and, on prefaulted 4 KiB
+        // pages, what was written elsewhere): sent again after the commit.
+        data_after_commit: vm.ram().extents_from_mappings() || vm.ram().written_pages().is_some(),
     };
     handover::send_vm(&mut stream, &header, memfd.as_raw_fd())?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -1431,6 +1434,18 @@ fn give_away(vm: &Vm, mut stream: UnixStream) -> Result<()> {
         ),
         Err(e) => tracing::warn!("no confirmation from the new process after commit: {e:#}"),
     }
+    if header.data_after_commit {
+        // The vCPUs here are stopped for good: the list is final. The VM is
+        // the new process's already, so a failure only costs it the list.
+        let sent = vm
+            .ram()
+            .data_extents()
+            .map_err(anyhow::Error::from)
+            .and_then(|e| handover::send_data(&mut stream, &e));
+        if let Err(e) = sent {
+            tracing::warn!("final data extents not sent to the new process: {e:#}");
+        }
+    }
     Ok(())
 }
 
@@ -1438,6 +1453,8 @@ struct TakeoverLink {
     stream: UnixStream,
     reader: BufReader<UnixStream>,
     paused_at_ns: u64,
+    /// The old process sends its final data extents after `running`.
+    data_follows: bool,
 }
 
 /// New side of a handover: receive and rebuild the VM (paused), then wait for commit.
@@ -1448,6 +1465,9 @@ fn take_over(sock: &Path, console: Option<&Path>) -> Result<(Vm, TakeoverLink)> 
     handover::send_line(&mut stream, &json!({"cmd": "handover"}))?;
     let (header, fd) = handover::recv_vm(&mut stream)?;
     let ram = GuestRam::from_fd(fd, header.memory)?;
+    // The final list comes after the commit: on 4 KiB pages it counts only
+    // with what this process's mappings map from before the VM runs here.
+    let data_follows = header.data_after_commit && (ram.is_huge() || ram.track_mappings());
     // The pages with data get mapped here while the old process still runs
     // the VM; whether they count is known at the pause.
     let extents = header.data_extents.unwrap_or_default();
@@ -1476,11 +1496,12 @@ fn take_over(sock: &Path, console: Option<&Path>) -> Result<(Vm, TakeoverLink)> 
             stream,
             reader,
             paused_at_ns,
+            data_follows,
         },
     ))
 }
 
-fn finish_takeover(mut link: TakeoverLink) -> Result<()> {
+fn finish_takeover(mut link: TakeoverLink, vm: &Arc<Vm>) -> Result<()> {
     let downtime_us = handover::monotonic_ns().saturating_sub(link.paused_at_ns) / 1000;
     tracing::info!(downtime_us, "took over the VM");
     println!(
@@ -1491,6 +1512,19 @@ fn finish_takeover(mut link: TakeoverLink) -> Result<()> {
         &mut link.stream,
         &json!({"cmd": "running", "downtime_us": downtime_us}),
     )?;
-    drop(link.reader);
+    if link.data_follows {
+        // Until the list comes (or if it never does), all of memory counts.
+        let vm = vm.clone();
+        std::thread::Builder::new()
+            .name("handover-data".into())
+            .spawn(move || {
+                let adopted = handover::recv_data(&mut link.reader)
+                    .and_then(|e| Ok(vm.ram().adopt_data_extents(&e).map(|()| e.len())?));
+                match adopted {
+                    Ok(n) => tracing::info!(extents = n, "pages with data known from the old process"),
+                    Err(e) => tracing::warn!("no list of pages with data from the old process ({e:#}): all of memory counts"),
+                }
+            })?;
+    }
     Ok(())
 }

@@ -431,6 +431,35 @@ impl Drop for VmProcess {
     }
 }
 
+/// Migrates the VM (256 MiB) on `dst`, whose 4 KiB memory was allocated
+/// whole when made (`--prefault`), on by pre-copy to a new process, and
+/// returns that one: only the pages with data are read (those its mappings
+/// map and those written there otherwise), not the zero pages of the rest.
+pub fn onward_from_prefaulted(
+    dir: &Path,
+    dst: VmProcess,
+    console: &Console,
+    cpus: usize,
+) -> VmProcess {
+    let port = free_port();
+    let next = VmProcess::incoming_with(dir, "onward", console, (port, "256M", cpus), &[]);
+    let before = console.last_heartbeat().unwrap_or(0);
+    let r = dst.request(serde_json::json!({
+        "cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1", "mode": "precopy",
+    }));
+    assert_eq!(r["ok"], true, "{r}");
+    let stats = dst.wait_migration();
+    assert_eq!(stats["status"], "completed", "{stats}");
+    // All of memory read would be ~40,000 zero pages of 65,536.
+    let zero = stats["pages"]["zero"].as_u64().unwrap();
+    assert!(zero < 16384, "{zero} zero pages read: {stats}");
+    eprintln!(
+        "onward from prefaulted memory: {zero} zero pages read, {}",
+        stats["pages"]
+    );
+    dst.hand_over(next, console, before)
+}
+
 /// A TCP port free on loopback right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -169,6 +169,8 @@ pub struct GuestRam {
     /// 4 KiB pages, prefaulted here, RAM's mappings locked: the pages
     /// written through other mappings (see [`GuestRam::written_pages`]).
     written: std::sync::OnceLock<std::sync::Arc<WrittenPages>>,
+    /// RAM's own mappings are locked on fault ([`GuestRam::lock_on_fault`]).
+    locked: AtomicBool,
 }
 
 impl GuestRam {
@@ -294,7 +296,41 @@ impl GuestRam {
                 return false;
             }
         }
+        self.locked.store(true, Ordering::Release);
         true
+    }
+
+    /// 4 KiB RAM handed over by a process that knows its pages with data
+    /// (see [`GuestRam::adopt_data_extents`]): locks RAM's mappings on
+    /// fault, before the VM runs here, so that their page tables name every
+    /// page touched from now on. False where refused (or on huge pages,
+    /// which need no lock).
+    pub fn track_mappings(&self) -> bool {
+        !self.huge && self.lock_on_fault()
+    }
+
+    /// RAM handed over from another process: from now on
+    /// [`GuestRam::data_extents`] counts `extents` (memfd offset, length;
+    /// the old process's list, taken once the VM could no longer write
+    /// there) and what this process's mappings map. On huge pages by
+    /// mapping them here ([`GuestRam::map_extents`]); on 4 KiB pages whose
+    /// mappings were locked first ([`GuestRam::track_mappings`]) by noting
+    /// them written. Elsewhere nothing changes: all of RAM counts. An
+    /// extent outside RAM is an error, and changes nothing.
+    pub fn adopt_data_extents(&self, extents: &[(u64, u64)]) -> Result<()> {
+        self.check_extents(extents)?;
+        if self.huge {
+            self.map_extents(extents)?;
+            self.count_data_from_mappings();
+        } else if self.locked.load(Ordering::Acquire) && self.written.get().is_none() {
+            let written = WrittenPages::new(self.size);
+            for &(off, len) in extents {
+                written.mark(off, len);
+            }
+            // Set once marked: until then all of RAM counts.
+            let _ = self.written.set(std::sync::Arc::new(written));
+        }
+        Ok(())
     }
 
     /// Prefaulted 4 KiB RAM made here (see [`GuestRam::prefault`]): the
@@ -373,6 +409,7 @@ impl GuestRam {
             mapped_here: AtomicBool::new(false),
             alias: std::sync::OnceLock::new(),
             written: std::sync::OnceLock::new(),
+            locked: AtomicBool::new(false),
             memfd: file,
             size,
             ranges,
@@ -531,16 +568,26 @@ impl GuestRam {
         if !self.huge {
             return Ok(());
         }
+        self.check_extents(extents)?;
         for &(off, len) in extents {
-            if off.checked_add(len).is_none_or(|end| end > self.size) {
-                return Err(Error::GuestMemory(format!(
-                    "data extent {off:#x}+{len:#x} outside {} bytes of RAM",
-                    self.size
-                )));
-            }
             self.map_written(off, len)?;
         }
         Ok(())
+    }
+
+    /// Refuses a list of extents (memfd offset, length) that reaches
+    /// outside RAM.
+    fn check_extents(&self, extents: &[(u64, u64)]) -> Result<()> {
+        match extents
+            .iter()
+            .find(|&&(off, len)| off.checked_add(len).is_none_or(|end| end > self.size))
+        {
+            Some(&(off, len)) => Err(Error::GuestMemory(format!(
+                "data extent {off:#x}+{len:#x} outside {} bytes of RAM",
+                self.size
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// From now on [`GuestRam::data_extents`] counts, on huge pages, what
@@ -1127,6 +1174,43 @@ mod tests {
         };
         assert_eq!(rc, -1, "a locked mapping refuses MADV_PAGEOUT");
         assert_eq!(ram.data_extents().unwrap(), vec![(0x30_0000, 0x1000)]);
+    }
+
+    /// Prefaulted 4 KiB RAM handed to another process: all of it counts
+    /// there until the old process's final list comes; then that list and
+    /// what the new process's (locked) mappings map.
+    #[test]
+    fn handed_over_prefaulted_4k_pages_count_from_the_final_list() {
+        let old = GuestRam::with_huge_pages(16 << 20, false).unwrap();
+        old.prefault().unwrap();
+        old.write(0x3000, &[1]).unwrap();
+        old.map_written(0x40_0000, 0x2000).unwrap();
+        let list = old.data_extents().unwrap();
+        assert_eq!(list, vec![(0x3000, 0x1000), (0x40_0000, 0x2000)]);
+        let new = GuestRam::from_fd(old.dup_memfd().unwrap(), 16 << 20).unwrap();
+        assert!(new.track_mappings());
+        assert_eq!(
+            new.data_extents().unwrap(),
+            vec![(0, 16 << 20)],
+            "until the list"
+        );
+        new.write(0x8000, &[2]).unwrap();
+        let outside = [(0x3000, 0x1000), (16 << 20, 0x1000)];
+        assert!(new.adopt_data_extents(&outside).is_err());
+        assert_eq!(
+            new.data_extents().unwrap(),
+            vec![(0, 16 << 20)],
+            "refused whole"
+        );
+        new.adopt_data_extents(&list).unwrap();
+        assert_eq!(
+            new.data_extents().unwrap(),
+            vec![(0x3000, 0x1000), (0x8000, 0x1000), (0x40_0000, 0x2000)]
+        );
+        // Without the lock the list changes nothing.
+        let unlocked = GuestRam::from_fd(old.dup_memfd().unwrap(), 16 << 20).unwrap();
+        unlocked.adopt_data_extents(&list).unwrap();
+        assert_eq!(unlocked.data_extents().unwrap(), vec![(0, 16 << 20)]);
     }
 
     #[test]
