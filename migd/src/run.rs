@@ -364,7 +364,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         vm.resume();
     }
     if let Some(link) = takeover.take() {
-        finish_takeover(link, &vm)?;
+        finish_takeover(link, &vm);
     }
     tracing::info!(
         memory_mib = vm.config().memory >> 20,
@@ -1501,21 +1501,28 @@ fn take_over(sock: &Path, console: Option<&Path>) -> Result<(Vm, TakeoverLink)> 
     ))
 }
 
-fn finish_takeover(mut link: TakeoverLink, vm: &Arc<Vm>) -> Result<()> {
+/// New side of a handover, once the VM runs here: tells the old process,
+/// and waits for its list of pages with data in the background. Failures
+/// are logged only: the VM is this process's.
+fn finish_takeover(mut link: TakeoverLink, vm: &Arc<Vm>) {
     let downtime_us = handover::monotonic_ns().saturating_sub(link.paused_at_ns) / 1000;
     tracing::info!(downtime_us, "took over the VM");
     println!(
         "{}",
         json!({"event": "takeover", "downtime_us": downtime_us})
     );
-    handover::send_line(
+    // The VM runs here already: nothing that fails now may stop it.
+    let told = handover::send_line(
         &mut link.stream,
         &json!({"cmd": "running", "downtime_us": downtime_us}),
-    )?;
+    );
+    if let Err(e) = told {
+        tracing::warn!("the old process was not told that the VM runs here: {e:#}");
+    }
     if link.data_follows {
         // Until the list comes (or if it never does), all of memory counts.
         let vm = vm.clone();
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("handover-data".into())
             .spawn(move || {
                 let adopted = handover::recv_data(&mut link.reader)
@@ -1524,7 +1531,9 @@ fn finish_takeover(mut link: TakeoverLink, vm: &Arc<Vm>) -> Result<()> {
                     Ok(n) => tracing::info!(extents = n, "pages with data known from the old process"),
                     Err(e) => tracing::warn!("no list of pages with data from the old process ({e:#}): all of memory counts"),
                 }
-            })?;
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot wait for the old process's list of pages with data ({e}): all of memory counts");
+        }
     }
-    Ok(())
 }
