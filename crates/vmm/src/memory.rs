@@ -315,14 +315,14 @@ impl GuestRam {
     /// there) and what this process's mappings map. On huge pages by
     /// mapping them here ([`GuestRam::map_extents`]); on 4 KiB pages whose
     /// mappings were locked first ([`GuestRam::track_mappings`]) by noting
-    /// them written. Elsewhere nothing changes: all of RAM counts. An
-    /// extent outside RAM is an error, and changes nothing.
+    /// them written; there an extent outside RAM is an error, and changes
+    /// nothing. Elsewhere nothing changes: all of RAM counts.
     pub fn adopt_data_extents(&self, extents: &[(u64, u64)]) -> Result<()> {
-        self.check_extents(extents)?;
         if self.huge {
             self.map_extents(extents)?;
             self.count_data_from_mappings();
         } else if self.locked.load(Ordering::Acquire) && self.written.get().is_none() {
+            self.check_extents(extents)?;
             let written = WrittenPages::new(self.size);
             for &(off, len) in extents {
                 written.mark(off, len);
