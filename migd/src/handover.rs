@@ -242,17 +242,23 @@ pub fn send_data(stream: &mut UnixStream, extents: &[(u64, u64)]) -> Result<()> 
 
 /// Receives what [`send_data`] sent (at most as many bytes as a header).
 pub fn recv_data(reader: &mut BufReader<UnixStream>) -> Result<Vec<(u64, u64)>> {
-    let v = read_line_of(reader, MAX_HEADER_BYTES as u64)?;
-    if v.get("cmd").and_then(|c| c.as_str()) != Some("data") {
-        bail!("expected 'data', got {v}");
-    }
+    let v = expect_cmd_of(reader, "data", MAX_HEADER_BYTES as u64)?;
     let extents = v.get("extents").cloned().unwrap_or_default();
     serde_json::from_value(extents).context("malformed data extents")
 }
 
 /// Expects `{"cmd": want}` as the next line.
 pub fn expect_cmd(reader: &mut BufReader<UnixStream>, want: &str) -> Result<serde_json::Value> {
-    let v = read_line(reader)?;
+    expect_cmd_of(reader, want, 64 << 10)
+}
+
+/// [`expect_cmd`] for a line of at most `max` bytes.
+fn expect_cmd_of(
+    reader: &mut BufReader<UnixStream>,
+    want: &str,
+    max: u64,
+) -> Result<serde_json::Value> {
+    let v = read_line_of(reader, max)?;
     match v.get("cmd").and_then(|c| c.as_str()) {
         Some(c) if c == want => Ok(v),
         _ => bail!("expected '{want}', got {v}"),
