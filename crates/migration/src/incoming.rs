@@ -212,7 +212,7 @@ pub fn receive(
     let vm = prepared.load(&state)?;
     tracing::debug!(us = t.elapsed().as_micros() as u64, "state loaded");
     if let Some(crc32) = expected_digest {
-        let ours = mem.digest();
+        let ours = mem.digest(vm.ram());
         if ours != crc32 {
             let reason =
                 format!("memory digest mismatch: source {crc32:#010x}, destination {ours:#010x}");

@@ -1827,7 +1827,7 @@ pub(crate) fn stop_and_copy(
     clock.end(|p| &mut p.final_pages_us);
     faults::hold(job, Phase::Switch);
     if params.verify {
-        let crc32 = mem.digest() ^ u32::from(params.corrupt_digest);
+        let crc32 = mem.digest(vm.ram()) ^ u32::from(params.corrupt_digest);
         job.update(|s| s.verified = Some(false));
         tx.write_control(&Message::Digest { crc32 })?;
     }
