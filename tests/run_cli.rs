@@ -158,6 +158,60 @@ fn handover_of_prefaulted_memory_keeps_its_pages_with_data_known() {
     console.assert_clean();
 }
 
+/// The old process of a handover dies right after `commit` (fault
+/// injection), before it hears that the VM runs in the new one and before
+/// it sends its list of pages with data: the new process runs the VM on.
+#[test]
+fn handover_survives_the_old_process_dying_at_the_commit() {
+    if !kvm_or_skip("handover_survives_the_old_process_dying_at_the_commit") {
+        return;
+    }
+    let dir = scratch("handover-die");
+    let mut old = VmProcess::boot_env(
+        &dir,
+        "old",
+        "workload=dirty:8:8",
+        "128M",
+        1,
+        &["--prefault"],
+        &[("MIGD_HANDOVER_DIE_AT_COMMIT", "1")],
+    );
+    let console = old.console.clone();
+    console.wait_for("WORKLOAD READY", READY);
+    let n = console.wait_heartbeats(0, 2, Duration::from_secs(20));
+    let sock = old.control.to_str().unwrap().to_string();
+    let new = VmProcess::start(&dir, "new", &console, &["--takeover", &sock]);
+    assert_eq!(
+        old.wait(Duration::from_secs(30)),
+        70,
+        "the old process dies at the commit"
+    );
+    console.wait_heartbeats(n, 3, Duration::from_secs(30));
+    let st = new.request(json!({"cmd": "status"}));
+    assert_eq!(st["state"], "running", "{st}");
+    let log = std::fs::read_to_string(dir.join("new.log")).unwrap();
+    for told in [
+        "the old process was not told that the VM runs here",
+        "no list of pages with data from the old process",
+    ] {
+        assert!(log.contains(told), "{told}: {log}");
+    }
+    // All of its memory counts as data now; it still migrates onward.
+    let port = free_port();
+    let next = VmProcess::incoming(&dir, "next", &console, port, "128M", 1);
+    let before = console.last_heartbeat().unwrap_or(0);
+    let r = new.request(json!({
+        "cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1", "verify": true,
+    }));
+    assert_eq!(r["ok"], true, "{r}");
+    let stats = new.wait_migration();
+    assert_eq!(stats["status"], "completed", "{stats}");
+    assert_eq!(stats["verified"], true, "{stats}");
+    let next = new.hand_over(next, &console, before);
+    assert_eq!(next.terminate(), 0);
+    console.assert_clean();
+}
+
 #[test]
 fn snapshot_file_round_trip() {
     if !kvm_or_skip("snapshot_file_round_trip") {

@@ -1426,7 +1426,17 @@ fn give_away(vm: &Vm, mut stream: UnixStream) -> Result<()> {
     handover::expect_cmd(&mut reader, "restored")?;
     // Commit point: from here on the VM belongs to the new process.
     vm.exit_watch().stop(VmExit::Stopped);
+    let die = die_at_commit();
+    if die {
+        // Deaf from here on, so that the new process's `running` fails
+        // however soon this process is gone.
+        stream.shutdown(std::net::Shutdown::Read)?;
+    }
     handover::send_line(&mut stream, &json!({"cmd": "commit"}))?;
+    if die {
+        tracing::warn!("fault injection: exiting right after the commit");
+        std::process::exit(DIED_AT_COMMIT);
+    }
     match handover::expect_cmd(&mut reader, "running") {
         Ok(v) => tracing::info!(
             downtime_us = v.get("downtime_us").and_then(|d| d.as_u64()),
@@ -1448,6 +1458,16 @@ fn give_away(vm: &Vm, mut stream: UnixStream) -> Result<()> {
     }
     Ok(())
 }
+
+/// Tests make the old process of a handover die right after `commit`,
+/// before it reads `running` (`MIGD_HANDOVER_DIE_AT_COMMIT=1`, honoured
+/// only with fault injection on): the new process must run the VM on.
+fn die_at_commit() -> bool {
+    fault_injection() && std::env::var_os("MIGD_HANDOVER_DIE_AT_COMMIT").is_some_and(|v| v == "1")
+}
+
+/// The exit status of an old process that died at the commit (tests).
+const DIED_AT_COMMIT: i32 = 70;
 
 struct TakeoverLink {
     stream: UnixStream,
