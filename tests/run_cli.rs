@@ -125,6 +125,30 @@ fn handover_to_a_new_process_keeps_the_guest_running() {
     console.assert_clean();
 }
 
+/// Boots the test guest (`workload`, `memory`, 1 vCPU) on memory allocated
+/// up front, as process "old" with `env` added, and hands it to a new
+/// process ("new", returned) once it runs; the old process must exit with
+/// `status`. Also returns the guest's last heartbeat before the handover.
+fn hand_over_prefaulted(
+    dir: &std::path::Path,
+    (workload, memory): (&str, &str),
+    env: &[(&str, &str)],
+    status: i32,
+) -> (VmProcess, u64) {
+    let mut old = VmProcess::boot_env(dir, "old", workload, memory, 1, &["--prefault"], env);
+    let console = old.console.clone();
+    console.wait_for("WORKLOAD READY", READY);
+    let n = console.wait_heartbeats(0, 2, Duration::from_secs(20));
+    let sock = old.control.to_str().unwrap().to_string();
+    let new = VmProcess::start(dir, "new", &console, &["--takeover", &sock]);
+    assert_eq!(
+        old.wait(Duration::from_secs(30)),
+        status,
+        "the old process's exit status"
+    );
+    (new, n)
+}
+
 #[test]
 fn handover_of_prefaulted_memory_keeps_its_pages_with_data_known() {
     if !kvm_or_skip("handover_of_prefaulted_memory_keeps_its_pages_with_data_known") {
@@ -134,24 +158,8 @@ fn handover_of_prefaulted_memory_keeps_its_pages_with_data_known() {
     // which pages hold data; after the handover the old process sends its
     // final list, and the VM's next migration still reads only those.
     let dir = scratch("handover-prefault");
-    let mut old = VmProcess::boot_with(
-        &dir,
-        "old",
-        "workload=dirty:16:8",
-        "256M",
-        1,
-        &["--prefault"],
-    );
-    let console = old.console.clone();
-    console.wait_for("WORKLOAD READY", READY);
-    let n = console.wait_heartbeats(0, 2, Duration::from_secs(20));
-    let sock = old.control.to_str().unwrap().to_string();
-    let new = VmProcess::start(&dir, "new", &console, &["--takeover", &sock]);
-    assert_eq!(
-        old.wait(Duration::from_secs(30)),
-        0,
-        "old process hands over and exits"
-    );
+    let (new, n) = hand_over_prefaulted(&dir, ("workload=dirty:16:8", "256M"), &[], 0);
+    let console = new.console.clone();
     console.wait_heartbeats(n, 2, Duration::from_secs(30));
     let next = onward_from_prefaulted(&dir, new, &console, 1);
     assert_eq!(next.terminate(), 0);
@@ -167,25 +175,10 @@ fn handover_survives_the_old_process_dying_at_the_commit() {
         return;
     }
     let dir = scratch("handover-die");
-    let mut old = VmProcess::boot_env(
-        &dir,
-        "old",
-        "workload=dirty:8:8",
-        "128M",
-        1,
-        &["--prefault"],
-        &[("MIGD_HANDOVER_DIE_AT_COMMIT", "1")],
-    );
-    let console = old.console.clone();
-    console.wait_for("WORKLOAD READY", READY);
-    let n = console.wait_heartbeats(0, 2, Duration::from_secs(20));
-    let sock = old.control.to_str().unwrap().to_string();
-    let new = VmProcess::start(&dir, "new", &console, &["--takeover", &sock]);
-    assert_eq!(
-        old.wait(Duration::from_secs(30)),
-        70,
-        "the old process dies at the commit"
-    );
+    let die = [("MIGD_HANDOVER_DIE_AT_COMMIT", "1")];
+    // The old process exits with 70 when it dies at the commit.
+    let (new, n) = hand_over_prefaulted(&dir, ("workload=dirty:8:8", "128M"), &die, 70);
+    let console = new.console.clone();
     console.wait_heartbeats(n, 3, Duration::from_secs(30));
     let st = new.request(json!({"cmd": "status"}));
     assert_eq!(st["state"], "running", "{st}");
