@@ -21,7 +21,7 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemory
 use crate::error::{Error, Result};
 
 mod written;
-pub use written::WrittenPages;
+pub use written::{drop_from_mapping, WrittenPages};
 
 /// Guest page size.
 pub const PAGE_SIZE: u64 = 4096;
@@ -272,8 +272,16 @@ impl GuestRam {
     /// page stays mapped from its first touch, which no reclaim, swap or
     /// `MADV_PAGEOUT` undoes, so that their page tables name every page
     /// touched through them. False (nothing locked) where it fails, e.g.
-    /// under a small `RLIMIT_MEMLOCK` without `CAP_IPC_LOCK`.
+    /// under a small `RLIMIT_MEMLOCK` without `CAP_IPC_LOCK`, or where shmem
+    /// may use transparent huge pages (whose collapse unmaps pages anyway).
     fn lock_on_fault(&self) -> bool {
+        if !written::shmem_stays_small() {
+            tracing::info!(
+                "shmem may use transparent huge pages here (shmem_enabled), whose collapse \
+                 unmaps locked pages too: all of prefaulted RAM counts as data"
+            );
+            return false;
+        }
         let maps = self.host_ranges();
         for (i, (r, p)) in maps.iter().enumerate() {
             // SAFETY: locks (on fault) a mapping this RAM owns; no memory is touched.

@@ -1461,22 +1461,10 @@ fn hybrid_huge_pages(expected: &[u64], held: &[u64]) -> Vec<(u64, u64)> {
 fn unmap_from_guest(map: &RamMap, runs: &[(u64, u64)]) -> Result<()> {
     for &(off, len) in runs {
         for (host, len) in map.host_spans(off, len) {
-            // Prefaulted RAM's mappings are locked, which plain
-            // MADV_DONTNEED refuses (EINVAL).
-            let advise = |advice| {
-                // SAFETY: a range of the guest's own shared mapping; no vCPU
-                // runs yet, and the pages stay in the file.
-                unsafe { libc::madvise(host as *mut libc::c_void, len as usize, advice) }
-            };
-            let mut rc = advise(libc::MADV_DONTNEED);
-            if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-                rc = advise(libc::MADV_DONTNEED_LOCKED);
-            }
-            if rc < 0 {
-                return Err(io_err("dropping the guest's mapping of stale pages")(
-                    std::io::Error::last_os_error(),
-                ));
-            }
+            // SAFETY: a span of the guest's own shared mapping of the memfd;
+            // no vCPU runs yet, and the pages stay in the file.
+            unsafe { vmm::memory::drop_from_mapping(host as *mut u8, len as usize) }
+                .map_err(io_err("dropping the guest's mapping of stale pages"))?;
         }
     }
     Ok(())

@@ -105,6 +105,100 @@ pub(super) fn written_or_mapped(
     Ok(runs_of(&bits, written.pages))
 }
 
+/// Whether this host keeps shmem (and so 4 KiB guest RAM) on small pages.
+/// Collapsing small pages into a transparent huge page, or splitting one,
+/// unmaps them from every mapping, locked or not: RAM's page tables would
+/// then forget pages the guest wrote, and [`written_or_mapped`] would miss
+/// them. So the page tables are trusted only where `shmem_enabled` is
+/// `never`, `deny` or `advise` (RAM asks for no huge pages) for every size
+/// of large page the host offers (a size that says `inherit` follows the
+/// top-level setting). A host without transparent huge pages qualifies.
+pub(super) fn shmem_stays_small() -> bool {
+    const THP: &str = "/sys/kernel/mm/transparent_hugepage";
+    let top = std::fs::read_to_string(format!("{THP}/shmem_enabled")).ok();
+    let sizes: Vec<String> = std::fs::read_dir(THP)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path().join("shmem_enabled")).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    small_pages_only(top.as_deref(), &sizes)
+}
+
+/// [`shmem_stays_small`] from the files' contents: the top-level
+/// `shmem_enabled` (None where absent) and each size's.
+fn small_pages_only(top: Option<&str>, sizes: &[String]) -> bool {
+    // The setting in force is the bracketed word: "always [never] deny".
+    let chosen = |s: &str| {
+        s.split_whitespace()
+            .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+            .map(str::to_owned)
+    };
+    let small = |v: Option<String>| matches!(v.as_deref(), Some("never" | "deny" | "advise"));
+    let Some(top) = top else {
+        return true;
+    };
+    let top_small = small(chosen(top));
+    top_small
+        && sizes.iter().all(|s| match chosen(s).as_deref() {
+            Some("inherit") => top_small,
+            other => small(other.map(str::to_owned)),
+        })
+}
+
+/// Drops the pages of the `len` bytes at `host` from the mapping there (the
+/// file keeps them): the next access through it faults. RAM's mappings are
+/// locked on fault, which plain `MADV_DONTNEED` refuses (`EINVAL`):
+/// `MADV_DONTNEED_LOCKED` drops them as they are (Linux 5.18); before it,
+/// the span is unlocked, dropped and locked on fault again.
+///
+/// # Safety
+///
+/// The span must lie inside a shared mapping of a file (RAM's memfd), whose
+/// pages the drop does not lose.
+pub unsafe fn drop_from_mapping(host: *mut u8, len: usize) -> std::io::Result<()> {
+    // SAFETY (all three): a span of a shared file mapping, per the contract.
+    let advise = |advice| unsafe { libc::madvise(host.cast(), len, advice) };
+    if advise(libc::MADV_DONTNEED) == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) {
+        return Err(e);
+    }
+    if advise(libc::MADV_DONTNEED_LOCKED) == 0 {
+        return Ok(());
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        // SAFETY: as above.
+        Some(libc::EINVAL) => unsafe { drop_relocking(host, len) },
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// [`drop_from_mapping`] where the kernel has no `MADV_DONTNEED_LOCKED`:
+/// unlocks the span, drops it, and locks it on fault again. Where the drop
+/// fails even so (the mapping was not refusing it for its lock), the span
+/// is left unlocked and the error returned.
+///
+/// # Safety
+///
+/// As for [`drop_from_mapping`].
+unsafe fn drop_relocking(host: *mut u8, len: usize) -> std::io::Result<()> {
+    let check = |rc: libc::c_int| match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    };
+    // SAFETY: calls on a span of a shared file mapping (the contract);
+    // unlocking and dropping lose no data, the file keeps the pages.
+    unsafe {
+        check(libc::munlock(host.cast(), len))?;
+        check(libc::madvise(host.cast(), len, libc::MADV_DONTNEED))?;
+        check(libc::mlock2(host.cast(), len, libc::MLOCK_ONFAULT))
+    }
+}
+
 /// The runs of set bits of `bits` (`pages` of them), as (offset, length) in bytes.
 fn runs_of(bits: &[u64], pages: u64) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -123,6 +217,95 @@ fn runs_of(bits: &[u64], pages: u64) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_tables_are_trusted_only_where_shmem_stays_on_small_pages() {
+        let sizes = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let never = "always within_size advise [never] deny force\n";
+        let each_never = "always inherit within_size advise [never]\n";
+        let each_inherit = "always [inherit] within_size advise never\n";
+        // This machine's settings.
+        assert!(small_pages_only(
+            Some(never),
+            &sizes(&[each_never, each_inherit])
+        ));
+        assert!(small_pages_only(None, &[]), "no transparent huge pages");
+        assert!(small_pages_only(
+            Some("always within_size [advise] never deny force"),
+            &[]
+        ));
+        assert!(!small_pages_only(
+            Some("[always] within_size advise never deny force"),
+            &[]
+        ));
+        assert!(!small_pages_only(
+            Some("always [within_size] advise never deny force"),
+            &[]
+        ));
+        assert!(!small_pages_only(
+            Some("always within_size advise never deny [force]"),
+            &[]
+        ));
+        // One size on its own, or inheriting a top-level that is on.
+        let each_64k_on = "[always] inherit within_size advise never";
+        assert!(!small_pages_only(
+            Some(never),
+            &sizes(&[each_never, each_64k_on])
+        ));
+        let top_on = "always [within_size] advise never deny force";
+        assert!(!small_pages_only(Some(top_on), &sizes(&[each_inherit])));
+        assert!(
+            !small_pages_only(Some("garbage"), &[]),
+            "unreadable: not trusted"
+        );
+    }
+
+    /// RAM's mapping, locked on fault, drops its pages whichever way the
+    /// kernel allows, and stays locked.
+    #[test]
+    fn pages_drop_from_a_locked_mapping_which_stays_locked() {
+        let len = 16 * PAGE_SIZE as usize;
+        let ram = crate::memory::GuestRam::with_huge_pages(16 << 20, false).unwrap();
+        let (_, host) = ram.host_ranges()[0];
+        // SAFETY: locks (on fault) RAM's own mapping.
+        if unsafe { libc::mlock2(host.cast(), len, libc::MLOCK_ONFAULT) } != 0 {
+            eprintln!("SKIP: cannot lock: {}", std::io::Error::last_os_error());
+            return;
+        }
+        let mapped = || {
+            let w = WrittenPages::new(len as u64);
+            written_or_mapped(&[(0, len as u64, host as usize)], &w).unwrap()
+        };
+        let pageout = |at: usize| {
+            // SAFETY: advice on RAM's own mapping; it loses no data.
+            unsafe { libc::madvise(host.add(at).cast(), PAGE_SIZE as usize, libc::MADV_PAGEOUT) }
+        };
+        for (name, drop) in [
+            // SAFETY (both): spans of RAM's shared mapping.
+            (
+                "as the kernel allows",
+                (|h, l| unsafe { drop_from_mapping(h, l) })
+                    as fn(*mut u8, usize) -> std::io::Result<()>,
+            ),
+            ("unlocked and locked again", |h, l| unsafe {
+                drop_relocking(h, l)
+            }),
+        ] {
+            ram.write(0, &[1; 3 * PAGE_SIZE as usize]).unwrap();
+            assert_eq!(mapped(), vec![(0, 3 * PAGE_SIZE)], "{name}");
+            // SAFETY: two pages of RAM's mapping.
+            drop(
+                unsafe { host.add(PAGE_SIZE as usize) },
+                2 * PAGE_SIZE as usize,
+            )
+            .unwrap();
+            assert_eq!(mapped(), vec![(0, PAGE_SIZE)], "{name}: dropped");
+            let mut b = [0u8; 1];
+            ram.read(2 * PAGE_SIZE, &mut b).unwrap();
+            assert_eq!(b, [1], "{name}: the file kept the page");
+            assert_eq!(pageout(2 * PAGE_SIZE as usize), -1, "{name}: still locked");
+        }
+    }
 
     #[test]
     fn marks_cover_the_pages_a_range_touches_and_nothing_past_ram() {
