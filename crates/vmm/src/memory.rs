@@ -171,6 +171,9 @@ pub struct GuestRam {
     written: std::sync::OnceLock<std::sync::Arc<WrittenPages>>,
     /// RAM's own mappings are locked on fault ([`GuestRam::lock_on_fault`]).
     locked: AtomicBool,
+    /// The host was once seen letting shmem use huge pages: RAM's page
+    /// tables may have forgotten pages since ([`GuestRam::tables_trusted`]).
+    tables_untrusted: AtomicBool,
 }
 
 impl GuestRam {
@@ -418,6 +421,7 @@ impl GuestRam {
             alias: std::sync::OnceLock::new(),
             written: std::sync::OnceLock::new(),
             locked: AtomicBool::new(false),
+            tables_untrusted: AtomicBool::new(false),
             memfd: file,
             size,
             ranges,
@@ -524,13 +528,15 @@ impl GuestRam {
     /// another process counts whole, unless it came with the old process's
     /// list ([`GuestRam::map_extents`]). Prefaulted 4 KiB RAM, whose pages
     /// all exist, counts likewise the pages its own mappings map, and those
-    /// noted in [`GuestRam::written_pages`].
+    /// noted in [`GuestRam::written_pages`], while the host keeps shmem on
+    /// small pages (see `GuestRam::tables_trusted`).
     pub fn data_extents(&self) -> Result<Vec<(u64, u64)>> {
         if self.extents_from_mappings() {
             return self.mapped_huge_pages();
         }
-        if let Some(written) = self.written.get() {
-            match written::written_or_mapped(&self.host_maps(), written) {
+        let marks = self.written.get();
+        if let Some(marks) = marks.filter(|_| self.tables_trusted(written::shmem_stays_small())) {
+            match written::written_or_mapped(&self.host_maps(), marks) {
                 Ok(extents) => return Ok(extents),
                 Err(e) => tracing::warn!(
                     "which pages of prefaulted guest RAM are mapped: {e}; counting all of it"
@@ -538,6 +544,25 @@ impl GuestRam {
             }
         }
         Ok(data_extents_of(self.memfd.as_raw_fd(), self.size))
+    }
+
+    /// Whether RAM's page tables may still be trusted to name every page
+    /// touched through them, given whether the host keeps shmem on small
+    /// pages now (`small_now`, see `written::shmem_stays_small`, checked
+    /// when the mappings were locked too). Once the host is seen otherwise,
+    /// never again for this RAM: a huge page's collapse may have unmapped
+    /// pages meanwhile.
+    fn tables_trusted(&self, small_now: bool) -> bool {
+        if small_now && !self.tables_untrusted.load(Ordering::Relaxed) {
+            return true;
+        }
+        if !self.tables_untrusted.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "shmem may use transparent huge pages now (shmem_enabled): all of \
+                 prefaulted guest RAM counts as data from here on"
+            );
+        }
+        false
     }
 
     /// Notes that `[off, off + len)` (memfd offsets) was written through a
@@ -1162,6 +1187,16 @@ mod tests {
         let mut b = [0u8; 4];
         ram.read(0x5000, &mut b).unwrap();
         assert_eq!(b, [1, 2, 3, 4]);
+    }
+
+    /// Once the host lets shmem use huge pages, prefaulted RAM's page tables
+    /// are never trusted again, even after it stops.
+    #[test]
+    fn page_tables_lose_trust_for_good_once_shmem_may_use_huge_pages() {
+        let ram = GuestRam::with_huge_pages(16 << 20, false).unwrap();
+        assert!(ram.tables_trusted(true));
+        assert!(!ram.tables_trusted(false));
+        assert!(!ram.tables_trusted(true), "for good");
     }
 
     /// A page RAM's mapping maps stays counted: the mapping is locked, so
