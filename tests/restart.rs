@@ -156,3 +156,66 @@ fn a_save_under_way_is_shown_by_the_next_daemon() {
     b.ok(&["destroy", "web1"]);
     b.ok(&["destroy", "web2"]);
 }
+
+/// The destination's daemon is killed and started again while a VM arrives
+/// by post-copy (it runs on B already, its pages still coming): the new
+/// daemon adopts the arriving VM and leaves it running once every page is
+/// there, instead of taking the arrival for a migration of its own.
+#[test]
+fn a_post_copy_arrival_survives_the_destination_daemon_going_away() {
+    if !kvm_or_skip("a_post_copy_arrival_survives_the_destination_daemon_going_away") {
+        return;
+    }
+    let dir = scratch("restart-postcopy");
+    let pb = free_port();
+    let (sb, tb) = (dir.join("b.sock"), dir.join("b-state"));
+    let a = Daemon::start(&dir, "a");
+    let mut b = Daemon::start_with(sb.clone(), tb.clone(), pb, &dir.join("b.log"));
+    let _ra = Reaper(a.state.clone());
+    let _rb = Reaper(tb.clone());
+    let console = a.create_guest("web1", "workload=dirty:16:8", "128M", 1);
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    // Post-copy from the start, its push capped (8 MiB/s): ~2 s of it.
+    let job = a.ok(&[
+        "migrate",
+        "web1",
+        "--to",
+        &format!("127.0.0.1:{pb}"),
+        "--mode",
+        "postcopy",
+        "--max-bandwidth",
+        "8M",
+        "--detach",
+    ]);
+    let job = job.trim().to_string();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j: Value = serde_json::from_str(&a.ok(&["job", &job, "--json"])).unwrap();
+        if j["status"] == "postcopy-active" {
+            break;
+        }
+        assert!(Instant::now() < end, "never in post-copy: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = b.child.wait();
+    let b = Daemon::start_with(sb, tb, pb, &dir.join("b2.log"));
+    let j = a.wait_job(&job, Duration::from_secs(60));
+    assert_eq!(j["status"], "completed", "{j}\n{}", b.log_text());
+    // Every page is on B now; it still runs there a while later.
+    let on_b = Console(b.vm_dir("web1").join("console.log"));
+    let n = on_b.last_heartbeat().unwrap_or(0);
+    on_b.wait_heartbeats(n, 3, Duration::from_secs(30));
+    let info: Value = serde_json::from_str(&b.ok(&["info", "web1", "--json"])).unwrap();
+    assert_eq!(info["state"], "running", "{info}\n{}", b.log_text());
+    let jobs: Value = serde_json::from_str(&b.ok(&["jobs", "--json"])).unwrap();
+    assert!(
+        jobs.as_array().is_some_and(|j| j.is_empty()),
+        "B took the arrival for a migration of its own: {jobs}"
+    );
+    on_b.assert_clean();
+    b.ok(&["destroy", "web1"]);
+}

@@ -546,7 +546,10 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
         return;
     };
     let status = r["status"].as_str().unwrap_or("none").to_string();
-    if r["ok"] != true || status == "none" {
+    // A VM still arriving by post-copy runs here already and reports its
+    // arrival: that is no migration of ours (ending it as one would remove
+    // the VM once its last page came).
+    if r["ok"] != true || status == "none" || r["direction"] == "incoming" {
         return;
     }
     let vm_state = d.reg().vms.get(vm).map(|v| v.state.clone());
