@@ -662,3 +662,36 @@ fn a_memory_digest_mismatch_fails_the_migration_and_the_source_runs_on() {
     );
     assert_eq!(stats["verified"], false, "{stats}");
 }
+
+/// The send of `Go` reports an error although `Go` went out (test-only
+/// fault; the send watchdog can do this): the destination runs the VM, so
+/// the source must stay paused, never resume on its own.
+#[test]
+fn a_failure_after_the_commit_leaves_the_source_paused() {
+    if !kvm_or_skip("a_failure_after_the_commit_leaves_the_source_paused") {
+        return;
+    }
+    let dir = scratch("migrate-after-go");
+    let src = VmProcess::boot(&dir, "src", "workload=dirty:8:4", "256M", 1);
+    src.console
+        .wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let (stats, dst) = migrate_to_new(
+        &dir,
+        &src,
+        "dst",
+        loopback,
+        json!({"fault_fail_after_go": true}),
+    );
+    assert_eq!(stats["status"], "failed", "{stats}");
+    let e = stats["error"].as_str().unwrap();
+    assert!(e.contains("after the commit"), "{e}");
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "paused");
+    assert_eq!(dst.request(json!({"cmd": "status"}))["state"], "running");
+    // The guest runs on at the destination, and only there.
+    let on_dst = Console(dir.join("dst.console"));
+    on_dst.wait_heartbeats(0, 3, Duration::from_secs(30));
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "paused");
+    on_dst.assert_clean();
+    assert_eq!(dst.terminate(), 0);
+    assert_eq!(src.terminate(), 0);
+}

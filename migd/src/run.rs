@@ -984,14 +984,18 @@ fn start_migration(
         params.postcopy_after_rounds = n.clamp(1, u32::MAX as u64) as u32;
     }
     params.boot = boot_arg(req)?;
-    // Test-only: hold the source at a phase; send a wrong digest; wait less
-    // for the destination's answers.
+    // Test-only: hold the source at a phase; send a wrong digest; fail after
+    // Go; wait less for the destination's answers.
     if fault_injection() {
         if let Some(h) = req.get("fault_hold").and_then(|v| v.as_str()) {
             params.hold = Some(migration::faults::Hold::parse(h)?);
         }
         params.corrupt_digest = req
             .get("fault_corrupt_digest")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        params.fail_after_go = req
+            .get("fault_fail_after_go")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
         if let Some(ms) = req.get("answer_timeout_ms").and_then(|v| v.as_u64()) {

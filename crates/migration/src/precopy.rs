@@ -126,6 +126,9 @@ pub struct Params {
     pub hold: Option<Hold>,
     /// Fault injection (tests only): send a wrong memory digest in verify mode.
     pub corrupt_digest: bool,
+    /// Test-only: the send of `Go` reports an error although it went out
+    /// (as the send watchdog may), to prove that the source then stays paused.
+    pub fail_after_go: bool,
 }
 
 impl Params {
@@ -156,6 +159,7 @@ impl Params {
             boot: None,
             hold: Hold::from_env(),
             corrupt_digest: false,
+            fail_after_go: false,
         }
     }
 }
@@ -1178,6 +1182,17 @@ pub(crate) fn drive(
         }
         Err(e) => Outcome::Failed(e.to_string()),
     };
+    // After the commit the destination may run the VM: whatever failed, the
+    // source never resumes on its own (the operator decides).
+    let outcome = match outcome {
+        Outcome::Failed(e) if job.is_committed() => {
+            Outcome::Unconfirmed(format!("after the commit: {e}"))
+        }
+        Outcome::Cancelled if job.is_committed() => {
+            Outcome::Unconfirmed("cancelled after the commit".to_string())
+        }
+        o => o,
+    };
     if matches!(outcome, Outcome::Failed(_) | Outcome::Cancelled) && paused_at.is_some() {
         vm.resume();
         tracing::warn!("migration did not complete: source VM resumed");
@@ -1200,6 +1215,15 @@ pub(crate) fn drive(
         }
     });
     outcome
+}
+
+/// Sends `Go`, the commit (test-only: then fails, see [`Params::fail_after_go`]).
+pub(crate) fn send_go(tx: &mut Sender<'_>, params: &Params) -> Result<()> {
+    tx.write_control(&Message::Go)?;
+    if params.fail_after_go {
+        return Err(Error::Stalled(SEND_TIMEOUT.as_secs()));
+    }
+    Ok(())
 }
 
 /// Connects to `to` (HOST:PORT) and, with `tls`, runs the handshake verifying
@@ -1846,7 +1870,7 @@ pub(crate) fn stop_and_copy(
     tracing::debug!("destination ready");
     // Commit point: from here on the source never resumes on its own.
     job.commit()?;
-    tx.write_control(&Message::Go)?;
+    send_go(&mut tx, params)?;
     let confirm = expect_confirm(&mut rx);
     let downtime = pause_start.elapsed().as_secs_f64() * 1e3;
     clock.end(|p| &mut p.go_confirm_us);

@@ -693,7 +693,7 @@ fn run_in<'scope, 'env>(
     clock.end(|p| &mut p.destination_ready_us);
     // Commit point: from here on the source never resumes on its own.
     job.commit()?;
-    tx.write_control(&Message::Go)?;
+    precopy::send_go(&mut tx, params)?;
     let confirm = crate::precopy::expect_confirm(&mut rx);
     let downtime = pause_start.elapsed().as_secs_f64() * 1e3;
     clock.end(|p| &mut p.go_confirm_us);
