@@ -261,6 +261,25 @@ fn postcopy_onto_prefaulted_memory_recovers_from_a_cut_link() {
     assert!(stats["faults"]["count"].as_u64().unwrap() > 0, "{stats}");
 }
 
+/// The send of `Go` reports an error although `Go` went out (test-only
+/// fault; the send watchdog can do this): the destination runs the VM and
+/// needs its pages, so the source recovers the link, as after any lost
+/// link, instead of giving up with the VM stuck at the destination.
+#[test]
+fn postcopy_recovers_when_the_commit_is_not_confirmed() {
+    if !kvm_or_skip("postcopy_recovers_when_the_commit_is_not_confirmed") {
+        return;
+    }
+    let stats = migrate_once(
+        "postcopy-unconfirmed",
+        1,
+        "workload=dirty:16:8",
+        json!({"mode": "postcopy", "fault_fail_after_go": true}),
+        |_, _| {},
+    );
+    assert!(stats["recoveries"].as_u64().unwrap() >= 1, "{stats}");
+}
+
 #[test]
 fn hybrid_switch_on_command() {
     if !kvm_or_skip("hybrid_switch_on_command") {

@@ -1343,9 +1343,14 @@ pub(crate) fn receive(
             ))))
         }
     }
+    // From `Go` on the VM is ours to run, and a link that fails is
+    // recovered (the source reconnects): nothing here may end the arrival.
     for s in std::iter::once(&out).chain(urgent.as_ref()) {
-        watch_link(s)?;
-        s.set_read_timeout(None).map_err(io_err("socket timeout"))?;
+        let set =
+            watch_link(s).and_then(|()| s.set_read_timeout(None).map_err(io_err("socket timeout")));
+        if let Err(e) = set {
+            tracing::warn!("post-copy link options: {e}");
+        }
     }
     let mut confirm_to = out.try_clone().map_err(io_err("socket"))?;
     // With a fault channel the session starts before the guest runs, so that
@@ -1361,7 +1366,16 @@ pub(crate) fn receive(
     }
     dest.resumed_ns
         .store(dest.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    stats.resume_us = crate::incoming::resume_and_confirm(&vm, &mut confirm_to, on_running)?;
+    stats.resume_us = match crate::incoming::resume_and_confirm(&vm, &mut confirm_to, on_running) {
+        Ok(us) => us,
+        Err(e) => {
+            // The VM runs; the session finds the link broken and waits for
+            // the source to reconnect.
+            tracing::warn!("post-copy: confirmation not sent ({e}); waiting for the source");
+            let _ = confirm_to.shutdown(Shutdown::Both);
+            0
+        }
+    };
     stats.postcopy = Some(PostcopyWatch(dest.clone()));
     if total == 0 {
         dest.finish(Ok(()));

@@ -693,8 +693,10 @@ fn run_in<'scope, 'env>(
     clock.end(|p| &mut p.destination_ready_us);
     // Commit point: from here on the source never resumes on its own.
     job.commit()?;
-    precopy::send_go(&mut tx, params)?;
-    let confirm = crate::precopy::expect_confirm(&mut rx);
+    let confirm = match precopy::send_go(&mut tx, params) {
+        Ok(()) => crate::precopy::expect_confirm(&mut rx),
+        Err(e) => Err(e.to_string()),
+    };
     let downtime = pause_start.elapsed().as_secs_f64() * 1e3;
     clock.end(|p| &mut p.go_confirm_us);
     job.update(|s| {
@@ -702,14 +704,27 @@ fn run_in<'scope, 'env>(
         s.downtime_ms = downtime;
         s.status = "postcopy-active".into();
     });
-    if let Err(why) = confirm {
-        return Ok(Outcome::Unconfirmed(why));
+    match confirm {
+        Ok(_) => tracing::info!(
+            downtime_ms = downtime,
+            pages = total,
+            "post-copy: destination runs the VM"
+        ),
+        // `Go` may have reached the destination, which then runs the VM and
+        // needs the pages: serve them as after any lost link, by recovery
+        // (the destination's listener is up since `RecoverListen`). If it
+        // never ran the VM, it refuses reconnection and the operator's
+        // cancel ends this, as it ends any recovery.
+        Err(why) => {
+            tracing::warn!(
+                "post-copy: no confirmation from the destination ({why}); recovering the link"
+            );
+            let _ = rx.tcp().shutdown(std::net::Shutdown::Both);
+            if let Some(u) = &urgent {
+                let _ = u.tcp().shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
-    tracing::info!(
-        downtime_ms = downtime,
-        pages = total,
-        "post-copy: destination runs the VM"
-    );
     // A cancel from before the commit no longer applies: from now on it means
     // "give up recovery".
     job.cancel.store(false, Ordering::SeqCst);
