@@ -43,10 +43,6 @@ fn pages_as_bytes(p: &mut [Page]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(p.as_mut_ptr() as *mut u8, std::mem::size_of_val(p)) }
 }
 
-/// How long the destination still answers a reconnecting source with its
-/// `PostcopyDone` after every page arrived (the first one may have been lost).
-const DONE_GRACE: Duration = Duration::from_secs(60);
-
 /// 4 KiB pages in a huge page.
 const PAGES_PER_HUGE: u64 = HUGE / PAGE_SIZE;
 
@@ -996,24 +992,25 @@ impl Dest {
         Ok(())
     }
 
-    /// Accepts the source's reconnections until the phase ends (and for
-    /// [`DONE_GRACE`] after it completed, to repeat the `PostcopyDone`).
+    /// Accepts the source's reconnections until the phase ends; once it
+    /// completed, for as long as this process runs the VM, to repeat the
+    /// `PostcopyDone` to a source that lost the first one (however long the
+    /// link was down): a refused reconnection tells the source that this
+    /// process is gone.
     fn serve_recovery(self: Arc<Self>, listener: TcpListener) {
         if let Err(e) = listener.set_nonblocking(true) {
             tracing::error!("recovery listener: {e}");
             return;
         }
         let mut pending_main: Option<Link> = None;
-        let mut done_at: Option<Instant> = None;
+        let mut done = false;
         loop {
-            if self.stop.load(Ordering::Relaxed) {
+            if !done && self.stop.load(Ordering::Relaxed) {
                 if lock(&self.report).is_none() {
                     return; // failed: nothing to recover
                 }
-                let at = *done_at.get_or_insert_with(Instant::now);
-                if at.elapsed() > DONE_GRACE {
-                    return;
-                }
+                // Nothing left to poll for: wait for connections only.
+                done = listener.set_nonblocking(false).is_ok();
             }
             match listener.accept() {
                 Ok((s, peer)) => {
