@@ -280,6 +280,33 @@ fn postcopy_recovers_when_the_commit_is_not_confirmed() {
     assert!(stats["recoveries"].as_u64().unwrap() >= 1, "{stats}");
 }
 
+/// During post-copy neither half may stop on request: the source holds
+/// pages the destination lacks, and the destination the VM's state since the
+/// switch. Both refuse `stop`, saying why, and the migration completes.
+#[test]
+fn postcopy_halves_refuse_to_stop_until_it_completes() {
+    if !kvm_or_skip("postcopy_halves_refuse_to_stop_until_it_completes") {
+        return;
+    }
+    migrate_once(
+        "postcopy-stop",
+        1,
+        "workload=dirty:32:6",
+        json!({"mode": "postcopy", "max_bandwidth": 8 << 20}),
+        |src, dst| {
+            src.wait_until("post-copy", |r| r["status"] == "postcopy-active");
+            let r = src.request(json!({"cmd": "stop"}));
+            assert_eq!(r["ok"], false, "{r}");
+            let e = r["error"].as_str().unwrap();
+            assert!(e.contains("a migration of this VM is running"), "{e}");
+            let r = dst.request(json!({"cmd": "stop"}));
+            assert_eq!(r["ok"], false, "{r}");
+            let e = r["error"].as_str().unwrap();
+            assert!(e.contains("post-copy pages are still arriving"), "{e}");
+        },
+    );
+}
+
 #[test]
 fn hybrid_switch_on_command() {
     if !kvm_or_skip("hybrid_switch_on_command") {

@@ -1363,6 +1363,26 @@ fn handle_control(
             cancel_save(mig);
             Ok(json!({"ok": true}))
         }
+        // The process that stops now would take the only complete copy of
+        // the VM with it: an outgoing migration may have committed (SIGTERM
+        // cancels it and stops once it ends), and an arrival by post-copy
+        // holds the VM's state since the switch.
+        "stop" if mig.running => Err(
+            "a migration of this VM is running: cancel it first (SIGTERM cancels it and stops \
+             once it ends)"
+                .to_string(),
+        ),
+        "stop"
+            if ARRIVING
+                .get()
+                .is_some_and(|w| !matches!(w.status().status.as_str(), "completed" | "failed")) =>
+        {
+            Err(
+                "post-copy pages are still arriving: stopping now would lose the VM, whose \
+                 state since the switch lives only here; wait for the arrival to complete"
+                    .to_string(),
+            )
+        }
         "stop" => {
             let _ = handover::send_line(&mut stream, &json!({"ok": true}));
             return Some(0);

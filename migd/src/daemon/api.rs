@@ -635,7 +635,9 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
     }
     // Written: the VM process has stopped, or stops now.
     if !vmproc::wait_gone(pid, Duration::from_secs(10)).await {
-        vmproc::stop(&state::control_path(&dir), pid).await;
+        if let Err(e) = vmproc::stop(&state::control_path(&dir), pid).await {
+            tracing::warn!("after the save: {e:#}");
+        }
     }
     let removed = state::remove_dir(&dir);
     d.reg().vms.remove(name);
@@ -822,7 +824,13 @@ async fn destroy(d: &Daemon, name: &str) -> Result<Value> {
     };
     let dir = d.vm_dir(name);
     if let Some(pid) = pid {
-        vmproc::stop(&state::control_path(&dir), pid).await;
+        let stopped = vmproc::stop(&state::control_path(&dir), pid).await;
+        if let Err(e) = stopped {
+            if let Some(v) = d.reg().vms.get_mut(name) {
+                v.state = st::RUNNING.into();
+            }
+            bail!("VM '{name}' not destroyed: {e:#}");
+        }
         if vmproc::alive(pid) {
             if let Some(v) = d.reg().vms.get_mut(name) {
                 v.state = st::RUNNING.into();

@@ -500,14 +500,21 @@ async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<St
     };
     if status == "completed" {
         let dir = d.vm_dir(vm);
-        if let Some(pid) = pid {
-            vmproc::stop(&state::control_path(&dir), pid).await;
+        let stopped = match pid {
+            Some(pid) => vmproc::stop(&state::control_path(&dir), pid).await,
+            None => Ok(()),
+        };
+        match stopped {
+            // Its process runs on: its directory and record stay.
+            Err(e) => tracing::warn!("VM now lives on {to}, but its process here: {e:#}"),
+            Ok(()) => {
+                if let Err(e) = state::remove_dir(&dir) {
+                    tracing::warn!("{e:#}");
+                }
+                d.reg().vms.remove(vm);
+                tracing::info!("VM now lives on {to}; removed here");
+            }
         }
-        if let Err(e) = state::remove_dir(&dir) {
-            tracing::warn!("{e:#}");
-        }
-        d.reg().vms.remove(vm);
-        tracing::info!("VM now lives on {to}; removed here");
     }
     let job = {
         let mut reg = d.reg();

@@ -203,25 +203,32 @@ pub async fn wait_gone(pid: u32, timeout: Duration) -> bool {
 }
 
 /// Stops a VM process: `stop` on its socket, then SIGTERM, then SIGKILL.
-pub async fn stop(sock: &Path, pid: u32) {
-    if vm_request(sock, &json!({"cmd": "stop"}), Duration::from_secs(3))
-        .await
-        .is_ok()
-        && wait_gone(pid, Duration::from_secs(10)).await
-    {
-        return;
+/// A process that refuses (it is migrating, or its VM is still arriving by
+/// post-copy: stopping it would lose the VM) is left running, and its
+/// reason returned as the error.
+pub async fn stop(sock: &Path, pid: u32) -> Result<()> {
+    match vm_request(sock, &json!({"cmd": "stop"}), Duration::from_secs(3)).await {
+        Ok(r) if r["ok"] == false => {
+            bail!(
+                "the VM process refuses to stop: {}",
+                r["error"].as_str().unwrap_or("no reason given")
+            )
+        }
+        Ok(_) if wait_gone(pid, Duration::from_secs(10)).await => return Ok(()),
+        _ => {}
     }
     for (sig, wait) in [(libc::SIGTERM, 10), (libc::SIGKILL, 5)] {
         if !alive(pid) {
-            return;
+            return Ok(());
         }
         tracing::warn!(pid, sig, "VM process did not stop; signalling it");
         // SAFETY: sending a signal to a pid we started or adopted.
         unsafe { libc::kill(pid as libc::pid_t, sig) };
         if wait_gone(pid, Duration::from_secs(wait)).await {
-            return;
+            return Ok(());
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
