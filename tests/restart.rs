@@ -219,3 +219,64 @@ fn a_post_copy_arrival_survives_the_destination_daemon_going_away() {
     on_b.assert_clean();
     b.ok(&["destroy", "web1"]);
 }
+
+/// At start the daemon meets a VM process that listens on its control
+/// socket but does not answer yet (busy booting or restoring a large
+/// snapshot; here a stand-in that answers after 4 s): it adopts it once it
+/// answers, instead of taking it for gone and removing its directory.
+#[test]
+fn a_busy_vm_process_is_adopted_once_it_answers() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = scratch("restart-busy");
+    let (sock, state) = (dir.join("a.sock"), dir.join("a-state"));
+    let vm_dir = state.join("vms").join("web1");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let control = vm_dir.join("control.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&control).unwrap();
+    // A live pid for the stand-in to report.
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    let pid = sleeper.id();
+    let answers_from = Instant::now() + Duration::from_secs(4);
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let mut line = String::new();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                continue;
+            }
+            std::thread::sleep(answers_from.saturating_duration_since(Instant::now()));
+            let req: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            let reply = match req["cmd"].as_str() {
+                Some("status") => serde_json::json!({
+                    "ok": true, "state": "running", "pid": pid,
+                    "memory": 128u64 << 20, "vcpus": 1,
+                }),
+                _ => serde_json::json!({"ok": true, "status": "none"}),
+            };
+            let _ = writeln!(&s, "{reply}");
+        }
+    });
+    let mut a = Daemon::start_with(sock, state, free_port(), &dir.join("a.log"));
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, _) = a.migctl(&["info", "web1", "--json"]);
+        let info: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        if code == 0 && info["state"] == "running" {
+            assert_eq!(info["pid"], pid, "{info}");
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "web1 never adopted: {out}\n{}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(control.exists(), "the busy process's socket was removed");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_eq!(a.terminate(), 0);
+}

@@ -274,15 +274,60 @@ async fn adopt_one(d: &Arc<Daemon>, name: String, dir: PathBuf) {
     adopt_inner(d, name, dir).instrument(span).await
 }
 
-async fn adopt_inner(d: &Arc<Daemon>, name: String, dir: PathBuf) {
-    let record = read_record(&dir);
+/// A VM process's `status`, or None if it does not answer within 2 s.
+async fn ask_status(dir: &Path) -> Option<Value> {
     let reply = vm_request(
-        &control_path(&dir),
+        &control_path(dir),
         &json!({"cmd": "status"}),
         Duration::from_secs(2),
     )
     .await;
-    let status = reply.ok().filter(|r| r["ok"] == true);
+    reply.ok().filter(|r| r["ok"] == true)
+}
+
+/// Whether a process listens on the VM's control socket (it may be too busy
+/// to answer yet: booting, or restoring a large snapshot).
+fn listening(dir: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(control_path(dir)).is_ok()
+}
+
+async fn adopt_inner(d: &Arc<Daemon>, name: String, dir: PathBuf) {
+    let status = match ask_status(&dir).await {
+        None if listening(&dir) => {
+            // Alive but busy: adopted once it answers (a process taken for
+            // gone would be orphaned, its socket removed, its directory
+            // reused by a second process).
+            tracing::info!("VM process busy: adopting it once it answers");
+            let d = d.clone();
+            tokio::spawn(
+                async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let status = ask_status(&dir).await;
+                        if status.is_some() || !listening(&dir) {
+                            let record = read_record(&dir);
+                            return adopt_answer(&d, name, dir, status, record).await;
+                        }
+                    }
+                }
+                .in_current_span(),
+            );
+            return;
+        }
+        status => status,
+    };
+    let record = read_record(&dir);
+    adopt_answer(d, name, dir, status, record).await
+}
+
+/// [`adopt_inner`] once the VM process answered (`status`) or is known gone (None).
+async fn adopt_answer(
+    d: &Arc<Daemon>,
+    name: String,
+    dir: PathBuf,
+    status: Option<Value>,
+    record: Option<VmRecord>,
+) {
     match (status, record) {
         (Some(s), record) => {
             let pid = s["pid"].as_u64().map(|p| p as u32);
