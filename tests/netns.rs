@@ -318,6 +318,10 @@ fn postcopy_recovers_after_the_link_goes_down_and_up() {
     assert_eq!(info["state"], "paused", "the source keeps its half: {info}");
     let _ = n;
     link.set_a(true);
-    a.ok(&["destroy", "web1"]);
+    // A's half still waits for pages: it refuses a plain destroy, naming
+    // why, and takes a forced one.
+    let e = a.fails(&["destroy", "web1"]);
+    assert!(e.contains("post-copy pages are still arriving"), "{e}");
+    a.ok(&["destroy", "web1", "--force"]);
     b.ok(&["destroy", "web1"]);
 }

@@ -280,3 +280,51 @@ fn a_busy_vm_process_is_adopted_once_it_answers() {
     let _ = sleeper.wait();
     assert_eq!(a.terminate(), 0);
 }
+
+/// The source's daemon is down when the migration completes, and stays down
+/// until the VM process there has exited (it lingers 60 s; 1 s here): the
+/// next daemon learns from the note the process left that the VM migrated
+/// away, removes it and ends the job `completed`, instead of listing a VM
+/// that runs elsewhere as `stopped` (where `start` would boot a second copy).
+#[test]
+fn a_vm_that_left_while_its_daemon_was_down_is_not_listed_stopped() {
+    if !kvm_or_skip("a_vm_that_left_while_its_daemon_was_down_is_not_listed_stopped") {
+        return;
+    }
+    let dir = scratch("restart-left");
+    let linger = [("MIGD_LINGER_MS", "1000")];
+    let mut a = Daemon::start_env(&dir, "a", &linger);
+    let b = Daemon::start(&dir, "b");
+    let _ra = Reaper(a.state.clone());
+    let _rb = Reaper(b.state.clone());
+    let console = a.create_guest("web1", "workload=dirty:16:8", "128M", 1);
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let pid = {
+        let info: Value = serde_json::from_str(&a.ok(&["info", "web1", "--json"])).unwrap();
+        info["pid"].as_i64().unwrap() as i32
+    };
+    let job = a.ok(&[
+        "migrate",
+        "web1",
+        "--to",
+        &format!("127.0.0.1:{}", b.port),
+        "--detach",
+    ]);
+    let job = job.trim().to_string();
+    assert_eq!(a.terminate(), 0);
+    // The VM process completes the migration, lingers, and exits.
+    let end = Instant::now() + Duration::from_secs(60);
+    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+        assert!(Instant::now() < end, "the source's VM process never exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let a = Daemon::start_env(&dir, "a", &linger);
+    let (code, out, _) = a.migctl(&["info", "web1", "--json"]);
+    assert_ne!(code, 0, "A still lists the VM: {out}\n{}", a.log_text());
+    let j: Value = serde_json::from_str(&a.ok(&["job", &job, "--json"])).unwrap();
+    assert_eq!(j["status"], "completed", "{j}");
+    assert!(!a.vm_dir("web1").exists(), "its directory stays");
+    let info: Value = serde_json::from_str(&b.ok(&["info", "web1", "--json"])).unwrap();
+    assert_eq!(info["state"], "running", "{info}");
+    b.ok(&["destroy", "web1"]);
+}

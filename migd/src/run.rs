@@ -60,6 +60,11 @@ pub struct RunArgs {
     /// Serve a control socket (JSON lines: status, pause, resume, snapshot, handover, stop).
     #[arg(long, value_name = "SOCKET")]
     pub control: Option<PathBuf>,
+    /// Once an outgoing migration has completed (the VM runs elsewhere for
+    /// good), write its final statistics here as JSON: the daemon that finds
+    /// this VM's directory after the process is gone learns that it left.
+    #[arg(long, value_name = "PATH")]
+    pub migrated_file: Option<PathBuf>,
     /// Take over the VM of another `migd run` through its control socket (memory shared, not copied).
     #[arg(long, value_name = "SOCKET", conflicts_with = "kernel")]
     pub takeover: Option<PathBuf>,
@@ -413,9 +418,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
                     // The destination runs the VM: ours must never run again.
                     vm.shutdown(VmExit::Stopped);
                     mig.migrated = true;
+                    if let (Some(path), Some(job)) = (&args.migrated_file, &mig.job) {
+                        if let Err(e) = note_migrated(path, &job.snapshot()) {
+                            tracing::warn!("{e:#}");
+                        }
+                    }
                     let tx = tx.clone();
                     std::thread::spawn(move || {
-                        std::thread::sleep(Duration::from_secs(60));
+                        std::thread::sleep(linger());
                         let _ = tx.send(Event::Linger);
                     });
                 }
@@ -481,6 +491,29 @@ pub fn run(args: RunArgs) -> Result<i32> {
         let _ = std::fs::remove_file(p);
     }
     Ok(code)
+}
+
+/// How long the process lingers after its VM migrated away, answering
+/// `migration` for whoever watches: 60 s (tests shorten it with
+/// `MIGD_LINGER_MS`, honoured only with fault injection on).
+fn linger() -> Duration {
+    std::env::var("MIGD_LINGER_MS")
+        .ok()
+        .filter(|_| fault_injection())
+        .and_then(|ms| ms.parse().ok())
+        .map_or(Duration::from_secs(60), Duration::from_millis)
+}
+
+/// Writes `stats` of the completed migration to `path` (`--migrated-file`),
+/// whole or not at all (a temporary name, then a rename).
+fn note_migrated(path: &Path, stats: &migration::stats::MigrationStats) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let write = || -> Result<()> {
+        std::fs::write(&tmp, serde_json::to_vec(stats)?)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    };
+    write().with_context(|| format!("noting the completed migration in {}", path.display()))
 }
 
 /// Accepts one migration on `listener` and does the destination's handshake.
@@ -1373,13 +1406,15 @@ fn handle_control(
                 .to_string(),
         ),
         "stop"
-            if ARRIVING
-                .get()
-                .is_some_and(|w| !matches!(w.status().status.as_str(), "completed" | "failed")) =>
+            if req["force"] != true
+                && ARRIVING.get().is_some_and(|w| {
+                    !matches!(w.status().status.as_str(), "completed" | "failed")
+                }) =>
         {
             Err(
                 "post-copy pages are still arriving: stopping now would lose the VM, whose \
-                 state since the switch lives only here; wait for the arrival to complete"
+                 state since the switch lives only here; wait for the arrival to complete \
+                 (or force it once its source gave up: migctl destroy --force)"
                     .to_string(),
             )
         }

@@ -75,8 +75,15 @@ pub enum Cmd {
     Pause { name: String },
     /// Resume a paused VM.
     Resume { name: String },
-    /// Stop a VM and delete its state directory.
-    Destroy { name: String },
+    /// Stop a VM and delete its state directory. Refused while its pages
+    /// still arrive by post-copy (its state since the switch lives only
+    /// here) unless --force.
+    Destroy {
+        name: String,
+        /// Stop it even then (after a post-copy the operator gave up on).
+        #[arg(long)]
+        force: bool,
+    },
     /// Migrate a VM live to another host's migd.
     Migrate {
         /// The VM to move.

@@ -69,6 +69,9 @@ enum Request {
     },
     Destroy {
         name: String,
+        /// Stop its process even while its VM still arrives by post-copy.
+        #[serde(default)]
+        force: bool,
     },
     Console {
         name: String,
@@ -277,9 +280,9 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
         }
         Request::Pause { name } => pause_resume(d, &name, "pause").await,
         Request::Resume { name } => pause_resume(d, &name, "resume").await,
-        Request::Destroy { name } => {
+        Request::Destroy { name, force } => {
             let span = tracing::info_span!("vm", name = %name);
-            destroy(d, &name).instrument(span).await
+            destroy(d, &name, force).instrument(span).await
         }
         Request::Console {
             name,
@@ -635,7 +638,7 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
     }
     // Written: the VM process has stopped, or stops now.
     if !vmproc::wait_gone(pid, Duration::from_secs(10)).await {
-        if let Err(e) = vmproc::stop(&state::control_path(&dir), pid).await {
+        if let Err(e) = vmproc::stop(&state::control_path(&dir), pid, false).await {
             tracing::warn!("after the save: {e:#}");
         }
     }
@@ -756,6 +759,8 @@ async fn spawn_vm(
         path_arg(Some(&state::console_path(dir)))?,
         "--control".into(),
         path_arg(Some(&control))?,
+        "--migrated-file".into(),
+        path_arg(Some(&state::migrated_path(dir)))?,
         format!("--postcopy-nice={}", d.cfg.postcopy_nice),
         format!("--dirty-ring={}", d.cfg.dirty_ring),
     ]);
@@ -805,7 +810,7 @@ fn path_arg(p: Option<&Path>) -> Result<String> {
         .with_context(|| format!("path {} is not UTF-8", p.display()))
 }
 
-async fn destroy(d: &Daemon, name: &str) -> Result<Value> {
+async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
     let pid = {
         let mut reg = d.reg();
         let Some(vm) = reg.vms.get_mut(name) else {
@@ -824,7 +829,7 @@ async fn destroy(d: &Daemon, name: &str) -> Result<Value> {
     };
     let dir = d.vm_dir(name);
     if let Some(pid) = pid {
-        let stopped = vmproc::stop(&state::control_path(&dir), pid).await;
+        let stopped = vmproc::stop(&state::control_path(&dir), pid, force).await;
         if let Err(e) = stopped {
             if let Some(v) = d.reg().vms.get_mut(name) {
                 v.state = st::RUNNING.into();

@@ -91,6 +91,8 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
         state::console_path(&dir).to_string_lossy().into_owned(),
         "--control".into(),
         state::control_path(&dir).to_string_lossy().into_owned(),
+        "--migrated-file".into(),
+        state::migrated_path(&dir).to_string_lossy().into_owned(),
         format!("--postcopy-nice={}", d.cfg.postcopy_nice),
         format!("--dirty-ring={}", d.cfg.dirty_ring),
     ];

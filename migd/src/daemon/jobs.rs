@@ -251,6 +251,32 @@ pub fn load(d: &Daemon) {
 
 /// After re-attaching: jobs left unfinished by an earlier daemon whose VM no longer
 /// reports them are marked failed.
+/// At start: VM `vm` migrated away for good while no daemon watched (its
+/// process noted the completed migration, `stats`, and exited): its job,
+/// the one `stats` names or else the VM's unfinished one, ends `completed`.
+pub fn completed_while_away(d: &Daemon, vm: &str, stats: &Value) {
+    let job = {
+        let mut reg = d.reg();
+        let id = stats["id"].as_str();
+        let Some(j) = reg
+            .jobs
+            .values_mut()
+            .find(|j| j.vm == vm && !j.is_final() && id.is_none_or(|id| id == j.id))
+        else {
+            return;
+        };
+        j.status = "completed".into();
+        j.ended = Some(state::now());
+        j.error = None;
+        if stats.is_object() {
+            j.stats = stats.clone();
+        }
+        j.stats["outcome"] = json!("completed");
+        j.clone()
+    };
+    persist(d, &job);
+}
+
 pub fn finish_orphans(d: &Daemon) {
     let orphans: Vec<Job> = {
         let mut reg = d.reg();
@@ -501,7 +527,7 @@ async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<St
     if status == "completed" {
         let dir = d.vm_dir(vm);
         let stopped = match pid {
-            Some(pid) => vmproc::stop(&state::control_path(&dir), pid).await,
+            Some(pid) => vmproc::stop(&state::control_path(&dir), pid, false).await,
             None => Ok(()),
         };
         match stopped {

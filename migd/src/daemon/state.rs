@@ -202,6 +202,10 @@ fn write_record(dir: &Path, record: &VmRecord) {
 pub fn record_path(dir: &Path) -> PathBuf {
     dir.join("vm.json")
 }
+/// Written by the VM process once its VM left for good (`--migrated-file`).
+pub fn migrated_path(dir: &Path) -> PathBuf {
+    dir.join("migrated.json")
+}
 
 /// Unix time in seconds.
 pub fn now() -> u64 {
@@ -366,6 +370,19 @@ async fn adopt_answer(
                 watch_pid(d.clone(), name.clone(), pid);
             }
             jobs::reattach(d, &name).await;
+        }
+        (None, Some(_)) if migrated_path(&dir).exists() => {
+            // It left for good while no daemon watched: its process noted
+            // the completed migration before it exited.
+            let stats = std::fs::read(migrated_path(&dir))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .unwrap_or_default();
+            tracing::info!(to = %stats["to"], "VM migrated away while migd was down; removed here");
+            jobs::completed_while_away(d, &name, &stats);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!("removing {}: {e}", dir.display());
+            }
         }
         (None, Some(record)) => {
             tracing::info!("VM process is gone; listed as stopped");

@@ -205,9 +205,11 @@ pub async fn wait_gone(pid: u32, timeout: Duration) -> bool {
 /// Stops a VM process: `stop` on its socket, then SIGTERM, then SIGKILL.
 /// A process that refuses (it is migrating, or its VM is still arriving by
 /// post-copy: stopping it would lose the VM) is left running, and its
-/// reason returned as the error.
-pub async fn stop(sock: &Path, pid: u32) -> Result<()> {
-    match vm_request(sock, &json!({"cmd": "stop"}), Duration::from_secs(3)).await {
+/// reason returned as the error; `force` tells an arriving one to stop even
+/// so.
+pub async fn stop(sock: &Path, pid: u32, force: bool) -> Result<()> {
+    let req = json!({"cmd": "stop", "force": force});
+    match vm_request(sock, &req, Duration::from_secs(3)).await {
         Ok(r) if r["ok"] == false => {
             bail!(
                 "the VM process refuses to stop: {}",

@@ -103,8 +103,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             connect()?.call(&json!({"cmd": "resume", "name": name}))?;
             println!("VM {name} resumed");
         }
-        Cmd::Destroy { name } => {
-            connect()?.call(&json!({"cmd": "destroy", "name": name}))?;
+        Cmd::Destroy { name, force } => {
+            connect()?.call(&json!({"cmd": "destroy", "name": name, "force": force}))?;
             println!("VM {name} destroyed");
         }
         Cmd::Migrate {
