@@ -850,6 +850,38 @@ fn daemon_shows_a_save_in_progress_and_destroy_cancels_it() {
     );
 }
 
+/// A save that outlasts the daemon's wait (10 minutes; 300 ms here, with the
+/// save slowed down) is cancelled, not left running behind a failed reply:
+/// the VM runs on, as the reply says, and no file is left.
+#[test]
+fn a_save_that_outlasts_the_daemons_wait_is_cancelled() {
+    if !kvm_or_skip("a_save_that_outlasts_the_daemons_wait_is_cancelled") {
+        return;
+    }
+    let dir = scratch("daemon-save-timeout");
+    let env = [("MIGD_SAVE_PACE_MS", "25"), ("MIGD_SAVE_TIMEOUT_MS", "300")];
+    let d = Daemon::start_env(&dir, "a", &env);
+    let _reaper = Reaper(d.state.clone());
+    create_guest(&d, "web1");
+    let console = console_of(&d, "web1");
+    console.wait_for("WORKLOAD READY", READY);
+    let file = dir.join("slow.snap");
+    let e = d.fails(&["save", "web1", file.to_str().unwrap()]);
+    assert!(e.contains("did not answer"), "{e}");
+    let info: Value = serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap();
+    assert_eq!(info["state"], "running", "{info}");
+    // Had the save gone on, it would have stopped the VM a moment later.
+    console.assert_runs_on(3, Duration::from_secs(20));
+    let info: Value = serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap();
+    assert_eq!(info["state"], "running", "{info}");
+    assert!(info["saving"].is_null(), "{info}");
+    assert!(
+        names_in(&dir, "snap").is_empty(),
+        "the cancelled save left files"
+    );
+    d.ok(&["destroy", "web1"]);
+}
+
 /// `migctl save` and `restore` (virsh save/restore): a checkpoint that runs
 /// on, a save that stops and removes the VM, a restore that carries on where
 /// the guest was (eager and lazy), and bad files and names refused with

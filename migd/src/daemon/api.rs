@@ -44,8 +44,19 @@ const COMMANDS: [&str; 20] = [
 
 /// How long `create` waits for the new VM process's control socket.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long `save` waits for the VM process to write its snapshot.
+/// How long `save` waits for the VM process to write its snapshot, before
+/// it cancels the save.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// [`SAVE_TIMEOUT`], which tests shorten with `MIGD_SAVE_TIMEOUT_MS`
+/// (honoured only with fault injection on).
+fn save_timeout() -> Duration {
+    std::env::var("MIGD_SAVE_TIMEOUT_MS")
+        .ok()
+        .filter(|_| migration::faults::enabled())
+        .and_then(|ms| ms.parse().ok())
+        .map_or(SAVE_TIMEOUT, Duration::from_millis)
+}
 /// Default and largest amount of console text `console` returns.
 const CONSOLE_DEFAULT: u64 = 1 << 20;
 const CONSOLE_MAX: u64 = 16 << 20;
@@ -608,7 +619,7 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
     let dir = d.vm_dir(name);
     let boot = d.reg().vms.get(name).and_then(|v| v.record.boot_spec());
     let req = json!({"cmd": "snapshot", "path": path, "stop": !keep, "boot": boot});
-    let r = vm_call(&state::control_path(&dir), &req, SAVE_TIMEOUT).await;
+    let r = vm_call(&state::control_path(&dir), &req, save_timeout()).await;
     let back = |state: &str| {
         if let Some(v) = d.reg().vms.get_mut(name) {
             v.save_requested = false;
@@ -621,7 +632,29 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
     let r = match r {
         Ok(r) => r,
         Err(e) => {
-            // The VM process resumes a VM it paused for a snapshot that failed.
+            // A save that is still being written (no answer in time) would go
+            // on after this reply, and stop the VM: cancel it, which removes
+            // its unfinished file and leaves the VM as it was. The VM
+            // process resumes a VM it paused for a snapshot that failed.
+            let sock = state::control_path(&dir);
+            let cancel = json!({"cmd": "cancel"});
+            if vm_request(&sock, &cancel, Duration::from_secs(3))
+                .await
+                .is_ok()
+            {
+                // Until the process has removed the file and put the VM back.
+                let (until, status) = (
+                    Instant::now() + Duration::from_secs(10),
+                    json!({"cmd": "status"}),
+                );
+                while Instant::now() < until {
+                    let now = vm_request(&sock, &status, Duration::from_secs(3)).await;
+                    if now.map_or(true, |s| s["saving"].is_null()) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
             back(&was);
             return Err(e.context(format!("saving '{name}' to {}", path.display())));
         }
