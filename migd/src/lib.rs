@@ -1,9 +1,10 @@
 //! Code shared by the `migd` and `migctl` binaries, the tests and the fuzz targets:
 //! operator sizes, the client of the daemon's control socket, the config file
-//! parser and the logging set-up.
+//! parser, the logging set-up and JSON files written whole.
 
 pub mod client;
 pub mod config_file;
+pub mod json_file;
 pub mod logging;
 pub mod size;
 pub mod tls_args;

@@ -419,8 +419,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
                     vm.shutdown(VmExit::Stopped);
                     mig.migrated = true;
                     if let (Some(path), Some(job)) = (&args.migrated_file, &mig.job) {
-                        if let Err(e) = note_migrated(path, &job.snapshot()) {
-                            tracing::warn!("{e:#}");
+                        // Whole or not at all (a temporary name, then a rename).
+                        if let Err(e) = migd::json_file::write_json_atomic(path, &job.snapshot()) {
+                            tracing::warn!("noting the completed migration: {e:#}");
                         }
                     }
                     let tx = tx.clone();
@@ -502,18 +503,6 @@ fn linger() -> Duration {
         .filter(|_| fault_injection())
         .and_then(|ms| ms.parse().ok())
         .map_or(Duration::from_secs(60), Duration::from_millis)
-}
-
-/// Writes `stats` of the completed migration to `path` (`--migrated-file`),
-/// whole or not at all (a temporary name, then a rename).
-fn note_migrated(path: &Path, stats: &migration::stats::MigrationStats) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let write = || -> Result<()> {
-        std::fs::write(&tmp, serde_json::to_vec(stats)?)?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    };
-    write().with_context(|| format!("noting the completed migration in {}", path.display()))
 }
 
 /// Accepts one migration on `listener` and does the destination's handshake.

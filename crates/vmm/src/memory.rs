@@ -870,7 +870,7 @@ pub fn punch_hole(file: &File, off: u64, len: u64) -> std::io::Result<()> {
 /// Data extents as (offset, len) of the first `size` bytes of the file `fd`,
 /// found with `SEEK_DATA`/`SEEK_HOLE`; all of it where the file system
 /// cannot tell. Moves the descriptor's file offset.
-pub fn data_extents_of(fd: RawFd, size: u64) -> Vec<(u64, u64)> {
+pub(crate) fn data_extents_of(fd: RawFd, size: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut pos: i64 = 0;
     let end = size as i64;

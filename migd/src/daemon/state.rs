@@ -1,7 +1,6 @@
 //! VM bookkeeping: records in `<state>/vms/NAME/vm.json`, the in-memory entry of each
 //! VM, re-attachment at start, and the supervisor that notices state changes and exits.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -229,22 +228,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Writes JSON to a temporary name in the same directory, then renames it into place.
-pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<()> {
-    let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
-    let body = serde_json::to_vec_pretty(value)?;
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&body)?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("writing {}: {e}", path.display())
-    })
-}
+pub use migd::json_file::write_json_atomic;
 
 fn read_record(dir: &Path) -> Option<VmRecord> {
     let text = std::fs::read(record_path(dir)).ok()?;
