@@ -47,6 +47,9 @@ const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `save` waits for the VM process to write its snapshot, before
 /// it cancels the save.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default and largest amount of console text `console` returns.
+const CONSOLE_DEFAULT: u64 = 1 << 20;
+const CONSOLE_MAX: u64 = 16 << 20;
 
 /// [`SAVE_TIMEOUT`], which tests shorten with `MIGD_SAVE_TIMEOUT_MS`
 /// (honoured only with fault injection on).
@@ -57,9 +60,6 @@ fn save_timeout() -> Duration {
         .and_then(|ms| ms.parse().ok())
         .map_or(SAVE_TIMEOUT, Duration::from_millis)
 }
-/// Default and largest amount of console text `console` returns.
-const CONSOLE_DEFAULT: u64 = 1 << 20;
-const CONSOLE_MAX: u64 = 16 << 20;
 
 #[derive(Deserialize, Debug)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -862,19 +862,19 @@ async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
     };
     let dir = d.vm_dir(name);
     if let Some(pid) = pid {
-        let stopped = vmproc::stop(&state::control_path(&dir), pid, force).await;
-        if let Err(e) = stopped {
+        let stopped = match vmproc::stop(&state::control_path(&dir), pid, force).await {
+            Err(e) => Err(anyhow::anyhow!("VM '{name}' not destroyed: {e:#}")),
+            Ok(()) if vmproc::alive(pid) => Err(anyhow::anyhow!(
+                "VM process {pid} of '{name}' does not stop"
+            )),
+            Ok(()) => Ok(()),
+        };
+        if stopped.is_err() {
             if let Some(v) = d.reg().vms.get_mut(name) {
                 v.state = st::RUNNING.into();
             }
-            bail!("VM '{name}' not destroyed: {e:#}");
         }
-        if vmproc::alive(pid) {
-            if let Some(v) = d.reg().vms.get_mut(name) {
-                v.state = st::RUNNING.into();
-            }
-            bail!("VM process {pid} of '{name}' does not stop");
-        }
+        stopped?;
     }
     let removed = state::remove_dir(&dir);
     d.reg().vms.remove(name);

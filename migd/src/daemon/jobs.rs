@@ -249,8 +249,6 @@ pub fn load(d: &Daemon) {
     }
 }
 
-/// After re-attaching: jobs left unfinished by an earlier daemon whose VM no longer
-/// reports them are marked failed.
 /// At start: VM `vm` migrated away for good while no daemon watched (its
 /// process noted the completed migration, `stats`, and exited): its job,
 /// the one `stats` names or else the VM's unfinished one, ends `completed`.
@@ -277,6 +275,8 @@ pub fn completed_while_away(d: &Daemon, vm: &str, stats: &Value) {
     persist(d, &job);
 }
 
+/// After re-attaching: jobs left unfinished by an earlier daemon whose VM no longer
+/// reports them are marked failed.
 pub fn finish_orphans(d: &Daemon) {
     let orphans: Vec<Job> = {
         let mut reg = d.reg();
