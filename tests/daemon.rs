@@ -850,6 +850,55 @@ fn daemon_shows_a_save_in_progress_and_destroy_cancels_it() {
     );
 }
 
+/// `create` waits for a VM process that takes long to start for as long as
+/// it works (a large restore or prefault; a process that burns CPU for
+/// 3.5 s here), and stops one that hangs before it answers, after a while
+/// without work (30 s; 1.5 s here), naming why and leaving nothing behind.
+#[test]
+fn create_waits_for_a_working_vm_process_and_not_for_a_hung_one() {
+    if !kvm_or_skip("create_waits_for_a_working_vm_process_and_not_for_a_hung_one") {
+        return;
+    }
+    let dir = scratch("daemon-slow-start");
+    let stall = ("MIGD_CREATE_STALL_MS", "1500");
+    let d = Daemon::start_env(&dir, "a", &[stall, ("MIGD_SLOW_START", "work:3500")]);
+    let _reaper = Reaper(d.state.clone());
+    let t = Instant::now();
+    create_guest(&d, "web1");
+    assert!(
+        t.elapsed() >= Duration::from_millis(3500),
+        "{:?}",
+        t.elapsed()
+    );
+    console_of(&d, "web1").wait_for("WORKLOAD READY", READY);
+    d.ok(&["destroy", "web1"]);
+    drop(d);
+
+    let d = Daemon::start_env(&dir, "b", &[stall, ("MIGD_SLOW_START", "hang:20000")]);
+    let _reaper_b = Reaper(d.state.clone());
+    let t = Instant::now();
+    let e = d.fails(&[
+        "create",
+        "web2",
+        "--kernel",
+        guest_elf().to_str().unwrap(),
+        "--memory",
+        "64M",
+    ]);
+    assert!(e.contains("did no work for 1.5s"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    assert_eq!(d.ok(&["list", "--json"]).trim(), "[]");
+    assert!(
+        !d.vm_dir("web2").exists(),
+        "the failed create left its directory"
+    );
+    let stray = std::process::Command::new("pgrep")
+        .args(["-f", "--", "--name web2"])
+        .output()
+        .unwrap();
+    assert!(stray.stdout.is_empty(), "the hung VM process runs on");
+}
+
 /// A save that outlasts the daemon's wait (10 minutes; 300 ms here, with the
 /// save slowed down) is cancelled, not left running behind a failed reply:
 /// the VM runs on, as the reply says, and no file is left.

@@ -276,6 +276,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if let Some(p) = &args.control {
         spawn_control_thread(bind_control(p)?, tx.clone(), arrival.clone())?;
     }
+    slow_start_for_tests();
     let incoming = match (&args.incoming, args.incoming_fd) {
         (Some(_), _) => match &incoming_listener {
             Some(l) => Some(accept_incoming(l, &args)?),
@@ -503,6 +504,39 @@ fn linger() -> Duration {
         .filter(|_| fault_injection())
         .and_then(|ms| ms.parse().ok())
         .map_or(Duration::from_secs(60), Duration::from_millis)
+}
+
+/// Test-only stand-in for a long start (a restore of a large snapshot, a
+/// large `--prefault`): with fault injection on, `MIGD_SLOW_START=work:MS`
+/// keeps the CPU busy for MS milliseconds before the VM is built, and
+/// `MIGD_SLOW_START=hang:MS` sleeps that long, as a hung process would. The
+/// control socket exists meanwhile, but nothing answers on it.
+fn slow_start_for_tests() {
+    let Some(v) = std::env::var("MIGD_SLOW_START")
+        .ok()
+        .filter(|_| fault_injection())
+    else {
+        return;
+    };
+    let Some((how, ms)) = v.split_once(':') else {
+        return;
+    };
+    let Ok(ms) = ms.parse::<u64>() else {
+        return;
+    };
+    let d = Duration::from_millis(ms);
+    tracing::warn!(how, ms, "test hook: slow start");
+    match how {
+        "work" => {
+            let t = std::time::Instant::now();
+            let mut x = 1u64;
+            while t.elapsed() < d {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+        "hang" => std::thread::sleep(d),
+        _ => {}
+    }
 }
 
 /// Accepts one migration on `listener` and does the destination's handshake.

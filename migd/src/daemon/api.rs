@@ -42,14 +42,29 @@ const COMMANDS: [&str; 20] = [
     "ping",
 ];
 
-/// How long `create` waits for the new VM process's control socket.
-const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `create`, `start` and `restore` wait for a new VM process to
+/// answer on its control socket while it does no work: a process that
+/// reads a snapshot or prefaults memory for minutes is waited for, one that
+/// hangs is not.
+const CREATE_STALL: Duration = Duration::from_secs(30);
+/// The longest they wait for it, working or not.
+const CREATE_LIMIT: Duration = Duration::from_secs(600);
 /// How long `save` waits for the VM process to write its snapshot, before
 /// it cancels the save.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default and largest amount of console text `console` returns.
 const CONSOLE_DEFAULT: u64 = 1 << 20;
 const CONSOLE_MAX: u64 = 16 << 20;
+
+/// [`CREATE_STALL`], which tests shorten with `MIGD_CREATE_STALL_MS`
+/// (honoured only with fault injection on).
+fn create_stall() -> Duration {
+    std::env::var("MIGD_CREATE_STALL_MS")
+        .ok()
+        .filter(|_| migration::faults::enabled())
+        .and_then(|ms| ms.parse().ok())
+        .map_or(CREATE_STALL, Duration::from_millis)
+}
 
 /// [`SAVE_TIMEOUT`], which tests shorten with `MIGD_SAVE_TIMEOUT_MS`
 /// (honoured only with fault injection on).
@@ -807,7 +822,10 @@ async fn spawn_vm(
     let log = state::log_path(dir);
     let mut child = vmproc::spawn(&d.exe, &args, &log, None, None)?;
     let pid = child.id().context("VM process has no pid")?;
-    let end = Instant::now() + CREATE_TIMEOUT;
+    let started = Instant::now();
+    let stall = create_stall();
+    let mut work = vmproc::work_done(pid);
+    let mut worked_at = started;
     loop {
         if let Some(status) = child.try_wait()? {
             let why = vmproc::last_error_line(&log).unwrap_or_else(|| "no message".into());
@@ -823,16 +841,25 @@ async fn spawn_vm(
                 }
             }
         }
-        if Instant::now() > end {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            bail!(
-                "VM process did not answer on {} within {CREATE_TIMEOUT:?}; see {}",
-                control.display(),
-                log.display()
-            );
+        let now = Instant::now();
+        let w = vmproc::work_done(pid);
+        if w != work {
+            work = w;
+            worked_at = now;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let why = if now.duration_since(worked_at) > stall {
+            format!("did no work for {stall:?} and did not answer")
+        } else if now.duration_since(started) > CREATE_LIMIT {
+            format!("did not answer within {CREATE_LIMIT:?}")
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        // A failed create removes the directory, log and all: quote it.
+        let last = vmproc::last_error_line(&log).unwrap_or_else(|| "nothing".into());
+        bail!("VM process {why} on its control socket; stopped it (its log ends: {last})");
     }
 }
 

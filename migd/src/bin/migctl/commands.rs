@@ -11,13 +11,19 @@ use serde_json::{json, Value};
 use crate::format;
 use crate::{Cli, Cmd};
 
-/// Replies to quick commands come within this; `create` waits for the VM to start.
+/// Replies to quick commands come within this.
 const TIMEOUT: Duration = Duration::from_secs(90);
+/// `create`, `start` and `restore` wait for the VM process to answer, which
+/// takes minutes for a large snapshot or `prefault`; the daemon gives up
+/// after 10 minutes.
+const START_TIMEOUT: Duration = Duration::from_secs(660);
 /// `save` waits for the whole snapshot to be written.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(900);
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let connect = || Client::connect(&cli.socket, TIMEOUT).map_err(anyhow::Error::from);
+    let connect_to_start =
+        || Client::connect(&cli.socket, START_TIMEOUT).map_err(anyhow::Error::from);
     match cli.command {
         Cmd::Evacuate {
             to,
@@ -46,7 +52,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let kernel = absolute(&kernel)?;
             let initrd = initrd.as_deref().map(absolute).transpose()?;
-            let r = connect()?.call(&json!({
+            let r = connect_to_start()?.call(&json!({
                 "cmd": "create", "name": name, "kernel": kernel, "initramfs": initrd,
                 "cmdline": cmdline, "memory": memory, "vcpus": vcpus,
             }))?;
@@ -96,7 +102,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Start { name } => {
-            let r = connect()?.call(&json!({"cmd": "start", "name": name}))?;
+            let r = connect_to_start()?.call(&json!({"cmd": "start", "name": name}))?;
             println!("VM {name} started (pid {})", format::opt(&r["vm"]["pid"]));
         }
         Cmd::Resume { name } => {
@@ -243,7 +249,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let file = absolute(&file)?;
             let spinner = spinner(format!("restoring {name} from {}", file.display()));
-            let r = connect()?.call(&json!({
+            let r = connect_to_start()?.call(&json!({
                 "cmd": "restore", "name": name, "path": file, "lazy": lazy,
             }));
             spinner.finish_and_clear();
