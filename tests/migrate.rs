@@ -663,6 +663,43 @@ fn a_memory_digest_mismatch_fails_the_migration_and_the_source_runs_on() {
     assert_eq!(stats["verified"], false, "{stats}");
 }
 
+/// The destination could not send its `Confirm` after `Go` (test-only fault;
+/// a source that died or reset its link at that moment does this): the VM
+/// it has resumed runs on, and the source, never told, stays paused.
+#[test]
+fn a_destination_that_cannot_confirm_runs_the_vm_on() {
+    if !kvm_or_skip("a_destination_that_cannot_confirm_runs_the_vm_on") {
+        return;
+    }
+    let dir = scratch("migrate-no-confirm");
+    let src = VmProcess::boot(&dir, "src", "workload=dirty:8:4", "256M", 1);
+    src.console
+        .wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let port = free_port();
+    let on_dst = Console(dir.join("dst.console"));
+    let addr = format!("127.0.0.1:{port}");
+    let args = ["--incoming", &addr, "--memory", "256M", "--cpus", "1"];
+    let dst = VmProcess::start_env(
+        &dir,
+        "dst",
+        &on_dst,
+        &args,
+        &[("MIGD_FAULT_CONFIRM", "lost")],
+    );
+    let r = src.request(json!({"cmd": "migrate", "to": addr, "name": "vm1", "job": "j"}));
+    assert_eq!(r["ok"], true, "{r}");
+    let stats = src.wait_migration();
+    assert_eq!(stats["status"], "failed", "{stats}");
+    let e = stats["error"].as_str().unwrap();
+    assert!(e.contains("after the commit"), "{e}");
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "paused");
+    on_dst.wait_heartbeats(0, 3, Duration::from_secs(30));
+    assert_eq!(dst.request(json!({"cmd": "status"}))["state"], "running");
+    on_dst.assert_clean();
+    assert_eq!(dst.terminate(), 0);
+    assert_eq!(src.terminate(), 0);
+}
+
 /// The send of `Go` reports an error although `Go` went out (test-only
 /// fault; the send watchdog can do this): the destination runs the VM, so
 /// the source must stay paused, never resume on its own.

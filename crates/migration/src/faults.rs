@@ -89,6 +89,13 @@ pub fn enabled() -> bool {
     std::env::var_os("MIGD_FAULT_INJECTION").is_some_and(|v| v == "1")
 }
 
+/// Whether a destination is to act as if its `Confirm` could not be sent
+/// (`MIGD_FAULT_CONFIRM=lost`, with fault injection on): the source then
+/// never reads it.
+pub(crate) fn confirm_lost() -> bool {
+    enabled() && std::env::var_os("MIGD_FAULT_CONFIRM").is_some_and(|v| v == "lost")
+}
+
 /// Holds the migration here if its job asks for a hold at `phase`.
 pub(crate) fn hold(job: &Job, phase: Phase) {
     let Some(h) = job.take_hold(phase) else {

@@ -138,7 +138,7 @@ pub fn receive(
                 wire::write_control(&mut out, &Message::Synced { seq })?;
             }
             Message::RoundEnd { round } => {
-                stats.rounds = round + 1;
+                stats.rounds = round.saturating_add(1);
                 if let Some((t, p)) = round_start.take() {
                     // scripts/bench/bench.py reads round 0's figures from this line.
                     tracing::info!(
@@ -239,24 +239,35 @@ pub fn receive(
             )))
         }
     }
-    stats.resume_us = resume_and_confirm(&vm, &mut out, on_running)?;
+    let (resume_us, confirmed) = resume_and_confirm(&vm, &mut out, on_running);
+    stats.resume_us = resume_us;
+    if let Err(e) = confirmed {
+        // The VM runs here from Go on, whatever becomes of the link: the
+        // source, without our Confirm, stays paused (unconfirmed).
+        tracing::warn!("the VM runs here, but the source did not get our confirmation: {e}");
+    }
     Ok((vm, stats))
 }
 
 /// After Go: runs the VM, reports it running, and tells the source; returns how
-/// long resuming took, µs.
+/// long resuming took, µs, and whether the source was told. The VM runs
+/// either way: once resumed, it must not be dropped for a failed send.
 pub(crate) fn resume_and_confirm(
     vm: &Vm,
     out: &mut impl Write,
     on_running: &dyn Fn(),
-) -> Result<u64> {
+) -> (u64, Result<()>) {
     let t = Instant::now();
     vm.resume();
     let resume_us = t.elapsed().as_micros() as u64;
     on_running();
-    wire::write_control(out, &Message::Confirm { resume_us })?;
+    if crate::faults::confirm_lost() {
+        let cause = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "injected fault");
+        return (resume_us, Err(io_err("sending Confirm")(cause)));
+    }
+    let sent = wire::write_control(out, &Message::Confirm { resume_us }).map_err(Error::from);
     let _ = out.flush();
-    Ok(resume_us)
+    (resume_us, sent)
 }
 
 /// Bytes of the socket read buffer (frame headers, offsets, control messages).

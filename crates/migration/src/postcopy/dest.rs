@@ -1363,16 +1363,15 @@ pub(crate) fn receive(
     }
     dest.resumed_ns
         .store(dest.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    stats.resume_us = match crate::incoming::resume_and_confirm(&vm, &mut confirm_to, on_running) {
-        Ok(us) => us,
-        Err(e) => {
-            // The VM runs; the session finds the link broken and waits for
-            // the source to reconnect.
-            tracing::warn!("post-copy: confirmation not sent ({e}); waiting for the source");
-            let _ = confirm_to.shutdown(Shutdown::Both);
-            0
-        }
-    };
+    let (resume_us, confirmed) =
+        crate::incoming::resume_and_confirm(&vm, &mut confirm_to, on_running);
+    stats.resume_us = resume_us;
+    if let Err(e) = confirmed {
+        // The VM runs; the session finds the link broken and waits for
+        // the source to reconnect.
+        tracing::warn!("post-copy: confirmation not sent ({e}); waiting for the source");
+        let _ = confirm_to.shutdown(Shutdown::Both);
+    }
     stats.postcopy = Some(PostcopyWatch(dest.clone()));
     if total == 0 {
         dest.finish(Ok(()));
