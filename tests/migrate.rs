@@ -663,6 +663,40 @@ fn a_memory_digest_mismatch_fails_the_migration_and_the_source_runs_on() {
     assert_eq!(stats["verified"], false, "{stats}");
 }
 
+/// Pages the guest writes for the first time while the destination
+/// prepares (held 1.5 s here, while the guest fills its working set at
+/// 16 MiB/s) were holes when the source found its pages with data: round 0
+/// sends them all the same, whichever way the dirty log is read.
+#[test]
+fn pages_first_written_while_the_destination_prepares_arrive() {
+    if !kvm_or_skip("pages_first_written_while_the_destination_prepares_arrive") {
+        return;
+    }
+    for (tag, how) in [
+        ("reorder", json!({"reorder": true})),
+        ("take", json!({"clear_before_send": false})),
+        ("clear", json!({})),
+    ] {
+        let dir = scratch(&format!("migrate-fill-{tag}"));
+        let src = VmProcess::boot(&dir, "src", "workload=dirty:64:4 fill=16", "256M", 1);
+        src.console
+            .wait_for("TESTGUEST layout", Duration::from_secs(60));
+        let mut extra = how.clone();
+        extra["fault_hold"] = json!("prepared:1500");
+        let (stats, dst) = migrate_to_new(&dir, &src, "dst", loopback, extra);
+        assert_eq!(stats["status"], "completed", "{tag}: {stats}");
+        let on_dst = Console(dir.join("dst.console"));
+        assert!(
+            !src.console.text().contains("WORKLOAD READY"),
+            "{tag}: the guest had filled its working set before it left"
+        );
+        on_dst.wait_for("WORKLOAD READY", Duration::from_secs(60));
+        on_dst.wait_heartbeats(0, 2, Duration::from_secs(30));
+        on_dst.assert_clean();
+        assert_eq!(dst.terminate(), 0);
+    }
+}
+
 /// The destination could not send its `Confirm` after `Go` (test-only fault;
 /// a source that died or reset its link at that moment does this): the VM
 /// it has resumed runs on, and the source, never told, stays paused.

@@ -13,6 +13,9 @@ use crate::precopy::Job;
 pub enum Phase {
     /// After the Hello is sent, before the Accept is read.
     Handshake,
+    /// After this side's preparation (dirty log on, pages with data found),
+    /// before the destination is known to be prepared.
+    Prepared,
     /// Pre-copy round k, after its first page batch.
     Round(u32),
     /// After the pause, before the state is sent.
@@ -28,6 +31,7 @@ impl Phase {
     pub fn name(self) -> String {
         match self {
             Phase::Handshake => "handshake".into(),
+            Phase::Prepared => "prepared".into(),
             Phase::Round(k) => format!("round{k}"),
             Phase::Switch => "switch".into(),
             Phase::Postcopy => "postcopy".into(),
@@ -38,6 +42,7 @@ impl Phase {
     fn parse(s: &str) -> Option<Phase> {
         Some(match s {
             "handshake" => Phase::Handshake,
+            "prepared" => Phase::Prepared,
             "switch" => Phase::Switch,
             "postcopy" => Phase::Postcopy,
             "recovery" => Phase::Recovery,
@@ -61,7 +66,7 @@ impl Hold {
     pub fn parse(s: &str) -> std::result::Result<Hold, String> {
         let bad = || {
             format!(
-                "bad fault hold '{}': want PHASE:MS, PHASE one of handshake, round<k>, switch, postcopy, recovery",
+                "bad fault hold '{}': want PHASE:MS, PHASE one of handshake, prepared, round<k>, switch, postcopy, recovery",
                 s.escape_debug()
             )
         };
@@ -126,6 +131,7 @@ mod tests {
         }
         for p in [
             "handshake",
+            "prepared",
             "round0",
             "round7",
             "switch",

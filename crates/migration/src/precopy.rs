@@ -1351,6 +1351,7 @@ pub(crate) fn open<T>(
     // The destination may still be building its VM (a daemon starts a VM
     // process for it): this side's own preparation runs meanwhile.
     let early = while_preparing()?;
+    faults::hold(job, Phase::Prepared);
     handshake::wait_prepared(&mut stream)?;
     job.update(|s| {
         s.setup_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -1499,16 +1500,19 @@ pub(crate) fn rounds(
 ) -> Result<(Vec<u64>, u32)> {
     let pages = tx.mem.pages();
     let clear_before_send = early.clear_before_send;
-    if !switch && !clear_before_send {
-        // Round 0 sends what the guest wrote while the destination prepared:
-        // the log starts now, lest round 1 send it again.
-        vm.take_dirty_bitmap()?;
-    }
-
     // Round 0: every page that holds data (but the hot ones). It starts with
     // hybrid's sampling (its first step began when the log did), which sends
     // some of it.
     let mut todo = early.data;
+    if !switch && !clear_before_send {
+        // Round 0 sends what the guest wrote while the destination prepared,
+        // pages it wrote for the first time included (they were holes when
+        // the data was found): the log starts now, lest round 1 send them
+        // again.
+        for (t, d) in todo.iter_mut().zip(vm.take_dirty_bitmap()?) {
+            *t |= d;
+        }
+    }
     // With the sampling, round 0 began when the log did: what the guest wrote
     // since is in the round's dirty rate.
     let round0_start = (

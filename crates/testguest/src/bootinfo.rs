@@ -204,6 +204,9 @@ pub struct Config {
     pub hot_pct: u64,
     /// `zeros=<MiB>`: memory written with zeros at boot and verified as zeros.
     pub zeros_mib: u64,
+    /// `fill=<MiB/s>`: the first write of the working set, over all vCPUs,
+    /// paced to this rate (0 = as fast as possible).
+    pub fill_mib: u64,
 }
 
 fn num(s: &str) -> Option<u64> {
@@ -229,6 +232,7 @@ impl Config {
             compressible: false,
             hot_pct: 0,
             zeros_mib: 0,
+            fill_mib: 0,
         };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, val)) = word.split_once('=') else {
@@ -283,6 +287,7 @@ impl Config {
                         .filter(|p| (1..=99).contains(p))
                         .unwrap_or_else(|| bad())
                 }
+                "fill" => c.fill_mib = num(val).unwrap_or_else(|| bad()),
                 "zeros" => {
                     c.zeros_mib = num(val).filter(|&m| m <= 1 << 20).unwrap_or_else(|| bad())
                 }

@@ -215,12 +215,15 @@ fn boot_cpu_main() -> ! {
         })
     };
 
-    let rate_pages = cfg.rate_mib * 256 / n as u64;
-    let rate_pages = if cfg.rate_mib > 0 {
-        rate_pages.max(1)
-    } else {
-        0
+    // Pages per second per vCPU of a rate in MiB/s over all of them.
+    let per_cpu = |mib: u64| {
+        if mib > 0 {
+            (mib.saturating_mul(256) / n as u64).max(1)
+        } else {
+            0
+        }
     };
+    let rate_pages = per_cpu(cfg.rate_mib);
     let mode = match cfg.mode {
         Mode::Idle => "idle",
         Mode::Dirty => "dirty",
@@ -256,6 +259,7 @@ fn boot_cpu_main() -> ! {
         apic_ids: cpus.apic_ids,
         mode: cfg.mode,
         rate_pages,
+        fill_pages: per_cpu(cfg.fill_mib),
         ws_base,
         ws_pages: pages,
         gens_base,

@@ -59,6 +59,9 @@ pub struct Plan {
     pub mode: Mode,
     /// Rewrite rate per CPU in pages per second (0 = as fast as possible).
     pub rate_pages: u64,
+    /// `fill=`: first-write rate per CPU in pages per second (0 = as fast as
+    /// possible).
+    pub fill_pages: u64,
     /// Physical address of page 0 of the working set.
     pub ws_base: u64,
     /// Pages in the working set.
@@ -306,6 +309,7 @@ struct Worker {
     slice: Slice,
     mode: Mode,
     rate: u64,
+    fill_rate: u64,
     filled: u64,
     wcur: u64,
     vcur: u64,
@@ -371,10 +375,15 @@ fn verify_zeros(p: &Plan, i: u64) {
 impl Worker {
     /// One loop iteration of work; returns whether any page was due for writing.
     fn step(&mut self, now: u64) -> bool {
-        let s = &self.slice;
         let st = &STATUS[self.cpu];
-        if self.filled < s.n {
-            let end = (self.filled + FILL_CHUNK).min(s.n);
+        if self.filled < self.slice.n {
+            let due = if self.fill_rate == 0 {
+                FILL_CHUNK
+            } else {
+                self.paced(now, self.fill_rate, FILL_CHUNK)
+            };
+            let s = &self.slice;
+            let end = (self.filled + due).min(s.n);
             for i in self.filled..end {
                 s.write_full(i, 1);
             }
@@ -383,6 +392,7 @@ impl Worker {
                 st.pass.store(1, Ordering::Relaxed);
                 st.ready.store(true, Ordering::Release);
                 self.last_credit = now;
+                self.credit = 0;
             }
             self.verify_chunk();
             return true;
@@ -393,15 +403,9 @@ impl Worker {
             due = if self.rate == 0 {
                 WRITE_CHUNK
             } else {
-                let hz = clock::tsc_hz();
-                let dt = now.saturating_sub(self.last_credit).min(hz);
-                self.last_credit = self.last_credit.max(now);
-                let cap = (self.rate / 10).max(1) * hz;
-                self.credit = (self.credit + dt * self.rate).min(cap);
-                let due = (self.credit / hz).min(WRITE_CHUNK);
-                self.credit -= due * hz;
-                due
+                self.paced(now, self.rate, WRITE_CHUNK)
             };
+            let s = &self.slice;
             for _ in 0..due {
                 self.hot_turn = !self.hot_turn;
                 if self.hot > 0 && self.hot_turn {
@@ -419,6 +423,19 @@ impl Worker {
         }
         self.verify_chunk();
         due != 0
+    }
+
+    /// Pages due now at `rate` pages per second (at most `most`), from the
+    /// credit the TSC has accrued since the last call.
+    fn paced(&mut self, now: u64, rate: u64, most: u64) -> u64 {
+        let hz = clock::tsc_hz();
+        let dt = now.saturating_sub(self.last_credit).min(hz);
+        self.last_credit = self.last_credit.max(now);
+        let cap = (rate / 10).max(1) * hz;
+        self.credit = (self.credit + dt * rate).min(cap);
+        let due = (self.credit / hz).min(most);
+        self.credit -= due * hz;
+        due
     }
 
     fn verify_chunk(&mut self) {
@@ -581,6 +598,7 @@ pub fn run(cpu: usize) -> ! {
         slice,
         mode: p.mode,
         rate: p.rate_pages,
+        fill_rate: p.fill_pages,
         filled: 0,
         wcur: hot,
         vcur: 0,
