@@ -697,6 +697,43 @@ fn pages_first_written_while_the_destination_prepares_arrive() {
     }
 }
 
+/// While a migration runs, the VM process refuses `pause` and `resume`: the
+/// migration pauses the VM for its last pages (a resume then would lose the
+/// guest's writes, or after the commit run it twice), and a pause would be
+/// undone by the destination.
+#[test]
+fn pause_and_resume_are_refused_while_a_migration_runs() {
+    if !kvm_or_skip("pause_and_resume_are_refused_while_a_migration_runs") {
+        return;
+    }
+    let dir = scratch("migrate-no-resume");
+    let src = VmProcess::boot(&dir, "src", "workload=dirty:8:4", "256M", 1);
+    src.console
+        .wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let port = free_port();
+    let on_dst = Console(dir.join("dst.console"));
+    let dst = VmProcess::incoming(&dir, "dst", &on_dst, port, "256M", 1);
+    let r = src.request(json!({
+        "cmd": "migrate", "to": loopback(port), "name": "vm1", "job": "j",
+        "fault_hold": "switch:3000",
+    }));
+    assert_eq!(r["ok"], true, "{r}");
+    src.wait_until("held at the switch", |m| m["held"] == "switch");
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "paused");
+    for cmd in ["resume", "pause"] {
+        let r = src.request(json!({ "cmd": cmd }));
+        assert_eq!(r["ok"], false, "{cmd}: {r}");
+        let e = r["error"].as_str().unwrap();
+        assert!(e.contains("migration of this VM is running"), "{e}");
+    }
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "paused");
+    let stats = src.wait_migration();
+    assert_eq!(stats["status"], "completed", "{stats}");
+    on_dst.wait_heartbeats(0, 2, Duration::from_secs(30));
+    on_dst.assert_clean();
+    assert_eq!(dst.terminate(), 0);
+}
+
 /// The destination could not send its `Confirm` after `Go` (test-only fault;
 /// a source that died or reset its link at that moment does this): the VM
 /// it has resumed runs on, and the source, never told, stays paused.

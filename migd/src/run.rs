@@ -1262,13 +1262,20 @@ fn handle_control(
                 && mig
                     .job
                     .as_ref()
-                    .is_some_and(|j| j.snapshot().status == "postcopy-active") =>
+                    .is_some_and(|j| j.snapshot().status.starts_with("postcopy")) =>
         {
             Err(
                 "the destination runs this VM (post-copy in progress): it cannot resume here"
                     .to_string(),
             )
         }
+        // The migration pauses the VM for its last pages and, once past its
+        // commit, must never see it resumed here; a pause of the operator's
+        // would be undone by the destination (or by a failure) anyway.
+        "pause" | "resume" if mig.running => Err(format!(
+            "a migration of this VM is running: it pauses and resumes the VM itself; \
+             cancel it first to {cmd} here"
+        )),
         "cancel" if mig.saving.is_some() => {
             // The save fails "cancelled"; the VM goes on as before it.
             if let Some(s) = &mig.saving {
