@@ -141,6 +141,29 @@ struct Gathered {
     overflowed: bool,
 }
 
+impl Gathered {
+    /// The pages dirtied since the last read; with `clear`, starts over.
+    /// After an overflow every page of the first `pages` counts as dirty,
+    /// until read with `clear` or cleared page by page ([`Rings::clear`]) as
+    /// it is sent: one full resend, not one per later read.
+    fn read(&mut self, pages: u64, clear: bool) -> Vec<u64> {
+        if self.overflowed {
+            tracing::warn!("a dirty ring overflowed: every page counts as dirty");
+            for pfn in 0..pages {
+                if let Some(w) = self.bits.get_mut((pfn / 64) as usize) {
+                    *w |= 1 << (pfn % 64);
+                }
+            }
+            self.overflowed = false;
+        }
+        let out = self.bits.clone();
+        if clear {
+            self.bits.iter_mut().for_each(|w| *w = 0);
+        }
+        out
+    }
+}
+
 /// The rings of one VM's vCPUs.
 pub(crate) struct Rings {
     rings: Vec<Ring>,
@@ -236,29 +259,14 @@ impl Rings {
     pub(crate) fn read(&self, clear: bool) -> Result<Vec<u64>> {
         let mut g = self.gathered.lock().unwrap_or_else(|p| p.into_inner());
         self.harvest(&mut g)?;
-        let out = if g.overflowed {
-            tracing::warn!("a dirty ring overflowed: every page counts as dirty");
-            let pages = self
-                .slot_first
-                .iter()
-                .zip(&self.slot_pages)
-                .map(|(f, n)| f + n)
-                .max();
-            let mut all = vec![0u64; g.bits.len()];
-            for pfn in 0..pages.unwrap_or(0) {
-                if let Some(w) = all.get_mut((pfn / 64) as usize) {
-                    *w |= 1 << (pfn % 64);
-                }
-            }
-            all
-        } else {
-            g.bits.clone()
-        };
-        if clear {
-            g.bits.iter_mut().for_each(|w| *w = 0);
-            g.overflowed = false;
-        }
-        Ok(out)
+        let pages = self
+            .slot_first
+            .iter()
+            .zip(&self.slot_pages)
+            .map(|(f, n)| f + n)
+            .max()
+            .unwrap_or(0);
+        Ok(g.read(pages, clear))
     }
 
     /// Moves every entry the rings hold into `g` and hands their slots back
@@ -386,6 +394,29 @@ mod tests {
         let (got, lost) =
             unsafe { drain(ring.as_mut_ptr(), n, next, &[0, 192], &[128, 64], &mut bits) };
         (got, lost, bits)
+    }
+
+    #[test]
+    fn an_overflow_makes_every_page_dirty_once() {
+        let mut g = Gathered {
+            next: vec![0],
+            bits: vec![0u64; 2],
+            overflowed: false,
+        };
+        g.bits[0] = 0b100;
+        assert_eq!(g.read(100, false), vec![0b100, 0]);
+        g.overflowed = true;
+        let all = vec![u64::MAX, (1 << 36) - 1];
+        assert_eq!(g.read(100, false), all, "every page after an overflow");
+        // Sent page by page (the rounds' clear-before-send): each cleared
+        // page stays clean, and later reads report only what is left.
+        g.bits[0] = 0;
+        assert_eq!(g.read(100, false), vec![0, (1 << 36) - 1]);
+        assert_eq!(g.read(100, true), vec![0, (1 << 36) - 1]);
+        assert_eq!(g.read(100, false), vec![0, 0]);
+        g.overflowed = true;
+        assert_eq!(g.read(100, true), all);
+        assert_eq!(g.read(100, true), vec![0, 0]);
     }
 
     #[test]
