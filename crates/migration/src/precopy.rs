@@ -478,6 +478,10 @@ pub(crate) struct Sender<'a> {
     watchdog: Watchdog,
 }
 
+/// Zero ranges one `Zero` message carries at most (about 1.3 MiB encoded
+/// at worst, against the 32 MiB frame limit).
+const MAX_ZERO_RANGES: usize = 64 << 10;
+
 impl<'a> Sender<'a> {
     pub(crate) fn write_control(&mut self, m: &Message) -> Result<()> {
         let f = wire::encode_control(m)?;
@@ -508,6 +512,11 @@ impl<'a> Sender<'a> {
                 match self.zero_ranges.last_mut() {
                     Some((o, n)) if *o + *n * PAGE_SIZE == off => *n += 1,
                     _ => self.zero_ranges.push((off, 1)),
+                }
+                // Scattered zero pages make one range each: the message
+                // must stay well inside a frame.
+                if self.zero_ranges.len() >= MAX_ZERO_RANGES {
+                    self.flush()?;
                 }
                 // The destination's copy is zero now: so is the delta base.
                 if let Some(cache) = &mut self.xbzrle {
@@ -1915,9 +1924,20 @@ pub(crate) fn expect_confirm(rx: &mut Link) -> std::result::Result<u64, String> 
 
 #[cfg(test)]
 mod tests {
-    use super::{not_converging, reorder_plan, switch_allowance_ms, Watchdog};
+    use super::{not_converging, reorder_plan, switch_allowance_ms, Watchdog, MAX_ZERO_RANGES};
     use crate::{Error, Result};
     use std::time::Duration;
+
+    #[test]
+    fn a_full_list_of_zero_ranges_fits_in_one_frame() {
+        // Scattered single pages of a guest far above 4 GiB: the largest
+        // varints there are.
+        let ranges: Vec<(u64, u64)> = (0..MAX_ZERO_RANGES as u64)
+            .map(|i| ((1 << 50) + i * 2 * 4096, 1))
+            .collect();
+        let f = wire::encode_control(&wire::Message::Zero { ranges }).unwrap();
+        assert!(f.len() < 2 << 20, "{} bytes", f.len());
+    }
 
     #[test]
     fn the_watchdog_fails_a_trickle_and_spares_a_slow_link() {
