@@ -367,7 +367,13 @@ pub fn check(s: &crate::stats::MigrationStats, vcpus: usize, capped: bool) -> Op
                 .as_ref()
                 .map_or(100e-6, |p| p.go_confirm_us as f64 / 1e6)
         }),
-        max_downtime: 0.3,
+        // The limit the migration ran under (statistics from before it was
+        // recorded say 0: the default then).
+        max_downtime: if s.max_downtime_ms > 0.0 {
+            s.max_downtime_ms / 1e3
+        } else {
+            0.3
+        },
         prepaging_window: s.prepaging_window as f64,
         vcpus: vcpus as u32,
         setup: s.setup_ms / 1e3,
@@ -478,6 +484,10 @@ mod tests {
         let c = check(&s, 1, false).unwrap();
         assert!((c.inputs.bandwidth - (100 << 20) as f64 * 10.0).abs() < 1.0);
         assert_eq!(c.prediction.rounds, 1);
+        assert_eq!(c.inputs.max_downtime, 0.3, "the default, where none is recorded");
+        s.max_downtime_ms = 50.0;
+        let c = check(&s, 1, false).unwrap();
+        assert_eq!(c.inputs.max_downtime, 0.05, "the limit the migration ran under");
         // One round of 100 ms plus the state: total predicted ~100 ms against 200 measured.
         assert!((c.total_error_pct + 50.0).abs() < 2.0, "{c:?}");
         assert_eq!(c.final_copy, None, "no page after the round");

@@ -322,7 +322,7 @@ impl Job {
     /// Sets the largest acceptable pause (at least 1 µs), also while the
     /// migration runs (QEMU's migrate-set-parameters downtime-limit).
     pub fn set_max_downtime(&self, limit: Duration) {
-        let us = (limit.as_micros() as u64).max(1);
+        let us = u64::try_from(limit.as_micros()).unwrap_or(u64::MAX).max(1);
         self.max_downtime_us.store(us, Ordering::Relaxed);
         self.update(|s| s.max_downtime_ms = us as f64 / 1e3);
     }
