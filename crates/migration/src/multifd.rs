@@ -204,7 +204,8 @@ pub(crate) fn start<'scope, 'env>(
         count,
     })?;
     let links = accept_streams(listener, &tx.stream, token, count, params.tls.as_ref())?;
-    let share = s.xbzrle.cache_size / count as u64;
+    // One slot per page of guest RAM at most in all, as for one stream.
+    let share = s.xbzrle.cache_size.min(ram.size()) / count as u64;
     if share > 0 {
         tx.xbzrle = Some(crate::xbzrle::Cache::interleaved(
             share,

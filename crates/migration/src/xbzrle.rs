@@ -119,8 +119,10 @@ pub fn decode(delta: &[u8], page: &mut [u8]) -> Result<(), String> {
 /// mostly hits (with oldest-first eviction a sequential sweep of such a set
 /// would miss on every page). The slots are one allocation, touched lazily.
 pub struct Cache {
-    /// The page each slot holds (`EMPTY`: none).
-    tags: Vec<u64>,
+    /// The page each slot holds, plus one (0: none): zeroed memory, so that
+    /// a cache costs only the slots it uses (several are made and dropped
+    /// as multifd sets up).
+    tags: Box<[u64]>,
     data: Box<[u8]>,
     /// Interleaving (multifd): this cache sees only one chunk of every `ways`
     /// chunks of `chunk` pages; the others' pfns are squeezed out of the slot
@@ -128,8 +130,6 @@ pub struct Cache {
     chunk: u64,
     ways: u64,
 }
-
-const EMPTY: u64 = u64::MAX;
 
 impl Cache {
     /// A cache of `bytes` (whole pages). If the host cannot allocate it, the
@@ -139,19 +139,20 @@ impl Cache {
         // Zeroed memory from the allocator: mapped on first write.
         let data = slots
             .checked_mul(PAGE)
-            .and_then(zeroed)
+            .and_then(zeroed::<u8>)
             .filter(|d| d.len() == slots * PAGE);
-        match data {
-            Some(data) => Cache {
-                tags: vec![EMPTY; slots],
+        let tags = zeroed::<u64>(slots).filter(|t| t.len() == slots);
+        match (data, tags) {
+            (Some(data), Some(tags)) => Cache {
+                tags,
                 data,
                 chunk: 1,
                 ways: 1,
             },
-            None => {
+            _ => {
                 tracing::warn!(bytes, "cannot allocate the XBZRLE cache: pages go whole");
                 Cache {
-                    tags: Vec::new(),
+                    tags: Box::default(),
                     data: Box::default(),
                     chunk: 1,
                     ways: 1,
@@ -178,30 +179,32 @@ impl Cache {
     /// The previous content of `pfn`, if cached.
     pub fn get(&self, pfn: u64) -> Option<&[u8]> {
         let i = self.slot(pfn)?;
-        (self.tags[i] == pfn).then(|| &self.data[i * PAGE..(i + 1) * PAGE])
+        (self.tags[i] == pfn.wrapping_add(1)).then(|| &self.data[i * PAGE..(i + 1) * PAGE])
     }
 
     /// Records `data` as the content of `pfn` last sent.
     pub fn put(&mut self, pfn: u64, data: &[u8]) {
         if let Some(i) = self.slot(pfn) {
-            self.tags[i] = pfn;
+            self.tags[i] = pfn.wrapping_add(1);
             self.data[i * PAGE..(i + 1) * PAGE].copy_from_slice(data);
         }
     }
 }
 
-/// `len` zeroed bytes, or None if the allocator refuses.
-fn zeroed(len: usize) -> Option<Box<[u8]>> {
+/// `len` zeroed elements, or None if the allocator refuses. Only for types
+/// whose all-zero bit pattern is a value (`u8`, `u64`).
+fn zeroed<T: Copy>(len: usize) -> Option<Box<[T]>> {
     // Not `vec![0; len]`: it aborts when the allocator refuses.
-    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
-    if len == 0 {
+    let layout = std::alloc::Layout::array::<T>(len).ok()?;
+    if layout.size() == 0 {
         return Some(Box::default());
     }
     // SAFETY: `layout` has a non-zero size; a non-null result is `len`
-    // zeroed bytes owned by the returned box, allocated with the global
-    // allocator and the layout of a `[u8]` of that length.
+    // zeroed elements (valid values of the integer types this is used
+    // with) owned by the returned box, allocated with the global allocator
+    // and the layout of a `[T]` of that length.
     unsafe {
-        let p = std::alloc::alloc_zeroed(layout);
+        let p = std::alloc::alloc_zeroed(layout).cast::<T>();
         if p.is_null() {
             return None;
         }
