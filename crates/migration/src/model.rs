@@ -484,10 +484,16 @@ mod tests {
         let c = check(&s, 1, false).unwrap();
         assert!((c.inputs.bandwidth - (100 << 20) as f64 * 10.0).abs() < 1.0);
         assert_eq!(c.prediction.rounds, 1);
-        assert_eq!(c.inputs.max_downtime, 0.3, "the default, where none is recorded");
+        assert_eq!(
+            c.inputs.max_downtime, 0.3,
+            "the default, where none is recorded"
+        );
         s.max_downtime_ms = 50.0;
         let c = check(&s, 1, false).unwrap();
-        assert_eq!(c.inputs.max_downtime, 0.05, "the limit the migration ran under");
+        assert_eq!(
+            c.inputs.max_downtime, 0.05,
+            "the limit the migration ran under"
+        );
         // One round of 100 ms plus the state: total predicted ~100 ms against 200 measured.
         assert!((c.total_error_pct + 50.0).abs() < 2.0, "{c:?}");
         assert_eq!(c.final_copy, None, "no page after the round");

@@ -338,10 +338,33 @@ fn run_starts(runs: &[(u64, u64)]) -> Vec<u64> {
         .collect()
 }
 
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp.{}", std::process::id()));
-    path.with_file_name(name)
+/// Creates the file a snapshot for `path` is written into before it is
+/// renamed there: beside it, under a name nobody can guess ahead, created
+/// new (never an existing file, nor through a symlink), for the owner only:
+/// all of guest memory goes in it.
+fn create_temp(path: &Path) -> std::io::Result<(File, PathBuf)> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut tries = 0;
+    loop {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".tmp.{}.{seq}.{nanos:08x}", std::process::id()));
+        let tmp = path.with_file_name(name);
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((f, tmp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 16 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Writes a snapshot of `state` and `ram` to `path` (atomically).
@@ -487,7 +510,6 @@ impl SnapshotWriter {
         boot: Option<&BootSpec>,
     ) -> Result<Self> {
         let start = Instant::now();
-        let tmp = temp_path(path);
         let blob = state.encode()?;
         let data_pages: u64 = runs.iter().map(|r| r.1).sum();
         let ws: Option<Vec<u64>> = working_set.map(|w| {
@@ -549,14 +571,7 @@ impl SnapshotWriter {
             front.extend_from_slice(&boot_crc.to_le_bytes());
         }
         front.resize(data_offset as usize, 0);
-        // All of guest memory goes in it: for the owner only.
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| snap_err(path, format!("create: {e}")))?;
+        let (file, tmp) = create_temp(path).map_err(|e| snap_err(path, format!("create: {e}")))?;
         let run_first = run_starts(&runs);
         // From here on, a failure removes the temporary file (Drop).
         let w = SnapshotWriter {
@@ -1092,6 +1107,34 @@ mod tests {
         let d = std::env::temp_dir().join(format!("vmm-snap-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn the_temporary_file_is_new_private_and_unguessable() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir("temp");
+        let p = d.join("vm.snap");
+        let (_, a) = create_temp(&p).unwrap();
+        let (_, b) = create_temp(&p).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.parent(), Some(d.as_path()));
+        let mode = std::fs::metadata(&a).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A file planted where the snapshot goes is replaced, never written
+        // through or reused: a symlink there keeps pointing at its target,
+        // which stays as it was.
+        let target = d.join("victim");
+        std::fs::write(&target, b"precious").unwrap();
+        std::os::unix::fs::symlink(&target, &p).unwrap();
+        let ram = GuestRam::new(16 << 20).unwrap();
+        ram.write(0x1000, &[0xaa; 4096]).unwrap();
+        write(&p, &state(16 << 20), &ram).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+        assert!(!std::fs::symlink_metadata(&p)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     fn sample(name: &str) -> (PathBuf, PathBuf) {
