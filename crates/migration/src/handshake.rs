@@ -74,11 +74,11 @@ pub fn receive_hello(stream: &mut impl Read) -> Result<Hello> {
 
 /// Destination: accepts; returns the capabilities both sides share.
 pub fn accept(stream: &mut impl Write, hello: &Hello) -> Result<Vec<String>> {
-    let shared: Vec<String> = hello
-        .capabilities
+    // Ours that the source named, each once, however often it named them.
+    let shared: Vec<String> = CAPABILITIES
         .iter()
-        .filter(|c| CAPABILITIES.contains(&c.as_str()))
-        .cloned()
+        .filter(|c| hello.capabilities.iter().any(|h| h == *c))
+        .map(|c| c.to_string())
         .collect();
     wire::write_control(
         stream,
@@ -288,6 +288,13 @@ mod tests {
             }
             f => panic!("{f:?}"),
         }
+        // Named many times, echoed once.
+        let mut h = h;
+        h.capabilities = vec!["precopy".into(); 1000];
+        assert_eq!(
+            accept(&mut Vec::new(), &h).unwrap(),
+            vec!["precopy".to_string()]
+        );
     }
 
     #[test]

@@ -51,6 +51,16 @@ pub enum WireError {
     /// An unknown frame kind.
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
+    /// A control message larger than any the receiver expects there.
+    #[error("a control message of {len} bytes where {expected} was expected (at most {max})")]
+    ControlTooLarge {
+        /// Its body length.
+        len: usize,
+        /// What was expected.
+        expected: &'static str,
+        /// The most accepted there.
+        max: usize,
+    },
     /// A page batch whose count and length disagree.
     #[error("page batch: {0}")]
     BadBatch(String),
@@ -750,15 +760,41 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Frame> {
     Ok(f)
 }
 
-/// Reads the next control message, failing on a page batch.
+/// Largest body [`expect_control`] reads: handshakes, requests and
+/// acknowledgements, never bulk data. A frame decodes into up to ~24 times
+/// its size (an empty string is one byte on the wire and 24 in memory), so
+/// a peer, before anything has authenticated it, gets no more than this.
+pub const MAX_SMALL_CONTROL: usize = 64 << 10;
+
+/// Reads the next control message, of at most [`MAX_SMALL_CONTROL`] bytes,
+/// failing on a page batch.
 pub fn expect_control(r: &mut impl Read, expected: &'static str) -> Result<Message> {
-    match read_frame(r)? {
-        Frame::Control(m) => Ok(m),
-        Frame::Pages { .. } => Err(WireError::Unexpected {
+    expect_control_up_to(r, expected, MAX_SMALL_CONTROL)
+}
+
+/// [`expect_control`] for a message that may be up to `max` bytes (the VM
+/// state, post-copy's bitmap of received pages). A larger one, or a page
+/// batch, is refused before its body is read.
+pub fn expect_control_up_to(
+    r: &mut impl Read,
+    expected: &'static str,
+    max: usize,
+) -> Result<Message> {
+    let h = read_header(r)?;
+    if h.kind != KIND_CONTROL {
+        return Err(WireError::Unexpected {
             got: "page batch".into(),
             expected,
-        }),
+        });
     }
+    if h.body_len > max {
+        return Err(WireError::ControlTooLarge {
+            len: h.body_len,
+            expected,
+            max,
+        });
+    }
+    read_control_body(r, h.body_len)
 }
 
 #[cfg(test)]
@@ -857,6 +893,39 @@ mod tests {
             }
             f => panic!("{f:?}"),
         }
+    }
+
+    #[test]
+    fn a_handshake_message_too_large_is_refused_before_it_is_read() {
+        // A Hello with a million empty capabilities: 1 MiB on the wire, ~24
+        // MiB decoded.
+        let mut big = hello();
+        if let Message::Hello { capabilities, .. } = &mut big {
+            *capabilities = vec![String::new(); 1 << 20];
+        }
+        let f = encode_control(&big).unwrap();
+        let mut r = &f[..];
+        match expect_control(&mut r, "Hello") {
+            Err(WireError::ControlTooLarge { len, expected, max }) => {
+                assert_eq!(
+                    (len, expected, max),
+                    (f.len() - 5, "Hello", MAX_SMALL_CONTROL)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(r.len(), f.len() - 5, "the body was not read");
+        // Where bulk is expected it is read, and an ordinary Hello passes.
+        assert!(expect_control_up_to(&mut &f[..], "State", MAX_FRAME).is_ok());
+        let f = encode_control(&hello()).unwrap();
+        assert!(expect_control(&mut &f[..], "Hello").is_ok());
+        // A page batch is refused before its pages are read.
+        let mut b = page_batch_header(&[0]).unwrap();
+        b.extend_from_slice(&[0u8; PAGE_SIZE]);
+        assert!(matches!(
+            expect_control(&mut &b[..], "Hello"),
+            Err(WireError::Unexpected { .. })
+        ));
     }
 
     #[test]

@@ -1280,7 +1280,7 @@ pub(crate) fn receive(
         .map_err(io_err("peer address"))?
         .ip();
 
-    let state = match wire::expect_control(&mut r, "State")? {
+    let state = match wire::expect_control_up_to(&mut r, "State", wire::MAX_FRAME)? {
         Message::State { blob } => VmState::decode(&blob)?,
         Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
         other => {

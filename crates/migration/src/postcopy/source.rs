@@ -462,7 +462,7 @@ impl Supply<'_> {
         faults::hold(self.job, Phase::Recovery);
         self.job.forget_links();
         self.job.check_cancel()?;
-        let bitmap = match wire::expect_control(&mut main, "Received")? {
+        let bitmap = match wire::expect_control_up_to(&mut main, "Received", wire::MAX_FRAME)? {
             Message::Received { bitmap } => bitmap,
             Message::PostcopyDone { report } => return Ok(Recovered::Done(report)),
             Message::Refuse { reason } => return Err(Error::Refused(reason)),
