@@ -68,8 +68,9 @@ pub enum Error {
     /// The peer broke the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),
-    /// A send made no progress for this many seconds: the peer stopped reading.
-    #[error("the destination stopped reading: no progress sending for {0} s")]
+    /// Sends blocked this many seconds got out less than 100 KiB/s: the peer
+    /// stopped reading (or reads at a trickle).
+    #[error("the destination stopped reading: under 100 KiB/s got out in {0} s blocked sending")]
     Stalled(u64),
     /// The destination lacks a capability the operator asked for.
     #[error("the destination does not support {0}")]

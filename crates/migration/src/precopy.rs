@@ -53,8 +53,12 @@ impl Watchdog {
         self.blocked += blocked;
         self.bytes += bytes;
         if self.blocked >= SEND_TIMEOUT {
-            if self.bytes < STALL_FLOOR {
-                return Err(Error::Stalled(SEND_TIMEOUT.as_secs()));
+            // The floor grows with the time blocked: one batch that trickled
+            // out over minutes is no better than many that did.
+            let floor = (STALL_FLOOR as u128 * self.blocked.as_millis() / SEND_TIMEOUT.as_millis())
+                .min(u64::MAX as u128) as u64;
+            if self.bytes < floor {
+                return Err(Error::Stalled(self.blocked.as_secs()));
             }
             *self = Watchdog::default();
         }
@@ -1951,6 +1955,15 @@ mod tests {
         for _ in 0..8 {
             w.sent(ms(8400), 1 << 20).unwrap();
         }
+        // One 1 MiB batch that took ten minutes to trickle out.
+        let mut w = Watchdog::default();
+        assert!(matches!(
+            w.sent(ms(600_000), 1 << 20),
+            Err(Error::Stalled(600))
+        ));
+        // A batch at just over the floor's rate passes, however long.
+        let mut w = Watchdog::default();
+        w.sent(ms(60_000), 6 << 20).unwrap();
         // Quiet stretches (nothing sent) and tiny control frames never add up.
         let mut w = Watchdog::default();
         for _ in 0..10_000 {
