@@ -226,12 +226,14 @@ fn auto_cut(i: &Inputs) -> Option<(f64, f64)> {
         .then_some((t0, i.memory_bytes - tenth))
 }
 
-/// The mode `--mode auto` is expected to end in: after a cut, or where its
-/// rounds do not converge within max-downtime, rounds and then post-copy
-/// ("hybrid"); otherwise pre-copy (the engine decides on what it measures
-/// as it goes).
+/// The mode `--mode auto` is expected to end in: pre-copy where what the
+/// guest dirtied during round 0 fits the pause (the engine goes on to
+/// post-copy after round 0 as soon as its sampling saw a page rewritten,
+/// which any guest that dirties memory does, unless that round converged);
+/// otherwise, or after a cut, round 0 and then post-copy ("hybrid").
 pub fn auto_mode(i: &Inputs) -> &'static str {
-    if auto_cut(i).is_none() && predict("precopy", i).converges {
+    let p = predict("precopy", i);
+    if auto_cut(i).is_none() && p.converges && (p.rounds <= 1 || i.dirty_rate <= 0.0) {
         "precopy"
     } else {
         "hybrid"
@@ -265,7 +267,12 @@ pub fn predict(mode: &str, i: &Inputs) -> Prediction {
     match mode {
         "auto" => match auto_cut(i) {
             Some((t0, left)) => ending_in_postcopy(i, (t0, 1, true), left),
-            None => predict(auto_mode(i), i),
+            None if auto_mode(i) == "precopy" => predict("precopy", i),
+            // Round 0 with its sampling, then post-copy at once.
+            None => {
+                let (hot, t0, cold_left, _) = hybrid_round0(i);
+                ending_in_postcopy(i, (t0, 1, true), hot + cold_left)
+            }
         },
         "postcopy" => ending_in_postcopy(i, (0.0, 0, true), i.memory_bytes),
         "hybrid" => {
@@ -657,7 +664,11 @@ mod tests {
             ..inputs()
         };
         assert_eq!(auto_mode(&tight), "hybrid");
-        assert_eq!(predict("auto", &tight), predict("hybrid", &tight));
+        // Round 0, then post-copy: no further round chases the rest.
+        let p = predict("auto", &tight);
+        assert_eq!(p.rounds, 1);
+        let h = predict("hybrid", &tight);
+        assert!(h.rounds > 1 && p.total_ms < h.total_ms, "{p:?} {h:?}");
         // A set growing at twice the link's rate: cut after 10 ms of
         // watching and a tenth of memory sent; post-copy moves the rest.
         let hot = Inputs {
@@ -690,6 +701,17 @@ mod tests {
             ..hot
         };
         assert_eq!(auto_mode(&round), "precopy");
+        // 50 MB/s swept over 8 GB on 1 GB/s: plain pre-copy would converge
+        // in its second round, but what round 0 leaves (~430 ms) is over
+        // the pause, so the engine goes on in post-copy after it.
+        let sweep = Inputs {
+            memory_bytes: 8e9,
+            dirty_rate: 0.05e9,
+            ..inputs()
+        };
+        let p = predict("precopy", &sweep);
+        assert!(p.converges && p.rounds > 1, "{p:?}");
+        assert_eq!(auto_mode(&sweep), "hybrid");
     }
 
     #[test]
