@@ -1771,7 +1771,8 @@ pub(crate) fn rounds(
             };
             break;
         }
-        if switch && params.auto && bandwidth > 0.0 && cold_rate >= 0.8 * bandwidth {
+        // (The bandwidth counts wire bytes: compressed pages take less of it.)
+        if switch && params.auto && bandwidth > 0.0 && cold_rate / ratio >= 0.8 * bandwidth {
             stop_reason = "dirty rate above 80 % of the bandwidth";
             break;
         }
