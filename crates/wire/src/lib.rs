@@ -278,7 +278,23 @@ pub enum Message {
         /// The source's boot spec of the VM.
         spec: Option<BootSpec>,
     },
+    /// Destination → source, in place of `Received` where its bitmap would
+    /// not fit one frame (guests of ~900 GiB and more): the bitmap in
+    /// consecutive parts of at most [`RECEIVED_PART_WORDS`] words, the last
+    /// one marked.
+    ReceivedPart {
+        /// Index of this part's first word in the whole bitmap.
+        first_word: u64,
+        /// The words.
+        words: Vec<u64>,
+        /// Whether this is the last part.
+        last: bool,
+    },
 }
+
+/// Words of a `ReceivedPart` at most: 9 bytes each encoded at worst, well
+/// inside a frame.
+pub const RECEIVED_PART_WORDS: usize = 1 << 21;
 
 /// How a VM boots from its kernel, as the source host's record has it (paths
 /// on that host, which the destination uses where they exist there too:
@@ -390,6 +406,7 @@ impl Message {
             Message::Sync { .. } => "Sync",
             Message::Synced { .. } => "Synced",
             Message::Boot { .. } => "Boot",
+            Message::ReceivedPart { .. } => "ReceivedPart",
         }
     }
 }
@@ -873,6 +890,11 @@ mod tests {
                 }),
             },
             Message::Boot { spec: None },
+            Message::ReceivedPart {
+                first_word: 4,
+                words: vec![1, u64::MAX],
+                last: true,
+            },
         ] {
             let f = encode_control(&m).unwrap();
             assert_eq!(decode_frame(&f).unwrap(), Frame::Control(m));

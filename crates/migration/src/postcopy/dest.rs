@@ -1094,7 +1094,9 @@ impl Dest {
                 .iter()
                 .map(|w| w.load(Ordering::Acquire))
                 .collect();
-            wire::write_control(&mut s, &Message::Received { bitmap })?;
+            for m in super::received_messages(bitmap) {
+                wire::write_control(&mut s, &m)?;
+            }
             s.set_read_timeout(None).map_err(io_err("socket timeout"))?;
             if self.channel {
                 *pending_main = Some(s);

@@ -59,7 +59,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::{io_err, Result};
+use wire::Message;
+
+use crate::{io_err, Error, Result};
 
 mod dest;
 mod source;
@@ -103,6 +105,61 @@ fn watch_link(s: &Link) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The messages that carry the destination's received-bitmap: one
+/// `Received`, or where that would not fit a frame, `ReceivedPart`s.
+fn received_messages(bitmap: Vec<u64>) -> Vec<Message> {
+    if bitmap.len() <= wire::RECEIVED_PART_WORDS {
+        return vec![Message::Received { bitmap }];
+    }
+    let parts = bitmap.len().div_ceil(wire::RECEIVED_PART_WORDS);
+    bitmap
+        .chunks(wire::RECEIVED_PART_WORDS)
+        .enumerate()
+        .map(|(i, words)| Message::ReceivedPart {
+            first_word: (i * wire::RECEIVED_PART_WORDS) as u64,
+            words: words.to_vec(),
+            last: i + 1 == parts,
+        })
+        .collect()
+}
+
+/// Source: the destination's received-bitmap of `len` words, from the
+/// first `ReceivedPart` (`first_word`, `words`, `last`) and the parts that
+/// follow on `r`. Parts out of order, or past `len`, are protocol errors.
+fn read_received_parts(
+    r: &mut impl std::io::Read,
+    (mut first_word, mut words, mut last): (u64, Vec<u64>, bool),
+    len: usize,
+) -> Result<Vec<u64>> {
+    let mut bitmap = Vec::new();
+    loop {
+        if first_word != bitmap.len() as u64 || bitmap.len() + words.len() > len {
+            return Err(Error::Protocol(format!(
+                "received-bitmap part of {} words at word {first_word} after {} of {len}",
+                words.len(),
+                bitmap.len()
+            )));
+        }
+        bitmap.extend_from_slice(&words);
+        if last {
+            return Ok(bitmap);
+        }
+        match wire::expect_control_up_to(r, "ReceivedPart", wire::MAX_FRAME)? {
+            Message::ReceivedPart {
+                first_word: f,
+                words: w,
+                last: l,
+            } => (first_word, words, last) = (f, w, l),
+            other => {
+                return Err(Error::Protocol(format!(
+                    "expected ReceivedPart, got {}",
+                    other.name()
+                )))
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -149,5 +206,61 @@ pub(crate) fn prioritize_this_thread(answers_faults: bool) {
     if rc != 0 {
         let e = std::io::Error::last_os_error();
         tracing::warn!(nice, "post-copy thread keeps its priority: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_received_bitmap_too_large_for_a_frame_goes_in_parts() {
+        // A small one: one Received, as ever.
+        assert_eq!(
+            received_messages(vec![7; 10]),
+            vec![Message::Received {
+                bitmap: vec![7; 10]
+            }]
+        );
+        // 1 TiB of guest, nearly every page received: ~38 MB encoded whole.
+        let len = (1usize << 40) / 4096 / 64;
+        let bitmap: Vec<u64> = (0..len as u64).map(|i| u64::MAX - (i % 3)).collect();
+        assert!(matches!(
+            wire::encode_control(&Message::Received {
+                bitmap: bitmap.clone()
+            }),
+            Err(wire::WireError::FrameSize(_))
+        ));
+        let msgs = received_messages(bitmap.clone());
+        assert_eq!(msgs.len(), 2);
+        let mut wire_bytes = Vec::new();
+        for m in &msgs {
+            wire::write_control(&mut wire_bytes, m).unwrap();
+        }
+        let mut r = &wire_bytes[..];
+        let first = match wire::expect_control_up_to(&mut r, "Received", wire::MAX_FRAME).unwrap() {
+            Message::ReceivedPart {
+                first_word,
+                words,
+                last,
+            } => (first_word, words, last),
+            m => panic!("{m:?}"),
+        };
+        assert_eq!(read_received_parts(&mut r, first, len).unwrap(), bitmap);
+        assert!(r.is_empty());
+        // Parts out of order, or more words than the guest has pages for.
+        let part = |first_word: u64, n: usize, last: bool| (first_word, vec![0u64; n], last);
+        let e = read_received_parts(&mut &[][..], part(5, 3, true), 10).unwrap_err();
+        assert!(e.to_string().contains("at word 5 after 0 of 10"), "{e}");
+        let e = read_received_parts(&mut &[][..], part(0, 11, true), 10).unwrap_err();
+        assert!(e.to_string().contains("part of 11 words"), "{e}");
+        // A part that is not the last, and then something else.
+        let mut more = Vec::new();
+        wire::write_control(&mut more, &Message::Go).unwrap();
+        let e = read_received_parts(&mut &more[..], part(0, 4, false), 10).unwrap_err();
+        assert!(
+            e.to_string().contains("expected ReceivedPart, got Go"),
+            "{e}"
+        );
     }
 }

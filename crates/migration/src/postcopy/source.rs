@@ -464,6 +464,15 @@ impl Supply<'_> {
         self.job.check_cancel()?;
         let bitmap = match wire::expect_control_up_to(&mut main, "Received", wire::MAX_FRAME)? {
             Message::Received { bitmap } => bitmap,
+            Message::ReceivedPart {
+                first_word,
+                words,
+                last,
+            } => super::read_received_parts(
+                &mut main,
+                (first_word, words, last),
+                self.expected.len(),
+            )?,
             Message::PostcopyDone { report } => return Ok(Recovered::Done(report)),
             Message::Refuse { reason } => return Err(Error::Refused(reason)),
             other => {
