@@ -223,7 +223,9 @@ fn a_post_copy_arrival_survives_the_destination_daemon_going_away() {
 /// At start the daemon meets a VM process that listens on its control
 /// socket but does not answer yet (busy booting or restoring a large
 /// snapshot; here a stand-in that answers after 4 s): it adopts it once it
-/// answers, instead of taking it for gone and removing its directory.
+/// answers, instead of taking it for gone and removing its directory. Its
+/// unfinished jobs wait for the adoption: the one the process reports goes
+/// on, the other then fails.
 #[test]
 fn a_busy_vm_process_is_adopted_once_it_answers() {
     use std::io::{BufRead, BufReader, Write};
@@ -231,6 +233,14 @@ fn a_busy_vm_process_is_adopted_once_it_answers() {
     let (sock, state) = (dir.join("a.sock"), dir.join("a-state"));
     let vm_dir = state.join("vms").join("web1");
     std::fs::create_dir_all(&vm_dir).unwrap();
+    std::fs::create_dir_all(state.join("jobs")).unwrap();
+    for id in ["job7", "job8"] {
+        let job = serde_json::json!({
+            "id": id, "vm": "web1", "to": "127.0.0.1:1", "status": "active",
+            "started": 1, "ended": null, "error": null, "stats": {},
+        });
+        std::fs::write(state.join(format!("jobs/{id}.json")), job.to_string()).unwrap();
+    }
     let control = vm_dir.join("control.sock");
     let listener = std::os::unix::net::UnixListener::bind(&control).unwrap();
     // A live pid for the stand-in to report.
@@ -254,12 +264,21 @@ fn a_busy_vm_process_is_adopted_once_it_answers() {
                     "ok": true, "state": "running", "pid": pid,
                     "memory": 128u64 << 20, "vcpus": 1,
                 }),
+                Some("migration") => serde_json::json!({
+                    "ok": true, "status": "active", "id": "job7", "mode": "precopy",
+                    "to": "127.0.0.1:1",
+                }),
                 _ => serde_json::json!({"ok": true, "status": "none"}),
             };
             let _ = writeln!(&s, "{reply}");
         }
     });
     let mut a = Daemon::start_with(sock, state, free_port(), &dir.join("a.log"));
+    let job = |id: &str| -> Value { serde_json::from_str(&a.ok(&["job", id, "--json"])).unwrap() };
+    for id in ["job7", "job8"] {
+        let j = job(id);
+        assert_eq!(j["status"], "active", "failed before the adoption: {j}");
+    }
     let end = Instant::now() + Duration::from_secs(20);
     loop {
         let (code, out, _) = a.migctl(&["info", "web1", "--json"]);
@@ -276,6 +295,23 @@ fn a_busy_vm_process_is_adopted_once_it_answers() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(control.exists(), "the busy process's socket was removed");
+    let j = job("job7");
+    assert_eq!(j["status"], "active", "{j}");
+    assert!(j["error"].is_null(), "{j}");
+    // Failed once the adoption is over (a moment after the VM is listed).
+    let end = Instant::now() + Duration::from_secs(10);
+    let j = loop {
+        let j = job("job8");
+        if j["status"] != "active" || Instant::now() > end {
+            break j;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(j["status"], "failed", "{j}");
+    assert!(
+        j["error"].as_str().unwrap().contains("no longer reports"),
+        "{j}"
+    );
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     assert_eq!(a.terminate(), 0);

@@ -86,6 +86,9 @@ pub struct Registry {
     pub vms: BTreeMap<String, VmEntry>,
     pub jobs: BTreeMap<String, Job>,
     pub next_job: u64,
+    /// VMs found at start whose process is too busy to answer yet: adopted
+    /// in the background, their jobs left alone until then.
+    pub adopting: std::collections::BTreeSet<String>,
 }
 
 /// Shared state of the running daemon.

@@ -286,6 +286,7 @@ async fn adopt_inner(d: &Arc<Daemon>, name: String, dir: PathBuf) {
             // gone would be orphaned, its socket removed, its directory
             // reused by a second process).
             tracing::info!("VM process busy: adopting it once it answers");
+            d.reg().adopting.insert(name.clone());
             let d = d.clone();
             tokio::spawn(
                 async move {
@@ -294,7 +295,10 @@ async fn adopt_inner(d: &Arc<Daemon>, name: String, dir: PathBuf) {
                         let status = ask_status(&dir).await;
                         if status.is_some() || !listening(&dir) {
                             let record = read_record(&dir);
-                            return adopt_answer(&d, name, dir, status, record).await;
+                            adopt_answer(&d, name.clone(), dir, status, record).await;
+                            d.reg().adopting.remove(&name);
+                            jobs::finish_orphans(&d);
+                            return;
                         }
                     }
                 }
