@@ -205,6 +205,57 @@ fn handover_survives_the_old_process_dying_at_the_commit() {
     console.assert_clean();
 }
 
+/// The new process of a handover is gone before it reads the commit
+/// (fault injection: it stops reading and exits right after `restored`):
+/// the old process's commit cannot reach it, and the old process keeps the
+/// VM as it was, running or paused. A paused VM handed over stays paused.
+#[test]
+fn a_handover_whose_new_process_dies_before_the_commit_keeps_the_vm() {
+    if !kvm_or_skip("a_handover_whose_new_process_dies_before_the_commit_keeps_the_vm") {
+        return;
+    }
+    let dir = scratch("handover-new-dies");
+    let old = VmProcess::boot(&dir, "old", "workload=dirty:8:8", "128M", 1);
+    let console = old.console.clone();
+    console.wait_for("WORKLOAD READY", READY);
+    let sock = old.control.to_str().unwrap().to_string();
+    let dies = [("MIGD_HANDOVER_NEW_DIES_BEFORE_COMMIT", "1")];
+    let takeover = ["--takeover", sock.as_str()];
+    for state in ["running", "paused"] {
+        if state == "paused" {
+            assert_eq!(old.request(json!({"cmd": "pause"}))["ok"], true);
+        }
+        let n = console.last_heartbeat().unwrap_or(0);
+        // It may die before its control socket answers: run it bare.
+        let st = std::process::Command::new(migd_bin())
+            .arg("run")
+            .args(takeover)
+            .env("MIGD_FAULT_INJECTION", "1")
+            .envs(dies)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("new-{state}.log"))).unwrap())
+            .status()
+            .unwrap();
+        assert_eq!(st.code(), Some(71), "the new process's exit status");
+        let st = old.request(json!({"cmd": "status"}));
+        assert_eq!(st["state"], state, "{st}");
+        if state == "running" {
+            console.wait_heartbeats(n, 2, Duration::from_secs(30));
+        }
+    }
+    // A paused VM handed over stays paused in the new process.
+    let n = console.last_heartbeat().unwrap_or(0);
+    let new = VmProcess::start(&dir, "new", &console, &takeover);
+    let mut old = old;
+    assert_eq!(old.wait(Duration::from_secs(30)), 0);
+    let st = new.request(json!({"cmd": "status"}));
+    assert_eq!(st["state"], "paused", "{st}");
+    assert_eq!(new.request(json!({"cmd": "resume"}))["ok"], true);
+    console.wait_heartbeats(n, 2, Duration::from_secs(30));
+    console.assert_clean();
+    assert_eq!(new.terminate(), 0);
+}
+
 #[test]
 fn snapshot_file_round_trip() {
     if !kvm_or_skip("snapshot_file_round_trip") {

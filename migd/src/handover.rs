@@ -79,6 +79,9 @@ pub struct PausedState {
     pub extents_complete: bool,
     /// The encoded `vmm::VmState`.
     pub state: Vec<u8>,
+    /// The VM ran before the handover: the new process resumes it (an old
+    /// sender that does not say so means yes); a paused VM stays paused.
+    pub running: bool,
 }
 
 /// CLOCK_MONOTONIC now, in ns (one clock for both processes on a host).
@@ -111,6 +114,7 @@ pub fn send_state(stream: &mut UnixStream, paused: &PausedState) -> Result<()> {
             "state_len": paused.state.len(),
             "paused_at_ns": paused.paused_at_ns,
             "extents_complete": paused.extents_complete,
+            "running": paused.running,
         }),
     )?;
     stream.write_all(&paused.state)?;
@@ -129,6 +133,7 @@ pub fn recv_state(reader: &mut BufReader<UnixStream>) -> Result<PausedState> {
     }
     let paused_at_ns = v.get("paused_at_ns").and_then(|t| t.as_u64()).unwrap_or(0);
     let extents_complete = v.get("extents_complete").and_then(|c| c.as_bool()) == Some(true);
+    let running = v.get("running").and_then(|c| c.as_bool()) != Some(false);
     let mut state = vec![0u8; len];
     reader
         .read_exact(&mut state)
@@ -137,6 +142,7 @@ pub fn recv_state(reader: &mut BufReader<UnixStream>) -> Result<PausedState> {
         paused_at_ns,
         extents_complete,
         state,
+        running,
     })
 }
 
@@ -334,27 +340,34 @@ mod tests {
             .contains("connection closed"));
     }
 
-    /// The state says whether the extents are complete; a state line
-    /// without the flag says no.
+    /// The state says whether the extents are complete and whether the VM
+    /// ran; a state line without the flags says no and yes (an older sender).
     #[test]
-    fn state_says_whether_the_extents_are_complete() {
+    fn state_says_whether_the_extents_are_complete_and_the_vm_ran() {
         let (mut a, b) = UnixStream::pair().unwrap();
         let mut r = BufReader::new(b);
-        for complete in [true, false] {
+        for (complete, running) in [(true, false), (false, true)] {
             let sent = PausedState {
                 paused_at_ns: 7,
                 extents_complete: complete,
                 state: vec![1, 2, 3],
+                running,
             };
             send_state(&mut a, &sent).unwrap();
             let got = recv_state(&mut r).unwrap();
             assert_eq!(
-                (got.paused_at_ns, got.extents_complete, got.state),
-                (7, complete, vec![1, 2, 3])
+                (
+                    got.paused_at_ns,
+                    got.extents_complete,
+                    got.state,
+                    got.running
+                ),
+                (7, complete, vec![1, 2, 3], running)
             );
         }
         send_line(&mut a, &serde_json::json!({"cmd": "state", "state_len": 0})).unwrap();
-        assert!(!recv_state(&mut r).unwrap().extents_complete);
+        let got = recv_state(&mut r).unwrap();
+        assert!(!got.extents_complete && got.running);
     }
 
     /// A header that never ends is refused, not read without bound.

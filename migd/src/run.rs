@@ -366,7 +366,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
     // A VM that arrived by migration already runs (the receiver resumed it on Go).
     let arrived = args.incoming.is_some() || args.incoming_fd.is_some();
     // A lazy restore resumed the VM itself (its fault thread was ready first).
-    if !args.paused && !arrived && !args.lazy {
+    // A VM handed over paused stays paused.
+    let handed_over_paused = takeover.as_ref().is_some_and(|l| !l.running);
+    if !args.paused && !arrived && !args.lazy && !handed_over_paused {
         vm.resume();
     }
     if let Some(link) = takeover.take() {
@@ -1454,14 +1456,28 @@ fn handle_control(
         }
         "handover" if mig.running => Err("a migration is running".to_string()),
         "handover" => {
-            return match give_away(vm, stream) {
+            let was_running = vm.is_running();
+            return match give_away(vm, stream, was_running) {
                 Ok(()) => {
                     tracing::info!("VM handed over to another process");
                     Some(0)
                 }
-                Err(e) => {
-                    tracing::error!("handover failed, VM resumed here: {e:#}");
-                    vm.resume();
+                Err(HandoverFailed::BeforeCommit(e)) => {
+                    if was_running {
+                        tracing::error!("handover failed, VM resumed here: {e:#}");
+                        vm.resume();
+                    } else {
+                        tracing::error!("handover failed, VM left paused here as it was: {e:#}");
+                    }
+                    None
+                }
+                Err(HandoverFailed::Unconfirmed(e)) => {
+                    tracing::error!(
+                        "handover: the new process is gone after the commit without saying \
+                         that it ran the VM ({e:#}); the VM is left paused here. It may have \
+                         run there for a moment on the shared memory: resume it here only if \
+                         the new process's log shows it never resumed the VM"
+                    );
                     None
                 }
             };
@@ -1476,9 +1492,34 @@ fn handle_control(
     None
 }
 
-/// Old side of a handover: everything up to `commit`. Err = the VM is still ours.
-fn give_away(vm: &Vm, mut stream: UnixStream) -> Result<()> {
+/// How a handover failed, for the old process.
+enum HandoverFailed {
+    /// Before the new process could have the commit: the VM is ours, as
+    /// it was (resumed if it ran).
+    BeforeCommit(anyhow::Error),
+    /// The commit went out, but the new process is gone without saying
+    /// that it ran the VM: it may have run it for a moment on the shared
+    /// memory, so the VM stays paused here for the operator.
+    Unconfirmed(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for HandoverFailed {
+    fn from(e: E) -> Self {
+        HandoverFailed::BeforeCommit(e.into())
+    }
+}
+
+/// Old side of a handover (`was_running`: the VM ran when it was asked).
+/// The VM stops here only once the new process has the commit and is alive.
+fn give_away(
+    vm: &Vm,
+    mut stream: UnixStream,
+    was_running: bool,
+) -> std::result::Result<(), HandoverFailed> {
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    // A new process that stops reading must not hold this one for ever.
+    stream.set_write_timeout(Some(Duration::from_secs(60)))?;
+    let new_pid = migd::process::peer_pid(&stream);
     let memfd = vm.ram().dup_memfd()?;
     // On huge pages, which pages hold data: taken while the VM runs, and
     // checked for completeness once it is paused.
@@ -1510,17 +1551,19 @@ fn give_away(vm: &Vm, mut stream: UnixStream) -> Result<()> {
         paused_at_ns,
         extents_complete,
         state: vm.capture()?.encode()?,
+        running: was_running,
     };
     handover::send_state(&mut stream, &paused)?;
     handover::expect_cmd(&mut reader, "restored")?;
-    // Commit point: from here on the VM belongs to the new process.
-    vm.exit_watch().stop(VmExit::Stopped);
     let die = die_at_commit();
     if die {
         // Deaf from here on, so that the new process's `running` fails
         // however soon this process is gone.
         stream.shutdown(std::net::Shutdown::Read)?;
     }
+    // Commit point: once it is sent the VM belongs to the new process. A
+    // send that fails never reached it (its end is closed), and the VM,
+    // only paused here, is still ours.
     handover::send_line(&mut stream, &json!({"cmd": "commit"}))?;
     if die {
         tracing::warn!("fault injection: exiting right after the commit");
@@ -1531,8 +1574,14 @@ fn give_away(vm: &Vm, mut stream: UnixStream) -> Result<()> {
             downtime_us = v.get("downtime_us").and_then(|d| d.as_u64()),
             "new process runs the VM"
         ),
+        Err(e) if new_pid.is_some_and(|p| !migd::process::alive(p)) => {
+            return Err(HandoverFailed::Unconfirmed(e));
+        }
+        // Alive: it has the commit, and runs the VM or is about to.
         Err(e) => tracing::warn!("no confirmation from the new process after commit: {e:#}"),
     }
+    // The vCPUs here never run again.
+    vm.exit_watch().stop(VmExit::Stopped);
     if header.data_after_commit {
         // The vCPUs here are stopped for good: the list is final. The VM is
         // the new process's already, so a failure only costs it the list.
@@ -1558,12 +1607,25 @@ fn die_at_commit() -> bool {
 /// The exit status of an old process that died at the commit (tests).
 const DIED_AT_COMMIT: i32 = 70;
 
+/// Tests make the new process of a handover die right after `restored`,
+/// before it reads the commit (`MIGD_HANDOVER_NEW_DIES_BEFORE_COMMIT=1`,
+/// honoured only with fault injection on): the old process must keep the VM.
+fn new_dies_before_commit() -> bool {
+    fault_injection()
+        && std::env::var_os("MIGD_HANDOVER_NEW_DIES_BEFORE_COMMIT").is_some_and(|v| v == "1")
+}
+
+/// The exit status of a new process that died before the commit (tests).
+const DIED_BEFORE_COMMIT: i32 = 71;
+
 struct TakeoverLink {
     stream: UnixStream,
     reader: BufReader<UnixStream>,
     paused_at_ns: u64,
     /// The old process sends its final data extents after `running`.
     data_follows: bool,
+    /// The VM ran in the old process (else it stays paused here).
+    running: bool,
 }
 
 /// New side of a handover: receive and rebuild the VM (paused), then wait for commit.
@@ -1586,6 +1648,7 @@ fn take_over(sock: &Path, console: Option<&Path>) -> Result<(Vm, TakeoverLink)> 
     let mut reader = BufReader::new(stream.try_clone()?);
     let paused = handover::recv_state(&mut reader)?;
     let paused_at_ns = paused.paused_at_ns;
+    let running = paused.running;
     let state = VmState::decode(&paused.state)?;
     let vm = prepared.load(&state)?;
     if paused.extents_complete {
@@ -1597,6 +1660,13 @@ fn take_over(sock: &Path, console: Option<&Path>) -> Result<(Vm, TakeoverLink)> 
         from_mappings = vm.ram().extents_from_mappings(),
         "handed-over memory"
     );
+    if new_dies_before_commit() {
+        // Deaf first, so that the old process's commit fails for sure.
+        stream.shutdown(std::net::Shutdown::Read)?;
+        handover::send_line(&mut stream, &json!({"cmd": "restored"}))?;
+        tracing::warn!("fault injection: exiting before the commit");
+        std::process::exit(DIED_BEFORE_COMMIT);
+    }
     handover::send_line(&mut stream, &json!({"cmd": "restored"}))?;
     handover::expect_cmd(&mut reader, "commit").context("old process did not commit")?;
     Ok((
@@ -1606,6 +1676,7 @@ fn take_over(sock: &Path, console: Option<&Path>) -> Result<(Vm, TakeoverLink)> 
             reader,
             paused_at_ns,
             data_follows,
+            running,
         },
     ))
 }

@@ -173,22 +173,7 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// True while a process with this pid exists and is not a zombie (an adopted VM
-/// process is not our child, and its reaper may be slow or absent).
-pub fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => false,
-    }
-}
+pub use migd::process::alive;
 
 /// A number that grows while the process works: its CPU time and page
 /// faults (`/proc/PID/stat`) plus the bytes it read and wrote
