@@ -190,7 +190,13 @@ impl RunControl {
     }
 
     /// Parks the calling vCPU thread while paused; false when it must exit.
-    fn park_if_needed(&self) -> bool {
+    /// `before_parking` runs first, before the thread counts as parked (so
+    /// that `pause` waits for it), outside the lock.
+    fn park_if_needed(&self, before_parking: impl FnOnce()) -> bool {
+        if self.lock().want == Want::Run {
+            return true;
+        }
+        before_parking();
         let mut st = self.lock();
         if st.want == Want::Run {
             return true;
@@ -230,9 +236,19 @@ pub(crate) fn spawn(
             control.register(id);
             let span = tracing::debug_span!("vcpu", id);
             let _g = span.enter();
-            while control.park_if_needed() {
+            // The last exit left its instruction for the next KVM_RUN to
+            // finish (port I/O, MMIO).
+            let mut unfinished = false;
+            let finish = |unfinished: &mut bool| {
+                if std::mem::take(unfinished) {
+                    finish_instruction(id, &mut vcpu.lock().unwrap_or_else(|p| p.into_inner()));
+                }
+            };
+            while control.park_if_needed(|| finish(&mut unfinished)) {
                 let mut fd = vcpu.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(exit) = run_once(id, &mut fd, &devices, rings.as_deref()) {
+                let (exit, leaves) = run_once(id, &mut fd, &devices, rings.as_deref());
+                unfinished = leaves;
+                if let Some(exit) = exit {
                     drop(fd);
                     tracing::info!(?exit, "vCPU ends the VM");
                     control.stop(exit);
@@ -246,15 +262,42 @@ pub(crate) fn spawn(
         })
 }
 
-/// One KVM_RUN and its exit handling; `Some` when the VM must stop.
+/// Lets KVM finish the instruction of the last exit (the register an `in`
+/// loads, RIP past an `out`, the rest of a `rep ins/outs`) without running
+/// the guest further: KVM does that only on the next KVM_RUN, and a state
+/// captured before would have the guest run the instruction twice (a
+/// console byte written twice, an interrupt identification read twice).
+fn finish_instruction(id: usize, fd: &mut VcpuFd) {
+    fd.set_kvm_immediate_exit(1);
+    match fd.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        Err(e) => tracing::warn!(id, "finishing the last instruction: KVM_RUN: {e}"),
+        Ok(exit) => tracing::warn!(
+            id,
+            "finishing the last instruction: unexpected exit {exit:?}"
+        ),
+    }
+    fd.set_kvm_immediate_exit(0);
+}
+
+/// One KVM_RUN and its exit handling; `Some` when the VM must stop, and
+/// whether the exit leaves its instruction for the next KVM_RUN to finish.
 fn run_once(
     id: usize,
     fd: &mut VcpuFd,
     devices: &Mutex<Devices>,
     rings: Option<&Rings>,
-) -> Option<VmExit> {
+) -> (Option<VmExit>, bool) {
     let lock = || devices.lock().unwrap_or_else(|p| p.into_inner());
-    match fd.run() {
+    let exit = fd.run();
+    let leaves = matches!(
+        exit,
+        Ok(VcpuExit::IoOut(..)
+            | VcpuExit::IoIn(..)
+            | VcpuExit::MmioRead(..)
+            | VcpuExit::MmioWrite(..))
+    );
+    let outcome = match exit {
         Ok(VcpuExit::IoOut(port, data)) => match lock().io_out(port, data) {
             IoAction::None => None,
             IoAction::PowerOff => Some(VmExit::PowerOff),
@@ -290,5 +333,6 @@ fn run_once(
             None
         }
         Err(e) => Some(VmExit::Failed(format!("vCPU {id}: KVM_RUN: {e}"))),
-    }
+    };
+    (outcome, leaves)
 }
