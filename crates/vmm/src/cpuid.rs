@@ -38,7 +38,13 @@ pub fn for_vcpu(
             1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | ((id as u32) << 24) | ((count as u32) << 16);
                 e.ecx |= 1 << 31; // running under a hypervisor
+                // No VMX: the nested state it needs is not migrated (a
+                // guest kernel turns VMX on as it loads kvm_intel, and would
+                // fault on its next VMX instruction after a migration).
+                e.ecx &= !(1 << 5);
             }
+            // No SVM, for the same reason.
+            0x8000_0001 => e.ecx &= !(1 << 2),
             0xb | 0x1f => e.edx = id as u32,
             0x4000_0000 => e.eax = e.eax.max(TIMING_LEAF),
             _ => {}
@@ -90,6 +96,17 @@ mod tests {
         ];
         let c = for_vcpu(&base, 3, 4, 2_000_000);
         assert_eq!(c[0].ebx >> 24, 3);
+        // VMX and SVM hidden: their nested state is not migrated.
+        let mut virt = base.clone();
+        virt[0].ecx = 1 << 5;
+        virt.push(kvm_cpuid_entry2 {
+            function: 0x8000_0001,
+            ecx: (1 << 2) | 1,
+            ..Default::default()
+        });
+        let c2 = for_vcpu(&virt, 0, 1, 0);
+        assert_eq!(c2[0].ecx, 1 << 31);
+        assert_eq!(c2[2].ecx, 1);
         assert_eq!((c[0].ebx >> 16) & 0xff, 4);
         assert_eq!(c[0].ebx & 0xffff, 0x0800);
         assert_eq!(c[1].eax, TIMING_LEAF);
