@@ -38,9 +38,9 @@ pub fn for_vcpu(
             1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | ((id as u32) << 24) | ((count as u32) << 16);
                 e.ecx |= 1 << 31; // running under a hypervisor
-                // No VMX: the nested state it needs is not migrated (a
-                // guest kernel turns VMX on as it loads kvm_intel, and would
-                // fault on its next VMX instruction after a migration).
+                                  // No VMX: the nested state it needs is not migrated (a
+                                  // guest kernel turns VMX on as it loads kvm_intel, and would
+                                  // fault on its next VMX instruction after a migration).
                 e.ecx &= !(1 << 5);
             }
             // No SVM, for the same reason.

@@ -152,15 +152,37 @@ impl VmState {
                 state.vcpus.len()
             )));
         }
-        if state.irqchips_ok() {
-            Ok(state)
-        } else {
-            Err(Error::State("state lacks the PIC/IOAPIC irqchips".into()))
+        if !state.irqchips_ok() {
+            return Err(Error::State(
+                "state lacks the PIC/IOAPIC irqchips (master PIC, slave PIC, IOAPIC, in order)"
+                    .into(),
+            ));
         }
+        // What KVM would refuse half way through restoring the vCPUs.
+        for v in &state.vcpus {
+            if v.cpuid.len() > kvm_bindings::KVM_MAX_CPUID_ENTRIES {
+                return Err(Error::State(format!(
+                    "vCPU {} has {} CPUID entries (at most {})",
+                    v.id,
+                    v.cpuid.len(),
+                    kvm_bindings::KVM_MAX_CPUID_ENTRIES
+                )));
+            }
+            if v.msrs.len() > kvm_bindings::KVM_MAX_MSR_ENTRIES {
+                return Err(Error::State(format!(
+                    "vCPU {} has {} MSRs (at most {})",
+                    v.id,
+                    v.msrs.len(),
+                    kvm_bindings::KVM_MAX_MSR_ENTRIES
+                )));
+            }
+        }
+        Ok(state)
     }
 
+    /// The three in-kernel interrupt chips, each once, in capture order.
     fn irqchips_ok(&self) -> bool {
-        self.kernel.irqchips.len() == 3
+        self.kernel.irqchips.iter().map(|c| c.chip_id).eq(IRQCHIPS)
     }
 }
 
@@ -280,4 +302,33 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
     }
     vcpu.set_vcpu_events(&s.events)
         .map_err(kvm("KVM_SET_VCPU_EVENTS"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::state;
+
+    #[test]
+    fn decode_refuses_what_kvm_would_refuse_half_way() {
+        let good = state(64 << 20);
+        assert!(VmState::decode(&good.encode().unwrap()).is_ok());
+        // The same chip three times, or the chips out of order.
+        let mut s = state(64 << 20);
+        s.kernel.irqchips.iter_mut().for_each(|c| c.chip_id = 0);
+        let e = VmState::decode(&s.encode().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("irqchips"), "{e}");
+        let mut s = state(64 << 20);
+        s.kernel.irqchips.swap(0, 2);
+        assert!(VmState::decode(&s.encode().unwrap()).is_err());
+        // More MSRs or CPUID entries than KVM takes.
+        let mut s = state(64 << 20);
+        s.vcpus[0].msrs = vec![Default::default(); kvm_bindings::KVM_MAX_MSR_ENTRIES + 1];
+        let e = VmState::decode(&s.encode().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("257 MSRs"), "{e}");
+        let mut s = state(64 << 20);
+        s.vcpus[0].cpuid = vec![Default::default(); kvm_bindings::KVM_MAX_CPUID_ENTRIES + 1];
+        let e = VmState::decode(&s.encode().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("CPUID entries"), "{e}");
+    }
 }

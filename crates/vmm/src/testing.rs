@@ -10,7 +10,12 @@ pub fn state(memory: u64) -> VmState {
         version: STATE_VERSION,
         memory,
         kernel: VmKernelState {
-            irqchips: vec![Default::default(); 3],
+            irqchips: (0..3)
+                .map(|chip_id| kvm_bindings::kvm_irqchip {
+                    chip_id,
+                    ..Default::default()
+                })
+                .collect(),
             pit: Default::default(),
             clock: Default::default(),
         },

@@ -116,20 +116,33 @@ impl PreparedVm {
                 vm.vcpus.len()
             )));
         }
+        let t = std::time::Instant::now();
+        state::restore_vm(&vm.vm_fd, &state.kernel)?;
+        // After the interrupt chips: the serial port raises again the
+        // interrupt it had pending, which restoring the chips would wipe.
         let devices = Devices::restore(
             irq.try_clone().map_err(crate::error::io("eventfd"))?,
             vm.config.console.as_deref(),
             &state.serial,
         )?;
         *vm.devices.lock().unwrap_or_else(|p| p.into_inner()) = devices;
-        let t = std::time::Instant::now();
-        state::restore_vm(&vm.vm_fd, &state.kernel)?;
         let vm_us = t.elapsed().as_micros();
         for (fd, s) in vm.vcpus.iter().zip(&state.vcpus) {
             let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
             if s.tsc_khz != 0 {
-                // Unsupported (as on kvm-pvm) is fine: the guest keeps the host's rate.
-                let _ = fd.set_tsc_khz(s.tsc_khz);
+                // Unsupported (as on kvm-pvm) is fine where the TSC already
+                // runs at the source's rate (the same host, or the same model).
+                if let Err(e) = fd.set_tsc_khz(s.tsc_khz) {
+                    let here = fd.get_tsc_khz().unwrap_or(0);
+                    if (here as f64 - s.tsc_khz as f64).abs() > s.tsc_khz as f64 * 250e-6 {
+                        tracing::warn!(
+                            source_khz = s.tsc_khz,
+                            here_khz = here,
+                            "the guest's TSC runs at this host's rate, not the source's \
+                             (KVM_SET_TSC_KHZ: {e}): its clock will drift"
+                        );
+                    }
+                }
             }
             state::restore_vcpu(&fd, s)?;
             vm.cpuids.push(s.cpuid.clone());
