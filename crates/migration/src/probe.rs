@@ -177,7 +177,8 @@ pub fn serve(stream: &mut Link) -> Result<()> {
         .map_err(io_err("sizing a probe's memory"))?;
     let scratch = crate::incoming::GuestMem::file(scratch, PROBE_MEMORY);
     loop {
-        match wire::read_frame(stream)? {
+        // Pages, or Go: no control message of a probe is large.
+        match wire::read_frame_up_to(stream, wire::MAX_SMALL_CONTROL)? {
             wire::Frame::Pages { offsets, data } => {
                 crate::incoming::store_pages(&scratch, &offsets, &data)?
             }
@@ -240,6 +241,21 @@ mod tests {
         s.flush().unwrap();
         let e = dest.join().unwrap().unwrap_err().to_string();
         assert!(e.contains("outside"), "{e}");
+    }
+
+    #[test]
+    fn a_large_control_message_in_a_probe_is_refused_unread() {
+        let (addr, dest) = destination();
+        let mut s = crate::precopy::connect(&addr, None).unwrap();
+        handshake::hello(&mut s, PROBE_MODE, no_vm()).unwrap();
+        // A 1 MiB message where only pages and Go belong.
+        let big = Message::Refuse {
+            reason: "x".repeat(1 << 20),
+        };
+        let _ = wire::write_control(&mut s, &big);
+        let _ = s.flush();
+        let e = dest.join().unwrap().unwrap_err().to_string();
+        assert!(e.contains("at most 65536"), "{e}");
     }
 
     #[test]

@@ -741,8 +741,19 @@ pub fn write_zpages(w: &mut impl Write, offsets: &[u64], payload: &[u8]) -> Resu
 /// Reads one whole frame (pages into a new buffer; a compressed batch is
 /// decompressed into a [`Frame::Pages`]). Convenient, not the hot path.
 pub fn read_frame(r: &mut impl Read) -> Result<Frame> {
+    read_frame_up_to(r, MAX_FRAME)
+}
+
+/// [`read_frame`], refusing a control message of more than
+/// `max_control` bytes before its body is read (see [`MAX_SMALL_CONTROL`]).
+pub fn read_frame_up_to(r: &mut impl Read, max_control: usize) -> Result<Frame> {
     let h = read_header(r)?;
     match h.kind {
+        KIND_CONTROL if h.body_len > max_control => Err(WireError::ControlTooLarge {
+            len: h.body_len,
+            expected: "a small control message",
+            max: max_control,
+        }),
         KIND_CONTROL => Ok(Frame::Control(read_control_body(r, h.body_len)?)),
         KIND_ZPAGES => {
             let z = read_zbatch_head(r, h.body_len)?;
