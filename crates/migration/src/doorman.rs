@@ -206,21 +206,44 @@ fn set_nonblocking(fd: RawFd) -> Result<()> {
     Ok(())
 }
 
-/// A token naming one migration's extra connections: unique enough among the
-/// migrations a host runs, and not guessable from outside without the link.
-pub(crate) fn token(salt: u64) -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-        ^ ((std::process::id() as u64) << 32)
-        ^ salt
+/// A token naming one migration's extra connections: 64 random bits from
+/// the kernel (`getrandom`), so that without TLS only a peer that saw the
+/// migration's main link can present it.
+pub(crate) fn token() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == b.len() as isize {
+        return u64::from_ne_bytes(b);
+    }
+    // No getrandom (kernels before 3.17): the device.
+    let mut f = std::fs::File::open("/dev/urandom");
+    match f.as_mut().map(|f| std::io::Read::read_exact(f, &mut b)) {
+        Ok(Ok(())) => u64::from_ne_bytes(b),
+        _ => {
+            tracing::warn!("no random source: the connection token is derived from the clock");
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ ((std::process::id() as u64) << 32)
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn tokens_are_random() {
+        let t: std::collections::HashSet<u64> = (0..1000).map(|_| token()).collect();
+        assert_eq!(t.len(), 1000);
+        // Bits spread over the whole word, not a clock's low ones.
+        let ors = t.iter().fold(0, |a, b| a | b);
+        assert_eq!(ors, u64::MAX);
+    }
 
     fn doorman() -> (Doorman, SocketAddr) {
         let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();

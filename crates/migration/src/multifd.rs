@@ -197,7 +197,7 @@ pub(crate) fn start<'scope, 'env>(
         .local_addr()
         .map_err(io_err("page stream listener"))?
         .port();
-    let token = crate::doorman::token(0x6d75_6c74_6966_6400);
+    let token = crate::doorman::token();
     tx.write_control(&Message::StreamsListen {
         port,
         job: token,

@@ -628,7 +628,7 @@ fn run_in<'scope, 'env>(
             .port(),
         None => 0,
     };
-    let token = crate::doorman::token(0);
+    let token = crate::doorman::token();
     // Announced before the pause and accepted in the background, so that the
     // connection (and its TLS handshake) is not part of the downtime.
     tx.write_control(&Message::UrgentListen { port, job: token })?;
