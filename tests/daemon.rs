@@ -899,6 +899,54 @@ fn create_waits_for_a_working_vm_process_and_not_for_a_hung_one() {
     assert!(stray.stdout.is_empty(), "the hung VM process runs on");
 }
 
+/// Peers that trickle their handshake in, a byte at a time under every read
+/// timeout, are cut off at the handshake's deadline (30 s; 3 s here), and
+/// one address gets at most 8 handshakes at once: the 9th connection is
+/// dropped at its first byte.
+#[test]
+fn a_peer_that_trickles_its_handshake_is_cut_off() {
+    use std::io::{Read, Write};
+    let dir = scratch("daemon-trickle");
+    let d = Daemon::start_env(&dir, "a", &[("MIGD_HANDSHAKE_DEADLINE_MS", "3000")]);
+    let t0 = Instant::now();
+    let mut conns: Vec<(std::net::TcpStream, Option<Duration>)> = (0..9)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+            // A control frame that claims a 1000-byte body.
+            s.write_all(&[0xe9, 0x03, 0, 0, 1]).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            (s, None)
+        })
+        .collect();
+    while conns.iter().any(|c| c.1.is_none()) && t0.elapsed() < Duration::from_secs(20) {
+        for (s, closed) in conns.iter_mut().filter(|c| c.1.is_none()) {
+            let gone = match s.read(&mut [0u8; 64]) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+            };
+            if gone || s.write_all(&[0]).is_err() {
+                *closed = Some(t0.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut when: Vec<Duration> = conns.iter().map(|c| c.1.expect("never cut off")).collect();
+    when.sort();
+    assert!(
+        when[0] < Duration::from_millis(2500),
+        "the 9th was not dropped: {when:?}"
+    );
+    assert!(when[1] >= Duration::from_millis(2500), "{when:?}");
+    assert!(when[8] < Duration::from_secs(10), "{when:?}");
+    let log = d.log_text();
+    assert!(log.contains("did not complete its handshake"), "{log}");
+    assert!(log.contains("8 from 127.0.0.1"), "{log}");
+}
+
 /// A save that outlasts the daemon's wait (10 minutes; 300 ms here, with the
 /// save slowed down) is cancelled, not left running behind a failed reply:
 /// the VM runs on, as the reply says, and no file is left.

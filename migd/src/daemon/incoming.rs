@@ -19,6 +19,60 @@ use super::Daemon;
 
 /// How long a peer may take to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the whole handshake (TLS, Hello, Accept, Boot) may take: a peer
+/// that trickles bytes in under every read timeout is cut off here.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(30);
+/// Handshakes in progress at most, in all and from one address; a
+/// connection beyond them is dropped (each holds a blocking thread until its
+/// peer is done or cut off), so that one peer cannot keep the others out.
+const MAX_HANDSHAKES: usize = 64;
+const MAX_HANDSHAKES_PER_PEER: usize = 8;
+static HANDSHAKES: std::sync::Mutex<Option<std::collections::HashMap<std::net::IpAddr, usize>>> =
+    std::sync::Mutex::new(None);
+
+/// A handshake's place among [`MAX_HANDSHAKES`], given back when dropped.
+struct HandshakeSlot(std::net::IpAddr);
+
+impl HandshakeSlot {
+    fn take(ip: std::net::IpAddr) -> Result<HandshakeSlot> {
+        let mut g = HANDSHAKES.lock().unwrap_or_else(|p| p.into_inner());
+        let m = g.get_or_insert_with(Default::default);
+        let all: usize = m.values().sum();
+        let mine = m.get(&ip).copied().unwrap_or(0);
+        if all >= MAX_HANDSHAKES || mine >= MAX_HANDSHAKES_PER_PEER {
+            anyhow::bail!(
+                "{all} handshakes in progress ({mine} from {ip}), at most {MAX_HANDSHAKES} \
+                 ({MAX_HANDSHAKES_PER_PEER} from one address): connection dropped"
+            );
+        }
+        m.insert(ip, mine + 1);
+        Ok(HandshakeSlot(ip))
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut g = HANDSHAKES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = g.as_mut() {
+            if let Some(n) = m.get_mut(&self.0) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.0);
+                }
+            }
+        }
+    }
+}
+
+/// [`HANDSHAKE_DEADLINE`], which tests shorten with
+/// `MIGD_HANDSHAKE_DEADLINE_MS` (honoured only with fault injection on).
+fn handshake_deadline() -> Duration {
+    std::env::var("MIGD_HANDSHAKE_DEADLINE_MS")
+        .ok()
+        .filter(|_| migration::faults::enabled())
+        .and_then(|ms| ms.parse().ok())
+        .map_or(HANDSHAKE_DEADLINE, Duration::from_millis)
+}
 
 /// Binds the listener and serves it in the background.
 pub async fn start(d: Arc<Daemon>) -> Result<()> {
@@ -63,21 +117,42 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
     if first == 0 {
         anyhow::bail!("the peer closed the connection before its Hello");
     }
+    let slot = HandshakeSlot::take(peer.ip())?;
     let stream = s.into_std()?;
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
+    let cutter = stream.try_clone()?;
     let d2 = d.clone();
-    let Some((stream, record)) = tokio::task::spawn_blocking(move || {
+    let mut task = tokio::task::spawn_blocking(move || {
         let link = secure(&d2, stream, peer)?;
         handshake(&d2, link, peer)
-    })
-    .await
-    .context("handshake task")??
-    else {
+    });
+    let deadline = handshake_deadline();
+    let done = match tokio::time::timeout(deadline, &mut task).await {
+        Ok(done) => done.context("handshake task")?,
+        Err(_) => {
+            // Its next read fails; a handshake that got through meanwhile
+            // gives its name back.
+            let _ = cutter.shutdown(std::net::Shutdown::Both);
+            if let Ok(Ok(Some((_, record)))) = task.await {
+                d.reg().vms.remove(&record.name);
+                let _ = state::remove_dir(&d.vm_dir(&record.name));
+            }
+            anyhow::bail!("the peer did not complete its handshake within {deadline:?}");
+        }
+    };
+    drop(slot);
+    let Some((stream, record)) = done? else {
         return Ok(());
     };
     let name = record.name.clone();
     let dir = d.vm_dir(&name);
+    // From here on the name is reserved: any failure gives it back.
+    let give_back = |e: anyhow::Error| {
+        d.reg().vms.remove(&name);
+        let _ = state::remove_dir(&dir);
+        e
+    };
     let mut args = vec![
         "--incoming-fd".to_string(),
         "3".into(),
@@ -102,10 +177,15 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
     }
     // A TLS link's session state goes to the child through a pipe (fd 4), never
     // through the file system or the command line.
-    let state_pipe = match stream.export().context("handing over the TLS session")? {
+    let exported = stream.export().context("handing over the TLS session");
+    let state_pipe = match exported.map_err(give_back)? {
         Some(state) => {
-            let (r, mut w) = std::io::pipe().context("pipe for the TLS session")?;
-            std::io::Write::write_all(&mut w, &state).context("writing the TLS session")?;
+            let (r, mut w) = std::io::pipe()
+                .context("pipe for the TLS session")
+                .map_err(give_back)?;
+            std::io::Write::write_all(&mut w, &state)
+                .context("writing the TLS session")
+                .map_err(give_back)?;
             args.extend(["--incoming-link-fd".to_string(), "4".into()]);
             Some(r)
         }
@@ -129,11 +209,7 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
             state::watch_child(d.clone(), name, child);
             Ok(())
         }
-        Err(e) => {
-            d.reg().vms.remove(&name);
-            let _ = state::remove_dir(&dir);
-            Err(e)
-        }
+        Err(e) => Err(give_back(e)),
     }
 }
 
