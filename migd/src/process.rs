@@ -25,6 +25,18 @@ pub fn peer_pid(s: &std::os::unix::net::UnixStream) -> Option<u32> {
         .and_then(|c| u32::try_from(c.pid()).ok())
 }
 
+/// Binds a unix socket at `path` that only this user can connect to: it is
+/// created with mode 0600 (under umask 0177), so no one else can connect
+/// even for the instant before a chmod.
+pub fn bind_private(path: &std::path::Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let l = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    l
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,6 +54,14 @@ mod tests {
         child.wait().unwrap();
         assert!(!alive(pid));
         assert!(alive(std::process::id()));
+        let dir = std::env::temp_dir().join(format!("migd-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s.sock");
+        let _l = bind_private(&sock).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let _ = std::fs::remove_dir_all(&dir);
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         assert_eq!(peer_pid(&a), Some(std::process::id()));
         drop(b);

@@ -2,7 +2,6 @@
 
 use std::io::BufReader;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -849,9 +848,7 @@ fn bind_control(path: &Path) -> Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    migd::process::bind_private(path).with_context(|| format!("binding {}", path.display()))
 }
 
 fn spawn_signal_thread(set: SigSet, tx: Sender<Event>, arrival: Arc<Arrival>) -> Result<()> {
