@@ -544,6 +544,10 @@ fn slow_start_for_tests() {
 fn accept_incoming(listener: &std::net::TcpListener, args: &RunArgs) -> Result<link::Link> {
     tracing::info!(addr = ?listener.local_addr().ok(), "waiting for an incoming migration");
     let (tcp, peer) = listener.accept().context("accepting the migration")?;
+    // The handshake has 30 s, however the peer paces its bytes.
+    let limit = Duration::from_secs(30);
+    tcp.set_read_timeout(Some(limit))?;
+    let _deadline = migration::deadline::Deadline::start(tcp.try_clone()?, limit);
     let mut stream = match tls() {
         Some(t) => t.accept(tcp).context("TLS")?,
         None => link::Link::plain(tcp),

@@ -186,6 +186,11 @@ impl Greeter {
         s.set_nonblocking(false).map_err(io_err("socket"))?;
         s.set_read_timeout(Some(self.hello_timeout))
             .map_err(io_err("socket timeout"))?;
+        // The handshake and the first message, however the peer paces them.
+        let _deadline = crate::deadline::Deadline::start(
+            s.try_clone().map_err(io_err("socket"))?,
+            self.hello_timeout,
+        );
         let mut link = precopy::accept(s, self.tls.as_ref())?;
         let hello = wire::expect_control(&mut link, self.expected)?;
         link.set_read_timeout(None)

@@ -21,6 +21,7 @@
 pub mod background_save;
 pub mod bitmap;
 pub mod compress;
+pub mod deadline;
 mod doorman;
 pub mod faults;
 pub mod handshake;

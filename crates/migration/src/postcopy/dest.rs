@@ -1059,6 +1059,12 @@ impl Dest {
                 Some(_) => Err(Error::Refused(reason)),
             };
         }
+        // The handshake and the RecoverHello, however the peer paces them:
+        // connections are served one at a time.
+        let deadline = crate::deadline::Deadline::start(
+            s.try_clone().map_err(io_err("socket"))?,
+            2 * LINK_TIMEOUT,
+        );
         let mut s = precopy::accept(s, self.tls.as_ref())?;
         let (job, urgent) = match wire::expect_control(&mut s, "RecoverHello")? {
             Message::RecoverHello { job, urgent } => (job, urgent),
@@ -1069,6 +1075,7 @@ impl Dest {
                 )
             }
         };
+        drop(deadline);
         if job != self.token {
             return refuse(
                 &mut s,
