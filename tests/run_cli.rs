@@ -256,6 +256,52 @@ fn a_handover_whose_new_process_dies_before_the_commit_keeps_the_vm() {
     assert_eq!(new.terminate(), 0);
 }
 
+/// A guest that writes to its serial port without pause (`chatty=1`: two
+/// port I/O exits per byte) is handed from process to process 8 times, and
+/// every byte of its console comes out exactly once. A vCPU paused right
+/// after a port I/O exit has KVM finish that instruction first (KVM does it
+/// only on the next KVM_RUN): a state captured before it would have the
+/// guest execute the `out` again in the next process.
+#[test]
+fn a_chatty_guest_handed_over_again_and_again_writes_each_byte_once() {
+    if !kvm_or_skip("a_chatty_guest_handed_over_again_and_again_writes_each_byte_once") {
+        return;
+    }
+    const TEXT: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let dir = scratch("handover-chatty");
+    let mut vm = VmProcess::boot(&dir, "h0", "workload=idle chatty=1", "128M", 1);
+    let console = vm.console.clone();
+    console.wait_for("CHATTY n=100 ", READY);
+    for i in 1..=8 {
+        let sock = vm.control.to_str().unwrap().to_string();
+        let next = VmProcess::start(&dir, &format!("h{i}"), &console, &["--takeover", &sock]);
+        assert_eq!(vm.wait(Duration::from_secs(30)), 0, "handover {i}");
+        vm = next;
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let text = console.text();
+    let last = text.lines().filter(|l| l.starts_with("CHATTY")).count();
+    console.wait_for(&format!("CHATTY n={} ", last + 50), Duration::from_secs(30));
+    assert_eq!(vm.terminate(), 0);
+    let text = console.text();
+    // The last line may be cut by the stop.
+    let lines: Vec<&str> = text.lines().collect();
+    let mut want = 1u64;
+    for l in &lines[..lines.len() - 1] {
+        let Some(rest) = l.trim_end_matches('\r').strip_prefix("CHATTY n=") else {
+            continue;
+        };
+        assert_eq!(
+            rest,
+            format!("{want} {TEXT}"),
+            "a console byte twice or lost"
+        );
+        want += 1;
+    }
+    assert!(want > 150, "{want} lines");
+    console.assert_clean();
+}
+
 #[test]
 fn snapshot_file_round_trip() {
     if !kvm_or_skip("snapshot_file_round_trip") {

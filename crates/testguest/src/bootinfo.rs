@@ -207,6 +207,8 @@ pub struct Config {
     /// `fill=<MiB/s>`: the first write of the working set, over all vCPUs,
     /// paced to this rate (0 = as fast as possible).
     pub fill_mib: u64,
+    /// `chatty=1`: the boot CPU prints `CHATTY` lines without pause.
+    pub chatty: bool,
 }
 
 fn num(s: &str) -> Option<u64> {
@@ -233,6 +235,7 @@ impl Config {
             hot_pct: 0,
             zeros_mib: 0,
             fill_mib: 0,
+            chatty: false,
         };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, val)) = word.split_once('=') else {
@@ -288,6 +291,13 @@ impl Config {
                         .unwrap_or_else(|| bad())
                 }
                 "fill" => c.fill_mib = num(val).unwrap_or_else(|| bad()),
+                "chatty" => {
+                    c.chatty = match val {
+                        "0" => false,
+                        "1" => true,
+                        _ => bad(),
+                    }
+                }
                 "zeros" => {
                     c.zeros_mib = num(val).filter(|&m| m <= 1 << 20).unwrap_or_else(|| bad())
                 }

@@ -270,6 +270,7 @@ fn boot_cpu_main() -> ! {
         hot_pct: cfg.hot_pct,
         zeros_base,
         zeros_pages,
+        chatty: cfg.chatty,
     });
 
     // Start the APs one at a time: INIT, 10 ms, SIPI, 200 us, SIPI; the

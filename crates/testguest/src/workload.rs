@@ -83,7 +83,13 @@ pub struct Plan {
     /// by it forever).
     pub zeros_base: u64,
     pub zeros_pages: u64,
+    /// `chatty=1`: the boot CPU prints [`CHATTY_TEXT`] lines without pause.
+    pub chatty: bool,
 }
+
+/// The text of a `chatty=1` line, after `CHATTY n=<k> `: a test finds a
+/// byte written twice or lost across a migration by comparing with it.
+pub const CHATTY_TEXT: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ";
 
 struct PlanCell(UnsafeCell<Option<Plan>>);
 // SAFETY: written once by the boot CPU before PLAN_SET is released, read-only after.
@@ -464,6 +470,7 @@ impl Worker {
 /// Boot-CPU bookkeeping: READY, heartbeats, stalled APs, power-off.
 struct Monitor {
     ready_printed: bool,
+    chatty_n: u64,
     hb_n: u64,
     next_hb: u64,
     steps_seen: u64,
@@ -475,6 +482,7 @@ impl Monitor {
     fn new(now: u64) -> Monitor {
         Monitor {
             ready_printed: false,
+            chatty_n: 0,
             hb_n: 0,
             next_hb: now + clock::tsc_hz(),
             steps_seen: 0,
@@ -495,6 +503,10 @@ impl Monitor {
                 n
             );
             SELFTEST_AT.store(now + SELFTEST_DELAY_S * clock::tsc_hz(), Ordering::Release);
+        }
+        if p.chatty && self.ready_printed {
+            self.chatty_n += 1;
+            println!("CHATTY n={} {CHATTY_TEXT}", self.chatty_n);
         }
         if let Some(secs) = p.runtime_s
             && clock::since_boot_ms(now) >= secs * 1000
