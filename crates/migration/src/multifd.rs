@@ -19,7 +19,7 @@
 use std::io::{BufReader, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::{JoinHandle, Scope};
 use std::time::{Duration, Instant};
@@ -376,7 +376,14 @@ pub(crate) struct Streams {
     links: Vec<Link>,
     threads: Vec<JoinHandle<()>>,
     stopping: Arc<AtomicBool>,
+    /// Barriers passed so far: a stream may mark at most [`MARKS_AHEAD`]
+    /// beyond them (each mark waits in memory for its barrier).
+    passed: Arc<AtomicU32>,
 }
+
+/// How far a stream's marks may run ahead of the barriers passed (the
+/// source marks every stream once per barrier).
+const MARKS_AHEAD: u32 = 4;
 
 impl Streams {
     /// Answers `StreamsListen{port, job, count}`: connects to the source's
@@ -404,6 +411,7 @@ impl Streams {
             links: Vec::new(),
             threads: Vec::new(),
             stopping: Arc::new(AtomicBool::new(false)),
+            passed: Arc::new(AtomicU32::new(0)),
         };
         for index in 1..count {
             let mut s = precopy::connect_addr(SocketAddr::new(source, port), tls, SETUP_TIMEOUT)
@@ -416,6 +424,7 @@ impl Streams {
                 main: main.try_clone().map_err(io_err("socket"))?,
                 stopping: streams.stopping.clone(),
                 report: report.clone(),
+                passed: streams.passed.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("page-stream-{index}"))
@@ -467,6 +476,7 @@ impl Streams {
                 }
             }
         }
+        self.passed.store(seq.wrapping_add(1), Ordering::Release);
         Ok((pages, bytes))
     }
 }
@@ -490,6 +500,7 @@ struct Reader {
     main: Link,
     stopping: Arc<AtomicBool>,
     report: mpsc::Sender<Report>,
+    passed: Arc<AtomicU32>,
 }
 
 impl Reader {
@@ -559,6 +570,16 @@ impl Reader {
                     for (off, delta) in pages {
                         crate::incoming::apply_delta(&self.dst, off, &delta)?;
                     }
+                }
+                Message::StreamMark { seq }
+                    if seq == mark.seq
+                        && seq.wrapping_sub(self.passed.load(Ordering::Acquire)) >= MARKS_AHEAD =>
+                {
+                    return Err(Error::Protocol(format!(
+                        "page stream {} marked {seq}, {MARKS_AHEAD} or more ahead of the \
+                         barriers passed",
+                        self.index
+                    )))
                 }
                 Message::StreamMark { seq } if seq == mark.seq => {
                     if self.report.send((self.index, Ok(mark))).is_err() {
@@ -766,6 +787,23 @@ mod barrier_tests {
         let (_main, mut ends, mut streams, _ram) = setup(2);
         wire::write_control(&mut ends[0], &Message::StreamMark { seq: 5 }).unwrap();
         assert!(streams.barrier(0).is_err(), "a mark out of order");
+
+        // Marks in order but far ahead of the barriers (each would wait in
+        // memory for its barrier): the stream fails at the fifth, which the
+        // barriers meet once they have taken the four before it.
+        let (main, mut ends, mut streams, _ram) = setup(2);
+        for seq in 0..MARKS_AHEAD + 1 {
+            wire::write_control(&mut ends[0], &Message::StreamMark { seq }).unwrap();
+        }
+        // The failing stream shuts the main connection down: wait for that.
+        let mut m = main.try_clone().unwrap();
+        m.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert!(matches!(m.read(&mut [0u8; 1]), Ok(0) | Err(_)));
+        for seq in 0..MARKS_AHEAD {
+            assert_eq!(streams.barrier(seq).unwrap(), (0, 0));
+        }
+        let e = streams.barrier(MARKS_AHEAD).unwrap_err().to_string();
+        assert!(e.contains("ahead of the barriers"), "{e}");
     }
 
     #[test]
