@@ -9,18 +9,23 @@ use std::time::Duration;
 /// Shuts `socket` down (both ways) unless dropped within `limit`: what
 /// blocks on it then fails at once.
 pub struct Deadline {
-    _cancel: mpsc::Sender<()>,
+    cancel: Option<mpsc::Sender<()>>,
+    passed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    limit: Duration,
 }
 
 impl Deadline {
     /// Starts the clock; `socket` is a handle of the connection to cut.
     pub fn start(socket: TcpStream, limit: Duration) -> Deadline {
         let (tx, rx) = mpsc::channel::<()>();
+        let passed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = passed.clone();
         let spawned = std::thread::Builder::new()
             .name("deadline".into())
             .spawn(move || {
                 if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
                     tracing::debug!(?limit, "deadline passed: connection cut");
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
                     let _ = socket.shutdown(Shutdown::Both);
                 }
             });
@@ -28,7 +33,27 @@ impl Deadline {
             // Without the thread, the reads' own timeouts still apply.
             tracing::warn!("no deadline thread: {e}");
         }
-        Deadline { _cancel: tx }
+        Deadline {
+            cancel: Some(tx),
+            passed,
+            limit,
+        }
+    }
+
+    /// Lifts it: the connection is left alone from now on (unless it was
+    /// cut already).
+    pub fn lift(&mut self) {
+        self.cancel = None;
+    }
+
+    /// Whether it passed (and the connection was cut).
+    pub fn passed(&self) -> bool {
+        self.passed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The time it allowed.
+    pub fn limit(&self) -> Duration {
+        self.limit
     }
 }
 
@@ -59,10 +84,19 @@ mod tests {
         let mut buf = [0u8; 100];
         let e = s.read_exact(&mut buf);
         assert!(e.is_err(), "read all 100 bytes");
+        assert!(d.passed());
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         drop(d);
         peer.join().unwrap();
-        // Dropped in time: the connection is left alone.
+        // Lifted, or dropped, in time: the connection is left alone.
+        let (s2, _) = {
+            let _c = TcpStream::connect(addr).unwrap();
+            l.accept().unwrap()
+        };
+        let mut lifted = Deadline::start(s2.try_clone().unwrap(), Duration::from_millis(50));
+        lifted.lift();
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(!lifted.passed());
         let c = TcpStream::connect(addr).unwrap();
         let (s, _) = l.accept().unwrap();
         drop(Deadline::start(

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use link::Link;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
@@ -16,16 +16,19 @@ use super::api::memory_arg;
 use super::state::{self, st, Origin, VmEntry, VmRecord};
 use super::vmproc;
 use super::Daemon;
+use migration::deadline::Deadline;
 
 /// How long a peer may take to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the whole handshake (TLS, Hello, Accept, Boot) may take: a peer
 /// that trickles bytes in under every read timeout is cut off here.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(30);
-/// Handshakes in progress at most, in all and from one address; a
-/// connection beyond them is dropped (each holds a blocking thread until its
-/// peer is done or cut off), so that one peer cannot keep the others out.
+/// Handshakes in progress at most, in all and from one address (each holds
+/// a blocking thread until its peer is done or cut off), so that one peer
+/// cannot keep the others out.
 const MAX_HANDSHAKES: usize = 64;
+/// How long a connection beyond them waits for a slot before it is dropped.
+const SLOT_WAIT: Duration = Duration::from_secs(5);
 const MAX_HANDSHAKES_PER_PEER: usize = 8;
 static HANDSHAKES: std::sync::Mutex<Option<std::collections::HashMap<std::net::IpAddr, usize>>> =
     std::sync::Mutex::new(None);
@@ -117,30 +120,34 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
     if first == 0 {
         anyhow::bail!("the peer closed the connection before its Hello");
     }
-    let slot = HandshakeSlot::take(peer.ip())?;
+    // A connection beyond the caps waits a while for a slot (a legitimate
+    // handshake takes milliseconds), then is dropped.
+    let waited = Instant::now();
+    let slot = loop {
+        match HandshakeSlot::take(peer.ip()) {
+            Ok(slot) => break slot,
+            Err(e) if waited.elapsed() >= SLOT_WAIT => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
     let stream = s.into_std()?;
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
-    let cutter = stream.try_clone()?;
     let d2 = d.clone();
-    let mut task = tokio::task::spawn_blocking(move || {
-        let link = secure(&d2, stream, peer)?;
-        handshake(&d2, link, peer)
-    });
-    let deadline = handshake_deadline();
-    let done = match tokio::time::timeout(deadline, &mut task).await {
-        Ok(done) => done.context("handshake task")?,
-        Err(_) => {
-            // Its next read fails; a handshake that got through meanwhile
-            // gives its name back.
-            let _ = cutter.shutdown(std::net::Shutdown::Both);
-            if let Ok(Ok(Some((_, record)))) = task.await {
-                d.reg().vms.remove(&record.name);
-                let _ = state::remove_dir(&d.vm_dir(&record.name));
-            }
-            anyhow::bail!("the peer did not complete its handshake within {deadline:?}");
+    let done = tokio::task::spawn_blocking(move || {
+        let mut deadline = Deadline::start(stream.try_clone()?, handshake_deadline());
+        let done =
+            secure(&d2, stream, peer).and_then(|link| handshake(&d2, link, peer, &mut deadline));
+        match done {
+            Err(e) if deadline.passed() => Err(e.context(format!(
+                "the peer did not complete its handshake within {:?}",
+                deadline.limit()
+            ))),
+            done => done,
         }
-    };
+    })
+    .await
+    .context("handshake task")?;
     drop(slot);
     let Some((stream, record)) = done? else {
         return Ok(());
@@ -320,11 +327,18 @@ fn admit(
 ///
 /// Integration point with `crates/migration`: `receive_hello`, then `accept` or `refuse`.
 /// `None` when the connection was a cost-model probe, answered and done.
-fn handshake(d: &Daemon, mut stream: Link, peer: SocketAddr) -> Result<Option<(Link, VmRecord)>> {
+fn handshake(
+    d: &Daemon,
+    mut stream: Link,
+    peer: SocketAddr,
+    deadline: &mut Deadline,
+) -> Result<Option<(Link, VmRecord)>> {
     use migration::handshake;
     let hello = handshake::receive_hello(&mut stream).context("reading the Hello")?;
     if hello.mode == migration::probe::PROBE_MODE {
-        // A cost-model probe: answer it and keep nothing.
+        // A cost-model probe: answer it and keep nothing. Its 32 MiB take
+        // what the link takes (the reads' own timeouts still apply).
+        deadline.lift();
         let shared = handshake::accept(&mut stream, &hello)?;
         handshake::receive_boot(&mut stream, &shared)?;
         migration::probe::serve(&mut stream).context("serving a probe")?;
