@@ -208,7 +208,9 @@ fn handover_survives_the_old_process_dying_at_the_commit() {
 /// The new process of a handover is gone before it reads the commit
 /// (fault injection: it stops reading and exits right after `restored`):
 /// the old process's commit cannot reach it, and the old process keeps the
-/// VM as it was, running or paused. A paused VM handed over stays paused.
+/// VM as it was, running or paused. One that dies after the commit, before
+/// it says `running`, leaves the VM paused in the old process. A paused VM
+/// handed over stays paused.
 #[test]
 fn a_handover_whose_new_process_dies_before_the_commit_keeps_the_vm() {
     if !kvm_or_skip("a_handover_whose_new_process_dies_before_the_commit_keeps_the_vm") {
@@ -243,6 +245,29 @@ fn a_handover_whose_new_process_dies_before_the_commit_keeps_the_vm() {
             console.wait_heartbeats(n, 2, Duration::from_secs(30));
         }
     }
+    // The new process gets the commit and dies before it says `running`:
+    // it may have run the VM for a moment, so the old process keeps it,
+    // paused, for the operator (here it never did: resuming is safe).
+    assert_eq!(old.request(json!({"cmd": "resume"}))["ok"], true);
+    let st = std::process::Command::new(migd_bin())
+        .arg("run")
+        .args(takeover)
+        .env("MIGD_FAULT_INJECTION", "1")
+        .env("MIGD_HANDOVER_NEW_DIES_AFTER_COMMIT", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("new-after.log")).unwrap())
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(72), "the new process's exit status");
+    let st = old.request(json!({"cmd": "status"}));
+    assert_eq!(st["state"], "paused", "{st}");
+    let log = std::fs::read_to_string(dir.join("old.log")).unwrap();
+    assert!(log.contains("the VM is left paused here"), "{log}");
+    let n = console.last_heartbeat().unwrap_or(0);
+    assert_eq!(old.request(json!({"cmd": "resume"}))["ok"], true);
+    console.wait_heartbeats(n, 2, Duration::from_secs(30));
+    assert_eq!(old.request(json!({"cmd": "pause"}))["ok"], true);
+
     // A paused VM handed over stays paused in the new process.
     let n = console.last_heartbeat().unwrap_or(0);
     let new = VmProcess::start(&dir, "new", &console, &takeover);

@@ -25,6 +25,53 @@ pub fn peer_pid(s: &std::os::unix::net::UnixStream) -> Option<u32> {
         .and_then(|c| u32::try_from(c.pid()).ok())
 }
 
+/// A process watched for its exit: through a pidfd where the kernel has
+/// them (5.3 on), which also outlives a reuse of the pid; else its pid,
+/// polled.
+pub struct Watched {
+    pid: u32,
+    fd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Watched {
+    /// Starts watching `pid` (before anything it does could end it).
+    pub fn new(pid: u32) -> Watched {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new
+        // descriptor or -1; nothing else is touched.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        let fd = (fd >= 0).then(|| {
+            // SAFETY: the descriptor was just created and is owned by nothing else.
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+        });
+        Watched { pid, fd }
+    }
+
+    /// Whether the process has exited, or does within `timeout` (a process
+    /// whose socket just closed may take a moment to be gone).
+    pub fn gone_within(&self, timeout: std::time::Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        if let Some(fd) = &self.fd {
+            let mut p = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd, for the duration of the call.
+            let n = unsafe { libc::poll(&mut p, 1, ms) };
+            return n > 0;
+        }
+        let end = std::time::Instant::now() + timeout;
+        while alive(self.pid) {
+            if std::time::Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        true
+    }
+}
+
 /// Binds a unix socket at `path` that only this user can connect to: it is
 /// created with mode 0600 (under umask 0177), so no one else can connect
 /// even for the instant before a chmod.
@@ -62,6 +109,15 @@ mod tests {
         let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let _ = std::fs::remove_dir_all(&dir);
+        // Watched: alive while it runs, gone once it exits (a zombie too).
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.3")
+            .spawn()
+            .unwrap();
+        let w = Watched::new(child.id());
+        assert!(!w.gone_within(std::time::Duration::from_millis(50)));
+        assert!(w.gone_within(std::time::Duration::from_secs(10)));
+        child.wait().unwrap();
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         assert_eq!(peer_pid(&a), Some(std::process::id()));
         drop(b);

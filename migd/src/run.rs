@@ -1520,7 +1520,8 @@ fn give_away(
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     // A new process that stops reading must not hold this one for ever.
     stream.set_write_timeout(Some(Duration::from_secs(60)))?;
-    let new_pid = migd::process::peer_pid(&stream);
+    // Watched from now on: whether it is gone is asked after the commit.
+    let new_process = migd::process::peer_pid(&stream).map(migd::process::Watched::new);
     let memfd = vm.ram().dup_memfd()?;
     // On huge pages, which pages hold data: taken while the VM runs, and
     // checked for completeness once it is paused.
@@ -1575,7 +1576,12 @@ fn give_away(
             downtime_us = v.get("downtime_us").and_then(|d| d.as_u64()),
             "new process runs the VM"
         ),
-        Err(e) if new_pid.is_some_and(|p| !migd::process::alive(p)) => {
+        // Its socket may close a moment before it is gone: give it 2 s.
+        Err(e)
+            if new_process
+                .as_ref()
+                .is_some_and(|w| w.gone_within(Duration::from_secs(2))) =>
+        {
             return Err(HandoverFailed::Unconfirmed(e));
         }
         // Alive: it has the commit, and runs the VM or is about to.
@@ -1612,12 +1618,21 @@ const DIED_AT_COMMIT: i32 = 70;
 /// before it reads the commit (`MIGD_HANDOVER_NEW_DIES_BEFORE_COMMIT=1`,
 /// honoured only with fault injection on): the old process must keep the VM.
 fn new_dies_before_commit() -> bool {
-    fault_injection()
-        && std::env::var_os("MIGD_HANDOVER_NEW_DIES_BEFORE_COMMIT").is_some_and(|v| v == "1")
+    handover_fault("MIGD_HANDOVER_NEW_DIES_BEFORE_COMMIT")
+}
+
+/// Whether the test-only handover fault `var` is set to 1 (honoured only
+/// with fault injection on). `MIGD_HANDOVER_NEW_DIES_AFTER_COMMIT`: the new
+/// process exits once it has the commit, before it resumes the VM or says
+/// `running`: the old process must keep the VM, paused.
+fn handover_fault(var: &str) -> bool {
+    fault_injection() && std::env::var_os(var).is_some_and(|v| v == "1")
 }
 
 /// The exit status of a new process that died before the commit (tests).
 const DIED_BEFORE_COMMIT: i32 = 71;
+/// The exit status of a new process that died after the commit (tests).
+const DIED_AFTER_COMMIT: i32 = 72;
 
 struct TakeoverLink {
     stream: UnixStream,
@@ -1670,6 +1685,10 @@ fn take_over(sock: &Path, console: Option<&Path>) -> Result<(Vm, TakeoverLink)> 
     }
     handover::send_line(&mut stream, &json!({"cmd": "restored"}))?;
     handover::expect_cmd(&mut reader, "commit").context("old process did not commit")?;
+    if handover_fault("MIGD_HANDOVER_NEW_DIES_AFTER_COMMIT") {
+        tracing::warn!("fault injection: exiting after the commit, the VM never resumed");
+        std::process::exit(DIED_AFTER_COMMIT);
+    }
     Ok((
         vm,
         TakeoverLink {
