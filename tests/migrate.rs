@@ -665,7 +665,7 @@ fn a_memory_digest_mismatch_fails_the_migration_and_the_source_runs_on() {
 
 /// Pages the guest writes for the first time while the destination
 /// prepares (held 1.5 s here, while the guest fills its working set at
-/// 16 MiB/s) were holes when the source found its pages with data: round 0
+/// 8 MiB/s, for 8 s) were holes when the source found its pages with data: round 0
 /// sends them all the same, whichever way the dirty log is read.
 #[test]
 fn pages_first_written_while_the_destination_prepares_arrive() {
@@ -678,7 +678,7 @@ fn pages_first_written_while_the_destination_prepares_arrive() {
         ("clear", json!({})),
     ] {
         let dir = scratch(&format!("migrate-fill-{tag}"));
-        let src = VmProcess::boot(&dir, "src", "workload=dirty:64:4 fill=16", "256M", 1);
+        let src = VmProcess::boot(&dir, "src", "workload=dirty:64:4 fill=8", "256M", 1);
         src.console
             .wait_for("TESTGUEST layout", Duration::from_secs(60));
         let mut extra = how.clone();

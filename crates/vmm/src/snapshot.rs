@@ -339,8 +339,8 @@ fn run_starts(runs: &[(u64, u64)]) -> Vec<u64> {
 }
 
 /// Creates the file a snapshot for `path` is written into before it is
-/// renamed there: beside it, under a name nobody can guess ahead, created
-/// new (never an existing file, nor through a symlink), for the owner only:
+/// renamed there: beside it, under a name of its own (pid, sequence, clock),
+/// created new (never an existing file, nor through a symlink), for the owner only:
 /// all of guest memory goes in it.
 fn create_temp(path: &Path) -> std::io::Result<(File, PathBuf)> {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -1110,7 +1110,7 @@ mod tests {
     }
 
     #[test]
-    fn the_temporary_file_is_new_private_and_unguessable() {
+    fn the_temporary_file_is_new_private_and_never_a_planted_one() {
         use std::os::unix::fs::PermissionsExt;
         let d = dir("temp");
         let p = d.join("vm.snap");

@@ -168,12 +168,13 @@ impl VmState {
                     kvm_bindings::KVM_MAX_CPUID_ENTRIES
                 )));
             }
-            if v.msrs.len() > kvm_bindings::KVM_MAX_MSR_ENTRIES {
+            // KVM_SET_MSRS takes fewer than 256 at once.
+            if v.msrs.len() >= kvm_bindings::KVM_MAX_MSR_ENTRIES {
                 return Err(Error::State(format!(
                     "vCPU {} has {} MSRs (at most {})",
                     v.id,
                     v.msrs.len(),
-                    kvm_bindings::KVM_MAX_MSR_ENTRIES
+                    kvm_bindings::KVM_MAX_MSR_ENTRIES - 1
                 )));
             }
         }
@@ -323,9 +324,9 @@ mod tests {
         assert!(VmState::decode(&s.encode().unwrap()).is_err());
         // More MSRs or CPUID entries than KVM takes.
         let mut s = state(64 << 20);
-        s.vcpus[0].msrs = vec![Default::default(); kvm_bindings::KVM_MAX_MSR_ENTRIES + 1];
+        s.vcpus[0].msrs = vec![Default::default(); kvm_bindings::KVM_MAX_MSR_ENTRIES];
         let e = VmState::decode(&s.encode().unwrap()).unwrap_err();
-        assert!(e.to_string().contains("257 MSRs"), "{e}");
+        assert!(e.to_string().contains("256 MSRs (at most 255)"), "{e}");
         let mut s = state(64 << 20);
         s.vcpus[0].cpuid = vec![Default::default(); kvm_bindings::KVM_MAX_CPUID_ENTRIES + 1];
         let e = VmState::decode(&s.encode().unwrap()).unwrap_err();

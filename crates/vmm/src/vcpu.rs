@@ -241,7 +241,13 @@ pub(crate) fn spawn(
             let mut unfinished = false;
             let finish = |unfinished: &mut bool| {
                 if std::mem::take(unfinished) {
-                    finish_instruction(id, &mut vcpu.lock().unwrap_or_else(|p| p.into_inner()));
+                    let mut fd = vcpu.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(exit) = finish_instruction(id, &mut fd, &devices, rings.as_deref())
+                    {
+                        drop(fd);
+                        tracing::info!(?exit, "vCPU ends the VM");
+                        control.stop(exit);
+                    }
                 }
             };
             while control.park_if_needed(|| finish(&mut unfinished)) {
@@ -267,17 +273,31 @@ pub(crate) fn spawn(
 /// the guest further: KVM does that only on the next KVM_RUN, and a state
 /// captured before would have the guest run the instruction twice (a
 /// console byte written twice, an interrupt identification read twice).
-fn finish_instruction(id: usize, fd: &mut VcpuFd) {
-    fd.set_kvm_immediate_exit(1);
-    match fd.run() {
-        Err(e) if e.errno() == libc::EINTR => {}
-        Err(e) => tracing::warn!(id, "finishing the last instruction: KVM_RUN: {e}"),
-        Ok(exit) => tracing::warn!(
-            id,
-            "finishing the last instruction: unexpected exit {exit:?}"
-        ),
+/// Finishing may exit again (the next part of a `rep ins/outs` or of a
+/// split MMIO access), which is served like any exit; `Some` when one of
+/// them ends the VM.
+fn finish_instruction(
+    id: usize,
+    fd: &mut VcpuFd,
+    devices: &Mutex<Devices>,
+    rings: Option<&Rings>,
+) -> Option<VmExit> {
+    // A `rep ins/outs` of a page, one exit per element, and some to spare.
+    for _ in 0..8192 {
+        fd.set_kvm_immediate_exit(1);
+        // EINTR (nothing left to finish) resets immediate_exit itself.
+        let (exit, leaves) = run_once(id, fd, devices, rings);
+        if exit.is_some() || !leaves {
+            fd.set_kvm_immediate_exit(0);
+            return exit;
+        }
     }
     fd.set_kvm_immediate_exit(0);
+    tracing::warn!(
+        id,
+        "the last instruction did not finish: it may run again after a capture"
+    );
+    None
 }
 
 /// One KVM_RUN and its exit handling; `Some` when the VM must stop, and

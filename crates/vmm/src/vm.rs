@@ -118,14 +118,6 @@ impl PreparedVm {
         }
         let t = std::time::Instant::now();
         state::restore_vm(&vm.vm_fd, &state.kernel)?;
-        // After the interrupt chips: the serial port raises again the
-        // interrupt it had pending, which restoring the chips would wipe.
-        let devices = Devices::restore(
-            irq.try_clone().map_err(crate::error::io("eventfd"))?,
-            vm.config.console.as_deref(),
-            &state.serial,
-        )?;
-        *vm.devices.lock().unwrap_or_else(|p| p.into_inner()) = devices;
         let vm_us = t.elapsed().as_micros();
         for (fd, s) in vm.vcpus.iter().zip(&state.vcpus) {
             let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
@@ -147,6 +139,14 @@ impl PreparedVm {
             state::restore_vcpu(&fd, s)?;
             vm.cpuids.push(s.cpuid.clone());
         }
+        // After the interrupt chips and the LAPICs: the serial port raises
+        // again the interrupt it had pending, which restoring them would wipe.
+        let devices = Devices::restore(
+            irq.try_clone().map_err(crate::error::io("eventfd"))?,
+            vm.config.console.as_deref(),
+            &state.serial,
+        )?;
+        *vm.devices.lock().unwrap_or_else(|p| p.into_inner()) = devices;
         vm.msr_indices = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
         let vcpus_us = t.elapsed().as_micros() - vm_us;
         vm.spawn_threads()?;

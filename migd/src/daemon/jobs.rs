@@ -276,15 +276,16 @@ pub fn completed_while_away(d: &Daemon, vm: &str, stats: &Value) {
 }
 
 /// After re-attaching: jobs left unfinished by an earlier daemon whose VM no longer
-/// reports them are marked failed (those of a VM still being adopted wait
-/// for its adoption, which calls this again).
-pub fn finish_orphans(d: &Daemon) {
+/// reports them are marked failed; with `vm`, only that VM's (a VM adopted
+/// in the background calls this once it is; until then its jobs wait).
+pub fn finish_orphans(d: &Daemon, vm: Option<&str>) {
     let orphans: Vec<Job> = {
         let mut reg = d.reg();
         let tracked: Vec<String> = reg.vms.values().filter_map(|v| v.job.clone()).collect();
         let adopting = reg.adopting.clone();
         reg.jobs
             .values_mut()
+            .filter(|j| vm.is_none_or(|v| j.vm == v))
             .filter(|j| !j.is_final() && !tracked.contains(&j.id) && !adopting.contains(&j.vm))
             .map(|j| {
                 j.status = "failed".into();

@@ -171,7 +171,7 @@ async fn serve(cfg: Config) -> Result<i32> {
     }
     jobs::load(&daemon);
     state::adopt_all(&daemon).await;
-    jobs::finish_orphans(&daemon);
+    jobs::finish_orphans(&daemon, None);
     if daemon.tls.is_some() {
         if daemon.cfg.insecure {
             tracing::warn!("insecure is ignored: TLS is configured, every stream uses it");

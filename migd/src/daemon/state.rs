@@ -297,7 +297,7 @@ async fn adopt_inner(d: &Arc<Daemon>, name: String, dir: PathBuf) {
                             let record = read_record(&dir);
                             adopt_answer(&d, name.clone(), dir, status, record).await;
                             d.reg().adopting.remove(&name);
-                            jobs::finish_orphans(&d);
+                            jobs::finish_orphans(&d, Some(&name));
                             return;
                         }
                     }
