@@ -209,7 +209,10 @@ impl Uffd {
 
     /// Maps the pages of `[dst, dst+len)` that are in the file but not
     /// mapped here (`UFFDIO_CONTINUE`) and wakes their waiters, whichever
-    /// kind of fault they took. Ok(false): they were mapped already.
+    /// kind of fault they took. Ok(false): the first page was mapped
+    /// already (the range is woken, and the rest of it not looked at: for
+    /// ranges known to be mapped or unmapped whole; else
+    /// [`Uffd::map_present_pages`]).
     pub fn map_present(&self, dst: u64, len: u64) -> io::Result<bool> {
         let mut c = Continue {
             range: Range { start: dst, len },
@@ -295,7 +298,8 @@ impl Uffd {
     }
 
     /// Fills the missing page at `dst` with the 4 KiB at `src` and wakes its
-    /// waiters. Ok(false): the page was already there (EEXIST).
+    /// waiters. Ok(false): the page was already there (EEXIST), and nothing
+    /// is woken: the caller wakes a waiter of its own.
     pub fn copy(&self, dst: u64, src: &[u8]) -> io::Result<bool> {
         let mut filled = false;
         self.fill_run(dst, Some(src), src.len() as u64, |_, f| filled |= f)?;
@@ -305,8 +309,9 @@ impl Uffd {
     /// Fills the missing pages of `[dst, dst + len)` in as few `UFFDIO_COPY`
     /// calls as the pages already there allow (one when none is): `src` holds
     /// `len` bytes of data, or is `None` for zeros (`UFFDIO_ZEROPAGE` where
-    /// the range supports it). Wakes the waiters; calls `each(i, filled)` for
-    /// every page `i` of the run, `filled` false when it was already there.
+    /// the range supports it). Wakes the waiters of the pages it fills (not
+    /// of those already there); calls `each(i, filled)` for every page `i`
+    /// of the run, `filled` false when it was already there.
     /// One call per run instead of per page saves about a third of the cost
     /// of a fresh page.
     pub fn fill_run(
