@@ -910,15 +910,19 @@ impl Dest {
     /// gives them back as it exits, and until then a reader of the new
     /// session would drop those pages as on their way, and they would not
     /// come again unless the guest asked for them.
-    fn wait_for_old_readers(&self) {
+    /// False when some still run after 10 s: the recovery is put off then
+    /// (the source tries again), rather than trust a received-bitmap those
+    /// readers may still change.
+    fn wait_for_old_readers(&self) -> bool {
         let since = Instant::now();
         while self.readers.load(Ordering::Acquire) > 0 {
             if since.elapsed() > Duration::from_secs(10) {
                 tracing::warn!("post-copy page readers of the lost session still running");
-                return;
+                return false;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        true
     }
 
     /// A thread of session `gen` saw its connection fail: the guest's faults
@@ -1095,7 +1099,13 @@ impl Dest {
             // The source's word is final: whatever the old session looked like
             // from here, it is over.
             self.end_session();
-            self.wait_for_old_readers();
+            if !self.wait_for_old_readers() {
+                // Closed without a word: the source takes it for a lost link
+                // and tries again (a Refuse would tell it this host gave up).
+                return Err(Error::Protocol(
+                    "page readers of the lost session still run here: recovery deferred".into(),
+                ));
+            }
             let bitmap: Vec<u64> = self
                 .received
                 .iter()
