@@ -500,11 +500,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
 /// `migration` for whoever watches: 60 s (tests shorten it with
 /// `MIGD_LINGER_MS`, honoured only with fault injection on).
 fn linger() -> Duration {
-    std::env::var("MIGD_LINGER_MS")
-        .ok()
-        .filter(|_| fault_injection())
-        .and_then(|ms| ms.parse().ok())
-        .map_or(Duration::from_secs(60), Duration::from_millis)
+    migration::faults::knob_ms("MIGD_LINGER_MS").unwrap_or(Duration::from_secs(60))
 }
 
 /// Test-only stand-in for a long start (a restore of a large snapshot, a
@@ -513,10 +509,7 @@ fn linger() -> Duration {
 /// `MIGD_SLOW_START=hang:MS` sleeps that long, as a hung process would. The
 /// control socket exists meanwhile, but nothing answers on it.
 fn slow_start_for_tests() {
-    let Some(v) = std::env::var("MIGD_SLOW_START")
-        .ok()
-        .filter(|_| fault_injection())
-    else {
+    let Some(v) = migration::faults::knob("MIGD_SLOW_START") else {
         return;
     };
     let Some((how, ms)) = v.split_once(':') else {
@@ -724,12 +717,8 @@ fn snapshot(
 /// with `MIGD_SAVE_PACE_MS` (a pause at each step, honoured only with fault
 /// injection on) to watch it.
 fn save_progress() -> WriteProgress {
-    let pace = std::env::var("MIGD_SAVE_PACE_MS")
-        .ok()
-        .filter(|_| fault_injection())
-        .and_then(|ms| ms.parse().ok());
-    match pace {
-        Some(ms) => WriteProgress::paced(Duration::from_millis(ms)),
+    match migration::faults::knob_ms("MIGD_SAVE_PACE_MS") {
+        Some(pace) => WriteProgress::paced(pace),
         None => WriteProgress::default(),
     }
 }
@@ -1608,7 +1597,7 @@ fn give_away(
 /// before it reads `running` (`MIGD_HANDOVER_DIE_AT_COMMIT=1`, honoured
 /// only with fault injection on): the new process must run the VM on.
 fn die_at_commit() -> bool {
-    fault_injection() && std::env::var_os("MIGD_HANDOVER_DIE_AT_COMMIT").is_some_and(|v| v == "1")
+    handover_fault("MIGD_HANDOVER_DIE_AT_COMMIT")
 }
 
 /// The exit status of an old process that died at the commit (tests).
@@ -1626,7 +1615,7 @@ fn new_dies_before_commit() -> bool {
 /// process exits once it has the commit, before it resumes the VM or says
 /// `running`: the old process must keep the VM, paused.
 fn handover_fault(var: &str) -> bool {
-    fault_injection() && std::env::var_os(var).is_some_and(|v| v == "1")
+    migration::faults::knob(var).as_deref() == Some("1")
 }
 
 /// The exit status of a new process that died before the commit (tests).

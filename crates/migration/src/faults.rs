@@ -79,10 +79,7 @@ impl Hold {
 
     /// `MIGD_FAULT_HOLD`, when fault injection is on (a bad value is ignored, with a warning).
     pub fn from_env() -> Option<Hold> {
-        if !enabled() {
-            return None;
-        }
-        let v = std::env::var("MIGD_FAULT_HOLD").ok()?;
+        let v = knob("MIGD_FAULT_HOLD")?;
         Hold::parse(&v)
             .inspect_err(|e| tracing::warn!("MIGD_FAULT_HOLD ignored: {e}"))
             .ok()
@@ -94,11 +91,23 @@ pub fn enabled() -> bool {
     std::env::var_os("MIGD_FAULT_INJECTION").is_some_and(|v| v == "1")
 }
 
+/// A test-only knob: the environment variable `var`, honoured only with
+/// fault injection on.
+pub fn knob(var: &str) -> Option<String> {
+    std::env::var(var).ok().filter(|_| enabled())
+}
+
+/// A test-only knob in milliseconds (see [`knob`]); a bad number is none.
+pub fn knob_ms(var: &str) -> Option<Duration> {
+    knob(var)
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis)
+}
+
 /// Whether a destination is to act as if its `Confirm` could not be sent
-/// (`MIGD_FAULT_CONFIRM=lost`, with fault injection on): the source then
-/// never reads it.
+/// (`MIGD_FAULT_CONFIRM=lost`): the source then never reads it.
 pub(crate) fn confirm_lost() -> bool {
-    enabled() && std::env::var_os("MIGD_FAULT_CONFIRM").is_some_and(|v| v == "lost")
+    knob("MIGD_FAULT_CONFIRM").as_deref() == Some("lost")
 }
 
 /// Holds the migration here if its job asks for a hold at `phase`.

@@ -59,21 +59,13 @@ const CONSOLE_MAX: u64 = 16 << 20;
 /// [`CREATE_STALL`], which tests shorten with `MIGD_CREATE_STALL_MS`
 /// (honoured only with fault injection on).
 fn create_stall() -> Duration {
-    std::env::var("MIGD_CREATE_STALL_MS")
-        .ok()
-        .filter(|_| migration::faults::enabled())
-        .and_then(|ms| ms.parse().ok())
-        .map_or(CREATE_STALL, Duration::from_millis)
+    migration::faults::knob_ms("MIGD_CREATE_STALL_MS").unwrap_or(CREATE_STALL)
 }
 
 /// [`SAVE_TIMEOUT`], which tests shorten with `MIGD_SAVE_TIMEOUT_MS`
 /// (honoured only with fault injection on).
 fn save_timeout() -> Duration {
-    std::env::var("MIGD_SAVE_TIMEOUT_MS")
-        .ok()
-        .filter(|_| migration::faults::enabled())
-        .and_then(|ms| ms.parse().ok())
-        .map_or(SAVE_TIMEOUT, Duration::from_millis)
+    migration::faults::knob_ms("MIGD_SAVE_TIMEOUT_MS").unwrap_or(SAVE_TIMEOUT)
 }
 
 #[derive(Deserialize, Debug)]

@@ -30,16 +30,15 @@ const MAX_HANDSHAKES: usize = 64;
 /// How long a connection beyond them waits for a slot before it is dropped.
 const SLOT_WAIT: Duration = Duration::from_secs(5);
 const MAX_HANDSHAKES_PER_PEER: usize = 8;
-static HANDSHAKES: std::sync::Mutex<Option<std::collections::HashMap<std::net::IpAddr, usize>>> =
-    std::sync::Mutex::new(None);
+static HANDSHAKES: std::sync::Mutex<std::collections::BTreeMap<std::net::IpAddr, usize>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
 
 /// A handshake's place among [`MAX_HANDSHAKES`], given back when dropped.
 struct HandshakeSlot(std::net::IpAddr);
 
 impl HandshakeSlot {
     fn take(ip: std::net::IpAddr) -> Result<HandshakeSlot> {
-        let mut g = HANDSHAKES.lock().unwrap_or_else(|p| p.into_inner());
-        let m = g.get_or_insert_with(Default::default);
+        let mut m = HANDSHAKES.lock().unwrap_or_else(|p| p.into_inner());
         let all: usize = m.values().sum();
         let mine = m.get(&ip).copied().unwrap_or(0);
         if all >= MAX_HANDSHAKES || mine >= MAX_HANDSHAKES_PER_PEER {
@@ -55,13 +54,11 @@ impl HandshakeSlot {
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        let mut g = HANDSHAKES.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = g.as_mut() {
-            if let Some(n) = m.get_mut(&self.0) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    m.remove(&self.0);
-                }
+        let mut m = HANDSHAKES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.0) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.0);
             }
         }
     }
@@ -70,11 +67,7 @@ impl Drop for HandshakeSlot {
 /// [`HANDSHAKE_DEADLINE`], which tests shorten with
 /// `MIGD_HANDSHAKE_DEADLINE_MS` (honoured only with fault injection on).
 fn handshake_deadline() -> Duration {
-    std::env::var("MIGD_HANDSHAKE_DEADLINE_MS")
-        .ok()
-        .filter(|_| migration::faults::enabled())
-        .and_then(|ms| ms.parse().ok())
-        .map_or(HANDSHAKE_DEADLINE, Duration::from_millis)
+    migration::faults::knob_ms("MIGD_HANDSHAKE_DEADLINE_MS").unwrap_or(HANDSHAKE_DEADLINE)
 }
 
 /// Binds the listener and serves it in the background.
