@@ -221,24 +221,31 @@ fn a_handover_whose_new_process_dies_before_the_commit_keeps_the_vm() {
     let console = old.console.clone();
     console.wait_for("WORKLOAD READY", READY);
     let sock = old.control.to_str().unwrap().to_string();
-    let dies = [("MIGD_HANDOVER_NEW_DIES_BEFORE_COMMIT", "1")];
     let takeover = ["--takeover", sock.as_str()];
+    // A new process with handover fault `var`, run bare (it may die before
+    // its control socket answers); its exit status.
+    let new_that_dies = |var: &str, log: &str| {
+        std::process::Command::new(migd_bin())
+            .arg("run")
+            .args(takeover)
+            .env("MIGD_FAULT_INJECTION", "1")
+            .env(var, "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join(log)).unwrap())
+            .status()
+            .unwrap()
+            .code()
+    };
     for state in ["running", "paused"] {
         if state == "paused" {
             assert_eq!(old.request(json!({"cmd": "pause"}))["ok"], true);
         }
         let n = console.last_heartbeat().unwrap_or(0);
-        // It may die before its control socket answers: run it bare.
-        let st = std::process::Command::new(migd_bin())
-            .arg("run")
-            .args(takeover)
-            .env("MIGD_FAULT_INJECTION", "1")
-            .envs(dies)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join(format!("new-{state}.log"))).unwrap())
-            .status()
-            .unwrap();
-        assert_eq!(st.code(), Some(71), "the new process's exit status");
+        let code = new_that_dies(
+            "MIGD_HANDOVER_NEW_DIES_BEFORE_COMMIT",
+            &format!("new-{state}.log"),
+        );
+        assert_eq!(code, Some(71), "the new process's exit status");
         let st = old.request(json!({"cmd": "status"}));
         assert_eq!(st["state"], state, "{st}");
         if state == "running" {
@@ -249,16 +256,8 @@ fn a_handover_whose_new_process_dies_before_the_commit_keeps_the_vm() {
     // it may have run the VM for a moment, so the old process keeps it,
     // paused, for the operator (here it never did: resuming is safe).
     assert_eq!(old.request(json!({"cmd": "resume"}))["ok"], true);
-    let st = std::process::Command::new(migd_bin())
-        .arg("run")
-        .args(takeover)
-        .env("MIGD_FAULT_INJECTION", "1")
-        .env("MIGD_HANDOVER_NEW_DIES_AFTER_COMMIT", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.join("new-after.log")).unwrap())
-        .status()
-        .unwrap();
-    assert_eq!(st.code(), Some(72), "the new process's exit status");
+    let code = new_that_dies("MIGD_HANDOVER_NEW_DIES_AFTER_COMMIT", "new-after.log");
+    assert_eq!(code, Some(72), "the new process's exit status");
     let st = old.request(json!({"cmd": "status"}));
     assert_eq!(st["state"], "paused", "{st}");
     let log = std::fs::read_to_string(dir.join("old.log")).unwrap();
