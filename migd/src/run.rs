@@ -534,9 +534,29 @@ fn slow_start_for_tests() {
 }
 
 /// Accepts one migration on `listener` and does the destination's handshake.
+/// A client whose handshake fails (a port scanner, a peer that is not a
+/// migd source, a TLS failure, a source refused for its size) is logged and
+/// dropped, and the next one is awaited: nothing of the VM was touched yet.
 fn accept_incoming(listener: &std::net::TcpListener, args: &RunArgs) -> Result<link::Link> {
     tracing::info!(addr = ?listener.local_addr().ok(), "waiting for an incoming migration");
-    let (tcp, peer) = listener.accept().context("accepting the migration")?;
+    loop {
+        let (tcp, peer) = listener.accept().context("accepting the migration")?;
+        match handshake_incoming(tcp, peer, args) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => tracing::warn!(
+                %peer,
+                "not a migration this VM can take, waiting for the next: {e:#}"
+            ),
+        }
+    }
+}
+
+/// The destination's side of the handshake with one client of `--incoming`.
+fn handshake_incoming(
+    tcp: std::net::TcpStream,
+    peer: std::net::SocketAddr,
+    args: &RunArgs,
+) -> Result<link::Link> {
     // The handshake has 30 s, however the peer paces its bytes.
     let limit = Duration::from_secs(30);
     tcp.set_read_timeout(Some(limit))?;
