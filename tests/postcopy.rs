@@ -37,7 +37,9 @@ fn migrate_once_onto(
     during: impl FnOnce(&VmProcess, &VmProcess),
 ) -> Value {
     let dir = scratch(tag);
-    let src = VmProcess::boot(&dir, "src", workload, "256M", cpus);
+    // The PageMap goes in parts of 3 runs, as a very fragmented one would.
+    let env = [("MIGD_PAGE_MAP_PART_RUNS", "3")];
+    let src = VmProcess::boot_env(&dir, "src", workload, "256M", cpus, &[], &env);
     let console = src.console.clone();
     console.wait_for("WORKLOAD READY", Duration::from_secs(60));
     console.wait_heartbeats(0, 2, Duration::from_secs(30));

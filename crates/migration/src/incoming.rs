@@ -76,6 +76,8 @@ pub fn receive(
     let mut zstd: Option<(wire::PageDecompressor, Vec<u8>)> = None;
     // Multifd: the extra page streams, once the source has opened them.
     let mut streams: Option<crate::multifd::Streams> = None;
+    // Runs of `PageMapPart`s, before the `PageMap` that ends them.
+    let mut page_map: Vec<(u64, u64)> = Vec::new();
     let state = loop {
         let h = wire::read_header(&mut r)?;
         tracing::trace!(kind = h.kind, len = h.body_len, "frame");
@@ -189,7 +191,16 @@ pub fn receive(
                 stats.pages += pages;
                 stats.bytes += bytes;
             }
-            Message::PageMap { runs } => {
+            Message::PageMapPart { runs } => crate::postcopy::gather_page_map_part(
+                &mut page_map,
+                runs,
+                prepared.ram().size() / PAGE_SIZE,
+            )?,
+            Message::PageMap { mut runs } => {
+                if !page_map.is_empty() {
+                    page_map.append(&mut runs);
+                    runs = page_map;
+                }
                 drop(streams);
                 drop(writer);
                 let held = dst.touched_huge_pages();

@@ -290,7 +290,19 @@ pub enum Message {
         /// Whether this is the last part.
         last: bool,
     },
+    /// Source → destination (post-copy), before a `PageMap` whose runs
+    /// would not fit one frame (a very fragmented map, over a million
+    /// runs): the first runs, at most [`PAGE_MAP_PART_RUNS`]; the `PageMap`
+    /// that ends the parts carries the last ones.
+    PageMapPart {
+        /// (offset, pages) runs, ascending, before the next part's.
+        runs: Vec<(u64, u64)>,
+    },
 }
+
+/// Runs of a `PageMapPart` at most: 18 bytes each encoded at worst, well
+/// inside a frame.
+pub const PAGE_MAP_PART_RUNS: usize = 1 << 20;
 
 /// Words of a `ReceivedPart` at most: 9 bytes each encoded at worst, well
 /// inside a frame.
@@ -407,6 +419,7 @@ impl Message {
             Message::Synced { .. } => "Synced",
             Message::Boot { .. } => "Boot",
             Message::ReceivedPart { .. } => "ReceivedPart",
+            Message::PageMapPart { .. } => "PageMapPart",
         }
     }
 }
@@ -905,6 +918,9 @@ mod tests {
                 first_word: 4,
                 words: vec![1, u64::MAX],
                 last: true,
+            },
+            Message::PageMapPart {
+                runs: vec![(0, 1), (u64::MAX - 4095, 1)],
             },
         ] {
             let f = encode_control(&m).unwrap();

@@ -125,6 +125,47 @@ fn received_messages(bitmap: Vec<u64>) -> Vec<Message> {
         .collect()
 }
 
+/// The messages that carry the `PageMap`'s `runs`: `PageMapPart`s of
+/// `part` runs each where they would not fit one frame, then the `PageMap`
+/// with the rest.
+pub(crate) fn page_map_messages(mut runs: Vec<(u64, u64)>, part: usize) -> Vec<Message> {
+    let part = part.max(1);
+    let mut out = Vec::new();
+    while runs.len() > part {
+        let rest = runs.split_off(part);
+        out.push(Message::PageMapPart { runs });
+        runs = rest;
+    }
+    out.push(Message::PageMap { runs });
+    out
+}
+
+/// Runs per `PageMapPart`: [`wire::PAGE_MAP_PART_RUNS`], or fewer where a
+/// test asks (`MIGD_PAGE_MAP_PART_RUNS`, with fault injection on).
+pub(crate) fn page_map_part_runs() -> usize {
+    crate::faults::knob("MIGD_PAGE_MAP_PART_RUNS")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(wire::PAGE_MAP_PART_RUNS)
+}
+
+/// Destination: adds a `PageMapPart`'s runs to those gathered for the
+/// `PageMap`; more runs than the guest has pages is a protocol error (runs
+/// are disjoint, so no honest map has more).
+pub(crate) fn gather_page_map_part(
+    gathered: &mut Vec<(u64, u64)>,
+    runs: Vec<(u64, u64)>,
+    pages: u64,
+) -> Result<()> {
+    if (gathered.len() + runs.len()) as u64 > pages {
+        return Err(Error::Protocol(format!(
+            "PageMap parts of {} runs in all, for a guest of {pages} pages",
+            gathered.len() + runs.len()
+        )));
+    }
+    gathered.extend(runs);
+    Ok(())
+}
+
 /// Source: the destination's received-bitmap of `len` words, from the
 /// first `ReceivedPart` (`first_word`, `words`, `last`) and the parts that
 /// follow on `r`. Parts out of order, or past `len`, are protocol errors.
@@ -260,6 +301,54 @@ mod tests {
         let e = read_received_parts(&mut &more[..], part(0, 4, false), 10).unwrap_err();
         assert!(
             e.to_string().contains("expected ReceivedPart, got Go"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_page_map_too_fragmented_for_a_frame_goes_in_parts() {
+        // A small one: one PageMap, as ever.
+        assert_eq!(
+            page_map_messages(vec![(0, 1)], wire::PAGE_MAP_PART_RUNS),
+            vec![Message::PageMap { runs: vec![(0, 1)] }]
+        );
+        // Every other page of a 12 TiB guest's top 32 GiB: 4 Mi runs with
+        // large offsets, ~42 MB encoded whole.
+        let base = 12u64 << 40;
+        let runs: Vec<(u64, u64)> = (0..4u64 << 20).map(|i| (base + i * 8192, 1)).collect();
+        assert!(matches!(
+            wire::encode_control(&Message::PageMap { runs: runs.clone() }),
+            Err(wire::WireError::FrameSize(_))
+        ));
+        let msgs = page_map_messages(runs.clone(), wire::PAGE_MAP_PART_RUNS);
+        assert_eq!(msgs.len(), 4);
+        // Each part fits a frame; gathered, they give the runs back in order.
+        let pages = (base >> 12) + (8 << 20);
+        let mut gathered = Vec::new();
+        for m in msgs {
+            wire::encode_control(&m).unwrap();
+            match m {
+                Message::PageMapPart { runs } => {
+                    gather_page_map_part(&mut gathered, runs, pages).unwrap()
+                }
+                Message::PageMap { mut runs } => gathered.append(&mut runs),
+                m => panic!("{m:?}"),
+            }
+        }
+        assert_eq!(gathered, runs);
+        // Exactly a part's worth goes whole; one run more, in two.
+        let msgs = page_map_messages(vec![(0, 1), (8192, 1)], 2);
+        assert_eq!(msgs.len(), 1);
+        let msgs = page_map_messages(vec![(0, 1), (8192, 1), (16384, 1)], 2);
+        assert!(
+            matches!(&msgs[..], [Message::PageMapPart { runs: a }, Message::PageMap { runs: b }] if a.len() == 2 && b.len() == 1)
+        );
+        // More runs than the guest has pages.
+        let mut gathered = vec![(0, 1); 6];
+        let e = gather_page_map_part(&mut gathered, vec![(0, 1); 5], 10).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("11 runs in all, for a guest of 10 pages"),
             "{e}"
         );
     }

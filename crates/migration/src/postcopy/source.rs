@@ -659,9 +659,9 @@ fn run_in<'scope, 'env>(
     }
     tx.flush()?;
     let total = popcount(&expected);
-    tx.write_control(&Message::PageMap {
-        runs: to_runs(&expected),
-    })?;
+    for m in super::page_map_messages(to_runs(&expected), super::page_map_part_runs()) {
+        tx.write_control(&m)?;
+    }
     clock.end(|p| &mut p.final_pages_us);
     faults::hold(job, Phase::Switch);
     let blob = vm.capture()?.encode()?;
