@@ -102,6 +102,10 @@ struct Lazy {
     t0: Instant,
     stop: AtomicBool,
     control: OnceLock<Arc<RunControl>>,
+    /// Why the restore failed before the VM was loaded (no VM to stop yet):
+    /// [`Lazy::start_control`] refuses to go on then. The lock orders a
+    /// failure against the VM's arrival.
+    early: std::sync::Mutex<Option<String>>,
 }
 
 impl Lazy {
@@ -124,6 +128,7 @@ impl Lazy {
             t0,
             stop: AtomicBool::new(false),
             control: OnceLock::new(),
+            early: std::sync::Mutex::new(None),
         }))
     }
 
@@ -252,13 +257,32 @@ impl Lazy {
         }
     }
 
-    /// Stops the VM (once) with a clear reason.
+    /// Stops the VM (once) with a clear reason; before the VM is loaded,
+    /// keeps the reason for [`Lazy::start_control`].
     fn fail(&self, why: String) {
         if !self.progress.failed.swap(true, Ordering::AcqRel) {
+            let mut early = self.early.lock().unwrap_or_else(|p| p.into_inner());
             match self.control.get() {
                 Some(c) => c.stop(VmExit::Failed(format!("lazy restore failed: {why}"))),
-                None => tracing::error!("lazy restore failed before the VM was loaded: {why}"),
+                None => {
+                    tracing::error!("lazy restore failed before the VM was loaded: {why}");
+                    *early = Some(why);
+                }
             }
+        }
+    }
+
+    /// The VM is loaded: later failures stop it through `control`. A failure
+    /// before (a page the load faulted on could not be read, so the guest
+    /// would run on zeros there) is returned instead.
+    fn start_control(&self, control: Arc<RunControl>) -> Result<()> {
+        let early = self.early.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self.control.set(control);
+        match &*early {
+            Some(why) => Err(Error::Vm(vmm::Error::GuestMemory(format!(
+                "lazy restore failed while the VM state was loaded: {why}"
+            )))),
+            None => Ok(()),
         }
     }
 
@@ -310,6 +334,11 @@ pub fn restore(
     let snap = LazySnapshot::open(path)?;
     let boot = snap.boot.clone();
     let ram = GuestRam::new(snap.memory)?;
+    if ram.is_huge() {
+        return Err(Error::Invalid(
+            "a lazy restore fills memory through userfaultfd 4 KiB at a time, which huge pages do not take".into(),
+        ));
+    }
     let prepared = Vm::prepare(ram, snap.state.vcpus.len(), console)?;
     let lazy = Lazy::new(snap, prepared.ram(), t0)?;
     let progress = lazy.progress.clone();
@@ -324,16 +353,19 @@ pub fn restore(
             })
             .map_err(io_err("starting the lazy-faults thread"))?
     };
-    let vm = match prepared.load(&lazy.snap.state) {
+    let loaded = prepared
+        .load(&lazy.snap.state)
+        .map_err(Error::from)
+        .and_then(|vm| lazy.start_control(vm.exit_watch()).map(|()| vm));
+    let vm = match loaded {
         Ok(vm) => vm,
         Err(e) => {
             lazy.stop.store(true, Ordering::Release);
             let _ = lazy.map.unregister(&lazy.uffd);
             let _ = faults.join();
-            return Err(e.into());
+            return Err(e);
         }
     };
-    let _ = lazy.control.set(vm.exit_watch());
     if !paused {
         vm.resume();
         progress
@@ -445,6 +477,43 @@ mod tests {
         let held: u64 = restored.data_extents().unwrap().iter().map(|e| e.1).sum();
         assert_eq!(held, (data / 2 + zero_faults) * PAGE_SIZE, "{p:?}");
         assert_same_ram(&ram, &restored);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A page that could not be read while the VM state was loaded (no VM
+    /// to stop yet) fails the restore when the VM arrives, instead of
+    /// leaving the guest to run on zeros; a failure after it stops the VM.
+    #[test]
+    fn a_failure_before_the_vm_is_loaded_fails_the_restore() {
+        let (_ram, dir, path, _) = half_zeros_saved(PAGES, "lazy-early");
+        let restored = GuestRam::new(PAGES * PAGE_SIZE).unwrap();
+        let lazy = Lazy::new(
+            LazySnapshot::open(&path).unwrap(),
+            &restored,
+            Instant::now(),
+        )
+        .unwrap();
+        lazy.fail("reading page 0x3000: EIO".into());
+        let e = lazy.start_control(RunControl::new(1)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("while the VM state was loaded: reading page 0x3000"),
+            "{e}"
+        );
+        lazy.map.unregister(&lazy.uffd).unwrap();
+
+        let lazy = Lazy::new(
+            LazySnapshot::open(&path).unwrap(),
+            &restored,
+            Instant::now(),
+        )
+        .unwrap();
+        let control = RunControl::new(1);
+        lazy.start_control(control.clone()).unwrap();
+        lazy.fail("later".into());
+        assert!(lazy.early.lock().unwrap().is_none());
+        assert!(lazy.progress.failed.load(Ordering::Acquire));
+        lazy.map.unregister(&lazy.uffd).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
