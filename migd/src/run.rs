@@ -450,7 +450,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
                         let save = SaveRequest {
                             path: path.clone(),
                             stop,
-                            background: !stop && vm.is_running(),
+                            // Huge pages take no 4 KiB write-protection.
+                            background: !stop && vm.is_running() && !vm.ram().is_huge(),
                             boot: OWN_BOOT.get().cloned(),
                         };
                         if let Err(e) = start_save(&vm, &mut mig, &tx, save, None) {
