@@ -123,8 +123,23 @@ fn refused_and_unreachable_destinations_leave_the_source_running() {
         stats["error"].as_str().unwrap().contains("connecting"),
         "{stats}"
     );
-    // A destination sized for another VM refuses before any memory moves.
+    // A VM paused before a migration cancelled in its final pause stays
+    // paused.
+    assert_eq!(src.request(json!({"cmd": "pause"}))["ok"], true);
     let dst_console = Console(dir.join("dst.console"));
+    let dst = VmProcess::incoming(&dir, "dst0", &dst_console, port, "128M", 1);
+    let req = json!({"cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1",
+                     "fault_hold": "switch:20000"});
+    assert_eq!(src.request(req)["ok"], true);
+    src.wait_until("held at the switch", |r| r["held"] == "switch");
+    assert_eq!(src.request(json!({"cmd": "cancel"}))["ok"], true);
+    let stats = src.wait_migration();
+    assert_eq!(stats["status"], "cancelled", "{stats}");
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "paused");
+    assert_eq!(src.request(json!({"cmd": "resume"}))["ok"], true);
+    drop(dst);
+    let port = free_port();
+    // A destination sized for another VM refuses before any memory moves.
     let dst = VmProcess::incoming(&dir, "dst", &dst_console, port, "256M", 1);
     src.request(json!({"cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1"}));
     let stats = src.wait_migration();

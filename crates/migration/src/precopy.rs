@@ -1163,6 +1163,8 @@ pub(crate) fn drive(
         s.status = "setup".into();
     });
     let mut paused_at: Option<Instant> = None;
+    // A VM paused before the migration stays paused if it fails.
+    let was_running = vm.is_running();
     let ring_before = vm.dirty_ring_stats();
     let result = body(start, &mut paused_at);
     let ring = vm.dirty_ring_stats().map(|r| {
@@ -1207,8 +1209,12 @@ pub(crate) fn drive(
         o => o,
     };
     if matches!(outcome, Outcome::Failed(_) | Outcome::Cancelled) && paused_at.is_some() {
-        vm.resume();
-        tracing::warn!("migration did not complete: source VM resumed");
+        if was_running {
+            vm.resume();
+            tracing::warn!("migration did not complete: source VM resumed");
+        } else {
+            tracing::warn!("migration did not complete: source VM left paused, as it was");
+        }
     }
     let total = start.elapsed().as_secs_f64() * 1e3;
     job.update(|s| {
