@@ -41,7 +41,7 @@ impl Throttle {
                     // Never resume a VM that someone else paused.
                     if pct == 0 || !control.is_running() {
                         owed = Duration::ZERO;
-                        std::thread::sleep(PERIOD);
+                        park_for(PERIOD, &s);
                         continue;
                     }
                     let (off, on) = share(pct);
@@ -53,7 +53,9 @@ impl Throttle {
                         break;
                     }
                     let ran = Instant::now();
-                    std::thread::sleep(on);
+                    // Parked too: the drop, just before the final pause,
+                    // should not wait out a run window.
+                    park_for(on, &s);
                     owed = owed_for(ran.elapsed(), on, pct);
                 }
             })?;
@@ -137,5 +139,26 @@ mod tests {
         assert_eq!(owed_for(ms(60), ms(50), 50), ms(10));
         // Bounded, however late.
         assert_eq!(owed_for(ms(1000), ms(1), 99), MAX_OWED);
+    }
+
+    /// Dropping the throttle (just before the final pause) waits for no
+    /// idle period or run window; the VM runs afterwards.
+    #[test]
+    fn a_drop_ends_the_throttle_at_once_in_any_window() {
+        for raises in [0, 1] {
+            let control = RunControl::new(1);
+            control.resume();
+            let t = Throttle::start(control.clone()).unwrap();
+            for _ in 0..raises {
+                t.raise();
+            }
+            // Into an idle period (0 %) or the 80 ms run window of 20 %.
+            std::thread::sleep(Duration::from_millis(40));
+            let dropped = Instant::now();
+            drop(t);
+            let took = dropped.elapsed();
+            assert!(took < Duration::from_millis(30), "{raises}: {took:?}");
+            assert!(control.is_running());
+        }
     }
 }
