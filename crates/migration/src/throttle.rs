@@ -152,12 +152,13 @@ mod tests {
             for _ in 0..raises {
                 t.raise();
             }
-            // Into an idle period (0 %) or the 80 ms run window of 20 %.
-            std::thread::sleep(Duration::from_millis(40));
+            // Into an idle period (0 %) or the 80 ms run window of 20 %,
+            // 75 ms before either ends.
+            std::thread::sleep(Duration::from_millis(25));
             let dropped = Instant::now();
             drop(t);
             let took = dropped.elapsed();
-            assert!(took < Duration::from_millis(30), "{raises}: {took:?}");
+            assert!(took < Duration::from_millis(50), "{raises}: {took:?}");
             assert!(control.is_running());
         }
     }
