@@ -1791,9 +1791,11 @@ pub(crate) fn rounds(
             break;
         }
         if let Some(t) = &throttle {
-            // The guest dirtied half of what the round could send or more:
-            // slow it down one step more.
-            if dirty_bytes * 2 >= round_bytes && t.level() < crate::throttle::MAX {
+            // The guest dirtied half of the pages the round sent or more:
+            // slow it down one step more. (Pages, not bytes: compressed
+            // pages and deltas take fewer wire bytes than the dirty pages
+            // they stand for.)
+            if dirty * 2 >= sent_pages && t.level() < crate::throttle::MAX {
                 let level = t.raise();
                 tracing::info!(level, "auto-converge: vCPUs throttled");
                 job.update(|s| s.throttle_pct = level);
