@@ -1475,7 +1475,21 @@ fn run(
     start: Instant,
     paused_at: &mut Option<Instant>,
 ) -> Result<Outcome> {
-    std::thread::scope(|scope| run_in(scope, vm, params, job, start, paused_at))
+    std::thread::scope(|scope| {
+        let r = run_in(scope, vm, params, job, start, paused_at);
+        cut_links_on_failure(job, &r);
+        r
+    })
+}
+
+/// A migration that failed before the commit: cuts its links, so that the
+/// page stream workers (multifd) stop at once rather than send what they
+/// hold queued before the scope that runs them can end (with the VM
+/// possibly paused, waiting for that).
+pub(crate) fn cut_links_on_failure<T>(job: &Job, r: &Result<T>) {
+    if r.is_err() && !job.is_committed() {
+        job.cut_links();
+    }
 }
 
 /// [`run`], with the page stream threads (multifd) on `scope`.

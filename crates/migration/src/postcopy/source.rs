@@ -525,7 +525,11 @@ fn run(
     paused_at: &mut Option<Instant>,
     hybrid: bool,
 ) -> Result<Outcome> {
-    std::thread::scope(|scope| run_in(scope, vm, params, job, start, paused_at, hybrid))
+    std::thread::scope(|scope| {
+        let r = run_in(scope, vm, params, job, start, paused_at, hybrid);
+        precopy::cut_links_on_failure(job, &r);
+        r
+    })
 }
 
 /// [`run`], with hybrid's page stream threads (multifd) on `scope`.
