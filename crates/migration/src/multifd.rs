@@ -95,6 +95,8 @@ struct Worker {
     /// Pages waiting to be handed over, and their `zeros` flag.
     queued: Vec<u64>,
     zeros: bool,
+    /// The stream's socket, for what its send queue holds.
+    sock: std::net::TcpStream,
 }
 
 /// The source's extra streams: stream `i` (1..) is `workers[i - 1]`.
@@ -105,6 +107,11 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
+    /// The extra streams' sockets (for their send queues).
+    pub(crate) fn sockets(&self) -> impl Iterator<Item = &std::net::TcpStream> {
+        self.workers.iter().map(|w| &w.sock)
+    }
+
     /// The stream of `pfn` (0: the main connection, queued by the caller).
     pub(crate) fn stream_of(&self, pfn: u64) -> usize {
         stream_of(pfn, self.count)
@@ -217,6 +224,7 @@ pub(crate) fn start<'scope, 'env>(
     let mut workers = Vec::with_capacity(links.len());
     for (i, link) in links.into_iter().enumerate() {
         job.register(&link)?;
+        let sock = link.tcp().try_clone().map_err(io_err("socket"))?;
         let (cmds, cmd_rx) = mpsc::sync_channel(4);
         let (ack_tx, acks) = mpsc::channel();
         let ram = ram.clone();
@@ -235,6 +243,7 @@ pub(crate) fn start<'scope, 'env>(
             acks,
             queued: Vec::with_capacity(HANDOFF),
             zeros: false,
+            sock,
         });
     }
     tracing::info!(streams = count, "page streams open");

@@ -690,6 +690,16 @@ fn write_raw(
 }
 
 impl Sender<'_> {
+    /// Bytes written into the sockets, the extra page streams' included,
+    /// that the destination has not acknowledged yet.
+    fn queued_all(&self) -> u64 {
+        let extra = self.pool.iter().flat_map(|p| p.sockets());
+        std::iter::once(self.stream.tcp())
+            .chain(extra)
+            .map(|s| queued(s).unwrap_or(0))
+            .sum()
+    }
+
     /// Bytes written so far, the extra page streams' since the last barrier included.
     fn all_bytes(&self) -> u64 {
         self.bytes + self.job.stream_bytes.load(Ordering::Relaxed)
@@ -1605,11 +1615,7 @@ pub(crate) fn rounds(
         } else {
             (Instant::now(), tx.bytes, job.snapshot().pages.sent)
         };
-        let queued0 = if round == 0 {
-            0
-        } else {
-            queued(tx.stream.tcp()).unwrap_or(0)
-        };
+        let queued0 = if round == 0 { 0 } else { tx.queued_all() };
         tx.round = Some(round);
         if clear_before_send && round > 0 && hot_pages > 0 {
             // The hot pages are never sent in a round, so nothing else clears
@@ -1630,8 +1636,9 @@ pub(crate) fn rounds(
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let round_bytes = tx.bytes - b0;
         // What left this host in the round: not what still waits in the
-        // socket's queue (megabytes, against a round of a few at the end).
-        let gone = (round_bytes + queued0).saturating_sub(queued(tx.stream.tcp()).unwrap_or(0));
+        // sockets' queues (megabytes, against a round of a few at the end;
+        // the extra streams' marks only say their pages were written).
+        let gone = (round_bytes + queued0).saturating_sub(tx.queued_all());
         // Round 0's first sampling step watched with the link idle.
         let sending_ms = if round == 0 {
             ms - sampled.watched.as_secs_f64() * 1e3
