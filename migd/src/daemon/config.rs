@@ -92,7 +92,11 @@ impl Config {
                 .postcopy_nice
                 .or(file.postcopy_nice)
                 .unwrap_or(config_file::DEFAULT_POSTCOPY_NICE),
-            dirty_ring: args.dirty_ring.or(file.dirty_ring).unwrap_or(0),
+            dirty_ring: match (args.dirty_ring, file.dirty_ring) {
+                (Some(n), _) => dirty_ring(n).context("--dirty-ring")?,
+                (None, Some(n)) => dirty_ring(n).with_context(|| config_key(args, "dirty_ring"))?,
+                (None, None) => 0,
+            },
             hugepages: args.hugepages || file.hugepages.unwrap_or(false),
             prefault: args.prefault || file.prefault.unwrap_or(false),
             tls: migd::tls_args::TlsArgs {
@@ -123,8 +127,80 @@ impl Config {
     }
 }
 
+/// Dirty-ring entries per vCPU, checked as the VM processes will (0: the bitmap log),
+/// so that a bad value stops the daemon rather than every VM it starts.
+fn dirty_ring(entries: u32) -> Result<u32> {
+    if entries != 0 {
+        vmm::dirty_ring::check_entries(entries).map_err(anyhow::Error::msg)?;
+    }
+    Ok(entries)
+}
+
+/// Context of an error in a value from the config file.
+fn config_key(args: &DaemonArgs, key: &str) -> String {
+    let path = args.config.as_deref().unwrap_or(Path::new("?"));
+    format!("config {}: key '{key}'", path.display())
+}
+
 fn parse_file(path: &Path) -> Result<File> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
     config_file::parse(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loads `file` as the config file, with `args` as the flags.
+    fn load_with(file: &str, args: DaemonArgs) -> Result<Config> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("migd-config-{}-{n}.toml", std::process::id()));
+        std::fs::write(&path, file).expect("writing the config");
+        let cfg = Config::load(&DaemonArgs {
+            config: Some(path.clone()),
+            ..args
+        });
+        let _ = std::fs::remove_file(&path);
+        cfg
+    }
+
+    fn err(r: Result<Config>) -> String {
+        format!("{:#}", r.expect_err("the config should be refused"))
+    }
+
+    #[test]
+    fn dirty_ring_flag_is_checked() {
+        for n in [100, 128, 1 << 20] {
+            let e = err(load_with(
+                "",
+                DaemonArgs {
+                    dirty_ring: Some(n),
+                    ..Default::default()
+                },
+            ));
+            assert!(
+                e.starts_with("--dirty-ring: ") && e.contains("power of two"),
+                "{e}"
+            );
+        }
+        for (n, want) in [(Some(0), 0), (Some(4096), 4096), (None, 0)] {
+            let args = DaemonArgs {
+                dirty_ring: n,
+                ..Default::default()
+            };
+            assert_eq!(load_with("", args).unwrap().dirty_ring, want);
+        }
+        // The flag wins over the file, and is checked on its own.
+        let args = DaemonArgs {
+            dirty_ring: Some(512),
+            ..Default::default()
+        };
+        assert_eq!(
+            load_with("dirty_ring = 1024\n", args).unwrap().dirty_ring,
+            512
+        );
+    }
 }

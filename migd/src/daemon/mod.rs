@@ -58,9 +58,9 @@ pub struct DaemonArgs {
           value_parser = clap::value_parser!(i32).range(-20..=0))]
     pub postcopy_nice: Option<i32>,
     /// Track the VMs' dirty pages with KVM's dirty ring of N entries per vCPU
-    /// (a power of two, 256 to 65536) instead of the bitmap log; 0: the bitmap
-    /// [default: 0]. Turn it on only where `tests/dirty_ring.rs` passes on
-    /// the host.
+    /// (a power of two, 256 to 65536, checked at start) instead of the bitmap
+    /// log; 0: the bitmap [default: 0]. Turn it on only where
+    /// `tests/dirty_ring.rs` passes on the host.
     #[arg(long, value_name = "N")]
     pub dirty_ring: Option<u32>,
     /// Keep the VMs' memory on huge pages (2 MiB, from the host's pool,
