@@ -83,11 +83,15 @@ impl Config {
             insecure: args.insecure || file.insecure.unwrap_or(false),
             metrics_listen: args.metrics_listen.clone().or(file.metrics_listen),
             max_bandwidth: match (args.max_bandwidth, &file.max_bandwidth) {
-                (Some(b), _) => Some(b),
-                (None, Some(s)) => Some(migd::size::parse_size(s).map_err(anyhow::Error::msg)?),
+                (Some(b), _) => Some(host_cap(b).context("--max-bandwidth")?),
+                (None, Some(s)) => Some(
+                    migd::size::parse_size(s)
+                        .map_err(anyhow::Error::msg)
+                        .and_then(host_cap)
+                        .with_context(|| config_key(args, "max_bandwidth"))?,
+                ),
                 (None, None) => None,
-            }
-            .filter(|&b| b > 0),
+            },
             postcopy_nice: args
                 .postcopy_nice
                 .or(file.postcopy_nice)
@@ -125,6 +129,18 @@ impl Config {
         }
         Ok(cfg)
     }
+}
+
+/// A host-wide bandwidth cap (bytes/s): 0, or a rate that rounds down to it, is
+/// refused rather than read as "no cap".
+fn host_cap(bytes_per_s: u64) -> Result<u64> {
+    if bytes_per_s == 0 {
+        bail!(
+            "a cap of 0 bytes/s would stop every migration; leave max_bandwidth \
+             (--max-bandwidth) out for no cap"
+        );
+    }
+    Ok(bytes_per_s)
 }
 
 /// Dirty-ring entries per vCPU, checked as the VM processes will (0: the bitmap log),
@@ -169,6 +185,33 @@ mod tests {
 
     fn err(r: Result<Config>) -> String {
         format!("{:#}", r.expect_err("the config should be refused"))
+    }
+
+    #[test]
+    fn zero_bandwidth_is_refused() {
+        for (file, flag) in [("", Some(0)), ("max_bandwidth = \"0\"\n", None)] {
+            let e = err(load_with(
+                file,
+                DaemonArgs {
+                    max_bandwidth: flag,
+                    ..Default::default()
+                },
+            ));
+            assert!(
+                e.contains("0 bytes/s") && e.contains("out for no cap"),
+                "{e}"
+            );
+        }
+        // Rounds down to 0 bytes/s.
+        let e = err(load_with(
+            "max_bandwidth = \"0.5B\"\n",
+            DaemonArgs::default(),
+        ));
+        assert!(e.contains("key 'max_bandwidth'"), "{e}");
+        let cfg = load_with("max_bandwidth = \"1G\"\n", DaemonArgs::default()).unwrap();
+        assert_eq!(cfg.max_bandwidth, Some(1 << 30));
+        let cfg = load_with("", DaemonArgs::default()).unwrap();
+        assert_eq!(cfg.max_bandwidth, None);
     }
 
     #[test]

@@ -44,7 +44,8 @@ pub struct DaemonArgs {
     #[command(flatten)]
     pub tls: migd::tls_args::TlsArgs,
     /// Host-wide bandwidth cap of outgoing migrations, shared fairly by the jobs
-    /// running at once, e.g. 1G (bytes/s; a bare number is MiB/s) [default: none].
+    /// running at once, e.g. 1G (bytes/s; a bare number is MiB/s); 0 is refused,
+    /// leave it out for no cap [default: none].
     #[arg(long, value_name = "RATE", value_parser = migd::size::parse_size)]
     pub max_bandwidth: Option<u64>,
     /// Serve Prometheus metrics (`GET /metrics`) on this address [default: off].
