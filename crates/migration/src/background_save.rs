@@ -38,7 +38,8 @@ const CHUNK_PAGES: usize = 64;
 /// streaming pass is writing meanwhile, twice that); past it, it writes
 /// them to the file itself.
 pub const HELD_MAX: usize = 4096;
-/// How long the end waits for the fault thread's last copies.
+/// How long the end waits for the fault thread's last copies while it saves
+/// none.
 const SETTLE: Duration = Duration::from_secs(10);
 
 /// A page's progress: untouched, claimed by one of the two writers, in the file.
@@ -148,13 +149,18 @@ fn save_holding(
         recentre: AtomicU64::new(u64::MAX),
         faults: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        faults_down: AtomicBool::new(false),
     };
     let streamed = std::thread::scope(|s| {
         let faults = std::thread::Builder::new()
             .name("save-faults".into())
             .spawn_scoped(s, || {
                 crate::postcopy::prioritize_this_thread(true);
-                save.serve_faults()
+                let served = save.serve_faults();
+                if served.is_err() {
+                    save.faults_down.store(true, Ordering::Release);
+                }
+                served
             })
             .map_err(io_err("starting the save's fault thread"))?;
         let streamed = save.stream().and_then(|()| save.settle());
@@ -162,7 +168,8 @@ fn save_holding(
         let served = faults
             .join()
             .unwrap_or_else(|_| Err(Error::Protocol("the save's fault thread panicked".into())));
-        streamed.and(served)
+        // The fault thread's error is the cause where both failed.
+        served.and(streamed)
     });
     // Protection off and waiters woken whatever happened.
     drop(armed);
@@ -375,6 +382,9 @@ struct Save<'a> {
     recentre: AtomicU64,
     faults: AtomicU64,
     stop: AtomicBool,
+    /// The fault thread ended on an error: nobody lets the guest's writes
+    /// through any more but the streaming pass, which must stop at once.
+    faults_down: AtomicBool,
 }
 
 impl Save<'_> {
@@ -461,6 +471,7 @@ impl Save<'_> {
         let total = self.writer.data_pages();
         let mut pos = 0;
         while self.claimed.load(Ordering::Acquire) < total {
+            self.check_faults_up()?;
             let r = self.recentre.swap(u64::MAX, Ordering::AcqRel);
             if r < total {
                 pos = r;
@@ -497,21 +508,34 @@ impl Save<'_> {
     }
 
     /// Writes what the fault thread still holds, until every page is saved.
+    /// Fails once the fault thread is down (see `faults_down`).
+    fn check_faults_up(&self) -> Result<()> {
+        match self.faults_down.load(Ordering::Acquire) {
+            true => Err(Error::Protocol("the save's fault thread stopped".into())),
+            false => Ok(()),
+        }
+    }
+
+    /// Writes what the fault thread still holds, until every page is saved;
+    /// fails if the fault thread goes down or saves nothing for [`SETTLE`].
     fn settle(&self) -> Result<()> {
-        let end = Instant::now() + SETTLE;
+        let total = self.writer.data_pages();
+        let mut last = (self.progress.written(), Instant::now());
         loop {
             self.write_held()?;
-            if self
-                .state
-                .iter()
-                .all(|s| s.load(Ordering::Acquire) == SAVED)
-            {
+            let written = self.progress.written();
+            if written >= total {
                 break;
             }
-            if Instant::now() > end {
-                return Err(Error::Protocol(
-                    "the save's fault thread did not finish its pages".into(),
-                ));
+            self.check_faults_up()?;
+            if written != last.0 {
+                last = (written, Instant::now());
+            } else if last.1.elapsed() > SETTLE {
+                return Err(Error::Protocol(format!(
+                    "the save's fault thread saved nothing for {} s with {} pages left",
+                    SETTLE.as_secs(),
+                    total - written
+                )));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
