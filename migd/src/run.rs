@@ -693,7 +693,9 @@ fn snapshot(
                     faults: Some(b.faults),
                 })
             }
-            Err(e) if e.resumed => return Err(e.error.into()),
+            // Only missing write-protection is worth a save in the pause:
+            // anything else (the file, the disk) would fail that too.
+            Err(e) if e.resumed || !e.unsupported => return Err(e.error.into()),
             Err(e) => {
                 tracing::warn!(
                     "no background save ({}): writing the pages in the pause",

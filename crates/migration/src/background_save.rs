@@ -94,7 +94,7 @@ fn save_holding(
 ) -> std::result::Result<BackgroundStats, BackgroundError> {
     if ram.is_huge() {
         // 4 KiB write-protect releases fail there: a vCPU would wait for ever.
-        return Err(BackgroundError::before_resume(Error::Invalid(
+        return Err(BackgroundError::unsupported(Error::Invalid(
             "a background save write-protects memory 4 KiB at a time, which huge pages do not take"
                 .into(),
         )));
@@ -102,12 +102,12 @@ fn save_holding(
     let map = RamMap::new(ram);
     let uffd = Uffd::for_write_protect()
         .map_err(io_err("userfaultfd (write-protect)"))
-        .map_err(BackgroundError::before_resume)?;
+        .map_err(BackgroundError::unsupported)?;
     let armed = Armed {
         uffd: &uffd,
         map: &map,
     };
-    armed.arm().map_err(BackgroundError::before_resume)?;
+    armed.arm().map_err(BackgroundError::unsupported)?;
     // Every page is protected: what becomes data from here on is seen.
     let runs =
         vmm::snapshot::data_runs(ram).map_err(|e| BackgroundError::before_resume(e.into()))?;
@@ -210,16 +210,29 @@ pub struct BackgroundError {
     /// Why it failed.
     pub error: Error,
     /// `resume` was called (the VM runs); otherwise the VM is running or
-    /// paused as `pause` left it, and the snapshot may still be written in
-    /// a pause.
+    /// paused as `pause` left it.
     pub resumed: bool,
+    /// Write-protection is not to be had for this memory (no userfaultfd
+    /// write-protect, huge pages): a snapshot written in a pause would do.
+    /// Other failures (the file cannot be made, the disk is full) would
+    /// fail that too, after a long pause.
+    pub unsupported: bool,
 }
 
 impl BackgroundError {
+    fn unsupported(error: Error) -> Self {
+        BackgroundError {
+            error,
+            resumed: false,
+            unsupported: true,
+        }
+    }
+
     fn before_resume(error: Error) -> Self {
         BackgroundError {
             error,
             resumed: false,
+            unsupported: false,
         }
     }
 
@@ -227,6 +240,7 @@ impl BackgroundError {
         BackgroundError {
             error,
             resumed: true,
+            unsupported: false,
         }
     }
 }
@@ -809,7 +823,7 @@ pub(crate) mod tests {
             &WriteProgress::default(),
         )
         .unwrap_err();
-        assert!(!e.resumed && !paused.get(), "{e:?}");
+        assert!(!e.resumed && e.unsupported && !paused.get(), "{e:?}");
         assert!(e.error.to_string().contains("huge pages"), "{e:?}");
         assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();
