@@ -44,6 +44,8 @@ const SETTLE: Duration = Duration::from_secs(10);
 
 /// A page's progress: untouched, claimed by one of the two writers, in the file.
 const UNTOUCHED: u8 = 0;
+// Page states start from zeroed memory (`zeroed_u8s`).
+const _: () = assert!(UNTOUCHED == 0);
 const CLAIMED: u8 = 1;
 const SAVED: u8 = 2;
 
@@ -122,13 +124,7 @@ fn save_holding(
     })();
     let writer = sealed.map_err(BackgroundError::before_resume)?;
     progress.start(writer.data_pages());
-    resume();
-    let paused = paused_at.elapsed();
-    // Pages that are not in the file need no protection: a guest filling
-    // fresh memory during the save should not fault on every page.
-    armed
-        .release_holes(writer.runs())
-        .map_err(BackgroundError::after_resume)?;
+    let pages = writer.data_pages() as usize;
     let save = Save {
         mem: MemView::new(ram),
         writer: &writer,
@@ -136,12 +132,8 @@ fn save_holding(
         progress,
         map: &map,
         uffd: &uffd,
-        state: (0..writer.data_pages())
-            .map(|_| AtomicU8::new(UNTOUCHED))
-            .collect(),
-        crcs: (0..writer.data_pages())
-            .map(|_| AtomicU32::new(0))
-            .collect(),
+        state: zeroed_u8s(pages),
+        crcs: zeroed_u32s(pages),
         held: Mutex::new(Vec::new()),
         held_max,
         written_by_faults: AtomicU64::new(0),
@@ -151,6 +143,8 @@ fn save_holding(
         stop: AtomicBool::new(false),
         faults_down: AtomicBool::new(false),
     };
+    // The fault thread is up before the guest runs: no write waits on a
+    // protection nobody serves.
     let streamed = std::thread::scope(|s| {
         let faults = std::thread::Builder::new()
             .name("save-faults".into())
@@ -162,18 +156,30 @@ fn save_holding(
                 }
                 served
             })
-            .map_err(io_err("starting the save's fault thread"))?;
-        let streamed = save.stream().and_then(|()| save.settle());
+            .map_err(io_err("starting the save's fault thread"))
+            .map_err(BackgroundError::before_resume)?;
+        resume();
+        let paused = paused_at.elapsed();
+        // Pages that are not in the file need no protection: a guest filling
+        // fresh memory during the save should not fault on every page (the
+        // fault thread lets those through meanwhile).
+        let streamed = armed
+            .release_holes(writer.runs())
+            .and_then(|()| save.stream())
+            .and_then(|()| save.settle());
         save.stop.store(true, Ordering::Release);
         let served = faults
             .join()
             .unwrap_or_else(|_| Err(Error::Protocol("the save's fault thread panicked".into())));
         // The fault thread's error is the cause where both failed.
-        served.and(streamed)
+        served
+            .and(streamed)
+            .map(|()| paused)
+            .map_err(BackgroundError::after_resume)
     });
     // Protection off and waiters woken whatever happened.
     drop(armed);
-    streamed.map_err(BackgroundError::after_resume)?;
+    let paused = streamed?;
     let mut crc = crc32fast::Hasher::new();
     for c in &save.crcs {
         crc.combine(&crc32fast::Hasher::new_with_initial_len(
@@ -202,6 +208,22 @@ fn save_holding(
         faults,
         written_by_faults,
     })
+}
+
+/// `n` atomics at zero, from zeroed memory: made in the pause, they cost
+/// no page until used.
+fn zeroed_u8s(n: usize) -> Vec<AtomicU8> {
+    let mut v = std::mem::ManuallyDrop::new(vec![0u8; n]);
+    // SAFETY: AtomicU8 has the same size, alignment and bit validity as u8;
+    // the allocation is handed over whole.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
+}
+
+/// [`zeroed_u8s`] for `AtomicU32`.
+fn zeroed_u32s(n: usize) -> Vec<AtomicU32> {
+    let mut v = std::mem::ManuallyDrop::new(vec![0u32; n]);
+    // SAFETY: AtomicU32 has the same size, alignment and bit validity as u32.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
 }
 
 /// A failed background save.
