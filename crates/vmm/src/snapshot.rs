@@ -338,20 +338,85 @@ fn run_starts(runs: &[(u64, u64)]) -> Vec<u64> {
         .collect()
 }
 
+/// The start of the names of `path`'s temporary files made on this host:
+/// `<name>.tmp.<host>.` (the pid, a sequence number and the clock follow).
+fn temp_prefix(path: &Path) -> std::ffi::OsString {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .replace(['/', '.'], "_");
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp.{host}."));
+    name
+}
+
+/// Temporary files an earlier process on this host left beside `path`
+/// (killed, or the host lost power, while it saved): those whose process is
+/// gone and that nobody has written for `idle`. Only names of this host
+/// count, so that a save in progress on another host sharing the directory
+/// is never touched. Removes them; returns how many.
+pub fn remove_stale_temps(path: &Path, idle: std::time::Duration) -> usize {
+    let prefix = temp_prefix(path);
+    let prefix = prefix.as_encoded_bytes();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.as_encoded_bytes().strip_prefix(prefix) else {
+            continue;
+        };
+        let pid = std::str::from_utf8(rest)
+            .ok()
+            .and_then(|r| r.split('.').next())
+            .and_then(|p| p.parse::<i32>().ok());
+        let Some(pid) = pid.filter(|&p| p > 0) else {
+            continue;
+        };
+        // Signal 0: is the process there (EPERM: there, not ours)?
+        let alive = !matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        let idle_for = e
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok());
+        if !alive && idle_for.is_some_and(|t| t >= idle) && std::fs::remove_file(e.path()).is_ok() {
+            tracing::info!(file = %e.path().display(), "removed a snapshot's temporary file left by a process gone");
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// How long a dead process's temporary file must have been left unwritten
+/// before a new save beside it removes it.
+const STALE_TEMP_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Creates the file a snapshot for `path` is written into before it is
-/// renamed there: beside it, under a name of its own (pid, sequence, clock),
-/// created new (never an existing file, nor through a symlink), for the owner only:
-/// all of guest memory goes in it.
+/// renamed there: beside it, under a name of its own (host, pid, sequence,
+/// clock), created new (never an existing file, nor through a symlink), for
+/// the owner only: all of guest memory goes in it. Temporary files of dead
+/// processes beside it go first ([`remove_stale_temps`]).
 fn create_temp(path: &Path) -> std::io::Result<(File, PathBuf)> {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    remove_stale_temps(path, STALE_TEMP_IDLE);
     let mut tries = 0;
     loop {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut name = path.file_name().unwrap_or_default().to_os_string();
-        name.push(format!(".tmp.{}.{seq}.{nanos:08x}", std::process::id()));
+        let mut name = temp_prefix(path);
+        name.push(format!("{}.{seq}.{nanos:08x}", std::process::id()));
         let tmp = path.with_file_name(name);
         match OpenOptions::new()
             .write(true)
@@ -1134,6 +1199,59 @@ mod tests {
             .unwrap()
             .file_type()
             .is_symlink());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A save removes the temporary files of dead processes on this host
+    /// left beside its file once idle, and nothing else: not a live
+    /// process's, nor a fresh one, nor another host's, nor another file's.
+    #[test]
+    fn temporary_files_of_dead_processes_are_removed() {
+        let d = dir("stale");
+        let p = d.join("vm.snap");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let mine = std::process::id();
+        let ours = |pid: u32| {
+            let mut n = temp_prefix(&p);
+            n.push(format!("{pid}.0.0000abcd"));
+            d.join(n)
+        };
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        let make = |f: &PathBuf, old: bool| {
+            let file = File::create(f).unwrap();
+            if old {
+                file.set_modified(hour_ago).unwrap();
+            }
+        };
+        let (stale, live) = (ours(dead), ours(mine));
+        make(&stale, true);
+        make(&live, true);
+        let fresh_name = {
+            let mut n = temp_prefix(&p);
+            n.push(format!("{dead}.1.0000abcd"));
+            d.join(n)
+        };
+        make(&fresh_name, false);
+        let elsewhere = d.join(format!("vm.snap.tmp.otherhost.{dead}.0.0000abcd"));
+        make(&elsewhere, true);
+        let other = {
+            let mut n = temp_prefix(&d.join("other.snap"));
+            n.push(format!("{dead}.0.0000abcd"));
+            d.join(n)
+        };
+        make(&other, true);
+        assert_eq!(remove_stale_temps(&p, STALE_TEMP_IDLE), 1);
+        assert!(!stale.exists());
+        for kept in [&live, &fresh_name, &elsewhere, &other] {
+            assert!(kept.exists(), "{}", kept.display());
+        }
+        // A save does it on its way.
+        make(&stale, true);
+        let ram = GuestRam::new(16 << 20).unwrap();
+        write(&p, &state(16 << 20), &ram).unwrap();
+        assert!(!stale.exists());
         let _ = std::fs::remove_dir_all(&d);
     }
 
