@@ -330,6 +330,9 @@ impl Uffd {
         }
         let zeropage = self.zeropage.load(std::sync::atomic::Ordering::Relaxed);
         let mut done = 0u64;
+        // EAGAIN with nothing moved (the mapping changing under the call):
+        // tried again a bounded number of times, never spun on.
+        let mut stuck = 0u32;
         while done < len {
             let (r, moved) = if let Some(s) = src {
                 let mut c = Copy {
@@ -372,6 +375,15 @@ impl Uffd {
                         let upto = done + (moved as u64 / PAGE) * PAGE;
                         (done / PAGE..upto / PAGE).for_each(|i| each(i, true));
                         done = upto;
+                        stuck = 0;
+                    } else if stuck >= 1000 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::WouldBlock,
+                            format!("filling guest page {:#x}: EAGAIN 1000 times", dst + done),
+                        ));
+                    } else {
+                        stuck += 1;
+                        std::thread::yield_now();
                     }
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
