@@ -38,17 +38,18 @@ impl Throttle {
                 let mut owed = Duration::ZERO;
                 while !s.load(Ordering::Relaxed) {
                     let pct = l.load(Ordering::Relaxed);
-                    // Never resume a VM that someone else paused.
+                    // Never throttle a VM that someone else paused (nor
+                    // resume it: `throttle_resume` ends only its own pause).
                     if pct == 0 || !control.is_running() {
                         owed = Duration::ZERO;
                         park_for(PERIOD, &s);
                         continue;
                     }
                     let (off, on) = share(pct);
-                    control.pause();
+                    control.throttle_pause();
                     // Parked, not asleep: dropping the throttle wakes it.
                     park_for(off + owed, &s);
-                    control.resume();
+                    control.throttle_resume();
                     if s.load(Ordering::Relaxed) {
                         break;
                     }
@@ -161,5 +162,29 @@ mod tests {
             assert!(took < Duration::from_millis(50), "{raises}: {took:?}");
             assert!(control.is_running());
         }
+    }
+
+    /// The throttle's pause counts as running, and its resume never ends a
+    /// pause someone else made, before or during it.
+    #[test]
+    fn the_throttle_resumes_only_its_own_pause() {
+        let control = RunControl::new(1);
+        control.resume();
+        control.throttle_pause();
+        assert!(control.is_running(), "throttled counts as running");
+        control.throttle_resume();
+        assert!(control.is_running());
+        // Paused by someone else during the throttle's pause: kept.
+        control.throttle_pause();
+        control.pause();
+        assert!(!control.is_running());
+        control.throttle_resume();
+        assert!(!control.is_running());
+        // Paused before: the throttle neither pauses nor resumes it.
+        control.throttle_pause();
+        control.throttle_resume();
+        assert!(!control.is_running());
+        control.resume();
+        assert!(control.is_running());
     }
 }

@@ -41,6 +41,9 @@ enum Want {
 
 struct RunState {
     want: Want,
+    /// Paused by the throttle (auto-converge) alone: the VM counts as
+    /// running, and only the throttle's resume lets it go on.
+    throttled: bool,
     parked: usize,
     threads: Vec<Option<libc::pthread_t>>,
     exit: Option<VmExit>,
@@ -79,6 +82,7 @@ impl RunControl {
         Arc::new(RunControl {
             state: Mutex::new(RunState {
                 want: Want::Pause,
+                throttled: false,
                 parked: 0,
                 threads: vec![None; n],
                 exit: None,
@@ -94,21 +98,45 @@ impl RunControl {
     /// Lets all vCPUs run.
     pub fn resume(&self) {
         let mut st = self.lock();
+        st.throttled = false;
         if st.want == Want::Pause {
             st.want = Want::Run;
         }
         self.cv.notify_all();
     }
 
-    /// Stops all vCPUs and waits until every thread is parked; returns how long it took.
+    /// Stops all vCPUs and waits until every thread is parked; returns how
+    /// long it took. A pause the throttle made becomes this one: the
+    /// throttle's resume no longer ends it.
     pub fn pause(&self) -> Duration {
         let start = Instant::now();
         let mut st = self.lock();
+        st.throttled = false;
         if st.want == Want::Run {
             st.want = Want::Pause;
         }
         self.wait_parked(st);
         start.elapsed()
+    }
+
+    /// The throttle's pause (auto-converge): as [`RunControl::pause`], but
+    /// only of a running VM, which counts as running meanwhile.
+    pub fn throttle_pause(&self) {
+        let mut st = self.lock();
+        if st.want == Want::Run {
+            st.want = Want::Pause;
+            st.throttled = true;
+            self.wait_parked(st);
+        }
+    }
+
+    /// Ends the throttle's pause, unless someone else paused the VM since.
+    pub fn throttle_resume(&self) {
+        let mut st = self.lock();
+        if std::mem::take(&mut st.throttled) && st.want == Want::Pause {
+            st.want = Want::Run;
+            self.cv.notify_all();
+        }
     }
 
     fn wait_parked(&self, mut st: std::sync::MutexGuard<'_, RunState>) {
@@ -160,9 +188,11 @@ impl RunControl {
         }
     }
 
-    /// True while the VM is wanted running.
+    /// True while the VM is wanted running (paused by the throttle alone
+    /// counts as running).
     pub fn is_running(&self) -> bool {
-        self.lock().want == Want::Run
+        let st = self.lock();
+        st.want == Want::Run || (st.want == Want::Pause && st.throttled)
     }
 
     /// Waits until the VM ends; returns why.
