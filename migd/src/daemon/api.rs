@@ -863,7 +863,7 @@ fn path_arg(p: Option<&Path>) -> Result<String> {
 }
 
 async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
-    let pid = {
+    let (pid, before) = {
         let mut reg = d.reg();
         let Some(vm) = reg.vms.get_mut(name) else {
             bail!("no VM named '{}'", name.escape_debug());
@@ -876,8 +876,8 @@ async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
         if [st::CREATING, st::DESTROYING].contains(&vm.state.as_str()) {
             bail!("VM '{name}' is {}; try again", vm.state);
         }
-        vm.state = st::DESTROYING.into();
-        vm.pid
+        let before = std::mem::replace(&mut vm.state, st::DESTROYING.into());
+        (vm.pid, before)
     };
     let dir = d.vm_dir(name);
     if let Some(pid) = pid {
@@ -889,8 +889,17 @@ async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
             Ok(()) => Ok(()),
         };
         if stopped.is_err() {
+            // Back to the state it had (paused, migrated, saving...); stopped
+            // if its process ended meanwhile, as process_exited would have
+            // made it had the VM not been destroying.
             if let Some(v) = d.reg().vms.get_mut(name) {
-                v.state = st::RUNNING.into();
+                if v.state == st::DESTROYING {
+                    v.state = if v.pid.is_none() && before != st::MIGRATED {
+                        st::STOPPED.into()
+                    } else {
+                        before
+                    };
+                }
             }
         }
         stopped?;
@@ -953,6 +962,69 @@ mod tests {
             memory_flags(&cfg(true, true), false),
             ["--hugepages", "--prefault"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_destroy_gives_the_vm_its_state_back() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let state_dir =
+            std::env::temp_dir().join(format!("migd-api-destroy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        let d = Arc::new(Daemon {
+            cfg: super::super::config::Config::for_tests(&state_dir),
+            exe: "/bin/false".into(),
+            reg: Default::default(),
+            metrics: Default::default(),
+            tls: None,
+        });
+        std::fs::create_dir_all(d.vm_dir("vm1")).unwrap();
+        // A VM process (this test's own pid: alive) that refuses to stop; with
+        // `exits` set, its process is found gone meanwhile.
+        let exits = Arc::new(AtomicBool::new(false));
+        let listener = UnixListener::bind(state::control_path(&d.vm_dir("vm1"))).unwrap();
+        let (fake, exiting) = (d.clone(), exits.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let (r, mut w) = s.into_split();
+                let mut line = String::new();
+                let _ = BufReader::new(r).read_line(&mut line).await;
+                if exiting.load(Ordering::Relaxed) {
+                    if let Some(vm) = fake.reg().vms.get_mut("vm1") {
+                        vm.pid = None;
+                    }
+                }
+                let reply = json!({"ok": false, "error": "busy"});
+                let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+            }
+        });
+        let record = VmRecord {
+            name: "vm1".into(),
+            kernel: None,
+            initramfs: None,
+            cmdline: String::new(),
+            memory: 1 << 20,
+            vcpus: 1,
+            created: 0,
+            origin: Origin::default(),
+            source: None,
+        };
+        for (before, exit, after) in [
+            (st::MIGRATED, false, st::MIGRATED),
+            (st::PAUSED, false, st::PAUSED),
+            (st::RUNNING, false, st::RUNNING),
+            (st::SAVING, false, st::SAVING),
+            // Its process gone meanwhile: stopped, as process_exited would say.
+            (st::PAUSED, true, st::STOPPED),
+            (st::MIGRATED, true, st::MIGRATED),
+        ] {
+            exits.store(exit, Ordering::Relaxed);
+            let vm = VmEntry::new(record.clone(), before, Some(std::process::id()));
+            d.reg().vms.insert("vm1".into(), vm);
+            let e = destroy(&d, "vm1", false).await.unwrap_err();
+            assert!(format!("{e:#}").contains("refuses to stop: busy"), "{e:#}");
+            assert_eq!(d.reg().vms["vm1"].state, after, "{before}, exit {exit}");
+        }
+        let _ = std::fs::remove_dir_all(&state_dir);
     }
 
     #[test]
