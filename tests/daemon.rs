@@ -757,6 +757,69 @@ fn daemon_migrates_a_vm_to_another_daemon() {
 /// leaves a file behind. The daemon's VM
 /// processes pause 25 ms at each step of a save (`MIGD_SAVE_PACE_MS`, a test
 /// knob) so that it lasts long enough to be watched.
+/// SIGTERM reaches the source's VM process during post-copy (a host shutting
+/// down): the process stops once the migration is over, and the daemon takes
+/// the VM for gone to B, never for stopped here, where a `start` would boot a
+/// second copy of a VM that runs on B.
+#[test]
+fn a_source_told_to_stop_during_post_copy_is_not_taken_for_stopped() {
+    if !kvm_or_skip("a_source_told_to_stop_during_post_copy_is_not_taken_for_stopped") {
+        return;
+    }
+    let dir = scratch("daemon-term-postcopy");
+    let a = Daemon::start(&dir, "a");
+    let b = Daemon::start(&dir, "b");
+    let _ra = Reaper(a.state.clone());
+    let _rb = Reaper(b.state.clone());
+    create_guest(&a, "pc1");
+    let console = console_of(&a, "pc1");
+    console.wait_for("WORKLOAD READY", READY);
+    let info: Value = serde_json::from_str(&a.ok(&["info", "pc1", "--json"])).unwrap();
+    let pid = info["pid"].as_u64().expect("a VM process") as i32;
+    let n = console.wait_heartbeats(0, 1, Duration::from_secs(20));
+    // At 4 MiB/s the ~20 MiB the destination lacks take seconds to push.
+    let to = format!("127.0.0.1:{}", b.port);
+    let job = a.ok(&[
+        "migrate",
+        "pc1",
+        "--to",
+        &to,
+        "--mode",
+        "postcopy",
+        "--max-bandwidth",
+        "4M",
+        "--detach",
+    ]);
+    let job = job.trim();
+    a.poll_json(
+        &["job", job, "--json"],
+        "post-copy",
+        Duration::from_secs(30),
+        |j| j["status"] == "postcopy-active",
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let j = a.wait_job(job, Duration::from_secs(60));
+    assert_eq!(j["status"], "completed", "{j}");
+    let end = Instant::now() + Duration::from_secs(15);
+    while a.vm_dir("pc1").exists() {
+        assert!(
+            Instant::now() < end,
+            "source kept the VM:\n{}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(a.ok(&["list", "--json"]).trim(), "[]");
+    b.wait_state("pc1", "running", Duration::from_secs(15));
+    let on_b = console_of(&b, "pc1");
+    on_b.wait_heartbeats(n, 2, Duration::from_secs(30));
+    on_b.assert_clean();
+}
+
 #[test]
 fn daemon_shows_a_save_in_progress_and_destroy_cancels_it() {
     if !kvm_or_skip("daemon_shows_a_save_in_progress_and_destroy_cancels_it") {

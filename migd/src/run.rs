@@ -412,20 +412,24 @@ pub fn run(args: RunArgs) -> Result<i32> {
             }
             Event::Migrated(outcome) => {
                 mig.running = false;
-                if mig.stop_when_done {
-                    tracing::info!(?outcome, "migration over: stopping as asked");
-                    break 0;
-                }
                 if outcome == Outcome::Completed {
                     // The destination runs the VM: ours must never run again.
                     vm.shutdown(VmExit::Stopped);
                     mig.migrated = true;
+                    // Noted before anything else, a stop asked for included:
+                    // the daemon must never take the VM for stopped here.
                     if let (Some(path), Some(job)) = (&args.migrated_file, &mig.job) {
                         // Whole or not at all (a temporary name, then a rename).
                         if let Err(e) = migd::json_file::write_json_atomic(path, &job.snapshot()) {
                             tracing::warn!("noting the completed migration: {e:#}");
                         }
                     }
+                }
+                if mig.stop_when_done {
+                    tracing::info!(?outcome, "migration over: stopping as asked");
+                    break 0;
+                }
+                if outcome == Outcome::Completed {
                     let tx = tx.clone();
                     std::thread::spawn(move || {
                         std::thread::sleep(linger());

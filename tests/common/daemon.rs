@@ -284,7 +284,7 @@ impl Daemon {
 
     /// Runs `migctl ARGS` (which print JSON) until `done` holds for what it
     /// prints; returns that. Fails after `timeout`, naming `what`.
-    fn poll_json(
+    pub fn poll_json(
         &self,
         args: &[&str],
         what: &str,

@@ -442,6 +442,16 @@ async fn track(d: Arc<Daemon>, id: String, vm: String) {
         tokio::time::sleep(POLL).await;
         let pid = d.reg().vms.get(&vm).and_then(|v| v.pid);
         let Some(pid) = pid.filter(|p| vmproc::alive(*p)) else {
+            // Gone: the migration completed if the process noted it so
+            // (it may have been told to stop once the migration was over).
+            let noted = state::read_migrated(&d.vm_dir(&vm))
+                .filter(|s| s["id"].as_str().is_none_or(|other| other == id));
+            if let Some(stats) = noted {
+                if let Some(j) = d.reg().jobs.get_mut(&id) {
+                    j.stats = stats;
+                }
+                break ("completed".to_string(), None);
+            }
             break (
                 "failed".to_string(),
                 Some("the VM process exited during the migration".to_string()),

@@ -206,6 +206,13 @@ pub fn migrated_path(dir: &Path) -> PathBuf {
     dir.join("migrated.json")
 }
 
+/// The statistics of the completed migration the VM process in `dir` noted
+/// ([`migrated_path`]), if it did.
+pub fn read_migrated(dir: &Path) -> Option<Value> {
+    let b = std::fs::read(migrated_path(dir)).ok()?;
+    Some(serde_json::from_slice::<Value>(&b).unwrap_or_default())
+}
+
 /// Unix time in seconds.
 pub fn now() -> u64 {
     SystemTime::now()
@@ -362,10 +369,7 @@ async fn adopt_answer(
         (None, Some(_)) if migrated_path(&dir).exists() => {
             // It left for good while no daemon watched: its process noted
             // the completed migration before it exited.
-            let stats = std::fs::read(migrated_path(&dir))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                .unwrap_or_default();
+            let stats = read_migrated(&dir).unwrap_or_default();
             tracing::info!(to = %stats["to"], "VM migrated away while migd was down; removed here");
             jobs::completed_while_away(d, &name, &stats);
             if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -421,6 +425,8 @@ pub fn watch_child(d: Arc<Daemon>, name: String, mut child: tokio::process::Chil
 /// A VM process ended (`code` is None when it was not our child).
 pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
     let dir = d.vm_dir(name);
+    // Read before the lock: a VM that left for good noted it first.
+    let left = read_migrated(&dir);
     let mut reg = d.reg();
     let Some(vm) = reg.vms.get_mut(name) else {
         return;
@@ -429,8 +435,27 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
         return;
     }
     vm.pid = None;
-    // Destroy and completed migrations clean up themselves.
-    if vm.state == st::DESTROYING || vm.state == st::MIGRATED {
+    // Destroy cleans up itself.
+    if vm.state == st::DESTROYING {
+        return;
+    }
+    if vm.state == st::MIGRATED || left.is_some() {
+        // It lives on another host now, never here again: its job's tracker
+        // finishes the job and cleans up; with none (it gave up, or could
+        // not stop the process), that is done here.
+        if vm.job.is_some() {
+            vm.state = st::MIGRATED.into();
+            return;
+        }
+        reg.vms.remove(name);
+        drop(reg);
+        if let Some(stats) = &left {
+            jobs::completed_while_away(d, name, stats);
+        }
+        tracing::info!("VM process of a VM that migrated away exited; removed here");
+        if let Err(e) = remove_dir(&dir) {
+            tracing::warn!("{e:#}");
+        }
         return;
     }
     // An incoming VM that never ran here leaves nothing behind; once it ran
