@@ -21,6 +21,8 @@ pub enum Error {
     Connect { path: PathBuf, source: io::Error },
     /// Reading or writing failed after connecting.
     Io(io::Error),
+    /// The daemon did not take the request, or did not reply, within the timeout.
+    Timeout(Duration),
     /// The daemon's reply was not a JSON object.
     BadReply(String),
     /// The daemon answered `{"ok":false,"error":...}`.
@@ -36,6 +38,17 @@ impl fmt::Display for Error {
                 path.display()
             ),
             Error::Io(e) => write!(f, "talking to migd: {e}"),
+            Error::Timeout(t) => {
+                let within = match t.as_secs() {
+                    0 => format!("{} ms", t.as_millis()),
+                    s => format!("{s} s"),
+                };
+                write!(
+                    f,
+                    "migd did not reply within {within}; the request may still be running \
+                     in the daemon (see `migctl jobs` or `migctl info NAME`)"
+                )
+            }
             Error::BadReply(r) => write!(f, "migd sent a reply that is not JSON: {r}"),
             Error::Daemon(e) => f.write_str(e),
         }
@@ -58,15 +71,23 @@ impl From<io::Error> for Error {
     }
 }
 
-/// One connection to the daemon; several requests may be sent on it in turn.
+/// A connection to the daemon; several requests may be sent on it in turn. After a
+/// failed exchange (an I/O error, a timeout, a reply that is not JSON) the connection
+/// is dropped and the next request opens a new one, so a late reply to the failed
+/// request is never read as the next one's.
 pub struct Client {
+    path: PathBuf,
+    timeout: Duration,
+    conn: Option<Conn>,
+}
+
+struct Conn {
     stream: UnixStream,
     reader: BufReader<UnixStream>,
 }
 
-impl Client {
-    /// Connects to the daemon's socket. Replies are awaited for at most `timeout`.
-    pub fn connect(path: &Path, timeout: Duration) -> Result<Client, Error> {
+impl Conn {
+    fn open(path: &Path, timeout: Duration) -> Result<Conn, Error> {
         let stream = UnixStream::connect(path).map_err(|source| Error::Connect {
             path: path.to_path_buf(),
             source,
@@ -74,16 +95,18 @@ impl Client {
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         let reader = BufReader::new(stream.try_clone()?);
-        Ok(Client { stream, reader })
+        Ok(Conn { stream, reader })
     }
 
-    /// Sends one request and returns the reply as it came, `ok:false` included.
-    pub fn request(&mut self, req: &Value) -> Result<Value, Error> {
-        let mut line = serde_json::to_vec(req).map_err(|e| Error::BadReply(e.to_string()))?;
-        line.push(b'\n');
-        self.stream.write_all(&line)?;
+    fn exchange(&mut self, line: &[u8], timeout: Duration) -> Result<Value, Error> {
+        // A socket timeout reads as WouldBlock (EAGAIN) or TimedOut.
+        let io = |e: io::Error| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::Timeout(timeout),
+            _ => Error::Io(e),
+        };
+        self.stream.write_all(line).map_err(io)?;
         let mut reply = String::new();
-        if self.reader.read_line(&mut reply)? == 0 {
+        if self.reader.read_line(&mut reply).map_err(io)? == 0 {
             return Err(Error::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "migd closed the connection without a reply",
@@ -93,6 +116,34 @@ impl Client {
             Ok(v) if v.is_object() => Ok(v),
             _ => Err(Error::BadReply(reply.trim_end().to_string())),
         }
+    }
+}
+
+impl Client {
+    /// Connects to the daemon's socket. Replies are awaited for at most `timeout`.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Client, Error> {
+        let conn = Conn::open(path, timeout)?;
+        Ok(Client {
+            path: path.to_path_buf(),
+            timeout,
+            conn: Some(conn),
+        })
+    }
+
+    /// Sends one request and returns the reply as it came, `ok:false` included.
+    /// Connects again first if the previous exchange failed.
+    pub fn request(&mut self, req: &Value) -> Result<Value, Error> {
+        let mut line = serde_json::to_vec(req).map_err(|e| Error::BadReply(e.to_string()))?;
+        line.push(b'\n');
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => self.conn.insert(Conn::open(&self.path, self.timeout)?),
+        };
+        let reply = conn.exchange(&line, self.timeout);
+        if reply.is_err() {
+            self.conn = None;
+        }
+        reply
     }
 
     /// Sends one request; an `{"ok":false}` reply becomes [`Error::Daemon`].
@@ -113,4 +164,73 @@ impl Client {
 /// Connects, sends one request and returns the checked reply.
 pub fn call(path: &Path, req: &Value, timeout: Duration) -> Result<Value, Error> {
     Client::connect(path, timeout)?.call(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::os::unix::net::UnixListener;
+
+    /// Answers each connection's requests in turn: the first request of the
+    /// first connection after `late`, every other at once, with its `n`.
+    fn fake_daemon(tag: &str, late: Duration) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("migd-client-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            for (i, s) in listener.incoming().enumerate() {
+                let Ok(s) = s else { return };
+                std::thread::spawn(move || {
+                    let mut w = s.try_clone().unwrap();
+                    for (j, line) in BufReader::new(s).lines().enumerate() {
+                        let Ok(line) = line else { return };
+                        let req: Value = serde_json::from_str(&line).unwrap();
+                        if i == 0 && j == 0 {
+                            std::thread::sleep(late);
+                        }
+                        let reply = json!({"ok": true, "n": req["n"]});
+                        if writeln!(w, "{reply}").is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        path
+    }
+
+    #[test]
+    fn a_timeout_says_so_and_the_late_reply_is_not_read_as_the_next() {
+        let path = fake_daemon("late", Duration::from_millis(600));
+        let mut c = Client::connect(&path, Duration::from_millis(200)).unwrap();
+        let e = c.call(&json!({"cmd": "job", "n": 1})).unwrap_err();
+        assert!(matches!(e, Error::Timeout(_)), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("did not reply within 200 ms") && msg.contains("may still be running"),
+            "{msg}"
+        );
+        // The late reply to 1 comes on the old connection, which is gone.
+        std::thread::sleep(Duration::from_millis(600));
+        for n in 2..5 {
+            assert_eq!(c.call(&json!({"cmd": "job", "n": n})).unwrap()["n"], n);
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_client_whose_daemon_is_gone_says_so_on_each_request() {
+        let path = fake_daemon("gone", Duration::ZERO);
+        let mut c = Client::connect(&path, Duration::from_secs(5)).unwrap();
+        assert_eq!(c.call(&json!({"n": 1})).unwrap()["n"], 1);
+        std::fs::remove_file(&path).unwrap();
+        // A connection dropped after a failure is opened again for the next
+        // request: with the socket gone, each says it cannot connect.
+        c.conn = None;
+        for _ in 0..2 {
+            let e = c.call(&json!({"n": 2})).unwrap_err();
+            assert!(matches!(e, Error::Connect { .. }), "{e:?}");
+        }
+    }
 }

@@ -56,6 +56,8 @@ pub fn run(
             let Some(vm) = queue.pop_front() else { break };
             let req = json!({"cmd": "migrate", "name": vm, "to": to, "mode": mode,
                              "max_downtime_ms": max_downtime, "detach": true});
+            // A failed request (refused, or no reply in time) fails this VM
+            // only; the client takes a fresh connection for the next.
             match c.call(&req) {
                 Ok(r) => running.push((vm, r["job"].as_str().unwrap_or_default().to_string())),
                 Err(e) => done.push(json!({"vm": vm, "outcome": "failed", "error": e.to_string()})),
@@ -67,7 +69,15 @@ pub fn run(
         std::thread::sleep(POLL);
         let mut still = Vec::new();
         for (vm, id) in running {
-            let job = c.call(&json!({"cmd": "job", "id": id}))?["job"].clone();
+            let job = match c.call(&json!({"cmd": "job", "id": id})) {
+                Ok(r) => r["job"].clone(),
+                Err(e) => {
+                    // Its job may still run: the line names it for `migctl job`.
+                    let error = format!("lost track of job {id}: {e}");
+                    done.push(json!({"vm": vm, "job": id, "outcome": "failed", "error": error}));
+                    continue;
+                }
+            };
             if matches!(
                 job["status"].as_str(),
                 Some("completed" | "failed" | "cancelled")
