@@ -92,7 +92,7 @@ pub enum Cmd {
         #[arg(long, value_name = "HOST:PORT")]
         to: String,
         /// Migration mode.
-        #[arg(long, value_parser = ["precopy", "postcopy", "hybrid", "auto"], default_value = "precopy")]
+        #[arg(long, value_parser = MODES, default_value = "precopy")]
         mode: String,
         /// Longest acceptable pause of the guest, in milliseconds.
         #[arg(long, value_name = "MS", default_value_t = 300)]
@@ -195,7 +195,8 @@ pub enum Cmd {
         name: String,
         #[arg(long)]
         to: String,
-        #[arg(long, default_value = "precopy")]
+        /// Migration mode to predict.
+        #[arg(long, value_parser = MODES, default_value = "precopy")]
         mode: String,
         /// Acceptable downtime, ms (pre-copy's stop condition).
         #[arg(long, default_value_t = 300)]
@@ -237,7 +238,7 @@ pub enum Cmd {
         #[arg(long, value_name = "HOST:PORT")]
         to: String,
         /// Migration mode of every job.
-        #[arg(long, value_parser = ["precopy", "postcopy", "hybrid", "auto"], default_value = "precopy")]
+        #[arg(long, value_parser = MODES, default_value = "precopy")]
         mode: String,
         /// Migrations running at once (they share the daemon's max_bandwidth).
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -256,7 +257,9 @@ pub enum Cmd {
     },
 }
 
-/// `--compress`: checked here, so that a bad value never reaches the daemon.
+/// The values of `--mode` (migrate, estimate, evacuate).
+const MODES: [&str; 4] = ["precopy", "postcopy", "hybrid", "auto"];
+
 /// A bandwidth, or `unlimited` (0).
 fn parse_rate(s: &str) -> Result<u64, String> {
     if s.eq_ignore_ascii_case("unlimited") {
@@ -265,6 +268,7 @@ fn parse_rate(s: &str) -> Result<u64, String> {
     migd::size::parse_size(s)
 }
 
+/// `--compress`: checked here, so that a bad value never reaches the daemon.
 fn parse_compress(s: &str) -> Result<String, String> {
     s.parse::<migration::compress::Compression>()
         .map(|c| c.to_string())
@@ -279,6 +283,34 @@ fn main() -> ExitCode {
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("migctl: error: {msg}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_mode_flag_takes_the_same_values() {
+        for cmd in ["migrate", "estimate", "evacuate"] {
+            let args = |mode: &str| {
+                let mut a = vec!["migctl", cmd];
+                if cmd != "evacuate" {
+                    a.push("vm1");
+                }
+                a.extend(["--to", "h:1", "--mode", mode]);
+                Cli::try_parse_from(a)
+            };
+            for mode in MODES {
+                assert!(args(mode).is_ok(), "{cmd} --mode {mode}");
+            }
+            let e = args("precopyy").err().map(|e| e.to_string());
+            assert!(
+                e.as_deref()
+                    .is_some_and(|e| e.contains("possible values: precopy, postcopy")),
+                "{cmd}: {e:?}"
+            );
         }
     }
 }
