@@ -309,6 +309,34 @@ fn postcopy_halves_refuse_to_stop_until_it_completes() {
     );
 }
 
+/// SIGTERM to a destination whose post-copy pages still arrive (a host
+/// shutting down, or the daemon's escalation): it stops once they are all
+/// here, not at once, which would lose the VM.
+#[test]
+fn a_postcopy_destination_told_to_stop_finishes_the_arrival_first() {
+    if !kvm_or_skip("a_postcopy_destination_told_to_stop_finishes_the_arrival_first") {
+        return;
+    }
+    let dir = scratch("postcopy-term");
+    let src = VmProcess::boot(&dir, "src", "workload=dirty:32:6", "256M", 1);
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let port = free_port();
+    let mut dst = VmProcess::incoming(&dir, "dst", &console, port, "256M", 1);
+    let req = json!({"cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1",
+                     "mode": "postcopy", "max_bandwidth": 8 << 20});
+    assert_eq!(src.request(req)["ok"], true);
+    src.wait_until("post-copy", |r| r["status"] == "postcopy-active");
+    dst.signal(nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = dst.request(json!({"cmd": "status"}));
+    assert_eq!(r["state"], "running", "{r}");
+    let stats = src.wait_migration();
+    assert_eq!(stats["status"], "completed", "{stats}");
+    assert_eq!(dst.wait(Duration::from_secs(20)), 0);
+    console.assert_clean();
+}
+
 #[test]
 fn hybrid_switch_on_command() {
     if !kvm_or_skip("hybrid_switch_on_command") {

@@ -169,6 +169,9 @@ struct Migrations {
     mode: String,
     /// A stop was asked for while a migration ran: stop once it ends.
     stop_when_done: bool,
+    /// A stop signal came while post-copy pages still arrived: a thread
+    /// repeats it once they are all here (or the arrival failed).
+    stop_when_arrived: bool,
     /// An estimate is measuring the dirty rate (it owns the dirty log meanwhile).
     estimating: Arc<AtomicBool>,
 }
@@ -183,13 +186,21 @@ fn tls() -> Option<&'static link::TlsSetup> {
     TLS.get().and_then(|t| t.as_ref())
 }
 
-/// The post-copy phase of the migration that brought this VM here, if any.
 /// How this VM boots from its kernel, where this process knows it (booted
 /// from `--kernel`, restored from a file that carries it): what a snapshot
 /// records when its request names none.
 static OWN_BOOT: std::sync::OnceLock<BootSpec> = std::sync::OnceLock::new();
+/// The post-copy phase of the migration that brought this VM here, if any.
 static ARRIVING: std::sync::OnceLock<migration::postcopy::PostcopyWatch> =
     std::sync::OnceLock::new();
+
+/// True while post-copy pages are still arriving: the VM's state since the
+/// switch lives only here, and its source lacks it.
+fn post_copy_arriving() -> bool {
+    ARRIVING
+        .get()
+        .is_some_and(|w| !matches!(w.status().status.as_str(), "completed" | "failed"))
+}
 
 /// True while a lazy restore or an incoming post-copy has not filled every
 /// page: the memory must not be read through another mapping (snapshot,
@@ -473,6 +484,20 @@ pub fn run(args: RunArgs) -> Result<i32> {
                     job.request_cancel();
                 }
                 mig.stop_when_done = true;
+            }
+            Event::Signal(s) if post_copy_arriving() => {
+                // Stopping now would lose the VM: its state since the switch
+                // lives only here. SIGKILL still ends it.
+                tracing::warn!(signal = %s, "post-copy pages still arriving: stopping once they are all here");
+                if !std::mem::replace(&mut mig.stop_when_arrived, true) {
+                    let tx = tx.clone();
+                    std::thread::spawn(move || {
+                        while post_copy_arriving() {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        let _ = tx.send(Event::Signal(s));
+                    });
+                }
             }
             Event::Signal(s) if mig.saving.is_some() => {
                 tracing::warn!(signal = %s, "save running: cancelling it, stopping when it ends");
@@ -1454,19 +1479,12 @@ fn handle_control(
              once it ends)"
                 .to_string(),
         ),
-        "stop"
-            if req["force"] != true
-                && ARRIVING.get().is_some_and(|w| {
-                    !matches!(w.status().status.as_str(), "completed" | "failed")
-                }) =>
-        {
-            Err(
-                "post-copy pages are still arriving: stopping now would lose the VM, whose \
+        "stop" if req["force"] != true && post_copy_arriving() => Err(
+            "post-copy pages are still arriving: stopping now would lose the VM, whose \
                  state since the switch lives only here; wait for the arrival to complete \
                  (or force it once its source gave up: migctl destroy --force)"
-                    .to_string(),
-            )
-        }
+                .to_string(),
+        ),
         "stop" => {
             let _ = handover::send_line(&mut stream, &json!({"ok": true}));
             return Some(0);

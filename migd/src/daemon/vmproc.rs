@@ -224,7 +224,9 @@ pub async fn wait_gone(pid: u32, timeout: Duration) -> bool {
 /// A process that refuses (it is migrating, or its VM is still arriving by
 /// post-copy: stopping it would lose the VM) is left running, and its
 /// reason returned as the error; `force` tells an arriving one to stop even
-/// so.
+/// so. A process still there after SIGTERM that answers is finishing such
+/// work (SIGTERM stops it once that ends): it is left running too, and only
+/// one that does not answer any more is killed (or any, with `force`).
 pub async fn stop(sock: &Path, pid: u32, force: bool) -> Result<()> {
     let req = json!({"cmd": "stop", "force": force});
     match vm_request(sock, &req, Duration::from_secs(3)).await {
@@ -240,6 +242,15 @@ pub async fn stop(sock: &Path, pid: u32, force: bool) -> Result<()> {
     for (sig, wait) in [(libc::SIGTERM, 10), (libc::SIGKILL, 5)] {
         if !alive(pid) {
             return Ok(());
+        }
+        if sig == libc::SIGKILL && !force {
+            let status = json!({"cmd": "status"});
+            if let Ok(r) = vm_request(sock, &status, Duration::from_secs(3)).await {
+                bail!(
+                    "the VM process ({}) is finishing a migration or a save, and stops once that ends",
+                    r["state"].as_str().unwrap_or("state unknown")
+                );
+            }
         }
         tracing::warn!(pid, sig, "VM process did not stop; signalling it");
         // SAFETY: sending a signal to a pid we started or adopted.
