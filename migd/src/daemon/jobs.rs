@@ -235,13 +235,7 @@ pub fn load(d: &Daemon) {
         }
         match std::fs::read(&p).map(|b| serde_json::from_slice::<Job>(&b)) {
             Ok(Ok(job)) => {
-                if let Some(n) = job
-                    .id
-                    .strip_prefix("job")
-                    .and_then(|n| n.parse::<u64>().ok())
-                {
-                    reg.next_job = reg.next_job.max(n);
-                }
+                reserve_job_id(&mut reg, &job.id);
                 reg.jobs.insert(job.id.clone(), job);
             }
             _ => tracing::warn!(path = %p.display(), "ignoring an unreadable job file"),
@@ -583,6 +577,13 @@ async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<St
     rebalance(d).await;
 }
 
+/// Makes sure no new job gets `id` (`jobN`) or an earlier one.
+fn reserve_job_id(reg: &mut super::Registry, id: &str) {
+    if let Some(n) = id.strip_prefix("job").and_then(|n| n.parse::<u64>().ok()) {
+        reg.next_job = reg.next_job.max(n);
+    }
+}
+
 /// At start, for an adopted VM: picks up a migration that is still going (or one that
 /// completed while no daemon was watching).
 pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
@@ -606,7 +607,12 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
     let id = {
         let mut reg = d.reg();
         let id = match stats["id"].as_str() {
-            Some(id) => id.to_string(),
+            // Reserved: a job file the daemon died before writing is no
+            // reason to give the id out again.
+            Some(id) => {
+                reserve_job_id(&mut reg, id);
+                id.to_string()
+            }
             None => {
                 reg.next_job += 1;
                 format!("job{}", reg.next_job)
@@ -740,6 +746,16 @@ mod tests {
     use super::super::Registry;
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn reattached_and_loaded_job_ids_are_never_given_out_again() {
+        let mut reg = Registry::default();
+        reserve_job_id(&mut reg, "job7");
+        reserve_job_id(&mut reg, "job3");
+        reserve_job_id(&mut reg, "jobx");
+        reserve_job_id(&mut reg, "other12");
+        assert_eq!(reg.next_job, 7);
+    }
 
     #[test]
     fn targets() {
