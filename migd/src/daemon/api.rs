@@ -889,17 +889,22 @@ async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
             Ok(()) => Ok(()),
         };
         if stopped.is_err() {
-            // Back to the state it had (paused, migrated, saving...); stopped
-            // if its process ended meanwhile, as process_exited would have
-            // made it had the VM not been destroying.
-            if let Some(v) = d.reg().vms.get_mut(name) {
-                if v.state == st::DESTROYING {
-                    v.state = if v.pid.is_none() && before != st::MIGRATED {
-                        st::STOPPED.into()
-                    } else {
-                        before
-                    };
+            // Back to the state it had (paused, migrated, saving...). If its
+            // process ended meanwhile, what process_exited left alone while
+            // the VM was destroying is done now.
+            let exited = match d.reg().vms.get_mut(name) {
+                Some(v) if v.state == st::DESTROYING => {
+                    v.state = before;
+                    let exited = v.pid.is_none();
+                    if exited {
+                        v.pid = Some(pid);
+                    }
+                    exited
                 }
+                _ => false,
+            };
+            if exited {
+                state::process_exited(d, name, pid, None);
             }
         }
         stopped?;
@@ -966,7 +971,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_destroy_gives_the_vm_its_state_back() {
-        use std::sync::atomic::{AtomicBool, Ordering};
         let state_dir =
             std::env::temp_dir().join(format!("migd-api-destroy-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_dir);
@@ -977,28 +981,35 @@ mod tests {
             metrics: Default::default(),
             tls: None,
         });
-        std::fs::create_dir_all(d.vm_dir("vm1")).unwrap();
-        // A VM process (this test's own pid: alive) that refuses to stop; with
-        // `exits` set, its process is found gone meanwhile.
-        let exits = Arc::new(AtomicBool::new(false));
-        let listener = UnixListener::bind(state::control_path(&d.vm_dir("vm1"))).unwrap();
-        let (fake, exiting) = (d.clone(), exits.clone());
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                let (r, mut w) = s.into_split();
-                let mut line = String::new();
-                let _ = BufReader::new(r).read_line(&mut line).await;
-                if exiting.load(Ordering::Relaxed) {
-                    if let Some(vm) = fake.reg().vms.get_mut("vm1") {
-                        vm.pid = None;
+        // The VM processes: one that lives through the test (were it ever
+        // signalled, no harm done), faked on each VM's control socket, where
+        // it refuses to stop; with `exits`, it is found gone meanwhile.
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = sleeper.id();
+        let fake_vm = |name: &str, exits: bool| {
+            std::fs::create_dir_all(d.vm_dir(name)).unwrap();
+            let listener = UnixListener::bind(state::control_path(&d.vm_dir(name))).unwrap();
+            let (d, name) = (d.clone(), name.to_string());
+            tokio::spawn(async move {
+                while let Ok((s, _)) = listener.accept().await {
+                    let (r, mut w) = s.into_split();
+                    let mut line = String::new();
+                    let _ = BufReader::new(r).read_line(&mut line).await;
+                    if exits {
+                        if let Some(vm) = d.reg().vms.get_mut(&name) {
+                            vm.pid = None;
+                        }
                     }
+                    let reply = json!({"ok": false, "error": "busy"});
+                    let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
                 }
-                let reply = json!({"ok": false, "error": "busy"});
-                let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
-            }
-        });
-        let record = VmRecord {
-            name: "vm1".into(),
+            });
+        };
+        let record = |name: &str| VmRecord {
+            name: name.into(),
             kernel: None,
             initramfs: None,
             cmdline: String::new(),
@@ -1008,22 +1019,29 @@ mod tests {
             origin: Origin::default(),
             source: None,
         };
-        for (before, exit, after) in [
-            (st::MIGRATED, false, st::MIGRATED),
-            (st::PAUSED, false, st::PAUSED),
-            (st::RUNNING, false, st::RUNNING),
-            (st::SAVING, false, st::SAVING),
-            // Its process gone meanwhile: stopped, as process_exited would say.
-            (st::PAUSED, true, st::STOPPED),
-            (st::MIGRATED, true, st::MIGRATED),
-        ] {
-            exits.store(exit, Ordering::Relaxed);
-            let vm = VmEntry::new(record.clone(), before, Some(std::process::id()));
-            d.reg().vms.insert("vm1".into(), vm);
-            let e = destroy(&d, "vm1", false).await.unwrap_err();
+        for (i, (before, exits, after)) in [
+            (st::MIGRATED, false, Some(st::MIGRATED)),
+            (st::PAUSED, false, Some(st::PAUSED)),
+            (st::RUNNING, false, Some(st::RUNNING)),
+            (st::SAVING, false, Some(st::SAVING)),
+            // Its process gone meanwhile: as process_exited has it.
+            (st::PAUSED, true, Some(st::STOPPED)),
+            (st::MIGRATED, true, None),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let name = format!("vm{i}");
+            fake_vm(&name, exits);
+            let vm = VmEntry::new(record(&name), before, Some(pid));
+            d.reg().vms.insert(name.clone(), vm);
+            let e = destroy(&d, &name, false).await.unwrap_err();
             assert!(format!("{e:#}").contains("refuses to stop: busy"), "{e:#}");
-            assert_eq!(d.reg().vms["vm1"].state, after, "{before}, exit {exit}");
+            let state = d.reg().vms.get(&name).map(|v| v.state.clone());
+            assert_eq!(state.as_deref(), after, "{before}, exits {exits}");
         }
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
         let _ = std::fs::remove_dir_all(&state_dir);
     }
 
