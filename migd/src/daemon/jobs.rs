@@ -391,19 +391,31 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
         .into_iter()
         .find(|(id, _, _)| *id == job.id)
         .and_then(|(_, _, cap)| cap);
-    let sent = vm_call(
+    let sent = vm_request(
         &sock,
         &job.opts.vm_request(&job.id, &job.to, cap, boot.as_ref()),
         Duration::from_secs(10),
     )
     .await;
-    if let Err(e) = sent {
-        let mut reg = d.reg();
-        reg.jobs.remove(&job.id);
-        if let Some(vm) = reg.vms.get_mut(&job.vm) {
-            vm.job = None;
+    match sent {
+        Ok(r) if r["ok"] == true => {}
+        Ok(r) => {
+            let mut reg = d.reg();
+            reg.jobs.remove(&job.id);
+            if let Some(vm) = reg.vms.get_mut(&job.vm) {
+                vm.job = None;
+            }
+            bail!(
+                "VM '{}' refused the migration: {}",
+                job.vm,
+                r["error"].as_str().unwrap_or("no reason given")
+            );
         }
-        bail!("VM '{}' refused the migration: {e:#}", job.vm);
+        // No answer: the VM process may have started it all the same (it
+        // migrates on a thread of its own), so the job and the VM's claim
+        // on it stay; the tracker finds out, and fails the job only if the
+        // process never reports it.
+        Err(e) => tracing::warn!(job = %job.id, "no answer to the migrate request ({e:#}); tracking the job all the same"),
     }
     persist(d, &job);
     tracing::info!(job = %job.id, vm = %job.vm, to = %job.to, mode = %job.opts.mode, max_bandwidth = ?cap, "migration started");
