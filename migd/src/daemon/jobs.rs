@@ -415,7 +415,9 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
         // migrates on a thread of its own), so the job and the VM's claim
         // on it stay; the tracker finds out, and fails the job only if the
         // process never reports it.
-        Err(e) => tracing::warn!(job = %job.id, "no answer to the migrate request ({e:#}); tracking the job all the same"),
+        Err(e) => {
+            tracing::warn!(job = %job.id, "no answer to the migrate request ({e:#}); tracking the job all the same")
+        }
     }
     persist(d, &job);
     tracing::info!(job = %job.id, vm = %job.vm, to = %job.to, mode = %job.opts.mode, max_bandwidth = ?cap, "migration started");
