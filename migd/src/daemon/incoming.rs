@@ -279,13 +279,6 @@ fn admit(
         (vmm::memory::mem_available(), "available")
     };
     let available = available.unwrap_or(0);
-    if memory > available {
-        return Err(format!(
-            "not enough memory: the VM has {} MiB, this host has {} MiB {whence}",
-            memory >> 20,
-            available >> 20
-        ));
-    }
     let dir = d.vm_dir(name);
     let record = VmRecord {
         name: name.to_string(),
@@ -301,6 +294,23 @@ fn admit(
     let mut reg = d.reg();
     if reg.vms.contains_key(name) || dir.exists() {
         return Err(format!("a VM named '{name}' already exists on this host"));
+    }
+    // VMs still arriving have not taken all their memory yet: it is theirs
+    // all the same (counted whole, whatever they hold already: on the safe
+    // side), so that migrations arriving together cannot overcommit it.
+    let arriving: u64 = reg
+        .vms
+        .values()
+        .filter(|v| v.state == st::INCOMING)
+        .map(|v| v.record.memory)
+        .sum();
+    if memory.saturating_add(arriving) > available {
+        return Err(format!(
+            "not enough memory: the VM has {} MiB, this host has {} MiB {whence}, {} MiB of it promised to VMs still arriving",
+            memory >> 20,
+            available >> 20,
+            arriving >> 20
+        ));
     }
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -396,6 +406,34 @@ fn handshake(
 mod tests {
     use super::*;
     use std::path::Path;
+
+    /// Migrations arriving together cannot promise the host more memory
+    /// than it has: each counts the memory of those still arriving.
+    #[test]
+    fn vms_still_arriving_keep_their_memory_promised() {
+        let state_dir = std::env::temp_dir().join(format!("migd-admit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        std::fs::create_dir_all(state_dir.join("vms")).unwrap();
+        let d = Daemon {
+            cfg: super::super::config::Config::for_tests(&state_dir),
+            exe: "/bin/false".into(),
+            reg: Default::default(),
+            metrics: Default::default(),
+            tls: None,
+        };
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        // Two fifths of what is available, page-aligned: two fit, a third not.
+        let share = vmm::memory::mem_available().unwrap() * 2 / 5 / 4096 * 4096;
+        admit(&d, "a1", share, 1, peer).unwrap();
+        admit(&d, "a2", share, 1, peer).unwrap();
+        let e = admit(&d, "a3", share, 1, peer).unwrap_err();
+        assert!(e.contains("promised to VMs still arriving"), "{e}");
+        // Once one runs, its memory is counted by the host itself.
+        d.reg().vms.get_mut("a1").unwrap().state = st::RUNNING.into();
+        d.reg().vms.get_mut("a2").unwrap().state = st::RUNNING.into();
+        admit(&d, "a3", share, 1, peer).unwrap();
+        let _ = std::fs::remove_dir_all(&state_dir);
+    }
 
     #[test]
     fn meminfo_is_readable() {
