@@ -432,14 +432,16 @@ fn metrics_endpoint_serves_the_families_and_refuses_the_rest() {
             &body,
             "migd_migrations_total{outcome=\"failed\",mode=\"precopy\"}"
         ),
-        1.0
+        1.0,
+        "{body}"
     );
     assert_eq!(
         sample(
             &body,
             "migd_migrations_total{outcome=\"completed\",mode=\"precopy\"}"
         ),
-        1.0
+        1.0,
+        "{body}"
     );
     assert!(sample(&body, "migd_migration_bytes_total") > 1e4, "{body}");
     assert_eq!(sample(&body, "migd_migration_downtime_seconds_count"), 1.0);

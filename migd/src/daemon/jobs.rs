@@ -580,10 +580,12 @@ async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<St
                 o.insert("error".into(), json!(error));
             }
         }
+        // Counted as the job turns final: whoever sees it ended (a waiting
+        // `migrate`) finds it in the metrics too.
+        d.metrics.migration_ended(j);
         j.clone()
     };
     persist(d, &job);
-    d.metrics.migration_ended(&job);
     match &job.error {
         Some(e) => tracing::warn!(status = %job.status, "migration ended: {e}"),
         None => tracing::info!(status = %job.status, "migration ended"),

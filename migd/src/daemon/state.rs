@@ -441,17 +441,15 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
     }
     if vm.state == st::MIGRATED || left.is_some() {
         // It lives on another host now, never here again: its job's tracker
-        // finishes the job and cleans up; with none (it gave up, or could
-        // not stop the process), that is done here.
+        // finishes the job (`finish` ends it, having cleared `job` before it
+        // stops the process) and cleans up; with none tracking it (it gave
+        // up, or could not stop the process), the clean-up is done here.
         if vm.job.is_some() {
             vm.state = st::MIGRATED.into();
             return;
         }
         reg.vms.remove(name);
         drop(reg);
-        if let Some(stats) = &left {
-            jobs::completed_while_away(d, name, stats);
-        }
         tracing::info!("VM process of a VM that migrated away exited; removed here");
         if let Err(e) = remove_dir(&dir) {
             tracing::warn!("{e:#}");
