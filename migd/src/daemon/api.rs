@@ -974,13 +974,7 @@ mod tests {
         let state_dir =
             std::env::temp_dir().join(format!("migd-api-destroy-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_dir);
-        let d = Arc::new(Daemon {
-            cfg: super::super::config::Config::for_tests(&state_dir),
-            exe: "/bin/false".into(),
-            reg: Default::default(),
-            metrics: Default::default(),
-            tls: None,
-        });
+        let d = Arc::new(Daemon::for_tests(&state_dir, Default::default()));
         // The VM processes: one that lives through the test (were it ever
         // signalled, no harm done), faked on each VM's control socket, where
         // it refuses to stop; with `exits`, it is found gone meanwhile.

@@ -414,13 +414,7 @@ mod tests {
         let state_dir = std::env::temp_dir().join(format!("migd-admit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_dir);
         std::fs::create_dir_all(state_dir.join("vms")).unwrap();
-        let d = Daemon {
-            cfg: super::super::config::Config::for_tests(&state_dir),
-            exe: "/bin/false".into(),
-            reg: Default::default(),
-            metrics: Default::default(),
-            tls: None,
-        };
+        let d = Daemon::for_tests(&state_dir, Default::default());
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         // Two fifths of what is available, page-aligned: two fit, a third not.
         let share = vmm::memory::mem_available().unwrap() * 2 / 5 / 4096 * 4096;

@@ -872,13 +872,7 @@ mod tests {
                 stats: json!({}),
             },
         );
-        let d = Daemon {
-            cfg: super::super::config::Config::for_tests(&state_dir),
-            exe: "/bin/false".into(),
-            reg: Mutex::new(reg),
-            metrics: Default::default(),
-            tls: None,
-        };
+        let d = Daemon::for_tests(&state_dir, reg);
         std::fs::create_dir_all(d.vm_dir("vm1")).unwrap();
         std::fs::create_dir_all(d.jobs_dir()).unwrap();
         let listener =

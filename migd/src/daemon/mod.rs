@@ -105,6 +105,19 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// A daemon for unit tests: state under `state_dir`, the registry `reg`,
+    /// no TLS, no VM process binary.
+    #[cfg(test)]
+    pub fn for_tests(state_dir: &std::path::Path, reg: Registry) -> Daemon {
+        Daemon {
+            cfg: config::Config::for_tests(state_dir),
+            exe: "/bin/false".into(),
+            reg: Mutex::new(reg),
+            metrics: Default::default(),
+            tls: None,
+        }
+    }
+
     /// Locks the registry (never held across an await).
     pub fn reg(&self) -> MutexGuard<'_, Registry> {
         self.reg.lock().unwrap_or_else(|p| p.into_inner())
