@@ -100,6 +100,11 @@ impl Drop for Scratch {
     }
 }
 
+/// The longest a test leaves a VM stopped (paused, saved, held in a
+/// migration), with room to spare: a longer jump of the guest's clock is a
+/// bug of the clock's migration.
+pub const MAX_CLOCK_STEP_MS: u64 = 300_000;
+
 /// The guest's serial console file.
 #[derive(Clone)]
 pub struct Console(pub PathBuf);
@@ -158,7 +163,10 @@ impl Console {
         }
     }
 
-    /// Panics if the guest reported lost or corrupted state.
+    /// Panics if the guest reported lost or corrupted state, or saw its
+    /// clock jump ahead by more than any test leaves a VM stopped
+    /// ([`MAX_CLOCK_STEP_MS`]: a TSC restored hours ahead is a bug the guest
+    /// reports only as a `CLOCK STEP`).
     pub fn assert_clean(&self) {
         let t = self.text();
         let bad: Vec<&str> = t
@@ -168,6 +176,11 @@ impl Console {
         assert!(
             bad.is_empty(),
             "guest reported problems: {bad:#?}\nconsole:\n{t}"
+        );
+        let worst = self.clock_steps().into_iter().max().unwrap_or(0);
+        assert!(
+            worst <= MAX_CLOCK_STEP_MS,
+            "the guest's clock jumped {worst} ms ahead\nconsole:\n{t}"
         );
     }
 
@@ -179,7 +192,8 @@ impl Console {
         self.assert_clean();
     }
 
-    /// The `CLOCK STEP ms=` values reported so far.
+    /// The `CLOCK STEP ms=` values reported so far (each a jump ahead of
+    /// more than 100 ms between two looks at the clock, as across a pause).
     pub fn clock_steps(&self) -> Vec<u64> {
         self.text()
             .lines()
