@@ -64,6 +64,11 @@ pub struct RunArgs {
     /// this VM's directory after the process is gone learns that it left.
     #[arg(long, value_name = "PATH")]
     pub migrated_file: Option<PathBuf>,
+    /// With --incoming or --incoming-fd: once the VM arrived and runs here,
+    /// create this file: the daemon that sees the process end learns that
+    /// the VM ran here (a VM of this host now), not that it never arrived.
+    #[arg(long, value_name = "PATH")]
+    pub arrived_file: Option<PathBuf>,
     /// Take over the VM of another `migd run` through its control socket (memory shared, not copied).
     #[arg(long, value_name = "SOCKET", conflicts_with = "kernel")]
     pub takeover: Option<PathBuf>,
@@ -316,6 +321,12 @@ pub fn run(args: RunArgs) -> Result<i32> {
             migration::incoming::receive(stream, prepared, tls(), &|| arrival.running())
                 .context("incoming migration")?;
         arrival.running();
+        if let Some(path) = &args.arrived_file {
+            // No sync: it only has to outlive this process, not the host.
+            if let Err(e) = std::fs::write(path, b"") {
+                tracing::warn!("noting the arrival in {}: {e}", path.display());
+            }
+        }
         if let Some(w) = stats.postcopy.clone() {
             let _ = ARRIVING.set(w);
         }

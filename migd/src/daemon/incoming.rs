@@ -168,6 +168,8 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
         state::control_path(&dir).to_string_lossy().into_owned(),
         "--migrated-file".into(),
         state::migrated_path(&dir).to_string_lossy().into_owned(),
+        "--arrived-file".into(),
+        state::arrived_path(&dir).to_string_lossy().into_owned(),
         format!("--postcopy-nice={}", d.cfg.postcopy_nice),
         format!("--dirty-ring={}", d.cfg.dirty_ring),
     ];

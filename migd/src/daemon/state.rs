@@ -206,6 +206,11 @@ pub fn migrated_path(dir: &Path) -> PathBuf {
     dir.join("migrated.json")
 }
 
+/// Created by an incoming VM's process once the VM runs here (`--arrived-file`).
+pub fn arrived_path(dir: &Path) -> PathBuf {
+    dir.join("arrived")
+}
+
 /// The statistics of the completed migration the VM process in `dir` noted
 /// ([`migrated_path`]), if it did.
 pub fn read_migrated(dir: &Path) -> Option<Value> {
@@ -425,8 +430,10 @@ pub fn watch_child(d: Arc<Daemon>, name: String, mut child: tokio::process::Chil
 /// A VM process ended (`code` is None when it was not our child).
 pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
     let dir = d.vm_dir(name);
-    // Read before the lock: a VM that left for good noted it first.
+    // Read before the lock: a VM that left for good, or that arrived here,
+    // noted it first.
     let left = read_migrated(&dir);
+    let arrived = arrived_path(&dir).exists();
     let mut reg = d.reg();
     let Some(vm) = reg.vms.get_mut(name) else {
         return;
@@ -456,10 +463,15 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
         }
         return;
     }
-    // An incoming VM that never ran here leaves nothing behind; once it ran
-    // (its record written), it is a VM of this host like any other: stopped.
+    // An incoming VM that never ran here leaves nothing behind, however its
+    // process ended (a stop while it waited for its pages exits 0, and its
+    // source runs the VM on); once it ran (its process noted it: the state
+    // here may lag), it is a VM of this host like any other: stopped.
     let incoming_failed =
-        vm.record.origin == Origin::Incoming && vm.state == st::INCOMING && code != Some(0);
+        vm.record.origin == Origin::Incoming && vm.state == st::INCOMING && !arrived;
+    // Ran here, but exited before this daemon saw it run: its record, as
+    // `refresh` would have written it.
+    let record = (vm.state == st::INCOMING && arrived).then(|| vm.record.clone());
     if incoming_failed {
         tracing::warn!(?code, "incoming VM process failed: removing its directory");
         reg.vms.remove(name);
@@ -472,6 +484,9 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
     tracing::info!(?code, "VM process exited; VM is stopped");
     vm.state = st::STOPPED.into();
     drop(reg);
+    if let Some(r) = record {
+        write_record(&dir, &r);
+    }
     let _ = std::fs::remove_file(control_path(&dir));
 }
 
@@ -562,7 +577,46 @@ pub fn remove_dir(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::check_name;
+    use super::*;
+
+    /// An incoming VM's process ends while the daemon still lists it
+    /// incoming: with the arrival noted, the VM ran here and is kept,
+    /// stopped, with its record; without, it never ran here and leaves
+    /// nothing, even for an exit 0 (a stop before its pages came).
+    #[test]
+    fn an_incoming_vm_is_kept_only_if_it_arrived() {
+        let state_dir =
+            std::env::temp_dir().join(format!("migd-state-exited-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        let d = Daemon::for_tests(&state_dir, Default::default());
+        let record = |name: &str| VmRecord {
+            name: name.into(),
+            kernel: None,
+            initramfs: None,
+            cmdline: String::new(),
+            memory: 64 << 20,
+            vcpus: 1,
+            created: 0,
+            origin: Origin::Incoming,
+            source: Some("10.0.0.1:7070".into()),
+        };
+        for (name, arrived) in [("came", true), ("never", false)] {
+            std::fs::create_dir_all(d.vm_dir(name)).unwrap();
+            if arrived {
+                std::fs::write(arrived_path(&d.vm_dir(name)), b"").unwrap();
+            }
+            d.reg().vms.insert(
+                name.into(),
+                VmEntry::new(record(name), st::INCOMING, Some(4242)),
+            );
+            process_exited(&d, name, 4242, Some(0));
+        }
+        assert_eq!(d.reg().vms["came"].state, st::STOPPED);
+        assert!(record_path(&d.vm_dir("came")).exists());
+        assert!(!d.reg().vms.contains_key("never"));
+        assert!(!d.vm_dir("never").exists());
+        let _ = std::fs::remove_dir_all(&state_dir);
+    }
 
     #[test]
     fn names() {
