@@ -733,13 +733,16 @@ pub async fn set_parameters(
     if let Err(e) = applied {
         // The VM process did not take them (its migration just ended): the
         // job keeps what it runs with, the pause limit if only that was taken.
-        if let Some(j) = d.reg().jobs.get_mut(id) {
+        let taken = d.reg().jobs.get_mut(id).and_then(|j| {
             j.opts.max_bandwidth = before.max_bandwidth;
-            if took_downtime {
-                persist(d, j);
-            } else {
+            if !took_downtime {
                 j.opts.max_downtime_ms = before.max_downtime_ms;
             }
+            took_downtime.then(|| j.clone())
+        });
+        // Written with the registry unlocked (two fsyncs).
+        if let Some(j) = taken {
+            persist(d, &j);
         }
         return Err(e.context(format!("job {id} did not take the new parameters")));
     }
