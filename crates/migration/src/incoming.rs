@@ -3,7 +3,7 @@
 
 use link::{Link, TlsSetup};
 use std::fs::File;
-use std::io::{BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -79,7 +79,21 @@ pub fn receive(
     // Runs of `PageMapPart`s, before the `PageMap` that ends them.
     let mut page_map: Vec<(u64, u64)> = Vec::new();
     let state = loop {
-        let h = wire::read_header(&mut r)?;
+        // The main connection may be silent for longer than its timeout
+        // while the page streams carry the round (a tight cap over many
+        // streams): that is no stall as long as their frames arrive. The
+        // wait is for the first byte, so a timeout consumes nothing.
+        let h = loop {
+            match r.fill_buf() {
+                Ok(_) => break wire::read_header(&mut r)?,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) && streams.as_mut().is_some_and(|s| s.progressed()) => {}
+                Err(e) => return Err(wire::WireError::from(e).into()),
+            }
+        };
         tracing::trace!(kind = h.kind, len = h.body_len, "frame");
         round_start.get_or_insert((Instant::now(), stats.pages));
         if h.kind == KIND_ZPAGES {

@@ -19,7 +19,7 @@
 use std::io::{BufReader, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::{JoinHandle, Scope};
 use std::time::{Duration, Instant};
@@ -385,6 +385,13 @@ pub(crate) struct Streams {
     links: Vec<Link>,
     threads: Vec<JoinHandle<()>>,
     stopping: Arc<AtomicBool>,
+    /// Frames read on the extra streams so far (the progress a barrier's
+    /// wait goes by).
+    frames: Arc<AtomicU64>,
+    /// How long a barrier waits with no frame arriving ([`BARRIER_TIMEOUT`]).
+    idle_limit: Duration,
+    /// `frames` at the last [`Streams::progressed`].
+    frames_seen: u64,
     /// Barriers passed so far: a stream's reader waits before it reports a
     /// mark [`MARKS_AHEAD`] or more beyond them (each reported mark waits in
     /// memory for its barrier).
@@ -422,6 +429,9 @@ impl Streams {
             threads: Vec::new(),
             stopping: Arc::new(AtomicBool::new(false)),
             passed: Arc::new(AtomicU32::new(0)),
+            frames: Arc::new(AtomicU64::new(0)),
+            idle_limit: BARRIER_TIMEOUT,
+            frames_seen: 0,
         };
         for index in 1..count {
             let mut s = precopy::connect_addr(SocketAddr::new(source, port), tls, SETUP_TIMEOUT)
@@ -435,6 +445,7 @@ impl Streams {
                 stopping: streams.stopping.clone(),
                 report: report.clone(),
                 passed: streams.passed.clone(),
+                frames: streams.frames.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("page-stream-{index}"))
@@ -446,26 +457,44 @@ impl Streams {
         Ok(streams)
     }
 
+    /// Whether frames arrived on the streams since the last call.
+    pub(crate) fn progressed(&mut self) -> bool {
+        let now = self.frames.load(Ordering::Relaxed);
+        std::mem::replace(&mut self.frames_seen, now) != now
+    }
+
     /// `Barrier{seq}` on the main connection: waits until every stream has
     /// delivered `StreamMark{seq}` with every page before it stored; fails as
     /// soon as one stream fails. Returns the pages and payload bytes the
     /// streams stored up to their marks since the previous barrier.
     pub(crate) fn barrier(&mut self, seq: u32) -> Result<(u64, u64)> {
-        let end = Instant::now() + BARRIER_TIMEOUT;
+        // The wait lasts while frames arrive on the streams (a tight cap
+        // over many streams may take minutes): only [`BARRIER_TIMEOUT`]
+        // without one fails it.
+        let mut frames = self.frames.load(Ordering::Relaxed);
+        let mut end = Instant::now() + self.idle_limit;
         while let Some(i) = self.reached.iter().position(|q| q.is_empty()) {
             let left = end.saturating_duration_since(Instant::now());
-            match self.reports.recv_timeout(left) {
+            match self.reports.recv_timeout(left.min(Duration::from_secs(1))) {
                 Ok((s, Ok(mark))) => {
                     if let Some(q) = self.reached.get_mut((s as usize).wrapping_sub(1)) {
                         q.push_back(mark);
                     }
                 }
                 Ok((s, Err(e))) => return Err(Error::Protocol(format!("page stream {s}: {e}"))),
+                Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {
+                    let now = self.frames.load(Ordering::Relaxed);
+                    if now != frames {
+                        frames = now;
+                        end = Instant::now() + self.idle_limit;
+                    }
+                }
                 Err(_) => {
                     return Err(Error::Protocol(format!(
-                        "page stream {} did not reach barrier {seq} within {} s",
+                        "page stream {} did not reach barrier {seq}: nothing arrived on the \
+                         page streams for {} s",
                         i + 1,
-                        BARRIER_TIMEOUT.as_secs()
+                        self.idle_limit.as_secs_f64()
                     )))
                 }
             }
@@ -511,6 +540,7 @@ struct Reader {
     stopping: Arc<AtomicBool>,
     report: mpsc::Sender<Report>,
     passed: Arc<AtomicU32>,
+    frames: Arc<AtomicU64>,
 }
 
 impl Reader {
@@ -542,6 +572,7 @@ impl Reader {
         };
         loop {
             let h = wire::read_header(r)?;
+            self.frames.fetch_add(1, Ordering::Relaxed);
             if h.kind == wire::KIND_ZPAGES {
                 let z = wire::read_zbatch_head(r, h.body_len)?;
                 let (dctx, payload) = match &mut zstd {
@@ -724,6 +755,34 @@ mod barrier_tests {
 
     fn page(fill: u8) -> Vec<u8> {
         vec![fill; PAGE_SIZE as usize]
+    }
+
+    /// A barrier waits as long as frames keep arriving, however long that
+    /// takes, and fails once none has for its limit.
+    #[test]
+    fn a_barrier_waits_while_pages_arrive_and_not_after() {
+        let (_main, mut ends, mut streams, _ram) = setup(2);
+        streams.idle_limit = Duration::from_millis(300);
+        let t0 = Instant::now();
+        let mut end = ends.remove(0);
+        let writer = std::thread::spawn(move || {
+            for i in 0..10u64 {
+                std::thread::sleep(Duration::from_millis(100));
+                wire::write_pages(&mut end, &[i * PAGE_SIZE], &[&page(1)]).unwrap();
+            }
+            wire::write_control(&mut end, &Message::StreamMark { seq: 0 }).unwrap();
+            end
+        });
+        assert_eq!(streams.barrier(0).unwrap().0, 10);
+        assert!(t0.elapsed() >= Duration::from_millis(1000));
+        let _end = writer.join().unwrap();
+        let t1 = Instant::now();
+        let e = streams.barrier(1).unwrap_err().to_string();
+        assert!(
+            e.contains("nothing arrived on the page streams for 0.3 s"),
+            "{e}"
+        );
+        assert!(t1.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
