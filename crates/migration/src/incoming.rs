@@ -87,10 +87,8 @@ pub fn receive(
             match r.fill_buf() {
                 Ok(_) => break wire::read_header(&mut r)?,
                 Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) && streams.as_mut().is_some_and(|s| s.progressed()) => {}
+                    if crate::timed_out(&e) && streams.as_mut().is_some_and(|s| s.progressed()) => {
+                }
                 Err(e) => return Err(wire::WireError::from(e).into()),
             }
         };

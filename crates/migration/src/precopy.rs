@@ -738,14 +738,7 @@ impl Sender<'_> {
 /// A failed send; one that timed out says that the destination stopped reading.
 fn stalled(e: wire::WireError) -> Error {
     match e {
-        wire::WireError::Io(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            Error::Stalled(SEND_TIMEOUT.as_secs())
-        }
+        wire::WireError::Io(e) if crate::timed_out(&e) => Error::Stalled(SEND_TIMEOUT.as_secs()),
         wire::WireError::Io(e) => Error::Io {
             context: "sending to destination".into(),
             cause: e,
@@ -1194,12 +1187,7 @@ pub(crate) fn drive(
         // The cancel cut the links: the failure it caused is the cancel.
         Err(_) if job.cancel.load(Ordering::SeqCst) && !job.is_committed() => Outcome::Cancelled,
         // Sends that time out are reported as such already: this is a read.
-        Err(Error::Wire(wire::WireError::Io(e)))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
+        Err(Error::Wire(wire::WireError::Io(e))) if crate::timed_out(&e) => {
             Outcome::Failed(format!(
                 "the destination did not answer within {} s",
                 params.answer_timeout.as_secs_f64()
