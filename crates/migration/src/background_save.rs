@@ -822,12 +822,8 @@ pub(crate) mod tests {
     /// saves in the pause), never write-protected 4 KiB at a time.
     #[test]
     fn memory_on_huge_pages_is_refused_before_the_pause() {
-        let ram = match GuestRam::with_huge_pages(16 << 20, true) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("skipped: no huge pages here ({e}); scripts/setup.sh reserves some");
-                return;
-            }
+        let Some(ram) = vmm::testing::huge_ram_or_skip() else {
+            return;
         };
         let dir = std::env::temp_dir().join(format!("migration-huge-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

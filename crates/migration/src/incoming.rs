@@ -721,12 +721,8 @@ mod tests {
 
     #[test]
     fn memory_on_huge_pages_is_written_through_its_mapping() {
-        let ram = match GuestRam::with_huge_pages(16 << 20, true) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("skipped: no huge pages here ({e}); scripts/setup.sh reserves some");
-                return;
-            }
+        let Some(ram) = vmm::testing::huge_ram_or_skip() else {
+            return;
         };
         assert!(ram.is_huge());
         let dst = GuestMem::new(&ram).unwrap();

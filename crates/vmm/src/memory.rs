@@ -1016,23 +1016,11 @@ mod tests {
         assert_eq!(ram.gpa_to_offset(0x200000), Some(0x200000));
     }
 
-    /// 16 MiB of RAM on huge pages, or None (said) where the pool has none.
-    fn huge_ram_or_skip() -> Option<GuestRam> {
-        match GuestRam::with_huge_pages(16 << 20, true) {
-            Ok(r) => Some(r),
-            Err(e) if e.to_string().contains("cannot reserve") => {
-                eprintln!("SKIP: no huge pages here ({e})");
-                None
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-
     /// On huge pages the extents are the huge pages the guest's mappings
     /// map; RAM handed over from another process counts whole.
     #[test]
     fn huge_page_extents_are_the_mapped_huge_pages() {
-        let Some(ram) = huge_ram_or_skip() else {
+        let Some(ram) = crate::testing::huge_ram_or_skip() else {
             return;
         };
         assert!(ram.data_extents().unwrap().is_empty());
@@ -1068,7 +1056,7 @@ mod tests {
     /// process's list is mapped here and found complete at the pause.
     #[test]
     fn handed_over_huge_pages_count_with_a_complete_list() {
-        let Some(ram) = huge_ram_or_skip() else {
+        let Some(ram) = crate::testing::huge_ram_or_skip() else {
             return;
         };
         ram.write(0x20_0000 + 7, &[1]).unwrap();
@@ -1142,7 +1130,7 @@ mod tests {
     /// Prefaulted huge pages all exist but count as data only once written.
     #[test]
     fn prefaulted_huge_pages_exist_but_are_not_data() {
-        let Some(ram) = huge_ram_or_skip() else {
+        let Some(ram) = crate::testing::huge_ram_or_skip() else {
             return;
         };
         assert_eq!(ram.used_bytes().unwrap(), 0);

@@ -1,6 +1,7 @@
 //! Fakes for tests of this crate and of its users (feature `testing`).
 
 use crate::devices::SerialSnapshot;
+use crate::memory::GuestRam;
 use crate::state::{Raw, VcpuState, VmKernelState, VmState, STATE_VERSION};
 
 /// A VM state of one vCPU for `memory` bytes of RAM, as a capture gives
@@ -56,4 +57,17 @@ pub fn cancelled_after_first_step<T>(
         });
         write()
     })
+}
+
+/// 16 MiB of RAM on huge pages, or None (said on stderr) where the host's
+/// pool has none to give; any other failure panics.
+pub fn huge_ram_or_skip() -> Option<GuestRam> {
+    match GuestRam::with_huge_pages(16 << 20, true) {
+        Ok(r) => Some(r),
+        Err(e) if e.to_string().contains("cannot reserve") => {
+            eprintln!("SKIP: no huge pages here ({e}); scripts/setup.sh reserves some");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
 }
