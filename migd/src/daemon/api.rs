@@ -812,7 +812,7 @@ async fn spawn_vm(
         args.extend(migd::tls_args::TlsArgs::to_args(&t.files));
     }
     let log = state::log_path(dir);
-    let mut child = vmproc::spawn(&d.exe, &args, &log, None, None)?;
+    let mut child = vmproc::spawn(&d.exe, &args, &log, &vmproc::lock_path(dir), None, None)?;
     let pid = child.id().context("VM process has no pid")?;
     let started = Instant::now();
     let stall = create_stall();

@@ -198,6 +198,7 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
         &d.exe,
         &args,
         &state::log_path(&dir),
+        &vmproc::lock_path(&dir),
         Some(stream.as_raw_fd()),
         state_pipe.as_ref().map(|p| p.as_raw_fd()),
     );

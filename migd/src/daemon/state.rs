@@ -285,15 +285,17 @@ async fn ask_status(dir: &Path) -> Option<Value> {
     reply.ok().filter(|r| r["ok"] == true)
 }
 
-/// Whether a process listens on the VM's control socket (it may be too busy
-/// to answer yet: booting, or restoring a large snapshot).
-fn listening(dir: &Path) -> bool {
-    std::os::unix::net::UnixStream::connect(control_path(dir)).is_ok()
+/// Whether a VM process of `dir` lives though it may not answer: it listens
+/// on the control socket (too busy to answer yet: booting, or restoring a
+/// large snapshot), or holds its lock (no socket yet: an incoming VM built
+/// with `--prefault`).
+fn alive_in(dir: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(control_path(dir)).is_ok() || vmproc::lock_held(dir)
 }
 
 async fn adopt_inner(d: &Arc<Daemon>, name: String, dir: PathBuf) {
     let status = match ask_status(&dir).await {
-        None if listening(&dir) => {
+        None if alive_in(&dir) => {
             // Alive but busy: adopted once it answers (a process taken for
             // gone would be orphaned, its socket removed, its directory
             // reused by a second process).
@@ -305,7 +307,7 @@ async fn adopt_inner(d: &Arc<Daemon>, name: String, dir: PathBuf) {
                     loop {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         let status = ask_status(&dir).await;
-                        if status.is_some() || !listening(&dir) {
+                        if status.is_some() || !alive_in(&dir) {
                             let record = read_record(&dir);
                             adopt_answer(&d, name.clone(), dir, status, record).await;
                             d.reg().adopting.remove(&name);
@@ -615,6 +617,45 @@ mod tests {
         assert!(record_path(&d.vm_dir("came")).exists());
         assert!(!d.reg().vms.contains_key("never"));
         assert!(!d.vm_dir("never").exists());
+        let _ = std::fs::remove_dir_all(&state_dir);
+    }
+
+    /// A daemon restarted while a VM process has no control socket yet (an
+    /// incoming VM built with `--prefault`) keeps its directory for as long
+    /// as the process lives (it holds its lock from the fork on), removes it
+    /// once the process is gone, and never starts a second process there.
+    #[tokio::test]
+    async fn a_vm_process_without_a_socket_yet_keeps_its_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let state_dir =
+            std::env::temp_dir().join(format!("migd-state-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        let d = Arc::new(Daemon::for_tests(&state_dir, Default::default()));
+        let dir = d.vm_dir("arriving");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Stands for `migd run`: lives 3 s, never opens a control socket.
+        let exe = state_dir.join("fake-migd");
+        std::fs::write(&exe, "#!/bin/sh\nexec sleep 3\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let lock = vmproc::lock_path(&dir);
+        let mut child = vmproc::spawn(&exe, &[], &log_path(&dir), &lock, None, None).unwrap();
+        assert!(vmproc::lock_held(&dir), "the child holds the lock");
+        let again = vmproc::spawn(&exe, &[], &log_path(&dir), &lock, None, None);
+        let err = format!("{:#}", again.expect_err("a second process is refused"));
+        assert!(err.contains("still runs"), "{err}");
+
+        adopt_all(&d).await;
+        assert!(dir.exists(), "a live process's directory is kept");
+        assert!(d.reg().adopting.contains("arriving"));
+
+        child.wait().await.unwrap();
+        assert!(!vmproc::lock_held(&dir), "the lock goes with the process");
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while dir.exists() && std::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!dir.exists(), "removed once its process is gone");
+        assert!(!d.reg().adopting.contains("arriving"));
         let _ = std::fs::remove_dir_all(&state_dir);
     }
 

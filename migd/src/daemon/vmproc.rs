@@ -1,7 +1,7 @@
 //! VM processes: spawning `migd run` detached, talking to its control socket,
 //! and stopping it.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -61,18 +61,41 @@ pub async fn vm_call(sock: &Path, req: &Value, timeout: Duration) -> Result<Valu
     }
 }
 
+/// Descriptor under which a VM process holds its [`lock_path`] lock.
+const LOCK_FD: RawFd = 5;
+
 /// Spawns `migd run ARGS` in its own session, stdout and stderr appended to `log`.
-/// `fd3` is handed to the child as descriptor 3 (an incoming migration's socket).
+/// `fd3` is handed to the child as descriptor 3 (an incoming migration's socket),
+/// `fd4` as 4 (its TLS session), whatever numbers they have here.
+///
+/// The child holds an exclusive lock on `lock` for its whole life, taken here
+/// before the fork, so that the process never runs without it: [`lock_held`]
+/// tells a live process that has no control socket yet (an incoming VM built
+/// with `--prefault`) from a dead one. A lock still held means a process of
+/// this VM still runs: refused.
 pub fn spawn(
     exe: &Path,
     args: &[String],
     log: &Path,
+    lock: &Path,
     fd3: Option<RawFd>,
     fd4: Option<RawFd>,
 ) -> Result<tokio::process::Child> {
-    if fd4.is_some_and(|fd| fd <= 4) || fd3.is_some_and(|fd| fd == 4) {
-        anyhow::bail!("descriptors to pass overlap their targets");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(lock)
+        .with_context(|| format!("opening {}", lock.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "a process of this VM still runs (it holds {}): stop it first",
+            lock.display()
+        );
     }
+    let lock_fd = lock_file.as_raw_fd();
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -94,26 +117,57 @@ pub fn spawn(
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some(fd) = fd4 {
-                if libc::dup2(fd, 4) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if let Some(fd) = fd3 {
-                if fd == 3 {
-                    let flags = libc::fcntl(3, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+            // Copies above every target first, so that no source is
+            // overwritten before it is moved, whatever numbers they have.
+            let lock = high_copy(lock_fd)?;
+            let fd3 = fd3.map(high_copy).transpose()?;
+            let fd4 = fd4.map(high_copy).transpose()?;
+            for (fd, target) in [(Some(lock), LOCK_FD), (fd3, 3), (fd4, 4)] {
+                if let Some(fd) = fd {
+                    // dup2 leaves the new descriptor open across exec.
+                    if libc::dup2(fd, target) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                } else if libc::dup2(fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
                 }
             }
             Ok(())
         });
     }
-    cmd.spawn()
-        .with_context(|| format!("starting {} run", exe.display()))
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {} run", exe.display()));
+    // The child's copy of the descriptor holds the lock from here on.
+    drop(lock_file);
+    child
+}
+
+/// In the child, between fork and exec: a copy of `fd` numbered above the
+/// descriptors handed over, closed at exec. Async-signal-safe.
+fn high_copy(fd: RawFd) -> std::io::Result<RawFd> {
+    // SAFETY: fcntl on a descriptor of this process.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, LOCK_FD + 1) };
+    if copy < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(copy)
+}
+
+/// The lock a VM process holds for its whole life, in its directory.
+pub fn lock_path(dir: &Path) -> std::path::PathBuf {
+    dir.join("process.lock")
+}
+
+/// Whether a process holds `dir`'s [`lock_path`] (a VM process of this
+/// directory lives, answering or not). Processes started before the lock
+/// existed hold none.
+pub fn lock_held(dir: &Path) -> bool {
+    let Ok(f) = std::fs::File::open(lock_path(dir)) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor we own; a shared lock taken here goes
+    // when `f` closes.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
 }
 
 /// The last error line of a VM process's log (or its last line), without colours.
