@@ -215,9 +215,18 @@ fn host_memory() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-fn persist(d: &Daemon, job: &Job) {
-    let path = d.jobs_dir().join(format!("{}.json", job.id));
-    if let Err(e) = write_json_atomic(&path, job) {
+/// Writes job `id` to its file as the registry has it now. Writers take
+/// turns, and each reads the job only once it is its turn, so the file never
+/// ends up older than the last change followed by a write (writers that each
+/// wrote their own copy could land the older one last).
+fn persist(d: &Daemon, id: &str) {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(job) = d.reg().jobs.get(id).cloned() else {
+        return;
+    };
+    let path = d.jobs_dir().join(format!("{id}.json"));
+    if let Err(e) = write_json_atomic(&path, &job) {
         tracing::warn!("{e:#}");
     }
 }
@@ -249,11 +258,11 @@ pub fn load(d: &Daemon) {
 pub fn completed_while_away(d: &Daemon, vm: &str, stats: &Value) {
     let job = {
         let mut reg = d.reg();
-        let id = stats["id"].as_str();
+        let named = stats["id"].as_str();
         let Some(j) = reg
             .jobs
             .values_mut()
-            .find(|j| j.vm == vm && !j.is_final() && id.is_none_or(|id| id == j.id))
+            .find(|j| j.vm == vm && !j.is_final() && named.is_none_or(|id| id == j.id))
         else {
             return;
         };
@@ -264,7 +273,7 @@ pub fn completed_while_away(d: &Daemon, vm: &str, stats: &Value) {
             j.stats = stats.clone();
         }
         j.stats["outcome"] = json!("completed");
-        j.clone()
+        j.id.clone()
     };
     persist(d, &job);
 }
@@ -273,7 +282,7 @@ pub fn completed_while_away(d: &Daemon, vm: &str, stats: &Value) {
 /// reports them are marked failed; with `vm`, only that VM's (a VM adopted
 /// in the background calls this once it is; until then its jobs wait).
 pub fn finish_orphans(d: &Daemon, vm: Option<&str>) {
-    let orphans: Vec<Job> = {
+    let orphans: Vec<String> = {
         let mut reg = d.reg();
         let tracked: Vec<String> = reg.vms.values().filter_map(|v| v.job.clone()).collect();
         let adopting = reg.adopting.clone();
@@ -288,12 +297,12 @@ pub fn finish_orphans(d: &Daemon, vm: Option<&str>) {
                     "migd restarted and the VM process no longer reports this migration".into(),
                 );
                 j.stats["outcome"] = json!("failed");
-                j.clone()
+                j.id.clone()
             })
             .collect()
     };
-    for j in orphans {
-        persist(d, &j);
+    for id in orphans {
+        persist(d, &id);
     }
 }
 
@@ -419,7 +428,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             tracing::warn!(job = %job.id, "no answer to the migrate request ({e:#}); tracking the job all the same")
         }
     }
-    persist(d, &job);
+    persist(d, &job.id);
     tracing::info!(job = %job.id, vm = %job.vm, to = %job.to, mode = %job.opts.mode, max_bandwidth = ?cap, "migration started");
     rebalance(d).await;
     spawn_tracker(d.clone(), job.id.clone(), job.vm.clone());
@@ -585,7 +594,7 @@ async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<St
         d.metrics.migration_ended(j);
         j.clone()
     };
-    persist(d, &job);
+    persist(d, &job.id);
     match &job.error {
         Some(e) => tracing::warn!(status = %job.status, "migration ended: {e}"),
         None => tracing::info!(status = %job.status, "migration ended"),
@@ -733,24 +742,19 @@ pub async fn set_parameters(
     if let Err(e) = applied {
         // The VM process did not take them (its migration just ended): the
         // job keeps what it runs with, the pause limit if only that was taken.
-        let taken = d.reg().jobs.get_mut(id).and_then(|j| {
+        if let Some(j) = d.reg().jobs.get_mut(id) {
             j.opts.max_bandwidth = before.max_bandwidth;
             if !took_downtime {
                 j.opts.max_downtime_ms = before.max_downtime_ms;
             }
-            took_downtime.then(|| j.clone())
-        });
-        // Written with the registry unlocked (two fsyncs).
-        if let Some(j) = taken {
-            persist(d, &j);
+        }
+        // Unchanged where nothing was taken.
+        if took_downtime {
+            persist(d, id);
         }
         return Err(e.context(format!("job {id} did not take the new parameters")));
     }
-    // As the registry has it now (the job may have moved on meanwhile).
-    let current = d.reg().jobs.get(id).cloned();
-    if let Some(j) = current {
-        persist(d, &j);
-    }
+    persist(d, id);
     tracing::info!(job = %id, max_bandwidth = ?job.opts.max_bandwidth, max_downtime_ms = job.opts.max_downtime_ms, "migration parameters changed");
     Ok(json!({
         "ok": true,
