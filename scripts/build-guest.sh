@@ -38,12 +38,13 @@ if command -v readelf >/dev/null; then
     readelf -n "$elf" | grep -q 'Xen.*0x00000008' || die "$elf has no Xen PVH (PHYS32_ENTRY) note"
 fi
 if command -v objdump >/dev/null; then
-    # The ymm upper halves hold known values, so no VEX/EVEX instruction may
-    # touch vector registers except the two helpers that load/store them.
+    # The ymm upper halves hold known values (ymm15's: the progress counter),
+    # so no VEX/EVEX instruction may touch vector registers except the
+    # helpers that load/store them (ymm_*_upper for ymm0-14, ymm15_*_upper).
     bad=$(objdump -d --no-show-raw-insn "$elf" | awk '
         /^[0-9a-f]+ <.*>:$/ { fn = $2; next }
         /\t(v[a-z0-9]+|kmov[a-z]*)[ \t].*%[xyz]mm/ || /\tvzero(upper|all)/ {
-            if (fn !~ /ymm_(load|store)_upper/ && fn !~ /sabotage/) print fn ": " $0
+            if (fn !~ /ymm(15)?_(load|store)_upper/ && fn !~ /sabotage/) print fn ": " $0
         }')
     [[ -z "$bad" ]] || die "VEX-encoded vector instructions outside the ymm helpers (would clobber the checked ymm upper halves):
 $bad"

@@ -1,5 +1,6 @@
 //! Proof that the test guest's detectors fire: state is damaged through the VM
-//! library (a page, an AVX register in the XSAVE area, the LAPIC timer) and the
+//! library (a page, an AVX register in the XSAVE area, the LAPIC timer, one
+//! copy of the progress counter) or by the guest's own `selftest=`, and the
 //! guest must report `WORKLOAD CORRUPT` on its console.
 
 mod common;
@@ -33,6 +34,52 @@ fn boot(name: &str, cmdline: &str, vcpus: usize) -> (Scratch, Vm, Console) {
     (dir, vm, console)
 }
 
+/// A `KEY=BASE+LEN` region of the `TESTGUEST layout` line.
+fn layout(console: &Console, key: &str) -> (u64, u64) {
+    let line = console.wait_for("TESTGUEST layout", Duration::from_secs(30));
+    let region = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= in '{line}'"));
+    let (base, len) = region
+        .split_once('+')
+        .unwrap_or_else(|| panic!("{key}={region} is not BASE+LEN"));
+    let hex = |s: &str| {
+        u64::from_str_radix(s.trim_start_matches("0x"), 16)
+            .unwrap_or_else(|e| panic!("{key}={region}: {e}"))
+    };
+    (hex(base), hex(len))
+}
+
+/// The `WORKLOAD CORRUPT progress` lines so far, as (cpu, memory, register).
+fn progress_lines(console: &Console) -> Vec<(u64, u64, u64)> {
+    console
+        .text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("WORKLOAD CORRUPT progress "))
+        .map(|l| {
+            let field = |k: &str| -> u64 {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("no {k} in '{l}'"))
+            };
+            (field("cpu="), field("memory="), field("register="))
+        })
+        .collect()
+}
+
+/// Waits for the first `WORKLOAD CORRUPT progress` line, then two more
+/// heartbeats: the report resynchronised the two copies, so it stays the only one.
+fn one_progress_line(console: &Console) -> (u64, u64, u64) {
+    console.wait_for("WORKLOAD CORRUPT progress", Duration::from_secs(20));
+    let hb = console.last_heartbeat().unwrap_or(0);
+    console.wait_heartbeats(hb, 2, Duration::from_secs(20));
+    let lines = progress_lines(console);
+    assert_eq!(lines.len(), 1, "one loss, one line:\n{}", console.text());
+    lines[0]
+}
+
 #[test]
 fn corrupted_page_is_reported() {
     if !kvm_or_skip("corrupted_page_is_reported") {
@@ -62,19 +109,7 @@ fn a_word_in_the_zeroed_memory_is_reported() {
         return;
     }
     let (_dir, vm, console) = boot("det-zeros", "workload=idle zeros=2", 1);
-    // The layout line: `zeros=BASE+LEN`.
-    let text = console.text();
-    let layout = text
-        .lines()
-        .find(|l| l.starts_with("TESTGUEST layout"))
-        .expect("layout line");
-    let zeros = layout
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("zeros="))
-        .expect("zeros= in the layout line");
-    let (base, len) = zeros.split_once('+').unwrap();
-    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
-    let (base, len) = (hex(base), hex(len));
+    let (base, len) = layout(&console, "zeros");
     assert_eq!(len, 2 << 20);
     vm.ram().write(base + len / 2 + 8, &[0x77; 8]).unwrap();
     let line = console.wait_for("WORKLOAD CORRUPT zeros", Duration::from_secs(20));
@@ -118,4 +153,106 @@ fn stopped_timer_is_reported() {
     vm.resume();
     let line = console.wait_for("WORKLOAD CORRUPT", Duration::from_secs(20));
     assert!(line.contains("timer"), "{line}");
+}
+
+#[test]
+fn memory_older_than_the_registers_is_reported() {
+    if !kvm_or_skip("memory_older_than_the_registers_is_reported") {
+        return;
+    }
+    // What a migration that loses its last dirty round leaves: the vCPU's
+    // registers from the pause, its progress counter's memory copy from
+    // earlier. The pages and generation table would agree with each other.
+    let (_dir, vm, console) = boot("det-progress-mem", "workload=dirty:8:1", 2);
+    let (base, len) = layout(&console, "progress");
+    assert_eq!(len, 8 * 64, "one cache line per possible vCPU");
+    vm.pause();
+    let mut w = [0u8; 8];
+    vm.ram().read(base, &mut w).unwrap();
+    let now = u64::from_le_bytes(w);
+    assert!(now > 1000, "vCPU 0 has run its loop: {now}");
+    vm.ram().write(base, &(now - 1000).to_le_bytes()).unwrap();
+    vm.resume();
+    // (Paused between its two stores, the vCPU stores the same value to
+    // ymm15 on resume as it did to memory: still 1000 apart.)
+    assert_eq!(one_progress_line(&console), (0, now - 1000, now));
+}
+
+#[test]
+fn registers_older_than_memory_are_reported() {
+    if !kvm_or_skip("registers_older_than_memory_are_reported") {
+        return;
+    }
+    // A stale vCPU state over current memory: ymm15's upper half (the
+    // counter's register copy) goes back 1000.
+    let (_dir, vm, console) = boot("det-progress-reg", "workload=idle", 1);
+    let (base, _) = layout(&console, "progress");
+    // A vCPU paused between its two stores would overwrite the register on
+    // resume: change it only where both copies agree.
+    let mut changed = None;
+    for _ in 0..20 {
+        changed = vm
+            .with_vcpu(0, |fd| {
+                let mut w = [0u8; 8];
+                vm.ram().read(base, &mut w).unwrap();
+                let memory = u64::from_le_bytes(w);
+                let mut xs = fd.get_xsave().unwrap();
+                // XSAVE standard format: YMM_Hi128 at byte 576, 16 bytes a
+                // register; ymm15's bits 191:128 (the counter) are its first 8.
+                let at = (576 + 15 * 16) / 4;
+                let reg = xs.region[at] as u64 | (xs.region[at + 1] as u64) << 32;
+                if reg != memory {
+                    return None;
+                }
+                assert!(reg > 1000, "vCPU 0 has run its loop: {reg}");
+                let back = reg - 1000;
+                xs.region[at] = back as u32;
+                xs.region[at + 1] = (back >> 32) as u32;
+                // SAFETY: a legacy XSAVE area read from this vCPU, one field changed.
+                unsafe { fd.set_xsave(&xs) }.unwrap();
+                Some(memory)
+            })
+            .unwrap();
+        vm.resume();
+        if changed.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let memory = changed.expect("paused 20 times between the two stores");
+    assert_eq!(one_progress_line(&console), (0, memory, memory - 1000));
+}
+
+#[test]
+fn progress_selftest_is_reported_by_a_sleeping_ap() {
+    if !kvm_or_skip("progress_selftest_is_reported_by_a_sleeping_ap") {
+        return;
+    }
+    // An idle AP sleeps in hlt between ticks: it compares the copies when it
+    // wakes.
+    let (_dir, _vm, console) = boot("det-progress-self", "workload=idle selftest=progress@1", 2);
+    let (cpu, memory, register) = one_progress_line(&console);
+    assert_eq!((cpu, memory), (1, register + 1), "{}", console.text());
+}
+
+#[test]
+fn vzeroupper_selftest_is_reported_by_simd_and_progress() {
+    if !kvm_or_skip("vzeroupper_selftest_is_reported_by_simd_and_progress") {
+        return;
+    }
+    // ymm0-14 hold constants, ymm15 the progress counter: all 16 zeroed.
+    let (_dir, _vm, console) = boot("det-simd-self", "workload=idle selftest=simd", 1);
+    let simd = console.wait_for("WORKLOAD CORRUPT simd", Duration::from_secs(20));
+    assert!(simd.contains("bad_regs=15"), "{simd}");
+    let (cpu, _, register) = one_progress_line(&console);
+    assert_eq!((cpu, register), (0, 0), "{}", console.text());
+    let text = console.text();
+    let progress = text
+        .lines()
+        .find(|l| l.starts_with("WORKLOAD CORRUPT progress"))
+        .unwrap_or_default();
+    assert!(
+        progress.contains("register_hi=0x0000000000000000"),
+        "{progress}"
+    );
 }

@@ -159,6 +159,8 @@ pub enum SelfTest {
     Fault,
     /// Make CPL 0 execute `ud2` (invalid service number).
     KernelFault,
+    /// Advance the memory copy of the progress counter only.
+    Progress,
 }
 
 impl SelfTest {
@@ -178,6 +180,7 @@ impl SelfTest {
             "stall" => SelfTest::Stall,
             "fault" => SelfTest::Fault,
             "kfault" => SelfTest::KernelFault,
+            "progress" => SelfTest::Progress,
             _ => return None,
         })
     }

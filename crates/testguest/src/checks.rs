@@ -6,6 +6,11 @@
 //! loop iteration (cheap, unprivileged reads) or once a second (MSRs and
 //! LAPIC registers, read through CPL-0 services). After a report the value
 //! is restored so that one loss gives one line.
+//!
+//! Each CPU also keeps a progress counter twice, in memory ([`PROGRESS`])
+//! and in the upper half of ymm15, and compares the two at the top of every
+//! loop iteration ([`Checker::progress`]): memory older or newer than the
+//! registers (a lost last dirty round, a stale vCPU state) shows at once.
 
 use crate::boot::{KCPU, LAPIC_BASE, MAX_CPUS, SPURIOUS_VECTOR, TIMER_VECTOR};
 use crate::clock;
@@ -61,6 +66,25 @@ const PERIODIC: u32 = 1 << 17;
 
 /// Highest TSC value any CPU has published (for the cross-CPU check).
 static MAX_TSC: AtomicU64 = AtomicU64::new(0);
+
+/// The memory copy of one CPU's progress counter, alone in its cache line.
+#[repr(C, align(64))]
+pub struct ProgressWord(pub AtomicU64);
+
+/// The memory copy of every CPU's progress counter (the register copy is
+/// in bits 255:128 of that CPU's ymm15): CPU `c`'s is the u64 at
+/// `PROGRESS + 64 * c`. Only CPU `c` writes it (or `selftest=progress`).
+pub static PROGRESS: [ProgressWord; MAX_CPUS] =
+    [const { ProgressWord(AtomicU64::new(0)) }; MAX_CPUS];
+
+/// Bits 255:192 of ymm15: a per-CPU tag beside the counter (bits 191:128),
+/// so that a zeroed or foreign register never passes for a counter.
+fn progress_tag(cpu: usize) -> u64 {
+    0x5052_4f47_0000_0000 | (cpu as u64) << 8 | 0x15
+}
+
+/// The counter's first value (never 0, which a zeroed copy would read).
+const PROGRESS_START: u64 = 1;
 
 /// An MSR with a known value. `write = false`: only read and compared.
 #[derive(Clone, Copy)]
@@ -261,6 +285,8 @@ impl Checker {
         let ymm = ymm_values(cpu);
         let x87 = x87_values(cpu);
         cpu::ymm_load_upper(&ymm);
+        PROGRESS[cpu].0.store(PROGRESS_START, Ordering::Relaxed);
+        cpu::ymm15_load_upper(&[PROGRESS_START, progress_tag(cpu)]);
         cpu::x87_load(FCW, &x87);
         cpu::ldmxcsr(MXCSR);
 
@@ -348,6 +374,37 @@ impl Checker {
         self.win_ticks = ticks;
         self.win_step = false;
         self.win_lost = 0;
+    }
+
+    /// The progress counter, first thing in every loop iteration: compares
+    /// its register copy (ymm15's upper half) with its memory copy, reports
+    /// a difference (and goes on from the memory copy, so that one loss
+    /// gives one line), then advances the counter in memory and in the
+    /// register. Both copies change only here, memory first; an interrupt
+    /// (CPL 0) touches neither, so at this point they agree unless memory
+    /// and registers came from different moments. Skipped while XCR0 lacks
+    /// AVX (reported by [`Checker::fast`]).
+    pub fn progress(&mut self) {
+        if cpu::xgetbv0() & 7 != 7 {
+            return;
+        }
+        let cpu = self.cpu;
+        let word = &PROGRESS[cpu].0;
+        let tag = progress_tag(cpu);
+        let mem = word.load(Ordering::Relaxed);
+        let [reg, hi] = cpu::ymm15_store_upper();
+        if reg != mem || hi != tag {
+            if hi == tag {
+                corrupt!("progress cpu={cpu} memory={mem} register={reg}");
+            } else {
+                corrupt!(
+                    "progress cpu={cpu} memory={mem} register={reg} register_hi={hi:#018x} want_hi={tag:#018x}"
+                );
+            }
+        }
+        let next = mem.wrapping_add(1);
+        word.store(next, Ordering::Relaxed);
+        cpu::ymm15_load_upper(&[next, tag]);
     }
 
     /// Unprivileged checks, run on every loop iteration.
@@ -472,7 +529,13 @@ pub fn measure_bus_khz() -> u64 {
 pub mod sabotage {
     use super::*;
 
-    /// Zero all ymm upper halves.
+    /// Advance the memory copy of this CPU's progress counter only (as if
+    /// memory came from later than the registers).
+    pub fn progress(cpu: usize) {
+        PROGRESS[cpu].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Zero all ymm upper halves (the progress counter's register copy too).
     #[inline(never)]
     pub fn simd() {
         // SAFETY: only clears the ymm upper halves, which compiled code never uses.

@@ -151,11 +151,13 @@ pub fn fs_gs_words() -> (u64, u64) {
     (f, g)
 }
 
-/// Number of ymm registers whose upper halves hold known values.
-pub const YMM_REGS: usize = 16;
+/// Number of ymm registers whose upper halves hold known constants
+/// (ymm0..ymm14; ymm15's upper half holds the progress counter, see
+/// [`ymm15_load_upper`]).
+pub const YMM_REGS: usize = 15;
 
-/// Load `vals[k]` into bits 255:128 of ymm`k` (bits 127:0 are preserved, so
-/// whatever the compiler keeps in xmm`k` is untouched).
+/// Load `vals[k]` into bits 255:128 of ymm`k`, k < 15 (bits 127:0 are
+/// preserved, so whatever the compiler keeps in xmm`k` is untouched).
 #[inline(never)]
 pub fn ymm_load_upper(vals: &[[u64; 2]; YMM_REGS]) {
     // SAFETY: only the upper halves change; compiled code never reads them
@@ -177,14 +179,13 @@ pub fn ymm_load_upper(vals: &[[u64; 2]; YMM_REGS]) {
             "vinsertf128 ymm12, ymm12, xmmword ptr [{p} + 192], 1",
             "vinsertf128 ymm13, ymm13, xmmword ptr [{p} + 208], 1",
             "vinsertf128 ymm14, ymm14, xmmword ptr [{p} + 224], 1",
-            "vinsertf128 ymm15, ymm15, xmmword ptr [{p} + 240], 1",
             p = in(reg) vals.as_ptr(),
             options(nostack, readonly, preserves_flags)
         );
     }
 }
 
-/// Store bits 255:128 of ymm0..ymm15 (no register is modified).
+/// Store bits 255:128 of ymm0..ymm14 (no register is modified).
 #[inline(never)]
 pub fn ymm_store_upper(out: &mut [[u64; 2]; YMM_REGS]) {
     // SAFETY: stores to `out` only.
@@ -205,11 +206,39 @@ pub fn ymm_store_upper(out: &mut [[u64; 2]; YMM_REGS]) {
             "vextractf128 xmmword ptr [{p} + 192], ymm12, 1",
             "vextractf128 xmmword ptr [{p} + 208], ymm13, 1",
             "vextractf128 xmmword ptr [{p} + 224], ymm14, 1",
-            "vextractf128 xmmword ptr [{p} + 240], ymm15, 1",
             p = in(reg) out.as_mut_ptr(),
             options(nostack, preserves_flags)
         );
     }
+}
+
+/// Load `val` into bits 255:128 of ymm15 (the register copy of the
+/// progress counter; bits 127:0 are preserved).
+#[inline(never)]
+pub fn ymm15_load_upper(val: &[u64; 2]) {
+    // SAFETY: as for ymm_load_upper: only ymm15's upper half changes.
+    unsafe {
+        asm!(
+            "vinsertf128 ymm15, ymm15, xmmword ptr [{p}], 1",
+            p = in(reg) val.as_ptr(),
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+}
+
+/// Store bits 255:128 of ymm15 (no register is modified).
+#[inline(never)]
+pub fn ymm15_store_upper() -> [u64; 2] {
+    let mut out = [0u64; 2];
+    // SAFETY: stores 16 bytes to `out` only.
+    unsafe {
+        asm!(
+            "vextractf128 xmmword ptr [{p}], ymm15, 1",
+            p = in(reg) out.as_mut_ptr(),
+            options(nostack, preserves_flags)
+        );
+    }
+    out
 }
 
 /// Number of x87 registers holding known values (one slot stays free so

@@ -237,10 +237,13 @@ fn boot_cpu_main() -> ! {
         source.name()
     );
     let (stacks, stacks_len) = boot::stacks_range();
+    let progress = &checks::PROGRESS;
     println!(
-        "TESTGUEST layout image={:#x}-{:#x} user_stacks={stacks:#x}+{stacks_len:#x} gens={gens_base:#x}+{gens_bytes:#x} workset={ws_base:#x}+{:#x} zeros={zeros_base:#x}+{:#x} trampoline={TRAMPOLINE_ADDR:#x}",
+        "TESTGUEST layout image={:#x}-{:#x} user_stacks={stacks:#x}+{stacks_len:#x} progress={:#x}+{:#x} gens={gens_base:#x}+{gens_bytes:#x} workset={ws_base:#x}+{:#x} zeros={zeros_base:#x}+{:#x} trampoline={TRAMPOLINE_ADDR:#x}",
         0x10_0000,
         boot::image_end(),
+        progress.as_ptr() as u64,
+        core::mem::size_of_val(progress),
         pages * PAGE,
         zeros_pages * PAGE
     );

@@ -590,6 +590,7 @@ fn run_selftest(kind: SelfTest, cpu: usize, slice: &Slice) {
         // SAFETY: deliberately faults (reported as GUEST FATAL).
         SelfTest::Fault => unsafe { core::arch::asm!("ud2", options(nostack, nomem)) },
         SelfTest::KernelFault => cpu::bad_service(),
+        SelfTest::Progress => checks::sabotage::progress(cpu),
     }
 }
 
@@ -629,6 +630,9 @@ pub fn run(cpu: usize) -> ! {
     let mut selftest = p.selftest.filter(|&(_, c)| c == cpu);
     let may_halt = cpu != 0 && !(p.mode != Mode::Idle && p.rate_pages == 0);
     loop {
+        // First: a vCPU that slept in hlt compares its counter's two copies
+        // as soon as it wakes.
+        chk.progress();
         let now = chk.clock();
         chk.fast();
         chk.slow(now);
