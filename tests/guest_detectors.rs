@@ -117,6 +117,26 @@ fn a_word_in_the_zeroed_memory_is_reported() {
 }
 
 #[test]
+fn a_word_in_the_write_once_memory_is_reported() {
+    if !kvm_or_skip("a_word_in_the_write_once_memory_is_reported") {
+        return;
+    }
+    // What a migration that dropped a page in pre-copy round 0 leaves: the
+    // page is never written again, so it is never sent again.
+    let (_dir, vm, console) = boot("det-keep", "workload=dirty:8:1 keep=2", 1);
+    let (base, len) = layout(&console, "keep");
+    assert_eq!(len, 2 << 20);
+    vm.ram().write(base + len / 2 + 8, &[0x77; 8]).unwrap();
+    let line = console.wait_for("WORKLOAD CORRUPT keep", Duration::from_secs(20));
+    assert!(
+        line.contains("page=256 ") && line.contains("word=1 "),
+        "{line}"
+    );
+    assert!(line.contains("found=0x7777777777777777"), "{line}");
+    assert!(line.contains("bad_words=1"), "{line}");
+}
+
+#[test]
 fn corrupted_avx_register_is_reported() {
     if !kvm_or_skip("corrupted_avx_register_is_reported") {
         return;

@@ -296,6 +296,7 @@ impl VmProcess {
     }
 
     /// [`VmProcess::boot_with`], with `env` added to the process's environment.
+    /// A dirty or sparse workload also gets write-once memory ([`with_keep`]).
     pub fn boot_env(
         dir: &Path,
         tag: &str,
@@ -308,11 +309,12 @@ impl VmProcess {
         let console = Console(dir.join(format!("{tag}.console")));
         let elf = guest_elf();
         let cpus = cpus.to_string();
+        let cmdline = with_keep(cmdline, memory);
         let mut args = vec![
             "--kernel",
             elf.to_str().unwrap(),
             "--cmdline",
-            cmdline,
+            &cmdline,
             "--memory",
             memory,
             "--cpus",
@@ -442,6 +444,60 @@ impl Drop for VmProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// MiB of write-once memory ([`with_keep`]).
+pub const KEEP_MIB: u64 = 4;
+
+/// `cmdline` with `keep=KEEP_MIB` added (the guest writes that memory once
+/// before READY and verifies it for ever) where it is cheap. The working
+/// set is rewritten all the time, which hides a page that pre-copy round 0
+/// dropped; these pages go only in round 0, so a dropped one shows. Added
+/// to a `workload=dirty:`/`sparse:` line only, unless it already has
+/// `keep=`, or `pattern=` or `hot=` (compression ratios and hot/cold page
+/// counts that incompressible cold pages would skew), or rewrites its set 8
+/// times a second or more (hot-set tests that count the pages round 0
+/// sends), and only where `memory` holds the set, `zeros=` and the keep
+/// region with 32 MiB to spare (image, tables, memory a test zero-fills).
+pub fn with_keep(cmdline: &str, memory: &str) -> String {
+    let value = |key: &str| {
+        cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    };
+    let mib = |s: &str| -> Option<u64> {
+        let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+        let n: u64 = n.parse().ok()?;
+        match unit {
+            "M" | "MiB" => Some(n),
+            "G" | "GiB" => Some(n << 10),
+            _ => None,
+        }
+    };
+    let workload = value("workload").and_then(|w| {
+        let mut parts = w.split(':');
+        match parts.next()? {
+            "dirty" | "sparse" => {}
+            _ => return None,
+        }
+        let set: u64 = parts.next()?.parse().ok()?;
+        let rate: u64 = parts.next().map_or(Some(0), |r| r.parse().ok())?;
+        Some((set, rate))
+    });
+    let zeros: u64 = value("zeros").and_then(|z| z.parse().ok()).unwrap_or(0);
+    let fits = |set: u64| mib(memory).is_some_and(|m| set + zeros + KEEP_MIB + 32 <= m);
+    match workload {
+        Some((set, rate))
+            if ["keep", "pattern", "hot"]
+                .iter()
+                .all(|k| value(k).is_none())
+                && (rate == 0 || rate < 8 * set)
+                && fits(set) =>
+        {
+            format!("{cmdline} keep={KEEP_MIB}")
+        }
+        _ => cmdline.to_string(),
     }
 }
 

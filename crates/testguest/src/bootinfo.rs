@@ -161,6 +161,8 @@ pub enum SelfTest {
     KernelFault,
     /// Advance the memory copy of the progress counter only.
     Progress,
+    /// Overwrite one word of the `keep=` memory (nothing without `keep=`).
+    Keep,
 }
 
 impl SelfTest {
@@ -181,6 +183,7 @@ impl SelfTest {
             "fault" => SelfTest::Fault,
             "kfault" => SelfTest::KernelFault,
             "progress" => SelfTest::Progress,
+            "keep" => SelfTest::Keep,
             _ => return None,
         })
     }
@@ -207,6 +210,9 @@ pub struct Config {
     pub hot_pct: u64,
     /// `zeros=<MiB>`: memory written with zeros at boot and verified as zeros.
     pub zeros_mib: u64,
+    /// `keep=<MiB>`: memory written once at boot with a per-page pattern and
+    /// verified forever.
+    pub keep_mib: u64,
     /// `fill=<MiB/s>`: the first write of the working set, over all vCPUs,
     /// paced to this rate (0 = as fast as possible).
     pub fill_mib: u64,
@@ -237,6 +243,7 @@ impl Config {
             compressible: false,
             hot_pct: 0,
             zeros_mib: 0,
+            keep_mib: 0,
             fill_mib: 0,
             chatty: false,
         };
@@ -304,6 +311,7 @@ impl Config {
                 "zeros" => {
                     c.zeros_mib = num(val).filter(|&m| m <= 1 << 20).unwrap_or_else(|| bad())
                 }
+                "keep" => c.keep_mib = num(val).filter(|&m| m <= 1 << 20).unwrap_or_else(|| bad()),
                 "selftest" => {
                     let (kind, cpu) = match val.split_once('@') {
                         Some((k, n)) => (k, num(n).unwrap_or_else(|| bad()) as usize),

@@ -215,6 +215,23 @@ fn boot_cpu_main() -> ! {
         })
     };
 
+    // `keep=`: memory the boot CPU writes once and keeps verifying.
+    let keep_pages = cfg.keep_mib * 256;
+    let keep_base = if keep_pages == 0 {
+        0
+    } else {
+        alloc.take(keep_pages * PAGE, PAGE).unwrap_or_else(|| {
+            fatal(
+                exit_code::NO_MEMORY,
+                format_args!(
+                    "keep={} MiB do not fit beside the working set: largest free RAM range is {} MiB",
+                    cfg.keep_mib,
+                    alloc.largest(PAGE) >> 20
+                ),
+            )
+        })
+    };
+
     // Pages per second per vCPU of a rate in MiB/s over all of them.
     let per_cpu = |mib: u64| {
         if mib > 0 {
@@ -239,13 +256,14 @@ fn boot_cpu_main() -> ! {
     let (stacks, stacks_len) = boot::stacks_range();
     let progress = &checks::PROGRESS;
     println!(
-        "TESTGUEST layout image={:#x}-{:#x} user_stacks={stacks:#x}+{stacks_len:#x} progress={:#x}+{:#x} gens={gens_base:#x}+{gens_bytes:#x} workset={ws_base:#x}+{:#x} zeros={zeros_base:#x}+{:#x} trampoline={TRAMPOLINE_ADDR:#x}",
+        "TESTGUEST layout image={:#x}-{:#x} user_stacks={stacks:#x}+{stacks_len:#x} progress={:#x}+{:#x} gens={gens_base:#x}+{gens_bytes:#x} workset={ws_base:#x}+{:#x} zeros={zeros_base:#x}+{:#x} keep={keep_base:#x}+{:#x} trampoline={TRAMPOLINE_ADDR:#x}",
         0x10_0000,
         boot::image_end(),
         progress.as_ptr() as u64,
         core::mem::size_of_val(progress),
         pages * PAGE,
-        zeros_pages * PAGE
+        zeros_pages * PAGE,
+        keep_pages * PAGE
     );
     if let Some(note) = cpus.note {
         println!("TESTGUEST note: {note}");
@@ -273,6 +291,8 @@ fn boot_cpu_main() -> ! {
         hot_pct: cfg.hot_pct,
         zeros_base,
         zeros_pages,
+        keep_base,
+        keep_pages,
         chatty: cfg.chatty,
     });
 

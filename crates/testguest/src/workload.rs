@@ -43,6 +43,11 @@ const WRITE_CHUNK: u64 = 16;
 const VERIFY_CHUNK: u64 = 32;
 /// Pages of the `zeros=` memory verified per loop iteration of the boot CPU.
 const ZEROS_CHUNK: u64 = 8;
+/// Pages of the `keep=` memory verified per loop iteration of the boot CPU.
+const KEEP_CHUNK: u64 = 4;
+/// Mixed into the `keep=` words: bit 63 set, so no word's input is 0, the
+/// one input [`mix`] maps to 0.
+const KEEP_SALT: u64 = 0xb00c_6b65_6570_0000;
 /// Seconds after READY at which `selftest=` fires.
 const SELFTEST_DELAY_S: u64 = 3;
 /// An AP whose loop makes no progress for this long is reported.
@@ -83,6 +88,11 @@ pub struct Plan {
     /// by it forever).
     pub zeros_base: u64,
     pub zeros_pages: u64,
+    /// `keep=`: physical address and pages of the memory written once with
+    /// [`keep_word`] by the boot CPU before READY, then verified by it
+    /// forever.
+    pub keep_base: u64,
+    pub keep_pages: u64,
     /// `chatty=1`: the boot CPU prints [`CHATTY_TEXT`] lines without pause.
     pub chatty: bool,
 }
@@ -329,6 +339,8 @@ struct Worker {
     swept_since_halt: bool,
     /// Boot CPU with `zeros=`: the next of those pages to verify.
     zcur: u64,
+    /// Boot CPU with `keep=`: the next of those pages to verify.
+    kcur: u64,
 }
 
 /// Page `i` of the `zeros=` memory.
@@ -376,6 +388,65 @@ fn verify_zeros(p: &Plan, i: u64) {
         // SAFETY: as above.
         unsafe { write_volatile(page.add(w), 0) };
     }
+}
+
+/// Page `i` of the `keep=` memory.
+fn keep_page(p: &Plan, i: u64) -> *mut u64 {
+    (p.keep_base + i * PAGE) as *mut u64
+}
+
+/// Word `w` of page `i` of the `keep=` memory: never 0 ([`mix`] is a
+/// bijection that maps only 0 to 0), and different for every word of the
+/// region, so a zeroed, misplaced or shifted page differs.
+#[inline(always)]
+fn keep_word(i: u64, w: usize) -> u64 {
+    mix(KEEP_SALT ^ (i << 9 | w as u64))
+}
+
+fn write_keep_page(page: *mut u64, i: u64) {
+    for w in 0..WORDS {
+        // SAFETY: w < 512 words of a page of the keep region, identity-mapped RAM.
+        unsafe { write_volatile(page.add(w), keep_word(i, w)) };
+    }
+}
+
+/// Writes the `keep=` memory (boot CPU, once, before READY).
+fn write_keep(p: &Plan) {
+    for i in 0..p.keep_pages {
+        write_keep_page(keep_page(p, i), i);
+    }
+}
+
+/// Verifies page `i` of the `keep=` memory; a wrong word is reported (and
+/// the page written again, so that one corruption gives one report).
+fn verify_keep(p: &Plan, i: u64) {
+    let page = keep_page(p, i);
+    let mut diff = 0;
+    for w in 0..WORDS {
+        // SAFETY: w < 512 words of a page of the keep region.
+        diff |= unsafe { read_volatile(page.add(w)) } ^ keep_word(i, w);
+    }
+    if diff == 0 {
+        return;
+    }
+    let mut first_bad = None;
+    let mut bad = 0;
+    for w in 0..WORDS {
+        // SAFETY: as above.
+        let got = unsafe { read_volatile(page.add(w)) };
+        let want = keep_word(i, w);
+        if got != want {
+            bad += 1;
+            first_bad.get_or_insert((w, got, want));
+        }
+    }
+    if let Some((w, got, want)) = first_bad {
+        corrupt!(
+            "keep page={i} addr={:#x} word={w} found={got:#018x} want={want:#018x} bad_words={bad}",
+            page as u64
+        );
+    }
+    write_keep_page(page, i);
 }
 
 impl Worker {
@@ -450,6 +521,12 @@ impl Worker {
             for _ in 0..ZEROS_CHUNK.min(p.zeros_pages) {
                 verify_zeros(p, self.zcur);
                 self.zcur = (self.zcur + 1) % p.zeros_pages;
+            }
+        }
+        if self.cpu == 0 && p.keep_pages > 0 {
+            for _ in 0..KEEP_CHUNK.min(p.keep_pages) {
+                verify_keep(p, self.kcur);
+                self.kcur = (self.kcur + 1) % p.keep_pages;
             }
         }
         let limit = self.filled;
@@ -565,7 +642,7 @@ impl Monitor {
     }
 }
 
-fn run_selftest(kind: SelfTest, cpu: usize, slice: &Slice) {
+fn run_selftest(kind: SelfTest, cpu: usize, slice: &Slice, p: &Plan) {
     println!("TESTGUEST selftest {kind:?} cpu={cpu}");
     let second = clock::tsc_hz();
     match kind {
@@ -591,6 +668,13 @@ fn run_selftest(kind: SelfTest, cpu: usize, slice: &Slice) {
         SelfTest::Fault => unsafe { core::arch::asm!("ud2", options(nostack, nomem)) },
         SelfTest::KernelFault => cpu::bad_service(),
         SelfTest::Progress => checks::sabotage::progress(cpu),
+        SelfTest::Keep => {
+            if p.keep_pages > 0 {
+                let page = keep_page(p, p.keep_pages / 2);
+                // SAFETY: word 5 of a page of the keep region.
+                unsafe { write_volatile(page.add(5), 0xdead_beef_dead_beef) };
+            }
+        }
     }
 }
 
@@ -622,9 +706,11 @@ pub fn run(cpu: usize) -> ! {
         last_credit: now,
         swept_since_halt: false,
         zcur: 0,
+        kcur: 0,
     };
     if cpu == 0 {
         write_zeros(p);
+        write_keep(p);
     }
     let mut mon = (cpu == 0).then(|| Monitor::new(now));
     let mut selftest = p.selftest.filter(|&(_, c)| c == cpu);
@@ -643,7 +729,7 @@ pub fn run(cpu: usize) -> ! {
             && now >= SELFTEST_AT.load(Ordering::Acquire)
         {
             selftest = None;
-            run_selftest(kind, cpu, &w.slice);
+            run_selftest(kind, cpu, &w.slice, p);
         }
         let wrote = w.step(now);
         STATUS[cpu].progress.fetch_add(1, Ordering::Relaxed);
