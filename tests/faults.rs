@@ -242,15 +242,16 @@ fn post_go(fault: Fault, phase: &str) {
         r["error"].as_str().is_some_and(|e| e.contains(says)),
         "{cell}: {r}"
     );
-    // By design the source keeps its copy paused: the destination ran the VM.
+    // By design the source keeps its copy paused, as unconfirmed: the
+    // destination ran the VM.
     let st = src.request(json!({"cmd": "status"}));
-    assert_eq!(st["state"], "paused", "{cell}: {st}");
+    assert_eq!(st["state"], "unconfirmed", "{cell}: {st}");
     src.console.assert_clean();
     if fault == Fault::Cancel {
         // The destination keeps its half, waiting for a recovery.
         assert!(dst.child.try_wait().unwrap().is_none(), "{cell}");
     }
-    report(phase, fault, "failed", "paused", ms, &r);
+    report(phase, fault, "failed", "unconfirmed", ms, &r);
 }
 
 fn matrix(fault: Fault, test: &str) {

@@ -799,7 +799,10 @@ fn a_destination_that_cannot_confirm_runs_the_vm_on() {
     assert_eq!(stats["status"], "failed", "{stats}");
     let e = stats["error"].as_str().unwrap();
     assert!(e.contains("after the commit"), "{e}");
-    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "paused");
+    assert_eq!(
+        src.request(json!({"cmd": "status"}))["state"],
+        "unconfirmed"
+    );
     on_dst.wait_heartbeats(0, 3, Duration::from_secs(30));
     assert_eq!(dst.request(json!({"cmd": "status"}))["state"], "running");
     on_dst.assert_clean();
@@ -829,13 +832,41 @@ fn a_failure_after_the_commit_leaves_the_source_paused() {
     assert_eq!(stats["status"], "failed", "{stats}");
     let e = stats["error"].as_str().unwrap();
     assert!(e.contains("after the commit"), "{e}");
-    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "paused");
+    let status = src.request(json!({"cmd": "status"}));
+    assert_eq!(status["state"], "unconfirmed", "{status}");
+    assert!(status["unconfirmed"]
+        .as_str()
+        .unwrap()
+        .contains("after the commit"));
     assert_eq!(dst.request(json!({"cmd": "status"}))["state"], "running");
+    // Nothing runs the paused copy again, or discards it, but the operator's
+    // word: not a resume, not a second migration, not a stop.
+    for req in [
+        json!({"cmd": "resume"}),
+        json!({"cmd": "migrate", "to": "127.0.0.1:9", "name": "again"}),
+        json!({"cmd": "stop"}),
+    ] {
+        let r = src.request(req.clone());
+        assert_eq!(r["ok"], false, "{req} was taken: {r}");
+        let e = r["error"].as_str().unwrap();
+        assert!(
+            e.contains("ended unconfirmed") && e.contains("--force"),
+            "{e}"
+        );
+    }
     // The guest runs on at the destination, and only there.
     let on_dst = Console(dir.join("dst.console"));
     on_dst.wait_heartbeats(0, 3, Duration::from_secs(30));
-    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "paused");
+    assert_eq!(
+        src.request(json!({"cmd": "status"}))["state"],
+        "unconfirmed"
+    );
     on_dst.assert_clean();
+    // The operator finds the destination gone, and resumes the source.
     assert_eq!(dst.terminate(), 0);
+    let r = src.request(json!({"cmd": "resume", "force": true}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
+    src.console.assert_runs_on(2, Duration::from_secs(30));
     assert_eq!(src.terminate(), 0);
 }

@@ -452,6 +452,82 @@ fn recovery_answer(port: u64, from: &str, hello: Option<wire::Message>) -> Strin
     }
 }
 
+/// SIGTERM to a source in post-copy (a host shutting down) stops it once
+/// the migration is over, and only then: a link lost after the signal is
+/// still recovered. Before, the signal armed the operator's "give up
+/// recovery", and the next lost link stranded the destination's guest
+/// without its pages.
+#[test]
+fn a_source_told_to_stop_during_post_copy_still_recovers_a_lost_link() {
+    if !kvm_or_skip("a_source_told_to_stop_during_post_copy_still_recovers_a_lost_link") {
+        return;
+    }
+    let dir = scratch("postcopy-src-term");
+    let mut src = VmProcess::boot(&dir, "src", "workload=dirty:32:6", "256M", 1);
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let port = free_port();
+    let dst = VmProcess::incoming(&dir, "dst", &console, port, "256M", 1);
+    // Held in its recovery (connected again, before the destination's
+    // bitmap) for up to 3 s: the signal comes while it waits there.
+    let req = json!({"cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1",
+                     "mode": "postcopy", "max_bandwidth": 4 << 20,
+                     "fault_hold": "recovery:3000"});
+    assert_eq!(src.request(req)["ok"], true);
+    src.wait_until("post-copy", |r| r["status"] == "postcopy-active");
+    src.cut_links();
+    src.wait_until("held in recovery", |r| r["held"] == "recovery");
+    src.signal(nix::sys::signal::Signal::SIGTERM);
+    let r = src.wait_until("recovered", |r| {
+        r["recoveries"].as_u64() == Some(1) || r["status"] == "failed"
+    });
+    assert_eq!(r["status"], "postcopy-active", "{r}");
+    dst.wait_until("arrived", |r| r["status"] == "completed");
+    assert_eq!(
+        src.wait(Duration::from_secs(30)),
+        0,
+        "the source stops once done"
+    );
+    assert_eq!(dst.request(json!({"cmd": "status"}))["state"], "running");
+    console.assert_runs_on(2, Duration::from_secs(30));
+    assert_eq!(dst.terminate(), 0);
+}
+
+/// The same signal, and then the operator gives the recovery up: the
+/// source's paused copy (it holds the pages the destination lacks) is kept,
+/// as "unconfirmed", and nothing but a forced command runs or discards it.
+/// Before, the process exited at once, as the signal had asked.
+#[test]
+fn a_post_copy_given_up_after_a_stop_signal_keeps_the_source_copy() {
+    if !kvm_or_skip("a_post_copy_given_up_after_a_stop_signal_keeps_the_source_copy") {
+        return;
+    }
+    let dir = scratch("postcopy-src-give-up");
+    let src = VmProcess::boot(&dir, "src", "workload=dirty:32:6", "256M", 1);
+    let console = src.console.clone();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let port = free_port();
+    let _dst = VmProcess::incoming(&dir, "dst", &console, port, "256M", 1);
+    let req = json!({"cmd": "migrate", "to": format!("127.0.0.1:{port}"), "name": "vm1",
+                     "mode": "postcopy", "max_bandwidth": 4 << 20,
+                     "fault_hold": "recovery:10000"});
+    assert_eq!(src.request(req)["ok"], true);
+    src.wait_until("post-copy", |r| r["status"] == "postcopy-active");
+    src.signal(nix::sys::signal::Signal::SIGTERM);
+    src.cut_links();
+    src.wait_until("held in recovery", |r| r["held"] == "recovery");
+    let r = src.request(json!({"cmd": "cancel"}));
+    assert_eq!(r["ok"], true, "{r}");
+    let r = src.wait_until("given up", |r| r["status"] == "failed");
+    assert!(r["error"].as_str().unwrap().contains("abandoned"), "{r}");
+    // Still there (it exited at once before) and saying why.
+    std::thread::sleep(Duration::from_millis(500));
+    let status = src.request(json!({"cmd": "status"}));
+    assert_eq!(status["state"], "unconfirmed", "{status}");
+    let r = src.request(json!({"cmd": "stop"}));
+    assert_eq!(r["ok"], false, "{r}");
+}
+
 #[test]
 fn postcopy_recovers_when_the_links_are_cut() {
     if !kvm_or_skip("postcopy_recovers_when_the_links_are_cut") {

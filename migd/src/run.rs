@@ -179,6 +179,30 @@ struct Migrations {
     stop_when_arrived: bool,
     /// An estimate is measuring the dirty rate (it owns the dirty log meanwhile).
     estimating: Arc<AtomicBool>,
+    /// The VM left paused by a migration or handover that ended past its
+    /// commit without the other side's word that it runs the VM there: why.
+    /// The other side may run it, so this copy neither resumes nor moves
+    /// again until the operator says so (`resume` with `force`).
+    unconfirmed: Option<String>,
+}
+
+impl Migrations {
+    /// Why nothing may run this VM a second time, or discard the copy that
+    /// may be the only one: None unless a move ended unconfirmed.
+    fn refusal(&self) -> Option<String> {
+        self.unconfirmed.as_ref().map(|why| {
+            format!(
+                "this VM's last move ended unconfirmed ({why}): the other side may run it. \
+                 Check there: if it runs the VM, destroy this copy (migctl destroy --force); \
+                 if not, resume it here (migctl resume --force)"
+            )
+        })
+    }
+
+    /// Err([`Migrations::refusal`]) where there is one.
+    fn check_confirmed(&self) -> Result<(), String> {
+        self.refusal().map_or(Ok(()), Err)
+    }
 }
 
 /// Progress of a lazy restore (`--restore FILE --lazy`), while it fills memory.
@@ -434,6 +458,18 @@ pub fn run(args: RunArgs) -> Result<i32> {
             }
             Event::Migrated(outcome) => {
                 mig.running = false;
+                if let Outcome::Unconfirmed(why) = &outcome {
+                    mig.unconfirmed = Some(why.clone());
+                    if std::mem::take(&mut mig.stop_when_done) {
+                        // The paused copy may be the only one: a stop asked
+                        // for during the migration does not discard it.
+                        tracing::error!(
+                            "migration ended unconfirmed: the stop asked for meanwhile is not \
+                             carried out, and the VM stays paused here; stop it again to \
+                             discard this copy"
+                        );
+                    }
+                }
                 if outcome == Outcome::Completed {
                     // The destination runs the VM: ours must never run again.
                     vm.shutdown(VmExit::Stopped);
@@ -1015,6 +1051,7 @@ fn start_migration(
     if mig.running || mig.migrated {
         return Err("a migration of this VM is already running or done".into());
     }
+    mig.check_confirmed()?;
     if mig.estimating.load(Ordering::SeqCst) {
         return Err("an estimate is measuring this VM's dirty rate; retry in a second".into());
     }
@@ -1346,9 +1383,9 @@ fn handle_control(
             ),
             Some(job) if mig.running => {
                 // Before the commit the links are cut too, so that a source
-                // blocked on a stalled destination stops at once.
-                let paused = job.snapshot().status == "postcopy-paused";
-                if job.request_cancel() || paused {
+                // blocked on a stalled destination stops at once; after it,
+                // only a post-copy waiting for its link can be given up.
+                if job.request_cancel() || job.abandon_recovery() {
                     Ok(json!({"ok": true}))
                 } else {
                     Err(
@@ -1408,7 +1445,16 @@ fn handle_control(
         },
         "status" => Ok(json!({
             "ok": true,
-            "state": if mig.migrated { "migrated" } else if vm.is_running() { "running" } else { "paused" },
+            "state": if mig.migrated {
+                "migrated"
+            } else if vm.is_running() {
+                "running"
+            } else if mig.unconfirmed.is_some() {
+                "unconfirmed"
+            } else {
+                "paused"
+            },
+            "unconfirmed": mig.unconfirmed,
             "migrating": mig.running,
             "memory": vm.config().memory,
             "memory_used": vm.ram().used_bytes().ok(),
@@ -1428,8 +1474,17 @@ fn handle_control(
         })),
         "pause" => Ok(json!({"ok": true, "pause_us": vm.pause().as_micros() as u64})),
         "resume" => {
-            vm.resume();
-            Ok(json!({"ok": true}))
+            let force = req.get("force").and_then(|f| f.as_bool()).unwrap_or(false);
+            match mig.check_confirmed() {
+                Err(e) if !force => Err(e),
+                _ => {
+                    if let Some(why) = mig.unconfirmed.take() {
+                        tracing::warn!(unconfirmed = %why, "resumed here by force");
+                    }
+                    vm.resume();
+                    Ok(json!({"ok": true}))
+                }
+            }
         }
         // A save pauses and resumes the VM, and a migration's commit must
         // never be followed by a resume here.
@@ -1496,12 +1551,21 @@ fn handle_control(
                  (or force it once its source gave up: migctl destroy --force)"
                 .to_string(),
         ),
+        // This copy may be the only one.
+        "stop" if req["force"] != true && mig.unconfirmed.is_some() => {
+            Err(mig.refusal().unwrap_or_default())
+        }
         "stop" => {
             let _ = handover::send_line(&mut stream, &json!({"ok": true}));
             return Some(0);
         }
         "handover" if mig.running => Err("a migration is running".to_string()),
         "handover" => {
+            // The new process would resume it.
+            if let Err(e) = mig.check_confirmed() {
+                let _ = handover::send_line(&mut stream, &json!({"ok": false, "error": e}));
+                return None;
+            }
             let was_running = vm.is_running();
             return match give_away(vm, stream, was_running) {
                 Ok(()) => {
@@ -1518,6 +1582,7 @@ fn handle_control(
                     None
                 }
                 Err(HandoverFailed::Unconfirmed(e)) => {
+                    mig.unconfirmed = Some(format!("handover: {e:#}"));
                     tracing::error!(
                         "handover: the new process is gone after the commit without saying \
                          that it ran the VM ({e:#}); the VM is left paused here. It may have \

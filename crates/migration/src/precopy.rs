@@ -254,18 +254,37 @@ impl Job {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Asks the migration to stop. Before the commit this also cuts its links,
-    /// so that a source blocked on a stalled destination stops at once (the
-    /// migration ends as cancelled and the source VM runs on). Returns false
-    /// when the commit point has passed: the flag is set (post-copy recovery
-    /// reads it as "give up"), but nothing is cut.
+    /// Asks the migration to stop, before the commit only: the links are cut
+    /// too, so that a source blocked on a stalled destination stops at once
+    /// (the migration ends as cancelled and the source VM runs on). Returns
+    /// false, and changes nothing, once the commit point has passed: a stop
+    /// asked for then (a SIGTERM during post-copy) must not arm the flag that
+    /// post-copy recovery reads as "give up", which would strand the
+    /// destination without its pages at the next lost link.
     pub fn request_cancel(&self) -> bool {
         let committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
-        self.cancel.store(true, Ordering::SeqCst);
-        if !*committed {
-            self.cut_links();
+        if *committed {
+            return false;
         }
-        !*committed
+        self.cancel.store(true, Ordering::SeqCst);
+        self.cut_links();
+        true
+    }
+
+    /// The operator gives up a post-copy recovery: taken only while the
+    /// migration waits for its link (`postcopy-paused`), under the lock
+    /// its status changes under, so that a give-up that crosses a
+    /// successful reconnection is not kept for the next lost link. False
+    /// when not waiting.
+    pub fn abandon_recovery(&self) -> bool {
+        let mut taken = false;
+        self.update(|s| {
+            if s.status == "postcopy-paused" {
+                self.cancel.store(true, Ordering::SeqCst);
+                taken = true;
+            }
+        });
+        taken
     }
 
     /// The commit point, just before Go: fails if a cancel came first.

@@ -74,7 +74,13 @@ pub enum Cmd {
     /// Pause a VM's vCPUs.
     Pause { name: String },
     /// Resume a paused VM.
-    Resume { name: String },
+    Resume {
+        name: String,
+        /// Resume a VM whose last migration ended unconfirmed (state
+        /// `unconfirmed`): only once you know the destination does not run it.
+        #[arg(long)]
+        force: bool,
+    },
     /// Stop a VM and delete its state directory. Refused while its pages
     /// still arrive by post-copy (its state since the switch lives only
     /// here) unless --force.

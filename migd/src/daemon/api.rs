@@ -84,6 +84,9 @@ enum Request {
     },
     Resume {
         name: String,
+        /// Resume even a VM whose last migration ended unconfirmed.
+        #[serde(default)]
+        force: bool,
     },
     Destroy {
         name: String,
@@ -296,8 +299,8 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
             let span = tracing::info_span!("vm", name = %name);
             start(d, &name).instrument(span).await
         }
-        Request::Pause { name } => pause_resume(d, &name, "pause").await,
-        Request::Resume { name } => pause_resume(d, &name, "resume").await,
+        Request::Pause { name } => pause_resume(d, &name, "pause", false).await,
+        Request::Resume { name, force } => pause_resume(d, &name, "resume", force).await,
         Request::Destroy { name, force } => {
             let span = tracing::info_span!("vm", name = %name);
             destroy(d, &name, force).instrument(span).await
@@ -398,23 +401,33 @@ fn tail(path: &Path, max: u64) -> Result<(String, bool)> {
     Ok((String::from_utf8_lossy(&buf).into_owned(), start > 0))
 }
 
-async fn pause_resume(d: &Daemon, name: &str, cmd: &str) -> Result<Value> {
+/// Pauses or resumes a VM. An unconfirmed one (its last migration ended
+/// past the commit without the destination's word) is left to its VM
+/// process, which resumes it only with `force`.
+async fn pause_resume(d: &Daemon, name: &str, cmd: &str, force: bool) -> Result<Value> {
     let vm = entry(d, name)?;
-    if vm.pid.is_none() || ![st::RUNNING, st::PAUSED].contains(&vm.state.as_str()) {
+    let unconfirmed = cmd == "resume" && vm.state == st::UNCONFIRMED;
+    if vm.pid.is_none() || (![st::RUNNING, st::PAUSED].contains(&vm.state.as_str()) && !unconfirmed)
+    {
         bail!(
             "VM '{name}' is {}; only a running or paused VM can {cmd}",
             vm.state
         );
     }
     let sock = state::control_path(&d.vm_dir(name));
-    let r = vm_call(&sock, &json!({"cmd": cmd}), Duration::from_secs(10)).await?;
+    let r = vm_call(
+        &sock,
+        &json!({"cmd": cmd, "force": force}),
+        Duration::from_secs(10),
+    )
+    .await?;
     let new = if cmd == "pause" {
         st::PAUSED
     } else {
         st::RUNNING
     };
     if let Some(v) = d.reg().vms.get_mut(name) {
-        if v.state == st::RUNNING || v.state == st::PAUSED {
+        if [st::RUNNING, st::PAUSED].contains(&v.state.as_str()) || unconfirmed {
             v.state = new.into();
         }
     }

@@ -23,6 +23,9 @@ pub mod st {
     pub const STOPPED: &str = "stopped";
     pub const DESTROYING: &str = "destroying";
     pub const SAVING: &str = "saving";
+    /// Paused by a migration that ended past its commit without the
+    /// destination's word: it may run there (see `migctl resume --force`).
+    pub const UNCONFIRMED: &str = "unconfirmed";
 }
 
 /// How a VM came to this host.

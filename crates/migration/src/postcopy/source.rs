@@ -385,6 +385,9 @@ impl Supply<'_> {
                         s.status = "postcopy-active".into();
                         s.recoveries += 1;
                         s.error = None;
+                        // A give-up that came during this attempt is moot:
+                        // the link is back ([`Job::abandon_recovery`]).
+                        job.cancel.store(false, Ordering::SeqCst);
                     });
                     tracing::info!(attempt, "post-copy link re-established");
                     return Ok(r);

@@ -105,8 +105,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let r = connect_to_start()?.call(&json!({"cmd": "start", "name": name}))?;
             println!("VM {name} started (pid {})", format::opt(&r["vm"]["pid"]));
         }
-        Cmd::Resume { name } => {
-            connect()?.call(&json!({"cmd": "resume", "name": name}))?;
+        Cmd::Resume { name, force } => {
+            connect()?.call(&json!({"cmd": "resume", "name": name, "force": force}))?;
             println!("VM {name} resumed");
         }
         Cmd::Destroy { name, force } => {
