@@ -188,6 +188,25 @@ fn bad_counts_refused_and_cut_links_leave_the_source_running() {
             .contains("streams must be between 1 and 16, got 0"),
         "{r}"
     );
+    // Numbers that are not whole numbers never pass for "none" (no cap, the
+    // default pause): refused, naming the key.
+    for key in [
+        "max_bandwidth",
+        "max_downtime_ms",
+        "xbzrle_cache",
+        "prepaging_window",
+    ] {
+        for bad in [json!("50M"), json!(-1), json!(1.5)] {
+            let r = src.request(json!({
+                "cmd": "migrate", "to": "127.0.0.1:1", "name": "vm1", key: bad
+            }));
+            let e = r["error"].as_str().unwrap_or_default();
+            assert!(
+                e.contains(key) && e.contains("whole number"),
+                "{key}={bad}: {r}"
+            );
+        }
+    }
     assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
 
     for (i, how) in ["drop-links", "cancel"].iter().enumerate() {
@@ -206,6 +225,9 @@ fn bad_counts_refused_and_cut_links_leave_the_source_running() {
         assert_eq!(st["streams"], 4, "{st}");
         // The cap is a total: 1.5 s at 8 MiB/s is well under 24 MiB whatever the streams.
         assert!(st["bytes"].as_u64().unwrap() < 24 << 20, "{st}");
+        // A cap that is not a number is refused, and the cap stays.
+        let r = src.request(json!({"cmd": "bandwidth", "max_bandwidth": "50M"}));
+        assert_eq!(r["ok"], false, "{r}");
         if *how == "drop-links" {
             let r = src.request(json!({"cmd": "inject", "fault": "drop-links"}));
             assert_eq!(r["cut"], 4, "the main connection and 3 page streams: {r}");

@@ -259,11 +259,17 @@ fn a_handover_whose_new_process_dies_before_the_commit_keeps_the_vm() {
     let code = new_that_dies("MIGD_HANDOVER_NEW_DIES_AFTER_COMMIT", "new-after.log");
     assert_eq!(code, Some(72), "the new process's exit status");
     let st = old.request(json!({"cmd": "status"}));
-    assert_eq!(st["state"], "paused", "{st}");
+    assert_eq!(st["state"], "unconfirmed", "{st}");
     let log = std::fs::read_to_string(dir.join("old.log")).unwrap();
     assert!(log.contains("the VM is left paused here"), "{log}");
+    // Resumed only by force (the operator checked the new process's log).
+    let r = old.request(json!({"cmd": "resume"}));
+    assert_eq!(r["ok"], false, "{r}");
     let n = console.last_heartbeat().unwrap_or(0);
-    assert_eq!(old.request(json!({"cmd": "resume"}))["ok"], true);
+    assert_eq!(
+        old.request(json!({"cmd": "resume", "force": true}))["ok"],
+        true
+    );
     console.wait_heartbeats(n, 2, Duration::from_secs(30));
     assert_eq!(old.request(json!({"cmd": "pause"}))["ok"], true);
 

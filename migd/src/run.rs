@@ -980,8 +980,19 @@ fn spawn_control_thread(
     Ok(())
 }
 
+/// Longest a reply on the control socket may wait for its client to read:
+/// replies are written by the main loop, which a client that sends requests
+/// and never reads must not block (signals, a migration's end).
+const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Reads requests from one client and forwards each to the main loop.
 fn serve_client(stream: UnixStream, tx: Sender<Event>, arrival: Arc<Arrival>) {
+    if stream
+        .set_write_timeout(Some(CONTROL_WRITE_TIMEOUT))
+        .is_err()
+    {
+        return;
+    }
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
@@ -1040,6 +1051,21 @@ fn boot_arg(req: &serde_json::Value) -> Result<Option<wire::BootSpec>, String> {
     }
 }
 
+/// `req[key]` as a whole number: None when absent or null; anything else
+/// that is not a whole number of at least `min` is refused, naming the key
+/// (a string, a negative or a fractional value must never pass for "none").
+fn whole(req: &serde_json::Value, key: &str, min: u64) -> Result<Option<u64>, String> {
+    match req.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if n >= min => Ok(Some(n)),
+            _ => Err(format!(
+                "\"{key}\" must be a whole number of at least {min}, got {v}"
+            )),
+        },
+    }
+}
+
 /// Starts a migration of this VM in a background thread.
 fn start_migration(
     vm: &Arc<Vm>,
@@ -1078,25 +1104,20 @@ fn start_migration(
     let id = req.get("job").and_then(|j| j.as_str()).unwrap_or("1");
     let mut params = precopy::Params::new(id, vm_name, to);
     params.tls = tls().cloned();
-    if let Some(ms) = req.get("max_downtime_ms").and_then(|v| v.as_u64()) {
+    if let Some(ms) = whole(req, "max_downtime_ms", 1)? {
         params.max_downtime = Duration::from_millis(ms);
     }
     params.verify = req.get("verify").and_then(|v| v.as_bool()).unwrap_or(false);
-    params.max_bandwidth = req
-        .get("max_bandwidth")
-        .and_then(|v| v.as_u64())
-        .filter(|b| *b > 0);
-    if let Some(w) = req.get("prepaging_window").and_then(|v| v.as_u64()) {
+    // 0: no cap, as null.
+    params.max_bandwidth = whole(req, "max_bandwidth", 0)?.filter(|b| *b > 0);
+    if let Some(w) = whole(req, "prepaging_window", 0)? {
         params.prepaging_window = w.min(wire::MAX_BATCH_PAGES as u64 - 1) as u32;
     }
     params.auto_converge = req
         .get("auto_converge")
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
-    params.xbzrle_cache = req
-        .get("xbzrle_cache")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(0);
+    params.xbzrle_cache = whole(req, "xbzrle_cache", 0)?.unwrap_or(0);
     params.compress = match req.get("compress") {
         None | Some(serde_json::Value::Null) => migration::compress::Compression::None,
         Some(serde_json::Value::String(c)) => c.parse().map_err(|e| format!("{e}"))?,
@@ -1212,6 +1233,11 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
             }
         },
     };
+    // Checked before anything is measured.
+    let max_downtime_ms = whole(req, "max_downtime_ms", 1)?.unwrap_or(300);
+    let prepaging_window = whole(req, "prepaging_window", 0)?
+        .unwrap_or(16)
+        .min(wire::MAX_BATCH_PAGES as u64 - 1);
     let memory_bytes: u64 = vm
         .ram()
         .data_extents()
@@ -1232,15 +1258,8 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
         // A cap below the path's rate is the rate.
         bandwidth: cap.map_or(path.bandwidth, |c| c.min(path.bandwidth)),
         rtt: path.rtt,
-        max_downtime: req
-            .get("max_downtime_ms")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(300.0)
-            / 1e3,
-        prepaging_window: req
-            .get("prepaging_window")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(16.0),
+        max_downtime: max_downtime_ms as f64 / 1e3,
+        prepaging_window: prepaging_window as f64,
         vcpus: vm.config().vcpus as u32,
         // Connect, Hello/Accept, Prepared; not the destination's own work.
         setup: 3.0 * path.rtt,
@@ -1398,12 +1417,13 @@ fn handle_control(
             _ => Err("no migration is running".to_string()),
         },
         "bandwidth" => match &mig.job {
-            Some(job) if mig.running => {
-                let cap = req.get("max_bandwidth").and_then(|v| v.as_u64());
+            Some(job) if mig.running => whole(&req, "max_bandwidth", 0).map(|cap| {
+                // 0: no cap, as null.
+                let cap = cap.filter(|b| *b > 0);
                 job.set_max_bandwidth(cap);
                 tracing::info!(max_bandwidth = ?cap, "bandwidth cap changed");
-                Ok(json!({"ok": true}))
-            }
+                json!({"ok": true})
+            }),
             _ => Err("no migration is running".to_string()),
         },
         "downtime" => match (
