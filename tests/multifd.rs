@@ -208,6 +208,17 @@ fn bad_counts_refused_and_cut_links_leave_the_source_running() {
         }
     }
     assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
+    // A migration thread that panics (test-only fault) fails its job, and
+    // the VM runs on, free to migrate again.
+    let r = src.request(json!({
+        "cmd": "migrate", "to": "127.0.0.1:1", "name": "vm1", "fault_panic": true
+    }));
+    assert_eq!(r["ok"], true, "{r}");
+    let stats = src.wait_migration();
+    assert_eq!(stats["status"], "failed", "{stats}");
+    let e = stats["error"].as_str().unwrap_or_default();
+    assert!(e.contains("internal error (panic"), "{stats}");
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
 
     for (i, how) in ["drop-links", "cancel"].iter().enumerate() {
         let port = free_port();

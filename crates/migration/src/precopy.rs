@@ -295,7 +295,8 @@ impl Job {
         Ok(())
     }
 
-    fn is_committed(&self) -> bool {
+    /// Whether the commit point has passed (Go is, or is about to be, sent).
+    pub fn is_committed(&self) -> bool {
         *self.committed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
