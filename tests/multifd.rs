@@ -208,6 +208,23 @@ fn bad_counts_refused_and_cut_links_leave_the_source_running() {
         }
     }
     assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
+    // A save while an estimate measures the dirty rate (both would take the
+    // dirty log) is refused.
+    let estimating = {
+        let sock = src.control.clone();
+        std::thread::spawn(move || control(&sock, json!({"cmd": "estimate", "to": "127.0.0.1:1"})))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let path = dir.join("never.snap");
+    let r = src.request(json!({"cmd": "snapshot", "path": path}));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("estimate"), "{r}");
+    assert_eq!(
+        estimating.join().unwrap()["ok"],
+        false,
+        "nothing listens there"
+    );
+    assert!(!path.exists());
     // A migration thread that panics (test-only fault) fails its job, and
     // the VM runs on, free to migrate again.
     let r = src.request(json!({

@@ -505,6 +505,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
                     _ if mig.running || mig.migrated => {
                         tracing::warn!("snapshot signal ignored: the VM is migrating or migrated")
                     }
+                    _ if mig.estimating.load(Ordering::SeqCst) => {
+                        tracing::warn!(
+                            "snapshot signal ignored: an estimate measures the dirty rate"
+                        )
+                    }
                     Some(_) if lazy_filling() => {
                         tracing::warn!("snapshot signal ignored: lazy restore still filling memory")
                     }
@@ -1558,6 +1563,10 @@ fn handle_control(
         // A save pauses and resumes the VM, and a migration's commit must
         // never be followed by a resume here.
         "snapshot" if mig.running => Err("a migration is running".to_string()),
+        // Both would take the dirty log (the save's working set, the estimate's rate).
+        "snapshot" if mig.estimating.load(Ordering::SeqCst) => {
+            Err("an estimate is measuring this VM's dirty rate; retry in a second".to_string())
+        }
         "snapshot" => match (req.get("path").and_then(|p| p.as_str()), boot_arg(&req)) {
             (None, _) => Err("snapshot needs a \"path\"".to_string()),
             (_, Err(e)) => Err(e),
