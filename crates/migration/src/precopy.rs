@@ -898,6 +898,43 @@ pub(crate) fn switch_allowance_ms(rtt_ms: f64, vcpus: usize, bandwidth: f64) -> 
     2.0 * rtt_ms + state + switch_work_ms(vcpus)
 }
 
+/// The pause the rounds expect, ms: `pending` bytes at `bandwidth` (bytes/s
+/// on the wire, measured; `ratio`: how much compression shrinks the pages)
+/// plus the switch-over's own cost. None while it cannot be told: no round
+/// has measured the bandwidth yet and more than 64 pages wait.
+pub(crate) fn expected_downtime_ms(
+    pending: u64,
+    ratio: f64,
+    bandwidth: f64,
+    rtt_ms: Option<f64>,
+    vcpus: usize,
+) -> Option<f64> {
+    let pages_ms = if bandwidth > 0.0 {
+        pending as f64 / ratio.max(1.0) / bandwidth * 1e3
+    } else if pending <= 64 * PAGE_SIZE {
+        0.0
+    } else {
+        return None;
+    };
+    Some(pages_ms + switch_allowance_ms(rtt_ms.unwrap_or(0.0), vcpus, bandwidth))
+        .filter(|ms| ms.is_finite())
+}
+
+/// `--strict-downtime`: the rounds stopped (`why`) with `dirty` bytes left,
+/// a pause of `expected_ms` (None: not known) over `max_ms`.
+fn over_max_downtime(why: &str, dirty: u64, expected_ms: Option<f64>, max_ms: f64) -> Error {
+    let pause = match expected_ms {
+        Some(ms) => format!("about {ms:.0} ms of pause at the measured bandwidth"),
+        None => "a pause of unknown length (no round sent enough to measure the bandwidth)".into(),
+    };
+    Error::NotConverging(format!(
+        "the rounds stopped ({why}) with {} MiB still dirty, {pause}, over --max-downtime \
+         {max_ms:.0} ms; the VM keeps running here. Try --mode auto or hybrid (post-copy), \
+         --auto-converge, a higher --max-downtime or more bandwidth",
+        dirty >> 20,
+    ))
+}
+
 /// The work of a switch-over whatever the link, ms: pausing, capturing,
 /// restoring and resuming `vcpus` vCPUs and handling the exchanges.
 pub(crate) fn switch_work_ms(vcpus: usize) -> f64 {
@@ -1617,7 +1654,8 @@ pub(crate) fn rounds(
     let mut bandwidth: f64 = 0.0; // bytes/s, measured
     let mut history: Vec<u64> = Vec::new();
     let stop_reason;
-    let mut expected_last_ms: f64;
+    // None: not known (no bandwidth measured yet).
+    let mut expected_last_ms: Option<f64>;
     // The link's round trip (the shortest measured), once a settle has
     // emptied it; the pause's two exchanges take it twice.
     let mut rtt_ms: Option<f64> = None;
@@ -1725,14 +1763,7 @@ pub(crate) fn rounds(
             None => 1.0,
         };
         let expected = |pending: u64, rtt_ms: Option<f64>| {
-            let pages_ms = if bandwidth > 0.0 {
-                pending as f64 / ratio / bandwidth * 1e3
-            } else if pending <= 64 * PAGE_SIZE {
-                0.0
-            } else {
-                f64::INFINITY
-            };
-            pages_ms + switch_allowance_ms(rtt_ms.unwrap_or(0.0), vcpus, bandwidth)
+            expected_downtime_ms(pending, ratio, bandwidth, rtt_ms, vcpus)
         };
         let mut expected_ms = expected(pending, rtt_ms);
         expected_last_ms = expected_ms;
@@ -1748,7 +1779,10 @@ pub(crate) fn rounds(
             s.remaining_bytes = dirty_bytes;
             s.dirty_rate = dirty_rate;
             s.link_rate = bandwidth;
-            s.expected_downtime_ms = expected_ms;
+            // Unknown (no bandwidth measured yet): the last estimate stays.
+            if let Some(ms) = expected_ms {
+                s.expected_downtime_ms = ms;
+            }
         });
         tracing::debug!(
             round,
@@ -1756,7 +1790,7 @@ pub(crate) fn rounds(
             round_bytes,
             ms,
             dirty,
-            expected_ms,
+            ?expected_ms,
             "pre-copy round"
         );
         history.push(dirty);
@@ -1770,7 +1804,7 @@ pub(crate) fn rounds(
         // A cut left most of memory unsent, written by a guest whose working
         // set still grew fast: finished in pre-copy, all of it would go in the
         // pause. Post-copy moves it while the guest runs.
-        if expected_ms <= max_ms && !sampled.cut {
+        if expected_ms.is_some_and(|e| e <= max_ms) && !sampled.cut {
             // Decide again right before the pause would come: once the
             // destination has caught up, with what the guest dirtied
             // meanwhile (at 1 Gbit/s that was 10-25 % more pause than
@@ -1792,14 +1826,16 @@ pub(crate) fn rounds(
             expected_last_ms = expected_ms;
             job.update(|s| {
                 s.remaining_bytes = dirty_bytes;
-                s.expected_downtime_ms = expected_ms;
+                if let Some(ms) = expected_ms {
+                    s.expected_downtime_ms = ms;
+                }
             });
-            if expected_ms <= max_ms {
+            if expected_ms.is_some_and(|e| e <= max_ms) {
                 stop_reason = STOP_CONVERGED;
                 break;
             }
             tracing::debug!(
-                expected_ms,
+                ?expected_ms,
                 "what the guest dirtied while the destination caught up is over max-downtime"
             );
         }
@@ -1847,15 +1883,13 @@ pub(crate) fn rounds(
     }
     job.update(|s| s.stop_reason = stop_reason.into());
     let max_ms = job.max_downtime().as_secs_f64() * 1e3;
-    if params.strict_downtime && !switch && expected_last_ms > max_ms {
-        return Err(Error::NotConverging(format!(
-            "the rounds stopped ({stop_reason}) with {} MiB still dirty, about {:.0} ms of \
-             pause at the measured bandwidth, over --max-downtime {max_ms:.0} ms; the VM keeps \
-             running here. Try --mode auto or hybrid (post-copy), --auto-converge, \
-             a higher --max-downtime or more bandwidth",
-            (popcount(&todo) * PAGE_SIZE) >> 20,
+    if params.strict_downtime && !switch && expected_last_ms.is_none_or(|e| e > max_ms) {
+        return Err(over_max_downtime(
+            stop_reason,
+            popcount(&todo) * PAGE_SIZE,
             expected_last_ms,
-        )));
+            max_ms,
+        ));
     }
     // What post-copy must still move: the dirty cold pages and every hot one.
     for (t, h) in todo.iter_mut().zip(&hot) {
@@ -1974,7 +2008,10 @@ pub(crate) fn expect_confirm(rx: &mut Link) -> std::result::Result<u64, String> 
 
 #[cfg(test)]
 mod tests {
-    use super::{not_converging, reorder_plan, switch_allowance_ms, Watchdog, MAX_ZERO_RANGES};
+    use super::{
+        expected_downtime_ms, not_converging, over_max_downtime, reorder_plan, switch_allowance_ms,
+        Watchdog, MAX_ZERO_RANGES,
+    };
     use crate::{Error, Result};
     use std::time::Duration;
 
@@ -2101,6 +2138,29 @@ mod tests {
         // More vCPUs, more state and more work; an unknown bandwidth counts no state.
         assert!(switch_allowance_ms(0.0, 4, 125e6) > switch_allowance_ms(0.0, 1, 125e6));
         assert_eq!(switch_allowance_ms(0.0, 2, 0.0), 1.5);
+    }
+
+    #[test]
+    fn an_unknown_bandwidth_gives_no_expected_pause_and_no_infinite_one() {
+        let page = 4096;
+        // 100 MiB pending, no round measured the link yet: not known.
+        assert_eq!(expected_downtime_ms(100 << 20, 1.0, 0.0, None, 1), None);
+        // A handful of pages: the switch-over's own cost alone.
+        assert_eq!(
+            expected_downtime_ms(64 * page, 1.0, 0.0, None, 1),
+            Some(1.0)
+        );
+        // Measured: the pages at the bandwidth, compression counted.
+        let e = expected_downtime_ms(100 << 20, 2.0, 100e6, Some(1.0), 1).unwrap();
+        let want = (100 << 20) as f64 / 2.0 / 100e6 * 1e3 + switch_allowance_ms(1.0, 1, 100e6);
+        assert!((e - want).abs() < 1e-9, "{e} {want}");
+        // The error of --strict-downtime says so, with no number.
+        let e = over_max_downtime("round limit", 100 << 20, None, 300.0).to_string();
+        assert!(e.contains("100 MiB still dirty"), "{e}");
+        assert!(e.contains("a pause of unknown length"), "{e}");
+        assert!(!e.contains("inf") && !e.contains("NaN"), "{e}");
+        let e = over_max_downtime("round limit", 100 << 20, Some(1048.6), 300.0).to_string();
+        assert!(e.contains("about 1049 ms of pause"), "{e}");
     }
 
     #[test]

@@ -181,7 +181,8 @@ pub struct MigrationStats {
     pub link_rate: f64,
     /// Predicted downtime at the switch-over, ms: the pages left at the
     /// measured bandwidth plus the switch-over's own cost (two round trips,
-    /// the VM state, the vCPUs' pause and restore).
+    /// the VM state, the vCPUs' pause and restore). 0 until a round has
+    /// measured the bandwidth where more than 64 pages wait (never infinite).
     pub expected_downtime_ms: f64,
     /// The largest acceptable pause the rounds aim at now, ms (`--max-downtime`,
     /// or what `migrate-set` changed it to).
