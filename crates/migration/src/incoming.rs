@@ -39,8 +39,10 @@ pub struct IncomingStats {
 /// caller can: building it takes ~10 ms here, nearly all of it waiting in
 /// the kernel (`KVM_CREATE_IRQCHIP`), and the source waits for `Prepared`.
 ///
-/// `on_running` is called once the vCPUs run, before the source is told, so
-/// that whoever reports this VM's state never lags behind the source.
+/// `on_running` is called once `Go` is read, before the vCPUs run and the
+/// source is told: from then on the VM is this side's to run (a stop must
+/// not end the arrival in between), and whoever reports this VM's state
+/// never lags behind the source.
 pub fn receive(
     stream: Link,
     prepared: PreparedVm,
@@ -253,7 +255,7 @@ pub fn receive(
     drop(mem);
     wire::write_control(&mut out, &Message::Ready)?;
     match wire::expect_control(&mut r, "Go")? {
-        Message::Go => {}
+        Message::Go => on_running(),
         Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
         other => {
             return Err(Error::Protocol(format!(
@@ -262,7 +264,7 @@ pub fn receive(
             )))
         }
     }
-    let (resume_us, confirmed) = resume_and_confirm(&vm, &mut out, on_running);
+    let (resume_us, confirmed) = resume_and_confirm(&vm, &mut out);
     stats.resume_us = resume_us;
     if let Err(e) = confirmed {
         // The VM runs here from Go on, whatever becomes of the link: the
@@ -272,18 +274,13 @@ pub fn receive(
     Ok((vm, stats))
 }
 
-/// After Go: runs the VM, reports it running, and tells the source; returns how
+/// After Go: runs the VM and tells the source; returns how
 /// long resuming took, µs, and whether the source was told. The VM runs
 /// either way: once resumed, it must not be dropped for a failed send.
-pub(crate) fn resume_and_confirm(
-    vm: &Vm,
-    out: &mut impl Write,
-    on_running: &dyn Fn(),
-) -> (u64, Result<()>) {
+pub(crate) fn resume_and_confirm(vm: &Vm, out: &mut impl Write) -> (u64, Result<()>) {
     let t = Instant::now();
     vm.resume();
     let resume_us = t.elapsed().as_micros() as u64;
-    on_running();
     if crate::faults::confirm_lost() {
         let cause = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "injected fault");
         return (resume_us, Err(io_err("sending Confirm")(cause)));

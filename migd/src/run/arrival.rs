@@ -1,8 +1,9 @@
 //! An incoming VM before it runs here. A stop (a signal, or `stop` on the
 //! control socket) ends the process at once while the source can still
-//! resume the VM, that is until this side has resumed it and is about to
-//! confirm: nothing is half-written, since the VM's memory is the process's
-//! own. Without this a `migd run --incoming` waiting for its source ignored
+//! resume the VM, that is until this side has read the source's `Go` (from
+//! then on the source never resumes it on its own, and the VM is this
+//! side's to run): nothing is half-written, since the VM's memory is the
+//! process's own. Without this a `migd run --incoming` waiting for its source ignored
 //! SIGTERM (its signals are taken by a thread that starts with the VM).
 
 use std::path::PathBuf;
@@ -58,8 +59,9 @@ impl Arrival {
         }
     }
 
-    /// The VM runs here: from now on the source learns so, and a stop is
-    /// the main loop's. Waits for a stop under way, which then never returns.
+    /// The VM is this side's to run (`Go` read; it runs, or is about to):
+    /// a stop is the main loop's from now on. Waits for a stop under way,
+    /// which then never returns.
     pub fn running(&self) {
         *self.phase() = Phase::Running;
     }

@@ -1350,7 +1350,8 @@ pub(crate) fn receive(
     let vm = prepared.load(&state).map_err(|e| fail(e.into()))?;
     wire::write_control(&mut out, &Message::Ready).map_err(|e| fail(e.into()))?;
     match wire::expect_control(&mut r, "Go").map_err(|e| fail(e.into()))? {
-        Message::Go => {}
+        // The VM is ours to run from here (see `incoming::receive`).
+        Message::Go => on_running(),
         Message::Cancel { reason } => return Err(fail(Error::PeerCancelled(reason))),
         other => {
             return Err(fail(Error::Protocol(format!(
@@ -1382,8 +1383,7 @@ pub(crate) fn receive(
     }
     dest.resumed_ns
         .store(dest.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    let (resume_us, confirmed) =
-        crate::incoming::resume_and_confirm(&vm, &mut confirm_to, on_running);
+    let (resume_us, confirmed) = crate::incoming::resume_and_confirm(&vm, &mut confirm_to);
     stats.resume_us = resume_us;
     if let Err(e) = confirmed {
         // The VM runs; the session finds the link broken and waits for
