@@ -193,7 +193,7 @@ fn chase(
 fn hybrid_round0(i: &Inputs) -> (f64, f64, f64, f64) {
     let r = i.bandwidth.max(1.0);
     let v = i.memory_bytes;
-    let step = crate::precopy::HOT_STEP.as_secs_f64();
+    let step = HYBRID_STEP;
     let limit = crate::precopy::HOT_SAMPLE_MAX.as_secs_f64();
     // The sampling lasts the whole round unless the working set or the time
     // limit ends it first; either way round 0 sends what it did not find.
@@ -209,18 +209,37 @@ fn hybrid_round0(i: &Inputs) -> (f64, f64, f64, f64) {
     (hot, t0, dirtied(i, t0 - limit, cold), cold)
 }
 
+/// Hybrid's first sampling step, seconds: it only watches, the link idle.
+const HYBRID_STEP: f64 = crate::precopy::HOT_STEP.as_secs_f64();
+
+/// `--mode auto`'s first sampling step, seconds: shorter where the link has
+/// no cap.
+fn auto_step(i: &Inputs) -> f64 {
+    if i.capped {
+        HYBRID_STEP
+    } else {
+        crate::precopy::FIRST_STEP_UNCAPPED.as_secs_f64()
+    }
+}
+
+/// The watch-only sampling step that [`predict`] counts at the start of
+/// `mode`'s round 0, seconds (none where it predicts no sampling).
+fn round0_step(mode: &str, i: &Inputs) -> f64 {
+    match mode {
+        "hybrid" => HYBRID_STEP,
+        "auto" if auto_cut(i).is_some() => auto_step(i),
+        "auto" if auto_mode(i) == "hybrid" => HYBRID_STEP,
+        _ => 0.0,
+    }
+}
+
 /// `--mode auto`'s cut (module docs): (round 0's seconds, bytes it leaves
 /// to post-copy) where the guest's dirty set still grows fast once a tenth
 /// of memory is sent; None where it does not.
 fn auto_cut(i: &Inputs) -> Option<(f64, f64)> {
     let r = i.bandwidth.max(1.0);
-    let step = if i.capped {
-        crate::precopy::HOT_STEP
-    } else {
-        crate::precopy::FIRST_STEP_UNCAPPED
-    };
     let tenth = i.memory_bytes / 10.0;
-    let t0 = step.as_secs_f64() + tenth / r;
+    let t0 = auto_step(i) + tenth / r;
     let growing = i.working_set <= 0.0 || i.dirty_rate * t0 < i.working_set;
     (growing && i.dirty_rate >= crate::precopy::CUT_GROWTH * r)
         .then_some((t0, i.memory_bytes - tenth))
@@ -342,13 +361,25 @@ pub fn check(s: &crate::stats::MigrationStats, vcpus: usize, capped: bool) -> Op
     }
     let postcopy = s.mode == "postcopy";
     let round0 = s.rounds.first();
+    // Hybrid's and auto's round 0 counts from when the dirty log began,
+    // during the set-up: its sampling's first step watched with the link
+    // idle, in part or all while the destination prepared (which `setup_ms`
+    // counts too). (Statistics from before they were recorded say 0.)
+    let (watched, watched_in_setup) = match &s.sampling {
+        Some(p) if !postcopy && p.watched_ms > 0.0 => {
+            (p.watched_ms, p.watched_in_setup_ms.clamp(0.0, p.watched_ms))
+        }
+        _ => (0.0, 0.0),
+    };
     // Hybrid may have kept its hot pages out of round 0: they are memory that
     // moves too, and a small round 0 says little about the bandwidth.
     let deferred = s.pages.deferred as f64 * PAGE;
     let (memory_bytes, bandwidth) = match round0 {
-        Some(r) if !postcopy && r.ms > 0.0 && r.bytes as f64 > deferred => {
-            (r.bytes as f64 + deferred, r.bytes as f64 / (r.ms / 1e3))
-        }
+        // The bandwidth over round 0's sending time, as the engine's own.
+        Some(r) if !postcopy && r.ms - watched > 0.0 && r.bytes as f64 > deferred => (
+            r.bytes as f64 + deferred,
+            r.bytes as f64 / ((r.ms - watched) / 1e3),
+        ),
         _ => {
             let moved = (s.pages.expected.max(s.pages.sent) * PAGE as u64) as f64;
             let span = if s.resume_ms > 0.0 {
@@ -359,7 +390,7 @@ pub fn check(s: &crate::stats::MigrationStats, vcpus: usize, capped: bool) -> Op
             (moved, moved / (span / 1e3))
         }
     };
-    let inputs = Inputs {
+    let mut inputs = Inputs {
         memory_bytes,
         state_bytes: state_bytes(vcpus),
         dirty_rate: if postcopy {
@@ -392,6 +423,14 @@ pub fn check(s: &crate::stats::MigrationStats, vcpus: usize, capped: bool) -> Op
         },
         capped,
     };
+    if watched > 0.0 {
+        // The model's round 0 begins with its own watching step after the
+        // set-up: the set-up is then the time until round 0 began to send
+        // (the set-up measured, and what the watch took after it) less
+        // that step, lest the watch within the set-up count twice.
+        let until_sending = (s.setup_ms + watched - watched_in_setup) / 1e3;
+        inputs.setup = (until_sending - round0_step(&s.mode, &inputs)).max(0.0);
+    }
     let prediction = predict(&s.mode, &inputs);
     let err = |p: f64, m: f64| (p - m) / m * 100.0;
     Some(ModelCheck {
@@ -528,6 +567,57 @@ mod tests {
         assert_eq!(check(&s, 1, false).unwrap().final_copy, None);
         s.outcome = "failed".into();
         assert!(check(&s, 1, false).is_none());
+    }
+
+    /// Hybrid's round 0 counts from when the dirty log began, during the
+    /// set-up: the check takes its bandwidth over the sending time alone,
+    /// and counts the watch within the set-up once.
+    #[test]
+    fn check_counts_hybrids_watch_during_the_set_up_once() {
+        // The log began 2 ms into a 100 ms set-up (the destination built its
+        // VM); the first step watched until 1 ms after it (99 ms in all),
+        // then 100 MiB went in 100 ms; a 2 ms pause.
+        let mut s = crate::stats::MigrationStats {
+            mode: "hybrid".into(),
+            outcome: "completed".into(),
+            setup_ms: 100.0,
+            total_ms: 203.0,
+            downtime_ms: 2.0,
+            sampling: Some(crate::stats::SamplingStats {
+                ms: 150.0,
+                hot_pages: 0,
+                ended: "all sent".into(),
+                watched_ms: 99.0,
+                watched_in_setup_ms: 98.0,
+            }),
+            ..Default::default()
+        };
+        s.rounds.push(crate::stats::RoundStats {
+            pages: 25600,
+            bytes: 100 << 20,
+            ms: 199.0,
+            dirty_rate: 0.0,
+        });
+        let c = check(&s, 1, false).unwrap();
+        let rate = (100 << 20) as f64 / 0.1;
+        assert!((c.inputs.bandwidth / rate - 1.0).abs() < 1e-9, "{c:?}");
+        // 101 ms until round 0 sent, less the model's own 50 ms step.
+        assert!((c.inputs.setup - 0.051).abs() < 1e-9, "{c:?}");
+        assert!(c.total_error_pct.abs() < 2.0, "{c:?}");
+        // The same where the destination prepared at once: the step watched
+        // after the set-up, 48 of its 50 ms; 2 ms of set-up then.
+        let sampling = s.sampling.as_mut().unwrap();
+        (sampling.watched_ms, sampling.watched_in_setup_ms) = (50.0, 2.0);
+        (s.setup_ms, s.total_ms, s.rounds[0].ms) = (2.0, 152.0, 150.0);
+        let c = check(&s, 1, false).unwrap();
+        assert!((c.inputs.bandwidth / rate - 1.0).abs() < 1e-9, "{c:?}");
+        assert!(c.inputs.setup.abs() < 1e-9, "{c:?}");
+        assert!(c.total_error_pct.abs() < 2.0, "{c:?}");
+        // Statistics without the watch recorded are read as before.
+        s.sampling = None;
+        let c = check(&s, 1, false).unwrap();
+        assert!((c.inputs.bandwidth / (rate / 1.5) - 1.0).abs() < 1e-9);
+        assert_eq!(c.inputs.setup, 0.002);
     }
 
     #[test]

@@ -1046,6 +1046,7 @@ fn sample_hot(
     tx: &mut Sender<'_>,
     todo: &mut [u64],
     started: Instant,
+    prepared: Instant,
 ) -> Result<Sampled> {
     let first_step = if params.auto && job.max_bandwidth().is_none() {
         FIRST_STEP_UNCAPPED
@@ -1149,12 +1150,17 @@ fn sample_hot(
         }
     }
     let deferred = popcount(&hot);
+    // The sending began once the set-up had ended (`rounds` is called after
+    // `open`), so the part of the watch before it is the set-up's.
+    let in_setup = prepared.saturating_duration_since(started).min(watched);
     job.update(|s| {
         s.pages.deferred = deferred;
         s.sampling = Some(crate::stats::SamplingStats {
             ms: secs * 1e3,
             hot_pages: popcount(&written),
             ended: ended.into(),
+            watched_ms: watched.as_secs_f64() * 1e3,
+            watched_in_setup_ms: in_setup.as_secs_f64() * 1e3,
         });
     });
     Ok(Sampled {
@@ -1364,14 +1370,14 @@ pub(crate) fn accept(s: TcpStream, tls: Option<&TlsSetup>) -> Result<Link> {
 
 /// Connects, says Hello with `mode`, and waits until the destination is
 /// prepared, running `while_preparing` (this side's own preparation) meanwhile.
-pub(crate) fn open<T>(
+pub(crate) fn open(
     vm: &Vm,
     params: &Params,
     job: &Job,
     start: Instant,
     mode: &str,
-    while_preparing: impl FnOnce() -> Result<T>,
-) -> Result<(Link, T)> {
+    while_preparing: impl FnOnce() -> Result<Prelude>,
+) -> Result<(Link, Prelude)> {
     crate::multifd::check_streams(params.streams as u64).map_err(Error::Invalid)?;
     let mut stream = connect(&params.to, params.tls.as_ref())?;
     job.register(&stream)?;
@@ -1432,11 +1438,13 @@ pub(crate) fn open<T>(
     job.update(|s| s.reorder = params.reorder);
     // The destination may still be building its VM (a daemon starts a VM
     // process for it): this side's own preparation runs meanwhile.
-    let early = while_preparing()?;
+    let mut early = while_preparing()?;
     faults::hold(job, Phase::Prepared);
     handshake::wait_prepared(&mut stream)?;
+    early.prepared = Instant::now();
+    let setup = early.prepared.saturating_duration_since(start);
     job.update(|s| {
-        s.setup_ms = start.elapsed().as_secs_f64() * 1e3;
+        s.setup_ms = setup.as_secs_f64() * 1e3;
         s.status = "active".into();
     });
     job.check_cancel()?;
@@ -1447,6 +1455,9 @@ pub(crate) fn open<T>(
 pub(crate) struct Prelude {
     /// When dirty logging began, with an empty log.
     pub(crate) logged_from: Instant,
+    /// When the destination said it was prepared: the set-up's end
+    /// (`setup_ms`), set by [`open`].
+    pub(crate) prepared: Instant,
     /// The pages that hold data (round 0, or post-copy's candidates),
     /// found once the log was on.
     pub(crate) data: Vec<u64>,
@@ -1469,6 +1480,7 @@ pub(crate) fn prelude(vm: &Vm, params: &Params, job: &Job, rounds: bool) -> Resu
     let data = data_pages(ram, ram.size() / PAGE_SIZE)?;
     Ok(Prelude {
         logged_from,
+        prepared: Instant::now(),
         data,
         clear_before_send,
     })
@@ -1621,7 +1633,15 @@ pub(crate) fn rounds(
         job.snapshot().pages.sent,
     );
     let sampled = if switch {
-        sample_hot(vm, params, job, tx, &mut todo, early.logged_from)?
+        sample_hot(
+            vm,
+            params,
+            job,
+            tx,
+            &mut todo,
+            early.logged_from,
+            early.prepared,
+        )?
     } else {
         Sampled::default()
     };

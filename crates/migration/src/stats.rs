@@ -9,7 +9,9 @@ pub struct RoundStats {
     pub pages: u64,
     /// Bytes put on the wire in the round.
     pub bytes: u64,
-    /// Duration, ms.
+    /// Duration, ms. Round 0 of hybrid and auto counts from when the dirty
+    /// log began, during the set-up: its sampling's watch-only first step
+    /// (`SamplingStats::watched_ms`) is in it.
     pub ms: f64,
     /// Pages the guest wrote during the round that the destination does not
     /// hold as written (written after they were sent, or never sent: hybrid's
@@ -321,4 +323,13 @@ pub struct SamplingStats {
     /// sent: waiting on would idle the link), `budget` (auto: a tenth of
     /// memory sent while the working set still grew) or `time limit` (1 s).
     pub ended: String,
+    /// How long its first step only watched, the link idle, ms: from when
+    /// the dirty log began, during the set-up, as round 0's `ms` counts.
+    /// Round 0's sending time is its `ms` less this.
+    #[serde(default)]
+    pub watched_ms: f64,
+    /// The part of `watched_ms` that the set-up (`setup_ms`: the
+    /// destination's preparation) took too, ms.
+    #[serde(default)]
+    pub watched_in_setup_ms: f64,
 }
