@@ -452,7 +452,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
             Event::Exit(exit) => break exit_code(&exit),
             Event::Saved(done) => {
                 let exit_after = mig.saving.take().and_then(|s| s.exit_after);
-                if let Some(code) = finish_save(&vm, done).or(exit_after) {
+                let finished = finish_save(&vm, done);
+                // A guest that died during the save outranks the save's own
+                // clean stop.
+                let failed = exit_after.filter(|&c| c != 0);
+                if let Some(code) = failed.or(finished).or(exit_after) {
                     break code;
                 }
             }
@@ -831,7 +835,8 @@ fn save_progress() -> WriteProgress {
 fn cancel_save(mig: &mut Migrations) {
     if let Some(s) = &mut mig.saving {
         s.progress.cancel();
-        s.exit_after = Some(0);
+        // An exit status already due (the guest died meanwhile) stays.
+        s.exit_after.get_or_insert(0);
     }
 }
 
