@@ -85,6 +85,62 @@ pub struct Inputs {
     pub capped: bool,
 }
 
+/// The widest pre-paging window, pages: the engine's (a demanded page and
+/// its neighbours go in one batch).
+pub const MAX_PREPAGING_WINDOW: u32 = wire::MAX_BATCH_PAGES as u32 - 1;
+
+/// Inputs the model cannot take (see [`Inputs::validate`]).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum InvalidInput {
+    /// A figure that is NaN or infinite.
+    #[error("{0} must be a finite number")]
+    NotFinite(&'static str),
+    /// A figure below zero.
+    #[error("{0} must not be negative")]
+    Negative(&'static str),
+    /// No pause fits a limit of zero.
+    #[error("max_downtime must be above 0")]
+    MaxDowntime,
+    /// A window wider than the engine's.
+    #[error("prepaging_window must be at most {MAX_PREPAGING_WINDOW} pages, got {0}")]
+    PrepagingWindow(f64),
+}
+
+impl Inputs {
+    /// Whether the model can take these inputs: every figure finite and not
+    /// negative, `max_downtime` above 0, `prepaging_window` at most
+    /// [`MAX_PREPAGING_WINDOW`]. ([`predict`] takes any window, as the
+    /// engine would: the widest.)
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        let figures = [
+            ("memory_bytes", self.memory_bytes),
+            ("state_bytes", self.state_bytes),
+            ("dirty_rate", self.dirty_rate),
+            ("bandwidth", self.bandwidth),
+            ("rtt", self.rtt),
+            ("max_downtime", self.max_downtime),
+            ("prepaging_window", self.prepaging_window),
+            ("setup", self.setup),
+            ("working_set", self.working_set),
+        ];
+        for (name, v) in figures {
+            if !v.is_finite() {
+                return Err(InvalidInput::NotFinite(name));
+            }
+            if v < 0.0 {
+                return Err(InvalidInput::Negative(name));
+            }
+        }
+        if self.max_downtime <= 0.0 {
+            return Err(InvalidInput::MaxDowntime);
+        }
+        if self.prepaging_window > MAX_PREPAGING_WINDOW as f64 {
+            return Err(InvalidInput::PrepagingWindow(self.prepaging_window));
+        }
+        Ok(())
+    }
+}
+
 /// The VM state moved at the switch-over for `vcpus` vCPUs, bytes: measured
 /// ~11 KiB per vCPU (XSAVE, LAPIC, CPUID, MSRs) plus the devices.
 pub fn state_bytes(vcpus: usize) -> f64 {
@@ -125,7 +181,9 @@ fn postcopy_phase(i: &Inputs, v_min: f64, v_mem: f64) -> (f64, f64, f64, f64) {
     let r = i.bandwidth.max(1.0);
     let t_down = (v_min - i.state_bytes).max(0.0) / r + switch_cost(i);
     let rest = (v_mem - v_min).max(0.0);
-    let per_fault = PAGE * (1.0 + i.prepaging_window.max(0.0));
+    // The engine's window is never wider (an infinite one made NaN here).
+    let window = i.prepaging_window.max(0.0).min(MAX_PREPAGING_WINDOW as f64);
+    let per_fault = PAGE * (1.0 + window);
     let faults = rest / per_fault;
     let t_fault = i.rtt + per_fault / r;
     let t_res = faults * t_fault + rest / r;
@@ -510,6 +568,47 @@ mod tests {
             },
         );
         assert!(wider.faults < p.faults && wider.resume_ms < p.resume_ms);
+    }
+
+    #[test]
+    fn inputs_out_of_the_models_range_are_refused_and_no_window_makes_nan() {
+        assert_eq!(inputs().validate(), Ok(()));
+        let huge = Inputs {
+            prepaging_window: 1e308,
+            ..inputs()
+        };
+        assert_eq!(huge.validate(), Err(InvalidInput::PrepagingWindow(1e308)));
+        // Predicted anyway, it is the widest window the engine has.
+        let p = predict("postcopy", &huge);
+        assert!(p.resume_ms.is_finite() && p.total_ms.is_finite(), "{p:?}");
+        let widest = Inputs {
+            prepaging_window: MAX_PREPAGING_WINDOW as f64,
+            ..inputs()
+        };
+        assert_eq!(p, predict("postcopy", &widest));
+        assert_eq!(widest.validate(), Ok(()));
+        let negative = Inputs {
+            max_downtime: -0.3,
+            ..inputs()
+        };
+        assert_eq!(
+            negative.validate(),
+            Err(InvalidInput::Negative("max_downtime"))
+        );
+        let zero = Inputs {
+            max_downtime: 0.0,
+            ..inputs()
+        };
+        assert_eq!(zero.validate(), Err(InvalidInput::MaxDowntime));
+        let nan = Inputs {
+            bandwidth: f64::NAN,
+            ..inputs()
+        };
+        assert_eq!(nan.validate(), Err(InvalidInput::NotFinite("bandwidth")));
+        assert_eq!(
+            InvalidInput::PrepagingWindow(1e308).to_string(),
+            format!("prepaging_window must be at most 255 pages, got {}", 1e308)
+        );
     }
 
     #[test]
