@@ -1325,6 +1325,8 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
         working_set: dirtying.working_set,
         capped: cap.is_some(),
     };
+    // What was measured, too, must be in the model's range.
+    inputs.validate().map_err(|e| format!("estimate: {e}"))?;
     let all: serde_json::Map<String, serde_json::Value> = ["precopy", "postcopy", "hybrid"]
         .iter()
         .map(|m| (m.to_string(), json!(model::predict(m, &inputs))))
