@@ -315,13 +315,20 @@ fn postcopy_recovers_after_the_link_goes_down_and_up() {
         "{why}"
     );
     let info: Value = serde_json::from_str(&b.ok(&["info", "web1", "--json"])).unwrap();
-    assert_eq!(info["state"], "paused", "the source keeps its half: {info}");
+    assert_eq!(
+        info["state"], "unconfirmed",
+        "the source keeps its half: {info}"
+    );
+    // Nothing runs it again unasked: migrate (and evacuate) refuse it.
+    let e = b.fails(&["migrate", "web1", "--to", &format!("{}:{port}", link.ip[0])]);
+    assert!(e.contains("unconfirmed"), "{e}");
     let _ = n;
     link.set_a(true);
-    // A's half still waits for pages: it refuses a plain destroy, naming
-    // why, and takes a forced one.
+    // Each half refuses a plain destroy, naming why, and takes a forced one.
     let e = a.fails(&["destroy", "web1"]);
     assert!(e.contains("post-copy pages are still arriving"), "{e}");
     a.ok(&["destroy", "web1", "--force"]);
-    b.ok(&["destroy", "web1"]);
+    let e = b.fails(&["destroy", "web1"]);
+    assert!(e.contains("ended unconfirmed"), "{e}");
+    b.ok(&["destroy", "web1", "--force"]);
 }
