@@ -3,30 +3,48 @@
 //! is cut off all the same.
 
 use std::net::{Shutdown, TcpStream};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
+
+/// Where a deadline is; it moves out of `Armed` once, under the lock, so
+/// that a lift and the cut never both happen.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Armed,
+    Lifted,
+    Passed,
+}
 
 /// Shuts `socket` down (both ways) unless dropped within `limit`: what
 /// blocks on it then fails at once.
 pub struct Deadline {
+    state: Arc<Mutex<State>>,
+    /// Wakes the thread once lifted.
     cancel: Option<mpsc::Sender<()>>,
-    passed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     limit: Duration,
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Deadline {
     /// Starts the clock; `socket` is a handle of the connection to cut.
     pub fn start(socket: TcpStream, limit: Duration) -> Deadline {
         let (tx, rx) = mpsc::channel::<()>();
-        let passed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = passed.clone();
+        let state = Arc::new(Mutex::new(State::Armed));
+        let shared = state.clone();
         let spawned = std::thread::Builder::new()
             .name("deadline".into())
             .spawn(move || {
                 if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-                    tracing::debug!(?limit, "deadline passed: connection cut");
-                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                    let _ = socket.shutdown(Shutdown::Both);
+                    let mut s = lock(&shared);
+                    // Lifted just now: the exchange made it in time.
+                    if *s == State::Armed {
+                        *s = State::Passed;
+                        tracing::debug!(?limit, "deadline passed: connection cut");
+                        let _ = socket.shutdown(Shutdown::Both);
+                    }
                 }
             });
         if let Err(e) = spawned {
@@ -34,26 +52,37 @@ impl Deadline {
             tracing::warn!("no deadline thread: {e}");
         }
         Deadline {
+            state,
             cancel: Some(tx),
-            passed,
             limit,
         }
     }
 
-    /// Lifts it: the connection is left alone from now on (unless it was
-    /// cut already).
+    /// Lifts it: the connection is left alone from now on, unless it was
+    /// cut already ([`Deadline::passed`] says so).
     pub fn lift(&mut self) {
+        let mut s = lock(&self.state);
+        if *s == State::Armed {
+            *s = State::Lifted;
+        }
+        drop(s);
         self.cancel = None;
     }
 
     /// Whether it passed (and the connection was cut).
     pub fn passed(&self) -> bool {
-        self.passed.load(std::sync::atomic::Ordering::SeqCst)
+        *lock(&self.state) == State::Passed
     }
 
     /// The time it allowed.
     pub fn limit(&self) -> Duration {
         self.limit
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        self.lift();
     }
 }
 
