@@ -1119,6 +1119,9 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     format!("internal error (panic: {text})")
 }
 
+/// The refusal of what would take the dirty log while `estimate` has it.
+const ESTIMATING: &str = "an estimate is measuring this VM's dirty rate; retry in a second";
+
 /// Starts a migration of this VM in a background thread.
 fn start_migration(
     vm: &Arc<Vm>,
@@ -1132,7 +1135,7 @@ fn start_migration(
     }
     mig.check_confirmed()?;
     if mig.estimating.load(Ordering::SeqCst) {
-        return Err("an estimate is measuring this VM's dirty rate; retry in a second".into());
+        return Err(ESTIMATING.into());
     }
     let to = req
         .get("to")
@@ -1573,9 +1576,7 @@ fn handle_control(
         // never be followed by a resume here.
         "snapshot" if mig.running => Err("a migration is running".to_string()),
         // Both would take the dirty log (the save's working set, the estimate's rate).
-        "snapshot" if mig.estimating.load(Ordering::SeqCst) => {
-            Err("an estimate is measuring this VM's dirty rate; retry in a second".to_string())
-        }
+        "snapshot" if mig.estimating.load(Ordering::SeqCst) => Err(ESTIMATING.to_string()),
         "snapshot" => match (req.get("path").and_then(|p| p.as_str()), boot_arg(&req)) {
             (None, _) => Err("snapshot needs a \"path\"".to_string()),
             (_, Err(e)) => Err(e),
