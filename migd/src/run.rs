@@ -1207,7 +1207,7 @@ fn start_migration(
         .get("fault_channel")
         .and_then(|v| v.as_bool())
         .unwrap_or(true);
-    if let Some(n) = req.get("postcopy_after_rounds").and_then(|v| v.as_u64()) {
+    if let Some(n) = whole(req, "postcopy_after_rounds", 0)? {
         params.postcopy_after_rounds = n.clamp(1, u32::MAX as u64) as u32;
     }
     params.boot = boot_arg(req)?;
