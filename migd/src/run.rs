@@ -862,7 +862,12 @@ fn start_save(
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 snapshot(&vm, &save.path, save.background, save.boot.as_ref(), &watch)
             }))
-            .unwrap_or_else(|p| Err(anyhow::anyhow!("the save failed: {}", panic_message(&*p))));
+            .unwrap_or_else(|p| {
+                let why = migration::panic_message(&*p);
+                Err(anyhow::anyhow!(
+                    "the save failed: internal error (panic: {why})"
+                ))
+            });
             let done = SaveDone {
                 stream: reply_to,
                 result,
@@ -1081,44 +1086,6 @@ fn whole(req: &serde_json::Value, key: &str, min: u64) -> Result<Option<u64>, St
     }
 }
 
-/// The outcome of a migration whose thread panicked: past the commit the
-/// destination may run the VM (unconfirmed, left as it is); before it, the
-/// migration failed, its links are cut, and a VM paused for it runs again.
-fn panicked(vm: &Vm, job: &Job, was_running: bool, p: &(dyn std::any::Any + Send)) -> Outcome {
-    let mut why = format!("the migration failed: {}", panic_message(p));
-    tracing::error!("{why}");
-    let committed = job.is_committed();
-    if committed {
-        why.push_str(" after the commit");
-    } else {
-        job.cut_links();
-        if was_running && !vm.is_running() {
-            vm.resume();
-        }
-    }
-    // The engine that would have said so is gone.
-    job.update(|s| {
-        s.status = "failed".into();
-        s.outcome = "failed".into();
-        s.error = Some(why.clone());
-    });
-    if committed {
-        Outcome::Unconfirmed(why)
-    } else {
-        Outcome::Failed(why)
-    }
-}
-
-/// What a caught panic says.
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    let text = p
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into());
-    format!("internal error (panic: {text})")
-}
-
 /// The refusal of what would take the dirty log while `estimate` has it.
 const ESTIMATING: &str = "an estimate is measuring this VM's dirty rate; retry in a second";
 
@@ -1225,17 +1192,15 @@ fn start_migration(
             .get("fault_fail_after_go")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
+        params.fault_panic = req["fault_panic"] == true;
         if let Some(ms) = req.get("answer_timeout_ms").and_then(|v| v.as_u64()) {
             params.answer_timeout = Duration::from_millis(ms.max(1));
         }
     }
-    // Test-only: the migration thread panics as it starts.
-    let fault_panic = fault_injection() && req["fault_panic"] == true;
     let job = Arc::new(Job::default());
     mig.job = Some(job.clone());
     mig.running = true;
     mig.mode = mode.clone();
-    let was_running = vm.is_running();
     let vm = vm.clone();
     let tx = tx.clone();
     std::thread::Builder::new()
@@ -1245,8 +1210,7 @@ fn start_migration(
             let _g = span.enter();
             // Post-copy returns Completed only once the destination has every
             // page: until then this process keeps the (paused) VM's memory.
-            let run = || match mode.as_str() {
-                _ if fault_panic => panic!("fault injection: fault_panic"),
+            let outcome = match mode.as_str() {
                 "postcopy" => migration::postcopy::migrate(&vm, &params, &job, false),
                 "hybrid" => migration::postcopy::migrate(&vm, &params, &job, true),
                 "auto" => {
@@ -1256,8 +1220,6 @@ fn start_migration(
                 }
                 _ => precopy::migrate(&vm, &params, &job),
             };
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-                .unwrap_or_else(|p| panicked(&vm, &job, was_running, &*p));
             let capped = job.max_bandwidth().is_some();
             job.update(|s| s.model = migration::model::check(s, vm.config().vcpus, capped));
             tracing::info!(?outcome, "migration ended");

@@ -86,6 +86,17 @@ pub enum Error {
     /// Setting up the (TLS) link failed.
     #[error(transparent)]
     Link(#[from] link::LinkError),
+    /// A bug: the migration's code panicked (the message is the panic's).
+    #[error("internal error (panic: {0})")]
+    Panicked(String),
+}
+
+/// What a caught panic says (its `&str` or `String` payload).
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }
 
 impl From<wire::WireError> for Error {

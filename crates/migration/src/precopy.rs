@@ -134,6 +134,8 @@ pub struct Params {
     /// Test-only: the send of `Go` reports an error although it went out
     /// (as the send watchdog may), to prove that the source then stays paused.
     pub fail_after_go: bool,
+    /// Test-only: the migration panics as it starts (see [`drive`]).
+    pub fault_panic: bool,
 }
 
 impl Params {
@@ -165,6 +167,7 @@ impl Params {
             hold: Hold::from_env(),
             corrupt_digest: false,
             fail_after_go: false,
+            fault_panic: false,
         }
     }
 }
@@ -1240,7 +1243,15 @@ pub(crate) fn drive(
     // A VM paused before the migration stays paused if it fails.
     let was_running = vm.is_running();
     let ring_before = vm.dirty_ring_stats();
-    let result = body(start, &mut paused_at);
+    // A panic is a failure like any other (a bug, named as one): the VM is
+    // resumed or kept, and the caller told, by the same rules.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if params.fault_panic {
+            panic!("fault injection: fault_panic");
+        }
+        body(start, &mut paused_at)
+    }))
+    .unwrap_or_else(|p| Err(Error::Panicked(crate::panic_message(&*p))));
     let ring = vm.dirty_ring_stats().map(|r| {
         let b = ring_before.unwrap_or_default();
         crate::stats::DirtyRingStats {
