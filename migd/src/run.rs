@@ -1136,7 +1136,7 @@ fn start_migration(
     // 0: no cap, as null.
     params.max_bandwidth = whole(req, "max_bandwidth", 0)?.filter(|b| *b > 0);
     if let Some(w) = whole(req, "prepaging_window", 0)? {
-        params.prepaging_window = w.min(wire::MAX_BATCH_PAGES as u64 - 1) as u32;
+        params.prepaging_window = w.min(migration::model::MAX_PREPAGING_WINDOW as u64) as u32;
     }
     params.auto_converge = req
         .get("auto_converge")
@@ -1263,7 +1263,7 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
     let max_downtime_ms = whole(req, "max_downtime_ms", 1)?.unwrap_or(300);
     let prepaging_window = whole(req, "prepaging_window", 0)?
         .unwrap_or(16)
-        .min(wire::MAX_BATCH_PAGES as u64 - 1);
+        .min(model::MAX_PREPAGING_WINDOW as u64);
     let memory_bytes: u64 = vm
         .ram()
         .data_extents()

@@ -179,7 +179,7 @@ fn check_limits(req: &MigrateOptions) -> Result<()> {
         bail!("max-bandwidth must be positive (a cap of 0 would never finish); omit it for no cap");
     }
     if let Some(w) = req.prepaging_window {
-        let most = wire::MAX_BATCH_PAGES as u32 - 1;
+        let most = migration::model::MAX_PREPAGING_WINDOW;
         if w > most {
             bail!("prepaging-window must be at most {most} pages, got {w}");
         }
