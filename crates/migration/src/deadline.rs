@@ -59,14 +59,16 @@ impl Deadline {
     }
 
     /// Lifts it: the connection is left alone from now on, unless it was
-    /// cut already ([`Deadline::passed`] says so).
-    pub fn lift(&mut self) {
+    /// cut already, which it returns (as [`Deadline::passed`] would).
+    pub fn lift(&mut self) -> bool {
         let mut s = lock(&self.state);
         if *s == State::Armed {
             *s = State::Lifted;
         }
+        let passed = *s == State::Passed;
         drop(s);
         self.cancel = None;
+        passed
     }
 
     /// Whether it passed (and the connection was cut).
@@ -82,7 +84,7 @@ impl Deadline {
 
 impl Drop for Deadline {
     fn drop(&mut self) {
-        self.lift();
+        let _ = self.lift();
     }
 }
 

@@ -133,18 +133,16 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
             secure(&d2, stream, peer).and_then(|link| handshake(&d2, link, peer, &mut deadline));
         // Lifted before it is judged: a handshake that made it cannot be
         // cut afterwards, and one cut as it made it fails here.
-        deadline.lift();
-        let done = match done {
-            Ok(_) if deadline.passed() => Err(anyhow::anyhow!("connection cut")),
-            done => done,
-        };
-        match done {
-            Err(e) if deadline.passed() => Err(e.context(format!(
+        if deadline.lift() {
+            let e = done
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("connection cut"));
+            return Err(e.context(format!(
                 "the peer did not complete its handshake within {:?}",
                 deadline.limit()
-            ))),
-            done => done,
+            )));
         }
+        done
     })
     .await
     .context("handshake task")?;
