@@ -1610,12 +1610,9 @@ fn handle_control(
             return Some(0);
         }
         "handover" if mig.running => Err("a migration is running".to_string()),
+        // The new process would resume it.
+        "handover" if mig.unconfirmed.is_some() => Err(mig.refusal().unwrap_or_default()),
         "handover" => {
-            // The new process would resume it.
-            if let Err(e) = mig.check_confirmed() {
-                let _ = handover::send_line(&mut stream, &json!({"ok": false, "error": e}));
-                return None;
-            }
             let was_running = vm.is_running();
             return match give_away(vm, stream, was_running) {
                 Ok(()) => {
