@@ -1248,18 +1248,8 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
             "unknown mode '{mode}' (precopy, postcopy, hybrid, auto)"
         ));
     }
-    let cap = match req.get("max_bandwidth") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(v) => match v.as_u64() {
-            Some(c) if c > 0 => Some(c as f64),
-            _ => {
-                return Err(format!(
-                    "max_bandwidth must be a positive number of bytes/s, got {v}"
-                ))
-            }
-        },
-    };
     // Checked before anything is measured.
+    let cap = whole(req, "max_bandwidth", 1)?.map(|c| c as f64);
     let max_downtime_ms = whole(req, "max_downtime_ms", 1)?.unwrap_or(300);
     let prepaging_window = whole(req, "prepaging_window", 0)?
         .unwrap_or(16)
