@@ -466,15 +466,7 @@ pub fn with_keep(cmdline: &str, memory: &str) -> String {
             .split_whitespace()
             .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
     };
-    let mib = |s: &str| -> Option<u64> {
-        let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
-        let n: u64 = n.parse().ok()?;
-        match unit {
-            "M" | "MiB" => Some(n),
-            "G" | "GiB" => Some(n << 10),
-            _ => None,
-        }
-    };
+    let mib = |s: &str| migd::size::parse_size(s).ok().map(|b| b >> 20);
     let workload = value("workload").and_then(|w| {
         let mut parts = w.split(':');
         match parts.next()? {
