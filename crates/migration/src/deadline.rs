@@ -71,6 +71,20 @@ impl Deadline {
         passed
     }
 
+    /// Lifts it and judges the exchange it guarded: where it passed, the
+    /// connection was cut, however `done` came out (an exchange that made it
+    /// just as the cut came would go on over a dead socket), so the error
+    /// names the deadline and `what` missed it.
+    pub fn judge<T>(mut self, what: &str, done: crate::Result<T>) -> crate::Result<T> {
+        if self.lift() {
+            return Err(crate::Error::Io {
+                context: format!("{what} not done within {:?}", self.limit),
+                cause: std::io::ErrorKind::TimedOut.into(),
+            });
+        }
+        done
+    }
+
     /// Whether it passed (and the connection was cut).
     pub fn passed(&self) -> bool {
         *lock(&self.state) == State::Passed
@@ -139,5 +153,28 @@ mod tests {
         let mut one = [0u8; 1];
         (&s).read_exact(&mut one).unwrap();
         assert_eq!(one, [7]);
+    }
+
+    #[test]
+    fn an_exchange_judged_after_the_cut_fails_naming_the_deadline() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        // The exchange "made it", but only after the cut.
+        let late = Deadline::start(s.try_clone().unwrap(), Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(200));
+        let e = late.judge("the greeting", Ok(())).unwrap_err();
+        assert!(
+            e.to_string().contains("the greeting not done within 10ms"),
+            "{e}"
+        );
+        // In time: what the exchange gave, error or not, and the socket stays.
+        let quick = Deadline::start(s.try_clone().unwrap(), Duration::from_secs(60));
+        assert_eq!(quick.judge("the greeting", Ok(7)).unwrap(), 7);
+        let quick = Deadline::start(s.try_clone().unwrap(), Duration::from_secs(60));
+        let e = quick
+            .judge::<()>("the greeting", Err(crate::Error::Protocol("bad".into())))
+            .unwrap_err();
+        assert!(matches!(e, crate::Error::Protocol(_)), "{e}");
     }
 }

@@ -187,12 +187,16 @@ impl Greeter {
         s.set_read_timeout(Some(self.hello_timeout))
             .map_err(io_err("socket timeout"))?;
         // The handshake and the first message, however the peer paces them.
-        let _deadline = crate::deadline::Deadline::start(
+        let deadline = crate::deadline::Deadline::start(
             s.try_clone().map_err(io_err("socket"))?,
             self.hello_timeout,
         );
-        let mut link = precopy::accept(s, self.tls.as_ref())?;
-        let hello = wire::expect_control(&mut link, self.expected)?;
+        let greeted = precopy::accept(s, self.tls.as_ref()).and_then(|mut link| {
+            let hello = wire::expect_control(&mut link, self.expected)?;
+            Ok((link, hello))
+        });
+        let what = format!("the handshake and {}", self.expected);
+        let (link, hello) = deadline.judge(&what, greeted)?;
         link.set_read_timeout(None)
             .map_err(io_err("socket timeout"))?;
         Ok((link, hello))

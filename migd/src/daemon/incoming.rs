@@ -349,7 +349,10 @@ fn handshake(
     if hello.mode == migration::probe::PROBE_MODE {
         // A cost-model probe: answer it and keep nothing. Its 32 MiB take
         // what the link takes (the reads' own timeouts still apply).
-        deadline.lift();
+        // (Cut as the Hello came: the caller names the deadline.)
+        if deadline.lift() {
+            anyhow::bail!("connection cut");
+        }
         let shared = handshake::accept(&mut stream, &hello)?;
         handshake::receive_boot(&mut stream, &shared)?;
         migration::probe::serve(&mut stream).context("serving a probe")?;

@@ -1069,8 +1069,12 @@ impl Dest {
             s.try_clone().map_err(io_err("socket"))?,
             2 * LINK_TIMEOUT,
         );
-        let mut s = precopy::accept(s, self.tls.as_ref())?;
-        let (job, urgent) = match wire::expect_control(&mut s, "RecoverHello")? {
+        let greeted = precopy::accept(s, self.tls.as_ref()).and_then(|mut s| {
+            let hello = wire::expect_control(&mut s, "RecoverHello")?;
+            Ok((s, hello))
+        });
+        let (mut s, hello) = deadline.judge("the handshake and RecoverHello", greeted)?;
+        let (job, urgent) = match hello {
             Message::RecoverHello { job, urgent } => (job, urgent),
             other => {
                 return refuse(
@@ -1079,7 +1083,6 @@ impl Dest {
                 )
             }
         };
-        drop(deadline);
         if job != self.token {
             return refuse(
                 &mut s,
