@@ -43,7 +43,9 @@
 //! sent while the guest's dirty set still grows at a tenth of `R` or more
 //! (`D ≥ 0.1 R`, and `D · t < W`), everything not sent is left to post-copy:
 //! `t_0 = s + 0.1 V_0 / R`, and post-copy moves `0.9 V_0`. Otherwise it ends
-//! in pre-copy where those rounds converge, in hybrid where not.
+//! in pre-copy where those rounds converge, in hybrid where not; that
+//! hybrid ending's round 0 watches the same `s` (10 ms uncapped, 50 ms
+//! capped). An ending in pre-copy is predicted as pre-copy, without the watch.
 //!
 //! Every mode's total also counts the set-up before any page moves
 //! (`T_setup`: connection, handshake, the destination's preparation), an
@@ -245,13 +247,13 @@ fn chase(
     }
 }
 
-/// Hybrid's round 0 with its sampling (module docs): (hot bytes left to
-/// post-copy, the round's seconds, cold bytes it leaves dirty, the most the
-/// cold pages can be).
-fn hybrid_round0(i: &Inputs) -> (f64, f64, f64, f64) {
+/// Hybrid's round 0 with its sampling (module docs), whose first,
+/// watch-only step lasts `step` seconds: (hot bytes left to post-copy, the
+/// round's seconds, cold bytes it leaves dirty, the most the cold pages can
+/// be).
+fn hybrid_round0(i: &Inputs, step: f64) -> (f64, f64, f64, f64) {
     let r = i.bandwidth.max(1.0);
     let v = i.memory_bytes;
-    let step = HYBRID_STEP;
     let limit = crate::precopy::HOT_SAMPLE_MAX.as_secs_f64();
     // The sampling lasts the whole round unless the working set or the time
     // limit ends it first; either way round 0 sends what it did not find.
@@ -271,7 +273,7 @@ fn hybrid_round0(i: &Inputs) -> (f64, f64, f64, f64) {
 const HYBRID_STEP: f64 = crate::precopy::HOT_STEP.as_secs_f64();
 
 /// `--mode auto`'s first sampling step, seconds: shorter where the link has
-/// no cap.
+/// no cap (`sample_hot`'s rule, whether or not it cuts).
 fn auto_step(i: &Inputs) -> f64 {
     if i.capped {
         HYBRID_STEP
@@ -281,12 +283,12 @@ fn auto_step(i: &Inputs) -> f64 {
 }
 
 /// The watch-only sampling step that [`predict`] counts at the start of
-/// `mode`'s round 0, seconds (none where it predicts no sampling).
+/// `mode`'s round 0, seconds (none where it predicts no sampling: auto
+/// expected to end in pre-copy is predicted as pre-copy).
 fn round0_step(mode: &str, i: &Inputs) -> f64 {
     match mode {
         "hybrid" => HYBRID_STEP,
-        "auto" if auto_cut(i).is_some() => auto_step(i),
-        "auto" if auto_mode(i) == "hybrid" => HYBRID_STEP,
+        "auto" if auto_cut(i).is_some() || auto_mode(i) == "hybrid" => auto_step(i),
         _ => 0.0,
     }
 }
@@ -347,13 +349,13 @@ pub fn predict(mode: &str, i: &Inputs) -> Prediction {
             None if auto_mode(i) == "precopy" => predict("precopy", i),
             // Round 0 with its sampling, then post-copy at once.
             None => {
-                let (hot, t0, cold_left, _) = hybrid_round0(i);
+                let (hot, t0, cold_left, _) = hybrid_round0(i, auto_step(i));
                 ending_in_postcopy(i, (t0, 1, true), hot + cold_left)
             }
         },
         "postcopy" => ending_in_postcopy(i, (0.0, 0, true), i.memory_bytes),
         "hybrid" => {
-            let (hot, t0, cold_left, cold) = hybrid_round0(i);
+            let (hot, t0, cold_left, cold) = hybrid_round0(i, HYBRID_STEP);
             let (left, t_rounds, rounds, converges) = chase(i, cold_left, t0, 1, 3, cold);
             ending_in_postcopy(i, (t_rounds, rounds, converges), hot + left)
         }
@@ -793,7 +795,7 @@ mod tests {
             dirty_rate: 2e9,
             ..inputs()
         };
-        let (hot, t0, left, _) = hybrid_round0(&i);
+        let (hot, t0, left, _) = hybrid_round0(&i, HYBRID_STEP);
         let want = (0.05 + i.memory_bytes / 1e9) / 3.0;
         assert!((t0 - want).abs() < 1e-9, "{t0} {want}");
         assert!((hot - 2e9 * t0).abs() < 1.0 && left == 0.0);
@@ -807,7 +809,7 @@ mod tests {
             working_set: 64e6,
             ..i
         };
-        let (hot, t0, left, cold) = hybrid_round0(&small);
+        let (hot, t0, left, cold) = hybrid_round0(&small, HYBRID_STEP);
         assert_eq!((hot, left, cold), (64e6, 0.0, 0.0));
         assert!((t0 - (0.05 + (i.memory_bytes - 64e6) / 1e9)).abs() < 1e-9);
         // 8 GB at 1 GB/s outlasts the sampling's time limit: what the guest
@@ -817,7 +819,7 @@ mod tests {
             dirty_rate: 0.1e9,
             ..inputs()
         };
-        let (hot, t0, left, _) = hybrid_round0(&big);
+        let (hot, t0, left, _) = hybrid_round0(&big, HYBRID_STEP);
         assert!((hot - 0.1e9).abs() < 1.0, "{hot}");
         assert!((t0 - (0.05 + 7.9)).abs() < 1e-9, "{t0}");
         assert!((left - 0.1e9 * (t0 - 1.0)).abs() < 1.0, "{left}");
@@ -901,6 +903,40 @@ mod tests {
         let p = predict("precopy", &sweep);
         assert!(p.converges && p.rounds > 1, "{p:?}");
         assert_eq!(auto_mode(&sweep), "hybrid");
+    }
+
+    /// The engine's auto watches 10 ms first on a link with no cap, 50 ms
+    /// under one, whether it cuts or ends in hybrid (`sample_hot`).
+    #[test]
+    fn auto_ending_in_hybrid_watches_what_the_engine_watches() {
+        // Under a tenth of the link (no cut), a pause too short for the
+        // switch-over: round 0, then post-copy.
+        let tight = Inputs {
+            dirty_rate: 0.05e9,
+            max_downtime: 0.001,
+            ..inputs()
+        };
+        assert!(auto_cut(&tight).is_none());
+        assert_eq!(auto_mode(&tight), "hybrid");
+        let capped = Inputs {
+            capped: true,
+            ..tight
+        };
+        assert_eq!(round0_step("auto", &tight), 0.010);
+        assert_eq!(round0_step("auto", &capped), 0.050);
+        assert_eq!(round0_step("hybrid", &tight), 0.050);
+        // Round 0 takes the 10 ms step: t0 = s + (V - H) / R, H the 1 s of
+        // sampling's writes; post-copy moves H and what came after it.
+        let p = predict("auto", &tight);
+        let v = tight.memory_bytes;
+        let (hot, t0) = (0.05e9, 0.010 + (v - 0.05e9) / 1e9);
+        let left = hot + 0.05e9 * (t0 - 1.0);
+        let want = (t0 + left / 1e9) * 1e3 + p.downtime_ms;
+        assert!((p.total_ms - want).abs() < 1e-6, "{p:?} against {want}");
+        // Under a cap 40 ms more of watching, and 2 MB more written after.
+        let q = predict("auto", &capped);
+        let more = q.total_ms - p.total_ms;
+        assert!((more - 42.0).abs() < 1e-6, "{more}");
     }
 
     #[test]
