@@ -17,8 +17,13 @@ use serde_json::{json, Value};
 
 const READY: Duration = Duration::from_secs(60);
 
+/// The cmdline of the test guest [`create_guest`] makes: a 16 MiB working set.
+const CMDLINE: &str = "workload=dirty:16:8";
+/// That guest's memory.
+const MEMORY: &str = "128M";
+
 fn create_guest(d: &Daemon, name: &str) {
-    d.create_guest(name, "workload=dirty:16:8", "128M", 1);
+    d.create_guest(name, CMDLINE, MEMORY, 1);
 }
 
 fn console_of(d: &Daemon, name: &str) -> Console {
@@ -368,11 +373,14 @@ fn daemon_vm_lifecycle_survives_a_daemon_restart() {
     let pid = list[0]["pid"].as_u64().unwrap();
     let info: Value = serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap();
     assert_eq!(info["state"], "running");
-    assert_eq!(info["cmdline"], "workload=dirty:16:8");
-    // The guest RAM it takes: its 16 MiB working set and a little more,
-    // never the 128 MiB it was given.
+    // The cmdline create passed, write-once memory included.
+    let cmdline = with_keep(CMDLINE, MEMORY);
+    assert!(cmdline.contains(" keep="), "{cmdline}");
+    assert_eq!(info["cmdline"], cmdline.as_str());
+    // The guest RAM it takes: its 16 MiB working set, 4 MiB written once
+    // and a little more, never the 128 MiB it was given.
     let used = info["memory_used"].as_u64().expect("memory_used");
-    assert!((16 << 20..64 << 20).contains(&used), "{info}");
+    assert!(((16 + KEEP_MIB) << 20..64 << 20).contains(&used), "{info}");
     let text = d.ok(&["info", "web1"]);
     assert!(text.contains("State:          running"), "{text}");
     assert!(text.contains("Memory used:"), "{text}");
@@ -1084,9 +1092,10 @@ fn daemon_saves_a_vm_to_a_file_and_restores_it() {
         r["background"], true,
         "a checkpoint is written while the VM runs: {r}"
     );
-    // The 16 MiB working set at least, and not the 128 MiB of RAM.
+    // The 16 MiB working set and the 4 MiB written once at least, and not
+    // the 128 MiB of RAM.
     let bytes = r["bytes"].as_u64().unwrap();
-    assert!((16 << 20..64 << 20).contains(&bytes), "{r}");
+    assert!(((16 + KEEP_MIB) << 20..64 << 20).contains(&bytes), "{r}");
     let meta = std::fs::metadata(&ckpt).unwrap();
     assert_eq!(meta.len(), bytes);
     assert_eq!(meta.mode() & 0o777, 0o600, "a snapshot holds guest memory");
@@ -1139,7 +1148,11 @@ fn daemon_saves_a_vm_to_a_file_and_restores_it() {
     // domain): once it stops, the restored VM can be started again.
     let elf = common::guest_elf().canonicalize().unwrap();
     assert_eq!(info["kernel"], elf.to_str().unwrap(), "{info}");
-    assert_eq!(info["cmdline"], "workload=dirty:16:8", "{info}");
+    assert_eq!(
+        info["cmdline"],
+        with_keep(CMDLINE, MEMORY).as_str(),
+        "{info}"
+    );
 
     // Lazy restore of the checkpoint, beside it: `filling` shows the fill
     // until every stored page is in.

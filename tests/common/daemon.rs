@@ -255,8 +255,8 @@ impl Daemon {
         err
     }
 
-    /// `migctl create` of the test guest with `cmdline` (e.g. `workload=dirty:16:8`);
-    /// returns its console.
+    /// `migctl create` of the test guest with `cmdline` (e.g. `workload=dirty:16:8`),
+    /// write-once memory added as [`super::with_keep`] says; returns its console.
     pub fn create_guest(
         &self,
         name: &str,
@@ -266,13 +266,14 @@ impl Daemon {
     ) -> super::Console {
         let elf = super::guest_elf();
         let vcpus = vcpus.to_string();
+        let cmdline = super::with_keep(cmdline, memory);
         let out = self.ok(&[
             "create",
             name,
             "--kernel",
             elf.to_str().unwrap(),
             "--cmdline",
-            cmdline,
+            &cmdline,
             "--memory",
             memory,
             "--vcpus",
