@@ -11,7 +11,6 @@ mod state;
 mod vmproc;
 
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -235,24 +234,15 @@ async fn serve(cfg: Config) -> Result<i32> {
 fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
     use std::io::{Read, Seek, Write};
     let path = dir.join("migd.lock");
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
+    let Some(mut f) = vmproc::lock_exclusive(&path)? else {
         let mut holder = String::new();
-        let _ = f.read_to_string(&mut holder);
+        let _ = std::fs::File::open(&path).and_then(|mut h| h.read_to_string(&mut holder));
         bail!(
             "state dir {} is in use by another migd (pid {}); give each daemon its own --state-dir",
             dir.display(),
             holder.trim()
         );
-    }
+    };
     f.set_len(0)?;
     f.rewind()?;
     writeln!(f, "{}", std::process::id())?;

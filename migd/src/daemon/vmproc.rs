@@ -81,20 +81,12 @@ pub fn spawn(
     fd3: Option<RawFd>,
     fd4: Option<RawFd>,
 ) -> Result<tokio::process::Child> {
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(lock)
-        .with_context(|| format!("opening {}", lock.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    let Some(lock_file) = lock_exclusive(lock)? else {
         bail!(
             "a process of this VM still runs (it holds {}): stop it first",
             lock.display()
         );
-    }
+    };
     let lock_fd = lock_file.as_raw_fd();
     let out = std::fs::OpenOptions::new()
         .create(true)
@@ -164,10 +156,40 @@ pub fn lock_held(dir: &Path) -> bool {
     let Ok(f) = std::fs::File::open(lock_path(dir)) else {
         return false;
     };
-    // SAFETY: flock on a descriptor we own; a shared lock taken here goes
-    // when `f` closes.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+    // A shared lock taken here goes when `f` closes.
+    matches!(try_flock(&f, libc::LOCK_SH), Ok(false))
+}
+
+/// Opens `path` for reading and writing (made 0600 if missing, never
+/// truncated) and takes an exclusive lock on it without waiting: `None`
+/// while another open file holds a lock on it. The lock lasts while the
+/// file, or a copy of its descriptor, stays open.
+pub fn lock_exclusive(path: &Path) -> Result<Option<std::fs::File>> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let locked =
+        try_flock(&f, libc::LOCK_EX).with_context(|| format!("locking {}", path.display()))?;
+    Ok(locked.then_some(f))
+}
+
+/// `flock(op | LOCK_NB)` on `f`: false if another open file holds a lock
+/// that conflicts with it.
+fn try_flock(f: &std::fs::File, op: libc::c_int) -> std::io::Result<bool> {
+    // SAFETY: flock on a descriptor `f` owns.
+    if unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(false);
+    }
+    Err(e)
 }
 
 /// The last error line of a VM process's log (or its last line), without colours.
@@ -362,6 +384,32 @@ mod tests {
         assert_eq!(last_error_line(&log).unwrap(), "ERROR vm: boom");
         std::fs::write(&log, "2026-11-22T19:14:57.509546Z ERROR vm: guest fatal\n").unwrap();
         assert_eq!(last_error_line(&log).unwrap(), "ERROR vm: guest fatal");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// One exclusive lock at a time, seen by [`lock_held`], gone with its file.
+    #[test]
+    fn lock_exclusive_takes_the_lock_once() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("migd-vmproc-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = lock_path(&dir);
+        assert!(!lock_held(&dir), "no file, no lock");
+        let held = lock_exclusive(&path)
+            .unwrap()
+            .expect("a free lock is taken");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(lock_held(&dir));
+        assert!(
+            lock_exclusive(&path).unwrap().is_none(),
+            "a held lock is not"
+        );
+        drop(held);
+        assert!(!lock_held(&dir), "the lock goes with its file");
+        assert!(lock_exclusive(&path).unwrap().is_some());
+        let err = lock_exclusive(&dir.join("no/such")).unwrap_err();
+        assert!(format!("{err:#}").contains("opening"), "{err:#}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
