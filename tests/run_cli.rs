@@ -286,6 +286,50 @@ fn a_handover_whose_new_process_dies_before_the_commit_keeps_the_vm() {
     assert_eq!(new.terminate(), 0);
 }
 
+/// A stop (SIGTERM) that reaches the new process of a handover before it
+/// has the old one's commit ends the new process only: the old one keeps
+/// running the VM. (It used to be queued for the new process's main loop,
+/// which carried it out once the VM had moved: gone from both processes.)
+#[test]
+fn a_stop_during_a_handover_leaves_the_vm_with_the_old_process() {
+    if !kvm_or_skip("a_stop_during_a_handover_leaves_the_vm_with_the_old_process") {
+        return;
+    }
+    let dir = scratch("handover-stopped");
+    let old = VmProcess::boot(&dir, "old", "workload=dirty:8:8", "128M", 1);
+    let console = old.console.clone();
+    console.wait_for("WORKLOAD READY", READY);
+    let sock = old.control.to_str().unwrap().to_string();
+    // The new process hangs for 3 s before it connects to the old one.
+    let mut new = std::process::Command::new(migd_bin())
+        .args(["run", "--takeover", &sock])
+        .env("MIGD_FAULT_INJECTION", "1")
+        .env("MIGD_SLOW_START", "hang:3000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("new.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let hung = Instant::now();
+    let log = dir.join("new.log");
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("test hook: slow start")
+    {
+        assert!(hung.elapsed() < Duration::from_secs(30), "no slow start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: a signal to our own child, still running.
+    assert_eq!(unsafe { libc::kill(new.id() as i32, libc::SIGTERM) }, 0);
+    let code = new.wait().unwrap().code();
+    assert_eq!(code, Some(0), "{}", std::fs::read_to_string(&log).unwrap());
+    let st = old.request(json!({"cmd": "status"}));
+    assert_eq!(st["state"], "running", "{st}");
+    let n = console.last_heartbeat().unwrap_or(0);
+    console.wait_heartbeats(n, 2, Duration::from_secs(30));
+    console.assert_clean();
+    assert_eq!(old.terminate(), 0);
+}
+
 /// A guest that writes to its serial port without pause (`chatty=1`: two
 /// port I/O exits per byte) is handed from process to process 8 times, and
 /// every byte of its console comes out exactly once. A vCPU paused right

@@ -277,8 +277,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
         None => None,
     };
     let (tx, rx) = channel::<Event>();
+    // A VM handed over arrives too: until this process has the old one's
+    // commit, the old one keeps it, and a stop here ends only this process.
     let arrival = Arc::new(Arrival::new(
-        args.incoming_fd.is_some() || args.incoming.is_some(),
+        args.incoming_fd.is_some() || args.incoming.is_some() || args.takeover.is_some(),
         args.control.clone(),
     ));
     // Signals are taken from here on: a stop ends an incoming VM that has
@@ -386,7 +388,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
         }
         (vm, None)
     } else if let Some(sock) = &args.takeover {
-        let (vm, link) = take_over(sock, args.serial.as_deref())?;
+        arrival.receiving();
+        let (vm, link) = take_over(sock, args.serial.as_deref(), &|| arrival.running())?;
         (vm, Some(link))
     } else {
         let kernel = args.kernel.clone().context("--kernel is required")?;
@@ -1791,8 +1794,14 @@ struct TakeoverLink {
     running: bool,
 }
 
-/// New side of a handover: receive and rebuild the VM (paused), then wait for commit.
-fn take_over(sock: &Path, console: Option<&Path>) -> Result<(Vm, TakeoverLink)> {
+/// New side of a handover: receive and rebuild the VM (paused), then wait for
+/// commit; `committed` is called once it is read (the VM is this process's
+/// to run from then on).
+fn take_over(
+    sock: &Path,
+    console: Option<&Path>,
+    committed: &dyn Fn(),
+) -> Result<(Vm, TakeoverLink)> {
     let mut stream =
         UnixStream::connect(sock).with_context(|| format!("connecting to {}", sock.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
@@ -1832,6 +1841,7 @@ fn take_over(sock: &Path, console: Option<&Path>) -> Result<(Vm, TakeoverLink)> 
     }
     handover::send_line(&mut stream, &json!({"cmd": "restored"}))?;
     handover::expect_cmd(&mut reader, "commit").context("old process did not commit")?;
+    committed();
     if handover_fault("MIGD_HANDOVER_NEW_DIES_AFTER_COMMIT") {
         tracing::warn!("fault injection: exiting after the commit, the VM never resumed");
         std::process::exit(DIED_AFTER_COMMIT);
@@ -1854,11 +1864,8 @@ fn take_over(sock: &Path, console: Option<&Path>) -> Result<(Vm, TakeoverLink)> 
 fn finish_takeover(mut link: TakeoverLink, vm: &Arc<Vm>) {
     let downtime_us = handover::monotonic_ns().saturating_sub(link.paused_at_ns) / 1000;
     tracing::info!(downtime_us, "took over the VM");
-    println!(
-        "{}",
-        json!({"event": "takeover", "downtime_us": downtime_us})
-    );
-    // The VM runs here already: nothing that fails now may stop it.
+    // The VM runs here already: nothing that fails now may stop it (the
+    // old process first, then stdout, which may be a closed pipe).
     let told = handover::send_line(
         &mut link.stream,
         &json!({"cmd": "running", "downtime_us": downtime_us}),
@@ -1866,6 +1873,11 @@ fn finish_takeover(mut link: TakeoverLink, vm: &Arc<Vm>) {
     if let Err(e) = told {
         tracing::warn!("the old process was not told that the VM runs here: {e:#}");
     }
+    let event = json!({"event": "takeover", "downtime_us": downtime_us});
+    let _ = std::io::Write::write_all(
+        &mut std::io::stdout().lock(),
+        format!("{event}\n").as_bytes(),
+    );
     if link.data_follows {
         // Until the list comes (or if it never does), all of memory counts.
         let vm = vm.clone();
