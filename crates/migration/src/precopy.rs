@@ -923,6 +923,61 @@ pub(crate) fn expected_downtime_ms(
         .filter(|ms| ms.is_finite())
 }
 
+/// What one round sent, from round 1 on: its pages, how many of them went
+/// as XBZRLE deltas and those deltas' bytes on the wire, and how long the
+/// round took, ms.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct LastRound {
+    pub(crate) pages: u64,
+    pub(crate) deltas: u64,
+    pub(crate) delta_bytes: u64,
+    pub(crate) ms: f64,
+}
+
+/// How many times fewer bytes than their 4 KiB each the pending pages count
+/// for against the `bandwidth` (bytes/s on the wire) the rounds decide by:
+/// `cold` dirty pages, which the rounds send again, and `hot` ones, which
+/// auto's stop-and-copy sends. `ratio` is zstd's measured ratio (1 without
+/// it); `last`, the round just sent, from round 1 on (round 0 sends each
+/// page once: it has no cache hits to show).
+///
+/// Without deltas in `last` (XBZRLE off, or no page hit the cache) it is
+/// `ratio`, whole pages. With them, a cold page costs what the last round's
+/// pages cost on average, for at most as many pages as that round sent: the
+/// more of its wire bytes (its deltas at their size, the rest whole) and of
+/// its time at the bandwidth (encoding and applying deltas is work: a round
+/// of deltas on a fast link, or in a debug build, is bound by it, not by the
+/// bytes), and never more than a whole page. Cold pages beyond that count
+/// and hot pages (which may never have gone, so not be in the cache) count
+/// whole. So XBZRLE only ever lowers the estimate whole pages give, by what
+/// the last round showed. Zero pages are in no count (they go as ranges).
+/// The stop-and-copy sends deltas as the rounds do (`Sender::queue`), so
+/// the pause may count them too.
+pub(crate) fn wire_ratio(
+    ratio: f64,
+    bandwidth: f64,
+    last: Option<LastRound>,
+    cold: u64,
+    hot: u64,
+) -> f64 {
+    let ratio = ratio.max(1.0);
+    let Some(last) = last.filter(|l| l.deltas > 0 && l.pages >= l.deltas) else {
+        return ratio;
+    };
+    let whole = PAGE_SIZE as f64 / ratio;
+    let n = last.pages as f64;
+    let bytes = (last.delta_bytes as f64 + (last.pages - last.deltas) as f64 * whole) / n;
+    let time = bandwidth.max(0.0) * (last.ms.max(0.0) / 1e3) / n;
+    let per_page = bytes.max(time).min(whole);
+    let measured = cold.min(last.pages);
+    let wire = measured as f64 * per_page + (cold - measured + hot) as f64 * whole;
+    if wire > 0.0 {
+        (cold + hot) as f64 * PAGE_SIZE as f64 / wire
+    } else {
+        ratio
+    }
+}
+
 /// `--strict-downtime`: the rounds stopped (`why`) with `dirty` bytes left,
 /// a pause of `expected_ms` (None: not known) over `max_ms`.
 fn over_max_downtime(why: &str, dirty: u64, expected_ms: Option<f64>, max_ms: f64) -> Error {
@@ -1634,15 +1689,20 @@ pub(crate) fn rounds(
     }
     // With the sampling, round 0 began when the log did: what the guest wrote
     // since is in the round's dirty rate.
-    let round0_start = (
-        if switch {
-            early.logged_from
-        } else {
-            Instant::now()
-        },
-        tx.bytes,
-        job.snapshot().pages.sent,
-    );
+    let xbzrle_counts = |s: &MigrationStats| (s.xbzrle.pages, s.xbzrle.bytes);
+    let round0_start = {
+        let s = job.snapshot();
+        (
+            if switch {
+                early.logged_from
+            } else {
+                Instant::now()
+            },
+            tx.bytes,
+            s.pages.sent,
+            xbzrle_counts(&s),
+        )
+    };
     let sampled = if switch {
         sample_hot(
             vm,
@@ -1695,10 +1755,11 @@ pub(crate) fn rounds(
     // everything (a settle with nothing sent since need not be repeated).
     let mut settled_at = None;
     loop {
-        let (t0, b0, s0) = if round == 0 {
+        let (t0, b0, s0, x0) = if round == 0 {
             round0_start
         } else {
-            (Instant::now(), tx.bytes, job.snapshot().pages.sent)
+            let s = job.snapshot();
+            (Instant::now(), tx.bytes, s.pages.sent, xbzrle_counts(&s))
         };
         let queued0 = if round == 0 { 0 } else { tx.queued_all() };
         tx.round = Some(round);
@@ -1781,24 +1842,32 @@ pub(crate) fn rounds(
         // Auto finishes in pre-copy only if the hot pages, sent in the
         // stop-and-copy, fit the pause too; unknown bandwidth (a round too
         // small to measure) only for a handful of pages.
-        let hot_bytes = if params.auto {
-            hot_pages * PAGE_SIZE
-        } else {
-            0
-        };
-        let pending = dirty_bytes + hot_bytes;
+        let hot_pending = if params.auto { hot_pages } else { 0 };
+        let now = job.snapshot();
+        let sent_pages = now.pages.sent.saturating_sub(s0);
         // The bandwidth is measured in wire bytes: with compression, the
-        // pending pages take what the batches so far shrank to.
+        // pending pages take what the batches so far shrank to, and with
+        // XBZRLE what this round's pages took (see `wire_ratio`).
         let ratio = match &tx.zstd {
-            Some(_) => job.snapshot().compression.ratio.max(1.0),
+            Some(_) => now.compression.ratio.max(1.0),
             None => 1.0,
         };
-        let expected = |pending: u64, rtt_ms: Option<f64>| {
+        let last = (round > 0).then(|| {
+            let (deltas, bytes) = xbzrle_counts(&now);
+            LastRound {
+                pages: sent_pages,
+                deltas: deltas.saturating_sub(x0.0),
+                delta_bytes: bytes.saturating_sub(x0.1),
+                ms,
+            }
+        });
+        let expected = |cold: u64, rtt_ms: Option<f64>| {
+            let ratio = wire_ratio(ratio, bandwidth, last, cold, hot_pending);
+            let pending = (cold + hot_pending) * PAGE_SIZE;
             expected_downtime_ms(pending, ratio, bandwidth, rtt_ms, vcpus)
         };
-        let mut expected_ms = expected(pending, rtt_ms);
+        let mut expected_ms = expected(dirty, rtt_ms);
         expected_last_ms = expected_ms;
-        let sent_pages = job.snapshot().pages.sent - s0;
         job.update(|s| {
             s.rounds.push(RoundStats {
                 pages: sent_pages,
@@ -1821,6 +1890,7 @@ pub(crate) fn rounds(
             round_bytes,
             ms,
             dirty,
+            wire_ratio = wire_ratio(ratio, bandwidth, last, dirty, hot_pending),
             ?expected_ms,
             "pre-copy round"
         );
@@ -1852,8 +1922,9 @@ pub(crate) fn rounds(
             for (t, l) in todo.iter_mut().zip(&late) {
                 *t |= *l;
             }
-            let dirty_bytes = popcount(&todo) * PAGE_SIZE;
-            expected_ms = expected(dirty_bytes + hot_bytes, rtt_ms);
+            let dirty = popcount(&todo);
+            let dirty_bytes = dirty * PAGE_SIZE;
+            expected_ms = expected(dirty, rtt_ms);
             expected_last_ms = expected_ms;
             job.update(|s| {
                 s.remaining_bytes = dirty_bytes;
@@ -1881,8 +1952,13 @@ pub(crate) fn rounds(
             };
             break;
         }
-        // (The bandwidth counts wire bytes: compressed pages take less of it.)
-        if switch && params.auto && bandwidth > 0.0 && cold_rate / ratio >= 0.8 * bandwidth {
+        // (The bandwidth counts wire bytes: compressed pages and deltas take
+        // less of it.)
+        if switch
+            && params.auto
+            && bandwidth > 0.0
+            && cold_rate / wire_ratio(ratio, bandwidth, last, dirty, 0) >= 0.8 * bandwidth
+        {
             stop_reason = "dirty rate above 80 % of the bandwidth";
             break;
         }
@@ -2041,7 +2117,7 @@ pub(crate) fn expect_confirm(rx: &mut Link) -> std::result::Result<u64, String> 
 mod tests {
     use super::{
         expected_downtime_ms, not_converging, over_max_downtime, reorder_plan, switch_allowance_ms,
-        Watchdog, MAX_ZERO_RANGES,
+        wire_ratio, LastRound, Watchdog, MAX_ZERO_RANGES,
     };
     use crate::{Error, Result};
     use std::time::Duration;
@@ -2192,6 +2268,82 @@ mod tests {
         assert!(!e.contains("inf") && !e.contains("NaN"), "{e}");
         let e = over_max_downtime("round limit", 100 << 20, Some(1048.6), 300.0).to_string();
         assert!(e.contains("about 1049 ms of pause"), "{e}");
+    }
+
+    #[test]
+    fn pending_pages_cost_what_the_last_rounds_deltas_cost_on_the_wire() {
+        let bw = (16 << 20) as f64;
+        // A guest bumping a counter in 4096 cached pages: the last round sent
+        // each as a delta of 20 bytes, in 20 ms (5 ms of them at the link).
+        let bumps = LastRound {
+            pages: 4096,
+            deltas: 4096,
+            delta_bytes: 4096 * 20,
+            ms: 20.0,
+        };
+        // No round with deltas yet (round 0, XBZRLE off, or no cache hit):
+        // zstd's ratio alone, exactly as for whole pages.
+        for ratio in [1.0, 2.5] {
+            assert_eq!(wire_ratio(ratio, bw, None, 4096, 100), ratio);
+            let whole = LastRound {
+                deltas: 0,
+                delta_bytes: 0,
+                ..bumps
+            };
+            assert_eq!(wire_ratio(ratio, bw, Some(whole), 4096, 100), ratio);
+        }
+        assert_eq!(wire_ratio(0.5, bw, None, 1, 0), 1.0, "never more than raw");
+        // Its time bounds it (20 ms for 4096 pages, 82 bytes each at the
+        // link), not the 20 bytes: 64 MiB/s of such pages is 1.3 MB/s at
+        // the link, far below 80 % of it (which the pages' raw size is
+        // over: auto switched to post-copy for it).
+        let r = wire_ratio(1.0, bw, Some(bumps), 4096, 0);
+        let per_page = bw * 0.020 / 4096.0;
+        assert!((r - 4096.0 / per_page).abs() < 1e-9, "{r}");
+        let cold_rate = (64 << 20) as f64;
+        assert!(cold_rate / 1.0 >= 0.8 * bw);
+        assert!(cold_rate / r < 0.1 * bw, "{r}");
+        // And 16 MiB of them pending is a pause of ~20 ms, not ~1 s.
+        let e = expected_downtime_ms(16 << 20, r, bw, Some(0.1), 1).unwrap();
+        assert!(e < 25.0, "{e}");
+        let old = expected_downtime_ms(16 << 20, 1.0, bw, Some(0.1), 1).unwrap();
+        assert!(old > 1000.0, "{old}");
+        // A quicker round: the bytes bound it.
+        let quick = LastRound { ms: 1.0, ..bumps };
+        let r = wire_ratio(1.0, bw, Some(quick), 4096, 0);
+        assert!((r - 4096.0 / 20.0).abs() < 1e-9, "{r}");
+        // Half the pages hit (2000 bytes of deltas for 100), half went whole
+        // at zstd's 2 ×: (2000 + 100 · 2048) / 200 bytes a page.
+        let half = LastRound {
+            pages: 200,
+            deltas: 100,
+            delta_bytes: 2000,
+            ms: 1.0,
+        };
+        let r = wire_ratio(2.0, bw, Some(half), 200, 0);
+        assert!((r - 4096.0 / 1034.0).abs() < 1e-9, "{r}");
+        // A round that took longer than whole pages would have: whole
+        // pages, no worse than without XBZRLE.
+        let slow = LastRound { ms: 500.0, ..bumps };
+        assert_eq!(wire_ratio(2.0, bw, Some(slow), 4096, 10), 2.0);
+        // The measure holds for as many pages as the round sent: 1000 pages
+        // pending after a round of 10 deltas are 990 whole ones (and zstd
+        // shrinks those alone).
+        let few = LastRound {
+            pages: 10,
+            deltas: 10,
+            delta_bytes: 200,
+            ms: 0.001,
+        };
+        let r = wire_ratio(2.0, bw, Some(few), 1000, 0);
+        let want = 1000.0 * 4096.0 / (200.0 + 990.0 * 2048.0);
+        assert!((r - want).abs() < 1e-9, "{r}");
+        // Hot pages may never have gone, so not be in the cache: whole.
+        let r = wire_ratio(1.0, bw, Some(quick), 100, 100);
+        let want = 200.0 * 4096.0 / (100.0 * 20.0 + 100.0 * 4096.0);
+        assert!((r - want).abs() < 1e-9, "{r}");
+        // Nothing pending: no page to cost.
+        assert_eq!(wire_ratio(3.0, bw, Some(bumps), 0, 0), 3.0);
     }
 
     #[test]
