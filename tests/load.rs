@@ -83,6 +83,40 @@ fn evacuate_moves_every_vm_sharing_the_bandwidth_cap() {
         c.assert_clean();
         b.ok(&["destroy", n]);
     }
+    // A VM that cannot move now (its own migration under way, slowly) is
+    // named, and the host is not reported empty.
+    a.create_guest("vm5", "workload=dirty:8:2", "64M", 1);
+    Console(a.vm_dir("vm5").join("console.log"))
+        .wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let job: Value = serde_json::from_str(&a.ok(&[
+        "migrate",
+        "vm5",
+        "--to",
+        &target,
+        "--max-bandwidth",
+        "1M",
+        "--detach",
+        "--json",
+    ]))
+    .unwrap();
+    let id = job["job"].as_str().unwrap().to_string();
+    let (code, out, err) = a.migctl(&["evacuate", "--to", &target, "--json"]);
+    assert_eq!(code, 1, "{err}\n{out}");
+    let results: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(results.len(), 1, "{out}");
+    assert_eq!(results[0]["vm"], "vm5", "{out}");
+    assert_eq!(results[0]["outcome"], "skipped", "{out}");
+    assert!(
+        results[0]["error"].as_str().unwrap_or("").contains(&id),
+        "{out}"
+    );
+    let (code, out, _) = a.migctl(&["evacuate", "--to", &target]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("0 of 1 VMs moved"), "{out}");
+    a.ok(&["cancel", &id]);
+    let j = a.wait_job(&id, Duration::from_secs(60));
+    assert_eq!(j["status"], "cancelled", "{j}");
+    a.ok(&["destroy", "vm5"]);
     // Nothing to do: says so, exit 0.
     let (code, out, _) = a.migctl(&["evacuate", "--to", &target]);
     assert_eq!(code, 0);

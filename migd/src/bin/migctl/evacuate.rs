@@ -1,6 +1,7 @@
 //! `migctl evacuate`: every VM of this host to one destination, a few at a
 //! time (the daemon shares its host-wide bandwidth cap among them), then one
-//! line per VM; exit 0 only if every VM moved.
+//! line per VM, those it could not move included; exit 0 only if every VM
+//! that runs here, or will, moved.
 
 use std::collections::VecDeque;
 use std::io::IsTerminal;
@@ -15,6 +16,30 @@ use crate::commands::print_json;
 use crate::format;
 
 const POLL: Duration = Duration::from_millis(250);
+
+/// What evacuating `vm` (a `list` entry) means: None where nothing of it
+/// runs or will run here (stopped, gone, being destroyed); `Some(None)`
+/// where it is to move; `Some(Some(why))` where it stays here unmoved, for
+/// the reason given (a host with such a VM is not empty: an unconfirmed
+/// VM may hold the only copy of its guest's memory).
+fn left_here(vm: &Value) -> Option<Option<String>> {
+    let state = vm["state"].as_str().unwrap_or("unknown");
+    if matches!(state, "stopped" | "migrated" | "destroying") {
+        return None;
+    }
+    if let Some(job) = vm["job"].as_str() {
+        return Some(Some(format!("{state}, with migration job {job} under way")));
+    }
+    Some(match state {
+        "running" | "paused" => None,
+        "unconfirmed" => Some(
+            "unconfirmed: its last migration ended without the destination's word \
+             (`migctl info` says what to check)"
+                .to_string(),
+        ),
+        other => Some(format!("{other}: not movable now")),
+    })
+}
 
 /// One VM's result.
 fn summary(vm: &str, job: &Value) -> Value {
@@ -40,16 +65,24 @@ pub fn run(
     as_json: bool,
 ) -> Result<ExitCode> {
     let vms = c.call(&json!({"cmd": "list"}))?["vms"].clone();
-    let mut queue: VecDeque<String> = vms
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|v| matches!(v["state"].as_str(), Some("running" | "paused")) && v["job"].is_null())
-        .filter_map(|v| v["name"].as_str().map(str::to_string))
-        .collect();
-    let total = queue.len();
-    let mut running: Vec<(String, String)> = Vec::new();
+    let mut queue: VecDeque<String> = VecDeque::new();
+    // VMs that stay on this host unmoved, said so and counted (the exit
+    // status then says the host is not empty).
     let mut done: Vec<Value> = Vec::new();
+    for v in vms.as_array().into_iter().flatten() {
+        let Some(name) = v["name"].as_str() else {
+            continue;
+        };
+        match left_here(v) {
+            None => {}
+            Some(None) => queue.push_back(name.to_string()),
+            Some(Some(why)) => {
+                done.push(json!({"vm": name, "job": v["job"], "outcome": "skipped", "error": why}))
+            }
+        }
+    }
+    let total = queue.len() + done.len();
+    let mut running: Vec<(String, String)> = Vec::new();
     let progress = !as_json && std::io::stderr().is_terminal();
     loop {
         while running.len() < parallel {
