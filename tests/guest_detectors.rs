@@ -276,3 +276,169 @@ fn vzeroupper_selftest_is_reported_by_simd_and_progress() {
         "{progress}"
     );
 }
+
+/// The `WORKLOAD CORRUPT` lines so far.
+fn corrupt_lines(console: &Console) -> Vec<String> {
+    console
+        .text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("WORKLOAD CORRUPT "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The value of `key=` in a line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= in '{line}'"))
+}
+
+/// A `0x...` number (up to 128 bits).
+fn hex(v: &str) -> u128 {
+    let digits = v
+        .strip_prefix("0x")
+        .unwrap_or_else(|| panic!("{v} is not 0x..."));
+    u128::from_str_radix(digits, 16).unwrap_or_else(|e| panic!("{v}: {e}"))
+}
+
+/// Boots `workload=idle` on 2 vCPUs with `selftest=<selftest>`, waits for
+/// the first CORRUPT line, then two more heartbeats; returns every CORRUPT
+/// line (a report repairs or re-learns what it reports, so one break gives
+/// one line).
+fn selftest_lines(name: &str, selftest: &str) -> (Scratch, Vm, Console, Vec<String>) {
+    let (dir, vm, console) = boot(name, &format!("workload=idle selftest={selftest}"), 2);
+    console.wait_for("WORKLOAD CORRUPT", Duration::from_secs(20));
+    let hb = console.last_heartbeat().unwrap_or(0);
+    console.wait_heartbeats(hb, 2, Duration::from_secs(20));
+    let lines = corrupt_lines(&console);
+    (dir, vm, console, lines)
+}
+
+#[test]
+fn a_changed_byte_of_the_image_is_reported_once() {
+    if !kvm_or_skip("a_changed_byte_of_the_image_is_reported_once") {
+        return;
+    }
+    // selftest=image flips the first byte of the image (its Xen note).
+    let (_dir, _vm, console, lines) = selftest_lines("det-image", "image");
+    let (base, len) = layout(&console, "readonly");
+    assert!(
+        base == 0x10_0000 && len > 0 && len % 4096 == 0,
+        "{base:#x}+{len:#x}"
+    );
+    assert_eq!(lines.len(), 1, "{}", console.text());
+    let (found, want) = (field(&lines[0], "found"), field(&lines[0], "want"));
+    assert_ne!(found, want);
+    assert_eq!(
+        lines[0],
+        format!("image addr={base:#x} bytes=4096 found={found} want={want}")
+    );
+}
+
+#[test]
+fn a_changed_page_table_entry_is_reported_once() {
+    if !kvm_or_skip("a_changed_page_table_entry_is_reported_once") {
+        return;
+    }
+    // selftest=pagetables sets an ignored bit of the PDE of the first 2 MiB.
+    let (_dir, _vm, console, lines) = selftest_lines("det-pt", "pagetables");
+    let (base, len) = layout(&console, "pagetables");
+    assert_eq!(len, (2 + 64) * 4096, "PML4, PDPT, 64 page directories");
+    assert_eq!(lines.len(), 1, "{}", console.text());
+    let (found, want) = (field(&lines[0], "found"), field(&lines[0], "want"));
+    assert_ne!(found, want);
+    assert_eq!(
+        lines[0],
+        format!(
+            "pagetables table=pd0 addr={:#x} found={found} want={want}",
+            base + 2 * 4096
+        )
+    );
+}
+
+#[test]
+fn a_changed_idt_gate_is_reported_once_and_repaired() {
+    if !kvm_or_skip("a_changed_idt_gate_is_reported_once_and_repaired") {
+        return;
+    }
+    // selftest=idt flips bit 0 of vector 254's handler address.
+    let (_dir, vm, console, lines) = selftest_lines("det-idt", "idt");
+    let (idt, _) = layout(&console, "idt");
+    assert_eq!(lines.len(), 1, "{}", console.text());
+    let (found, want) = (field(&lines[0], "found"), field(&lines[0], "want"));
+    assert_eq!(hex(found) ^ hex(want), 1, "{}", lines[0]);
+    assert_eq!(
+        lines[0],
+        format!("idt vector=254 found={found} want={want} bad_gates=1")
+    );
+    let mut gate = [0u8; 16];
+    vm.ram().read(idt + 254 * 16, &mut gate).unwrap();
+    assert_eq!(u128::from_le_bytes(gate), hex(want), "the gate is restored");
+}
+
+#[test]
+fn a_changed_gdt_entry_and_tss_are_reported_once_and_repaired() {
+    if !kvm_or_skip("a_changed_gdt_entry_and_tss_are_reported_once_and_repaired") {
+        return;
+    }
+    // selftest=gdt@1 flips bit 0 of GDT entry 1 (the boot path's 32-bit
+    // code segment) and the low byte of the word at 0x58 of vCPU 1's TSS
+    // (in IST7, which no gate uses).
+    let (_dir, vm, console, lines) = selftest_lines("det-gdt", "gdt@1");
+    let (gdt, _) = layout(&console, "gdt");
+    let (tss, _) = layout(&console, "tss");
+    assert_eq!(lines.len(), 2, "{}", console.text());
+    let (found, want) = (field(&lines[0], "found"), field(&lines[0], "want"));
+    assert_eq!(hex(found) ^ hex(want), 1, "{}", lines[0]);
+    assert_eq!(
+        lines[0],
+        format!("gdt entry=1 found={found} want={want} mask=0xfffffeffffffffff bad_entries=1")
+    );
+    let (tfound, twant) = (field(&lines[1], "found"), field(&lines[1], "want"));
+    assert_eq!(hex(tfound) ^ hex(twant), 0xff, "{}", lines[1]);
+    assert_eq!(
+        lines[1],
+        format!("tss cpu=1 offset=0x58 found={tfound} want={twant} bad_words=1")
+    );
+    let mut w = [0u8; 8];
+    vm.ram().read(gdt + 8, &mut w).unwrap();
+    assert_eq!(
+        u64::from_le_bytes(w) as u128,
+        hex(want),
+        "entry 1 is restored"
+    );
+    vm.ram().read(tss + 256 + 0x58, &mut w).unwrap();
+    assert_eq!(
+        u64::from_le_bytes(w) as u128,
+        hex(twant),
+        "the TSS is restored"
+    );
+}
+
+#[test]
+fn a_plain_run_reports_nothing() {
+    if !kvm_or_skip("a_plain_run_reports_nothing") {
+        return;
+    }
+    // The workload of the self-tests above, without one: the boot vCPU goes
+    // over the image, page tables, IDT, GDT and TSSs all the time. The accessed and dirty bits of
+    // the page tables, which the CPU sets, are cleared meanwhile: not a
+    // corruption.
+    let (_dir, vm, console) = boot("det-plain", "workload=idle", 2);
+    let (pt, len) = layout(&console, "pagetables");
+    let mut tables = vec![0u8; len as usize];
+    vm.pause();
+    vm.ram().read(pt, &mut tables).unwrap();
+    for entry in tables.chunks_mut(8) {
+        entry[0] &= !0x60;
+    }
+    vm.ram().write(pt, &tables).unwrap();
+    vm.resume();
+    console.assert_runs_on(4, Duration::from_secs(30));
+    assert!(
+        console.text().contains("WORKLOAD READY"),
+        "{}",
+        console.text()
+    );
+}

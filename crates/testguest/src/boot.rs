@@ -332,6 +332,7 @@ msg_memmap:
 
     .section .data.boot, "aw"
     .balign 16
+    .globl gdt
 gdt:
     .quad 0
     .quad 0x00cf9a000000ffff        /* 0x08 code32 */
@@ -342,6 +343,7 @@ gdt:
     .globl gdt_tss
 gdt_tss:                            /* 0x30 + 16 * cpu: TSS descriptors */
     .fill {max_cpus} * 2, 8, 0
+    .globl gdt_end
 gdt_end:
     .balign 8
 gdt_ptr:
@@ -355,6 +357,7 @@ idt_ptr:
 
     .section .bss.boot, "aw", @nobits
     .balign 4096
+    .globl pml4
 pml4:
     .skip 4096
 pdpt:
@@ -663,7 +666,46 @@ const _: () = {
 unsafe extern "C" {
     static tramp_start: u8;
     static tramp_end: u8;
+    static __image_start: u8;
+    static __readonly_end: u8;
     static __image_end: u8;
+    static pml4: u8;
+    static gdt: u8;
+    static gdt_end: u8;
+    static idt: u8;
+}
+
+/// Selector of the first TSS descriptor (`0x30 + 16 * cpu`).
+pub const GDT_TSS_SEL: usize = 0x30;
+
+/// The part of the image never written after the boot (`.note.xen`,
+/// `.text`, `.rodata`), page aligned: (address, bytes).
+pub fn readonly_range() -> (u64, u64) {
+    let start = (&raw const __image_start) as u64;
+    (start, (&raw const __readonly_end) as u64 - start)
+}
+
+/// The page tables: PML4, PDPT, then one page directory per GiB
+/// (address, bytes).
+pub fn page_tables_range() -> (u64, u64) {
+    ((&raw const pml4) as u64, (2 + MAX_RAM_GIB as u64) * 4096)
+}
+
+/// The GDT (address, bytes): 6 descriptors, then a 16-byte TSS
+/// descriptor per CPU.
+pub fn gdt_range() -> (u64, u64) {
+    let start = (&raw const gdt) as u64;
+    (start, (&raw const gdt_end) as u64 - start)
+}
+
+/// The IDT: 256 16-byte gates.
+pub fn idt_addr() -> u64 {
+    (&raw const idt) as u64
+}
+
+/// The TSSs, one 256-byte slot per CPU (address, bytes).
+pub fn tss_range() -> (u64, u64) {
+    (TSS.as_ptr() as u64, size_of::<[TssSlot; MAX_CPUS]>() as u64)
 }
 
 /// The AP trampoline image (to be copied to [`TRAMPOLINE_ADDR`]).

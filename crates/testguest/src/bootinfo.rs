@@ -163,6 +163,14 @@ pub enum SelfTest {
     Progress,
     /// Overwrite one word of the `keep=` memory (nothing without `keep=`).
     Keep,
+    /// Flip a byte of the read-only image (its Xen note).
+    Image,
+    /// Set an ignored bit of a page-directory entry.
+    PageTables,
+    /// Flip a bit of an unused IDT gate.
+    Idt,
+    /// Flip a bit of an unused GDT descriptor and of an unused TSS field.
+    Gdt,
 }
 
 impl SelfTest {
@@ -184,6 +192,10 @@ impl SelfTest {
             "kfault" => SelfTest::KernelFault,
             "progress" => SelfTest::Progress,
             "keep" => SelfTest::Keep,
+            "image" => SelfTest::Image,
+            "pagetables" => SelfTest::PageTables,
+            "idt" => SelfTest::Idt,
+            "gdt" => SelfTest::Gdt,
             _ => return None,
         })
     }

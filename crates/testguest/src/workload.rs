@@ -21,6 +21,7 @@ use crate::bootinfo::{Mode, SelfTest};
 use crate::checks::{self, Checker};
 use crate::clock;
 use crate::cpu;
+use crate::integrity::{self, Integrity};
 use crate::{corrupt, println};
 use core::cell::UnsafeCell;
 use core::ptr::{read_volatile, write_volatile};
@@ -553,6 +554,9 @@ struct Monitor {
     steps_seen: u64,
     last_progress: [(u64, u64, u64); MAX_CPUS],
     stall_reported: [bool; MAX_CPUS],
+    /// Image, page tables, IDT/GDT/TSS: snapshot at READY, then one unit
+    /// checked per loop iteration.
+    integrity: Option<Integrity>,
 }
 
 impl Monitor {
@@ -565,6 +569,7 @@ impl Monitor {
             steps_seen: 0,
             last_progress: [(0, 0, now); MAX_CPUS],
             stall_reported: [false; MAX_CPUS],
+            integrity: None,
         }
     }
 
@@ -572,6 +577,9 @@ impl Monitor {
         let n = p.ncpus;
         if !self.ready_printed && STATUS[..n].iter().all(|s| s.ready.load(Ordering::Acquire)) {
             self.ready_printed = true;
+            // Every CPU has loaded its TR and runs in ring 3: the boot
+            // code's last writes to its tables are done.
+            self.integrity = Some(Integrity::snapshot());
             println!("WORKLOAD READY");
             println!(
                 "WORKSET base={:#x} bytes={} cpus={}",
@@ -580,6 +588,9 @@ impl Monitor {
                 n
             );
             SELFTEST_AT.store(now + SELFTEST_DELAY_S * clock::tsc_hz(), Ordering::Release);
+        }
+        if let Some(i) = self.integrity.as_mut() {
+            i.step(now);
         }
         if p.chatty && self.ready_printed {
             self.chatty_n += 1;
@@ -675,6 +686,10 @@ fn run_selftest(kind: SelfTest, cpu: usize, slice: &Slice, p: &Plan) {
                 unsafe { write_volatile(page.add(5), 0xdead_beef_dead_beef) };
             }
         }
+        SelfTest::Image => integrity::sabotage::image(),
+        SelfTest::PageTables => integrity::sabotage::page_tables(),
+        SelfTest::Idt => integrity::sabotage::idt(),
+        SelfTest::Gdt => integrity::sabotage::gdt(cpu),
     }
 }
 
