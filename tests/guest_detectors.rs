@@ -416,13 +416,83 @@ fn a_changed_gdt_entry_and_tss_are_reported_once_and_repaired() {
     );
 }
 
+/// The value vCPU `cpu` holds in register `k` (`rax`, `rbx`, ... `r15` order,
+/// r13 is 12) around its `n`-th checked `hlt`.
+fn halt_value(k: u64, cpu: u64, n: u64) -> u64 {
+    0x52 << 56 | k << 48 | cpu << 40 | (n & 0xff_ffff_ffff)
+}
+
+#[test]
+fn a_register_changed_during_hlt_is_reported() {
+    if !kvm_or_skip("a_register_changed_during_hlt_is_reported") {
+        return;
+    }
+    // selftest=regs@1: vCPU 1 halts once through a service that flips r13
+    // while it sleeps.
+    let (_dir, _vm, console, lines) = selftest_lines("det-regs", "regs@1");
+    assert_eq!(lines.len(), 1, "{}", console.text());
+    let halts: u64 = field(&lines[0], "halts").parse().unwrap();
+    let want = halt_value(12, 1, halts);
+    assert_eq!(
+        lines[0],
+        format!(
+            "regs cpu=1 reg=r13 found={:#018x} want={want:#018x} bad_regs=1 halts={halts}",
+            !want
+        )
+    );
+}
+
+#[test]
+fn a_halted_vcpu_restored_with_a_wrong_register_is_reported() {
+    if !kvm_or_skip("a_halted_vcpu_restored_with_a_wrong_register_is_reported") {
+        return;
+    }
+    // What a VMM that restores a halted vCPU with a wrong register leaves:
+    // vCPU 1 (idle, asleep in hlt between ticks) gets r13 with bit 0 flipped.
+    let (_dir, vm, console) = boot("det-regs-vmm", "workload=idle", 2);
+    let mut changed = None;
+    for _ in 0..50 {
+        changed = vm
+            .with_vcpu(1, |fd| {
+                let mut regs = fd.get_regs().unwrap();
+                let cs = fd.get_sregs().unwrap().cs.selector;
+                // At CPL 0 with rax = 0 (the halt service) and r13 tagged: in
+                // a checked halt, before the registers are stored.
+                if cs & 3 != 0 || regs.rax != 0 || regs.r13 >> 48 != 0x520c {
+                    return None;
+                }
+                let r13 = regs.r13;
+                regs.r13 ^= 1;
+                fd.set_regs(&regs).unwrap();
+                Some(r13)
+            })
+            .unwrap();
+        vm.resume();
+        if changed.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r13 = changed.expect("vCPU 1 found in a checked hlt");
+    let line = console.wait_for("WORKLOAD CORRUPT regs", Duration::from_secs(20));
+    assert_eq!(
+        line,
+        format!(
+            "WORKLOAD CORRUPT regs cpu=1 reg=r13 found={:#018x} want={r13:#018x} bad_regs=1 halts={}",
+            r13 ^ 1,
+            r13 & 0xff_ffff_ffff
+        )
+    );
+}
+
 #[test]
 fn a_plain_run_reports_nothing() {
     if !kvm_or_skip("a_plain_run_reports_nothing") {
         return;
     }
-    // The workload of the self-tests above, without one: the boot vCPU goes
-    // over the image, page tables, IDT, GDT and TSSs all the time. The accessed and dirty bits of
+    // The workload of the self-tests above, without one: vCPU 1 sleeps in a
+    // checked hlt between ticks, the boot vCPU goes over the image, page
+    // tables, IDT, GDT and TSSs all the time. The accessed and dirty bits of
     // the page tables, which the CPU sets, are cleared meanwhile: not a
     // corruption.
     let (_dir, vm, console) = boot("det-plain", "workload=idle", 2);

@@ -160,6 +160,9 @@ pub const SVC_WRMSR: u32 = 3;
 pub const SVC_RDMSR: u32 = 4;
 /// cpuid(edi, esi) as seen at CPL 0: eax, esi(=ebx), ecx, edx.
 pub const SVC_CPUID: u32 = 5;
+/// `selftest=regs`: as [`SVC_HALT`], then `not r13` (what a VMM that
+/// restores a halted vCPU with a wrong register does).
+pub const SVC_HALT_CLOBBER: u32 = 6;
 
 /// Exit code written to port 0xf4 for a fatal exception is this plus the vector.
 pub const EXIT_EXCEPTION_BASE: u32 = 0x40;
@@ -520,6 +523,8 @@ ud_isr:
     je svc_rdmsr
     cmpl $5, %eax
     je svc_cpuid
+    cmpl $6, %eax
+    je svc_halt_clobber
     ud2                             /* unknown service: a CPL-0 #UD */
 1:  pushq $0
     pushq $6
@@ -527,9 +532,14 @@ ud_isr:
 svc_return:
     addq $2, (%rsp)                 /* step over the ud2 */
     iretq
-svc_halt:
+svc_halt:                           /* no register changes (see checks::Checker::halt) */
     sti
     hlt
+    jmp svc_return
+svc_halt_clobber:
+    sti
+    hlt
+    notq %r13
     jmp svc_return
 svc_lapic_write:
     andl $0xff0, %edi

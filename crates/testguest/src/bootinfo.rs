@@ -171,6 +171,8 @@ pub enum SelfTest {
     Idt,
     /// Flip a bit of an unused GDT descriptor and of an unused TSS field.
     Gdt,
+    /// Halt once through a service that changes r13 while the vCPU sleeps.
+    Regs,
 }
 
 impl SelfTest {
@@ -196,6 +198,7 @@ impl SelfTest {
             "pagetables" => SelfTest::PageTables,
             "idt" => SelfTest::Idt,
             "gdt" => SelfTest::Gdt,
+            "regs" => SelfTest::Regs,
             _ => return None,
         })
     }

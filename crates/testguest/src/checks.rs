@@ -12,7 +12,9 @@
 //! loop iteration ([`Checker::progress`]): memory older or newer than the
 //! registers (a lost last dirty round, a stale vCPU state) shows at once.
 
-use crate::boot::{KCPU, LAPIC_BASE, MAX_CPUS, SPURIOUS_VECTOR, TIMER_VECTOR};
+use crate::boot::{
+    KCPU, LAPIC_BASE, MAX_CPUS, SPURIOUS_VECTOR, SVC_HALT, SVC_HALT_CLOBBER, TIMER_VECTOR,
+};
 use crate::clock;
 use crate::cpu::{self, F80, X87_REGS, YMM_REGS};
 use crate::{corrupt, println};
@@ -85,6 +87,27 @@ fn progress_tag(cpu: usize) -> u64 {
 
 /// The counter's first value (never 0, which a zeroed copy would read).
 const PROGRESS_START: u64 = 1;
+
+/// RFLAGS around a checked `hlt`: IF and bit 1 (as they are in ring 3),
+/// and CF, PF, AF, ZF, SF, OF set (DF, TF and AC clear).
+const HALT_RFLAGS: u64 = 0x202 | 0x8d5;
+/// RFLAGS bits compared after it: the arithmetic flags and DF.
+const HALT_RFLAGS_MASK: u64 = 0x8d5 | 0x400;
+
+/// What the registers hold around `cpu`'s `n`-th checked `hlt` (in
+/// [`cpu::HALT_REGS`] order): rax the service; register `k` of the others
+/// `0x52` (`R`), `k`, the vCPU and the low 40 bits of `n`, byte by byte
+/// from the top, so every register of every vCPU and halt differs and a
+/// value shows where it came from.
+fn halt_values(cpu: usize, n: u64, service: u32) -> [u64; 16] {
+    let mut v = [0u64; 16];
+    v[0] = service as u64;
+    for (k, r) in v.iter_mut().enumerate().take(15).skip(1) {
+        *r = 0x52 << 56 | (k as u64) << 48 | (cpu as u64) << 40 | (n & 0xff_ffff_ffff);
+    }
+    v[15] = HALT_RFLAGS;
+    v
+}
 
 /// An MSR with a known value. `write = false`: only read and compared.
 #[derive(Clone, Copy)]
@@ -188,6 +211,8 @@ pub struct Checker {
     skew_reported: bool,
     xcr0_reported: bool,
     next_slow: u64,
+    /// Checked `hlt`s so far.
+    halts: u64,
     /// Clock steps seen (for the boot CPU's stall detector).
     pub steps: u64,
 }
@@ -307,6 +332,7 @@ impl Checker {
             skew_reported: false,
             xcr0_reported: false,
             next_slow: now,
+            halts: 0,
             steps: 0,
         }
     }
@@ -471,6 +497,45 @@ impl Checker {
                 corrupt!("msr cpu={cpu} msr=0xc0000103 name=tsc_aux found={got:#x} want={aux:#x}");
                 cpu::wrmsr(0xc000_0103, aux as u64);
             }
+        }
+    }
+
+    /// Sleeps until the next interrupt with known values in every
+    /// general-purpose register but rsp, and in RFLAGS, and compares them
+    /// after the wake-up: a VMM that restores a halted vCPU with wrong
+    /// registers is caught. Nothing on the way changes them: the #UD
+    /// handler's halt path (`sti; hlt; iretq`) only compares eax, the timer
+    /// handler saves and restores rax (the one register it uses), and the
+    /// spurious handler is a bare `iretq`; any other vector is fatal.
+    pub fn halt(&mut self) {
+        self.halt_with(SVC_HALT);
+    }
+
+    /// `selftest=regs`: one checked `hlt` through the service that flips
+    /// r13 while the vCPU sleeps.
+    pub fn halt_clobbered(&mut self) {
+        self.halt_with(SVC_HALT_CLOBBER);
+    }
+
+    fn halt_with(&mut self, service: u32) {
+        self.halts += 1;
+        let cpu = self.cpu;
+        let want = halt_values(cpu, self.halts, service);
+        let mut found = want;
+        cpu::halt_with_regs(&mut found);
+        let differs = |k: usize| {
+            let mask = if k == 15 { HALT_RFLAGS_MASK } else { !0 };
+            (found[k] ^ want[k]) & mask != 0
+        };
+        let bad = (0..16).filter(|&k| differs(k)).count();
+        if let Some(k) = (0..16).find(|&k| differs(k)) {
+            corrupt!(
+                "regs cpu={cpu} reg={} found={:#018x} want={:#018x} bad_regs={bad} halts={}",
+                cpu::HALT_REGS[k],
+                found[k],
+                want[k],
+                self.halts
+            );
         }
     }
 

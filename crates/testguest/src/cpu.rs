@@ -1,6 +1,6 @@
 //! Ring-3 wrappers: CPL-0 services, port I/O, TSC, SIMD/x87.
 
-use crate::boot::{SVC_CPUID, SVC_HALT, SVC_LAPIC_READ, SVC_LAPIC_WRITE, SVC_RDMSR, SVC_WRMSR};
+use crate::boot::{SVC_CPUID, SVC_LAPIC_READ, SVC_LAPIC_WRITE, SVC_RDMSR, SVC_WRMSR};
 use core::arch::asm;
 
 unsafe extern "C" {
@@ -41,9 +41,102 @@ pub fn bad_service() {
     svc(99, 0, 0);
 }
 
-/// Sleep at CPL 0 until the next interrupt (`sti; hlt`).
-pub fn halt() {
-    svc(SVC_HALT, 0, 0);
+/// Registers [`halt_checked`] sets and reads back, in this order.
+pub const HALT_REGS: [&str; 16] = [
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+    "r15", "rflags",
+];
+
+// halt_checked(regs: *mut [u64; 16]): loads every general-purpose register
+// but rsp, and RFLAGS, from `regs` (in HALT_REGS order; rax = the service,
+// SVC_HALT or SVC_HALT_CLOBBER), calls the service gate, and stores what
+// the registers hold after the wake-up back into `regs`. The callee-saved
+// registers are restored from the stack, so whatever the registers held
+// after the wake-up, the caller goes on unharmed.
+core::arch::global_asm!(
+    ".pushsection .text.halt_checked, \"ax\"",
+    ".globl halt_checked",
+    "halt_checked:",
+    "push rbx",
+    "push rbp",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "push rdi",
+    "push qword ptr [rdi + 120]",
+    "popfq",
+    "mov rax, [rdi]",
+    "mov rbx, [rdi + 8]",
+    "mov rcx, [rdi + 16]",
+    "mov rdx, [rdi + 24]",
+    "mov rsi, [rdi + 32]",
+    "mov rbp, [rdi + 48]",
+    "mov r8, [rdi + 56]",
+    "mov r9, [rdi + 64]",
+    "mov r10, [rdi + 72]",
+    "mov r11, [rdi + 80]",
+    "mov r12, [rdi + 88]",
+    "mov r13, [rdi + 96]",
+    "mov r14, [rdi + 104]",
+    "mov r15, [rdi + 112]",
+    "mov rdi, [rdi + 40]",
+    "call {gate}",
+    "pushfq",
+    "push rdi",
+    "mov rdi, [rsp + 16]",
+    "mov [rdi], rax",
+    "mov [rdi + 8], rbx",
+    "mov [rdi + 16], rcx",
+    "mov [rdi + 24], rdx",
+    "mov [rdi + 32], rsi",
+    "mov [rdi + 48], rbp",
+    "mov [rdi + 56], r8",
+    "mov [rdi + 64], r9",
+    "mov [rdi + 72], r10",
+    "mov [rdi + 80], r11",
+    "mov [rdi + 88], r12",
+    "mov [rdi + 96], r13",
+    "mov [rdi + 104], r14",
+    "mov [rdi + 112], r15",
+    "pop rax",
+    "mov [rdi + 40], rax",
+    "pop rax",
+    "mov [rdi + 120], rax",
+    "pop rdi",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbp",
+    "pop rbx",
+    "cld",
+    "ret",
+    ".popsection",
+    gate = sym svc_gate,
+);
+
+unsafe extern "C" {
+    fn halt_checked(regs: *mut [u64; 16]);
+}
+
+/// Sleep at CPL 0 until the next interrupt (`sti; hlt`) with every
+/// general-purpose register but rsp, and RFLAGS, set from `regs` (rax: the
+/// service, `SVC_HALT` or `SVC_HALT_CLOBBER`); `regs` then holds what they
+/// held after the wake-up.
+pub fn halt_with_regs(regs: &mut [u64; 16]) {
+    // SAFETY: halt_checked saves and restores the callee-saved registers
+    // and clobbers only those declared here (and the flags); it uses the
+    // stack (no `nostack`: the red zone stays free).
+    unsafe {
+        asm!(
+            "call {f}",
+            f = sym halt_checked,
+            inout("rdi") regs.as_mut_ptr() => _,
+            out("rax") _, out("rcx") _, out("rdx") _, out("rsi") _,
+            out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+        );
+    }
 }
 
 /// Write a LAPIC register (offset from 0xfee00000).

@@ -653,7 +653,7 @@ impl Monitor {
     }
 }
 
-fn run_selftest(kind: SelfTest, cpu: usize, slice: &Slice, p: &Plan) {
+fn run_selftest(kind: SelfTest, cpu: usize, slice: &Slice, p: &Plan, chk: &mut Checker) {
     println!("TESTGUEST selftest {kind:?} cpu={cpu}");
     let second = clock::tsc_hz();
     match kind {
@@ -690,6 +690,7 @@ fn run_selftest(kind: SelfTest, cpu: usize, slice: &Slice, p: &Plan) {
         SelfTest::PageTables => integrity::sabotage::page_tables(),
         SelfTest::Idt => integrity::sabotage::idt(),
         SelfTest::Gdt => integrity::sabotage::gdt(cpu),
+        SelfTest::Regs => chk.halt_clobbered(),
     }
 }
 
@@ -744,13 +745,13 @@ pub fn run(cpu: usize) -> ! {
             && now >= SELFTEST_AT.load(Ordering::Acquire)
         {
             selftest = None;
-            run_selftest(kind, cpu, &w.slice, p);
+            run_selftest(kind, cpu, &w.slice, p, &mut chk);
         }
         let wrote = w.step(now);
         STATUS[cpu].progress.fetch_add(1, Ordering::Relaxed);
         if may_halt && !wrote && w.swept_since_halt {
             w.swept_since_halt = false;
-            cpu::halt();
+            chk.halt();
         }
     }
 }
