@@ -364,3 +364,89 @@ fn a_vm_that_left_while_its_daemon_was_down_is_not_listed_stopped() {
     assert_eq!(info["state"], "running", "{info}");
     b.ok(&["destroy", "web1"]);
 }
+
+/// The source's VM process dies during post-copy (past the commit: the
+/// destination runs the VM): the source's daemon lists the VM
+/// `unconfirmed`, not `stopped`, so that `start` does not boot a second
+/// copy of it, says why in the job and in `info`, refuses `start` and
+/// `destroy` unless forced, and keeps it so across its own restart.
+#[test]
+fn a_source_process_dead_past_the_commit_leaves_the_vm_unconfirmed() {
+    if !kvm_or_skip("a_source_process_dead_past_the_commit_leaves_the_vm_unconfirmed") {
+        return;
+    }
+    let dir = scratch("restart-dead-source");
+    let pa = free_port();
+    let (sa, ta) = (dir.join("a.sock"), dir.join("a-state"));
+    let mut a = Daemon::start_with(sa.clone(), ta.clone(), pa, &dir.join("a.log"));
+    let b = Daemon::start(&dir, "b");
+    let _ra = Reaper(ta.clone());
+    let _rb = Reaper(b.state.clone());
+    let console = a.create_guest("web1", "workload=dirty:16:8", "128M", 1);
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    // Post-copy from the start, its push capped (8 MiB/s): ~2 s of it.
+    let job = a.ok(&[
+        "migrate",
+        "web1",
+        "--to",
+        &format!("127.0.0.1:{}", b.port),
+        "--mode",
+        "postcopy",
+        "--max-bandwidth",
+        "8M",
+        "--detach",
+    ]);
+    let job = job.trim().to_string();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j: Value = serde_json::from_str(&a.ok(&["job", &job, "--json"])).unwrap();
+        if j["status"] == "postcopy-active" {
+            break;
+        }
+        assert!(Instant::now() < end, "never in post-copy: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let info: Value = serde_json::from_str(&a.ok(&["info", "web1", "--json"])).unwrap();
+    let pid = info["pid"].as_u64().expect("a VM process") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let j = a.wait_job(&job, Duration::from_secs(30));
+    assert_eq!(j["status"], "failed", "{j}");
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("past its commit"),
+        "{j}"
+    );
+    let checks = |a: &Daemon| {
+        let info = a.wait_state("web1", "unconfirmed", Duration::from_secs(10));
+        assert!(info["pid"].is_null(), "{info}");
+        assert!(
+            info["unconfirmed"]
+                .as_str()
+                .unwrap_or("")
+                .contains("the destination may run it"),
+            "{info}"
+        );
+        let e = a.fails(&["start", "web1"]);
+        assert!(e.contains("unconfirmed"), "{e}");
+        let e = a.fails(&["destroy", "web1"]);
+        assert!(e.contains("unconfirmed"), "{e}");
+    };
+    checks(&a);
+    // The next daemon lists it the same.
+    assert_eq!(a.terminate(), 0);
+    let a = Daemon::start_with(sa, ta, pa, &dir.join("a2.log"));
+    checks(&a);
+    // Forced: booted again here (the destination's copy is stuck without
+    // the source's pages, and is destroyed below).
+    a.ok(&["start", "web1", "--force"]);
+    let info = a.wait_state("web1", "running", Duration::from_secs(30));
+    assert!(info["unconfirmed"].is_null(), "{info}");
+    a.ok(&["destroy", "web1"]);
+    b.ok(&["destroy", "web1", "--force"]);
+}

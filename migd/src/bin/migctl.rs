@@ -70,7 +70,14 @@ pub enum Cmd {
     },
     /// Boot a stopped VM again from its kernel (after a guest power-off or a
     /// crash), in the same directory.
-    Start { name: String },
+    Start {
+        name: String,
+        /// Boot even a VM left unconfirmed by a process that died past its
+        /// migration's commit: only once you know the destination does not
+        /// run it.
+        #[arg(long)]
+        force: bool,
+    },
     /// Pause a VM's vCPUs.
     Pause { name: String },
     /// Resume a paused VM.

@@ -78,6 +78,10 @@ enum Request {
     },
     Start {
         name: String,
+        /// Boot again even a VM left unconfirmed by a process that died
+        /// past its migration's commit.
+        #[serde(default)]
+        force: bool,
     },
     Pause {
         name: String,
@@ -295,9 +299,9 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
             let vm = entry(d, &name)?;
             Ok(json!({"ok": true, "vm": vm.to_json(&d.vm_dir(&name))}))
         }
-        Request::Start { name } => {
+        Request::Start { name, force } => {
             let span = tracing::info_span!("vm", name = %name);
-            start(d, &name).instrument(span).await
+            start(d, &name, force).instrument(span).await
         }
         Request::Pause { name } => pause_resume(d, &name, "pause", false).await,
         Request::Resume { name, force } => pause_resume(d, &name, "resume", force).await,
@@ -491,12 +495,26 @@ fn boot_args(r: &VmRecord) -> Result<Vec<String>> {
 
 /// Boots a stopped VM again from the kernel of its record (`virsh start`),
 /// in its directory (the console goes on in the same file).
-async fn start(d: &Arc<Daemon>, name: &str) -> Result<Value> {
+async fn start(d: &Arc<Daemon>, name: &str, force: bool) -> Result<Value> {
+    let dir = d.vm_dir(name);
     let record = {
         let mut reg = d.reg();
         let Some(vm) = reg.vms.get_mut(name) else {
             bail!("no VM named '{}'", name.escape_debug());
         };
+        if vm.state == st::UNCONFIRMED && vm.pid.is_none() {
+            let why = state::read_unconfirmed(&dir).unwrap_or_default();
+            if !force {
+                bail!(
+                    "VM '{name}' is unconfirmed ({why}); booting it here could run it twice: \
+                     check the destination, then `migctl destroy --force {name}` if it runs \
+                     there, or `migctl start --force {name}` if it does not"
+                );
+            }
+            tracing::warn!("starting an unconfirmed VM, as forced: {why}");
+            vm.state = st::STOPPED.into();
+            vm.unconfirmed = None;
+        }
         if vm.state != st::STOPPED || vm.pid.is_some() {
             bail!(
                 "VM '{name}' is {}; only a stopped VM can be started",
@@ -513,7 +531,7 @@ async fn start(d: &Arc<Daemon>, name: &str) -> Result<Value> {
         vm.state = st::CREATING.into();
         vm.record.clone()
     };
-    let dir = d.vm_dir(name);
+    let _ = std::fs::remove_file(state::unconfirmed_path(&dir));
     let started = match boot_args(&record) {
         Ok(boot) => spawn_vm(d, &record, boot, &dir).await,
         Err(e) => Err(e),
@@ -888,6 +906,14 @@ async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
         // save has removed its unfinished file.
         if [st::CREATING, st::DESTROYING].contains(&vm.state.as_str()) {
             bail!("VM '{name}' is {}; try again", vm.state);
+        }
+        // (With a process, that process refuses the same way.)
+        if vm.state == st::UNCONFIRMED && vm.pid.is_none() && !force {
+            let why = state::read_unconfirmed(&d.vm_dir(name)).unwrap_or_default();
+            bail!(
+                "VM '{name}' is unconfirmed ({why}); its memory here may be what the \
+                 destination still needs: destroy it with --force once you know"
+            );
         }
         let before = std::mem::replace(&mut vm.state, st::DESTROYING.into());
         (vm.pid, before)

@@ -469,6 +469,22 @@ async fn track(d: Arc<Daemon>, id: String, vm: String) {
                 }
                 break ("completed".to_string(), None);
             }
+            let last = d.reg().jobs.get(&id).map(|j| j.status.clone());
+            if let Some(s) = last.filter(|s| state::past_commit(s)) {
+                // The destination may run the VM: not to be booted here again.
+                state::mark_unconfirmed(
+                    &d,
+                    &vm,
+                    &format!("its process exited during a migration past the commit ({s}): the destination may run it"),
+                );
+                break (
+                    "failed".to_string(),
+                    Some(format!(
+                        "the VM process exited during the migration, past its commit ({s}): \
+                         the destination may run the VM; it is listed unconfirmed here"
+                    )),
+                );
+            }
             break (
                 "failed".to_string(),
                 Some("the VM process exited during the migration".to_string()),

@@ -132,6 +132,9 @@ pub struct VmEntry {
     /// `saving` state until then); false for a save found running after a
     /// restart, whose end the status shows.
     pub save_requested: bool,
+    /// Why it is `unconfirmed` (its process's word, or the daemon's where
+    /// the process died past a commit).
+    pub unconfirmed: Option<String>,
 }
 
 impl VmEntry {
@@ -148,6 +151,7 @@ impl VmEntry {
             arriving: None,
             saving: None,
             save_requested: false,
+            unconfirmed: None,
         }
     }
 
@@ -173,6 +177,7 @@ impl VmEntry {
             "filling": self.filling,
             "arriving": self.arriving,
             "saving": self.saving,
+            "unconfirmed": self.unconfirmed,
         })
     }
 }
@@ -219,6 +224,61 @@ pub fn arrived_path(dir: &Path) -> PathBuf {
 pub fn read_migrated(dir: &Path) -> Option<Value> {
     let b = std::fs::read(migrated_path(dir)).ok()?;
     Some(serde_json::from_slice::<Value>(&b).unwrap_or_default())
+}
+
+/// Written where a VM's process died past its migration's commit (the
+/// destination may run the VM): the VM stays `unconfirmed` without a
+/// process, across restarts of the daemon, until `start --force` or
+/// `destroy --force`. It holds why.
+pub fn unconfirmed_path(dir: &Path) -> PathBuf {
+    dir.join("unconfirmed")
+}
+
+/// Why the VM in `dir` is unconfirmed without a process ([`unconfirmed_path`]).
+pub fn read_unconfirmed(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(unconfirmed_path(dir)).ok()
+}
+
+/// Notes why the VM in `dir` is unconfirmed without a process.
+/// The first note stays (it is the more precise: the job's tracker and the
+/// process's exit may both note it).
+pub fn write_unconfirmed(dir: &Path, why: &str) {
+    let path = unconfirmed_path(dir);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, why.as_bytes()));
+    match written {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            tracing::warn!("noting {}: {e}", path.display())
+        }
+        _ => {}
+    }
+}
+
+/// A VM whose process died past its migration's commit (the job's tracker
+/// saw it first): unconfirmed, as [`process_exited`] lists it.
+pub fn mark_unconfirmed(d: &Daemon, name: &str, why: &str) {
+    {
+        let mut reg = d.reg();
+        let Some(vm) = reg.vms.get_mut(name) else {
+            return;
+        };
+        if [st::DESTROYING, st::MIGRATED].contains(&vm.state.as_str()) {
+            return;
+        }
+        vm.state = st::UNCONFIRMED.into();
+        vm.unconfirmed = Some(why.to_string());
+    }
+    write_unconfirmed(&d.vm_dir(name), why);
+}
+
+/// Whether a migration in `status` (as the VM process reports it) is past
+/// its commit: from the switch to post-copy on, the destination runs the
+/// VM.
+pub fn past_commit(status: &str) -> bool {
+    status.starts_with("postcopy-")
 }
 
 /// Unix time in seconds.
@@ -387,11 +447,21 @@ async fn adopt_answer(
             }
         }
         (None, Some(record)) => {
-            tracing::info!("VM process is gone; listed as stopped");
+            let why = read_unconfirmed(&dir);
+            let state = match &why {
+                Some(why) => {
+                    tracing::warn!("VM process is gone; listed as unconfirmed: {why}");
+                    st::UNCONFIRMED
+                }
+                None => {
+                    tracing::info!("VM process is gone; listed as stopped");
+                    st::STOPPED
+                }
+            };
             let _ = std::fs::remove_file(control_path(&dir));
-            d.reg()
-                .vms
-                .insert(name, VmEntry::new(record, st::STOPPED, None));
+            let mut vm = VmEntry::new(record, state, None);
+            vm.unconfirmed = why;
+            d.reg().vms.insert(name, vm);
         }
         (None, None) => {
             tracing::info!(dir = %dir.display(), "no record and no process: removing");
@@ -440,6 +510,13 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
     let left = read_migrated(&dir);
     let arrived = arrived_path(&dir).exists();
     let mut reg = d.reg();
+    // The status its migration job last reported, if one runs.
+    let job_status = reg
+        .vms
+        .get(name)
+        .and_then(|v| v.job.as_ref())
+        .and_then(|id| reg.jobs.get(id))
+        .map(|j| j.status.clone());
     let Some(vm) = reg.vms.get_mut(name) else {
         return;
     };
@@ -484,6 +561,30 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             tracing::warn!("removing {}: {e}", dir.display());
         }
+        return;
+    }
+    // Past the commit (or left unconfirmed by an earlier migration), the
+    // destination may run the VM: booting it here again would run it twice.
+    let unconfirmed = match job_status.as_deref() {
+        Some(s) if past_commit(s) => Some(format!(
+            "its process exited during a migration past the commit ({s}): the destination may run it"
+        )),
+        _ if vm.state == st::UNCONFIRMED => Some(
+            "its process exited with its last migration unconfirmed: the destination may run it"
+                .to_string(),
+        ),
+        _ => None,
+    };
+    if let Some(why) = unconfirmed {
+        tracing::warn!(?code, "VM process exited; VM is unconfirmed: {why}");
+        vm.state = st::UNCONFIRMED.into();
+        vm.unconfirmed = Some(why.clone());
+        drop(reg);
+        if let Some(r) = record {
+            write_record(&dir, &r);
+        }
+        write_unconfirmed(&dir, &why);
+        let _ = std::fs::remove_file(control_path(&dir));
         return;
     }
     tracing::info!(?code, "VM process exited; VM is stopped");
@@ -547,6 +648,7 @@ pub async fn refresh(d: &Daemon, name: &str) {
         }
         vm.state = new.to_string();
         vm.filling = Some(reply["filling"].clone()).filter(|f| !f.is_null());
+        vm.unconfirmed = reply["unconfirmed"].as_str().map(str::to_string);
         vm.arriving = Some(reply["arriving"].clone()).filter(|a| !a.is_null());
     }
     if let Some(r) = record_to_write {

@@ -101,8 +101,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 None => println!("VM {name} paused"),
             }
         }
-        Cmd::Start { name } => {
-            let r = connect_to_start()?.call(&json!({"cmd": "start", "name": name}))?;
+        Cmd::Start { name, force } => {
+            let r =
+                connect_to_start()?.call(&json!({"cmd": "start", "name": name, "force": force}))?;
             println!("VM {name} started (pid {})", format::opt(&r["vm"]["pid"]));
         }
         Cmd::Resume { name, force } => {

@@ -32,11 +32,12 @@ fn left_here(vm: &Value) -> Option<Option<String>> {
     }
     Some(match state {
         "running" | "paused" => None,
-        "unconfirmed" => Some(
-            "unconfirmed: its last migration ended without the destination's word \
-             (`migctl info` says what to check)"
-                .to_string(),
-        ),
+        "unconfirmed" => Some(format!(
+            "unconfirmed: {}",
+            vm["unconfirmed"]
+                .as_str()
+                .unwrap_or("its last migration ended without the destination's word")
+        )),
         other => Some(format!("{other}: not movable now")),
     })
 }

@@ -119,6 +119,9 @@ pub fn vm_info(v: &Value) -> String {
     let mut s = String::new();
     kv(&mut s, "Name", opt(&v["name"]));
     kv(&mut s, "State", opt(&v["state"]));
+    if let Some(why) = v["unconfirmed"].as_str() {
+        kv(&mut s, "Unconfirmed", why.to_string());
+    }
     kv(&mut s, "Pid", opt(&v["pid"]));
     kv(&mut s, "Memory", bytes_of(&v["memory"]));
     let huge = v["huge_pages"].as_bool() == Some(true);
