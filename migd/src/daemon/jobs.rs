@@ -618,9 +618,22 @@ async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<St
     rebalance(d).await;
 }
 
+/// The highest job number that moves the numbering on: one above (a job
+/// file edited, or corrupted, to job18446744073709551615) would have the
+/// next numbers wrap to job0 and overwrite older jobs. Such a job keeps its
+/// id, which new ones never reach.
+const MAX_JOB_NUMBER: u64 = 1 << 53;
+
 /// Makes sure no new job gets `id` (`jobN`) or an earlier one.
 fn reserve_job_id(reg: &mut super::Registry, id: &str) {
     if let Some(n) = id.strip_prefix("job").and_then(|n| n.parse::<u64>().ok()) {
+        if n > MAX_JOB_NUMBER {
+            tracing::warn!(
+                id,
+                "job number out of range: the numbering does not follow it"
+            );
+            return;
+        }
         reg.next_job = reg.next_job.max(n);
     }
 }
@@ -793,6 +806,9 @@ mod tests {
         reserve_job_id(&mut reg, "job3");
         reserve_job_id(&mut reg, "jobx");
         reserve_job_id(&mut reg, "other12");
+        assert_eq!(reg.next_job, 7);
+        // One near the top of u64 does not move it (the next ids would wrap).
+        reserve_job_id(&mut reg, "job18446744073709551615");
         assert_eq!(reg.next_job, 7);
     }
 
