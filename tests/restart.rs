@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::daemon::*;
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 #[test]
 fn a_migration_survives_both_daemons_going_away() {
@@ -449,4 +449,70 @@ fn a_source_process_dead_past_the_commit_leaves_the_vm_unconfirmed() {
     assert!(info["unconfirmed"].is_null(), "{info}");
     a.ok(&["destroy", "web1"]);
     b.ok(&["destroy", "web1", "--force"]);
+}
+
+/// One line to a VM process's control socket; its reply.
+fn vm_request(sock: &std::path::Path, req: Value) -> Value {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    writeln!(s, "{req}").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+/// A migration ends (cancelled on the VM's own control socket) while its
+/// daemon is down: the next daemon ends the job as the VM process reports
+/// it, `cancelled`, not as `failed` "no longer reported".
+#[test]
+fn a_migration_that_ended_while_the_daemon_was_down_keeps_its_outcome() {
+    if !kvm_or_skip("a_migration_that_ended_while_the_daemon_was_down_keeps_its_outcome") {
+        return;
+    }
+    let dir = scratch("restart-ended");
+    let pa = free_port();
+    let (sa, ta) = (dir.join("a.sock"), dir.join("a-state"));
+    let mut a = Daemon::start_with(sa.clone(), ta.clone(), pa, &dir.join("a.log"));
+    let b = Daemon::start(&dir, "b");
+    let _ra = Reaper(ta.clone());
+    let _rb = Reaper(b.state.clone());
+    let console = a.create_guest("web1", "workload=dirty:16:8", "128M", 1);
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    // 1 MiB/s: still going when the daemon is killed.
+    let job = a.ok(&[
+        "migrate",
+        "web1",
+        "--to",
+        &format!("127.0.0.1:{}", b.port),
+        "--max-bandwidth",
+        "1M",
+        "--detach",
+    ]);
+    let job = job.trim().to_string();
+    let sock = a.vm_dir("web1").join("control.sock");
+    let end = Instant::now() + Duration::from_secs(30);
+    while vm_request(&sock, json!({"cmd": "migration"}))["status"] != "active" {
+        assert!(Instant::now() < end, "never active");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = a.child.wait();
+    assert_eq!(vm_request(&sock, json!({"cmd": "cancel"}))["ok"], true);
+    let end = Instant::now() + Duration::from_secs(30);
+    while vm_request(&sock, json!({"cmd": "migration"}))["status"] != "cancelled" {
+        assert!(Instant::now() < end, "never cancelled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let a = Daemon::start_with(sa, ta, pa, &dir.join("a2.log"));
+    let j = a.wait_job(&job, Duration::from_secs(30));
+    assert_eq!(j["status"], "cancelled", "{j}\n{}", a.log_text());
+    let info = a.wait_state("web1", "running", Duration::from_secs(10));
+    assert!(info["job"].is_null(), "{info}");
+    let n = console.last_heartbeat().unwrap_or(0);
+    console.wait_heartbeats(n, 2, Duration::from_secs(30));
+    console.assert_clean();
+    a.ok(&["destroy", "web1"]);
 }

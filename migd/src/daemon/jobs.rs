@@ -642,9 +642,27 @@ fn reserve_job_id(reg: &mut super::Registry, id: &str) {
 /// completed while no daemon was watching).
 pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
     let sock = state::control_path(&d.vm_dir(vm));
-    let Ok(r) = vm_request(&sock, &json!({"cmd": "migration"}), Duration::from_secs(2)).await
-    else {
-        return;
+    let r = match vm_request(&sock, &json!({"cmd": "migration"}), Duration::from_secs(2)).await {
+        Ok(r) => r,
+        Err(e) => {
+            // No word now is no word for good: an unfinished job of this VM
+            // is tracked on (the tracker gives up on a process that never
+            // answers), not failed as one the process no longer reports.
+            let unfinished = d
+                .reg()
+                .jobs
+                .values()
+                .find(|j| j.vm == vm && !j.is_final())
+                .map(|j| j.id.clone());
+            if let Some(id) = unfinished {
+                tracing::warn!(job = %id, "the VM process does not say how its migration goes ({e:#}): tracking it on");
+                if let Some(v) = d.reg().vms.get_mut(vm) {
+                    v.job = Some(id.clone());
+                }
+                spawn_tracker(d.clone(), id, vm.to_string());
+            }
+            return;
+        }
     };
     let status = r["status"].as_str().unwrap_or("none").to_string();
     // A VM still arriving by post-copy runs here already and reports its
@@ -654,10 +672,30 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
         return;
     }
     let vm_state = d.reg().vms.get(vm).map(|v| v.state.clone());
+    let stats = stats_of(&r);
     if is_final(&status) && !(status == "completed" && vm_state.as_deref() == Some(st::MIGRATED)) {
+        // It ended while no daemon watched: the job it names ends as the
+        // VM process says (a cancel, or a failure whose error may say the
+        // destination runs the VM), not as one it no longer reports.
+        let open = stats["id"]
+            .as_str()
+            .filter(|id| {
+                d.reg()
+                    .jobs
+                    .get(*id)
+                    .is_some_and(|j| !j.is_final() && j.vm == vm)
+            })
+            .map(str::to_string);
+        if let (Some(id), "failed" | "cancelled") = (open, status.as_str()) {
+            let error = stats["error"].as_str().map(str::to_string);
+            if let Some(j) = d.reg().jobs.get_mut(&id) {
+                j.stats = stats;
+            }
+            tracing::info!(job = %id, %status, "the migration ended while migd was down");
+            finish(d, &id, vm, status, error).await;
+        }
         return;
     }
-    let stats = stats_of(&r);
     let id = {
         let mut reg = d.reg();
         let id = match stats["id"].as_str() {
