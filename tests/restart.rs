@@ -451,16 +451,6 @@ fn a_source_process_dead_past_the_commit_leaves_the_vm_unconfirmed() {
     b.ok(&["destroy", "web1", "--force"]);
 }
 
-/// One line to a VM process's control socket; its reply.
-fn vm_request(sock: &std::path::Path, req: Value) -> Value {
-    use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    writeln!(s, "{req}").unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(s).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
-}
-
 /// A migration ends (cancelled on the VM's own control socket) while its
 /// daemon is down: the next daemon ends the job as the VM process reports
 /// it, `cancelled`, not as `failed` "no longer reported".
@@ -491,7 +481,8 @@ fn a_migration_that_ended_while_the_daemon_was_down_keeps_its_outcome() {
     let job = job.trim().to_string();
     let sock = a.vm_dir("web1").join("control.sock");
     let end = Instant::now() + Duration::from_secs(30);
-    while vm_request(&sock, json!({"cmd": "migration"}))["status"] != "active" {
+    while try_request(&sock, &json!({"cmd": "migration"})).unwrap_or_default()["status"] != "active"
+    {
         assert!(Instant::now() < end, "never active");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -500,9 +491,14 @@ fn a_migration_that_ended_while_the_daemon_was_down_keeps_its_outcome() {
         nix::sys::signal::Signal::SIGKILL,
     );
     let _ = a.child.wait();
-    assert_eq!(vm_request(&sock, json!({"cmd": "cancel"}))["ok"], true);
+    assert_eq!(
+        try_request(&sock, &json!({"cmd": "cancel"})).unwrap_or_default()["ok"],
+        true
+    );
     let end = Instant::now() + Duration::from_secs(30);
-    while vm_request(&sock, json!({"cmd": "migration"}))["status"] != "cancelled" {
+    while try_request(&sock, &json!({"cmd": "migration"})).unwrap_or_default()["status"]
+        != "cancelled"
+    {
         assert!(Instant::now() < end, "never cancelled");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -515,4 +511,65 @@ fn a_migration_that_ended_while_the_daemon_was_down_keeps_its_outcome() {
     console.wait_heartbeats(n, 2, Duration::from_secs(30));
     console.assert_clean();
     a.ok(&["destroy", "web1"]);
+}
+
+/// `migctl migrate` (waiting for the job, not detached) outlives a restart
+/// of its daemon: the job goes on in the VM process, the next daemon picks
+/// it up, and the command reports its outcome, where it failed at the first
+/// poll the daemon did not answer.
+#[test]
+fn migctl_migrate_waits_out_a_restart_of_its_daemon() {
+    if !kvm_or_skip("migctl_migrate_waits_out_a_restart_of_its_daemon") {
+        return;
+    }
+    let dir = scratch("restart-migctl");
+    let pa = free_port();
+    let (sa, ta) = (dir.join("a.sock"), dir.join("a-state"));
+    let mut a = Daemon::start_with(sa.clone(), ta.clone(), pa, &dir.join("a.log"));
+    let b = Daemon::start(&dir, "b");
+    let _ra = Reaper(ta.clone());
+    let _rb = Reaper(b.state.clone());
+    let console = a.create_guest("web1", "workload=dirty:16:8", "128M", 1);
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let waiting = std::process::Command::new(migctl_bin())
+        .arg("--socket")
+        .arg(&sa)
+        .args(["migrate", "web1", "--to", &format!("127.0.0.1:{}", b.port)])
+        .args(["--max-bandwidth", "8M", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sock = a.vm_dir("web1").join("control.sock");
+    let end = Instant::now() + Duration::from_secs(30);
+    while try_request(&sock, &json!({"cmd": "migration"})).unwrap_or_default()["status"] != "active"
+    {
+        assert!(Instant::now() < end, "never active");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = a.child.wait();
+    std::thread::sleep(Duration::from_secs(1));
+    let a = Daemon::start_with(sa, ta, pa, &dir.join("a2.log"));
+    let out = waiting.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{stderr}\n{}",
+        a.log_text()
+    );
+    let stats: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(stats["status"], "completed", "{stats}");
+    let on_b = Console(b.vm_dir("web1").join("console.log"));
+    let n = on_b.last_heartbeat().unwrap_or(0);
+    on_b.wait_heartbeats(n, 2, Duration::from_secs(30));
+    on_b.assert_clean();
+    b.ok(&["destroy", "web1"]);
 }

@@ -15,6 +15,8 @@ use crate::commands::print_json;
 use crate::format;
 
 const POLL: Duration = Duration::from_millis(250);
+/// How long the daemon may not answer before `migrate` gives up waiting.
+const LOST_AFTER: Duration = Duration::from_secs(60);
 
 /// Polls `job` until the job ends, drawing progress on stderr when it is a terminal.
 /// `memory` (the VM's RAM) sizes the bar until the first round has measured the rest.
@@ -31,8 +33,23 @@ pub fn wait(socket: &Path, id: &str, memory: u64, as_json: bool) -> Result<ExitC
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     let mut rate = Rate::default();
+    // Since the daemon last answered: a restart of it (the job goes on in
+    // the VM process, and the next daemon picks it up) is waited out.
+    let mut answered = Instant::now();
     let job = loop {
-        let r = client.call(&json!({"cmd": "job", "id": id}))?;
+        let r = match client.call(&json!({"cmd": "job", "id": id})) {
+            Ok(r) => r,
+            Err(e @ migd::client::Error::Daemon(_)) => bail!("migration {id}: {e}"),
+            Err(e) if answered.elapsed() < LOST_AFTER => {
+                bar.set_message(format!("{e}; trying again"));
+                std::thread::sleep(POLL);
+                continue;
+            }
+            Err(e) => {
+                bail!("lost track of migration {id} ({e}); it may still run: see `migctl job {id}`")
+            }
+        };
+        answered = Instant::now();
         let job = r["job"].clone();
         let status = job["status"].as_str().unwrap_or("");
         if matches!(status, "completed" | "failed" | "cancelled") {
