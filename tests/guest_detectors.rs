@@ -486,13 +486,58 @@ fn a_halted_vcpu_restored_with_a_wrong_register_is_reported() {
 }
 
 #[test]
+fn a_cleared_cr0_wp_is_reported_once() {
+    if !kvm_or_skip("a_cleared_cr0_wp_is_reported_once") {
+        return;
+    }
+    // selftest=sysreg@1 clears CR0.WP on vCPU 1: nothing else would notice
+    // (every page is writable).
+    let (_dir, _vm, console, lines) = selftest_lines("det-sysreg", "sysreg@1");
+    assert_eq!(
+        lines,
+        ["sysreg cpu=1 reg=cr0 found=0x80000033 want=0x80010033"],
+        "{}",
+        console.text()
+    );
+}
+
+#[test]
+fn a_wrong_gdtr_restored_by_the_vmm_is_reported() {
+    if !kvm_or_skip("a_wrong_gdtr_restored_by_the_vmm_is_reported") {
+        return;
+    }
+    // A VMM that restores the GDTR's limit wrong (0xff, where the guest's
+    // GDT ends at 0xaf: harmless, so only the check sees it).
+    let (_dir, vm, console) = boot("det-sysreg-vmm", "workload=idle", 1);
+    let (gdt, len) = layout(&console, "gdt");
+    vm.with_vcpu(0, |fd| {
+        let mut sregs = fd.get_sregs().unwrap();
+        assert_eq!((sregs.gdt.base, sregs.gdt.limit as u64), (gdt, len - 1));
+        sregs.gdt.limit = 0xff;
+        fd.set_sregs(&sregs).unwrap();
+    })
+    .unwrap();
+    vm.resume();
+    let line = console.wait_for("WORKLOAD CORRUPT", Duration::from_secs(20));
+    assert_eq!(
+        line,
+        format!(
+            "WORKLOAD CORRUPT sysreg cpu=0 reg=gdtr found={:#x} want={:#x}",
+            gdt << 16 | 0xff,
+            gdt << 16 | (len - 1)
+        )
+    );
+}
+
+#[test]
 fn a_plain_run_reports_nothing() {
     if !kvm_or_skip("a_plain_run_reports_nothing") {
         return;
     }
     // The workload of the self-tests above, without one: vCPU 1 sleeps in a
     // checked hlt between ticks, the boot vCPU goes over the image, page
-    // tables, IDT, GDT and TSSs all the time. The accessed and dirty bits of
+    // tables, IDT, GDT and TSSs all the time, both read their system
+    // registers once a second. The accessed and dirty bits of
     // the page tables, which the CPU sets, are cleared meanwhile: not a
     // corruption.
     let (_dir, vm, console) = boot("det-plain", "workload=idle", 2);

@@ -163,6 +163,11 @@ pub const SVC_CPUID: u32 = 5;
 /// `selftest=regs`: as [`SVC_HALT`], then `not r13` (what a VMM that
 /// restores a halted vCPU with a wrong register does).
 pub const SVC_HALT_CLOBBER: u32 = 6;
+/// rax = system register `edi`: 0 CR0, 1 CR3, 2 CR4, 3 GDTR, 4 IDTR (base
+/// << 16 | limit), 5 TR.
+pub const SVC_SYSREG: u32 = 7;
+/// `selftest=sysreg`: clear CR0.WP.
+pub const SVC_CLEAR_WP: u32 = 8;
 
 /// Exit code written to port 0xf4 for a fatal exception is this plus the vector.
 pub const EXIT_EXCEPTION_BASE: u32 = 0x40;
@@ -525,6 +530,10 @@ ud_isr:
     je svc_cpuid
     cmpl $6, %eax
     je svc_halt_clobber
+    cmpl $7, %eax
+    je svc_sysreg
+    cmpl $8, %eax
+    je svc_clear_wp
     ud2                             /* unknown service: a CPL-0 #UD */
 1:  pushq $0
     pushq $6
@@ -540,6 +549,38 @@ svc_halt_clobber:
     sti
     hlt
     notq %r13
+    jmp svc_return
+svc_sysreg:
+    cmpl $3, %edi
+    jae 1f
+    movq %cr0, %rax
+    testl %edi, %edi
+    je svc_return
+    movq %cr3, %rax
+    cmpl $1, %edi
+    je svc_return
+    movq %cr4, %rax
+    jmp svc_return
+1:  subq $16, %rsp
+    sgdt (%rsp)
+    cmpl $3, %edi
+    je 2f
+    sidt (%rsp)
+    cmpl $4, %edi
+    je 2f
+    xorl %eax, %eax
+    str %ax
+    addq $16, %rsp
+    jmp svc_return
+2:  movq 2(%rsp), %rax              /* base << 16 | limit */
+    shlq $16, %rax
+    movw (%rsp), %ax
+    addq $16, %rsp
+    jmp svc_return
+svc_clear_wp:
+    movq %cr0, %rax
+    andl $~0x10000, %eax
+    movq %rax, %cr0
     jmp svc_return
 svc_lapic_write:
     andl $0xff0, %edi

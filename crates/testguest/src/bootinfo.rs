@@ -173,6 +173,8 @@ pub enum SelfTest {
     Gdt,
     /// Halt once through a service that changes r13 while the vCPU sleeps.
     Regs,
+    /// Clear CR0.WP.
+    Sysreg,
 }
 
 impl SelfTest {
@@ -199,6 +201,7 @@ impl SelfTest {
             "idt" => SelfTest::Idt,
             "gdt" => SelfTest::Gdt,
             "regs" => SelfTest::Regs,
+            "sysreg" => SelfTest::Sysreg,
             _ => return None,
         })
     }

@@ -46,6 +46,23 @@ impl core::fmt::Display for Hex {
     }
 }
 
+/// System registers read through [`cpu::sysreg`], by index.
+const SYSREGS: [&str; 6] = ["cr0", "cr3", "cr4", "gdtr", "idtr", "tr"];
+
+/// What the boot code leaves in them on `cpu` (GDTR and IDTR as base << 16
+/// | limit).
+fn sysreg_values(cpu: usize) -> [u64; 6] {
+    let (gdt, gdt_len) = crate::boot::gdt_range();
+    [
+        0x8001_0033, // PG | WP | NE | ET | MP | PE
+        crate::boot::page_tables_range().0,
+        0x4_0620, // OSXSAVE | OSXMMEXCPT | OSFXSR | PAE
+        gdt << 16 | (gdt_len - 1),
+        crate::boot::idt_addr() << 16 | 0xfff,
+        (crate::boot::GDT_TSS_SEL + 16 * cpu) as u64,
+    ]
+}
+
 /// LAPIC register offsets.
 mod reg {
     pub const ID: u32 = 0x20;
@@ -202,6 +219,10 @@ pub struct Checker {
     tsc_aux: Option<u32>,
     msrs: [Msr; MSR_COUNT],
     lapic: [LapicReg; 11],
+    /// CR0, CR3, CR4, GDTR, IDTR, TR: the value, or None where the value
+    /// read at start differs (not checked); and whether a difference was
+    /// reported (cleared when the register reads right again).
+    sysregs: [(Option<u64>, bool); 6],
     /// Clock: last read, current window.
     last: u64,
     win_start: u64,
@@ -288,6 +309,19 @@ impl Checker {
             None
         };
 
+        let mut sysregs = [(None, false); 6];
+        for (k, want) in sysreg_values(cpu).into_iter().enumerate() {
+            let v = cpu::sysreg(k as u32);
+            if v == want {
+                sysregs[k].0 = Some(want);
+            } else {
+                note(format_args!(
+                    "{} reads {v:#x}, want {want:#x}: not checked",
+                    SYSREGS[k]
+                ));
+            }
+        }
+
         let rdtscp = cpu::cpuid(0x8000_0001, 0)[3] & (1 << 27) != 0;
         let tsc_aux = if !rdtscp {
             note(format_args!("no RDTSCP in CPUID: TSC_AUX not checked"));
@@ -324,6 +358,7 @@ impl Checker {
             tsc_aux,
             msrs,
             lapic,
+            sysregs,
             last: now,
             win_start: now,
             win_ticks: kcpu.ticks.load(Ordering::Relaxed),
@@ -561,6 +596,21 @@ impl Checker {
                 }
             }
         }
+        for (k, (want, reported)) in self.sysregs.iter_mut().enumerate() {
+            let Some(want) = *want else { continue };
+            let v = cpu::sysreg(k as u32);
+            if v == want {
+                *reported = false;
+            } else if !*reported {
+                // Not restored (ring 3 cannot): reported once until it
+                // reads right again.
+                *reported = true;
+                corrupt!(
+                    "sysreg cpu={cpu} reg={} found={v:#x} want={want:#x}",
+                    SYSREGS[k]
+                );
+            }
+        }
         for &(r, mask, want) in &self.lapic {
             let v = cpu::lapic_read(r);
             if v & mask != want {
@@ -626,6 +676,11 @@ pub mod sabotage {
     /// LSTAR = 0.
     pub fn msr() {
         cpu::wrmsr(0xc000_0082, 0);
+    }
+
+    /// CR0.WP = 0.
+    pub fn sysreg() {
+        cpu::clear_wp();
     }
 
     /// Timer divider 16.

@@ -1,6 +1,8 @@
 //! Ring-3 wrappers: CPL-0 services, port I/O, TSC, SIMD/x87.
 
-use crate::boot::{SVC_CPUID, SVC_LAPIC_READ, SVC_LAPIC_WRITE, SVC_RDMSR, SVC_WRMSR};
+use crate::boot::{
+    SVC_CLEAR_WP, SVC_CPUID, SVC_LAPIC_READ, SVC_LAPIC_WRITE, SVC_RDMSR, SVC_SYSREG, SVC_WRMSR,
+};
 use core::arch::asm;
 
 unsafe extern "C" {
@@ -34,6 +36,17 @@ fn svc(func: u32, a: u64, b: u64) -> (u64, u64, u64, u64) {
         );
     }
     (rax, rcx, rdx, rsi)
+}
+
+/// A system register read at CPL 0: 0 CR0, 1 CR3, 2 CR4, 3 GDTR, 4 IDTR
+/// (base << 16 | limit), 5 TR.
+pub fn sysreg(index: u32) -> u64 {
+    svc(SVC_SYSREG, index as u64, 0).0
+}
+
+/// Clear CR0.WP (`selftest=sysreg`).
+pub fn clear_wp() {
+    svc(SVC_CLEAR_WP, 0, 0);
 }
 
 /// Call an unknown service: CPL 0 executes `ud2` (self-test of the fatal path).

@@ -691,6 +691,7 @@ fn run_selftest(kind: SelfTest, cpu: usize, slice: &Slice, p: &Plan, chk: &mut C
         SelfTest::Idt => integrity::sabotage::idt(),
         SelfTest::Gdt => integrity::sabotage::gdt(cpu),
         SelfTest::Regs => chk.halt_clobbered(),
+        SelfTest::Sysreg => checks::sabotage::sysreg(),
     }
 }
 
