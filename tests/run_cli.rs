@@ -248,6 +248,12 @@ fn a_handover_whose_new_process_dies_before_the_commit_keeps_the_vm() {
         assert_eq!(code, Some(71), "the new process's exit status");
         let st = old.request(json!({"cmd": "status"}));
         assert_eq!(st["state"], state, "{st}");
+        // The old process's log names the step that failed.
+        let log = std::fs::read_to_string(dir.join("old.log")).unwrap();
+        assert!(
+            log.contains("sending \"commit\" to the other process"),
+            "{log}"
+        );
         if state == "running" {
             console.wait_heartbeats(n, 2, Duration::from_secs(30));
         }

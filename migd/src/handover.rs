@@ -208,7 +208,12 @@ pub fn recv_vm(stream: &mut UnixStream) -> Result<(HandoverHeader, OwnedFd)> {
 pub fn send_line(stream: &mut UnixStream, value: &serde_json::Value) -> Result<()> {
     let mut line = serde_json::to_vec(value)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    stream
+        .write_all(&line)
+        .with_context(|| match value.get("cmd") {
+            Some(c) => format!("sending {c} to the other process"),
+            None => "sending a message to the other process".to_string(),
+        })?;
     Ok(())
 }
 
@@ -263,7 +268,8 @@ fn expect_cmd_of(
     want: &str,
     max: u64,
 ) -> Result<serde_json::Value> {
-    let v = read_line_of(reader, max)?;
+    let v = read_line_of(reader, max)
+        .with_context(|| format!("waiting for '{want}' from the other process"))?;
     match v.get("cmd").and_then(|c| c.as_str()) {
         Some(c) if c == want => Ok(v),
         _ => bail!("expected '{want}', got {v}"),

@@ -1689,7 +1689,8 @@ fn give_away(
         // pages, what was written elsewhere): sent again after the commit.
         data_after_commit: vm.ram().extents_from_mappings() || vm.ram().written_pages().is_some(),
     };
-    handover::send_vm(&mut stream, &header, memfd.as_raw_fd())?;
+    handover::send_vm(&mut stream, &header, memfd.as_raw_fd())
+        .context("handing the VM's memory to the new process")?;
     let mut reader = BufReader::new(stream.try_clone()?);
     // The new process builds its VM over the shared memory while ours runs on.
     handover::expect_cmd(&mut reader, "prepared")?;
@@ -1705,7 +1706,8 @@ fn give_away(
         state: vm.capture()?.encode()?,
         running: was_running,
     };
-    handover::send_state(&mut stream, &paused)?;
+    handover::send_state(&mut stream, &paused)
+        .context("sending the paused VM's state to the new process")?;
     handover::expect_cmd(&mut reader, "restored")?;
     let die = die_at_commit();
     if die {
@@ -1806,7 +1808,8 @@ fn take_over(
         UnixStream::connect(sock).with_context(|| format!("connecting to {}", sock.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     handover::send_line(&mut stream, &json!({"cmd": "handover"}))?;
-    let (header, fd) = handover::recv_vm(&mut stream)?;
+    let (header, fd) =
+        handover::recv_vm(&mut stream).context("receiving the VM's memory from the old process")?;
     let ram = GuestRam::from_fd(fd, header.memory)?;
     // The final list comes after the commit: on 4 KiB pages it counts only
     // with what this process's mappings map from before the VM runs here.
@@ -1815,14 +1818,17 @@ fn take_over(
     // the VM; whether they count is known at the pause.
     let extents = header.data_extents.unwrap_or_default();
     ram.map_extents(&extents)?;
-    let prepared = Vm::prepare(ram, header.vcpus, console)?;
+    let prepared = Vm::prepare(ram, header.vcpus, console).context("building the VM")?;
     handover::send_line(&mut stream, &json!({"cmd": "prepared"}))?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    let paused = handover::recv_state(&mut reader)?;
+    let paused = handover::recv_state(&mut reader)
+        .context("receiving the paused VM's state from the old process")?;
     let paused_at_ns = paused.paused_at_ns;
     let running = paused.running;
-    let state = VmState::decode(&paused.state)?;
-    let vm = prepared.load(&state)?;
+    let state = VmState::decode(&paused.state).context("the old process's VM state")?;
+    let vm = prepared
+        .load(&state)
+        .context("loading the old process's VM state")?;
     if paused.extents_complete {
         vm.ram().count_data_from_mappings();
     }
