@@ -195,7 +195,16 @@ impl Console {
     /// The `CLOCK STEP ms=` values reported so far (each a jump ahead of
     /// more than 100 ms between two looks at the clock, as across a pause).
     pub fn clock_steps(&self) -> Vec<u64> {
-        self.text()
+        self.clock_steps_since(0)
+    }
+
+    /// [`Console::clock_steps`] printed after the first `len` bytes (a
+    /// length of [`Console::text`] taken earlier): a step the host's
+    /// scheduling caused before then says nothing of what came after.
+    pub fn clock_steps_since(&self, len: usize) -> Vec<u64> {
+        let text = self.text();
+        text.get(len..)
+            .unwrap_or_default()
             .lines()
             .filter_map(|l| l.strip_prefix("CLOCK STEP ms="))
             .filter_map(|r| r.split_whitespace().next()?.parse().ok())
