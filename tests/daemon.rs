@@ -1195,6 +1195,15 @@ fn daemon_saves_a_vm_to_a_file_and_restores_it() {
     assert!(e.contains("no VM named 'nosuch'"), "{e}");
     let e = d.fails(&["save", "web1", &path("no/such/dir/x.snap")]);
     assert!(e.contains("is not a directory"), "{e}");
+    // Inside the state directory (where a save would remove the VM's
+    // directory, the snapshot with it, or overwrite another VM's record).
+    for inside in [
+        d.vm_dir("web1").join("web1.snap"),
+        d.vm_dir("web2").join("vm.json"),
+    ] {
+        let e = d.fails(&["save", "web1", inside.to_str().unwrap()]);
+        assert!(e.contains("inside migd's state directory"), "{e}");
+    }
     // A write that fails (no files can be made in /proc): the VM runs on.
     let e = d.fails(&["save", "web1", "/proc/web1.snap"]);
     assert!(e.contains("saving 'web1' to /proc/web1.snap"), "{e}");

@@ -633,6 +633,24 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
     if path.is_dir() {
         bail!("cannot save to {}: it is a directory", path.display());
     }
+    // The daemon's own files: a VM's directory is removed after a save (the
+    // snapshot with it), and a file there may be a VM's record.
+    let state_dir = d
+        .cfg
+        .state_dir
+        .canonicalize()
+        .unwrap_or(d.cfg.state_dir.clone());
+    if parent
+        .canonicalize()
+        .is_ok_and(|p| p.starts_with(&state_dir))
+    {
+        bail!(
+            "cannot save to {}: it is inside migd's state directory {}, whose VM directories \
+             migd removes; save outside it",
+            path.display(),
+            state_dir.display()
+        );
+    }
     let (pid, was) = {
         let mut reg = d.reg();
         let Some(vm) = reg.vms.get_mut(name) else {
