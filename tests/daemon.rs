@@ -1032,6 +1032,38 @@ fn a_peer_that_trickles_its_handshake_is_cut_off() {
     assert!(log.contains("did not complete its handshake"), "{log}");
 }
 
+/// A cost-model probe that stops sending after its Hello (or trickles its
+/// pages in) is cut off at the probe's deadline (5 minutes; 2 s here),
+/// where it held its handshake slot for as long as each read came in under
+/// the read timeout.
+#[test]
+fn a_probe_that_stalls_is_cut_off() {
+    use std::io::Read;
+    let dir = scratch("daemon-probe-stall");
+    let d = Daemon::start_env(&dir, "a", &[("MIGD_PROBE_DEADLINE_MS", "2000")]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    let vm = wire::VmDescriptor {
+        name: String::new(),
+        memory: 0,
+        vcpus: 0,
+        cpu_vendor: String::new(),
+        cpu_features: Vec::new(),
+    };
+    migration::handshake::hello(&mut s, migration::probe::PROBE_MODE, vm).unwrap();
+    let t = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    // Nothing more from here: the daemon hangs up at the deadline.
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(10), "cut after {took:?}");
+    let end = Instant::now() + Duration::from_secs(10);
+    while !d.log_text().contains("the probe not done within 2s") {
+        assert!(Instant::now() < end, "{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A save that outlasts the daemon's wait (10 minutes; 300 ms here, with the
 /// save slowed down) is cancelled, not left running behind a failed reply:
 /// the VM runs on, as the reply says, and no file is left.

@@ -23,6 +23,15 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the whole handshake (TLS, Hello, Accept, Boot) may take: a peer
 /// that trickles bytes in under every read timeout is cut off here.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a cost-model probe may take, handshake included (its 32 MiB
+/// need 5 minutes at 0.9 Mbit/s): it holds a handshake slot meanwhile, so a
+/// peer that trickles pages in under every read timeout is cut off here.
+const PROBE_DEADLINE: Duration = Duration::from_secs(300);
+
+fn probe_deadline() -> Duration {
+    migration::faults::knob_ms("MIGD_PROBE_DEADLINE_MS").unwrap_or(PROBE_DEADLINE)
+}
+
 /// Handshakes in progress at most, in all and from one address (each holds
 /// a blocking thread until its peer is done or cut off), so that one peer
 /// cannot keep the others out.
@@ -134,6 +143,12 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
         // Lifted before it is judged: a handshake that made it cannot be
         // cut afterwards, and one cut as it made it fails here.
         if deadline.lift() {
+            if let Ok(Some((_, record))) = &done {
+                // Admitted as the deadline cut it: the name and the memory
+                // it reserved go back (nothing runs there yet).
+                d2.reg().vms.remove(&record.name);
+                let _ = state::remove_dir(&d2.vm_dir(&record.name));
+            }
             let e = done
                 .err()
                 .unwrap_or_else(|| anyhow::anyhow!("connection cut"));
@@ -353,9 +368,15 @@ fn handshake(
         if deadline.lift() {
             anyhow::bail!("connection cut");
         }
-        let shared = handshake::accept(&mut stream, &hello)?;
-        handshake::receive_boot(&mut stream, &shared)?;
-        migration::probe::serve(&mut stream).context("serving a probe")?;
+        // The probe's own deadline, from the Hello on.
+        let limit = probe_deadline();
+        let probe = Deadline::start(stream.tcp().try_clone()?, limit);
+        let served = handshake::accept(&mut stream, &hello)
+            .and_then(|shared| handshake::receive_boot(&mut stream, &shared))
+            .and_then(|_boot| migration::probe::serve(&mut stream));
+        probe
+            .judge("the probe", served)
+            .with_context(|| format!("serving a probe from {peer}"))?;
         tracing::debug!(%peer, "probe served");
         return Ok(None);
     }
