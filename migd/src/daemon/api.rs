@@ -497,25 +497,23 @@ fn boot_args(r: &VmRecord) -> Result<Vec<String>> {
 /// in its directory (the console goes on in the same file).
 async fn start(d: &Arc<Daemon>, name: &str, force: bool) -> Result<Value> {
     let dir = d.vm_dir(name);
-    let record = {
+    let (record, before) = {
         let mut reg = d.reg();
         let Some(vm) = reg.vms.get_mut(name) else {
             bail!("no VM named '{}'", name.escape_debug());
         };
-        if vm.state == st::UNCONFIRMED && vm.pid.is_none() {
-            let why = state::read_unconfirmed(&dir).unwrap_or_default();
-            if !force {
-                bail!(
-                    "VM '{name}' is unconfirmed ({why}); booting it here could run it twice: \
-                     check the destination, then `migctl destroy --force {name}` if it runs \
-                     there, or `migctl start --force {name}` if it does not"
-                );
-            }
-            tracing::warn!("starting an unconfirmed VM, as forced: {why}");
-            vm.state = st::STOPPED.into();
-            vm.unconfirmed = None;
+        // Unconfirmed without a process: started only when forced, and it
+        // stays unconfirmed until it has started.
+        let unconfirmed = vm.state == st::UNCONFIRMED && vm.pid.is_none();
+        if unconfirmed && !force {
+            let why = vm.unconfirmed.clone().unwrap_or_default();
+            bail!(
+                "VM '{name}' is unconfirmed ({why}); booting it here could run it twice: \
+                 check the destination, then `migctl destroy --force {name}` if it runs \
+                 there, or `migctl start --force {name}` if it does not"
+            );
         }
-        if vm.state != st::STOPPED || vm.pid.is_some() {
+        if (vm.state != st::STOPPED && !unconfirmed) || vm.pid.is_some() {
             bail!(
                 "VM '{name}' is {}; only a stopped VM can be started",
                 vm.state
@@ -528,10 +526,12 @@ async fn start(d: &Arc<Daemon>, name: &str, force: bool) -> Result<Value> {
                 vm.record.origin
             );
         }
-        vm.state = st::CREATING.into();
-        vm.record.clone()
+        if unconfirmed {
+            tracing::warn!(why = ?vm.unconfirmed, "starting an unconfirmed VM, as forced");
+        }
+        let before = std::mem::replace(&mut vm.state, st::CREATING.into());
+        (vm.record.clone(), before)
     };
-    let _ = std::fs::remove_file(state::unconfirmed_path(&dir));
     let started = match boot_args(&record) {
         Ok(boot) => spawn_vm(d, &record, boot, &dir).await,
         Err(e) => Err(e),
@@ -542,14 +542,17 @@ async fn start(d: &Arc<Daemon>, name: &str, force: bool) -> Result<Value> {
         Ok((child, state, pid)) => {
             vm.state = state;
             vm.pid = Some(pid);
+            vm.unconfirmed = None;
             let v = vm.to_json(&dir);
             drop(reg);
+            let _ = std::fs::remove_file(state::unconfirmed_path(&dir));
             state::watch_child(d.clone(), name.to_string(), child);
             tracing::info!(pid, "VM started again");
             Ok(json!({"ok": true, "vm": v}))
         }
         Err(e) => {
-            vm.state = st::STOPPED.into();
+            // As it was: stopped, or unconfirmed.
+            vm.state = before;
             Err(e)
         }
     }

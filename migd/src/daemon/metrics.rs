@@ -22,7 +22,7 @@ pub const DOWNTIME_BUCKETS: [f64; 10] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 const OUTCOMES: [&str; 3] = ["completed", "failed", "cancelled"];
 /// States always exported (0 when no VM is in them), so that every series exists.
-const STATES: [&str; 8] = [
+const STATES: [&str; 9] = [
     st::CREATING,
     st::RUNNING,
     st::PAUSED,
@@ -31,6 +31,7 @@ const STATES: [&str; 8] = [
     st::STOPPED,
     st::DESTROYING,
     st::SAVING,
+    st::UNCONFIRMED,
 ];
 /// Longest request head accepted.
 const MAX_REQUEST: usize = 8192;
@@ -397,6 +398,11 @@ mod tests {
         let m = Metrics::default();
         let empty = m.render(&BTreeMap::new(), (0, 0));
         assert!(empty.contains("migd_vms{state=\"running\"} 0\n"), "{empty}");
+        // The state operators alert on exists before any VM is in it.
+        assert!(
+            empty.contains("migd_vms{state=\"unconfirmed\"} 0\n"),
+            "{empty}"
+        );
         assert!(empty.contains("migd_migrations_total{outcome=\"failed\",mode=\"postcopy\"} 0\n"));
         assert!(empty.contains("migd_migration_downtime_seconds_count 0\n"));
         m.migration_ended(&job(
