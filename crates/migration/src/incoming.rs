@@ -485,6 +485,17 @@ impl GuestMem {
         })
     }
 
+    /// Memory on huge pages: whether huge page `h` has been written (None:
+    /// not on huge pages). One word read, where [`GuestMem::touched_huge_pages`]
+    /// copies them all.
+    pub(crate) fn huge_page_written(&self, h: u64) -> Option<bool> {
+        self.touched.as_ref().map(|t| {
+            t.get((h / 64) as usize).is_some_and(|w| {
+                w.load(std::sync::atomic::Ordering::Acquire) & (1 << (h % 64)) != 0
+            })
+        })
+    }
+
     /// `memory` bytes of a memfd that is not a VM's (a probe's scratch memory).
     pub(crate) fn file(memfd: File, memory: u64) -> Self {
         GuestMem {
@@ -586,7 +597,8 @@ pub(crate) fn receive_pages(
                         Some(run) => (run, len - at),
                         None => (
                             view.page_mut(off + at as u64).ok_or_else(|| {
-                                Error::Protocol(format!("page {off:#x} outside guest memory"))
+                                let page = off + at as u64;
+                                Error::Protocol(format!("page {page:#x} outside guest memory"))
                             })?,
                             PAGE_SIZE as usize,
                         ),
@@ -652,18 +664,19 @@ pub(crate) fn apply_delta(dst: &GuestMem, off: u64, delta: &[u8]) -> Result<()> 
 /// covers a whole huge page it gives back the page reserved for it.
 pub(crate) fn zero_pages(dst: &GuestMem, off: u64, n: u64) -> Result<()> {
     check_range(dst.memory, off, n)?;
-    let Some(touched) = dst.touched_huge_pages() else {
+    if n == 0 {
+        return Err(Error::Protocol(format!(
+            "an empty range of zero pages at {off:#x}"
+        )));
+    }
+    if dst.huge_page_written(0).is_none() {
         return vmm::memory::punch_hole(&dst.memfd, off, n * PAGE_SIZE)
             .map_err(io_err("zeroing pages"));
-    };
+    }
     let zeros = [0u8; PAGE_SIZE as usize];
     for page in 0..n {
         let at = off + page * PAGE_SIZE;
-        let h = at / HUGE;
-        let written = touched
-            .get((h / 64) as usize)
-            .is_some_and(|w| w & (1 << (h % 64)) != 0);
-        if written {
+        if dst.huge_page_written(at / HUGE) == Some(true) {
             dst.write_at(&zeros, at)?;
         }
     }
@@ -709,6 +722,8 @@ mod tests {
         assert!(store_pages(&dst, &[end], &data[..4096]).is_err());
         assert!(store_pages(&dst, &[0x1001], &data[..4096]).is_err());
         assert!(zero_pages(&dst, 0, u64::MAX).is_err());
+        let e = zero_pages(&dst, 0x1000, 0).unwrap_err();
+        assert!(e.to_string().contains("empty range"), "{e}");
     }
 
     #[test]
