@@ -86,13 +86,28 @@ pub fn receive(
         // streams): that is no stall as long as their frames arrive. The
         // wait is for the first byte, so a timeout consumes nothing.
         let h = loop {
-            match r.fill_buf() {
-                Ok(_) => break wire::read_header(&mut r)?,
+            let failed = match r.fill_buf() {
+                Ok(_) => match wire::read_header(&mut r) {
+                    Ok(h) => break h,
+                    Err(e) => Error::from(e),
+                },
                 Err(e)
-                    if crate::timed_out(&e) && streams.as_mut().is_some_and(|s| s.progressed()) => {
+                    if crate::timed_out(&e) && streams.as_mut().is_some_and(|s| s.progressed()) =>
+                {
+                    continue
                 }
-                Err(e) => return Err(wire::WireError::from(e).into()),
-            }
+                Err(e) => wire::WireError::from(e).into(),
+            };
+            // A page stream that failed shut this connection for reading:
+            // its error is the cause, and the source is told.
+            return Err(match streams.as_mut().and_then(|s| s.failure()) {
+                Some(e) => {
+                    let reason = e.to_string();
+                    let _ = wire::write_control(&mut out, &Message::Cancel { reason });
+                    e
+                }
+                None => failed,
+            });
         };
         tracing::trace!(kind = h.kind, len = h.body_len, "frame");
         round_start.get_or_insert((Instant::now(), stats.pages));

@@ -457,6 +457,22 @@ impl Streams {
         Ok(streams)
     }
 
+    /// The failure a stream reported, if one did (marks reported meanwhile
+    /// wait for their barriers): why the main connection was shut.
+    pub(crate) fn failure(&mut self) -> Option<Error> {
+        while let Ok((s, report)) = self.reports.try_recv() {
+            match report {
+                Ok(mark) => {
+                    if let Some(q) = self.reached.get_mut((s as usize).wrapping_sub(1)) {
+                        q.push_back(mark);
+                    }
+                }
+                Err(e) => return Some(Error::Protocol(format!("page stream {s}: {e}"))),
+            }
+        }
+        None
+    }
+
     /// Whether frames arrived on the streams since the last call.
     pub(crate) fn progressed(&mut self) -> bool {
         let now = self.frames.load(Ordering::Relaxed);
@@ -555,8 +571,9 @@ impl Reader {
         }
         tracing::warn!(stream = self.index, "page stream failed: {e}");
         let _ = self.report.send((self.index, Err(e.to_string())));
-        // The main connection's reader is likely blocked on it: fail it now.
-        let _ = self.main.shutdown(Shutdown::Both);
+        // The main connection's reader is likely blocked on it: fail it now
+        // (reading only: it tells the source why, `Streams::failure`).
+        let _ = self.main.shutdown(Shutdown::Read);
     }
 
     /// Stores what arrives until the stream ends (an error, also for EOF).
@@ -755,6 +772,25 @@ mod barrier_tests {
 
     fn page(fill: u8) -> Vec<u8> {
         vec![fill; PAGE_SIZE as usize]
+    }
+
+    /// A stream that fails (a page outside guest memory) wakes the main
+    /// connection's reader with an end of file, says why through
+    /// `Streams::failure`, and leaves the main connection writable, so that
+    /// the destination can tell the source.
+    #[test]
+    fn a_failed_stream_ends_the_main_reads_and_says_why() {
+        let (main, mut ends, mut streams, _ram) = setup(2);
+        let mut reading = main.try_clone().unwrap();
+        let blocked = std::thread::spawn(move || std::io::Read::read(&mut reading, &mut [0u8; 1]));
+        wire::write_pages(&mut ends[0], &[64 << 20], &[&page(1)]).unwrap();
+        assert_eq!(blocked.join().unwrap().unwrap(), 0, "main reads end");
+        let e = streams.failure().expect("a failure reported");
+        assert!(e.to_string().contains("page stream 1"), "{e}");
+        assert!(e.to_string().contains("outside"), "{e}");
+        let mut out = main.try_clone().unwrap();
+        let reason = e.to_string();
+        wire::write_control(&mut out, &Message::Cancel { reason }).unwrap();
     }
 
     /// A barrier waits as long as frames keep arriving, however long that
