@@ -143,6 +143,8 @@ fn daemon_api_rejects_bad_input_with_clear_errors() {
             b"{\"cmd\":\"create\",\"name\":\"../evil\",\"kernel\":\"/etc/hostname\",\"memory\":\"128M\",\"vcpus\":1}",
             b"{\"cmd\":\"create\",\"name\":\"x\",\"kernel\":\"/no/such/kernel\",\"memory\":\"128M\",\"vcpus\":1}",
             b"{\"cmd\":\"create\",\"name\":\"x\",\"kernel\":\"/etc/hostname\",\"memory\":\"128M\",\"vcpus\":99}",
+            b"{\"cmd\":\"create\",\"name\":\"x\",\"kernel\":\"/etc/hostname\",\"memory\":\"8M\",\"vcpus\":1}",
+            b"{\"cmd\":\"create\",\"name\":\"x\",\"kernel\":\"/etc/hostname\",\"memory\":\"129M\",\"vcpus\":1}",
             b"{\"cmd\":\"info\",\"name\":\"ghost\"}",
             b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"127.0.0.1:1\"}",
             b"{\"cmd\":\"migrate\",\"name\":\"ghost\",\"to\":\"nowhere\"}",
@@ -172,6 +174,8 @@ fn daemon_api_rejects_bad_input_with_clear_errors() {
         "invalid VM name",
         "does not exist",
         "vcpus must be 1 to 8",
+        "at least 16 MiB",
+        "must be a multiple of 2 MiB",
         "no VM named 'ghost'",
         "no VM named 'ghost'",
         "HOST:PORT",
@@ -1062,6 +1066,48 @@ fn a_probe_that_stalls_is_cut_off() {
         assert!(Instant::now() < end, "{}", d.log_text());
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A VM admitted by a migration's handshake still under way (its source
+/// stalls after its Hello) cannot be destroyed meanwhile: its process is
+/// about to start under that name. Once the handshake's deadline cuts the
+/// source off, the name is free again.
+#[test]
+fn a_vm_whose_handshake_is_under_way_is_not_destroyed() {
+    let dir = scratch("daemon-arriving");
+    let d = Daemon::start_env(&dir, "a", &[("MIGD_HANDSHAKE_DEADLINE_MS", "3000")]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    let vm = wire::VmDescriptor {
+        name: "web9".into(),
+        memory: 128 << 20,
+        vcpus: 1,
+        cpu_vendor: String::new(),
+        cpu_features: Vec::new(),
+    };
+    // A Hello that offers the boot spec, which then never comes: admitted,
+    // the handshake waits for it.
+    wire::write_control(
+        &mut s,
+        &wire::Message::Hello {
+            magic: wire::MAGIC,
+            version: wire::PROTOCOL_VERSION,
+            capabilities: vec!["boot-spec".into()],
+            mode: "precopy".into(),
+            vm,
+        },
+    )
+    .unwrap();
+    let info = d.wait_state("web9", "incoming", Duration::from_secs(5));
+    assert!(info["pid"].is_null(), "{info}");
+    let e = d.fails(&["destroy", "web9"]);
+    assert!(e.contains("arriving"), "{e}");
+    let end = Instant::now() + Duration::from_secs(15);
+    while d.migctl(&["info", "web9"]).0 == 0 {
+        assert!(Instant::now() < end, "still listed after the deadline");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!d.vm_dir("web9").exists());
+    drop(s);
 }
 
 /// A save that outlasts the daemon's wait (10 minutes; 300 ms here, with the

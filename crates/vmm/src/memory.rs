@@ -90,6 +90,22 @@ pub fn ram_layout(size: u64) -> Vec<RamRange> {
 
 /// Checks a requested memory size against our bounds and what the host has.
 pub fn check_memory_size(size: u64) -> Result<()> {
+    check_memory_bounds(size)?;
+    if let Some(avail) = host_available_memory() {
+        if size > avail {
+            return Err(Error::MemoryTooLarge {
+                requested_mib: size >> 20,
+                available_mib: avail >> 20,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks a requested memory size against our bounds alone (at least
+/// [`MIN_MEMORY`], whole 2 MiB, at most [`MAX_MEMORY`]), as a daemon does
+/// before it starts a VM process (which memory it comes from is its call).
+pub fn check_memory_bounds(size: u64) -> Result<()> {
     if size < MIN_MEMORY {
         return Err(Error::MemorySize {
             size,
@@ -107,14 +123,6 @@ pub fn check_memory_size(size: u64) -> Result<()> {
             size,
             reason: format!("more than {} GiB", MAX_MEMORY >> 30),
         });
-    }
-    if let Some(avail) = host_available_memory() {
-        if size > avail {
-            return Err(Error::MemoryTooLarge {
-                requested_mib: size >> 20,
-                available_mib: avail >> 20,
-            });
-        }
     }
     Ok(())
 }

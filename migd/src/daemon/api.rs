@@ -448,12 +448,8 @@ async fn create(d: &Arc<Daemon>, c: CreateRequest) -> Result<Value> {
     if !(1..=8).contains(&c.vcpus) {
         bail!("vcpus must be 1 to 8, got {}", c.vcpus);
     }
-    if c.memory < 1 << 20 || !c.memory.is_multiple_of(4096) || c.memory > 1 << 40 {
-        bail!(
-            "memory must be a multiple of 4 KiB between 1 MiB and 1 TiB, got {} bytes",
-            c.memory
-        );
-    }
+    // The VM library's bounds, before a process is spawned.
+    vmm::memory::check_memory_bounds(c.memory).map_err(|e| anyhow::anyhow!("memory: {e}"))?;
     let kernel = existing_file(&c.kernel, "kernel")?;
     let initramfs = match &c.initramfs {
         Some(p) => Some(existing_file(p, "initramfs")?),
@@ -927,6 +923,11 @@ async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
         // save has removed its unfinished file.
         if [st::CREATING, st::DESTROYING].contains(&vm.state.as_str()) {
             bail!("VM '{name}' is {}; try again", vm.state);
+        }
+        // Admitted by a handshake still under way (30 s at most): its
+        // process is about to start under this name.
+        if vm.state == st::INCOMING && vm.pid.is_none() {
+            bail!("VM '{name}' is arriving (its migration's handshake is under way); try again in a moment");
         }
         // (With a process, that process refuses the same way.)
         if vm.state == st::UNCONFIRMED && vm.pid.is_none() && !force {

@@ -287,10 +287,9 @@ fn admit(
     if !(1..=8).contains(&vcpus) {
         return Err(format!("{vcpus} vCPUs: this host runs VMs of 1 to 8 vCPUs"));
     }
-    if memory == 0 || !memory.is_multiple_of(4096) {
-        return Err(format!(
-            "memory of {memory} bytes is not a whole number of pages"
-        ));
+    // The VM library's bounds, before the source sends a page.
+    if let Err(e) = vmm::memory::check_memory_bounds(memory) {
+        return Err(format!("memory: {e}"));
     }
     // On huge pages the VM's memory is all reserved in the pool when made.
     let (available, whence) = if d.cfg.hugepages {
@@ -448,8 +447,8 @@ mod tests {
         std::fs::create_dir_all(state_dir.join("vms")).unwrap();
         let d = Daemon::for_tests(&state_dir, Default::default());
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        // Two fifths of what is available, page-aligned: two fit, a third not.
-        let share = vmm::memory::mem_available().unwrap() * 2 / 5 / 4096 * 4096;
+        // Two fifths of what is available, in whole 2 MiB: two fit, a third not.
+        let share = vmm::memory::mem_available().unwrap() * 2 / 5 / (2 << 20) * (2 << 20);
         admit(&d, "a1", share, 1, peer).unwrap();
         admit(&d, "a2", share, 1, peer).unwrap();
         let e = admit(&d, "a3", share, 1, peer).unwrap_err();
