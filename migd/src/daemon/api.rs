@@ -675,11 +675,16 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
     let boot = d.reg().vms.get(name).and_then(|v| v.record.boot_spec());
     let req = json!({"cmd": "snapshot", "path": path, "stop": !keep, "boot": boot});
     let r = vm_call(&state::control_path(&dir), &req, save_timeout()).await;
+    // As it was; stopped if its process is gone (it exited in the save:
+    // `process_exited` left it to this request).
     let back = |state: &str| {
         if let Some(v) = d.reg().vms.get_mut(name) {
             v.save_requested = false;
             if v.state == st::SAVING {
-                v.state = state.into();
+                v.state = match v.pid {
+                    Some(_) => state.into(),
+                    None => st::STOPPED.into(),
+                };
                 v.saving = None;
             }
         }

@@ -524,8 +524,10 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
         return;
     }
     vm.pid = None;
-    // Destroy cleans up itself.
-    if vm.state == st::DESTROYING {
+    // Destroy cleans up itself, and so does a save this daemon asked for
+    // (its process exits once the file is written: until the save's reply
+    // has removed the VM, a `start` must not boot it again).
+    if vm.state == st::DESTROYING || (vm.state == st::SAVING && vm.save_requested) {
         return;
     }
     if vm.state == st::MIGRATED || left.is_some() {
@@ -722,6 +724,37 @@ mod tests {
         assert!(record_path(&d.vm_dir("came")).exists());
         assert!(!d.reg().vms.contains_key("never"));
         assert!(!d.vm_dir("never").exists());
+        let _ = std::fs::remove_dir_all(&state_dir);
+    }
+
+    /// A VM whose process exits during a save this daemon asked for (it
+    /// stops once the file is written) stays `saving` for the save's reply
+    /// to finish: listed `stopped` meanwhile, `start` could boot it again
+    /// just before the reply removed its directory.
+    #[test]
+    fn a_vm_whose_process_exits_in_its_save_is_left_to_the_save() {
+        let state_dir =
+            std::env::temp_dir().join(format!("migd-state-saving-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        let d = Daemon::for_tests(&state_dir, Default::default());
+        std::fs::create_dir_all(d.vm_dir("web1")).unwrap();
+        let record = VmRecord {
+            name: "web1".into(),
+            kernel: None,
+            initramfs: None,
+            cmdline: String::new(),
+            memory: 64 << 20,
+            vcpus: 1,
+            created: 0,
+            origin: Origin::Created,
+            source: None,
+        };
+        let mut vm = VmEntry::new(record, st::SAVING, Some(4242));
+        vm.save_requested = true;
+        d.reg().vms.insert("web1".into(), vm);
+        process_exited(&d, "web1", 4242, Some(0));
+        assert_eq!(d.reg().vms["web1"].state, st::SAVING);
+        assert_eq!(d.reg().vms["web1"].pid, None);
         let _ = std::fs::remove_dir_all(&state_dir);
     }
 
