@@ -444,7 +444,9 @@ fn a_source_process_dead_past_the_commit_leaves_the_vm_unconfirmed() {
     checks(&a);
     // Forced: booted again here (the destination's copy is stuck without
     // the source's pages, and is destroyed below).
-    a.ok(&["start", "web1", "--force"]);
+    let started: Value =
+        serde_json::from_str(&a.ok(&["start", "web1", "--force", "--json"])).unwrap();
+    assert!(started["pid"].as_u64().is_some(), "{started}");
     let info = a.wait_state("web1", "running", Duration::from_secs(30));
     assert!(info["unconfirmed"].is_null(), "{info}");
     a.ok(&["destroy", "web1"]);

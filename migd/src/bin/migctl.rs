@@ -77,6 +77,9 @@ pub enum Cmd {
         /// run it.
         #[arg(long)]
         force: bool,
+        /// Print the started VM as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Pause a VM's vCPUs.
     Pause { name: String },

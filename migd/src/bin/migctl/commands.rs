@@ -89,6 +89,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 follow_file(path)?;
             } else {
                 let r = connect()?.call(&json!({"cmd": "console", "name": name}))?;
+                if r["truncated"] == true {
+                    eprintln!(
+                        "(the console's last part only; the whole log is {})",
+                        format::opt(&r["path"])
+                    );
+                }
                 let mut out = std::io::stdout().lock();
                 out.write_all(r["text"].as_str().unwrap_or("").as_bytes())?;
                 out.flush()?;
@@ -101,10 +107,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 None => println!("VM {name} paused"),
             }
         }
-        Cmd::Start { name, force } => {
+        Cmd::Start { name, force, json } => {
             let r =
                 connect_to_start()?.call(&json!({"cmd": "start", "name": name, "force": force}))?;
-            println!("VM {name} started (pid {})", format::opt(&r["vm"]["pid"]));
+            if json {
+                print_json(&r["vm"]);
+            } else {
+                println!("VM {name} started (pid {})", format::opt(&r["vm"]["pid"]));
+            }
         }
         Cmd::Resume { name, force } => {
             connect()?.call(&json!({"cmd": "resume", "name": name, "force": force}))?;
