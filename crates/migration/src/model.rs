@@ -45,7 +45,8 @@
 //! `t_0 = s + 0.1 V_0 / R`, and post-copy moves `0.9 V_0`. Otherwise it ends
 //! in pre-copy where those rounds converge, in hybrid where not; that
 //! hybrid ending's round 0 watches the same `s` (10 ms uncapped, 50 ms
-//! capped). An ending in pre-copy is predicted as pre-copy, without the watch.
+//! capped). An ending in pre-copy is predicted as pre-copy after that same
+//! watch-only step `s` (its downtime is pre-copy's; its total `s` longer).
 //!
 //! Every mode's total also counts the set-up before any page moves
 //! (`T_setup`: connection, handshake, the destination's preparation), an
@@ -283,12 +284,12 @@ fn auto_step(i: &Inputs) -> f64 {
 }
 
 /// The watch-only sampling step that [`predict`] counts at the start of
-/// `mode`'s round 0, seconds (none where it predicts no sampling: auto
-/// expected to end in pre-copy is predicted as pre-copy).
+/// `mode`'s round 0, seconds (none where it predicts no sampling; auto
+/// watches first whatever it then does).
 fn round0_step(mode: &str, i: &Inputs) -> f64 {
     match mode {
         "hybrid" => HYBRID_STEP,
-        "auto" if auto_cut(i).is_some() || auto_mode(i) == "hybrid" => auto_step(i),
+        "auto" => auto_step(i),
         _ => 0.0,
     }
 }
@@ -346,7 +347,13 @@ pub fn predict(mode: &str, i: &Inputs) -> Prediction {
     match mode {
         "auto" => match auto_cut(i) {
             Some((t0, left)) => ending_in_postcopy(i, (t0, 1, true), left),
-            None if auto_mode(i) == "precopy" => predict("precopy", i),
+            // Pre-copy, after the watch-only first step (it samples
+            // before it decides, whatever it decides).
+            None if auto_mode(i) == "precopy" => {
+                let mut p = predict("precopy", i);
+                p.total_ms += auto_step(i) * 1e3;
+                p
+            }
             // Round 0 with its sampling, then post-copy at once.
             None => {
                 let (hot, t0, cold_left, _) = hybrid_round0(i, auto_step(i));
@@ -846,7 +853,14 @@ mod tests {
     fn auto_picks_precopy_where_it_converges_hybrid_elsewhere_and_cuts_a_growing_set() {
         let calm = inputs();
         assert_eq!(auto_mode(&calm), "precopy");
-        assert_eq!(predict("auto", &calm), predict("precopy", &calm));
+        // Pre-copy, after its first step (10 ms of watching, no cap).
+        let (auto, pre) = (predict("auto", &calm), predict("precopy", &calm));
+        assert_eq!(auto.downtime_ms, pre.downtime_ms);
+        assert!(
+            (auto.total_ms - pre.total_ms - 10.0).abs() < 1e-9,
+            "{auto:?}"
+        );
+        assert_eq!(round0_step("auto", &calm), 0.010);
         // Dirtying at under a tenth of the link, but a pause too short for
         // even the switch-over: no cut, hybrid.
         let tight = Inputs {
