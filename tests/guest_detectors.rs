@@ -557,3 +557,36 @@ fn a_plain_run_reports_nothing() {
         console.text()
     );
 }
+
+/// A vCPU's pending NMI survives a capture and a restore (KVM_SET_VCPU_EVENTS
+/// takes it only with KVM_VCPUEVENT_VALID_NMI_PENDING, which
+/// KVM_GET_VCPU_EVENTS sets, and the restore passes on as captured).
+#[test]
+fn a_pending_nmi_survives_capture_and_restore() {
+    if !kvm_or_skip("a_pending_nmi_survives_capture_and_restore") {
+        return;
+    }
+    let (_dir, vm, _console) = boot("state-nmi", "workload=idle", 1);
+    vm.pause();
+    vm.with_vcpu(0, |fd| {
+        let mut ev = fd.get_vcpu_events().unwrap();
+        ev.nmi.pending = 1;
+        ev.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_NMI_PENDING;
+        fd.set_vcpu_events(&ev).unwrap();
+    })
+    .unwrap();
+    let state = vm.capture().unwrap();
+    let events = state.vcpus[0].events;
+    assert_eq!(events.nmi.pending, 1, "not captured");
+    assert_ne!(
+        events.flags & kvm_bindings::KVM_VCPUEVENT_VALID_NMI_PENDING,
+        0,
+        "KVM_GET_VCPU_EVENTS did not say the NMI is pending"
+    );
+    let ram = vmm::GuestRam::new(64 << 20).unwrap();
+    let restored = Vm::restore(&state, ram, None).unwrap();
+    let pending = restored
+        .with_vcpu(0, |fd| fd.get_vcpu_events().unwrap().nmi.pending)
+        .unwrap();
+    assert_eq!(pending, 1, "the pending NMI was dropped by the restore");
+}
