@@ -1101,7 +1101,17 @@ fn a_vm_whose_handshake_is_under_way_is_not_destroyed() {
         },
     )
     .unwrap();
-    let info = d.wait_state("web9", "incoming", Duration::from_secs(5));
+    // Listed once the daemon has read the Hello.
+    let end = Instant::now() + Duration::from_secs(10);
+    let info: Value = loop {
+        let (code, out, _) = d.migctl(&["info", "web9", "--json"]);
+        if code == 0 {
+            break serde_json::from_str(&out).unwrap();
+        }
+        assert!(Instant::now() < end, "web9 never listed: {}", d.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(info["state"], "incoming", "{info}");
     assert!(info["pid"].is_null(), "{info}");
     let e = d.fails(&["destroy", "web9"]);
     assert!(e.contains("arriving"), "{e}");
