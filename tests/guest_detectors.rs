@@ -590,3 +590,48 @@ fn a_pending_nmi_survives_capture_and_restore() {
         .unwrap();
     assert_eq!(pending, 1, "the pending NMI was dropped by the restore");
 }
+
+/// A vCPU resumed after a pause tells the guest's kvmclock that the host
+/// stopped it (KVM_KVMCLOCK_CTRL: PVCLOCK_GUEST_STOPPED in the clock's
+/// flags), so that a Linux guest's soft-lockup and RCU-stall watchdogs do
+/// not count the pause. The test guest does not use kvmclock: the test
+/// turns it on for vCPU 0 (MSR_KVM_SYSTEM_TIME_NEW) at a page it never uses.
+#[test]
+fn a_paused_vcpu_tells_kvmclock_it_was_stopped() {
+    if !kvm_or_skip("a_paused_vcpu_tells_kvmclock_it_was_stopped") {
+        return;
+    }
+    const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+    const PVCLOCK_GUEST_STOPPED: u8 = 1 << 1;
+    // pvclock_vcpu_time_info's flags byte.
+    const FLAGS: u64 = 29;
+    let (_dir, vm, console) = boot("state-kvmclock", "workload=idle", 1);
+    let gpa = 60 << 20;
+    vm.pause();
+    vm.with_vcpu(0, |fd| {
+        let on = kvm_bindings::kvm_msr_entry {
+            index: MSR_KVM_SYSTEM_TIME_NEW,
+            data: gpa | 1,
+            ..Default::default()
+        };
+        let msrs = kvm_bindings::Msrs::from_entries(&[on]).unwrap();
+        assert_eq!(fd.set_msrs(&msrs).unwrap(), 1);
+    })
+    .unwrap();
+    vm.resume();
+    let flags = |vm: &Vm| {
+        let mut b = [0u8; 1];
+        vm.ram().read(gpa + FLAGS, &mut b).unwrap();
+        b[0]
+    };
+    let n = console.wait_heartbeats(0, 1, Duration::from_secs(20));
+    vm.pause();
+    vm.resume();
+    console.wait_heartbeats(n, 1, Duration::from_secs(20));
+    assert_ne!(
+        flags(&vm) & PVCLOCK_GUEST_STOPPED,
+        0,
+        "the resumed vCPU's kvmclock does not say it was stopped"
+    );
+    console.assert_clean();
+}

@@ -221,8 +221,9 @@ impl RunControl {
 
     /// Parks the calling vCPU thread while paused; false when it must exit.
     /// `before_parking` runs first, before the thread counts as parked (so
-    /// that `pause` waits for it), outside the lock.
-    fn park_if_needed(&self, before_parking: impl FnOnce()) -> bool {
+    /// that `pause` waits for it), outside the lock; `after_parked` once it
+    /// was parked and is to run again, outside the lock.
+    fn park_if_needed(&self, before_parking: impl FnOnce(), after_parked: impl FnOnce()) -> bool {
         if self.lock().want == Want::Run {
             return true;
         }
@@ -237,7 +238,12 @@ impl RunControl {
             st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         st.parked -= 1;
-        st.want == Want::Run
+        let run = st.want == Want::Run;
+        drop(st);
+        if run {
+            after_parked();
+        }
+        run
     }
 
     fn register(&self, id: usize) {
@@ -280,7 +286,20 @@ pub(crate) fn spawn(
                     }
                 }
             };
-            while control.park_if_needed(|| finish(&mut unfinished)) {
+            // Parked (a pause, or a VM restored and not yet run): the
+            // guest's kvmclock is told that its vCPU was stopped by the host
+            // (KVM_KVMCLOCK_CTRL), so that its soft-lockup and RCU-stall
+            // watchdogs do not count the pause. EINVAL: the guest does not
+            // use kvmclock.
+            let stopped_by_host = || {
+                let fd = vcpu.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = fd.kvmclock_ctrl() {
+                    if e.errno() != libc::EINVAL {
+                        tracing::debug!("KVM_KVMCLOCK_CTRL: {e}");
+                    }
+                }
+            };
+            while control.park_if_needed(|| finish(&mut unfinished), stopped_by_host) {
                 let mut fd = vcpu.lock().unwrap_or_else(|p| p.into_inner());
                 let (exit, leaves) = run_once(id, &mut fd, &devices, rings.as_deref());
                 unfinished = leaves;
