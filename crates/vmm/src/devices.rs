@@ -90,8 +90,9 @@ impl From<&SerialSnapshot> for SerialState {
     }
 }
 
-/// Console output that reaches the file a whole line per write(2), so a reader
-/// following the file never sees half a line (std's LineWriter may split one).
+/// Console output to its file: a line per write(2) where the writer leaves
+/// it to this buffer; vm-superio's UART flushes after every byte, so the
+/// console file grows a byte at a time and a reader may see half a line.
 pub struct ConsoleWriter {
     file: File,
     line: Vec<u8>,
