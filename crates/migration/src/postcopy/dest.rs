@@ -953,7 +953,19 @@ impl Dest {
             .chain(urgent.as_ref())
             .map(clone)
             .collect::<Result<_>>()?;
-        *lock(&self.main) = Some(clone(&main)?);
+        {
+            // Every page may have come while the link was down (the last
+            // ones from the old session's buffers, after the recovery had
+            // looked for the report): then this session says so at once.
+            let mut m = lock(&self.main);
+            let mut link = clone(&main)?;
+            if let Some(report) = lock(&self.report).clone() {
+                if let Err(e) = wire::write_control(&mut link, &Message::PostcopyDone { report }) {
+                    tracing::warn!("sending PostcopyDone: {e} (repeated on reconnection)");
+                }
+            }
+            *m = Some(link);
+        }
         let mut req = clone(urgent.as_ref().unwrap_or(&main))?;
         {
             let mut w = lock(&self.requests);
@@ -1090,7 +1102,13 @@ impl Dest {
             );
         }
         if let Some(report) = lock(&self.report).clone() {
-            wire::write_control(&mut s, &Message::PostcopyDone { report })?;
+            // On the main connection, where the source reads it: a fault
+            // channel's hello finds the main connection waiting for it.
+            let mut on = match (urgent, pending_main.take()) {
+                (true, Some(main)) => main,
+                _ => s,
+            };
+            wire::write_control(&mut on, &Message::PostcopyDone { report })?;
             return Ok(());
         }
         if self.stop.load(Ordering::Relaxed) {
@@ -1416,6 +1434,11 @@ pub(crate) fn receive(
                     tracing::warn!("unregistering userfaultfd: {e}");
                 }
                 let report = dest.report();
+                // Set under the main connection's lock, which a session
+                // started by a recovery installs its connection under: the
+                // report goes on the connection there is now, or that
+                // session sends it when it starts (`start_session`).
+                let mut main = lock(&dest.main);
                 *lock(&dest.report) = Some(report.clone());
                 dest.stop.store(true, Ordering::Relaxed);
                 tracing::info!(
@@ -1434,12 +1457,13 @@ pub(crate) fn receive(
                     "post-copy complete: every page is here"
                 );
                 // If the link is down, the source gets it when it reconnects.
-                if let Some(main) = lock(&dest.main).as_mut() {
+                if let Some(main) = main.as_mut() {
                     if let Err(e) = wire::write_control(main, &Message::PostcopyDone { report }) {
                         tracing::warn!("sending PostcopyDone: {e} (repeated on reconnection)");
                     }
                     let _ = main.flush();
                 }
+                drop(main);
             }
             Err(e) => {
                 // The guest cannot go on without its memory.
