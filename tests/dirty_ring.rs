@@ -59,8 +59,10 @@ fn the_dirty_ring_carries_every_page_of_a_flat_out_writer() {
         assert_eq!(stats["status"], "completed", "hop {hop}: {stats}");
         let ring = &stats["dirty_ring"];
         assert_eq!(ring["entries"], 256, "hop {hop}: {stats}");
-        assert!(ring["harvested"].as_u64().unwrap() > 0, "{stats}");
         if mode == "precopy" {
+            // (Post-copy logs only over its set-up, ~10 ms, in which a
+            // loaded host may not run the guest at all.)
+            assert!(ring["harvested"].as_u64().unwrap() > 0, "{stats}");
             assert_eq!(stats["verified"], true, "hop {hop}: {stats}");
             assert_eq!(stats["clear_before_send"], clear, "hop {hop}: {stats}");
             // The writer filled its vCPUs' rings during the rounds: what a
