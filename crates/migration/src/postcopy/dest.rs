@@ -1253,11 +1253,20 @@ pub(crate) fn receive(
     let ram = prepared.ram().clone();
     let pages = ram.size() / PAGE_SIZE;
     let mut expected = vec![0u64; pages.div_ceil(64) as usize];
+    // Runs that overlap would make this loop as long as the peer likes:
+    // together they may not cover more pages than RAM has.
+    let mut announced = 0u64;
     for &(off, n) in &runs {
         let end = (off / PAGE_SIZE).checked_add(n);
         if !off.is_multiple_of(PAGE_SIZE) || n == 0 || end.is_none_or(|e| e > pages) {
             return Err(Error::Protocol(format!(
                 "PageMap run {off:#x}+{n} outside the guest's RAM"
+            )));
+        }
+        announced += n;
+        if announced > pages {
+            return Err(Error::Protocol(format!(
+                "PageMap runs overlap: more than the guest's {pages} pages announced"
             )));
         }
         for pfn in off / PAGE_SIZE..off / PAGE_SIZE + n {

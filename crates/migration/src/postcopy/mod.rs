@@ -176,7 +176,10 @@ fn read_received_parts(
 ) -> Result<Vec<u64>> {
     let mut bitmap = Vec::new();
     loop {
-        if first_word != bitmap.len() as u64 || bitmap.len() + words.len() > len {
+        // An empty part before the last moves nothing on: a peer could send
+        // them for ever.
+        let empty = words.is_empty() && !last;
+        if first_word != bitmap.len() as u64 || bitmap.len() + words.len() > len || empty {
             return Err(Error::Protocol(format!(
                 "received-bitmap part of {} words at word {first_word} after {} of {len}",
                 words.len(),
@@ -295,6 +298,9 @@ mod tests {
         assert!(e.to_string().contains("at word 5 after 0 of 10"), "{e}");
         let e = read_received_parts(&mut &[][..], part(0, 11, true), 10).unwrap_err();
         assert!(e.to_string().contains("part of 11 words"), "{e}");
+        // An empty part before the last (a peer could send those for ever).
+        let e = read_received_parts(&mut &[][..], part(0, 0, false), 10).unwrap_err();
+        assert!(e.to_string().contains("part of 0 words"), "{e}");
         // A part that is not the last, and then something else.
         let mut more = Vec::new();
         wire::write_control(&mut more, &Message::Go).unwrap();
