@@ -160,7 +160,8 @@ struct Dest {
     /// Page readers running, of any session.
     readers: AtomicU64,
     /// Where fault requests go (the fault channel, or the main connection); None while the link is down.
-    requests: Mutex<Option<Link>>,
+    /// With the generation of the session it belongs to.
+    requests: Mutex<Option<(u64, Link)>>,
     /// The main connection of the current session (PostcopyDone goes there).
     main: Mutex<Option<Link>>,
     /// Every socket of the current session, to cut them.
@@ -817,8 +818,10 @@ impl Dest {
     /// waits in `pending` and goes out when the source reconnects.
     fn request(&self, pfn: u64) {
         let mut w = lock(&self.requests);
-        if let Some(s) = w.as_mut() {
-            let gen = self.generation.load(Ordering::Acquire);
+        if let Some((gen, s)) = w.as_mut() {
+            // The session this link is of (not the generation now: a
+            // recovery may have started the next one meanwhile).
+            let gen = *gen;
             if let Err(e) = wire::write_control(
                 s,
                 &Message::PageRequest {
@@ -978,7 +981,7 @@ impl Dest {
                     },
                 )?;
             }
-            *w = Some(req);
+            *w = Some((gen, req));
         }
         self.link_up.store(true, Ordering::Release);
         let mut readers = vec![(main_r, false)];
