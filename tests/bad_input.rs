@@ -104,4 +104,27 @@ fn bad_snapshots_are_refused() {
         &["run", "--restore", dir.join("none.snap").to_str().unwrap()],
         "cannot open",
     );
+    // A snapshot of a VM whose CPU this host lacks (every feature bit of
+    // CPUID leaf 7 set): refused, eagerly and lazily, naming why.
+    let (mut state, ram, _) = vmm::snapshot::read(&snap).unwrap();
+    for v in &mut state.vcpus {
+        for e in v
+            .cpuid
+            .iter_mut()
+            .filter(|e| e.function == 7 && e.index == 0)
+        {
+            e.ebx = u32::MAX;
+        }
+    }
+    let alien = dir.join("alien.snap");
+    vmm::snapshot::write(&alien, &state, &ram).unwrap();
+    let alien = alien.to_str().unwrap();
+    refused(
+        &["run", "--restore", alien],
+        "lacks features the guest uses",
+    );
+    refused(
+        &["run", "--restore", alien, "--lazy"],
+        "lacks features the guest uses",
+    );
 }

@@ -555,14 +555,33 @@ pub fn control(sock: &Path, req: serde_json::Value) -> serde_json::Value {
 
 /// Runs `migd` to completion with arguments; returns (exit code, stderr).
 pub fn migd_output(args: &[&str]) -> (i32, String) {
-    let out = Command::new(migd_bin())
+    let mut child = Command::new(migd_bin())
         .args(args)
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("running migd");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    // A command expected to end (bad input): one that runs on, a VM
+    // perhaps, fails the test instead of hanging it.
+    let end = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("migd {args:?} still ran after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code().unwrap_or(-1), reader.join().unwrap())
 }
 
 /// Runs scripts/make-certs.sh: a CA in `dir` and a certificate for each

@@ -188,6 +188,17 @@ pub fn wait_prepared(stream: &mut impl Read) -> Result<()> {
 }
 
 /// The descriptor of a VM: name, size, vCPUs and the CPU features it was given.
+/// Why this host cannot run a VM whose vCPUs have `state_cpuid` (its
+/// captured CPUID: a snapshot's, a handed-over state's), if it cannot: the
+/// check a migration's destination makes on the Hello, for a VM that comes
+/// another way.
+pub fn host_cannot_run(state_cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Option<String> {
+    match vmm::cpuid::host_supported() {
+        Ok(host) => cpu_incompatibility(&describe("", state_cpuid, 0, 0), &host),
+        Err(e) => Some(format!("this host cannot run VMs: {e}")),
+    }
+}
+
 pub fn describe(
     name: &str,
     state_cpuid: &[kvm_bindings::kvm_cpuid_entry2],
