@@ -375,45 +375,26 @@ fn a_source_process_dead_past_the_commit_leaves_the_vm_unconfirmed() {
     if !kvm_or_skip("a_source_process_dead_past_the_commit_leaves_the_vm_unconfirmed") {
         return;
     }
-    let dir = scratch("restart-dead-source");
-    let pa = free_port();
-    let (sa, ta) = (dir.join("a.sock"), dir.join("a-state"));
-    let mut a = Daemon::start_with(sa.clone(), ta.clone(), pa, &dir.join("a.log"));
-    let b = Daemon::start(&dir, "b");
-    let _ra = Reaper(ta.clone());
-    let _rb = Reaper(b.state.clone());
-    let console = a.create_guest("web1", "workload=dirty:16:8", "128M", 1);
-    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let mut t = OnA::start("restart-dead-source");
     // Post-copy from the start, its push capped (8 MiB/s): ~2 s of it.
-    let job = a.ok(&[
-        "migrate",
-        "web1",
-        "--to",
-        &format!("127.0.0.1:{}", b.port),
-        "--mode",
-        "postcopy",
-        "--max-bandwidth",
-        "8M",
-        "--detach",
-    ]);
-    let job = job.trim().to_string();
+    let job = t.migrate(&["--mode", "postcopy", "--max-bandwidth", "8M"]);
     let end = Instant::now() + Duration::from_secs(30);
     loop {
-        let j: Value = serde_json::from_str(&a.ok(&["job", &job, "--json"])).unwrap();
+        let j: Value = serde_json::from_str(&t.a.ok(&["job", &job, "--json"])).unwrap();
         if j["status"] == "postcopy-active" {
             break;
         }
         assert!(Instant::now() < end, "never in post-copy: {j}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let info: Value = serde_json::from_str(&a.ok(&["info", "web1", "--json"])).unwrap();
+    let info: Value = serde_json::from_str(&t.a.ok(&["info", "web1", "--json"])).unwrap();
     let pid = info["pid"].as_u64().expect("a VM process") as i32;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let j = a.wait_job(&job, Duration::from_secs(30));
+    let j = t.a.wait_job(&job, Duration::from_secs(30));
     assert_eq!(j["status"], "failed", "{j}");
     assert!(
         j["error"]
@@ -437,20 +418,20 @@ fn a_source_process_dead_past_the_commit_leaves_the_vm_unconfirmed() {
         let e = a.fails(&["destroy", "web1"]);
         assert!(e.contains("unconfirmed"), "{e}");
     };
-    checks(&a);
+    checks(&t.a);
     // The next daemon lists it the same.
-    assert_eq!(a.terminate(), 0);
-    let a = Daemon::start_with(sa, ta, pa, &dir.join("a2.log"));
-    checks(&a);
+    assert_eq!(t.a.terminate(), 0);
+    t.restart_a("a2.log");
+    checks(&t.a);
     // Forced: booted again here (the destination's copy is stuck without
     // the source's pages, and is destroyed below).
     let started: Value =
-        serde_json::from_str(&a.ok(&["start", "web1", "--force", "--json"])).unwrap();
+        serde_json::from_str(&t.a.ok(&["start", "web1", "--force", "--json"])).unwrap();
     assert!(started["pid"].as_u64().is_some(), "{started}");
-    let info = a.wait_state("web1", "running", Duration::from_secs(30));
+    let info = t.a.wait_state("web1", "running", Duration::from_secs(30));
     assert!(info["unconfirmed"].is_null(), "{info}");
-    a.ok(&["destroy", "web1"]);
-    b.ok(&["destroy", "web1", "--force"]);
+    t.a.ok(&["destroy", "web1"]);
+    t.b.ok(&["destroy", "web1", "--force"]);
 }
 
 /// A migration ends (cancelled on the VM's own control socket) while its
@@ -461,58 +442,26 @@ fn a_migration_that_ended_while_the_daemon_was_down_keeps_its_outcome() {
     if !kvm_or_skip("a_migration_that_ended_while_the_daemon_was_down_keeps_its_outcome") {
         return;
     }
-    let dir = scratch("restart-ended");
-    let pa = free_port();
-    let (sa, ta) = (dir.join("a.sock"), dir.join("a-state"));
-    let mut a = Daemon::start_with(sa.clone(), ta.clone(), pa, &dir.join("a.log"));
-    let b = Daemon::start(&dir, "b");
-    let _ra = Reaper(ta.clone());
-    let _rb = Reaper(b.state.clone());
-    let console = a.create_guest("web1", "workload=dirty:16:8", "128M", 1);
-    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let mut t = OnA::start("restart-ended");
     // 1 MiB/s: still going when the daemon is killed.
-    let job = a.ok(&[
-        "migrate",
-        "web1",
-        "--to",
-        &format!("127.0.0.1:{}", b.port),
-        "--max-bandwidth",
-        "1M",
-        "--detach",
-    ]);
-    let job = job.trim().to_string();
-    let sock = a.vm_dir("web1").join("control.sock");
-    let end = Instant::now() + Duration::from_secs(30);
-    while try_request(&sock, &json!({"cmd": "migration"})).unwrap_or_default()["status"] != "active"
-    {
-        assert!(Instant::now() < end, "never active");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(a.child.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    let _ = a.child.wait();
+    let job = t.migrate(&["--max-bandwidth", "1M"]);
+    t.wait_migration("active");
+    t.kill_a();
+    let sock = t.a.vm_dir("web1").join("control.sock");
     assert_eq!(
         try_request(&sock, &json!({"cmd": "cancel"})).unwrap_or_default()["ok"],
         true
     );
-    let end = Instant::now() + Duration::from_secs(30);
-    while try_request(&sock, &json!({"cmd": "migration"})).unwrap_or_default()["status"]
-        != "cancelled"
-    {
-        assert!(Instant::now() < end, "never cancelled");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let a = Daemon::start_with(sa, ta, pa, &dir.join("a2.log"));
-    let j = a.wait_job(&job, Duration::from_secs(30));
-    assert_eq!(j["status"], "cancelled", "{j}\n{}", a.log_text());
-    let info = a.wait_state("web1", "running", Duration::from_secs(10));
+    t.wait_migration("cancelled");
+    t.restart_a("a2.log");
+    let j = t.a.wait_job(&job, Duration::from_secs(30));
+    assert_eq!(j["status"], "cancelled", "{j}\n{}", t.a.log_text());
+    let info = t.a.wait_state("web1", "running", Duration::from_secs(10));
     assert!(info["job"].is_null(), "{info}");
-    let n = console.last_heartbeat().unwrap_or(0);
-    console.wait_heartbeats(n, 2, Duration::from_secs(30));
-    console.assert_clean();
-    a.ok(&["destroy", "web1"]);
+    let n = t.console.last_heartbeat().unwrap_or(0);
+    t.console.wait_heartbeats(n, 2, Duration::from_secs(30));
+    t.console.assert_clean();
+    t.a.ok(&["destroy", "web1"]);
 }
 
 /// `migctl migrate` (waiting for the job, not detached) outlives a restart
@@ -524,38 +473,25 @@ fn migctl_migrate_waits_out_a_restart_of_its_daemon() {
     if !kvm_or_skip("migctl_migrate_waits_out_a_restart_of_its_daemon") {
         return;
     }
-    let dir = scratch("restart-migctl");
-    let pa = free_port();
-    let (sa, ta) = (dir.join("a.sock"), dir.join("a-state"));
-    let mut a = Daemon::start_with(sa.clone(), ta.clone(), pa, &dir.join("a.log"));
-    let b = Daemon::start(&dir, "b");
-    let _ra = Reaper(ta.clone());
-    let _rb = Reaper(b.state.clone());
-    let console = a.create_guest("web1", "workload=dirty:16:8", "128M", 1);
-    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let mut t = OnA::start("restart-migctl");
     let waiting = std::process::Command::new(migctl_bin())
         .arg("--socket")
-        .arg(&sa)
-        .args(["migrate", "web1", "--to", &format!("127.0.0.1:{}", b.port)])
+        .arg(&t.sa)
+        .args([
+            "migrate",
+            "web1",
+            "--to",
+            &format!("127.0.0.1:{}", t.b.port),
+        ])
         .args(["--max-bandwidth", "8M", "--json"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let sock = a.vm_dir("web1").join("control.sock");
-    let end = Instant::now() + Duration::from_secs(30);
-    while try_request(&sock, &json!({"cmd": "migration"})).unwrap_or_default()["status"] != "active"
-    {
-        assert!(Instant::now() < end, "never active");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(a.child.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    let _ = a.child.wait();
+    t.wait_migration("active");
+    t.kill_a();
     std::thread::sleep(Duration::from_secs(1));
-    let a = Daemon::start_with(sa, ta, pa, &dir.join("a2.log"));
+    t.restart_a("a2.log");
     let out = waiting.wait_with_output().unwrap();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
@@ -565,13 +501,90 @@ fn migctl_migrate_waits_out_a_restart_of_its_daemon() {
         out.status.code(),
         Some(0),
         "{stdout}\n{stderr}\n{}",
-        a.log_text()
+        t.a.log_text()
     );
     let stats: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(stats["status"], "completed", "{stats}");
-    let on_b = Console(b.vm_dir("web1").join("console.log"));
+    let on_b = Console(t.b.vm_dir("web1").join("console.log"));
     let n = on_b.last_heartbeat().unwrap_or(0);
     on_b.wait_heartbeats(n, 2, Duration::from_secs(30));
     on_b.assert_clean();
-    b.ok(&["destroy", "web1"]);
+    t.b.ok(&["destroy", "web1"]);
+}
+
+/// Daemon A, which a test restarts (its socket, state directory and port
+/// kept), and daemon B, with a guest "web1" on A that has written its
+/// working set.
+struct OnA {
+    dir: Scratch,
+    a: Daemon,
+    b: Daemon,
+    /// A's socket, state directory and port, for the next daemon.
+    sa: std::path::PathBuf,
+    ta: std::path::PathBuf,
+    pa: u16,
+    console: Console,
+    _reapers: (Reaper, Reaper),
+}
+
+impl OnA {
+    fn start(tag: &str) -> OnA {
+        let dir = scratch(tag);
+        let pa = free_port();
+        let (sa, ta) = (dir.join("a.sock"), dir.join("a-state"));
+        let a = Daemon::start_with(sa.clone(), ta.clone(), pa, &dir.join("a.log"));
+        let b = Daemon::start(&dir, "b");
+        let _reapers = (Reaper(ta.clone()), Reaper(b.state.clone()));
+        let console = a.create_guest("web1", "workload=dirty:16:8", "128M", 1);
+        console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+        OnA {
+            dir,
+            a,
+            b,
+            sa,
+            ta,
+            pa,
+            console,
+            _reapers,
+        }
+    }
+
+    /// Starts `migctl migrate web1` to B with `flags`, detached; its job.
+    fn migrate(&self, flags: &[&str]) -> String {
+        let to = format!("127.0.0.1:{}", self.b.port);
+        let mut args = vec!["migrate", "web1", "--to", &to, "--detach"];
+        args.extend(flags);
+        self.a.ok(&args).trim().to_string()
+    }
+
+    /// Kills daemon A (SIGKILL); its VM processes run on.
+    fn kill_a(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.a.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.a.child.wait();
+    }
+
+    /// A's next daemon, logging to `log`.
+    fn restart_a(&mut self, log: &str) {
+        self.a = Daemon::start_with(
+            self.sa.clone(),
+            self.ta.clone(),
+            self.pa,
+            &self.dir.join(log),
+        );
+    }
+
+    /// Waits until web1's VM process reports its migration `status`.
+    fn wait_migration(&self, status: &str) {
+        let sock = self.a.vm_dir("web1").join("control.sock");
+        let end = Instant::now() + Duration::from_secs(30);
+        while try_request(&sock, &json!({"cmd": "migration"})).unwrap_or_default()["status"]
+            != status
+        {
+            assert!(Instant::now() < end, "never {status}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
