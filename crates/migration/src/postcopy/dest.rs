@@ -1402,34 +1402,57 @@ pub(crate) fn receive(
             tracing::warn!("post-copy link options: {e}");
         }
     }
-    let mut confirm_to = out.try_clone().map_err(io_err("socket"))?;
+    // (Out of descriptors: the VM runs all the same, unconfirmed, and the
+    // source reconnects, as after a lost Confirm.)
+    let mut confirm_to = out
+        .try_clone()
+        .inspect_err(|e| tracing::warn!("post-copy: no socket for the Confirm: {e}"))
+        .ok();
     // With a fault channel the session starts before the guest runs, so that
     // its first fault's request goes out at once (the source reads it once
     // it has the `Confirm`); without one, requests share the main connection
     // and must follow the `Confirm`.
     let early = urgent.is_some();
     let mut session = Some((r, out, urgent));
+    // A session that cannot start (out of descriptors or threads) is a lost
+    // link: the source reconnects, and the guest's faults wait for it.
+    let start = |(r, out, urgent)| {
+        if let Err(e) = dest.start_session(r, out, urgent) {
+            tracing::warn!("post-copy: session not started ({e}); waiting for the source");
+            dest.end_session();
+        }
+    };
     if early {
-        if let Some((r, out, urgent)) = session.take() {
-            dest.start_session(r, out, urgent)?;
+        if let Some(s) = session.take() {
+            start(s);
         }
     }
     dest.resumed_ns
         .store(dest.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    let (resume_us, confirmed) = crate::incoming::resume_and_confirm(&vm, &mut confirm_to);
+    let (resume_us, confirmed) = match confirm_to.as_mut() {
+        Some(c) => crate::incoming::resume_and_confirm(&vm, c),
+        None => {
+            let t = Instant::now();
+            vm.resume();
+            let no_socket = Error::Protocol("no socket for the Confirm".into());
+            (t.elapsed().as_micros() as u64, Err(no_socket))
+        }
+    };
     stats.resume_us = resume_us;
     if let Err(e) = confirmed {
         // The VM runs; the session finds the link broken and waits for
         // the source to reconnect.
         tracing::warn!("post-copy: confirmation not sent ({e}); waiting for the source");
-        let _ = confirm_to.shutdown(Shutdown::Both);
+        if let Some(c) = &confirm_to {
+            let _ = c.shutdown(Shutdown::Both);
+        }
     }
     stats.postcopy = Some(PostcopyWatch(dest.clone()));
     if total == 0 {
         dest.finish(Ok(()));
     }
-    if let Some((r, out, urgent)) = session.take() {
-        dest.start_session(r, out, urgent)?;
+    if let Some(s) = session.take() {
+        start(s);
     }
     {
         let d = dest.clone();
