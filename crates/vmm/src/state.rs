@@ -270,6 +270,20 @@ pub fn capture_vcpu(
     })
 }
 
+/// IA32_TSC_DEADLINE: armed against the TSC, so restored after IA32_TSC.
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+
+/// `msrs` in the order they are restored: as captured (as KVM lists them,
+/// IA32_TSC early), with IA32_TSC_DEADLINE last, so that a deadline is
+/// armed against the restored TSC whatever order the capturing KVM listed
+/// them in (QEMU restores it last too).
+fn restore_order(msrs: &[kvm_msr_entry]) -> Vec<kvm_msr_entry> {
+    let (deadline, mut rest): (Vec<_>, Vec<_>) =
+        msrs.iter().partition(|m| m.index == MSR_TSC_DEADLINE);
+    rest.extend(deadline);
+    rest
+}
+
 /// Restores a vCPU's complete state into a freshly created vCPU.
 pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
     let t = std::time::Instant::now();
@@ -290,15 +304,17 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
     lap("before lapic");
     vcpu.set_lapic(&s.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
     lap("lapic");
-    let msrs = Msrs::from_entries(&s.msrs).map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
+    let entries = restore_order(&s.msrs);
+    let msrs =
+        Msrs::from_entries(&entries).map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
     let n = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
     lap("msrs");
-    if n != s.msrs.len() {
+    if n != entries.len() {
         return Err(Error::State(format!(
             "vCPU {}: KVM accepted {n} of {} MSRs (refused {:#x})",
             s.id,
-            s.msrs.len(),
-            s.msrs.get(n).map(|m| m.index).unwrap_or(0)
+            entries.len(),
+            entries.get(n).map(|m| m.index).unwrap_or(0)
         )));
     }
     vcpu.set_vcpu_events(&s.events)
@@ -309,6 +325,26 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
 mod tests {
     use super::*;
     use crate::testing::state;
+
+    #[test]
+    fn the_tsc_deadline_is_restored_after_the_tsc() {
+        let msr = |index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        };
+        let order = |l: &[u32]| {
+            let m: Vec<_> = l.iter().map(|&i| msr(i)).collect();
+            restore_order(&m)
+                .iter()
+                .map(|m| m.index)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            order(&[0x6e0, 0x10, 0x174, 0x3b]),
+            [0x10, 0x174, 0x3b, 0x6e0]
+        );
+        assert_eq!(order(&[0x10, 0x3b]), [0x10, 0x3b]);
+    }
 
     #[test]
     fn decode_refuses_what_kvm_would_refuse_half_way() {

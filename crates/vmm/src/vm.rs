@@ -33,21 +33,6 @@ const MTRR_MSRS: &[u32] = &[
     0x26e, 0x26f,
 ];
 
-/// IA32_TSC_DEADLINE: armed against the TSC, so restored after IA32_TSC.
-const MSR_TSC_DEADLINE: u32 = 0x6e0;
-
-/// The MSRs in the order they are captured and so restored: as KVM lists
-/// them (IA32_TSC early), with IA32_TSC_DEADLINE moved last, so that a
-/// deadline is armed against the restored TSC whatever order a KVM lists
-/// them in (QEMU restores it last too).
-fn restore_order(mut msrs: Vec<u32>) -> Vec<u32> {
-    if let Some(i) = msrs.iter().position(|&m| m == MSR_TSC_DEADLINE) {
-        let m = msrs.remove(i);
-        msrs.push(m);
-    }
-    msrs
-}
-
 /// What a VM is made of.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -318,12 +303,10 @@ impl Vm {
             }
         }
         let vcpu = self.vcpus[0].lock().unwrap_or_else(|p| p.into_inner());
-        Ok(restore_order(
-            candidates
-                .into_iter()
-                .filter(|&m| state::read_msrs(&vcpu, &[m]).is_ok())
-                .collect(),
-        ))
+        Ok(candidates
+            .into_iter()
+            .filter(|&m| state::read_msrs(&vcpu, &[m]).is_ok())
+            .collect())
     }
 
     fn spawn_threads(&mut self) -> Result<()> {
@@ -754,18 +737,4 @@ fn flat_segments(sregs: &mut kvm_sregs, long: bool) {
         present: 1,
         ..Default::default()
     };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_tsc_deadline_is_restored_after_the_tsc() {
-        assert_eq!(
-            restore_order(vec![0x6e0, 0x10, 0x174, 0x3b]),
-            [0x10, 0x174, 0x3b, 0x6e0]
-        );
-        assert_eq!(restore_order(vec![0x10, 0x3b]), [0x10, 0x3b]);
-    }
 }
