@@ -375,13 +375,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
     } else if let Some(path) = &args.restore {
         let (state, ram, stats) =
             vmm::snapshot::read(path).with_context(|| format!("restoring {}", path.display()))?;
-        if let Some(why) = state
-            .vcpus
-            .first()
-            .and_then(|v| migration::handshake::host_cannot_run(&v.cpuid))
-        {
-            bail!("restoring {}: {why}", path.display());
-        }
+        migration::handshake::check_runs_here(&state)
+            .with_context(|| format!("restoring {}", path.display()))?;
         let vm = Vm::restore(&state, ram, args.serial.as_deref())?;
         tracing::info!(
             snapshot = %path.display(),

@@ -187,18 +187,32 @@ pub fn wait_prepared(stream: &mut impl Read) -> Result<()> {
     }
 }
 
-/// The descriptor of a VM: name, size, vCPUs and the CPU features it was given.
-/// Why this host cannot run a VM whose vCPUs have `state_cpuid` (its
-/// captured CPUID: a snapshot's, a handed-over state's), if it cannot: the
-/// check a migration's destination makes on the Hello, for a VM that comes
-/// another way.
-pub fn host_cannot_run(state_cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Option<String> {
+/// Why this host cannot run the VM `vm` describes (its vendor and CPU
+/// features), if it cannot: what a migration's destination checks on the
+/// Hello.
+pub fn host_cannot_run(vm: &VmDescriptor) -> Option<String> {
     match vmm::cpuid::host_supported() {
-        Ok(host) => cpu_incompatibility(&describe("", state_cpuid, 0, 0), &host),
+        Ok(host) => cpu_incompatibility(vm, &host),
         Err(e) => Some(format!("this host cannot run VMs: {e}")),
     }
 }
 
+/// [`host_cannot_run`] for a VM that comes another way than a migration
+/// (a snapshot): the CPUID its vCPUs were captured with decides.
+pub fn check_runs_here(state: &vmm::VmState) -> Result<()> {
+    let why = state
+        .vcpus
+        .first()
+        .and_then(|v| host_cannot_run(&describe("", &v.cpuid, 0, 0)));
+    match why {
+        Some(why) => Err(Error::Invalid(format!(
+            "this host cannot run the VM: {why}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The descriptor of a VM: name, size, vCPUs and the CPU features it was given.
 pub fn describe(
     name: &str,
     state_cpuid: &[kvm_bindings::kvm_cpuid_entry2],

@@ -332,16 +332,7 @@ pub fn restore(
 ) -> Result<(Vm, Arc<LazyProgress>, Option<vmm::BootSpec>)> {
     let t0 = Instant::now();
     let snap = LazySnapshot::open(path)?;
-    if let Some(why) = snap
-        .state
-        .vcpus
-        .first()
-        .and_then(|v| crate::handshake::host_cannot_run(&v.cpuid))
-    {
-        return Err(Error::Invalid(format!(
-            "this host cannot run the snapshot's VM: {why}"
-        )));
-    }
+    crate::handshake::check_runs_here(&snap.state)?;
     let boot = snap.boot.clone();
     let ram = GuestRam::new(snap.memory)?;
     if ram.is_huge() {

@@ -380,11 +380,7 @@ fn handshake(
         return Ok(None);
     }
     tracing::info!(vm = %hello.name, memory = hello.memory, vcpus = hello.vcpus, mode = %hello.mode, "migration offered");
-    let cpu = match vmm::cpuid::host_supported() {
-        Ok(host) => handshake::cpu_incompatibility(&hello.vm, &host),
-        Err(e) => Some(format!("this host cannot run VMs: {e}")),
-    };
-    if let Some(reason) = cpu {
+    if let Some(reason) = handshake::host_cannot_run(&hello.vm) {
         tracing::warn!(vm = %hello.name, "refusing: {reason}");
         let _ = handshake::refuse(&mut stream, &reason);
         anyhow::bail!("refused {}: {reason}", hello.name);
