@@ -101,11 +101,7 @@ pub fn receive(
             // A page stream that failed shut this connection for reading:
             // its error is the cause, and the source is told.
             return Err(match streams.as_mut().and_then(|s| s.failure()) {
-                Some(e) => {
-                    let reason = e.to_string();
-                    let _ = wire::write_control(&mut out, &Message::Cancel { reason });
-                    e
-                }
+                Some(e) => cancel_with(&mut out, e),
                 None => failed,
             });
         };
@@ -216,7 +212,8 @@ pub fn receive(
                 let s = streams
                     .as_mut()
                     .ok_or_else(|| Error::Protocol("Barrier without page streams".into()))?;
-                let (pages, bytes) = s.barrier(seq)?;
+                // A stream that failed, or never reached it: the source is told.
+                let (pages, bytes) = s.barrier(seq).map_err(|e| cancel_with(&mut out, e))?;
                 stats.pages += pages;
                 stats.bytes += bytes;
             }
@@ -303,6 +300,13 @@ pub(crate) fn resume_and_confirm(vm: &Vm, out: &mut impl Write) -> (u64, Result<
     let sent = wire::write_control(out, &Message::Confirm { resume_us }).map_err(Error::from);
     let _ = out.flush();
     (resume_us, sent)
+}
+
+/// Tells the source why this side gives up (`Cancel`, best effort); `e`.
+fn cancel_with(out: &mut Link, e: Error) -> Error {
+    let reason = e.to_string();
+    let _ = wire::write_control(out, &Message::Cancel { reason });
+    e
 }
 
 /// Bytes of the socket read buffer (frame headers, offsets, control messages).

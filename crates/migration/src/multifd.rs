@@ -457,17 +457,26 @@ impl Streams {
         Ok(streams)
     }
 
+    /// Takes a stream's report: a mark waits for its barrier; a failure is
+    /// the stream's error.
+    fn take_report(&mut self, (s, report): Report) -> Result<()> {
+        match report {
+            Ok(mark) => {
+                if let Some(q) = self.reached.get_mut((s as usize).wrapping_sub(1)) {
+                    q.push_back(mark);
+                }
+                Ok(())
+            }
+            Err(e) => Err(Error::Protocol(format!("page stream {s}: {e}"))),
+        }
+    }
+
     /// The failure a stream reported, if one did (marks reported meanwhile
     /// wait for their barriers): why the main connection was shut.
     pub(crate) fn failure(&mut self) -> Option<Error> {
-        while let Ok((s, report)) = self.reports.try_recv() {
-            match report {
-                Ok(mark) => {
-                    if let Some(q) = self.reached.get_mut((s as usize).wrapping_sub(1)) {
-                        q.push_back(mark);
-                    }
-                }
-                Err(e) => return Some(Error::Protocol(format!("page stream {s}: {e}"))),
+        while let Ok(report) = self.reports.try_recv() {
+            if let Err(e) = self.take_report(report) {
+                return Some(e);
             }
         }
         None
@@ -492,12 +501,7 @@ impl Streams {
         while let Some(i) = self.reached.iter().position(|q| q.is_empty()) {
             let left = end.saturating_duration_since(Instant::now());
             match self.reports.recv_timeout(left.min(Duration::from_secs(1))) {
-                Ok((s, Ok(mark))) => {
-                    if let Some(q) = self.reached.get_mut((s as usize).wrapping_sub(1)) {
-                        q.push_back(mark);
-                    }
-                }
-                Ok((s, Err(e))) => return Err(Error::Protocol(format!("page stream {s}: {e}"))),
+                Ok(report) => self.take_report(report)?,
                 Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {
                     let now = self.frames.load(Ordering::Relaxed);
                     if now != frames {
