@@ -688,7 +688,7 @@ pub(crate) fn zero_pages(dst: &GuestMem, off: u64, n: u64) -> Result<()> {
             "an empty range of zero pages at {off:#x}"
         )));
     }
-    if dst.huge_page_written(0).is_none() {
+    if dst.touched.is_none() {
         return vmm::memory::punch_hole(&dst.memfd, off, n * PAGE_SIZE)
             .map_err(io_err("zeroing pages"));
     }

@@ -677,17 +677,25 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
     let r = vm_call(&state::control_path(&dir), &req, save_timeout()).await;
     // As it was; stopped if its process is gone (it exited in the save:
     // `process_exited` left it to this request).
-    let back = |state: &str| {
-        if let Some(v) = d.reg().vms.get_mut(name) {
-            v.save_requested = false;
-            if v.state == st::SAVING {
-                v.state = match v.pid {
-                    Some(_) => state.into(),
-                    None => st::STOPPED.into(),
-                };
-                v.saving = None;
-            }
+    // Returns the state it is in now.
+    let back = |state: &str| -> String {
+        let mut reg = d.reg();
+        let Some(v) = reg.vms.get_mut(name) else {
+            return st::STOPPED.into();
+        };
+        v.save_requested = false;
+        if v.state == st::SAVING {
+            v.saving = None;
+            v.state = match v.pid {
+                Some(_) => state.into(),
+                None => {
+                    // Gone in the save: stopped, as `process_exited` leaves one.
+                    let _ = std::fs::remove_file(state::control_path(&dir));
+                    st::STOPPED.into()
+                }
+            };
         }
+        v.state.clone()
     };
     let r = match r {
         Ok(r) => r,
@@ -719,14 +727,14 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
             return Err(e.context(format!("saving '{name}' to {}", path.display())));
         }
     };
+    let now = if keep { back(&was) } else { "saved".into() };
     let mut reply = json!({
         "ok": true, "name": name, "path": path, "pages": r["pages"], "bytes": r["bytes"],
         "ms": r["ms"], "paused_ms": r["paused_ms"], "background": r["background"],
-        "faults": r["faults"], "state": if keep { was.as_str() } else { "saved" },
+        "faults": r["faults"], "state": now,
     });
     if keep {
-        back(&was);
-        tracing::info!(path = %path.display(), "VM saved, and runs on");
+        tracing::info!(path = %path.display(), state = %now, "VM saved, and kept");
         return Ok(reply);
     }
     // Written: the VM process has stopped, or stops now.
@@ -936,7 +944,7 @@ async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
         }
         // (With a process, that process refuses the same way.)
         if vm.state == st::UNCONFIRMED && vm.pid.is_none() && !force {
-            let why = state::read_unconfirmed(&d.vm_dir(name)).unwrap_or_default();
+            let why = vm.unconfirmed.clone().unwrap_or_default();
             bail!(
                 "VM '{name}' is unconfirmed ({why}); its memory here may be what the \
                  destination still needs: destroy it with --force once you know"

@@ -144,10 +144,8 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
         // cut afterwards, and one cut as it made it fails here.
         if deadline.lift() {
             if let Ok(Some((_, record))) = &done {
-                // Admitted as the deadline cut it: the name and the memory
-                // it reserved go back (nothing runs there yet).
-                d2.reg().vms.remove(&record.name);
-                let _ = state::remove_dir(&d2.vm_dir(&record.name));
+                // Admitted as the deadline cut it: nothing runs there yet.
+                release(&d2, &record.name);
             }
             let e = done
                 .err()
@@ -169,8 +167,7 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
     let dir = d.vm_dir(&name);
     // From here on the name is reserved: any failure gives it back.
     let give_back = |e: anyhow::Error| {
-        d.reg().vms.remove(&name);
-        let _ = state::remove_dir(&dir);
+        release(&d, &name);
         e
     };
     let mut args = vec![
@@ -273,6 +270,13 @@ fn secure(d: &Daemon, stream: TcpStream, peer: SocketAddr) -> Result<Link> {
             Ok(Link::plain(stream))
         }
     }
+}
+
+/// Gives back what [`admit`] reserved for an arrival that will not run
+/// here: its name, its memory and its directory.
+fn release(d: &Daemon, name: &str) {
+    d.reg().vms.remove(name);
+    let _ = state::remove_dir(&d.vm_dir(name));
 }
 
 /// Checks a Hello against this host; on success the name is reserved and the directory made.
@@ -408,8 +412,7 @@ fn handshake(
     let boot = match accepted {
         Ok(boot) => boot,
         Err(e) => {
-            d.reg().vms.remove(&hello.name);
-            let _ = state::remove_dir(&d.vm_dir(&hello.name));
+            release(d, &hello.name);
             return Err(e);
         }
     };

@@ -258,12 +258,10 @@ pub fn load(d: &Daemon) {
 pub fn completed_while_away(d: &Daemon, vm: &str, stats: &Value) {
     let job = {
         let mut reg = d.reg();
-        let named = stats["id"].as_str();
-        let Some(j) = reg
-            .jobs
-            .values_mut()
-            .find(|j| j.vm == vm && !j.is_final() && named.is_none_or(|id| id == j.id))
-        else {
+        let Some(id) = open_job(&reg, vm, stats["id"].as_str()) else {
+            return;
+        };
+        let Some(j) = reg.jobs.get_mut(&id) else {
             return;
         };
         j.status = "completed".into();
@@ -470,13 +468,10 @@ async fn track(d: Arc<Daemon>, id: String, vm: String) {
                 break ("completed".to_string(), None);
             }
             let last = d.reg().jobs.get(&id).map(|j| j.status.clone());
-            if let Some(s) = last.filter(|s| state::past_commit(s)) {
+            let past = last.and_then(|s| state::exited_past_commit(&s).map(|why| (s, why)));
+            if let Some((s, why)) = past {
                 // The destination may run the VM: not to be booted here again.
-                state::mark_unconfirmed(
-                    &d,
-                    &vm,
-                    &format!("its process exited during a migration past the commit ({s}): the destination may run it"),
-                );
+                state::mark_unconfirmed(&d, &vm, &why);
                 break (
                     "failed".to_string(),
                     Some(format!(
@@ -638,6 +633,14 @@ fn reserve_job_id(reg: &mut super::Registry, id: &str) {
     }
 }
 
+/// The unfinished job of VM `vm` (the one `named`, where given), by id.
+fn open_job(reg: &super::Registry, vm: &str, named: Option<&str>) -> Option<String> {
+    reg.jobs
+        .values()
+        .find(|j| j.vm == vm && !j.is_final() && named.is_none_or(|id| id == j.id))
+        .map(|j| j.id.clone())
+}
+
 /// At start, for an adopted VM: picks up a migration that is still going (or one that
 /// completed while no daemon was watching).
 pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
@@ -648,12 +651,7 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
             // No word now is no word for good: an unfinished job of this VM
             // is tracked on (the tracker gives up on a process that never
             // answers), not failed as one the process no longer reports.
-            let unfinished = d
-                .reg()
-                .jobs
-                .values()
-                .find(|j| j.vm == vm && !j.is_final())
-                .map(|j| j.id.clone());
+            let unfinished = open_job(&d.reg(), vm, None);
             if let Some(id) = unfinished {
                 tracing::warn!(job = %id, "the VM process does not say how its migration goes ({e:#}): tracking it on");
                 if let Some(v) = d.reg().vms.get_mut(vm) {
@@ -679,13 +677,7 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
         // destination runs the VM), not as one it no longer reports.
         let open = stats["id"]
             .as_str()
-            .filter(|id| {
-                d.reg()
-                    .jobs
-                    .get(*id)
-                    .is_some_and(|j| !j.is_final() && j.vm == vm)
-            })
-            .map(str::to_string);
+            .and_then(|id| open_job(&d.reg(), vm, Some(id)));
         if let (Some(id), "failed" | "cancelled") = (open, status.as_str()) {
             let error = stats["error"].as_str().map(str::to_string);
             if let Some(j) = d.reg().jobs.get_mut(&id) {

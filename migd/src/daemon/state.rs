@@ -138,6 +138,12 @@ pub struct VmEntry {
 }
 
 impl VmEntry {
+    /// Unconfirmed, for `why` (the destination may run the VM).
+    pub fn set_unconfirmed(&mut self, why: &str) {
+        self.state = st::UNCONFIRMED.into();
+        self.unconfirmed = Some(why.to_string());
+    }
+
     /// A VM with no job running.
     pub fn new(record: VmRecord, state: &str, pid: Option<u32>) -> VmEntry {
         VmEntry {
@@ -268,17 +274,20 @@ pub fn mark_unconfirmed(d: &Daemon, name: &str, why: &str) {
         if [st::DESTROYING, st::MIGRATED].contains(&vm.state.as_str()) {
             return;
         }
-        vm.state = st::UNCONFIRMED.into();
-        vm.unconfirmed = Some(why.to_string());
+        vm.set_unconfirmed(why);
     }
     write_unconfirmed(&d.vm_dir(name), why);
 }
 
-/// Whether a migration in `status` (as the VM process reports it) is past
-/// its commit: from the switch to post-copy on, the destination runs the
-/// VM.
-pub fn past_commit(status: &str) -> bool {
-    status.starts_with("postcopy-")
+/// Why a VM whose process exited while its migration was in `status` (as
+/// the VM process reported it) is unconfirmed, if past the commit: from the
+/// switch to post-copy on, the destination runs the VM.
+pub fn exited_past_commit(status: &str) -> Option<String> {
+    status.starts_with("postcopy-").then(|| {
+        format!(
+            "its process exited during a migration past the commit ({status}): the destination may run it"
+        )
+    })
 }
 
 /// Unix time in seconds.
@@ -567,20 +576,18 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
     }
     // Past the commit (or left unconfirmed by an earlier migration), the
     // destination may run the VM: booting it here again would run it twice.
-    let unconfirmed = match job_status.as_deref() {
-        Some(s) if past_commit(s) => Some(format!(
-            "its process exited during a migration past the commit ({s}): the destination may run it"
-        )),
-        _ if vm.state == st::UNCONFIRMED => Some(
-            "its process exited with its last migration unconfirmed: the destination may run it"
-                .to_string(),
-        ),
-        _ => None,
-    };
+    let unconfirmed = job_status
+        .as_deref()
+        .and_then(exited_past_commit)
+        .or_else(|| {
+            (vm.state == st::UNCONFIRMED).then(|| {
+                "its process exited with its last migration unconfirmed: the destination may run it"
+                    .to_string()
+            })
+        });
     if let Some(why) = unconfirmed {
         tracing::warn!(?code, "VM process exited; VM is unconfirmed: {why}");
-        vm.state = st::UNCONFIRMED.into();
-        vm.unconfirmed = Some(why.clone());
+        vm.set_unconfirmed(&why);
         drop(reg);
         if let Some(r) = record {
             write_record(&dir, &r);
