@@ -50,11 +50,7 @@ fn a_migration_survives_both_daemons_going_away() {
     let j: Value = serde_json::from_str(&a.ok(&["job", &job, "--json"])).unwrap();
     assert_eq!(j["status"], "active", "{j}");
     assert_eq!(a.terminate(), 0);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(b.child.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    let _ = b.child.wait();
+    b.kill();
     let a = Daemon::start_with(sa, ta, pa, &dir.join("a2.log"));
     let b = Daemon::start_with(sb, tb, pb, &dir.join("b2.log"));
     let j = a.wait_job(&job, Duration::from_secs(60));
@@ -197,11 +193,7 @@ fn a_post_copy_arrival_survives_the_destination_daemon_going_away() {
         assert!(Instant::now() < end, "never in post-copy: {j}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(b.child.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    let _ = b.child.wait();
+    b.kill();
     let b = Daemon::start_with(sb, tb, pb, &dir.join("b2.log"));
     let j = a.wait_job(&job, Duration::from_secs(60));
     assert_eq!(j["status"], "completed", "{j}\n{}", b.log_text());
@@ -387,13 +379,7 @@ fn a_source_process_dead_past_the_commit_leaves_the_vm_unconfirmed() {
         assert!(Instant::now() < end, "never in post-copy: {j}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let info: Value = serde_json::from_str(&t.a.ok(&["info", "web1", "--json"])).unwrap();
-    let pid = info["pid"].as_u64().expect("a VM process") as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    t.a.kill_vm_process("web1");
     let j = t.a.wait_job(&job, Duration::from_secs(30));
     assert_eq!(j["status"], "failed", "{j}");
     assert!(
@@ -446,7 +432,7 @@ fn a_migration_that_ended_while_the_daemon_was_down_keeps_its_outcome() {
     // 1 MiB/s: still going when the daemon is killed.
     let job = t.migrate(&["--max-bandwidth", "1M"]);
     t.wait_migration("active");
-    t.kill_a();
+    t.a.kill();
     let sock = t.a.vm_dir("web1").join("control.sock");
     assert_eq!(
         try_request(&sock, &json!({"cmd": "cancel"})).unwrap_or_default()["ok"],
@@ -489,7 +475,7 @@ fn migctl_migrate_waits_out_a_restart_of_its_daemon() {
         .spawn()
         .unwrap();
     t.wait_migration("active");
-    t.kill_a();
+    t.a.kill();
     std::thread::sleep(Duration::from_secs(1));
     t.restart_a("a2.log");
     let out = waiting.wait_with_output().unwrap();
@@ -555,15 +541,6 @@ impl OnA {
         let mut args = vec!["migrate", "web1", "--to", &to, "--detach"];
         args.extend(flags);
         self.a.ok(&args).trim().to_string()
-    }
-
-    /// Kills daemon A (SIGKILL); its VM processes run on.
-    fn kill_a(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.a.child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.a.child.wait();
     }
 
     /// A's next daemon, logging to `log`.

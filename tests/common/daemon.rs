@@ -329,6 +329,12 @@ impl Daemon {
 
     /// Kills VM `name`'s process (SIGKILL) and waits until the daemon lists it stopped.
     pub fn kill_vm(&self, name: &str) {
+        self.kill_vm_process(name);
+        self.wait_state(name, "stopped", Duration::from_secs(10));
+    }
+
+    /// Kills VM `name`'s process (SIGKILL), nothing more.
+    pub fn kill_vm_process(&self, name: &str) {
         let info: Value = serde_json::from_str(&self.ok(&["info", name, "--json"])).unwrap();
         let pid = info["pid"].as_u64().expect("a VM process") as i32;
         nix::sys::signal::kill(
@@ -336,7 +342,15 @@ impl Daemon {
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
-        self.wait_state(name, "stopped", Duration::from_secs(10));
+    }
+
+    /// Kills the daemon (SIGKILL), as a crash would: its VM processes run on.
+    pub fn kill(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.child.wait();
     }
 
     pub fn vm_dir(&self, name: &str) -> PathBuf {
