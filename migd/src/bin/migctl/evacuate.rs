@@ -17,29 +17,36 @@ use crate::format;
 
 const POLL: Duration = Duration::from_millis(250);
 
-/// What evacuating `vm` (a `list` entry) means: None where nothing of it
-/// runs or will run here (stopped, gone, being destroyed); `Some(None)`
-/// where it is to move; `Some(Some(why))` where it stays here unmoved, for
-/// the reason given (a host with such a VM is not empty: an unconfirmed
-/// VM may hold the only copy of its guest's memory).
-fn left_here(vm: &Value) -> Option<Option<String>> {
+/// What evacuating a VM means.
+enum Evacuation {
+    /// Nothing of it runs or will run here (stopped, gone, being destroyed).
+    Nothing,
+    /// It moves.
+    Move,
+    /// It stays here unmoved, for this reason (a host with such a VM is not
+    /// empty: an unconfirmed VM may hold the only copy of its guest's memory).
+    Skip(String),
+}
+
+/// What evacuating `vm` (a `list` entry) means.
+fn evacuation(vm: &Value) -> Evacuation {
     let state = vm["state"].as_str().unwrap_or("unknown");
     if matches!(state, "stopped" | "migrated" | "destroying") {
-        return None;
+        return Evacuation::Nothing;
     }
     if let Some(job) = vm["job"].as_str() {
-        return Some(Some(format!("{state}, with migration job {job} under way")));
+        return Evacuation::Skip(format!("{state}, with migration job {job} under way"));
     }
-    Some(match state {
-        "running" | "paused" => None,
-        "unconfirmed" => Some(format!(
+    match state {
+        "running" | "paused" => Evacuation::Move,
+        "unconfirmed" => Evacuation::Skip(format!(
             "unconfirmed: {}",
             vm["unconfirmed"]
                 .as_str()
                 .unwrap_or("its last migration ended without the destination's word")
         )),
-        other => Some(format!("{other}: not movable now")),
-    })
+        other => Evacuation::Skip(format!("{other}: not movable now")),
+    }
 }
 
 /// One VM's result.
@@ -74,10 +81,10 @@ pub fn run(
         let Some(name) = v["name"].as_str() else {
             continue;
         };
-        match left_here(v) {
-            None => {}
-            Some(None) => queue.push_back(name.to_string()),
-            Some(Some(why)) => {
+        match evacuation(v) {
+            Evacuation::Nothing => {}
+            Evacuation::Move => queue.push_back(name.to_string()),
+            Evacuation::Skip(why) => {
                 done.push(json!({"vm": name, "job": v["job"], "outcome": "skipped", "error": why}))
             }
         }
