@@ -695,17 +695,18 @@ pub fn remove_dir(dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// An incoming VM's process ends while the daemon still lists it
-    /// incoming: with the arrival noted, the VM ran here and is kept,
-    /// stopped, with its record; without, it never ran here and leaves
-    /// nothing, even for an exit 0 (a stop before its pages came).
-    #[test]
-    fn an_incoming_vm_is_kept_only_if_it_arrived() {
+    /// A daemon for a unit test, in a fresh state directory named for `tag`.
+    fn daemon(tag: &str) -> (PathBuf, Daemon) {
         let state_dir =
-            std::env::temp_dir().join(format!("migd-state-exited-{}", std::process::id()));
+            std::env::temp_dir().join(format!("migd-state-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_dir);
         let d = Daemon::for_tests(&state_dir, Default::default());
-        let record = |name: &str| VmRecord {
+        (state_dir, d)
+    }
+
+    /// The record of a 64 MiB, 1-vCPU VM `name` come by `origin`.
+    fn record(name: &str, origin: Origin) -> VmRecord {
+        VmRecord {
             name: name.into(),
             kernel: None,
             initramfs: None,
@@ -713,9 +714,18 @@ mod tests {
             memory: 64 << 20,
             vcpus: 1,
             created: 0,
-            origin: Origin::Incoming,
-            source: Some("10.0.0.1:7070".into()),
-        };
+            origin,
+            source: (origin == Origin::Incoming).then(|| "10.0.0.1:7070".into()),
+        }
+    }
+
+    /// An incoming VM's process ends while the daemon still lists it
+    /// incoming: with the arrival noted, the VM ran here and is kept,
+    /// stopped, with its record; without, it never ran here and leaves
+    /// nothing, even for an exit 0 (a stop before its pages came).
+    #[test]
+    fn an_incoming_vm_is_kept_only_if_it_arrived() {
+        let (state_dir, d) = daemon("exited");
         for (name, arrived) in [("came", true), ("never", false)] {
             std::fs::create_dir_all(d.vm_dir(name)).unwrap();
             if arrived {
@@ -723,7 +733,7 @@ mod tests {
             }
             d.reg().vms.insert(
                 name.into(),
-                VmEntry::new(record(name), st::INCOMING, Some(4242)),
+                VmEntry::new(record(name, Origin::Incoming), st::INCOMING, Some(4242)),
             );
             process_exited(&d, name, 4242, Some(0));
         }
@@ -740,23 +750,9 @@ mod tests {
     /// just before the reply removed its directory.
     #[test]
     fn a_vm_whose_process_exits_in_its_save_is_left_to_the_save() {
-        let state_dir =
-            std::env::temp_dir().join(format!("migd-state-saving-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&state_dir);
-        let d = Daemon::for_tests(&state_dir, Default::default());
+        let (state_dir, d) = daemon("saving");
         std::fs::create_dir_all(d.vm_dir("web1")).unwrap();
-        let record = VmRecord {
-            name: "web1".into(),
-            kernel: None,
-            initramfs: None,
-            cmdline: String::new(),
-            memory: 64 << 20,
-            vcpus: 1,
-            created: 0,
-            origin: Origin::Created,
-            source: None,
-        };
-        let mut vm = VmEntry::new(record, st::SAVING, Some(4242));
+        let mut vm = VmEntry::new(record("web1", Origin::Created), st::SAVING, Some(4242));
         vm.save_requested = true;
         d.reg().vms.insert("web1".into(), vm);
         process_exited(&d, "web1", 4242, Some(0));
@@ -772,10 +768,8 @@ mod tests {
     #[tokio::test]
     async fn a_vm_process_without_a_socket_yet_keeps_its_directory() {
         use std::os::unix::fs::PermissionsExt;
-        let state_dir =
-            std::env::temp_dir().join(format!("migd-state-lock-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&state_dir);
-        let d = Arc::new(Daemon::for_tests(&state_dir, Default::default()));
+        let (state_dir, d) = daemon("lock");
+        let d = Arc::new(d);
         let dir = d.vm_dir("arriving");
         std::fs::create_dir_all(&dir).unwrap();
         // Stands for `migd run`: lives 3 s, never opens a control socket.
