@@ -228,6 +228,25 @@ impl Integrity {
     }
 }
 
+/// The first of `n` entries that `differs`, and how many do, in one pass.
+fn differing(n: usize, differs: impl Fn(usize) -> bool) -> Option<(usize, usize)> {
+    let (mut first, mut count) = (None, 0);
+    for i in (0..n).filter(|&i| differs(i)) {
+        first.get_or_insert(i);
+        count += 1;
+    }
+    first.map(|f| (f, count))
+}
+
+/// Writes back from `copy` the words of the table at `base` that `differs`.
+fn restore(base: u64, copy: &[AtomicU64], differs: impl Fn(usize) -> bool) {
+    for (i, c) in copy.iter().enumerate() {
+        if differs(i) {
+            set_word(base, i, c.load(Ordering::Relaxed));
+        }
+    }
+}
+
 fn check_idt() {
     let base = boot::idt_addr();
     let gate = |v: usize| (word(base, 2 * v), word(base, 2 * v + 1));
@@ -237,28 +256,23 @@ fn check_idt() {
             IDT_COPY[2 * v + 1].load(Ordering::Relaxed),
         )
     };
-    let bad = (0..IDT_WORDS / 2).filter(|&v| gate(v) != copy(v)).count();
-    let Some(v) = (0..IDT_WORDS / 2).find(|&v| gate(v) != copy(v)) else {
+    let Some((v, bad)) = differing(IDT_WORDS / 2, |v| gate(v) != copy(v)) else {
         return;
     };
     let ((lo, hi), (wlo, whi)) = (gate(v), copy(v));
     corrupt!(
         "idt vector={v} found=0x{hi:016x}{lo:016x} want=0x{whi:016x}{wlo:016x} bad_gates={bad}"
     );
-    for (i, c) in IDT_COPY.iter().enumerate() {
-        let want = c.load(Ordering::Relaxed);
-        if word(base, i) != want {
-            set_word(base, i, want);
-        }
-    }
+    restore(base, &IDT_COPY, |i| {
+        word(base, i) != IDT_COPY[i].load(Ordering::Relaxed)
+    });
 }
 
 fn check_gdt() {
     let base = boot::gdt_range().0;
     let differs =
         |k: usize| (word(base, k) ^ GDT_COPY[k].load(Ordering::Relaxed)) & gdt_mask(k) != 0;
-    let bad = (0..GDT_WORDS).filter(|&k| differs(k)).count();
-    let Some(k) = (0..GDT_WORDS).find(|&k| differs(k)) else {
+    let Some((k, bad)) = differing(GDT_WORDS, differs) else {
         return;
     };
     corrupt!(
@@ -267,16 +281,13 @@ fn check_gdt() {
         GDT_COPY[k].load(Ordering::Relaxed),
         gdt_mask(k)
     );
-    for k in (0..GDT_WORDS).filter(|&k| differs(k)) {
-        set_word(base, k, GDT_COPY[k].load(Ordering::Relaxed));
-    }
+    restore(base, &GDT_COPY, differs);
 }
 
 fn check_tss() {
     let base = boot::tss_range().0;
     let differs = |i: usize| word(base, i) != TSS_COPY[i].load(Ordering::Relaxed);
-    let bad = (0..TSS_WORDS).filter(|&i| differs(i)).count();
-    let Some(i) = (0..TSS_WORDS).find(|&i| differs(i)) else {
+    let Some((i, bad)) = differing(TSS_WORDS, differs) else {
         return;
     };
     corrupt!(
@@ -286,9 +297,7 @@ fn check_tss() {
         word(base, i),
         TSS_COPY[i].load(Ordering::Relaxed)
     );
-    for i in (0..TSS_WORDS).filter(|&i| differs(i)) {
-        set_word(base, i, TSS_COPY[i].load(Ordering::Relaxed));
-    }
+    restore(base, &TSS_COPY, differs);
 }
 
 /// Self-test helpers that break what this module checks.
