@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -68,7 +68,7 @@ fn save_timeout() -> Duration {
     migration::faults::knob_ms("MIGD_SAVE_TIMEOUT_MS").unwrap_or(SAVE_TIMEOUT)
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Serialize, Debug)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 enum Request {
     Create(CreateRequest),
@@ -159,7 +159,7 @@ enum Request {
     Ping,
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Serialize, Debug)]
 struct CreateRequest {
     name: String,
     kernel: PathBuf,
@@ -271,7 +271,32 @@ fn parse(line: &[u8]) -> Result<Request, String> {
             COMMANDS.join(", ")
         ));
     }
-    serde_json::from_value(v).map_err(|e| format!("bad '{cmd}' request: {e}"))
+    let req: Request =
+        serde_json::from_value(v.clone()).map_err(|e| format!("bad '{cmd}' request: {e}"))?;
+    // A key the request does not know is refused, not ignored: a typo
+    // (`"kep": true` in a save) would otherwise do what the caller did not
+    // ask for. What the request knows is what it serializes back to.
+    if let Ok(Value::Object(known)) = serde_json::to_value(&req) {
+        let unknown: Vec<&str> = obj
+            .keys()
+            .filter(|k| !known.contains_key(*k))
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            let mut fields: Vec<&str> = known
+                .keys()
+                .map(String::as_str)
+                .filter(|k| *k != "cmd")
+                .collect();
+            fields.sort_unstable();
+            return Err(format!(
+                "bad '{cmd}' request: unknown field `{}` (known: {})",
+                unknown.join("`, `"),
+                fields.join(", ")
+            ));
+        }
+    }
+    Ok(req)
 }
 
 async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
@@ -1025,6 +1050,24 @@ mod tests {
             parse(b"{\"cmd\":\"create\",\"name\":\"a\",\"kernel\":\"k\",\"memory\":\"128M\",\"vcpus\":1}"),
             Ok(Request::Create(CreateRequest { memory: 134217728, .. }))
         ));
+        // A key the command does not know: refused, naming it, where a
+        // typo'd `keep` used to stop and remove the VM.
+        let e =
+            parse(b"{\"cmd\":\"save\",\"name\":\"a\",\"path\":\"/s\",\"kep\":true}").unwrap_err();
+        assert!(
+            e.contains("bad 'save' request: unknown field `kep` (known: keep, name, path)"),
+            "{e}"
+        );
+        let e = parse(b"{\"cmd\":\"list\",\"all\":1}").unwrap_err();
+        assert!(e.contains("unknown field `all`"), "{e}");
+        // Every key migctl and evacuate send is known, flattened options included.
+        let migrate = json!({"cmd": "migrate", "name": "a", "to": "h:1", "mode": "auto",
+            "max_downtime_ms": 300, "max_bandwidth": null, "detach": true,
+            "prepaging_window": null, "no_fault_channel": false, "xbzrle_cache": null,
+            "streams": null, "auto_converge": false, "compress": null, "reorder": false,
+            "no_clear_before_send": false, "strict_downtime": false, "verify": false});
+        let r = parse(migrate.to_string().as_bytes());
+        assert!(r.is_ok(), "{r:?}");
     }
 
     #[test]

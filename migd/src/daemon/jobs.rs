@@ -125,7 +125,7 @@ fn is_final(status: &str) -> bool {
 }
 
 /// What `migrate` asks for.
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Serialize, Debug)]
 pub struct MigrateRequest {
     pub name: String,
     pub to: String,
