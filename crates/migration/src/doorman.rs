@@ -6,6 +6,9 @@
 //! and first message are read in a thread of its own, so a silent or slow
 //! stranger holds up nobody. The fault channel is joined inside the pause,
 //! where a wait on one stranger's read timeout would be downtime.
+//!
+//! The destination's post-copy recovery listener uses it the same way, for
+//! the source's reconnections.
 
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -54,6 +57,10 @@ pub(crate) struct Doorman {
     /// Written by a greeter thread when it is done, so that `poll` wakes.
     wake: (std::io::PipeReader, Arc<std::io::PipeWriter>),
     in_flight: Arc<AtomicUsize>,
+    /// What the peer is to a connection from another address that is told
+    /// why it is dropped (a `Refuse`, over plain TCP only: over TLS a stranger
+    /// gets no word before a handshake it cannot pass); `None`: no word.
+    peer_role: Option<&'static str>,
 }
 
 impl Doorman {
@@ -83,7 +90,15 @@ impl Doorman {
             sender,
             wake: (r, Arc::new(w)),
             in_flight: Arc::new(AtomicUsize::new(0)),
+            peer_role: None,
         })
+    }
+
+    /// This doorman tells a connection from another address, over plain TCP,
+    /// that it is not the migration's `role` (say "source").
+    pub fn telling_strangers(mut self, role: &'static str) -> Doorman {
+        self.peer_role = Some(role);
+        self
     }
 
     /// Waits until `end` for the next connection that introduced itself, or
@@ -133,6 +148,14 @@ impl Doorman {
             };
             if peer.ip() != self.peer {
                 tracing::warn!(%peer, expected = %self.peer, "connection from a stranger: dropped");
+                if let (Some(role), None) = (self.peer_role, &self.tls) {
+                    let reason = format!(
+                        "{} is not this migration's {role} ({})",
+                        peer.ip(),
+                        self.peer
+                    );
+                    refuse_without_waiting(s, reason);
+                }
                 continue;
             }
             if self.in_flight.load(Ordering::Acquire) >= MAX_IN_FLIGHT {
@@ -200,6 +223,14 @@ impl Greeter {
         link.set_read_timeout(None)
             .map_err(io_err("socket timeout"))?;
         Ok((link, hello))
+    }
+}
+
+/// Sends a `Refuse` without waiting: it fits any fresh socket's buffer, and
+/// a peer that reads nothing holds up nobody.
+fn refuse_without_waiting(s: TcpStream, reason: String) {
+    if s.set_nonblocking(true).is_ok() {
+        let _ = wire::write_control(&mut Link::plain(s), &Message::Refuse { reason });
     }
 }
 

@@ -25,6 +25,7 @@ use vmm::{PreparedVm, Vm, VmExit, VmState};
 use wire::{Message, PostcopyReport, KIND_CONTROL, MAX_BATCH_PAGES};
 
 use crate::bitmap::{is_set, popcount};
+use crate::doorman::{Arrival, Doorman};
 use crate::incoming::IncomingStats;
 use crate::precopy;
 use crate::uffd::{RamMap, Uffd};
@@ -1017,10 +1018,23 @@ impl Dest {
     /// link was down): a refused reconnection tells the source that this
     /// process is gone.
     fn serve_recovery(self: Arc<Self>, listener: TcpListener) {
-        if let Err(e) = listener.set_nonblocking(true) {
-            tracing::error!("recovery listener: {e}");
-            return;
-        }
+        // Each connection's handshake and RecoverHello are read in a thread of
+        // its own: a silent connection, even from the source's address,
+        // delays no recovery. What follows the hello is served in order.
+        let doorman = Doorman::new(
+            listener,
+            self.source,
+            self.tls.clone(),
+            "RecoverHello",
+            2 * LINK_TIMEOUT,
+        );
+        let mut doorman = match doorman {
+            Ok(d) => d.telling_strangers("source"),
+            Err(e) => {
+                tracing::error!("recovery listener: {e}");
+                return;
+            }
+        };
         let mut pending_main: Option<Link> = None;
         let mut done = false;
         loop {
@@ -1028,18 +1042,23 @@ impl Dest {
                 if lock(&self.report).is_none() {
                     return; // failed: nothing to recover
                 }
-                // Nothing left to poll for: wait for connections only.
-                done = listener.set_nonblocking(false).is_ok();
+                done = true;
             }
-            match listener.accept() {
-                Ok((s, peer)) => {
-                    if let Err(e) = self.recovery_connection(s, peer, &mut pending_main) {
+            // Until the phase ends, a look at `stop` every 20 ms; then
+            // connections only.
+            let wait = if done {
+                Duration::from_secs(3600)
+            } else {
+                Duration::from_millis(20)
+            };
+            match doorman.next(Instant::now() + wait, None) {
+                Ok(Arrival::Greeted(g)) => {
+                    let peer = g.peer;
+                    if let Err(e) = self.recovery_connection(g.link, g.hello, &mut pending_main) {
                         tracing::warn!(%peer, "post-copy recovery connection refused: {e}");
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
+                Ok(Arrival::TimedOut | Arrival::Interrupted) => {}
                 Err(e) => {
                     tracing::warn!("recovery listener: {e}");
                     std::thread::sleep(Duration::from_millis(100));
@@ -1048,10 +1067,11 @@ impl Dest {
         }
     }
 
+    /// Serves one reconnection whose hello has arrived.
     fn recovery_connection(
         self: &Arc<Self>,
-        s: std::net::TcpStream,
-        peer: SocketAddr,
+        mut s: Link,
+        hello: Message,
         pending_main: &mut Option<Link>,
     ) -> Result<()> {
         let refuse = |s: &mut Link, reason: String| {
@@ -1063,32 +1083,6 @@ impl Dest {
             );
             Err(Error::Refused(reason))
         };
-        s.set_nonblocking(false).map_err(io_err("socket"))?;
-        s.set_read_timeout(Some(LINK_TIMEOUT))
-            .map_err(io_err("socket timeout"))?;
-        if peer.ip() != self.source {
-            let reason = format!(
-                "{} is not this migration's source ({})",
-                peer.ip(),
-                self.source
-            );
-            // Over TLS a stranger gets no word before a handshake it cannot pass.
-            return match self.tls {
-                None => refuse(&mut Link::plain(s), reason),
-                Some(_) => Err(Error::Refused(reason)),
-            };
-        }
-        // The handshake and the RecoverHello, however the peer paces them:
-        // connections are served one at a time.
-        let deadline = crate::deadline::Deadline::start(
-            s.try_clone().map_err(io_err("socket"))?,
-            2 * LINK_TIMEOUT,
-        );
-        let greeted = precopy::accept(s, self.tls.as_ref()).and_then(|mut s| {
-            let hello = wire::expect_control(&mut s, "RecoverHello")?;
-            Ok((s, hello))
-        });
-        let (mut s, hello) = deadline.judge("the handshake and RecoverHello", greeted)?;
         let (job, urgent) = match hello {
             Message::RecoverHello { job, urgent } => (job, urgent),
             other => {
@@ -1138,7 +1132,6 @@ impl Dest {
             for m in super::received_messages(bitmap) {
                 wire::write_control(&mut s, &m)?;
             }
-            s.set_read_timeout(None).map_err(io_err("socket timeout"))?;
             if self.channel {
                 *pending_main = Some(s);
                 return Ok(());
@@ -1149,7 +1142,6 @@ impl Dest {
             let Some(main) = pending_main.take() else {
                 return refuse(&mut s, "fault channel before the main connection".into());
             };
-            s.set_read_timeout(None).map_err(io_err("socket timeout"))?;
             let r = BufReader::new(main.try_clone().map_err(io_err("socket"))?);
             self.start_session(r, main, Some(s))?;
         }
