@@ -52,10 +52,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let kernel = absolute(&kernel)?;
             let initrd = initrd.as_deref().map(absolute).transpose()?;
-            let r = connect_to_start()?.call(&json!({
-                "cmd": "create", "name": name, "kernel": kernel, "initramfs": initrd,
-                "cmdline": cmdline, "memory": memory, "vcpus": vcpus,
-            }))?;
+            // Preparing a large guest's memory (huge pages, prefault) takes a while.
+            let r = with_spinner(format!("creating {name}"), || {
+                Ok(connect_to_start()?.call(&json!({
+                    "cmd": "create", "name": name, "kernel": kernel, "initramfs": initrd,
+                    "cmdline": cmdline, "memory": memory, "vcpus": vcpus,
+                }))?)
+            })?;
             if json {
                 print_json(&r["vm"]);
             } else {
@@ -108,8 +111,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Start { name, force, json } => {
-            let r =
-                connect_to_start()?.call(&json!({"cmd": "start", "name": name, "force": force}))?;
+            let r = with_spinner(format!("starting {name}"), || {
+                Ok(connect_to_start()?
+                    .call(&json!({"cmd": "start", "name": name, "force": force}))?)
+            })?;
             if json {
                 print_json(&r["vm"]);
             } else {
@@ -209,15 +214,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             max_bandwidth,
             json,
         } => {
-            let spinner = spinner(format!(
-                "measuring {name}'s dirty rate and the path to {to}"
-            ));
-            let r = connect()?.call(&json!({
-                "cmd": "estimate", "name": name, "to": to, "mode": mode,
-                "max_downtime_ms": max_downtime, "max_bandwidth": max_bandwidth,
-            }));
-            spinner.finish_and_clear();
-            let r = r?;
+            let r = with_spinner(
+                format!("measuring {name}'s dirty rate and the path to {to}"),
+                || {
+                    Ok(connect()?.call(&json!({
+                        "cmd": "estimate", "name": name, "to": to, "mode": mode,
+                        "max_downtime_ms": max_downtime, "max_bandwidth": max_bandwidth,
+                    }))?)
+                },
+            )?;
             if json {
                 print_json(&r);
             } else {
@@ -259,12 +264,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let file = absolute(&file)?;
-            let spinner = spinner(format!("restoring {name} from {}", file.display()));
-            let r = connect_to_start()?.call(&json!({
-                "cmd": "restore", "name": name, "path": file, "lazy": lazy,
-            }));
-            spinner.finish_and_clear();
-            let r = r?;
+            let r = with_spinner(format!("restoring {name} from {}", file.display()), || {
+                Ok(connect_to_start()?.call(&json!({
+                    "cmd": "restore", "name": name, "path": file, "lazy": lazy,
+                }))?)
+            })?;
             if json {
                 print_json(&r["vm"]);
             } else {
@@ -362,6 +366,14 @@ fn with_save_progress<T: Send>(
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         r
     });
+    bar.finish_and_clear();
+    r
+}
+
+/// Runs `call` with a spinner saying `msg` on stderr (drawn only on a terminal).
+fn with_spinner<T>(msg: String, call: impl FnOnce() -> Result<T>) -> Result<T> {
+    let bar = spinner(msg);
+    let r = call();
     bar.finish_and_clear();
     r
 }
