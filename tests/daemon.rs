@@ -1124,6 +1124,42 @@ fn a_vm_whose_handshake_is_under_way_is_not_destroyed() {
     drop(s);
 }
 
+/// A Hello from another protocol version, or one that is not migd's, is
+/// answered with a `Refuse` naming why (before, the daemon closed the
+/// connection and the source saw only a closed stream), and admits nothing.
+#[test]
+fn a_hello_this_daemon_cannot_take_is_refused_with_the_reason() {
+    let dir = scratch("daemon-bad-hello");
+    let d = Daemon::start(&dir, "a");
+    for (magic, version, why) in [
+        (wire::MAGIC, 99, "protocol version 99 is not supported"),
+        (*b"NOTMIGD!", wire::PROTOCOL_VERSION, "bad magic"),
+    ] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let vm = wire::VmDescriptor {
+            name: "web9".into(),
+            memory: 128 << 20,
+            vcpus: 1,
+            cpu_vendor: String::new(),
+            cpu_features: Vec::new(),
+        };
+        let hello = wire::Message::Hello {
+            magic,
+            version,
+            capabilities: vec!["precopy".into()],
+            mode: "precopy".into(),
+            vm,
+        };
+        wire::write_control(&mut s, &hello).unwrap();
+        match wire::expect_control(&mut s, "Refuse") {
+            Ok(wire::Message::Refuse { reason }) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("{why}: {other:?}\n{}", d.log_text()),
+        }
+        assert_ne!(d.migctl(&["info", "web9"]).0, 0, "admitted: {why}");
+    }
+}
+
 /// A save that outlasts the daemon's wait (10 minutes; 300 ms here, with the
 /// save slowed down) is cancelled, not left running behind a failed reply:
 /// the VM runs on, as the reply says, and no file is left.

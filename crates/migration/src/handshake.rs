@@ -36,8 +36,22 @@ pub struct Hello {
     pub vm: VmDescriptor,
 }
 
-/// Destination: reads and validates the Hello (magic and version).
-pub fn receive_hello(stream: &mut impl Read) -> Result<Hello> {
+/// Destination: reads and validates the Hello (magic and version). One this
+/// host cannot take (another protocol version, not a migd stream, another
+/// message, bytes that do not decode) is answered with a `Refuse` naming why,
+/// so that the source reports the reason, not a closed stream.
+pub fn receive_hello(stream: &mut (impl Read + Write)) -> Result<Hello> {
+    let hello = read_hello(stream);
+    if let Err(e) = &hello {
+        // A stream that failed takes no answer.
+        if !matches!(e, Error::Wire(wire::WireError::Io(_))) {
+            let _ = refuse(stream, &e.to_string());
+        }
+    }
+    hello
+}
+
+fn read_hello(stream: &mut impl Read) -> Result<Hello> {
     match wire::expect_control(stream, "Hello")? {
         Message::Hello {
             magic,
@@ -301,9 +315,18 @@ mod tests {
         .unwrap()
     }
 
+    /// The destination's side: what `receive_hello` makes of `bytes`, and
+    /// the answer it wrote.
+    fn receive(bytes: &[u8]) -> (Result<Hello>, Vec<u8>) {
+        let mut d = Duplex(Vec::new(), std::io::Cursor::new(bytes.to_vec()));
+        (receive_hello(&mut d), d.0)
+    }
+
     #[test]
     fn good_hello_is_accepted_with_shared_capabilities() {
-        let h = receive_hello(&mut &hello_bytes(MAGIC, PROTOCOL_VERSION)[..]).unwrap();
+        let (h, answer) = receive(&hello_bytes(MAGIC, PROTOCOL_VERSION));
+        let h = h.unwrap();
+        assert!(answer.is_empty(), "no answer before the host's own checks");
         assert_eq!(h.name, "web1");
         let mut out = Vec::new();
         assert_eq!(accept(&mut out, &h).unwrap(), vec!["precopy".to_string()]);
@@ -323,21 +346,31 @@ mod tests {
     }
 
     #[test]
-    fn bad_hellos_name_the_problem() {
-        let e = receive_hello(&mut &hello_bytes(MAGIC, 99)[..]).unwrap_err();
-        assert!(e.to_string().contains("protocol version 99"), "{e}");
-        let e = receive_hello(&mut &hello_bytes(*b"NOTMIGD!", 1)[..]).unwrap_err();
-        assert!(e.to_string().contains("bad magic"), "{e}");
-        let full = hello_bytes(MAGIC, 1);
-        let e = receive_hello(&mut &full[..full.len() / 2]).unwrap_err();
-        assert!(e.to_string().contains("stream"), "truncated: {e}");
-        let e = receive_hello(&mut &[0xff, 0xff, 0xff, 0xff, 1][..]).unwrap_err();
-        assert!(e.to_string().contains("outside"), "oversized: {e}");
+    fn bad_hellos_name_the_problem_to_the_source_too() {
+        // Each refused with the reason the destination's error gives.
+        let refused = |bytes: &[u8], what: &str| {
+            let (e, answer) = receive(bytes);
+            let e = e.unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+            match wire::decode_frame(&answer) {
+                Ok(wire::Frame::Control(Message::Refuse { reason })) => assert_eq!(reason, e),
+                other => panic!("answer to {what}: {other:?}"),
+            }
+        };
+        refused(&hello_bytes(MAGIC, 99), "protocol version 99");
+        refused(&hello_bytes(*b"NOTMIGD!", 1), "bad magic");
+        refused(&[0xff, 0xff, 0xff, 0xff, 1], "outside");
+        refused(
+            &wire::encode_control(&Message::Go).unwrap(),
+            "expected Hello, got Go",
+        );
         let random: Vec<u8> = (0..200u32).map(|i| (i * 7919 % 251) as u8).collect();
-        assert!(receive_hello(&mut &random[..]).is_err());
-        let go = wire::encode_control(&Message::Go).unwrap();
-        let e = receive_hello(&mut &go[..]).unwrap_err();
-        assert!(e.to_string().contains("expected Hello, got Go"), "{e}");
+        assert!(receive(&random).0.is_err());
+        // A stream cut short takes no answer.
+        let full = hello_bytes(MAGIC, 1);
+        let (e, answer) = receive(&full[..full.len() / 2]);
+        assert!(e.unwrap_err().to_string().contains("stream"), "truncated");
+        assert!(answer.is_empty());
     }
 
     /// What the source writes (0), and the destination's answers it reads (1).
@@ -365,10 +398,7 @@ mod tests {
         let mut d = Duplex(Vec::new(), std::io::Cursor::new(answer));
         let e = hello(&mut d, "precopy", desc()).unwrap_err();
         assert!(e.to_string().contains("web1 exists"), "{e}");
-        assert!(
-            receive_hello(&mut &d.0[..]).is_ok(),
-            "the source sent a valid Hello"
-        );
+        assert!(receive(&d.0).0.is_ok(), "the source sent a valid Hello");
     }
 
     #[test]
@@ -401,7 +431,7 @@ mod tests {
             let mut d = Duplex(Vec::new(), std::io::Cursor::new(accepted(caps)));
             let shared = hello_then(&mut d, "precopy", desc(), boot, CAPABILITIES, || {}).unwrap();
             let mut out = &d.0[..];
-            receive_hello(&mut out).unwrap();
+            read_hello(&mut out).unwrap();
             let got = match receive_boot(&mut out, &shared) {
                 Ok(b) if shared.iter().any(|c| c == "boot-spec") => Some(b),
                 Ok(_) => None,
