@@ -591,6 +591,48 @@ fn a_pending_nmi_survives_capture_and_restore() {
     assert_eq!(pending, 1, "the pending NMI was dropped by the restore");
 }
 
+/// An interrupt the IOAPIC holds pending at capture (a level-triggered line
+/// raised, not yet delivered) reaches its LAPIC on restore: the chips are
+/// restored after the LAPICs, so KVM's delivery as the IOAPIC is set is not
+/// wiped by the LAPIC's own restore (or dropped by a LAPIC not yet enabled).
+#[test]
+fn an_interrupt_pending_in_the_ioapic_reaches_its_lapic_on_restore() {
+    if !kvm_or_skip("an_interrupt_pending_in_the_ioapic_reaches_its_lapic_on_restore") {
+        return;
+    }
+    // A pin and a vector the test guest does not use.
+    const PIN: usize = 20;
+    const VECTOR: u64 = 0xe3;
+    let (_dir, vm, _console) = boot("state-ioapic", "workload=idle", 1);
+    vm.pause();
+    let mut state = vm.capture().unwrap();
+    let ioapic = state
+        .kernel
+        .irqchips
+        .iter_mut()
+        .find(|c| c.chip_id == kvm_bindings::KVM_IRQCHIP_IOAPIC)
+        .expect("IOAPIC captured");
+    // Fixed delivery, physical destination 0 (vCPU 0), level-triggered,
+    // unmasked, no remote IRR: the line is up and not yet delivered.
+    // SAFETY: the chip is the IOAPIC, so the union holds its state.
+    unsafe {
+        let io = &mut ioapic.chip.ioapic;
+        io.redirtbl[PIN].bits = VECTOR | 1 << 15;
+        io.irr |= 1 << PIN;
+    }
+    let ram = vmm::GuestRam::new(64 << 20).unwrap();
+    let restored = Vm::restore(&state, ram, None).unwrap();
+    let lapic = restored.with_vcpu(0, |fd| fd.get_lapic().unwrap()).unwrap();
+    // The LAPIC's IRR: eight 32-bit registers from 0x200, 16 bytes apart.
+    let word = 0x200 + 0x10 * (VECTOR as usize / 32);
+    let irr = u32::from_le_bytes(std::array::from_fn(|i| lapic.regs[word + i] as u8));
+    assert_ne!(
+        irr & 1 << (VECTOR % 32),
+        0,
+        "the interrupt pending in the IOAPIC never reached vCPU 0's LAPIC"
+    );
+}
+
 /// A vCPU resumed after a pause tells the guest's kvmclock that the host
 /// stopped it (KVM_KVMCLOCK_CTRL: PVCLOCK_GUEST_STOPPED in the clock's
 /// flags), so that a Linux guest's soft-lockup and RCU-stall watchdogs do

@@ -211,17 +211,26 @@ pub fn capture_vm(vm: &VmFd) -> Result<VmKernelState> {
     })
 }
 
-/// Restores the in-kernel VM devices and clock (irqchip and PIT already created).
-pub fn restore_vm(vm: &VmFd, s: &VmKernelState) -> Result<()> {
-    for chip in &s.irqchips {
-        vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
-    }
-    vm.set_pit2(&s.pit).map_err(kvm("KVM_SET_PIT2"))?;
+/// Restores the kvmclock.
+pub fn restore_clock(vm: &VmFd, s: &VmKernelState) -> Result<()> {
     let clock = kvm_clock_data {
         clock: s.clock.clock,
         ..Default::default()
     };
     vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))
+}
+
+/// Restores the in-kernel interrupt chips and the PIT (created already).
+///
+/// After the vCPUs' LAPICs: KVM delivers at once the interrupts the IOAPIC
+/// and the PICs hold pending, and a LAPIC restored later would wipe them (a
+/// LAPIC not yet enabled drops them, and a pending level-triggered one then
+/// waits for its device to raise the line anew).
+pub fn restore_irqchips(vm: &VmFd, s: &VmKernelState) -> Result<()> {
+    for chip in &s.irqchips {
+        vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
+    }
+    vm.set_pit2(&s.pit).map_err(kvm("KVM_SET_PIT2"))
 }
 
 /// Reads the given MSRs; returns only those KVM could read.

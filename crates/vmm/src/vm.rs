@@ -117,8 +117,7 @@ impl PreparedVm {
             )));
         }
         let t = std::time::Instant::now();
-        state::restore_vm(&vm.vm_fd, &state.kernel)?;
-        let vm_us = t.elapsed().as_micros();
+        state::restore_clock(&vm.vm_fd, &state.kernel)?;
         for (fd, s) in vm.vcpus.iter().zip(&state.vcpus) {
             let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
             if s.tsc_khz != 0 {
@@ -139,6 +138,8 @@ impl PreparedVm {
             state::restore_vcpu(&fd, s)?;
             vm.cpuids.push(s.cpuid.clone());
         }
+        let vcpus_us = t.elapsed().as_micros();
+        state::restore_irqchips(&vm.vm_fd, &state.kernel)?;
         // After the interrupt chips and the LAPICs: the serial port raises
         // again the interrupt it had pending, which restoring them would wipe.
         let devices = Devices::restore(
@@ -148,12 +149,12 @@ impl PreparedVm {
         )?;
         *vm.devices.lock().unwrap_or_else(|p| p.into_inner()) = devices;
         vm.msr_indices = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
-        let vcpus_us = t.elapsed().as_micros() - vm_us;
+        let devices_us = t.elapsed().as_micros() - vcpus_us;
         vm.spawn_threads()?;
         tracing::debug!(
-            vm_us,
             vcpus_us,
-            threads_us = t.elapsed().as_micros() - vm_us - vcpus_us,
+            devices_us,
+            threads_us = t.elapsed().as_micros() - vcpus_us - devices_us,
             "state loaded"
         );
         Ok(vm)
