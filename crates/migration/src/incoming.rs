@@ -149,11 +149,7 @@ pub fn receive(
         // Control messages act on memory as it stands after every batch before them.
         writer.drain()?;
         match wire::read_control_body(&mut r, h.body_len)? {
-            Message::Zero { ranges } => {
-                for (off, n) in ranges {
-                    zero_pages(&dst, off, n)?;
-                }
-            }
+            Message::Zero { ranges } => zero_ranges(&dst, &ranges)?,
             Message::Delta { pages } => {
                 stats.pages += pages.len() as u64;
                 for (off, delta) in pages {
@@ -676,6 +672,31 @@ pub(crate) fn apply_delta(dst: &GuestMem, off: u64, delta: &[u8]) -> Result<()> 
     dst.write_at(&page, off)
 }
 
+/// Refuses a `Zero` message whose ranges add up to more pages than `pages`
+/// (guest RAM's): a source names each page at most once per message, and
+/// millions of ranges over all of RAM would keep this side busy for hours,
+/// reading nothing meanwhile.
+pub(crate) fn check_zero_total(pages: u64, ranges: &[(u64, u64)]) -> Result<()> {
+    let total = ranges.iter().try_fold(0u64, |t, &(_, n)| t.checked_add(n));
+    match total {
+        Some(t) if t <= pages => Ok(()),
+        _ => Err(Error::Protocol(format!(
+            "a Zero message whose {} ranges name more pages than the guest's {pages}",
+            ranges.len()
+        ))),
+    }
+}
+
+/// [`zero_pages`] for each of a `Zero` message's ranges, once
+/// [`check_zero_total`] has passed them.
+pub(crate) fn zero_ranges(dst: &GuestMem, ranges: &[(u64, u64)]) -> Result<()> {
+    check_zero_total(dst.memory / PAGE_SIZE, ranges)?;
+    for &(off, n) in ranges {
+        zero_pages(dst, off, n)?;
+    }
+    Ok(())
+}
+
 /// Makes `n` pages at `off` zero: by punching them out of the memfd, or on
 /// huge pages by writing zeros where a huge page was written here (a huge
 /// page never written reads as zeros). A punch there would zero nothing on
@@ -741,6 +762,13 @@ mod tests {
         assert!(store_pages(&dst, &[end], &data[..4096]).is_err());
         assert!(store_pages(&dst, &[0x1001], &data[..4096]).is_err());
         assert!(zero_pages(&dst, 0, u64::MAX).is_err());
+        // Each range within RAM, together more pages than it has.
+        let pages = ram.size() / 4096;
+        let e = zero_ranges(&dst, &[(0, pages), (0, 1)]).unwrap_err();
+        assert!(e.to_string().contains("more pages than"), "{e}");
+        let e = zero_ranges(&dst, &[(0, pages), (0, u64::MAX)]).unwrap_err();
+        assert!(e.to_string().contains("more pages than"), "{e}");
+        zero_ranges(&dst, &[(0, pages / 2), (pages / 2 * 4096, pages / 2)]).unwrap();
         let e = zero_pages(&dst, 0x1000, 0).unwrap_err();
         assert!(e.to_string().contains("empty range"), "{e}");
     }

@@ -622,11 +622,7 @@ impl Reader {
                 continue;
             }
             match wire::read_control_body(r, h.body_len)? {
-                Message::Zero { ranges } => {
-                    for (off, n) in ranges {
-                        crate::incoming::zero_pages(&self.dst, off, n)?;
-                    }
-                }
+                Message::Zero { ranges } => crate::incoming::zero_ranges(&self.dst, &ranges)?,
                 Message::Delta { pages } => {
                     mark.pages += pages.len() as u64;
                     for (off, delta) in pages {

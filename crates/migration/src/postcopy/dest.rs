@@ -774,6 +774,7 @@ impl Dest {
             if h.kind == KIND_CONTROL {
                 match wire::read_control_body(r, h.body_len)? {
                     Message::Zero { ranges } => {
+                        crate::incoming::check_zero_total(self.pages, &ranges)?;
                         for (off, n) in ranges {
                             self.fill(off, n, None, urgent)?;
                         }
