@@ -1911,13 +1911,16 @@ pub(crate) fn rounds(
             // meanwhile (at 1 Gbit/s that was 10-25 % more pause than
             // predicted). Too much: another round sends it.
             settle(job, tx, round)?;
-            settled_at = Some(tx.bytes);
             // The link is empty now: time one more exchange.
             if let Some(t) = round_trip(job, tx, round)? {
                 let t = t.as_secs_f64() * 1e3;
                 rtt_ms = Some(rtt_ms.map_or(t, |r| r.min(t)));
                 job.update(|s| s.rtt_ms = rtt_ms);
             }
+            // After the timed exchange: its Sync counts in the bytes, and it
+            // leaves the link as empty as the settle did, so that a pause
+            // right after needs no third exchange.
+            settled_at = Some(tx.bytes);
             let late = cold(&vm.take_dirty_bitmap()?);
             for (t, l) in todo.iter_mut().zip(&late) {
                 *t |= *l;
