@@ -360,7 +360,7 @@ gdt_ptr:
     .balign 8
     .globl idt_ptr
 idt_ptr:
-    .word 4095
+    .word {idt_bytes} - 1
     .quad idt
 
     .section .bss.boot, "aw", @nobits
@@ -374,7 +374,7 @@ pd_tables:
     .skip 4096 * {max_gib}
     .globl idt
 idt:
-    .skip 4096
+    .skip {idt_bytes}
     .text
 "#,
     kcpu = sym KCPU,
@@ -385,6 +385,7 @@ idt:
     max_gib = const MAX_RAM_GIB,
     max_cpus = const MAX_CPUS,
     tramp = const TRAMPOLINE_ADDR,
+    idt_bytes = const IDT_BYTES,
     options(att_syntax)
 );
 
@@ -728,6 +729,9 @@ unsafe extern "C" {
 
 /// Selector of the first TSS descriptor (`0x30 + 16 * cpu`).
 pub const GDT_TSS_SEL: usize = 0x30;
+
+/// Bytes of the IDT: 256 gates of 16 bytes.
+pub const IDT_BYTES: usize = 256 * 16;
 
 /// The part of the image never written after the boot (`.note.xen`,
 /// `.text`, `.rodata`), page aligned: (address, bytes).

@@ -58,7 +58,7 @@ fn sysreg_values(cpu: usize) -> [u64; 6] {
         crate::boot::page_tables_range().0,
         0x4_0620, // OSXSAVE | OSXMMEXCPT | OSFXSR | PAE
         gdt << 16 | (gdt_len - 1),
-        crate::boot::idt_addr() << 16 | 0xfff,
+        crate::boot::idt_addr() << 16 | (crate::boot::IDT_BYTES as u64 - 1),
         (crate::boot::GDT_TSS_SEL + 16 * cpu) as u64,
     ]
 }

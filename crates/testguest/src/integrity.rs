@@ -43,8 +43,8 @@ const PT_PAGES: usize = 2 + MAX_RAM_GIB;
 const GDT_WORDS: usize = GDT_TSS_SEL / 8 + 2 * MAX_CPUS;
 /// Words of the TSSs (256-byte slots).
 const TSS_WORDS: usize = MAX_CPUS * 256 / 8;
-/// Words of the IDT (256 gates of 16 bytes).
-const IDT_WORDS: usize = 512;
+/// Words of the IDT.
+const IDT_WORDS: usize = boot::IDT_BYTES / 8;
 /// Most hashed units: the read-only pages, the trampoline, the page tables.
 const MAX_HASHED: usize = 256;
 /// At most one unit is checked per this many microseconds (a whole sweep,

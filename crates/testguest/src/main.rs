@@ -261,10 +261,11 @@ fn boot_cpu_main() -> ! {
     let (gdt, gdt_len) = boot::gdt_range();
     let (tss, tss_len) = boot::tss_range();
     println!(
-        "TESTGUEST layout image={:#x}-{:#x} readonly={ro:#x}+{ro_len:#x} pagetables={pt:#x}+{pt_len:#x} idt={:#x}+0x1000 gdt={gdt:#x}+{gdt_len:#x} tss={tss:#x}+{tss_len:#x} user_stacks={stacks:#x}+{stacks_len:#x} progress={:#x}+{:#x} gens={gens_base:#x}+{gens_bytes:#x} workset={ws_base:#x}+{:#x} zeros={zeros_base:#x}+{:#x} keep={keep_base:#x}+{:#x} trampoline={TRAMPOLINE_ADDR:#x}",
+        "TESTGUEST layout image={:#x}-{:#x} readonly={ro:#x}+{ro_len:#x} pagetables={pt:#x}+{pt_len:#x} idt={:#x}+{:#x} gdt={gdt:#x}+{gdt_len:#x} tss={tss:#x}+{tss_len:#x} user_stacks={stacks:#x}+{stacks_len:#x} progress={:#x}+{:#x} gens={gens_base:#x}+{gens_bytes:#x} workset={ws_base:#x}+{:#x} zeros={zeros_base:#x}+{:#x} keep={keep_base:#x}+{:#x} trampoline={TRAMPOLINE_ADDR:#x}",
         0x10_0000,
         boot::image_end(),
         boot::idt_addr(),
+        boot::IDT_BYTES,
         progress.as_ptr() as u64,
         core::mem::size_of_val(progress),
         pages * PAGE,
