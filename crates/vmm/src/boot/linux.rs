@@ -109,8 +109,18 @@ pub(super) fn load_initramfs(ram: &GuestRam, path: &Path, kernel_end: u64) -> Re
         path: path.to_path_buf(),
         reason,
     };
-    let data = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    let size = data.len() as u64;
+    let mut file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| err(format!("cannot stat: {e}")))?;
+    // Its size is checked against the room before anything is read: a huge
+    // file (a disk image, named by a migration peer's boot spec too) must be
+    // refused, not read whole into the heap. A device or pipe has no size to
+    // check, so only regular files are taken.
+    if !meta.is_file() {
+        return Err(err(format!("not a regular file ({})", path_string(path))));
+    }
+    let size = meta.len();
     // Stay below 2 GiB: the 32-bit ramdisk_image field and initrd_addr_max.
     let top = low_ram_end(ram).min(0x8000_0000);
     let addr = top
@@ -124,7 +134,11 @@ pub(super) fn load_initramfs(ram: &GuestRam, path: &Path, kernel_end: u64) -> Re
                 path_string(path)
             ))
         })?;
-    ram.write(addr, &data)?;
+    // Exactly `size` bytes, straight into guest RAM (they fit: checked above);
+    // a file that shrank since its stat fails here rather than loading short.
+    ram.guest_memory()
+        .read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|e| err(format!("cannot read {size} bytes: {e}")))?;
     Ok((addr, size))
 }
 
@@ -193,6 +207,45 @@ mod tests {
         let mut pd0 = [0u8; 8];
         ram.read(BOOT_PD_START, &mut pd0).unwrap();
         assert_eq!(u64::from_le_bytes(pd0), 0x83);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An initramfs far larger than the guest (a 64 GiB sparse file: no disk
+    /// used) is refused by its size before any of it is read; reading it
+    /// first would allocate its whole size in the VM process.
+    #[test]
+    fn huge_initramfs_refused_before_reading() {
+        let dir = std::env::temp_dir().join(format!("vmm-bz-huge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("bzImage");
+        std::fs::write(&k, fake_bzimage(0x020f)).unwrap();
+        let initrd = dir.join("disk.img");
+        File::create(&initrd).unwrap().set_len(64 << 30).unwrap();
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let spec = BootSpec {
+            kernel: k,
+            initramfs: Some(initrd.clone()),
+            cmdline: String::new(),
+        };
+        let started = std::time::Instant::now();
+        match super::super::load(&ram, &spec, 1) {
+            Err(Error::Initramfs { path, reason }) => {
+                assert_eq!(path, initrd);
+                assert!(
+                    reason.contains(&format!("{} bytes do not fit", 64u64 << 30)),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected the initramfs size error, got {other:?}"),
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // Neither is anything without a size taken (a device reads forever).
+        match load_initramfs(&ram, Path::new("/dev/zero"), HIMEM_START) {
+            Err(Error::Initramfs { reason, .. }) => {
+                assert!(reason.contains("not a regular file"), "{reason}")
+            }
+            other => panic!("expected /dev/zero refused, got {other:?}"),
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
