@@ -1192,6 +1192,73 @@ fn a_save_that_outlasts_the_daemons_wait_is_cancelled() {
     d.ok(&["destroy", "web1"]);
 }
 
+/// A save whose wait runs out once it is past its commit (its file synced,
+/// being put in place: here held there 8 s, the wait 4 s) completes: the daemon's cancel
+/// is refused, and the reply says saved, the VM stopped and removed, its
+/// file complete and restorable. Before, the daemon put the VM back as
+/// running and said the save failed while the save went on, stopped the VM
+/// and left the only copy of it in a file said not to exist. An abort in
+/// that window is refused, naming why.
+#[test]
+fn a_save_whose_wait_runs_out_past_its_commit_completes() {
+    if !kvm_or_skip("a_save_whose_wait_runs_out_past_its_commit_completes") {
+        return;
+    }
+    let dir = scratch("daemon-save-late");
+    let env = [
+        ("MIGD_SAVE_COMMIT_HOLD_MS", "8000"),
+        ("MIGD_SAVE_TIMEOUT_MS", "4000"),
+    ];
+    let d = Daemon::start_env(&dir, "a", &env);
+    let _reaper = Reaper(d.state.clone());
+    create_guest(&d, "web1");
+    console_of(&d, "web1").wait_for("WORKLOAD READY", READY);
+    let file = dir.join("late.snap");
+    let f = file.to_str().unwrap().to_string();
+    let save = {
+        let (bin, socket) = (migctl_bin(), d.socket.clone());
+        let f = f.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(bin)
+                .args([
+                    "--socket",
+                    socket.to_str().unwrap(),
+                    "save",
+                    "web1",
+                    &f,
+                    "--json",
+                ])
+                .output()
+                .unwrap()
+        })
+    };
+    // Past its commit (`info` says so), the save can no longer be aborted.
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info: Value = serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap();
+        if info["saving"]["committed"] == true {
+            break;
+        }
+        assert!(Instant::now() < end, "never committed: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let e = d.fails(&["abort", "web1"]);
+    assert!(e.contains("too late"), "{e}");
+    let out = save.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["state"], "saved", "{r}");
+    assert_ne!(d.migctl(&["info", "web1"]).0, 0, "web1 still listed");
+    d.ok(&["restore", "web2", &f]);
+    console_of(&d, "web2").assert_runs_on(2, Duration::from_secs(30));
+    d.ok(&["destroy", "web2"]);
+}
+
 /// `migctl save` and `restore` (virsh save/restore): a checkpoint that runs
 /// on, a save that stops and removes the VM, a restore that carries on where
 /// the guest was (eager and lazy), and bad files and names refused with

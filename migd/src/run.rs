@@ -167,6 +167,10 @@ struct Saving {
 struct Migrations {
     /// A snapshot being written (`snapshot` request).
     saving: Option<Saving>,
+    /// The answer of the last save that ended with this process running on
+    /// (`status`'s `last_save`): how a requester that gave up waiting learns
+    /// what became of it.
+    last_save: Option<serde_json::Value>,
     job: Option<Arc<Job>>,
     running: bool,
     migrated: bool,
@@ -457,7 +461,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
             Event::Exit(exit) => break exit_code(&exit),
             Event::Saved(done) => {
                 let exit_after = mig.saving.take().and_then(|s| s.exit_after);
-                let finished = finish_save(&vm, done);
+                let (finished, answer) = finish_save(&vm, done);
+                mig.last_save = Some(answer);
                 // A guest that died during the save outranks the save's own
                 // clean stop.
                 let failed = exit_after.filter(|&c| c != 0);
@@ -827,12 +832,18 @@ fn snapshot(
 }
 
 /// Progress of a save asked for by a control request. Tests slow it down
-/// with `MIGD_SAVE_PACE_MS` (a pause at each step, honoured only with fault
-/// injection on) to watch it.
+/// with `MIGD_SAVE_PACE_MS` (a pause at each step) to watch it, and with
+/// `MIGD_SAVE_COMMIT_HOLD_MS` (a pause past its commit); both are honoured
+/// only with fault injection on.
 fn save_progress() -> WriteProgress {
-    match migration::faults::knob_ms("MIGD_SAVE_PACE_MS") {
+    let progress = match migration::faults::knob_ms("MIGD_SAVE_PACE_MS") {
         Some(pace) => WriteProgress::paced(pace),
         None => WriteProgress::default(),
+    };
+    // Past the point of no return, a while before the file is in place.
+    match migration::faults::knob_ms("MIGD_SAVE_COMMIT_HOLD_MS") {
+        Some(hold) => progress.holding_after_commit(hold),
+        None => progress,
     }
 }
 
@@ -889,9 +900,9 @@ fn start_save(
     Ok(())
 }
 
-/// Answers a save's requester. Some(code): the process ends now (the save
-/// stopped the VM, `virsh save`-like).
-fn finish_save(vm: &Vm, done: SaveDone) -> Option<i32> {
+/// Answers a save's requester; returns the answer, and Some(code) when the
+/// process ends now (the save stopped the VM, `virsh save`-like).
+fn finish_save(vm: &Vm, done: SaveDone) -> (Option<i32>, serde_json::Value) {
     let SaveDone {
         stream,
         result,
@@ -918,7 +929,7 @@ fn finish_save(vm: &Vm, done: SaveDone) -> Option<i32> {
             });
             if stop {
                 answer(&written);
-                return Some(0);
+                return (Some(0), written);
             }
             written
         }
@@ -931,7 +942,7 @@ fn finish_save(vm: &Vm, done: SaveDone) -> Option<i32> {
         vm.resume();
     }
     answer(&reply);
-    None
+    (None, reply)
 }
 
 /// Page numbers set in either bitmap.
@@ -1411,11 +1422,10 @@ fn handle_control(
              cancel it first to {cmd} here"
         )),
         "cancel" if mig.saving.is_some() => {
-            // The save fails "cancelled"; the VM goes on as before it.
-            if let Some(s) = &mig.saving {
-                s.progress.cancel();
-            }
-            Ok(json!({"ok": true}))
+            // The save fails "cancelled"; the VM goes on as before it. Past
+            // its commit (its file synced, being put in place) it completes.
+            let cancelled = mig.saving.as_ref().is_some_and(|s| s.progress.cancel());
+            Ok(json!({"ok": true, "cancelled": cancelled}))
         }
         "cancel" => match &mig.job {
             Some(job) if mig.running && job.snapshot().status == "postcopy-active" => Err(
@@ -1513,7 +1523,10 @@ fn handle_control(
             // A snapshot being written.
             "saving": mig.saving.as_ref().map(|s| json!({
                 "path": s.path, "pages": s.progress.pages(), "written": s.progress.written(),
+                "committed": s.progress.is_committed(),
             })),
+            // The answer of the last save that ended (its process still running).
+            "last_save": mig.last_save,
         })),
         "pause" => Ok(json!({"ok": true, "pause_us": vm.pause().as_micros() as u64})),
         "resume" => {

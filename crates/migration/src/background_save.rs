@@ -191,7 +191,7 @@ fn save_holding(
     let written_by_faults = save.written_by_faults.load(Ordering::Relaxed);
     drop(save);
     let snapshot = writer
-        .finish(crc.finalize())
+        .finish(crc.finalize(), progress)
         .map_err(|e| BackgroundError::after_resume(e.into()))?;
     tracing::info!(
         path = %path.display(),

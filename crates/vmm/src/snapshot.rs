@@ -32,7 +32,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::boot::BootSpec;
@@ -440,16 +440,25 @@ pub fn write(path: &Path, state: &VmState, ram: &GuestRam) -> Result<SnapshotSta
 /// How far the page data of a snapshot being written has got, for another
 /// thread to report (`migctl info` while `migctl save` runs), and a way to
 /// cancel it: the writer then fails with "cancelled" and removes its
-/// temporary file.
+/// temporary file. Cancel and the writer's commit (the file synced, about to
+/// be renamed into place) exclude each other: a cancel that comes later is
+/// refused, so that a save said to be cancelled never completes.
 #[derive(Debug, Default)]
 pub struct WriteProgress {
     pages: AtomicU64,
     written: AtomicU64,
-    cancelled: AtomicBool,
+    /// [`WRITING`], [`CANCELLED`] or [`COMMITTED`].
+    state: AtomicU8,
     /// Tests: a pause at each step of the writer's main pass, so that a save
     /// lasts long enough to be watched.
     pace: Option<Duration>,
+    /// Tests: a pause right after the commit, as a slow rename would take.
+    commit_hold: Option<Duration>,
 }
+
+const WRITING: u8 = 0;
+const CANCELLED: u8 = 1;
+const COMMITTED: u8 = 2;
 
 /// Most bytes of page data between two steps (progress and cancel check).
 pub const PROGRESS_STEP: u64 = 1 << 20;
@@ -464,6 +473,15 @@ impl WriteProgress {
         }
     }
 
+    /// This progress also pauses `hold` right after the commit (tests: a
+    /// save past its point of no return that takes a while to complete).
+    pub fn holding_after_commit(self, hold: Duration) -> Self {
+        WriteProgress {
+            commit_hold: Some(hold),
+            ..self
+        }
+    }
+
     /// Pages the file stores (0 until its layout is known).
     pub fn pages(&self) -> u64 {
         self.pages.load(Ordering::Relaxed)
@@ -474,14 +492,46 @@ impl WriteProgress {
         self.written.load(Ordering::Relaxed)
     }
 
-    /// Asks the writer to stop at its next step.
-    pub fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
+    /// Asks the writer to stop at its next step, which it then surely does
+    /// (true), unless it has committed already: false, and the file is (or
+    /// is about to be) in place.
+    pub fn cancel(&self) -> bool {
+        match self
+            .state
+            .compare_exchange(WRITING, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(now) => now == CANCELLED,
+        }
     }
 
-    /// Whether [`Self::cancel`] was called.
+    /// Whether the writer has passed its point of no return: the file is
+    /// synced and is (about to be) renamed into place; it can no longer be
+    /// cancelled.
+    pub fn is_committed(&self) -> bool {
+        self.state.load(Ordering::Acquire) == COMMITTED
+    }
+
+    /// Whether [`Self::cancel`] took effect.
     pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Relaxed)
+        self.state.load(Ordering::Acquire) == CANCELLED
+    }
+
+    /// The writer's point of no return, right before the rename: fails
+    /// (naming `path`) if the save was cancelled; any later cancel is refused.
+    pub fn commit(&self, path: &Path) -> Result<()> {
+        match self
+            .state
+            .compare_exchange(WRITING, COMMITTED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                if let Some(hold) = self.commit_hold {
+                    std::thread::sleep(hold);
+                }
+                Ok(())
+            }
+            Err(_) => Err(snap_err(path, "cancelled".into())),
+        }
     }
 
     /// The file's layout is known: it stores `pages` pages.
@@ -540,7 +590,7 @@ pub fn write_with_working_set(
         }
         out.flush().map_err(io)?;
     }
-    w.finish(crc.finalize())
+    w.finish(crc.finalize(), progress)
 }
 
 /// A snapshot file being written under a temporary name. [`Self::create`]
@@ -697,8 +747,10 @@ impl SnapshotWriter {
     }
 
     /// Writes the trailer (`data_crc`: the CRC32 of the page data in file
-    /// order), syncs, and renames the file into place.
-    pub fn finish(mut self, data_crc: u32) -> Result<SnapshotStats> {
+    /// order), syncs, commits `progress` (fails if it was cancelled, and
+    /// removes the temporary file), renames the file into place and syncs
+    /// its directory.
+    pub fn finish(mut self, data_crc: u32, progress: &WriteProgress) -> Result<SnapshotStats> {
         let path = self.path.clone();
         let io = |e: std::io::Error| snap_err(&path, format!("write: {e}"));
         let end = self.slot(self.stats.data_pages);
@@ -706,12 +758,28 @@ impl SnapshotWriter {
         trailer.extend_from_slice(END_MAGIC);
         self.file.write_all_at(&trailer, end).map_err(io)?;
         self.file.sync_all().map_err(io)?;
+        progress.commit(&path)?;
         std::fs::rename(&self.tmp, &self.path)
             .map_err(|e| snap_err(&path, format!("rename into place: {e}")))?;
         self.done = true;
+        // Until the directory is synced, a crash may lose the new name: a
+        // save that then removes the VM would lose it with it.
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
+            match File::open(dir).and_then(|d| d.sync_all()) {
+                // Some file systems cannot sync a directory (EINVAL,
+                // EOPNOTSUPP): nothing to wait for there.
+                Err(e)
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+                    ) =>
+                {
+                    return Err(snap_err(
+                        &path,
+                        format!("in place, but syncing its directory failed: {e}"),
+                    ));
+                }
+                _ => {}
             }
         }
         let mut stats = self.stats.clone();
@@ -1007,7 +1075,13 @@ pub fn read(path: &Path) -> Result<(VmState, GuestRam, SnapshotStats)> {
             r.read_exact(dst).map_err(|e| truncated("page data", e))?;
             crc.update(dst);
             // Zero pages (holes of a background save's file) go back to
-            // being holes: the restored VM takes no memory for them.
+            // being holes: the restored VM takes no memory for them. Not on
+            // huge pages: a punch there frees nothing smaller than a huge
+            // page, and one it frees gives its reservation back to the pool,
+            // so that mapping it again below may find none (SIGBUS).
+            if ram.is_huge() {
+                continue;
+            }
             let mut zeros: Option<u64> = None; // first page of a zero stretch
             for i in 0..=*n {
                 let zero = i < *n
@@ -1333,7 +1407,7 @@ mod tests {
             w.file().write_all_at(b, w.slot(i as u64)).unwrap();
         }
         let crc = crc32fast::hash(&pages.concat());
-        let stats = w.finish(crc).unwrap();
+        let stats = w.finish(crc, &WriteProgress::default()).unwrap();
         assert_eq!((stats.data_pages, stats.working_set_pages), (4, 2));
         assert_eq!(stats.file_bytes, std::fs::metadata(&p).unwrap().len());
         let (_, back, _) = read(&p).unwrap();
@@ -1353,7 +1427,7 @@ mod tests {
         )
         .unwrap();
         w.file().write_all_at(&[0xaa; 4096], w.slot(0)).unwrap();
-        w.finish(0).unwrap();
+        w.finish(0, &WriteProgress::default()).unwrap();
         expect_err(&p, "page data checksum mismatch");
         let w = SnapshotWriter::create(
             &d.join("gone.snap"),
@@ -1652,6 +1726,33 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(left, ["vm.snap"], "no cancelled file, no temporary");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Cancel and commit exclude each other: a write whose last step is done
+    /// but that is not committed yet still fails when cancelled (a plain
+    /// save's longest phase is its final sync, where no step looks), and a
+    /// cancel after the commit is refused, the file being complete.
+    #[test]
+    fn a_cancel_before_the_commit_wins_and_one_after_it_is_refused() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        ram.write(0, &[7; 64]).unwrap();
+        let d = dir("commit");
+        let p = d.join("vm.snap");
+        let runs = nonzero_runs(&ram).unwrap();
+        let w = SnapshotWriter::create(&p, &state(16 << 20), ram.size(), runs, None, None).unwrap();
+        let progress = WriteProgress::default();
+        // Every page written, then the cancel: in the final sync, say.
+        assert!(progress.cancel(), "accepted before the commit");
+        let e = w.finish(0, &progress).unwrap_err().to_string();
+        assert!(e.contains("cancelled"), "{e}");
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "nothing left");
+
+        let done = WriteProgress::default();
+        write_with_working_set(&p, &state(16 << 20), &ram, None, None, &done).unwrap();
+        assert!(!done.cancel(), "refused after the commit");
+        assert!(!done.is_cancelled() && done.is_committed());
+        read(&p).expect("the file is complete");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

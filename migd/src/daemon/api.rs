@@ -675,8 +675,25 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
             state_dir.display()
         );
     }
+    // The file as the directory resolves: two names for one file are one.
+    let target = match (parent.canonicalize(), path.file_name()) {
+        (Ok(p), Some(f)) => p.join(f),
+        _ => path.to_path_buf(),
+    };
     let (pid, was) = {
         let mut reg = d.reg();
+        // Two saves renamed into one file: the first VM would be gone, behind
+        // two replies that say saved.
+        if let Some((other, _)) = reg
+            .vms
+            .iter()
+            .find(|(_, v)| v.save_target.as_ref() == Some(&target))
+        {
+            bail!(
+                "cannot save to {}: VM '{other}' is being saved to it",
+                path.display()
+            );
+        }
         let Some(vm) = reg.vms.get_mut(name) else {
             bail!("no VM named '{}'", name.escape_debug());
         };
@@ -694,6 +711,7 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
         };
         let was = std::mem::replace(&mut vm.state, st::SAVING.into());
         vm.save_requested = true;
+        vm.save_target = Some(target);
         (pid, was)
     };
     let dir = d.vm_dir(name);
@@ -709,6 +727,7 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
             return st::STOPPED.into();
         };
         v.save_requested = false;
+        v.save_target = None;
         if v.state == st::SAVING {
             v.saving = None;
             v.state = match v.pid {
@@ -724,34 +743,18 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
     };
     let r = match r {
         Ok(r) => r,
-        Err(e) => {
-            // A save that is still being written (no answer in time) would go
-            // on after this reply, and stop the VM: cancel it, which removes
-            // its unfinished file and leaves the VM as it was. The VM
-            // process resumes a VM it paused for a snapshot that failed.
-            let sock = state::control_path(&dir);
-            let cancel = json!({"cmd": "cancel"});
-            if vm_request(&sock, &cancel, Duration::from_secs(3))
-                .await
-                .is_ok()
-            {
-                // Until the process has removed the file and put the VM back.
-                let (until, status) = (
-                    Instant::now() + Duration::from_secs(10),
-                    json!({"cmd": "status"}),
-                );
-                while Instant::now() < until {
-                    let now = vm_request(&sock, &status, Duration::from_secs(3)).await;
-                    if now.map_or(true, |s| s["saving"].is_null()) {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+        Err(e) => match timed_out_save(&state::control_path(&dir), pid, keep).await {
+            // Past its commit as the wait ran out: it completed.
+            Some(late) => late,
+            None => {
+                back(&was);
+                return Err(e.context(format!("saving '{name}' to {}", path.display())));
             }
-            back(&was);
-            return Err(e.context(format!("saving '{name}' to {}", path.display())));
-        }
+        },
     };
+    if r["late"] == true {
+        tracing::warn!("the save completed after the daemon's wait for its answer ran out");
+    }
     let now = if keep { back(&was) } else { "saved".into() };
     let mut reply = json!({
         "ok": true, "name": name, "path": path, "pages": r["pages"], "bytes": r["bytes"],
@@ -777,6 +780,49 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
     Ok(reply)
 }
 
+/// A save whose answer did not come in time would go on after this reply,
+/// and stop the VM: cancels it, which removes its unfinished file and leaves
+/// the VM as it was (the VM process resumes a VM it paused for a snapshot
+/// that failed). None then, or where the process cannot say. A save past
+/// its commit (its file synced, being put in place) refuses the cancel and
+/// completes: waited for, however long that takes; its answer then, where it
+/// succeeded.
+async fn timed_out_save(sock: &Path, pid: u32, keep: bool) -> Option<Value> {
+    let cancel = vm_request(sock, &json!({"cmd": "cancel"}), Duration::from_secs(3)).await;
+    let completing = cancel.ok()?["cancelled"] == false;
+    tracing::warn!(
+        completing,
+        "save not answered in time: cancelling it (refused where it completes)"
+    );
+    // Until the process has removed the file and put the VM back, or has
+    // put the file in place.
+    let (until, status) = (
+        Instant::now() + Duration::from_secs(10),
+        json!({"cmd": "status"}),
+    );
+    loop {
+        if !vmproc::alive(pid) {
+            // A save that stops the VM ends its process once it succeeded;
+            // one that keeps it, never.
+            return (completing && !keep).then(|| json!({"ok": true, "late": true}));
+        }
+        match vm_request(sock, &status, Duration::from_secs(3)).await {
+            Ok(s) if s["saving"].is_null() => {
+                // Still running after its save: stopping the VM, it failed;
+                // keeping it, its last answer says.
+                let last = &s["last_save"];
+                return (completing && keep && last["ok"] == true).then(|| last.clone());
+            }
+            Err(_) if !completing => return None,
+            _ => {}
+        }
+        if !completing && Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Aborts the migration job of VM `name` (as `cancel` would) or its save (the
 /// VM process stops writing, removes the unfinished file and goes on as
 /// before the save; the `save` request fails "cancelled").
@@ -797,7 +843,10 @@ async fn abort(d: &Daemon, name: &str) -> Result<Value> {
         bail!("VM '{name}' has no migration or save to abort");
     }
     let sock = state::control_path(&d.vm_dir(name));
-    vm_call(&sock, &json!({"cmd": "cancel"}), Duration::from_secs(10)).await?;
+    let r = vm_call(&sock, &json!({"cmd": "cancel"}), Duration::from_secs(10)).await?;
+    if r["cancelled"] == false {
+        bail!("too late: the save of '{name}' is past its commit (its file is complete)");
+    }
     tracing::info!(vm = name, "save aborted");
     Ok(json!({"ok": true, "name": name, "aborted": "save"}))
 }

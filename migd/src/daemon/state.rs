@@ -132,6 +132,9 @@ pub struct VmEntry {
     /// `saving` state until then); false for a save found running after a
     /// restart, whose end the status shows.
     pub save_requested: bool,
+    /// Where this daemon's save of it writes (the directory resolved): a
+    /// second save to the same file is refused while this one runs.
+    pub save_target: Option<PathBuf>,
     /// Why it is `unconfirmed` (its process's word, or the daemon's where
     /// the process died past a commit).
     pub unconfirmed: Option<String>,
@@ -157,6 +160,7 @@ impl VmEntry {
             arriving: None,
             saving: None,
             save_requested: false,
+            save_target: None,
             unconfirmed: None,
         }
     }
