@@ -1259,6 +1259,54 @@ fn a_save_whose_wait_runs_out_past_its_commit_completes() {
     d.ok(&["destroy", "web2"]);
 }
 
+/// Two saves to one file at once are refused: both would be renamed into
+/// place, both replies would say saved, and the first VM would be gone.
+/// The same file named through another path counts as the same.
+#[test]
+fn two_saves_to_one_file_at_once_are_refused() {
+    if !kvm_or_skip("two_saves_to_one_file_at_once_are_refused") {
+        return;
+    }
+    let dir = scratch("daemon-save-same-file");
+    let d = Daemon::start_env(&dir, "a", &[("MIGD_SAVE_PACE_MS", "200")]);
+    let _reaper = Reaper(d.state.clone());
+    create_guest(&d, "web1");
+    create_guest(&d, "web2");
+    std::fs::create_dir_all(dir.join("snaps/sub")).unwrap();
+    let file = dir.join("snaps/one.snap");
+    let f = file.to_str().unwrap().to_string();
+    let first = {
+        let (bin, socket, f) = (migctl_bin(), d.socket.clone(), f.clone());
+        std::thread::spawn(move || {
+            std::process::Command::new(bin)
+                .args(["--socket", socket.to_str().unwrap(), "save", "web1", &f])
+                .output()
+                .unwrap()
+        })
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    let state = |name: &str| {
+        let info: Value = serde_json::from_str(&d.ok(&["info", name, "--json"])).unwrap();
+        info["state"].as_str().unwrap_or_default().to_string()
+    };
+    while state("web1") != "saving" {
+        assert!(Instant::now() < end, "web1 never saving");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let other_name = dir.join("snaps/sub/../one.snap");
+    for path in [f.as_str(), other_name.to_str().unwrap()] {
+        let e = d.fails(&["save", "web2", path, "--keep"]);
+        assert!(e.contains("VM 'web1' is being saved to it"), "{path}: {e}");
+    }
+    d.ok(&["abort", "web1"]);
+    let out = first.join().unwrap();
+    assert!(!out.status.success(), "the first save was aborted");
+    // Once it is over, the file is free again.
+    d.ok(&["save", "web2", &f, "--keep"]);
+    d.ok(&["destroy", "web1"]);
+    d.ok(&["destroy", "web2"]);
+}
+
 /// `migctl save` and `restore` (virsh save/restore): a checkpoint that runs
 /// on, a save that stops and removes the VM, a restore that carries on where
 /// the guest was (eager and lazy), and bad files and names refused with
