@@ -127,4 +127,17 @@ fn bad_snapshots_are_refused() {
         &["run", "--restore", alien, "--lazy"],
         "lacks features the guest uses",
     );
+    // The daemon refuses it from the file's front, before a VM process
+    // would read all of its memory, and lists nothing.
+    let d = common::daemon::Daemon::start(&dir, "d");
+    for lazy in [false, true] {
+        let mut args = vec!["restore", "web9", alien];
+        if lazy {
+            args.push("--lazy");
+        }
+        let e = d.fails(&args);
+        assert!(e.contains("lacks features the guest uses"), "{e}");
+        assert!(!e.contains("VM process"), "refused by a VM process: {e}");
+        assert_ne!(d.migctl(&["info", "web9"]).0, 0, "web9 listed");
+    }
 }

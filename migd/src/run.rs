@@ -377,10 +377,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
         }
         (vm, None)
     } else if let Some(path) = &args.restore {
-        let (state, ram, stats) =
-            vmm::snapshot::read(path).with_context(|| format!("restoring {}", path.display()))?;
-        migration::handshake::check_runs_here(&state)
-            .with_context(|| format!("restoring {}", path.display()))?;
+        let restoring = || format!("restoring {}", path.display());
+        // Whether this host can run its vCPUs, from the file's front, before
+        // all of its memory is read.
+        let front = vmm::snapshot::LazySnapshot::open(path).with_context(restoring)?;
+        migration::handshake::check_runs_here(&front.state).with_context(restoring)?;
+        drop(front);
+        let (state, ram, stats) = vmm::snapshot::read(path).with_context(restoring)?;
         let vm = Vm::restore(&state, ram, args.serial.as_deref())?;
         tracing::info!(
             snapshot = %path.display(),

@@ -861,6 +861,9 @@ async fn restore(d: &Arc<Daemon>, name: String, path: &Path, lazy: bool) -> Resu
     let snap = tokio::task::spawn_blocking(move || vmm::snapshot::LazySnapshot::open(&p))
         .await
         .context("checking the snapshot")??;
+    // Before a process reads gigabytes of memory only to find that it cannot.
+    migration::handshake::check_runs_here(&snap.state)
+        .with_context(|| format!("restoring {}", path.display()))?;
     let mut boot = vec!["--restore".to_string(), path_arg(Some(&path))?];
     if lazy {
         boot.push("--lazy".into());
