@@ -121,13 +121,25 @@ impl Header {
         let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap_or_default());
         let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or_default());
         let version = u32_at(8);
+        let intact = u32_at(56) == crc32fast::hash(&h[..56]);
         if version != FORMAT_VERSION {
+            // A bit flipped in the version reads as another version: say so.
+            let or_corrupted = if intact {
+                ""
+            } else {
+                ", or the header is corrupted (its checksum does not match)"
+            };
             return Err(format!(
-                "snapshot format version {version} is not supported (this build reads version {FORMAT_VERSION})"
+                "snapshot format version {version} is not supported (this build reads version \
+                 {FORMAT_VERSION}){or_corrupted}"
             ));
         }
-        if u32_at(56) != crc32fast::hash(&h[..56]) {
+        if !intact {
             return Err("header checksum mismatch (corrupted header)".into());
+        }
+        // Reserved, written as zeros (outside the checksum).
+        if h[60..64] != [0; 4] {
+            return Err("reserved header bytes 60..64 are not zero (corrupted header)".into());
         }
         if u32_at(12) as usize != HEADER_LEN {
             return Err(format!("header length {} is not {HEADER_LEN}", u32_at(12)));
@@ -1476,7 +1488,20 @@ mod tests {
         let mut v2 = good.clone();
         v2[8] = 2;
         std::fs::write(&bad, &v2).unwrap();
+        // A version changed without its checksum: may be a flipped bit.
         expect_err(&bad, "version 2 is not supported");
+        expect_err(&bad, "or the header is corrupted");
+        // A header of version 2, checksummed: another build's file.
+        let crc = crc32fast::hash(&v2[..56]);
+        v2[56..60].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&bad, &v2).unwrap();
+        let e = read(&bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("version 2 is not supported"), "{e}");
+        assert!(!e.contains("corrupted"), "{e}");
+        let mut reserved = good.clone();
+        reserved[62] = 1;
+        std::fs::write(&bad, &reserved).unwrap();
+        expect_err(&bad, "reserved header bytes");
         let mut hdr = good.clone();
         hdr[20] ^= 1;
         std::fs::write(&bad, &hdr).unwrap();
