@@ -90,12 +90,46 @@ impl From<&SerialSnapshot> for SerialState {
     }
 }
 
+/// Most bytes a console file takes before it is rotated: renamed to
+/// `FILE.1` (replacing the one before) and begun anew, as virtlogd does, so
+/// that a guest that writes without end takes at most twice this much disk.
+pub const CONSOLE_MAX_BYTES: u64 = 8 << 20;
+
 /// Console output to its file: a line per write(2) where the writer leaves
 /// it to this buffer; vm-superio's UART flushes after every byte, so the
 /// console file grows a byte at a time and a reader may see half a line.
 pub struct ConsoleWriter {
     file: File,
     line: Vec<u8>,
+    /// The file's path, None for /dev/null.
+    path: Option<PathBuf>,
+    /// Bytes in the file.
+    size: u64,
+    /// Past this many bytes, the file is rotated.
+    max: u64,
+}
+
+impl ConsoleWriter {
+    /// Renames the file to `FILE.1` and begins a new one; on failure (said
+    /// once) writes on where it was.
+    fn rotate(&mut self) {
+        let Some(path) = &self.path else { return };
+        let mut old = path.clone().into_os_string();
+        old.push(".1");
+        let reopened = std::fs::rename(path, &old)
+            .and_then(|()| OpenOptions::new().create(true).append(true).open(path));
+        match reopened {
+            Ok(f) => {
+                self.file = f;
+                self.size = 0;
+            }
+            Err(e) => {
+                tracing::warn!(console = %path.display(), "rotating the console file: {e}");
+                // Tried again once as much more is written.
+                self.size = 0;
+            }
+        }
+    }
 }
 
 impl Write for ConsoleWriter {
@@ -109,7 +143,11 @@ impl Write for ConsoleWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         if !self.line.is_empty() {
+            if self.size > 0 && self.size + self.line.len() as u64 > self.max {
+                self.rotate();
+            }
             let r = self.file.write_all(&self.line);
+            self.size += self.line.len() as u64;
             self.line.clear();
             r?;
         }
@@ -119,6 +157,10 @@ impl Write for ConsoleWriter {
 
 /// Where the console goes: a file (appended to) or nowhere.
 fn open_console(path: Option<&Path>) -> Result<ConsoleWriter> {
+    open_console_up_to(path, CONSOLE_MAX_BYTES)
+}
+
+fn open_console_up_to(path: Option<&Path>, max: u64) -> Result<ConsoleWriter> {
     let file = match path {
         Some(p) => OpenOptions::new()
             .create(true)
@@ -136,9 +178,13 @@ fn open_console(path: Option<&Path>) -> Result<ConsoleWriter> {
                 reason: format!("/dev/null: {e}"),
             })?,
     };
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     Ok(ConsoleWriter {
         file,
         line: Vec::with_capacity(256),
+        path: path.map(Path::to_path_buf),
+        size,
+        max,
     })
 }
 
@@ -247,6 +293,39 @@ mod tests {
         let st = d.serial_state();
         let d2 = Devices::restore(EventFd::new(0).unwrap(), Some(&log), &st).unwrap();
         assert_eq!(d2.serial_state(), st);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A console past its limit is rotated to `FILE.1` (the one before
+    /// replaced), whole lines on either side: a guest that writes without
+    /// end takes at most twice the limit of disk.
+    #[test]
+    fn a_console_past_its_limit_is_rotated() {
+        let dir = std::env::temp_dir().join(format!("vmm-rotate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("console.log");
+        let old = dir.join("console.log.1");
+        std::fs::write(&log, "from before\n").unwrap();
+        let mut w = open_console_up_to(Some(&log), 100).unwrap();
+        // 12 bytes there, 10 per line: the 9th line would pass 100.
+        for i in 0..8 {
+            writeln!(w, "line {i:04}").unwrap();
+        }
+        assert!(!old.exists(), "rotated early");
+        writeln!(w, "line 0008").unwrap();
+        let before = std::fs::read_to_string(&old).unwrap();
+        assert!(before.starts_with("from before\nline 0000\n"), "{before}");
+        assert!(before.ends_with("line 0007\n"), "{before}");
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "line 0008\n");
+        for i in 9..30 {
+            writeln!(w, "line {i:04}").unwrap();
+        }
+        for f in [&log, &old] {
+            let len = std::fs::metadata(f).unwrap().len();
+            assert!(len <= 100, "{}: {len} bytes", f.display());
+        }
+        let newest = std::fs::read_to_string(&log).unwrap();
+        assert!(newest.ends_with("line 0029\n"), "{newest}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

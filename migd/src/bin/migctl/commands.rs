@@ -1,6 +1,7 @@
 //! One function per migctl command: build the request, call the daemon, print.
 
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -418,8 +419,12 @@ fn follow_file(path: &str) -> Result<()> {
         match std::fs::metadata(path) {
             // The VM was destroyed.
             Err(_) => return Ok(()),
-            // Truncated or replaced: start over.
-            Ok(m) if m.len() < pos => {
+            // Truncated, or replaced (rotated): start over, once what the
+            // old file still had is shown.
+            Ok(m) if m.len() < pos || m.ino() != f.metadata()?.ino() => {
+                let mut rest = Vec::new();
+                f.read_to_end(&mut rest)?;
+                out.write_all(&rest)?;
                 f = std::fs::File::open(path)?;
                 f.seek(SeekFrom::Start(0))?;
                 pos = 0;
