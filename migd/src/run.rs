@@ -703,6 +703,10 @@ fn exit_code(exit: &VmExit) -> i32 {
             tracing::error!("guest triple-faulted");
             EXIT_GUEST_FATAL
         }
+        VmExit::Crashed => {
+            tracing::error!("guest crashed (KVM system event)");
+            EXIT_GUEST_FATAL
+        }
         VmExit::Failed(why) => {
             tracing::error!("VM failed: {why}");
             1

@@ -26,6 +26,8 @@ pub enum VmExit {
     Reset,
     /// The guest triple-faulted.
     Shutdown,
+    /// KVM reported a crash of the guest (`KVM_SYSTEM_EVENT_CRASH`).
+    Crashed,
     /// KVM or the VMM failed.
     Failed(String),
     /// The VMM stopped it (destroy, handover to another process).
@@ -325,6 +327,16 @@ pub(crate) fn spawn(
 /// Finishing may exit again (the next part of a `rep ins/outs` or of a
 /// split MMIO access), which is served like any exit; `Some` when one of
 /// them ends the VM.
+/// What a `KVM_EXIT_SYSTEM_EVENT` of `kind` means for the VM.
+fn system_event(kind: u32) -> VmExit {
+    match kind {
+        kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+        kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+        kvm_bindings::KVM_SYSTEM_EVENT_CRASH => VmExit::Crashed,
+        other => VmExit::Failed(format!("unknown KVM system event {other}")),
+    }
+}
+
 fn finish_instruction(
     id: usize,
     fd: &mut VcpuFd,
@@ -392,7 +404,7 @@ fn run_once(
         },
         Ok(VcpuExit::SystemEvent(kind, _)) => {
             tracing::info!(kind, "system event");
-            Some(VmExit::PowerOff)
+            Some(system_event(kind))
         }
         Ok(other) => Some(VmExit::Failed(format!(
             "vCPU {id}: unexpected exit {other:?}"
@@ -404,4 +416,26 @@ fn run_once(
         Err(e) => Some(VmExit::Failed(format!("vCPU {id}: KVM_RUN: {e}"))),
     };
     (outcome, leaves)
+}
+
+#[cfg(test)]
+mod system_event_tests {
+    use super::*;
+
+    #[test]
+    fn system_events_are_told_apart() {
+        assert_eq!(
+            system_event(kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN),
+            VmExit::PowerOff
+        );
+        assert_eq!(
+            system_event(kvm_bindings::KVM_SYSTEM_EVENT_RESET),
+            VmExit::Reset
+        );
+        assert_eq!(
+            system_event(kvm_bindings::KVM_SYSTEM_EVENT_CRASH),
+            VmExit::Crashed
+        );
+        assert!(matches!(system_event(99), VmExit::Failed(w) if w.contains("99")));
+    }
 }
