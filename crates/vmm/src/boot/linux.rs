@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::path::Path;
 
-use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{bzimage::BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -60,8 +60,23 @@ pub(super) fn load_bzimage(
     header.cmdline_size = cmdline_len as u32;
     header.loadflags |= 0x80; // CAN_USE_HEAP
     header.heap_end_ptr = 0xfe00;
+    // The kernel decompresses itself above where it was loaded: nothing of
+    // ours may lie there, and the room must be in RAM.
+    let runtime_end = decompression_end(&header, loaded.kernel_load.0)
+        .filter(|&end| end <= low_ram_end(ram))
+        .ok_or_else(|| Error::KernelFormat {
+            path: spec.kernel.clone(),
+            reason: format!(
+                "it decompresses itself into {} bytes (init_size) from {:#x} (pref_address), \
+                 past the guest's low RAM, which ends at {:#x}",
+                { header.init_size },
+                { header.pref_address },
+                low_ram_end(ram)
+            ),
+        })?;
     if let Some(initrd) = &spec.initramfs {
-        let (addr, size) = load_initramfs(ram, initrd, loaded.kernel_end)?;
+        let above = loaded.kernel_end.max(runtime_end);
+        let (addr, size) = load_initramfs(ram, initrd, above)?;
         header.ramdisk_image = addr as u32;
         header.ramdisk_size = size as u32;
     }
@@ -89,6 +104,25 @@ pub(super) fn load_bzimage(
         entry: loaded.kernel_load.0 + 0x200,
         boot_params: ZERO_PAGE_START,
     })
+}
+
+/// Where the kernel loaded at `load` may write up to as it decompresses
+/// itself (boot protocol 2.10 on; before it, `load`: nothing more is known):
+/// it uses `[start, start + init_size)`, `start` being `load` aligned up to
+/// `kernel_alignment` but no lower than `pref_address` for a relocatable
+/// kernel, `pref_address` for another. None if that overflows.
+fn decompression_end(h: &setup_header, load: u64) -> Option<u64> {
+    if { h.version } < 0x020a {
+        return Some(load);
+    }
+    let pref = { h.pref_address };
+    let start = if h.relocatable_kernel != 0 {
+        let align = u64::from(h.kernel_alignment).max(1);
+        load.checked_next_multiple_of(align)?.max(pref)
+    } else {
+        pref
+    };
+    start.checked_add(u64::from(h.init_size))
 }
 
 /// Writes the boot GDT and identity page tables for the first GiB.
@@ -245,6 +279,56 @@ mod tests {
                 assert!(reason.contains("not a regular file"), "{reason}")
             }
             other => panic!("expected /dev/zero refused, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A distribution kernel decompresses itself at 16 MiB (`pref_address`)
+    /// into `init_size` bytes: an initramfs is placed above that, not just
+    /// above the compressed image it would overwrite, and a guest whose RAM
+    /// ends before it is refused naming why.
+    #[test]
+    fn the_initramfs_goes_above_where_the_kernel_decompresses_itself() {
+        let dir = std::env::temp_dir().join(format!("vmm-bz-init-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut img = fake_bzimage(0x020f);
+        img[0x230..0x234].copy_from_slice(&(2u32 << 20).to_le_bytes()); // kernel_alignment
+        img[0x258..0x260].copy_from_slice(&(16u64 << 20).to_le_bytes()); // pref_address
+        img[0x260..0x264].copy_from_slice(&(40u32 << 20).to_le_bytes()); // init_size
+        let k = dir.join("bzImage");
+        std::fs::write(&k, img).unwrap();
+        let initrd = dir.join("initrd");
+        std::fs::write(&initrd, vec![7u8; 10 << 20]).unwrap();
+        let spec = BootSpec {
+            kernel: k,
+            initramfs: Some(initrd),
+            cmdline: String::new(),
+        };
+        let ramdisk = |memory: u64| {
+            let ram = GuestRam::new(memory).unwrap();
+            super::super::load(&ram, &spec, 1).map(|_| {
+                let p: boot_params = ram
+                    .guest_memory()
+                    .read_obj(GuestAddress(ZERO_PAGE_START))
+                    .unwrap();
+                u64::from(p.hdr.ramdisk_image)
+            })
+        };
+        // 128 MiB: at the top, above 16 + 40 MiB.
+        assert_eq!(ramdisk(128 << 20).unwrap(), 118 << 20);
+        // 64 MiB: the top 10 MiB would begin at 54 MiB, inside it.
+        match ramdisk(64 << 20) {
+            Err(Error::Initramfs { reason, .. }) => {
+                assert!(reason.contains("do not fit"), "{reason}")
+            }
+            other => panic!("expected the initramfs refused, got {other:?}"),
+        }
+        // 48 MiB: the kernel itself has no room.
+        match ramdisk(48 << 20) {
+            Err(Error::KernelFormat { reason, .. }) => {
+                assert!(reason.contains("init_size"), "{reason}")
+            }
+            other => panic!("expected the kernel refused, got {other:?}"),
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
