@@ -351,16 +351,26 @@ fn run_starts(runs: &[(u64, u64)]) -> Vec<u64> {
 }
 
 /// The start of the names of `path`'s temporary files made on this host:
-/// `<name>.tmp.<host>.` (the pid, a sequence number and the clock follow).
+/// `<name>.tmp.<host>.` (the pid, a sequence number and the clock follow),
+/// with at most [`TEMP_NAME_PART`] bytes of the name, so that the temporary
+/// file of any name a file may have still has a name that may be made.
 fn temp_prefix(path: &Path) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStrExt;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap_or_default()
         .trim()
         .replace(['/', '.'], "_");
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp.{host}."));
-    name
+    let name = path.file_name().unwrap_or_default().as_bytes();
+    let mut prefix =
+        std::ffi::OsStr::from_bytes(&name[..name.len().min(TEMP_NAME_PART)]).to_os_string();
+    prefix.push(format!(".tmp.{host}."));
+    prefix
 }
+
+/// Bytes of a snapshot's file name its temporary file's name keeps: with
+/// the host name (at most 64), the pid, a sequence number and the clock, at
+/// most 237 of the 255 a name may have.
+const TEMP_NAME_PART: usize = 128;
 
 /// Temporary files an earlier process on this host left beside `path`
 /// (killed, or the host lost power, while it saved): those whose process is
@@ -1751,6 +1761,19 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(left, ["vm.snap"], "no cancelled file, no temporary");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A file name as long as names go (255 bytes) is saved to: its
+    /// temporary file's name keeps only part of it.
+    #[test]
+    fn a_snapshot_with_the_longest_name_is_written() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        ram.write(0, &[7; 64]).unwrap();
+        let d = dir("long-name");
+        let p = d.join("x".repeat(255));
+        write(&p, &state(16 << 20), &ram).expect("a 255-byte name");
+        read(&p).unwrap();
         std::fs::remove_dir_all(&d).unwrap();
     }
 
