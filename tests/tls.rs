@@ -138,3 +138,40 @@ fn wrong_peers_are_refused_and_named() {
     }
     drop(reapers);
 }
+
+/// A VM whose process started before TLS was configured (its daemon then ran
+/// with `--insecure`, and was restarted with TLS) has no TLS of its own: the
+/// daemon's migrate and estimate are refused, naming why and what to do,
+/// where its streams went out in plaintext, unauthenticated, to whoever
+/// answered at the destination's address. Saved and restored, it has a
+/// process with TLS, and moves.
+#[test]
+fn a_vm_started_before_tls_is_not_moved_in_plaintext() {
+    if !kvm_or_skip("a_vm_started_before_tls_is_not_moved_in_plaintext") {
+        return;
+    }
+    let dir = scratch("tls-late");
+    let certs = certs(&dir);
+    let b = start(&dir, "b", &tls_flags(&certs, "host-b", &["host-a"]));
+    let mut a = start(&dir, "a", &["--insecure".to_string()]);
+    let _reapers = (Reaper(a.state.clone()), Reaper(b.state.clone()));
+    let console = create(&a);
+    a.kill();
+    let a = start(&dir, "a", &tls_flags(&certs, "host-a", &["host-b"]));
+    let target = format!("127.0.0.1:{}", b.port);
+    let before = console.wait_heartbeats(0, 1, Duration::from_secs(30));
+    for cmd in ["migrate", "estimate"] {
+        let e = a.fails(&[cmd, "web1", "--to", &target]);
+        assert!(e.contains("started without TLS"), "{cmd}: {e}");
+        assert!(e.contains("migctl save"), "{cmd}: {e}");
+    }
+    console.wait_heartbeats(before, 2, Duration::from_secs(30));
+    assert_ne!(b.migctl(&["info", "web1"]).0, 0, "B kept a VM");
+    let snap = dir.join("web1.snap");
+    a.ok(&["save", "web1", snap.to_str().unwrap()]);
+    a.ok(&["restore", "web1", snap.to_str().unwrap()]);
+    let (code, stats, err) = migrate(&a, &b, "precopy");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(stats["status"], "completed", "{stats}");
+    b.ok(&["destroy", "web1"]);
+}

@@ -1112,6 +1112,21 @@ fn whole(req: &serde_json::Value, key: &str, min: u64) -> Result<Option<u64>, St
 /// The refusal of what would take the dirty log while `estimate` has it.
 const ESTIMATING: &str = "an estimate is measuring this VM's dirty rate; retry in a second";
 
+/// Refuses a request whose daemon migrates over TLS only (`require_tls`)
+/// where this process was started without it (its VM created before TLS
+/// was configured): its streams would go in plaintext, unauthenticated.
+fn check_tls(req: &serde_json::Value) -> Result<(), String> {
+    if req.get("require_tls").and_then(|t| t.as_bool()) == Some(true) && tls().is_none() {
+        return Err(
+            "this VM's process was started without TLS (before it was configured), \
+                    and its streams would go in plaintext: give it a process with TLS first \
+                    (migctl save NAME FILE, then migctl restore NAME FILE)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// Starts a migration of this VM in a background thread.
 fn start_migration(
     vm: &Arc<Vm>,
@@ -1127,6 +1142,7 @@ fn start_migration(
     if mig.estimating.load(Ordering::SeqCst) {
         return Err(ESTIMATING.into());
     }
+    check_tls(req)?;
     let to = req
         .get("to")
         .and_then(|t| t.as_str())
@@ -1272,6 +1288,7 @@ fn estimate(vm: &Vm, req: &serde_json::Value) -> Result<serde_json::Value, Strin
         ));
     }
     // Checked before anything is measured.
+    check_tls(req)?;
     let cap = whole(req, "max_bandwidth", 1)?.map(|c| c as f64);
     let max_downtime_ms = whole(req, "max_downtime_ms", 1)?.unwrap_or(300);
     let prepaging_window = whole(req, "prepaging_window", 0)?

@@ -390,7 +390,7 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
             let req = json!({
                 "cmd": "estimate", "to": to, "mode": mode.unwrap_or_else(|| "precopy".into()),
                 "max_downtime_ms": max_downtime_ms.unwrap_or(300),
-                "max_bandwidth": cap,
+                "max_bandwidth": cap, "require_tls": d.tls.is_some(),
             });
             let mut r = vm_call(&sock, &req, Duration::from_secs(60)).await?;
             r["name"] = json!(name);

@@ -398,12 +398,11 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
         .into_iter()
         .find(|(id, _, _)| *id == job.id)
         .and_then(|(_, _, cap)| cap);
-    let sent = vm_request(
-        &sock,
-        &job.opts.vm_request(&job.id, &job.to, cap, boot.as_ref()),
-        Duration::from_secs(10),
-    )
-    .await;
+    let mut migrate = job.opts.vm_request(&job.id, &job.to, cap, boot.as_ref());
+    // Over TLS only where this daemon has it: a VM process started before
+    // it was configured has none, and refuses.
+    migrate["require_tls"] = json!(d.tls.is_some());
+    let sent = vm_request(&sock, &migrate, Duration::from_secs(10)).await;
     match sent {
         Ok(r) if r["ok"] == true => {}
         Ok(r) => {

@@ -187,7 +187,7 @@ async fn serve(cfg: Config) -> Result<i32> {
     jobs::finish_orphans(&daemon, None);
     if daemon.tls.is_some() {
         if daemon.cfg.insecure {
-            tracing::warn!("insecure is ignored: TLS is configured, every stream uses it");
+            tracing::warn!("insecure is ignored: TLS is configured, every stream uses it (a VM process started without TLS is not migrated)");
         }
         incoming::start(daemon.clone()).await?;
     } else if daemon.cfg.insecure {
