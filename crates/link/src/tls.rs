@@ -5,7 +5,7 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::crypto::ring as provider;
 use rustls::pki_types::pem::PemObject;
@@ -15,7 +15,7 @@ use rustls::{ClientConfig, ClientConnection, ConnectionTrafficSecrets, ServerCon
 use crate::record::{Opener, Sealer, MAX_PLAIN};
 use crate::{io_err, Link, LinkError, Result};
 
-/// How long a handshake may take.
+/// How long a handshake may take in all, by default.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a host's TLS material is, and whom it accepts.
@@ -38,6 +38,8 @@ pub struct TlsSetup {
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
     peers: Arc<Vec<String>>,
+    /// How long a handshake may take in all, however the peer paces it.
+    handshake_timeout: Duration,
     /// Paths, to pass on to another process.
     pub files: TlsFiles,
 }
@@ -121,8 +123,15 @@ impl TlsSetup {
             client: Arc::new(client),
             server: Arc::new(server),
             peers: Arc::new(files.peers.clone()),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
             files: files.clone(),
         })
+    }
+
+    /// This setup with handshakes limited to `limit` in all (10 s by default).
+    pub fn with_handshake_timeout(mut self, limit: Duration) -> TlsSetup {
+        self.handshake_timeout = limit;
+        self
     }
 
     /// TLS client on `tcp`, verifying that the peer's certificate is valid for
@@ -136,7 +145,7 @@ impl TlsSetup {
         let conn = ClientConnection::new(self.client.clone(), name)
             .map_err(|e| handshake_err(&peer, e.to_string()))?;
         let mut conn = rustls::Connection::Client(conn);
-        handshake(&mut conn, &tcp, &peer)?;
+        handshake(&mut conn, &tcp, &peer, self.handshake_timeout)?;
         into_link(conn, tcp, host.to_string(), &peer)
     }
 
@@ -150,7 +159,7 @@ impl TlsSetup {
         let conn = rustls::ServerConnection::new(self.server.clone())
             .map_err(|e| handshake_err(&peer, e.to_string()))?;
         let mut conn = rustls::Connection::Server(conn);
-        handshake(&mut conn, &tcp, &peer)?;
+        handshake(&mut conn, &tcp, &peer, self.handshake_timeout)?;
         let identity = conn
             .peer_certificates()
             .and_then(|c| c.first())
@@ -213,13 +222,45 @@ pub fn looks_like_tls(tcp: &TcpStream) -> std::io::Result<bool> {
     Ok(n >= 3 && b[0] == 0x16 && b[1] == 3 && b[2] <= 4)
 }
 
+/// Reads from a socket with what is left until `end` as each read's
+/// timeout, so that a peer that trickles its bytes (each read in time) still
+/// meets the end.
+struct Until<'a> {
+    tcp: &'a TcpStream,
+    end: Instant,
+    limit: Duration,
+}
+
+impl Read for Until<'_> {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("not done within {:?}", self.limit),
+            ));
+        }
+        self.tcp.set_read_timeout(Some(left))?;
+        let mut tcp = self.tcp;
+        tcp.read(b)
+    }
+}
+
 /// Runs the handshake to its end, one record at a time, so that nothing the
-/// peer sends after it is read into rustls.
-fn handshake(conn: &mut rustls::Connection, tcp: &TcpStream, peer: &str) -> Result<()> {
-    let mut tcp = tcp;
+/// peer sends after it is read into rustls; within `limit` in all.
+fn handshake(
+    conn: &mut rustls::Connection,
+    tcp: &TcpStream,
+    peer: &str,
+    limit: Duration,
+) -> Result<()> {
     let old = tcp.read_timeout().map_err(io_err("socket"))?;
-    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .map_err(io_err("socket"))?;
+    let mut input = Until {
+        tcp,
+        end: Instant::now() + limit,
+        limit,
+    };
+    let mut tcp = tcp;
     let mut record = vec![0u8; 5 + MAX_PLAIN + 2048];
     loop {
         while conn.wants_write() {
@@ -231,7 +272,7 @@ fn handshake(conn: &mut rustls::Connection, tcp: &TcpStream, peer: &str) -> Resu
         }
         let mut got = 0;
         while got < 5 {
-            match tcp.read(&mut record[got..5]) {
+            match input.read(&mut record[got..5]) {
                 Ok(0) => {
                     return Err(handshake_err(
                         peer,
@@ -267,7 +308,8 @@ fn handshake(conn: &mut rustls::Connection, tcp: &TcpStream, peer: &str) -> Resu
         if len > record.len() - 5 {
             return Err(handshake_err(peer, format!("record of {len} bytes")));
         }
-        tcp.read_exact(&mut record[5..5 + len])
+        input
+            .read_exact(&mut record[5..5 + len])
             .map_err(io_err(format!("TLS handshake with {peer}")))?;
         let mut slice = &record[..5 + len];
         while !slice.is_empty() {

@@ -246,3 +246,55 @@ fn bad_configuration_names_the_file() {
     .to_string();
     assert!(e.contains("no peers"), "{e}");
 }
+
+/// A peer that trickles its handshake, each byte well within a read's
+/// timeout, is cut off at the handshake's limit in all, on either side:
+/// before, each read had the limit, and a record of 16 KiB a byte every few
+/// seconds held the handshake (and the migration thread) for hours.
+#[test]
+fn a_trickled_handshake_is_cut_off_at_its_limit() {
+    use std::time::{Duration, Instant};
+    let trickle = |mut s: TcpStream| {
+        std::thread::spawn(move || {
+            // A handshake record that claims 16 KiB, then a byte at a time.
+            let _ = s.write_all(&[0x16, 0x03, 0x03, 0x40, 0x00]);
+            for _ in 0..100 {
+                std::thread::sleep(Duration::from_millis(200));
+                if s.write_all(&[0]).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let limit = Duration::from_secs(1);
+    // The client's side: the server trickles.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = std::thread::spawn(move || trickle(l.accept().unwrap().0));
+    let a = setup("host-a", "", &["host-b"]).with_handshake_timeout(limit);
+    let t = Instant::now();
+    let Err(e) = a.connect(TcpStream::connect(addr).unwrap(), "127.0.0.1") else {
+        panic!("a trickled handshake succeeded");
+    };
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "{:?}: {e}",
+        t.elapsed()
+    );
+    drop(server);
+    // The server's side: the client trickles.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let client = trickle(TcpStream::connect(addr).unwrap());
+    let b = setup("host-b", "", &["host-a"]).with_handshake_timeout(limit);
+    let t = Instant::now();
+    let Err(e) = b.accept(l.accept().unwrap().0) else {
+        panic!("a trickled handshake succeeded");
+    };
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "{:?}: {e}",
+        t.elapsed()
+    );
+    drop(client);
+}
