@@ -175,3 +175,44 @@ fn a_vm_started_before_tls_is_not_moved_in_plaintext() {
     assert_eq!(stats["status"], "completed", "{stats}");
     b.ok(&["destroy", "web1"]);
 }
+
+/// Certificates that name their hosts by DNS name only: the extra
+/// connections of a migration (page streams and the fault channel, opened by
+/// the destination; post-copy's recovery, by the source) check the name the
+/// main link authenticated, not the peer's address, which these
+/// certificates do not hold. Before, they failed with `NotValidForName`,
+/// and a post-copy that lost its link could never recover.
+#[test]
+fn extra_connections_check_the_name_the_main_link_authenticated() {
+    if !kvm_or_skip("extra_connections_check_the_name_the_main_link_authenticated") {
+        return;
+    }
+    let dir = scratch("tls-dns-only");
+    let certs = dir.join("certs");
+    make_certs(&certs, &["localhost"]);
+    let flags = tls_flags(&certs, "localhost", &["localhost"]);
+    let a = start(&dir, "a", &flags);
+    let b = start(&dir, "b", &flags);
+    let _reapers = (Reaper(a.state.clone()), Reaper(b.state.clone()));
+    create(&a);
+    let target = format!("localhost:{}", b.port);
+    let (code, out, err) = a.migctl(&[
+        "migrate",
+        "web1",
+        "--to",
+        &target,
+        "--mode",
+        "hybrid",
+        "--streams",
+        "2",
+        "--json",
+    ]);
+    let stats: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    assert_eq!(code, 0, "{err}\n{}\n{}", a.log_text(), b.log_text());
+    assert_eq!(stats["outcome"], "completed", "{stats}");
+    assert_eq!(stats["fault_channel"], true, "{stats}");
+    let console = Console(b.vm_dir("web1").join("console.log"));
+    console.wait_heartbeats(0, 2, Duration::from_secs(30));
+    console.assert_clean();
+    b.ok(&["destroy", "web1"]);
+}

@@ -434,7 +434,8 @@ impl Streams {
             frames_seen: 0,
         };
         for index in 1..count {
-            let mut s = precopy::connect_addr(SocketAddr::new(source, port), tls, SETUP_TIMEOUT)
+            let to = SocketAddr::new(source, port);
+            let mut s = precopy::connect_addr(to, main.peer_identity(), tls, SETUP_TIMEOUT)
                 .map_err(|e| Error::Protocol(format!("opening page stream {index}: {e}")))?;
             wire::write_control(&mut s, &Message::StreamHello { job, index })?;
             streams.links.push(s.try_clone().map_err(io_err("socket"))?);

@@ -1407,14 +1407,22 @@ pub(crate) fn connect(to: &str, tls: Option<&TlsSetup>) -> Result<Link> {
 }
 
 /// Connects to `addr` (a peer met earlier in the same migration).
+/// Over TLS, the peer's certificate must be valid for `identity`: the name
+/// the migration's main link authenticated (`Link::peer_identity`), so that
+/// an extra connection reaches the same peer, whatever names its
+/// certificate holds; the address where there is none.
 pub(crate) fn connect_addr(
     addr: SocketAddr,
+    identity: Option<&str>,
     tls: Option<&TlsSetup>,
     timeout: Duration,
 ) -> Result<Link> {
     let s = TcpStream::connect_timeout(&addr, timeout)
         .map_err(io_err(format!("connecting to {addr}")))?;
-    secure(s, &addr.ip().to_string(), tls)
+    match identity {
+        Some(name) => secure(s, name, tls),
+        None => secure(s, &addr.ip().to_string(), tls),
+    }
 }
 
 fn secure(s: TcpStream, host: &str, tls: Option<&TlsSetup>) -> Result<Link> {

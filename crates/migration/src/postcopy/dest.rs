@@ -1221,7 +1221,8 @@ pub(crate) fn open_fault_channel(
         return Ok((None, job));
     }
     let source = main.peer_addr().map_err(io_err("peer address"))?.ip();
-    let mut s = precopy::connect_addr(SocketAddr::new(source, port), tls, Duration::from_secs(10))
+    let to = SocketAddr::new(source, port);
+    let mut s = precopy::connect_addr(to, main.peer_identity(), tls, Duration::from_secs(10))
         .map_err(|e| Error::Protocol(format!("opening the fault channel: {e}")))?;
     s.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
     wire::write_control(&mut s, &Message::UrgentHello { job })?;

@@ -62,6 +62,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 struct Peer {
     /// The destination VM process's recovery listener.
     addr: SocketAddr,
+    /// The name its certificate was checked for on the main link (TLS).
+    identity: Option<String>,
     /// Identifies this migration there.
     token: u64,
 }
@@ -446,7 +448,8 @@ impl Supply<'_> {
     /// a new fault channel; then only the pages the destination lacks count as unsent.
     fn reconnect(&self, link: &Peer, channel: bool) -> Result<Recovered> {
         let open = |urgent: bool| -> Result<Link> {
-            let mut s = precopy::connect_addr(link.addr, self.tls, LINK_TIMEOUT)?;
+            let mut s =
+                precopy::connect_addr(link.addr, link.identity.as_deref(), self.tls, LINK_TIMEOUT)?;
             watch_link(&s)?;
             s.set_read_timeout(Some(LINK_TIMEOUT))
                 .map_err(io_err("socket timeout"))?;
@@ -703,6 +706,7 @@ fn run_in<'scope, 'env>(
             rx.peer_addr().map_err(io_err("peer address"))?.ip(),
             recover_port,
         ),
+        identity: rx.peer_identity().map(str::to_string),
         token,
     };
     crate::precopy::expect_ready(&mut rx)?;
