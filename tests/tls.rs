@@ -216,3 +216,24 @@ fn extra_connections_check_the_name_the_main_link_authenticated() {
     console.assert_clean();
     b.ok(&["destroy", "web1"]);
 }
+
+/// A private key others can read is warned about as the daemon starts (as
+/// ssh refuses one); one only its owner reads is not.
+#[test]
+fn a_key_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("tls-key-mode");
+    let certs = certs(&dir);
+    let flags = tls_flags(&certs, "host-a", &["host-b"]);
+    let warned = |d: &Daemon| {
+        d.log_text()
+            .contains("can be read by others than its owner")
+    };
+    let key = certs.join("host-a.key");
+    let a = start(&dir, "a", &flags);
+    assert!(!warned(&a), "{}", a.log_text());
+    drop(a);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let a = start(&dir, "a2", &flags);
+    assert!(warned(&a), "{}", a.log_text());
+}

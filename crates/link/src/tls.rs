@@ -86,6 +86,7 @@ impl TlsSetup {
         }
         let roots = Arc::new(roots);
         let chain = certs(&files.cert, "certificate")?;
+        warn_if_readable_by_others(&files.key);
         let key = || {
             PrivateKeyDer::from_pem_file(&files.key)
                 .map_err(|e| LinkError::Config(format!("key {}: {e}", files.key.display())))
@@ -190,6 +191,23 @@ fn peer_name(tcp: &TcpStream) -> String {
     tcp.peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "the peer".into())
+}
+
+/// Warns where the private key at `path` can be read by others than its
+/// owner (as ssh refuses such a key): it is the host's identity toward
+/// every peer.
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        let mode = m.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                key = %path.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the TLS private key can be read by others than its owner: chmod 600 it"
+            );
+        }
+    }
 }
 
 fn handshake_err(peer: &str, reason: String) -> LinkError {
