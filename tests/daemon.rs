@@ -678,6 +678,13 @@ fn daemon_migrates_a_vm_to_another_daemon() {
         b.vm_dir("mig1").join("vm.json").exists(),
         "destination wrote no record"
     );
+    // Its process noted that it runs here: had it died before the daemon
+    // saw it run, the VM is kept (stopped), not removed as one that never
+    // arrived (docs/reliability.md).
+    assert!(
+        b.vm_dir("mig1").join("arrived").exists(),
+        "the VM process did not note its arrival"
+    );
     // The boot spec came along (capability boot-spec; the kernel is on this
     // host too): once the VM stops on B, B can boot it again (virsh start).
     let elf = common::guest_elf().canonicalize().unwrap();
@@ -980,8 +987,9 @@ fn create_waits_for_a_working_vm_process_and_not_for_a_hung_one() {
         !d.vm_dir("web2").exists(),
         "the failed create left its directory"
     );
+    // Its command line names its directory, which no other test's does.
     let stray = std::process::Command::new("pgrep")
-        .args(["-f", "--", "--name web2"])
+        .args(["-f", "--", d.vm_dir("web2").to_str().unwrap()])
         .output()
         .unwrap();
     assert!(stray.stdout.is_empty(), "the hung VM process runs on");

@@ -320,9 +320,11 @@ fn a_daemon_on_huge_pages_takes_a_vm_and_refuses_one_its_pool_cannot_hold() {
     let moved = Console(b.vm_dir("h1").join("console.log"));
     moved.wait_heartbeats(n, 2, Duration::from_secs(30));
     moved.assert_clean();
-    // A VM larger than what the pool can still reserve is refused at the
-    // handshake, the pool named, whatever memory the host has besides.
-    let pool_mib = (free_huge_pages() - meminfo("HugePages_Rsvd:")) * 2;
+    // A VM larger than the whole pool is refused at the handshake, the pool
+    // named, whatever memory the host has besides (larger than the whole
+    // pool, not only than what is free now: a test beside this one may
+    // free huge pages meanwhile).
+    let pool_mib = meminfo("HugePages_Total:") * 2;
     let big = format!("{}M", pool_mib + 64);
     let console_big = a.create_guest("big", "workload=idle", &big, 1);
     console_big.wait_for("WORKLOAD READY", Duration::from_secs(60));
@@ -340,8 +342,9 @@ fn a_pool_too_small_for_the_guest_is_named() {
     if !kvm_or_skip("a_pool_too_small_for_the_guest_is_named") {
         return;
     }
-    // More than the pool has free, whatever it holds: refused before boot.
-    let mib = (free_huge_pages() * 2 + 64).to_string() + "M";
+    // More than the whole pool: refused before boot, whatever a test
+    // beside this one frees meanwhile.
+    let mib = (meminfo("HugePages_Total:") * 2 + 64).to_string() + "M";
     let elf = guest_elf();
     let (code, err) = migd_output(&[
         "run",

@@ -144,6 +144,8 @@ fn postcopy_one_vcpu() {
     assert!(stats["pages"]["expected"].as_u64().unwrap() >= (32 << 20) / 4096);
     assert!(stats["faults"]["count"].as_u64().unwrap() > 0, "{stats}");
     assert_eq!(stats["prepaging_window"], 16);
+    // Each fault's neighbourhood came with it, ahead of the push.
+    assert!(stats["pages"]["prepaged"].as_u64().unwrap() > 0, "{stats}");
 }
 
 #[test]
@@ -159,9 +161,12 @@ fn postcopy_zero_pages_the_guest_reads_come_as_zeros() {
         "postcopy-zeros",
         1,
         "workload=dirty:32:64 zeros=16",
-        json!({"mode": "postcopy"}),
+        json!({"mode": "postcopy", "prepaging_window": 0}),
         |_, _| {},
     );
+    // No window: a fault brings its own page only.
+    assert_eq!(stats["prepaging_window"], 0, "{stats}");
+    assert_eq!(stats["pages"]["prepaged"], 0, "{stats}");
     assert!(
         stats["pages"]["zero"].as_u64().unwrap() >= 2 * ZEROED / 4096,
         "the guest's zeros and the unused memory zeroed: {stats}"

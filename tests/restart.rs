@@ -46,9 +46,17 @@ fn a_migration_survives_both_daemons_going_away() {
         "--detach",
     ]);
     let job = job.trim().to_string();
-    std::thread::sleep(Duration::from_millis(500));
-    let j: Value = serde_json::from_str(&a.ok(&["job", &job, "--json"])).unwrap();
-    assert_eq!(j["status"], "active", "{j}");
+    // Under way (B's VM process started and prepared), however slowly.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j: Value = serde_json::from_str(&a.ok(&["job", &job, "--json"])).unwrap();
+        if j["status"] == "active" {
+            break;
+        }
+        assert_eq!(j["status"], "setup", "{j}");
+        assert!(Instant::now() < end, "never active: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(a.terminate(), 0);
     b.kill();
     let a = Daemon::start_with(sa, ta, pa, &dir.join("a2.log"));
@@ -100,7 +108,9 @@ fn a_save_under_way_is_shown_by_the_next_daemon() {
         return;
     }
     let dir = scratch("restart-save");
-    let pace = [("MIGD_SAVE_PACE_MS", "25")];
+    // ~80 steps of 64 pages, 75 ms each: ~6 s for the daemon's restart to
+    // fall into, however loaded the host.
+    let pace = [("MIGD_SAVE_PACE_MS", "75")];
     let mut a = Daemon::start_env(&dir, "a", &pace);
     let _reaper = Reaper(a.state.clone());
     let console = a.create_guest("web1", "workload=dirty:16:8", "128M", 1);
