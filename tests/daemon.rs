@@ -1223,23 +1223,7 @@ fn a_save_whose_wait_runs_out_past_its_commit_completes() {
     console_of(&d, "web1").wait_for("WORKLOAD READY", READY);
     let file = dir.join("late.snap");
     let f = file.to_str().unwrap().to_string();
-    let save = {
-        let (bin, socket) = (migctl_bin(), d.socket.clone());
-        let f = f.clone();
-        std::thread::spawn(move || {
-            std::process::Command::new(bin)
-                .args([
-                    "--socket",
-                    socket.to_str().unwrap(),
-                    "save",
-                    "web1",
-                    &f,
-                    "--json",
-                ])
-                .output()
-                .unwrap()
-        })
-    };
+    let save = d.migctl_in_background(&["save", "web1", &f, "--json"]);
     // Past its commit (`info` says so), the save can no longer be aborted.
     let end = Instant::now() + Duration::from_secs(20);
     loop {
@@ -1283,15 +1267,7 @@ fn two_saves_to_one_file_at_once_are_refused() {
     std::fs::create_dir_all(dir.join("snaps/sub")).unwrap();
     let file = dir.join("snaps/one.snap");
     let f = file.to_str().unwrap().to_string();
-    let first = {
-        let (bin, socket, f) = (migctl_bin(), d.socket.clone(), f.clone());
-        std::thread::spawn(move || {
-            std::process::Command::new(bin)
-                .args(["--socket", socket.to_str().unwrap(), "save", "web1", &f])
-                .output()
-                .unwrap()
-        })
-    };
+    let first = d.migctl_in_background(&["save", "web1", &f]);
     let end = Instant::now() + Duration::from_secs(30);
     let state = |name: &str| {
         let info: Value = serde_json::from_str(&d.ok(&["info", name, "--json"])).unwrap();

@@ -118,24 +118,15 @@ fn a_save_under_way_is_shown_by_the_next_daemon() {
     let ckpt = dir.join("ckpt.snap");
     let info =
         |d: &Daemon| -> Value { serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap() };
-    std::thread::scope(|s| {
-        let socket = a.socket.clone();
-        let path = ckpt.to_str().unwrap().to_string();
-        // The request's connection dies with the daemon; its answer is lost.
-        s.spawn(move || {
-            let _ = std::process::Command::new(migctl_bin())
-                .arg("--socket")
-                .arg(&socket)
-                .args(["save", "web1", &path, "--keep"])
-                .output();
-        });
-        let end = Instant::now() + Duration::from_secs(30);
-        while info(&a)["saving"]["written"].as_u64().unwrap_or(0) == 0 {
-            assert!(Instant::now() < end, "no save under way: {}", info(&a));
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(a.terminate(), 0);
-    });
+    // The request's connection dies with the daemon; its answer is lost.
+    let save = a.migctl_in_background(&["save", "web1", ckpt.to_str().unwrap(), "--keep"]);
+    let end = Instant::now() + Duration::from_secs(30);
+    while info(&a)["saving"]["written"].as_u64().unwrap_or(0) == 0 {
+        assert!(Instant::now() < end, "no save under way: {}", info(&a));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(a.terminate(), 0);
+    let _ = save.join();
     let b = Daemon::start_env(&dir, "a", &pace);
     let v = info(&b);
     assert_eq!(v["state"], "saving", "{v}");

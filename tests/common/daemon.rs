@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -229,6 +229,22 @@ impl Daemon {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// Runs migctl against this daemon on a thread of its own (a request
+    /// that waits, watched meanwhile); its output once joined.
+    pub fn migctl_in_background(&self, args: &[&str]) -> std::thread::JoinHandle<Output> {
+        let socket = self.socket.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        std::thread::spawn(move || {
+            Command::new(migctl_bin())
+                .arg("--socket")
+                .arg(&socket)
+                .args(&args)
+                .stdin(Stdio::null())
+                .output()
+                .expect("running migctl")
+        })
     }
 
     /// migctl that must succeed; returns stdout.
