@@ -239,6 +239,44 @@ fn postcopy_then_link_down(link: &Link, from: &Daemon, target: &str) -> String {
     job
 }
 
+/// The source VM process's `migration` reply (its control socket, no daemon
+/// poll in between), polled every 10 ms until `pred` holds (20 s at most).
+fn wait_migration(
+    sock: &std::path::Path,
+    what: &str,
+    mut pred: impl FnMut(&Value) -> bool,
+) -> Value {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = try_request(sock, &serde_json::json!({"cmd": "migration"})).unwrap_or_default();
+        if pred(&m) {
+            return m;
+        }
+        assert!(Instant::now() < end, "never {what}: {m}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until a post-copy recovery attempt numbered `min` or more has just
+/// failed (its number newly in the job's error); returns that number.
+fn wait_for_failed_attempt(sock: &std::path::Path, min: u64) -> u64 {
+    let attempt = |m: &Value| -> Option<u64> {
+        let e = m["error"].as_str()?;
+        let tail = &e[e.rfind("(attempt ")? + "(attempt ".len()..];
+        tail.split(':').next()?.parse().ok()
+    };
+    let mut last = None;
+    let m = wait_migration(sock, "at the back-off's cap", |m| {
+        let Some(n) = attempt(m) else {
+            return false;
+        };
+        let fresh = n >= min && last.is_some_and(|l| l != n);
+        last = Some(n);
+        fresh
+    });
+    attempt(&m).unwrap()
+}
+
 #[test]
 fn postcopy_recovers_after_the_link_goes_down_and_up() {
     if !kvm_or_skip("postcopy_recovers_after_the_link_goes_down_and_up") {
@@ -270,9 +308,23 @@ fn postcopy_recovers_after_the_link_goes_down_and_up() {
     assert!(b.ok(&["info", "web1"]).contains("Arriving:"));
     let err = a.fails(&["recover", "job999"]);
     assert!(err.contains("no job 'job999'"), "{err}");
-    std::thread::sleep(Duration::from_secs(1));
+    // The link stays down until the back-off is at its 5 s cap (the 7th
+    // attempt waits 5 s) and comes back just after an attempt failed: the
+    // next one is ~5 s away, and `migctl recover` must not wait for it.
+    let source = a.vm_dir("web1").join("control.sock");
+    let attempt = wait_for_failed_attempt(&source, 7);
     link.set_a(true);
+    let asked = Instant::now();
     a.ok(&["recover", &job]);
+    let m = wait_migration(&source, "recovered", |m| {
+        m["recoveries"].as_u64().unwrap_or(0) >= 1
+    });
+    let took = asked.elapsed();
+    eprintln!("recovered {took:?} after `migctl recover` (attempt {attempt} had failed)");
+    assert!(
+        took < Duration::from_millis(1500),
+        "recovered {took:?} after `migctl recover`: it waited for the back-off ({m})"
+    );
     let j = wait_job(&a, &job, "ended", 60, |s| {
         matches!(s, "completed" | "failed" | "cancelled")
     });
