@@ -377,6 +377,23 @@ impl VmProcess {
         VmProcess::start(dir, tag, console, &args)
     }
 
+    /// [`VmProcess::incoming_with`] with `env` added to the process's
+    /// environment (test knobs such as `MIGD_FAULT_POSTCOPY_DONE`).
+    pub fn incoming_env(
+        dir: &Path,
+        tag: &str,
+        console: &Console,
+        (port, memory, cpus): (u16, &str, usize),
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> VmProcess {
+        let addr = format!("127.0.0.1:{port}");
+        let cpus = cpus.to_string();
+        let mut args = vec!["--incoming", &addr, "--memory", memory, "--cpus", &cpus];
+        args.extend_from_slice(flags);
+        VmProcess::start_env(dir, tag, console, &args, env)
+    }
+
     /// Polls the migration until it ends (completed, failed or cancelled).
     pub fn wait_migration(&self) -> serde_json::Value {
         let end = Instant::now() + Duration::from_secs(120);

@@ -110,6 +110,14 @@ pub(crate) fn confirm_lost() -> bool {
     knob("MIGD_FAULT_CONFIRM").as_deref() == Some("lost")
 }
 
+/// Whether a post-copy destination is to act as if its first `PostcopyDone`
+/// were lost with its links (`MIGD_FAULT_POSTCOPY_DONE=lost`): once every
+/// page is here it cuts the session without sending it, and the source,
+/// reconnecting, gets the report repeated.
+pub(crate) fn postcopy_done_lost() -> bool {
+    knob("MIGD_FAULT_POSTCOPY_DONE").as_deref() == Some("lost")
+}
+
 /// Holds the migration here if its job asks for a hold at `phase`.
 pub(crate) fn hold(job: &Job, phase: Phase) {
     let Some(h) = job.take_hold(phase) else {

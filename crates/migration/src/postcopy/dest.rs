@@ -1487,7 +1487,12 @@ pub(crate) fn receive(
                 );
                 // If the link is down, the source gets it when it reconnects.
                 if let Some(main) = main.as_mut() {
-                    if let Err(e) = wire::write_control(main, &Message::PostcopyDone { report }) {
+                    if crate::faults::postcopy_done_lost() {
+                        // The session is cut below, as a network cut would.
+                        tracing::warn!("fault injection: PostcopyDone not sent, links cut");
+                    } else if let Err(e) =
+                        wire::write_control(main, &Message::PostcopyDone { report })
+                    {
                         tracing::warn!("sending PostcopyDone: {e} (repeated on reconnection)");
                     }
                     let _ = main.flush();
