@@ -1462,3 +1462,40 @@ fn daemon_saves_a_vm_to_a_file_and_restores_it() {
     d.ok(&["destroy", "web1"]);
     d.ok(&["destroy", "web2"]);
 }
+
+/// A VM paused when its migration begins arrives paused (`GoPaused`, where
+/// both hosts share the `go-paused` capability), by pre-copy and by
+/// post-copy, as libvirt and QEMU keep a paused guest paused; before, it ran
+/// on the destination. Resumed there, it runs on from where it was.
+#[test]
+fn a_paused_vm_arrives_paused() {
+    if !kvm_or_skip("a_paused_vm_arrives_paused") {
+        return;
+    }
+    let dir = scratch("daemon-paused-arrival");
+    let a = Daemon::start(&dir, "a");
+    let b = Daemon::start(&dir, "b");
+    let _reapers = (Reaper(a.state.clone()), Reaper(b.state.clone()));
+    create_guest(&a, "web1");
+    console_of(&a, "web1").wait_for("WORKLOAD READY", READY);
+    let (mut from, mut to) = (&a, &b);
+    for mode in ["precopy", "postcopy"] {
+        let console = console_of(from, "web1");
+        console.wait_heartbeats(0, 1, Duration::from_secs(30));
+        from.ok(&["pause", "web1"]);
+        let target = format!("127.0.0.1:{}", to.port);
+        from.ok(&["migrate", "web1", "--to", &target, "--mode", mode]);
+        let info = to.wait_state("web1", "paused", Duration::from_secs(15));
+        assert_eq!(info["state"], "paused", "{mode}: {info}");
+        // Still paused a while later: no heartbeat beyond the last one.
+        let moved = console_of(to, "web1");
+        let last = moved.last_heartbeat().unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(2500));
+        assert_eq!(moved.last_heartbeat().unwrap_or(0), last, "{mode}: it ran");
+        to.ok(&["resume", "web1"]);
+        moved.wait_heartbeats(last, 2, Duration::from_secs(30));
+        moved.assert_clean();
+        (from, to) = (to, from);
+    }
+    from.ok(&["destroy", "web1"]);
+}

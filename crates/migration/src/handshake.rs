@@ -17,6 +17,7 @@ pub const CAPABILITIES: &[&str] = &[
     "multifd",
     "sync",
     "boot-spec",
+    "go-paused",
 ];
 
 /// A Hello as the destination sees it.

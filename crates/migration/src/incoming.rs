@@ -262,8 +262,9 @@ pub fn receive(
     }
     drop(mem);
     wire::write_control(&mut out, &Message::Ready)?;
-    match wire::expect_control(&mut r, "Go")? {
-        Message::Go => on_running(),
+    let resume = match wire::expect_control(&mut r, "Go")? {
+        Message::Go => true,
+        Message::GoPaused => false,
         Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
         other => {
             return Err(Error::Protocol(format!(
@@ -271,8 +272,9 @@ pub fn receive(
                 other.name()
             )))
         }
-    }
-    let (resume_us, confirmed) = resume_and_confirm(&vm, &mut out);
+    };
+    on_running();
+    let (resume_us, confirmed) = resume_and_confirm(&vm, &mut out, resume);
     stats.resume_us = resume_us;
     if let Err(e) = confirmed {
         // The VM runs here from Go on, whatever becomes of the link: the
@@ -282,12 +284,15 @@ pub fn receive(
     Ok((vm, stats))
 }
 
-/// After Go: runs the VM and tells the source; returns how
-/// long resuming took, µs, and whether the source was told. The VM runs
-/// either way: once resumed, it must not be dropped for a failed send.
-pub(crate) fn resume_and_confirm(vm: &Vm, out: &mut impl Write) -> (u64, Result<()>) {
+/// After Go: runs the VM (unless `resume` is false: `GoPaused`, it stays
+/// paused here as it was there) and tells the source; returns how long
+/// resuming took, µs, and whether the source was told. The VM is this
+/// host's either way: it must not be dropped for a failed send.
+pub(crate) fn resume_and_confirm(vm: &Vm, out: &mut impl Write, resume: bool) -> (u64, Result<()>) {
     let t = Instant::now();
-    vm.resume();
+    if resume {
+        vm.resume();
+    }
     let resume_us = t.elapsed().as_micros() as u64;
     if crate::faults::confirm_lost() {
         let cause = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "injected fault");

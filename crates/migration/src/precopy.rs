@@ -242,6 +242,9 @@ pub struct Job {
     pub(crate) stream_bytes: AtomicU64,
     /// The destination answers `Sync` (capability `sync`).
     pub(crate) sync: AtomicBool,
+    /// The VM was paused when the migration began, and the destination can
+    /// keep it so (capability `go-paused`): the commit is `GoPaused`.
+    pub(crate) arrive_paused: AtomicBool,
     /// When the capped link is free again, for all page streams together.
     pace_next: Mutex<Option<Instant>>,
 }
@@ -1371,9 +1374,15 @@ pub(crate) fn drive(
     outcome
 }
 
-/// Sends `Go`, the commit (test-only: then fails, see [`Params::fail_after_go`]).
-pub(crate) fn send_go(tx: &mut Sender<'_>, params: &Params) -> Result<()> {
-    tx.write_control(&Message::Go)?;
+/// Sends `Go`, the commit, or `GoPaused` for a VM to arrive paused
+/// (test-only: then fails, see [`Params::fail_after_go`]).
+pub(crate) fn send_go(tx: &mut Sender<'_>, params: &Params, job: &Job) -> Result<()> {
+    let go = if job.arrive_paused.load(Ordering::SeqCst) {
+        Message::GoPaused
+    } else {
+        Message::Go
+    };
+    tx.write_control(&go)?;
     if params.fail_after_go {
         return Err(Error::Stalled(SEND_TIMEOUT.as_secs()));
     }
@@ -1486,6 +1495,14 @@ pub(crate) fn open(
     job.update(|s| s.streams = streams);
     job.sync
         .store(shared.iter().any(|c| c == "sync"), Ordering::SeqCst);
+    // A paused VM arrives paused, where the destination can keep it so.
+    if !vm.is_running() {
+        let can = shared.iter().any(|c| c == "go-paused");
+        if !can {
+            tracing::warn!("the destination lacks go-paused: this paused VM will run there");
+        }
+        job.arrive_paused.store(can, Ordering::SeqCst);
+    }
     // Delta compression only if asked for and the destination can decode it.
     if params.xbzrle_cache > 0 && shared.iter().any(|c| c == "xbzrle") {
         job.update(|s| s.xbzrle.cache_size = params.xbzrle_cache);
@@ -2085,7 +2102,7 @@ pub(crate) fn stop_and_copy(
     tracing::debug!("destination ready");
     // Commit point: from here on the source never resumes on its own.
     job.commit()?;
-    send_go(&mut tx, params)?;
+    send_go(&mut tx, params, job)?;
     let confirm = expect_confirm(&mut rx);
     let downtime = pause_start.elapsed().as_secs_f64() * 1e3;
     clock.end(|p| &mut p.go_confirm_us);

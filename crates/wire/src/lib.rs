@@ -298,6 +298,10 @@ pub enum Message {
         /// (offset, pages) runs, ascending, before the next part's.
         runs: Vec<(u64, u64)>,
     },
+    /// Source → destination, in place of `Go` where both share `go-paused`:
+    /// the commit, for a VM that was paused when its migration began; it
+    /// stays paused there (as libvirt and QEMU keep a paused guest paused).
+    GoPaused,
 }
 
 /// Runs of a `PageMapPart` at most: 18 bytes each encoded at worst, well
@@ -420,6 +424,7 @@ impl Message {
             Message::Boot { .. } => "Boot",
             Message::ReceivedPart { .. } => "ReceivedPart",
             Message::PageMapPart { .. } => "PageMapPart",
+            Message::GoPaused => "GoPaused",
         }
     }
 }
@@ -872,6 +877,7 @@ mod tests {
                 blob: vec![1; 1000],
             },
             Message::Go,
+            Message::GoPaused,
             Message::Confirm { resume_us: 5 },
             Message::PageMap {
                 runs: vec![(0, 3), (1 << 20, 1)],

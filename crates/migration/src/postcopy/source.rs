@@ -713,7 +713,7 @@ fn run_in<'scope, 'env>(
     clock.end(|p| &mut p.destination_ready_us);
     // Commit point: from here on the source never resumes on its own.
     job.commit()?;
-    let confirm = match precopy::send_go(&mut tx, params) {
+    let confirm = match precopy::send_go(&mut tx, params, job) {
         Ok(()) => crate::precopy::expect_confirm(&mut rx),
         Err(e) => Err(e.to_string()),
     };
