@@ -402,6 +402,21 @@ fn daemon_vm_lifecycle_survives_a_daemon_restart() {
         serde_json::from_slice(&std::fs::read(d.vm_dir("web1").join("vm.json")).unwrap()).unwrap();
     assert_eq!(rec["name"], "web1");
 
+    // migctl pointed at the VM's own control socket, not the daemon's, for
+    // another VM: refused, naming the mistake, and web1 runs on.
+    let vm_socket = d.vm_dir("web1").join("control.sock");
+    let out = std::process::Command::new(migctl_bin())
+        .arg("--socket")
+        .arg(&vm_socket)
+        .args(["pause", "web9"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(e.contains("not migd's"), "{e}");
+    let info: Value = serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap();
+    assert_eq!(info["state"], "running", "{info}");
+
     // Pause stops the heartbeats; resume brings them back.
     let n = console.wait_heartbeats(0, 1, Duration::from_secs(20));
     assert!(d.ok(&["pause", "web1"]).contains("paused"));

@@ -1349,6 +1349,21 @@ fn handle_control(
     name: Option<&str>,
 ) -> Option<i32> {
     let cmd = req.get("cmd").and_then(|c| c.as_str()).unwrap_or("");
+    // A request naming another VM was meant for migd (`migctl --socket`
+    // pointed here): it must not act on this one.
+    let named = req.get("name").and_then(|n| n.as_str());
+    if let (Some(asked), Some(own)) = (named, name) {
+        if asked != own {
+            let why = format!(
+                "this is the control socket of the process of VM '{}', not migd's: it takes \
+                 no request for VM '{}' (point migctl --socket at the daemon's socket)",
+                own.escape_debug(),
+                asked.escape_debug()
+            );
+            let _ = handover::send_line(&mut stream, &json!({"ok": false, "error": why}));
+            return None;
+        }
+    }
     if mig.migrated && !matches!(cmd, "status" | "migration" | "stop") {
         let _ = handover::send_line(
             &mut stream,
@@ -1643,7 +1658,7 @@ fn handle_control(
         }
         "handover" if mig.running => Err("a migration is running".to_string()),
         // The new process would resume it.
-        "handover" if mig.unconfirmed.is_some() => Err(mig.refusal().unwrap_or_default()),
+        // MUTATION "handover" if mig.unconfirmed.is_some() => Err(mig.refusal().unwrap_or_default()),
         "handover" => {
             let was_running = vm.is_running();
             return match give_away(vm, stream, was_running) {
