@@ -1376,9 +1376,10 @@ pub(crate) fn receive(
         .map_err(|e| fail(e.into()))?;
     let vm = prepared.load(&state).map_err(|e| fail(e.into()))?;
     wire::write_control(&mut out, &Message::Ready).map_err(|e| fail(e.into()))?;
-    match wire::expect_control(&mut r, "Go").map_err(|e| fail(e.into()))? {
-        // The VM is ours to run from here (see `incoming::receive`).
-        Message::Go => on_running(),
+    // The VM is ours to run from here (see `incoming::receive`).
+    let resume = match wire::expect_control(&mut r, "Go").map_err(|e| fail(e.into()))? {
+        Message::Go => true,
+        Message::GoPaused => false,
         Message::Cancel { reason } => return Err(fail(Error::PeerCancelled(reason))),
         other => {
             return Err(fail(Error::Protocol(format!(
@@ -1386,7 +1387,8 @@ pub(crate) fn receive(
                 other.name()
             ))))
         }
-    }
+    };
+    on_running();
     // From `Go` on the VM is ours to run, and a link that fails is
     // recovered (the source reconnects): nothing here may end the arrival.
     for s in std::iter::once(&out).chain(urgent.as_ref()) {
@@ -1424,10 +1426,12 @@ pub(crate) fn receive(
     dest.resumed_ns
         .store(dest.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
     let (resume_us, confirmed) = match confirm_to.as_mut() {
-        Some(c) => crate::incoming::resume_and_confirm(&vm, c),
+        Some(c) => crate::incoming::resume_and_confirm(&vm, c, resume),
         None => {
             let t = Instant::now();
-            vm.resume();
+            if resume {
+                vm.resume();
+            }
             let no_socket = Error::Protocol("no socket for the Confirm".into());
             (t.elapsed().as_micros() as u64, Err(no_socket))
         }
