@@ -840,6 +840,9 @@ fn a_source_told_to_stop_during_post_copy_is_not_taken_for_stopped() {
         Duration::from_secs(30),
         |j| j["status"] == "postcopy-active",
     );
+    // Post-copy cannot be cancelled: destroy says to wait, not to cancel.
+    let e = a.fails(&["destroy", "pc1"]);
+    assert!(e.contains("wait for the job to complete"), "{e}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGTERM,

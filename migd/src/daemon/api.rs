@@ -694,12 +694,12 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
                 path.display()
             );
         }
+        if let Some(why) = reg.job_in_the_way(name) {
+            bail!(why);
+        }
         let Some(vm) = reg.vms.get_mut(name) else {
             bail!("no VM named '{}'", name.escape_debug());
         };
-        if let Some(j) = &vm.job {
-            bail!("VM '{name}' is being migrated (job {j}); cancel the job first");
-        }
         let Some(pid) = vm
             .pid
             .filter(|_| [st::RUNNING, st::PAUSED].contains(&vm.state.as_str()))
@@ -1003,12 +1003,12 @@ fn path_arg(p: Option<&Path>) -> Result<String> {
 async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
     let (pid, before) = {
         let mut reg = d.reg();
+        if let Some(why) = reg.job_in_the_way(name) {
+            bail!(why);
+        }
         let Some(vm) = reg.vms.get_mut(name) else {
             bail!("no VM named '{}'", name.escape_debug());
         };
-        if let Some(j) = &vm.job {
-            bail!("VM '{name}' is being migrated (job {j}); cancel the job first");
-        }
         // A save in progress is cancelled: its VM process stops once the
         // save has removed its unfinished file.
         if [st::CREATING, st::DESTROYING].contains(&vm.state.as_str()) {

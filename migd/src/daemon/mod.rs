@@ -91,6 +91,27 @@ pub struct Registry {
     pub adopting: std::collections::BTreeSet<String>,
 }
 
+impl Registry {
+    /// Why VM `name`'s migration job stands in the way of a change to it,
+    /// and what to do: cancel it, or, in post-copy (which cannot be
+    /// cancelled: the destination runs the VM), wait for it to complete.
+    pub fn job_in_the_way(&self, name: &str) -> Option<String> {
+        let j = self.vms.get(name)?.job.as_ref()?;
+        let postcopy = self
+            .jobs
+            .get(j)
+            .is_some_and(|job| job.status == "postcopy-active");
+        Some(if postcopy {
+            format!(
+                "VM '{name}' is being migrated (job {j}) in post-copy: the destination runs it \
+                 and needs this host's pages; wait for the job to complete"
+            )
+        } else {
+            format!("VM '{name}' is being migrated (job {j}); cancel the job first")
+        })
+    }
+}
+
 /// Shared state of the running daemon.
 pub struct Daemon {
     pub cfg: Config,
