@@ -1517,3 +1517,26 @@ fn a_paused_vm_arrives_paused() {
     }
     from.ok(&["destroy", "web1"]);
 }
+
+/// A daemon whose migration port is taken exits naming it, and leaves no
+/// control socket behind (one nobody answers, where migctl would say
+/// "connection refused" instead of "is migd running?").
+#[test]
+fn a_daemon_whose_port_is_taken_leaves_no_socket() {
+    let dir = scratch("daemon-port-taken");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let socket = dir.join("a.sock");
+    let out = std::process::Command::new(migd_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("a-state"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--insecure"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("in use"), "{err}");
+    assert!(!socket.exists(), "the control socket was left behind");
+}

@@ -193,6 +193,9 @@ async fn serve(cfg: Config) -> Result<i32> {
         None => None,
     };
     let listener = bind_control(&cfg.socket)?;
+    // Removed however this function ends (a migration port in use, say), so
+    // that no socket is left that nobody answers.
+    let _socket_file = RemovedOnDrop(cfg.socket.clone());
     let daemon = Arc::new(Daemon {
         tls,
         cfg,
@@ -247,8 +250,16 @@ async fn serve(cfg: Config) -> Result<i32> {
         _ = term.recv() => tracing::info!("SIGTERM: exiting, VMs keep running"),
         _ = int.recv() => tracing::info!("SIGINT: exiting, VMs keep running"),
     }
-    let _ = std::fs::remove_file(&daemon.cfg.socket);
     Ok(0)
+}
+
+/// A file removed when this is dropped.
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Holds an exclusive lock on `<state>/migd.lock` so two daemons never share a state dir.
