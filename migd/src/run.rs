@@ -1658,7 +1658,7 @@ fn handle_control(
         }
         "handover" if mig.running => Err("a migration is running".to_string()),
         // The new process would resume it.
-        // MUTATION "handover" if mig.unconfirmed.is_some() => Err(mig.refusal().unwrap_or_default()),
+        "handover" if mig.unconfirmed.is_some() => Err(mig.refusal().unwrap_or_default()),
         "handover" => {
             let was_running = vm.is_running();
             return match give_away(vm, stream, was_running) {
