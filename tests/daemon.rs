@@ -705,6 +705,8 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     let elf = common::guest_elf().canonicalize().unwrap();
     assert_eq!(info["kernel"], elf.to_str().unwrap(), "{info}");
     assert_eq!(info["origin"], "incoming", "{info}");
+    // The host it came from, not its connection's ephemeral port.
+    assert_eq!(info["source"], "127.0.0.1", "{info}");
     // All of its memory is the VM's, though the guest uses ~20 MiB of it.
     let end = Instant::now() + Duration::from_secs(10);
     let used = loop {
@@ -717,6 +719,9 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     };
     assert_eq!(used, 128 << 20, "prefaulted memory");
     b.kill_vm("mig1");
+    // No process, no memory of its own.
+    let info: Value = serde_json::from_str(&b.ok(&["info", "mig1", "--json"])).unwrap();
+    assert!(info["memory_used"].is_null(), "{info}");
     let boots = || console_b.text().matches("WORKLOAD READY").count();
     let before = boots();
     let out = b.ok(&["start", "mig1"]);

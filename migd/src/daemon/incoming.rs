@@ -315,7 +315,8 @@ fn admit(
         vcpus,
         created: state::now(),
         origin: Origin::Incoming,
-        source: Some(peer.to_string()),
+        // The source host (its connection's port is an ephemeral one).
+        source: Some(peer.ip().to_string()),
     };
     let mut reg = d.reg();
     if reg.vms.contains_key(name) || dir.exists() {

@@ -537,6 +537,8 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
         return;
     }
     vm.pid = None;
+    // No process: no memory of its own (as documented: null then).
+    vm.memory_used = None;
     // Destroy cleans up itself, and so does a save this daemon asked for
     // (its process exits once the file is written: until the save's reply
     // has removed the VM, a `start` must not boot it again).
