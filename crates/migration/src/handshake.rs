@@ -163,7 +163,7 @@ pub fn hello_then<S: Read + Write>(
         },
     )?;
     between();
-    match wire::expect_control(stream, "Accept or Refuse")? {
+    match wire::expect_control(stream, "Accept or Refuse").map_err(not_migd)? {
         Message::Accept {
             version,
             capabilities,
@@ -187,6 +187,30 @@ pub fn hello_then<S: Read + Write>(
             other.name()
         ))),
     }
+}
+
+/// The error of an answer to the Hello that does not frame as migd's: the
+/// peer is something else (an SSH or HTTP server, say), named by the bytes
+/// it began with.
+fn not_migd(e: wire::WireError) -> Error {
+    let first = match &e {
+        wire::WireError::FrameSize(len) => (*len as u32).to_le_bytes().to_vec(),
+        wire::WireError::UnknownKind(_) => Vec::new(),
+        _ => return e.into(),
+    };
+    let text: String = String::from_utf8_lossy(&first)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '.'
+            }
+        })
+        .collect();
+    Error::Protocol(format!(
+        "the peer is not a migd migration listener (its answer began \"{text}\"; {e})"
+    ))
 }
 
 /// Source: waits until the destination has built the VM (so that its set-up
@@ -389,6 +413,17 @@ mod tests {
         fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
             self.1.read(b)
         }
+    }
+
+    #[test]
+    fn a_peer_that_is_not_migd_is_named_so() {
+        let mut d = Duplex(
+            Vec::new(),
+            std::io::Cursor::new(b"SSH-2.0-OpenSSH_9.2\r\n".to_vec()),
+        );
+        let e = hello(&mut d, "precopy", desc()).unwrap_err().to_string();
+        assert!(e.contains("not a migd migration listener"), "{e}");
+        assert!(e.contains("\"SSH-\""), "{e}");
     }
 
     #[test]
