@@ -573,6 +573,15 @@ fn daemon_migrates_a_vm_to_another_daemon() {
         "a probe leaves nothing behind"
     );
 
+    // To itself: refused, naming why (not "a VM named mig1 exists").
+    for to in [
+        format!("127.0.0.1:{}", a.port),
+        format!("localhost:{}", a.port),
+    ] {
+        let e = a.fails(&["migrate", "mig1", "--to", &to]);
+        assert!(e.contains("this daemon's own migration listener"), "{e}");
+    }
+
     // Nobody listens there: the job fails and the VM keeps running here.
     let dead = format!("127.0.0.1:{}", free_port());
     let (code, _, err) = a.migctl(&["migrate", "mig1", "--to", &dead]);

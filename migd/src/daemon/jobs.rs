@@ -158,6 +158,24 @@ fn check_target(to: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether `to` reaches this daemon's own listener `listen`: the same port
+/// at the address it listens on, or at any address of this host where it
+/// listens on all of them. A name that does not resolve is left to the
+/// migration to report.
+async fn is_own_listener(listen: &str, to: &str) -> bool {
+    let Ok(ours) = listen.parse::<std::net::SocketAddr>() else {
+        return false;
+    };
+    let Ok(targets) = tokio::net::lookup_host(to).await else {
+        return false;
+    };
+    let local = |ip: std::net::IpAddr| std::net::UdpSocket::bind((ip, 0)).is_ok();
+    targets.into_iter().any(|t| {
+        t.port() == ours.port()
+            && (t.ip() == ours.ip() || ours.ip().is_unspecified() && local(t.ip()))
+    })
+}
+
 /// Refuses unknown and absurd parameters before anything moves.
 fn check_limits(req: &MigrateOptions) -> Result<()> {
     if !MODES.contains(&req.mode.as_str()) {
@@ -358,6 +376,13 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
         bail!(
             "migrations are disabled: configure TLS (tls_ca, tls_cert, tls_key, tls_peers) \
              or allow plaintext streams with --insecure"
+        );
+    }
+    if is_own_listener(&d.cfg.listen, &req.to).await {
+        bail!(
+            "{} is this daemon's own migration listener ({}): migrate to another host's migd",
+            req.to,
+            d.cfg.listen
         );
     }
     let (job, boot) = {
