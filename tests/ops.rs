@@ -560,3 +560,89 @@ fn migctl_prints_completions_for_bash_zsh_and_fish() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("tcsh"));
 }
+
+/// Output piped into a reader that has stopped reading (`migctl completions
+/// bash | head -1`) ends migctl quietly by SIGPIPE, as other command-line
+/// tools, not with a panic (clap_complete's, or `println!`'s) or an error.
+#[test]
+fn migctl_output_into_a_closed_pipe_ends_it_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    // The reading end is gone before migctl starts: its first write fails,
+    // whatever the size of the script and of the pipe's buffer.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(migctl_bin())
+        .args(["completions", "bash"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.is_empty(), "{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}
+
+/// A daemon that closed the connection between two polls of `migctl
+/// migrate` (it restarted) is a failed write that migctl tries again on a
+/// new connection, not a SIGPIPE that ends it: its socket writes ask for
+/// none, whatever migctl does with SIGPIPE for its output.
+#[test]
+fn migctl_migrate_survives_a_daemon_that_closed_the_connection() {
+    use std::io::BufRead;
+    use std::os::unix::net::UnixListener;
+    let dir = scratch("migctl-closed-conn");
+    let sock = dir.join("fake.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        // The job polls answered so far, on every connection.
+        let polls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for s in listener.incoming() {
+            let Ok(s) = s else { return };
+            let polls = polls.clone();
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                for line in std::io::BufReader::new(s).lines() {
+                    let Ok(line) = line else { return };
+                    let req: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    let mut first = false;
+                    let reply = match req["cmd"].as_str() {
+                        Some("info") => json!({"ok": true, "vm": {"memory": 1 << 20}}),
+                        Some("migrate") => json!({"ok": true, "job": "job1"}),
+                        Some("job") => {
+                            first = polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+                            let status = if first { "active" } else { "completed" };
+                            json!({"ok": true, "job": {"id": "job1", "vm": "web1", "to": "h:1",
+                                "status": status, "stats": {"bytes": 4096, "status": status}}})
+                        }
+                        _ => json!({"ok": false, "error": "unknown"}),
+                    };
+                    if writeln!(w, "{reply}").is_err() || first {
+                        // Gone after the first poll's reply: the next poll,
+                        // 250 ms later, writes to a closed connection.
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let out = Command::new(migctl_bin())
+        .arg("--socket")
+        .arg(&sock)
+        .args(["migrate", "web1", "--to", "h:1", "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{:?}: {stdout}\n{stderr}",
+        out.status
+    );
+    let stats: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(stats["status"], "completed", "{stats}");
+}

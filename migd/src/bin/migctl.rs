@@ -292,6 +292,17 @@ fn parse_compress(s: &str) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
+    // Output piped into a reader that stops early (`migctl jobs --json | head
+    // -1`) ends migctl quietly, as it does other command-line tools, instead
+    // of a panic in `println!` or clap_complete, or an error line. Rust
+    // ignores SIGPIPE by default. The control socket is unaffected: std
+    // writes to a UnixStream with MSG_NOSIGNAL (Linux), so a daemon that
+    // closed the connection is still an error migctl can act on.
+    // SAFETY: at the start of main, before any thread exists; SIG_DFL is a
+    // valid disposition for SIGPIPE and no handler code is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match commands::run(cli) {
         Ok(code) => code,
