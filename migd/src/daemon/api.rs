@@ -620,8 +620,12 @@ async fn start_vm(d: &Arc<Daemon>, record: VmRecord, boot: Vec<String>) -> Resul
                 vm.pid = Some(pid);
                 vm.clone()
             };
-            state::watch_child(d.clone(), name, child);
+            state::watch_child(d.clone(), name.clone(), child);
             tracing::info!(pid, origin = ?record.origin, "VM started");
+            // With its first status (memory used, a lazy restore's filling),
+            // not the nulls of a VM not asked yet.
+            state::refresh(d, &name).await;
+            let vm = d.reg().vms.get(&name).cloned().unwrap_or(vm);
             Ok(json!({"ok": true, "vm": vm.to_json(&dir)}))
         }
         Err(e) => {
