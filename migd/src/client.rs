@@ -55,15 +55,10 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Error::Connect { source, .. } => Some(source),
-            Error::Io(e) => Some(e),
-            _ => None,
-        }
-    }
-}
+/// No source: the message already says the cause, and an error chain printed
+/// whole (migctl's `{:#}`) would say it twice ("...: No such file or directory
+/// (os error 2) (is migd running? see --socket): No such file or directory").
+impl std::error::Error for Error {}
 
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
@@ -217,6 +212,22 @@ mod tests {
             assert_eq!(c.call(&json!({"cmd": "job", "n": n})).unwrap()["n"], n);
         }
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_connect_error_says_its_cause_once() {
+        let path = std::env::temp_dir().join(format!("migd-client-none-{}", std::process::id()));
+        let e = Client::connect(&path, Duration::from_secs(1))
+            .err()
+            .unwrap();
+        let msg = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(msg.matches("No such file or directory").count(), 1, "{msg}");
+        assert!(msg.ends_with("(is migd running? see --socket)"), "{msg}");
+        let msg = format!(
+            "{:#}",
+            anyhow::Error::from(Error::from(io::Error::from(io::ErrorKind::BrokenPipe)))
+        );
+        assert_eq!(msg, "talking to migd: broken pipe", "{msg}");
     }
 
     #[test]
