@@ -898,6 +898,20 @@ fn a_failure_after_the_commit_leaves_the_source_paused() {
             "{e}"
         );
     }
+    // Nor a handover to a new process, which would take the paused copy
+    // from under the operator: `migd run --takeover` exits naming why, and
+    // the old process keeps the VM, paused and unconfirmed.
+    let pid = src.request(json!({"cmd": "status"}))["pid"].clone();
+    let (code, err) = migd_output(&["run", "--takeover", src.control.to_str().unwrap()]);
+    assert_ne!(code, 0, "the handover was taken: {err}");
+    assert!(
+        err.contains("refused the handover") && err.contains("ended unconfirmed"),
+        "{err}"
+    );
+    let status = src.request(json!({"cmd": "status"}));
+    assert_eq!(status["state"], "unconfirmed", "{status}");
+    assert_eq!(status["pid"], pid, "{status}");
+    let held = src.console.last_heartbeat();
     // The guest runs on at the destination, and only there.
     let on_dst = Console(dir.join("dst.console"));
     on_dst.wait_heartbeats(0, 3, Duration::from_secs(30));
@@ -905,6 +919,7 @@ fn a_failure_after_the_commit_leaves_the_source_paused() {
         src.request(json!({"cmd": "status"}))["state"],
         "unconfirmed"
     );
+    assert_eq!(src.console.last_heartbeat(), held, "the source ran");
     on_dst.assert_clean();
     // The operator finds the destination gone, and resumes the source.
     assert_eq!(dst.terminate(), 0);
