@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 
 /// migctl: manage VMs and live migrations through the local migd daemon.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "migctl", version)]
 pub struct Cli {
     /// The daemon's control socket.
     #[arg(long, global = true, value_name = "PATH", default_value = migd::client::DEFAULT_SOCKET)]
@@ -317,6 +317,12 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_version_names_migctl() {
+        let v = <Cli as clap::CommandFactory>::command().render_version();
+        assert_eq!(v, format!("migctl {}\n", env!("CARGO_PKG_VERSION")));
+    }
 
     #[test]
     fn every_mode_flag_takes_the_same_values() {
