@@ -583,23 +583,24 @@ fn migctl_output_into_a_closed_pipe_ends_it_quietly() {
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
 }
 
-/// A daemon that closed the connection between two polls of `migctl
-/// migrate` (it restarted) is a failed write that migctl tries again on a
-/// new connection, not a SIGPIPE that ends it: its socket writes ask for
-/// none, whatever migctl does with SIGPIPE for its output.
-#[test]
-fn migctl_migrate_survives_a_daemon_that_closed_the_connection() {
+/// A fake migd on `dir`/fake.sock for `migctl migrate`: `info` and
+/// `migrate` answered, then each `job` poll with the next of `jobs` (the last
+/// again and again); with `close_after_first`, the connection of the first
+/// poll is closed after its reply.
+fn fake_migd(dir: &Path, jobs: Vec<serde_json::Value>, close_after_first: bool) -> PathBuf {
     use std::io::BufRead;
     use std::os::unix::net::UnixListener;
-    let dir = scratch("migctl-closed-conn");
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     let sock = dir.join("fake.sock");
     let listener = UnixListener::bind(&sock).unwrap();
+    let jobs = Arc::new(jobs);
     std::thread::spawn(move || {
         // The job polls answered so far, on every connection.
-        let polls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let polls = Arc::new(AtomicUsize::new(0));
         for s in listener.incoming() {
             let Ok(s) = s else { return };
-            let polls = polls.clone();
+            let (polls, jobs) = (polls.clone(), jobs.clone());
             std::thread::spawn(move || {
                 let mut w = s.try_clone().unwrap();
                 for line in std::io::BufReader::new(s).lines() {
@@ -610,39 +611,94 @@ fn migctl_migrate_survives_a_daemon_that_closed_the_connection() {
                         Some("info") => json!({"ok": true, "vm": {"memory": 1 << 20}}),
                         Some("migrate") => json!({"ok": true, "job": "job1"}),
                         Some("job") => {
-                            first = polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
-                            let status = if first { "active" } else { "completed" };
-                            json!({"ok": true, "job": {"id": "job1", "vm": "web1", "to": "h:1",
-                                "status": status, "stats": {"bytes": 4096, "status": status}}})
+                            let n = polls.fetch_add(1, Ordering::SeqCst);
+                            first = n == 0;
+                            json!({"ok": true, "job": jobs[n.min(jobs.len() - 1)]})
                         }
                         _ => json!({"ok": false, "error": "unknown"}),
                     };
-                    if writeln!(w, "{reply}").is_err() || first {
-                        // Gone after the first poll's reply: the next poll,
-                        // 250 ms later, writes to a closed connection.
+                    if writeln!(w, "{reply}").is_err() || (first && close_after_first) {
                         return;
                     }
                 }
             });
         }
     });
+    sock
+}
+
+/// A job as the fake migd reports it.
+fn fake_job(status: &str, error: Option<&str>, bytes: u64) -> serde_json::Value {
+    json!({"id": "job1", "vm": "web1", "to": "10.0.0.2:7070", "status": status,
+        "error": error, "stats": {"status": status, "bytes": bytes, "total_ms": 3.5,
+        "downtime_ms": 0.0, "pages": {"sent": bytes / 4096, "zero": 0, "resent": 0},
+        "bandwidth_mbps": 0.0}})
+}
+
+/// `migctl --socket SOCK migrate web1 --to 10.0.0.2:7070 EXTRA...`: status, stdout, stderr.
+fn migctl_migrate(sock: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(migctl_bin())
         .arg("--socket")
-        .arg(&sock)
-        .args(["migrate", "web1", "--to", "h:1", "--json"])
+        .arg(sock)
+        .args(["migrate", "web1", "--to", "10.0.0.2:7070"])
+        .args(extra)
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_eq!(
+    (
         out.status.code(),
-        Some(0),
-        "{:?}: {stdout}\n{stderr}",
-        out.status
-    );
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A daemon that closed the connection between two polls of `migctl
+/// migrate` (it restarted) is a failed write that migctl tries again on a
+/// new connection, not a SIGPIPE that ends it: its socket writes ask for
+/// none, whatever migctl does with SIGPIPE for its output.
+#[test]
+fn migctl_migrate_survives_a_daemon_that_closed_the_connection() {
+    let dir = scratch("migctl-closed-conn");
+    let jobs = vec![
+        fake_job("active", None, 4096),
+        fake_job("completed", None, 4096),
+    ];
+    let sock = fake_migd(&dir, jobs, true);
+    let (code, stdout, stderr) = migctl_migrate(&sock, &["--json"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     let stats: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(stats["status"], "completed", "{stats}");
+}
+
+/// A migration that failed before any page moved prints its failure, with
+/// the cause, on stderr alone (no table of zeros); one refused by the
+/// destination says what to check there. Where pages moved, the table stays;
+/// `--json` prints the statistics either way.
+#[test]
+fn migctl_migrate_that_moved_nothing_prints_only_its_failure() {
+    let dir = scratch("migctl-failed-early");
+    let refused = "connecting to 10.0.0.2:7070: Connection refused (os error 111)";
+    let sock = fake_migd(&dir, vec![fake_job("failed", Some(refused), 0)], false);
+    let (code, stdout, stderr) = migctl_migrate(&sock, &[]);
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert_eq!(stdout, "", "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "migctl: error: migration job1 of web1 to 10.0.0.2:7070 failed: {refused}; \
+             is migd listening there (--listen), with TLS or --insecure?\n"
+        )
+    );
+    let (code, stdout, _) = migctl_migrate(&sock, &["--json"]);
+    assert_eq!(code, Some(1));
+    let stats: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(stats["bytes"], 0, "{stats}");
+
+    let dir = scratch("migctl-failed-late");
+    let lost = "connection reset by the destination";
+    let sock = fake_migd(&dir, vec![fake_job("failed", Some(lost), 8 << 20)], false);
+    let (code, stdout, stderr) = migctl_migrate(&sock, &[]);
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("Transferred:    8 MiB"), "{stdout}");
+    assert!(stderr.ends_with(&format!("failed: {lost}\n")), "{stderr}");
 }

@@ -218,10 +218,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let r = with_spinner(
                 format!("measuring {name}'s dirty rate and the path to {to}"),
                 || {
-                    Ok(connect()?.call(&json!({
+                    let req = json!({
                         "cmd": "estimate", "name": name, "to": to, "mode": mode,
                         "max_downtime_ms": max_downtime, "max_bandwidth": max_bandwidth,
-                    }))?)
+                    });
+                    match connect()?.call(&req) {
+                        // The probe of the path to the destination failed.
+                        Err(migd::client::Error::Daemon(e)) => {
+                            Err(anyhow::anyhow!(format::with_hint(&e)))
+                        }
+                        r => Ok(r?),
+                    }
                 },
             )?;
             if json {

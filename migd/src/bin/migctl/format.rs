@@ -412,6 +412,16 @@ pub fn stats(st: &Value) -> String {
     s
 }
 
+/// A migration's error (from the destination's side of it), with a hint
+/// where the destination refused the connection.
+pub fn with_hint(cause: &str) -> String {
+    if cause.contains("Connection refused") {
+        format!("{cause}; is migd listening there (--listen), with TLS or --insecure?")
+    } else {
+        cause.to_string()
+    }
+}
+
 /// `migctl estimate`: the measured inputs, then one line per mode.
 pub fn estimate(r: &Value) -> String {
     let i = &r["inputs"];
@@ -573,6 +583,19 @@ mod tests {
         // A daemon that has not heard from the VM yet says nothing of it.
         v["huge_pages"] = json!(null);
         assert!(!vm_info(&v).contains("Memory pages"));
+    }
+
+    #[test]
+    fn a_refused_connection_gets_a_hint() {
+        let e = "connecting to 10.0.0.2:7070: Connection refused (os error 111)";
+        assert_eq!(
+            with_hint(e),
+            format!("{e}; is migd listening there (--listen), with TLS or --insecure?")
+        );
+        assert_eq!(
+            with_hint("a VM named web1 already exists"),
+            "a VM named web1 already exists"
+        );
     }
 
     #[test]

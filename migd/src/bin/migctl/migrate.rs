@@ -60,9 +60,12 @@ pub fn wait(socket: &Path, id: &str, memory: u64, as_json: bool) -> Result<ExitC
     };
     bar.finish_and_clear();
     let status = job["status"].as_str().unwrap_or("failed");
+    // Failed or cancelled before any page moved: its statistics are all
+    // zeros, and the error line says all there is.
+    let nothing_moved = status != "completed" && job["stats"]["bytes"].as_u64().unwrap_or(0) == 0;
     if as_json {
         print_json(&job["stats"]);
-    } else {
+    } else if !nothing_moved {
         println!(
             "Migration {} of {} to {}: {status}",
             format::opt(&job["id"]),
@@ -87,9 +90,14 @@ pub fn wait(socket: &Path, id: &str, memory: u64, as_json: bool) -> Result<ExitC
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let what = format!(
+        "migration {id} of {} to {}",
+        format::opt(&job["vm"]),
+        format::opt(&job["to"])
+    );
     match job["error"].as_str().or(job["stats"]["error"].as_str()) {
-        Some(e) => bail!("migration {id} {status}: {e}"),
-        None => bail!("migration {id} {status}"),
+        Some(e) => bail!("{what} {status}: {}", format::with_hint(e)),
+        None => bail!("{what} {status}"),
     }
 }
 
