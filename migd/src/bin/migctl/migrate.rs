@@ -129,20 +129,29 @@ impl Rate {
     }
 }
 
+/// What is left to send, from the job's statistics `st`: `remaining_bytes`
+/// once a round has read the dirty log or the post-copy phase has counted
+/// its pages (`pages.expected`), 0 included; before that, in round 0,
+/// `memory` less what was sent.
+fn left(st: &Value, memory: u64) -> u64 {
+    let remaining = st["remaining_bytes"].as_u64().unwrap_or(0);
+    let known =
+        st["round"].as_u64().unwrap_or(0) > 0 || st["pages"]["expected"].as_u64().unwrap_or(0) > 0;
+    if remaining > 0 || known {
+        remaining
+    } else {
+        memory.saturating_sub(st["bytes"].as_u64().unwrap_or(0))
+    }
+}
+
 /// Round, transferred/remaining, dirty rate, bandwidth, ETA.
 fn update(bar: &ProgressBar, job: &Value, memory: u64, rate: &mut Rate) {
     let st = &job["stats"];
     let sent = st["bytes"].as_u64().unwrap_or(0);
-    let remaining = st["remaining_bytes"].as_u64().unwrap_or(0);
     let measured = rate.sample(sent);
     let reported = st["bandwidth_mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0;
     let bandwidth = if reported > 0.0 { reported } else { measured };
-    // Before the first dirty-log pass the remaining work is unknown: guess the whole RAM.
-    let left = if remaining > 0 {
-        remaining
-    } else {
-        memory.saturating_sub(sent)
-    };
+    let left = left(st, memory);
     bar.update(|s| {
         s.set_len((sent + left).max(1));
         s.set_pos(sent);
@@ -161,4 +170,29 @@ fn update(bar: &ProgressBar, job: &Value, memory: u64, rate: &mut Rate) {
         format::rate(st["dirty_rate"].as_f64().unwrap_or(0.0)),
         bandwidth * 8.0 / 1e6,
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn left_is_the_jobs_own_figure_once_a_round_has_read_the_dirty_log() {
+        let mib = 1u64 << 20;
+        // Round 0: the rest of memory.
+        let st = json!({"round": 0, "bytes": 10 * mib, "remaining_bytes": 0});
+        assert_eq!(left(&st, 128 * mib), 118 * mib);
+        // Later rounds: what the dirty log said, nothing included.
+        let st = json!({"round": 1, "bytes": 18 * mib, "remaining_bytes": 2 * mib});
+        assert_eq!(left(&st, 128 * mib), 2 * mib);
+        let st = json!({"round": 2, "bytes": 18 * mib, "remaining_bytes": 0});
+        assert_eq!(left(&st, 128 * mib), 0);
+        // Post-copy counts its pages at the switch (round 0 in mode postcopy).
+        let st = json!({"round": 0, "bytes": mib, "remaining_bytes": 5 * mib,
+                        "pages": {"expected": 1280}});
+        assert_eq!(left(&st, 128 * mib), 5 * mib);
+        let st = json!({"round": 0, "bytes": mib, "remaining_bytes": 0,
+                        "pages": {"expected": 1280}});
+        assert_eq!(left(&st, 128 * mib), 0);
+    }
 }
