@@ -150,9 +150,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let mut c = connect()?;
-            let memory = c.call(&json!({"cmd": "info", "name": name}))?["vm"]["memory"]
+            let vm = c.call(&json!({"cmd": "info", "name": name}))?["vm"].take();
+            // Round 0 sends the pages that hold data: the memory the guest
+            // RAM takes on the host (`memory_used`), where the daemon knows
+            // it, not all of it. It sizes the progress bar until the job
+            // says what is left.
+            let memory = vm["memory"].as_u64().unwrap_or(0);
+            let data = vm["memory_used"]
                 .as_u64()
-                .unwrap_or(0);
+                .filter(|&u| u > 0)
+                .map_or(memory, |u| u.min(memory));
             let r = c.call(&json!({
                 "cmd": "migrate", "name": name, "to": to, "mode": mode,
                 "max_downtime_ms": max_downtime, "max_bandwidth": max_bandwidth, "detach": true,
@@ -175,7 +182,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            return crate::migrate::wait(&cli.socket, &id, memory, json);
+            return crate::migrate::wait(&cli.socket, &id, data, json);
         }
         Cmd::Jobs { json } => {
             let r = connect()?.call(&json!({"cmd": "jobs"}))?;

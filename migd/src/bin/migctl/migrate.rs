@@ -19,7 +19,8 @@ const POLL: Duration = Duration::from_millis(250);
 const LOST_AFTER: Duration = Duration::from_secs(60);
 
 /// Polls `job` until the job ends, drawing progress on stderr when it is a terminal.
-/// `memory` (the VM's RAM) sizes the bar until the first round has measured the rest.
+/// `memory` (what round 0 is expected to send: the VM's RAM that holds data)
+/// sizes the bar until the first round has measured the rest.
 pub fn wait(socket: &Path, id: &str, memory: u64, as_json: bool) -> Result<ExitCode> {
     let mut client = Client::connect(socket, Duration::from_secs(30))?;
     let bar = ProgressBar::with_draw_target(Some(memory.max(1)), ProgressDrawTarget::hidden());
