@@ -287,8 +287,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 print_json(&r["vm"]);
             } else {
+                // Lazy: the VM runs while its memory comes from the file,
+                // which must stay until all of it is in.
+                let filling = if lazy {
+                    format!(
+                        "; its memory is filled from the file in the background: keep the file \
+                         in place until `migctl info {name}` shows no Filling line"
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "VM {name} restored from {} (pid {})",
+                    "VM {name} restored from {} (pid {}){filling}",
                     file.display(),
                     format::opt(&r["vm"]["pid"])
                 );

@@ -196,6 +196,9 @@ pub fn vm_info(v: &Value) -> String {
             ),
         );
     }
+    if !v["dir"].is_null() {
+        kv(&mut s, "Dir", opt(&v["dir"]));
+    }
     kv(&mut s, "Console", opt(&v["console"]));
     kv(&mut s, "Migration job", opt(&v["job"]));
     s
@@ -232,8 +235,15 @@ pub fn job_info(j: &Value) -> String {
     if !j["error"].is_null() {
         kv(&mut s, "Error", opt(&j["error"]));
     }
-    s.push_str(&stats(&j["stats"]));
+    s.push_str(&job_stats(j));
     s
+}
+
+/// A job's statistics, with the bandwidth cap it ran under (the job's own:
+/// `migrate --max-bandwidth`, or what `migrate-set` changed it to), which
+/// the job object has beside them.
+pub fn job_stats(j: &Value) -> String {
+    stats_with_cap(&j["stats"], j["max_bandwidth"].as_u64())
 }
 
 fn ms(v: &Value) -> String {
@@ -248,7 +258,13 @@ pub fn rate(bytes_per_s: f64) -> String {
 }
 
 /// The statistics object of a migration, as a block of lines.
+#[cfg(test)]
 pub fn stats(st: &Value) -> String {
+    stats_with_cap(st, None)
+}
+
+/// [`stats`], with the bandwidth cap `cap` (bytes/s) after the bandwidth.
+fn stats_with_cap(st: &Value, cap: Option<u64>) -> String {
     let mut s = String::new();
     if !st.is_object() {
         return s;
@@ -353,8 +369,25 @@ pub fn stats(st: &Value) -> String {
     if let Some(b) = st["bandwidth_mbps"].as_f64() {
         kv(&mut s, "Bandwidth", format!("{b:.1} Mbit/s"));
     }
+    if let Some(cap) = cap {
+        kv(&mut s, "Bandwidth cap", rate(cap as f64));
+    }
+    // Post-copy's push has no streams of its own: the count is pre-copy's.
+    if let Some(n) = st["streams"].as_u64().filter(|&n| n > 0) {
+        if st["mode"] != "postcopy" {
+            kv(&mut s, "Streams", n);
+        }
+    }
+    if let Some(p) = st["policy"].as_str().filter(|p| !p.is_empty()) {
+        kv(&mut s, "Auto chose", p);
+    }
     if let Some(r) = st["stop_reason"].as_str().filter(|r| !r.is_empty()) {
         kv(&mut s, "Stop reason", r);
+    }
+    match st["verified"].as_bool() {
+        Some(true) => kv(&mut s, "Verified", "yes (memory digests matched)"),
+        Some(false) => kv(&mut s, "Verified", "no (memory digests differed)"),
+        None => {}
     }
     let m = &st["model"];
     if let (Some(down), Some(total)) = (
@@ -583,6 +616,45 @@ mod tests {
         // A daemon that has not heard from the VM yet says nothing of it.
         v["huge_pages"] = json!(null);
         assert!(!vm_info(&v).contains("Memory pages"));
+    }
+
+    #[test]
+    fn stats_show_what_the_json_has_where_it_has_it() {
+        let j = json!({"max_bandwidth": 8u64 << 20, "stats": {"mode": "hybrid",
+            "bandwidth_mbps": 70.0, "streams": 2, "verified": true,
+            "policy": "pre-copy: after 2 round(s) the guest dirtied 8 MB/s"}});
+        let t = job_stats(&j);
+        assert!(t.contains("Bandwidth cap:  8 MiB/s\n"), "{t}");
+        assert!(t.contains("Streams:        2\n"), "{t}");
+        assert!(
+            t.contains("Auto chose:     pre-copy: after 2 round(s) the guest dirtied 8 MB/s\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("Verified:       yes (memory digests matched)\n"),
+            "{t}"
+        );
+        let t = stats(&json!({"verified": false}));
+        assert!(
+            t.contains("Verified:       no (memory digests differed)"),
+            "{t}"
+        );
+        // Absent (not asked, unknown, or post-copy's): no line.
+        let t = job_stats(&json!({"max_bandwidth": null, "stats": {"mode": "postcopy",
+            "streams": 1, "verified": null, "policy": ""}}));
+        for key in ["Bandwidth cap", "Streams", "Auto chose", "Verified"] {
+            assert!(!t.contains(key), "{key}: {t}");
+        }
+    }
+
+    #[test]
+    fn info_names_the_vms_directory() {
+        let t = vm_info(&json!({"name": "web1", "dir": "/var/lib/migd/vms/web1"}));
+        assert!(
+            t.contains("Dir:            /var/lib/migd/vms/web1\n"),
+            "{t}"
+        );
+        assert!(!vm_info(&json!({"name": "web1"})).contains("Dir:"));
     }
 
     #[test]

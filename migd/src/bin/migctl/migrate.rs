@@ -73,7 +73,7 @@ pub fn wait(socket: &Path, id: &str, memory: u64, as_json: bool) -> Result<ExitC
             format::opt(&job["vm"]),
             format::opt(&job["to"])
         );
-        print!("{}", format::stats(&job["stats"]));
+        print!("{}", format::job_stats(&job));
     }
     if status == "completed" {
         // The rounds may stop without converging (round limit, byte budget,
