@@ -1,7 +1,9 @@
 //! Other processes, as the daemon and a VM process see them.
 
 /// True while a process with this pid exists and is not a zombie (an adopted VM
-/// process is not our child, and its reaper may be slow or absent).
+/// process is not our child, and its reaper may be slow or absent). A
+/// zombie main thread whose other threads still exit counts as alive: they
+/// still hold its descriptors (the VM's `process.lock` among them).
 pub fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
@@ -10,11 +12,25 @@ pub fn alive(pid: u32) -> bool {
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Ok(stat) => {
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']));
+            !zombie || other_threads_remain(pid)
+        }
         Err(_) => false,
     }
+}
+
+/// Whether process `pid` has threads besides its main one (exiting ones
+/// included: a thread is listed until it has let go of what it held).
+fn other_threads_remain(pid: u32) -> bool {
+    let main = pid.to_string();
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+        tasks
+            .flatten()
+            .any(|t| t.file_name().to_str() != Some(main.as_str()))
+    })
 }
 
 /// The pid of the process at the other end of a unix socket (`SO_PEERCRED`:
