@@ -457,11 +457,20 @@ fn daemon_vm_lifecycle_survives_a_daemon_restart() {
     let out = d.ok(&["start", "web1"]);
     assert!(out.contains("VM web1 started"), "{out}");
     let boots = || console.text().matches("WORKLOAD READY").count();
-    let end = Instant::now() + READY;
-    while boots() < 2 {
-        assert!(Instant::now() < end, "no second boot:\n{}", console.text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let booted = |n: usize| {
+        let end = Instant::now() + READY;
+        while boots() < n {
+            assert!(Instant::now() < end, "no boot {n}:\n{}", console.text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    booted(2);
+    // The reply's VM carries its first status, not the nulls of a VM not
+    // asked yet (and of one that had no process a moment before).
+    d.kill_vm("web1");
+    let started: Value = serde_json::from_str(&d.ok(&["start", "web1", "--json"])).unwrap();
+    assert!(started["memory_used"].is_u64(), "{started}");
+    booted(3);
     let list: Value = serde_json::from_str(&d.ok(&["list", "--json"])).unwrap();
     assert_eq!(list[0]["state"], "running", "{list}");
     let pid = list[0]["pid"].as_u64().unwrap();

@@ -557,26 +557,27 @@ async fn start(d: &Arc<Daemon>, name: &str, force: bool) -> Result<Value> {
         Ok(boot) => spawn_vm(d, &record, boot, &dir).await,
         Err(e) => Err(e),
     };
-    let mut reg = d.reg();
-    let vm = reg.vms.get_mut(name).context("VM vanished while started")?;
-    match started {
-        Ok((child, state, pid)) => {
-            vm.state = state;
-            vm.pid = Some(pid);
-            vm.unconfirmed = None;
-            let v = vm.to_json(&dir);
-            drop(reg);
-            let _ = std::fs::remove_file(state::unconfirmed_path(&dir));
-            state::watch_child(d.clone(), name.to_string(), child);
-            tracing::info!(pid, "VM started again");
-            Ok(json!({"ok": true, "vm": v}))
+    let (child, pid, v) = {
+        let mut reg = d.reg();
+        let vm = reg.vms.get_mut(name).context("VM vanished while started")?;
+        match started {
+            Ok((child, state, pid)) => {
+                vm.state = state;
+                vm.pid = Some(pid);
+                vm.unconfirmed = None;
+                (child, pid, vm.clone())
+            }
+            Err(e) => {
+                // As it was: stopped, or unconfirmed.
+                vm.state = before;
+                return Err(e);
+            }
         }
-        Err(e) => {
-            // As it was: stopped, or unconfirmed.
-            vm.state = before;
-            Err(e)
-        }
-    }
+    };
+    let _ = std::fs::remove_file(state::unconfirmed_path(&dir));
+    state::watch_child(d.clone(), name.to_string(), child);
+    tracing::info!(pid, "VM started again");
+    Ok(json!({"ok": true, "vm": first_status(d, name, v, &dir).await}))
 }
 
 /// Starts a VM process for a new VM (`boot`: the `migd run` flags that say
@@ -622,11 +623,7 @@ async fn start_vm(d: &Arc<Daemon>, record: VmRecord, boot: Vec<String>) -> Resul
             };
             state::watch_child(d.clone(), name.clone(), child);
             tracing::info!(pid, origin = ?record.origin, "VM started");
-            // With its first status (memory used, a lazy restore's filling),
-            // not the nulls of a VM not asked yet.
-            state::refresh(d, &name).await;
-            let vm = d.reg().vms.get(&name).cloned().unwrap_or(vm);
-            Ok(json!({"ok": true, "vm": vm.to_json(&dir)}))
+            Ok(json!({"ok": true, "vm": first_status(d, &name, vm, &dir).await}))
         }
         Err(e) => {
             // The directory goes, so keep the VM process's last words in our log.
@@ -721,7 +718,7 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
     let dir = d.vm_dir(name);
     let boot = d.reg().vms.get(name).and_then(|v| v.record.boot_spec());
     let req = json!({"cmd": "snapshot", "path": path, "stop": !keep, "boot": boot});
-    let r = vm_call(&state::control_path(&dir), &req, save_timeout()).await;
+    let r = vm_request(&state::control_path(&dir), &req, save_timeout()).await;
     // As it was; stopped if its process is gone (it exited in the save:
     // `process_exited` left it to this request).
     // Returns the state it is in now.
@@ -746,7 +743,19 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
         v.state.clone()
     };
     let r = match r {
-        Ok(r) => r,
+        Ok(r) if r["ok"] == true => r,
+        // The save failed, and said why: the VM is as it was.
+        Ok(r) => {
+            back(&was);
+            bail!(
+                "saving '{name}' to {}: {}",
+                path.display(),
+                r["error"]
+                    .as_str()
+                    .unwrap_or("the VM process refused (no message)")
+            );
+        }
+        // No answer (in time): the save may go on.
         Err(e) => match timed_out_save(&state::control_path(&dir), pid, keep).await {
             // Past its commit as the wait ran out: it completed.
             Some(late) => late,
@@ -890,6 +899,15 @@ async fn restore(d: &Arc<Daemon>, name: String, path: &Path, lazy: bool) -> Resu
     start_vm(d, record, boot).await
 }
 
+/// VM `name` as a reply to its start shows it: with its first status
+/// (memory used, a lazy restore's filling), not the nulls of a VM not asked
+/// yet; `started` if it is gone meanwhile.
+async fn first_status(d: &Daemon, name: &str, started: VmEntry, dir: &Path) -> Value {
+    state::refresh(d, name).await;
+    let vm = d.reg().vms.get(name).cloned().unwrap_or(started);
+    vm.to_json(dir)
+}
+
 fn existing_file(p: &Path, what: &str) -> Result<PathBuf> {
     let abs = std::fs::canonicalize(p)
         .map_err(|e| anyhow::anyhow!("{what} {} does not exist ({e})", p.display()))?;
@@ -1014,7 +1032,8 @@ async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
             bail!("no VM named '{}'", name.escape_debug());
         };
         // A save in progress is cancelled: its VM process stops once the
-        // save has removed its unfinished file.
+        // save has removed its unfinished file (or, past its commit, once
+        // the file is complete and in place).
         if [st::CREATING, st::DESTROYING].contains(&vm.state.as_str()) {
             bail!("VM '{name}' is {}; try again", vm.state);
         }
