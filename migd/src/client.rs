@@ -1,7 +1,7 @@
 //! Client of the migd control socket: JSON lines, one request line, one reply line.
 
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -99,7 +99,7 @@ impl Conn {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::Timeout(timeout),
             _ => Error::Io(e),
         };
-        self.stream.write_all(line).map_err(io)?;
+        send_all(&self.stream, line).map_err(io)?;
         let mut reply = String::new();
         if self.reader.read_line(&mut reply).map_err(io)? == 0 {
             return Err(Error::Io(io::Error::new(
@@ -161,10 +161,40 @@ pub fn call(path: &Path, req: &Value, timeout: Duration) -> Result<Value, Error>
     Client::connect(path, timeout)?.call(req)
 }
 
+/// Writes all of `buf` with `MSG_NOSIGNAL`: a daemon that closed the
+/// connection is an error (EPIPE) to act on, never a SIGPIPE, whatever the
+/// process's disposition of the signal (migctl restores its default action,
+/// so that `| head` ends it quietly) and whatever the toolchain's std does.
+fn send_all(stream: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while !buf.is_empty() {
+        // SAFETY: send on a descriptor the stream owns, from a live slice
+        // whose length is passed with it.
+        let n = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::io::Write;
     use std::os::unix::net::UnixListener;
 
     /// Answers each connection's requests in turn: the first request of the

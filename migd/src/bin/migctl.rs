@@ -295,9 +295,9 @@ fn main() -> ExitCode {
     // Output piped into a reader that stops early (`migctl jobs --json | head
     // -1`) ends migctl quietly, as it does other command-line tools, instead
     // of a panic in `println!` or clap_complete, or an error line. Rust
-    // ignores SIGPIPE by default. The control socket is unaffected: std
-    // writes to a UnixStream with MSG_NOSIGNAL (Linux), so a daemon that
-    // closed the connection is still an error migctl can act on.
+    // ignores SIGPIPE by default. The control socket is unaffected: the
+    // client writes to it with MSG_NOSIGNAL (`client::send_all`), so a
+    // daemon that closed the connection is still an error migctl can act on.
     // SAFETY: at the start of main, before any thread exists; SIG_DFL is a
     // valid disposition for SIGPIPE and no handler code is involved.
     unsafe {
