@@ -101,7 +101,7 @@ pub const CONSOLE_MAX_BYTES: u64 = 8 << 20;
 pub struct ConsoleWriter {
     file: File,
     line: Vec<u8>,
-    /// The file's path, None for /dev/null.
+    /// The file's path where it is a regular file (None: never rotated).
     path: Option<PathBuf>,
     /// Bytes in the file.
     size: u64,
@@ -178,12 +178,15 @@ fn open_console_up_to(path: Option<&Path>, max: u64) -> Result<ConsoleWriter> {
                 reason: format!("/dev/null: {e}"),
             })?,
     };
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let meta = file.metadata().ok();
+    // Only a regular file is rotated: a device, a pipe or a terminal named
+    // as the console is written to as it is.
+    let regular = meta.as_ref().is_some_and(|m| m.is_file());
     Ok(ConsoleWriter {
         file,
         line: Vec::with_capacity(256),
-        path: path.map(Path::to_path_buf),
-        size,
+        path: path.filter(|_| regular).map(Path::to_path_buf),
+        size: meta.map_or(0, |m| m.len()),
         max,
     })
 }
@@ -326,6 +329,9 @@ mod tests {
         }
         let newest = std::fs::read_to_string(&log).unwrap();
         assert!(newest.ends_with("line 0029\n"), "{newest}");
+        // Not a regular file (a device, a pipe): written to, never renamed.
+        let w = open_console_up_to(Some(Path::new("/dev/null")), 10).unwrap();
+        assert!(w.path.is_none(), "a device would be rotated");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
