@@ -146,7 +146,8 @@ impl TlsSetup {
         let conn = ClientConnection::new(self.client.clone(), name)
             .map_err(|e| handshake_err(&peer, e.to_string()))?;
         let mut conn = rustls::Connection::Client(conn);
-        handshake(&mut conn, &tcp, &peer, self.handshake_timeout)?;
+        let end = Instant::now() + self.handshake_timeout;
+        handshake(&mut conn, &tcp, &peer, end, self.handshake_timeout)?;
         into_link(conn, tcp, host.to_string(), &peer)
     }
 
@@ -154,13 +155,18 @@ impl TlsSetup {
     /// from the CA that names one of the configured peers.
     pub fn accept(&self, tcp: TcpStream) -> Result<Link> {
         let peer = peer_name(&tcp);
-        if !looks_like_tls(&tcp).map_err(io_err(format!("reading from {peer}")))? {
+        // The handshake's limit counts from here, the wait for its first
+        // bytes included.
+        let end = Instant::now() + self.handshake_timeout;
+        if !looks_like_tls_within(&tcp, self.handshake_timeout)
+            .map_err(io_err(format!("reading from {peer}")))?
+        {
             return Err(LinkError::PlaintextPeer { peer });
         }
         let conn = rustls::ServerConnection::new(self.server.clone())
             .map_err(|e| handshake_err(&peer, e.to_string()))?;
         let mut conn = rustls::Connection::Server(conn);
-        handshake(&mut conn, &tcp, &peer, self.handshake_timeout)?;
+        handshake(&mut conn, &tcp, &peer, end, self.handshake_timeout)?;
         let identity = conn
             .peer_certificates()
             .and_then(|c| c.first())
@@ -220,8 +226,13 @@ fn handshake_err(peer: &str, reason: String) -> LinkError {
 /// True when the first bytes waiting on `tcp` are a TLS handshake record
 /// (waits up to the handshake timeout for them; peeks, consumes nothing).
 pub fn looks_like_tls(tcp: &TcpStream) -> std::io::Result<bool> {
+    looks_like_tls_within(tcp, HANDSHAKE_TIMEOUT)
+}
+
+/// [`looks_like_tls`], waiting up to `limit`.
+fn looks_like_tls_within(tcp: &TcpStream, limit: Duration) -> std::io::Result<bool> {
     let old = tcp.read_timeout()?;
-    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    tcp.set_read_timeout(Some(limit.max(Duration::from_millis(1))))?;
     let mut b = [0u8; 3];
     let mut n = 0;
     let r = loop {
@@ -251,33 +262,37 @@ struct Until<'a> {
 
 impl Read for Until<'_> {
     fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(
+        let too_late = || {
+            std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("not done within {:?}", self.limit),
-            ));
+            )
+        };
+        let left = self.end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(too_late());
         }
         self.tcp.set_read_timeout(Some(left))?;
         let mut tcp = self.tcp;
-        tcp.read(b)
+        // The socket's timeout is what was left: its expiry is the limit's.
+        tcp.read(b).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => too_late(),
+            _ => e,
+        })
     }
 }
 
 /// Runs the handshake to its end, one record at a time, so that nothing the
-/// peer sends after it is read into rustls; within `limit` in all.
+/// peer sends after it is read into rustls; by `end` (`limit` from its start).
 fn handshake(
     conn: &mut rustls::Connection,
     tcp: &TcpStream,
     peer: &str,
+    end: Instant,
     limit: Duration,
 ) -> Result<()> {
     let old = tcp.read_timeout().map_err(io_err("socket"))?;
-    let mut input = Until {
-        tcp,
-        end: Instant::now() + limit,
-        limit,
-    };
+    let mut input = Until { tcp, end, limit };
     let mut tcp = tcp;
     let mut record = vec![0u8; 5 + MAX_PLAIN + 2048];
     loop {

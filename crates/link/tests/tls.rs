@@ -281,6 +281,7 @@ fn a_trickled_handshake_is_cut_off_at_its_limit() {
         "{:?}: {e}",
         t.elapsed()
     );
+    assert!(e.to_string().contains("not done within 1s"), "{e}");
     drop(server);
     // The server's side: the client trickles.
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -297,4 +298,21 @@ fn a_trickled_handshake_is_cut_off_at_its_limit() {
         t.elapsed()
     );
     drop(client);
+    // The wait for the first bytes counts too: a client silent for 1.5 s,
+    // then trickling, is cut at the 1 s limit, not 1 s after it spoke.
+    let late = std::thread::spawn(move || {
+        let s = TcpStream::connect(addr).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = trickle(s).join();
+    });
+    let t = Instant::now();
+    let Err(e) = b.accept(l.accept().unwrap().0) else {
+        panic!("a late, trickled handshake succeeded");
+    };
+    assert!(
+        t.elapsed() < Duration::from_millis(2000),
+        "{:?}: {e}",
+        t.elapsed()
+    );
+    drop(late);
 }
