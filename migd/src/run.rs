@@ -420,7 +420,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let _g = span.enter();
 
     let vm = Arc::new(vm);
-    // A VM that arrived by migration already runs (the receiver resumed it on Go).
+    // A VM that arrived by migration is as the receiver left it on Go: running,
+    // or paused (GoPaused: it was paused at its source).
     let arrived = args.incoming.is_some() || args.incoming_fd.is_some();
     // A lazy restore resumed the VM itself (its fault thread was ready first).
     // A VM handed over paused stays paused.

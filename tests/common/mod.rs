@@ -370,11 +370,7 @@ impl VmProcess {
         (port, memory, cpus): (u16, &str, usize),
         flags: &[&str],
     ) -> VmProcess {
-        let addr = format!("127.0.0.1:{port}");
-        let cpus = cpus.to_string();
-        let mut args = vec!["--incoming", &addr, "--memory", memory, "--cpus", &cpus];
-        args.extend_from_slice(flags);
-        VmProcess::start(dir, tag, console, &args)
+        VmProcess::incoming_env(dir, tag, console, (port, memory, cpus), flags, &[])
     }
 
     /// [`VmProcess::incoming_with`] with `env` added to the process's

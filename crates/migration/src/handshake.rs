@@ -193,23 +193,25 @@ pub fn hello_then<S: Read + Write>(
 /// peer is something else (an SSH or HTTP server, say), named by the bytes
 /// it began with.
 fn not_migd(e: wire::WireError) -> Error {
-    let first = match &e {
-        wire::WireError::FrameSize(len) => (*len as u32).to_le_bytes().to_vec(),
-        wire::WireError::UnknownKind(_) => Vec::new(),
+    let began = match &e {
+        wire::WireError::FrameSize(len) => {
+            let text: String = String::from_utf8_lossy(&(*len as u32).to_le_bytes())
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_graphic() || c == ' ' {
+                        c
+                    } else {
+                        '.'
+                    }
+                })
+                .collect();
+            format!("its answer began \"{text}\"; ")
+        }
+        wire::WireError::UnknownKind(_) => String::new(),
         _ => return e.into(),
     };
-    let text: String = String::from_utf8_lossy(&first)
-        .chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                '.'
-            }
-        })
-        .collect();
     Error::Protocol(format!(
-        "the peer is not a migd migration listener (its answer began \"{text}\"; {e})"
+        "the peer is not a migd migration listener ({began}{e})"
     ))
 }
 

@@ -319,14 +319,6 @@ pub(crate) fn spawn(
         })
 }
 
-/// Lets KVM finish the instruction of the last exit (the register an `in`
-/// loads, RIP past an `out`, the rest of a `rep ins/outs`) without running
-/// the guest further: KVM does that only on the next KVM_RUN, and a state
-/// captured before would have the guest run the instruction twice (a
-/// console byte written twice, an interrupt identification read twice).
-/// Finishing may exit again (the next part of a `rep ins/outs` or of a
-/// split MMIO access), which is served like any exit; `Some` when one of
-/// them ends the VM.
 /// What a `KVM_EXIT_SYSTEM_EVENT` of `kind` means for the VM.
 fn system_event(kind: u32) -> VmExit {
     match kind {
@@ -337,6 +329,14 @@ fn system_event(kind: u32) -> VmExit {
     }
 }
 
+/// Lets KVM finish the instruction of the last exit (the register an `in`
+/// loads, RIP past an `out`, the rest of a `rep ins/outs`) without running
+/// the guest further: KVM does that only on the next KVM_RUN, and a state
+/// captured before would have the guest run the instruction twice (a
+/// console byte written twice, an interrupt identification read twice).
+/// Finishing may exit again (the next part of a `rep ins/outs` or of a
+/// split MMIO access), which is served like any exit; `Some` when one of
+/// them ends the VM.
 fn finish_instruction(
     id: usize,
     fd: &mut VcpuFd,
