@@ -234,7 +234,32 @@ impl Devices {
         SerialSnapshot::from(&self.serial.state())
     }
 
-    /// A guest `out` to `port`.
+    /// A guest `out` to `port` as KVM hands it over: `data` holds
+    /// `data.len() / size` elements of `size` bytes, more than one for a
+    /// string `outs` (with or without `rep`). Each element is one access,
+    /// in order; the first that asks more than `IoAction::None` of the VMM
+    /// (power off, reset) ends the instruction there.
+    pub fn pio_out(&mut self, port: u16, size: usize, data: &[u8]) -> IoAction {
+        for element in data.chunks(size.max(1)) {
+            match self.io_out(port, element) {
+                IoAction::None => {}
+                action => return action,
+            }
+        }
+        IoAction::None
+    }
+
+    /// A guest `in` from `port` as KVM hands it over: every element of
+    /// `size` bytes in `data` (more than one for a string `ins`) is one
+    /// access, in order, so that a `rep insb` from the serial port reads
+    /// successive bytes of its receive FIFO.
+    pub fn pio_in(&mut self, port: u16, size: usize, data: &mut [u8]) {
+        for element in data.chunks_mut(size.max(1)) {
+            self.io_in(port, element);
+        }
+    }
+
+    /// One guest `out` of `data` (1, 2 or 4 bytes) to `port`.
     pub fn io_out(&mut self, port: u16, data: &[u8]) -> IoAction {
         match port {
             SERIAL_PORT..=0x3ff => {
@@ -258,7 +283,7 @@ impl Devices {
         }
     }
 
-    /// A guest `in` from `port`.
+    /// One guest `in` of `data.len()` (1, 2 or 4) bytes from `port`.
     pub fn io_in(&mut self, port: u16, data: &mut [u8]) {
         match port {
             SERIAL_PORT..=0x3ff => {
@@ -296,6 +321,47 @@ mod tests {
         let st = d.serial_state();
         let d2 = Devices::restore(EventFd::new(0).unwrap(), Some(&log), &st).unwrap();
         assert_eq!(d2.serial_state(), st);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A string `outs`/`ins` comes from KVM as `count` elements of `size`
+    /// bytes in one slice: each element is its own access, so that every
+    /// byte of a `rep outsb` reaches the console, a `rep insb` reads
+    /// successive bytes of the receive FIFO, and a `rep outsb` to the exit
+    /// or reset port acts on its first byte alone.
+    #[test]
+    fn string_io_is_one_access_per_element() {
+        let dir = std::env::temp_dir().join(format!("vmm-string-io-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("console.log");
+        let mut d = Devices::new(EventFd::new(0).unwrap(), Some(&log)).unwrap();
+        assert_eq!(d.pio_out(SERIAL_PORT, 1, b"rep "), IoAction::None);
+        // `rep outsw`: the UART takes the low byte of each word.
+        assert_eq!(d.pio_out(SERIAL_PORT, 2, b"o\0k\0"), IoAction::None);
+        assert_eq!(d.pio_out(SERIAL_PORT, 1, b"\n"), IoAction::None);
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "rep ok\n");
+
+        let mut st = d.serial_state();
+        st.in_buffer = b"abcd".to_vec();
+        let mut d = Devices::restore(EventFd::new(0).unwrap(), Some(&log), &st).unwrap();
+        let mut got = [0u8; 3];
+        d.pio_in(SERIAL_PORT, 1, &mut got);
+        assert_eq!(&got, b"abc");
+        assert_eq!(d.serial_state().in_buffer, b"d");
+        // `rep insw`: a byte per word, the high byte 0.
+        let mut got = [0xaa; 4];
+        d.pio_in(SERIAL_PORT, 2, &mut got);
+        assert_eq!(got, [b'd', 0, 0, 0]);
+        let mut got = [0u8; 4];
+        d.pio_in(0x70, 1, &mut got);
+        assert_eq!(got, [0xff; 4], "no device");
+
+        assert_eq!(d.pio_out(EXIT_PORT, 1, &[0, 3]), IoAction::PowerOff);
+        assert_eq!(
+            d.pio_out(EXIT_PORT, 4, &[3, 0, 0, 0, 0, 0, 0, 0]),
+            IoAction::GuestFatal(3)
+        );
+        assert_eq!(d.pio_out(0x64, 1, &[0x20, I8042_RESET]), IoAction::Reset);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -361,6 +361,21 @@ fn finish_instruction(
     None
 }
 
+/// The size in bytes (1, 2 or 4) of one element of the port I/O of the
+/// KVM_EXIT_IO that `fd` last returned: the data kvm-ioctls hands over is
+/// `count` such elements (a string `ins`/`outs` moves several at once),
+/// and only kvm_run tells `size` from `count`.
+///
+/// The data slice of that exit stays valid across this call: it lies in
+/// the PIO page of the vCPU's kvm_run mapping, which lives as long as `fd`,
+/// after the `struct kvm_run` that this reads (`data_offset` is a page).
+fn pio_size(fd: &mut VcpuFd) -> usize {
+    let run = fd.get_kvm_run();
+    debug_assert_eq!(run.exit_reason, kvm_bindings::KVM_EXIT_IO);
+    // SAFETY: the exit was KVM_EXIT_IO, whose union member is `io`.
+    usize::from(unsafe { run.__bindgen_anon_1.io.size })
+}
+
 /// One KVM_RUN and its exit handling; `Some` when the VM must stop, and
 /// whether the exit leaves its instruction for the next KVM_RUN to finish.
 fn run_once(
@@ -379,14 +394,23 @@ fn run_once(
             | VcpuExit::MmioWrite(..))
     );
     let outcome = match exit {
-        Ok(VcpuExit::IoOut(port, data)) => match lock().io_out(port, data) {
-            IoAction::None => None,
-            IoAction::PowerOff => Some(VmExit::PowerOff),
-            IoAction::GuestFatal(code) => Some(VmExit::GuestFatal(code)),
-            IoAction::Reset => Some(VmExit::Reset),
-        },
+        Ok(VcpuExit::IoOut(port, data)) => {
+            // `data` borrows `fd`, whose kvm_run tells the element size.
+            let data: *const [u8] = data;
+            let size = pio_size(fd);
+            // SAFETY: see pio_size.
+            match lock().pio_out(port, size, unsafe { &*data }) {
+                IoAction::None => None,
+                IoAction::PowerOff => Some(VmExit::PowerOff),
+                IoAction::GuestFatal(code) => Some(VmExit::GuestFatal(code)),
+                IoAction::Reset => Some(VmExit::Reset),
+            }
+        }
         Ok(VcpuExit::IoIn(port, data)) => {
-            lock().io_in(port, data);
+            let data: *mut [u8] = data;
+            let size = pio_size(fd);
+            // SAFETY: see pio_size.
+            lock().pio_in(port, size, unsafe { &mut *data });
             None
         }
         Ok(VcpuExit::MmioRead(_, data)) => {
@@ -437,5 +461,98 @@ mod system_event_tests {
             VmExit::Crashed
         );
         assert!(matches!(system_event(99), VmExit::Failed(w) if w.contains("99")));
+    }
+}
+
+#[cfg(test)]
+mod string_io_tests {
+    use super::*;
+    use crate::devices::SerialSnapshot;
+    use crate::memory::{GuestRam, MIN_MEMORY};
+    use kvm_ioctls::Kvm;
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// A real-mode guest's `rep outsb` of six bytes to the serial port,
+    /// `rep insb` of three from it and `rep insw` of one word, through KVM:
+    /// KVM hands over several elements in one exit (at least for `ins`,
+    /// which it reads ahead), and each must be its own access to the UART,
+    /// of the size kvm_run gives.
+    #[test]
+    fn rep_outsb_and_insb_move_every_byte() {
+        // As the end-to-end tests: a skip without /dev/kvm, but not in CI.
+        let kvm = match Kvm::new() {
+            Ok(kvm) => kvm,
+            Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+                return eprintln!("SKIP: /dev/kvm is not usable here: {e}");
+            }
+            Err(e) => panic!("/dev/kvm is not usable, and CI=true requires it: {e}"),
+        };
+        let vm = kvm.create_vm().unwrap();
+        vm.set_tss_address(0xfffb_d000).unwrap();
+        let ram = GuestRam::with_huge_pages(MIN_MEMORY, false).unwrap();
+        for (slot, (range, host)) in ram.host_ranges().into_iter().enumerate() {
+            let region = kvm_bindings::kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: range.guest_addr,
+                memory_size: range.len,
+                userspace_addr: host as u64,
+            };
+            // SAFETY: `ram` outlives the VM fd (dropped before it).
+            unsafe { vm.set_user_memory_region(region) }.unwrap();
+        }
+        #[rustfmt::skip]
+        let code = [
+            0xba, 0xf8, 0x03, // mov dx, 0x3f8
+            0xbe, 0x00, 0x20, // mov si, 0x2000
+            0xb9, 0x06, 0x00, // mov cx, 6
+            0xfc,             // cld
+            0xf3, 0x6e,       // rep outsb
+            0xbf, 0x00, 0x30, // mov di, 0x3000
+            0xb9, 0x03, 0x00, // mov cx, 3
+            0xf3, 0x6c,       // rep insb
+            0xb9, 0x01, 0x00, // mov cx, 1
+            0xf3, 0x6d,       // rep insw: one word, [byte, 0]
+            0x31, 0xc0,       // xor ax, ax
+            0xe6, 0xf4,       // out 0xf4, al: power off
+        ];
+        ram.write(0x1000, &code).unwrap();
+        ram.write(0x2000, b"hello\n").unwrap();
+
+        let mut fd = vm.create_vcpu(0).unwrap();
+        let mut sregs = fd.get_sregs().unwrap();
+        for seg in [&mut sregs.cs, &mut sregs.ds, &mut sregs.es] {
+            seg.base = 0;
+            seg.selector = 0;
+        }
+        fd.set_sregs(&sregs).unwrap();
+        fd.set_regs(&kvm_bindings::kvm_regs {
+            rip: 0x1000,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+
+        let dir = std::env::temp_dir().join(format!("vmm-rep-io-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("console.log");
+        let serial = SerialSnapshot {
+            in_buffer: b"xyz!?".to_vec(),
+            ..Devices::new(EventFd::new(0).unwrap(), None)
+                .unwrap()
+                .serial_state()
+        };
+        let devices =
+            Mutex::new(Devices::restore(EventFd::new(0).unwrap(), Some(&log), &serial).unwrap());
+        let exit = (0..100).find_map(|_| run_once(0, &mut fd, &devices, None).0);
+        assert_eq!(exit, Some(VmExit::PowerOff));
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello\n");
+        let mut read = [0xaa; 6];
+        ram.read(0x3000, &mut read).unwrap();
+        assert_eq!(&read, b"xyz!\0\0", "rep insb, rep insw");
+        assert_eq!(devices.lock().unwrap().serial_state().in_buffer, b"?");
+        drop(fd);
+        drop(vm);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
