@@ -583,10 +583,11 @@ fn migctl_output_into_a_closed_pipe_ends_it_quietly() {
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
 }
 
-/// A fake migd on `dir`/fake.sock for `migctl migrate`: `info` and
-/// `migrate` answered, then each `job` poll with the next of `jobs` (the last
-/// again and again); with `close_after_first`, the connection of the first
-/// poll is closed after its reply.
+/// A fake migd on `dir`/fake.sock for `migctl migrate` and `migctl job`:
+/// `info` (web1: 1 GiB, 768 MiB of it in use) and `migrate` answered, then
+/// each `job` poll with the next of `jobs` (the last again and again); with
+/// `close_after_first`, the connection of the first poll is closed after
+/// its reply.
 fn fake_migd(dir: &Path, jobs: Vec<serde_json::Value>, close_after_first: bool) -> PathBuf {
     use std::io::BufRead;
     use std::os::unix::net::UnixListener;
@@ -608,7 +609,8 @@ fn fake_migd(dir: &Path, jobs: Vec<serde_json::Value>, close_after_first: bool) 
                     let req: serde_json::Value = serde_json::from_str(&line).unwrap();
                     let mut first = false;
                     let reply = match req["cmd"].as_str() {
-                        Some("info") => json!({"ok": true, "vm": {"memory": 1 << 20}}),
+                        Some("info") => json!({"ok": true, "vm": {"name": "web1",
+                            "memory": 1u64 << 30, "memory_used": 768u64 << 20}}),
                         Some("migrate") => json!({"ok": true, "job": "job1"}),
                         Some("job") => {
                             let n = polls.fetch_add(1, Ordering::SeqCst);
@@ -701,4 +703,165 @@ fn migctl_migrate_that_moved_nothing_prints_only_its_failure() {
     assert_eq!(code, Some(1), "{stdout}\n{stderr}");
     assert!(stdout.contains("Transferred:    8 MiB"), "{stdout}");
     assert!(stderr.ends_with(&format!("failed: {lost}\n")), "{stderr}");
+}
+
+/// A pre-copy job of web1 (1 GiB, 768 MiB of it in use: the fake's `info`)
+/// in round `round` as the daemon reports it while it runs:
+/// the VM process's live statistics (total time and average bandwidth are
+/// set only at the end), `started` 75 s ago; `link_rate` as given (null:
+/// a VM process that does not report it).
+fn running_job(round: u64, remaining: u64, link_rate: serde_json::Value) -> serde_json::Value {
+    let mib = 1u64 << 20;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let rounds: Vec<_> = (0..round)
+        .map(|_| json!({"pages": 65536, "bytes": 256 * mib, "ms": 533.3, "dirty_rate": 40.0 * mib as f64}))
+        .collect();
+    // Round 0 sends the guest's memory once; the later ones what it dirtied.
+    let sent = if round == 0 { 300 * mib } else { 1126 * mib };
+    json!({"id": "job1", "vm": "web1", "to": "10.0.0.2:7070", "mode": "precopy",
+        "max_downtime_ms": 300, "max_bandwidth": null, "status": "active",
+        "started": now - 75, "ended": null, "error": null,
+        "stats": {"id": "job1", "vm": "web1", "mode": "precopy", "status": "active",
+            "outcome": "", "error": null, "total_ms": 0.0, "setup_ms": 3.2, "downtime_ms": 0.0,
+            "bytes": sent, "pages": {"sent": sent / 4096, "zero": 10240, "resent": 0},
+            "rounds": rounds, "bandwidth_mbps": 0.0, "round": round,
+            "remaining_bytes": remaining,
+            "dirty_rate": if round > 0 { 40.0 * mib as f64 } else { 0.0 },
+            "link_rate": link_rate,
+            "expected_downtime_ms": if round > 0 { 210.3 } else { 0.0 },
+            "max_downtime_ms": 300.0, "stop_reason": "", "streams": 1}})
+}
+
+/// `migctl --socket SOCK job job1 EXTRA...`: status, stdout, stderr.
+fn migctl_job(sock: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(migctl_bin())
+        .arg("--socket")
+        .arg(sock)
+        .args(["job", "job1"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The line of `out` that starts with `key`.
+fn line_of<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_else(|| panic!("no {key} line in:\n{out}"))
+}
+
+/// `migctl job` for a running job shows its progress as `virsh domjobinfo`
+/// does: elapsed time, round, data processed, remaining and total, transfer
+/// and dirty rates, expected downtime, and an ETA from the remaining bytes
+/// and the measured rate, which is `unknown` where the job has measured no
+/// rate (0, or not reported) or nothing remaining yet (round 0): never
+/// invented. Figures set only at the end (total time, average bandwidth:
+/// zeros while it runs) are left out; `--json` is the daemon's job as is;
+/// an ended job keeps its statistics.
+#[test]
+fn migctl_job_shows_a_running_jobs_progress_and_an_honest_eta() {
+    let mib = 1u64 << 20;
+    let dir = scratch("migctl-job-running");
+    let rate = json!(480.0 * mib as f64);
+    let job = running_job(3, 96 * mib, rate.clone());
+    let sock = fake_migd(&dir, vec![job.clone()], false);
+    let (code, out, err) = migctl_job(&sock, &[]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(line_of(&out, "Status:").ends_with(" active"), "{out}");
+    assert!(
+        line_of(&out, "Elapsed:").starts_with("Elapsed:        1 min 1"),
+        "{out}"
+    );
+    assert_eq!(line_of(&out, "Round:"), "Round:          3");
+    assert_eq!(line_of(&out, "Data processed:"), "Data processed: 1.1 GiB");
+    assert_eq!(line_of(&out, "Data remaining:"), "Data remaining: 96 MiB");
+    assert_eq!(
+        line_of(&out, "Data total:"),
+        "Data total:     1 GiB (guest memory)"
+    );
+    assert!(
+        line_of(&out, "Transfer rate:").starts_with("Transfer rate:  480 MiB/s"),
+        "{out}"
+    );
+    assert_eq!(line_of(&out, "Dirty rate:"), "Dirty rate:     40 MiB/s");
+    assert_eq!(
+        line_of(&out, "Exp. downtime:"),
+        "Exp. downtime:  210.3 ms (max 300 ms)"
+    );
+    // 96 MiB at 480 MiB/s.
+    assert!(
+        line_of(&out, "ETA:").starts_with("ETA:            0.2 s"),
+        "{out}"
+    );
+    for end_only in ["Total time:", "Bandwidth:", "Downtime:"] {
+        assert!(!out.contains(end_only), "{end_only}\n{out}");
+    }
+    assert!(out.contains("Rounds:         3"), "{out}");
+    // --json: the daemon's job, unchanged.
+    let (code, out, err) = migctl_job(&sock, &["--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        job
+    );
+
+    // No rate measured (0), or none reported: no ETA, whatever remains.
+    for (tag, rate) in [("zero", json!(0.0)), ("absent", serde_json::Value::Null)] {
+        let dir = scratch(&format!("migctl-job-rate-{tag}"));
+        let sock = fake_migd(&dir, vec![running_job(3, 96 * mib, rate)], false);
+        let (code, out, err) = migctl_job(&sock, &[]);
+        assert_eq!(code, Some(0), "{out}\n{err}");
+        assert_eq!(line_of(&out, "Data remaining:"), "Data remaining: 96 MiB");
+        assert!(
+            line_of(&out, "Transfer rate:").starts_with("Transfer rate:  unknown"),
+            "{tag}: {out}"
+        );
+        assert_eq!(
+            line_of(&out, "ETA:"),
+            "ETA:            unknown (no transfer rate measured yet)",
+            "{tag}"
+        );
+    }
+
+    // Round 0: nothing remaining measured yet (remaining_bytes 0 is no
+    // "done"): the rest is an estimate from the guest memory, said so, and
+    // there is no ETA.
+    let dir = scratch("migctl-job-round0");
+    let sock = fake_migd(&dir, vec![running_job(0, 0, json!(0.0))], false);
+    let (code, out, err) = migctl_job(&sock, &[]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(line_of(&out, "Round:"), "Round:          0");
+    // 768 MiB in use, 300 MiB sent.
+    assert!(
+        line_of(&out, "Data remaining:").starts_with("Data remaining: about 468 MiB (round 0"),
+        "{out}"
+    );
+    assert!(
+        line_of(&out, "ETA:").starts_with("ETA:            unknown"),
+        "{out}"
+    );
+    assert!(
+        line_of(&out, "Exp. downtime:").starts_with("Exp. downtime:  unknown"),
+        "{out}"
+    );
+
+    // Ended: the statistics as before, no progress.
+    let dir = scratch("migctl-job-ended");
+    let sock = fake_migd(&dir, vec![fake_job("completed", None, 8 << 20)], false);
+    let (code, out, err) = migctl_job(&sock, &[]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("Total time:     3.5 ms"), "{out}");
+    assert!(out.contains("Transferred:    8 MiB"), "{out}");
+    for progress in ["Elapsed:", "Round:", "ETA:", "Transfer rate:"] {
+        assert!(!out.contains(progress), "{progress}\n{out}");
+    }
 }

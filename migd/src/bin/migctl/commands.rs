@@ -155,11 +155,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             // RAM takes on the host (`memory_used`), where the daemon knows
             // it, not all of it. It sizes the progress bar until the job
             // says what is left.
-            let memory = vm["memory"].as_u64().unwrap_or(0);
-            let data = vm["memory_used"]
-                .as_u64()
-                .filter(|&u| u > 0)
-                .map_or(memory, |u| u.min(memory));
+            let data = format::vm_data(&vm).unwrap_or(0);
             let r = c.call(&json!({
                 "cmd": "migrate", "name": name, "to": to, "mode": mode,
                 "max_downtime_ms": max_downtime, "max_bandwidth": max_bandwidth, "detach": true,
@@ -196,11 +192,25 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Job { id, json } => {
-            let r = connect()?.call(&json!({"cmd": "job", "id": id}))?;
+            let mut c = connect()?;
+            let mut r = c.call(&json!({"cmd": "job", "id": id}))?;
             if json {
                 print_json(&r["job"]);
             } else {
-                print!("{}", format::job_info(&r["job"]));
+                let job = r["job"].take();
+                // A running job's VM: its memory is the data total, and
+                // what round 0 sends (as for `migrate`'s bar). Without it
+                // (the VM just left), those figures are unknown.
+                let vm = match job["status"].as_str() {
+                    Some(status) if !format::is_final(status) => c
+                        .call(&json!({"cmd": "info", "name": job["vm"]}))
+                        .map_or(Value::Null, |mut r| r["vm"].take()),
+                    _ => Value::Null,
+                };
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                print!("{}", format::job_info(&job, &vm, now));
             }
         }
         Cmd::Cancel { id } => {

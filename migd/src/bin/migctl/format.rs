@@ -222,8 +222,16 @@ pub fn job_table(jobs: &[Value]) -> String {
     table(&["Id", "VM", "To", "Mode", "Status", "Started"], &rows)
 }
 
-/// `migctl job`.
-pub fn job_info(j: &Value) -> String {
+/// Whether a job's `status` is one it ends in (`completed`, `failed`, `cancelled`).
+pub fn is_final(status: &str) -> bool {
+    matches!(status, "completed" | "failed" | "cancelled")
+}
+
+/// `migctl job`: the job, then its statistics. A job still running (its
+/// `status` not final) gets its progress first, as `virsh domjobinfo` has
+/// it, from `vm` (the VM object of `info`, or null) for the guest's memory
+/// and `now` (unix seconds) for the time elapsed.
+pub fn job_info(j: &Value, vm: &Value, now: u64) -> String {
     let mut s = String::new();
     kv(&mut s, "Job", opt(&j["id"]));
     kv(&mut s, "VM", opt(&j["vm"]));
@@ -235,15 +243,146 @@ pub fn job_info(j: &Value) -> String {
     if !j["error"].is_null() {
         kv(&mut s, "Error", opt(&j["error"]));
     }
-    s.push_str(&job_stats(j));
+    if j["status"].as_str().is_some_and(|st| !is_final(st)) {
+        s.push_str(&progress(j, vm, now));
+        s.push_str(&stats_with_cap(
+            &j["stats"],
+            j["max_bandwidth"].as_u64(),
+            true,
+        ));
+    } else {
+        s.push_str(&job_stats(j));
+    }
     s
+}
+
+/// A running job's progress: elapsed time, round, data processed,
+/// remaining and total, transfer and dirty rates, expected downtime, ETA.
+/// A figure the job has not measured yet is `unknown`, never a guess shown
+/// as a measurement: the ETA only from a measured remainder and rate.
+fn progress(j: &Value, vm: &Value, now: u64) -> String {
+    const UNKNOWN: &str = "unknown (no round has measured it yet)";
+    let mut s = String::new();
+    let st = &j["stats"];
+    let status = j["status"].as_str().unwrap_or("");
+    let postcopy = status.starts_with("postcopy");
+    let round = st["round"].as_u64().unwrap_or(0);
+    let sent = st["bytes"].as_u64().unwrap_or(0);
+    let link_rate = st["link_rate"].as_f64().filter(|r| *r > 0.0);
+    let remaining = remaining(st);
+    let elapsed = j["started"]
+        .as_u64()
+        .map_or("-".into(), |t| duration(now.saturating_sub(t) as f64));
+    kv(&mut s, "Elapsed", elapsed);
+    if postcopy {
+        kv(
+            &mut s,
+            "Round",
+            format!("{round} pre-copy round(s), then post-copy"),
+        );
+    } else {
+        kv(&mut s, "Round", round);
+    }
+    kv(&mut s, "Data processed", bytes(sent));
+    let remaining_text = match remaining {
+        Some(r) => bytes(r),
+        // Round 0 sends the memory that holds data (as `migrate`'s bar
+        // counts): an estimate, said so, and none once it is overrun.
+        None => match vm_data(vm).map(|data| data.saturating_sub(sent)) {
+            Some(rest) if rest > 0 => format!(
+                "about {} (round 0: the guest memory that holds data, less what was sent)",
+                bytes(rest)
+            ),
+            _ => "unknown (measured at the end of round 0)".into(),
+        },
+    };
+    kv(&mut s, "Data remaining", remaining_text);
+    let total = vm["memory"]
+        .as_u64()
+        .map_or("unknown".into(), |m| format!("{} (guest memory)", bytes(m)));
+    kv(&mut s, "Data total", total);
+    let speed = link_rate.map_or(UNKNOWN.into(), |r| {
+        format!("{} (the link, as the rounds measured it)", rate(r))
+    });
+    kv(&mut s, "Transfer rate", speed);
+    let dirty = match st["dirty_rate"].as_f64() {
+        Some(r) if round > 0 || r > 0.0 => rate(r),
+        _ => UNKNOWN.into(),
+    };
+    // Post-copy has moved the guest already: it dirties nothing here any
+    // more, and its downtime is measured (the statistics below have it).
+    if !postcopy {
+        kv(&mut s, "Dirty rate", dirty);
+        let expected = match st["expected_downtime_ms"].as_f64() {
+            Some(e) if e > 0.0 => format!(
+                "{} (max {} ms)",
+                ms(&st["expected_downtime_ms"]),
+                opt(&j["max_downtime_ms"])
+            ),
+            _ => UNKNOWN.into(),
+        };
+        kv(&mut s, "Exp. downtime", expected);
+    }
+    let eta = match (remaining, link_rate) {
+        _ if status == "postcopy-paused" => "unknown (the link is lost; reconnecting)".into(),
+        (Some(r), Some(speed)) => format!(
+            "{} (remaining at the transfer rate)",
+            duration(r as f64 / speed)
+        ),
+        (None, _) => "unknown (nothing remaining measured yet)".into(),
+        (Some(_), None) => "unknown (no transfer rate measured yet)".into(),
+    };
+    kv(&mut s, "ETA", eta);
+    s
+}
+
+/// What a job has left to send by its statistics `st`: `remaining_bytes`
+/// once a round has read the dirty log or the post-copy phase has counted
+/// its pages (`pages.expected`), 0 included; None before that, in round 0,
+/// whose rest the job does not measure.
+pub fn remaining(st: &Value) -> Option<u64> {
+    let remaining = st["remaining_bytes"].as_u64().unwrap_or(0);
+    let known =
+        st["round"].as_u64().unwrap_or(0) > 0 || st["pages"]["expected"].as_u64().unwrap_or(0) > 0;
+    (remaining > 0 || known).then_some(remaining)
+}
+
+/// What round 0 of a migration of VM `vm` (the object of `info`) sends:
+/// the host memory its guest RAM takes (`memory_used`), where the daemon
+/// knows it, else all of its memory; None without `memory`.
+pub fn vm_data(vm: &Value) -> Option<u64> {
+    let memory = vm["memory"].as_u64()?;
+    Some(
+        vm["memory_used"]
+            .as_u64()
+            .filter(|&u| u > 0)
+            .map_or(memory, |u| u.min(memory)),
+    )
+}
+
+/// A span of time: `0.4 s`, `12 s`, `3 min 05 s`, `2 h 07 min`.
+pub fn duration(secs: f64) -> String {
+    let secs = secs.max(0.0);
+    if secs < 59.95 {
+        if secs.fract() == 0.0 {
+            format!("{secs:.0} s")
+        } else {
+            format!("{secs:.1} s")
+        }
+    } else if secs < 3599.5 {
+        let s = secs.round() as u64;
+        format!("{} min {:02} s", s / 60, s % 60)
+    } else {
+        let m = (secs / 60.0).round() as u64;
+        format!("{} h {:02} min", m / 60, m % 60)
+    }
 }
 
 /// A job's statistics, with the bandwidth cap it ran under (the job's own:
 /// `migrate --max-bandwidth`, or what `migrate-set` changed it to), which
 /// the job object has beside them.
 pub fn job_stats(j: &Value) -> String {
-    stats_with_cap(&j["stats"], j["max_bandwidth"].as_u64())
+    stats_with_cap(&j["stats"], j["max_bandwidth"].as_u64(), false)
 }
 
 fn ms(v: &Value) -> String {
@@ -260,19 +399,32 @@ pub fn rate(bytes_per_s: f64) -> String {
 /// The statistics object of a migration, as a block of lines.
 #[cfg(test)]
 pub fn stats(st: &Value) -> String {
-    stats_with_cap(st, None)
+    stats_with_cap(st, None, false)
 }
 
 /// [`stats`], with the bandwidth cap `cap` (bytes/s) after the bandwidth.
-fn stats_with_cap(st: &Value, cap: Option<u64>) -> String {
+/// For a job still `running`, without what is set only at its end (total
+/// time, average bandwidth: [`progress`] has the elapsed time and the
+/// transfer rate instead), the bytes [`progress`] shows already, and the
+/// setup time and downtime until they are measured.
+fn stats_with_cap(st: &Value, cap: Option<u64>, running: bool) -> String {
     let mut s = String::new();
     if !st.is_object() {
         return s;
     }
-    kv(&mut s, "Total time", ms(&st["total_ms"]));
-    kv(&mut s, "Setup time", ms(&st["setup_ms"]));
-    kv(&mut s, "Downtime", ms(&st["downtime_ms"]));
-    kv(&mut s, "Transferred", bytes_of(&st["bytes"]));
+    let unmeasured = |v: &Value| running && v.as_f64().unwrap_or(0.0) <= 0.0;
+    if !running {
+        kv(&mut s, "Total time", ms(&st["total_ms"]));
+    }
+    if !unmeasured(&st["setup_ms"]) {
+        kv(&mut s, "Setup time", ms(&st["setup_ms"]));
+    }
+    if !unmeasured(&st["downtime_ms"]) {
+        kv(&mut s, "Downtime", ms(&st["downtime_ms"]));
+    }
+    if !running {
+        kv(&mut s, "Transferred", bytes_of(&st["bytes"]));
+    }
     let p = &st["pages"];
     kv(
         &mut s,
@@ -366,7 +518,7 @@ fn stats_with_cap(st: &Value, cap: Option<u64>) -> String {
             ),
         );
     }
-    if let Some(b) = st["bandwidth_mbps"].as_f64() {
+    if let Some(b) = st["bandwidth_mbps"].as_f64().filter(|_| !running) {
         kv(&mut s, "Bandwidth", format!("{b:.1} Mbit/s"));
     }
     if let Some(cap) = cap {
@@ -668,6 +820,61 @@ mod tests {
             with_hint("a VM named web1 already exists"),
             "a VM named web1 already exists"
         );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration(0.0), "0 s");
+        assert_eq!(duration(0.2), "0.2 s");
+        assert_eq!(duration(12.0), "12 s");
+        assert_eq!(duration(59.96), "1 min 00 s");
+        assert_eq!(duration(75.0), "1 min 15 s");
+        assert_eq!(duration(3599.4), "59 min 59 s");
+        assert_eq!(duration(3599.6), "1 h 00 min");
+        assert_eq!(duration(7620.0), "2 h 07 min");
+        assert_eq!(duration(-1.0), "0 s");
+    }
+
+    #[test]
+    fn a_post_copy_job_has_no_pre_copy_figures_and_no_eta_while_its_link_is_lost() {
+        let mib = 1u64 << 20;
+        let mut j = json!({"id": "job2", "status": "postcopy-active", "started": 100,
+            "max_downtime_ms": 300, "stats": {"round": 2, "bytes": 300 * mib,
+            "remaining_bytes": 64 * mib, "pages": {"expected": 16384},
+            "link_rate": 128.0 * mib as f64, "dirty_rate": 8.0 * mib as f64,
+            "expected_downtime_ms": 40.0, "downtime_ms": 12.5}});
+        let t = job_info(&j, &Value::Null, 110);
+        assert!(t.contains("Elapsed:        10 s\n"), "{t}");
+        assert!(
+            t.contains("Round:          2 pre-copy round(s), then post-copy\n"),
+            "{t}"
+        );
+        assert!(t.contains("Data total:     unknown\n"), "{t}");
+        assert!(t.contains("ETA:            0.5 s (remaining at"), "{t}");
+        assert!(t.contains("Downtime:       12.5 ms\n"), "{t}");
+        assert!(
+            !t.contains("Exp. downtime") && !t.contains("Dirty rate"),
+            "{t}"
+        );
+        j["status"] = json!("postcopy-paused");
+        let t = job_info(&j, &Value::Null, 110);
+        assert!(
+            t.contains("ETA:            unknown (the link is lost; reconnecting)\n"),
+            "{t}"
+        );
+        // Set up, nothing sent: all unknown, no zeros shown as measured.
+        let j = json!({"id": "job3", "status": "setup", "started": 100,
+            "stats": {"round": 0, "bytes": 0, "remaining_bytes": 0, "setup_ms": 0.0,
+                      "downtime_ms": 0.0, "total_ms": 0.0, "bandwidth_mbps": 0.0}});
+        let t = job_info(&j, &Value::Null, 100);
+        assert!(
+            t.contains("Data remaining: unknown (measured at the end of round 0)\n"),
+            "{t}"
+        );
+        assert!(t.contains("ETA:            unknown"), "{t}");
+        for zero in ["Setup time", "Downtime:", "Total time", "Bandwidth:"] {
+            assert!(!t.contains(zero), "{zero}: {t}");
+        }
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub fn wait(socket: &Path, id: &str, memory: u64, as_json: bool) -> Result<ExitC
         answered = Instant::now();
         let job = r["job"].clone();
         let status = job["status"].as_str().unwrap_or("");
-        if matches!(status, "completed" | "failed" | "cancelled") {
+        if format::is_final(status) {
             break job;
         }
         update(&bar, &job, memory, &mut rate);
@@ -130,19 +130,12 @@ impl Rate {
     }
 }
 
-/// What is left to send, from the job's statistics `st`: `remaining_bytes`
-/// once a round has read the dirty log or the post-copy phase has counted
-/// its pages (`pages.expected`), 0 included; before that, in round 0,
-/// `memory` less what was sent.
+/// What is left to send, from the job's statistics `st`: what the job
+/// measured ([`format::remaining`]); before that, in round 0, `memory` less
+/// what was sent.
 fn left(st: &Value, memory: u64) -> u64 {
-    let remaining = st["remaining_bytes"].as_u64().unwrap_or(0);
-    let known =
-        st["round"].as_u64().unwrap_or(0) > 0 || st["pages"]["expected"].as_u64().unwrap_or(0) > 0;
-    if remaining > 0 || known {
-        remaining
-    } else {
-        memory.saturating_sub(st["bytes"].as_u64().unwrap_or(0))
-    }
+    format::remaining(st)
+        .unwrap_or_else(|| memory.saturating_sub(st["bytes"].as_u64().unwrap_or(0)))
 }
 
 /// Round, transferred/remaining, dirty rate, bandwidth, ETA.
@@ -158,7 +151,7 @@ fn update(bar: &ProgressBar, job: &Value, memory: u64, rate: &mut Rate) {
         s.set_pos(sent);
     });
     let eta = if bandwidth > 0.0 && left > 0 {
-        format!("{:.1}s", left as f64 / bandwidth)
+        format::duration(left as f64 / bandwidth)
     } else {
         "-".into()
     };
