@@ -643,6 +643,40 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     assert_eq!(b.ok(&["list", "--json"]).trim(), "[]");
     let n = console_a.wait_heartbeats(n, 1, Duration::from_secs(20));
 
+    // A slow migration whose incoming VM is destroyed on the destination:
+    // the source says why (not "broken pipe"), and the VM stays here.
+    let job = a.ok(&[
+        "migrate",
+        "mig1",
+        "--to",
+        &to,
+        "--max-bandwidth",
+        "1M",
+        "--detach",
+    ]);
+    let job = job.trim();
+    // Once pages flow (the VM process on B answers on its control socket).
+    a.poll_json(
+        &["job", job, "--json"],
+        "no page sent",
+        Duration::from_secs(20),
+        |j| j["stats"]["bytes"].as_u64().unwrap_or(0) > 0,
+    );
+    b.ok(&["destroy", "mig1"]);
+    let j = a.wait_job(job, Duration::from_secs(20));
+    assert_eq!(j["status"], "failed", "{j}");
+    let error = j["stats"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(
+            "the destination gave up the incoming VM: stop requested (destroyed by the operator)"
+        ),
+        "{j}"
+    );
+    let info: Value = serde_json::from_str(&a.ok(&["info", "mig1", "--json"])).unwrap();
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(b.ok(&["list", "--json"]).trim(), "[]");
+    let n = console_a.wait_heartbeats(n, 1, Duration::from_secs(20));
+
     let e = a.fails(&["migrate", "mig1", "--to", &to, "--streams", "0"]);
     assert!(e.contains("streams must be between 1 and 16, got 0"), "{e}");
     // A crowd of silent connections on B's migration port, more than the

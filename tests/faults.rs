@@ -317,6 +317,12 @@ fn destination_stopped_before_the_vm_arrives() {
     assert_eq!(dst.wait(Duration::from_secs(10)), 1);
     let r = src.wait_migration();
     assert_eq!(r["status"], "failed", "{r}");
+    // The source is told why, not only that its sends broke.
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the destination gave up the incoming VM: SIGTERM"),
+        "{r}"
+    );
     assert_source_runs(&src, "receiving-term");
     assert_eq!(src.terminate(), 0);
 }

@@ -306,6 +306,17 @@ pub fn run(args: RunArgs) -> Result<i32> {
     // -incoming does): the source waits for it otherwise, ~10 ms here.
     // Its control socket appears once it is built, so that whoever waits
     // for the socket before starting the migration finds the VM ready.
+    // A source handed over by the daemon is connected already: a stop
+    // while the VM is built tells it why.
+    let handed_over = match args.incoming_fd {
+        Some(fd) => {
+            let link = import_incoming(fd, args.incoming_link_fd)?;
+            let abandon = migration::incoming::Abandon::new(&link)?;
+            arrival.receiving(Some(abandon.clone()));
+            Some((link, abandon))
+        }
+        None => None,
+    };
     let prepared = if args.incoming.is_some() || args.incoming_fd.is_some() {
         Some(
             vmm::Vm::prepare(
@@ -324,31 +335,21 @@ pub fn run(args: RunArgs) -> Result<i32> {
     slow_start_for_tests();
     let incoming = match (&args.incoming, args.incoming_fd) {
         (Some(_), _) => match &incoming_listener {
-            Some(l) => Some(accept_incoming(l, &args)?),
+            Some(l) => {
+                let link = accept_incoming(l, &args)?;
+                let abandon = migration::incoming::Abandon::new(&link)?;
+                arrival.receiving(Some(abandon.clone()));
+                Some((link, abandon))
+            }
             None => None,
         },
-        (None, Some(fd)) => {
-            // SAFETY: the daemon passed this descriptor to us for exactly this use.
-            let tcp = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-            let state = match args.incoming_link_fd {
-                Some(sfd) => {
-                    // SAFETY: as above: the daemon's pipe with the TLS session.
-                    let mut p = unsafe { std::fs::File::from_raw_fd(sfd) };
-                    let mut b = Vec::new();
-                    std::io::Read::read_to_end(&mut p, &mut b)
-                        .context("reading the TLS session from the daemon")?;
-                    Some(b)
-                }
-                None => None,
-            };
-            Some(link::Link::import(tcp, state.as_deref()).context("the incoming link")?)
-        }
+        (None, Some(_)) => handed_over,
         (None, None) => None,
     };
-    let (vm, mut takeover) = if let (Some(stream), Some(prepared)) = (incoming, prepared) {
-        arrival.receiving();
+    let (vm, mut takeover) = if let (Some((stream, abandon)), Some(prepared)) = (incoming, prepared)
+    {
         let (vm, stats) =
-            migration::incoming::receive(stream, prepared, tls(), &|| arrival.running())
+            migration::incoming::receive(stream, prepared, tls(), &|| arrival.running(), &abandon)
                 .context("incoming migration")?;
         arrival.running();
         if let Some(path) = &args.arrived_file {
@@ -397,7 +398,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         }
         (vm, None)
     } else if let Some(sock) = &args.takeover {
-        arrival.receiving();
+        arrival.receiving(None);
         let (vm, link) = take_over(sock, args.serial.as_deref(), &|| arrival.running())?;
         (vm, Some(link))
     } else {
@@ -637,6 +638,25 @@ fn slow_start_for_tests() {
 /// A client whose handshake fails (a port scanner, a peer that is not a
 /// migd source, a TLS failure, a source refused for its size) is logged and
 /// dropped, and the next one is awaited: nothing of the VM was touched yet.
+/// The link the daemon handed over: the socket `fd`, and the TLS session
+/// from the pipe `state_fd`, if any.
+fn import_incoming(fd: i32, state_fd: Option<i32>) -> Result<link::Link> {
+    // SAFETY: the daemon passed this descriptor to us for exactly this use.
+    let tcp = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let state = match state_fd {
+        Some(sfd) => {
+            // SAFETY: as above: the daemon's pipe with the TLS session.
+            let mut p = unsafe { std::fs::File::from_raw_fd(sfd) };
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut p, &mut b)
+                .context("reading the TLS session from the daemon")?;
+            Some(b)
+        }
+        None => None,
+    };
+    link::Link::import(tcp, state.as_deref()).context("the incoming link")
+}
+
 fn accept_incoming(listener: &std::net::TcpListener, args: &RunArgs) -> Result<link::Link> {
     tracing::info!(addr = ?listener.local_addr().ok(), "waiting for an incoming migration");
     loop {
@@ -1071,7 +1091,16 @@ fn serve_client(stream: UnixStream, tx: Sender<Event>, arrival: Arc<Arrival>) {
                 _ => json!({"ok": false, "error": "the VM is still arriving"}),
             };
             let _ = handover::send_line(&mut s, &reply);
-            if cmd == Some("stop") && !arrival.stop_unless_arrived("stop requested") {
+            // Why, as the daemon says it ("destroyed by the operator"), for
+            // the source of a migration given up.
+            let why = match req.get("why").and_then(|w| w.as_str()) {
+                Some(w) => format!(
+                    "stop requested ({})",
+                    w.chars().take(200).collect::<String>()
+                ),
+                None => "stop requested".to_string(),
+            };
+            if cmd == Some("stop") && !arrival.stop_unless_arrived(&why) {
                 // It arrived in between: the main loop stops it (as it
                 // would on SIGTERM, without a second reply).
                 let _ = tx.send(Event::Signal(Signal::SIGTERM));

@@ -4,8 +4,9 @@
 use link::{Link, TlsSetup};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::Shutdown;
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -43,7 +44,103 @@ pub struct IncomingStats {
 /// source is told: from then on the VM is this side's to run (a stop must
 /// not end the arrival in between), and whoever reports this VM's state
 /// never lags behind the source.
+///
+/// A stop through `abandon` before `Go` ends it with [`Error::Cancelled`],
+/// the source told why.
 pub fn receive(
+    stream: Link,
+    prepared: PreparedVm,
+    tls: Option<&TlsSetup>,
+    on_running: &dyn Fn(),
+    abandon: &Abandon,
+) -> Result<(Vm, IncomingStats)> {
+    if !abandon.begin() {
+        return Err(Error::Cancelled);
+    }
+    let out = stream.try_clone().ok();
+    let result = receive_vm(stream, prepared, tls, on_running);
+    match (result, abandon.reason()) {
+        (Err(e), Some(why)) => {
+            tracing::debug!("receiving ended by the stop: {e}");
+            send_reason(&mut { out }, &why);
+            Err(Error::Cancelled)
+        }
+        (r, _) => r,
+    }
+}
+
+/// Gives up an incoming migration from another thread (a stop before the
+/// VM arrived), so that the source learns why rather than only that the
+/// connection broke. Before [`receive`] runs, the source is told at once;
+/// while it runs, the reading side of the main connection is shut, which
+/// ends its wait for the source, and `receive` tells the source.
+#[derive(Clone)]
+pub struct Abandon {
+    inner: Arc<AbandonInner>,
+}
+
+struct AbandonInner {
+    /// Whether `receive` has begun, and the reason given, if any.
+    state: Mutex<(bool, Option<String>)>,
+    link: Link,
+}
+
+impl Abandon {
+    /// For the migration arriving on `link`.
+    pub fn new(link: &Link) -> Result<Self> {
+        let link = link.try_clone().map_err(io_err("socket"))?;
+        Ok(Self {
+            inner: Arc::new(AbandonInner {
+                state: Mutex::new((false, None)),
+                link,
+            }),
+        })
+    }
+
+    /// Gives the migration up for `why` (the first reason given is kept).
+    /// True when [`receive`] tells the source, as it ends (the caller may
+    /// wait for that); false when the source was told here.
+    pub fn abandon(&self, why: &str) -> bool {
+        let mut state = self.state();
+        if state.1.is_some() {
+            return state.0;
+        }
+        state.1 = Some(why.to_string());
+        if state.0 {
+            let _ = self.inner.link.shutdown(Shutdown::Read);
+        } else {
+            // Nothing else writes to the link before `receive` begins.
+            send_reason(&mut self.inner.link.try_clone().ok(), why);
+        }
+        state.0
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, (bool, Option<String>)> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `receive` as begun; false if the migration was given up already.
+    fn begin(&self) -> bool {
+        let mut state = self.state();
+        state.0 = true;
+        state.1.is_none()
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.state().1.clone()
+    }
+}
+
+/// Tells the source why this side gives the migration up (best effort).
+fn send_reason(out: &mut Option<Link>, why: &str) {
+    if let Some(out) = out {
+        let reason = format!("the destination gave up the incoming VM: {why}");
+        let _ = wire::write_control(out, &Message::Cancel { reason });
+        let _ = out.flush();
+    }
+}
+
+fn receive_vm(
     stream: Link,
     prepared: PreparedVm,
     tls: Option<&TlsSetup>,

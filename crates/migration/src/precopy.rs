@@ -214,6 +214,10 @@ const DRAIN_DONE: u64 = 64 << 10;
 const DRAIN_MAX: Duration = Duration::from_secs(2);
 const DRAIN_STUCK: Duration = Duration::from_millis(200);
 
+/// How long a failed send looks for the destination's reason (see
+/// [`cut_links_on_failure`]).
+const PEER_REASON_WAIT: Duration = Duration::from_millis(300);
+
 /// Shared live view of a migration, for status queries and cancel.
 #[derive(Default)]
 pub struct Job {
@@ -330,6 +334,29 @@ impl Job {
         } else {
             None
         }
+    }
+
+    /// The destination's reason for giving up, where it said so: a `Cancel`
+    /// among the messages waiting on the main connection (the first one
+    /// registered), read within [`PEER_REASON_WAIT`].
+    fn peer_reason(&self) -> Option<String> {
+        let main = self
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first()?
+            .try_clone();
+        let mut main = main.ok()?;
+        main.set_read_timeout(Some(PEER_REASON_WAIT)).ok()?;
+        let until = Instant::now() + PEER_REASON_WAIT;
+        while Instant::now() < until {
+            match wire::expect_control(&mut main, "Cancel") {
+                Ok(Message::Cancel { reason }) => return Some(reason),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
     }
 
     /// Shuts down the migration's connections, as a lost link would (fault
@@ -1643,8 +1670,7 @@ fn run(
 ) -> Result<Outcome> {
     std::thread::scope(|scope| {
         let r = run_in(scope, vm, params, job, start, paused_at);
-        cut_links_on_failure(job, &r);
-        r
+        cut_links_on_failure(job, r)
     })
 }
 
@@ -1652,10 +1678,22 @@ fn run(
 /// page stream workers (multifd) stop at once rather than send what they
 /// hold queued before the scope that runs them can end (with the VM
 /// possibly paused, waiting for that).
-pub(crate) fn cut_links_on_failure<T>(job: &Job, r: &Result<T>) {
-    if r.is_err() && !job.is_committed() {
-        job.cut_links();
+///
+/// A send that failed because the destination gave up says only "broken
+/// pipe": where the destination said why (a `Cancel` waiting on the main
+/// connection), the error becomes its reason.
+pub(crate) fn cut_links_on_failure<T>(job: &Job, r: Result<T>) -> Result<T> {
+    if r.is_ok() || job.is_committed() {
+        return r;
     }
+    let r = match r {
+        Err(e @ (Error::Io { .. } | Error::Wire(wire::WireError::Io(_)))) => {
+            Err(job.peer_reason().map_or(e, Error::PeerCancelled))
+        }
+        r => r,
+    };
+    job.cut_links();
+    r
 }
 
 /// [`run`], with the page stream threads (multifd) on `scope`.

@@ -780,7 +780,7 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
     }
     // Written: the VM process has stopped, or stops now.
     if !vmproc::wait_gone(pid, Duration::from_secs(10)).await {
-        if let Err(e) = vmproc::stop(&state::control_path(&dir), pid, false).await {
+        if let Err(e) = vmproc::stop(&state::control_path(&dir), pid, false, "saved").await {
             tracing::warn!("after the save: {e:#}");
         }
     }
@@ -1055,7 +1055,14 @@ async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
     };
     let dir = d.vm_dir(name);
     if let Some(pid) = pid {
-        let stopped = match vmproc::stop(&state::control_path(&dir), pid, force).await {
+        let stopped = match vmproc::stop(
+            &state::control_path(&dir),
+            pid,
+            force,
+            "destroyed by the operator",
+        )
+        .await
+        {
             Err(e) => Err(anyhow::anyhow!("VM '{name}' not destroyed: {e:#}")),
             Ok(()) if vmproc::alive(pid) => Err(anyhow::anyhow!(
                 "VM process {pid} of '{name}' does not stop"

@@ -592,7 +592,7 @@ async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<St
     if status == "completed" {
         let dir = d.vm_dir(vm);
         let stopped = match pid {
-            Some(pid) => vmproc::stop(&state::control_path(&dir), pid, false).await,
+            Some(pid) => vmproc::stop(&state::control_path(&dir), pid, false, "migrated").await,
             None => Ok(()),
         };
         match stopped {

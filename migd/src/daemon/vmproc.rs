@@ -303,8 +303,8 @@ pub async fn wait_gone(pid: u32, timeout: Duration) -> bool {
 /// so. A process still there after SIGTERM that answers is finishing such
 /// work (SIGTERM stops it once that ends): it is left running too, and only
 /// one that does not answer any more is killed (or any, with `force`).
-pub async fn stop(sock: &Path, pid: u32, force: bool) -> Result<()> {
-    let req = json!({"cmd": "stop", "force": force});
+pub async fn stop(sock: &Path, pid: u32, force: bool, why: &str) -> Result<()> {
+    let req = json!({"cmd": "stop", "force": force, "why": why});
     match vm_request(sock, &req, Duration::from_secs(3)).await {
         Ok(r) if r["ok"] == false => {
             bail!(

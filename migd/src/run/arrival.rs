@@ -3,11 +3,13 @@
 //! resume the VM, that is until this side has read the source's `Go` (from
 //! then on the source never resumes it on its own, and the VM is this
 //! side's to run): nothing is half-written, since the VM's memory is the
-//! process's own. Without this a `migd run --incoming` waiting for its source ignored
+//! process's own. A source already connected is told why, in a `Cancel`. Without this a `migd run --incoming` waiting for its source ignored
 //! SIGTERM (its signals are taken by a thread that starts with the VM).
 
+use migration::incoming::Abandon;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// Where an incoming VM is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,7 +27,14 @@ pub struct Arrival {
     phase: Mutex<Phase>,
     /// The control socket, removed on the way out.
     control: Option<PathBuf>,
+    /// While receiving a migration: the way to tell its source why it is
+    /// given up.
+    abandon: Mutex<Option<Abandon>>,
 }
+
+/// How long a stop while receiving waits for the source to be told why,
+/// before the process exits regardless.
+const TELL_SOURCE_WAIT: Duration = Duration::from_secs(2);
 
 impl Arrival {
     /// `incoming`: whether the VM arrives by migration (otherwise it is
@@ -38,6 +47,7 @@ impl Arrival {
                 Phase::Running
             }),
             control,
+            abandon: Mutex::new(None),
         }
     }
 
@@ -51,11 +61,13 @@ impl Arrival {
         *self.phase() != Phase::Running
     }
 
-    /// A source has connected and is sending the VM.
-    pub fn receiving(&self) {
+    /// A source has connected and is sending the VM; `abandon`, where
+    /// given, tells it why a stop gives the migration up.
+    pub fn receiving(&self, abandon: Option<Abandon>) {
         let mut p = self.phase();
         if *p == Phase::Waiting {
             *p = Phase::Receiving;
+            *self.abandon.lock().unwrap_or_else(|e| e.into_inner()) = abandon;
         }
     }
 
@@ -86,6 +98,18 @@ impl Arrival {
         if let Some(c) = &self.control {
             let _ = std::fs::remove_file(c);
         }
+        let abandon = self
+            .abandon
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(a) = abandon {
+            // The receiver tells the source and fails; its failure ends the
+            // process (this lock keeps it from running the VM meanwhile).
+            if a.abandon(why) {
+                std::thread::sleep(TELL_SOURCE_WAIT);
+            }
+        }
         std::process::exit(code)
     }
 }
@@ -101,12 +125,12 @@ mod tests {
         assert!(!a.stop_unless_arrived("test"));
         let a = Arrival::new(true, None);
         assert!(a.arriving());
-        a.receiving();
+        a.receiving(None);
         assert!(a.arriving());
         a.running();
         assert!(!a.arriving());
         // Once running, a late `receiving` does not turn it back.
-        a.receiving();
+        a.receiving(None);
         assert!(!a.stop_unless_arrived("test"));
     }
 }

@@ -533,8 +533,7 @@ fn run(
 ) -> Result<Outcome> {
     std::thread::scope(|scope| {
         let r = run_in(scope, vm, params, job, start, paused_at, hybrid);
-        precopy::cut_links_on_failure(job, &r);
-        r
+        precopy::cut_links_on_failure(job, r)
     })
 }
 
