@@ -419,9 +419,16 @@ fn daemon_vm_lifecycle_survives_a_daemon_restart() {
 
     // Pause stops the heartbeats; resume brings them back.
     let n = console.wait_heartbeats(0, 1, Duration::from_secs(20));
-    assert!(d.ok(&["pause", "web1"]).contains("paused"));
+    let out = d.ok(&["pause", "web1"]);
+    assert!(
+        out.contains("paused (") && !out.contains("already"),
+        "{out}"
+    );
     let info: Value = serde_json::from_str(&d.ok(&["info", "web1", "--json"])).unwrap();
     assert_eq!(info["state"], "paused");
+    // Pausing a paused VM changes nothing, and says so (no error: as QEMU).
+    let out = d.ok(&["pause", "web1"]);
+    assert!(out.contains("VM web1 was already paused"), "{out}");
     std::thread::sleep(Duration::from_millis(1500));
     let frozen = console.last_heartbeat().unwrap_or(n);
     std::thread::sleep(Duration::from_millis(1500));
@@ -430,8 +437,12 @@ fn daemon_vm_lifecycle_survives_a_daemon_restart() {
         frozen,
         "heartbeats while paused"
     );
-    d.ok(&["resume", "web1"]);
+    let out = d.ok(&["resume", "web1"]);
+    assert_eq!(out.trim(), "VM web1 resumed");
     let n = console.wait_heartbeats(frozen, 1, Duration::from_secs(20));
+    let r = d.request(json!({"cmd": "resume", "name": "web1"}));
+    assert_eq!(r["changed"], false, "{r}");
+    assert_eq!(r["state"], "running", "{r}");
 
     // The daemon goes; the VM stays; a new daemon adopts it.
     assert_eq!(d.terminate(), 0);

@@ -1597,7 +1597,12 @@ fn handle_control(
             // The answer of the last save that ended (its process still running).
             "last_save": mig.last_save,
         })),
-        "pause" => Ok(json!({"ok": true, "pause_us": vm.pause().as_micros() as u64})),
+        // Already so: nothing changes, and the reply says it (as QEMU's
+        // stop and cont, it is no error).
+        "pause" if !vm.is_running() => Ok(json!({"ok": true, "changed": false})),
+        "pause" => {
+            Ok(json!({"ok": true, "changed": true, "pause_us": vm.pause().as_micros() as u64}))
+        }
         "resume" => {
             let force = req.get("force").and_then(|f| f.as_bool()).unwrap_or(false);
             match mig.check_confirmed() {
@@ -1606,8 +1611,9 @@ fn handle_control(
                     if let Some(why) = mig.unconfirmed.take() {
                         tracing::warn!(unconfirmed = %why, "resumed here by force");
                     }
+                    let changed = !vm.is_running();
                     vm.resume();
-                    Ok(json!({"ok": true}))
+                    Ok(json!({"ok": true, "changed": changed}))
                 }
             }
         }

@@ -461,7 +461,7 @@ async fn pause_resume(d: &Daemon, name: &str, cmd: &str, force: bool) -> Result<
         }
     }
     tracing::info!(vm = name, "{cmd}d");
-    let mut reply = json!({"ok": true, "name": name, "state": new});
+    let mut reply = json!({"ok": true, "name": name, "state": new, "changed": r["changed"]});
     if let Some(us) = r.get("pause_us") {
         reply["pause_us"] = us.clone();
     }

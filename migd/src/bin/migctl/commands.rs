@@ -107,6 +107,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Pause { name } => {
             let r = connect()?.call(&json!({"cmd": "pause", "name": name}))?;
             match r["pause_us"].as_u64() {
+                _ if r["changed"] == false => println!("VM {name} was already paused"),
                 Some(us) => println!("VM {name} paused ({us} µs)"),
                 None => println!("VM {name} paused"),
             }
@@ -123,8 +124,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Resume { name, force } => {
-            connect()?.call(&json!({"cmd": "resume", "name": name, "force": force}))?;
-            println!("VM {name} resumed");
+            let r = connect()?.call(&json!({"cmd": "resume", "name": name, "force": force}))?;
+            if r["changed"] == false {
+                println!("VM {name} was already running");
+            } else {
+                println!("VM {name} resumed");
+            }
         }
         Cmd::Destroy { name, force } => {
             connect()?.call(&json!({"cmd": "destroy", "name": name, "force": force}))?;
