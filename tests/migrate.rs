@@ -863,7 +863,16 @@ fn a_failure_after_the_commit_leaves_the_source_paused() {
         return;
     }
     let dir = scratch("migrate-after-go");
-    let src = VmProcess::boot(&dir, "src", "workload=dirty:8:4", "256M", 1);
+    // The commit is noted in this file (a daemon reads it if the process dies).
+    let note = dir.join("src.unconfirmed");
+    let src = VmProcess::boot_with(
+        &dir,
+        "src",
+        "workload=dirty:8:4",
+        "256M",
+        1,
+        &["--unconfirmed-file", note.to_str().unwrap()],
+    );
     src.console
         .wait_for("WORKLOAD READY", Duration::from_secs(60));
     let (stats, dst) = migrate_to_new(
@@ -882,6 +891,8 @@ fn a_failure_after_the_commit_leaves_the_source_paused() {
         .as_str()
         .unwrap()
         .contains("after the commit"));
+    let noted = std::fs::read_to_string(&note).unwrap();
+    assert!(noted.contains("the destination may run it"), "{noted}");
     assert_eq!(dst.request(json!({"cmd": "status"}))["state"], "running");
     // Nothing runs the paused copy again, or discards it, but the operator's
     // word: not a resume, not a second migration, not a stop.
@@ -926,6 +937,8 @@ fn a_failure_after_the_commit_leaves_the_source_paused() {
     let r = src.request(json!({"cmd": "resume", "force": true}));
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
+    // It runs here by the operator's word: the note is gone with it.
+    assert!(!note.exists(), "the commit's note outlived a forced resume");
     src.console.assert_runs_on(2, Duration::from_secs(30));
     assert_eq!(src.terminate(), 0);
 }

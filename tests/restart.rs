@@ -421,6 +421,59 @@ fn a_source_process_dead_past_the_commit_leaves_the_vm_unconfirmed() {
     t.b.ok(&["destroy", "web1", "--force"]);
 }
 
+/// The source's VM process dies after it sent `Go` of a pre-copy and
+/// before the destination's `Confirm` came (lost here): the destination
+/// runs the VM. The process noted the commit before `Go` (`unconfirmed`
+/// in its directory), so its daemon lists the VM `unconfirmed` and
+/// refuses to boot it again, as the next daemon does from the same note
+/// (a daemon down when the process died has only that note). Before, the
+/// job's status was still `active`, and the VM was listed `stopped`:
+/// `start` ran it on both hosts.
+#[test]
+fn a_source_dead_between_go_and_confirm_leaves_the_vm_unconfirmed() {
+    if !kvm_or_skip("a_source_dead_between_go_and_confirm_leaves_the_vm_unconfirmed") {
+        return;
+    }
+    let mut t = OnA::start_b_env(
+        "restart-dead-before-confirm",
+        &[("MIGD_FAULT_CONFIRM", "lost")],
+    );
+    let note = t.a.vm_dir("web1").join("unconfirmed");
+    let job = t.migrate(&[]);
+    // B runs it; A waits for the Confirm (up to its answer timeout, 60 s).
+    let end = Instant::now() + Duration::from_secs(30);
+    while !t.b.migctl(&["info", "web1"]).1.contains("running") {
+        assert!(Instant::now() < end, "never running on B");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sock = t.a.vm_dir("web1").join("control.sock");
+    let m = try_request(&sock, &json!({"cmd": "migration"})).unwrap_or_default();
+    assert_eq!(m["status"], "active", "{m}");
+    assert!(note.exists(), "no note of the commit before Go");
+    t.a.kill_vm_process("web1");
+    let checks = |a: &Daemon| {
+        let info = a.wait_state("web1", "unconfirmed", Duration::from_secs(10));
+        assert!(info["pid"].is_null(), "{info}");
+        assert!(
+            info["unconfirmed"]
+                .as_str()
+                .unwrap_or("")
+                .contains("past the commit of its migration"),
+            "{info}"
+        );
+        let e = a.fails(&["start", "web1"]);
+        assert!(e.contains("unconfirmed"), "{e}");
+    };
+    checks(&t.a);
+    let j = t.a.wait_job(&job, Duration::from_secs(10));
+    assert_eq!(j["status"], "failed", "{j}");
+    t.a.kill();
+    t.restart_a("a2.log");
+    checks(&t.a);
+    t.a.ok(&["destroy", "web1", "--force"]);
+    t.b.ok(&["destroy", "web1"]);
+}
+
 /// A migration ends (cancelled on the VM's own control socket) while its
 /// daemon is down: the next daemon ends the job as the VM process reports
 /// it, `cancelled`, not as `failed` "no longer reported".
@@ -516,11 +569,16 @@ struct OnA {
 
 impl OnA {
     fn start(tag: &str) -> OnA {
+        OnA::start_b_env(tag, &[])
+    }
+
+    /// [`OnA::start`], B's daemon (and its VM processes) with `env`.
+    fn start_b_env(tag: &str, env: &[(&str, &str)]) -> OnA {
         let dir = scratch(tag);
         let pa = free_port();
         let (sa, ta) = (dir.join("a.sock"), dir.join("a-state"));
         let a = Daemon::start_with(sa.clone(), ta.clone(), pa, &dir.join("a.log"));
-        let b = Daemon::start(&dir, "b");
+        let b = Daemon::start_env(&dir, "b", env);
         let _reapers = (Reaper(ta.clone()), Reaper(b.state.clone()));
         let console = a.create_guest("web1", "workload=dirty:16:8", "128M", 1);
         console.wait_for("WORKLOAD READY", Duration::from_secs(60));

@@ -64,6 +64,13 @@ pub struct RunArgs {
     /// this VM's directory after the process is gone learns that it left.
     #[arg(long, value_name = "PATH")]
     pub migrated_file: Option<PathBuf>,
+    /// Before an outgoing migration's commit (the destination may run the
+    /// VM from then on), write why into this file: the daemon that finds
+    /// the process gone, even after its own restart, lists the VM
+    /// unconfirmed rather than stopped (a start would run it twice). A
+    /// forced resume here removes it.
+    #[arg(long, value_name = "PATH")]
+    pub unconfirmed_file: Option<PathBuf>,
     /// With --incoming or --incoming-fd: once the VM arrived and runs here,
     /// create this file: the daemon that sees the process end learns that
     /// the VM ran here (a VM of this host now), not that it never arrived.
@@ -188,6 +195,8 @@ struct Migrations {
     /// The other side may run it, so this copy neither resumes nor moves
     /// again until the operator says so (`resume` with `force`).
     unconfirmed: Option<String>,
+    /// `--unconfirmed-file`: where a migration's commit is noted.
+    unconfirmed_file: Option<PathBuf>,
 }
 
 impl Migrations {
@@ -451,7 +460,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
         });
     }
 
-    let mut mig = Migrations::default();
+    let mut mig = Migrations {
+        unconfirmed_file: args.unconfirmed_file.clone(),
+        ..Migrations::default()
+    };
     let code = loop {
         let Ok(ev) = rx.recv() else { break 1 };
         match ev {
@@ -1267,6 +1279,16 @@ fn start_migration(
         }
     }
     let job = Arc::new(Job::default());
+    if let Some(path) = &mig.unconfirmed_file {
+        job.note_commit_in(
+            path.clone(),
+            format!(
+                "its process ended past the commit of its migration {} to {}: the destination \
+                 may run it",
+                params.id, params.to
+            ),
+        );
+    }
     mig.job = Some(job.clone());
     mig.running = true;
     mig.mode = mode.clone();
@@ -1610,6 +1632,9 @@ fn handle_control(
                 _ => {
                     if let Some(why) = mig.unconfirmed.take() {
                         tracing::warn!(unconfirmed = %why, "resumed here by force");
+                        if let Some(path) = &mig.unconfirmed_file {
+                            let _ = std::fs::remove_file(path);
+                        }
                     }
                     let changed = !vm.is_running();
                     vm.resume();

@@ -11,6 +11,7 @@
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 
 use link::{Link, TlsSetup};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -251,6 +252,8 @@ pub struct Job {
     pub(crate) arrive_paused: AtomicBool,
     /// When the capped link is free again, for all page streams together.
     pace_next: Mutex<Option<Instant>>,
+    /// Where the commit is noted, and the note (see [`Job::note_commit_in`]).
+    commit_note: Mutex<Option<(PathBuf, String)>>,
 }
 
 impl Job {
@@ -298,10 +301,27 @@ impl Job {
         taken
     }
 
-    /// The commit point, just before Go: fails if a cancel came first.
+    /// Has the commit write `note` to `path` before Go is sent: whoever
+    /// finds this process gone (a daemon, after a kill or its own restart)
+    /// learns from the file that the destination may run the VM, and must
+    /// not boot it here again. The file stays; a migration that completes,
+    /// or an operator who resumes the VM here, makes it moot.
+    pub fn note_commit_in(&self, path: PathBuf, note: String) {
+        *self.commit_note.lock().unwrap_or_else(|p| p.into_inner()) = Some((path, note));
+    }
+
+    /// The commit point, just before Go: fails if a cancel came first, or
+    /// if the commit cannot be noted (the migration then fails before it,
+    /// and the source resumes).
     pub(crate) fn commit(&self) -> Result<()> {
         let mut committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
         self.check_cancel()?;
+        if let Some((path, note)) = &*self.commit_note.lock().unwrap_or_else(|p| p.into_inner()) {
+            std::fs::write(path, note).map_err(|cause| Error::Io {
+                context: format!("noting the commit in {}", path.display()),
+                cause,
+            })?;
+        }
         *committed = true;
         Ok(())
     }

@@ -961,6 +961,8 @@ async fn spawn_vm(
         path_arg(Some(&control))?,
         "--migrated-file".into(),
         path_arg(Some(&state::migrated_path(dir)))?,
+        "--unconfirmed-file".into(),
+        path_arg(Some(&state::unconfirmed_path(dir)))?,
         format!("--postcopy-nice={}", d.cfg.postcopy_nice),
         format!("--dirty-ring={}", d.cfg.dirty_ring),
     ]);

@@ -185,6 +185,8 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
         state::control_path(&dir).to_string_lossy().into_owned(),
         "--migrated-file".into(),
         state::migrated_path(&dir).to_string_lossy().into_owned(),
+        "--unconfirmed-file".into(),
+        state::unconfirmed_path(&dir).to_string_lossy().into_owned(),
         "--arrived-file".into(),
         state::arrived_path(&dir).to_string_lossy().into_owned(),
         format!("--postcopy-nice={}", d.cfg.postcopy_nice),

@@ -236,10 +236,11 @@ pub fn read_migrated(dir: &Path) -> Option<Value> {
     Some(serde_json::from_slice::<Value>(&b).unwrap_or_default())
 }
 
-/// Written where a VM's process died past its migration's commit (the
-/// destination may run the VM): the VM stays `unconfirmed` without a
-/// process, across restarts of the daemon, until `start --force` or
-/// `destroy --force`. It holds why.
+/// Written by a VM's process at its migration's commit, before `Go`
+/// (`--unconfirmed-file`), and by the daemon where a process died past the
+/// commit: the destination may run the VM. A VM whose process is gone
+/// stays `unconfirmed`, across restarts of the daemon, until `start
+/// --force` or `destroy --force`. It holds why.
 pub fn unconfirmed_path(dir: &Path) -> PathBuf {
     dir.join("unconfirmed")
 }
@@ -522,6 +523,8 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
     // noted it first.
     let left = read_migrated(&dir);
     let arrived = arrived_path(&dir).exists();
+    // Its process notes a migration's commit before it sends Go.
+    let noted = read_unconfirmed(&dir);
     let mut reg = d.reg();
     // The status its migration job last reported, if one runs.
     let job_status = reg
@@ -585,6 +588,7 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
     let unconfirmed = job_status
         .as_deref()
         .and_then(exited_past_commit)
+        .or(noted)
         .or_else(|| {
             (vm.state == st::UNCONFIRMED).then(|| {
                 "its process exited with its last migration unconfirmed: the destination may run it"
