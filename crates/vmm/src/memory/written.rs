@@ -68,10 +68,27 @@ impl WrittenPages {
 /// Entries of `/proc/self/pagemap` read at a time (16 MiB of RAM).
 const ENTRIES_PER_READ: u64 = 4096;
 
+/// Swap type of a pte marker in `/proc/self/pagemap` (bits 0–4 of a swap
+/// entry): `SWP_PTE_MARKER`, the last of the 32 types. A marker holds no
+/// page: userfaultfd write protection leaves one in every empty entry it
+/// protects (a background save arms all of RAM so), and it reads as a swap
+/// entry (bit 62) with the uffd-wp bit.
+const SWP_PTE_MARKER: u64 = 31;
+
+/// Whether a pagemap entry maps a page: present (bit 63), or a swap or
+/// migration entry (bit 62) other than a pte marker. The swap type shows
+/// only to a reader with `CAP_SYS_ADMIN` (it reads 0 otherwise): there a
+/// marker counts as a page, which costs reads, never data.
+fn maps_a_page(e: u64) -> bool {
+    let present = e >> 63 & 1 == 1;
+    let swap = e >> 62 & 1 == 1;
+    present || (swap && e & 0x1f != SWP_PTE_MARKER)
+}
+
 /// The runs (memfd offset, length) of the pages that the mappings `maps`
 /// (file offset, length, host address) of RAM map, or that `written`
-/// names: a page table entry that is present (bit 63) or a swap or
-/// migration entry (bit 62), in `/proc/self/pagemap`.
+/// names: a page table entry that maps a page ([`maps_a_page`]), in
+/// `/proc/self/pagemap`.
 pub(super) fn written_or_mapped(
     maps: &[(u64, u64, usize)],
     written: &WrittenPages,
@@ -88,7 +105,7 @@ pub(super) fn written_or_mapped(
             pagemap.read_exact_at(entries, (host as u64 / PAGE_SIZE + i) * 8)?;
             for (k, e) in entries.chunks_exact(8).enumerate() {
                 let e = u64::from_ne_bytes(e.try_into().unwrap_or_default());
-                if e >> 62 != 0 {
+                if maps_a_page(e) {
                     let p = first + i + k as u64;
                     if let Some(w) = bits.get_mut((p / 64) as usize) {
                         *w |= 1 << (p % 64);
