@@ -295,6 +295,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let arrival = Arc::new(Arrival::new(
         args.incoming_fd.is_some() || args.incoming.is_some() || args.takeover.is_some(),
         args.control.clone(),
+        (args.memory, args.cpus),
     ));
     // Signals are taken from here on: a stop ends an incoming VM that has
     // not arrived yet (building it may take a while with --prefault).
@@ -1096,9 +1097,10 @@ fn serve_client(stream: UnixStream, tx: Sender<Event>, arrival: Arc<Arrival>) {
         if arrival.arriving() {
             let cmd = req.get("cmd").and_then(|c| c.as_str());
             let reply = match cmd {
-                Some("status") => {
-                    json!({"ok": true, "state": "incoming", "pid": std::process::id()})
-                }
+                Some("status") => json!({
+                    "ok": true, "state": "incoming", "pid": std::process::id(),
+                    "memory": arrival.size.0, "vcpus": arrival.size.1,
+                }),
                 Some("stop") => json!({"ok": true}),
                 _ => json!({"ok": false, "error": "the VM is still arriving"}),
             };

@@ -317,7 +317,8 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
                 .iter()
                 .map(|(n, v)| v.to_json(&d.vm_dir(n)))
                 .collect();
-            Ok(json!({"ok": true, "vms": vms}))
+            // Found at start, their processes not answering yet.
+            Ok(json!({"ok": true, "vms": vms, "adopting": reg.adopting}))
         }
         Request::Info { name } => {
             state::refresh(d, &name).await;
@@ -408,9 +409,10 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
 }
 
 fn entry(d: &Daemon, name: &str) -> Result<VmEntry> {
-    match d.reg().vms.get(name) {
+    let reg = d.reg();
+    match reg.vms.get(name) {
         Some(v) => Ok(v.clone()),
-        None => bail!("no VM named '{}'", name.escape_debug()),
+        None => bail!(reg.no_vm(name)),
     }
 }
 
@@ -521,7 +523,7 @@ async fn start(d: &Arc<Daemon>, name: &str, force: bool) -> Result<Value> {
     let (record, before) = {
         let mut reg = d.reg();
         let Some(vm) = reg.vms.get_mut(name) else {
-            bail!("no VM named '{}'", name.escape_debug());
+            bail!(reg.no_vm(name));
         };
         // Unconfirmed without a process: started only when forced, and it
         // stays unconfirmed until it has started.
@@ -597,6 +599,9 @@ async fn start_vm(d: &Arc<Daemon>, record: VmRecord, boot: Vec<String>) -> Resul
         let mut reg = d.reg();
         if reg.vms.contains_key(&name) {
             bail!("a VM named '{name}' already exists");
+        }
+        if reg.adopting.contains(&name) {
+            bail!("a VM named '{name}' already exists: {}", reg.no_vm(&name));
         }
         if dir.exists() {
             bail!(
@@ -699,7 +704,7 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
             bail!(why);
         }
         let Some(vm) = reg.vms.get_mut(name) else {
-            bail!("no VM named '{}'", name.escape_debug());
+            bail!(reg.no_vm(name));
         };
         let Some(pid) = vm
             .pid
@@ -843,7 +848,7 @@ async fn abort(d: &Daemon, name: &str) -> Result<Value> {
     let (job, saving) = {
         let reg = d.reg();
         let Some(vm) = reg.vms.get(name) else {
-            bail!("no VM named '{}'", name.escape_debug());
+            bail!(reg.no_vm(name));
         };
         (vm.job.clone(), vm.state == st::SAVING)
     };
@@ -1031,7 +1036,7 @@ async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
             bail!(why);
         }
         let Some(vm) = reg.vms.get_mut(name) else {
-            bail!("no VM named '{}'", name.escape_debug());
+            bail!(reg.no_vm(name));
         };
         // A save in progress is cancelled: its VM process stops once the
         // save has removed its unfinished file (or, past its commit, once

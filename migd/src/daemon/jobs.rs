@@ -239,14 +239,16 @@ fn host_memory() -> Option<u64> {
 /// wrote their own copy could land the older one last).
 fn persist(d: &Daemon, id: &str) {
     static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(job) = d.reg().jobs.get(id).cloned() else {
-        return;
-    };
-    let path = d.jobs_dir().join(format!("{id}.json"));
-    if let Err(e) = write_json_atomic(&path, &job) {
-        tracing::warn!("{e:#}");
-    }
+    super::blocking(|| {
+        let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(job) = d.reg().jobs.get(id).cloned() else {
+            return;
+        };
+        let path = d.jobs_dir().join(format!("{id}.json"));
+        if let Err(e) = write_json_atomic(&path, &job) {
+            tracing::warn!("{e:#}");
+        }
+    })
 }
 
 /// Loads the jobs of earlier runs from `<state>/jobs`.
@@ -389,7 +391,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
         let mut reg = d.reg();
         let reg = &mut *reg;
         let Some(vm) = reg.vms.get_mut(&req.name) else {
-            bail!("no VM named '{}'", req.name);
+            bail!(reg.no_vm(&req.name));
         };
         if let Some(j) = &vm.job {
             bail!("VM '{}' is already being migrated (job {j})", req.name);

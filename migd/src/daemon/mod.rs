@@ -92,6 +92,20 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The error for a request naming `name`, which is no VM here: unless
+    /// its process, found at this daemon's start, does not answer yet.
+    pub fn no_vm(&self, name: &str) -> String {
+        if self.adopting.contains(name) {
+            format!(
+                "VM '{}' has a VM process that does not answer (busy, or stopped): this \
+                 daemon takes it on once it answers; until then it cannot act on it",
+                name.escape_debug()
+            )
+        } else {
+            format!("no VM named '{}'", name.escape_debug())
+        }
+    }
+
     /// Why VM `name`'s migration job stands in the way of a change to it,
     /// and what to do: cancel it, or, in post-copy (which cannot be
     /// cancelled: the destination runs the VM), wait for it to complete.
@@ -157,6 +171,18 @@ impl Daemon {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; returns the exit code.
+/// Runs `f`, blocking file work (an fsync), so that the runtime's other
+/// tasks move to another worker meanwhile: the daemon has two, and a slow
+/// disk must not stall its API, its accepts and its job trackers.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 pub fn main(args: DaemonArgs) -> Result<i32> {
     let cfg = Config::load(&args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

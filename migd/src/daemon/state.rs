@@ -210,7 +210,7 @@ pub fn boot_path(dir: &Path) -> PathBuf {
 
 /// Writes `record` as the VM's `vm.json`; an arriving VM's `boot.json` then goes.
 fn write_record(dir: &Path, record: &VmRecord) {
-    if let Err(e) = write_json_atomic(&record_path(dir), record) {
+    if let Err(e) = super::blocking(|| write_json_atomic(&record_path(dir), record)) {
         tracing::warn!("{e:#}");
         return;
     }
@@ -366,13 +366,22 @@ async fn ask_status(dir: &Path) -> Option<Value> {
 /// on the control socket (too busy to answer yet: booting, or restoring a
 /// large snapshot), or holds its lock (no socket yet: an incoming VM built
 /// with `--prefault`).
-fn alive_in(dir: &Path) -> bool {
-    std::os::unix::net::UnixStream::connect(control_path(dir)).is_ok() || vmproc::lock_held(dir)
+///
+/// The connection attempt does not block: a process stopped (SIGSTOP) never
+/// accepts, and once the attempts of every second have filled its listen
+/// queue a blocking connect would hang this daemon's worker for good.
+async fn alive_in(dir: &Path) -> bool {
+    let listening = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::net::UnixStream::connect(control_path(dir)),
+    )
+    .await;
+    matches!(listening, Ok(Ok(_))) || vmproc::lock_held(dir)
 }
 
 async fn adopt_inner(d: &Arc<Daemon>, name: String, dir: PathBuf) {
     let status = match ask_status(&dir).await {
-        None if alive_in(&dir) => {
+        None if alive_in(&dir).await => {
             // Alive but busy: adopted once it answers (a process taken for
             // gone would be orphaned, its socket removed, its directory
             // reused by a second process).
@@ -384,7 +393,7 @@ async fn adopt_inner(d: &Arc<Daemon>, name: String, dir: PathBuf) {
                     loop {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         let status = ask_status(&dir).await;
-                        if status.is_some() || !alive_in(&dir) {
+                        if status.is_some() || !alive_in(&dir).await {
                             let record = read_record(&dir);
                             adopt_answer(&d, name.clone(), dir, status, record).await;
                             d.reg().adopting.remove(&name);

@@ -30,6 +30,9 @@ pub struct Arrival {
     /// While receiving a migration: the way to tell its source why it is
     /// given up.
     abandon: Mutex<Option<Abandon>>,
+    /// The VM's memory (bytes) and vCPUs, for `status` while it arrives (a
+    /// daemon that adopts this process counts the memory it will take).
+    pub size: (u64, usize),
 }
 
 /// How long a stop while receiving waits for the source to be told why,
@@ -39,7 +42,7 @@ const TELL_SOURCE_WAIT: Duration = Duration::from_secs(2);
 impl Arrival {
     /// `incoming`: whether the VM arrives by migration (otherwise it is
     /// `Running` from the start).
-    pub fn new(incoming: bool, control: Option<PathBuf>) -> Self {
+    pub fn new(incoming: bool, control: Option<PathBuf>, size: (u64, usize)) -> Self {
         Self {
             phase: Mutex::new(if incoming {
                 Phase::Waiting
@@ -48,6 +51,7 @@ impl Arrival {
             }),
             control,
             abandon: Mutex::new(None),
+            size,
         }
     }
 
@@ -120,10 +124,10 @@ mod tests {
 
     #[test]
     fn a_vm_that_runs_is_not_stopped_here() {
-        let a = Arrival::new(false, None);
+        let a = Arrival::new(false, None, (0, 0));
         assert!(!a.arriving());
         assert!(!a.stop_unless_arrived("test"));
-        let a = Arrival::new(true, None);
+        let a = Arrival::new(true, None, (0, 0));
         assert!(a.arriving());
         a.receiving(None);
         assert!(a.arriving());

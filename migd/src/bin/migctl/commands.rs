@@ -76,6 +76,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     format::vm_table(r["vms"].as_array().map(Vec::as_slice).unwrap_or(&[]))
                 );
             }
+            // Found at the daemon's start, their VM processes silent so far
+            // (on stderr: the JSON stays the list of VMs).
+            for name in r["adopting"].as_array().into_iter().flatten() {
+                eprintln!(
+                    "{}: its VM process does not answer yet (busy, or stopped); not listed \
+                     until it does",
+                    name.as_str().unwrap_or("?")
+                );
+            }
         }
         Cmd::Info { name, json } => {
             let r = connect()?.call(&json!({"cmd": "info", "name": name}))?;
