@@ -868,10 +868,15 @@ pub(crate) mod tests {
         ram.prefault().unwrap();
         let written = [1u64, 2, 100, PAGES - 3];
         for p in written {
-            ram.write(gpa(&ram, p), &[0x5a; PAGE_SIZE as usize]).unwrap();
+            ram.write(gpa(&ram, p), &[0x5a; PAGE_SIZE as usize])
+                .unwrap();
         }
         let data = |ram: &GuestRam| -> u64 {
-            vmm::snapshot::data_runs(ram).unwrap().iter().map(|r| r.1).sum()
+            vmm::snapshot::data_runs(ram)
+                .unwrap()
+                .iter()
+                .map(|r| r.1)
+                .sum()
         };
         assert_eq!(data(&ram), written.len() as u64);
         let dir = std::env::temp_dir().join(format!("migration-prefault-{}", std::process::id()));

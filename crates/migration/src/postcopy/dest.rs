@@ -672,6 +672,15 @@ impl Dest {
     /// is filled with them (which wakes the thread), any other is there and
     /// the thread is woken.
     fn settle(&self, page_addr: u64, pfn: u64) -> Result<()> {
+        // Prefaulted memory (minor faults): the page is in the file, and
+        // this mapping lost it (reclaim, swap): it is mapped again; a wake
+        // alone would have the vCPU fault on it for ever.
+        if self.direct.is_some() {
+            if self.uffd.map_present(page_addr, PAGE_SIZE).is_err() {
+                let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+            }
+            return Ok(());
+        }
         if self.held_zero(pfn) {
             match self.uffd.zeropage(page_addr, PAGE_SIZE) {
                 Ok(true) => {
@@ -1946,5 +1955,58 @@ mod tests {
         assert_eq!(d.duplicate.load(Ordering::Relaxed), 3);
         assert_eq!(d.filled.load(Ordering::Relaxed), 8);
         assert_eq!(d.demand.load(Ordering::Relaxed), 1, "page 20 was asked for");
+    }
+
+    /// A received page of prefaulted memory whose guest mapping was dropped
+    /// (reclaim, swap) faults again, a minor fault: it is mapped again.
+    /// Before, it was only woken, and its reader faulted on it for ever.
+    #[test]
+    fn a_received_page_unmapped_again_is_mapped_again() {
+        let ram = vmm::GuestRam::with_huge_pages(16 << 20, false).unwrap();
+        ram.prefault().unwrap();
+        let ram = Arc::new(ram);
+        let Ok(uffd) = Uffd::for_minor_faults(false) else {
+            eprintln!("SKIP: no minor-fault userfaultfd here");
+            return;
+        };
+        let map = RamMap::new(&ram);
+        let pages = ram.size() / PAGE_SIZE;
+        let at = |pfn: u64| ram.offset_to_gpa(pfn * PAGE_SIZE).unwrap();
+        let mut expected = vec![0u64; pages.div_ceil(64) as usize];
+        expected[0] = 0b11 << 20; // pages 20, 21
+        unmap_from_guest(&map, &[(20 * PAGE_SIZE, 2 * PAGE_SIZE)]).unwrap();
+        map.register(&uffd, true).unwrap();
+        let (tx, _rx) = mpsc::channel();
+        let mut d = Dest::new(uffd, map, pages, expected, tx);
+        d.direct = Direct::for_ram(&ram);
+        let byte = |pfn: u64| {
+            let mut b = [0u8; 1];
+            ram.read(at(pfn), &mut b).unwrap();
+            b[0]
+        };
+        let mut scratch = vec![0u8; 8 * PAGE_SIZE as usize];
+        std::thread::scope(|sc| {
+            let faults = sc.spawn(|| d.handle_faults());
+            let reader = |pfn: u64| guest_read(sc, move || byte(pfn));
+            let checks = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut stream = &vec![30u8; PAGE_SIZE as usize][..];
+                d.receive_straight(&mut stream, &[20 * PAGE_SIZE], false, &mut scratch)
+                    .unwrap();
+                assert_eq!(answered(&d, reader(20), 20), 30);
+                // The entry goes, as reclaim takes it; the page stays in the file.
+                let host = d.map.host(20 * PAGE_SIZE).unwrap();
+                // SAFETY: drops one page of the guest's mapping of RAM; its
+                // data stay in the memfd.
+                unsafe { vmm::memory::drop_from_mapping(host as *mut u8, PAGE_SIZE as usize) }
+                    .unwrap();
+                assert_eq!(answered(&d, reader(20), 20), 30);
+            }));
+            d.stop.store(true, Ordering::Release);
+            let _ = d.map.unregister(&d.uffd);
+            let _ = faults.join();
+            if let Err(p) = checks {
+                std::panic::resume_unwind(p);
+            }
+        });
     }
 }

@@ -152,6 +152,10 @@ impl Supply<'_> {
             if r != u64::MAX && r < pages {
                 pos = r;
             }
+            // A full batch that ended on the last page of RAM.
+            if pos >= pages {
+                pos = 0;
+            }
             batch.clear();
             let mut scanned = 0usize;
             let mut wi = (pos / 64) as usize;
@@ -316,21 +320,22 @@ impl Supply<'_> {
         std::thread::scope(|sc| {
             let pusher = sc.spawn(|| {
                 prioritize_this_thread(false);
-                end(self.push(&main_w))
+                end(caught(|| self.push(&main_w)))
             });
             let push_sock = &push_sock;
             let server = urgent.map(|(mut r, w)| {
                 sc.spawn(move || {
                     prioritize_this_thread(true);
-                    end(self
-                        .serve(&mut r, &w, push_sock)
-                        .and_then(|done| match done {
-                            Some(_) => {
-                                Err(Error::Protocol("PostcopyDone on the fault channel".into()))
-                            }
-                            None if self.stop.load(Ordering::Relaxed) => Ok(()),
-                            None => Err(Error::Protocol("the fault channel closed".into())),
-                        }))
+                    end(caught(|| {
+                        self.serve(&mut r, &w, push_sock)
+                            .and_then(|done| match done {
+                                Some(_) => {
+                                    Err(Error::Protocol("PostcopyDone on the fault channel".into()))
+                                }
+                                None if self.stop.load(Ordering::Relaxed) => Ok(()),
+                                None => Err(Error::Protocol("the fault channel closed".into())),
+                            })
+                    }))
                 })
             });
             let done = self.serve(&mut main_r, &main_w, push_sock);
@@ -853,6 +858,14 @@ fn postcopy_phase(
     Ok(report)
 }
 
+/// Runs `f` in a post-copy thread: a panic is a failure like any other (a
+/// bug, named as one), which ends the session; unseen, the phase would wait
+/// for pages that nobody pushes.
+fn caught(f: impl FnOnce() -> Result<()>) -> Result<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|p| Err(Error::Panicked(crate::panic_message(&*p))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -870,5 +883,49 @@ mod tests {
         assert!(resend_demanded(true, true, || Some(SENT_CLOSE_BEHIND)));
         // A queue that cannot be read counts as a long one.
         assert!(resend_demanded(true, true, || None));
+    }
+
+    /// A push batch that ends on the last page of RAM, with pages below
+    /// still to push (the push had jumped up to a fault's neighbourhood):
+    /// the next batch starts again at the bottom. It read past the bitmap
+    /// before (the push thread panicked, and the phase waited for ever).
+    #[test]
+    fn a_push_batch_that_ends_on_the_last_page_goes_on_from_the_first() {
+        use std::io::Read;
+        let ram = vmm::GuestRam::new(16 << 20).unwrap();
+        let mem = MemView::new(&ram);
+        let job = Job::default();
+        let pages = mem.pages();
+        let mut expected = vec![0u64; (pages / 64) as usize];
+        expected[0] = 1;
+        let last = expected.len() - 1;
+        expected[last] = u64::MAX;
+        let total = popcount(&expected);
+        let supply = Supply {
+            mem: &mem,
+            job: &job,
+            claimed: expected.iter().map(|_| AtomicU64::new(0)).collect(),
+            expected,
+            total,
+            remaining: AtomicU64::new(total),
+            // As a fault's answer leaves it: the push goes on from there.
+            recentre: AtomicU64::new(pages - 64),
+            stop: AtomicBool::new(false),
+            window: 16,
+            tls: None,
+        };
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let sink = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = s.read_to_end(&mut v);
+        });
+        let w = Mutex::new(Link::plain(c));
+        let pushed = caught(|| supply.push(&w));
+        drop(w);
+        sink.join().unwrap();
+        assert!(pushed.is_ok(), "{pushed:?}");
+        assert_eq!(supply.remaining.load(Ordering::Relaxed), 0);
     }
 }
