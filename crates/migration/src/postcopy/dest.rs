@@ -135,8 +135,12 @@ struct Dest {
     zeros_held: AtomicU64,
     total: u64,
     filled: AtomicU64,
-    /// Pages asked for and not yet here, with the time of the fault.
-    pending: Mutex<HashMap<u64, Instant>>,
+    /// Pages asked for and not yet here, with the time of the fault whose
+    /// wait ends with the page (None for a huge page's: see `huge_waits`).
+    pending: Mutex<HashMap<u64, Option<Instant>>>,
+    /// Huge pages: the time of the first fault of each not yet placed (its
+    /// wait ends when it is placed, whichever of its pages came last).
+    huge_waits: Mutex<HashMap<u64, Instant>>,
     latencies_us: Mutex<Vec<u64>>,
     demand: AtomicU64,
     pushed: AtomicU64,
@@ -280,6 +284,7 @@ impl Dest {
             expected,
             filled: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
+            huge_waits: Mutex::new(HashMap::new()),
             latencies_us: Mutex::new(Vec::new()),
             demand: AtomicU64::new(0),
             pushed: AtomicU64::new(0),
@@ -576,6 +581,9 @@ impl Dest {
         let mapped = self.uffd.map_present(host, HUGE).map(drop);
         if mapped.is_ok() {
             s.set_placed(h);
+            if let Some(at) = lock(&self.huge_waits).remove(&h) {
+                lock(&self.latencies_us).push(at.elapsed().as_micros() as u64);
+            }
         }
         self.filled_or_failed(mapped, || format!("UFFDIO_CONTINUE of huge page {h}"))
     }
@@ -614,7 +622,7 @@ impl Dest {
                 }
                 next = p + 17;
                 if let std::collections::hash_map::Entry::Vacant(e) = pending.entry(p) {
-                    e.insert(Instant::now());
+                    e.insert(None);
                     asked.push(p);
                 }
             }
@@ -623,6 +631,7 @@ impl Dest {
             // All here or asked for already: placed soon (a copy wakes).
             return Ok(());
         }
+        lock(&self.huge_waits).entry(h).or_insert_with(Instant::now);
         self.faults.fetch_add(1, Ordering::Relaxed);
         for p in asked {
             self.request(p);
@@ -724,7 +733,7 @@ impl Dest {
             (false, false) => &self.pushed,
         }
         .fetch_add(1, Ordering::Relaxed);
-        if let Some(at) = asked {
+        if let Some(Some(at)) = asked {
             lock(&self.latencies_us).push(at.elapsed().as_micros() as u64);
         }
         true
@@ -892,7 +901,7 @@ impl Dest {
                 if p.contains_key(&pfn) {
                     return Ok(()); // already asked for
                 }
-                p.insert(pfn, Instant::now());
+                p.insert(pfn, Some(Instant::now()));
             }
             // Counted as soon as it waits: if the push fills it in the
             // meantime, it still counts as demanded (see `fill`).
@@ -1772,6 +1781,48 @@ mod tests {
         );
         assert_eq!(d.duplicate.load(Ordering::Relaxed), 1);
         assert_eq!(d.filled.load(Ordering::Relaxed), 5);
+    }
+
+    /// A fault in a huge page asks for several of its pages (every 17th),
+    /// but it is one fault, with one wait, which ends when the huge page is
+    /// placed: one latency sample, not one per page asked for.
+    #[test]
+    fn a_huge_page_fault_is_one_latency_sample() {
+        let Some((ram, uffd)) = huge_ram_or_skip() else {
+            return;
+        };
+        let map = RamMap::new(&ram);
+        let pages = ram.size() / PAGE_SIZE;
+        let mut expected = vec![0u64; pages.div_ceil(64) as usize];
+        expected[0] = u64::MAX;
+        let staging = Staging::for_ram(&ram).unwrap();
+        map.register(&uffd, true).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let mut d = Dest::new(uffd, map, pages, expected, tx);
+        d.huge = Some(staging);
+        let byte = |pfn: u64| {
+            let mut b = [0u8; 1];
+            ram.read(ram.offset_to_gpa(pfn * PAGE_SIZE).unwrap(), &mut b)
+                .unwrap();
+            b[0]
+        };
+        std::thread::scope(|sc| {
+            let faults = sc.spawn(|| d.handle_faults());
+            let waiter = guest_read(sc, move || byte(3));
+            while lock(&d.pending).len() < 4 {
+                std::thread::yield_now();
+            }
+            d.fill(0, 64, Some(&[6u8; 64 * PAGE_SIZE as usize]), false)
+                .unwrap();
+            assert_eq!(answered(&d, waiter, 3), 6);
+            rx.recv().unwrap().unwrap();
+            d.stop.store(true, Ordering::Release);
+            faults.join().unwrap().unwrap();
+        });
+        d.map.unregister(&d.uffd).unwrap();
+        assert_eq!(d.faults.load(Ordering::Relaxed), 1);
+        assert_eq!(d.demand.load(Ordering::Relaxed), 4, "pages 0, 17, 34, 51");
+        assert_eq!(lock(&d.latencies_us).len(), 1, "one fault, one wait");
     }
 
     /// Readers fill stages straight from a stream: a page already here is
