@@ -216,10 +216,26 @@ pub fn job_table(jobs: &[Value]) -> String {
                 opt(&j["mode"]),
                 opt(&j["status"]),
                 time(&j["started"]),
+                bytes_of(&j["stats"]["bytes"]),
+                left(j),
             ]
         })
         .collect();
-    table(&["Id", "VM", "To", "Mode", "Status", "Started"], &rows)
+    table(
+        &[
+            "Id", "VM", "To", "Mode", "Status", "Started", "Sent", "Left",
+        ],
+        &rows,
+    )
+}
+
+/// A job's data still to send, as the listing shows it: `-` once it ended
+/// or while not measured yet (round 0 of pre-copy, post-copy's start).
+fn left(j: &Value) -> String {
+    match j["status"].as_str() {
+        Some(st) if !is_final(st) => remaining(&j["stats"]).map_or("-".into(), bytes),
+        _ => "-".into(),
+    }
 }
 
 /// Whether a job's `status` is one it ends in (`completed`, `failed`, `cancelled`).
@@ -659,6 +675,31 @@ pub fn estimate(r: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// `jobs` shows what each job sent, and what a running one has left.
+    #[test]
+    fn the_job_listing_shows_sent_and_left() {
+        let running = json!({"id": "job1", "vm": "a", "to": "h:1", "mode": "precopy",
+            "status": "active", "started": 0,
+            "stats": {"bytes": 3u64 << 30, "round": 2, "remaining_bytes": 5u64 << 20}});
+        let done = json!({"id": "job2", "vm": "b", "to": "h:1", "mode": "precopy",
+            "status": "completed", "started": 0,
+            "stats": {"bytes": 1u64 << 20, "round": 3, "remaining_bytes": 0}});
+        let t = job_table(&[running, done]);
+        let lines: Vec<&str> = t.lines().filter(|l| !l.starts_with("--")).collect();
+        assert!(
+            lines[0].contains("Sent") && lines[0].contains("Left"),
+            "{t}"
+        );
+        assert!(
+            lines[1].contains("3 GiB") && lines[1].contains("5 MiB"),
+            "{t}"
+        );
+        assert!(
+            lines[2].contains("1 MiB") && lines[2].trim_end().ends_with('-'),
+            "{t}"
+        );
+    }
 
     #[test]
     fn units_and_dates() {
