@@ -514,18 +514,23 @@ fn starts_with_timestamp(l: &str) -> bool {
 }
 
 #[test]
-fn logs_under_journald_have_no_colours_and_no_timestamps() {
+fn logs_under_journald_have_priorities_and_no_colours_nor_timestamps() {
     let dir = scratch("ops-journal");
     let (journal, escapes) = ready_line(&dir, "j", Some(0));
     assert!(!escapes, "ANSI escapes for the journal: {journal:?}");
+    // Its syslog priority first, which journald reads (info: 6), and no
+    // timestamp (journald keeps its own).
+    let rest = journal.strip_prefix("<6>");
     assert!(
-        journal.trim_start().starts_with("INFO"),
-        "timestamp for the journal: {journal:?}"
+        rest.is_some_and(|r| r.trim_start().starts_with("INFO")),
+        "no priority, or a timestamp, for the journal: {journal:?}"
     );
-    // A stale JOURNAL_STREAM (stderr redirected elsewhere) changes nothing.
+    // A stale JOURNAL_STREAM (stderr redirected elsewhere) changes nothing;
+    // a file is no terminal: no colours either.
     for (tag, journal) in [("s", Some(1)), ("p", None)] {
-        let (line, _) = ready_line(&dir, tag, journal);
+        let (line, escapes) = ready_line(&dir, tag, journal);
         assert!(starts_with_timestamp(&line), "no timestamp: {line:?}");
+        assert!(!escapes, "ANSI escapes in a file: {line:?}");
     }
 }
 

@@ -31,14 +31,14 @@ fn main() {
         None => match daemon::main(cli.daemon) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("migd: error: {e:#}");
+                eprintln!("{}migd: error: {e:#}", migd::logging::error_prefix());
                 1
             }
         },
         Some(Command::Run(args)) => match run::run(args) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("migd run: error: {e:#}");
+                eprintln!("{}migd run: error: {e:#}", migd::logging::error_prefix());
                 1
             }
         },
