@@ -28,7 +28,9 @@ pub struct File {
     /// Address of the Prometheus endpoint (`GET /metrics`), `ADDR:PORT`; off if unset.
     pub metrics_listen: Option<String>,
     /// Host-wide bandwidth cap of outgoing migrations, shared fairly by the
-    /// jobs that run at once, e.g. "1G" (bytes/s; a bare number is MiB/s).
+    /// jobs that run at once, e.g. "1G" (bytes/s; a bare number is MiB/s,
+    /// written as a string or as a TOML integer).
+    #[serde(default, deserialize_with = "string_or_integer")]
     pub max_bandwidth: Option<String>,
     /// CA certificate (PEM) of the fleet.
     pub tls_ca: Option<PathBuf>,
@@ -52,6 +54,24 @@ pub struct File {
 
 /// Parses and checks a config file's text. The error is one line naming the key
 /// and its line (`key 'K' (line N): ...`), or the line alone where no key applies.
+/// A value given as a string or as a whole number (as its decimal string).
+fn string_or_integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        Text(String),
+        Number(u64),
+    }
+    Ok(Some(
+        match Given::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a string such as \"1G\" or a whole number of MiB/s")
+        })? {
+            Given::Text(t) => t,
+            Given::Number(n) => n.to_string(),
+        },
+    ))
+}
+
 pub fn parse(text: &str) -> Result<File, String> {
     let file = toml::from_str::<File>(text).map_err(|e| describe(text, e.span(), e.message()))?;
     let key_err = |key: &str, what: String| {
@@ -259,5 +279,32 @@ mod tests {
         assert_eq!(f.listen.as_deref(), Some("127.0.0.1:1"));
         assert_eq!(f.insecure, Some(true));
         assert_eq!(parse("").unwrap(), File::default());
+    }
+
+    /// A bare number of MiB/s may be a TOML integer, as the docs invite.
+    #[test]
+    fn max_bandwidth_as_integer_or_string() {
+        for text in ["max_bandwidth = 100", "max_bandwidth = \"100\""] {
+            let f = parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(f.max_bandwidth.as_deref(), Some("100"), "{text}");
+        }
+        assert_eq!(
+            parse("max_bandwidth = \"1G\"")
+                .unwrap()
+                .max_bandwidth
+                .as_deref(),
+            Some("1G")
+        );
+        for bad in [
+            "max_bandwidth = -5",
+            "max_bandwidth = 1.5",
+            "max_bandwidth = true",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(
+                e.contains("max_bandwidth") && e.contains("whole number"),
+                "{bad}: {e}"
+            );
+        }
     }
 }
