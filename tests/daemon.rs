@@ -1612,3 +1612,21 @@ fn a_daemon_whose_port_is_taken_leaves_no_socket() {
     assert!(err.contains("in use"), "{err}");
     assert!(!socket.exists(), "the control socket was left behind");
 }
+
+/// Under systemd (`Type=notify`, `NOTIFY_SOCKET`), the daemon says
+/// `READY=1` once it serves its control socket: `systemctl start` returns
+/// only then, so a `migctl` right after it finds the daemon.
+#[test]
+fn the_daemon_tells_systemd_when_it_is_ready() {
+    let dir = scratch("daemon-notify");
+    let path = dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let d = Daemon::start_env(&dir, "a", &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).expect("no READY=1 from the daemon");
+    assert_eq!(&buf[..n], b"READY=1\n");
+    assert_eq!(d.ok(&["list", "--json"]).trim(), "[]");
+}

@@ -171,6 +171,26 @@ impl Daemon {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; returns the exit code.
+/// Tells systemd (a `Type=notify` unit: `NOTIFY_SOCKET`) that the daemon
+/// serves its socket, as sd_notify(3) `READY=1` does: `systemctl start` and
+/// what is ordered after the unit wait for it. Nothing without the variable.
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    let sent = std::os::unix::net::UnixDatagram::unbound()
+        .and_then(|s| addr.and_then(|a| s.send_to_addr(b"READY=1\n", &a)));
+    if let Err(e) = sent {
+        tracing::warn!("telling systemd the daemon is ready ({path}): {e}");
+    }
+}
+
 /// Runs `f`, blocking file work (an fsync), so that the runtime's other
 /// tasks move to another worker meanwhile: the daemon has two, and a slow
 /// disk must not stall its API, its accepts and its job trackers.
@@ -268,6 +288,7 @@ async fn serve(cfg: Config) -> Result<i32> {
     }
     tokio::spawn(state::supervise(daemon.clone()));
     tokio::spawn(api::serve(daemon.clone(), listener));
+    notify_ready();
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
