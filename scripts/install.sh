@@ -80,7 +80,18 @@ for doc in cli.md operations.md; do
 done
 
 echo "install.sh: installed migd and migctl in $bindir, the unit in $unitdir"
-if [[ $enable -eq 1 ]]; then
+# A unit changed on disk is read only after a daemon-reload (a plain install,
+# not staged, on a host with systemd running).
+running=0
+if [[ -z "$destdir" ]] && command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+    systemctl daemon-reload
+    systemctl is-active --quiet migd.service && running=1
+fi
+if [[ $running -eq 1 ]]; then
+    # An upgrade: the old daemon runs on until restarted (its VMs are kept).
+    [[ $enable -eq 1 ]] && systemctl enable migd.service
+    echo "install.sh: migd.service is running the old binary; 'systemctl restart migd' starts the new one (VMs keep running)"
+elif [[ $enable -eq 1 ]]; then
     command -v systemctl >/dev/null || die "systemctl not found: start $prefix/bin/migd yourself"
     systemctl daemon-reload
     systemctl enable --now migd.service

@@ -3,7 +3,7 @@
 # Ends with one summary line: "tests: N passed, M failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh --quiet
+scripts/setup.sh --quiet --tests
 scripts/build-guest.sh
 cargo fmt --all -- --check
 (cd crates/testguest && cargo fmt -- --check)
