@@ -22,7 +22,8 @@ pub const DOWNTIME_BUCKETS: [f64; 10] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 const OUTCOMES: [&str; 3] = ["completed", "failed", "cancelled"];
 /// States always exported (0 when no VM is in them), so that every series exists.
-const STATES: [&str; 9] = [
+/// `adopting`: found at the daemon's start, its process not answering yet.
+const STATES: [&str; 10] = [
     st::CREATING,
     st::RUNNING,
     st::PAUSED,
@@ -32,7 +33,11 @@ const STATES: [&str; 9] = [
     st::DESTROYING,
     st::SAVING,
     st::UNCONFIRMED,
+    ADOPTING,
 ];
+/// The state a VM has in the metrics while its process does not answer the
+/// daemon that found it at its start (not yet a VM of the registry).
+const ADOPTING: &str = "adopting";
 /// Longest request head accepted.
 const MAX_REQUEST: usize = 8192;
 /// Time a client has to send its request head.
@@ -295,13 +300,18 @@ fn respond(d: &Daemon, head: &[u8], peer: std::net::SocketAddr) -> Reply {
     }
     let mut vms: BTreeMap<String, u64> = BTreeMap::new();
     let mut memory = (0, 0);
-    for v in d.reg().vms.values() {
+    let reg = d.reg();
+    for v in reg.vms.values() {
         *vms.entry(v.state.clone()).or_default() += 1;
         if v.pid.is_some() {
             memory.0 += v.record.memory;
             memory.1 += v.memory_used.unwrap_or(0);
         }
     }
+    if !reg.adopting.is_empty() {
+        vms.insert(ADOPTING.into(), reg.adopting.len() as u64);
+    }
+    drop(reg);
     Reply {
         status: 200,
         reason: "OK",
@@ -403,6 +413,7 @@ mod tests {
             empty.contains("migd_vms{state=\"unconfirmed\"} 0\n"),
             "{empty}"
         );
+        assert!(empty.contains("migd_vms{state=\"adopting\"} 0\n"), "{empty}");
         assert!(empty.contains("migd_migrations_total{outcome=\"failed\",mode=\"postcopy\"} 0\n"));
         assert!(empty.contains("migd_migration_downtime_seconds_count 0\n"));
         m.migration_ended(&job(
