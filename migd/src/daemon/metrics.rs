@@ -413,7 +413,10 @@ mod tests {
             empty.contains("migd_vms{state=\"unconfirmed\"} 0\n"),
             "{empty}"
         );
-        assert!(empty.contains("migd_vms{state=\"adopting\"} 0\n"), "{empty}");
+        assert!(
+            empty.contains("migd_vms{state=\"adopting\"} 0\n"),
+            "{empty}"
+        );
         assert!(empty.contains("migd_migrations_total{outcome=\"failed\",mode=\"postcopy\"} 0\n"));
         assert!(empty.contains("migd_migration_downtime_seconds_count 0\n"));
         m.migration_ended(&job(
