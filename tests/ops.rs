@@ -870,3 +870,294 @@ fn migctl_job_shows_a_running_jobs_progress_and_an_honest_eta() {
         assert!(!out.contains(progress), "{progress}\n{out}");
     }
 }
+
+// ---------------------------------------------------------------- evacuate
+
+/// What the fake daemon of the evacuate tests does.
+#[derive(Clone, Default)]
+struct EvacScript {
+    /// The `list` replies' `vms` and `adopting`, in turn (the last again
+    /// and again).
+    lists: Vec<serde_json::Value>,
+    /// Each job's status at its polls, in turn (the last again and again).
+    statuses: Vec<&'static str>,
+    /// After its reply to the first job poll, the daemon restarts: it
+    /// closes that connection, and its socket is gone this long.
+    restart: Option<Duration>,
+    /// The first `migrate` starts its job, but its connection is closed
+    /// without a reply (a daemon that restarted while it answered).
+    lose_first_migrate_reply: bool,
+}
+
+/// A job of the fake evacuate daemon: id, VM, destination, polls so far.
+struct EvacJob {
+    id: String,
+    vm: String,
+    to: serde_json::Value,
+    polls: usize,
+}
+
+/// A fake migd on `dir`/evac.sock for `migctl evacuate`, as `script` says:
+/// `list`; `migrate`, which starts job1, job2... (refused, as migd does,
+/// while the VM's job has not ended); `job` and `jobs`. Returns its socket
+/// and every request it got, in order.
+fn fake_evac_migd(
+    dir: &Path,
+    script: EvacScript,
+) -> (
+    PathBuf,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    use std::io::BufRead;
+    use std::os::unix::net::UnixListener;
+    use std::sync::{Arc, Mutex};
+    struct State {
+        lists: usize,
+        polls: usize,
+        jobs: Vec<EvacJob>,
+        migrates: usize,
+        down_until: Option<Instant>,
+    }
+    let sock = dir.join("evac.sock");
+    let state = Arc::new(Mutex::new(State {
+        lists: 0,
+        polls: 0,
+        jobs: Vec::new(),
+        migrates: 0,
+        down_until: None,
+    }));
+    let script = Arc::new(script);
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let (state2, requests2, sock2) = (state.clone(), requests.clone(), sock.clone());
+    let status_of =
+        |script: &EvacScript, polls: usize| script.statuses[polls.min(script.statuses.len() - 1)];
+    let bind = |sock: &Path| {
+        let l = UnixListener::bind(sock).unwrap();
+        l.set_nonblocking(true).unwrap();
+        l
+    };
+    let mut listener = Some(bind(&sock));
+    std::thread::spawn(move || loop {
+        let down = state2.lock().unwrap().down_until;
+        match (down, &listener) {
+            (Some(t), Some(_)) if Instant::now() < t => {
+                listener = None;
+                let _ = std::fs::remove_file(&sock2);
+            }
+            (Some(t), None) if Instant::now() >= t => {
+                state2.lock().unwrap().down_until = None;
+                listener = Some(bind(&sock2));
+            }
+            _ => {}
+        }
+        let Some(l) = &listener else {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        };
+        let s = match l.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(_) => return,
+        };
+        s.set_nonblocking(false).unwrap();
+        let (state, script, requests) = (state2.clone(), script.clone(), requests2.clone());
+        std::thread::spawn(move || {
+            let mut w = s.try_clone().unwrap();
+            for line in std::io::BufReader::new(s).lines() {
+                let Ok(line) = line else { return };
+                let req: serde_json::Value = serde_json::from_str(&line).unwrap();
+                requests.lock().unwrap().push(req.clone());
+                let mut st = state.lock().unwrap();
+                let mut close = false;
+                let reply = match req["cmd"].as_str() {
+                    Some("list") => {
+                        let n = st.lists.min(script.lists.len() - 1);
+                        st.lists += 1;
+                        let mut r = script.lists[n].clone();
+                        r["ok"] = json!(true);
+                        r
+                    }
+                    Some("migrate") => {
+                        let vm = req["name"].as_str().unwrap().to_string();
+                        let busy = st.jobs.iter().find(|j| {
+                            j.vm == vm
+                                && !matches!(
+                                    status_of(&script, j.polls.saturating_sub(1)),
+                                    "completed" | "failed" | "cancelled"
+                                )
+                        });
+                        if let Some(j) = busy {
+                            let e = format!("VM '{vm}' is already being migrated (job {})", j.id);
+                            json!({"ok": false, "error": e})
+                        } else {
+                            let id = format!("job{}", st.jobs.len() + 1);
+                            st.jobs.push(EvacJob {
+                                id: id.clone(),
+                                vm,
+                                to: req["to"].clone(),
+                                polls: 0,
+                            });
+                            st.migrates += 1;
+                            close = st.migrates == 1 && script.lose_first_migrate_reply;
+                            json!({"ok": true, "job": id})
+                        }
+                    }
+                    Some("job") => match st.jobs.iter_mut().find(|j| j.id == req["id"]) {
+                        Some(j) => {
+                            let status = status_of(&script, j.polls);
+                            j.polls += 1;
+                            let mut job = fake_job(status, None, 4096);
+                            job["id"] = json!(j.id);
+                            job["vm"] = json!(j.vm);
+                            st.polls += 1;
+                            if st.polls == 1 {
+                                if let Some(d) = script.restart {
+                                    st.down_until = Some(Instant::now() + d);
+                                    close = true;
+                                }
+                            }
+                            json!({"ok": true, "job": job})
+                        }
+                        None => json!({"ok": false, "error": format!("no job '{}'", req["id"])}),
+                    },
+                    Some("jobs") => {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap()
+                            .as_secs();
+                        let jobs: Vec<_> = st
+                            .jobs
+                            .iter()
+                            .map(|j| {
+                                json!({"id": j.id, "vm": j.vm, "to": j.to, "started": now,
+                                       "status": status_of(&script, j.polls.saturating_sub(1))})
+                            })
+                            .collect();
+                        json!({"ok": true, "jobs": jobs})
+                    }
+                    _ => json!({"ok": false, "error": "unknown"}),
+                };
+                drop(st);
+                // A reply lost: the connection closes before it.
+                if close && req["cmd"] == "migrate" {
+                    return;
+                }
+                if writeln!(w, "{reply}").is_err() || close {
+                    return;
+                }
+            }
+        });
+    });
+    (sock, requests)
+}
+
+/// A VM of the fake's `list`.
+fn evac_vm(name: &str, state: &str) -> serde_json::Value {
+    json!({"name": name, "state": state, "job": null})
+}
+
+/// `migctl --socket SOCK evacuate --to 10.0.0.2:7070 EXTRA...`: status, stdout, stderr.
+fn migctl_evacuate(sock: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(migctl_bin())
+        .arg("--socket")
+        .arg(sock)
+        .args(["evacuate", "--to", "10.0.0.2:7070"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The requests of `cmd` the fake got.
+fn requests_of(
+    requests: &std::sync::Mutex<Vec<serde_json::Value>>,
+    cmd: &str,
+) -> Vec<serde_json::Value> {
+    let all = requests.lock().unwrap();
+    all.iter().filter(|r| r["cmd"] == cmd).cloned().collect()
+}
+
+/// A VM whose process runs but has not answered the daemon since it started
+/// (`list`'s `adopting`) runs here unmoved: evacuate names it as skipped
+/// and does not exit 0, with other VMs moved or with none.
+#[test]
+fn evacuate_names_a_vm_whose_process_does_not_answer_and_fails() {
+    let dir = scratch("evac-adopting");
+    let (sock, requests) = fake_evac_migd(
+        &dir,
+        EvacScript {
+            lists: vec![json!({"vms": [evac_vm("web1", "running")], "adopting": ["db2"]})],
+            statuses: vec!["completed"],
+            ..Default::default()
+        },
+    );
+    let (code, out, err) = migctl_evacuate(&sock, &[]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    let db2 = line_of(&out, "db2");
+    assert!(
+        db2.contains("skipped") && db2.contains("does not answer"),
+        "{out}"
+    );
+    assert!(line_of(&out, "web1").contains("completed"), "{out}");
+    assert!(out.contains("1 of 2 VMs moved"), "{out}");
+    let migrates = requests_of(&requests, "migrate");
+    assert_eq!(migrates.len(), 1, "{migrates:?}");
+    assert_eq!(migrates[0]["name"], "web1");
+    let (code, out, err) = migctl_evacuate(&sock, &["--json"]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    let lines: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(lines.len(), 2, "{out}");
+    let db2 = lines.iter().find(|l| l["vm"] == "db2").unwrap();
+    assert_eq!(db2["outcome"], "skipped", "{out}");
+
+    // Only such a VM: the host is not empty.
+    let dir = scratch("evac-adopting-only");
+    let (sock, _) = fake_evac_migd(
+        &dir,
+        EvacScript {
+            lists: vec![json!({"vms": [], "adopting": ["db2"]})],
+            statuses: vec!["completed"],
+            ..Default::default()
+        },
+    );
+    let (code, out, err) = migctl_evacuate(&sock, &[]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(!out.contains("no VM to evacuate"), "{out}");
+    assert!(out.contains("0 of 1 VMs moved"), "{out}");
+}
+
+/// A VM that appeared while the others moved (created, started, arriving)
+/// runs here too: the list taken again at the end names it, and evacuate
+/// does not exit 0.
+#[test]
+fn evacuate_names_a_vm_that_appeared_meanwhile() {
+    let dir = scratch("evac-appeared");
+    let (sock, _) = fake_evac_migd(
+        &dir,
+        EvacScript {
+            lists: vec![
+                json!({"vms": [evac_vm("web1", "running")], "adopting": []}),
+                json!({"vms": [evac_vm("web1", "migrated"), evac_vm("web3", "running")],
+                       "adopting": []}),
+            ],
+            statuses: vec!["completed"],
+            ..Default::default()
+        },
+    );
+    let (code, out, err) = migctl_evacuate(&sock, &[]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(line_of(&out, "web1").contains("completed"), "{out}");
+    let web3 = line_of(&out, "web3");
+    assert!(
+        web3.contains("skipped") && web3.contains("appeared during the evacuation"),
+        "{out}"
+    );
+}

@@ -3,7 +3,7 @@
 //! line per VM, those it could not move included; exit 0 only if every VM
 //! that runs here, or will, moved.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,7 +17,11 @@ use crate::format;
 
 const POLL: Duration = Duration::from_millis(250);
 
+/// A VM of `list`'s `adopting`.
+const NOT_ANSWERING: &str = "its VM process does not answer yet (busy, or stopped)";
+
 /// What evacuating a VM means.
+#[derive(Debug, PartialEq)]
 enum Evacuation {
     /// Nothing of it runs or will run here (stopped, gone, being destroyed).
     Nothing,
@@ -49,6 +53,29 @@ fn evacuation(vm: &Value) -> Evacuation {
     }
 }
 
+/// The VMs of a `list` reply, each with its job (if any) and what
+/// evacuating it means: those of `vms`, then those of `adopting` (found at
+/// the daemon's start, their processes silent so far: they run here, and
+/// nothing can move them until they answer).
+fn listed(reply: &Value) -> Vec<(String, Value, Evacuation)> {
+    let mut out = Vec::new();
+    for v in reply["vms"].as_array().into_iter().flatten() {
+        if let Some(name) = v["name"].as_str() {
+            out.push((name.to_string(), v["job"].clone(), evacuation(v)));
+        }
+    }
+    for name in reply["adopting"].as_array().into_iter().flatten() {
+        if let Some(name) = name.as_str() {
+            out.push((
+                name.to_string(),
+                Value::Null,
+                Evacuation::Skip(NOT_ANSWERING.into()),
+            ));
+        }
+    }
+    out
+}
+
 /// One VM's result.
 fn summary(vm: &str, job: &Value) -> Value {
     let st = &job["stats"];
@@ -64,6 +91,11 @@ fn summary(vm: &str, job: &Value) -> Value {
     })
 }
 
+/// A VM that did not move (and no job of it that evacuate knows of runs).
+fn unmoved(vm: &str, job: &Value, outcome: &str, why: String) -> Value {
+    json!({"vm": vm, "job": job, "outcome": outcome, "error": why})
+}
+
 pub fn run(
     c: &mut Client,
     to: &str,
@@ -72,21 +104,16 @@ pub fn run(
     max_downtime: u64,
     as_json: bool,
 ) -> Result<ExitCode> {
-    let vms = c.call(&json!({"cmd": "list"}))?["vms"].clone();
+    let first = c.call(&json!({"cmd": "list"}))?;
     let mut queue: VecDeque<String> = VecDeque::new();
-    // VMs that stay on this host unmoved, said so and counted (the exit
-    // status then says the host is not empty).
+    // One line per VM: those that stay on this host unmoved are said so and
+    // counted (the exit status then says the host is not empty).
     let mut done: Vec<Value> = Vec::new();
-    for v in vms.as_array().into_iter().flatten() {
-        let Some(name) = v["name"].as_str() else {
-            continue;
-        };
-        match evacuation(v) {
+    for (vm, job, ev) in listed(&first) {
+        match ev {
             Evacuation::Nothing => {}
-            Evacuation::Move => queue.push_back(name.to_string()),
-            Evacuation::Skip(why) => {
-                done.push(json!({"vm": name, "job": v["job"], "outcome": "skipped", "error": why}))
-            }
+            Evacuation::Move => queue.push_back(vm),
+            Evacuation::Skip(why) => done.push(unmoved(&vm, &job, "skipped", why)),
         }
     }
     let total = queue.len() + done.len();
@@ -141,17 +168,55 @@ pub fn run(
     if progress {
         eprintln!();
     }
+    // VMs that appeared meanwhile (created, started, arriving, or adopted
+    // by a restarted daemon) run here too.
+    let mut relisted = true;
+    match c.call(&json!({"cmd": "list"})) {
+        Ok(r) => {
+            let named: BTreeSet<String> = done
+                .iter()
+                .filter_map(|l| l["vm"].as_str().map(str::to_string))
+                .collect();
+            for (vm, job, ev) in listed(&r) {
+                let why = match ev {
+                    _ if named.contains(&vm) => continue,
+                    Evacuation::Nothing => continue,
+                    Evacuation::Move => "running here: evacuate again to move it".to_string(),
+                    Evacuation::Skip(why) => why,
+                };
+                let why = format!("appeared during the evacuation; {why}");
+                done.push(unmoved(&vm, &job, "skipped", why));
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "migctl: could not list this host's VMs again once the migrations ended ({e}): \
+                 any VM created, started or arriving meanwhile is not accounted for"
+            );
+            relisted = false;
+        }
+    }
+    let moved = print(&done, to, as_json);
+    Ok(if moved == done.len() && relisted {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Prints the lines (a table, or a JSON array); returns how many VMs moved.
+fn print(done: &[Value], to: &str, as_json: bool) -> usize {
     let moved = done.iter().filter(|d| d["outcome"] == "completed").count();
     if as_json {
         print_json(&json!(done));
-    } else if total == 0 {
+    } else if done.is_empty() {
         println!("no VM to evacuate");
     } else {
         println!(
             "{:<16} {:<8} {:<10} {:>9} {:>11} {:>10} {:>9}",
             "VM", "Job", "Outcome", "Total ms", "Downtime ms", "Sent", "Mbit/s"
         );
-        for d in &done {
+        for d in done {
             println!(
                 "{:<16} {:<8} {:<10} {:>9.0} {:>11.1} {:>10} {:>9.0}{}",
                 format::opt(&d["vm"]),
@@ -167,11 +232,28 @@ pub fn run(
                     .unwrap_or_default()
             );
         }
-        println!("{moved} of {total} VMs moved to {to}");
+        println!("{moved} of {} VMs moved to {to}", done.len());
     }
-    Ok(if moved == total {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    moved
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_adopting_vm_is_listed_as_skipped() {
+        let reply = json!({"ok": true,
+            "vms": [{"name": "web1", "state": "running", "job": null},
+                    {"name": "old", "state": "stopped", "job": null}],
+            "adopting": ["db2"]});
+        let l = listed(&reply);
+        let names: Vec<&str> = l.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(names, ["web1", "old", "db2"]);
+        assert_eq!(l[0].2, Evacuation::Move);
+        assert_eq!(l[1].2, Evacuation::Nothing);
+        assert_eq!(l[2].2, Evacuation::Skip(NOT_ANSWERING.into()));
+        // A daemon without the field: none.
+        assert_eq!(listed(&json!({"ok": true, "vms": []})).len(), 0);
+    }
 }
