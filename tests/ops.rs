@@ -1161,3 +1161,64 @@ fn evacuate_names_a_vm_that_appeared_meanwhile() {
         "{out}"
     );
 }
+
+/// A daemon that restarts during evacuate (the connection of the first poll
+/// closed after its reply; then, but in the first case, no socket for
+/// 1.5 s) is waited for, as `migctl migrate` waits: the job polled, and the
+/// VM still queued, move, each once, and evacuate reports them completed.
+/// The restart comes while web1's job runs (its next poll fails), or as it
+/// ends (web2's `migrate` fails).
+#[test]
+fn evacuate_waits_for_a_restarted_daemon_and_reports_the_real_outcome() {
+    let secs = Duration::from_millis(1500);
+    for (tag, down, statuses) in [
+        ("closed", Duration::ZERO, vec!["active", "completed"]),
+        ("down-polling", secs, vec!["active", "completed"]),
+        ("down-starting", secs, vec!["completed"]),
+    ] {
+        let dir = scratch(&format!("evac-restart-{tag}"));
+        let (sock, requests) = fake_evac_migd(
+            &dir,
+            EvacScript {
+                lists: vec![json!({"vms": [evac_vm("web1", "running"),
+                                           evac_vm("web2", "running")], "adopting": []})],
+                statuses,
+                restart: Some(down),
+                ..Default::default()
+            },
+        );
+        let (code, out, err) = migctl_evacuate(&sock, &["--parallel", "1", "--json"]);
+        assert_eq!(code, Some(0), "{tag}: {out}\n{err}");
+        let lines: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        assert_eq!(lines.len(), 2, "{tag}: {out}");
+        for l in &lines {
+            assert_eq!(l["outcome"], "completed", "{tag}: {out}");
+        }
+        assert_eq!(requests_of(&requests, "migrate").len(), 2, "{tag}");
+    }
+}
+
+/// A `migrate` request whose reply was lost (the daemon restarted as it
+/// answered) may have started its job: evacuate finds that job among the
+/// daemon's and follows it, instead of asking again (refused: the VM is
+/// migrating) and failing a VM that moves.
+#[test]
+fn evacuate_follows_the_job_of_a_migrate_request_whose_reply_was_lost() {
+    let dir = scratch("evac-lost-reply");
+    let (sock, requests) = fake_evac_migd(
+        &dir,
+        EvacScript {
+            lists: vec![json!({"vms": [evac_vm("web1", "running")], "adopting": []})],
+            statuses: vec!["active", "completed"],
+            lose_first_migrate_reply: true,
+            ..Default::default()
+        },
+    );
+    let (code, out, err) = migctl_evacuate(&sock, &["--json"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let lines: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert_eq!(lines[0]["outcome"], "completed", "{out}");
+    assert_eq!(lines[0]["job"], "job1", "{out}");
+    assert_eq!(requests_of(&requests, "migrate").len(), 1);
+}

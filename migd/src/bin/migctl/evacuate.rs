@@ -2,20 +2,29 @@
 //! time (the daemon shares its host-wide bandwidth cap among them), then one
 //! line per VM, those it could not move included; exit 0 only if every VM
 //! that runs here, or will, moved.
+//!
+//! A daemon that stops answering meanwhile (a restart: the jobs go on in
+//! their VM processes, and the next daemon picks them up) is waited for, as
+//! `migctl migrate` waits.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
-use migd::client::Client;
+use migd::client::{Client, Error};
 use serde_json::{json, Value};
 
 use crate::commands::print_json;
 use crate::format;
 
 const POLL: Duration = Duration::from_millis(250);
+/// How long the daemon may not answer before evacuate gives up on what it
+/// still has to ask it: the VMs it has not started fail, and the jobs it
+/// polls are lost track of. The same wait as `migctl migrate`'s
+/// (`LOST_AFTER` in migrate.rs, private to that module).
+const LOST_AFTER: Duration = Duration::from_secs(60);
 
 /// A VM of `list`'s `adopting`.
 const NOT_ANSWERING: &str = "its VM process does not answer yet (busy, or stopped)";
@@ -96,6 +105,132 @@ fn unmoved(vm: &str, job: &Value, outcome: &str, why: String) -> Value {
     json!({"vm": vm, "job": job, "outcome": outcome, "error": why})
 }
 
+// ---------------------------------------------------------------- the daemon
+
+/// What became of a request.
+enum Answer {
+    /// Done: the daemon's reply.
+    Done(Value),
+    /// The daemon answered no.
+    Refused(String),
+    /// No answer, and the daemon has been silent for less than
+    /// [`LOST_AFTER`]: ask again in a while.
+    Wait(Error),
+    /// No answer, and none for [`LOST_AFTER`].
+    Lost(Error),
+}
+
+/// The daemon, and when it last answered.
+struct Daemon<'a> {
+    c: &'a mut Client,
+    answered: Instant,
+}
+
+impl Daemon<'_> {
+    fn call(&mut self, req: &Value) -> Answer {
+        match self.c.call(req) {
+            Ok(r) => {
+                self.answered = Instant::now();
+                Answer::Done(r)
+            }
+            Err(Error::Daemon(e)) => {
+                self.answered = Instant::now();
+                Answer::Refused(e)
+            }
+            Err(e) if self.answered.elapsed() < LOST_AFTER => Answer::Wait(e),
+            Err(e) => Answer::Lost(e),
+        }
+    }
+}
+
+/// A VM waiting for its migration to be asked for.
+struct Queued {
+    vm: String,
+    /// A `migrate` request for it got no answer, one the daemon may have
+    /// acted on (it got the request, or may have): before asking again,
+    /// evacuate looks for the job among the daemon's.
+    asked: bool,
+}
+
+/// A VM whose job runs.
+struct Running {
+    vm: String,
+    id: String,
+}
+
+/// What asking for a VM's migration gave.
+enum Started {
+    Job(String),
+    /// The VM's result line: it does not move.
+    Failed(Value),
+    /// No answer yet; `asked`: the request may have been acted on.
+    Wait(Error, bool),
+}
+
+/// The hint for a VM whose `migrate` request may have started a job.
+const MAY_HAVE_STARTED: &str = "its migration may have started all the same: see `migctl jobs`";
+
+/// Asks for `q`'s migration with `req`, unless a job of it that started
+/// since `since` (Unix seconds), and that evacuate does not know of
+/// (`known`), shows its earlier request was acted on.
+fn start(d: &mut Daemon, q: &Queued, req: &Value, since: u64, known: &BTreeSet<String>) -> Started {
+    let lost = |e: Error, asked: bool| {
+        let why = if asked {
+            format!("{e}; {MAY_HAVE_STARTED}")
+        } else {
+            e.to_string()
+        };
+        Started::Failed(unmoved(&q.vm, &Value::Null, "failed", why))
+    };
+    if q.asked {
+        match d.call(&json!({"cmd": "jobs"})) {
+            Answer::Done(r) => {
+                if let Some(id) = started_since(&r["jobs"], &q.vm, &req["to"], since, known) {
+                    return Started::Job(id);
+                }
+            }
+            // No list of jobs: ask again all the same; a daemon that is
+            // still migrating the VM refuses, naming the job.
+            Answer::Refused(_) => {}
+            Answer::Wait(e) => return Started::Wait(e, true),
+            Answer::Lost(e) => return lost(e, true),
+        }
+    }
+    match d.call(req) {
+        Answer::Done(r) => Started::Job(r["job"].as_str().unwrap_or_default().to_string()),
+        Answer::Refused(e) => Started::Failed(unmoved(&q.vm, &Value::Null, "failed", e)),
+        Answer::Wait(e) => {
+            // One that never connected reached no daemon.
+            let asked = q.asked || !matches!(e, Error::Connect { .. });
+            Started::Wait(e, asked)
+        }
+        Answer::Lost(e) => {
+            let asked = q.asked || !matches!(e, Error::Connect { .. });
+            lost(e, asked)
+        }
+    }
+}
+
+/// The id of the newest of `jobs` (a `jobs` reply's) that migrates `vm` to
+/// `to`, started at `since` or later, and is not in `known`.
+fn started_since(
+    jobs: &Value,
+    vm: &str,
+    to: &Value,
+    since: u64,
+    known: &BTreeSet<String>,
+) -> Option<String> {
+    jobs.as_array()?
+        .iter()
+        .filter(|j| j["vm"] == vm && j["to"] == *to)
+        .filter(|j| j["started"].as_u64().is_some_and(|s| s >= since))
+        .filter_map(|j| j["id"].as_str())
+        .rfind(|id| !known.contains(*id))
+        .map(str::to_string)
+}
+
+// ---------------------------------------------------------------- evacuate
+
 pub fn run(
     c: &mut Client,
     to: &str,
@@ -105,60 +240,95 @@ pub fn run(
     as_json: bool,
 ) -> Result<ExitCode> {
     let first = c.call(&json!({"cmd": "list"}))?;
-    let mut queue: VecDeque<String> = VecDeque::new();
+    // Jobs of this evacuation start from now on (the daemon's clock is
+    // this host's).
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut d = Daemon {
+        c,
+        answered: Instant::now(),
+    };
+    let mut queue: VecDeque<Queued> = VecDeque::new();
     // One line per VM: those that stay on this host unmoved are said so and
     // counted (the exit status then says the host is not empty).
     let mut done: Vec<Value> = Vec::new();
     for (vm, job, ev) in listed(&first) {
         match ev {
             Evacuation::Nothing => {}
-            Evacuation::Move => queue.push_back(vm),
+            Evacuation::Move => queue.push_back(Queued { vm, asked: false }),
             Evacuation::Skip(why) => done.push(unmoved(&vm, &job, "skipped", why)),
         }
     }
     let total = queue.len() + done.len();
-    let mut running: Vec<(String, String)> = Vec::new();
+    let mut running: Vec<Running> = Vec::new();
+    // The job ids of this evacuation.
+    let mut known: BTreeSet<String> = BTreeSet::new();
     let progress = !as_json && std::io::stderr().is_terminal();
+    // Why the daemon did not answer, this round.
+    let mut silent: Option<Error>;
     loop {
-        while running.len() < parallel {
-            let Some(vm) = queue.pop_front() else { break };
-            let req = json!({"cmd": "migrate", "name": vm, "to": to, "mode": mode,
+        silent = None;
+        while running.len() < parallel && silent.is_none() {
+            let Some(q) = queue.pop_front() else { break };
+            let req = json!({"cmd": "migrate", "name": q.vm, "to": to, "mode": mode,
                              "max_downtime_ms": max_downtime, "detach": true});
-            // A failed request (refused, or no reply in time) fails this VM
-            // only; the client takes a fresh connection for the next.
-            match c.call(&req) {
-                Ok(r) => running.push((vm, r["job"].as_str().unwrap_or_default().to_string())),
-                Err(e) => done.push(json!({"vm": vm, "outcome": "failed", "error": e.to_string()})),
+            match start(&mut d, &q, &req, since, &known) {
+                Started::Job(id) => {
+                    known.insert(id.clone());
+                    running.push(Running { vm: q.vm, id });
+                }
+                Started::Failed(line) => done.push(line),
+                Started::Wait(e, asked) => {
+                    queue.push_front(Queued { vm: q.vm, asked });
+                    silent = Some(e);
+                }
             }
         }
-        if running.is_empty() {
+        if running.is_empty() && queue.is_empty() {
             break;
         }
         std::thread::sleep(POLL);
         let mut still = Vec::new();
-        for (vm, id) in running {
-            let job = match c.call(&json!({"cmd": "job", "id": id})) {
-                Ok(r) => r["job"].clone(),
-                Err(e) => {
-                    // Its job may still run: the line names it for `migctl job`.
-                    let error = format!("lost track of job {id}: {e}");
-                    done.push(json!({"vm": vm, "job": id, "outcome": "failed", "error": error}));
-                    continue;
+        for r in running {
+            // The daemon did not answer this round: the others wait with it.
+            if silent.is_some() {
+                still.push(r);
+                continue;
+            }
+            match d.call(&json!({"cmd": "job", "id": r.id})) {
+                Answer::Done(reply) => {
+                    let job = reply["job"].clone();
+                    if format::is_final(job["status"].as_str().unwrap_or("")) {
+                        done.push(summary(&r.vm, &job));
+                    } else {
+                        still.push(r);
+                    }
                 }
-            };
-            if matches!(
-                job["status"].as_str(),
-                Some("completed" | "failed" | "cancelled")
-            ) {
-                done.push(summary(&vm, &job));
-            } else {
-                still.push((vm, id));
+                Answer::Refused(e) => {
+                    let why = format!("lost track of job {}: {e}", r.id);
+                    done.push(unmoved(&r.vm, &json!(r.id), "failed", why));
+                }
+                Answer::Wait(e) => {
+                    silent = Some(e);
+                    still.push(r);
+                }
+                Answer::Lost(e) => {
+                    // Its job may still run: the line names it for `migctl job`.
+                    let why = format!("lost track of job {}: {e}", r.id);
+                    done.push(unmoved(&r.vm, &json!(r.id), "failed", why));
+                }
             }
         }
         running = still;
         if progress {
+            let waiting = silent
+                .as_ref()
+                .map(|e| format!("; migd does not answer ({e}), waiting"))
+                .unwrap_or_default();
             eprint!(
-                "\revacuating to {to}: {} of {total} done, {} running, {} waiting   ",
+                "\r\x1b[Kevacuating to {to}: {} of {total} done, {} running, {} waiting{waiting}",
                 done.len(),
                 running.len(),
                 queue.len()
@@ -171,7 +341,7 @@ pub fn run(
     // VMs that appeared meanwhile (created, started, arriving, or adopted
     // by a restarted daemon) run here too.
     let mut relisted = true;
-    match c.call(&json!({"cmd": "list"})) {
+    match list_again(&mut d) {
         Ok(r) => {
             let named: BTreeSet<String> = done
                 .iter()
@@ -202,6 +372,18 @@ pub fn run(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `list`, waiting for the daemon as the polls do.
+fn list_again(d: &mut Daemon) -> Result<Value, String> {
+    loop {
+        match d.call(&json!({"cmd": "list"})) {
+            Answer::Done(r) => return Ok(r),
+            Answer::Refused(e) => return Err(e),
+            Answer::Lost(e) => return Err(e.to_string()),
+            Answer::Wait(_) => std::thread::sleep(POLL),
+        }
+    }
 }
 
 /// Prints the lines (a table, or a JSON array); returns how many VMs moved.
@@ -255,5 +437,32 @@ mod tests {
         assert_eq!(l[2].2, Evacuation::Skip(NOT_ANSWERING.into()));
         // A daemon without the field: none.
         assert_eq!(listed(&json!({"ok": true, "vms": []})).len(), 0);
+    }
+
+    #[test]
+    fn a_job_started_since_is_found_by_vm_destination_and_time() {
+        let job = |id: &str, vm: &str, to: &str, started: u64| json!({"id": id, "vm": vm, "to": to, "started": started});
+        let jobs = json!([
+            job("job1", "web1", "h:1", 90),
+            job("job2", "web1", "h:2", 100),
+            job("job3", "web2", "h:1", 100),
+            job("job4", "web1", "h:1", 100),
+            job("job5", "web1", "h:1", 101),
+        ]);
+        let to = json!("h:1");
+        let mut known = BTreeSet::new();
+        assert_eq!(
+            started_since(&jobs, "web1", &to, 100, &known).as_deref(),
+            Some("job5")
+        );
+        known.insert("job5".to_string());
+        assert_eq!(
+            started_since(&jobs, "web1", &to, 100, &known).as_deref(),
+            Some("job4")
+        );
+        known.insert("job4".to_string());
+        // job1 started before, job2 goes elsewhere, job3 moves another VM.
+        assert_eq!(started_since(&jobs, "web1", &to, 100, &known), None);
+        assert_eq!(started_since(&json!(null), "web1", &to, 0, &known), None);
     }
 }
