@@ -1222,3 +1222,82 @@ fn evacuate_follows_the_job_of_a_migrate_request_whose_reply_was_lost() {
     assert_eq!(lines[0]["job"], "job1", "{out}");
     assert_eq!(requests_of(&requests, "migrate").len(), 1);
 }
+
+/// Ctrl-C during evacuate starts no more migrations, prints what it knows
+/// (the job still running named, with how to watch or cancel it; the VMs
+/// not started as skipped) and exits 130; the running job is left running
+/// (no cancel: it may be past post-copy's switch).
+#[test]
+fn evacuate_interrupted_names_the_jobs_left_running() {
+    let dir = scratch("evac-sigint");
+    let (sock, requests) = fake_evac_migd(
+        &dir,
+        EvacScript {
+            lists: vec![json!({"vms": [evac_vm("web1", "running"),
+                                       evac_vm("web2", "running")], "adopting": []})],
+            statuses: vec!["active"],
+            ..Default::default()
+        },
+    );
+    let mut child = Command::new(migctl_bin())
+        .arg("--socket")
+        .arg(&sock)
+        .args(["evacuate", "--to", "10.0.0.2:7070", "--parallel", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once web1's job has been polled: migctl is in its loop.
+    let end = Instant::now() + Duration::from_secs(20);
+    while requests_of(&requests, "job").is_empty() {
+        assert!(Instant::now() < end, "no job poll");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: a signal to the child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let end = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("migctl did not end after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}\n{out}\n{err}");
+    let web1 = line_of(&out, "web1");
+    assert!(
+        web1.contains("job1") && web1.contains("running") && web1.contains("migctl cancel job1"),
+        "{out}"
+    );
+    let web2 = line_of(&out, "web2");
+    assert!(
+        web2.contains("skipped") && web2.contains("interrupted"),
+        "{out}"
+    );
+    assert!(out.contains("0 of 2 VMs moved"), "{out}");
+    assert!(
+        err.contains("job1 (web1)") && err.contains("not cancelled"),
+        "{err}"
+    );
+    let migrates = requests_of(&requests, "migrate");
+    assert_eq!(migrates.len(), 1, "{migrates:?}");
+    assert_eq!(migrates[0]["name"], "web1");
+    assert!(requests_of(&requests, "cancel").is_empty());
+}

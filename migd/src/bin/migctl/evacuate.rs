@@ -5,15 +5,18 @@
 //!
 //! A daemon that stops answering meanwhile (a restart: the jobs go on in
 //! their VM processes, and the next daemon picks them up) is waited for, as
-//! `migctl migrate` waits.
+//! `migctl migrate` waits. The first Ctrl-C stops starting migrations and
+//! prints what is known, the jobs still running named and left running.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use migd::client::{Client, Error};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use serde_json::{json, Value};
 
 use crate::commands::print_json;
@@ -25,6 +28,8 @@ const POLL: Duration = Duration::from_millis(250);
 /// polls are lost track of. The same wait as `migctl migrate`'s
 /// (`LOST_AFTER` in migrate.rs, private to that module).
 const LOST_AFTER: Duration = Duration::from_secs(60);
+/// The exit status after Ctrl-C, as a shell reports a command SIGINT ended.
+const INTERRUPTED_EXIT: u8 = 130;
 
 /// A VM of `list`'s `adopting`.
 const NOT_ANSWERING: &str = "its VM process does not answer yet (busy, or stopped)";
@@ -156,6 +161,8 @@ struct Queued {
 struct Running {
     vm: String,
     id: String,
+    /// The job as last polled (null before).
+    job: Value,
 }
 
 /// What asking for a VM's migration gave.
@@ -229,6 +236,55 @@ fn started_since(
         .map(str::to_string)
 }
 
+// ---------------------------------------------------------------- Ctrl-C
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// The first SIGINT, while this lives, sets [`INTERRUPTED`] instead of
+/// ending migctl; the handler then resets itself (`SA_RESETHAND`), so that
+/// a second one ends migctl at once (a daemon that does not reply holds a
+/// request up to its timeout). A SIGINT that was ignored (`nohup`, a
+/// background job of a non-interactive shell) stays ignored.
+struct CatchSigint(Option<SigAction>);
+
+impl CatchSigint {
+    fn install() -> CatchSigint {
+        let act = SigAction::new(
+            SigHandler::Handler(on_sigint),
+            SaFlags::SA_RESETHAND,
+            SigSet::empty(),
+        );
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe.
+        match unsafe { sigaction(Signal::SIGINT, &act) } {
+            Ok(old) if old.handler() == SigHandler::SigIgn => {
+                // SAFETY: restores the disposition just read.
+                let _ = unsafe { sigaction(Signal::SIGINT, &old) };
+                CatchSigint(None)
+            }
+            Ok(old) => CatchSigint(Some(old)),
+            Err(_) => CatchSigint(None),
+        }
+    }
+}
+
+impl Drop for CatchSigint {
+    fn drop(&mut self) {
+        if let Some(old) = self.0.take() {
+            // SAFETY: restores the disposition read at install.
+            let _ = unsafe { sigaction(Signal::SIGINT, &old) };
+        }
+    }
+}
+
 // ---------------------------------------------------------------- evacuate
 
 pub fn run(
@@ -240,6 +296,7 @@ pub fn run(
     as_json: bool,
 ) -> Result<ExitCode> {
     let first = c.call(&json!({"cmd": "list"}))?;
+    let _sigint = CatchSigint::install();
     // Jobs of this evacuation start from now on (the daemon's clock is
     // this host's).
     let since = SystemTime::now()
@@ -270,14 +327,18 @@ pub fn run(
     let mut silent: Option<Error>;
     loop {
         silent = None;
-        while running.len() < parallel && silent.is_none() {
+        while running.len() < parallel && silent.is_none() && !interrupted() {
             let Some(q) = queue.pop_front() else { break };
             let req = json!({"cmd": "migrate", "name": q.vm, "to": to, "mode": mode,
                              "max_downtime_ms": max_downtime, "detach": true});
             match start(&mut d, &q, &req, since, &known) {
                 Started::Job(id) => {
                     known.insert(id.clone());
-                    running.push(Running { vm: q.vm, id });
+                    running.push(Running {
+                        vm: q.vm,
+                        id,
+                        job: Value::Null,
+                    });
                 }
                 Started::Failed(line) => done.push(line),
                 Started::Wait(e, asked) => {
@@ -286,10 +347,13 @@ pub fn run(
                 }
             }
         }
-        if running.is_empty() && queue.is_empty() {
+        if interrupted() || running.is_empty() && queue.is_empty() {
             break;
         }
         std::thread::sleep(POLL);
+        if interrupted() {
+            break;
+        }
         let mut still = Vec::new();
         for r in running {
             // The daemon did not answer this round: the others wait with it.
@@ -303,7 +367,7 @@ pub fn run(
                     if format::is_final(job["status"].as_str().unwrap_or("")) {
                         done.push(summary(&r.vm, &job));
                     } else {
-                        still.push(r);
+                        still.push(Running { job, ..r });
                     }
                 }
                 Answer::Refused(e) => {
@@ -338,6 +402,17 @@ pub fn run(
     if progress {
         eprintln!();
     }
+    if interrupted() {
+        return Ok(stop(
+            &mut d,
+            done,
+            running,
+            queue,
+            silent.is_none(),
+            to,
+            as_json,
+        ));
+    }
     // VMs that appeared meanwhile (created, started, arriving, or adopted
     // by a restarted daemon) run here too.
     let mut relisted = true;
@@ -369,6 +444,8 @@ pub fn run(
     let moved = print(&done, to, as_json);
     Ok(if moved == done.len() && relisted {
         ExitCode::SUCCESS
+    } else if interrupted() {
+        ExitCode::from(INTERRUPTED_EXIT)
     } else {
         ExitCode::FAILURE
     })
@@ -381,9 +458,73 @@ fn list_again(d: &mut Daemon) -> Result<Value, String> {
             Answer::Done(r) => return Ok(r),
             Answer::Refused(e) => return Err(e),
             Answer::Lost(e) => return Err(e.to_string()),
+            Answer::Wait(_) if interrupted() => return Err("interrupted".into()),
             Answer::Wait(_) => std::thread::sleep(POLL),
         }
     }
+}
+
+/// After Ctrl-C: the VMs not started are skipped, the jobs still running
+/// are left running (some may be past the point of no return: a post-copy
+/// job's guest runs on the destination, its memory split between the hosts)
+/// and named, with what to do about them; exit 130. `answering`: the daemon
+/// answered last round, and is asked once more about each job.
+fn stop(
+    d: &mut Daemon,
+    mut done: Vec<Value>,
+    running: Vec<Running>,
+    queue: VecDeque<Queued>,
+    answering: bool,
+    to: &str,
+    as_json: bool,
+) -> ExitCode {
+    let mut left = Vec::new();
+    for r in running {
+        let mut job = r.job;
+        if answering {
+            if let Ok(reply) = d.c.call(&json!({"cmd": "job", "id": r.id})) {
+                job = reply["job"].clone();
+            }
+        }
+        if format::is_final(job["status"].as_str().unwrap_or("")) {
+            done.push(summary(&r.vm, &job));
+            continue;
+        }
+        let mut line = summary(&r.vm, &job);
+        line["job"] = json!(r.id);
+        line["outcome"] = json!("running");
+        line["error"] = json!(format!(
+            "left running ({}): `migctl job {id}` to watch it, `migctl cancel {id}` to stop it",
+            job["status"].as_str().unwrap_or("starting"),
+            id = r.id
+        ));
+        done.push(line);
+        left.push(format!("{} ({})", r.id, r.vm));
+    }
+    for q in queue {
+        let why = if q.asked {
+            format!("not started: evacuate was interrupted; {MAY_HAVE_STARTED}")
+        } else {
+            "not started: evacuate was interrupted".to_string()
+        };
+        done.push(unmoved(&q.vm, &Value::Null, "skipped", why));
+    }
+    print(&done, to, as_json);
+    if left.is_empty() {
+        eprintln!("migctl: evacuate interrupted; no migration of it is left running");
+    } else {
+        let n = match left.len() {
+            1 => "1 migration".to_string(),
+            n => format!("{n} migrations"),
+        };
+        eprintln!(
+            "migctl: evacuate interrupted; {n} left running, not cancelled (one past \
+             post-copy's switch cannot go back): {}; `migctl job ID` to watch one, \
+             `migctl cancel ID` to stop one",
+            left.join(", ")
+        );
+    }
+    ExitCode::from(INTERRUPTED_EXIT)
 }
 
 /// Prints the lines (a table, or a JSON array); returns how many VMs moved.
