@@ -741,7 +741,10 @@ fn hybrid_leaves_the_hot_working_set_to_post_copy() {
     // Round 0 sends the rest, the guest's other data (4 to 5 MiB, which
     // varies from run to run), not the hot set's 8000 pages again.
     let round0 = stats["rounds"][0]["pages"].as_u64().unwrap();
-    assert!(round0 * 4 < deferred, "round 0 re-sent the hot set: {stats}");
+    assert!(
+        round0 * 4 < deferred,
+        "round 0 re-sent the hot set: {stats}"
+    );
     // A fault can bring a page twice only where the push's copy may be
     // queued behind bulk data; under the cap the push's next page, often
     // the one the guest faults on, is not sent again (up to ~500 pages

@@ -24,10 +24,9 @@ use crate::format;
 
 const POLL: Duration = Duration::from_millis(250);
 /// How long the daemon may not answer before evacuate gives up on what it
-/// still has to ask it: the VMs it has not started fail, and the jobs it
-/// polls are lost track of. The same wait as `migctl migrate`'s
-/// (`LOST_AFTER` in migrate.rs, private to that module).
-const LOST_AFTER: Duration = Duration::from_secs(60);
+/// still has to ask it (the VMs it has not started fail, and the jobs it
+/// polls are lost track of): `migctl migrate`'s wait.
+use crate::migrate::LOST_AFTER;
 /// The exit status after Ctrl-C, as a shell reports a command SIGINT ended.
 const INTERRUPTED_EXIT: u8 = 130;
 

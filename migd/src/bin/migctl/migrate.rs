@@ -15,8 +15,9 @@ use crate::commands::print_json;
 use crate::format;
 
 const POLL: Duration = Duration::from_millis(250);
-/// How long the daemon may not answer before `migrate` gives up waiting.
-const LOST_AFTER: Duration = Duration::from_secs(60);
+/// How long the daemon may not answer before `migrate` (and `evacuate`)
+/// gives up waiting.
+pub(crate) const LOST_AFTER: Duration = Duration::from_secs(60);
 
 /// Polls `job` until the job ends, drawing progress on stderr when it is a terminal.
 /// `memory` (what round 0 is expected to send: the VM's RAM that holds data)
