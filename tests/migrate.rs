@@ -854,6 +854,32 @@ fn a_destination_that_cannot_confirm_runs_the_vm_on() {
     assert_eq!(src.terminate(), 0);
 }
 
+/// A commit that cannot be noted (`--unconfirmed-file` in a directory that
+/// does not exist) fails the migration before `Go`: the source VM resumes,
+/// the destination gives up.
+#[test]
+fn a_commit_that_cannot_be_noted_fails_before_go_and_the_source_resumes() {
+    if !kvm_or_skip("a_commit_that_cannot_be_noted_fails_before_go_and_the_source_resumes") {
+        return;
+    }
+    let dir = scratch("migrate-no-note");
+    let note = dir.join("missing-dir").join("unconfirmed");
+    let src = VmProcess::boot_with(
+        &dir,
+        "src",
+        "workload=dirty:8:4",
+        "256M",
+        1,
+        &["--unconfirmed-file", note.to_str().unwrap()],
+    );
+    src.console
+        .wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let (stats, mut dst) = migrate_to_new(&dir, &src, "dst", loopback, json!({}));
+    assert_failed_and_source_runs_on(&stats, "noting the commit in", &src, &mut dst);
+    assert!(!note.exists());
+    assert_eq!(src.request(json!({"cmd": "status"}))["state"], "running");
+}
+
 /// The send of `Go` reports an error although `Go` went out (test-only
 /// fault; the send watchdog can do this): the destination runs the VM, so
 /// the source must stay paused, never resume on its own.

@@ -328,14 +328,21 @@ pub fn run(args: RunArgs) -> Result<i32> {
         None => None,
     };
     let prepared = if args.incoming.is_some() || args.incoming_fd.is_some() {
-        Some(
-            vmm::Vm::prepare(
-                vmm::GuestRam::new(args.memory).context("guest memory")?,
-                args.cpus,
-                args.serial.as_deref(),
-            )
-            .context("preparing the VM for the incoming migration")?,
-        )
+        let built = vmm::GuestRam::new(args.memory)
+            .context("guest memory")
+            .and_then(|ram| {
+                vmm::Vm::prepare(ram, args.cpus, args.serial.as_deref()).map_err(Into::into)
+            })
+            .context("preparing the VM for the incoming migration");
+        match (built, &handed_over) {
+            (Ok(p), _) => Some(p),
+            (Err(e), Some((_, abandon))) => {
+                // The source, connected, is told why.
+                abandon.abandon(&format!("{e:#}"));
+                return Err(e);
+            }
+            (Err(e), None) => return Err(e),
+        }
     } else {
         None
     };
@@ -647,10 +654,6 @@ fn slow_start_for_tests() {
     }
 }
 
-/// Accepts one migration on `listener` and does the destination's handshake.
-/// A client whose handshake fails (a port scanner, a peer that is not a
-/// migd source, a TLS failure, a source refused for its size) is logged and
-/// dropped, and the next one is awaited: nothing of the VM was touched yet.
 /// The link the daemon handed over: the socket `fd`, and the TLS session
 /// from the pipe `state_fd`, if any.
 fn import_incoming(fd: i32, state_fd: Option<i32>) -> Result<link::Link> {
@@ -670,6 +673,10 @@ fn import_incoming(fd: i32, state_fd: Option<i32>) -> Result<link::Link> {
     link::Link::import(tcp, state.as_deref()).context("the incoming link")
 }
 
+/// Accepts one migration on `listener` and does the destination's handshake.
+/// A client whose handshake fails (a port scanner, a peer that is not a
+/// migd source, a TLS failure, a source refused for its size) is logged and
+/// dropped, and the next one is awaited: nothing of the VM was touched yet.
 fn accept_incoming(listener: &std::net::TcpListener, args: &RunArgs) -> Result<link::Link> {
     tracing::info!(addr = ?listener.local_addr().ok(), "waiting for an incoming migration");
     loop {

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -58,7 +59,7 @@ pub fn receive(
         return Err(Error::Cancelled);
     }
     let out = stream.try_clone().ok();
-    let result = receive_vm(stream, prepared, tls, on_running);
+    let result = receive_vm(stream, prepared, tls, on_running, abandon);
     match (result, abandon.reason()) {
         (Err(e), Some(why)) => {
             tracing::debug!("receiving ended by the stop: {e}");
@@ -82,6 +83,8 @@ pub struct Abandon {
 struct AbandonInner {
     /// Whether `receive` has begun, and the reason given, if any.
     state: Mutex<(bool, Option<String>)>,
+    /// A reason was given (read at every frame, without the lock).
+    given_up: AtomicBool,
     link: Link,
 }
 
@@ -92,6 +95,7 @@ impl Abandon {
         Ok(Self {
             inner: Arc::new(AbandonInner {
                 state: Mutex::new((false, None)),
+                given_up: AtomicBool::new(false),
                 link,
             }),
         })
@@ -106,6 +110,7 @@ impl Abandon {
             return state.0;
         }
         state.1 = Some(why.to_string());
+        self.inner.given_up.store(true, Ordering::Release);
         if state.0 {
             let _ = self.inner.link.shutdown(Shutdown::Read);
         } else {
@@ -129,6 +134,30 @@ impl Abandon {
     fn reason(&self) -> Option<String> {
         self.state().1.clone()
     }
+
+    /// Fails once the migration is given up: the receiver asks at every
+    /// frame, not only when its socket reports the end (data queued before
+    /// the shutdown is still read).
+    pub(crate) fn check(&self) -> Result<()> {
+        match self.inner.given_up.load(Ordering::Acquire) {
+            true => Err(Error::Cancelled),
+            false => Ok(()),
+        }
+    }
+
+    /// Sends `Ready` unless the migration is given up: a stop that came
+    /// while the state was decoded, loaded or checked must not let the
+    /// source commit (it would then wait, paused, for a VM that never runs
+    /// here). Under the lock, so a stop comes before it or after it.
+    pub(crate) fn send_ready(&self, out: &mut Link) -> Result<()> {
+        let state = self.state();
+        if state.1.is_some() {
+            return Err(Error::Cancelled);
+        }
+        wire::write_control(out, &Message::Ready)?;
+        drop(state);
+        Ok(())
+    }
 }
 
 /// Tells the source why this side gives the migration up (best effort).
@@ -145,6 +174,7 @@ fn receive_vm(
     prepared: PreparedVm,
     tls: Option<&TlsSetup>,
     on_running: &dyn Fn(),
+    abandon: &Abandon,
 ) -> Result<(Vm, IncomingStats)> {
     // A source that stalls for a minute is gone: give up rather than hang.
     stream
@@ -182,6 +212,7 @@ fn receive_vm(
         // while the page streams carry the round (a tight cap over many
         // streams): that is no stall as long as their frames arrive. The
         // wait is for the first byte, so a timeout consumes nothing.
+        abandon.check()?;
         let h = loop {
             let failed = match r.fill_buf() {
                 Ok(_) => match wire::read_header(&mut r) {
@@ -324,7 +355,7 @@ fn receive_vm(
                 drop(writer);
                 let held = dst.touched_huge_pages();
                 return crate::postcopy::receive(
-                    prepared, r, out, runs, held, channel, tls, stats, on_running,
+                    prepared, r, out, runs, held, channel, tls, stats, on_running, abandon,
                 );
             }
             Message::Cancel { reason } => return Err(Error::PeerCancelled(reason)),
@@ -358,7 +389,7 @@ fn receive_vm(
         tracing::info!(crc32, "memory digest matches the source");
     }
     drop(mem);
-    wire::write_control(&mut out, &Message::Ready)?;
+    abandon.send_ready(&mut out)?;
     let resume = match wire::expect_control(&mut r, "Go")? {
         Message::Go => true,
         Message::GoPaused => false,
@@ -828,6 +859,34 @@ pub(crate) fn zero_pages(dst: &GuestMem, off: u64, n: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A migration given up while it was received sends no `Ready` (the
+    /// source would commit and wait, paused, for a VM that never runs
+    /// here), and the receive loop stops at its next frame.
+    #[test]
+    fn a_given_up_arrival_sends_no_ready() {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let mut out = Link::plain(s);
+        let a = Abandon::new(&out).unwrap();
+        assert!(a.begin());
+        assert!(a.check().is_ok());
+        a.send_ready(&mut out).unwrap();
+        assert!(a.abandon("stop requested"), "the receiver tells the source");
+        assert!(matches!(a.check(), Err(Error::Cancelled)));
+        assert!(matches!(a.send_ready(&mut out), Err(Error::Cancelled)));
+        drop((out, a));
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).unwrap();
+        let mut r = &got[..];
+        assert!(matches!(
+            wire::expect_control(&mut r, "Ready"),
+            Ok(Message::Ready)
+        ));
+        assert!(r.is_empty(), "a second Ready went out");
+    }
 
     /// Stores, zeroes and deltas on `ram`, read back through its mapping.
     fn stores_zeroes_and_deltas(ram: &GuestRam) {

@@ -99,6 +99,13 @@ pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "no message".into())
 }
 
+/// Runs `f`; a panic in it is a failure like any other, [`Error::Panicked`]
+/// (a bug, named as one), which the caller handles by the same rules.
+pub(crate) fn caught<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|p| Err(Error::Panicked(panic_message(&*p))))
+}
+
 impl From<wire::WireError> for Error {
     fn from(e: wire::WireError) -> Self {
         Error::Wire(e)

@@ -1350,13 +1350,12 @@ pub(crate) fn drive(
     let ring_before = vm.dirty_ring_stats();
     // A panic is a failure like any other (a bug, named as one): the VM is
     // resumed or kept, and the caller told, by the same rules.
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let result = crate::caught(|| {
         if params.fault_panic {
             panic!("fault injection: fault_panic");
         }
         body(start, &mut paused_at)
-    }))
-    .unwrap_or_else(|p| Err(Error::Panicked(crate::panic_message(&*p))));
+    });
     let ring = vm.dirty_ring_stats().map(|r| {
         let b = ring_before.unwrap_or_default();
         crate::stats::DirtyRingStats {
@@ -1707,13 +1706,24 @@ pub(crate) fn cut_links_on_failure<T>(job: &Job, r: Result<T>) -> Result<T> {
         return r;
     }
     let r = match r {
-        Err(e @ (Error::Io { .. } | Error::Wire(wire::WireError::Io(_)))) => {
-            Err(job.peer_reason().map_or(e, Error::PeerCancelled))
-        }
+        Err(e) if closed_by_peer(&e) => Err(job.peer_reason().map_or(e, Error::PeerCancelled)),
         r => r,
     };
     job.cut_links();
     r
+}
+
+/// Whether `e` says the destination closed the connection (a broken pipe, a
+/// reset, an end of stream): only then may it have said why first. Other
+/// failures (local ones, timeouts) do not wait for a reason.
+fn closed_by_peer(e: &Error) -> bool {
+    use std::io::ErrorKind as K;
+    let kind = match e {
+        Error::Io { cause, .. } => cause.kind(),
+        Error::Wire(wire::WireError::Io(cause)) => cause.kind(),
+        _ => return false,
+    };
+    matches!(kind, K::BrokenPipe | K::ConnectionReset | K::UnexpectedEof)
 }
 
 /// [`run`], with the page stream threads (multifd) on `scope`.

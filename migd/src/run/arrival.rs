@@ -1,10 +1,11 @@
 //! An incoming VM before it runs here. A stop (a signal, or `stop` on the
-//! control socket) ends the process at once while the source can still
+//! control socket) ends the process, within 2 s, while the source can still
 //! resume the VM, that is until this side has read the source's `Go` (from
 //! then on the source never resumes it on its own, and the VM is this
 //! side's to run): nothing is half-written, since the VM's memory is the
-//! process's own. A source already connected is told why, in a `Cancel`. Without this a `migd run --incoming` waiting for its source ignored
-//! SIGTERM (its signals are taken by a thread that starts with the VM).
+//! process's own. A source already connected is told why first, in a
+//! `Cancel`. Without this a `migd run --incoming` waiting for its source
+//! ignored SIGTERM (its signals are taken by a thread that starts with the VM).
 
 use migration::incoming::Abandon;
 use std::path::PathBuf;
@@ -80,6 +81,11 @@ impl Arrival {
     /// which then never returns.
     pub fn running(&self) {
         *self.phase() = Phase::Running;
+        // Its copy of the incoming connection is of no use from now on.
+        self.abandon
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 
     /// Stops the process for `why` if the VM has not arrived; returns

@@ -626,12 +626,16 @@ impl Dest {
                     asked.push(p);
                 }
             }
+            // Under `pending`'s lock: the last of these pages cannot arrive,
+            // and the huge page be placed, before its wait is noted.
+            if !asked.is_empty() {
+                lock(&self.huge_waits).entry(h).or_insert_with(Instant::now);
+            }
         }
         if asked.is_empty() {
             // All here or asked for already: placed soon (a copy wakes).
             return Ok(());
         }
-        lock(&self.huge_waits).entry(h).or_insert_with(Instant::now);
         self.faults.fetch_add(1, Ordering::Relaxed);
         for p in asked {
             self.request(p);
@@ -1263,6 +1267,7 @@ pub(crate) fn receive(
     tls: Option<&TlsSetup>,
     mut stats: IncomingStats,
     on_running: &dyn Fn(),
+    abandon: &crate::incoming::Abandon,
 ) -> Result<(Vm, IncomingStats)> {
     let mut r = r;
     let ram = prepared.ram().clone();
@@ -1393,7 +1398,7 @@ pub(crate) fn receive(
     wire::write_control(&mut out, &Message::RecoverListen { port: recover_port })
         .map_err(|e| fail(e.into()))?;
     let vm = prepared.load(&state).map_err(|e| fail(e.into()))?;
-    wire::write_control(&mut out, &Message::Ready).map_err(|e| fail(e.into()))?;
+    abandon.send_ready(&mut out).map_err(fail)?;
     // The VM is ours to run from here (see `incoming::receive`).
     let resume = match wire::expect_control(&mut r, "Go").map_err(|e| fail(e.into()))? {
         Message::Go => true,

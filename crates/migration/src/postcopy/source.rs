@@ -320,13 +320,15 @@ impl Supply<'_> {
         std::thread::scope(|sc| {
             let pusher = sc.spawn(|| {
                 prioritize_this_thread(false);
-                end(caught(|| self.push(&main_w)))
+                // A panic ends the session as a failure: unseen, the phase
+                // would wait for pages that nobody pushes.
+                end(crate::caught(|| self.push(&main_w)))
             });
             let push_sock = &push_sock;
             let server = urgent.map(|(mut r, w)| {
                 sc.spawn(move || {
                     prioritize_this_thread(true);
-                    end(caught(|| {
+                    end(crate::caught(|| {
                         self.serve(&mut r, &w, push_sock)
                             .and_then(|done| match done {
                                 Some(_) => {
@@ -858,14 +860,6 @@ fn postcopy_phase(
     Ok(report)
 }
 
-/// Runs `f` in a post-copy thread: a panic is a failure like any other (a
-/// bug, named as one), which ends the session; unseen, the phase would wait
-/// for pages that nobody pushes.
-fn caught(f: impl FnOnce() -> Result<()>) -> Result<()> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .unwrap_or_else(|p| Err(Error::Panicked(crate::panic_message(&*p))))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -922,7 +916,7 @@ mod tests {
             let _ = s.read_to_end(&mut v);
         });
         let w = Mutex::new(Link::plain(c));
-        let pushed = caught(|| supply.push(&w));
+        let pushed = crate::caught(|| supply.push(&w));
         drop(w);
         sink.join().unwrap();
         assert!(pushed.is_ok(), "{pushed:?}");
