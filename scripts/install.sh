@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs migd and migctl, the systemd unit, an example config and the state
-# directories. Starts nothing unless --enable is given.
+# directories. Starts nothing unless --enable is given; on a host where systemd
+# runs, reloads it so that the unit written is the one it knows (a daemon
+# already running keeps running the old binary until restarted).
 #
 #   scripts/install.sh [--prefix DIR] [--from DIR] [--enable]
 #
@@ -8,7 +10,7 @@
 #                  (default /usr/local)
 #   --from DIR     take migd and migctl from DIR instead of building them
 #                  (default: cargo build --release, then target/release)
-#   --enable       systemctl daemon-reload, then enable and start migd.service
+#   --enable       enable and start migd.service
 #
 # DESTDIR is respected (staged installs, packaging); --enable is refused with it.
 # An existing /etc/migd/migd.toml is kept; the example then goes to migd.toml.example.

@@ -52,8 +52,6 @@ pub struct File {
     pub prefault: Option<bool>,
 }
 
-/// Parses and checks a config file's text. The error is one line naming the key
-/// and its line (`key 'K' (line N): ...`), or the line alone where no key applies.
 /// A value given as a string or as a whole number (as its decimal string).
 fn string_or_integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     #[derive(Deserialize)]
@@ -72,6 +70,8 @@ fn string_or_integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<St
     ))
 }
 
+/// Parses and checks a config file's text. The error is one line naming the key
+/// and its line (`key 'K' (line N): ...`), or the line alone where no key applies.
 pub fn parse(text: &str) -> Result<File, String> {
     let file = toml::from_str::<File>(text).map_err(|e| describe(text, e.span(), e.message()))?;
     let key_err = |key: &str, what: String| {

@@ -170,7 +170,6 @@ impl Daemon {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT; returns the exit code.
 /// Tells systemd (a `Type=notify` unit: `NOTIFY_SOCKET`) that the daemon
 /// serves its socket, as sd_notify(3) `READY=1` does: `systemctl start` and
 /// what is ordered after the unit wait for it. Nothing without the variable.
@@ -203,6 +202,7 @@ pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Runs the daemon until SIGTERM or SIGINT; returns the exit code.
 pub fn main(args: DaemonArgs) -> Result<i32> {
     let cfg = Config::load(&args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

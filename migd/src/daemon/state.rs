@@ -251,8 +251,9 @@ pub fn read_unconfirmed(dir: &Path) -> Option<String> {
 }
 
 /// Notes why the VM in `dir` is unconfirmed without a process.
-/// The first note stays (it is the more precise: the job's tracker and the
-/// process's exit may both note it).
+/// The first note stays: the VM process's own, written at the commit
+/// (`--unconfirmed-file`), where there is one; else the first of the job's
+/// tracker and the process's exit to note it.
 pub fn write_unconfirmed(dir: &Path, why: &str) {
     let path = unconfirmed_path(dir);
     let written = std::fs::OpenOptions::new()

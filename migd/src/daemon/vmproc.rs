@@ -102,6 +102,8 @@ pub fn spawn(
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
         .env("NO_COLOR", "1")
+        // Only the daemon tells systemd it is ready.
+        .env_remove("NOTIFY_SOCKET")
         .kill_on_drop(false);
     // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
     unsafe {

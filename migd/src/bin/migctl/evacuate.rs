@@ -23,9 +23,9 @@ use crate::commands::print_json;
 use crate::format;
 
 const POLL: Duration = Duration::from_millis(250);
-/// How long the daemon may not answer before evacuate gives up on what it
-/// still has to ask it (the VMs it has not started fail, and the jobs it
-/// polls are lost track of): `migctl migrate`'s wait.
+// How long the daemon may not answer before evacuate gives up on what it
+// still has to ask it (the VMs it has not started fail, and the jobs it
+// polls are lost track of): `migctl migrate`'s wait.
 use crate::migrate::LOST_AFTER;
 /// The exit status after Ctrl-C, as a shell reports a command SIGINT ended.
 const INTERRUPTED_EXIT: u8 = 130;
