@@ -642,12 +642,12 @@ fn fake_job(status: &str, error: Option<&str>, bytes: u64) -> serde_json::Value 
         "bandwidth_mbps": 0.0}})
 }
 
-/// `migctl --socket SOCK migrate web1 --to 10.0.0.2:7070 EXTRA...`: status, stdout, stderr.
-fn migctl_migrate(sock: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
+/// `migctl --socket SOCK ARGS... EXTRA...`: status, stdout, stderr.
+fn migctl_on(sock: &Path, args: &[&str], extra: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(migctl_bin())
         .arg("--socket")
         .arg(sock)
-        .args(["migrate", "web1", "--to", "10.0.0.2:7070"])
+        .args(args)
         .args(extra)
         .stdin(Stdio::null())
         .output()
@@ -657,6 +657,11 @@ fn migctl_migrate(sock: &Path, extra: &[&str]) -> (Option<i32>, String, String) 
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `migctl --socket SOCK migrate web1 --to 10.0.0.2:7070 EXTRA...`.
+fn migctl_migrate(sock: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
+    migctl_on(sock, &["migrate", "web1", "--to", "10.0.0.2:7070"], extra)
 }
 
 /// A daemon that closed the connection between two polls of `migctl
@@ -740,21 +745,9 @@ fn running_job(round: u64, remaining: u64, link_rate: serde_json::Value) -> serd
             "max_downtime_ms": 300.0, "stop_reason": "", "streams": 1}})
 }
 
-/// `migctl --socket SOCK job job1 EXTRA...`: status, stdout, stderr.
+/// `migctl --socket SOCK job job1 EXTRA...`.
 fn migctl_job(sock: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(migctl_bin())
-        .arg("--socket")
-        .arg(sock)
-        .args(["job", "job1"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    migctl_on(sock, &["job", "job1"], extra)
 }
 
 /// The line of `out` that starts with `key`.
@@ -1059,21 +1052,9 @@ fn evac_vm(name: &str, state: &str) -> serde_json::Value {
     json!({"name": name, "state": state, "job": null})
 }
 
-/// `migctl --socket SOCK evacuate --to 10.0.0.2:7070 EXTRA...`: status, stdout, stderr.
+/// `migctl --socket SOCK evacuate --to 10.0.0.2:7070 EXTRA...`.
 fn migctl_evacuate(sock: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(migctl_bin())
-        .arg("--socket")
-        .arg(sock)
-        .args(["evacuate", "--to", "10.0.0.2:7070"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    migctl_on(sock, &["evacuate", "--to", "10.0.0.2:7070"], extra)
 }
 
 /// The requests of `cmd` the fake got.

@@ -421,17 +421,7 @@ fn a_source_process_dead_past_the_commit_leaves_the_vm_unconfirmed() {
         "{j}"
     );
     let checks = |a: &Daemon| {
-        let info = a.wait_state("web1", "unconfirmed", Duration::from_secs(10));
-        assert!(info["pid"].is_null(), "{info}");
-        assert!(
-            info["unconfirmed"]
-                .as_str()
-                .unwrap_or("")
-                .contains("the destination may run it"),
-            "{info}"
-        );
-        let e = a.fails(&["start", "web1"]);
-        assert!(e.contains("unconfirmed"), "{e}");
+        unconfirmed_without_process(a, "the destination may run it");
         let e = a.fails(&["destroy", "web1"]);
         assert!(e.contains("unconfirmed"), "{e}");
     };
@@ -481,19 +471,7 @@ fn a_source_dead_between_go_and_confirm_leaves_the_vm_unconfirmed() {
     assert_eq!(m["status"], "active", "{m}");
     assert!(note.exists(), "no note of the commit before Go");
     t.a.kill_vm_process("web1");
-    let checks = |a: &Daemon| {
-        let info = a.wait_state("web1", "unconfirmed", Duration::from_secs(10));
-        assert!(info["pid"].is_null(), "{info}");
-        assert!(
-            info["unconfirmed"]
-                .as_str()
-                .unwrap_or("")
-                .contains("past the commit of its migration"),
-            "{info}"
-        );
-        let e = a.fails(&["start", "web1"]);
-        assert!(e.contains("unconfirmed"), "{e}");
-    };
+    let checks = |a: &Daemon| unconfirmed_without_process(a, "past the commit of its migration");
     checks(&t.a);
     let j = t.a.wait_job(&job, Duration::from_secs(10));
     assert_eq!(j["status"], "failed", "{j}");
@@ -502,6 +480,19 @@ fn a_source_dead_between_go_and_confirm_leaves_the_vm_unconfirmed() {
     checks(&t.a);
     t.a.ok(&["destroy", "web1", "--force"]);
     t.b.ok(&["destroy", "web1"]);
+}
+
+/// web1 on `a` is listed unconfirmed with no process, for a reason that
+/// says `why`, and `start` is refused.
+fn unconfirmed_without_process(a: &Daemon, why: &str) {
+    let info = a.wait_state("web1", "unconfirmed", Duration::from_secs(10));
+    assert!(info["pid"].is_null(), "{info}");
+    assert!(
+        info["unconfirmed"].as_str().unwrap_or("").contains(why),
+        "{info}"
+    );
+    let e = a.fails(&["start", "web1"]);
+    assert!(e.contains("unconfirmed"), "{e}");
 }
 
 /// A migration ends (cancelled on the VM's own control socket) while its

@@ -105,7 +105,8 @@ pub fn knob_ms(var: &str) -> Option<Duration> {
 }
 
 /// Whether a destination is to act as if its `Confirm` could not be sent
-/// (`MIGD_FAULT_CONFIRM=lost`): the source then never reads it.
+/// (`MIGD_FAULT_CONFIRM=lost`): the source then never reads it (after a
+/// pre-copy, the connection is kept open, so that the source waits).
 pub(crate) fn confirm_lost() -> bool {
     knob("MIGD_FAULT_CONFIRM").as_deref() == Some("lost")
 }

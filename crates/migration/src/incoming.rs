@@ -409,6 +409,11 @@ fn receive_vm(
         // source, without our Confirm, stays paused (unconfirmed).
         tracing::warn!("the VM runs here, but the source did not get our confirmation: {e}");
     }
+    if crate::faults::confirm_lost() {
+        // As a Confirm lost on the way: the connection stays up, silent, and
+        // the source waits for it (up to its answer timeout).
+        std::mem::forget(out);
+    }
     Ok((vm, stats))
 }
 
