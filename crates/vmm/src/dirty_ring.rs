@@ -293,6 +293,17 @@ impl Rings {
         }
         if any > 0 {
             self.harvested.fetch_add(any, Ordering::Relaxed);
+            self.reset()?;
+        }
+        Ok(())
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS`, until it has gone as far as it can: newer
+    /// kernels (2025 on; this host's 6.18) stop it with EINTR when a signal
+    /// is pending, such as the pause's kick to a vCPU thread harvesting on a
+    /// full ring, having reset only some of the entries.
+    fn reset(&self) -> Result<()> {
+        loop {
             // SAFETY: a VM ioctl without arguments.
             let rc = unsafe {
                 libc::ioctl(
@@ -300,11 +311,14 @@ impl Rings {
                     KVM_RESET_DIRTY_RINGS,
                 )
             };
-            if rc < 0 {
-                return Err(kvm("KVM_RESET_DIRTY_RINGS")(kvm_ioctls::Error::last()));
+            if rc >= 0 {
+                return Ok(());
+            }
+            let e = kvm_ioctls::Error::last();
+            if e.errno() != libc::EINTR {
+                return Err(kvm("KVM_RESET_DIRTY_RINGS")(e));
             }
         }
-        Ok(())
     }
 
     /// What the rings have done so far.
