@@ -63,6 +63,8 @@ pub struct Vm {
     ring_entries: u32,
     /// The vCPUs' dirty rings, once the vCPUs exist.
     rings: Option<Arc<crate::dirty_ring::Rings>>,
+    /// Dirty logging is on ([`Vm::set_dirty_logging`]).
+    dirty_logging: std::sync::atomic::AtomicBool,
 }
 
 /// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`
@@ -287,6 +289,7 @@ impl Vm {
             manual_clear: Default::default(),
             ring_entries,
             rings: None,
+            dirty_logging: Default::default(),
         })
     }
 
@@ -373,7 +376,25 @@ impl Vm {
             unsafe { self.vm_fd.set_user_memory_region(region) }
                 .map_err(kvm("KVM_SET_USER_MEMORY_REGION (dirty log)"))?;
         }
+        self.dirty_logging
+            .store(on, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Write-protects all of RAM again for the dirty log, as turning it on
+    /// does: after a dirty ring overflowed, a page whose entry was lost is
+    /// writable with no entry to write-protect it again, and would go
+    /// unlogged for good. Nothing while the log is off (turning it on
+    /// write-protects everything).
+    fn rearm_dirty_log(&self) -> Result<()> {
+        if !self
+            .dirty_logging
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(());
+        }
+        self.set_dirty_logging(false)?;
+        self.set_dirty_logging(true)
     }
 
     /// Turns on KVM's manual dirty-log protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`)
@@ -515,7 +536,7 @@ impl Vm {
 
     fn dirty_bitmap(&self, clear: bool) -> Result<Vec<u64>> {
         if let Some(rings) = &self.rings {
-            return rings.read(clear);
+            return rings.read(clear, || self.rearm_dirty_log());
         }
         let manual = self.manual_clear.load(std::sync::atomic::Ordering::Relaxed);
         let pages = (self.ram.size() / crate::memory::PAGE_SIZE) as usize;
@@ -738,4 +759,230 @@ fn flat_segments(sregs: &mut kvm_sregs, long: bool) {
         present: 1,
         ..Default::default()
     };
+}
+
+#[cfg(test)]
+mod dirty_ring_tests {
+    //! The dirty ring against this host's KVM, with a flat 32-bit guest on
+    //! 256-entry rings: a host that does not stop a vCPU before its ring is
+    //! full (kvm-pvm) overflows it at once.
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// The guest writes page `p` at `BASE + p * 4096`.
+    const BASE: u64 = 0x10_0000;
+    /// Between its passes the guest waits for the test here (a byte, or a
+    /// count).
+    const GO: u64 = 0x5000;
+    /// Where the guest counts what it has done.
+    const DONE: u64 = 0x5004;
+
+    /// As the other KVM tests: a skip without /dev/kvm, but not in CI.
+    fn kvm_usable(test: &str) -> bool {
+        match Kvm::new() {
+            Ok(_) => true,
+            Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("SKIP {test}: /dev/kvm is not usable here: {e}");
+                false
+            }
+            Err(e) => panic!("/dev/kvm is not usable, and CI=true requires it: {e}"),
+        }
+    }
+
+    /// Code that writes `byte` to each of pages `0..n` (n at least 1).
+    fn pass(n: u32, byte: u8) -> Vec<u8> {
+        let mut c = vec![0xbf, 0x00, 0x00, 0x10, 0x00]; // mov edi, BASE
+        c.push(0xb9); // mov ecx, n
+        c.extend_from_slice(&n.max(1).to_le_bytes());
+        #[rustfmt::skip]
+        c.extend_from_slice(&[
+            0xc6, 0x07, byte,                   // 1: mov byte [edi], byte
+            0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // add edi, 4096
+            0x49,                               // dec ecx
+            0x75, 0xf4,                         // jnz 1b
+        ]);
+        c
+    }
+
+    /// A guest of `memory` bytes with 256-entry rings running `code` (flat
+    /// 32-bit, at 0x1000); paused, dirty logging on, the log read once.
+    fn guest(memory: u64, code: &[u8]) -> Vm {
+        let ram = GuestRam::with_huge_pages(memory, false).unwrap();
+        ram.write(0x1000, code).unwrap();
+        let prepared = crate::dirty_ring::with_test_entries(256, || Vm::prepare(ram, 1, None));
+        let mut vm = prepared.unwrap().vm;
+        {
+            let fd = vm.vcpus[0].lock().unwrap();
+            let mut sregs = fd.get_sregs().unwrap();
+            flat_segments(&mut sregs, false);
+            sregs.cr0 = 0x11; // PE | ET
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+            fd.set_sregs(&sregs).unwrap();
+            fd.set_regs(&kvm_regs {
+                rip: 0x1000,
+                rflags: 2,
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        vm.spawn_threads().unwrap();
+        vm.set_dirty_logging(true).unwrap();
+        vm.take_dirty_bitmap().unwrap();
+        vm
+    }
+
+    /// Code that halts for good.
+    const HALT: [u8; 3] = [0xf4, 0xeb, 0xfd]; // 1: hlt; jmp 1b
+
+    /// Runs the guest until `at` holds `want` (little-endian), for at most
+    /// `limit`; then pauses it. Whether it got there.
+    fn run_until(vm: &Vm, at: u64, want: &[u8], limit: Duration) -> bool {
+        vm.resume();
+        let start = Instant::now();
+        let got = loop {
+            let mut b = vec![0u8; want.len()];
+            vm.ram().read(at, &mut b).unwrap();
+            if b == want {
+                break true;
+            }
+            if start.elapsed() > limit || vm.wait_exit(Some(Duration::ZERO)).is_some() {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        vm.pause();
+        got
+    }
+
+    fn page(p: u32) -> u64 {
+        BASE + p as u64 * 4096
+    }
+
+    /// The guest's pages of `pages` not in `log`.
+    fn unlogged(log: &[u64], pages: std::ops::Range<u32>) -> Vec<u32> {
+        pages
+            .filter(|&p| {
+                let pfn = page(p) / 4096;
+                log[(pfn / 64) as usize] & (1 << (pfn % 64)) == 0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pages_written_after_a_ring_overflow_are_logged() {
+        if !kvm_usable("pages_written_after_a_ring_overflow_are_logged") {
+            return;
+        }
+        // 600 pages once: more than a 256-entry ring holds, which this
+        // host's KVM overflows. Then 64 of them again: each must be in the
+        // log (all 64 went unlogged when the reads lost step with KVM).
+        let mut code = pass(600, 1);
+        #[rustfmt::skip]
+        code.extend_from_slice(&[
+            0x80, 0x3d, 0x00, 0x50, 0x00, 0x00, 0x00, // 1: cmp byte [GO], 0
+            0x74, 0xf7,                               // je 1b
+        ]);
+        code.extend(pass(64, 2));
+        code.extend(HALT);
+        let vm = guest(64 << 20, &code);
+        let limit = Duration::from_secs(20);
+        let ended = run_until(&vm, page(599), &[1], limit);
+        let stats = vm.dirty_ring_stats();
+        assert!(
+            ended,
+            "pass 1 did not end: {stats:?}, {:?}",
+            vm.wait_exit(Some(Duration::ZERO))
+        );
+        assert_eq!(
+            unlogged(&vm.take_dirty_bitmap().unwrap(), 0..600),
+            [0u32; 0]
+        );
+        vm.ram().write(GO, &[1]).unwrap();
+        let ended = run_until(&vm, page(63), &[2], limit);
+        let log = vm.take_dirty_bitmap().unwrap();
+        let after = vm.dirty_ring_stats();
+        eprintln!("after pass 1: {stats:?}; after pass 2: {after:?}");
+        assert!(
+            ended,
+            "pass 2 did not end: {after:?}, {:?}",
+            vm.wait_exit(Some(Duration::ZERO))
+        );
+        assert_eq!(unlogged(&log, 0..64), [0u32; 0], "{after:?}");
+    }
+
+    #[test]
+    fn a_guest_writing_far_past_its_ring_does_not_hang() {
+        if !kvm_usable("a_guest_writing_far_past_its_ring_does_not_hang") {
+            return;
+        }
+        // 16384 pages, 64 rings' worth, flat out: overflows whose resets
+        // leave KVM counting entries the ring does not hold, on a full ring
+        // at every KVM_RUN unless put back in step.
+        let n = 16384;
+        let mut code = pass(n, 1);
+        code.extend(HALT);
+        let vm = guest(128 << 20, &code);
+        let done = run_until(&vm, page(n - 1), &[1], Duration::from_secs(60));
+        let stats = vm.dirty_ring_stats().unwrap();
+        assert!(
+            done,
+            "the guest stopped short: {stats:?}, {:?}",
+            vm.wait_exit(Some(Duration::ZERO))
+        );
+        eprintln!("{stats:?}");
+        assert_eq!(unlogged(&vm.take_dirty_bitmap().unwrap(), 0..n), [0u32; 0]);
+    }
+
+    #[test]
+    fn pages_whose_entries_an_overflow_lost_are_logged_again() {
+        if !kvm_usable("pages_whose_entries_an_overflow_lost_are_logged_again") {
+            return;
+        }
+        // 16384 pages flat out (entries lost where KVM wrote over them, and
+        // their pages left writable), then all of them again 128 at a time,
+        // each time after the log was read (no ring fills then): each page
+        // must be in the log after its chunk, a lost one too.
+        let n = 16384;
+        let chunk = 128;
+        let mut code = pass(n, 1);
+        code.extend_from_slice(&[0x31, 0xdb]); // xor ebx, ebx
+        code.extend_from_slice(&[0xbf, 0x00, 0x00, 0x10, 0x00]); // mov edi, BASE
+        #[rustfmt::skip]
+        code.extend_from_slice(&[
+            0x43,                                     // 1: inc ebx
+            0x39, 0x1d, 0x00, 0x50, 0x00, 0x00,       // 2: cmp [GO], ebx
+            0x72, 0xf8,                               // jb 2b
+            0xb9, 0x80, 0x00, 0x00, 0x00,             // mov ecx, 128
+            0xc6, 0x07, 0x02,                         // 3: mov byte [edi], 2
+            0x81, 0xc7, 0x00, 0x10, 0x00, 0x00,       // add edi, 4096
+            0x49,                                     // dec ecx
+            0x75, 0xf4,                               // jnz 3b
+            0x89, 0x1d, 0x04, 0x50, 0x00, 0x00,       // mov [DONE], ebx
+            0x81, 0xfb,                               // cmp ebx, n / 128
+        ]);
+        code.extend_from_slice(&(n / chunk).to_le_bytes());
+        code.extend_from_slice(&[0x75, 0xd8]); // jne 1b
+        code.extend(HALT);
+        let vm = guest(128 << 20, &code);
+        let limit = Duration::from_secs(30);
+        assert!(
+            run_until(&vm, page(n - 1), &[1], limit),
+            "{:?}",
+            vm.dirty_ring_stats()
+        );
+        let first = vm.dirty_ring_stats().unwrap();
+        assert_eq!(unlogged(&vm.take_dirty_bitmap().unwrap(), 0..n), [0u32; 0]);
+        let mut missing = Vec::new();
+        for i in 1..=n / chunk {
+            vm.ram().write(GO, &i.to_le_bytes()).unwrap();
+            let ended = run_until(&vm, DONE, &i.to_le_bytes(), limit);
+            assert!(ended, "chunk {i}: {:?}", vm.dirty_ring_stats());
+            let log = vm.take_dirty_bitmap().unwrap();
+            missing.extend(unlogged(&log, (i - 1) * chunk..i * chunk));
+        }
+        let stats = vm.dirty_ring_stats().unwrap();
+        eprintln!("after the first pass: {first:?}; at the end: {stats:?}");
+        assert_eq!(missing, [0u32; 0], "{stats:?}");
+    }
 }
