@@ -68,6 +68,12 @@ fn the_dirty_ring_carries_every_page_of_a_flat_out_writer() {
             // The writer filled its vCPUs' rings during the rounds: what a
             // full ring does was exercised, not only the reads.
             assert!(ring["full_exits"].as_u64().unwrap() > 0, "{stats}");
+            // And KVM stopped them in time, every time: an overflow would
+            // still carry every page (a full resend, all of RAM
+            // write-protected again), so the digests alone do not show it.
+            // (Post-copy is not held to it: over its short log this
+            // project's host overflowed a ring in one run of about twenty.)
+            assert_eq!(ring["overflows"], 0, "hop {hop}: {stats}");
             assert!(!stats["rounds"].as_array().unwrap().is_empty());
         }
         eprintln!("hop {hop} ({mode}): dirty ring {ring}");
@@ -101,6 +107,7 @@ fn a_ring_cleared_page_by_page_loses_no_write() {
     assert_eq!(stats["verified"], true, "{stats}");
     assert_eq!(stats["clear_before_send"], true, "{stats}");
     assert_eq!(stats["dirty_ring"]["entries"], 256, "{stats}");
+    assert_eq!(stats["dirty_ring"]["overflows"], 0, "{stats}");
     dst.request(json!({"cmd": "stop"}));
     console.assert_clean();
 }
