@@ -61,15 +61,7 @@ fn a_migration_survives_both_daemons_going_away() {
     b.kill();
     let a = Daemon::start_with(sa, ta, pa, &dir.join("a2.log"));
     let b = Daemon::start_with(sb, tb, pb, &dir.join("b2.log"));
-    // Still arriving, adopted: its size is known (the host's admission of
-    // other arrivals counts it).
-    let (_, out, _) = b.migctl(&["info", "web1", "--json"]);
-    let info: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
-    if info["state"] == "incoming" {
-        eprintln!("adopted while arriving");
-        assert_eq!(info["memory"], 128u64 << 20, "{info}");
-        assert_eq!(info["vcpus"], 1, "{info}");
-    }
+    size_known_while_arriving(&b);
     let j = a.wait_job(&job, Duration::from_secs(60));
     assert_eq!(
         j["status"],
@@ -205,15 +197,7 @@ fn a_post_copy_arrival_survives_the_destination_daemon_going_away() {
     }
     b.kill();
     let b = Daemon::start_with(sb, tb, pb, &dir.join("b2.log"));
-    // Still arriving, adopted: its size is known (the host's admission of
-    // other arrivals counts it).
-    let (_, out, _) = b.migctl(&["info", "web1", "--json"]);
-    let info: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
-    if info["state"] == "incoming" {
-        eprintln!("adopted while arriving");
-        assert_eq!(info["memory"], 128u64 << 20, "{info}");
-        assert_eq!(info["vcpus"], 1, "{info}");
-    }
+    size_known_while_arriving(&b);
     let j = a.wait_job(&job, Duration::from_secs(60));
     assert_eq!(j["status"], "completed", "{j}\n{}", b.log_text());
     // Every page is on B now; it still runs there a while later.
@@ -480,6 +464,18 @@ fn a_source_dead_between_go_and_confirm_leaves_the_vm_unconfirmed() {
     checks(&t.a);
     t.a.ok(&["destroy", "web1", "--force"]);
     t.b.ok(&["destroy", "web1"]);
+}
+
+/// web1, adopted by `b` while still arriving, has its size known (the
+/// host's admission of other arrivals counts it): 128 MiB, one vCPU.
+fn size_known_while_arriving(b: &Daemon) {
+    let (_, out, _) = b.migctl(&["info", "web1", "--json"]);
+    let info: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    if info["state"] == "incoming" {
+        eprintln!("adopted while arriving");
+        assert_eq!(info["memory"], 128u64 << 20, "{info}");
+        assert_eq!(info["vcpus"], 1, "{info}");
+    }
 }
 
 /// web1 on `a` is listed unconfirmed with no process, for a reason that
