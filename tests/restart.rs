@@ -372,6 +372,52 @@ fn a_vm_that_left_while_its_daemon_was_down_is_not_listed_stopped() {
     b.ok(&["destroy", "web1"]);
 }
 
+/// A VM whose process stopped answering (here SIGSTOP) before its daemon
+/// restarted cannot be asked to stop: `destroy` refuses, naming the process
+/// and `--force`; `destroy --force` kills it and removes the VM.
+#[test]
+fn a_vm_process_that_does_not_answer_is_destroyed_by_force() {
+    if !kvm_or_skip("a_vm_process_that_does_not_answer_is_destroyed_by_force") {
+        return;
+    }
+    /// SIGKILLs the stopped process whatever the test's outcome.
+    struct Kill(nix::unistd::Pid);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let dir = scratch("restart-silent");
+    let mut a = Daemon::start(&dir, "a");
+    let _ra = Reaper(a.state.clone());
+    let console = a.create_guest("web1", "workload=dirty:16:8", "128M", 1);
+    console.wait_for("WORKLOAD READY", Duration::from_secs(60));
+    let info: Value = serde_json::from_str(&a.ok(&["info", "web1", "--json"])).unwrap();
+    let pid = nix::unistd::Pid::from_raw(info["pid"].as_i64().unwrap() as i32);
+    let _kill = Kill(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    assert_eq!(a.terminate(), 0);
+    let a = Daemon::start(&dir, "a");
+    let err = a.fails(&["destroy", "web1"]);
+    assert!(
+        err.contains("does not answer") && err.contains(&format!("--force` kills process {pid}")),
+        "{err}"
+    );
+    assert!(
+        nix::sys::signal::kill(pid, None).is_ok(),
+        "killed without --force"
+    );
+    a.ok(&["destroy", "web1", "--force"]);
+    let end = Instant::now() + Duration::from_secs(10);
+    while nix::sys::signal::kill(pid, None).is_ok() {
+        assert!(Instant::now() < end, "the VM process still runs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!a.vm_dir("web1").exists(), "its directory stays");
+    let (code, out, _) = a.migctl(&["info", "web1"]);
+    assert_ne!(code, 0, "still listed: {out}");
+}
+
 /// The source's VM process dies during post-copy (past the commit: the
 /// destination runs the VM): the source's daemon lists the VM
 /// `unconfirmed`, not `stopped`, so that `start` does not boot a second

@@ -1022,6 +1022,40 @@ async fn spawn_vm(
     }
 }
 
+/// Ends the process of VM `name`, found at this daemon's start and not
+/// answering since (stopped, or hung): with `force`, by SIGKILL, found by
+/// the lock it holds, and waits until the VM is adopted as the process left
+/// it (stopped, or unconfirmed if it died past a migration's commit), so
+/// that the destroy goes on as for any VM without a process.
+async fn kill_silent(d: &Daemon, name: &str, force: bool) -> Result<()> {
+    let dir = d.vm_dir(name);
+    let holder = vmproc::lock_holder(&dir);
+    let what = match holder {
+        Some(pid) => format!("process {pid}"),
+        None => "its process".into(),
+    };
+    if !force {
+        bail!(
+            "{}; `destroy --force` kills {what} (if its VM is arriving or has just \
+             migrated away, that process may hold its only copy)",
+            d.reg().no_vm(name)
+        );
+    }
+    if let Some(pid) = holder {
+        tracing::warn!(pid, "killing a VM process that does not answer");
+        // SAFETY: a signal to the process holding this VM's lock.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    while d.reg().adopting.contains(name) {
+        if Instant::now() > end {
+            bail!("VM '{name}': {what} does not go (killed; still adopting it)");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 fn path_arg(p: Option<&Path>) -> Result<String> {
     let p = p.context("missing path")?;
     p.to_str()
@@ -1030,6 +1064,10 @@ fn path_arg(p: Option<&Path>) -> Result<String> {
 }
 
 async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
+    let silent = d.reg().adopting.contains(name);
+    if silent {
+        kill_silent(d, name, force).await?;
+    }
     let (pid, before) = {
         let mut reg = d.reg();
         if let Some(why) = reg.job_in_the_way(name) {

@@ -162,6 +162,19 @@ pub fn lock_held(dir: &Path) -> bool {
     matches!(try_flock(&f, libc::LOCK_SH), Ok(false))
 }
 
+/// The pid of the process that holds `dir`'s [`lock_path`] as its lock
+/// descriptor: the VM process of `dir`, found without its answer (a process
+/// stopped or too busy to answer cannot tell its pid). Read from `/proc`.
+pub fn lock_holder(dir: &Path) -> Option<u32> {
+    let lock = std::fs::canonicalize(lock_path(dir)).ok()?;
+    let fd = LOCK_FD.to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let target = std::fs::read_link(e.path().join("fd").join(&fd)).ok()?;
+        (target == lock).then_some(pid)
+    })
+}
+
 /// Opens `path` for reading and writing (made 0600 if missing, never
 /// truncated) and takes an exclusive lock on it without waiting: `None`
 /// while another open file holds a lock on it. The lock lasts while the
