@@ -1210,7 +1210,18 @@ fn evacuate_follows_the_job_of_a_migrate_request_whose_reply_was_lost() {
 /// (no cancel: it may be past post-copy's switch).
 #[test]
 fn evacuate_interrupted_names_the_jobs_left_running() {
-    let dir = scratch("evac-sigint");
+    evacuate_interrupted_by(libc::SIGINT, "evac-sigint");
+}
+
+/// SIGTERM (a `kill`, or the stop of a unit that ran evacuate) as Ctrl-C,
+/// exit 143: before, it ended migctl silently.
+#[test]
+fn evacuate_terminated_names_the_jobs_left_running() {
+    evacuate_interrupted_by(libc::SIGTERM, "evac-sigterm");
+}
+
+fn evacuate_interrupted_by(sig: libc::c_int, tag: &str) {
+    let dir = scratch(tag);
     let (sock, requests) = fake_evac_migd(
         &dir,
         EvacScript {
@@ -1236,7 +1247,7 @@ fn evacuate_interrupted_names_the_jobs_left_running() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // SAFETY: a signal to the child this test started and has not reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
     let end = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
@@ -1244,7 +1255,7 @@ fn evacuate_interrupted_names_the_jobs_left_running() {
         }
         if Instant::now() > end {
             let _ = child.kill();
-            panic!("migctl did not end after SIGINT");
+            panic!("migctl did not end after signal {sig}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -1261,7 +1272,7 @@ fn evacuate_interrupted_names_the_jobs_left_running() {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    assert_eq!(status.code(), Some(130), "{status:?}\n{out}\n{err}");
+    assert_eq!(status.code(), Some(128 + sig), "{status:?}\n{out}\n{err}");
     let web1 = line_of(&out, "web1");
     assert!(
         web1.contains("job1") && web1.contains("running") && web1.contains("migctl cancel job1"),

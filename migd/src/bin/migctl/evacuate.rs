@@ -5,13 +5,14 @@
 //!
 //! A daemon that stops answering meanwhile (a restart: the jobs go on in
 //! their VM processes, and the next daemon picks them up) is waited for, as
-//! `migctl migrate` waits. The first Ctrl-C stops starting migrations and
-//! prints what is known, the jobs still running named and left running.
+//! `migctl migrate` waits. The first Ctrl-C (or SIGTERM) stops starting
+//! migrations and prints what is known, the jobs still running named and
+//! left running.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
@@ -27,8 +28,6 @@ const POLL: Duration = Duration::from_millis(250);
 // still has to ask it (the VMs it has not started fail, and the jobs it
 // polls are lost track of): `migctl migrate`'s wait.
 use crate::migrate::LOST_AFTER;
-/// The exit status after Ctrl-C, as a shell reports a command SIGINT ended.
-const INTERRUPTED_EXIT: u8 = 130;
 
 /// A VM of `list`'s `adopting`.
 const NOT_ANSWERING: &str = "its VM process does not answer yet (busy, or stopped)";
@@ -237,49 +236,63 @@ fn started_since(
 
 // ---------------------------------------------------------------- Ctrl-C
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The signal that interrupted the evacuation (SIGINT or SIGTERM), or 0.
+static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_sigint(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+extern "C" fn on_signal(sig: libc::c_int) {
+    // The first one is kept (the handlers reset themselves).
+    let _ = INTERRUPTED.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
 }
 
 fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
+    INTERRUPTED.load(Ordering::SeqCst) != 0
 }
 
-/// The first SIGINT, while this lives, sets [`INTERRUPTED`] instead of
-/// ending migctl; the handler then resets itself (`SA_RESETHAND`), so that
-/// a second one ends migctl at once (a daemon that does not reply holds a
-/// request up to its timeout). A SIGINT that was ignored (`nohup`, a
-/// background job of a non-interactive shell) stays ignored.
-struct CatchSigint(Option<SigAction>);
+/// The exit status after an interruption, as a shell reports a command the
+/// signal ended: 130 after Ctrl-C, 143 after SIGTERM.
+fn interrupted_exit() -> ExitCode {
+    let sig = INTERRUPTED.load(Ordering::SeqCst);
+    ExitCode::from(128 + u8::try_from(sig).unwrap_or(2))
+}
 
-impl CatchSigint {
-    fn install() -> CatchSigint {
+/// The first SIGINT (Ctrl-C) or SIGTERM (`kill`, a service manager's stop),
+/// while this lives, sets [`INTERRUPTED`] instead of ending migctl: it
+/// starts no more migrations, prints what it knows and leaves the started
+/// ones running. Each handler then resets itself (`SA_RESETHAND`), so that
+/// a second such signal ends migctl at once (a daemon that does not reply
+/// holds a request up to its timeout). A signal that was ignored (`nohup`,
+/// a background job of a non-interactive shell) stays ignored.
+struct CatchInterrupts(Vec<(Signal, SigAction)>);
+
+impl CatchInterrupts {
+    fn install() -> CatchInterrupts {
         let act = SigAction::new(
-            SigHandler::Handler(on_sigint),
+            SigHandler::Handler(on_signal),
             SaFlags::SA_RESETHAND,
             SigSet::empty(),
         );
-        // SAFETY: the handler only stores to an atomic, which is
-        // async-signal-safe.
-        match unsafe { sigaction(Signal::SIGINT, &act) } {
-            Ok(old) if old.handler() == SigHandler::SigIgn => {
-                // SAFETY: restores the disposition just read.
-                let _ = unsafe { sigaction(Signal::SIGINT, &old) };
-                CatchSigint(None)
+        let mut caught = Vec::new();
+        for sig in [Signal::SIGINT, Signal::SIGTERM] {
+            // SAFETY: the handler only touches an atomic, which is
+            // async-signal-safe.
+            match unsafe { sigaction(sig, &act) } {
+                Ok(old) if old.handler() == SigHandler::SigIgn => {
+                    // SAFETY: restores the disposition just read.
+                    let _ = unsafe { sigaction(sig, &old) };
+                }
+                Ok(old) => caught.push((sig, old)),
+                Err(_) => {}
             }
-            Ok(old) => CatchSigint(Some(old)),
-            Err(_) => CatchSigint(None),
         }
+        CatchInterrupts(caught)
     }
 }
 
-impl Drop for CatchSigint {
+impl Drop for CatchInterrupts {
     fn drop(&mut self) {
-        if let Some(old) = self.0.take() {
+        for (sig, old) in self.0.drain(..) {
             // SAFETY: restores the disposition read at install.
-            let _ = unsafe { sigaction(Signal::SIGINT, &old) };
+            let _ = unsafe { sigaction(sig, &old) };
         }
     }
 }
@@ -295,7 +308,7 @@ pub fn run(
     as_json: bool,
 ) -> Result<ExitCode> {
     let first = c.call(&json!({"cmd": "list"}))?;
-    let _sigint = CatchSigint::install();
+    let _interrupts = CatchInterrupts::install();
     // Jobs of this evacuation start from now on (the daemon's clock is
     // this host's).
     let since = SystemTime::now()
@@ -444,7 +457,7 @@ pub fn run(
     Ok(if moved == done.len() && relisted {
         ExitCode::SUCCESS
     } else if interrupted() {
-        ExitCode::from(INTERRUPTED_EXIT)
+        interrupted_exit()
     } else {
         ExitCode::FAILURE
     })
@@ -523,7 +536,7 @@ fn stop(
             left.join(", ")
         );
     }
-    ExitCode::from(INTERRUPTED_EXIT)
+    interrupted_exit()
 }
 
 /// Prints the lines (a table, or a JSON array); returns how many VMs moved.
