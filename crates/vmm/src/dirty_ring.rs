@@ -581,15 +581,6 @@ fn unstick(
     Ok(false)
 }
 
-/// The vCPU whose thread this is (`vcpu::spawn` names them `vcpuN`).
-fn calling_vcpu() -> Option<usize> {
-    std::thread::current()
-        .name()?
-        .strip_prefix("vcpu")?
-        .parse()
-        .ok()
-}
-
 /// One vCPU's ring, mapped from its fd.
 struct Ring {
     view: View,
@@ -679,15 +670,16 @@ impl Rings {
         })
     }
 
-    /// A vCPU stopped with its ring full: harvests, so that it may go on.
-    /// Called on the vCPU's own thread.
-    pub(crate) fn on_full_exit(&self) -> Result<()> {
+    /// vCPU `c` (the index of its ring: the vCPUs' order in [`Rings::map`])
+    /// stopped with its ring full: harvests, so that it may go on. Called on
+    /// that vCPU's own thread.
+    pub(crate) fn on_full_exit(&self, c: usize) -> Result<()> {
         self.full_exits.fetch_add(1, Ordering::Relaxed);
         let mut g = self.gathered.lock().unwrap_or_else(|p| p.into_inner());
         self.harvest(&mut g)?;
-        let Some(c) = calling_vcpu().filter(|&c| c < self.rings.len()) else {
+        if c >= self.rings.len() {
             return Ok(());
-        };
+        }
         if g.tracks[c].moves == g.tracks[c].moves_at_full {
             let views = self.views();
             let moved = unstick(&views, &mut g, c, &mut || self.reset())?;

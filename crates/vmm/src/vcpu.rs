@@ -419,13 +419,15 @@ fn run_once(
         }
         Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) => None,
         Ok(VcpuExit::Shutdown) => Some(VmExit::Shutdown),
-        Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL)) => match rings.map(Rings::on_full_exit) {
-            Some(Ok(())) => None,
-            Some(Err(e)) => Some(VmExit::Failed(format!("vCPU {id}: dirty ring: {e}"))),
-            None => Some(VmExit::Failed(format!(
-                "vCPU {id}: dirty ring full, but no ring is mapped"
-            ))),
-        },
+        Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL)) => {
+            match rings.map(|r| r.on_full_exit(id)) {
+                Some(Ok(())) => None,
+                Some(Err(e)) => Some(VmExit::Failed(format!("vCPU {id}: dirty ring: {e}"))),
+                None => Some(VmExit::Failed(format!(
+                    "vCPU {id}: dirty ring full, but no ring is mapped"
+                ))),
+            }
+        }
         Ok(VcpuExit::SystemEvent(kind, _)) => {
             tracing::info!(kind, "system event");
             Some(system_event(kind))
