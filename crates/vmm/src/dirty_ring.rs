@@ -23,8 +23,10 @@
 //!   on from a position of this process's own, which an overflow puts out
 //!   of step with KVM's for good;
 //! - a harvest that finds a ring full, an entry written over while it was
-//!   read, an entry naming no page of the VM, a reset that went round a
-//!   whole ring, or KVM's reset out of step (below) counts an overflow. The
+//!   read, or before or as the reset took it (the reset then write-protects
+//!   another page than the one harvested, or none: [`follow`]), an entry
+//!   naming no page of the VM, a reset that went round a whole ring, or
+//!   KVM's reset out of step (below) counts an overflow. The
 //!   next read of the log then write-protects all of RAM again (the caller
 //!   turns dirty logging off and on) and reports every page dirty: a full
 //!   resend, and a page whose entry was lost, left writable with nothing to
@@ -211,6 +213,11 @@ struct Track {
     /// The entries this process has marked RESET that KVM has not reset
     /// yet, one bit per entry.
     marked: Vec<u64>,
+    /// The page (slot, offset) each marked entry named when it was last
+    /// read (recorded, or marked clean), by place: what KVM's reset should
+    /// write-protect again when it takes the entry ([`follow`]). 16 bytes an
+    /// entry, as the ring itself.
+    seen: Vec<(u32, u64)>,
     /// Resets that moved this ring (reset entries of it, or found one of its
     /// marked entries written over).
     moves: u64,
@@ -229,6 +236,7 @@ impl Track {
         Track {
             reset_at: 0,
             marked: vec![0; (entries as usize).div_ceil(64)],
+            seen: vec![(0, 0); entries as usize],
             moves: 0,
             moves_at_full: 0,
             warned: false,
@@ -340,7 +348,9 @@ struct Harvest {
 /// already: an entry that a reset did not reach (one published after the
 /// scan passed its place stops the reset before it) is recorded again at
 /// each harvest until it is reset, so its page is read again after the
-/// reset that write-protects it.
+/// reset that write-protects it. After each reset, a marked entry KVM wrote
+/// over before the reset took it, or as it took it, counts an overflow
+/// ([`follow`]).
 fn harvest(
     views: &[View],
     layout: &Layout,
@@ -363,6 +373,7 @@ fn harvest(
                 out.overflow
                     .get_or_insert("an entry named no page of the VM");
             }
+            let mut named = page;
             if f & F_RESET == 0 {
                 flags.fetch_or(F_RESET, Ordering::AcqRel);
                 // KVM writes an entry again only when it has gone round the
@@ -373,10 +384,12 @@ fn harvest(
                     out.overflow
                         .get_or_insert("KVM wrote an entry again as it was read");
                     layout.record(&mut g.bits, again);
+                    named = again;
                 }
                 out.fresh += 1;
             }
             t.set_marked(i, true);
+            t.seen[i as usize] = named;
         }
         // KVM stops a vCPU well before its ring is full (64 entries short,
         // more with PML): a full one may have had entries written over.
@@ -416,7 +429,11 @@ fn settle(
     g: &mut Gathered,
     reset: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Option<&'static str>> {
-    let mut overflow = follow(views, g).then_some("a reset went round a whole ring");
+    let followed = follow(views, g);
+    let mut overflow = followed
+        .whole
+        .then_some("a reset went round a whole ring")
+        .or(followed.lost);
     let mut ours: Vec<(usize, u32)> = Vec::new();
     for (k, (v, t)) in views.iter().zip(&mut g.tracks).enumerate() {
         let found = stuck_entry(v, t);
@@ -445,6 +462,7 @@ fn settle(
                 .is_ok()
             {
                 t.set_marked(i, true);
+                t.seen[i as usize] = v.page(i);
                 ours.push((k, i));
             }
             i = v.at(i + 1);
@@ -452,7 +470,9 @@ fn settle(
     }
     if !ours.is_empty() {
         reset()?;
-        follow(views, g);
+        if let Some(why) = follow(views, g).lost {
+            overflow.get_or_insert(why);
+        }
         unmark(views, g, &ours);
     }
     Ok(overflow)
@@ -495,22 +515,75 @@ fn ones(bits: &[u64]) -> impl Iterator<Item = u32> + '_ {
     })
 }
 
+/// What [`follow`] found after a reset.
+#[derive(Debug, Default)]
+struct Followed {
+    /// The reset went through a whole ring (KVM held more entries than the
+    /// ring has).
+    whole: bool,
+    /// The reset may have write-protected another page than the one an
+    /// entry was harvested with, or none (what showed it): that page's
+    /// later writes would go unlogged.
+    lost: Option<&'static str>,
+}
+
 /// After a reset: drops the marks KVM took (the entries it reset, or wrote
 /// over) and moves each ring's `reset_at` past the entries the reset went
-/// through. True if a reset went through a whole ring (KVM held more
-/// entries than the ring has).
-fn follow(views: &[View], g: &mut Gathered) -> bool {
-    let mut whole = false;
+/// through; finds what the reset may have write-protected in place of the
+/// pages harvested ([`Followed`]).
+///
+/// KVM's reset write-protects the page an entry names as it takes it (and
+/// clears the entry), and stops at an entry without RESET. A marked entry
+/// that lost RESET was taken, and is clean or written again by KVM since; or
+/// KVM wrote over it before the reset came to it (its DIRTY replaces our
+/// RESET), the reset stopped there, and the page harvested from it is not
+/// write-protected again: its later writes would go unlogged. Told apart:
+/// - KVM writes over entries not reset from its reset index on, where the
+///   reset starts too, which then takes nothing of that ring: marks lost
+///   none of which is clean. (In step KVM writes again into places the
+///   reset freed only by going round the ring, and into every one of them
+///   only with a whole ring not reset: an overflow as well. A few of them
+///   written again, beside clean ones, are no loss.)
+/// - KVM writing an entry just as the reset reads it (the reset found RESET,
+///   then read KVM's new page and write-protected that): a clean entry
+///   naming another page than the one recorded. Where KVM's DIRTY lands after
+///   the reset's clear, that looks like an entry written again after the
+///   reset and is not told apart here (KVM writes into a full ring then,
+///   found only if a scan sees it full).
+fn follow(views: &[View], g: &mut Gathered) -> Followed {
+    let mut out = Followed::default();
     for (v, t) in views.iter().zip(&mut g.tracks) {
         // The marked entries that lost RESET: the reset took them (or KVM
         // wrote over them).
-        let gone: Vec<u32> = ones(&t.marked)
-            .filter(|&i| v.flags(i).load(Ordering::Acquire) & F_RESET == 0)
-            .collect();
+        let mut gone = Vec::new();
+        let mut taken = false;
+        for i in ones(&t.marked) {
+            let f = v.flags(i).load(Ordering::Acquire);
+            if f & F_RESET != 0 {
+                continue;
+            }
+            gone.push(i);
+            if f == 0 {
+                taken = true;
+                if v.page(i) != t.seen[i as usize] {
+                    out.lost
+                        .get_or_insert("KVM wrote an entry again as the reset took it");
+                }
+            }
+        }
         if gone.is_empty() {
             continue;
         }
         t.moves += 1;
+        if !taken {
+            // Written over: KVM's reset did not move in this ring.
+            out.lost
+                .get_or_insert("KVM wrote over an entry before the reset took it");
+            for i in gone {
+                t.set_marked(i, false);
+            }
+            continue;
+        }
         // The reset went on from `reset_at` over entries marked then.
         let mut walked = 0;
         while walked < v.entries && t.is_marked(v.at(t.reset_at.wrapping_add(walked))) {
@@ -520,7 +593,7 @@ fn follow(views: &[View], g: &mut Gathered) -> bool {
             }
             walked += 1;
         }
-        whole |= walked == v.entries;
+        out.whole |= walked == v.entries;
         // Where `reset_at` was wrong (after an overflow), the reset stopped
         // after the last entry it took.
         let advance = if walked > 0 {
@@ -536,7 +609,7 @@ fn follow(views: &[View], g: &mut Gathered) -> bool {
             t.set_marked(i, false);
         }
     }
-    whole
+    out
 }
 
 /// Ring `c`'s vCPU stopped on a full ring and nothing in that ring has moved
@@ -548,15 +621,17 @@ fn follow(views: &[View], g: &mut Gathered) -> bool {
 /// mark taken back if the reset did not take it. One place is always safe
 /// here (KVM counts at least one entry more than it can reset), and the
 /// vCPU, back in KVM_RUN, either runs or stops again for one more. The ring
-/// does not change meanwhile: its vCPU is the caller. True if it moved.
+/// does not change meanwhile: its vCPU is the caller. Whether it moved, and
+/// what its resets may have lost elsewhere ([`Followed::lost`]).
 fn unstick(
     views: &[View],
     g: &mut Gathered,
     c: usize,
     reset: &mut dyn FnMut() -> Result<()>,
-) -> Result<bool> {
+) -> Result<(bool, Option<&'static str>)> {
     let v = views[c];
     let start = g.tracks[c].reset_at;
+    let mut lost = None;
     for j in 0..v.entries {
         let i = v.at(start.wrapping_add(j));
         let flags = v.flags(i);
@@ -567,18 +642,21 @@ fn unstick(
             continue;
         }
         g.tracks[c].set_marked(i, true);
+        g.tracks[c].seen[i as usize] = v.page(i);
         reset()?;
         let taken = flags.load(Ordering::Acquire) & F_RESET == 0;
         if taken {
             g.tracks[c].reset_at = i;
         }
-        follow(views, g);
+        if let Some(why) = follow(views, g).lost {
+            lost.get_or_insert(why);
+        }
         if taken {
-            return Ok(true);
+            return Ok((true, lost));
         }
         unmark(views, g, &[(c, i)]);
     }
-    Ok(false)
+    Ok((false, lost))
 }
 
 /// One vCPU's ring, mapped from its fd.
@@ -682,12 +760,17 @@ impl Rings {
         }
         if g.tracks[c].moves == g.tracks[c].moves_at_full {
             let views = self.views();
-            let moved = unstick(&views, &mut g, c, &mut || self.reset())?;
-            if moved {
-                g.overflowed
-                    .get_or_insert("a vCPU stopped on a full ring that held no entry");
+            let (moved, lost) = unstick(&views, &mut g, c, &mut || self.reset())?;
+            let why = if moved {
+                Some("a vCPU stopped on a full ring that held no entry")
+            } else {
+                lost
+            };
+            if let Some(why) = why {
+                g.overflowed.get_or_insert(why);
                 self.overflows.fetch_add(1, Ordering::Relaxed);
-            } else if !std::mem::replace(&mut g.tracks[c].warned, true) {
+            }
+            if !moved && !std::mem::replace(&mut g.tracks[c].warned, true) {
                 tracing::warn!(
                     vcpu = c,
                     "dirty ring full, and no entry of it could be reset"
@@ -793,7 +876,7 @@ impl Rings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::Cell;
+    use std::cell::{Cell, RefCell};
 
     /// One vCPU's ring and KVM's side of it, as `virt/kvm/dirty_ring.c`
     /// has it: `push` writes at the dirty index whatever is there (as the
@@ -805,6 +888,11 @@ mod tests {
         dirty_index: Cell<u32>,
         /// KVM's soft limit: the vCPU runs while fewer are not reset.
         soft: u32,
+        /// The pages (offsets) `reset` write-protected again, in order.
+        protected: RefCell<Vec<u64>>,
+        /// A page KVM pushes as the next `reset` reads its first entry:
+        /// after the reset found RESET there, before it reads the page.
+        race: Cell<Option<u64>>,
     }
 
     impl Model {
@@ -824,6 +912,8 @@ mod tests {
                 reset_index: Cell::new(0),
                 dirty_index: Cell::new(0),
                 soft: entries - entries / 4,
+                protected: RefCell::new(Vec::new()),
+                race: Cell::new(None),
             }
         }
 
@@ -846,6 +936,10 @@ mod tests {
                 if flags.load(Ordering::Acquire) & F_RESET == 0 {
                     return;
                 }
+                if let Some(p) = self.race.take() {
+                    self.push(p);
+                }
+                self.protected.borrow_mut().push(self.view.page(r).1);
                 flags.store(0, Ordering::Release);
                 self.reset_index.set(r + 1);
             }
@@ -910,13 +1004,16 @@ mod tests {
         let mut h = run_harvest(models, g);
         if g.tracks[c].moves == g.tracks[c].moves_at_full {
             let views: Vec<View> = models.iter().map(|m| m.view).collect();
-            let moved = unstick(&views, g, c, &mut || {
+            let (moved, lost) = unstick(&views, g, c, &mut || {
                 models.iter().for_each(Model::reset);
                 Ok(())
             })
             .unwrap();
             if moved {
                 h.overflow.get_or_insert("unstuck");
+            }
+            if let Some(why) = lost {
+                h.overflow.get_or_insert(why);
             }
         }
         g.tracks[c].moves_at_full = g.tracks[c].moves;
@@ -1130,6 +1227,130 @@ mod tests {
         run_harvest(&m, &mut g);
         assert_eq!(pages(&g), (0..200).skip(3).collect::<Vec<_>>());
         assert_eq!(m[0].used(), 0);
+    }
+
+    /// A harvest whose reset lets KVM (`kvm`) write first, once.
+    fn harvest_racing(m: &Model, g: &mut Gathered, kvm: impl FnOnce(&Model)) -> Harvest {
+        let mut kvm = Some(kvm);
+        harvest(&[m.view], &layout(), g, &mut || {
+            if let Some(kvm) = kvm.take() {
+                kvm(m);
+            }
+            m.reset();
+            Ok(())
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn an_entry_kvm_writes_over_before_the_reset_takes_it_counts_as_an_overflow() {
+        // The host that does not stop a vCPU in time: the scan finds 15
+        // entries and one clean place (no full ring) and marks the 15; then,
+        // before KVM_RESET_DIRTY_RINGS, KVM writes that place and goes on over
+        // the entry at its reset index (page 0, recorded, becomes page 100).
+        // The reset stops there: page 0 is not write-protected again, and its
+        // later writes would go unlogged unless this counts an overflow.
+        let m = Model::new(16);
+        let mut g = Gathered::new(4096, &[16]);
+        for p in 0..15 {
+            m.push(p);
+        }
+        let h = harvest_racing(&m, &mut g, |m| {
+            m.push(15);
+            m.push(100);
+        });
+        assert!(m.protected.borrow().is_empty(), "the reset took nothing");
+        assert_eq!(
+            h,
+            Harvest {
+                fresh: 15,
+                overflow: Some("KVM wrote over an entry before the reset took it")
+            }
+        );
+        // KVM's reset did not move: the ring is read on from there, and the
+        // guest goes on with every page it writes in the log.
+        assert_eq!(g.tracks[0].reset_at, 0);
+        g.bits.iter_mut().for_each(|w| *w = 0);
+        let mut next = 200;
+        let mut exits = 0;
+        while next < 400 {
+            exits += 1;
+            assert!(exits < 100, "stuck, {} entries", m.used());
+            full_exit(std::slice::from_ref(&m), &mut g, 0);
+            next = m.run(next, 400);
+        }
+        run_harvest(std::slice::from_ref(&m), &mut g);
+        let got = pages(&g);
+        assert!((200..400).all(|p| got.contains(&p)), "{got:?}");
+        assert_eq!(m.used(), 0);
+    }
+
+    #[test]
+    fn an_entry_kvm_writes_as_the_reset_takes_it_counts_as_an_overflow() {
+        // As above, but KVM writes the entry at its reset index just as the
+        // reset reads it: the reset found RESET there, then read KVM's new
+        // page 100, and write-protected that one in place of page 0.
+        let m = Model::new(16);
+        let mut g = Gathered::new(4096, &[16]);
+        for p in 0..15 {
+            m.push(p);
+        }
+        let h = harvest_racing(&m, &mut g, |m| {
+            m.push(15);
+            m.race.set(Some(100));
+        });
+        assert_eq!(m.protected.borrow()[0], 100);
+        assert!(!m.protected.borrow().contains(&0));
+        assert_eq!(
+            h,
+            Harvest {
+                fresh: 15,
+                overflow: Some("KVM wrote an entry again as the reset took it")
+            }
+        );
+    }
+
+    #[test]
+    fn an_entry_kvm_writes_again_after_the_reset_took_it_is_no_overflow() {
+        // In step: the reset takes 10 entries, and KVM, running on, goes
+        // round the ring into the first two places it freed (8 entries not
+        // reset, under its soft limit of 12) before the harvest reads them
+        // after the reset. They name new pages, and nothing was lost: no
+        // overflow (and no full resend) for that.
+        let m = Model::new(16);
+        let mut g = Gathered::new(4096, &[16]);
+        for p in 0..10 {
+            m.push(p);
+        }
+        let h = harvest(&[m.view], &layout(), &mut g, &mut || {
+            m.reset();
+            if m.dirty_index.get() == 10 {
+                for p in 100..108 {
+                    m.push(p);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            h,
+            Harvest {
+                fresh: 10,
+                overflow: None
+            }
+        );
+        assert_eq!(*m.protected.borrow(), (0..10).collect::<Vec<_>>());
+        g.bits.iter_mut().for_each(|w| *w = 0);
+        let h = run_harvest(std::slice::from_ref(&m), &mut g);
+        assert_eq!(
+            h,
+            Harvest {
+                fresh: 8,
+                overflow: None
+            }
+        );
+        assert_eq!(pages(&g), (100..108).collect::<Vec<_>>());
+        assert_eq!(m.used(), 0);
     }
 
     #[test]
