@@ -957,7 +957,8 @@ async fn spawn_vm(
         .with_context(|| format!("creating {}", dir.display()))?;
     state::write_json_atomic(&state::record_path(dir), r)?;
     let control = state::control_path(dir);
-    let mut args = vec!["--name".to_string(), r.name.clone()];
+    // One argument: a name can never be read as a flag of its own.
+    let mut args = vec![format!("--name={}", r.name)];
     args.extend(boot);
     args.extend([
         "--serial".into(),

@@ -173,8 +173,8 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
     let mut args = vec![
         "--incoming-fd".to_string(),
         "3".into(),
-        "--name".into(),
-        name.clone(),
+        // One argument: a name can never be read as a flag of its own.
+        format!("--name={name}"),
         "--memory".into(),
         memory_arg(record.memory),
         "--cpus".into(),

@@ -304,7 +304,8 @@ pub fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// `[A-Za-z0-9_.-]{1,64}`, and not `.` or `..`.
+/// `[A-Za-z0-9_.-]{1,64}`, not `.` or `..`, and not starting with `-`
+/// (the name is an argument of `migd run`, and of commands operators type).
 pub fn check_name(name: &str) -> Result<(), String> {
     let ok_chars = name
         .bytes()
@@ -312,6 +313,12 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 || !ok_chars || name == "." || name == ".." {
         return Err(format!(
             "invalid VM name '{}': use 1 to 64 of A-Z a-z 0-9 _ . -",
+            name.escape_debug()
+        ));
+    }
+    if name.starts_with('-') {
+        return Err(format!(
+            "invalid VM name '{}': it must not start with '-' (it would read as an option)",
             name.escape_debug()
         ));
     }
@@ -822,8 +829,22 @@ mod tests {
     fn names() {
         assert!(check_name("web-1.prod_a").is_ok());
         assert!(check_name(&"a".repeat(64)).is_ok());
-        for bad in ["", ".", "..", "a/b", "a b", "é", &"a".repeat(65)] {
+        assert!(check_name("a-").is_ok());
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a b",
+            "é",
+            &"a".repeat(65),
+            "-",
+            "-x",
+            "--help",
+        ] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
+        let e = check_name("-x").unwrap_err();
+        assert!(e.contains("must not start with '-'"), "{e}");
     }
 }
