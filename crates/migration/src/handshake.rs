@@ -253,7 +253,338 @@ pub fn check_runs_here(state: &vmm::VmState) -> Result<()> {
     }
 }
 
-/// The descriptor of a VM: name, size, vCPUs and the CPU features it was given.
+/// A CPUID register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reg {
+    Eax,
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+impl Reg {
+    fn of(self, e: &kvm_bindings::kvm_cpuid_entry2) -> u32 {
+        match self {
+            Reg::Eax => e.eax,
+            Reg::Ebx => e.ebx,
+            Reg::Ecx => e.ecx,
+            Reg::Edx => e.edx,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Reg::Eax => "EAX",
+            Reg::Ebx => "EBX",
+            Reg::Ecx => "ECX",
+            Reg::Edx => "EDX",
+        }
+    }
+}
+
+/// How the destination compares a word of [`CPU_WORDS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Compare {
+    /// Feature bits: every bit the guest has (outside the mask) must be the
+    /// host's too. The mask leaves out bits that are not capabilities: ones
+    /// that reflect the guest's own state (OSXSAVE, OSPKE: its CR4; APIC:
+    /// its APIC base MSR), that we set ourselves (hypervisor), or that
+    /// announce something taken away (FCS/FDS deprecated), which a host
+    /// without them does not miss.
+    Bits { ignore: u32 },
+    /// The physical address width (bits 7:0): the host's must be at least
+    /// the guest's, whose page tables and memory may use every address
+    /// its width allows.
+    AddressBits,
+}
+
+/// One word of [`VmDescriptor::cpu_features`].
+struct CpuWord {
+    leaf: u32,
+    subleaf: u32,
+    reg: Reg,
+    compare: Compare,
+    /// Bit number and name of the features that have a common name.
+    names: &'static [(u32, &'static str)],
+}
+
+const fn bits(
+    leaf: u32,
+    subleaf: u32,
+    reg: Reg,
+    ignore: u32,
+    names: &'static [(u32, &'static str)],
+) -> CpuWord {
+    CpuWord {
+        leaf,
+        subleaf,
+        reg,
+        compare: Compare::Bits { ignore },
+        names,
+    }
+}
+
+/// The words of [`VmDescriptor::cpu_features`], in their order on the wire:
+/// each CPUID register as the guest was given it, zero where its CPUID has
+/// no such leaf. The first five are the ones builds before this one sent
+/// (and compared, position by position): new words are only ever appended.
+/// A descriptor shorter than this list (from an older source) leaves the
+/// words it lacks unchecked; a host's own CPUID always gives them all, so
+/// a leaf the host lacks counts as all zero, never as nothing to check.
+const CPU_WORDS: &[CpuWord] = &[
+    bits(1, 0, Reg::Ecx, (1 << 27) | (1 << 31), LEAF1_ECX),
+    bits(1, 0, Reg::Edx, 1 << 9, LEAF1_EDX),
+    bits(7, 0, Reg::Ebx, (1 << 6) | (1 << 13), LEAF7_EBX),
+    bits(7, 0, Reg::Ecx, 1 << 4, LEAF7_ECX),
+    bits(7, 0, Reg::Edx, 0, LEAF7_EDX),
+    bits(7, 1, Reg::Eax, 0, LEAF7_1_EAX),
+    bits(7, 1, Reg::Edx, 0, LEAF7_1_EDX),
+    // The state components XCR0 may enable (bits 0-31, 32-63).
+    bits(0xd, 0, Reg::Eax, 0, XCR0),
+    bits(0xd, 0, Reg::Edx, 0, &[]),
+    bits(0xd, 1, Reg::Eax, 0, LEAFD_1_EAX),
+    // The state components IA32_XSS may enable.
+    bits(0xd, 1, Reg::Ecx, 0, XSS),
+    bits(0xd, 1, Reg::Edx, 0, &[]),
+    bits(0x8000_0001, 0, Reg::Ecx, 0, EXT1_ECX),
+    // Bit 9 is AMD's copy of leaf 1's APIC bit.
+    bits(0x8000_0001, 0, Reg::Edx, 1 << 9, EXT1_EDX),
+    // Only the invariant TSC: the rest is power management.
+    bits(0x8000_0007, 0, Reg::Edx, !(1 << 8), &[(8, "invariant TSC")]),
+    CpuWord {
+        leaf: 0x8000_0008,
+        subleaf: 0,
+        reg: Reg::Eax,
+        compare: Compare::AddressBits,
+        names: &[],
+    },
+    bits(0x8000_0008, 0, Reg::Ebx, 0, EXT8_EBX),
+];
+
+const LEAF1_ECX: &[(u32, &str)] = &[
+    (0, "SSE3"),
+    (1, "PCLMULQDQ"),
+    (3, "MONITOR"),
+    (5, "VMX"),
+    (9, "SSSE3"),
+    (12, "FMA"),
+    (13, "CMPXCHG16B"),
+    (15, "PDCM"),
+    (17, "PCID"),
+    (19, "SSE4.1"),
+    (20, "SSE4.2"),
+    (21, "x2APIC"),
+    (22, "MOVBE"),
+    (23, "POPCNT"),
+    (24, "TSC deadline"),
+    (25, "AES"),
+    (26, "XSAVE"),
+    (28, "AVX"),
+    (29, "F16C"),
+    (30, "RDRAND"),
+];
+const LEAF1_EDX: &[(u32, &str)] = &[
+    (0, "FPU"),
+    (3, "PSE"),
+    (4, "TSC"),
+    (5, "MSR"),
+    (6, "PAE"),
+    (7, "MCE"),
+    (8, "CX8"),
+    (11, "SEP"),
+    (12, "MTRR"),
+    (13, "PGE"),
+    (14, "MCA"),
+    (15, "CMOV"),
+    (16, "PAT"),
+    (17, "PSE-36"),
+    (19, "CLFLUSH"),
+    (23, "MMX"),
+    (24, "FXSR"),
+    (25, "SSE"),
+    (26, "SSE2"),
+    (28, "HTT"),
+];
+const LEAF7_EBX: &[(u32, &str)] = &[
+    (0, "FSGSBASE"),
+    (1, "TSC_ADJUST"),
+    (3, "BMI1"),
+    (4, "HLE"),
+    (5, "AVX2"),
+    (7, "SMEP"),
+    (8, "BMI2"),
+    (9, "ERMS"),
+    (10, "INVPCID"),
+    (11, "RTM"),
+    (14, "MPX"),
+    (16, "AVX512F"),
+    (17, "AVX512DQ"),
+    (18, "RDSEED"),
+    (19, "ADX"),
+    (20, "SMAP"),
+    (21, "AVX512_IFMA"),
+    (23, "CLFLUSHOPT"),
+    (24, "CLWB"),
+    (25, "PT"),
+    (28, "AVX512CD"),
+    (29, "SHA"),
+    (30, "AVX512BW"),
+    (31, "AVX512VL"),
+];
+const LEAF7_ECX: &[(u32, &str)] = &[
+    (1, "AVX512_VBMI"),
+    (2, "UMIP"),
+    (3, "PKU"),
+    (5, "WAITPKG"),
+    (6, "AVX512_VBMI2"),
+    (7, "CET_SS"),
+    (8, "GFNI"),
+    (9, "VAES"),
+    (10, "VPCLMULQDQ"),
+    (11, "AVX512_VNNI"),
+    (12, "AVX512_BITALG"),
+    (14, "AVX512_VPOPCNTDQ"),
+    (16, "LA57"),
+    (22, "RDPID"),
+    (24, "BUS_LOCK_DETECT"),
+    (25, "CLDEMOTE"),
+    (27, "MOVDIRI"),
+    (28, "MOVDIR64B"),
+    (29, "ENQCMD"),
+    (30, "SGX_LC"),
+    (31, "PKS"),
+];
+const LEAF7_EDX: &[(u32, &str)] = &[
+    (4, "FSRM"),
+    (5, "UINTR"),
+    (8, "AVX512_VP2INTERSECT"),
+    (10, "MD_CLEAR"),
+    (14, "SERIALIZE"),
+    (16, "TSXLDTRK"),
+    (20, "CET_IBT"),
+    (22, "AMX_BF16"),
+    (23, "AVX512_FP16"),
+    (24, "AMX_TILE"),
+    (25, "AMX_INT8"),
+    (26, "SPEC_CTRL"),
+    (27, "STIBP"),
+    (28, "FLUSH_L1D"),
+    (29, "ARCH_CAPABILITIES"),
+    (30, "CORE_CAPABILITIES"),
+    (31, "SSBD"),
+];
+const LEAF7_1_EAX: &[(u32, &str)] = &[
+    (4, "AVX_VNNI"),
+    (5, "AVX512_BF16"),
+    (7, "CMPCCXADD"),
+    (10, "FZRM"),
+    (11, "FSRS"),
+    (12, "FSRC"),
+    (19, "WRMSRNS"),
+    (21, "AMX_FP16"),
+    (22, "HRESET"),
+    (23, "AVX_IFMA"),
+    (26, "LAM"),
+];
+const LEAF7_1_EDX: &[(u32, &str)] = &[
+    (4, "AVX_VNNI_INT8"),
+    (5, "AVX_NE_CONVERT"),
+    (14, "PREFETCHITI"),
+    (19, "AVX10"),
+];
+const XCR0: &[(u32, &str)] = &[
+    (0, "x87 state"),
+    (1, "SSE state"),
+    (2, "AVX state"),
+    (3, "MPX BNDREGS state"),
+    (4, "MPX BNDCSR state"),
+    (5, "AVX-512 opmask state"),
+    (6, "AVX-512 ZMM_Hi256 state"),
+    (7, "AVX-512 Hi16_ZMM state"),
+    (9, "PKRU state"),
+    (17, "AMX TILECFG state"),
+    (18, "AMX TILEDATA state"),
+];
+const LEAFD_1_EAX: &[(u32, &str)] = &[
+    (0, "XSAVEOPT"),
+    (1, "XSAVEC"),
+    (2, "XGETBV1"),
+    (3, "XSAVES"),
+    (4, "XFD"),
+];
+const XSS: &[(u32, &str)] = &[
+    (8, "PT state"),
+    (10, "PASID state"),
+    (11, "CET user state"),
+    (12, "CET supervisor state"),
+    (13, "HDC state"),
+    (14, "UINTR state"),
+    (15, "LBR state"),
+    (16, "HWP state"),
+];
+const EXT1_ECX: &[(u32, &str)] = &[
+    (0, "LAHF/SAHF"),
+    (2, "SVM"),
+    (4, "CR8_LEGACY"),
+    (5, "LZCNT"),
+    (6, "SSE4A"),
+    (7, "MISALIGNSSE"),
+    (8, "PREFETCHW"),
+    (11, "XOP"),
+    (16, "FMA4"),
+    (21, "TBM"),
+    (22, "TOPOEXT"),
+    (23, "PERFCTR_CORE"),
+    (29, "MWAITX"),
+];
+const EXT1_EDX: &[(u32, &str)] = &[
+    (11, "SYSCALL"),
+    (20, "NX"),
+    (22, "MMXEXT"),
+    (25, "FXSR_OPT"),
+    (26, "1 GiB pages"),
+    (27, "RDTSCP"),
+    (29, "LM"),
+];
+const EXT8_EBX: &[(u32, &str)] = &[
+    (0, "CLZERO"),
+    (1, "IRPERF"),
+    (2, "XSAVEERPTR"),
+    (4, "RDPRU"),
+    (9, "WBNOINVD"),
+    (12, "IBPB"),
+    (14, "IBRS"),
+    (15, "STIBP"),
+    (24, "SSBD"),
+    (25, "VIRT_SSBD"),
+    (26, "SSB_NO"),
+];
+
+impl CpuWord {
+    /// `CPUID 0x80000001 ECX`, `CPUID 0x7.1 EAX`: leaves 7 and 0xD are read by subleaf.
+    fn label(&self) -> String {
+        match self.leaf {
+            7 | 0xd => format!(
+                "CPUID {:#x}.{} {}",
+                self.leaf,
+                self.subleaf,
+                self.reg.name()
+            ),
+            _ => format!("CPUID {:#x} {}", self.leaf, self.reg.name()),
+        }
+    }
+
+    /// `5 (LZCNT)`, or `17` for a bit without a name here.
+    fn bit(&self, bit: u32) -> String {
+        match self.names.iter().find(|(b, _)| *b == bit) {
+            Some((_, name)) => format!("{bit} ({name})"),
+            None => bit.to_string(),
+        }
+    }
+}
+
+/// The descriptor of a VM: name, size, vCPUs and the CPU features it was
+/// given ([`CPU_WORDS`]).
 pub fn describe(
     name: &str,
     state_cpuid: &[kvm_bindings::kvm_cpuid_entry2],
@@ -270,13 +601,10 @@ pub fn describe(
             String::from_utf8_lossy(&b).into_owned()
         })
         .unwrap_or_default();
-    let mut features = Vec::new();
-    if let Some(e) = leaf(1, 0) {
-        features.extend([e.ecx, e.edx]);
-    }
-    if let Some(e) = leaf(7, 0) {
-        features.extend([e.ebx, e.ecx, e.edx]);
-    }
+    let features = CPU_WORDS
+        .iter()
+        .map(|w| leaf(w.leaf, w.subleaf).map_or(0, |e| w.reg.of(e)))
+        .collect();
     VmDescriptor {
         name: name.to_string(),
         memory,
@@ -287,7 +615,7 @@ pub fn describe(
 }
 
 /// Destination check: can this host's CPU run a guest that was given `vm`'s features?
-/// Returns the reason if not.
+/// Returns the reason if not, naming each CPUID register and bit the host lacks.
 pub fn cpu_incompatibility(
     vm: &VmDescriptor,
     host_cpuid: &[kvm_bindings::kvm_cpuid_entry2],
@@ -299,22 +627,48 @@ pub fn cpu_incompatibility(
             vm.cpu_vendor, host.cpu_vendor
         ));
     }
-    // Leaf 1 ECX bit 31 (hypervisor) and the APIC-ID/OSXSAVE-style dynamic bits are not capabilities.
-    let dynamic = [(0usize, (1u32 << 31) | (1 << 27)), (1, 1 << 9)];
-    for (i, (&want, &have)) in vm.cpu_features.iter().zip(&host.cpu_features).enumerate() {
-        let mask = dynamic
-            .iter()
-            .find(|(j, _)| *j == i)
-            .map(|(_, m)| *m)
-            .unwrap_or(0);
-        let missing = want & !have & !mask;
-        if missing != 0 {
-            return Some(format!(
-                "this host's CPU lacks features the guest uses (word {i}, bits {missing:#x})"
-            ));
+    let mut lacks = Vec::new();
+    let mut short = Vec::new();
+    // An older source sends fewer words: those it did not send are unknown.
+    for ((word, &want), &have) in CPU_WORDS
+        .iter()
+        .zip(&vm.cpu_features)
+        .zip(&host.cpu_features)
+    {
+        match word.compare {
+            Compare::Bits { ignore } => {
+                let missing = want & !have & !ignore;
+                if missing != 0 {
+                    let bits: Vec<String> = (0..32)
+                        .filter(|b| missing & (1 << b) != 0)
+                        .map(|b| word.bit(b))
+                        .collect();
+                    let s = if bits.len() == 1 { "" } else { "s" };
+                    lacks.push(format!("{} bit{s} {}", word.label(), bits.join(", ")));
+                }
+            }
+            Compare::AddressBits => {
+                let (want, have) = (want & 0xff, have & 0xff);
+                if have < want {
+                    short.push(format!(
+                        "this host's CPU has {have}-bit physical addresses, the guest's {want} \
+                         ({} bits 7:0): it could not map all of the guest's addresses",
+                        word.label()
+                    ));
+                }
+            }
         }
     }
-    None
+    if !lacks.is_empty() {
+        short.insert(
+            0,
+            format!(
+                "this host's CPU lacks features the guest uses: {}",
+                lacks.join("; ")
+            ),
+        );
+    }
+    (!short.is_empty()).then(|| short.join("; "))
 }
 
 #[cfg(test)]
@@ -522,22 +876,346 @@ mod tests {
         assert!(e.to_string().contains("kernel path holds a NUL"), "{e}");
     }
 
-    #[test]
-    fn cpu_features_are_compared() {
-        let mut host = vec![kvm_bindings::kvm_cpuid_entry2 {
-            function: 1,
-            ecx: 0b1010,
-            edx: 0b1,
+    fn entry(function: u32, index: u32, regs: [u32; 4]) -> kvm_bindings::kvm_cpuid_entry2 {
+        let [eax, ebx, ecx, edx] = regs;
+        kvm_bindings::kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ebx,
+            ecx,
+            edx,
             ..Default::default()
-        }];
-        let vm = VmDescriptor {
-            cpu_features: vec![0b1010, 0b1],
-            cpu_vendor: String::new(),
+        }
+    }
+
+    /// A host's supported CPUID with every bit of every compared register
+    /// set, 48-bit physical addresses.
+    fn rich_host() -> Vec<kvm_bindings::kvm_cpuid_entry2> {
+        let all = u32::MAX;
+        let intel = [0x20, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]; // "GenuineIntel"
+        vec![
+            entry(0, 0, intel),
+            entry(1, 0, [0x906ea, 0x0010_0800, all, all]),
+            entry(7, 0, [1, all, all, all]),
+            entry(7, 1, [all, 0, 0, all]),
+            entry(0xd, 0, [all, 0x340, 0xa88, all]),
+            entry(0xd, 1, [all, 0x340, all, all]),
+            entry(0x8000_0000, 0, [0x8000_0008, 0, 0, 0]),
+            entry(0x8000_0001, 0, [0, 0, all, all]),
+            entry(0x8000_0007, 0, [0, 0, 0, all]),
+            entry(0x8000_0008, 0, [0x3030, all, 0, 0]),
+        ]
+    }
+
+    /// What a guest of `host` is given (the source's side of a migration).
+    fn guest_of(host: &[kvm_bindings::kvm_cpuid_entry2]) -> VmDescriptor {
+        describe(
+            "web1",
+            &vmm::cpuid::for_vcpu(host, 0, 2, 2_000_000),
+            1 << 30,
+            2,
+        )
+    }
+
+    fn reg_mut(
+        cpuid: &mut [kvm_bindings::kvm_cpuid_entry2],
+        leaf: u32,
+        subleaf: u32,
+        reg: Reg,
+    ) -> &mut u32 {
+        let e = cpuid
+            .iter_mut()
+            .find(|e| e.function == leaf && e.index == subleaf)
+            .unwrap();
+        match reg {
+            Reg::Eax => &mut e.eax,
+            Reg::Ebx => &mut e.ebx,
+            Reg::Ecx => &mut e.ecx,
+            Reg::Edx => &mut e.edx,
+        }
+    }
+
+    #[test]
+    fn a_guest_runs_on_its_own_host() {
+        let host = rich_host();
+        assert_eq!(cpu_incompatibility(&guest_of(&host), &host), None);
+        // The same CPUID on both sides.
+        let same = describe("", &host, 0, 0);
+        assert_eq!(cpu_incompatibility(&same, &host), None);
+        // This machine's own KVM, where there is one: for_vcpu's changes
+        // (APIC IDs, hypervisor bit, VMX/SVM hidden) are not refused.
+        if let Ok(host) = vmm::cpuid::host_supported() {
+            for id in 0..2 {
+                let guest = describe("", &vmm::cpuid::for_vcpu(&host, id, 2, 1), 0, 0);
+                assert_eq!(cpu_incompatibility(&guest, &host), None, "vCPU {id}");
+            }
+        }
+    }
+
+    #[test]
+    fn each_feature_the_host_lacks_is_refused_by_name() {
+        use Reg::*;
+        for (leaf, subleaf, reg, bit, named) in [
+            (1, 0, Ecx, 28, "CPUID 0x1 ECX bit 28 (AVX)"),
+            (1, 0, Edx, 26, "CPUID 0x1 EDX bit 26 (SSE2)"),
+            (7, 0, Ebx, 5, "CPUID 0x7.0 EBX bit 5 (AVX2)"),
+            (7, 0, Ecx, 16, "CPUID 0x7.0 ECX bit 16 (LA57)"),
+            (7, 0, Edx, 4, "CPUID 0x7.0 EDX bit 4 (FSRM)"),
+            (7, 1, Eax, 4, "CPUID 0x7.1 EAX bit 4 (AVX_VNNI)"),
+            (7, 1, Edx, 4, "CPUID 0x7.1 EDX bit 4 (AVX_VNNI_INT8)"),
+            (0xd, 0, Eax, 2, "CPUID 0xd.0 EAX bit 2 (AVX state)"),
+            (0xd, 0, Edx, 1, "CPUID 0xd.0 EDX bit 1"),
+            (0xd, 1, Eax, 0, "CPUID 0xd.1 EAX bit 0 (XSAVEOPT)"),
+            (0xd, 1, Eax, 1, "CPUID 0xd.1 EAX bit 1 (XSAVEC)"),
+            (0xd, 1, Eax, 2, "CPUID 0xd.1 EAX bit 2 (XGETBV1)"),
+            (0xd, 1, Eax, 3, "CPUID 0xd.1 EAX bit 3 (XSAVES)"),
+            (0xd, 1, Ecx, 11, "CPUID 0xd.1 ECX bit 11 (CET user state)"),
+            (0xd, 1, Edx, 0, "CPUID 0xd.1 EDX bit 0"),
+            (
+                0x8000_0001,
+                0,
+                Ecx,
+                0,
+                "CPUID 0x80000001 ECX bit 0 (LAHF/SAHF)",
+            ),
+            (0x8000_0001, 0, Ecx, 5, "CPUID 0x80000001 ECX bit 5 (LZCNT)"),
+            (
+                0x8000_0001,
+                0,
+                Ecx,
+                8,
+                "CPUID 0x80000001 ECX bit 8 (PREFETCHW)",
+            ),
+            (
+                0x8000_0001,
+                0,
+                Edx,
+                11,
+                "CPUID 0x80000001 EDX bit 11 (SYSCALL)",
+            ),
+            (0x8000_0001, 0, Edx, 20, "CPUID 0x80000001 EDX bit 20 (NX)"),
+            (
+                0x8000_0001,
+                0,
+                Edx,
+                26,
+                "CPUID 0x80000001 EDX bit 26 (1 GiB pages)",
+            ),
+            (
+                0x8000_0001,
+                0,
+                Edx,
+                27,
+                "CPUID 0x80000001 EDX bit 27 (RDTSCP)",
+            ),
+            (0x8000_0001, 0, Edx, 29, "CPUID 0x80000001 EDX bit 29 (LM)"),
+            (
+                0x8000_0007,
+                0,
+                Edx,
+                8,
+                "CPUID 0x80000007 EDX bit 8 (invariant TSC)",
+            ),
+            (
+                0x8000_0008,
+                0,
+                Ebx,
+                9,
+                "CPUID 0x80000008 EBX bit 9 (WBNOINVD)",
+            ),
+        ] {
+            let guest = guest_of(&rich_host());
+            let mut host = rich_host();
+            *reg_mut(&mut host, leaf, subleaf, reg) &= !(1 << bit);
+            let why = cpu_incompatibility(&guest, &host);
+            assert_eq!(
+                why.as_deref(),
+                Some(format!("this host's CPU lacks features the guest uses: {named}").as_str()),
+                "{named}"
+            );
+            // And the snapshot's check says the same.
+            let state_words = describe("", &vmm::cpuid::for_vcpu(&rich_host(), 1, 2, 0), 0, 0);
+            assert_eq!(cpu_incompatibility(&state_words, &host), why, "{named}");
+        }
+        // Several at once: each named.
+        let mut host = rich_host();
+        *reg_mut(&mut host, 7, 0, Reg::Ebx) &= !((1 << 5) | (1 << 8));
+        *reg_mut(&mut host, 0xd, 1, Reg::Eax) &= !(1 << 3);
+        assert_eq!(
+            cpu_incompatibility(&guest_of(&rich_host()), &host).unwrap(),
+            "this host's CPU lacks features the guest uses: CPUID 0x7.0 EBX bits 5 (AVX2), \
+             8 (BMI2); CPUID 0xd.1 EAX bit 3 (XSAVES)"
+        );
+    }
+
+    #[test]
+    fn state_and_our_own_bits_are_not_features() {
+        use Reg::*;
+        // The guest's copy has them where the host's does not: OSXSAVE and
+        // OSPKE (the guest's CR4), APIC (its APIC base MSR, and AMD's copy
+        // of it), the hypervisor bit (ours), FDP_EXCPTN_ONLY and FCS/FDS
+        // deprecated (something taken away), the power management bits of
+        // 0x80000007.
+        for (leaf, subleaf, reg, bit) in [
+            (1, 0, Ecx, 27),
+            (1, 0, Ecx, 31),
+            (1, 0, Edx, 9),
+            (7, 0, Ebx, 6),
+            (7, 0, Ebx, 13),
+            (7, 0, Ecx, 4),
+            (0x8000_0001, 0, Edx, 9),
+            (0x8000_0007, 0, Edx, 7),
+        ] {
+            let mut host = rich_host();
+            *reg_mut(&mut host, leaf, subleaf, reg) &= !(1 << bit);
+            assert_eq!(
+                cpu_incompatibility(&guest_of(&rich_host()), &host),
+                None,
+                "{leaf:#x}.{subleaf} {reg:?} bit {bit}"
+            );
+        }
+        // What the source's for_vcpu took away (VMX, SVM) is not asked of the host.
+        let mut host = rich_host();
+        *reg_mut(&mut host, 1, 0, Ecx) &= !(1 << 5);
+        *reg_mut(&mut host, 0x8000_0001, 0, Ecx) &= !(1 << 2);
+        assert_eq!(cpu_incompatibility(&guest_of(&rich_host()), &host), None);
+    }
+
+    #[test]
+    fn a_leaf_the_host_lacks_counts_as_all_zero() {
+        let guest = guest_of(&rich_host());
+        // No leaf 7 at all (neither subleaf).
+        let mut host = rich_host();
+        host.retain(|e| e.function != 7);
+        let why = cpu_incompatibility(&guest, &host).unwrap();
+        assert!(
+            why.starts_with("this host's CPU lacks features the guest uses: CPUID 0x7.0 EBX bits 0 (FSGSBASE), 1 (TSC_ADJUST), 2, "),
+            "{why}"
+        );
+        for word in ["0x7.0 ECX", "0x7.0 EDX", "0x7.1 EAX", "0x7.1 EDX"] {
+            assert!(
+                why.contains(&format!("CPUID {word} bits 0")),
+                "{word}: {why}"
+            );
+        }
+        // Nor does a guest without features need any.
+        let mut plain = rich_host();
+        plain.retain(|e| e.function != 7);
+        assert_eq!(cpu_incompatibility(&guest_of(&plain), &host), None);
+        // Without 0xD subleaf 1, or the extended leaves.
+        for (leaf, subleaf, named) in [
+            (
+                0xd,
+                1,
+                "CPUID 0xd.1 EAX bits 0 (XSAVEOPT), 1 (XSAVEC), 2 (XGETBV1), 3 (XSAVES)",
+            ),
+            (
+                0x8000_0001,
+                0,
+                "CPUID 0x80000001 ECX bits 0 (LAHF/SAHF), 1, 3",
+            ),
+            (0x8000_0007, 0, "CPUID 0x80000007 EDX bit 8 (invariant TSC)"),
+        ] {
+            let mut host = rich_host();
+            host.retain(|e| (e.function, e.index) != (leaf, subleaf));
+            let why = cpu_incompatibility(&guest, &host).unwrap();
+            assert!(why.contains(named), "{named}: {why}");
+        }
+    }
+
+    #[test]
+    fn a_narrower_physical_address_width_is_refused() {
+        let guest = guest_of(&rich_host()); // 48 bits
+        let width = |bits: u32| {
+            let mut host = rich_host();
+            // Bits 15:8 (linear width) are not compared.
+            *reg_mut(&mut host, 0x8000_0008, 0, Reg::Eax) = 0x3000 | bits;
+            cpu_incompatibility(&guest, &host)
+        };
+        assert_eq!(width(48), None);
+        assert_eq!(width(52), None);
+        assert_eq!(
+            width(39).unwrap(),
+            "this host's CPU has 39-bit physical addresses, the guest's 48 (CPUID 0x80000008 \
+             EAX bits 7:0): it could not map all of the guest's addresses"
+        );
+        // No leaf 0x80000008 here: 0 bits.
+        let mut host = rich_host();
+        host.retain(|e| e.function != 0x8000_0008);
+        let why = cpu_incompatibility(&guest, &host).unwrap();
+        assert!(
+            why.contains("0-bit physical addresses, the guest's 48"),
+            "{why}"
+        );
+        assert!(
+            why.contains("CPUID 0x80000008 EBX bits 0 (CLZERO)"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn the_words_older_builds_sent_keep_their_places() {
+        let host = rich_host();
+        let mut guest_cpuid = vmm::cpuid::for_vcpu(&host, 0, 1, 0);
+        for (i, e) in guest_cpuid.iter_mut().enumerate() {
+            // Tell the registers apart.
+            e.ebx ^= i as u32;
+            e.ecx ^= (i as u32) << 8;
+            e.edx ^= (i as u32) << 16;
+        }
+        let d = describe("", &guest_cpuid, 0, 0);
+        let get = |f: u32, i: u32| {
+            *guest_cpuid
+                .iter()
+                .find(|e| e.function == f && e.index == i)
+                .unwrap()
+        };
+        let (l1, l7) = (get(1, 0), get(7, 0));
+        assert_eq!(
+            d.cpu_features[..5],
+            [l1.ecx, l1.edx, l7.ebx, l7.ecx, l7.edx]
+        );
+        assert_eq!(d.cpu_features.len(), CPU_WORDS.len());
+        // An older source's five words: those are checked, the rest are unknown.
+        let old = VmDescriptor {
+            cpu_features: guest_of(&host).cpu_features[..5].to_vec(),
             ..desc()
         };
-        assert_eq!(cpu_incompatibility(&vm, &host), None);
-        host[0].ecx = 0b0010;
-        let why = cpu_incompatibility(&vm, &host).unwrap();
-        assert!(why.contains("lacks features"), "{why}");
+        let mut host = rich_host();
+        *reg_mut(&mut host, 0x8000_0001, 0, Reg::Ecx) = 0;
+        assert_eq!(cpu_incompatibility(&old, &host), None);
+        *reg_mut(&mut host, 7, 0, Reg::Ebx) &= !(1 << 5);
+        let why = cpu_incompatibility(&old, &host).unwrap();
+        assert!(why.ends_with("CPUID 0x7.0 EBX bit 5 (AVX2)"), "{why}");
+    }
+
+    #[test]
+    fn the_refusal_reaches_the_source_naming_the_feature() {
+        let mut host = rich_host();
+        *reg_mut(&mut host, 0x8000_0001, 0, Reg::Ecx) &= !(1 << 5);
+        let why = cpu_incompatibility(&guest_of(&rich_host()), &host).unwrap();
+        let mut answer = Vec::new();
+        refuse(&mut answer, &why).unwrap();
+        let mut d = Duplex(Vec::new(), std::io::Cursor::new(answer));
+        let e = hello(&mut d, "precopy", guest_of(&rich_host()))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "destination refused: this host's CPU lacks features the guest uses: \
+             CPUID 0x80000001 ECX bit 5 (LZCNT)"
+        );
+    }
+
+    #[test]
+    fn another_vendor_is_refused() {
+        let mut amd = rich_host();
+        amd[0] = entry(0, 0, [0x10, 0x6874_7541, 0x444d_4163, 0x6974_6e65]);
+        let why = cpu_incompatibility(&guest_of(&rich_host()), &amd).unwrap();
+        assert_eq!(
+            why,
+            "CPU vendor GenuineIntel differs from this host's AuthenticAMD"
+        );
     }
 }
