@@ -518,6 +518,28 @@ fn a_cleared_cr0_wp_is_reported_once() {
 }
 
 #[test]
+fn a_lost_kvmclock_msr_is_reported_once() {
+    if !kvm_or_skip("a_lost_kvmclock_msr_is_reported_once") {
+        return;
+    }
+    // selftest=kvmclock@1 switches vCPU 1's kvmclock off; the check writes
+    // it back, so one line.
+    let (_dir, _vm, console, lines) = selftest_lines("det-kvmclock", "kvmclock@1");
+    assert_eq!(lines.len(), 1, "{}", console.text());
+    assert!(
+        lines[0].starts_with("kvmclock cpu=1 msr=system_time found=0x0 want=0x"),
+        "{}",
+        console.text()
+    );
+    assert_eq!(
+        hex(field(&lines[0], "want")) & 1,
+        1,
+        "enabled: {}",
+        lines[0]
+    );
+}
+
+#[test]
 fn a_wrong_gdtr_restored_by_the_vmm_is_reported() {
     if !kvm_or_skip("a_wrong_gdtr_restored_by_the_vmm_is_reported") {
         return;
@@ -652,8 +674,8 @@ fn an_interrupt_pending_in_the_ioapic_reaches_its_lapic_on_restore() {
 /// A vCPU resumed after a pause tells the guest's kvmclock that the host
 /// stopped it (KVM_KVMCLOCK_CTRL: PVCLOCK_GUEST_STOPPED in the clock's
 /// flags), so that a Linux guest's soft-lockup and RCU-stall watchdogs do
-/// not count the pause. The test guest does not use kvmclock: the test
-/// turns it on for vCPU 0 (MSR_KVM_SYSTEM_TIME_NEW) at a page it never uses.
+/// not count the pause. The test guest points each vCPU's kvmclock
+/// (MSR_KVM_SYSTEM_TIME_NEW) at a structure of its own, as Linux does.
 #[test]
 fn a_paused_vcpu_tells_kvmclock_it_was_stopped() {
     if !kvm_or_skip("a_paused_vcpu_tells_kvmclock_it_was_stopped") {
@@ -664,18 +686,20 @@ fn a_paused_vcpu_tells_kvmclock_it_was_stopped() {
     // pvclock_vcpu_time_info's flags byte.
     const FLAGS: u64 = 29;
     let (_dir, vm, console) = boot("state-kvmclock", "workload=idle", 1);
-    let gpa = 60 << 20;
-    vm.pause();
-    vm.with_vcpu(0, |fd| {
-        let on = kvm_bindings::kvm_msr_entry {
-            index: MSR_KVM_SYSTEM_TIME_NEW,
-            data: gpa | 1,
-            ..Default::default()
-        };
-        let msrs = kvm_bindings::Msrs::from_entries(&[on]).unwrap();
-        assert_eq!(fd.set_msrs(&msrs).unwrap(), 1);
-    })
-    .unwrap();
+    console.wait_for("WORKLOAD READY", Duration::from_secs(20));
+    let msr = vm
+        .with_vcpu(0, |fd| {
+            let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+                index: MSR_KVM_SYSTEM_TIME_NEW,
+                ..Default::default()
+            }])
+            .unwrap();
+            assert_eq!(fd.get_msrs(&mut msrs).unwrap(), 1);
+            msrs.as_slice()[0].data
+        })
+        .unwrap();
+    assert_eq!(msr & 1, 1, "the guest's kvmclock is off: {msr:#x}");
+    let gpa = msr & !1;
     vm.resume();
     let flags = |vm: &Vm| {
         let mut b = [0u8; 1];

@@ -180,6 +180,12 @@ fn receive_vm(
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(60)))
         .map_err(io_err("socket timeout"))?;
+    // Nor may a source that stops reading hold a write of ours for ever
+    // (a `Synced`, a `Cancel`).
+    stream
+        .tcp()
+        .set_write_timeout(Some(std::time::Duration::from_secs(60)))
+        .map_err(io_err("socket timeout"))?;
     // Ready and Confirm are small and on the downtime's critical path: no Nagle.
     stream.set_nodelay(true).map_err(io_err("TCP_NODELAY"))?;
     let mut out = stream.try_clone().map_err(io_err("socket"))?;
@@ -369,11 +375,10 @@ fn receive_vm(
     };
     drop(streams);
     drop(writer);
-    let t = Instant::now();
-    let vm = prepared.load(&state)?;
-    tracing::debug!(us = t.elapsed().as_micros() as u64, "state loaded");
+    // Memory as the source sent it, before loading the state (KVM writes
+    // guest memory as some of it is restored).
     if let Some(crc32) = expected_digest {
-        let ours = mem.digest(vm.ram());
+        let ours = mem.digest(prepared.ram());
         if ours != crc32 {
             let reason =
                 format!("memory digest mismatch: source {crc32:#010x}, destination {ours:#010x}");
@@ -389,6 +394,15 @@ fn receive_vm(
         tracing::info!(crc32, "memory digest matches the source");
     }
     drop(mem);
+    let t = Instant::now();
+    // A state this host cannot load (an MSR its KVM refuses, say): the
+    // source is told why, and resumes its VM.
+    let vm = prepared.load(&state).map_err(|e| {
+        let reason = format!("loading the VM state on the destination: {e}");
+        let _ = wire::write_control(&mut out, &Message::Cancel { reason });
+        Error::from(e)
+    })?;
+    tracing::debug!(us = t.elapsed().as_micros() as u64, "state loaded");
     abandon.send_ready(&mut out)?;
     let resume = match wire::expect_control(&mut r, "Go")? {
         Message::Go => true,

@@ -175,6 +175,8 @@ pub enum SelfTest {
     Regs,
     /// Clear CR0.WP.
     Sysreg,
+    /// Switch kvmclock off (MSR_KVM_SYSTEM_TIME_NEW = 0).
+    Kvmclock,
 }
 
 impl SelfTest {
@@ -202,6 +204,7 @@ impl SelfTest {
             "gdt" => SelfTest::Gdt,
             "regs" => SelfTest::Regs,
             "sysreg" => SelfTest::Sysreg,
+            "kvmclock" => SelfTest::Kvmclock,
             _ => return None,
         })
     }

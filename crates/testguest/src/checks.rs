@@ -17,6 +17,7 @@ use crate::boot::{
 };
 use crate::clock;
 use crate::cpu::{self, F80, X87_REGS, YMM_REGS};
+use crate::kvmclock;
 use crate::{corrupt, println};
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -223,6 +224,8 @@ pub struct Checker {
     /// read at start differs (not checked); and whether a difference was
     /// reported (cleared when the register reads right again).
     sysregs: [(Option<u64>, bool); 6],
+    /// KVM's paravirtual clock, where the host has it.
+    kvmclock: Option<kvmclock::Watch>,
     /// Clock: last read, current window.
     last: u64,
     win_start: u64,
@@ -341,6 +344,10 @@ impl Checker {
             }
         };
 
+        let kvmclock = kvmclock::Watch::enable(cpu)
+            .inspect_err(|why| note(format_args!("kvmclock: {why}: not checked")))
+            .ok();
+
         let ymm = ymm_values(cpu);
         let x87 = x87_values(cpu);
         cpu::ymm_load_upper(&ymm);
@@ -359,6 +366,7 @@ impl Checker {
             msrs,
             lapic,
             sysregs,
+            kvmclock,
             last: now,
             win_start: now,
             win_ticks: kcpu.ticks.load(Ordering::Relaxed),
@@ -610,6 +618,9 @@ impl Checker {
                     SYSREGS[k]
                 );
             }
+        }
+        if let Some(k) = &mut self.kvmclock {
+            k.check();
         }
         for &(r, mask, want) in &self.lapic {
             let v = cpu::lapic_read(r);

@@ -11,6 +11,7 @@ mod checks;
 mod clock;
 mod cpu;
 mod integrity;
+mod kvmclock;
 mod mem;
 mod serial;
 mod workload;

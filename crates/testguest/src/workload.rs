@@ -22,6 +22,7 @@ use crate::checks::{self, Checker};
 use crate::clock;
 use crate::cpu;
 use crate::integrity::{self, Integrity};
+use crate::kvmclock;
 use crate::{corrupt, println};
 use core::cell::UnsafeCell;
 use core::ptr::{read_volatile, write_volatile};
@@ -692,6 +693,7 @@ fn run_selftest(kind: SelfTest, cpu: usize, slice: &Slice, p: &Plan, chk: &mut C
         SelfTest::Gdt => integrity::sabotage::gdt(cpu),
         SelfTest::Regs => chk.halt_clobbered(),
         SelfTest::Sysreg => checks::sabotage::sysreg(),
+        SelfTest::Kvmclock => kvmclock::sabotage(),
     }
 }
 

@@ -1,9 +1,11 @@
 //! Complete VM state as versioned serde types, and capture/restore through KVM.
 //!
-//! Restore order (known to work on kvm-pvm and hardware KVM): VM first
-//! (irqchips, PIT, clock), then per vCPU: CPUID, mp_state, regs, sregs (carries
-//! the APIC base), FPU, XCRs, XSAVE, debug registers, LAPIC, MSRs, and vCPU
-//! events last.
+//! Restore order (known to work on kvm-pvm and hardware KVM): the clock
+//! first, then per vCPU: TSC rate, CPUID, mp_state, regs, sregs (carries the
+//! APIC base), FPU, XCRs, XSAVE, debug registers, LAPIC, MSRs, and vCPU
+//! events; then the irqchips and PIT, and the serial port last. The MSRs
+//! that make KVM touch guest memory at once (kvmclock's) wait for the
+//! vCPU's first run ([`PendingMsrs`]).
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
@@ -293,8 +295,111 @@ fn restore_order(msrs: &[kvm_msr_entry]) -> Vec<kvm_msr_entry> {
     rest
 }
 
-/// Restores a vCPU's complete state into a freshly created vCPU.
-pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
+/// MSRs whose restore makes KVM touch the guest page they name at once:
+/// kvmclock's system time (KVM reads the page in) and wall clock (KVM writes
+/// it), by their old and new numbers. Where guest memory is still arriving
+/// (post-copy, lazy restore) that page may be missing, and the fault it
+/// takes is served only once the VM runs; and a page written while the
+/// state loads no longer holds what the source sent. So a non-zero one is
+/// restored as the vCPU first runs, by its own thread ([`PendingMsrs`]).
+/// (Zero: disabled, or for the wall clock, no page: KVM touches nothing.)
+const GUEST_PAGE_MSRS: [u32; 4] = [0x11, 0x12, 0x4b56_4d00, 0x4b56_4d01];
+
+/// A vCPU's MSRs restored as it first runs rather than with the rest of
+/// its state (see [`GUEST_PAGE_MSRS`]).
+#[derive(Default)]
+pub struct PendingMsrs {
+    /// The entries still to write, and the failed tries so far.
+    entries: std::sync::Mutex<(Vec<kvm_msr_entry>, u32)>,
+    /// Entries wait (read before every run without taking the lock).
+    waiting: std::sync::atomic::AtomicBool,
+}
+
+/// Tries of [`PendingMsrs::apply`] before the entries are given up: a
+/// signal (a pause's kick) interrupts a write waiting for a missing page.
+const PENDING_TRIES: u32 = 5;
+
+impl PendingMsrs {
+    fn new(entries: Vec<kvm_msr_entry>) -> Self {
+        PendingMsrs {
+            waiting: (!entries.is_empty()).into(),
+            entries: std::sync::Mutex::new((entries, 0)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<kvm_msr_entry>, u32)> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether entries wait to be written.
+    pub fn waiting(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Writes the waiting entries into `vcpu` (on the vCPU's thread, before
+    /// it runs: KVM may then fault on guest memory, as the guest would). What
+    /// KVM did not take is tried again at the next call, up to
+    /// [`PENDING_TRIES`] times in all; the error of each failed try.
+    pub fn apply(&self, vcpu: &VcpuFd) -> Result<()> {
+        let mut guard = self.lock();
+        let (entries, tries) = &mut *guard;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let result = set_msrs_counted(vcpu, entries);
+        let taken = *result.as_ref().unwrap_or(&0);
+        entries.drain(..taken.min(entries.len()));
+        if entries.is_empty() {
+            self.waiting
+                .store(false, std::sync::atomic::Ordering::Release);
+            return Ok(());
+        }
+        *tries += 1;
+        let first = entries[0].index;
+        if *tries >= PENDING_TRIES {
+            entries.clear();
+            self.waiting
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        Err(match result {
+            Err(e) => e,
+            Ok(_) => Error::State(format!("KVM refused MSR {first:#x}")),
+        })
+    }
+
+    /// Puts the values still waiting in place of what KVM reads for them
+    /// (a VM captured again before it ran: KVM does not hold them yet).
+    pub fn overlay(&self, msrs: &mut [kvm_msr_entry]) {
+        for p in self.lock().0.iter() {
+            if let Some(m) = msrs.iter_mut().find(|m| m.index == p.index) {
+                m.data = p.data;
+            }
+        }
+    }
+}
+
+/// KVM_SET_MSRS of `entries`: how many KVM took, in order.
+fn set_msrs_counted(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<usize> {
+    let msrs = Msrs::from_entries(entries).map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
+    vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))
+}
+
+/// KVM_SET_MSRS of `entries`, every one of them or an error naming the first refused.
+fn set_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<()> {
+    let n = set_msrs_counted(vcpu, entries)?;
+    if n != entries.len() {
+        return Err(Error::State(format!(
+            "KVM accepted {n} of {} MSRs (refused {:#x})",
+            entries.len(),
+            entries.get(n).map(|m| m.index).unwrap_or(0)
+        )));
+    }
+    Ok(())
+}
+
+/// Restores a vCPU's complete state into a freshly created vCPU; returns
+/// the MSRs to write as it first runs ([`GUEST_PAGE_MSRS`]).
+pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<PendingMsrs> {
     let t = std::time::Instant::now();
     let lap =
         |what: &str| tracing::trace!(what, us = t.elapsed().as_micros() as u64, "restore_vcpu");
@@ -313,21 +418,14 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
     lap("before lapic");
     vcpu.set_lapic(&s.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
     lap("lapic");
-    let entries = restore_order(&s.msrs);
-    let msrs =
-        Msrs::from_entries(&entries).map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
-    let n = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+    let (later, now): (Vec<_>, Vec<_>) = restore_order(&s.msrs)
+        .into_iter()
+        .partition(|m| m.data != 0 && GUEST_PAGE_MSRS.contains(&m.index));
+    set_msrs(vcpu, &now).map_err(|e| Error::State(format!("vCPU {}: {e}", s.id)))?;
     lap("msrs");
-    if n != entries.len() {
-        return Err(Error::State(format!(
-            "vCPU {}: KVM accepted {n} of {} MSRs (refused {:#x})",
-            s.id,
-            entries.len(),
-            entries.get(n).map(|m| m.index).unwrap_or(0)
-        )));
-    }
     vcpu.set_vcpu_events(&s.events)
-        .map_err(kvm("KVM_SET_VCPU_EVENTS"))
+        .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+    Ok(PendingMsrs::new(later))
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::devices::{Devices, IoAction};
 use crate::dirty_ring::{Rings, EXIT_DIRTY_RING_FULL};
 use crate::error::{Error, Result};
+use crate::state::PendingMsrs;
 
 /// Why a VM stopped running for good.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -267,6 +268,7 @@ pub(crate) fn spawn(
     control: Arc<RunControl>,
     devices: Arc<Mutex<Devices>>,
     rings: Option<Arc<Rings>>,
+    pending: Option<Arc<PendingMsrs>>,
 ) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
@@ -293,8 +295,20 @@ pub(crate) fn spawn(
             // (KVM_KVMCLOCK_CTRL), so that its soft-lockup and RCU-stall
             // watchdogs do not count the pause. EINVAL: the guest does not
             // use kvmclock.
+            //
+            // Before that, on its first run after a state was loaded, the
+            // MSRs the load left for it (kvmclock's: they touch guest memory).
+            let apply_pending = |fd: &VcpuFd| {
+                if let Some(p) = pending.as_deref().filter(|p| p.waiting()) {
+                    if let Err(e) = p.apply(fd) {
+                        let gave_up = !p.waiting();
+                        tracing::warn!(gave_up, "restoring the MSRs left for the first run: {e}");
+                    }
+                }
+            };
             let stopped_by_host = || {
                 let fd = vcpu.lock().unwrap_or_else(|p| p.into_inner());
+                apply_pending(&fd);
                 if let Err(e) = fd.kvmclock_ctrl() {
                     if e.errno() != libc::EINVAL {
                         tracing::debug!("KVM_KVMCLOCK_CTRL: {e}");
@@ -303,6 +317,7 @@ pub(crate) fn spawn(
             };
             while control.park_if_needed(|| finish(&mut unfinished), stopped_by_host) {
                 let mut fd = vcpu.lock().unwrap_or_else(|p| p.into_inner());
+                apply_pending(&fd);
                 let (exit, leaves) = run_once(id, &mut fd, &devices, rings.as_deref());
                 unfinished = leaves;
                 if let Some(exit) = exit {

@@ -53,6 +53,8 @@ pub struct Vm {
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
     cpuids: Vec<Vec<kvm_cpuid_entry2>>,
     msr_indices: Vec<u32>,
+    /// Per vCPU, the MSRs a loaded state leaves for its first run.
+    pending_msrs: Vec<Arc<crate::state::PendingMsrs>>,
     devices: Arc<Mutex<Devices>>,
     control: Arc<RunControl>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -137,7 +139,8 @@ impl PreparedVm {
                     }
                 }
             }
-            state::restore_vcpu(&fd, s)?;
+            let pending = state::restore_vcpu(&fd, s)?;
+            vm.pending_msrs.push(Arc::new(pending));
             vm.cpuids.push(s.cpuid.clone());
         }
         let vcpus_us = t.elapsed().as_micros();
@@ -283,6 +286,7 @@ impl Vm {
             vcpus: Vec::with_capacity(n),
             cpuids: Vec::with_capacity(n),
             msr_indices: Vec::new(),
+            pending_msrs: Vec::new(),
             devices: Arc::new(Mutex::new(devices)),
             control: RunControl::new(n),
             threads: Mutex::new(Vec::new()),
@@ -330,6 +334,7 @@ impl Vm {
                 self.control.clone(),
                 self.devices.clone(),
                 self.rings.clone(),
+                self.pending_msrs.get(id).cloned(),
             )?);
         }
         // Threads start parked; wait until all of them are.
@@ -608,12 +613,11 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (id, fd) in self.vcpus.iter().enumerate() {
             let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
-            vcpus.push(state::capture_vcpu(
-                id,
-                &fd,
-                &self.cpuids[id],
-                &self.msr_indices,
-            )?);
+            let mut vcpu = state::capture_vcpu(id, &fd, &self.cpuids[id], &self.msr_indices)?;
+            if let Some(p) = self.pending_msrs.get(id) {
+                p.overlay(&mut vcpu.msrs);
+            }
+            vcpus.push(vcpu);
         }
         let serial = self
             .devices
@@ -984,5 +988,124 @@ mod dirty_ring_tests {
         let stats = vm.dirty_ring_stats().unwrap();
         eprintln!("after the first pass: {first:?}; at the end: {stats:?}");
         assert_eq!(missing, [0u32; 0], "{stats:?}");
+    }
+}
+
+#[cfg(test)]
+mod pending_msr_tests {
+    //! kvmclock's MSRs, which make KVM touch guest memory as they are
+    //! written, wait for the vCPU's first run when a state is loaded.
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
+    const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+    const PVCLOCK: u64 = 0x3000;
+    const WALL: u64 = 0x4000;
+    /// jmp $ (flat 32-bit, at 0x1000): a vCPU that keeps entering the
+    /// guest, where KVM updates its pvclock (a halted one is never entered).
+    const SPIN: [u8; 2] = [0xeb, 0xfe];
+
+    fn halting(ram: GuestRam) -> Vm {
+        ram.write(0x1000, &SPIN).unwrap();
+        let mut vm = Vm::prepare(ram, 1, None).unwrap().vm;
+        let entries = cpuid::for_vcpu(&cpuid::supported(&vm.kvm).unwrap(), 0, 1, 0);
+        {
+            let fd = vm.vcpus[0].lock().unwrap();
+            fd.set_cpuid2(&cpuid::to_kvm(&entries).unwrap()).unwrap();
+            let mut sregs = fd.get_sregs().unwrap();
+            flat_segments(&mut sregs, false);
+            sregs.cr0 = 0x11;
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+            fd.set_sregs(&sregs).unwrap();
+            fd.set_regs(&kvm_regs {
+                rip: 0x1000,
+                rflags: 2,
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        vm.cpuids.push(entries);
+        vm.msr_indices = vm.probe_msrs().unwrap();
+        vm.spawn_threads().unwrap();
+        vm
+    }
+
+    fn msr(state: &VmState, index: u32) -> Option<u64> {
+        state.vcpus[0]
+            .msrs
+            .iter()
+            .find(|m| m.index == index)
+            .map(|m| m.data)
+    }
+
+    fn bytes(vm: &Vm, at: u64, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        vm.ram().read(at, &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn kvmclock_msrs_wait_for_the_first_run_and_are_captured_meanwhile() {
+        if Kvm::new().is_err() && std::env::var("CI").as_deref() != Ok("true") {
+            eprintln!("SKIP: /dev/kvm is not usable here");
+            return;
+        }
+        let src = halting(GuestRam::new(16 << 20).unwrap());
+        src.with_vcpu(0, |fd| {
+            let entries = [
+                kvm_bindings::kvm_msr_entry {
+                    index: MSR_KVM_SYSTEM_TIME_NEW,
+                    data: PVCLOCK | 1,
+                    ..Default::default()
+                },
+                kvm_bindings::kvm_msr_entry {
+                    index: MSR_KVM_WALL_CLOCK_NEW,
+                    data: WALL,
+                    ..Default::default()
+                },
+            ];
+            let msrs = kvm_bindings::Msrs::from_entries(&entries).unwrap();
+            assert_eq!(fd.set_msrs(&msrs).unwrap(), 2);
+        })
+        .unwrap();
+        src.resume();
+        std::thread::sleep(Duration::from_millis(20));
+        let state = src.capture().unwrap();
+        assert_eq!(msr(&state, MSR_KVM_SYSTEM_TIME_NEW), Some(PVCLOCK | 1));
+        assert_eq!(msr(&state, MSR_KVM_WALL_CLOCK_NEW), Some(WALL));
+        drop(src);
+
+        // Loaded into zeroed memory: KVM wrote neither structure.
+        let ram = GuestRam::new(16 << 20).unwrap();
+        ram.write(0x1000, &SPIN).unwrap();
+        let dst = Vm::prepare(ram, 1, None).unwrap().load(&state).unwrap();
+        assert_eq!(bytes(&dst, WALL, 12), [0; 12], "wall clock written at load");
+        assert_eq!(bytes(&dst, PVCLOCK, 32), [0; 32], "pvclock written at load");
+        // Captured again before it ran: the values still waiting.
+        let again = dst.capture().unwrap();
+        assert_eq!(msr(&again, MSR_KVM_SYSTEM_TIME_NEW), Some(PVCLOCK | 1));
+        assert_eq!(msr(&again, MSR_KVM_WALL_CLOCK_NEW), Some(WALL));
+        // Its first run writes them, and KVM then keeps both structures.
+        dst.resume();
+        let start = Instant::now();
+        while bytes(&dst, PVCLOCK, 4) == [0; 4] || bytes(&dst, WALL, 4) == [0; 4] {
+            if start.elapsed() > Duration::from_secs(3) {
+                let c = dst.capture().unwrap();
+                panic!(
+                    "KVM never wrote the clocks: pvclock {:?} wall {:?} msrs {:?} {:?} waiting {}",
+                    bytes(&dst, PVCLOCK, 32),
+                    bytes(&dst, WALL, 12),
+                    msr(&c, MSR_KVM_SYSTEM_TIME_NEW),
+                    msr(&c, MSR_KVM_WALL_CLOCK_NEW),
+                    dst.pending_msrs[0].waiting()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let ran = dst.capture().unwrap();
+        assert_eq!(msr(&ran, MSR_KVM_SYSTEM_TIME_NEW), Some(PVCLOCK | 1));
+        assert_eq!(msr(&ran, MSR_KVM_WALL_CLOCK_NEW), Some(WALL));
     }
 }

@@ -1397,7 +1397,11 @@ pub(crate) fn receive(
     };
     wire::write_control(&mut out, &Message::RecoverListen { port: recover_port })
         .map_err(|e| fail(e.into()))?;
-    let vm = prepared.load(&state).map_err(|e| fail(e.into()))?;
+    let vm = prepared.load(&state).map_err(|e| {
+        let reason = format!("loading the VM state on the destination: {e}");
+        let _ = wire::write_control(&mut out, &Message::Cancel { reason });
+        fail(e.into())
+    })?;
     abandon.send_ready(&mut out).map_err(fail)?;
     // The VM is ours to run from here (see `incoming::receive`).
     let resume = match wire::expect_control(&mut r, "Go").map_err(|e| fail(e.into()))? {
@@ -1415,8 +1419,11 @@ pub(crate) fn receive(
     // From `Go` on the VM is ours to run, and a link that fails is
     // recovered (the source reconnects): nothing here may end the arrival.
     for s in std::iter::once(&out).chain(urgent.as_ref()) {
-        let set =
-            watch_link(s).and_then(|()| s.set_read_timeout(None).map_err(io_err("socket timeout")));
+        let set = watch_link(s).and_then(|()| {
+            s.set_read_timeout(None)
+                .and_then(|()| s.tcp().set_write_timeout(None))
+                .map_err(io_err("socket timeout"))
+        });
         if let Err(e) = set {
             tracing::warn!("post-copy link options: {e}");
         }
