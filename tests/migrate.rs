@@ -968,3 +968,49 @@ fn a_failure_after_the_commit_leaves_the_source_paused() {
     src.console.assert_runs_on(2, Duration::from_secs(30));
     assert_eq!(src.terminate(), 0);
 }
+
+/// A VM process started by hand for a migration (`migd run --incoming`)
+/// refuses a guest whose CPU features this host lacks, naming them, as the
+/// daemon does (it took any CPU before), and waits for the next source.
+#[test]
+fn incoming_by_hand_refuses_a_cpu_this_host_lacks() {
+    if !kvm_or_skip("incoming_by_hand_refuses_a_cpu_this_host_lacks") {
+        return;
+    }
+    let dir = scratch("incoming-alien-cpu");
+    let console = Console(dir.join("console.log"));
+    let port = free_port();
+    let dst = VmProcess::incoming(&dir, "dst", &console, port, "64M", 1);
+    // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+    let leaf0 = unsafe { std::arch::x86_64::__cpuid(0) };
+    let vendor: Vec<u8> = [leaf0.ebx, leaf0.edx, leaf0.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
+    let vm = wire::VmDescriptor {
+        name: "alien".into(),
+        memory: 64 << 20,
+        vcpus: 1,
+        cpu_vendor: String::from_utf8(vendor).unwrap(),
+        // Every bit of leaf 1 ECX/EDX and leaf 7.0 EBX/ECX/EDX.
+        cpu_features: vec![u32::MAX; 5],
+    };
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let hello = wire::Message::Hello {
+        magic: wire::MAGIC,
+        version: wire::PROTOCOL_VERSION,
+        capabilities: vec!["precopy".into()],
+        mode: "precopy".into(),
+        vm,
+    };
+    wire::write_control(&mut s, &hello).unwrap();
+    match wire::expect_control(&mut s, "Refuse") {
+        Ok(wire::Message::Refuse { reason }) => {
+            assert!(reason.contains("lacks features the guest uses"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(dst.request(json!({"cmd": "status"}))["state"], "incoming");
+    dst.request(json!({"cmd": "stop"}));
+}

@@ -717,7 +717,8 @@ fn handshake_incoming(
             args.cpus, hello.vcpus
         ))
     } else {
-        None
+        // As the daemon's destination does: a guest this CPU cannot run.
+        migration::handshake::host_cannot_run(&hello.vm)
     };
     if let Some(reason) = refusal {
         migration::handshake::refuse(&mut stream, &reason)?;
