@@ -23,8 +23,10 @@ pa=$(free_port)
 pb=$(free_port)
 for s in a b; do
     port=$pa; [ "$s" = b ] && port=$pb
+    # --boot-dir: the guest's kernel, named by the other host, is kept for
+    # a later `migctl start` only from there.
     "$bin/migd" --listen "127.0.0.1:$port" --socket "$dir/$s.sock" --state-dir "$dir/$s" \
-        --insecure 2>"$dir/$s.log" &
+        --insecure --boot-dir "$PWD/target/guest" 2>"$dir/$s.log" &
     pids+=($!)
 done
 for s in a b; do

@@ -69,6 +69,24 @@ fn daemon_config_errors_name_the_key_and_flags_win() {
     assert!(e.contains("key 'state_dir'"), "{e}");
     let e = config_error(&dir, "socket = \n");
     assert!(e.contains("line 1"), "{e}");
+    let e = config_error(&dir, "boot_dirs = [\"images\"]\n");
+    assert!(
+        e.contains("key 'boot_dirs' (line 1): 'images' is not an absolute path"),
+        "{e}"
+    );
+    let (code, err) = migd_output(&[
+        "--socket",
+        dir.join("never.sock").to_str().unwrap(),
+        "--state-dir",
+        dir.join("never-state").to_str().unwrap(),
+        "--boot-dir",
+        "images",
+    ]);
+    assert_eq!(code, 1, "a relative --boot-dir accepted: {err}");
+    assert_eq!(
+        err.trim(),
+        "migd: error: --boot-dir images: not an absolute path"
+    );
 
     // Every key set in the file; --socket on the command line wins over it.
     let file_sock = dir.join("file.sock");
@@ -1383,6 +1401,119 @@ fn two_saves_to_one_file_at_once_are_refused() {
 /// on, a save that stops and removes the VM, a restore that carries on where
 /// the guest was (eager and lazy), and bad files and names refused with
 /// nothing left behind.
+/// A kernel that a migration's source or a snapshot file names is booted
+/// on this host (`start`, once the VM stops) only from `boot_dirs`, with
+/// symlinks resolved, and never from the state dir, whatever `boot_dirs`
+/// says: elsewhere the VM still arrives or is restored and runs, keeps no
+/// kernel, the log warns naming the file and the setting, and `start`
+/// refuses it, naming both. Before, `start` loaded whatever host file the
+/// peer or the file named (another VM's console log, /etc/shadow) into a
+/// guest.
+#[test]
+fn boot_files_named_by_a_peer_or_a_snapshot_come_only_from_boot_dirs() {
+    if !kvm_or_skip("boot_files_named_by_a_peer_or_a_snapshot_come_only_from_boot_dirs") {
+        return;
+    }
+    let dir = scratch("daemon-boot-dirs");
+    let images = dir.join("images");
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    // A bootable kernel outside B's boot_dirs (on another host: any file).
+    let kernel = elsewhere.join("guest.elf");
+    std::fs::copy(guest_elf(), &kernel).unwrap();
+    let kernel = kernel.canonicalize().unwrap();
+    let k = kernel.to_str().unwrap();
+    let a = Daemon::start(&dir, "a");
+    let b_state = dir.join("b-state");
+    // B lists its own state dir too: refused all the same.
+    let b = Daemon::start_flags(
+        &dir,
+        "b",
+        free_port(),
+        &[
+            "--insecure",
+            "--boot-dir",
+            images.to_str().unwrap(),
+            &format!("--boot-dir={}", b_state.display()),
+        ],
+    );
+    let _ra = Reaper(a.state.clone());
+    let _rb = Reaper(b.state.clone());
+    a.ok(&[
+        "create",
+        "web1",
+        "--kernel",
+        k,
+        "--cmdline",
+        "workload=idle",
+        "--memory",
+        "64M",
+    ]);
+    console_of(&a, "web1").wait_for("WORKLOAD READY", READY);
+    let snap = dir.join("web1.snap");
+    a.ok(&["save", "web1", snap.to_str().unwrap(), "--keep"]);
+    a.ok(&["migrate", "web1", "--to", &format!("127.0.0.1:{}", b.port)]);
+
+    // Arrived: it runs, without a kernel here.
+    let info = b.wait_state("web1", "running", Duration::from_secs(30));
+    assert!(info["kernel"].is_null(), "{info}");
+    assert!(info["initramfs"].is_null(), "{info}");
+    assert!(
+        b.log_text()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains(k) && l.contains("boot_dirs")),
+        "no warning naming {k} and boot_dirs:\n{}",
+        b.log_text()
+    );
+    let refused = |name: &str, path: &str, whys: &[&str]| {
+        b.kill_vm(name);
+        let e = b.fails(&["start", name]);
+        assert!(
+            e.contains(path) && whys.iter().all(|w| e.contains(w)) && e.contains("boot_dirs"),
+            "{e}"
+        );
+        let info: Value = serde_json::from_str(&b.ok(&["info", name, "--json"])).unwrap();
+        assert_eq!(info["state"], "stopped", "{info}");
+    };
+    refused(
+        "web1",
+        k,
+        &["the kernel that its source names", "lies outside boot_dirs"],
+    );
+
+    // Restored from a file that names it: the same.
+    b.ok(&["restore", "web2", snap.to_str().unwrap()]);
+    let info = b.wait_state("web2", "running", Duration::from_secs(30));
+    assert!(info["kernel"].is_null(), "{info}");
+    refused(
+        "web2",
+        k,
+        &["that its snapshot file names", "outside boot_dirs"],
+    );
+
+    // A file naming a file of the state dir (web1's console log): refused
+    // though B lists its state dir.
+    let console_log = b.vm_dir("web1").join("console.log").canonicalize().unwrap();
+    let console_log = console_log.to_str().unwrap();
+    let (state, ram, _) = vmm::snapshot::read(&snap).unwrap();
+    let evil = dir.join("evil.snap");
+    let boot = vmm::BootSpec {
+        kernel: console_log.into(),
+        initramfs: None,
+        cmdline: "console=ttyS0".into(),
+    };
+    let progress = Default::default();
+    vmm::snapshot::write_with_working_set(&evil, &state, &ram, None, Some(&boot), &progress)
+        .unwrap();
+    b.ok(&["restore", "web3", evil.to_str().unwrap()]);
+    b.wait_state("web3", "running", Duration::from_secs(30));
+    refused("web3", console_log, &["lies in migd's state dir"]);
+    for vm in ["web1", "web2", "web3"] {
+        b.ok(&["destroy", vm]);
+    }
+}
+
 #[test]
 fn daemon_saves_a_vm_to_a_file_and_restores_it() {
     if !kvm_or_skip("daemon_saves_a_vm_to_a_file_and_restores_it") {

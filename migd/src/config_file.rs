@@ -10,6 +10,11 @@ use serde::Deserialize;
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/migd";
+/// Default `boot_dirs`: where a kernel or initramfs named by a migration's
+/// source or a snapshot file may be booted from. Outside the state dir
+/// (whose files are never booted from); not `/boot`, whose host initramfs
+/// may hold secrets (keys of encrypted disks): an operator adds it knowingly.
+pub const DEFAULT_BOOT_DIRS: &[&str] = &["/var/lib/migd-images"];
 /// Default nice value of post-copy's page threads (`postcopy_nice`).
 pub const DEFAULT_POSTCOPY_NICE: i32 = -10;
 
@@ -50,6 +55,9 @@ pub struct File {
     pub hugepages: Option<bool>,
     /// Allocate all of a VM's memory when its process starts.
     pub prefault: Option<bool>,
+    /// Directories from which a kernel or initramfs named by a migration's
+    /// source or a snapshot file may be booted (absolute paths).
+    pub boot_dirs: Option<Vec<PathBuf>>,
 }
 
 /// A value given as a string or as a whole number (as its decimal string).
@@ -101,6 +109,14 @@ pub fn parse(text: &str) -> Result<File, String> {
     for (key, value) in [("socket", &file.socket), ("state_dir", &file.state_dir)] {
         if value.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             return Err(key_err(key, "must not be empty".into()));
+        }
+    }
+    for d in file.boot_dirs.iter().flatten() {
+        if !d.is_absolute() {
+            return Err(key_err(
+                "boot_dirs",
+                format!("'{}' is not an absolute path", d.display()),
+            ));
         }
     }
     Ok(file)
@@ -191,6 +207,14 @@ mod tests {
         assert_eq!(parse("dirty_ring = 0\n").unwrap().dirty_ring, Some(0));
         let e = parse("socket = \"\"\n").unwrap_err();
         assert_eq!(e, "key 'socket' (line 1): must not be empty");
+        let e = parse("insecure = true\nboot_dirs = [\"/boot\", \"images\"]\n").unwrap_err();
+        assert_eq!(
+            e,
+            "key 'boot_dirs' (line 2): 'images' is not an absolute path"
+        );
+        let e = parse("boot_dirs = \"/boot\"\n").unwrap_err();
+        assert!(e.starts_with("key 'boot_dirs' (line 1)"), "{e}");
+        assert_eq!(parse("boot_dirs = []\n").unwrap().boot_dirs, Some(vec![]));
     }
 
     #[test]
@@ -233,6 +257,8 @@ mod tests {
         assert_eq!(f.insecure, Some(false));
         assert_eq!(f.metrics_listen.as_deref(), Some("127.0.0.1:9707"));
         assert_eq!(f.postcopy_nice, Some(DEFAULT_POSTCOPY_NICE));
+        let defaults: Vec<PathBuf> = DEFAULT_BOOT_DIRS.iter().map(PathBuf::from).collect();
+        assert_eq!(f.boot_dirs.as_ref(), Some(&defaults));
         // Every field, named so that a new key must be added here (and so to
         // the example) for this to compile.
         let File {
@@ -250,6 +276,7 @@ mod tests {
             dirty_ring,
             hugepages,
             prefault,
+            boot_dirs,
         } = f;
         let set = [
             listen.is_some(),
@@ -266,6 +293,7 @@ mod tests {
             dirty_ring.is_some(),
             hugepages.is_some(),
             prefault.is_some(),
+            boot_dirs.is_some(),
         ];
         assert!(
             set.iter().all(|&s| s),

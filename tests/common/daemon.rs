@@ -10,7 +10,20 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub use super::free_port;
-use super::{control, migd_bin};
+use super::{control, migd_bin, repo};
+
+/// The directory of the test guest (`guest_elf()`, not built here): the
+/// daemons under test boot from it a kernel that a migration's source or a
+/// snapshot file names (`--boot-dir`), as a host's `boot_dirs` holds its
+/// VMs' images.
+pub fn guest_dir() -> PathBuf {
+    match std::env::var_os("MIGD_TESTGUEST") {
+        Some(p) => Path::new(&p)
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        None => repo().join("target/guest"),
+    }
+}
 
 pub fn migctl_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_migctl"))
@@ -65,6 +78,18 @@ impl Drop for Reaper {
             }
         }
     }
+}
+
+/// `--boot-dir` of the test guest's directory, unless `flags` say where
+/// kernels come from themselves (their own `--boot-dir`, or a config file).
+fn boot_dir_flag(flags: &[&str]) -> Vec<String> {
+    if flags
+        .iter()
+        .any(|f| f.starts_with("--boot-dir") || f.starts_with("--config"))
+    {
+        return Vec::new();
+    }
+    vec![format!("--boot-dir={}", guest_dir().display())]
 }
 
 /// A migd daemon on a private socket, state dir and port.
@@ -171,6 +196,7 @@ impl Daemon {
             ])
             .args(["--listen", &listen])
             .args(flags)
+            .args(boot_dir_flag(flags))
             .env("MIGD_FAULT_INJECTION", "1")
             .envs(env.iter().copied())
             .stdin(Stdio::null())

@@ -492,6 +492,7 @@ async fn create(d: &Arc<Daemon>, c: CreateRequest) -> Result<Value> {
         created: state::now(),
         origin: Origin::Created,
         source: None,
+        boot_not_kept: None,
     };
     let boot = boot_args(&record)?;
     start_vm(d, record, boot).await
@@ -543,11 +544,16 @@ async fn start(d: &Arc<Daemon>, name: &str, force: bool) -> Result<Value> {
             );
         }
         if vm.record.kernel.is_none() {
-            bail!(
-                "VM '{name}' has no kernel on this host (its origin is {:?}): restore it from a \
-                 snapshot or destroy it",
-                vm.record.origin
-            );
+            let why = match &vm.record.boot_not_kept {
+                Some(why) => format!(": {why}."),
+                None => format!(" (its origin is {:?}).", vm.record.origin),
+            };
+            bail!("VM '{name}' has no kernel on this host{why} Restore it from a snapshot, or destroy it");
+        }
+        // A kernel that a peer or a snapshot file named is checked again
+        // (a record of an earlier migd, or the setting changed since).
+        if let Err(why) = vm.record.check_boot_files(&d.boot_dirs) {
+            bail!("VM '{name}' cannot be booted here: {why}");
         }
         if unconfirmed {
             tracing::warn!(why = ?vm.unconfirmed, "starting an unconfirmed VM, as forced");
@@ -882,6 +888,7 @@ async fn restore(d: &Arc<Daemon>, name: String, path: &Path, lazy: bool) -> Resu
     // Before a process reads gigabytes of memory only to find that it cannot.
     migration::handshake::check_runs_here(&snap.state)
         .with_context(|| format!("restoring {}", path.display()))?;
+    let boot_spec = snap.boot.as_ref().and_then(state::wire_boot);
     let mut boot = vec!["--restore".to_string(), path_arg(Some(&path))?];
     if lazy {
         boot.push("--lazy".into());
@@ -896,10 +903,12 @@ async fn restore(d: &Arc<Daemon>, name: String, path: &Path, lazy: bool) -> Resu
         created: state::now(),
         origin: Origin::Restored,
         source: Some(path.display().to_string()),
+        boot_not_kept: None,
     };
-    // The file says how the VM boots (as virsh's save image keeps the domain).
-    if let Some(spec) = snap.boot.as_ref().and_then(state::wire_boot) {
-        record.adopt_boot_spec(spec);
+    // The file says how the VM boots (as virsh's save image keeps the
+    // domain); its files are taken only from `boot_dirs`.
+    if let Some(spec) = boot_spec {
+        record.adopt_boot_spec(spec, &d.boot_dirs, "its snapshot file");
     }
     start_vm(d, record, boot).await
 }
@@ -1257,6 +1266,7 @@ mod tests {
             created: 0,
             origin: Origin::default(),
             source: None,
+            boot_not_kept: None,
         };
         for (i, (before, exits, after)) in [
             (st::MIGRATED, false, Some(st::MIGRATED)),

@@ -319,6 +319,7 @@ fn admit(
         origin: Origin::Incoming,
         // The source host (its connection's port is an ephemeral one).
         source: Some(peer.ip().to_string()),
+        boot_not_kept: None,
     };
     let mut reg = d.reg();
     if reg.vms.contains_key(name) || dir.exists() {
@@ -421,13 +422,14 @@ fn handshake(
     };
     let mut record = record;
     if let Some(spec) = boot {
-        record.adopt_boot_spec(spec);
-        if let Some(spec) = record.boot_spec() {
-            let path = state::boot_path(&d.vm_dir(&hello.name));
-            if let Err(e) = state::write_json_atomic(&path, &spec) {
-                tracing::warn!("{e:#}");
-            }
+        // As the source sent it: a daemon restarted before the VM runs here
+        // takes it from there as this one does now.
+        let path = state::boot_path(&d.vm_dir(&hello.name));
+        if let Err(e) = state::write_json_atomic(&path, &spec) {
+            tracing::warn!("{e:#}");
         }
+        // A file outside `boot_dirs` is not kept, but the VM still comes.
+        record.adopt_boot_spec(spec, &d.boot_dirs, "its source");
         if let Some(vm) = d.reg().vms.get_mut(&hello.name) {
             vm.record = record.clone();
         }
@@ -480,34 +482,105 @@ mod tests {
             created: 0,
             origin: Origin::Incoming,
             source: None,
+            boot_not_kept: None,
         };
-        let here = std::env::current_exe().unwrap();
-        let here = here.to_str().unwrap().to_string();
+        let tmp = std::env::temp_dir().join(format!("migd-bootdirs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let images = tmp.join("images");
+        let state_dir = tmp.join("state");
+        let elsewhere = tmp.join("elsewhere");
+        for d in [&images, &state_dir, &elsewhere] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let file = |p: &Path| {
+            std::fs::write(p, b"kernel").unwrap();
+            p.to_str().unwrap().to_string()
+        };
+        let kernel = file(&images.join("vmlinux"));
+        let initrd = file(&images.join("initrd"));
+        let outside = file(&elsewhere.join("secret"));
+        let in_state = file(&state_dir.join("console.log"));
+        let link = images.join("link");
+        std::os::unix::fs::symlink(elsewhere.join("secret"), &link).unwrap();
+        let link = link.to_str().unwrap().to_string();
+        // `images` given through a link of its own: resolved too.
+        let images_link = tmp.join("images-link");
+        std::os::unix::fs::symlink(&images, &images_link).unwrap();
+        let dirs = state::BootDirs {
+            dirs: vec![images_link, tmp.join("not-there")],
+            state_dir: state_dir.clone(),
+        };
         let spec = wire::BootSpec {
-            kernel: here.clone(),
-            initrd: None,
+            kernel: kernel.clone(),
+            initrd: Some(initrd.clone()),
             cmdline: "console=ttyS0".into(),
         };
         let mut r = record();
-        r.adopt_boot_spec(spec.clone());
-        assert_eq!(r.kernel.as_deref(), Some(Path::new(&here)));
+        r.adopt_boot_spec(spec.clone(), &dirs, "its source");
+        assert_eq!(r.kernel.as_deref(), Some(Path::new(&kernel)));
         assert_eq!(r.cmdline, "console=ttyS0");
+        assert_eq!(r.boot_not_kept, None);
         assert_eq!(r.boot_spec(), Some(spec.clone()), "sent on as it came");
-        // A kernel or an initrd not on this host: no kernel here.
-        for missing in [
-            wire::BootSpec {
-                kernel: "/nonexistent/vmlinux".into(),
-                ..spec.clone()
-            },
-            wire::BootSpec {
-                initrd: Some("/nonexistent/initrd".into()),
-                ..spec.clone()
-            },
+        assert_eq!(r.check_boot_files(&dirs), Ok(()));
+        // Not kept: not on this host, outside the directories (also through
+        // a link in them), in the state dir (even were it one of them), a
+        // relative path.
+        let dirs_and_state = state::BootDirs {
+            dirs: vec![images.clone(), state_dir.clone()],
+            ..dirs.clone()
+        };
+        for (bad, dirs, why) in [
+            ("/nonexistent/vmlinux", &dirs, "is not on this host"),
+            (outside.as_str(), &dirs, "lies outside boot_dirs"),
+            (link.as_str(), &dirs, "lies outside boot_dirs"),
+            (
+                in_state.as_str(),
+                &dirs_and_state,
+                "lies in migd's state dir",
+            ),
+            ("images/vmlinux", &dirs, "is not an absolute path"),
         ] {
-            let mut r = record();
-            r.adopt_boot_spec(missing);
-            assert_eq!(r.kernel, None);
-            assert_eq!(r.boot_spec(), None);
+            for spec in [
+                wire::BootSpec {
+                    kernel: bad.into(),
+                    ..spec.clone()
+                },
+                wire::BootSpec {
+                    initrd: Some(bad.into()),
+                    ..spec.clone()
+                },
+            ] {
+                let mut r = record();
+                r.adopt_boot_spec(spec.clone(), dirs, "its source");
+                assert_eq!(r.kernel, None, "{spec:?}");
+                assert_eq!(r.initramfs, None, "{spec:?}");
+                assert_eq!(r.boot_spec(), None);
+                let not_kept = r.boot_not_kept.unwrap_or_default();
+                assert!(
+                    not_kept.contains(bad) && not_kept.contains(why),
+                    "{spec:?}: {not_kept}"
+                );
+                if why.contains("outside") {
+                    assert!(not_kept.contains("boot_dirs"), "{not_kept}");
+                }
+            }
         }
+        // A record that holds such a file (an earlier migd's) is refused at
+        // `start`, unless the operator created the VM.
+        let mut r = record();
+        r.kernel = Some(outside.clone().into());
+        let e = r.check_boot_files(&dirs).unwrap_err();
+        assert!(
+            e.contains(&outside) && e.contains("outside boot_dirs"),
+            "{e}"
+        );
+        r.origin = Origin::Restored;
+        assert!(r
+            .check_boot_files(&dirs)
+            .unwrap_err()
+            .contains("its snapshot file"));
+        r.origin = Origin::Created;
+        assert_eq!(r.check_boot_files(&dirs), Ok(()));
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 }

@@ -78,6 +78,14 @@ pub struct DaemonArgs {
     /// huge pages here, ~0.5 s per GiB of 4 KiB pages).
     #[arg(long)]
     pub prefault: bool,
+    /// A directory from which a kernel or initramfs that a migration's
+    /// source or a snapshot file names may be booted (`start` of an arrived
+    /// or restored VM), checked with symlinks resolved; never the state
+    /// dir. Repeat the flag for several; given, it replaces the config's
+    /// `boot_dirs` [default: /var/lib/migd-images]. Paths given to `create`
+    /// are not limited.
+    #[arg(long = "boot-dir", value_name = "DIR")]
+    pub boot_dirs: Vec<PathBuf>,
 }
 
 /// VMs and jobs known to this daemon.
@@ -136,6 +144,9 @@ pub struct Daemon {
     pub metrics: metrics::Metrics,
     /// TLS for migration streams (None: plaintext with --insecure, or none at all).
     pub tls: Option<link::TlsSetup>,
+    /// Where a kernel or initramfs named by a peer or a snapshot file may be
+    /// taken from (`boot_dirs`).
+    pub boot_dirs: state::BootDirs,
 }
 
 impl Daemon {
@@ -149,6 +160,10 @@ impl Daemon {
             reg: Mutex::new(reg),
             metrics: Default::default(),
             tls: None,
+            boot_dirs: state::BootDirs {
+                dirs: Vec::new(),
+                state_dir: state_dir.to_path_buf(),
+            },
         }
     }
 
@@ -205,18 +220,75 @@ pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
 /// Runs the daemon until SIGTERM or SIGINT; returns the exit code.
 pub fn main(args: DaemonArgs) -> Result<i32> {
     let cfg = Config::load(&args)?;
+    let boot_dirs = boot_dirs(&args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let code = rt.block_on(serve(cfg));
+    let code = rt.block_on(serve(cfg, boot_dirs));
     // Do not wait for a handshake still blocked on a slow peer.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     code
 }
 
-async fn serve(cfg: Config) -> Result<i32> {
+/// The `boot_dirs` setting: the flags if given, else the config file's key,
+/// else the default; each must be absolute. (The config file is read here
+/// a second time, after `Config::load`; the setting belongs in `Config`.)
+fn boot_dirs(args: &DaemonArgs) -> Result<Vec<PathBuf>> {
+    if !args.boot_dirs.is_empty() {
+        for d in &args.boot_dirs {
+            if !d.is_absolute() {
+                bail!("--boot-dir {}: not an absolute path", d.display());
+            }
+        }
+        return Ok(args.boot_dirs.clone());
+    }
+    let from_file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config {}", path.display()))?;
+            migd::config_file::parse(&text)
+                .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?
+                .boot_dirs
+        }
+        None => None,
+    };
+    Ok(from_file.unwrap_or_else(|| {
+        migd::config_file::DEFAULT_BOOT_DIRS
+            .iter()
+            .map(PathBuf::from)
+            .collect()
+    }))
+}
+
+/// Logs the `boot_dirs` setting, with a warning for a directory that can
+/// never allow a file (missing, or in the state dir).
+fn log_boot_dirs(b: &state::BootDirs) {
+    let state = std::fs::canonicalize(&b.state_dir).unwrap_or_else(|_| b.state_dir.clone());
+    for d in &b.dirs {
+        match std::fs::canonicalize(d) {
+            Ok(real) if real.starts_with(&state) => tracing::warn!(
+                dir = %d.display(),
+                "boot_dirs: this directory is in the state dir, whose files are never booted from"
+            ),
+            Ok(real) if real.is_dir() => {}
+            Ok(_) => tracing::warn!(dir = %d.display(), "boot_dirs: not a directory"),
+            Err(e) => tracing::info!(
+                dir = %d.display(),
+                "boot_dirs: this directory is not there ({e}); arriving or restored VMs keep no \
+                 kernel from it until it is"
+            ),
+        }
+    }
+    let dirs: Vec<String> = b.dirs.iter().map(|d| d.display().to_string()).collect();
+    tracing::info!(
+        boot_dirs = %dirs.join(", "),
+        "kernels and initramfs named by a migration's source or a snapshot file are taken only from these"
+    );
+}
+
+async fn serve(cfg: Config, boot_dirs: Vec<PathBuf>) -> Result<i32> {
     let exe = std::env::current_exe().context("finding the migd binary")?;
     for d in [
         &cfg.state_dir,
@@ -242,8 +314,14 @@ async fn serve(cfg: Config) -> Result<i32> {
     // Removed however this function ends (a migration port in use, say), so
     // that no socket is left that nobody answers.
     let _socket_file = RemovedOnDrop(cfg.socket.clone());
+    let boot_dirs = state::BootDirs {
+        dirs: boot_dirs,
+        state_dir: cfg.state_dir.clone(),
+    };
+    log_boot_dirs(&boot_dirs);
     let daemon = Arc::new(Daemon {
         tls,
+        boot_dirs,
         cfg,
         exe,
         reg: Mutex::new(Registry::default()),

@@ -57,6 +57,11 @@ pub struct VmRecord {
     /// Peer address of an incoming migration, or the snapshot file of a restored VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// Why the boot spec that its source or its snapshot file named was
+    /// not kept (a file not on this host, or outside `boot_dirs`): what
+    /// `start` answers, the VM having no kernel here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_not_kept: Option<String>,
 }
 
 impl VmRecord {
@@ -73,27 +78,155 @@ impl VmRecord {
         })
     }
 
-    /// Takes a boot spec (a migration's source's, a snapshot file's) into
-    /// the record where its files exist on this host (so that `start` can
-    /// boot the VM again once it stops); otherwise the VM keeps no kernel
-    /// here, and the log says which file is missing.
-    pub fn adopt_boot_spec(&mut self, spec: wire::BootSpec) {
+    /// Takes a boot spec that `whence` names ("its source": a migration's
+    /// source; "its snapshot file") into the record where its files are on
+    /// this host and `dirs` allow them (so that `start` can boot the VM
+    /// again once it stops); otherwise the VM keeps no kernel here, the
+    /// record says why (`boot_not_kept`) and so does the log: a warning for
+    /// a file refused, which is the host's to protect.
+    pub fn adopt_boot_spec(&mut self, spec: wire::BootSpec, dirs: &BootDirs, whence: &str) {
         let kernel = PathBuf::from(&spec.kernel);
         let initrd = spec.initrd.map(PathBuf::from);
-        let missing = std::iter::once(&kernel)
-            .chain(initrd.as_ref())
-            .find(|p| !p.is_file());
-        if let Some(path) = missing {
-            tracing::info!(
-                vm = %self.name,
-                path = %path.display(),
-                "the VM's boot files are not on this host: it cannot be started again here once it stops"
-            );
+        let files =
+            std::iter::once(("kernel", &kernel)).chain(initrd.as_ref().map(|i| ("initramfs", i)));
+        for (what, path) in files {
+            let (refused, why) = match dirs.check(path) {
+                Ok(()) => continue,
+                Err(BootFileRefused::Missing(why)) => (false, why),
+                Err(BootFileRefused::Outside(why)) => (true, why),
+            };
+            let note = format!("the {what} that {whence} names, {why}");
+            if refused {
+                tracing::warn!(
+                    vm = %self.name,
+                    path = %path.display(),
+                    "{note}: refused; the VM runs, but cannot be started here again once it stops"
+                );
+            } else {
+                tracing::info!(
+                    vm = %self.name,
+                    path = %path.display(),
+                    "{note}: the VM cannot be started here again once it stops"
+                );
+            }
+            self.kernel = None;
+            self.initramfs = None;
+            self.cmdline = String::new();
+            self.boot_not_kept = Some(note);
             return;
         }
         self.kernel = Some(kernel);
         self.initramfs = initrd;
         self.cmdline = spec.cmdline;
+        self.boot_not_kept = None;
+    }
+
+    /// Whether `start` may boot this VM from its record's kernel and
+    /// initramfs: those of a VM the local operator created are theirs;
+    /// those that came from a migration's source or a snapshot file are
+    /// checked against `dirs` again (a record written before the setting
+    /// existed, or the setting changed since). The error names the file,
+    /// why, and the setting.
+    pub fn check_boot_files(&self, dirs: &BootDirs) -> Result<(), String> {
+        let whence = match self.origin {
+            Origin::Created => return Ok(()),
+            Origin::Incoming => "its source",
+            Origin::Restored => "its snapshot file",
+        };
+        let files = [
+            ("kernel", self.kernel.as_ref()),
+            ("initramfs", self.initramfs.as_ref()),
+        ];
+        for (what, path) in files {
+            let Some(path) = path else { continue };
+            if let Err(BootFileRefused::Missing(why) | BootFileRefused::Outside(why)) =
+                dirs.check(path)
+            {
+                return Err(format!("the {what} that {whence} named, {why}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the daemon takes a kernel or an initramfs that a migration's
+/// source or a snapshot file names (setting `boot_dirs`, flag
+/// `--boot-dir`): a file whose canonical path (symlinks resolved) lies in
+/// one of `dirs` (canonical too), and never one in the state dir, whose
+/// files (other VMs' consoles and logs, records, jobs) no guest may read.
+/// Paths of the local operator's own `create` are not checked.
+#[derive(Debug, Clone)]
+pub struct BootDirs {
+    pub dirs: Vec<PathBuf>,
+    pub state_dir: PathBuf,
+}
+
+/// Why a boot file named by a peer or a snapshot file is not taken: each
+/// message names the path (and what it resolves to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootFileRefused {
+    /// Not on this host (or not a file): nothing to protect, the same
+    /// image is just not installed here.
+    Missing(String),
+    /// A file of this host outside `boot_dirs`, or in the state dir.
+    Outside(String),
+}
+
+impl BootDirs {
+    /// The directories as the messages name them.
+    fn listed(&self) -> String {
+        if self.dirs.is_empty() {
+            return "none".into();
+        }
+        let dirs: Vec<String> = self.dirs.iter().map(|d| d.display().to_string()).collect();
+        dirs.join(", ")
+    }
+
+    /// Whether `path` may be booted from (resolved now: a link changed
+    /// since is followed where it leads now).
+    pub fn check(&self, path: &Path) -> Result<(), BootFileRefused> {
+        let shown = path.display();
+        if !path.is_absolute() {
+            return Err(BootFileRefused::Outside(format!(
+                "{shown}, is not an absolute path (setting boot_dirs: {})",
+                self.listed()
+            )));
+        }
+        let real = std::fs::canonicalize(path)
+            .map_err(|e| BootFileRefused::Missing(format!("{shown}, is not on this host ({e})")))?;
+        if !real.is_file() {
+            return Err(BootFileRefused::Missing(format!(
+                "{shown}, is not a file on this host"
+            )));
+        }
+        let resolved = if real != path {
+            format!(" (resolved: {})", real.display())
+        } else {
+            String::new()
+        };
+        let state =
+            std::fs::canonicalize(&self.state_dir).unwrap_or_else(|_| self.state_dir.clone());
+        if real.starts_with(&state) {
+            return Err(BootFileRefused::Outside(format!(
+                "{shown}{resolved}, lies in migd's state dir {}, whose files are never booted from \
+                 whatever boot_dirs says",
+                self.state_dir.display()
+            )));
+        }
+        let allowed = self
+            .dirs
+            .iter()
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .any(|d| real.starts_with(d));
+        if !allowed {
+            return Err(BootFileRefused::Outside(format!(
+                "{shown}{resolved}, lies outside boot_dirs ({}), the directories (config key \
+                 boot_dirs, flag --boot-dir) from which a kernel or initramfs named by a \
+                 migration's source or a snapshot file is taken",
+                self.listed()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -202,8 +335,9 @@ pub fn console_path(dir: &Path) -> PathBuf {
 pub fn log_path(dir: &Path) -> PathBuf {
     dir.join("vm.log")
 }
-/// An arriving VM's boot spec, kept until its record is written (so that a
-/// daemon restarted meanwhile still has it); no record: still a leftover.
+/// An arriving VM's boot spec as its source sent it, kept until its record
+/// is written (so that a daemon restarted meanwhile takes it as the first
+/// did, `boot_dirs` checked again); no record: still a leftover.
 pub fn boot_path(dir: &Path) -> PathBuf {
     dir.join("boot.json")
 }
@@ -436,22 +570,26 @@ async fn adopt_answer(
                 Some(r) => r,
                 None => {
                     // An incoming VM: its record is written once it runs here.
+                    // Its boot spec as the source sent it, taken as then.
                     let boot = std::fs::read(boot_path(&dir))
                         .ok()
-                        .and_then(|b| serde_json::from_slice::<wire::BootSpec>(&b).ok());
-                    let r = VmRecord {
+                        .and_then(|b| serde_json::from_slice::<wire::BootSpec>(&b).ok())
+                        .filter(|b| b.check().is_ok());
+                    let mut r = VmRecord {
                         name: name.clone(),
-                        kernel: boot.as_ref().map(|b| PathBuf::from(&b.kernel)),
-                        initramfs: boot
-                            .as_ref()
-                            .and_then(|b| b.initrd.as_ref().map(PathBuf::from)),
-                        cmdline: boot.map(|b| b.cmdline).unwrap_or_default(),
+                        kernel: None,
+                        initramfs: None,
+                        cmdline: String::new(),
                         memory: s["memory"].as_u64().unwrap_or(0),
                         vcpus: s["vcpus"].as_u64().unwrap_or(0) as u32,
                         created: now(),
                         origin: Origin::Incoming,
                         source: None,
+                        boot_not_kept: None,
                     };
+                    if let Some(spec) = boot {
+                        r.adopt_boot_spec(spec, &d.boot_dirs, "its source");
+                    }
                     if state != st::INCOMING {
                         write_record(&dir, &r);
                     }
@@ -743,6 +881,7 @@ mod tests {
             created: 0,
             origin,
             source: (origin == Origin::Incoming).then(|| "10.0.0.1:7070".into()),
+            boot_not_kept: None,
         }
     }
 
