@@ -140,4 +140,45 @@ fn bad_snapshots_are_refused() {
         assert!(!e.contains("VM process"), "refused by a VM process: {e}");
         assert_ne!(d.migctl(&["info", "web9"]).0, 0, "web9 listed");
     }
+    // A boot section that a migration's Boot message could not carry (a NUL
+    // in its command line, no kernel path) is refused with the file, before
+    // the VM exists; before, the VM was restored with it, to fail at `start`.
+    let _reaper = common::daemon::Reaper(d.state.clone());
+    let (state, ram, _) = vmm::snapshot::read(&snap).unwrap();
+    let elf = guest_elf().canonicalize().unwrap();
+    for (name, boot, why) in [
+        (
+            "nul.snap",
+            vmm::BootSpec {
+                kernel: elf.clone(),
+                initramfs: None,
+                cmdline: "console=ttyS0\0init=/evil".into(),
+            },
+            "boot spec command line holds a NUL byte",
+        ),
+        (
+            "no-kernel.snap",
+            vmm::BootSpec {
+                kernel: std::path::PathBuf::new(),
+                initramfs: None,
+                cmdline: "console=ttyS0".into(),
+            },
+            "boot spec without a kernel path",
+        ),
+    ] {
+        let p = dir.join(name);
+        let progress = Default::default();
+        vmm::snapshot::write_with_working_set(&p, &state, &ram, None, Some(&boot), &progress)
+            .unwrap();
+        let p = p.to_str().unwrap();
+        let e = d.fails(&["restore", "web8", p]);
+        assert!(
+            e.contains(&format!(
+                "restoring {p}: its boot section is refused: {why}"
+            )),
+            "{e}"
+        );
+        assert_ne!(d.migctl(&["info", "web8"]).0, 0, "web8 listed");
+        assert!(!d.vm_dir("web8").exists(), "{name} left a VM directory");
+    }
 }

@@ -888,7 +888,21 @@ async fn restore(d: &Arc<Daemon>, name: String, path: &Path, lazy: bool) -> Resu
     // Before a process reads gigabytes of memory only to find that it cannot.
     migration::handshake::check_runs_here(&snap.state)
         .with_context(|| format!("restoring {}", path.display()))?;
+    // Its boot section passes the checks of a migration's Boot message, or
+    // the file is refused, before the VM exists.
     let boot_spec = snap.boot.as_ref().and_then(state::wire_boot);
+    if let Some(spec) = &boot_spec {
+        spec.check().map_err(|e| {
+            let why = match e {
+                wire::WireError::Malformed(why) => why,
+                other => other.to_string(),
+            };
+            anyhow::anyhow!(
+                "restoring {}: its boot section is refused: {why}",
+                path.display()
+            )
+        })?;
+    }
     let mut boot = vec!["--restore".to_string(), path_arg(Some(&path))?];
     if lazy {
         boot.push("--lazy".into());
