@@ -981,8 +981,7 @@ fn incoming_by_hand_refuses_a_cpu_this_host_lacks() {
     let console = Console(dir.join("console.log"));
     let port = free_port();
     let dst = VmProcess::incoming(&dir, "dst", &console, port, "64M", 1);
-    // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
-    let leaf0 = unsafe { std::arch::x86_64::__cpuid(0) };
+    let leaf0 = std::arch::x86_64::__cpuid(0);
     let vendor: Vec<u8> = [leaf0.ebx, leaf0.edx, leaf0.ecx]
         .iter()
         .flat_map(|r| r.to_le_bytes())
