@@ -59,6 +59,9 @@ statedir="$destdir/var/lib/migd"
 install -d -m 0755 "$bindir" "$docdir" "$unitdir"
 install -d -m 0755 "$confdir"
 install -d -m 0700 "$statedir"
+# Kernels and initramfs images that arriving or restored VMs may boot from
+# (the daemon's default boot_dirs).
+install -d -m 0755 "$destdir/var/lib/migd-images"
 install -m 0755 "$from/migd" "$bindir/migd"
 install -m 0755 "$from/migctl" "$bindir/migctl"
 

@@ -1459,6 +1459,8 @@ fn boot_files_named_by_a_peer_or_a_snapshot_come_only_from_boot_dirs() {
     let info = b.wait_state("web1", "running", Duration::from_secs(30));
     assert!(info["kernel"].is_null(), "{info}");
     assert!(info["initramfs"].is_null(), "{info}");
+    let why = info["boot_not_kept"].as_str().unwrap_or_default();
+    assert!(why.contains(k) && why.contains("boot_dirs"), "{info}");
     assert!(
         b.log_text()
             .lines()

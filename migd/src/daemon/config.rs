@@ -35,6 +35,9 @@ pub struct Config {
     pub hugepages: bool,
     /// VM processes allocate all of guest memory when they start.
     pub prefault: bool,
+    /// Where a kernel or initramfs named by a peer or a snapshot file may
+    /// be taken from (absolute paths).
+    pub boot_dirs: Vec<PathBuf>,
 }
 
 #[cfg(test)]
@@ -53,6 +56,7 @@ impl Config {
             dirty_ring: 0,
             hugepages: false,
             prefault: false,
+            boot_dirs: Vec::new(),
         }
     }
 }
@@ -103,6 +107,20 @@ impl Config {
             },
             hugepages: args.hugepages || file.hugepages.unwrap_or(false),
             prefault: args.prefault || file.prefault.unwrap_or(false),
+            // Flags replace the file's list, as --tls-peer does.
+            boot_dirs: if args.boot_dirs.is_empty() {
+                file.boot_dirs.unwrap_or_else(|| {
+                    config_file::DEFAULT_BOOT_DIRS
+                        .iter()
+                        .map(PathBuf::from)
+                        .collect()
+                })
+            } else {
+                if let Some(d) = args.boot_dirs.iter().find(|d| !d.is_absolute()) {
+                    bail!("--boot-dir {}: not an absolute path", d.display());
+                }
+                args.boot_dirs.clone()
+            },
             tls: migd::tls_args::TlsArgs {
                 tls_ca: args.tls.tls_ca.clone().or(file.tls_ca),
                 tls_cert: args.tls.tls_cert.clone().or(file.tls_cert),

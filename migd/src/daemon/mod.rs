@@ -220,46 +220,15 @@ pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
 /// Runs the daemon until SIGTERM or SIGINT; returns the exit code.
 pub fn main(args: DaemonArgs) -> Result<i32> {
     let cfg = Config::load(&args)?;
-    let boot_dirs = boot_dirs(&args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let code = rt.block_on(serve(cfg, boot_dirs));
+    let code = rt.block_on(serve(cfg));
     // Do not wait for a handshake still blocked on a slow peer.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     code
-}
-
-/// The `boot_dirs` setting: the flags if given, else the config file's key,
-/// else the default; each must be absolute. (The config file is read here
-/// a second time, after `Config::load`; the setting belongs in `Config`.)
-fn boot_dirs(args: &DaemonArgs) -> Result<Vec<PathBuf>> {
-    if !args.boot_dirs.is_empty() {
-        for d in &args.boot_dirs {
-            if !d.is_absolute() {
-                bail!("--boot-dir {}: not an absolute path", d.display());
-            }
-        }
-        return Ok(args.boot_dirs.clone());
-    }
-    let from_file = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading config {}", path.display()))?;
-            migd::config_file::parse(&text)
-                .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?
-                .boot_dirs
-        }
-        None => None,
-    };
-    Ok(from_file.unwrap_or_else(|| {
-        migd::config_file::DEFAULT_BOOT_DIRS
-            .iter()
-            .map(PathBuf::from)
-            .collect()
-    }))
 }
 
 /// Logs the `boot_dirs` setting, with a warning for a directory that can
@@ -288,7 +257,7 @@ fn log_boot_dirs(b: &state::BootDirs) {
     );
 }
 
-async fn serve(cfg: Config, boot_dirs: Vec<PathBuf>) -> Result<i32> {
+async fn serve(cfg: Config) -> Result<i32> {
     let exe = std::env::current_exe().context("finding the migd binary")?;
     for d in [
         &cfg.state_dir,
@@ -315,7 +284,7 @@ async fn serve(cfg: Config, boot_dirs: Vec<PathBuf>) -> Result<i32> {
     // that no socket is left that nobody answers.
     let _socket_file = RemovedOnDrop(cfg.socket.clone());
     let boot_dirs = state::BootDirs {
-        dirs: boot_dirs,
+        dirs: cfg.boot_dirs.clone(),
         state_dir: cfg.state_dir.clone(),
     };
     log_boot_dirs(&boot_dirs);

@@ -310,6 +310,7 @@ impl VmEntry {
             "vcpus": self.record.vcpus,
             "kernel": self.record.kernel,
             "initramfs": self.record.initramfs,
+            "boot_not_kept": self.record.boot_not_kept,
             "cmdline": self.record.cmdline,
             "created": self.record.created,
             "origin": self.record.origin,
