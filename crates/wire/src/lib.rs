@@ -101,7 +101,10 @@ pub struct VmDescriptor {
     pub vcpus: u32,
     /// CPU vendor string (CPUID leaf 0).
     pub cpu_vendor: String,
-    /// CPUID feature words the guest was given (leaf 1 ECX/EDX, leaf 7 EBX/ECX/EDX).
+    /// CPUID feature words the guest was given, in the order of
+    /// `migration::handshake::CPU_WORDS` (docs/protocol.md): leaf 1 ECX/EDX
+    /// and leaf 7.0 EBX/ECX/EDX first, as older builds sent them, then the
+    /// words added since (0 where the guest's CPUID lacks the leaf).
     pub cpu_features: Vec<u32>,
 }
 
