@@ -340,26 +340,31 @@ fn ending_in_postcopy(
     }
 }
 
+/// `--mode auto` ending in post-copy (`postcopy`) or in pre-copy.
+fn auto_ending(i: &Inputs, postcopy: bool) -> Prediction {
+    if !postcopy {
+        // Pre-copy, after the watch-only first step (it samples before it
+        // decides, whatever it decides).
+        let mut p = predict("precopy", i);
+        p.total_ms += auto_step(i) * 1e3;
+        return p;
+    }
+    match auto_cut(i) {
+        Some((t0, left)) => ending_in_postcopy(i, (t0, 1, true), left),
+        // Round 0 with its sampling, then post-copy at once.
+        None => {
+            let (hot, t0, cold_left, _) = hybrid_round0(i, auto_step(i));
+            ending_in_postcopy(i, (t0, 1, true), hot + cold_left)
+        }
+    }
+}
+
 /// Predicts `mode` ("precopy", "postcopy", "hybrid", or "auto": the one
 /// [`auto_mode`] picks).
 pub fn predict(mode: &str, i: &Inputs) -> Prediction {
     let r = i.bandwidth.max(1.0);
     match mode {
-        "auto" => match auto_cut(i) {
-            Some((t0, left)) => ending_in_postcopy(i, (t0, 1, true), left),
-            // Pre-copy, after the watch-only first step (it samples
-            // before it decides, whatever it decides).
-            None if auto_mode(i) == "precopy" => {
-                let mut p = predict("precopy", i);
-                p.total_ms += auto_step(i) * 1e3;
-                p
-            }
-            // Round 0 with its sampling, then post-copy at once.
-            None => {
-                let (hot, t0, cold_left, _) = hybrid_round0(i, auto_step(i));
-                ending_in_postcopy(i, (t0, 1, true), hot + cold_left)
-            }
-        },
+        "auto" => auto_ending(i, auto_mode(i) == "hybrid"),
         "postcopy" => ending_in_postcopy(i, (0.0, 0, true), i.memory_bytes),
         "hybrid" => {
             let (hot, t0, cold_left, cold) = hybrid_round0(i, HYBRID_STEP);
@@ -421,7 +426,9 @@ pub struct FinalCopy {
 
 /// Evaluates the model for a completed migration of a VM of `vcpus` vCPUs
 /// (`capped`: under a bandwidth cap); None if it did not complete or
-/// measured too little to say.
+/// measured too little to say. `--mode auto` is predicted in the ending it
+/// took (post-copy where it switched), not the one [`auto_mode`] would pick
+/// from the figures measured.
 pub fn check(s: &crate::stats::MigrationStats, vcpus: usize, capped: bool) -> Option<ModelCheck> {
     if s.outcome != "completed" || s.total_ms <= 0.0 || s.downtime_ms <= 0.0 {
         return None;
@@ -498,7 +505,13 @@ pub fn check(s: &crate::stats::MigrationStats, vcpus: usize, capped: bool) -> Op
         let until_sending = (s.setup_ms + watched - watched_in_setup) / 1e3;
         inputs.setup = (until_sending - round0_step(&s.mode, &inputs)).max(0.0);
     }
-    let prediction = predict(&s.mode, &inputs);
+    let prediction = match s.mode.as_str() {
+        // Auto ended as it did, whatever the model would pick from what it
+        // measured: in post-copy where pages were left to arrive after the
+        // switch, in pre-copy otherwise.
+        "auto" => auto_ending(&inputs, s.pages.expected > 0),
+        mode => predict(mode, &inputs),
+    };
     let err = |p: f64, m: f64| (p - m) / m * 100.0;
     Some(ModelCheck {
         inputs,
@@ -675,6 +688,57 @@ mod tests {
         assert_eq!(check(&s, 1, false).unwrap().final_copy, None);
         s.outcome = "failed".into();
         assert!(check(&s, 1, false).is_none());
+    }
+
+    /// Auto is checked against the ending it took, not the one the model
+    /// would pick from what it measured: a guest dirtying at a fifth of the
+    /// link, which the model would cut to post-copy, that converged in
+    /// pre-copy is predicted in pre-copy, its stop-and-copy included; a
+    /// calm one that went on in post-copy, in post-copy.
+    #[test]
+    fn check_predicts_the_ending_auto_took() {
+        // Round 0: 100 MiB in 100 ms, dirtying 200 MB/s; then a stop-and-copy
+        // of 32 MiB.
+        let mut s = crate::stats::MigrationStats {
+            mode: "auto".into(),
+            outcome: "completed".into(),
+            total_ms: 150.0,
+            downtime_ms: 35.0,
+            ..Default::default()
+        };
+        s.rounds.push(crate::stats::RoundStats {
+            pages: 25600,
+            bytes: 100 << 20,
+            ms: 100.0,
+            dirty_rate: 200e6,
+        });
+        s.pages.sent = 25600 + 8192;
+        s.downtime_phases = Some(crate::stats::DowntimePhases {
+            final_pages_us: 30000,
+            ..Default::default()
+        });
+        let c = check(&s, 1, false).unwrap();
+        assert_eq!(auto_mode(&c.inputs), "hybrid", "{c:?}");
+        let p = c.prediction;
+        assert!(p.final_bytes > 0.0 && p.resume_push_only_ms == 0.0, "{p:?}");
+        let mut pre = predict("precopy", &c.inputs);
+        pre.total_ms += auto_step(&c.inputs) * 1e3;
+        assert_eq!(p, pre);
+        assert!(c.final_copy.is_some(), "{c:?}");
+        // The same rounds, then a switch: post-copy.
+        s.pages.expected = 8192;
+        let c = check(&s, 1, false).unwrap();
+        assert_eq!(c.prediction, predict("auto", &c.inputs));
+        assert!(c.prediction.resume_push_only_ms > 0.0, "{c:?}");
+        assert_eq!(c.prediction.final_bytes, 0.0);
+        // A calm guest, which the model would finish in pre-copy, that
+        // switched: post-copy after round 0.
+        s.rounds[0].dirty_rate = 1e6;
+        let c = check(&s, 1, false).unwrap();
+        assert_eq!(auto_mode(&c.inputs), "precopy", "{c:?}");
+        let (hot, t0, cold_left, _) = hybrid_round0(&c.inputs, auto_step(&c.inputs));
+        let want = ending_in_postcopy(&c.inputs, (t0, 1, true), hot + cold_left);
+        assert_eq!(c.prediction, want);
     }
 
     /// Hybrid's round 0 counts from when the dirty log began, during the

@@ -525,6 +525,10 @@ pub(crate) struct Sender<'a> {
     /// Whether the bandwidth cap applies (not to the final copy).
     pub(crate) throttle: bool,
     pub(crate) bytes: u64,
+    /// Pages this sender has sent, one bit each: whole, as a delta or as a
+    /// zero range (a zero page skipped, never sent, is not). The destination
+    /// holds our copy of them: sent again, they count as re-sent, and once
+    /// dirtied hybrid discards them there before the switch.
     pub(crate) sent_before: Vec<u64>,
     pub(crate) offsets: Vec<u64>,
     pub(crate) zero_ranges: Vec<(u64, u64)>,
@@ -591,6 +595,7 @@ impl<'a> Sender<'a> {
                     Some((o, n)) if *o + *n * PAGE_SIZE == off => *n += 1,
                     _ => self.zero_ranges.push((off, 1)),
                 }
+                self.mark_sent(pfn);
                 // Scattered zero pages make one range each: the message
                 // must stay well inside a frame.
                 if self.zero_ranges.len() >= MAX_ZERO_RANGES {
@@ -617,6 +622,7 @@ impl<'a> Sender<'a> {
                 Some(Some(d)) => {
                     self.delta_bytes += d.len() + 12;
                     self.deltas.push((off, d));
+                    self.mark_sent(pfn);
                     self.job.update(|s| {
                         s.xbzrle.pages += 1;
                         s.xbzrle.update_rate();
@@ -643,6 +649,14 @@ impl<'a> Sender<'a> {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Sets page `pfn`'s bit in `sent_before`; returns whether it was set.
+    fn mark_sent(&mut self, pfn: u64) -> bool {
+        let (w, b) = ((pfn / 64) as usize, pfn % 64);
+        let before = self.sent_before[w] & (1 << b) != 0;
+        self.sent_before[w] |= 1 << b;
+        before
     }
 
     pub(crate) fn flush(&mut self) -> Result<()> {
@@ -724,12 +738,9 @@ impl<'a> Sender<'a> {
         self.bytes += frame_bytes;
         let mut resent = 0;
         for &o in &offsets {
-            let pfn = (o / PAGE_SIZE) as usize;
-            let (w, b) = (pfn / 64, pfn % 64);
-            if self.sent_before[w] & (1 << b) != 0 {
+            if self.mark_sent(o / PAGE_SIZE) {
                 resent += 1;
             }
-            self.sent_before[w] |= 1 << b;
         }
         let (bytes, report) = (self.all_bytes(), self.report_bytes);
         self.job.update(|s| {
@@ -1742,7 +1753,7 @@ fn run_in<'scope, 'env>(
     let mem = MemView::new(&ram);
     let mut tx = Sender::negotiated(stream.try_clone().map_err(io_err("socket"))?, &mem, job)?;
     crate::multifd::start(scope, &mut tx, &ram, params, job)?;
-    let (mut todo, round) = rounds(vm, params, job, &mut tx, early, params.max_rounds, false)?;
+    let (mut todo, round, _) = rounds(vm, params, job, &mut tx, early, params.max_rounds, false)?;
 
     // Stop-and-copy.
     let pause_start = Instant::now();
@@ -1754,8 +1765,11 @@ fn run_in<'scope, 'env>(
 /// The pre-copy rounds: round 0 sends every page with data, round k what the
 /// dirty log says changed during round k-1. Ends at the stop condition, after
 /// `limit` rounds, or (when `switch` is set) when the operator asks for post-copy.
-/// Returns the pages dirtied during the last round (still to send) and the
-/// number of rounds run. The VM runs throughout; dirty logging stays on.
+/// Returns the pages dirtied during the last round (still to send), the
+/// number of rounds run, and the rate the guest dirtied the cold pages at in
+/// the last round, in bytes a second as sent (what auto weighs against the
+/// bandwidth; the hot pages, which the dirty rate counts too, left out). The
+/// VM runs throughout; dirty logging stays on.
 pub(crate) fn rounds(
     vm: &Vm,
     params: &Params,
@@ -1764,7 +1778,7 @@ pub(crate) fn rounds(
     early: Prelude,
     limit: u32,
     switch: bool,
-) -> Result<(Vec<u64>, u32)> {
+) -> Result<(Vec<u64>, u32, f64)> {
     let pages = tx.mem.pages();
     let clear_before_send = early.clear_before_send;
     // Round 0: every page that holds data (but the hot ones). It starts with
@@ -1837,6 +1851,8 @@ pub(crate) fn rounds(
     let mut round: u32 = 0;
     let mut bandwidth: f64 = 0.0; // bytes/s, measured
     let mut history: Vec<u64> = Vec::new();
+    // The last round's cold pages' dirty rate as sent (wire bytes/s).
+    let mut cold_wire_rate: f64;
     let stop_reason;
     // None: not known (no bandwidth measured yet).
     let mut expected_last_ms: Option<f64>;
@@ -1961,6 +1977,9 @@ pub(crate) fn rounds(
         };
         let mut expected_ms = expected(dirty, rtt_ms);
         expected_last_ms = expected_ms;
+        // (The bandwidth counts wire bytes: compressed pages and deltas take
+        // less of it.)
+        cold_wire_rate = cold_rate / wire_ratio(ratio, bandwidth, last, dirty, 0);
         job.update(|s| {
             s.rounds.push(RoundStats {
                 pages: sent_pages,
@@ -2048,13 +2067,7 @@ pub(crate) fn rounds(
             };
             break;
         }
-        // (The bandwidth counts wire bytes: compressed pages and deltas take
-        // less of it.)
-        if switch
-            && params.auto
-            && bandwidth > 0.0
-            && cold_rate / wire_ratio(ratio, bandwidth, last, dirty, 0) >= 0.8 * bandwidth
-        {
+        if switch && params.auto && bandwidth > 0.0 && cold_wire_rate >= 0.8 * bandwidth {
             stop_reason = "dirty rate above 80 % of the bandwidth";
             break;
         }
@@ -2120,7 +2133,7 @@ pub(crate) fn rounds(
     if settled_at != Some(tx.bytes) {
         settle(job, tx, round)?;
     }
-    Ok((todo, round))
+    Ok((todo, round, cold_wire_rate))
 }
 
 /// Stop-and-copy and the commit exchange; the VM was paused at `pause_start`.
@@ -2302,6 +2315,77 @@ mod tests {
             tx.watchdog.blocked
         );
         assert_eq!(tx.watchdog.bytes, tx.bytes);
+        drop(tx);
+        reader.join().unwrap().unwrap();
+    }
+
+    /// Every page that goes marks `sent_before`: zero ranges and deltas as
+    /// whole pages do, so that hybrid discards them at the destination
+    /// before the switch once dirtied, and sent again they count as re-sent
+    /// (and, not cached, as XBZRLE misses). A zero page skipped is not sent.
+    #[test]
+    fn zero_ranges_and_deltas_count_as_sent_before() {
+        use super::{Job, Sender};
+        use crate::memview::MemView;
+        use link::Link;
+        use std::net::{TcpListener, TcpStream};
+        use vmm::memory::{GuestRam, PAGE_SIZE};
+
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let out = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = l.accept().unwrap();
+        let reader = std::thread::spawn(move || std::io::copy(&mut peer, &mut std::io::sink()));
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let mem = MemView::new(&ram);
+        let sent = |tx: &Sender<'_>, pfn: u64| {
+            tx.sent_before[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
+        };
+        let write = |pfn: u64, b: u8| mem.page_mut(pfn * PAGE_SIZE).unwrap()[100] = b;
+
+        // Without XBZRLE: page 0 goes as a zero range, page 1 is skipped.
+        let job = Job::default();
+        let mut tx = Sender::new(Link::plain(out.try_clone().unwrap()), &mem, &job);
+        tx.queue(0, true).unwrap();
+        tx.queue(1, false).unwrap();
+        tx.flush().unwrap();
+        assert!(sent(&tx, 0), "a zero range was sent");
+        assert!(!sent(&tx, 1), "a zero page skipped was not");
+        // Both written and sent whole: page 0 goes the second time.
+        write(0, 1);
+        write(1, 1);
+        tx.queue(0, true).unwrap();
+        tx.queue(1, true).unwrap();
+        tx.flush().unwrap();
+        let p = job.snapshot().pages;
+        assert_eq!((p.sent, p.resent), (2, 1), "{p:?}");
+        drop(tx);
+
+        // XBZRLE with two slots: pages 2 and 4 share one, page 3 has the other.
+        let job = Job::default();
+        job.update(|s| s.xbzrle.cache_size = 2 * PAGE_SIZE);
+        let mut tx = Sender::new(Link::plain(out), &mem, &job);
+        tx.queue(2, true).unwrap();
+        tx.queue(3, true).unwrap();
+        tx.flush().unwrap();
+        // Page 3's zero copy is the base of its delta: a delta is sent.
+        write(3, 7);
+        tx.queue(3, true).unwrap();
+        // Page 4 takes page 2's slot: page 2, written, goes whole, missed.
+        write(4, 9);
+        write(2, 9);
+        tx.queue(4, true).unwrap();
+        tx.queue(2, true).unwrap();
+        tx.flush().unwrap();
+        assert!(sent(&tx, 2) && sent(&tx, 3) && sent(&tx, 4));
+        let s = job.snapshot();
+        assert_eq!(
+            (s.xbzrle.pages, s.xbzrle.cache_miss),
+            (1, 1),
+            "{:?}",
+            s.xbzrle
+        );
+        // The delta (page 3) and page 2 went before, page 4 did not.
+        assert_eq!((s.pages.sent, s.pages.resent), (3, 2), "{:?}", s.pages);
         drop(tx);
         reader.join().unwrap().unwrap();
     }

@@ -16,7 +16,7 @@ use crate::doorman::{Arrival, Doorman};
 use crate::faults::{self, Phase};
 use crate::memview::MemView;
 use crate::precopy::{self, Job, Outcome, Params, Sender};
-use crate::stats::{DowntimePhases, FaultStats};
+use crate::stats::{DowntimePhases, FaultStats, MigrationStats};
 use crate::{io_err, Error, Result};
 
 use super::{lock, prioritize_this_thread, watch_link, LINK_TIMEOUT};
@@ -580,7 +580,8 @@ fn run_in<'scope, 'env>(
                 .postcopy_after_rounds
                 .clamp(1, params.max_rounds.max(1))
         };
-        let (mut todo, round) = precopy::rounds(vm, params, job, &mut tx, early, limit, true)?;
+        let (mut todo, round, cold_rate) =
+            precopy::rounds(vm, params, job, &mut tx, early, limit, true)?;
         if params.auto {
             let s = job.snapshot();
             let (rate, bw) = (s.dirty_rate / 1e6, s.link_rate / 1e6);
@@ -608,15 +609,7 @@ fn run_in<'scope, 'env>(
                     pause_start,
                 );
             }
-            job.update(|s| {
-                s.policy = format!(
-                    "post-copy after {round} round(s): {} ({:.0} MiB of pages left to \
-                     post-copy by the sampling at the start of round 0; outside them the \
-                     guest dirtied {rate:.0} MB/s against {bw:.0} MB/s of bandwidth)",
-                    s.stop_reason,
-                    s.pages.deferred as f64 * 4096.0 / (1 << 20) as f64
-                )
-            });
+            job.update(|s| s.policy = postcopy_policy(s, round, cold_rate));
         }
         // Each round ended at a barrier: the extra streams are done.
         tx.pool = None;
@@ -766,6 +759,23 @@ fn run_in<'scope, 'env>(
     }
 }
 
+/// Auto's reason for going on in post-copy after `round` rounds, from the
+/// statistics then. The rate it gives for the pages outside the hot ones is
+/// `cold_rate` (bytes/s as sent, from [`precopy::rounds`]): the figure the
+/// rounds weighed against the bandwidth, not `s.dirty_rate`, which counts
+/// the hot pages too.
+fn postcopy_policy(s: &MigrationStats, round: u32, cold_rate: f64) -> String {
+    format!(
+        "post-copy after {round} round(s): {} ({:.0} MiB of pages left to post-copy by the \
+         sampling at the start of round 0; outside them the guest dirtied {:.0} MB/s, as \
+         sent, against {:.0} MB/s of bandwidth)",
+        s.stop_reason,
+        s.pages.deferred as f64 * 4096.0 / (1 << 20) as f64,
+        cold_rate / 1e6,
+        s.link_rate / 1e6
+    )
+}
+
 fn accept_urgent(
     listener: TcpListener,
     peer: IpAddr,
@@ -863,6 +873,30 @@ fn postcopy_phase(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Auto's reason for post-copy quotes the rate its choice went by: the
+    /// cold pages' (as sent), not the dirty rate, which counts the hot ones.
+    #[test]
+    fn the_reason_for_post_copy_quotes_the_cold_pages_rate() {
+        let mut s = MigrationStats {
+            stop_reason: "dirty rate above 80 % of the bandwidth".into(),
+            dirty_rate: 900e6,
+            link_rate: 100e6,
+            ..Default::default()
+        };
+        s.pages.deferred = 2560;
+        let why = postcopy_policy(&s, 2, 85e6);
+        assert!(
+            why.starts_with("post-copy after 2 round(s): dirty rate above 80 %"),
+            "{why}"
+        );
+        assert!(why.contains("10 MiB of pages left"), "{why}");
+        assert!(
+            why.contains("dirtied 85 MB/s, as sent, against 100 MB/s"),
+            "{why}"
+        );
+        assert!(!why.contains("900"), "{why}");
+    }
 
     #[test]
     fn a_demanded_page_goes_again_unless_its_copy_is_close_behind_under_a_cap() {
