@@ -492,7 +492,7 @@ async fn create(d: &Arc<Daemon>, c: CreateRequest) -> Result<Value> {
         created: state::now(),
         origin: Origin::Created,
         source: None,
-        boot_not_kept: None,
+        boot_refused: None,
     };
     let boot = boot_args(&record)?;
     start_vm(d, record, boot).await
@@ -544,7 +544,7 @@ async fn start(d: &Arc<Daemon>, name: &str, force: bool) -> Result<Value> {
             );
         }
         if vm.record.kernel.is_none() {
-            let why = match &vm.record.boot_not_kept {
+            let why = match &vm.record.boot_refused {
                 Some(why) => format!(": {why}."),
                 None => format!(" (its origin is {:?}).", vm.record.origin),
             };
@@ -917,7 +917,7 @@ async fn restore(d: &Arc<Daemon>, name: String, path: &Path, lazy: bool) -> Resu
         created: state::now(),
         origin: Origin::Restored,
         source: Some(path.display().to_string()),
-        boot_not_kept: None,
+        boot_refused: None,
     };
     // The file says how the VM boots (as virsh's save image keeps the
     // domain); its files are taken only from `boot_dirs`.
@@ -1280,7 +1280,7 @@ mod tests {
             created: 0,
             origin: Origin::default(),
             source: None,
-            boot_not_kept: None,
+            boot_refused: None,
         };
         for (i, (before, exits, after)) in [
             (st::MIGRATED, false, Some(st::MIGRATED)),

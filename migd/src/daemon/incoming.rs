@@ -319,7 +319,7 @@ fn admit(
         origin: Origin::Incoming,
         // The source host (its connection's port is an ephemeral one).
         source: Some(peer.ip().to_string()),
-        boot_not_kept: None,
+        boot_refused: None,
     };
     let mut reg = d.reg();
     if reg.vms.contains_key(name) || dir.exists() {
@@ -482,7 +482,7 @@ mod tests {
             created: 0,
             origin: Origin::Incoming,
             source: None,
-            boot_not_kept: None,
+            boot_refused: None,
         };
         let tmp = std::env::temp_dir().join(format!("migd-bootdirs-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
@@ -519,7 +519,7 @@ mod tests {
         r.adopt_boot_spec(spec.clone(), &dirs, "its source");
         assert_eq!(r.kernel.as_deref(), Some(Path::new(&kernel)));
         assert_eq!(r.cmdline, "console=ttyS0");
-        assert_eq!(r.boot_not_kept, None);
+        assert_eq!(r.boot_refused, None);
         assert_eq!(r.boot_spec(), Some(spec.clone()), "sent on as it came");
         assert_eq!(r.check_boot_files(&dirs), Ok(()));
         // Not kept: not on this host, outside the directories (also through
@@ -552,10 +552,11 @@ mod tests {
             ] {
                 let mut r = record();
                 r.adopt_boot_spec(spec.clone(), dirs, "its source");
-                assert_eq!(r.kernel, None, "{spec:?}");
-                assert_eq!(r.initramfs, None, "{spec:?}");
-                assert_eq!(r.boot_spec(), None);
-                let not_kept = r.boot_not_kept.unwrap_or_default();
+                // Kept, to go on with the VM, but not booted here.
+                assert_eq!(r.boot_spec(), Some(spec.clone()), "{spec:?}");
+                let e = r.check_boot_files(dirs).unwrap_err();
+                assert!(e.contains(bad) && e.contains(why), "{spec:?}: {e}");
+                let not_kept = r.boot_refused.unwrap_or_default();
                 assert!(
                     not_kept.contains(bad) && not_kept.contains(why),
                     "{spec:?}: {not_kept}"

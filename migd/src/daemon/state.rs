@@ -57,11 +57,12 @@ pub struct VmRecord {
     /// Peer address of an incoming migration, or the snapshot file of a restored VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
-    /// Why the boot spec that its source or its snapshot file named was
-    /// not kept (a file not on this host, or outside `boot_dirs`): what
-    /// `start` answers, the VM having no kernel here.
+    /// Why the kernel or initramfs that its source or its snapshot file
+    /// named cannot be booted here (a file not on this host, or outside
+    /// `boot_dirs`), as found when it arrived: `start` refuses it (checking
+    /// again). The spec is kept all the same, and goes on with the VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub boot_not_kept: Option<String>,
+    pub boot_refused: Option<String>,
 }
 
 impl VmRecord {
@@ -79,16 +80,31 @@ impl VmRecord {
     }
 
     /// Takes a boot spec that `whence` names ("its source": a migration's
-    /// source; "its snapshot file") into the record where its files are on
-    /// this host and `dirs` allow them (so that `start` can boot the VM
-    /// again once it stops); otherwise the VM keeps no kernel here, the
-    /// record says why (`boot_not_kept`) and so does the log: a warning for
-    /// a file refused, which is the host's to protect.
+    /// source; "its snapshot file") into the record, so that the VM's next
+    /// migration or snapshot carries it on. Where its files are not on this
+    /// host, or `dirs` do not allow them, `start` cannot boot the VM here:
+    /// the record says why (`boot_refused`) and so does the log, a warning
+    /// for a file refused, which is the host's to protect.
     pub fn adopt_boot_spec(&mut self, spec: wire::BootSpec, dirs: &BootDirs, whence: &str) {
         let kernel = PathBuf::from(&spec.kernel);
         let initrd = spec.initrd.map(PathBuf::from);
+        self.boot_refused = self.refused_boot_files(&kernel, initrd.as_ref(), dirs, whence);
+        self.kernel = Some(kernel);
+        self.initramfs = initrd;
+        self.cmdline = spec.cmdline;
+    }
+
+    /// Why `kernel` and `initrd`, named by `whence`, cannot be booted here
+    /// (logged); None where they can.
+    fn refused_boot_files(
+        &self,
+        kernel: &Path,
+        initrd: Option<&PathBuf>,
+        dirs: &BootDirs,
+        whence: &str,
+    ) -> Option<String> {
         let files =
-            std::iter::once(("kernel", &kernel)).chain(initrd.as_ref().map(|i| ("initramfs", i)));
+            std::iter::once(("kernel", kernel)).chain(initrd.map(|i| ("initramfs", i.as_path())));
         for (what, path) in files {
             let (refused, why) = match dirs.check(path) {
                 Ok(()) => continue,
@@ -109,16 +125,9 @@ impl VmRecord {
                     "{note}: the VM cannot be started here again once it stops"
                 );
             }
-            self.kernel = None;
-            self.initramfs = None;
-            self.cmdline = String::new();
-            self.boot_not_kept = Some(note);
-            return;
+            return Some(note);
         }
-        self.kernel = Some(kernel);
-        self.initramfs = initrd;
-        self.cmdline = spec.cmdline;
-        self.boot_not_kept = None;
+        None
     }
 
     /// Whether `start` may boot this VM from its record's kernel and
@@ -310,7 +319,7 @@ impl VmEntry {
             "vcpus": self.record.vcpus,
             "kernel": self.record.kernel,
             "initramfs": self.record.initramfs,
-            "boot_not_kept": self.record.boot_not_kept,
+            "boot_refused": self.record.boot_refused,
             "cmdline": self.record.cmdline,
             "created": self.record.created,
             "origin": self.record.origin,
@@ -586,7 +595,7 @@ async fn adopt_answer(
                         created: now(),
                         origin: Origin::Incoming,
                         source: None,
-                        boot_not_kept: None,
+                        boot_refused: None,
                     };
                     if let Some(spec) = boot {
                         r.adopt_boot_spec(spec, &d.boot_dirs, "its source");
@@ -882,7 +891,7 @@ mod tests {
             created: 0,
             origin,
             source: (origin == Origin::Incoming).then(|| "10.0.0.1:7070".into()),
-            boot_not_kept: None,
+            boot_refused: None,
         }
     }
 
