@@ -292,9 +292,10 @@ enum Compare {
     /// announce something taken away (FCS/FDS deprecated), which a host
     /// without them does not miss.
     Bits { ignore: u32 },
-    /// The physical address width (bits 7:0): the host's must be at least
-    /// the guest's, whose page tables and memory may use every address
-    /// its width allows.
+    /// The physical address width (bits 7:0): the host's must reach every
+    /// address the guest's RAM and devices use. Not the whole width its
+    /// CPUID names: hosts of one model differ there by a few bits (memory
+    /// encryption takes some), and QEMU lets such a guest move too.
     AddressBits,
 }
 
@@ -358,8 +359,26 @@ const CPU_WORDS: &[CpuWord] = &[
         compare: Compare::AddressBits,
         names: &[],
     },
-    bits(0x8000_0008, 0, Reg::Ebx, 0, EXT8_EBX),
+    // Hints and "not affected" flags, which vary with stepping and
+    // microcode and which a guest does not miss: IBRS always on (16),
+    // STIBP always on (17), IBRS preferred (18), IBRS same mode (19),
+    // LMSLE unsupported (20), SSB_NO (26), BTC_NO (29).
+    bits(
+        0x8000_0008,
+        0,
+        Reg::Ebx,
+        (1 << 16) | (1 << 17) | (1 << 18) | (1 << 19) | (1 << 20) | (1 << 26) | (1 << 29),
+        EXT8_EBX,
+    ),
 ];
+
+/// The physical address bits that the guest-physical addresses of a VM of
+/// `memory` bytes need: its RAM (above 4 GiB past the 1 GiB hole below
+/// it), and at least 4 GiB (the LAPIC and IOAPIC sit just below).
+fn address_bits_needed(memory: u64) -> u32 {
+    let top = memory.saturating_add(1 << 30).max(1 << 32);
+    64 - (top - 1).leading_zeros()
+}
 
 const LEAF1_ECX: &[(u32, &str)] = &[
     (0, "SSE3"),
@@ -557,7 +576,6 @@ const EXT8_EBX: &[(u32, &str)] = &[
     (15, "STIBP"),
     (24, "SSBD"),
     (25, "VIRT_SSBD"),
-    (26, "SSB_NO"),
 ];
 
 impl CpuWord {
@@ -648,11 +666,12 @@ pub fn cpu_incompatibility(
                 }
             }
             Compare::AddressBits => {
-                let (want, have) = (want & 0xff, have & 0xff);
-                if have < want {
+                let have = have & 0xff;
+                let need = (want & 0xff).min(address_bits_needed(vm.memory));
+                if have < need {
                     short.push(format!(
-                        "this host's CPU has {have}-bit physical addresses, the guest's {want} \
-                         ({} bits 7:0): it could not map all of the guest's addresses",
+                        "this host's CPU has {have}-bit physical addresses ({} bits 7:0), the \
+                         guest's memory needs {need}: it could not map all of the guest's addresses",
                         word.label()
                     ));
                 }
@@ -1056,7 +1075,7 @@ mod tests {
         // OSPKE (the guest's CR4), APIC (its APIC base MSR, and AMD's copy
         // of it), the hypervisor bit (ours), FDP_EXCPTN_ONLY and FCS/FDS
         // deprecated (something taken away), the power management bits of
-        // 0x80000007.
+        // 0x80000007, microcode's hints.
         for (leaf, subleaf, reg, bit) in [
             (1, 0, Ecx, 27),
             (1, 0, Ecx, 31),
@@ -1066,6 +1085,14 @@ mod tests {
             (7, 0, Ecx, 4),
             (0x8000_0001, 0, Edx, 9),
             (0x8000_0007, 0, Edx, 7),
+            // Hints and "not affected" flags of 0x80000008 EBX.
+            (0x8000_0008, 0, Ebx, 16),
+            (0x8000_0008, 0, Ebx, 17),
+            (0x8000_0008, 0, Ebx, 18),
+            (0x8000_0008, 0, Ebx, 19),
+            (0x8000_0008, 0, Ebx, 20),
+            (0x8000_0008, 0, Ebx, 26),
+            (0x8000_0008, 0, Ebx, 29),
         ] {
             let mut host = rich_host();
             *reg_mut(&mut host, leaf, subleaf, reg) &= !(1 << bit);
@@ -1126,26 +1153,36 @@ mod tests {
 
     #[test]
     fn a_narrower_physical_address_width_is_refused() {
-        let guest = guest_of(&rich_host()); // 48 bits
-        let width = |bits: u32| {
+        // A guest of 48 bits with 1 TiB of RAM: 41 bits used.
+        let mut guest = guest_of(&rich_host());
+        guest.memory = 1 << 40;
+        let width = |guest: &VmDescriptor, bits: u32| {
             let mut host = rich_host();
             // Bits 15:8 (linear width) are not compared.
             *reg_mut(&mut host, 0x8000_0008, 0, Reg::Eax) = 0x3000 | bits;
-            cpu_incompatibility(&guest, &host)
+            cpu_incompatibility(guest, &host)
         };
-        assert_eq!(width(48), None);
-        assert_eq!(width(52), None);
+        assert_eq!(width(&guest, 48), None);
+        assert_eq!(width(&guest, 52), None);
+        // Narrower than the guest's CPUID says, wide enough for its memory:
+        // hosts of one model that differ by what memory encryption takes.
+        assert_eq!(width(&guest, 43), None);
+        assert_eq!(width(&guest, 41), None);
         assert_eq!(
-            width(39).unwrap(),
-            "this host's CPU has 39-bit physical addresses, the guest's 48 (CPUID 0x80000008 \
-             EAX bits 7:0): it could not map all of the guest's addresses"
+            width(&guest, 39).unwrap(),
+            "this host's CPU has 39-bit physical addresses (CPUID 0x80000008 EAX bits 7:0), \
+             the guest's memory needs 41: it could not map all of the guest's addresses"
         );
+        // 1 GiB: the 4 GiB below which the LAPIC sits.
+        guest.memory = 1 << 30;
+        assert_eq!(width(&guest, 32), None);
+        assert!(width(&guest, 31).unwrap().contains("needs 32"));
         // No leaf 0x80000008 here: 0 bits.
         let mut host = rich_host();
         host.retain(|e| e.function != 0x8000_0008);
         let why = cpu_incompatibility(&guest, &host).unwrap();
         assert!(
-            why.contains("0-bit physical addresses, the guest's 48"),
+            why.contains("0-bit physical addresses (CPUID 0x80000008 EAX bits 7:0), the guest's memory needs 32"),
             "{why}"
         );
         assert!(
