@@ -753,9 +753,11 @@ fn hybrid_leaves_the_hot_working_set_to_post_copy() {
     let twice = stats["pages"]["duplicate"].as_u64().unwrap();
     let faults = stats["faults"]["count"].as_u64().unwrap();
     assert!(twice <= faults, "more pages twice than faults: {stats}");
+    // Round 0's pages (more when the host is busy and the round slow) and
+    // the 32 MiB hot set, with 1 MiB for headers: ~500 pages twice exceed it.
     assert!(
-        sent < (36 << 20),
-        "{sent} bytes ({twice} pages twice) for a 32 MiB working set: {stats}"
+        sent < round0 * 4096 + (33 << 20),
+        "{sent} bytes ({twice} pages twice) for a 32 MiB working set and {round0} pages in round 0: {stats}"
     );
 }
 
