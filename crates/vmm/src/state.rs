@@ -339,11 +339,13 @@ impl PendingMsrs {
     /// Writes the waiting entries into `vcpu` (on the vCPU's thread, before
     /// it runs: KVM may then fault on guest memory, as the guest would). What
     /// KVM did not take is tried again at the next call, up to
-    /// [`PENDING_TRIES`] times in all; the error of each failed try.
+    /// [`PENDING_TRIES`] times in all; the error of each failed try. Given
+    /// up, they are kept for [`PendingMsrs::overlay`]: the VM's next
+    /// capture carries the guest's values on, not KVM's zeros.
     pub fn apply(&self, vcpu: &VcpuFd) -> Result<()> {
         let mut guard = self.lock();
         let (entries, tries) = &mut *guard;
-        if entries.is_empty() {
+        if entries.is_empty() || !self.waiting() {
             return Ok(());
         }
         let result = set_msrs_counted(vcpu, entries);
@@ -357,7 +359,6 @@ impl PendingMsrs {
         *tries += 1;
         let first = entries[0].index;
         if *tries >= PENDING_TRIES {
-            entries.clear();
             self.waiting
                 .store(false, std::sync::atomic::Ordering::Release);
         }
@@ -367,8 +368,9 @@ impl PendingMsrs {
         })
     }
 
-    /// Puts the values still waiting in place of what KVM reads for them
-    /// (a VM captured again before it ran: KVM does not hold them yet).
+    /// Puts the values still waiting (or given up) in place of what KVM
+    /// reads for them (a VM captured again before it ran: KVM does not hold
+    /// them yet).
     pub fn overlay(&self, msrs: &mut [kvm_msr_entry]) {
         for p in self.lock().0.iter() {
             if let Some(m) = msrs.iter_mut().find(|m| m.index == p.index) {

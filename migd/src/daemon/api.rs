@@ -1053,11 +1053,15 @@ async fn spawn_vm(
 /// that the destroy goes on as for any VM without a process.
 async fn kill_silent(d: &Daemon, name: &str, force: bool) -> Result<()> {
     let dir = d.vm_dir(name);
-    let holder = vmproc::lock_holder(&dir);
-    let what = match holder {
-        Some(pid) => format!("process {pid}"),
-        None => "its process".into(),
+    let Some(pid) = vmproc::lock_holder(&dir) else {
+        bail!(
+            "{}; no process holds {} (one started by an older migd holds none): find \
+             it (`pgrep -af 'migd run.*--name={name}'`) and stop it by hand",
+            d.reg().no_vm(name),
+            vmproc::lock_path(&dir).display()
+        );
     };
+    let what = format!("process {pid}");
     if !force {
         bail!(
             "{}; `destroy --force` kills {what} (if its VM is arriving or has just \
@@ -1065,11 +1069,9 @@ async fn kill_silent(d: &Daemon, name: &str, force: bool) -> Result<()> {
             d.reg().no_vm(name)
         );
     }
-    if let Some(pid) = holder {
-        tracing::warn!(pid, "killing a VM process that does not answer");
-        // SAFETY: a signal to the process holding this VM's lock.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    }
+    tracing::warn!(pid, "killing a VM process that does not answer");
+    // SAFETY: a signal to the process holding this VM's lock.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     let end = Instant::now() + Duration::from_secs(10);
     while d.reg().adopting.contains(name) {
         if Instant::now() > end {

@@ -451,18 +451,26 @@ pub fn now() -> u64 {
 /// `[A-Za-z0-9_.-]{1,64}`, not `.` or `..`, and not starting with `-`
 /// (the name is an argument of `migd run`, and of commands operators type).
 pub fn check_name(name: &str) -> Result<(), String> {
+    check_name_chars(name)?;
+    if name.starts_with('-') {
+        return Err(format!(
+            "invalid VM name '{}': it must not start with '-' (it would read as an option)",
+            name.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+/// The characters and length of a VM name, as builds before 2026-11-25
+/// checked them (a leading '-' allowed): the directories found at the
+/// daemon's start, which may hold such a VM, still running.
+fn check_name_chars(name: &str) -> Result<(), String> {
     let ok_chars = name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if name.is_empty() || name.len() > 64 || !ok_chars || name == "." || name == ".." {
         return Err(format!(
             "invalid VM name '{}': use 1 to 64 of A-Z a-z 0-9 _ . -",
-            name.escape_debug()
-        ));
-    }
-    if name.starts_with('-') {
-        return Err(format!(
-            "invalid VM name '{}': it must not start with '-' (it would read as an option)",
             name.escape_debug()
         ));
     }
@@ -490,7 +498,7 @@ pub async fn adopt_all(d: &Arc<Daemon>) {
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let dir = e.path();
-        if check_name(&name).is_err() || !dir.is_dir() {
+        if check_name_chars(&name).is_err() || !dir.is_dir() {
             tracing::warn!(path = %dir.display(), "ignoring a foreign entry in the state dir");
             continue;
         }
@@ -995,5 +1003,9 @@ mod tests {
         }
         let e = check_name("-x").unwrap_err();
         assert!(e.contains("must not start with '-'"), "{e}");
+        // A directory of an earlier build's VM so named is still taken on
+        // at the daemon's start (its process may run).
+        assert!(check_name_chars("-x").is_ok());
+        assert!(check_name_chars("a/b").is_err());
     }
 }

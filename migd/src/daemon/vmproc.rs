@@ -164,14 +164,25 @@ pub fn lock_held(dir: &Path) -> bool {
 
 /// The pid of the process that holds `dir`'s [`lock_path`] as its lock
 /// descriptor: the VM process of `dir`, found without its answer (a process
-/// stopped or too busy to answer cannot tell its pid). Read from `/proc`.
+/// stopped or too busy to answer cannot tell its pid). Read from `/proc`:
+/// the file is matched by device and inode (whatever path reaches it), and
+/// the descriptor must hold a flock (`/proc/PID/fdinfo`); this process is
+/// never one.
 pub fn lock_holder(dir: &Path) -> Option<u32> {
-    let lock = std::fs::canonicalize(lock_path(dir)).ok()?;
+    use std::os::unix::fs::MetadataExt;
+    let lock = std::fs::metadata(lock_path(dir)).ok()?;
     let fd = LOCK_FD.to_string();
+    let me = std::process::id();
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let target = std::fs::read_link(e.path().join("fd").join(&fd)).ok()?;
-        (target == lock).then_some(pid)
+        let held = std::fs::metadata(e.path().join("fd").join(&fd)).ok()?;
+        if pid == me || (held.dev(), held.ino()) != (lock.dev(), lock.ino()) {
+            return None;
+        }
+        let info = std::fs::read_to_string(e.path().join("fdinfo").join(&fd)).ok()?;
+        info.lines()
+            .any(|l| l.starts_with("lock:") && l.contains("FLOCK"))
+            .then_some(pid)
     })
 }
 

@@ -240,8 +240,13 @@ fn started_since(
 static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_signal(sig: libc::c_int) {
-    // The first one is kept (the handlers reset themselves).
     let _ = INTERRUPTED.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+    // A second one of either kind (Ctrl-C, then a unit's stop) ends migctl.
+    // SAFETY: signal() is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
+    }
 }
 
 fn interrupted() -> bool {
@@ -258,8 +263,8 @@ fn interrupted_exit() -> ExitCode {
 /// The first SIGINT (Ctrl-C) or SIGTERM (`kill`, a service manager's stop),
 /// while this lives, sets [`INTERRUPTED`] instead of ending migctl: it
 /// starts no more migrations, prints what it knows and leaves the started
-/// ones running. Each handler then resets itself (`SA_RESETHAND`), so that
-/// a second such signal ends migctl at once (a daemon that does not reply
+/// ones running. The handler then resets both to their default, so that
+/// a second such signal, of either kind, ends migctl at once (a daemon that does not reply
 /// holds a request up to its timeout). A signal that was ignored (`nohup`,
 /// a background job of a non-interactive shell) stays ignored.
 struct CatchInterrupts(Vec<(Signal, SigAction)>);
