@@ -2270,6 +2270,19 @@ mod tests {
         }
     }
 
+    /// A connected socket whose other end a thread reads and drops (its
+    /// result: how many bytes, once the socket closes).
+    fn loopback_to_sink() -> (
+        std::net::TcpStream,
+        std::thread::JoinHandle<std::io::Result<u64>>,
+    ) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let out = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = l.accept().unwrap();
+        let reader = std::thread::spawn(move || std::io::copy(&mut peer, &mut std::io::sink()));
+        (out, reader)
+    }
+
     /// Compressing a batch is not time blocked in sends: at zstd level 19 a
     /// 1 MiB batch took ~2 s, and the watchdog took a healthy migration of
     /// well-compressible memory for a destination that stopped reading.
@@ -2278,13 +2291,9 @@ mod tests {
         use super::{Job, Sender};
         use crate::memview::MemView;
         use link::Link;
-        use std::net::{TcpListener, TcpStream};
         use vmm::memory::{GuestRam, PAGE_SIZE};
 
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let out = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut peer, _) = l.accept().unwrap();
-        let reader = std::thread::spawn(move || std::io::copy(&mut peer, &mut std::io::sink()));
+        let (out, reader) = loopback_to_sink();
         let ram = GuestRam::new(16 << 20).unwrap();
         let mem = MemView::new(&ram);
         // Text-like pages: a few letters, in an order zstd has to search.
@@ -2328,13 +2337,9 @@ mod tests {
         use super::{Job, Sender};
         use crate::memview::MemView;
         use link::Link;
-        use std::net::{TcpListener, TcpStream};
         use vmm::memory::{GuestRam, PAGE_SIZE};
 
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let out = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut peer, _) = l.accept().unwrap();
-        let reader = std::thread::spawn(move || std::io::copy(&mut peer, &mut std::io::sink()));
+        let (out, reader) = loopback_to_sink();
         let ram = GuestRam::new(16 << 20).unwrap();
         let mem = MemView::new(&ram);
         let sent = |tx: &Sender<'_>, pfn: u64| {

@@ -765,6 +765,23 @@ fn flat_segments(sregs: &mut kvm_sregs, long: bool) {
     };
 }
 
+/// Tests: puts a vCPU at 0x1000 in flat 32-bit protected mode, paging off.
+#[cfg(test)]
+fn enter_flat_at_0x1000(fd: &VcpuFd) {
+    let mut sregs = fd.get_sregs().unwrap();
+    flat_segments(&mut sregs, false);
+    sregs.cr0 = 0x11; // PE | ET
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    fd.set_sregs(&sregs).unwrap();
+    fd.set_regs(&kvm_regs {
+        rip: 0x1000,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+}
+
 #[cfg(test)]
 mod dirty_ring_tests {
     //! The dirty ring against this host's KVM, with a flat 32-bit guest on
@@ -815,21 +832,7 @@ mod dirty_ring_tests {
         ram.write(0x1000, code).unwrap();
         let prepared = crate::dirty_ring::with_test_entries(256, || Vm::prepare(ram, 1, None));
         let mut vm = prepared.unwrap().vm;
-        {
-            let fd = vm.vcpus[0].lock().unwrap();
-            let mut sregs = fd.get_sregs().unwrap();
-            flat_segments(&mut sregs, false);
-            sregs.cr0 = 0x11; // PE | ET
-            sregs.cr4 = 0;
-            sregs.efer = 0;
-            fd.set_sregs(&sregs).unwrap();
-            fd.set_regs(&kvm_regs {
-                rip: 0x1000,
-                rflags: 2,
-                ..Default::default()
-            })
-            .unwrap();
-        }
+        enter_flat_at_0x1000(&vm.vcpus[0].lock().unwrap());
         vm.spawn_threads().unwrap();
         vm.set_dirty_logging(true).unwrap();
         vm.take_dirty_bitmap().unwrap();
@@ -1013,18 +1016,7 @@ mod pending_msr_tests {
         {
             let fd = vm.vcpus[0].lock().unwrap();
             fd.set_cpuid2(&cpuid::to_kvm(&entries).unwrap()).unwrap();
-            let mut sregs = fd.get_sregs().unwrap();
-            flat_segments(&mut sregs, false);
-            sregs.cr0 = 0x11;
-            sregs.cr4 = 0;
-            sregs.efer = 0;
-            fd.set_sregs(&sregs).unwrap();
-            fd.set_regs(&kvm_regs {
-                rip: 0x1000,
-                rflags: 2,
-                ..Default::default()
-            })
-            .unwrap();
+            enter_flat_at_0x1000(&fd);
         }
         vm.cpuids.push(entries);
         vm.msr_indices = vm.probe_msrs().unwrap();
