@@ -1457,6 +1457,8 @@ fn boot_files_named_by_a_peer_or_a_snapshot_come_only_from_boot_dirs() {
     assert_eq!(info["cmdline"], "workload=idle", "{info}");
     let why = info["boot_refused"].as_str().unwrap_or_default();
     assert!(why.contains(k) && why.contains("boot_dirs"), "{info}");
+    let text = b.ok(&["info", "web1"]);
+    assert!(text.contains("Boot refused:") && text.contains(k), "{text}");
     assert!(
         b.log_text()
             .lines()

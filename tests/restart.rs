@@ -418,6 +418,49 @@ fn a_vm_process_that_does_not_answer_is_destroyed_by_force() {
     assert_ne!(code, 0, "still listed: {out}");
 }
 
+/// A VM directory without a record whose process holds its lock but never
+/// answers (an arrival built with `--prefault`, stopped): `destroy --force`
+/// kills that process (found by its lock), the daemon finds nothing of the
+/// VM left and removes the directory, and the destroy succeeds (it failed,
+/// "no VM named", after the kill).
+#[test]
+fn a_silent_process_without_a_record_is_destroyed_by_force() {
+    let dir = scratch("restart-silent-norecord");
+    let state = dir.join("a-state");
+    let vm_dir = state.join("vms").join("web2");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let lock = vm_dir.join("process.lock");
+    // A stand-in holding the lock on descriptor 5, as a VM process does.
+    let mut holder = std::process::Command::new("bash")
+        .arg("-c")
+        .arg("exec 5<>\"$0\"; flock -x 5; exec sleep 600")
+        .arg(&lock)
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(format!("/proc/{}/fdinfo/5", holder.id()))
+        .unwrap_or_default()
+        .contains("FLOCK")
+    {
+        assert!(Instant::now() < end, "the stand-in never took the lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let a = Daemon::start_with(dir.join("a.sock"), state, free_port(), &dir.join("a.log"));
+    let e = a.fails(&["destroy", "web2"]);
+    assert!(
+        e.contains(&format!("--force` kills process {}", holder.id())),
+        "{e}"
+    );
+    a.ok(&["destroy", "web2", "--force"]);
+    let status = holder.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    assert!(!vm_dir.exists(), "its directory stays");
+    assert_ne!(a.migctl(&["info", "web2"]).0, 0);
+}
+
 /// The source's VM process dies during post-copy (past the commit: the
 /// destination runs the VM): the source's daemon lists the VM
 /// `unconfirmed`, not `stopped`, so that `start` does not boot a second

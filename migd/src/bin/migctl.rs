@@ -91,12 +91,16 @@ pub enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Stop a VM and delete its state directory. Refused while its pages
-    /// still arrive by post-copy (its state since the switch lives only
-    /// here) unless --force.
+    /// Stop a VM and delete its state directory. Refused unless --force
+    /// while its pages still arrive by post-copy (its state since the switch
+    /// lives only here), while it is unconfirmed (its last migration ended
+    /// without the destination's word), and while its process, found at the
+    /// daemon's start, does not answer (busy, or stopped).
     Destroy {
         name: String,
-        /// Stop it even then (after a post-copy the operator gave up on).
+        /// Destroy it even then: after a post-copy the operator gave up on,
+        /// once the destination is known not to run it, or by SIGKILL to a
+        /// process that does not answer.
         #[arg(long)]
         force: bool,
     },

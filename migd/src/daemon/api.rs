@@ -1056,7 +1056,7 @@ async fn kill_silent(d: &Daemon, name: &str, force: bool) -> Result<()> {
     let Some(pid) = vmproc::lock_holder(&dir) else {
         bail!(
             "{}; no process holds {} (one started by an older migd holds none): find \
-             it (`pgrep -af 'migd run.*--name={name}'`) and stop it by hand",
+             it (`pgrep -af -- 'migd run.*--name[= ]{name}( |$)'`) and stop it by hand",
             d.reg().no_vm(name),
             vmproc::lock_path(&dir).display()
         );
@@ -1093,6 +1093,12 @@ async fn destroy(d: &Daemon, name: &str, force: bool) -> Result<Value> {
     let silent = d.reg().adopting.contains(name);
     if silent {
         kill_silent(d, name, force).await?;
+        // Adopted as gone (an arrival that never ran here, a VM that had
+        // migrated away): the daemon removed what was left of it.
+        if !d.reg().vms.contains_key(name) {
+            tracing::info!("VM destroyed (its process killed; nothing of it was left)");
+            return Ok(json!({"ok": true, "name": name}));
+        }
     }
     let (pid, before) = {
         let mut reg = d.reg();

@@ -148,6 +148,9 @@ pub fn vm_info(v: &Value) -> String {
     kv(&mut s, "vCPUs", opt(&v["vcpus"]));
     kv(&mut s, "Kernel", opt(&v["kernel"]));
     kv(&mut s, "Initramfs", opt(&v["initramfs"]));
+    if let Some(why) = v["boot_refused"].as_str() {
+        kv(&mut s, "Boot refused", why.to_string());
+    }
     kv(&mut s, "Cmdline", opt(&v["cmdline"]));
     kv(&mut s, "Created", time(&v["created"]));
     kv(&mut s, "Origin", opt(&v["origin"]));
