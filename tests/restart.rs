@@ -292,6 +292,8 @@ fn a_busy_vm_process_is_adopted_once_it_answers() {
                 listed.contains("web1: its VM process does not answer yet"),
                 "{listed}"
             );
+            let json: Value = serde_json::from_str(&a.ok(&["list", "--json"])).unwrap();
+            assert_eq!(json, json!([{"name": "web1", "state": "adopting"}]));
         }
         assert!(
             Instant::now() < end,

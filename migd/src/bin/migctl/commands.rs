@@ -68,20 +68,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::List { json } => {
             let r = connect()?.call(&json!({"cmd": "list"}))?;
-            if json {
-                print_json(&r["vms"]);
-            } else {
-                print!(
-                    "{}",
-                    format::vm_table(r["vms"].as_array().map(Vec::as_slice).unwrap_or(&[]))
-                );
+            // VMs found at the daemon's start whose processes have not
+            // answered yet are listed too, as `adopting` (all that is known
+            // of them is their name), so that a count of this host's VMs
+            // counts them.
+            let mut vms = r["vms"].as_array().cloned().unwrap_or_default();
+            for name in r["adopting"].as_array().into_iter().flatten() {
+                vms.push(json!({"name": name, "state": "adopting"}));
             }
-            // Found at the daemon's start, their VM processes silent so far
-            // (on stderr: the JSON stays the list of VMs).
+            if json {
+                print_json(&Value::Array(vms));
+            } else {
+                print!("{}", format::vm_table(&vms));
+            }
             for name in r["adopting"].as_array().into_iter().flatten() {
                 eprintln!(
-                    "{}: its VM process does not answer yet (busy, or stopped); not listed \
-                     until it does",
+                    "{}: its VM process does not answer yet (busy, or stopped); nothing but \
+                     its name is known until it does",
                     name.as_str().unwrap_or("?")
                 );
             }
