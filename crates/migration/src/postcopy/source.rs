@@ -716,8 +716,9 @@ fn run_in<'scope, 'env>(
         Ok(()) => crate::precopy::expect_confirm(&mut rx),
         Err(e) => Err(e.to_string()),
     };
-    let downtime = pause_start.elapsed().as_secs_f64() * 1e3;
+    // The phases end first: they never add up to more than the downtime.
     clock.end(|p| &mut p.go_confirm_us);
+    let downtime = pause_start.elapsed().as_secs_f64() * 1e3;
     job.update(|s| {
         s.downtime_phases = Some(clock.phases.clone());
         s.downtime_ms = downtime;
