@@ -518,6 +518,21 @@ fn a_cleared_cr0_wp_is_reported_once() {
 }
 
 #[test]
+fn a_lost_debug_register_is_reported_once() {
+    if !kvm_or_skip("a_lost_debug_register_is_reported_once") {
+        return;
+    }
+    // selftest=debugreg@1 zeroes vCPU 1's DR1; the check writes it back.
+    let (_dir, _vm, console, lines) = selftest_lines("det-debugreg", "debugreg@1");
+    assert_eq!(
+        lines,
+        ["debugreg cpu=1 reg=dr1 found=0x0 want=0x7f5a00001010"],
+        "{}",
+        console.text()
+    );
+}
+
+#[test]
 fn a_lost_kvmclock_msr_is_reported_once() {
     if !kvm_or_skip("a_lost_kvmclock_msr_is_reported_once") {
         return;

@@ -168,6 +168,8 @@ pub const SVC_HALT_CLOBBER: u32 = 6;
 pub const SVC_SYSREG: u32 = 7;
 /// `selftest=sysreg`: clear CR0.WP.
 pub const SVC_CLEAR_WP: u32 = 8;
+/// rax = DR`edi & 3` (0 to 3), after writing `rsi` to it if `edi` has bit 8.
+pub const SVC_DEBUGREG: u32 = 9;
 
 /// Exit code written to port 0xf4 for a fatal exception is this plus the vector.
 pub const EXIT_EXCEPTION_BASE: u32 = 0x40;
@@ -535,6 +537,8 @@ ud_isr:
     je svc_sysreg
     cmpl $8, %eax
     je svc_clear_wp
+    cmpl $9, %eax
+    je svc_debugreg
     ud2                             /* unknown service: a CPL-0 #UD */
 1:  pushq $0
     pushq $6
@@ -577,6 +581,35 @@ svc_sysreg:
     shlq $16, %rax
     movw (%rsp), %ax
     addq $16, %rsp
+    jmp svc_return
+svc_debugreg:
+    movl %edi, %ecx
+    andl $3, %ecx
+    testl $0x100, %edi
+    jz 5f
+    cmpl $0, %ecx
+    jne 2f
+    movq %rsi, %dr0
+    jmp 5f
+2:  cmpl $1, %ecx
+    jne 3f
+    movq %rsi, %dr1
+    jmp 5f
+3:  cmpl $2, %ecx
+    jne 4f
+    movq %rsi, %dr2
+    jmp 5f
+4:  movq %rsi, %dr3
+5:  movq %dr0, %rax
+    cmpl $0, %ecx
+    je svc_return
+    movq %dr1, %rax
+    cmpl $1, %ecx
+    je svc_return
+    movq %dr2, %rax
+    cmpl $2, %ecx
+    je svc_return
+    movq %dr3, %rax
     jmp svc_return
 svc_clear_wp:
     movq %cr0, %rax

@@ -177,6 +177,8 @@ pub enum SelfTest {
     Sysreg,
     /// Switch kvmclock off (MSR_KVM_SYSTEM_TIME_NEW = 0).
     Kvmclock,
+    /// Zero DR1.
+    Debugreg,
 }
 
 impl SelfTest {
@@ -205,6 +207,7 @@ impl SelfTest {
             "regs" => SelfTest::Regs,
             "sysreg" => SelfTest::Sysreg,
             "kvmclock" => SelfTest::Kvmclock,
+            "debugreg" => SelfTest::Debugreg,
             _ => return None,
         })
     }

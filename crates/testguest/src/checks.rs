@@ -99,6 +99,11 @@ pub static PROGRESS: [ProgressWord; MAX_CPUS] =
 
 /// Bits 255:192 of ymm15: a per-CPU tag beside the counter (bits 191:128),
 /// so that a zeroed or foreign register never passes for a counter.
+/// DR`n` of `cpu`: a distinct canonical address (a breakpoint never enabled).
+fn debugreg_value(cpu: usize, n: usize) -> u64 {
+    0x7f5a_0000_0000 | (cpu as u64) << 12 | (n as u64) << 4
+}
+
 fn progress_tag(cpu: usize) -> u64 {
     0x5052_4f47_0000_0000 | (cpu as u64) << 8 | 0x15
 }
@@ -224,6 +229,9 @@ pub struct Checker {
     /// read at start differs (not checked); and whether a difference was
     /// reported (cleared when the register reads right again).
     sysregs: [(Option<u64>, bool); 6],
+    /// DR0 to DR3 (breakpoint addresses, never enabled in DR7): the value,
+    /// or None where they do not read back at start.
+    debugregs: [Option<u64>; 4],
     /// KVM's paravirtual clock, where the host has it.
     kvmclock: Option<kvmclock::Watch>,
     /// Clock: last read, current window.
@@ -344,6 +352,20 @@ impl Checker {
             }
         };
 
+        let mut debugregs = [None; 4];
+        for (n, slot) in debugregs.iter_mut().enumerate() {
+            let want = debugreg_value(cpu, n);
+            if cpu::set_debugreg(n as u32, want) == want {
+                *slot = Some(want);
+            }
+        }
+        if debugregs.contains(&None) {
+            note(format_args!(
+                "debug registers do not read back: not checked"
+            ));
+            debugregs = [None; 4];
+        }
+
         let kvmclock = kvmclock::Watch::enable(cpu)
             .inspect_err(|why| note(format_args!("kvmclock: {why}: not checked")))
             .ok();
@@ -366,6 +388,7 @@ impl Checker {
             msrs,
             lapic,
             sysregs,
+            debugregs,
             kvmclock,
             last: now,
             win_start: now,
@@ -619,6 +642,14 @@ impl Checker {
                 );
             }
         }
+        for (n, want) in self.debugregs.iter().enumerate() {
+            let Some(want) = *want else { continue };
+            let v = cpu::debugreg(n as u32);
+            if v != want {
+                corrupt!("debugreg cpu={cpu} reg=dr{n} found={v:#x} want={want:#x}");
+                cpu::set_debugreg(n as u32, want);
+            }
+        }
         if let Some(k) = &mut self.kvmclock {
             k.check();
         }
@@ -692,6 +723,11 @@ pub mod sabotage {
     /// CR0.WP = 0.
     pub fn sysreg() {
         cpu::clear_wp();
+    }
+
+    /// DR1 = 0.
+    pub fn debugreg() {
+        cpu::set_debugreg(1, 0);
     }
 
     /// Timer divider 16.

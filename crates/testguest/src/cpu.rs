@@ -1,7 +1,8 @@
 //! Ring-3 wrappers: CPL-0 services, port I/O, TSC, SIMD/x87.
 
 use crate::boot::{
-    SVC_CLEAR_WP, SVC_CPUID, SVC_LAPIC_READ, SVC_LAPIC_WRITE, SVC_RDMSR, SVC_SYSREG, SVC_WRMSR,
+    SVC_CLEAR_WP, SVC_CPUID, SVC_DEBUGREG, SVC_LAPIC_READ, SVC_LAPIC_WRITE, SVC_RDMSR, SVC_SYSREG,
+    SVC_WRMSR,
 };
 use core::arch::asm;
 
@@ -42,6 +43,16 @@ fn svc(func: u32, a: u64, b: u64) -> (u64, u64, u64, u64) {
 /// (base << 16 | limit), 5 TR.
 pub fn sysreg(index: u32) -> u64 {
     svc(SVC_SYSREG, index as u64, 0).0
+}
+
+/// Debug address register DR`n` (0 to 3), read at CPL 0.
+pub fn debugreg(n: u32) -> u64 {
+    svc(SVC_DEBUGREG, (n & 3) as u64, 0).0
+}
+
+/// Writes `value` to DR`n` (0 to 3) at CPL 0; what it reads back.
+pub fn set_debugreg(n: u32, value: u64) -> u64 {
+    svc(SVC_DEBUGREG, (n & 3) as u64 | 0x100, value).0
 }
 
 /// Clear CR0.WP (`selftest=sysreg`).

@@ -694,6 +694,7 @@ fn run_selftest(kind: SelfTest, cpu: usize, slice: &Slice, p: &Plan, chk: &mut C
         SelfTest::Regs => chk.halt_clobbered(),
         SelfTest::Sysreg => checks::sabotage::sysreg(),
         SelfTest::Kvmclock => kvmclock::sabotage(),
+        SelfTest::Debugreg => checks::sabotage::debugreg(),
     }
 }
 
