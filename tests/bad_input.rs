@@ -104,6 +104,18 @@ fn bad_snapshots_are_refused() {
         &["run", "--restore", dir.join("none.snap").to_str().unwrap()],
         "cannot open",
     );
+    // A FIFO (opening it would block until a writer came) and a directory.
+    let fifo = dir.join("fifo.snap");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    for lazy in [false, true] {
+        for path in [&fifo, &dir] {
+            let mut args = vec!["run", "--restore", path.to_str().unwrap()];
+            if lazy {
+                args.push("--lazy");
+            }
+            refused(&args, "not a regular file");
+        }
+    }
     // A snapshot of a VM whose CPU this host lacks (every feature bit of
     // CPUID leaf 7 set): refused, eagerly and lazily, naming why.
     let (mut state, ram, _) = vmm::snapshot::read(&snap).unwrap();

@@ -386,6 +386,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         );
         (vm, None)
     } else if let (Some(path), true) = (&args.restore, args.lazy) {
+        regular_file(path)?;
         let (vm, progress, boot) =
             migration::lazy::restore(path, args.serial.as_deref(), args.paused)
                 .with_context(|| format!("lazy restore of {}", path.display()))?;
@@ -395,6 +396,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         }
         (vm, None)
     } else if let Some(path) = &args.restore {
+        regular_file(path)?;
         let restoring = || format!("restoring {}", path.display());
         // Whether this host can run its vCPUs, from the file's front, before
         // all of its memory is read.
@@ -729,6 +731,19 @@ fn handshake_incoming(
     migration::handshake::receive_boot(&mut stream, &shared)?;
     tracing::info!(%peer, name = %hello.name, "migration accepted");
     Ok(stream)
+}
+
+/// Refuses a snapshot path that is there but is no regular file: opening a
+/// FIFO blocks until something writes to it, and a device reads for ever.
+/// (A path that is not there fails as it opens, naming why.)
+fn regular_file(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => bail!(
+            "snapshot {}: not a regular file (a FIFO, a device or a directory)",
+            path.display()
+        ),
+        _ => Ok(()),
+    }
 }
 
 fn exit_code(exit: &VmExit) -> i32 {
