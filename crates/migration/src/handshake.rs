@@ -244,7 +244,7 @@ pub fn check_runs_here(state: &vmm::VmState) -> Result<()> {
     let why = state
         .vcpus
         .first()
-        .and_then(|v| host_cannot_run(&describe("", &v.cpuid, 0, 0)));
+        .and_then(|v| host_cannot_run(&describe("", &v.cpuid, state.memory, 0)));
     match why {
         Some(why) => Err(Error::Invalid(format!(
             "this host cannot run the VM: {why}"
@@ -359,15 +359,15 @@ const CPU_WORDS: &[CpuWord] = &[
         compare: Compare::AddressBits,
         names: &[],
     },
-    // Hints and "not affected" flags, which vary with stepping and
-    // microcode and which a guest does not miss: IBRS always on (16),
-    // STIBP always on (17), IBRS preferred (18), IBRS same mode (19),
-    // LMSLE unsupported (20), SSB_NO (26), BTC_NO (29).
+    // Hints a guest does not miss: IBRS preferred (18), IBRS same mode
+    // (19), LMSLE unsupported (20). Not the "not affected" and "always on"
+    // flags (SSB_NO, BTC_NO, IBRS/STIBP always on): a guest told so skips
+    // its mitigations, and must not move to a host where they are needed.
     bits(
         0x8000_0008,
         0,
         Reg::Ebx,
-        (1 << 16) | (1 << 17) | (1 << 18) | (1 << 19) | (1 << 20) | (1 << 26) | (1 << 29),
+        (1 << 18) | (1 << 19) | (1 << 20),
         EXT8_EBX,
     ),
 ];
@@ -576,6 +576,8 @@ const EXT8_EBX: &[(u32, &str)] = &[
     (15, "STIBP"),
     (24, "SSBD"),
     (25, "VIRT_SSBD"),
+    (26, "SSB_NO"),
+    (29, "BTC_NO"),
 ];
 
 impl CpuWord {
@@ -1043,6 +1045,14 @@ mod tests {
                 9,
                 "CPUID 0x80000008 EBX bit 9 (WBNOINVD)",
             ),
+            // A guest told it is not affected skips its mitigation.
+            (
+                0x8000_0008,
+                0,
+                Ebx,
+                26,
+                "CPUID 0x80000008 EBX bit 26 (SSB_NO)",
+            ),
         ] {
             let guest = guest_of(&rich_host());
             let mut host = rich_host();
@@ -1075,7 +1085,7 @@ mod tests {
         // OSPKE (the guest's CR4), APIC (its APIC base MSR, and AMD's copy
         // of it), the hypervisor bit (ours), FDP_EXCPTN_ONLY and FCS/FDS
         // deprecated (something taken away), the power management bits of
-        // 0x80000007, microcode's hints.
+        // 0x80000007, microcode's hints (not its "not affected" flags).
         for (leaf, subleaf, reg, bit) in [
             (1, 0, Ecx, 27),
             (1, 0, Ecx, 31),
@@ -1086,13 +1096,9 @@ mod tests {
             (0x8000_0001, 0, Edx, 9),
             (0x8000_0007, 0, Edx, 7),
             // Hints and "not affected" flags of 0x80000008 EBX.
-            (0x8000_0008, 0, Ebx, 16),
-            (0x8000_0008, 0, Ebx, 17),
             (0x8000_0008, 0, Ebx, 18),
             (0x8000_0008, 0, Ebx, 19),
             (0x8000_0008, 0, Ebx, 20),
-            (0x8000_0008, 0, Ebx, 26),
-            (0x8000_0008, 0, Ebx, 29),
         ] {
             let mut host = rich_host();
             *reg_mut(&mut host, leaf, subleaf, reg) &= !(1 << bit);

@@ -97,13 +97,13 @@ pub struct ProgressWord(pub AtomicU64);
 pub static PROGRESS: [ProgressWord; MAX_CPUS] =
     [const { ProgressWord(AtomicU64::new(0)) }; MAX_CPUS];
 
-/// Bits 255:192 of ymm15: a per-CPU tag beside the counter (bits 191:128),
-/// so that a zeroed or foreign register never passes for a counter.
 /// DR`n` of `cpu`: a distinct canonical address (a breakpoint never enabled).
 fn debugreg_value(cpu: usize, n: usize) -> u64 {
     0x7f5a_0000_0000 | (cpu as u64) << 12 | (n as u64) << 4
 }
 
+/// Bits 255:192 of ymm15: a per-CPU tag beside the counter (bits 191:128),
+/// so that a zeroed or foreign register never passes for a counter.
 fn progress_tag(cpu: usize) -> u64 {
     0x5052_4f47_0000_0000 | (cpu as u64) << 8 | 0x15
 }

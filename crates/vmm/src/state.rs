@@ -341,7 +341,8 @@ impl PendingMsrs {
     /// KVM did not take is tried again at the next call, up to
     /// [`PENDING_TRIES`] times in all; the error of each failed try. Given
     /// up, they are kept for [`PendingMsrs::overlay`]: the VM's next
-    /// capture carries the guest's values on, not KVM's zeros.
+    /// capture carries the guest's values on, not KVM's zeros (unless the
+    /// guest wrote its own since).
     pub fn apply(&self, vcpu: &VcpuFd) -> Result<()> {
         let mut guard = self.lock();
         let (entries, tries) = &mut *guard;
@@ -368,13 +369,17 @@ impl PendingMsrs {
         })
     }
 
-    /// Puts the values still waiting (or given up) in place of what KVM
-    /// reads for them (a VM captured again before it ran: KVM does not hold
-    /// them yet).
+    /// Puts the values still waiting in place of what KVM reads for them
+    /// (a VM captured again before it ran: KVM does not hold them yet).
+    /// Given up, they stand only where KVM still reads 0: a value the guest
+    /// has written since is its own.
     pub fn overlay(&self, msrs: &mut [kvm_msr_entry]) {
+        let waiting = self.waiting();
         for p in self.lock().0.iter() {
             if let Some(m) = msrs.iter_mut().find(|m| m.index == p.index) {
-                m.data = p.data;
+                if waiting || m.data == 0 {
+                    m.data = p.data;
+                }
             }
         }
     }

@@ -1054,6 +1054,10 @@ async fn spawn_vm(
 async fn kill_silent(d: &Daemon, name: &str, force: bool) -> Result<()> {
     let dir = d.vm_dir(name);
     let Some(pid) = vmproc::lock_holder(&dir) else {
+        // Its process may just have ended, the adoption not seen it yet.
+        if wait_adopted(d, name, Duration::from_secs(5)).await {
+            return Ok(());
+        }
         bail!(
             "{}; no process holds {} (one started by an older migd holds none): find \
              it (`pgrep -af -- 'migd run.*--name[= ]{name}( |$)'`) and stop it by hand",
@@ -1072,14 +1076,22 @@ async fn kill_silent(d: &Daemon, name: &str, force: bool) -> Result<()> {
     tracing::warn!(pid, "killing a VM process that does not answer");
     // SAFETY: a signal to the process holding this VM's lock.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    let end = Instant::now() + Duration::from_secs(10);
+    if !wait_adopted(d, name, Duration::from_secs(10)).await {
+        bail!("VM '{name}': {what} does not go (killed; still adopting it)");
+    }
+    Ok(())
+}
+
+/// Waits up to `limit` for VM `name` to be adopted (or found gone); whether it was.
+async fn wait_adopted(d: &Daemon, name: &str, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
     while d.reg().adopting.contains(name) {
         if Instant::now() > end {
-            bail!("VM '{name}': {what} does not go (killed; still adopting it)");
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(())
+    true
 }
 
 fn path_arg(p: Option<&Path>) -> Result<String> {

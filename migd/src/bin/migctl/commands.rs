@@ -74,7 +74,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             // counts them.
             let mut vms = r["vms"].as_array().cloned().unwrap_or_default();
             for name in r["adopting"].as_array().into_iter().flatten() {
-                vms.push(json!({"name": name, "state": "adopting"}));
+                // (Listed already in the moment it is taken on.)
+                if !vms.iter().any(|v| v["name"] == *name) {
+                    vms.push(json!({"name": name, "state": "adopting"}));
+                }
             }
             if json {
                 print_json(&Value::Array(vms));

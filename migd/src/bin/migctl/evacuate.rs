@@ -12,7 +12,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
@@ -239,13 +239,19 @@ fn started_since(
 /// The signal that interrupted the evacuation (SIGINT or SIGTERM), or 0.
 static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
 
+/// The signals [`CatchInterrupts`] caught (a bit per signal number): an
+/// ignored one is left ignored.
+static CAUGHT: AtomicU64 = AtomicU64::new(0);
+
 extern "C" fn on_signal(sig: libc::c_int) {
     let _ = INTERRUPTED.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
     // A second one of either kind (Ctrl-C, then a unit's stop) ends migctl.
-    // SAFETY: signal() is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_DFL);
-        libc::signal(libc::SIGTERM, libc::SIG_DFL);
+    let caught = CAUGHT.load(Ordering::SeqCst);
+    for s in [libc::SIGINT, libc::SIGTERM] {
+        if caught & (1 << s) != 0 {
+            // SAFETY: signal() is async-signal-safe.
+            unsafe { libc::signal(s, libc::SIG_DFL) };
+        }
     }
 }
 
@@ -285,7 +291,10 @@ impl CatchInterrupts {
                     // SAFETY: restores the disposition just read.
                     let _ = unsafe { sigaction(sig, &old) };
                 }
-                Ok(old) => caught.push((sig, old)),
+                Ok(old) => {
+                    CAUGHT.fetch_or(1 << sig as i32, Ordering::SeqCst);
+                    caught.push((sig, old));
+                }
                 Err(_) => {}
             }
         }
@@ -295,6 +304,7 @@ impl CatchInterrupts {
 
 impl Drop for CatchInterrupts {
     fn drop(&mut self) {
+        CAUGHT.store(0, Ordering::SeqCst);
         for (sig, old) in self.0.drain(..) {
             // SAFETY: restores the disposition read at install.
             let _ = unsafe { sigaction(sig, &old) };
