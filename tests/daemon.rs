@@ -843,6 +843,8 @@ fn daemon_migrates_a_vm_to_another_daemon() {
     assert!(e.contains("nothing to set"), "{e}");
     let e = b.fails(&["migrate-set", job, "--max-downtime", "0"]);
     assert!(e.contains("at least 1 ms"), "{e}");
+    let (code, _, e) = b.migctl(&["migrate-set", job, "--max-bandwidth", "0"]);
+    assert!(code == 2 && e.contains("unlimited"), "0 lifts no cap: {e}");
     let e = b.fails(&["migrate-set", "job999", "--max-downtime", "5"]);
     assert!(e.contains("no job 'job999'"), "{e}");
     std::thread::sleep(Duration::from_millis(1500));

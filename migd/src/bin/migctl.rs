@@ -200,7 +200,8 @@ pub enum Cmd {
     MigrateSet {
         id: String,
         /// New cap in bytes per second, e.g. 512M (a bare number is MiB/s);
-        /// `unlimited` or 0 lifts the job's own cap (the host's share stays).
+        /// `unlimited` lifts the job's own cap (the host's share stays); 0 is
+        /// refused.
         #[arg(long, value_name = "RATE", value_parser = parse_rate)]
         max_bandwidth: Option<u64>,
         /// New largest acceptable pause of the guest, in milliseconds.
@@ -280,12 +281,21 @@ pub enum Cmd {
 /// The values of `--mode` (migrate, estimate, evacuate).
 const MODES: [&str; 4] = ["precopy", "postcopy", "hybrid", "auto"];
 
-/// A bandwidth, or `unlimited` (0).
+/// A bandwidth, or `unlimited` (sent as 0, which lifts the job's own cap).
+/// A rate of 0 is refused, as `migrate` and the config refuse it: an operator
+/// who types 0 to stop the traffic would otherwise lift every limit.
 fn parse_rate(s: &str) -> Result<u64, String> {
     if s.eq_ignore_ascii_case("unlimited") {
         return Ok(0);
     }
-    migd::size::parse_size(s)
+    match migd::size::parse_size(s)? {
+        0 => Err(format!(
+            "'{s}' is no cap (0 bytes/s would stop the migration); \
+             `--max-bandwidth unlimited` lifts the job's own cap, \
+             `migctl cancel` stops it"
+        )),
+        b => Ok(b),
+    }
 }
 
 /// `--compress`: checked here, so that a bad value never reaches the daemon.
