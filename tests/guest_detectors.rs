@@ -555,6 +555,29 @@ fn a_lost_kvmclock_msr_is_reported_once() {
 }
 
 #[test]
+fn lost_platform_device_state_is_reported_once() {
+    if !kvm_or_skip("lost_platform_device_state_is_reported_once") {
+        return;
+    }
+    // selftest=platform puts PIT channel 2 back in mode 0 and clears the
+    // UART's scratch register and the master PIC's mask; CPU 0's check sets
+    // each right again, so one line each.
+    let (_dir, _vm, console, lines) = selftest_lines("det-platform", "platform");
+    assert_eq!(lines.len(), 3, "{}", console.text());
+    assert!(
+        lines[0].starts_with("uart scr=0x0 lcr=0x1b want_scr=0xa5 want_lcr=0x1b"),
+        "{}",
+        console.text()
+    );
+    assert!(
+        lines[1].starts_with("pit channel=2 status=0x30 count="),
+        "{}",
+        console.text()
+    );
+    assert_eq!(lines[2], "pic imr=0x0,0xfe want=0xfb,0xfe");
+}
+
+#[test]
 fn a_wrong_gdtr_restored_by_the_vmm_is_reported() {
     if !kvm_or_skip("a_wrong_gdtr_restored_by_the_vmm_is_reported") {
         return;

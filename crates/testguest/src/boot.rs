@@ -100,9 +100,17 @@ struct TssHw {
 /// The bitmap covers ports 0..0x400.
 const IOMAP_BYTES: usize = 0x400 / 8;
 
-/// Ports ring 3 may use: PIT (calibration), port 0x61 (PIT gate),
-/// isa-debug-exit (0xf4..0xf7) and the COM1 UART (0x3f8..0x3ff).
-const USER_PORTS: [(u16, u16); 4] = [(0x40, 0x43), (0x61, 0x61), (0xf4, 0xf7), (0x3f8, 0x3ff)];
+/// Ports ring 3 may use: PIT (calibration, platform check), port 0x61 (PIT
+/// gate), the PICs' mask registers (platform check), isa-debug-exit
+/// (0xf4..0xf7) and the COM1 UART (0x3f8..0x3ff).
+const USER_PORTS: [(u16, u16); 6] = [
+    (0x21, 0x21),
+    (0x40, 0x43),
+    (0x61, 0x61),
+    (0xa1, 0xa1),
+    (0xf4, 0xf7),
+    (0x3f8, 0x3ff),
+];
 
 const fn iomap() -> [u8; IOMAP_BYTES] {
     let mut map = [0xffu8; IOMAP_BYTES];

@@ -179,6 +179,9 @@ pub enum SelfTest {
     Kvmclock,
     /// Zero DR1.
     Debugreg,
+    /// PIT channel 2 back to mode 0, the UART's scratch register and the
+    /// master PIC's mask cleared.
+    Platform,
 }
 
 impl SelfTest {
@@ -208,6 +211,7 @@ impl SelfTest {
             "sysreg" => SelfTest::Sysreg,
             "kvmclock" => SelfTest::Kvmclock,
             "debugreg" => SelfTest::Debugreg,
+            "platform" => SelfTest::Platform,
             _ => return None,
         })
     }

@@ -18,6 +18,7 @@ use crate::boot::{
 use crate::clock;
 use crate::cpu::{self, F80, X87_REGS, YMM_REGS};
 use crate::kvmclock;
+use crate::platform;
 use crate::{corrupt, println};
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -234,6 +235,8 @@ pub struct Checker {
     debugregs: [Option<u64>; 4],
     /// KVM's paravirtual clock, where the host has it.
     kvmclock: Option<kvmclock::Watch>,
+    /// The shared devices (UART, PIT, PICs): CPU 0 only.
+    platform: Option<platform::Watch>,
     /// Clock: last read, current window.
     last: u64,
     win_start: u64,
@@ -369,6 +372,7 @@ impl Checker {
         let kvmclock = kvmclock::Watch::enable(cpu)
             .inspect_err(|why| note(format_args!("kvmclock: {why}: not checked")))
             .ok();
+        let platform = (cpu == 0).then(|| platform::Watch::setup(note));
 
         let ymm = ymm_values(cpu);
         let x87 = x87_values(cpu);
@@ -390,6 +394,7 @@ impl Checker {
             sysregs,
             debugregs,
             kvmclock,
+            platform,
             last: now,
             win_start: now,
             win_ticks: kcpu.ticks.load(Ordering::Relaxed),
@@ -652,6 +657,9 @@ impl Checker {
         }
         if let Some(k) = &mut self.kvmclock {
             k.check();
+        }
+        if let Some(p) = &self.platform {
+            p.check();
         }
         for &(r, mask, want) in &self.lapic {
             let v = cpu::lapic_read(r);

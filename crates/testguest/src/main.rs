@@ -13,6 +13,7 @@ mod cpu;
 mod integrity;
 mod kvmclock;
 mod mem;
+mod platform;
 mod serial;
 mod workload;
 

@@ -23,6 +23,7 @@ use crate::clock;
 use crate::cpu;
 use crate::integrity::{self, Integrity};
 use crate::kvmclock;
+use crate::platform;
 use crate::{corrupt, println};
 use core::cell::UnsafeCell;
 use core::ptr::{read_volatile, write_volatile};
@@ -695,6 +696,7 @@ fn run_selftest(kind: SelfTest, cpu: usize, slice: &Slice, p: &Plan, chk: &mut C
         SelfTest::Sysreg => checks::sabotage::sysreg(),
         SelfTest::Kvmclock => kvmclock::sabotage(),
         SelfTest::Debugreg => checks::sabotage::debugreg(),
+        SelfTest::Platform => platform::sabotage(),
     }
 }
 
