@@ -795,10 +795,18 @@ async fn save(d: &Daemon, name: &str, path: &Path, keep: bool) -> Result<Value> 
             tracing::warn!("after the save: {e:#}");
         }
     }
-    let removed = state::remove_dir(&dir);
-    d.reg().vms.remove(name);
-    if let Err(e) = removed {
-        reply["warning"] = json!(format!("{e:#}"));
+    // Still this save's VM (a `destroy` may have ended it meanwhile, and the
+    // name been given to another): its record keeps the name taken until
+    // the directory is gone.
+    let ours = d.reg().vms.get(name).is_some_and(|v| {
+        v.state == st::SAVING && v.save_requested && v.pid.is_none_or(|p| p == pid)
+    });
+    if ours {
+        let removed = state::remove_dir(&dir);
+        d.reg().vms.remove(name);
+        if let Err(e) = removed {
+            reply["warning"] = json!(format!("{e:#}"));
+        }
     }
     tracing::info!(path = %path.display(), "VM saved and stopped");
     Ok(reply)

@@ -417,6 +417,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
             error: None,
             stats: json!({"id": id, "vm": req.name, "mode": req.opts.mode, "outcome": null, "error": null}),
         };
+        reg.starting.insert(id.clone());
         reg.jobs.insert(id, job.clone());
         (job, vm.record.boot_spec())
     };
@@ -430,6 +431,7 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
     // it was configured has none, and refuses.
     migrate["require_tls"] = json!(d.tls.is_some());
     let sent = vm_request(&sock, &migrate, Duration::from_secs(10)).await;
+    d.reg().starting.remove(&job.id);
     match sent {
         Ok(r) if r["ok"] == true => {}
         Ok(r) => {
@@ -506,6 +508,18 @@ async fn track(d: Arc<Daemon>, id: String, vm: String) {
                     )),
                 );
             }
+            // A pre-copy reports no status of its own past its commit, but
+            // its process noted the commit before it sent Go.
+            if let Some(note) = state::read_unconfirmed(&d.vm_dir(&vm)) {
+                break (
+                    "failed".to_string(),
+                    Some(format!(
+                        "the VM process exited during the migration, past its commit ({}): \
+                         the destination may run the VM; it is listed unconfirmed here",
+                        note.trim()
+                    )),
+                );
+            }
             break (
                 "failed".to_string(),
                 Some("the VM process exited during the migration".to_string()),
@@ -575,38 +589,59 @@ fn stats_of(r: &Value) -> Value {
 
 /// Ends a job. After `completed` the source VM process is stopped and the VM forgotten
 /// here first, so that whoever sees the job completed also sees the VM gone.
+///
+/// A completed job stays on its VM (`migrated`) until that clean-up is
+/// done: `process_exited` leaves a migrated VM with a job to this function.
+/// Exactly one side removes it, and never a VM of the same name that
+/// arrived here the moment the name was free (the job is what tells them
+/// apart).
 async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<String>) {
+    let completed = status == "completed";
     let (pid, to) = {
         let mut reg = d.reg();
         let to = reg.jobs.get(id).map(|j| j.to.clone()).unwrap_or_default();
         let pid = match reg.vms.get_mut(vm) {
-            Some(v) => {
-                v.job = None;
-                if status == "completed" {
+            Some(v) if v.job.as_deref() == Some(id) => {
+                if completed {
                     v.state = st::MIGRATED.into();
+                } else {
+                    v.job = None;
                 }
                 v.pid
             }
-            None => None,
+            _ => None,
         };
         (pid, to)
     };
-    if status == "completed" {
+    if completed {
         let dir = d.vm_dir(vm);
         let stopped = match pid {
             Some(pid) => vmproc::stop(&state::control_path(&dir), pid, false, "migrated").await,
             None => Ok(()),
         };
-        match stopped {
-            // Its process runs on: its directory and record stay.
-            Err(e) => tracing::warn!("VM now lives on {to}, but its process here: {e:#}"),
-            Ok(()) => {
-                if let Err(e) = state::remove_dir(&dir) {
-                    tracing::warn!("{e:#}");
+        if let Err(e) = &stopped {
+            tracing::warn!("VM now lives on {to}, but its process here: {e:#}");
+        }
+        // Ours while it still carries this job. Its process runs on after a
+        // failed stop: its directory and record stay, and its exit removes
+        // them (unless it is gone already).
+        let remove = {
+            let mut reg = d.reg();
+            match reg.vms.get_mut(vm) {
+                Some(v) if v.job.as_deref() == Some(id) => {
+                    v.job = None;
+                    stopped.is_ok() || v.pid.is_none()
                 }
-                d.reg().vms.remove(vm);
-                tracing::info!("VM now lives on {to}; removed here");
+                _ => false,
             }
+        };
+        if remove {
+            // The record keeps the name taken until the directory is gone.
+            if let Err(e) = state::remove_dir(&dir) {
+                tracing::warn!("{e:#}");
+            }
+            d.reg().vms.remove(vm);
+            tracing::info!("VM now lives on {to}; removed here");
         }
     }
     let job = {
@@ -754,17 +789,24 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
     spawn_tracker(d.clone(), id, vm.to_string());
 }
 
-/// Passes `cmd` (cancel, postcopy) to the VM process of an unfinished job.
+/// Passes `cmd` (cancel, postcopy) to the VM process of an unfinished job,
+/// once the VM process has answered the job's `migrate` request.
 pub async fn job_command(d: &Daemon, id: &str, cmd: &str) -> Result<Value> {
-    let vm = {
-        let reg = d.reg();
-        let Some(j) = reg.jobs.get(id) else {
-            bail!("no job '{id}'")
-        };
-        if j.is_final() {
-            bail!("job {id} already ended ({})", j.status);
+    let vm = loop {
+        {
+            let reg = d.reg();
+            let Some(j) = reg.jobs.get(id) else {
+                bail!("no job '{id}'")
+            };
+            if j.is_final() {
+                bail!("job {id} already ended ({})", j.status);
+            }
+            if !reg.starting.contains(id) {
+                break j.vm.clone();
+            }
         }
-        j.vm.clone()
+        // The start's wait for that answer is bounded (10 s).
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let sock = state::control_path(&d.vm_dir(&vm));
     vm_call(&sock, &json!({ "cmd": cmd }), Duration::from_secs(10)).await?;
@@ -1055,5 +1097,117 @@ mod tests {
             ]
         );
         std::fs::remove_dir_all(&d.cfg.state_dir).unwrap();
+    }
+}
+
+/// `finish` against the VM process's exit and an arrival of the same name.
+#[cfg(test)]
+mod finish_race_tests {
+    use super::super::Registry;
+    use super::*;
+    use crate::daemon::state::{Origin, VmEntry, VmRecord};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+    fn record(name: &str, origin: Origin) -> VmRecord {
+        VmRecord {
+            name: name.into(),
+            kernel: None,
+            initramfs: None,
+            cmdline: String::new(),
+            memory: 1 << 20,
+            vcpus: 1,
+            created: 0,
+            origin,
+            source: None,
+            boot_refused: None,
+        }
+    }
+
+    /// A completed job's `finish` stops the source's VM process; the exit is
+    /// reaped meanwhile. An incoming migration of the same name, admitted
+    /// the moment the name is free (as `incoming::admit` does), keeps its
+    /// entry and its directory: only the VM that left is removed. (It was
+    /// removed by `finish` as well, by name, 7 runs in 8.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn finish_leaves_a_vm_of_the_same_name_admitted_meanwhile() {
+        let state_dir = std::env::temp_dir().join(format!("migd-finish-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        let mut reg = Registry::default();
+        reg.jobs.insert(
+            "job1".into(),
+            Job {
+                id: "job1".into(),
+                vm: "vm1".into(),
+                to: "h:1".into(),
+                opts: MigrateOptions::default(),
+                status: "active".into(),
+                started: 0,
+                ended: None,
+                error: None,
+                stats: json!({}),
+            },
+        );
+        let d = Arc::new(Daemon::for_tests(&state_dir, reg));
+        std::fs::create_dir_all(d.vm_dir("vm1")).unwrap();
+        std::fs::create_dir_all(d.jobs_dir()).unwrap();
+        let child = tokio::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap();
+        let mut vm = VmEntry::new(record("vm1", Origin::Created), st::RUNNING, Some(pid));
+        vm.job = Some("job1".into());
+        d.reg().vms.insert("vm1".into(), vm);
+        state::watch_child(d.clone(), "vm1".into(), child);
+        // The VM process: answers the stop, then exits.
+        let listener =
+            tokio::net::UnixListener::bind(state::control_path(&d.vm_dir("vm1"))).unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let (r, mut w) = s.into_split();
+                let mut line = String::new();
+                let _ = tokio::io::BufReader::new(r).read_line(&mut line).await;
+                let _ = w.write_all(b"{\"ok\":true}\n").await;
+                drop(w);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        });
+        let d2 = d.clone();
+        let admitted = tokio::spawn(async move {
+            loop {
+                {
+                    let mut reg = d2.reg();
+                    let dir = d2.vm_dir("vm1");
+                    if !reg.vms.contains_key("vm1") && !dir.exists() {
+                        std::fs::create_dir(&dir).unwrap();
+                        reg.vms.insert(
+                            "vm1".into(),
+                            VmEntry::new(record("vm1", Origin::Incoming), st::INCOMING, None),
+                        );
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        finish(&d, "job1", "vm1", "completed".into(), None).await;
+        tokio::time::timeout(Duration::from_secs(10), admitted)
+            .await
+            .expect("the name is free once the VM that left is removed")
+            .unwrap();
+        let entry = d.reg().vms.get("vm1").map(|v| v.state.clone());
+        let dir = d.vm_dir("vm1").exists();
+        let job = d.reg().jobs.get("job1").map(|j| j.status.clone());
+        let _ = std::fs::remove_dir_all(&state_dir);
+        assert_eq!(
+            entry.as_deref(),
+            Some(st::INCOMING),
+            "the arriving VM's entry"
+        );
+        assert!(dir, "the arriving VM's directory");
+        assert_eq!(job.as_deref(), Some("completed"));
     }
 }

@@ -97,6 +97,10 @@ pub struct Registry {
     /// VMs found at start whose process is too busy to answer yet: adopted
     /// in the background, their jobs left alone until then.
     pub adopting: std::collections::BTreeSet<String>,
+    /// Jobs whose `migrate` request the VM process has not answered yet: a
+    /// cancel for one waits for that answer (sent earlier, the VM process
+    /// would find no migration to cancel, and then start it).
+    pub starting: std::collections::BTreeSet<String>,
 }
 
 impl Registry {
@@ -116,14 +120,23 @@ impl Registry {
 
     /// Why VM `name`'s migration job stands in the way of a change to it,
     /// and what to do: cancel it, or, in post-copy (which cannot be
-    /// cancelled: the destination runs the VM), wait for it to complete.
+    /// cancelled: the destination runs the VM), wait for it to complete, or
+    /// for its recovery where its link was lost (a cancel then gives the
+    /// recovery up).
     pub fn job_in_the_way(&self, name: &str) -> Option<String> {
-        let j = self.vms.get(name)?.job.as_ref()?;
-        let postcopy = self
-            .jobs
-            .get(j)
-            .is_some_and(|job| job.status == "postcopy-active");
-        Some(if postcopy {
+        let vm = self.vms.get(name)?;
+        let j = vm.job.as_ref()?;
+        let status = self.jobs.get(j).map_or("", |job| job.status.as_str());
+        Some(if vm.state == state::st::MIGRATED {
+            format!("VM '{name}' has migrated (job {j}) and is being removed here")
+        } else if status == "postcopy-paused" {
+            format!(
+                "VM '{name}' is being migrated (job {j}) in post-copy and its link was lost: \
+                 the destination runs it and needs this host's pages; the source reconnects by \
+                 itself (`migctl recover {j}` retries now once the link is back): wait for the \
+                 job to complete (cancelling it gives the recovery up)"
+            )
+        } else if status.starts_with("postcopy-") {
             format!(
                 "VM '{name}' is being migrated (job {j}) in post-copy: the destination runs it \
                  and needs this host's pages; wait for the job to complete"
@@ -225,10 +238,27 @@ pub fn main(args: DaemonArgs) -> Result<i32> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // Held until the runtime's last tasks (job trackers, a `finish`) are
+    // gone, not only until `serve` returns: a second daemon must not act on
+    // the state dir beside them.
+    let lock = prepare_state_dir(&cfg.state_dir)?;
     let code = rt.block_on(serve(cfg));
     // Do not wait for a handshake still blocked on a slow peer.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    drop(lock);
     code
+}
+
+/// Creates the state dir and its `vms` and `jobs` (0700) and locks it.
+fn prepare_state_dir(state_dir: &Path) -> Result<std::fs::File> {
+    for d in [state_dir, &state_dir.join("vms"), &state_dir.join("jobs")] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(d)
+            .with_context(|| format!("creating {}", d.display()))?;
+    }
+    lock_state_dir(state_dir)
 }
 
 /// Logs the `boot_dirs` setting, with a warning for a directory that can
@@ -259,18 +289,6 @@ fn log_boot_dirs(b: &state::BootDirs) {
 
 async fn serve(cfg: Config) -> Result<i32> {
     let exe = std::env::current_exe().context("finding the migd binary")?;
-    for d in [
-        &cfg.state_dir,
-        &cfg.state_dir.join("vms"),
-        &cfg.state_dir.join("jobs"),
-    ] {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(d)
-            .with_context(|| format!("creating {}", d.display()))?;
-    }
-    let _lock = lock_state_dir(&cfg.state_dir)?;
     let metrics_listener = match &cfg.metrics_listen {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,

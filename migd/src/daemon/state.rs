@@ -723,9 +723,9 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
     }
     if vm.state == st::MIGRATED || left.is_some() {
         // It lives on another host now, never here again: its job's tracker
-        // finishes the job (`finish` ends it, having cleared `job` before it
-        // stops the process) and cleans up; with none tracking it (it gave
-        // up, or could not stop the process), the clean-up is done here.
+        // finishes the job (`finish` keeps the job on it until it has
+        // cleaned up) and cleans up; with none tracking it (it gave up, or
+        // could not stop the process), the clean-up is done here.
         if vm.job.is_some() {
             vm.state = st::MIGRATED.into();
             return;
@@ -788,14 +788,17 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
     let _ = std::fs::remove_file(control_path(&dir));
 }
 
-/// Asks a VM process for its state and updates the entry. Errors leave it as it was.
-pub async fn refresh(d: &Daemon, name: &str) {
+/// Asks a VM process for its state and updates the entry. Errors leave it
+/// as it was. Returns whether the VM process migrates the VM while no job
+/// here tracks it (a tracker that gave up on a process that did not answer
+/// for a while, or a restart that found none): the caller re-attaches one.
+pub async fn refresh(d: &Daemon, name: &str) -> bool {
     let (state, has_pid) = match d.reg().vms.get(name) {
         Some(v) => (v.state.clone(), v.pid.is_some()),
-        None => return,
+        None => return false,
     };
     if !has_pid || [st::CREATING, st::DESTROYING, st::MIGRATED].contains(&state.as_str()) {
-        return;
+        return false;
     }
     let dir = d.vm_dir(name);
     let reply = vm_request(
@@ -804,19 +807,21 @@ pub async fn refresh(d: &Daemon, name: &str) {
         Duration::from_secs(1),
     )
     .await;
-    let Ok(reply) = reply else { return };
+    let Ok(reply) = reply else { return false };
     let Some(new) = reply["state"].as_str().filter(|_| reply["ok"] == true) else {
-        return;
+        return false;
     };
     let mut record_to_write = None;
+    let untracked;
     {
         let mut reg = d.reg();
         let Some(vm) = reg.vms.get_mut(name) else {
-            return;
+            return false;
         };
         if vm.state == st::DESTROYING || vm.state == st::MIGRATED || vm.pid.is_none() {
-            return;
+            return false;
         }
+        untracked = reply["migrating"] == true && vm.job.is_none();
         vm.memory_used = reply["memory_used"].as_u64();
         vm.huge_pages = reply["huge_pages"].as_bool();
         let saving = Some(reply["saving"].clone()).filter(|s| !s.is_null());
@@ -825,7 +830,7 @@ pub async fn refresh(d: &Daemon, name: &str) {
             // after a restart included); its progress is news.
             vm.state = st::SAVING.into();
             vm.saving = saving;
-            return;
+            return false;
         }
         vm.saving = None;
         if vm.state == st::INCOMING && new != st::INCOMING {
@@ -846,6 +851,7 @@ pub async fn refresh(d: &Daemon, name: &str) {
     if let Some(r) = record_to_write {
         write_record(&dir, &r);
     }
+    untracked
 }
 
 /// Every second: refreshes the state of each live VM (an incoming VM becomes running).
@@ -860,7 +866,10 @@ pub async fn supervise(d: Arc<Daemon>) {
             .map(|(n, _)| n.clone())
             .collect();
         for n in names {
-            refresh(&d, &n).await;
+            if refresh(&d, &n).await {
+                tracing::warn!(vm = %n, "its VM process migrates it, untracked here: re-attaching");
+                super::jobs::reattach(&d, &n).await;
+            }
         }
     }
 }
