@@ -365,16 +365,25 @@ pub fn run(args: RunArgs) -> Result<i32> {
     };
     let (vm, mut takeover) = if let (Some((stream, abandon)), Some(prepared)) = (incoming, prepared)
     {
+        // Noted as Go is read, before the vCPUs run: past Go the source
+        // has let the VM go, and a process that dies before the receive
+        // returns must leave a VM of this host behind, not nothing. No sync:
+        // it only has to outlive this process, not the host.
+        let note_arrival = || {
+            if let Some(path) = &args.arrived_file {
+                if let Err(e) = std::fs::write(path, b"") {
+                    tracing::warn!("noting the arrival in {}: {e}", path.display());
+                }
+            }
+        };
+        let on_running = || {
+            note_arrival();
+            arrival.running();
+        };
         let (vm, stats) =
-            migration::incoming::receive(stream, prepared, tls(), &|| arrival.running(), &abandon)
+            migration::incoming::receive(stream, prepared, tls(), &on_running, &abandon)
                 .context("incoming migration")?;
         arrival.running();
-        if let Some(path) = &args.arrived_file {
-            // No sync: it only has to outlive this process, not the host.
-            if let Err(e) = std::fs::write(path, b"") {
-                tracing::warn!("noting the arrival in {}: {e}", path.display());
-            }
-        }
         if let Some(w) = stats.postcopy.clone() {
             let _ = ARRIVING.set(w);
         }

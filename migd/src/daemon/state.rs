@@ -404,7 +404,15 @@ pub fn write_unconfirmed(dir: &Path, why: &str) {
         .write(true)
         .create_new(true)
         .open(&path)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, why.as_bytes()));
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, why.as_bytes())?;
+            // Durable, as the process's own note: a host that loses power
+            // must not come back taking the VM for stopped.
+            crate::daemon::blocking(|| {
+                f.sync_all()?;
+                std::fs::File::open(dir)?.sync_all()
+            })
+        });
     match written {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
             tracing::warn!("noting {}: {e}", path.display())

@@ -645,10 +645,11 @@ fn run_in<'scope, 'env>(
         Some(l) => {
             let tls = params.tls.clone();
             let peer = stream.peer_addr().map_err(io_err("peer address"))?.ip();
+            let identity = stream.peer_identity().map(str::to_string);
             Some(
                 std::thread::Builder::new()
                     .name("fault-channel".into())
-                    .spawn(move || accept_urgent(l, peer, token, tls))
+                    .spawn(move || accept_urgent(l, (peer, identity), token, tls))
                     .map_err(io_err("starting the fault channel thread"))?,
             )
         }
@@ -724,6 +725,7 @@ fn run_in<'scope, 'env>(
         s.downtime_ms = downtime;
         s.status = "postcopy-active".into();
     });
+    job.sync_commit_note();
     match confirm {
         Ok(_) => tracing::info!(
             downtime_ms = downtime,
@@ -777,14 +779,23 @@ fn postcopy_policy(s: &MigrationStats, round: u32, cold_rate: f64) -> String {
     )
 }
 
+/// `peer`: the destination's address, and the name its certificate proved
+/// on the main link (over TLS).
 fn accept_urgent(
     listener: TcpListener,
-    peer: IpAddr,
+    peer: (IpAddr, Option<String>),
     token: u64,
     tls: Option<TlsSetup>,
 ) -> Result<Link> {
     let wait = Duration::from_secs(20);
-    let mut doorman = Doorman::new(listener, peer, tls, "UrgentHello", Duration::from_secs(10))?;
+    let mut doorman = Doorman::new(
+        listener,
+        peer.0,
+        tls,
+        "UrgentHello",
+        Duration::from_secs(10),
+    )?
+    .requiring_identity(peer.1.as_deref());
     let end = Instant::now() + wait;
     loop {
         // Waits without sleeping: this may be inside the pause.
