@@ -690,3 +690,31 @@ pub fn zero_fill_unused(pid: u32, bytes: u64) -> u64 {
     f.write_all_at(&vec![0u8; bytes as usize], at).unwrap();
     at
 }
+
+/// A TCP connection to `127.0.0.1:port` from loopback address `from` (say
+/// 127.0.1.1): another peer, to the daemon, than 127.0.0.1.
+pub fn connect_from(from: std::net::Ipv4Addr, port: u16) -> std::net::TcpStream {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
+    )
+    .unwrap();
+    connect(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::LOCALHOST,
+            port,
+        )),
+    )
+    .unwrap();
+    std::net::TcpStream::from(fd)
+}
