@@ -4,6 +4,11 @@
 /// process is not our child, and its reaper may be slow or absent). A
 /// zombie main thread whose other threads still exit counts as alive: they
 /// still hold its descriptors (the VM's `process.lock` among them).
+///
+/// Only an answer that the process is not there counts as gone: a `/proc`
+/// read that fails otherwise (this process out of descriptors, say, which
+/// a flood of connections can cause) leaves it alive. Taken for gone, a
+/// running VM was listed stopped and its socket removed.
 pub fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
@@ -18,19 +23,25 @@ pub fn alive(pid: u32) -> bool {
                 .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']));
             !zombie || other_threads_remain(pid)
         }
-        Err(_) => false,
+        Err(e) => !is_gone(&e),
     }
+}
+
+/// Whether a `/proc/PID` access failed because the process is not there.
+fn is_gone(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
 }
 
 /// Whether process `pid` has threads besides its main one (exiting ones
 /// included: a thread is listed until it has let go of what it held).
 fn other_threads_remain(pid: u32) -> bool {
     let main = pid.to_string();
-    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
-        tasks
+    match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(tasks) => tasks
             .flatten()
-            .any(|t| t.file_name().to_str() != Some(main.as_str()))
-    })
+            .any(|t| t.file_name().to_str() != Some(main.as_str())),
+        Err(e) => !is_gone(&e),
+    }
 }
 
 /// The pid of the process at the other end of a unix socket (`SO_PEERCRED`:
@@ -103,6 +114,19 @@ pub fn bind_private(path: &std::path::Path) -> std::io::Result<std::os::unix::ne
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process is gone only where /proc says it is not there: running out
+    /// of descriptors (a flood of connections) is no death.
+    #[test]
+    fn only_a_missing_process_counts_as_gone() {
+        use std::io::{Error, ErrorKind};
+        assert!(is_gone(&Error::from(ErrorKind::NotFound)));
+        assert!(is_gone(&Error::from_raw_os_error(libc::ENOENT)));
+        assert!(is_gone(&Error::from_raw_os_error(libc::ESRCH)));
+        for busy in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::EACCES] {
+            assert!(!is_gone(&Error::from_raw_os_error(busy)), "{busy}");
+        }
+    }
 
     #[test]
     fn a_reaped_or_zombie_child_is_not_alive() {
