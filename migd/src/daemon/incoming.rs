@@ -32,44 +32,106 @@ fn probe_deadline() -> Duration {
     migration::faults::knob_ms("MIGD_PROBE_DEADLINE_MS").unwrap_or(PROBE_DEADLINE)
 }
 
-/// Handshakes in progress at most, in all and from one address (each holds
-/// a blocking thread until its peer is done or cut off), so that one peer
+/// Handshakes in progress at most, in all and from one peer (each holds a
+/// blocking thread until its peer is done or cut off), so that one peer
 /// cannot keep the others out.
-const MAX_HANDSHAKES: usize = 64;
+static HANDSHAKES: Places = Places::new(64, 8, "handshakes in progress");
 /// How long a connection beyond them waits for a slot before it is dropped.
 const SLOT_WAIT: Duration = Duration::from_secs(5);
-const MAX_HANDSHAKES_PER_PEER: usize = 8;
-static HANDSHAKES: std::sync::Mutex<std::collections::BTreeMap<std::net::IpAddr, usize>> =
-    std::sync::Mutex::new(std::collections::BTreeMap::new());
+/// Connections not yet handshaking (waiting for their first bytes, or for
+/// a handshake slot), at most, in all and from one peer: each holds a
+/// descriptor, and a crowd of silent connections must not take all of the
+/// daemon's (its control socket and the VMs' own then fail). One beyond
+/// them is closed at once.
+static WAITING: Places = Places::new(1024, 32, "connections not yet handshaking");
+/// How long a peer may take to send its first bytes (a source sends its TLS
+/// ClientHello or its Hello at once).
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A handshake's place among [`MAX_HANDSHAKES`], given back when dropped.
-struct HandshakeSlot(std::net::IpAddr);
+/// Counted places, in all and per peer (an IPv4 address, or an IPv6 /64:
+/// one host holds a whole /64).
+struct Places {
+    taken: std::sync::Mutex<std::collections::BTreeMap<std::net::IpAddr, usize>>,
+    all: usize,
+    per_peer: usize,
+    what: &'static str,
+}
 
-impl HandshakeSlot {
-    fn take(ip: std::net::IpAddr) -> Result<HandshakeSlot> {
-        let mut m = HANDSHAKES.lock().unwrap_or_else(|p| p.into_inner());
-        let all: usize = m.values().sum();
-        let mine = m.get(&ip).copied().unwrap_or(0);
-        if all >= MAX_HANDSHAKES || mine >= MAX_HANDSHAKES_PER_PEER {
-            anyhow::bail!(
-                "{all} handshakes in progress ({mine} from {ip}), at most {MAX_HANDSHAKES} \
-                 ({MAX_HANDSHAKES_PER_PEER} from one address): connection dropped"
-            );
-        }
-        m.insert(ip, mine + 1);
-        Ok(HandshakeSlot(ip))
+/// One of [`Places`], given back when dropped.
+struct Place(&'static Places, std::net::IpAddr);
+
+/// The peer an address counts as: its /64 for IPv6 (an IPv4-mapped one as
+/// its IPv4 address).
+fn peer_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.into(),
+            None => std::net::Ipv6Addr::from(v6.to_bits() & !((1u128 << 64) - 1)).into(),
+        },
+        v4 => v4,
     }
 }
 
-impl Drop for HandshakeSlot {
+impl Places {
+    const fn new(all: usize, per_peer: usize, what: &'static str) -> Places {
+        Places {
+            taken: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            all,
+            per_peer,
+            what,
+        }
+    }
+
+    fn take(&'static self, ip: std::net::IpAddr) -> Result<Place> {
+        let key = peer_key(ip);
+        let mut m = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let all: usize = m.values().sum();
+        let mine = m.get(&key).copied().unwrap_or(0);
+        if all >= self.all || mine >= self.per_peer {
+            anyhow::bail!(
+                "{all} {} ({mine} from {key}), at most {} ({} from one address or IPv6 /64): \
+                 connection dropped",
+                self.what,
+                self.all,
+                self.per_peer
+            );
+        }
+        m.insert(key, mine + 1);
+        Ok(Place(self, key))
+    }
+}
+
+impl Drop for Place {
     fn drop(&mut self) {
-        let mut m = HANDSHAKES.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.0) {
+        let mut m = self.0.taken.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                m.remove(&self.0);
+                m.remove(&self.1);
             }
         }
+    }
+}
+
+/// Logs why a connection came to nothing, at most 20 times in 10 s (a
+/// flood of them must not bury the daemon's other messages, or hit the
+/// journal's rate limit); then how many went unlogged.
+fn warn_limited(e: &anyhow::Error) {
+    static WINDOW: std::sync::Mutex<Option<(Instant, u32, u64)>> = std::sync::Mutex::new(None);
+    let mut w = WINDOW.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    let (start, logged, unlogged) = w.get_or_insert((now, 0, 0));
+    if now.duration_since(*start) >= Duration::from_secs(10) {
+        if *unlogged > 0 {
+            tracing::warn!("{unlogged} more incoming connections came to nothing in 10 s (not logged one by one)");
+        }
+        (*start, *logged, *unlogged) = (now, 0, 0);
+    }
+    if *logged < 20 {
+        *logged += 1;
+        tracing::warn!("incoming migration not started: {e:#}");
+    } else {
+        *unlogged += 1;
     }
 }
 
@@ -89,12 +151,21 @@ pub async fn start(d: Arc<Daemon>) -> Result<()> {
         loop {
             match l.accept().await {
                 Ok((s, peer)) => {
-                    let d = d.clone();
                     let span = tracing::info_span!("incoming", %peer);
+                    let waiting = match WAITING.take(peer.ip()) {
+                        Ok(place) => place,
+                        Err(e) => {
+                            // Closed at once: no task, no descriptor kept.
+                            drop(s);
+                            span.in_scope(|| warn_limited(&e));
+                            continue;
+                        }
+                    };
+                    let d = d.clone();
                     tokio::spawn(
                         async move {
-                            if let Err(e) = connection(d, s, peer).await {
-                                tracing::warn!("incoming migration not started: {e:#}");
+                            if let Err(e) = connection(d, s, peer, waiting).await {
+                                warn_limited(&e);
                             }
                         }
                         .instrument(span),
@@ -110,14 +181,25 @@ pub async fn start(d: Arc<Daemon>) -> Result<()> {
     Ok(())
 }
 
-async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) -> Result<()> {
-    // Until its first bytes arrive a connection costs a task, not one of the
-    // blocking threads that the handshakes run on: a crowd of silent
-    // connections cannot hold up a real migration.
+async fn connection(
+    d: Arc<Daemon>,
+    s: tokio::net::TcpStream,
+    peer: SocketAddr,
+    waiting: Place,
+) -> Result<()> {
+    // Until its first bytes arrive a connection costs a task and one of
+    // the `WAITING` places, not one of the blocking threads that the
+    // handshakes run on: a crowd of silent connections cannot hold up a
+    // real migration.
     // (`peek`, not `readable`: tokio reports a fresh socket readable at once.)
-    let first = tokio::time::timeout(HELLO_TIMEOUT, s.peek(&mut [0u8; 1]))
+    let first = tokio::time::timeout(FIRST_BYTES_TIMEOUT, s.peek(&mut [0u8; 1]))
         .await
-        .map_err(|_| anyhow::anyhow!("the peer sent nothing in {} s", HELLO_TIMEOUT.as_secs()))?
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the peer sent nothing in {} s",
+                FIRST_BYTES_TIMEOUT.as_secs()
+            )
+        })?
         .context("waiting for the peer's first bytes")?;
     if first == 0 {
         anyhow::bail!("the peer closed the connection before its Hello");
@@ -126,12 +208,13 @@ async fn connection(d: Arc<Daemon>, s: tokio::net::TcpStream, peer: SocketAddr) 
     // handshake takes milliseconds), then is dropped.
     let waited = Instant::now();
     let slot = loop {
-        match HandshakeSlot::take(peer.ip()) {
+        match HANDSHAKES.take(peer.ip()) {
             Ok(slot) => break slot,
             Err(e) if waited.elapsed() >= SLOT_WAIT => return Err(e),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
+    drop(waiting);
     let stream = s.into_std()?;
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
