@@ -154,6 +154,29 @@ impl TlsSetup {
     /// TLS server on an accepted `tcp`: the peer must present a certificate
     /// from the CA that names one of the configured peers.
     pub fn accept(&self, tcp: TcpStream) -> Result<Link> {
+        self.accept_if(tcp, &self.peers.join(", "), |ee| self.matching_peer(ee))
+    }
+
+    /// As [`TlsSetup::accept`], for a connection within a migration whose
+    /// main link authenticated its peer as `name` (the name a source dialed,
+    /// or the configured peer a destination matched): the certificate must be
+    /// valid for that name, not merely for some configured peer (another
+    /// host of the fleet, behind the same address, is no stand-in).
+    pub fn accept_named(&self, tcp: TcpStream, name: &str) -> Result<Link> {
+        self.accept_if(tcp, name, |ee| {
+            valid_for(ee, name).then(|| name.to_string())
+        })
+    }
+
+    /// The handshake of [`TlsSetup::accept`]; `identity` names who the
+    /// peer's certificate proves it is, if allowed (`allowed` says who is,
+    /// in the error).
+    fn accept_if(
+        &self,
+        tcp: TcpStream,
+        allowed: &str,
+        identity: impl Fn(&CertificateDer<'_>) -> Option<String>,
+    ) -> Result<Link> {
         let peer = peer_name(&tcp);
         // The handshake's limit counts from here, the wait for its first
         // bytes included.
@@ -170,12 +193,12 @@ impl TlsSetup {
         let identity = conn
             .peer_certificates()
             .and_then(|c| c.first())
-            .and_then(|ee| self.matching_peer(ee));
+            .and_then(identity);
         match identity {
             Some(id) => into_link(conn, tcp, id, &peer),
             None => Err(LinkError::NotAPeer {
                 peer: peer.clone(),
-                allowed: self.peers.join(", "),
+                allowed: allowed.to_string(),
                 link: Box::new(into_link(conn, tcp, String::new(), &peer)?),
             }),
         }
@@ -183,14 +206,23 @@ impl TlsSetup {
 
     /// The configured peer name that certificate `ee` is valid for.
     fn matching_peer(&self, ee: &CertificateDer<'_>) -> Option<String> {
-        let cert = webpki::EndEntityCert::try_from(ee).ok()?;
-        self.peers.iter().find_map(|p| {
-            let name = ServerName::try_from(p.as_str()).ok()?;
-            cert.verify_is_valid_for_subject_name(&name)
-                .ok()
-                .map(|_| p.clone())
-        })
+        self.peers
+            .iter()
+            .find(|p| valid_for(ee, p))
+            .map(|p| p.to_string())
     }
+}
+
+/// Whether certificate `ee` (verified against the CA already) is valid for
+/// `name`, a DNS name or IP address.
+fn valid_for(ee: &CertificateDer<'_>, name: &str) -> bool {
+    let (Ok(cert), Ok(name)) = (
+        webpki::EndEntityCert::try_from(ee),
+        ServerName::try_from(name),
+    ) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
 fn peer_name(tcp: &TcpStream) -> String {

@@ -316,3 +316,35 @@ fn a_trickled_handshake_is_cut_off_at_its_limit() {
     );
     drop(late);
 }
+
+/// A connection within a migration must come from the host its main link
+/// authenticated: another configured peer (behind the same address here)
+/// is refused, naming who was expected; the same host is let in.
+#[test]
+fn a_connection_within_a_migration_must_prove_the_main_links_name() {
+    let server = setup("host-b", "", &["host-a", "host-c"]);
+    let s2 = server.clone();
+    let c = setup("host-c", "", &["host-b"]);
+    let (_, s) = pair(
+        move |t| c.connect(t, "127.0.0.1"),
+        move |t| s2.accept_named(t, "host-a"),
+    );
+    let e = err(s);
+    assert!(e.contains("host-a"), "{e}");
+    // Any configured peer passes a plain accept.
+    let c = setup("host-c", "", &["host-b"]);
+    let s2 = server.clone();
+    let (_, s) = pair(move |t| c.connect(t, "127.0.0.1"), move |t| s2.accept(t));
+    assert_eq!(s.unwrap().peer_identity(), Some("host-c"));
+    // The main link's host, by the name it was matched or dialed as.
+    for name in ["host-a", "127.0.0.1"] {
+        let a = setup("host-a", "", &["host-b"]);
+        let s2 = server.clone();
+        let (c, s) = pair(
+            move |t| a.connect(t, "127.0.0.1"),
+            move |t| s2.accept_named(t, name),
+        );
+        assert!(c.is_ok(), "{name}");
+        assert_eq!(s.unwrap().peer_identity(), Some(name));
+    }
+}

@@ -61,6 +61,10 @@ pub(crate) struct Doorman {
     /// why it is dropped (a `Refuse`, over plain TCP only: over TLS a stranger
     /// gets no word before a handshake it cannot pass); `None`: no word.
     peer_role: Option<&'static str>,
+    /// The name the main link's peer proved over TLS: an extra connection's
+    /// certificate must be valid for it too (another host of the fleet
+    /// behind the same address is no stand-in).
+    identity: Option<String>,
 }
 
 impl Doorman {
@@ -91,7 +95,15 @@ impl Doorman {
             wake: (r, Arc::new(w)),
             in_flight: Arc::new(AtomicUsize::new(0)),
             peer_role: None,
+            identity: None,
         })
+    }
+
+    /// This doorman lets in only connections whose certificate is valid for
+    /// `identity` (the main link's peer, over TLS; `None`: plain TCP).
+    pub fn requiring_identity(mut self, identity: Option<&str>) -> Doorman {
+        self.identity = identity.map(str::to_string);
+        self
     }
 
     /// This doorman tells a connection from another address, over plain TCP,
@@ -165,6 +177,7 @@ impl Doorman {
             self.in_flight.fetch_add(1, Ordering::AcqRel);
             let greeter = Greeter {
                 tls: self.tls.clone(),
+                identity: self.identity.clone(),
                 expected: self.expected,
                 hello_timeout: self.hello_timeout,
                 sender: self.sender.clone(),
@@ -185,6 +198,7 @@ impl Doorman {
 /// One connection's handshake and first message, in a thread of its own.
 struct Greeter {
     tls: Option<TlsSetup>,
+    identity: Option<String>,
     expected: &'static str,
     hello_timeout: Duration,
     sender: mpsc::Sender<Greeting>,
@@ -214,7 +228,11 @@ impl Greeter {
             s.try_clone().map_err(io_err("socket"))?,
             self.hello_timeout,
         );
-        let greeted = precopy::accept(s, self.tls.as_ref()).and_then(|mut link| {
+        let accepted = match (&self.tls, &self.identity) {
+            (Some(t), Some(name)) => t.accept_named(s, name).map_err(Into::into),
+            (tls, _) => precopy::accept(s, tls.as_ref()),
+        };
+        let greeted = accepted.and_then(|mut link| {
             let hello = wire::expect_control(&mut link, self.expected)?;
             Ok((link, hello))
         });

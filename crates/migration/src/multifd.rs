@@ -317,7 +317,8 @@ fn accept_streams(
         tls.cloned(),
         "StreamHello",
         SETUP_TIMEOUT,
-    )?;
+    )?
+    .requiring_identity(main.peer_identity());
     let end = Instant::now() + SETUP_TIMEOUT;
     let mut links: Vec<Option<Link>> = (1..count).map(|_| None).collect();
     while links.iter().any(Option::is_none) {

@@ -156,6 +156,9 @@ struct Dest {
     done: Mutex<Option<mpsc::Sender<Result<()>>>>,
     /// The source's address: only it may reconnect.
     source: IpAddr,
+    /// The name the source's certificate proved on the main link (over
+    /// TLS): a reconnection must prove the same.
+    source_identity: Option<String>,
     /// Identifies the migration on a reconnection.
     token: u64,
     /// Fault requests and answers have a connection of their own.
@@ -298,6 +301,7 @@ impl Dest {
             stop: AtomicBool::new(false),
             done: Mutex::new(Some(done)),
             source: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            source_identity: None,
             token: 0,
             channel: false,
             generation: AtomicU64::new(0),
@@ -1052,7 +1056,9 @@ impl Dest {
             2 * LINK_TIMEOUT,
         );
         let mut doorman = match doorman {
-            Ok(d) => d.telling_strangers("source"),
+            Ok(d) => d
+                .telling_strangers("source")
+                .requiring_identity(self.source_identity.as_deref()),
             Err(e) => {
                 tracing::error!("recovery listener: {e}");
                 return;
@@ -1373,6 +1379,7 @@ pub(crate) fn receive(
     dest.huge = staging;
     dest.direct = direct;
     dest.source = source;
+    dest.source_identity = r.get_ref().peer_identity().map(str::to_string);
     dest.token = token;
     dest.channel = urgent.is_some();
     dest.recover_port = recover_port;
