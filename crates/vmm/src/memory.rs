@@ -423,6 +423,12 @@ impl GuestRam {
         }
         let mem = GuestMemoryMmap::from_ranges_with_files(regions)
             .map_err(|e| Error::GuestMemory(format!("mmap: {e}")))?;
+        for region in mem.iter() {
+            dont_dump(
+                region.as_ptr(),
+                vm_memory::GuestMemoryRegion::len(region) as usize,
+            );
+        }
         Ok(GuestRam {
             huge: is_hugetlbfs(&file),
             mapped_here: AtomicBool::new(false),
@@ -792,6 +798,7 @@ impl RamAlias {
         }
         let ptr = std::ptr::NonNull::new(p as *mut u8)
             .ok_or_else(|| failed(std::io::Error::other("mapped at address 0")))?;
+        dont_dump(ptr.as_ptr(), len);
         Ok(RamAlias { ptr, len })
     }
 
@@ -846,6 +853,21 @@ fn huge_pool_summary() -> String {
         field("HugePages_Free:"),
         field("HugePages_Rsvd:")
     )
+}
+
+/// Leaves a mapping of guest RAM out of core dumps (`MADV_DONTDUMP`, as
+/// QEMU's `dump-guest-core=off`): a crashing VM process must not write all
+/// of a guest's memory (its secrets, and gigabytes) to the host's crash
+/// storage. Best effort: a kernel that refuses leaves it as it was.
+pub(crate) fn dont_dump(ptr: *mut u8, len: usize) {
+    // SAFETY: advice on a mapping the caller made; it changes no contents.
+    let rc = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTDUMP) };
+    if rc != 0 {
+        tracing::debug!(
+            "MADV_DONTDUMP on guest RAM: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Whether `file` lives on hugetlbfs.
@@ -930,6 +952,37 @@ pub fn is_zero_page(page: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `VmFlags` of this process's mapping that starts at `addr`.
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        while let Some(l) = lines.next() {
+            let start = l
+                .split('-')
+                .next()
+                .and_then(|a| usize::from_str_radix(a, 16).ok());
+            if start == Some(addr) && l.contains(' ') {
+                return lines
+                    .find_map(|l| l.strip_prefix("VmFlags:"))
+                    .unwrap_or_default()
+                    .to_string();
+            }
+        }
+        panic!("no mapping at {addr:#x}");
+    }
+
+    /// Guest RAM, and its second mapping, stay out of core dumps.
+    #[test]
+    fn guest_ram_is_left_out_of_core_dumps() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let region = ram.mem.iter().next().unwrap();
+        let flags = vm_flags(region.as_ptr() as usize);
+        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+        let alias = RamAlias::new(&ram).unwrap();
+        let flags = vm_flags(alias.ptr.as_ptr() as usize);
+        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+    }
 
     #[test]
     fn ram_on_huge_pages_is_reserved_whole_or_refused_naming_the_pool() {

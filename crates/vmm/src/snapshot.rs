@@ -250,6 +250,7 @@ impl MemfdMap {
             )
         }
         .map_err(|e| Error::GuestMemory(format!("mmap of memfd: {e}")))?;
+        crate::memory::dont_dump(p.as_ptr() as *mut u8, len);
         Ok(MemfdMap {
             ptr: p.as_ptr() as *mut u8,
             len,
