@@ -157,8 +157,16 @@ fn a_vm_started_before_tls_is_not_moved_in_plaintext() {
     let _reapers = (Reaper(a.state.clone()), Reaper(b.state.clone()));
     let console = create(&a);
     a.kill();
-    let a = start(&dir, "a", &tls_flags(&certs, "host-a", &["host-b"]));
     let target = format!("127.0.0.1:{}", b.port);
+    // With neither TLS nor --insecure, nothing goes out: not a migration,
+    // nor an estimate's probe (which carries the VM's name and CPU).
+    let mut a = start(&dir, "a", &[]);
+    for cmd in ["migrate", "estimate"] {
+        let e = a.fails(&[cmd, "web1", "--to", &target]);
+        assert!(e.contains("migrations are disabled"), "{cmd}: {e}");
+    }
+    a.kill();
+    let a = start(&dir, "a", &tls_flags(&certs, "host-a", &["host-b"]));
     let before = console.wait_heartbeats(0, 1, Duration::from_secs(30));
     for cmd in ["migrate", "estimate"] {
         let e = a.fails(&[cmd, "web1", "--to", &target]);

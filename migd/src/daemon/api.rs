@@ -382,6 +382,7 @@ async fn dispatch(d: &Arc<Daemon>, req: Request) -> Result<Value> {
             max_bandwidth,
         } => {
             entry(d, &name)?;
+            jobs::check_transport(d)?;
             if max_bandwidth == Some(0) {
                 bail!("max-bandwidth must be positive; omit it for no cap");
             }

@@ -470,18 +470,21 @@ fn handshake(
         tracing::debug!(%peer, "probe served");
         return Ok(None);
     }
-    tracing::info!(vm = %hello.name, memory = hello.memory, vcpus = hello.vcpus, mode = %hello.mode, "migration offered");
+    // The peer's name, escaped for the log: checked only in `admit`, and a
+    // line break in it would forge log lines.
+    let shown = hello.name.escape_debug().to_string();
+    tracing::info!(vm = %shown, memory = hello.memory, vcpus = hello.vcpus, mode = %hello.mode.escape_debug(), "migration offered");
     if let Some(reason) = handshake::host_cannot_run(&hello.vm) {
-        tracing::warn!(vm = %hello.name, "refusing: {reason}");
+        tracing::warn!(vm = %shown, "refusing: {reason}");
         let _ = handshake::refuse(&mut stream, &reason);
-        anyhow::bail!("refused {}: {reason}", hello.name);
+        anyhow::bail!("refused {shown}: {reason}");
     }
     let record = match admit(d, &hello.name, hello.memory, hello.vcpus, peer) {
         Ok(r) => r,
         Err(reason) => {
-            tracing::warn!(vm = %hello.name, "refusing: {reason}");
+            tracing::warn!(vm = %shown, "refusing: {reason}");
             let _ = handshake::refuse(&mut stream, &reason);
-            anyhow::bail!("refused {}: {reason}", hello.name);
+            anyhow::bail!("refused {shown}: {reason}");
         }
     };
     let accepted = handshake::accept(&mut stream, &hello)
@@ -666,5 +669,22 @@ mod tests {
         r.origin = Origin::Created;
         assert_eq!(r.check_boot_files(&dirs), Ok(()));
         let _ = std::fs::remove_dir_all(&tmp);
+    }
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use super::*;
+
+    /// A peer is an IPv4 address, or an IPv6 /64 (one host holds a whole
+    /// /64: per address, it would get the caps many times over).
+    #[test]
+    fn peers_count_by_ipv4_address_or_ipv6_prefix() {
+        let key = |s: &str| peer_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("10.0.0.7"), "10.0.0.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:ffff::9"), "2001:db8:1:2::");
+        assert_ne!(key("2001:db8:1:3::1"), "2001:db8:1:2::");
+        assert_eq!(key("::ffff:10.0.0.7"), "10.0.0.7");
     }
 }

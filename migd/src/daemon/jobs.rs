@@ -369,17 +369,25 @@ async fn rebalance(d: &Daemon) {
     }
 }
 
-/// Starts a migration job; with `detach: false` the reply waits for its end.
-pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
-    state::check_name(&req.name).map_err(anyhow::Error::msg)?;
-    check_target(&req.to)?;
-    check_limits(&req.opts)?;
+/// Refuses to send anything to a peer without TLS unless plaintext was
+/// allowed (`insecure`): a migration, and a cost-model probe, which carries
+/// the VM's name and CPU.
+pub fn check_transport(d: &Daemon) -> Result<()> {
     if !d.cfg.insecure && d.tls.is_none() {
         bail!(
             "migrations are disabled: configure TLS (tls_ca, tls_cert, tls_key, tls_peers) \
              or allow plaintext streams with --insecure"
         );
     }
+    Ok(())
+}
+
+/// Starts a migration job; with `detach: false` the reply waits for its end.
+pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
+    state::check_name(&req.name).map_err(anyhow::Error::msg)?;
+    check_target(&req.to)?;
+    check_limits(&req.opts)?;
+    check_transport(d)?;
     if is_own_listener(&d.cfg.listen, &req.to).await {
         bail!(
             "{} is this daemon's own migration listener ({}): migrate to another host's migd",
