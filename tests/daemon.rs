@@ -1119,6 +1119,39 @@ fn create_waits_for_a_working_vm_process_and_not_for_a_hung_one() {
 /// timeout, are cut off at the handshake's deadline (30 s; 3 s here), and
 /// one address gets at most 8 handshakes at once: the 9th connection waits
 /// for a slot, and its own deadline starts only then.
+/// A descriptor the daemon inherited (a pipe its starter left open) reaches
+/// no VM process: the VM would hold it for its whole life, and whoever waits
+/// for the pipe's end would wait as long.
+#[test]
+fn a_descriptor_the_daemon_inherits_reaches_no_vm_process() {
+    if !kvm_or_skip("a_descriptor_the_daemon_inherits_reaches_no_vm_process") {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    let dir = scratch("daemon-inherited-fd");
+    // Not close-on-exec: the daemon (and any child the test runner starts
+    // meanwhile) inherits it.
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let ino = |fd: i32| std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+    let pipe = ino(r.as_raw_fd());
+    let d = Daemon::start(&dir, "a");
+    drop((r, w));
+    d.create_guest("fd1", "workload=idle", "32M", 1);
+    let info: Value = serde_json::from_str(&d.ok(&["info", "fd1", "--json"])).unwrap();
+    let pid = info["pid"].as_u64().unwrap();
+    let held: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .collect();
+    assert!(!held.is_empty());
+    assert!(
+        !held.contains(&pipe),
+        "the VM process holds the daemon's inherited {pipe:?}: {held:?}"
+    );
+    d.ok(&["destroy", "fd1"]);
+}
+
 /// Silent connections cost a descriptor each: at most 32 from one address
 /// wait for their first bytes, and one beyond them is closed at once (a
 /// crowd of them took all of the daemon's descriptors, and an adopted VM
