@@ -237,8 +237,54 @@ fn host_memory() -> Option<u64> {
 /// turns, and each reads the job only once it is its turn, so the file never
 /// ends up older than the last change followed by a write (writers that each
 /// wrote their own copy could land the older one last).
+/// Taken by whoever writes or removes job files, one at a time.
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Ended jobs kept, records and files: the most recently ended. Older ones
+/// go as newer ones end, so that a daemon that runs for years keeps a
+/// bounded history, in memory, on disk and in `jobs` replies (each took
+/// 8-30 KiB of its memory, without end).
+pub const KEPT_ENDED_JOBS: usize = 256;
+
+/// Removes the ended jobs beyond the [`KEPT_ENDED_JOBS`] most recent, and
+/// their files. Unfinished jobs always stay.
+fn prune(d: &Daemon) {
+    super::blocking(|| {
+        let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<String> = {
+            let mut reg = d.reg();
+            let number = |id: &str| id.strip_prefix("job").and_then(|n| n.parse::<u64>().ok());
+            let mut ended: Vec<(u64, Option<u64>, String)> = reg
+                .jobs
+                .values()
+                .filter(|j| j.is_final())
+                .map(|j| (j.ended.unwrap_or(0), number(&j.id), j.id.clone()))
+                .collect();
+            let Some(extra) = ended.len().checked_sub(KEPT_ENDED_JOBS) else {
+                return;
+            };
+            ended.sort();
+            let gone: Vec<String> = ended.into_iter().take(extra).map(|e| e.2).collect();
+            for id in &gone {
+                reg.jobs.remove(id);
+            }
+            gone
+        };
+        for id in &gone {
+            let path = d.jobs_dir().join(format!("{id}.json"));
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("removing {}: {e}", path.display());
+                }
+            }
+        }
+        if !gone.is_empty() {
+            tracing::debug!(removed = gone.len(), "old jobs pruned");
+        }
+    })
+}
+
 fn persist(d: &Daemon, id: &str) {
-    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
     super::blocking(|| {
         let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
         let Some(job) = d.reg().jobs.get(id).cloned() else {
@@ -270,6 +316,8 @@ pub fn load(d: &Daemon) {
             _ => tracing::warn!(path = %p.display(), "ignoring an unreadable job file"),
         }
     }
+    drop(reg);
+    prune(d);
 }
 
 /// At start: VM `vm` migrated away for good while no daemon watched (its
@@ -675,6 +723,7 @@ async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<St
         j.clone()
     };
     persist(d, &job.id);
+    prune(d);
     match &job.error {
         Some(e) => tracing::warn!(status = %job.status, "migration ended: {e}"),
         None => tracing::info!(status = %job.status, "migration ended"),
@@ -904,6 +953,48 @@ mod tests {
     use super::super::Registry;
     use super::*;
     use std::sync::Mutex;
+
+    /// Only the most recently ended jobs are kept, records and files; an
+    /// unfinished one always is, however old.
+    #[test]
+    fn old_ended_jobs_are_pruned_beyond_the_kept_ones() {
+        let state_dir = std::env::temp_dir().join(format!("migd-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        let d = Daemon::for_tests(&state_dir, Registry::default());
+        std::fs::create_dir_all(d.jobs_dir()).unwrap();
+        let n = KEPT_ENDED_JOBS as u64 + 4;
+        for i in 0..=n {
+            let id = format!("job{i}");
+            let job = Job {
+                id: id.clone(),
+                vm: "vm1".into(),
+                to: "h:1".into(),
+                opts: MigrateOptions::default(),
+                // job0 started first and never ended; the others ended in order.
+                status: if i == 0 { "active" } else { "completed" }.into(),
+                started: 1,
+                ended: (i > 0).then_some(1000 + i / 2),
+                error: None,
+                stats: json!({}),
+            };
+            d.reg().jobs.insert(id.clone(), job);
+            persist(&d, &id);
+        }
+        prune(&d);
+        let reg = d.reg();
+        assert_eq!(reg.jobs.len(), KEPT_ENDED_JOBS + 1);
+        assert!(reg.jobs.contains_key("job0"), "the unfinished one");
+        for i in 1..=4 {
+            assert!(!reg.jobs.contains_key(&format!("job{i}")), "job{i}");
+            assert!(!d.jobs_dir().join(format!("job{i}.json")).exists());
+        }
+        assert!(reg.jobs.contains_key("job5"));
+        assert!(d.jobs_dir().join("job5.json").exists());
+        let files = std::fs::read_dir(d.jobs_dir()).unwrap().count();
+        assert_eq!(files, KEPT_ENDED_JOBS + 1);
+        drop(reg);
+        let _ = std::fs::remove_dir_all(&state_dir);
+    }
 
     #[test]
     fn reattached_and_loaded_job_ids_are_never_given_out_again() {
