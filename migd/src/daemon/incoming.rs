@@ -405,8 +405,20 @@ fn admit(
         boot_refused: None,
     };
     let mut reg = d.reg();
-    if reg.vms.contains_key(name) || dir.exists() {
+    if let Some(vm) = reg.vms.get(name) {
+        if vm.state == st::MIGRATED {
+            return Err(format!(
+                "a VM named '{name}' has just migrated away from this host and is still being \
+                 removed here: try again in a moment"
+            ));
+        }
         return Err(format!("a VM named '{name}' already exists on this host"));
+    }
+    if dir.exists() {
+        return Err(format!(
+            "a VM named '{name}' already exists on this host (its directory is still there: \
+             an earlier arrival or removal is being cleaned up, or `migd` was not told of it)"
+        ));
     }
     // VMs still arriving have not taken all their memory yet: it is theirs
     // all the same (counted whole, whatever they hold already: on the safe

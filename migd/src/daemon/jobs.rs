@@ -407,6 +407,11 @@ async fn rebalance(d: &Daemon) {
     if d.cfg.max_bandwidth.is_none() {
         return;
     }
+    // One at a time: two computed at different moments (a job starting,
+    // another ending) and sent interleaved could leave the older shares in
+    // force, together over the host's cap.
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = TURN.lock().await;
     for (id, vm, cap) in shares(d) {
         let sock = state::control_path(&d.vm_dir(&vm));
         let req = json!({"cmd": "bandwidth", "max_bandwidth": cap});
@@ -834,7 +839,14 @@ pub async fn reattach(d: &Arc<Daemon>, vm: &str) {
             error: None,
             stats: stats.clone(),
         });
-        job.status = status.clone();
+        // A migration that completed is `completing` until its tracker's
+        // `finish` has removed the VM here: whoever sees the job completed
+        // sees the VM gone.
+        job.status = if is_final(&status) {
+            "completing".into()
+        } else {
+            status.clone()
+        };
         job.ended = None;
         job.stats = stats;
         if let Some(v) = reg.vms.get_mut(vm) {
