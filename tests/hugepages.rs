@@ -334,6 +334,11 @@ fn a_daemon_on_huge_pages_takes_a_vm_and_refuses_one_its_pool_cannot_hold() {
         "{e}"
     );
     a.wait_state("big", "running", Duration::from_secs(10));
+    // A lazy restore cannot fill huge pages page by page: refused by the
+    // daemon, which names what to do (the VM process named a flag the
+    // operator never gave).
+    let e = b.fails(&["restore", "h2", "/nonexistent.snap", "--lazy"]);
+    assert!(e.contains("restore without --lazy"), "{e}");
     b.ok(&["destroy", "h1"]);
 }
 

@@ -239,12 +239,13 @@ pub fn host_cannot_run(vm: &VmDescriptor) -> Option<String> {
 }
 
 /// [`host_cannot_run`] for a VM that comes another way than a migration
-/// (a snapshot): the CPUID its vCPUs were captured with decides.
+/// (a snapshot): the CPUID its vCPUs were captured with decides, each
+/// vCPU's (a file may hold vCPUs that differ).
 pub fn check_runs_here(state: &vmm::VmState) -> Result<()> {
     let why = state
         .vcpus
-        .first()
-        .and_then(|v| host_cannot_run(&describe("", &v.cpuid, state.memory, 0)));
+        .iter()
+        .find_map(|v| host_cannot_run(&describe("", &v.cpuid, state.memory, 0)));
     match why {
         Some(why) => Err(Error::Invalid(format!(
             "this host cannot run the VM: {why}"
@@ -972,6 +973,31 @@ mod tests {
                 assert_eq!(cpu_incompatibility(&guest, &host), None, "vCPU {id}");
             }
         }
+    }
+
+    /// A snapshot is checked vCPU by vCPU: the second one's CPUID counts
+    /// (only the first one's did).
+    #[test]
+    fn every_vcpu_of_a_snapshot_is_checked() {
+        let Ok(host) = vmm::cpuid::host_supported() else {
+            return eprintln!("SKIP: no KVM");
+        };
+        let mut state = vmm::testing::state(64 << 20);
+        state.vcpus[0].cpuid = vmm::cpuid::for_vcpu(&host, 0, 2, 1);
+        let mut second = vmm::testing::state(64 << 20).vcpus.remove(0);
+        second.id = 1;
+        second.cpuid = vmm::cpuid::for_vcpu(&host, 1, 2, 1);
+        state.vcpus.push(second);
+        assert!(check_runs_here(&state).is_ok());
+        for e in state.vcpus[1]
+            .cpuid
+            .iter_mut()
+            .filter(|e| e.function == 7 && e.index == 0)
+        {
+            e.ebx = u32::MAX;
+        }
+        let e = check_runs_here(&state).unwrap_err().to_string();
+        assert!(e.contains("CPUID 0x7.0 EBX"), "{e}");
     }
 
     #[test]

@@ -889,6 +889,12 @@ async fn abort(d: &Daemon, name: &str) -> Result<Value> {
 /// its memory is filled from the file, which must stay in place until then.
 async fn restore(d: &Arc<Daemon>, name: String, path: &Path, lazy: bool) -> Result<Value> {
     state::check_name(&name).map_err(anyhow::Error::msg)?;
+    if lazy && d.cfg.hugepages {
+        bail!(
+            "this daemon gives its VMs huge pages (hugepages), which a lazy restore cannot \
+             fill page by page: restore without --lazy"
+        );
+    }
     let path = existing_file(path, "snapshot")?;
     let p = path.clone();
     let snap = tokio::task::spawn_blocking(move || vmm::snapshot::LazySnapshot::open(&p))
@@ -897,6 +903,22 @@ async fn restore(d: &Arc<Daemon>, name: String, path: &Path, lazy: bool) -> Resu
     // Before a process reads gigabytes of memory only to find that it cannot.
     migration::handshake::check_runs_here(&snap.state)
         .with_context(|| format!("restoring {}", path.display()))?;
+    // Its stored pages take host memory at once (or, lazily, within
+    // seconds): refused where they cannot fit, as an arrival is, rather
+    // than left to the OOM killer, which may take another VM. On huge pages
+    // the VM's memory is reserved whole when made, or refused then.
+    if !d.cfg.hugepages {
+        let needed = snap.data_pages.saturating_mul(4096);
+        let available = vmm::memory::mem_available().unwrap_or(u64::MAX);
+        if needed > available {
+            bail!(
+                "restoring {} needs {} MiB for its stored pages; this host has {} MiB available",
+                path.display(),
+                needed >> 20,
+                available >> 20
+            );
+        }
+    }
     // Its boot section passes the checks of a migration's Boot message, or
     // the file is refused, before the VM exists.
     let boot_spec = snap.boot.as_ref().and_then(state::wire_boot);
