@@ -344,6 +344,35 @@ pub fn completed_while_away(d: &Daemon, vm: &str, stats: &Value) {
     persist(d, &job);
 }
 
+/// VM `vm`'s process noted a completed migration, `stats`, as it exited,
+/// while no tracker followed it (one that gave up on a process that did not
+/// answer for minutes failed the job): the job it names, if it ended
+/// otherwise, completed after all.
+pub fn completed_after_all(d: &Daemon, vm: &str, stats: &Value) {
+    let Some(id) = stats["id"].as_str() else {
+        return;
+    };
+    {
+        let mut reg = d.reg();
+        let Some(j) = reg
+            .jobs
+            .get_mut(id)
+            .filter(|j| j.vm == vm && j.status != "completed")
+        else {
+            return;
+        };
+        tracing::warn!(job = %id, was = %j.status, "the migration completed after all");
+        j.status = "completed".into();
+        j.ended = Some(state::now());
+        j.error = None;
+        if stats.is_object() {
+            j.stats = stats.clone();
+        }
+        j.stats["outcome"] = json!("completed");
+    }
+    persist(d, id);
+}
+
 /// After re-attaching: jobs left unfinished by an earlier daemon whose VM no longer
 /// reports them are marked failed; with `vm`, only that VM's (a VM adopted
 /// in the background calls this once it is; until then its jobs wait).
@@ -1005,6 +1034,43 @@ mod tests {
         let files = std::fs::read_dir(d.jobs_dir()).unwrap().count();
         assert_eq!(files, KEPT_ENDED_JOBS + 1);
         drop(reg);
+        let _ = std::fs::remove_dir_all(&state_dir);
+    }
+
+    /// A job given up as failed whose VM process then noted the migration
+    /// completed ends completed, with the noted statistics; another VM's
+    /// job of that id is left alone.
+    #[test]
+    fn a_job_given_up_that_completed_after_all_says_so() {
+        let state_dir = std::env::temp_dir().join(format!("migd-after-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        let d = Daemon::for_tests(&state_dir, Registry::default());
+        std::fs::create_dir_all(d.jobs_dir()).unwrap();
+        d.reg().jobs.insert(
+            "job3".into(),
+            Job {
+                id: "job3".into(),
+                vm: "vm1".into(),
+                to: "h:1".into(),
+                opts: MigrateOptions::default(),
+                status: "failed".into(),
+                started: 1,
+                ended: Some(2),
+                error: Some("the VM process stopped answering".into()),
+                stats: json!({}),
+            },
+        );
+        let noted = json!({"id": "job3", "bytes": 7, "status": "completed"});
+        completed_after_all(&d, "vm2", &noted);
+        assert_eq!(d.reg().jobs["job3"].status, "failed", "another VM's");
+        completed_after_all(&d, "vm1", &noted);
+        let j = d.reg().jobs["job3"].clone();
+        assert_eq!((j.status.as_str(), j.error), ("completed", None));
+        assert_eq!(j.stats["bytes"], 7);
+        let file: Value =
+            serde_json::from_slice(&std::fs::read(d.jobs_dir().join("job3.json")).unwrap())
+                .unwrap();
+        assert_eq!(file["status"], "completed");
         let _ = std::fs::remove_dir_all(&state_dir);
     }
 

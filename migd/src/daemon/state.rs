@@ -741,6 +741,9 @@ pub fn process_exited(d: &Daemon, name: &str, pid: u32, code: Option<i32>) {
         reg.vms.remove(name);
         drop(reg);
         tracing::info!("VM process of a VM that migrated away exited; removed here");
+        if let Some(stats) = &left {
+            super::jobs::completed_after_all(d, name, stats);
+        }
         if let Err(e) = remove_dir(&dir) {
             tracing::warn!("{e:#}");
         }
