@@ -1147,12 +1147,100 @@ pub fn read(path: &Path) -> Result<(VmState, GuestRam, SnapshotStats)> {
     Ok((state, ram, stats))
 }
 
+/// Tries of a read of the page data that fails without the file having
+/// changed (EIO...) before it is given up.
+const READ_TRIES: u32 = 5;
+/// Wait after the first failed try, doubled after each.
+const READ_BACKOFF: Duration = Duration::from_millis(10);
+
+/// What a lazy reader knows of its file at open: a later size or
+/// modification time that differs means the file was truncated or written
+/// to under it. The change time is not compared: renaming, unlinking or
+/// linking the file (harmless: the descriptor keeps the inode) changes it too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    /// Modification time (seconds, nanoseconds).
+    mtime: (i64, i64),
+}
+
+impl FileIdentity {
+    fn of(file: &File) -> std::io::Result<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        })
+    }
+
+    /// How `now` (the same descriptor, later) differs from `self`, if it
+    /// does: "the file ... was truncated ... while {during}".
+    fn change(&self, now: &FileIdentity, during: &str) -> Option<String> {
+        let what = if now.size < self.size {
+            format!("was truncated ({} bytes, was {})", now.size, self.size)
+        } else if now.size != self.size || now.mtime != self.mtime {
+            "was written to".into()
+        } else {
+            return None;
+        };
+        Some(format!(
+            "the file (inode {} on device {:#x}) {what} while {during}",
+            self.ino, self.dev
+        ))
+    }
+}
+
+/// Runs `read` (of page data) up to `tries` times, waiting `backoff`,
+/// doubled each time, between tries: Ok once a read succeeds with the file
+/// unchanged. `changed` (the file's change since it was opened, if any) is
+/// asked after every read, successful or not: a change fails at once with
+/// its reason (data read from a changed file is not to be used, and
+/// retrying cannot help); a failure it does not explain is retried, then
+/// reported with `what` and the last error.
+fn read_unchanged(
+    mut read: impl FnMut() -> std::io::Result<()>,
+    changed: impl Fn() -> Option<String>,
+    what: impl Fn() -> String,
+    tries: u32,
+    backoff: Duration,
+) -> std::result::Result<(), String> {
+    let mut wait = backoff;
+    let mut tried = 0;
+    loop {
+        let r = read();
+        tried += 1;
+        if let Some(why) = changed() {
+            return Err(why);
+        }
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) if tried >= tries => {
+                return Err(format!("{}: {e} (tried {tried} times)", what()))
+            }
+            Err(_) => {
+                std::thread::sleep(wait);
+                wait *= 2;
+            }
+        }
+    }
+}
+
 /// A snapshot opened for lazy restore: everything but the page data has been
 /// read and verified (header, state, page index and working-set checksums,
 /// sizes against the file and the host, the end marker). The page data is
 /// read on demand ([`LazySnapshot::read_page`]) and streamed in order by
 /// [`LazySnapshot::stream`], which is where its checksum is checked: a
 /// corrupted page may reach the guest before the mismatch is known.
+///
+/// The file's size and modification time at open are checked after every
+/// read of page data: once the file was truncated or written to, every read
+/// fails, naming that, and no page read after the change is returned. A read
+/// that fails otherwise (EIO) is tried [`READ_TRIES`] times in all.
 pub struct LazySnapshot {
     /// The VM state.
     pub state: VmState,
@@ -1174,6 +1262,8 @@ pub struct LazySnapshot {
     /// Index in the data (in pages) of the first page of each run.
     run_first: Vec<u64>,
     data_crc: u32,
+    /// The file as opened.
+    identity: FileIdentity,
 }
 
 impl LazySnapshot {
@@ -1181,6 +1271,7 @@ impl LazySnapshot {
     pub fn open(path: &Path) -> Result<Self> {
         let bad = |reason: String| snap_err(path, reason);
         let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
+        let identity = FileIdentity::of(&file).map_err(|e| bad(format!("stat: {e}")))?;
         let mut r = BufReader::with_capacity(1 << 16, file);
         let f = read_front(path, &mut r)?;
         let file = r.into_inner();
@@ -1189,6 +1280,13 @@ impl LazySnapshot {
             .map_err(|e| bad(format!("reading the trailer: {e}")))?;
         if &trailer[4..12] != END_MAGIC {
             return Err(bad("bad end marker".into()));
+        }
+        // What was validated is what the identity describes.
+        if let Some(why) = FileIdentity::of(&file)
+            .ok()
+            .and_then(|now| identity.change(&now, "it was opened"))
+        {
+            return Err(bad(why));
         }
         let run_first = run_starts(&f.runs);
         Ok(LazySnapshot {
@@ -1204,7 +1302,28 @@ impl LazySnapshot {
             data_offset: f.data_offset,
             run_first,
             data_crc: u32::from_le_bytes(trailer[0..4].try_into().unwrap_or_default()),
+            identity,
         })
+    }
+
+    /// How the file changed since it was opened (truncated, written to),
+    /// if it did; None also where the descriptor cannot be stat'ed.
+    pub fn changed(&self) -> Option<String> {
+        let now = FileIdentity::of(&self.file).ok()?;
+        self.identity.change(&now, "the lazy restore still read it")
+    }
+
+    /// Reads `buf` at file offset `at` of the page data (see
+    /// [`read_unchanged`]); `what` names the read in an error.
+    fn read_data(&self, buf: &mut [u8], at: u64, what: impl Fn() -> String) -> Result<()> {
+        read_unchanged(
+            || self.file.read_exact_at(buf, at),
+            || self.changed(),
+            what,
+            READ_TRIES,
+            READ_BACKOFF,
+        )
+        .map_err(|reason| snap_err(&self.path, reason))
     }
 
     /// File offset of the stored page at memfd offset `off`; None: not stored (zero).
@@ -1218,9 +1337,9 @@ impl LazySnapshot {
         let Some(at) = self.page_file_offset(off) else {
             return Ok(false);
         };
-        self.file
-            .read_exact_at(&mut buf[..PAGE_SIZE as usize], at)
-            .map_err(|e| snap_err(&self.path, format!("reading page {off:#x}: {e}")))?;
+        self.read_data(&mut buf[..PAGE_SIZE as usize], at, || {
+            format!("reading page {off:#x}")
+        })?;
         Ok(true)
     }
 
@@ -1241,9 +1360,7 @@ impl LazySnapshot {
             while done < n {
                 let k = (n - done).min(chunk_pages);
                 let b = &mut buf[..(k * PAGE_SIZE) as usize];
-                self.file
-                    .read_exact_at(b, at)
-                    .map_err(|e| snap_err(&self.path, format!("reading the page data: {e}")))?;
+                self.read_data(b, at, || format!("reading the page data at {at:#x}"))?;
                 crc.update(b);
                 f(off + done * PAGE_SIZE, b)?;
                 at += k * PAGE_SIZE;
@@ -1803,5 +1920,123 @@ mod tests {
         assert!(!done.is_cancelled() && done.is_committed());
         read(&p).expect("the file is complete");
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// The lazy reader's file truncated or written to in place after it was
+    /// opened: every read of page data fails, naming the change (before, a
+    /// truncation read "failed to fill whole buffer" and an overwrite was
+    /// served as page data). Renamed and unlinked, it reads on as before.
+    #[test]
+    fn a_lazy_read_fails_naming_a_truncation_or_an_overwrite_but_not_a_rename() {
+        let (d, p) = sample("lazy-changed");
+        let good = std::fs::read(&p).unwrap();
+        let mut b = [0u8; 4096];
+
+        // Renamed, then unlinked: the descriptor keeps the old inode.
+        let lazy = LazySnapshot::open(&p).unwrap();
+        let moved = d.join("moved.snap");
+        std::fs::rename(&p, &moved).unwrap();
+        std::fs::remove_file(&moved).unwrap();
+        assert!(lazy.read_page(0x1000, &mut b).unwrap());
+        assert_eq!(b, [0xaa; 4096]);
+        lazy.stream(1, |_, _| Ok(())).unwrap();
+
+        // Truncated: page reads and the stream say so, with both sizes.
+        std::fs::write(&p, &good).unwrap();
+        let lazy = LazySnapshot::open(&p).unwrap();
+        let short = good.len() as u64 - 3 * PAGE_SIZE;
+        OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(short)
+            .unwrap();
+        let want = format!(
+            "was truncated ({short} bytes, was {}) while the lazy restore still read it",
+            good.len()
+        );
+        for off in [0x1000, 0x300_0000] {
+            let e = lazy.read_page(off, &mut b).unwrap_err().to_string();
+            assert!(e.contains(&want), "{e}");
+            assert!(e.contains(&p.display().to_string()), "{e}");
+        }
+        let e = lazy.stream(64, |_, _| Ok(())).unwrap_err().to_string();
+        assert!(e.contains(&want), "{e}");
+
+        // Written to in place (same size, a later modification time): even
+        // a page the write did not touch is refused, and the stream gives
+        // no page.
+        std::fs::write(&p, &good).unwrap();
+        let lazy = LazySnapshot::open(&p).unwrap();
+        // Past the coarse clock's tick, so that the write's time differs.
+        std::thread::sleep(Duration::from_millis(50));
+        let at = lazy.page_file_offset(0x300_0000).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .write_all_at(&[0xdd], at)
+            .unwrap();
+        let want = "was written to while the lazy restore still read it";
+        let e = lazy.read_page(0x1000, &mut b).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+        let mut pages = 0;
+        let e = lazy
+            .stream(1, |_, _| {
+                pages += 1;
+                Ok(())
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{e}");
+        assert_eq!(pages, 0, "a page read after the change was used");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A read that fails with the file unchanged is tried again, 5 times in
+    /// all with a doubling wait, then fails naming the error; one that fails
+    /// because the file changed is not retried.
+    #[test]
+    fn a_failed_read_is_retried_unless_the_file_changed() {
+        let eio = || std::io::Error::from_raw_os_error(libc::EIO);
+        let calls = std::cell::Cell::new(0);
+        let flaky = || {
+            calls.set(calls.get() + 1);
+            if calls.get() < 4 {
+                Err(eio())
+            } else {
+                Ok(())
+            }
+        };
+        let what = || "reading page 0x3000".to_string();
+        let t = Instant::now();
+        read_unchanged(flaky, || None, what, READ_TRIES, READ_BACKOFF).unwrap();
+        assert_eq!(calls.get(), 4);
+        assert!(
+            t.elapsed() >= Duration::from_millis(70),
+            "{:?}",
+            t.elapsed()
+        );
+
+        calls.set(0);
+        let failing = || {
+            calls.set(calls.get() + 1);
+            Err(eio())
+        };
+        let e = read_unchanged(failing, || None, what, READ_TRIES, Duration::ZERO).unwrap_err();
+        assert_eq!(calls.get(), 5);
+        assert!(
+            e.starts_with("reading page 0x3000: Input/output error"),
+            "{e}"
+        );
+        assert!(e.contains("tried 5 times"), "{e}");
+
+        calls.set(0);
+        let changed = || Some("the file was truncated".to_string());
+        let e = read_unchanged(failing, changed, what, READ_TRIES, READ_BACKOFF).unwrap_err();
+        assert_eq!((calls.get(), e.as_str()), (1, "the file was truncated"));
+        // A read that succeeds from a changed file is not used either.
+        let e = read_unchanged(|| Ok(()), changed, what, READ_TRIES, READ_BACKOFF).unwrap_err();
+        assert_eq!(e, "the file was truncated");
     }
 }
