@@ -1,7 +1,8 @@
 //! End-to-end tests of `migd run --restore FILE --lazy` with the test guest:
 //! a snapshot with a working set (taken while the guest writes), restored
-//! lazily with 1 and 2 vCPUs; the eager restore of the same file; and a file
-//! with corrupted page data, which the background filler must catch.
+//! lazily with 1 and 2 vCPUs; the eager restore of the same file; a file
+//! with corrupted page data, which the background filler must catch; and a
+//! file truncated or written to while a slow fill still reads it.
 
 mod common;
 
@@ -261,4 +262,61 @@ fn corrupted_page_data_is_caught_by_the_lazy_filler() {
     let (code, err) = migd_output(&["run", "--restore", f.to_str().unwrap()]);
     assert_ne!(code, 0);
     assert!(err.contains("page data checksum mismatch"), "{err}");
+}
+
+/// A slow fill (`MIGD_LAZY_PACE_MS`) whose file is truncated, then one whose
+/// file is written to in place, while it still reads them: the VM stops at
+/// once with a reason naming the change (before, a truncation read "failed
+/// to fill whole buffer", and an overwrite ran the guest on the new bytes
+/// until the checksum at the end of the stream).
+#[test]
+fn a_file_truncated_or_written_to_during_a_lazy_fill_stops_the_vm_naming_it() {
+    if !kvm_or_skip("a_file_truncated_or_written_to_during_a_lazy_fill_stops_the_vm_naming_it") {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let dir = scratch("lazy-changed");
+    let (snap, _, _) = take_snapshot(&dir, "a", "workload=dirty:16:16", "128M", 1);
+    let len = std::fs::metadata(&snap).unwrap().len();
+    // Some 5000 pages stored, 256 a chunk, 300 ms after each: about 6 s.
+    let slow = [("MIGD_LAZY_PACE_MS", "300")];
+    for tag in ["truncated", "written"] {
+        let file = dir.join(format!("{tag}.snap"));
+        std::fs::copy(&snap, &file).unwrap();
+        let console = Console(dir.join(format!("{tag}.console")));
+        let mut p = VmProcess::start_env(
+            &dir,
+            tag,
+            &console,
+            &["--restore", file.to_str().unwrap(), "--lazy"],
+            &slow,
+        );
+        let log = dir.join(format!("{tag}.log"));
+        wait_log(
+            &log,
+            "memory filling in the background",
+            Duration::from_secs(30),
+        );
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        let want = if tag == "truncated" {
+            f.set_len(len / 2).unwrap();
+            format!(
+                "was truncated ({} bytes, was {len}) while the lazy restore still read it",
+                len / 2
+            )
+        } else {
+            // In the last stored page, which the stream reaches last.
+            f.write_all_at(&[0x5a; 64], len - 12 - 4096).unwrap();
+            "was written to while the lazy restore still read it".into()
+        };
+        let code = p.wait(Duration::from_secs(30));
+        let text = log_text(&log);
+        assert_eq!(code, 1, "{tag}: exit {code}:\n{text}");
+        assert!(
+            text.contains("VM failed: lazy restore failed: snapshot ") && text.contains(&want),
+            "{tag}: no '{want}' in the reason:\n{text}"
+        );
+        assert!(!text.contains("all pages filled"), "{tag}:\n{text}");
+        assert!(!text.contains("checksum mismatch"), "{tag}:\n{text}");
+    }
 }

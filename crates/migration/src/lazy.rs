@@ -15,6 +15,14 @@
 //!   stays a hole of the memfd and takes no memory until the guest writes it,
 //!   as the eager restore punches such pages out again.
 //!
+//! **The file while it is read.** Renaming or unlinking it changes nothing
+//! (the descriptor keeps the inode). Every read of page data checks that the
+//! file's size and modification time are still those seen at open
+//! ([`LazySnapshot::changed`]): once it was truncated or written to, the read
+//! fails naming that, and the VM is stopped as below before a page read
+//! after the change is used. A read that fails otherwise (EIO) is tried 5
+//! times with a doubling wait from 10 ms before it fails.
+//!
 //! When the filler has streamed every stored page, userfaultfd is unregistered
 //! (pages not filled fault in as zeros from then on, as any memfd page) and
 //! the totals are logged.
@@ -31,7 +39,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vmm::memory::PAGE_SIZE;
 use vmm::snapshot::LazySnapshot;
@@ -106,6 +114,9 @@ struct Lazy {
     /// [`Lazy::start_control`] refuses to go on then. The lock orders a
     /// failure against the VM's arrival.
     early: std::sync::Mutex<Option<String>>,
+    /// A pause after each chunk of the stream (test knob
+    /// `MIGD_LAZY_PACE_MS`, with fault injection on), to watch a slow fill.
+    pace: Option<Duration>,
 }
 
 impl Lazy {
@@ -129,6 +140,7 @@ impl Lazy {
             stop: AtomicBool::new(false),
             control: OnceLock::new(),
             early: std::sync::Mutex::new(None),
+            pace: crate::faults::knob_ms("MIGD_LAZY_PACE_MS"),
         }))
     }
 
@@ -316,6 +328,12 @@ impl Lazy {
             self.progress
                 .already_present
                 .fetch_add(present, Ordering::Relaxed);
+            if let Some(pace) = self.pace {
+                let end = Instant::now() + pace;
+                while Instant::now() < end && !self.stop.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(10).min(pace));
+                }
+            }
             Ok(())
         })?;
         Ok(())
@@ -415,11 +433,17 @@ pub fn restore(
                 }
                 Ok(()) => {}
                 Err(e) => {
+                    // The reason reads as the fault thread's would ("snapshot
+                    // FILE: ...", not "VM: snapshot FILE: ...").
+                    let why = match e {
+                        Error::Vm(e) => e.to_string(),
+                        e => e.to_string(),
+                    };
                     // The fault thread keeps serving (so vCPUs can leave); the VM stops.
                     tracing::error!(
-                        "lazy restore failed: {e}; the guest may have seen bad pages: stopping the VM"
+                        "lazy restore failed: {why}; the guest may have seen bad pages: stopping the VM"
                     );
-                    l.fail(e.to_string());
+                    l.fail(why);
                 }
             }
         })
