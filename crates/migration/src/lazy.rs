@@ -7,7 +7,10 @@
 //!
 //! - the fault thread: a fault on a stored page is served by reading that page
 //!   from the file (`pread` at its data offset) and `UFFDIO_COPY`; a fault on a
-//!   page that is not stored, or stored as zeros, gets `UFFDIO_ZEROPAGE`;
+//!   page that is not stored, or stored as zeros, gets `UFFDIO_ZEROPAGE`. So
+//!   does, without reading the file, a fault on a page the stream has passed:
+//!   the stream placed every non-zero page there, so a missing one is zero
+//!   (and its slot, already checksummed, is never read again);
 //! - the filler: first the working set recorded when the snapshot was taken
 //!   (pages the guest wrote just before the pause), then every stored page in
 //!   file order. A page that is already there (faulted in, or prefetched) is
@@ -114,6 +117,9 @@ struct Lazy {
     /// [`Lazy::start_control`] refuses to go on then. The lock orders a
     /// failure against the VM's arrival.
     early: std::sync::Mutex<Option<String>>,
+    /// Memfd offset the stream has placed every non-zero page below: a
+    /// missing page there is zero, and a fault on it reads nothing.
+    streamed: AtomicU64,
     /// A pause after each chunk of the stream (test knob
     /// `MIGD_LAZY_PACE_MS`, with fault injection on), to watch a slow fill.
     pace: Option<Duration>,
@@ -140,6 +146,7 @@ impl Lazy {
             stop: AtomicBool::new(false),
             control: OnceLock::new(),
             early: std::sync::Mutex::new(None),
+            streamed: AtomicU64::new(0),
             pace: crate::faults::knob_ms("MIGD_LAZY_PACE_MS"),
         }))
     }
@@ -215,7 +222,9 @@ impl Lazy {
                 tracing::warn!(page_addr, "fault outside guest RAM");
                 return Ok(());
             };
-            let stored = if broken {
+            // Below the stream's mark a missing page is zero (see `streamed`).
+            let passed = off < self.streamed.load(Ordering::Acquire);
+            let stored = if broken || passed {
                 false
             } else {
                 match self.snap.read_page(off, &mut page) {
@@ -328,6 +337,8 @@ impl Lazy {
             self.progress
                 .already_present
                 .fetch_add(present, Ordering::Relaxed);
+            self.streamed
+                .store(off + data.len() as u64, Ordering::Release);
             if let Some(pace) = self.pace {
                 let end = Instant::now() + pace;
                 while Instant::now() < end && !self.stop.load(Ordering::Acquire) {
@@ -539,6 +550,47 @@ mod tests {
         assert!(lazy.early.lock().unwrap().is_none());
         assert!(lazy.progress.failed.load(Ordering::Acquire));
         lazy.map.unregister(&lazy.uffd).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A fault on a stored zero page the stream has passed is served as
+    /// zeros without reading the file (before, it read the slot again, past
+    /// the checksum, so that an in-place change of it reached the guest).
+    #[test]
+    fn a_fault_on_a_zero_page_the_stream_passed_reads_nothing() {
+        use std::os::unix::fs::FileExt;
+        let (_ram, dir, path, _) = half_zeros_saved(PAGES, "lazy-passed");
+        let snap = LazySnapshot::open(&path).unwrap();
+        // Page 2 is stored, as zeros (its slot is a hole of the file).
+        let slot = snap.page_file_offset(2 * PAGE_SIZE).unwrap();
+        let restored = GuestRam::new(PAGES * PAGE_SIZE).unwrap();
+        let lazy = Lazy::new(snap, &restored, Instant::now()).unwrap();
+        let mut page = vec![1u8; PAGE_SIZE as usize];
+        std::thread::scope(|s| {
+            let faults = s.spawn(|| lazy.serve_faults());
+            lazy.fill_all().unwrap();
+            // The slot written in place once the stream checksummed it
+            // (past the coarse clock's tick, so that the file's time moves).
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .write_all_at(&[0xee; PAGE_SIZE as usize], slot)
+                .unwrap();
+            restored.read(gpa(&restored, 2), &mut page).unwrap();
+            lazy.stop.store(true, Ordering::Release);
+            lazy.map.unregister(&lazy.uffd).unwrap();
+            faults.join().unwrap();
+        });
+        let p = &lazy.progress;
+        assert!(page.iter().all(|&b| b == 0), "the guest read the new slot");
+        assert!(
+            !p.failed.load(Ordering::Acquire),
+            "the file was read: {p:?}"
+        );
+        assert_eq!(p.zero_faults.load(Ordering::Relaxed), 1, "{p:?}");
+        assert_eq!(p.faults.load(Ordering::Relaxed), 0, "{p:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
