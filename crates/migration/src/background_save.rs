@@ -3,8 +3,9 @@
 //! Guest memory is write-protected through userfaultfd while the guest still
 //! runs (a page it writes meanwhile is noted and let go). The guest is then
 //! paused only to capture its state, protect again the few pages it wrote
-//! since, and fix the file's layout. It resumes, and the pages are written
-//! to the file in order. A page the guest is about to change is saved first:
+//! since, and fix the file's layout in memory (the file is made before the
+//! pause, and its front written after it: the pause does no file system
+//! work). It resumes, and the pages are written to the file in order. A page the guest is about to change is saved first:
 //! its write faults, the fault thread copies the page aside (the streaming
 //! pass writes it to its place; the guest does not wait on the disk) and
 //! lifts the protection. The pages held aside are bounded ([`HELD_MAX`]):
@@ -101,6 +102,12 @@ fn save_holding(
                 .into(),
         )));
     }
+    // The file (and the clean-up of stale ones beside it) before the pause,
+    // the front written after it: the pause holds no file system work, which
+    // a slow or hung file system would stretch.
+    let prepared = SnapshotWriter::prepare(path)
+        .map_err(Error::from)
+        .map_err(BackgroundError::before_resume)?;
     let map = RamMap::new(ram);
     let uffd = Uffd::for_write_protect()
         .map_err(io_err("userfaultfd (write-protect)"))
@@ -120,8 +127,15 @@ fn save_holding(
     let sealed = (|| {
         let runs = with_pages(runs, &touched, map.pages());
         armed.protect_again(&touched)?;
-        SnapshotWriter::create(path, &state, ram.size(), runs, working_set.as_deref(), boot)
-            .map_err(Error::from)
+        SnapshotWriter::create_in(
+            prepared,
+            &state,
+            ram.size(),
+            runs,
+            working_set.as_deref(),
+            boot,
+        )
+        .map_err(Error::from)
     })();
     let writer = sealed.map_err(BackgroundError::before_resume)?;
     progress.start(writer.data_pages());
@@ -161,6 +175,13 @@ fn save_holding(
             .map_err(BackgroundError::before_resume)?;
         resume();
         let paused = paused_at.elapsed();
+        // The front after the pause (the fault thread writes page data at
+        // its own offsets meanwhile).
+        if let Err(e) = writer.write_front() {
+            save.stop.store(true, Ordering::Release);
+            let _ = faults.join();
+            return Err(BackgroundError::after_resume(e.into()));
+        }
         // Pages that are not in the file need no protection: a guest filling
         // fresh memory during the save should not fault on every page (the
         // fault thread lets those through meanwhile).
@@ -927,6 +948,50 @@ pub(crate) mod tests {
 
     /// A save cancelled while it streams fails after the resume, leaves no
     /// file and no temporary, and lifts the protection: the guest writes on.
+    /// The pause does no file system work: the temporary file is there
+    /// before it, still empty in it, and the front is written after it.
+    #[test]
+    fn the_file_is_made_before_the_pause_and_written_after_it() {
+        let ram = GuestRam::new(PAGES * PAGE_SIZE).unwrap();
+        for p in 0..DATA_PAGES {
+            ram.write(gpa(&ram, p), &[p as u8 | 1; 64]).unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!("migration-prepared-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.snap");
+        let sizes = || -> Vec<u64> {
+            std::fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .map(|e| e.metadata().unwrap().len())
+                .collect()
+        };
+        let in_pause = std::cell::RefCell::new(Vec::new());
+        let stats = save(
+            &ram,
+            &path,
+            None,
+            || {
+                *in_pause.borrow_mut() = sizes();
+                Ok((vmm::testing::state(ram.size()), None))
+            },
+            || {},
+            &WriteProgress::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            *in_pause.borrow(),
+            vec![0],
+            "one empty temporary file in the pause"
+        );
+        assert_eq!(stats.snapshot.data_pages, DATA_PAGES);
+        let (_, back, _) = vmm::snapshot::read(&path).unwrap();
+        let mut b = [0u8; 64];
+        back.read(gpa(&back, 3), &mut b).unwrap();
+        assert_eq!(b, [3 | 1; 64]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn a_cancelled_save_leaves_nothing_and_unprotects_memory() {
         let ram = std::sync::Arc::new(GuestRam::new(PAGES * PAGE_SIZE).unwrap());

@@ -627,6 +627,10 @@ pub struct SnapshotWriter {
     file: File,
     /// Renamed into place: nothing to remove on drop.
     done: bool,
+    /// The header, state and indexes, when not written at creation (see
+    /// [`SnapshotWriter::create_in`]): written by [`SnapshotWriter::write_front`]
+    /// or at the latest by `finish`.
+    front: std::sync::Mutex<Option<Vec<u8>>>,
     runs: Vec<(u64, u64)>,
     run_first: Vec<u64>,
     data_offset: u64,
@@ -634,7 +638,34 @@ pub struct SnapshotWriter {
     start: Instant,
 }
 
+/// The temporary file a snapshot for a path will be written into, made
+/// ahead (see [`SnapshotWriter::prepare`]); removed when dropped unused.
+pub struct PreparedFile {
+    path: PathBuf,
+    /// Taken by the writer.
+    file: Option<(File, PathBuf)>,
+}
+
+impl Drop for PreparedFile {
+    fn drop(&mut self) {
+        if let Some((_, tmp)) = &self.file {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
 impl SnapshotWriter {
+    /// Makes the temporary file for a snapshot of `path` (and removes stale
+    /// ones beside it), ahead of [`SnapshotWriter::create_in`]: a save that
+    /// pauses its VM does this file system work before the pause.
+    pub fn prepare(path: &Path) -> Result<PreparedFile> {
+        let file = create_temp(path).map_err(|e| snap_err(path, format!("create: {e}")))?;
+        Ok(PreparedFile {
+            path: path.to_path_buf(),
+            file: Some(file),
+        })
+    }
+
     /// Starts a snapshot of `state` for RAM of `memory` bytes whose stored
     /// pages are `runs` (memfd offset, page count; ascending, disjoint), with
     /// the working set as [`write_with_working_set`] takes it, and the VM's
@@ -647,6 +678,26 @@ impl SnapshotWriter {
         working_set: Option<&[u64]>,
         boot: Option<&BootSpec>,
     ) -> Result<Self> {
+        let w = Self::create_in(Self::prepare(path)?, state, memory, runs, working_set, boot)?;
+        w.write_front()?;
+        Ok(w)
+    }
+
+    /// [`SnapshotWriter::create`] in a file made ahead, without writing
+    /// anything: the front (header, state, indexes) is kept in memory until
+    /// [`SnapshotWriter::write_front`] (or `finish`) writes it, so that a
+    /// save can do it after its pause. Page data is written at its own
+    /// offsets ([`SnapshotWriter::slot`]) meanwhile.
+    pub fn create_in(
+        mut prepared: PreparedFile,
+        state: &VmState,
+        memory: u64,
+        runs: Vec<(u64, u64)>,
+        working_set: Option<&[u64]>,
+        boot: Option<&BootSpec>,
+    ) -> Result<Self> {
+        let path = prepared.path.clone();
+        let path = path.as_path();
         let start = Instant::now();
         let blob = state.encode()?;
         let data_pages: u64 = runs.iter().map(|r| r.1).sum();
@@ -709,7 +760,9 @@ impl SnapshotWriter {
             front.extend_from_slice(&boot_crc.to_le_bytes());
         }
         front.resize(data_offset as usize, 0);
-        let (file, tmp) = create_temp(path).map_err(|e| snap_err(path, format!("create: {e}")))?;
+        let Some((file, tmp)) = prepared.file.take() else {
+            return Err(snap_err(path, "the prepared file was taken already".into()));
+        };
         let run_first = run_starts(&runs);
         // From here on, a failure removes the temporary file (Drop).
         let w = SnapshotWriter {
@@ -717,6 +770,7 @@ impl SnapshotWriter {
             tmp,
             file,
             done: false,
+            front: std::sync::Mutex::new(Some(front)),
             runs,
             run_first,
             data_offset,
@@ -730,10 +784,24 @@ impl SnapshotWriter {
             },
             start,
         };
-        w.file()
-            .write_all(&front)
-            .map_err(|e| snap_err(path, format!("write: {e}")))?;
         Ok(w)
+    }
+
+    /// Writes the front (header, state, indexes) if it is not written yet,
+    /// and leaves the file position at the page data.
+    pub fn write_front(&self) -> Result<()> {
+        let mut front = self.front.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(bytes) = front.as_ref() {
+            let io = |e: std::io::Error| snap_err(&self.path, format!("write: {e}"));
+            self.file.write_all_at(bytes, 0).map_err(io)?;
+            std::io::Seek::seek(
+                &mut &self.file,
+                std::io::SeekFrom::Start(bytes.len() as u64),
+            )
+            .map_err(io)?;
+            *front = None;
+        }
+        Ok(())
     }
 
     /// The stored pages: (memfd offset, page count), ascending.
@@ -776,6 +844,7 @@ impl SnapshotWriter {
     pub fn finish(mut self, data_crc: u32, progress: &WriteProgress) -> Result<SnapshotStats> {
         let path = self.path.clone();
         let io = |e: std::io::Error| snap_err(&path, format!("write: {e}"));
+        self.write_front()?;
         let end = self.slot(self.stats.data_pages);
         let mut trailer = data_crc.to_le_bytes().to_vec();
         trailer.extend_from_slice(END_MAGIC);
