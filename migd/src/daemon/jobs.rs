@@ -240,31 +240,34 @@ fn host_memory() -> Option<u64> {
 /// Taken by whoever writes or removes job files, one at a time.
 static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Ended jobs kept, records and files: the most recently ended. Older ones
-/// go as newer ones end, so that a daemon that runs for years keeps a
-/// bounded history, in memory, on disk and in `jobs` replies (each took
-/// 8-30 KiB of its memory, without end).
+/// Ended jobs kept, records and files: the most recent (by job number).
+/// Older ones go as newer ones end, so that a daemon that runs for years
+/// keeps a bounded history, in memory, on disk and in `jobs` replies (each
+/// took 8-30 KiB of its memory, without end).
 pub const KEPT_ENDED_JOBS: usize = 256;
 
-/// Removes the ended jobs beyond the [`KEPT_ENDED_JOBS`] most recent, and
-/// their files. Unfinished jobs always stay.
+/// Removes the ended jobs beyond the [`KEPT_ENDED_JOBS`] highest-numbered,
+/// and their files. By number, not by end time: the highest-numbered job
+/// keeps the numbering going after a restart (a job ended first is not
+/// the oldest), and a clock set back cannot make a job that just ended the
+/// oldest. Unfinished jobs always stay.
 fn prune(d: &Daemon) {
     super::blocking(|| {
         let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
         let gone: Vec<String> = {
             let mut reg = d.reg();
             let number = |id: &str| id.strip_prefix("job").and_then(|n| n.parse::<u64>().ok());
-            let mut ended: Vec<(u64, Option<u64>, String)> = reg
+            let mut ended: Vec<(Option<u64>, String)> = reg
                 .jobs
                 .values()
                 .filter(|j| j.is_final())
-                .map(|j| (j.ended.unwrap_or(0), number(&j.id), j.id.clone()))
+                .map(|j| (number(&j.id), j.id.clone()))
                 .collect();
             let Some(extra) = ended.len().checked_sub(KEPT_ENDED_JOBS) else {
                 return;
             };
             ended.sort();
-            let gone: Vec<String> = ended.into_iter().take(extra).map(|e| e.2).collect();
+            let gone: Vec<String> = ended.into_iter().take(extra).map(|e| e.1).collect();
             for id in &gone {
                 reg.jobs.remove(id);
             }
@@ -553,7 +556,14 @@ pub async fn start(d: &Arc<Daemon>, req: MigrateRequest) -> Result<Value> {
     }
     loop {
         tokio::time::sleep(POLL).await;
-        let done = d.reg().jobs.get(&job.id).filter(|j| j.is_final()).cloned();
+        let Some(done) = d
+            .reg()
+            .jobs
+            .get(&job.id)
+            .map(|j| j.is_final().then(|| j.clone()))
+        else {
+            bail!("job {} ended and is no longer kept (jobs beyond the last {KEPT_ENDED_JOBS} that ended are pruned)", job.id);
+        };
         if let Some(j) = done {
             return Ok(
                 json!({"ok": true, "job": j.id, "status": j.status, "error": j.error, "stats": j.stats}),
@@ -687,23 +697,27 @@ fn stats_of(r: &Value) -> Value {
 /// apart).
 async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<String>) {
     let completed = status == "completed";
-    let (pid, to) = {
+    // `gone`: it left for good (completed, or its process noted so as it
+    // exited), and is removed here.
+    let (pid, to, gone) = {
         let mut reg = d.reg();
         let to = reg.jobs.get(id).map(|j| j.to.clone()).unwrap_or_default();
-        let pid = match reg.vms.get_mut(vm) {
+        let (pid, gone) = match reg.vms.get_mut(vm) {
             Some(v) if v.job.as_deref() == Some(id) => {
                 if completed {
                     v.state = st::MIGRATED.into();
-                } else {
+                }
+                let gone = v.state == st::MIGRATED;
+                if !gone {
                     v.job = None;
                 }
-                v.pid
+                (v.pid, gone)
             }
-            _ => None,
+            _ => (None, false),
         };
-        (pid, to)
+        (pid, to, gone)
     };
-    if completed {
+    if gone {
         let dir = d.vm_dir(vm);
         let stopped = match pid {
             Some(pid) => vmproc::stop(&state::control_path(&dir), pid, false, "migrated").await,
@@ -712,25 +726,38 @@ async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<St
         if let Err(e) = &stopped {
             tracing::warn!("VM now lives on {to}, but its process here: {e:#}");
         }
-        // Ours while it still carries this job. Its process runs on after a
-        // failed stop: its directory and record stay, and its exit removes
-        // them (unless it is gone already).
+        // Ours while it still carries this job, which it keeps until it is
+        // removed (`process_exited` leaves it to us meanwhile). Its process
+        // runs on after a failed stop: its directory and record stay, and
+        // its exit removes them (unless it is gone already).
         let remove = {
             let mut reg = d.reg();
             match reg.vms.get_mut(vm) {
                 Some(v) if v.job.as_deref() == Some(id) => {
-                    v.job = None;
-                    stopped.is_ok() || v.pid.is_none()
+                    let remove = stopped.is_ok() || v.pid.is_none();
+                    if !remove {
+                        v.job = None;
+                    }
+                    remove
                 }
                 _ => false,
             }
         };
         if remove {
-            // The record keeps the name taken until the directory is gone.
+            // The record, job and all, keeps the name taken until the
+            // directory is gone.
             if let Err(e) = state::remove_dir(&dir) {
                 tracing::warn!("{e:#}");
             }
-            d.reg().vms.remove(vm);
+            let mut reg = d.reg();
+            if reg
+                .vms
+                .get(vm)
+                .is_some_and(|v| v.job.as_deref() == Some(id))
+            {
+                reg.vms.remove(vm);
+            }
+            drop(reg);
             tracing::info!("VM now lives on {to}; removed here");
         }
     }
@@ -995,8 +1022,8 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    /// Only the most recently ended jobs are kept, records and files; an
-    /// unfinished one always is, however old.
+    /// Only the highest-numbered ended jobs are kept, records and files
+    /// (whenever they ended); an unfinished one always is, however old.
     #[test]
     fn old_ended_jobs_are_pruned_beyond_the_kept_ones() {
         let state_dir = std::env::temp_dir().join(format!("migd-prune-{}", std::process::id()));
@@ -1011,10 +1038,12 @@ mod tests {
                 vm: "vm1".into(),
                 to: "h:1".into(),
                 opts: MigrateOptions::default(),
-                // job0 started first and never ended; the others ended in order.
+                // job0 started first and never ended; the others ended in
+                // the reverse of their order (the last started failed at
+                // once, say): the numbers decide, not the end times.
                 status: if i == 0 { "active" } else { "completed" }.into(),
                 started: 1,
-                ended: (i > 0).then_some(1000 + i / 2),
+                ended: (i > 0).then_some(10_000 - i),
                 error: None,
                 stats: json!({}),
             };

@@ -413,11 +413,17 @@ pub fn write_unconfirmed(dir: &Path, why: &str) {
                 std::fs::File::open(dir)?.sync_all()
             })
         });
-    match written {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-            tracing::warn!("noting {}: {e}", path.display())
-        }
-        _ => {}
+    let written = match written {
+        // The process's own note, which it may not have synced yet (it died
+        // past its commit): made durable here.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => crate::daemon::blocking(|| {
+            std::fs::File::open(&path)?.sync_all()?;
+            std::fs::File::open(dir)?.sync_all()
+        }),
+        other => other,
+    };
+    if let Err(e) = written {
+        tracing::warn!("noting {}: {e}", path.display())
     }
 }
 
@@ -826,13 +832,18 @@ pub async fn refresh(d: &Daemon, name: &str) -> bool {
     let untracked;
     {
         let mut reg = d.reg();
+        // One being adopted is re-attached by its adoption.
+        let adopting = reg.adopting.contains(name);
         let Some(vm) = reg.vms.get_mut(name) else {
             return false;
         };
         if vm.state == st::DESTROYING || vm.state == st::MIGRATED || vm.pid.is_none() {
             return false;
         }
-        untracked = reply["migrating"] == true && vm.job.is_none();
+        // Migrating, or migrated already (its tracker gave up before the
+        // migration completed), with no job here following it.
+        untracked =
+            (reply["migrating"] == true || new == st::MIGRATED) && vm.job.is_none() && !adopting;
         vm.memory_used = reply["memory_used"].as_u64();
         vm.huge_pages = reply["huge_pages"].as_bool();
         let saving = Some(reply["saving"].clone()).filter(|s| !s.is_null());
