@@ -321,28 +321,10 @@ impl Job {
                 context: format!("noting the commit in {}", path.display()),
                 cause,
             })?;
+            sync_note_in_background(path.clone());
         }
         *committed = true;
         Ok(())
-    }
-
-    /// Makes the commit's note durable (the file and its directory synced):
-    /// after a power loss past Go the host comes back knowing the VM may run
-    /// on the destination. Called once the pause is measured, off the
-    /// guest's downtime: a crash in the few ms between Go and this sync is
-    /// the window left. A failure is logged; the note stays as written.
-    pub(crate) fn sync_commit_note(&self) {
-        let note = self.commit_note.lock().unwrap_or_else(|p| p.into_inner());
-        let Some((path, _)) = &*note else { return };
-        let synced = std::fs::File::open(path)
-            .and_then(|f| f.sync_all())
-            .and_then(|()| match path.parent() {
-                Some(dir) => std::fs::File::open(dir).and_then(|d| d.sync_all()),
-                None => Ok(()),
-            });
-        if let Err(e) = synced {
-            tracing::warn!(path = %path.display(), "syncing the commit's note: {e}");
-        }
     }
 
     /// Whether the commit point has passed (Go is, or is about to be, sent).
@@ -2214,7 +2196,6 @@ pub(crate) fn stop_and_copy(
         s.remaining_bytes = 0;
         s.bytes = tx.bytes;
     });
-    job.sync_commit_note();
     match confirm {
         Ok(resume_us) => {
             tracing::info!(
@@ -2226,6 +2207,33 @@ pub(crate) fn stop_and_copy(
             Ok(Outcome::Completed)
         }
         Err(why) => Ok(Outcome::Unconfirmed(why)),
+    }
+}
+
+/// Makes a commit's note at `path` durable (the file and its directory
+/// synced) on a thread of its own, started as the note is written, before
+/// Go: after a power loss past Go the host comes back knowing the VM may
+/// run on the destination. Off the pause (the sync takes ms, the Confirm may
+/// take long), and on every path after the commit, a failed Go's too; the
+/// window left is the sync's few ms. A failure is logged; the note stays as
+/// written.
+fn sync_note_in_background(path: std::path::PathBuf) {
+    let sync = move || {
+        let synced = std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| match path.parent() {
+                Some(dir) => std::fs::File::open(dir).and_then(|d| d.sync_all()),
+                None => Ok(()),
+            });
+        if let Err(e) = synced {
+            tracing::warn!(path = %path.display(), "syncing the commit's note: {e}");
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("commit-sync".into())
+        .spawn(sync)
+    {
+        tracing::warn!("no thread to sync the commit's note: {e}");
     }
 }
 

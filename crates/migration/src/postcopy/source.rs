@@ -725,7 +725,6 @@ fn run_in<'scope, 'env>(
         s.downtime_ms = downtime;
         s.status = "postcopy-active".into();
     });
-    job.sync_commit_note();
     match confirm {
         Ok(_) => tracing::info!(
             downtime_ms = downtime,
