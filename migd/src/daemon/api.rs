@@ -904,18 +904,38 @@ async fn restore(d: &Arc<Daemon>, name: String, path: &Path, lazy: bool) -> Resu
     migration::handshake::check_runs_here(&snap.state)
         .with_context(|| format!("restoring {}", path.display()))?;
     // Its stored pages take host memory at once (or, lazily, within
-    // seconds): refused where they cannot fit, as an arrival is, rather
-    // than left to the OOM killer, which may take another VM. On huge pages
-    // the VM's memory is reserved whole when made, or refused then.
+    // seconds), all of its memory where this daemon prefaults: refused
+    // where that cannot fit beside what VMs still arriving will take, as an
+    // arrival is, rather than left to the OOM killer, which may take another
+    // VM. On huge pages the VM's memory is reserved whole when made, or
+    // refused then.
     if !d.cfg.hugepages {
-        let needed = snap.data_pages.saturating_mul(4096);
-        let available = vmm::memory::mem_available().unwrap_or(u64::MAX);
+        let (needed, what) = if d.cfg.prefault && !lazy {
+            (snap.memory, "its memory (this daemon prefaults)")
+        } else {
+            (snap.data_pages.saturating_mul(4096), "its stored pages")
+        };
+        let arriving: u64 = d
+            .reg()
+            .vms
+            .values()
+            .filter(|v| v.state == st::INCOMING)
+            .map(|v| v.record.memory)
+            .sum();
+        let available = vmm::memory::mem_available()
+            .unwrap_or(u64::MAX)
+            .saturating_sub(arriving);
         if needed > available {
             bail!(
-                "restoring {} needs {} MiB for its stored pages; this host has {} MiB available",
+                "restoring {} needs {} MiB for {what}; this host has {} MiB available{}",
                 path.display(),
                 needed >> 20,
-                available >> 20
+                available >> 20,
+                if arriving > 0 {
+                    format!(" besides {} MiB for VMs still arriving", arriving >> 20)
+                } else {
+                    String::new()
+                }
             );
         }
     }

@@ -42,8 +42,22 @@ const SLOT_WAIT: Duration = Duration::from_secs(5);
 /// a handshake slot), at most, in all and from one peer: each holds a
 /// descriptor, and a crowd of silent connections must not take all of the
 /// daemon's (its control socket and the VMs' own then fail). One beyond
-/// them is closed at once.
-static WAITING: Places = Places::new(1024, 32, "connections not yet handshaking");
+/// them is closed at once. In all: a quarter of the daemon's descriptors
+/// (16384 under the unit's LimitNOFILE), at least 1024: so many peers
+/// (addresses, IPv6 /64s) it takes to keep the listener shut to others.
+static WAITING: std::sync::LazyLock<Places> = std::sync::LazyLock::new(|| {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`, which we own.
+    let nofile = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } {
+        0 => lim.rlim_cur,
+        _ => 0,
+    };
+    let all = usize::try_from(nofile / 4).unwrap_or(usize::MAX).max(1024);
+    Places::new(all, 32, "connections not yet handshaking")
+});
 /// How long a peer may take to send its first bytes (a source sends its TLS
 /// ClientHello or its Hello at once).
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
