@@ -946,8 +946,6 @@ pub(crate) mod tests {
         assert_eq!(touched[0] & (1 << 5), 1 << 5, "the write was noted");
     }
 
-    /// A save cancelled while it streams fails after the resume, leaves no
-    /// file and no temporary, and lifts the protection: the guest writes on.
     /// The pause does no file system work: the temporary file is there
     /// before it, still empty in it, and the front is written after it.
     #[test]
@@ -992,6 +990,8 @@ pub(crate) mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A save cancelled while it streams fails after the resume, leaves no
+    /// file and no temporary, and lifts the protection: the guest writes on.
     #[test]
     fn a_cancelled_save_leaves_nothing_and_unprotects_memory() {
         let ram = std::sync::Arc::new(GuestRam::new(PAGES * PAGE_SIZE).unwrap());

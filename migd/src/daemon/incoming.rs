@@ -43,8 +43,10 @@ const SLOT_WAIT: Duration = Duration::from_secs(5);
 /// descriptor, and a crowd of silent connections must not take all of the
 /// daemon's (its control socket and the VMs' own then fail). One beyond
 /// them is closed at once. In all: a quarter of the daemon's descriptors
-/// (16384 under the unit's LimitNOFILE), at least 1024: so many peers
-/// (addresses, IPv6 /64s) it takes to keep the listener shut to others.
+/// (16384 under the unit's LimitNOFILE; the daemon raises its soft limit
+/// to the hard one), at least 1024 but never over half of them: so many
+/// peers (addresses, IPv6 /64s) it takes to keep the listener shut to
+/// others, and the daemon keeps descriptors for its own work.
 static WAITING: std::sync::LazyLock<Places> = std::sync::LazyLock::new(|| {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -55,7 +57,9 @@ static WAITING: std::sync::LazyLock<Places> = std::sync::LazyLock::new(|| {
         0 => lim.rlim_cur,
         _ => 0,
     };
-    let all = usize::try_from(nofile / 4).unwrap_or(usize::MAX).max(1024);
+    let quarter = usize::try_from(nofile / 4).unwrap_or(usize::MAX);
+    let half = usize::try_from(nofile / 2).unwrap_or(usize::MAX);
+    let all = quarter.max(1024).min(half).max(64);
     Places::new(all, 32, "connections not yet handshaking")
 });
 /// How long a peer may take to send its first bytes (a source sends its TLS

@@ -240,34 +240,37 @@ fn host_memory() -> Option<u64> {
 /// Taken by whoever writes or removes job files, one at a time.
 static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Ended jobs kept, records and files: the most recent (by job number).
-/// Older ones go as newer ones end, so that a daemon that runs for years
-/// keeps a bounded history, in memory, on disk and in `jobs` replies (each
-/// took 8-30 KiB of its memory, without end).
+/// Ended jobs kept, records and files: the most recently ended. Older ones
+/// go as newer ones end, so that a daemon that runs for years keeps a
+/// bounded history, in memory, on disk and in `jobs` replies (each took
+/// 8-30 KiB of its memory, without end).
 pub const KEPT_ENDED_JOBS: usize = 256;
 
-/// Removes the ended jobs beyond the [`KEPT_ENDED_JOBS`] highest-numbered,
-/// and their files. By number, not by end time: the highest-numbered job
-/// keeps the numbering going after a restart (a job ended first is not
-/// the oldest), and a clock set back cannot make a job that just ended the
-/// oldest. Unfinished jobs always stay.
-fn prune(d: &Daemon) {
+/// Removes the ended jobs beyond the [`KEPT_ENDED_JOBS`] that ended last,
+/// and their files. Never `ending` (the job that ends now: a clock set back
+/// would make it look oldest, and a `migrate` waits for it), nor the
+/// highest-numbered job, which keeps the numbering going after a restart.
+/// Unfinished jobs always stay.
+fn prune(d: &Daemon, ending: Option<&str>) {
     super::blocking(|| {
         let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
         let gone: Vec<String> = {
             let mut reg = d.reg();
             let number = |id: &str| id.strip_prefix("job").and_then(|n| n.parse::<u64>().ok());
-            let mut ended: Vec<(Option<u64>, String)> = reg
-                .jobs
-                .values()
-                .filter(|j| j.is_final())
-                .map(|j| (number(&j.id), j.id.clone()))
-                .collect();
-            let Some(extra) = ended.len().checked_sub(KEPT_ENDED_JOBS) else {
+            let highest = reg.jobs.keys().filter_map(|id| number(id)).max();
+            let ended_count = reg.jobs.values().filter(|j| j.is_final()).count();
+            let Some(extra) = ended_count.checked_sub(KEPT_ENDED_JOBS) else {
                 return;
             };
+            let mut ended: Vec<(u64, Option<u64>, String)> = reg
+                .jobs
+                .values()
+                .filter(|j| j.is_final() && Some(j.id.as_str()) != ending)
+                .filter(|j| highest.is_none() || number(&j.id) != highest)
+                .map(|j| (j.ended.unwrap_or(0), number(&j.id), j.id.clone()))
+                .collect();
             ended.sort();
-            let gone: Vec<String> = ended.into_iter().take(extra).map(|e| e.1).collect();
+            let gone: Vec<String> = ended.into_iter().take(extra).map(|e| e.2).collect();
             for id in &gone {
                 reg.jobs.remove(id);
             }
@@ -320,7 +323,7 @@ pub fn load(d: &Daemon) {
         }
     }
     drop(reg);
-    prune(d);
+    prune(d, None);
 }
 
 /// At start: VM `vm` migrated away for good while no daemon watched (its
@@ -360,7 +363,7 @@ pub fn completed_after_all(d: &Daemon, vm: &str, stats: &Value) {
         let Some(j) = reg
             .jobs
             .get_mut(id)
-            .filter(|j| j.vm == vm && j.status != "completed")
+            .filter(|j| j.vm == vm && j.is_final() && j.status != "completed")
         else {
             return;
         };
@@ -695,7 +698,7 @@ fn stats_of(r: &Value) -> Value {
 /// Exactly one side removes it, and never a VM of the same name that
 /// arrived here the moment the name was free (the job is what tells them
 /// apart).
-async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<String>) {
+async fn finish(d: &Daemon, id: &str, vm: &str, mut status: String, mut error: Option<String>) {
     let completed = status == "completed";
     // `gone`: it left for good (completed, or its process noted so as it
     // exited), and is removed here.
@@ -719,6 +722,22 @@ async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<St
     };
     if gone {
         let dir = d.vm_dir(vm);
+        // Gone for good, its process having noted this migration completed
+        // (the tracker, which saw the process silent, then failed it): it
+        // completed.
+        if !completed {
+            let noted = state::read_migrated(&dir)
+                .filter(|s| s["id"].as_str().is_none_or(|other| other == id));
+            if let Some(stats) = noted {
+                tracing::warn!(was = %status, "the migration completed after all");
+                status = "completed".into();
+                error = None;
+                if let Some(j) = d.reg().jobs.get_mut(id) {
+                    j.stats = stats;
+                    j.error = None;
+                }
+            }
+        }
         let stopped = match pid {
             Some(pid) => vmproc::stop(&state::control_path(&dir), pid, false, "migrated").await,
             None => Ok(()),
@@ -784,7 +803,7 @@ async fn finish(d: &Daemon, id: &str, vm: &str, status: String, error: Option<St
         j.clone()
     };
     persist(d, &job.id);
-    prune(d);
+    prune(d, Some(&job.id));
     match &job.error {
         Some(e) => tracing::warn!(status = %job.status, "migration ended: {e}"),
         None => tracing::info!(status = %job.status, "migration ended"),
@@ -1022,8 +1041,8 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    /// Only the highest-numbered ended jobs are kept, records and files
-    /// (whenever they ended); an unfinished one always is, however old.
+    /// Only the jobs that ended last are kept, records and files, and the
+    /// highest-numbered one; an unfinished one always is, however old.
     #[test]
     fn old_ended_jobs_are_pruned_beyond_the_kept_ones() {
         let state_dir = std::env::temp_dir().join(format!("migd-prune-{}", std::process::id()));
@@ -1040,7 +1059,7 @@ mod tests {
                 opts: MigrateOptions::default(),
                 // job0 started first and never ended; the others ended in
                 // the reverse of their order (the last started failed at
-                // once, say): the numbers decide, not the end times.
+                // once, say).
                 status: if i == 0 { "active" } else { "completed" }.into(),
                 started: 1,
                 ended: (i > 0).then_some(10_000 - i),
@@ -1050,18 +1069,36 @@ mod tests {
             d.reg().jobs.insert(id.clone(), job);
             persist(&d, &id);
         }
-        prune(&d);
-        let reg = d.reg();
-        assert_eq!(reg.jobs.len(), KEPT_ENDED_JOBS + 1);
-        assert!(reg.jobs.contains_key("job0"), "the unfinished one");
-        for i in 1..=4 {
-            assert!(!reg.jobs.contains_key(&format!("job{i}")), "job{i}");
-            assert!(!d.jobs_dir().join(format!("job{i}.json")).exists());
+        prune(&d, None);
+        {
+            let reg = d.reg();
+            assert_eq!(reg.jobs.len(), KEPT_ENDED_JOBS + 1);
+            assert!(reg.jobs.contains_key("job0"), "the unfinished one");
+            // job260 ended first, but keeps the numbering after a restart.
+            assert!(reg.jobs.contains_key(&format!("job{n}")), "the highest");
+            for i in n - 4..n {
+                assert!(!reg.jobs.contains_key(&format!("job{i}")), "job{i}");
+                assert!(!d.jobs_dir().join(format!("job{i}.json")).exists());
+            }
+            assert!(reg.jobs.contains_key("job1"), "the last to end");
+            assert!(d.jobs_dir().join("job1.json").exists());
         }
-        assert!(reg.jobs.contains_key("job5"));
-        assert!(d.jobs_dir().join("job5.json").exists());
         let files = std::fs::read_dir(d.jobs_dir()).unwrap().count();
         assert_eq!(files, KEPT_ENDED_JOBS + 1);
+        // A job that ends as the clock was set back looks oldest: it stays
+        // (a `migrate` waits for it); the oldest other goes (job260, no
+        // longer the highest).
+        let late = format!("job{}", n + 1);
+        let mut job = d.reg().jobs["job1"].clone();
+        job.id = late.clone();
+        job.ended = Some(1);
+        d.reg().jobs.insert(late.clone(), job);
+        persist(&d, &late);
+        prune(&d, Some(&late));
+        let reg = d.reg();
+        assert!(reg.jobs.contains_key(&late), "the job that just ended");
+        assert!(!reg.jobs.contains_key(&format!("job{n}")));
+        assert_eq!(reg.jobs.len(), KEPT_ENDED_JOBS + 1);
         drop(reg);
         let _ = std::fs::remove_dir_all(&state_dir);
     }

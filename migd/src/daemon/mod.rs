@@ -263,9 +263,27 @@ fn close_inherited_on_exec() {
     }
 }
 
+/// Raises this process's soft limit on descriptors to its hard limit (a
+/// daemon started by hand often has 1024, where each migration, VM and
+/// connection takes some); its VM processes inherit it.
+fn raise_descriptor_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit that we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT; returns the exit code.
 pub fn main(args: DaemonArgs) -> Result<i32> {
     close_inherited_on_exec();
+    raise_descriptor_limit();
     let cfg = Config::load(&args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
