@@ -317,6 +317,9 @@ def migrate_once(d, tag, mem, workload, extra=None, cpus=2, paused=False, tls=Fa
     st["machine_cores"] = (m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * os.cpu_count()
     request(src.sock, {"cmd": "stop"})
     if st["status"] == "completed":
+        # A paused VM arrives paused (go-paused): resumed here to show it runs.
+        if paused:
+            request(dst.sock, {"cmd": "resume"})
         wait_file(src.console, "HEARTBEAT n=4")
     dst.stop()
     src.stop()
