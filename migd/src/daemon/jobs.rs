@@ -338,16 +338,21 @@ pub fn completed_while_away(d: &Daemon, vm: &str, stats: &Value) {
         let Some(j) = reg.jobs.get_mut(&id) else {
             return;
         };
-        j.status = "completed".into();
-        j.ended = Some(state::now());
-        j.error = None;
-        if stats.is_object() {
-            j.stats = stats.clone();
-        }
-        j.stats["outcome"] = json!("completed");
+        mark_completed(j, stats);
         j.id.clone()
     };
     persist(d, &job);
+}
+
+/// Ends `j` completed, with the statistics its VM process noted.
+fn mark_completed(j: &mut Job, stats: &Value) {
+    j.status = "completed".into();
+    j.ended = Some(state::now());
+    j.error = None;
+    if stats.is_object() {
+        j.stats = stats.clone();
+    }
+    j.stats["outcome"] = json!("completed");
 }
 
 /// VM `vm`'s process noted a completed migration, `stats`, as it exited,
@@ -368,13 +373,7 @@ pub fn completed_after_all(d: &Daemon, vm: &str, stats: &Value) {
             return;
         };
         tracing::warn!(job = %id, was = %j.status, "the migration completed after all");
-        j.status = "completed".into();
-        j.ended = Some(state::now());
-        j.error = None;
-        if stats.is_object() {
-            j.stats = stats.clone();
-        }
-        j.stats["outcome"] = json!("completed");
+        mark_completed(j, stats);
     }
     persist(d, id);
 }
