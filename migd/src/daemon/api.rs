@@ -1341,18 +1341,7 @@ mod tests {
                 }
             });
         };
-        let record = |name: &str| VmRecord {
-            name: name.into(),
-            kernel: None,
-            initramfs: None,
-            cmdline: String::new(),
-            memory: 1 << 20,
-            vcpus: 1,
-            created: 0,
-            origin: Origin::default(),
-            source: None,
-            boot_refused: None,
-        };
+        let record = |name: &str| VmRecord::for_tests(name, Origin::default());
         for (i, (before, exits, after)) in [
             (st::MIGRATED, false, Some(st::MIGRATED)),
             (st::PAUSED, false, Some(st::PAUSED)),

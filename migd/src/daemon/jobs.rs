@@ -114,6 +114,25 @@ impl MigrateOptions {
     }
 }
 
+#[cfg(test)]
+impl Job {
+    /// A job `id` of VM `vm` to `h:1` with default options, started at 0,
+    /// in `status`, not ended, without statistics (tests set the rest).
+    pub fn for_tests(id: &str, vm: &str, status: &str) -> Job {
+        Job {
+            id: id.into(),
+            vm: vm.into(),
+            to: "h:1".into(),
+            opts: MigrateOptions::default(),
+            status: status.into(),
+            started: 0,
+            ended: None,
+            error: None,
+            stats: json!({}),
+        }
+    }
+}
+
 impl Job {
     pub fn is_final(&self) -> bool {
         is_final(&self.status)
@@ -1051,20 +1070,10 @@ mod tests {
         let n = KEPT_ENDED_JOBS as u64 + 4;
         for i in 0..=n {
             let id = format!("job{i}");
-            let job = Job {
-                id: id.clone(),
-                vm: "vm1".into(),
-                to: "h:1".into(),
-                opts: MigrateOptions::default(),
-                // job0 started first and never ended; the others ended in
-                // the reverse of their order (the last started failed at
-                // once, say).
-                status: if i == 0 { "active" } else { "completed" }.into(),
-                started: 1,
-                ended: (i > 0).then_some(10_000 - i),
-                error: None,
-                stats: json!({}),
-            };
+            // job0 started first and never ended; the others ended in the
+            // reverse of their order (the last started failed at once, say).
+            let mut job = Job::for_tests(&id, "vm1", if i == 0 { "active" } else { "completed" });
+            job.ended = (i > 0).then_some(10_000 - i);
             d.reg().jobs.insert(id.clone(), job);
             persist(&d, &id);
         }
@@ -1111,20 +1120,10 @@ mod tests {
         let _ = std::fs::remove_dir_all(&state_dir);
         let d = Daemon::for_tests(&state_dir, Registry::default());
         std::fs::create_dir_all(d.jobs_dir()).unwrap();
-        d.reg().jobs.insert(
-            "job3".into(),
-            Job {
-                id: "job3".into(),
-                vm: "vm1".into(),
-                to: "h:1".into(),
-                opts: MigrateOptions::default(),
-                status: "failed".into(),
-                started: 1,
-                ended: Some(2),
-                error: Some("the VM process stopped answering".into()),
-                stats: json!({}),
-            },
-        );
+        let mut given_up = Job::for_tests("job3", "vm1", "failed");
+        given_up.ended = Some(2);
+        given_up.error = Some("the VM process stopped answering".into());
+        d.reg().jobs.insert("job3".into(), given_up);
         let noted = json!({"id": "job3", "bytes": 7, "status": "completed"});
         completed_after_all(&d, "vm2", &noted);
         assert_eq!(d.reg().jobs["job3"].status, "failed", "another VM's");
@@ -1237,20 +1236,9 @@ mod tests {
             max_bandwidth: Some(2 << 20),
             ..Default::default()
         };
-        reg.jobs.insert(
-            "job1".into(),
-            Job {
-                id: "job1".into(),
-                vm: "vm1".into(),
-                to: "h:1".into(),
-                opts,
-                status: "active".into(),
-                started: 0,
-                ended: None,
-                error: None,
-                stats: json!({}),
-            },
-        );
+        let mut job = Job::for_tests("job1", "vm1", "active");
+        job.opts = opts;
+        reg.jobs.insert("job1".into(), job);
         let d = Daemon::for_tests(&state_dir, reg);
         std::fs::create_dir_all(d.vm_dir("vm1")).unwrap();
         std::fs::create_dir_all(d.jobs_dir()).unwrap();
@@ -1350,21 +1338,6 @@ mod finish_race_tests {
     use crate::daemon::state::{Origin, VmEntry, VmRecord};
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-    fn record(name: &str, origin: Origin) -> VmRecord {
-        VmRecord {
-            name: name.into(),
-            kernel: None,
-            initramfs: None,
-            cmdline: String::new(),
-            memory: 1 << 20,
-            vcpus: 1,
-            created: 0,
-            origin,
-            source: None,
-            boot_refused: None,
-        }
-    }
-
     /// A completed job's `finish` stops the source's VM process; the exit is
     /// reaped meanwhile. An incoming migration of the same name, admitted
     /// the moment the name is free (as `incoming::admit` does), keeps its
@@ -1375,20 +1348,8 @@ mod finish_race_tests {
         let state_dir = std::env::temp_dir().join(format!("migd-finish-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_dir);
         let mut reg = Registry::default();
-        reg.jobs.insert(
-            "job1".into(),
-            Job {
-                id: "job1".into(),
-                vm: "vm1".into(),
-                to: "h:1".into(),
-                opts: MigrateOptions::default(),
-                status: "active".into(),
-                started: 0,
-                ended: None,
-                error: None,
-                stats: json!({}),
-            },
-        );
+        reg.jobs
+            .insert("job1".into(), Job::for_tests("job1", "vm1", "active"));
         let d = Arc::new(Daemon::for_tests(&state_dir, reg));
         std::fs::create_dir_all(d.vm_dir("vm1")).unwrap();
         std::fs::create_dir_all(d.jobs_dir()).unwrap();
@@ -1397,7 +1358,11 @@ mod finish_race_tests {
             .spawn()
             .unwrap();
         let pid = child.id().unwrap();
-        let mut vm = VmEntry::new(record("vm1", Origin::Created), st::RUNNING, Some(pid));
+        let mut vm = VmEntry::new(
+            VmRecord::for_tests("vm1", Origin::Created),
+            st::RUNNING,
+            Some(pid),
+        );
         vm.job = Some("job1".into());
         d.reg().vms.insert("vm1".into(), vm);
         state::watch_child(d.clone(), "vm1".into(), child);
@@ -1427,7 +1392,11 @@ mod finish_race_tests {
                         std::fs::create_dir(&dir).unwrap();
                         reg.vms.insert(
                             "vm1".into(),
-                            VmEntry::new(record("vm1", Origin::Incoming), st::INCOMING, None),
+                            VmEntry::new(
+                                VmRecord::for_tests("vm1", Origin::Incoming),
+                                st::INCOMING,
+                                None,
+                            ),
                         );
                         return;
                     }

@@ -65,6 +65,26 @@ pub struct VmRecord {
     pub boot_refused: Option<String>,
 }
 
+#[cfg(test)]
+impl VmRecord {
+    /// The record of a 64 MiB, 1-vCPU VM `name` come by `origin` (an
+    /// incoming one from 10.0.0.1), without boot files.
+    pub fn for_tests(name: &str, origin: Origin) -> VmRecord {
+        VmRecord {
+            name: name.into(),
+            kernel: None,
+            initramfs: None,
+            cmdline: String::new(),
+            memory: 64 << 20,
+            vcpus: 1,
+            created: 0,
+            origin,
+            source: (origin == Origin::Incoming).then(|| "10.0.0.1:7070".into()),
+            boot_refused: None,
+        }
+    }
+}
+
 impl VmRecord {
     /// How the VM boots from its kernel, for a destination's record; None
     /// without a kernel here (or with a path that is not UTF-8).
@@ -918,20 +938,8 @@ mod tests {
         (state_dir, d)
     }
 
-    /// The record of a 64 MiB, 1-vCPU VM `name` come by `origin`.
     fn record(name: &str, origin: Origin) -> VmRecord {
-        VmRecord {
-            name: name.into(),
-            kernel: None,
-            initramfs: None,
-            cmdline: String::new(),
-            memory: 64 << 20,
-            vcpus: 1,
-            created: 0,
-            origin,
-            source: (origin == Origin::Incoming).then(|| "10.0.0.1:7070".into()),
-            boot_refused: None,
-        }
+        VmRecord::for_tests(name, origin)
     }
 
     /// An incoming VM's process ends while the daemon still lists it
